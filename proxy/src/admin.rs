@@ -1,0 +1,161 @@
+//! The admin server, on its own small runtime: `/metrics`, `/ready`, `/live`, `/config_dump`,
+//! `/clusters`, `/logging`.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::Encoder as _;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::{app::App, body::ResponseBody};
+
+/// Serves admin requests on `listener` until the process exits.
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let app = app.clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(&app, &req)) }
+            });
+            let _ = server.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
+    let text = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let encoder = prometheus::TextEncoder::new();
+            let mut out = Vec::new();
+            match encoder.encode(&app.registry.gather(), &mut out) {
+                Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4", out),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, e.to_string()),
+            }
+        }
+        (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
+        (&Method::GET, "/ready") => {
+            if app.store.is_ready() {
+                reply(StatusCode::OK, text, "ready\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, text, "no snapshot yet\n")
+            }
+        }
+        (&Method::GET, "/config_dump") => {
+            let rt = app.store.load();
+            let rejection = app
+                .last_rejection
+                .lock()
+                .map(|r| r.clone())
+                .unwrap_or_default();
+            json(
+                StatusCode::OK,
+                &json!({
+                    "version": &*rt.version,
+                    "snapshot": serde_json::to_value(&*rt.source).unwrap_or_default(),
+                    "lastRejection": rejection,
+                }),
+            )
+        }
+        (&Method::GET, "/clusters") => {
+            let rt = app.store.load();
+            let clusters: Vec<_> = rt
+                .clusters
+                .iter()
+                .map(|c| {
+                    let endpoints: Vec<_> = c
+                        .endpoints
+                        .iter()
+                        .map(|(e, health)| {
+                            json!({
+                                "address": &*e.addr,
+                                "health": health.as_str(),
+                                "inFlight": e.in_flight(),
+                                "pooledConnections": e.pooled(),
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "name": &*c.name,
+                        "protocol": format!("{:?}", c.protocol),
+                        "lbPolicy": format!("{:?}", c.lb),
+                        "endpoints": endpoints,
+                    })
+                })
+                .collect();
+            json(
+                StatusCode::OK,
+                &json!({ "version": &*rt.version, "clusters": clusters }),
+            )
+        }
+        (&Method::GET, "/logging") => {
+            let current = app.log_filter.lock().map(|f| f.clone()).unwrap_or_default();
+            reply(StatusCode::OK, text, format!("{current}\n"))
+        }
+        (&Method::POST | &Method::PUT, "/logging") => {
+            let level = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.into_owned())
+            });
+            let Some(level) = level else {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    "give ?level=FILTER (e.g. debug, trellis_proxy=trace)\n",
+                );
+            };
+            match (app.log_control)(&level) {
+                Ok(()) => {
+                    if let Ok(mut f) = app.log_filter.lock() {
+                        f.clone_from(&level);
+                    }
+                    tracing::info!(filter = %level, "log filter changed");
+                    reply(StatusCode::OK, text, format!("{level}\n"))
+                }
+                Err(e) => reply(
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    format!("invalid filter: {e}\n"),
+                ),
+            }
+        }
+        (_, "/metrics" | "/live" | "/ready" | "/config_dump" | "/clusters" | "/logging") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, text, "method not allowed\n")
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "admin: /metrics /ready /live /config_dump /clusters /logging\n",
+        ),
+    }
+}

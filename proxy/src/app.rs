@@ -1,0 +1,362 @@
+//! Wires the proxy together: the snapshot store, the sockets and their accept loops, reloads,
+//! and the graceful drain.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use prometheus::Registry;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use trellis_proto::v1 as pb;
+
+use crate::{
+    access_log::AccessLog,
+    metrics::{ProxyMetrics, RequestMetrics},
+    snapshot::{self, FieldError, ListenerKind, Runtime, Slot, SnapshotError, SnapshotStore},
+};
+
+/// Changes the log filter at runtime (`/logging`).
+pub type LogControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+pub struct App {
+    pub store: SnapshotStore,
+    pub registry: Registry,
+    pub metrics: ProxyMetrics,
+    pub access_log: AccessLog,
+    /// Metrics for requests that matched no route.
+    pub(crate) no_route_metrics: RequestMetrics,
+    pub(crate) log_control: LogControl,
+    pub(crate) log_filter: Mutex<String>,
+    /// Why the last snapshot was rejected, for `/config_dump`.
+    pub(crate) last_rejection: Mutex<Option<String>>,
+    server: auto::Builder<TokioExecutor>,
+    drain: Drain,
+    /// Sockets of listeners with their own address, by listener name.
+    named: Mutex<HashMap<Arc<str>, NamedSocket>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct NamedSocket {
+    /// The address the snapshot asked for.
+    requested: SocketAddr,
+    /// Dropping it stops the accept loop.
+    _stop: watch::Sender<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl App {
+    pub fn new(
+        registry: Registry,
+        metrics: ProxyMetrics,
+        access_log: AccessLog,
+        log_filter: String,
+        log_control: LogControl,
+    ) -> Arc<Self> {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        server.http2().timer(TokioTimer::new());
+        Arc::new(Self {
+            store: SnapshotStore::new(metrics.clone()),
+            no_route_metrics: metrics.requests("", ""),
+            registry,
+            metrics,
+            access_log,
+            log_control,
+            log_filter: Mutex::new(log_filter),
+            last_rejection: Mutex::new(None),
+            server,
+            drain: Drain::new(),
+            named: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compiles and applies a snapshot, binding the sockets of new listeners first. All or
+    /// nothing: on error the config in use stays.
+    pub fn apply(self: &Arc<Self>, snapshot: &pb::Snapshot) -> Result<Arc<Runtime>, SnapshotError> {
+        let mut bound = Vec::new();
+        let result = self.store.apply(snapshot, |rt| {
+            let named = lock(&self.named);
+            let mut errors = Vec::new();
+            for (name, listener) in &rt.named {
+                let Some(addr) = listener.address else {
+                    continue;
+                };
+                if named.get(name).is_some_and(|s| s.requested == addr) {
+                    continue;
+                }
+                match std::net::TcpListener::bind(addr).and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                }) {
+                    Ok(l) => bound.push((name.clone(), addr, l)),
+                    Err(e) => {
+                        let index = snapshot.listeners.iter().position(|l| *l.name == **name);
+                        errors.push(FieldError {
+                            path: format!("listeners[{}].address", index.unwrap_or_default()),
+                            reason: format!("cannot bind {addr}: {e}"),
+                        });
+                    }
+                }
+            }
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(SnapshotError::Invalid(errors))
+            }
+        });
+        match &result {
+            Ok(rt) => {
+                *lock(&self.last_rejection) = None;
+                let mut named = lock(&self.named);
+                named.retain(|name, _| rt.named.contains_key(name));
+                for (name, requested, listener) in bound {
+                    let (stop, stopped) = watch::channel(());
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            log_listening(&name, &listener);
+                            let slot = Slot::Named(name.clone());
+                            tokio::spawn(self.clone().accept_loop(listener, slot, Some(stopped)));
+                            named.insert(
+                                name,
+                                NamedSocket {
+                                    requested,
+                                    _stop: stop,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(listener = %name, error = %e, "cannot serve listener")
+                        }
+                    }
+                }
+                tracing::info!(version = %rt.version, "snapshot applied");
+            }
+            Err(e) => {
+                tracing::warn!(version = %snapshot.version, error = %e, "snapshot rejected; the previous one keeps serving");
+                *lock(&self.last_rejection) = Some(format!("{}: {e}", snapshot.version));
+            }
+        }
+        result
+    }
+
+    /// Reads, parses and applies a snapshot file.
+    pub fn apply_file(self: &Arc<Self>, path: &Path) -> Result<Arc<Runtime>, SnapshotError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SnapshotError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let snapshot = snapshot::parse(&text).inspect_err(|e| {
+            self.metrics.snapshot_rejected();
+            tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
+            *lock(&self.last_rejection) = Some(e.to_string());
+        })?;
+        self.apply(&snapshot)
+    }
+
+    /// Serves the ingress or egress socket until the drain starts.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, slot: Slot) {
+        log_listening(slot_name(&slot), &listener);
+        tokio::spawn(self.clone().accept_loop(listener, slot, None));
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        slot: Slot,
+        mut stop: Option<watch::Receiver<()>>,
+    ) {
+        let mut draining = self.drain.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                () = drained(&mut draining) => break,
+                _ = async { match &mut stop { Some(s) => s.changed().await, None => std::future::pending().await } } => break,
+                a = listener.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = slot_name(&slot), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Some(token) = self.drain.token() else {
+                break;
+            };
+            tokio::spawn(self.clone().connection(stream, slot.clone(), token));
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, slot: Slot, _token: DrainToken) {
+        let runtime = self.store.load();
+        let Some(listener) = runtime.listener(&slot) else {
+            // No listener configured for this socket: refuse by closing.
+            return;
+        };
+        let gauge = self.metrics.active_connections(&listener.name);
+        gauge.inc();
+        match &listener.kind {
+            ListenerKind::Tcp(route) => crate::tcp::forward(route, stream).await,
+            ListenerKind::Http(_) => {
+                drop(runtime);
+                self.serve_http(stream, slot).await;
+            }
+        }
+        gauge.dec();
+    }
+
+    async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
+        let app = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            let slot = slot.clone();
+            async move { Ok::<_, Infallible>(crate::proxy::serve(app, &slot, req).await) }
+        });
+        let conn = self
+            .server
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let mut draining = self.drain.subscribe();
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = drained(&mut draining) => {
+                // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests finish.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "downstream connection ended with an error");
+        }
+    }
+
+    /// Stops accepting, lets open connections finish (up to `timeout`); true when all did.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.drain.start(timeout).await
+    }
+
+    /// Reloads `path` on SIGHUP and whenever its metadata changes (polled every `every`).
+    pub async fn watch_file(self: Arc<Self>, path: PathBuf, every: Duration) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file changes only");
+                None
+            }
+        };
+        let mut last = fingerprint(&path);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining = self.drain.subscribe();
+        loop {
+            tokio::select! {
+                () = drained(&mut draining) => return,
+                Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!(path = %path.display(), "SIGHUP: reloading snapshot");
+                }
+                _ = tick.tick() => {
+                    let now = fingerprint(&path);
+                    if now == last {
+                        continue;
+                    }
+                    tracing::info!(path = %path.display(), "snapshot file changed: reloading");
+                }
+            }
+            last = fingerprint(&path);
+            let _ = self.apply_file(&path);
+        }
+    }
+}
+
+/// Resolves once the drain has started.
+async fn drained(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|d| *d).await;
+}
+
+fn slot_name(slot: &Slot) -> &str {
+    match slot {
+        Slot::Ingress => "ingress",
+        Slot::Egress => "egress",
+        Slot::Named(name) => name,
+    }
+}
+
+fn log_listening(name: &str, listener: &TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listener = %name, addr = %addr, "listening");
+    }
+}
+
+fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Tracks open connections so SIGTERM can wait for them.
+#[derive(Debug)]
+struct Drain {
+    signal: watch::Sender<bool>,
+    tracker: Mutex<Option<mpsc::Sender<()>>>,
+    done: tokio::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+/// Held by every open connection.
+#[derive(Debug)]
+struct DrainToken(#[allow(dead_code)] mpsc::Sender<()>);
+
+impl Drain {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        Self {
+            signal: watch::Sender::new(false),
+            tracker: Mutex::new(Some(tx)),
+            done: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.signal.subscribe()
+    }
+
+    fn token(&self) -> Option<DrainToken> {
+        lock(&self.tracker).clone().map(DrainToken)
+    }
+
+    async fn start(&self, timeout: Duration) -> bool {
+        self.signal.send_replace(true);
+        lock(&self.tracker).take();
+        let mut done = self.done.lock().await;
+        // recv() yields None once every token is gone.
+        tokio::time::timeout(timeout, done.recv()).await.is_ok()
+    }
+}

@@ -1,0 +1,238 @@
+//! Choosing where a request goes: a weighted target (cluster), then an endpoint of that cluster.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use crate::{
+    metrics::RequestMetrics,
+    upstream::{Cluster, EndpointState},
+};
+
+/// A route's targets with cumulative weights. Targets of weight 0 are dropped at compile time.
+#[derive(Debug)]
+pub struct WeightedTargets {
+    targets: Box<[Target]>,
+}
+
+/// One weighted target of a route.
+#[derive(Debug)]
+pub struct Target {
+    pub cluster: Arc<Cluster>,
+    /// Requests and latency for this (route, cluster) pair.
+    pub metrics: Arc<RequestMetrics>,
+    /// Cumulative weight up to and including this target.
+    cumulative: u32,
+}
+
+impl WeightedTargets {
+    pub(crate) fn new(
+        targets: impl IntoIterator<Item = (Arc<Cluster>, u32, RequestMetrics)>,
+    ) -> Self {
+        let mut total = 0u32;
+        let targets = targets
+            .into_iter()
+            .filter(|(_, w, _)| *w > 0)
+            .map(|(cluster, w, metrics)| {
+                total = total.saturating_add(w);
+                Target {
+                    cluster,
+                    metrics: Arc::new(metrics),
+                    cumulative: total,
+                }
+            })
+            .collect();
+        Self { targets }
+    }
+
+    /// A target chosen with probability weight / total.
+    pub fn pick(&self) -> Option<&Target> {
+        match &*self.targets {
+            [] => None,
+            [only] => Some(only),
+            targets => {
+                let total = targets.last().map_or(0, |t| t.cumulative);
+                self.pick_at(fastrand::u32(0..total.max(1)))
+            }
+        }
+    }
+
+    /// The target owning point `r` in [0, total).
+    fn pick_at(&self, r: u32) -> Option<&Target> {
+        let i = self.targets.partition_point(|t| t.cumulative <= r);
+        self.targets.get(i)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.targets.iter()
+    }
+}
+
+/// How a cluster picks among its healthy endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of two random choices on in-flight requests.
+    LeastRequest,
+    Random,
+}
+
+/// Picks an endpoint, avoiding `avoid` (the one a failed attempt used) when there is another.
+pub(crate) fn pick<'a>(
+    policy: LbPolicy,
+    endpoints: &'a [Arc<EndpointState>],
+    cursor: &AtomicUsize,
+    avoid: Option<&Arc<EndpointState>>,
+) -> Option<&'a Arc<EndpointState>> {
+    let n = endpoints.len();
+    let avoided = |i: usize| avoid.is_some_and(|a| Arc::ptr_eq(a, &endpoints[i]));
+    let i = match n {
+        0 => return None,
+        1 => 0,
+        _ => match policy {
+            LbPolicy::RoundRobin => {
+                let i = cursor.fetch_add(1, Ordering::Relaxed) % n;
+                if avoided(i) { (i + 1) % n } else { i }
+            }
+            LbPolicy::Random => {
+                let i = fastrand::usize(0..n);
+                if avoided(i) { (i + 1) % n } else { i }
+            }
+            LbPolicy::LeastRequest => {
+                let a = fastrand::usize(0..n);
+                // A second, different index.
+                let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
+                if avoided(a) {
+                    b
+                } else if avoided(b) {
+                    a
+                } else if endpoints[b].in_flight() < endpoints[a].in_flight() {
+                    b
+                } else {
+                    a
+                }
+            }
+        },
+    };
+    endpoints.get(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::test_cluster;
+
+    fn target(name: &str, weight: u32) -> (Arc<Cluster>, u32, RequestMetrics) {
+        let m = crate::metrics::ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
+        (test_cluster(name, &[]), weight, m.requests("r", name))
+    }
+
+    #[test]
+    fn weights_split_by_ratio() {
+        let wt = WeightedTargets::new([target("a", 90), target("zero", 0), target("b", 10)]);
+        // Exhaustive over the weight space: exactly 90 points go to a, 10 to b, none to zero.
+        let mut counts = std::collections::HashMap::<String, u32>::new();
+        for r in 0..100 {
+            let t = wt.pick_at(r).unwrap();
+            *counts.entry(t.cluster.name.to_string()).or_default() += 1;
+        }
+        assert_eq!(counts.get("a"), Some(&90));
+        assert_eq!(counts.get("b"), Some(&10));
+        assert_eq!(counts.get("zero"), None);
+        assert!(wt.pick_at(100).is_none());
+    }
+
+    #[test]
+    fn single_and_empty_targets() {
+        let one = WeightedTargets::new([target("a", 3)]);
+        assert_eq!(&*one.pick().unwrap().cluster.name, "a");
+        assert!(WeightedTargets::new([target("a", 0)]).pick().is_none());
+    }
+
+    #[test]
+    fn round_robin_cycles_and_avoids() {
+        let c = test_cluster("c", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let eps = &c.healthy;
+        let cursor = AtomicUsize::new(0);
+        let picks: Vec<_> = (0..6)
+            .map(|_| {
+                pick(LbPolicy::RoundRobin, eps, &cursor, None)
+                    .unwrap()
+                    .addr
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                "127.0.0.1:1",
+                "127.0.0.1:2",
+                "127.0.0.1:3",
+                "127.0.0.1:1",
+                "127.0.0.1:2",
+                "127.0.0.1:3"
+            ]
+        );
+        for _ in 0..10 {
+            let got = pick(LbPolicy::RoundRobin, eps, &cursor, Some(&eps[1])).unwrap();
+            assert!(!Arc::ptr_eq(got, &eps[1]));
+        }
+    }
+
+    #[test]
+    fn avoid_is_ignored_with_one_endpoint() {
+        let c = test_cluster("c", &["127.0.0.1:1"]);
+        let cursor = AtomicUsize::new(0);
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest,
+            LbPolicy::Random,
+        ] {
+            let got = pick(policy, &c.healthy, &cursor, Some(&c.healthy[0]));
+            assert!(got.is_some(), "{policy:?}");
+        }
+        assert!(pick(LbPolicy::Random, &[], &cursor, None).is_none());
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints() {
+        let c = test_cluster("c", &["127.0.0.1:1", "127.0.0.1:2"]);
+        let busy = c.healthy[0].begin_request();
+        let _busier = c.healthy[0].begin_request();
+        let cursor = AtomicUsize::new(0);
+        // With two endpoints both are always compared, so the idle one always wins.
+        for _ in 0..100 {
+            let got = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, None).unwrap();
+            assert_eq!(&*got.addr, "127.0.0.1:2");
+        }
+        drop(busy);
+        for _ in 0..100 {
+            let got = pick(
+                LbPolicy::LeastRequest,
+                &c.healthy,
+                &cursor,
+                Some(&c.healthy[1]),
+            )
+            .unwrap();
+            assert_eq!(&*got.addr, "127.0.0.1:1", "avoid wins over load");
+        }
+    }
+
+    #[test]
+    fn least_request_spreads_over_many() {
+        let addrs: Vec<String> = (1..=5).map(|p| format!("127.0.0.1:{p}")).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let c = test_cluster("c", &refs);
+        let cursor = AtomicUsize::new(0);
+        let mut guards = Vec::new();
+        // Hold every picked request open: P2C must keep the load within 2 of even.
+        for _ in 0..50 {
+            let ep = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, None).unwrap();
+            guards.push(ep.begin_request());
+        }
+        let loads: Vec<usize> = c.healthy.iter().map(|e| e.in_flight()).collect();
+        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(max - min <= 5, "uneven least-request spread {loads:?}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The response body the proxy serves: a local one (errors, admin) or an upstream's, with its
+//! idle timeout, its pooled connection and the request's completion (access log, metrics).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::{
+    BoxError,
+    proxy::Completion,
+    upstream::{InFlight, PoolReturn},
+};
+
+#[derive(Debug)]
+pub enum ResponseBody {
+    Local(Option<Bytes>),
+    Upstream(UpstreamBody),
+}
+
+impl ResponseBody {
+    pub fn empty() -> Self {
+        Self::Local(None)
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        Self::Local(Some(bytes).filter(|b| !b.is_empty()))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream(up) => Pin::new(up).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Local(bytes) => bytes.is_none(),
+            Self::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Self::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+/// An upstream response body on its way to the client.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    pooled: Option<PoolReturn>,
+    in_flight: Option<InFlight>,
+    completion: Option<Completion>,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        idle: Option<Duration>,
+        pooled: Option<PoolReturn>,
+        in_flight: InFlight,
+        completion: Completion,
+    ) -> Self {
+        let mut body = Self {
+            inner,
+            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            pooled,
+            in_flight: Some(in_flight),
+            completion: Some(completion),
+        };
+        if body.inner.is_end_stream() {
+            body.finish(None);
+        }
+        body
+    }
+
+    /// The exchange is over: the connection goes back to its pool (when the body ended cleanly),
+    /// the endpoint's in-flight count drops, the request is logged.
+    fn finish(&mut self, error: Option<&'static str>) {
+        if let Some(pooled) = self.pooled.take() {
+            if error.is_none() {
+                pooled.release();
+            }
+        }
+        self.in_flight = None;
+        if let Some(c) = self.completion.take() {
+            c.finish(error);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some((d, sleep)) = &mut this.idle {
+                    sleep.as_mut().reset(Instant::now() + *d);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(Some("upstream_reset"));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                if let Some((d, sleep)) = &mut this.idle {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        let d = *d;
+                        this.finish(Some("idle_timeout"));
+                        return Poll::Ready(Some(Err(format!("no data for {d:?}").into())));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.completion.is_some() {
+            // The client went away before the end of the body.
+            self.finish(Some("downstream_reset"));
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Start-up configuration: flags, each with its `TRELLIS_PROXY_*` environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::access_log::AccessLogTarget;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "trellis-proxy",
+    version,
+    about = "Trellis sidecar and gateway proxy"
+)]
+pub struct ProxyConfig {
+    /// Snapshot file (YAML or JSON) to serve; reloaded on SIGHUP and when it changes.
+    #[arg(long, env = "TRELLIS_PROXY_SNAPSHOT")]
+    pub snapshot: PathBuf,
+
+    /// Ingress socket: traffic from the mesh to the local app.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_INGRESS_ADDR",
+        default_value = "0.0.0.0:15000"
+    )]
+    pub ingress_addr: SocketAddr,
+
+    /// Egress socket: traffic from the local app to the mesh (Host routing, http_proxy, CONNECT).
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_EGRESS_ADDR",
+        default_value = "127.0.0.1:15001"
+    )]
+    pub egress_addr: SocketAddr,
+
+    /// Admin socket: /metrics, /ready, /live, /config_dump, /clusters, /logging.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_ADMIN_ADDR",
+        default_value = "127.0.0.1:9901"
+    )]
+    pub admin_addr: SocketAddr,
+
+    /// Worker threads for the data path (1 runs a single-threaded runtime).
+    #[arg(long, env = "TRELLIS_PROXY_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Access log: off, stdout, or a file path (JSON lines).
+    #[arg(long, env = "TRELLIS_PROXY_ACCESS_LOG", default_value = "off")]
+    pub access_log: AccessLogTarget,
+
+    /// Log filter (tracing EnvFilter syntax); changeable at runtime via the admin /logging.
+    #[arg(long, env = "TRELLIS_PROXY_LOG", default_value = "info")]
+    pub log: String,
+
+    /// How often the snapshot file is checked for changes.
+    #[arg(long, env = "TRELLIS_PROXY_SNAPSHOT_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub snapshot_poll: Duration,
+}

@@ -1,0 +1,186 @@
+//! Every failure the proxy reports, and the one place that maps them to responses.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ResponseBody;
+
+/// How an upstream attempt failed; decides retries and the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamFailure {
+    #[error("connection refused or failed")]
+    Connect,
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connection or stream reset")]
+    Reset,
+    #[error("stream refused")]
+    RefusedStream,
+    #[error("attempt timed out")]
+    PerTryTimeout,
+    #[error("protocol error")]
+    Protocol,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no snapshot applied yet")]
+    NotReady,
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("cluster {0:?}: no healthy endpoint")]
+    NoHealthyEndpoint(Arc<str>),
+    #[error("request timed out after {0:?}")]
+    RequestTimeout(Duration),
+    #[error("upstream {endpoint}: {failure}")]
+    Upstream {
+        endpoint: Arc<str>,
+        failure: UpstreamFailure,
+    },
+}
+
+impl ProxyError {
+    /// The bounded error kind used in `x-trellis-error`, metrics and the access log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotReady => "not_ready",
+            Self::NoRoute => "no_route",
+            Self::BadRequest(_) => "bad_request",
+            Self::NoHealthyEndpoint(_) => "no_healthy_endpoint",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::Upstream { failure, .. } => match failure {
+                UpstreamFailure::Connect => "connect_failure",
+                UpstreamFailure::ConnectTimeout => "connect_timeout",
+                UpstreamFailure::Reset => "upstream_reset",
+                UpstreamFailure::RefusedStream => "refused_stream",
+                UpstreamFailure::PerTryTimeout => "per_try_timeout",
+                UpstreamFailure::Protocol => "upstream_protocol_error",
+            },
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotReady | Self::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream { failure, .. } => match failure {
+                UpstreamFailure::Connect
+                | UpstreamFailure::ConnectTimeout
+                | UpstreamFailure::RefusedStream => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamFailure::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamFailure::Reset | UpstreamFailure::Protocol => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    /// The gRPC status for a gRPC request.
+    fn grpc_status(&self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "12",      // UNIMPLEMENTED
+            StatusCode::BAD_REQUEST => "13",    // INTERNAL
+            StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            _ => "14",                          // UNAVAILABLE
+        }
+    }
+
+    /// The response the client sees: the mapped status (or, for gRPC, 200 with grpc-status),
+    /// `x-trellis-error: <kind>` and the message.
+    pub fn to_response(&self, grpc: bool) -> Response<ResponseBody> {
+        let kind = HeaderValue::from_static(self.kind());
+        let message = self.to_string();
+        let mut builder = Response::builder().header("x-trellis-error", kind);
+        if grpc {
+            builder = builder
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .header("grpc-status", self.grpc_status());
+            if let Ok(v) = HeaderValue::from_str(&message) {
+                builder = builder.header("grpc-message", v);
+            }
+            return builder
+                .body(ResponseBody::empty())
+                .unwrap_or_else(|_| fallback());
+        }
+        builder
+            .status(self.status())
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(ResponseBody::full(Bytes::from(message + "\n")))
+            .unwrap_or_else(|_| fallback())
+    }
+}
+
+fn fallback() -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::empty());
+    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_kinds() {
+        let up = |failure| ProxyError::Upstream {
+            endpoint: "127.0.0.1:1".into(),
+            failure,
+        };
+        let cases = [
+            (ProxyError::NoRoute, 404, "no_route", "12"),
+            (ProxyError::BadRequest("x"), 400, "bad_request", "13"),
+            (
+                ProxyError::NoHealthyEndpoint("c".into()),
+                503,
+                "no_healthy_endpoint",
+                "14",
+            ),
+            (
+                ProxyError::RequestTimeout(Duration::from_secs(1)),
+                504,
+                "request_timeout",
+                "4",
+            ),
+            (up(UpstreamFailure::Connect), 503, "connect_failure", "14"),
+            (
+                up(UpstreamFailure::ConnectTimeout),
+                503,
+                "connect_timeout",
+                "14",
+            ),
+            (up(UpstreamFailure::Reset), 502, "upstream_reset", "14"),
+            (
+                up(UpstreamFailure::RefusedStream),
+                503,
+                "refused_stream",
+                "14",
+            ),
+            (
+                up(UpstreamFailure::PerTryTimeout),
+                504,
+                "per_try_timeout",
+                "4",
+            ),
+            (
+                up(UpstreamFailure::Protocol),
+                502,
+                "upstream_protocol_error",
+                "14",
+            ),
+        ];
+        for (err, status, kind, grpc) in cases {
+            let r = err.to_response(false);
+            assert_eq!(r.status().as_u16(), status, "{err}");
+            assert_eq!(r.headers()["x-trellis-error"], kind);
+            let g = err.to_response(true);
+            assert_eq!(g.status(), StatusCode::OK);
+            assert_eq!(g.headers()["grpc-status"], grpc, "{err}");
+            assert_eq!(g.headers()["x-trellis-error"], kind);
+        }
+    }
+}

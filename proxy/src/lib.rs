@@ -1,0 +1,130 @@
+//! trellis-proxy: the Trellis data plane, a sidecar and gateway L7 proxy.
+//!
+//! A connection is accepted on a socket (ingress, egress or a listener's own), served by hyper
+//! (HTTP/1.1 and prior-knowledge h2c) or forwarded as bytes (TCP), and each request runs the path
+//! in [`proxy`] against the snapshot in use, held by [`snapshot::SnapshotStore`].
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod retry;
+pub mod route;
+pub mod snapshot;
+pub mod tcp;
+pub mod upstream;
+
+use std::{io::IsTerminal as _, sync::Arc};
+
+use anyhow::Context as _;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains.
+pub fn run(config: config::ProxyConfig) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&config.log).context("invalid --log filter")?;
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .try_init()
+        .context("cannot install the log subscriber")?;
+    let log_control: app::LogControl = Box::new(move |f| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        reload.reload(filter).map_err(|e| e.to_string())
+    });
+
+    let runtime = if config.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the runtime")?;
+    runtime.block_on(serve(config, log_control))
+}
+
+async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::ProxyMetrics::new(&registry).context("cannot register metrics")?;
+    let (access_log, writer) =
+        access_log::AccessLog::new(config.access_log.clone(), metrics.clone());
+    if let Some(writer) = writer {
+        tokio::spawn(writer);
+    }
+    let app = app::App::new(
+        registry,
+        metrics,
+        access_log,
+        config.log.clone(),
+        log_control,
+    );
+
+    app.apply_file(&config.snapshot)
+        .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", config.snapshot.display()))?;
+
+    let bind = |addr, what| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the {what} address {addr}"))
+    };
+    let ingress = bind(config.ingress_addr, "ingress").await?;
+    let egress = bind(config.egress_addr, "egress").await?;
+    let admin = std::net::TcpListener::bind(config.admin_addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
+    if let Ok(addr) = admin.local_addr() {
+        tracing::info!(listener = "admin", addr = %addr, "listening");
+    }
+    let admin_app = app.clone();
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(admin) {
+                        Ok(l) => admin::serve(admin_app, l).await,
+                        Err(e) => tracing::error!(error = %e, "admin server failed"),
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "admin runtime failed"),
+            }
+        })
+        .context("cannot start the admin thread")?;
+
+    app.serve(ingress, snapshot::Slot::Ingress);
+    app.serve(egress, snapshot::Slot::Egress);
+    tokio::spawn(Arc::clone(&app).watch_file(config.snapshot.clone(), config.snapshot_poll));
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(timeout = ?config.drain_timeout, "draining");
+    if app.drain(config.drain_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! Prometheus metrics, on a registry passed in (never the global one). Label values are bounded:
+//! listener, route, cluster, status class and error kind come from config or fixed sets.
+
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use http::StatusCode;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    inner: Arc<Vecs>,
+}
+
+#[derive(Debug)]
+struct Vecs {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    retries: IntCounterVec,
+    connect_errors: IntCounterVec,
+    timeouts: IntCounterVec,
+    errors: IntCounterVec,
+    active_connections: IntGaugeVec,
+    snapshot_info: IntGaugeVec,
+    snapshot_applied: IntCounter,
+    snapshot_rejected: IntCounter,
+    access_log_dropped: IntCounter,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: T,
+) -> prometheus::Result<T> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let r = registry;
+        let inner = Vecs {
+            requests: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_requests_total",
+                        "HTTP requests by route, cluster and status class",
+                    ),
+                    &["route", "cluster", "status_class"],
+                )?,
+            )?,
+            duration: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "trellis_proxy_request_duration_seconds",
+                        "Time from request to the end of the response",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route", "cluster", "status_class"],
+                )?,
+            )?,
+            retries: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_retries_total",
+                        "Retry attempts sent, by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            connect_errors: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_upstream_connect_errors_total",
+                        "Failed or timed-out upstream connects, by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            timeouts: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_timeouts_total",
+                        "Timeouts by kind (request, per_try, idle)",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            errors: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_errors_total",
+                        "Requests answered by the proxy itself, by error kind",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            active_connections: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "trellis_proxy_active_connections",
+                        "Open downstream connections by listener",
+                    ),
+                    &["listener"],
+                )?,
+            )?,
+            snapshot_info: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "trellis_proxy_snapshot_info",
+                        "The applied snapshot's version (value 1)",
+                    ),
+                    &["version"],
+                )?,
+            )?,
+            snapshot_applied: register(
+                r,
+                IntCounter::new("trellis_proxy_snapshot_applied_total", "Snapshots applied")?,
+            )?,
+            snapshot_rejected: register(
+                r,
+                IntCounter::new(
+                    "trellis_proxy_snapshot_rejected_total",
+                    "Snapshots rejected (the previous one kept serving)",
+                )?,
+            )?,
+            access_log_dropped: register(
+                r,
+                IntCounter::new(
+                    "trellis_proxy_access_log_dropped_total",
+                    "Access log lines dropped because the writer fell behind",
+                )?,
+            )?,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Request metrics for one (route, cluster) pair; series appear on first use.
+    pub fn requests(&self, route: &str, cluster: &str) -> RequestMetrics {
+        RequestMetrics {
+            vecs: self.inner.clone(),
+            labels: [route.into(), cluster.into()],
+            by_class: Default::default(),
+        }
+    }
+
+    pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        ClusterMetrics {
+            retries: self.inner.retries.with_label_values(&[name]),
+            connect_errors: self.inner.connect_errors.with_label_values(&[name]),
+        }
+    }
+
+    pub fn timeout(&self, kind: &str) {
+        self.inner.timeouts.with_label_values(&[kind]).inc();
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.inner.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn active_connections(&self, listener: &str) -> IntGauge {
+        self.inner.active_connections.with_label_values(&[listener])
+    }
+
+    pub fn snapshot_applied(&self, version: &str) {
+        self.inner.snapshot_info.reset();
+        self.inner
+            .snapshot_info
+            .with_label_values(&[version])
+            .set(1);
+        self.inner.snapshot_applied.inc();
+    }
+
+    pub fn snapshot_rejected(&self) {
+        self.inner.snapshot_rejected.inc();
+    }
+
+    pub fn access_log_dropped(&self) {
+        self.inner.access_log_dropped.inc();
+    }
+}
+
+/// Per-cluster counters, resolved once per snapshot.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    pub retries: IntCounter,
+    pub connect_errors: IntCounter,
+}
+
+/// Request count and latency for one (route, cluster) pair.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    vecs: Arc<Vecs>,
+    labels: [Box<str>; 2],
+    by_class: [OnceLock<(IntCounter, Histogram)>; 5],
+}
+
+impl RequestMetrics {
+    pub fn observe(&self, status: StatusCode, elapsed: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        let Some(slot) = self.by_class.get(class) else {
+            return;
+        };
+        let (count, latency) = slot.get_or_init(|| {
+            let name = ["1xx", "2xx", "3xx", "4xx", "5xx"][class];
+            let labels = [&*self.labels[0], &*self.labels[1], name];
+            (
+                self.vecs.requests.with_label_values(&labels),
+                self.vecs.duration.with_label_values(&labels),
+            )
+        });
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn observe_by_status_class() {
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry).unwrap();
+        let rm = m.requests("r", "c");
+        rm.observe(StatusCode::OK, Duration::from_millis(2));
+        rm.observe(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(2));
+        rm.observe(StatusCode::NO_CONTENT, Duration::from_millis(2));
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(
+            r#"trellis_proxy_requests_total{cluster="c",route="r",status_class="2xx"} 2"#
+        ));
+        assert!(text.contains(
+            r#"trellis_proxy_requests_total{cluster="c",route="r",status_class="5xx"} 1"#
+        ));
+    }
+}

@@ -1,0 +1,550 @@
+//! The HTTP request path: load the snapshot once → virtual host by authority → route → weighted
+//! target → endpoint → pooled dispatch with deadline and retries → response. Errors become
+//! responses in `error.rs`; every request ends in [`Completion::finish`] (metrics, access log).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+    request::Parts, uri::Scheme,
+};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::{
+    access_log::LogRecord,
+    app::App,
+    balance::Target,
+    body::{ResponseBody, UpstreamBody},
+    error::{ProxyError, UpstreamFailure},
+    metrics::RequestMetrics,
+    retry::{Replay, RetryPolicy},
+    route::{MatchInput, Route, authority_port},
+    snapshot::{ListenerKind, Runtime, Slot},
+    upstream::{Cluster, EndpointState, InFlight, PoolReturn, Protocol, RequestBody},
+};
+
+/// What is left to do when a request is over: count it and log it.
+#[derive(Debug)]
+pub struct Completion {
+    app: Arc<App>,
+    start: Instant,
+    status: StatusCode,
+    error: Option<&'static str>,
+    retries: u32,
+    metrics: Option<Arc<RequestMetrics>>,
+    log: Option<Box<LogRecord>>,
+}
+
+impl Completion {
+    /// Records the request; `body_error` is set when the response body failed midway.
+    pub fn finish(self, body_error: Option<&'static str>) {
+        let elapsed = self.start.elapsed();
+        match &self.metrics {
+            Some(m) => m.observe(self.status, elapsed),
+            None => self.app.no_route_metrics.observe(self.status, elapsed),
+        }
+        if let Some(kind) = body_error {
+            self.app.metrics.error(kind);
+            if kind == "idle_timeout" {
+                self.app.metrics.timeout("idle");
+            }
+        }
+        if let Some(mut log) = self.log {
+            log.status = self.status.as_u16();
+            log.duration = elapsed;
+            log.retries = self.retries;
+            log.error = body_error.or(self.error);
+            self.app.access_log.write(&log);
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Serves one request that arrived on `slot`.
+pub(crate) async fn serve(
+    app: Arc<App>,
+    slot: &Slot,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let runtime = app.store.load();
+    let grpc = is_grpc(req.headers());
+    let log = app
+        .access_log
+        .enabled()
+        .then(|| Box::new(LogRecord::new(slot, &req)));
+    let mut completion = Some(Completion {
+        app: app.clone(),
+        start,
+        status: StatusCode::OK,
+        error: None,
+        retries: 0,
+        metrics: None,
+        log,
+    });
+    match route_and_forward(&runtime, slot, req, &mut completion).await {
+        Ok(response) => response,
+        Err(err) => {
+            let response = err.to_response(grpc);
+            app.metrics.error(err.kind());
+            if let Some(mut c) = completion {
+                c.status = response.status();
+                c.error = Some(err.kind());
+                c.finish(None);
+            }
+            response
+        }
+    }
+}
+
+async fn route_and_forward(
+    runtime: &Runtime,
+    slot: &Slot,
+    req: Request<Incoming>,
+    completion: &mut Option<Completion>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if !completion.as_ref().is_some_and(|c| c.app.store.is_ready()) {
+        return Err(ProxyError::NotReady);
+    }
+    let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
+        return Err(ProxyError::NoRoute);
+    };
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => h
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+            None => "",
+        },
+    };
+    let host = table.host(authority).ok_or(ProxyError::NoRoute)?;
+    let input = MatchInput {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+        port: authority_port(authority),
+    };
+    let route = host.route(&input).ok_or(ProxyError::NoRoute)?;
+    let target = route.targets.pick().ok_or(ProxyError::NoRoute)?;
+    if let Some(c) = completion.as_mut() {
+        c.metrics = Some(target.metrics.clone());
+        if let Some(log) = &mut c.log {
+            log.route = Some(route.name.clone());
+            log.cluster = Some(target.cluster.name.clone());
+        }
+    }
+    if req.method() == Method::CONNECT {
+        return tunnel(target, req, completion).await;
+    }
+    if is_upgrade(&req) {
+        return upgrade(route, target, req, completion).await;
+    }
+    forward(route, target, req, completion).await
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        if name == "te" && keep_te {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Rewrites the request line for the cluster's protocol: origin-form and a Host header for
+/// HTTP/1.1, scheme and authority for HTTP/2.
+fn prepare(parts: &mut Parts, cluster: &Cluster, endpoint: &EndpointState) {
+    let authority = parts.uri.authority().cloned().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse().ok())
+    });
+    let path = parts.uri.path_and_query().cloned();
+    let mut uri = http::uri::Parts::default();
+    match cluster.protocol {
+        Protocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = authority.or_else(|| endpoint.addr.parse().ok());
+            uri.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        }
+        Protocol::Http1 | Protocol::Tcp => {
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let host = authority
+                    .as_ref()
+                    .map_or(&*endpoint.addr, |a| a.as_str())
+                    .parse::<HeaderValue>();
+                if let Ok(host) = host {
+                    parts.headers.insert(header::HOST, host);
+                }
+            }
+            uri.path_and_query = path;
+        }
+    }
+    if let Ok(u) = Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+}
+
+fn copy_parts(parts: &Parts) -> Request<()> {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+struct Exchange {
+    response: Response<Incoming>,
+    pooled: Option<PoolReturn>,
+    in_flight: InFlight,
+    endpoint: Arc<EndpointState>,
+}
+
+async fn forward(
+    route: &Route,
+    target: &Target,
+    req: Request<Incoming>,
+    completion: &mut Option<Completion>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let cluster = &target.cluster;
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
+
+    let attempts = attempts(cluster, route.retry.as_deref(), parts, body, completion);
+    let exchange = match route.timeouts.per_request {
+        None => attempts.await,
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(m) = &metrics {
+                    m.timeout("request");
+                }
+                Err(ProxyError::RequestTimeout(limit))
+            }
+        },
+    }?;
+
+    let Exchange {
+        response,
+        pooled,
+        in_flight,
+        endpoint,
+    } = exchange;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let Some(mut done) = completion.take() else {
+        return Err(ProxyError::NotReady);
+    };
+    done.status = parts.status;
+    if let Some(log) = &mut done.log {
+        log.endpoint = Some(endpoint.addr.clone());
+    }
+    let body = UpstreamBody::new(body, route.timeouts.idle, pooled, in_flight, done);
+    Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+}
+
+/// Sends the request, retrying as the policy allows.
+async fn attempts(
+    cluster: &Cluster,
+    policy: Option<&RetryPolicy>,
+    mut parts: Parts,
+    body: Incoming,
+    completion: &mut Option<Completion>,
+) -> Result<Exchange, ProxyError> {
+    let upstream_error = |endpoint: &EndpointState, failure| ProxyError::Upstream {
+        endpoint: endpoint.addr.clone(),
+        failure,
+    };
+    let Some(policy) = policy.filter(|p| p.max_retries > 0) else {
+        // No retries: the request goes out as it is, once.
+        let endpoint = cluster
+            .pick(None)
+            .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
+            .clone();
+        prepare(&mut parts, cluster, &endpoint);
+        let in_flight = endpoint.begin_request();
+        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        return match endpoint.send(cluster, req).await {
+            Ok((response, pooled)) => Ok(Exchange {
+                response,
+                pooled,
+                in_flight,
+                endpoint,
+            }),
+            Err(e) => {
+                note_failure(cluster, completion, e.failure);
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
+                Err(upstream_error(&endpoint, e.failure))
+            }
+        };
+    };
+
+    policy.deposit();
+    let replay = (!body.is_end_stream())
+        .then(|| Replay::new(body.map_err(Into::into).boxed(), policy.buffer_limit));
+    let mut avoid: Option<Arc<EndpointState>> = None;
+    let mut retries = 0u32;
+    loop {
+        let endpoint = cluster
+            .pick(avoid.as_ref())
+            .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
+            .clone();
+        let (mut attempt_parts, ()) = copy_parts(&parts).into_parts();
+        prepare(&mut attempt_parts, cluster, &endpoint);
+        let body: RequestBody = match &replay {
+            Some(r) => r.attempt().boxed(),
+            None => Empty::<Bytes>::new().map_err(|e| match e {}).boxed(),
+        };
+        let in_flight = endpoint.begin_request();
+        let send = endpoint.send(cluster, Request::from_parts(attempt_parts, body));
+        let sent = match policy.per_try_timeout {
+            None => send.await,
+            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
+                Err(crate::upstream::UpstreamError {
+                    failure: UpstreamFailure::PerTryTimeout,
+                    source: format!("no response within {limit:?}").into(),
+                })
+            }),
+        };
+        let may_retry =
+            retries < policy.max_retries && replay.as_ref().is_none_or(Replay::can_replay);
+        match sent {
+            Ok((response, pooled)) => {
+                let retry = may_retry
+                    && policy.retry_response(response.status(), response.headers())
+                    && policy.withdraw();
+                if !retry {
+                    if let Some(c) = completion.as_mut() {
+                        c.retries = retries;
+                    }
+                    return Ok(Exchange {
+                        response,
+                        pooled,
+                        in_flight,
+                        endpoint,
+                    });
+                }
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, status = %response.status(), "retrying response");
+            }
+            Err(e) => {
+                note_failure(cluster, completion, e.failure);
+                let retry = may_retry && policy.retry_failure(&e.failure) && policy.withdraw();
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, retry, "upstream attempt failed");
+                if !retry {
+                    if let Some(c) = completion.as_mut() {
+                        c.retries = retries;
+                    }
+                    return Err(upstream_error(&endpoint, e.failure));
+                }
+            }
+        }
+        retries += 1;
+        cluster.metrics.retries.inc();
+        avoid = Some(endpoint);
+        tokio::time::sleep(policy.backoff(retries)).await;
+    }
+}
+
+fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: UpstreamFailure) {
+    match failure {
+        UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout => {
+            cluster.metrics.connect_errors.inc()
+        }
+        UpstreamFailure::PerTryTimeout => {
+            if let Some(c) = completion {
+                c.app.metrics.timeout("per_try");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// HTTP/1.1 upgrade (WebSocket): the handshake goes to the endpoint on a connection of its own;
+/// after `101 Switching Protocols` both sides are spliced together.
+async fn upgrade(
+    route: &Route,
+    target: &Target,
+    mut req: Request<Incoming>,
+    completion: &mut Option<Completion>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let cluster = &target.cluster;
+    if cluster.protocol != Protocol::Http1 {
+        return Err(ProxyError::Upstream {
+            endpoint: cluster.name.clone(),
+            failure: UpstreamFailure::Protocol,
+        });
+    }
+    let endpoint = cluster
+        .pick(None)
+        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
+        .clone();
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let upgrade_headers = (
+        parts.headers.remove(header::UPGRADE),
+        parts.headers.remove(header::CONNECTION),
+    );
+    strip_hop_by_hop(&mut parts.headers);
+    if let (Some(up), _) = upgrade_headers {
+        parts.headers.insert(header::UPGRADE, up);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    prepare(&mut parts, cluster, &endpoint);
+    let in_flight = endpoint.begin_request();
+    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+    let mut response = endpoint
+        .send_upgrade(cluster, upstream_req)
+        .await
+        .map_err(|e| {
+            note_failure(cluster, completion, e.failure);
+            ProxyError::Upstream {
+                endpoint: endpoint.addr.clone(),
+                failure: e.failure,
+            }
+        })?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let Some(mut done) = completion.take() else {
+            return Err(ProxyError::NotReady);
+        };
+        done.status = parts.status;
+        let body = UpstreamBody::new(body, route.timeouts.idle, None, in_flight, done);
+        return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
+    }
+    let upstream = hyper::upgrade::on(&mut response);
+    let idle = route.timeouts.idle;
+    let cluster_name = cluster.name.clone();
+    let done = completion.take();
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let result = crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle).await;
+                if let Err(e) = result {
+                    tracing::debug!(cluster = %cluster_name, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(cluster = %cluster_name, error = %e, "upgrade failed"),
+        }
+        if let Some(mut done) = done {
+            done.status = StatusCode::SWITCHING_PROTOCOLS;
+            done.finish(None);
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, ResponseBody::empty()))
+}
+
+/// CONNECT: a TCP connection to an endpoint of the route's cluster, spliced to the client after
+/// `200 OK`.
+async fn tunnel(
+    target: &Target,
+    req: Request<Incoming>,
+    completion: &mut Option<Completion>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let cluster = target.cluster.clone();
+    let (endpoint, stream) = crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
+        if let ProxyError::Upstream { failure, .. } = e {
+            note_failure(&cluster, completion, *failure);
+        }
+    })?;
+    let in_flight = endpoint.begin_request();
+    let done = completion.take();
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match hyper::upgrade::on(req).await {
+            Ok(client) => {
+                if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, None).await {
+                    tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT upgrade failed")
+            }
+        }
+        if let Some(done) = done {
+            done.finish(None);
+        }
+    });
+    Ok(Response::new(ResponseBody::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("te"));
+    }
+}

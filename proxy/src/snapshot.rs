@@ -1,0 +1,403 @@
+//! Snapshots: reading them, compiling them into the runtime config, and the one `ArcSwap` that
+//! holds the config in use.
+
+mod compile;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use trellis_proto::v1 as pb;
+
+use crate::{
+    balance::WeightedTargets,
+    metrics::ProxyMetrics,
+    route::RouteTable,
+    upstream::{Cluster, Upstreams},
+};
+
+/// One problem in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read snapshot {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", join(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn join(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl SnapshotError {
+    /// The individual problems (one for a read error), for NACKs.
+    pub fn field_errors(&self) -> Vec<FieldError> {
+        match self {
+            Self::Read { path, source } => vec![FieldError {
+                path: path.clone(),
+                reason: source.to_string(),
+            }],
+            Self::Invalid(errors) => errors.clone(),
+        }
+    }
+}
+
+/// Parses a snapshot document: YAML or JSON in the protobuf JSON mapping.
+pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        // serde_yaml_ng prefixes its own idea of the path ("clusters[0]: ..."): keep one path.
+        let reason = match reason.split_once(": ") {
+            Some((prefix, rest)) if !prefix.contains(' ') => rest.to_string(),
+            _ => reason,
+        };
+        SnapshotError::Invalid(vec![FieldError {
+            path: if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
+            reason,
+        }])
+    })
+}
+
+/// The compiled, immutable config one proxy runs.
+#[derive(Debug)]
+pub struct Runtime {
+    pub version: Arc<str>,
+    /// The snapshot it was compiled from, for `/config_dump`.
+    pub source: Arc<pb::Snapshot>,
+    pub ingress: Option<Listener>,
+    pub egress: Option<Listener>,
+    /// Listeners with their own address, by name.
+    pub named: HashMap<Arc<str>, Listener>,
+    pub clusters: Vec<Arc<Cluster>>,
+}
+
+impl Runtime {
+    fn empty() -> Self {
+        Self {
+            version: "".into(),
+            source: Arc::default(),
+            ingress: None,
+            egress: None,
+            named: HashMap::new(),
+            clusters: Vec::new(),
+        }
+    }
+
+    pub fn listener(&self, slot: &Slot) -> Option<&Listener> {
+        match slot {
+            Slot::Ingress => self.ingress.as_ref(),
+            Slot::Egress => self.egress.as_ref(),
+            Slot::Named(name) => self.named.get(name),
+        }
+    }
+}
+
+/// Which socket a connection arrived on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Ingress,
+    Egress,
+    Named(Arc<str>),
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: Arc<str>,
+    /// Set for listeners that bind their own socket.
+    pub address: Option<SocketAddr>,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug)]
+pub enum ListenerKind {
+    Http(RouteTable),
+    Tcp(TcpRoute),
+}
+
+#[derive(Debug)]
+pub struct TcpRoute {
+    pub targets: WeightedTargets,
+    pub idle: Option<Duration>,
+}
+
+/// Holds the runtime config in use. One writer at a time applies snapshots (compile, then swap);
+/// readers load it once per request or connection.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    current: ArcSwap<Runtime>,
+    ready: AtomicBool,
+    upstreams: Upstreams,
+    metrics: ProxyMetrics,
+    writer: Mutex<()>,
+}
+
+impl SnapshotStore {
+    pub fn new(metrics: ProxyMetrics) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Runtime::empty()),
+            ready: AtomicBool::new(false),
+            upstreams: Upstreams::default(),
+            metrics,
+            writer: Mutex::new(()),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Runtime> {
+        self.current.load_full()
+    }
+
+    /// True once a snapshot has been applied.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Compiles `snapshot` and, when `prepare` accepts the result (it binds new sockets), makes it
+    /// the config in use. On any error the config in use stays and the rejection is counted.
+    pub fn apply(
+        &self,
+        snapshot: &pb::Snapshot,
+        prepare: impl FnOnce(&Runtime) -> Result<(), SnapshotError>,
+    ) -> Result<Arc<Runtime>, SnapshotError> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut generation = self.upstreams.generation();
+        let result = compile::compile(snapshot, &mut generation, &self.metrics)
+            .and_then(|rt| prepare(&rt).map(|()| rt));
+        match result {
+            Ok(runtime) => {
+                let runtime = Arc::new(runtime);
+                generation.commit();
+                self.current.store(runtime.clone());
+                self.ready.store(true, Ordering::Release);
+                self.metrics.snapshot_applied(&runtime.version);
+                Ok(runtime)
+            }
+            Err(e) => {
+                self.metrics.snapshot_rejected();
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> SnapshotStore {
+        SnapshotStore::new(ProxyMetrics::new(&prometheus::Registry::new()).unwrap())
+    }
+
+    const GOOD: &str = r#"
+version: v1
+listeners:
+  - name: egress
+    role: EGRESS
+    virtualHosts:
+      - name: svc
+        domains: ["svc.default:9080", "*.example.com"]
+        routes:
+          - name: api
+            priority: 1
+            match: { prefix: /api, headers: [{ name: x-canary, exact: "1" }] }
+            action: { weightedTargets: [{ cluster: svc-v2, weight: 1 }] }
+            retryPolicy:
+              maxRetries: 2
+              perTryTimeout: 0.5s
+              httpRetryEvents: [gateway-error]
+              grpcRetryEvents: [unavailable]
+              bufferLimitBytes: 1024
+            timeout: { perRequest: 3s, idle: 10s }
+          - name: default
+            priority: 2
+            match: { prefix: / }
+            action:
+              weightedTargets: [{ cluster: svc-v1, weight: 90 }, { cluster: svc-v2, weight: 10 }]
+  - name: db
+    address: 127.0.0.1:0
+    protocol: TCP
+    tcp: { weightedTargets: [{ cluster: db, weight: 1 }], idle: 60s }
+clusters:
+  - name: svc-v1
+    endpoints: [{ address: "127.0.0.1:8081" }, { address: "localhost:8082", health: DRAINING }]
+  - name: svc-v2
+    protocol: GRPC
+    lbPolicy: LEAST_REQUEST
+    connectTimeout: 0.25s
+    endpoints: [{ address: "127.0.0.1:8083" }]
+  - name: db
+    protocol: TCP_ONLY
+    endpoints: [{ address: "127.0.0.1:5432" }]
+"#;
+
+    #[test]
+    fn good_snapshot_compiles() {
+        let s = store();
+        assert!(!s.is_ready());
+        let snap = parse(GOOD).unwrap();
+        let rt = s.apply(&snap, |_| Ok(())).unwrap();
+        assert!(s.is_ready());
+        assert_eq!(&*rt.version, "v1");
+        assert!(rt.egress.is_some() && rt.ingress.is_none());
+        assert!(rt.named.contains_key("db"));
+        let v1 = rt.clusters.iter().find(|c| &*c.name == "svc-v1").unwrap();
+        assert_eq!(v1.endpoints.len(), 2);
+        assert_eq!(
+            v1.healthy.len(),
+            1,
+            "draining endpoints take no new requests"
+        );
+        let Some(Listener {
+            kind: ListenerKind::Http(table),
+            ..
+        }) = &rt.egress
+        else {
+            panic!("egress is HTTP");
+        };
+        let host = table.host("SVC.default:9080").unwrap();
+        assert_eq!(&*host.routes[0].name, "api", "sorted by priority");
+        let retry = host.routes[0].retry.as_ref().unwrap();
+        assert_eq!(retry.per_try_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(retry.buffer_limit, 1024);
+        assert_eq!(
+            host.routes[0].timeouts.per_request,
+            Some(Duration::from_secs(3))
+        );
+        assert!(table.host("a.example.com").is_some());
+        assert!(table.host("other").is_none());
+    }
+
+    #[test]
+    fn json_is_accepted_too() {
+        let snap =
+            parse(r#"{"version": "j", "clusters": [{"name": "c", "endpoints": []}]}"#).unwrap();
+        assert_eq!(snap.version, "j");
+    }
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        let s = store();
+        let err = match parse(yaml) {
+            Ok(snap) => s.apply(&snap, |_| Ok(())).unwrap_err(),
+            Err(e) => e,
+        };
+        err.field_errors().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "clusters: [{name: c, endpoints: [{address: nope}]}]",
+                "clusters[0].endpoints[0].address: \"nope\" is not HOST:PORT",
+            ),
+            (
+                "clusters: [{name: c}, {name: c}]",
+                "clusters[1].name: duplicate cluster name \"c\"",
+            ),
+            (
+                "listeners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {weightedTargets: [{cluster: missing, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].action.weightedTargets[0].cluster: unknown cluster \"missing\"",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, match: {regex: '(['}, action: {weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].match.regex: invalid regex",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {weightedTargets: [{cluster: c, weight: 0}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].action.weightedTargets: the weights must not all be 0",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, retryPolicy: {httpRetryEvents: [bogus]}, action: {weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].retryPolicy.httpRetryEvents[0]: unknown event \"bogus\"",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, match: {headers: [{name: x, range: {start: 5, end: 1}}]}, action: {weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].match.headers[0].range: start must be less than end",
+            ),
+            (
+                "listeners: [{name: x}]",
+                "listeners[0].role: set a role (INGRESS or EGRESS) or an address",
+            ),
+            (
+                "listeners: [{name: a, role: INGRESS, virtualHosts: []}, {name: b, role: INGRESS}]",
+                "listeners[1].role: only one INGRESS listener is allowed",
+            ),
+            (
+                "clusters: [{name: c, connectTimeout: -1s}]",
+                "clusters[0].connectTimeout: must be a non-negative duration",
+            ),
+            (
+                "clusters: [{name: c, lbPolicy: FASTEST}]",
+                "clusters[0].lbPolicy",
+            ),
+            (
+                "clusters: [{name: c, endpoint: []}]",
+                "clusters[0].endpoint: unknown field `endpoint`",
+            ),
+            (
+                "clusters: [{name: c, connectTimeout: 5}]",
+                "clusters[0].connectTimeout: ",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = errors_of(yaml);
+            assert!(
+                got.iter().any(|e| e.starts_with(want)),
+                "{yaml}\nwant {want}\ngot {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejected_snapshot_keeps_the_old_one() {
+        let s = store();
+        s.apply(&parse(GOOD).unwrap(), |_| Ok(())).unwrap();
+        let bad = parse("version: v2\nclusters: [{name: c, endpoints: [{address: bad}]}]").unwrap();
+        assert!(s.apply(&bad, |_| Ok(())).is_err());
+        assert_eq!(&*s.load().version, "v1");
+        let refused = s.apply(&parse("version: v3").unwrap(), |_| {
+            Err(SnapshotError::Invalid(vec![FieldError {
+                path: "listeners[0].address".into(),
+                reason: "cannot bind".into(),
+            }]))
+        });
+        assert!(refused.is_err());
+        assert_eq!(
+            &*s.load().version,
+            "v1",
+            "a failed prepare step rejects too"
+        );
+    }
+}

@@ -1,0 +1,701 @@
+//! Snapshot → runtime config, all or nothing. Every problem is reported with its field path
+//! (protobuf JSON names, e.g. `listeners[0].virtualHosts[1].routes[2].match.regex`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use regex::Regex;
+use trellis_proto::v1 as pb;
+
+use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
+use crate::{
+    balance::{LbPolicy, WeightedTargets},
+    metrics::ProxyMetrics,
+    retry::{self, RetryOn, RetryPolicy},
+    route::{
+        HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
+        VirtualHost,
+    },
+    upstream::{self, Cluster, Generation, Health, Protocol},
+};
+
+const MAX_WEIGHT: u32 = 1_000_000;
+const MAX_RETRIES: u32 = 25;
+const MAX_BUFFER_LIMIT: u64 = 64 << 20;
+
+struct Compiler<'a> {
+    errors: Vec<FieldError>,
+    metrics: &'a ProxyMetrics,
+    clusters: HashMap<&'a str, Arc<Cluster>>,
+}
+
+impl Compiler<'_> {
+    fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, d: Option<&pb_duration::Duration>) -> Option<Duration> {
+        let d = d?;
+        match u64::try_from(d.seconds)
+            .ok()
+            .zip(u32::try_from(d.nanos).ok())
+            .filter(|(_, n)| *n < 1_000_000_000)
+        {
+            Some((s, n)) => Some(Duration::new(s, n)),
+            None => {
+                self.err(path, "must be a non-negative duration");
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, path: &str, pattern: &str) -> Option<Regex> {
+        // Anchored: the whole path or value must match, as in Envoy and App Mesh.
+        match Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                self.err(path, format!("invalid regex: {}", one_line(&e.to_string())));
+                None
+            }
+        }
+    }
+}
+
+mod pb_duration {
+    pub(super) use pbjson_types::Duration;
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Compiles `snapshot`, taking endpoint state from `generation`.
+pub(crate) fn compile(
+    snapshot: &pb::Snapshot,
+    generation: &mut Generation<'_>,
+    metrics: &ProxyMetrics,
+) -> Result<Runtime, SnapshotError> {
+    let mut c = Compiler {
+        errors: Vec::new(),
+        metrics,
+        clusters: HashMap::new(),
+    };
+    let mut clusters = Vec::with_capacity(snapshot.clusters.len());
+    for (i, cluster) in snapshot.clusters.iter().enumerate() {
+        let path = format!("clusters[{i}]");
+        if let Some(compiled) = compile_cluster(&mut c, &path, cluster, generation) {
+            if c.clusters.contains_key(cluster.name.as_str()) {
+                c.err(
+                    format!("{path}.name"),
+                    format!("duplicate cluster name {:?}", cluster.name),
+                );
+                continue;
+            }
+            c.clusters.insert(&cluster.name, compiled.clone());
+            clusters.push(compiled);
+        }
+    }
+
+    let mut runtime = Runtime {
+        version: snapshot.version.as_str().into(),
+        source: Arc::new(snapshot.clone()),
+        ingress: None,
+        egress: None,
+        named: HashMap::new(),
+        clusters,
+    };
+    let mut names = HashSet::new();
+    for (i, listener) in snapshot.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if listener.name.is_empty() {
+            c.err(format!("{path}.name"), "must not be empty");
+        } else if !names.insert(listener.name.as_str()) {
+            c.err(
+                format!("{path}.name"),
+                format!("duplicate listener name {:?}", listener.name),
+            );
+        }
+        let Some(compiled) = compile_listener(&mut c, &path, listener) else {
+            continue;
+        };
+        use pb::listener::Role;
+        match Role::try_from(listener.role) {
+            Ok(Role::Ingress) if runtime.ingress.is_some() => {
+                c.err(
+                    format!("{path}.role"),
+                    "only one INGRESS listener is allowed",
+                );
+            }
+            Ok(Role::Ingress) => runtime.ingress = Some(compiled),
+            Ok(Role::Egress) if runtime.egress.is_some() => {
+                c.err(
+                    format!("{path}.role"),
+                    "only one EGRESS listener is allowed",
+                );
+            }
+            Ok(Role::Egress) => runtime.egress = Some(compiled),
+            Ok(Role::Unspecified) => {
+                runtime
+                    .named
+                    .insert(listener.name.as_str().into(), compiled);
+            }
+            Err(_) => c.err(format!("{path}.role"), "unknown role"),
+        }
+    }
+    if c.errors.is_empty() {
+        Ok(runtime)
+    } else {
+        Err(SnapshotError::Invalid(c.errors))
+    }
+}
+
+fn compile_cluster(
+    c: &mut Compiler<'_>,
+    path: &str,
+    cluster: &pb::Cluster,
+    generation: &mut Generation<'_>,
+) -> Option<Arc<Cluster>> {
+    use pb::cluster::{LbPolicy as PbLb, Protocol as PbProtocol};
+    let before = c.errors.len();
+    if cluster.name.is_empty() {
+        c.err(format!("{path}.name"), "must not be empty");
+    }
+    let protocol = match PbProtocol::try_from(cluster.protocol) {
+        Ok(PbProtocol::Http1) => Protocol::Http1,
+        Ok(PbProtocol::Http2 | PbProtocol::Grpc) => Protocol::Http2,
+        Ok(PbProtocol::TcpOnly) => Protocol::Tcp,
+        Err(_) => {
+            c.err(format!("{path}.protocol"), "unknown protocol");
+            Protocol::Http1
+        }
+    };
+    let lb = match PbLb::try_from(cluster.lb_policy) {
+        Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(PbLb::Random) => LbPolicy::Random,
+        Err(_) => {
+            c.err(format!("{path}.lbPolicy"), "unknown load-balancing policy");
+            LbPolicy::RoundRobin
+        }
+    };
+    let connect_timeout = c
+        .duration(
+            &format!("{path}.connectTimeout"),
+            cluster.connect_timeout.as_ref(),
+        )
+        .unwrap_or(upstream::DEFAULT_CONNECT_TIMEOUT);
+    if connect_timeout.is_zero() {
+        c.err(format!("{path}.connectTimeout"), "must be greater than 0");
+    }
+    let pool_idle_timeout = c
+        .duration(
+            &format!("{path}.poolIdleTimeout"),
+            cluster.pool_idle_timeout.as_ref(),
+        )
+        .unwrap_or(upstream::DEFAULT_POOL_IDLE_TIMEOUT);
+
+    let name: Arc<str> = cluster.name.as_str().into();
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::with_capacity(cluster.endpoints.len());
+    for (j, ep) in cluster.endpoints.iter().enumerate() {
+        let epath = format!("{path}.endpoints[{j}]");
+        if !valid_host_port(&ep.address) {
+            c.err(
+                format!("{epath}.address"),
+                format!("{:?} is not HOST:PORT", ep.address),
+            );
+            continue;
+        }
+        if !seen.insert(ep.address.as_str()) {
+            c.err(
+                format!("{epath}.address"),
+                format!("duplicate endpoint {:?}", ep.address),
+            );
+            continue;
+        }
+        let health = match pb::endpoint::Health::try_from(ep.health) {
+            Ok(pb::endpoint::Health::Healthy) => Health::Healthy,
+            Ok(pb::endpoint::Health::Draining) => Health::Draining,
+            Ok(pb::endpoint::Health::Unhealthy) => Health::Unhealthy,
+            Err(_) => {
+                c.err(format!("{epath}.health"), "unknown health");
+                continue;
+            }
+        };
+        endpoints.push((generation.endpoint(&name, protocol, &ep.address), health));
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    let healthy = endpoints
+        .iter()
+        .filter(|(_, h)| *h == Health::Healthy)
+        .map(|(e, _)| e.clone())
+        .collect();
+    Some(Arc::new(Cluster {
+        metrics: c.metrics.cluster(&name),
+        name,
+        protocol,
+        lb,
+        connect_timeout,
+        pool_idle_timeout,
+        endpoints,
+        healthy,
+        cursor: AtomicUsize::new(0),
+    }))
+}
+
+fn valid_host_port(address: &str) -> bool {
+    if address.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok_and(|p| p > 0)
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -> Option<Listener> {
+    use pb::listener::{Protocol as PbProtocol, Role};
+    let before = c.errors.len();
+    let has_role = listener.role != Role::Unspecified as i32;
+    let address = if listener.address.is_empty() {
+        if !has_role {
+            c.err(
+                format!("{path}.role"),
+                "set a role (INGRESS or EGRESS) or an address",
+            );
+        }
+        None
+    } else if has_role {
+        c.err(
+            format!("{path}.address"),
+            "not allowed with a role: the role's socket is used",
+        );
+        None
+    } else {
+        match listener.address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                c.err(
+                    format!("{path}.address"),
+                    format!("{:?} is not IP:PORT", listener.address),
+                );
+                None
+            }
+        }
+    };
+    let kind = match PbProtocol::try_from(listener.protocol) {
+        Ok(PbProtocol::Http) => {
+            if listener.tcp.is_some() {
+                c.err(format!("{path}.tcp"), "only for TCP listeners");
+            }
+            ListenerKind::Http(compile_hosts(c, path, &listener.virtual_hosts))
+        }
+        Ok(PbProtocol::Tcp) => {
+            if !listener.virtual_hosts.is_empty() {
+                c.err(format!("{path}.virtualHosts"), "only for HTTP listeners");
+            }
+            let tpath = format!("{path}.tcp");
+            match &listener.tcp {
+                None => {
+                    c.err(&tpath, "required for TCP listeners");
+                    return None;
+                }
+                Some(tcp) => {
+                    let targets = compile_targets(c, &tpath, &tcp.weighted_targets, &listener.name);
+                    let idle = c.duration(&format!("{tpath}.idle"), tcp.idle.as_ref());
+                    ListenerKind::Tcp(TcpRoute { targets, idle })
+                }
+            }
+        }
+        Err(_) => {
+            c.err(format!("{path}.protocol"), "unknown protocol");
+            return None;
+        }
+    };
+    (c.errors.len() == before).then(|| Listener {
+        name: listener.name.as_str().into(),
+        address,
+        kind,
+    })
+}
+
+fn compile_hosts(c: &mut Compiler<'_>, path: &str, hosts: &[pb::VirtualHost]) -> RouteTable {
+    let mut table = RouteTable::default();
+    for (i, host) in hosts.iter().enumerate() {
+        let hpath = format!("{path}.virtualHosts[{i}]");
+        if host.domains.is_empty() {
+            c.err(
+                format!("{hpath}.domains"),
+                "must list at least one domain (\"*\" for any)",
+            );
+        }
+        for (j, domain) in host.domains.iter().enumerate() {
+            let dpath = format!("{hpath}.domains[{j}]");
+            let domain = domain.to_ascii_lowercase();
+            let taken = if domain == "*" {
+                table.any.replace(i).is_some()
+            } else if let Some(suffix) = domain.strip_prefix('*') {
+                if !suffix.starts_with('.') || suffix.len() < 2 {
+                    c.err(&dpath, "a wildcard must look like \"*.example.com\"");
+                    continue;
+                }
+                let taken = table.suffixes.iter().any(|(s, _)| **s == *suffix);
+                table.suffixes.push((suffix.into(), i));
+                taken
+            } else if domain.is_empty() || domain.contains(['/', ' ', '*']) {
+                c.err(&dpath, format!("{domain:?} is not a valid authority"));
+                continue;
+            } else {
+                table.exact.insert(domain.as_str().into(), i).is_some()
+            };
+            if taken {
+                c.err(
+                    &dpath,
+                    format!("domain {domain:?} is served by another virtual host"),
+                );
+            }
+        }
+        let mut routes = Vec::with_capacity(host.routes.len());
+        let mut names = HashSet::new();
+        for (j, route) in host.routes.iter().enumerate() {
+            let rpath = format!("{hpath}.routes[{j}]");
+            if route.name.is_empty() {
+                c.err(format!("{rpath}.name"), "must not be empty");
+            } else if !names.insert(route.name.as_str()) {
+                c.err(
+                    format!("{rpath}.name"),
+                    format!("duplicate route name {:?}", route.name),
+                );
+            }
+            if let Some(r) = compile_route(c, &rpath, route) {
+                routes.push(r);
+            }
+        }
+        routes.sort_by_key(|r| r.priority);
+        table.hosts.push(VirtualHost {
+            name: host.name.as_str().into(),
+            routes,
+        });
+    }
+    // Longest suffix first, so the most specific wildcard wins.
+    table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    table
+}
+
+fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<Route> {
+    let before = c.errors.len();
+    let matcher = match &route.r#match {
+        Some(m) => compile_match(c, &format!("{path}.match"), m),
+        None => RouteMatch::default(),
+    };
+    let apath = format!("{path}.action");
+    let targets = match &route.action {
+        Some(a) => compile_targets(
+            c,
+            &format!("{apath}.weightedTargets"),
+            &a.weighted_targets,
+            &route.name,
+        ),
+        None => {
+            c.err(apath, "required");
+            WeightedTargets::new([])
+        }
+    };
+    let retry = route
+        .retry_policy
+        .as_ref()
+        .and_then(|p| compile_retry(c, &format!("{path}.retryPolicy"), p));
+    let timeouts = match &route.timeout {
+        Some(t) => Timeouts {
+            per_request: c.duration(
+                &format!("{path}.timeout.perRequest"),
+                t.per_request.as_ref(),
+            ),
+            idle: c.duration(&format!("{path}.timeout.idle"), t.idle.as_ref()),
+        },
+        None => Timeouts::default(),
+    };
+    (c.errors.len() == before).then(|| Route {
+        name: route.name.as_str().into(),
+        priority: route.priority,
+        matcher,
+        targets,
+        retry: retry.map(Arc::new),
+        timeouts,
+    })
+}
+
+fn compile_targets(
+    c: &mut Compiler<'_>,
+    path: &str,
+    targets: &[pb::WeightedTarget],
+    route: &str,
+) -> WeightedTargets {
+    if targets.is_empty() {
+        c.err(path, "must list at least one target");
+    } else if targets.iter().all(|t| t.weight == 0) {
+        c.err(path, "the weights must not all be 0");
+    }
+    let mut compiled = Vec::with_capacity(targets.len());
+    for (i, t) in targets.iter().enumerate() {
+        if t.weight > MAX_WEIGHT {
+            c.err(
+                format!("{path}[{i}].weight"),
+                format!("must be 0..={MAX_WEIGHT}"),
+            );
+        }
+        match c.clusters.get(t.cluster.as_str()) {
+            Some(cluster) => {
+                let metrics = c.metrics.requests(route, &cluster.name);
+                compiled.push((cluster.clone(), t.weight, metrics));
+            }
+            None => c.err(
+                format!("{path}[{i}].cluster"),
+                format!("unknown cluster {:?}", t.cluster),
+            ),
+        }
+    }
+    WeightedTargets::new(compiled)
+}
+
+fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteMatch {
+    use pb::route_match::Path;
+    let mut out = RouteMatch::default();
+    out.path = match &m.path {
+        None => PathMatch::Any,
+        Some(Path::Prefix(p)) if p.starts_with('/') => PathMatch::Prefix(p.as_str().into()),
+        Some(Path::Exact(p)) if p.starts_with('/') => PathMatch::Exact(p.as_str().into()),
+        Some(Path::Prefix(_)) => {
+            c.err(format!("{path}.prefix"), "must start with \"/\"");
+            PathMatch::Any
+        }
+        Some(Path::Exact(_)) => {
+            c.err(format!("{path}.exact"), "must start with \"/\"");
+            PathMatch::Any
+        }
+        Some(Path::Regex(re)) => c
+            .regex(&format!("{path}.regex"), re)
+            .map_or(PathMatch::Any, PathMatch::Regex),
+    };
+    if let Some(grpc) = &m.grpc {
+        let gpath = format!("{path}.grpc");
+        if m.path.is_some() {
+            c.err(&gpath, "cannot be combined with a path match");
+        }
+        if grpc.service_name.is_empty() {
+            if !grpc.method_name.is_empty() {
+                c.err(format!("{gpath}.serviceName"), "required with methodName");
+            }
+        } else if grpc.method_name.is_empty() {
+            out.path = PathMatch::Prefix(format!("/{}/", grpc.service_name).into());
+        } else {
+            out.path =
+                PathMatch::Exact(format!("/{}/{}", grpc.service_name, grpc.method_name).into());
+        }
+    }
+    if !m.method.is_empty() {
+        match http::Method::from_bytes(m.method.as_bytes()) {
+            Ok(method) => out.method = Some(method),
+            Err(_) => c.err(
+                format!("{path}.method"),
+                format!("{:?} is not an HTTP method", m.method),
+            ),
+        }
+    }
+    if m.port > u32::from(u16::MAX) {
+        c.err(format!("{path}.port"), "must be 0..=65535");
+    } else if m.port > 0 {
+        out.port = u16::try_from(m.port).ok();
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        let hpath = format!("{path}.headers[{i}]");
+        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
+            c.err(
+                format!("{hpath}.name"),
+                format!("{:?} is not a header name", h.name),
+            );
+            continue;
+        };
+        if let Some(rule) = compile_header_rule(c, &hpath, h.rule.as_ref()) {
+            out.headers.push(HeaderMatch {
+                name,
+                invert: h.invert,
+                rule,
+            });
+        }
+    }
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        use pb::query_parameter_match::Rule;
+        let qpath = format!("{path}.queryParameters[{i}]");
+        if q.name.is_empty() {
+            c.err(format!("{qpath}.name"), "must not be empty");
+            continue;
+        }
+        let rule = match &q.rule {
+            None | Some(Rule::Present(true)) => ValueRule::Present,
+            Some(Rule::Present(false)) => {
+                c.err(
+                    format!("{qpath}.present"),
+                    "use true, or leave the rule out",
+                );
+                continue;
+            }
+            Some(Rule::Exact(e)) => ValueRule::Exact(e.as_str().into()),
+            Some(Rule::Regex(re)) => match c.regex(&format!("{qpath}.regex"), re) {
+                Some(re) => ValueRule::Regex(re),
+                None => continue,
+            },
+        };
+        out.query.push(QueryMatch {
+            name: q.name.as_str().into(),
+            rule,
+        });
+    }
+    out
+}
+
+fn compile_header_rule(
+    c: &mut Compiler<'_>,
+    path: &str,
+    rule: Option<&pb::header_match::Rule>,
+) -> Option<ValueRule> {
+    use pb::header_match::Rule;
+    Some(match rule {
+        None | Some(Rule::Present(true)) => ValueRule::Present,
+        Some(Rule::Present(false)) => {
+            c.err(
+                format!("{path}.present"),
+                "use true, or invert: true for \"absent\"",
+            );
+            return None;
+        }
+        Some(Rule::Exact(e)) => ValueRule::Exact(e.as_str().into()),
+        Some(Rule::Prefix(p)) => ValueRule::Prefix(p.as_str().into()),
+        Some(Rule::Suffix(s)) => ValueRule::Suffix(s.as_str().into()),
+        Some(Rule::Regex(re)) => ValueRule::Regex(c.regex(&format!("{path}.regex"), re)?),
+        Some(Rule::Range(r)) => {
+            if r.start >= r.end {
+                c.err(format!("{path}.range"), "start must be less than end");
+                return None;
+            }
+            ValueRule::Range(r.start, r.end)
+        }
+    })
+}
+
+fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Option<RetryPolicy> {
+    let before = c.errors.len();
+    if p.max_retries > MAX_RETRIES {
+        c.err(
+            format!("{path}.maxRetries"),
+            format!("must be 0..={MAX_RETRIES}"),
+        );
+    }
+    let mut on = RetryOn::default();
+    for (i, e) in p.http_retry_events.iter().enumerate() {
+        if !on.enable(e) {
+            c.err(
+                format!("{path}.httpRetryEvents[{i}]"),
+                format!("unknown event {e:?} (server-error, gateway-error, connect-failure, reset, refused-stream, retriable-status-codes)"),
+            );
+        }
+    }
+    for (i, code) in p.retriable_status_codes.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            c.err(
+                format!("{path}.retriableStatusCodes[{i}]"),
+                "must be 100..=599",
+            );
+        }
+    }
+    let mut grpc_codes = Vec::new();
+    for (i, e) in p.grpc_retry_events.iter().enumerate() {
+        match retry::grpc_event_code(e) {
+            Some(code) => grpc_codes.push(code),
+            None => c.err(
+                format!("{path}.grpcRetryEvents[{i}]"),
+                format!("unknown event {e:?} (cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)"),
+            ),
+        }
+    }
+    let per_try_timeout = c.duration(&format!("{path}.perTryTimeout"), p.per_try_timeout.as_ref());
+    if per_try_timeout.is_some_and(|d| d.is_zero()) {
+        c.err(format!("{path}.perTryTimeout"), "must be greater than 0");
+    }
+    let backoff = p.backoff.as_ref();
+    let base = c
+        .duration(
+            &format!("{path}.backoff.baseInterval"),
+            backoff.and_then(|b| b.base_interval.as_ref()),
+        )
+        .unwrap_or(retry::DEFAULT_BACKOFF_BASE);
+    let max = c
+        .duration(
+            &format!("{path}.backoff.maxInterval"),
+            backoff.and_then(|b| b.max_interval.as_ref()),
+        )
+        .unwrap_or(base.saturating_mul(10));
+    if base.is_zero() {
+        c.err(
+            format!("{path}.backoff.baseInterval"),
+            "must be greater than 0",
+        );
+    }
+    if max < base {
+        c.err(
+            format!("{path}.backoff.maxInterval"),
+            "must not be less than baseInterval",
+        );
+    }
+    let (ratio, min_per_second) = match &p.budget {
+        Some(b) => (b.retry_ratio, b.min_retries_per_second),
+        None => (
+            retry::DEFAULT_BUDGET_RATIO,
+            retry::DEFAULT_BUDGET_MIN_PER_SECOND,
+        ),
+    };
+    if !(0.0..=10.0).contains(&ratio) {
+        c.err(format!("{path}.budget.retryRatio"), "must be 0..=10");
+    }
+    if p.buffer_limit_bytes > MAX_BUFFER_LIMIT {
+        c.err(
+            format!("{path}.bufferLimitBytes"),
+            format!("must be at most {MAX_BUFFER_LIMIT}"),
+        );
+    }
+    if c.errors.len() > before {
+        return None;
+    }
+    let buffer_limit = match p.buffer_limit_bytes {
+        0 => retry::DEFAULT_BUFFER_LIMIT,
+        n => usize::try_from(n).unwrap_or(retry::DEFAULT_BUFFER_LIMIT),
+    };
+    Some(RetryPolicy {
+        max_retries: p.max_retries,
+        per_try_timeout,
+        on,
+        status_codes: p
+            .retriable_status_codes
+            .iter()
+            .filter_map(|c| u16::try_from(*c).ok())
+            .collect(),
+        grpc_codes: grpc_codes.into(),
+        backoff_base: base,
+        backoff_max: max,
+        buffer_limit,
+        budget: retry::budget(ratio, min_per_second),
+    })
+}

@@ -1,0 +1,95 @@
+//! TCP: listeners that forward bytes to a weighted cluster, and the splice used by them, CONNECT
+//! tunnels and upgraded (WebSocket) connections.
+
+use std::{io, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    error::ProxyError,
+    snapshot::TcpRoute,
+    upstream::{Cluster, EndpointState},
+};
+
+/// Connects to an endpoint of `cluster`, trying the others (up to three in all) when a connect
+/// fails.
+pub(crate) async fn connect_any(
+    cluster: &Cluster,
+) -> Result<(Arc<EndpointState>, TcpStream), ProxyError> {
+    let mut avoid: Option<Arc<EndpointState>> = None;
+    let tries = cluster.healthy.len().clamp(1, 3);
+    let mut last = None;
+    for _ in 0..tries {
+        let Some(endpoint) = cluster.pick(avoid.as_ref()).cloned() else {
+            break;
+        };
+        match endpoint.connect(cluster.connect_timeout).await {
+            Ok(stream) => return Ok((endpoint, stream)),
+            Err(e) => {
+                cluster.metrics.connect_errors.inc();
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "connect failed");
+                last = Some(ProxyError::Upstream {
+                    endpoint: endpoint.addr.clone(),
+                    failure: e.failure,
+                });
+                avoid = Some(endpoint);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone())))
+}
+
+/// Forwards one accepted connection of a TCP listener.
+pub(crate) async fn forward(route: &TcpRoute, client: TcpStream) {
+    let Some(target) = route.targets.pick() else {
+        return;
+    };
+    let cluster = &target.cluster;
+    match connect_any(cluster).await {
+        Ok((endpoint, upstream)) => {
+            let _in_flight = endpoint.begin_request();
+            if let Err(e) = splice(client, upstream, route.idle).await {
+                tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection refused"),
+    }
+}
+
+/// Copies bytes both ways until both sides are done, half-closing as each side finishes. With
+/// `idle`, gives up after that long without a byte in either direction.
+pub(crate) async fn splice<A, B>(mut a: A, mut b: B, idle: Option<Duration>) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(idle) = idle else {
+        return tokio::io::copy_bidirectional(&mut a, &mut b)
+            .await
+            .map(drop);
+    };
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let mut abuf = vec![0u8; 16 * 1024];
+    let mut bbuf = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            n = ar.read(&mut abuf), if a_open => match n? {
+                0 => { a_open = false; bw.shutdown().await?; }
+                n => bw.write_all(&abuf[..n]).await?,
+            },
+            n = br.read(&mut bbuf), if b_open => match n? {
+                0 => { b_open = false; aw.shutdown().await?; }
+                n => aw.write_all(&bbuf[..n]).await?,
+            },
+            () = tokio::time::sleep(idle) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! Clusters, endpoints and their connection pools.
+//!
+//! A [`Cluster`] belongs to one compiled snapshot. Its endpoints' [`EndpointState`] (in-flight
+//! count, pooled connections) belongs to [`Upstreams`], which hands the same state to the next
+//! snapshot that keeps the endpoint, so a config push never drops connections.
+
+use std::{
+    collections::HashMap,
+    error::Error as _,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::{
+    BoxError,
+    balance::{self, LbPolicy},
+    error::UpstreamFailure,
+    metrics::ClusterMetrics,
+};
+
+pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    /// Prior-knowledge h2c; gRPC clusters use it too.
+    Http2,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Draining,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Draining => "draining",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One cluster of one snapshot.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub protocol: Protocol,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    /// Every endpoint, with its health, in snapshot order.
+    pub endpoints: Vec<(Arc<EndpointState>, Health)>,
+    /// The endpoints that take new requests.
+    pub healthy: Vec<Arc<EndpointState>>,
+    pub(crate) cursor: AtomicUsize,
+    pub metrics: ClusterMetrics,
+}
+
+impl Cluster {
+    /// An endpoint for a new attempt, avoiding `avoid` when another is healthy.
+    pub fn pick(&self, avoid: Option<&Arc<EndpointState>>) -> Option<&Arc<EndpointState>> {
+        balance::pick(self.lb, &self.healthy, &self.cursor, avoid)
+    }
+}
+
+/// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: Arc<str>,
+    in_flight: AtomicUsize,
+    pool: Pool,
+}
+
+#[derive(Debug)]
+enum Pool {
+    Http1(Mutex<Vec<Idle>>),
+    Http2(Mutex<Option<http2::SendRequest<RequestBody>>>),
+    Tcp,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts a request against an endpoint until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An HTTP/1.1 connection to put back in its pool once the response body is done.
+#[derive(Debug)]
+pub struct PoolReturn {
+    endpoint: Arc<EndpointState>,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl PoolReturn {
+    pub fn release(self) {
+        if let Pool::Http1(idle) = &self.endpoint.pool {
+            let mut idle = lock(idle);
+            if idle.len() < MAX_IDLE_PER_ENDPOINT && !self.sender.is_closed() {
+                idle.push(Idle {
+                    sender: self.sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+/// Why an attempt failed, with the underlying error for logs.
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub failure: UpstreamFailure,
+    pub source: BoxError,
+}
+
+impl UpstreamError {
+    fn new(failure: UpstreamFailure, source: impl Into<BoxError>) -> Self {
+        Self {
+            failure,
+            source: source.into(),
+        }
+    }
+}
+
+impl EndpointState {
+    fn new(addr: &str, protocol: Protocol) -> Self {
+        let pool = match protocol {
+            Protocol::Http1 => Pool::Http1(Mutex::default()),
+            Protocol::Http2 => Pool::Http2(Mutex::default()),
+            Protocol::Tcp => Pool::Tcp,
+        };
+        Self {
+            addr: addr.into(),
+            in_flight: AtomicUsize::new(0),
+            pool,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Pooled connections: idle HTTP/1.1 connections, or 1 for a live HTTP/2 connection.
+    pub fn pooled(&self) -> usize {
+        match &self.pool {
+            Pool::Http1(idle) => lock(idle).len(),
+            Pool::Http2(conn) => usize::from(lock(conn).as_ref().is_some_and(|c| !c.is_closed())),
+            Pool::Tcp => 0,
+        }
+    }
+
+    /// Opens a TCP connection to the endpoint.
+    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&*self.addr)).await {
+            Err(_) => {
+                return Err(UpstreamError::new(
+                    UpstreamFailure::ConnectTimeout,
+                    format!("no connection within {timeout:?}"),
+                ));
+            }
+            Ok(Err(e)) => return Err(UpstreamError::new(UpstreamFailure::Connect, e)),
+            Ok(Ok(s)) => s,
+        };
+        // Small writes (headers, gRPC messages) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends a request over a pooled connection (a new one when none is idle). HTTP/1.1 requests
+    /// come back with the connection to release when the response body ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<PoolReturn>), UpstreamError> {
+        match &self.pool {
+            Pool::Http1(_) => loop {
+                let (mut sender, reused) = match self.checkout_http1(cluster).await {
+                    Some(sender) => (sender, true),
+                    None => (self.connect_http1(cluster, false).await?, false),
+                };
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        let pooled = PoolReturn {
+                            endpoint: self.clone(),
+                            sender,
+                        };
+                        return Ok((resp, Some(pooled)));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // A pooled connection closed before the request went out: take another.
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(classify(e.into_error())),
+                    },
+                }
+            },
+            Pool::Http2(slot) => {
+                let mut fresh = false;
+                loop {
+                    let cached = lock(slot).clone().filter(|s| !s.is_closed());
+                    let mut sender = match cached {
+                        Some(s) => s,
+                        None => {
+                            fresh = true;
+                            let s = self.connect_http2(cluster).await?;
+                            *lock(slot) = Some(s.clone());
+                            s
+                        }
+                    };
+                    if let Err(e) = sender.ready().await {
+                        if fresh {
+                            return Err(classify(e));
+                        }
+                        *lock(slot) = None;
+                        continue;
+                    }
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok((resp, None)),
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if !fresh => {
+                                fresh = true;
+                                *lock(slot) = None;
+                                req = unsent;
+                            }
+                            _ => return Err(classify(e.into_error())),
+                        },
+                    }
+                }
+            }
+            Pool::Tcp => Err(UpstreamError::new(
+                UpstreamFailure::Protocol,
+                format!("cluster {:?} is TCP only", cluster.name),
+            )),
+        }
+    }
+
+    /// Sends an HTTP/1.1 upgrade request (WebSocket) on a connection of its own.
+    pub async fn send_upgrade(
+        &self,
+        cluster: &Cluster,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.connect_http1(cluster, true).await?;
+        sender.send_request(req).await.map_err(classify)
+    }
+
+    async fn checkout_http1(&self, cluster: &Cluster) -> Option<http1::SendRequest<RequestBody>> {
+        let Pool::Http1(idle) = &self.pool else {
+            return None;
+        };
+        loop {
+            let Idle { mut sender, since } = lock(idle).pop()?;
+            if sender.is_closed() || since.elapsed() > cluster.pool_idle_timeout {
+                continue;
+            }
+            // Ready once the connection has finished the previous exchange.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect_http1(
+        &self,
+        cluster: &Cluster,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let stream = self.connect(cluster.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
+        let addr = self.addr.clone();
+        if upgrades {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+                }
+            });
+        }
+        Ok(sender)
+    }
+
+    async fn connect_http2(
+        &self,
+        cluster: &Cluster,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let stream = self.connect(cluster.connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream h2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Sorts a hyper client error into a retry/response class.
+fn classify(e: hyper::Error) -> UpstreamError {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            let failure = if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                UpstreamFailure::RefusedStream
+            } else {
+                UpstreamFailure::Reset
+            };
+            return UpstreamError::new(failure, e);
+        }
+        source = s.source();
+    }
+    let failure = if e.is_parse() || e.is_user() {
+        UpstreamFailure::Protocol
+    } else {
+        UpstreamFailure::Reset
+    };
+    UpstreamError::new(failure, e)
+}
+
+/// Endpoint state that outlives snapshots, keyed by (cluster, protocol, address).
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    live: Mutex<EndpointMap>,
+}
+
+pub(crate) type EndpointMap = HashMap<(Arc<str>, Protocol, Arc<str>), Arc<EndpointState>>;
+
+impl Upstreams {
+    /// Starts a new generation: endpoints looked up in it reuse live state where it exists.
+    pub(crate) fn generation(&self) -> Generation<'_> {
+        Generation {
+            upstreams: self,
+            next: EndpointMap::new(),
+        }
+    }
+}
+
+/// Endpoint state gathered while compiling one snapshot; [`Generation::commit`] makes it live.
+#[derive(Debug)]
+pub(crate) struct Generation<'a> {
+    upstreams: &'a Upstreams,
+    next: EndpointMap,
+}
+
+impl Generation<'_> {
+    pub(crate) fn endpoint(
+        &mut self,
+        cluster: &Arc<str>,
+        protocol: Protocol,
+        addr: &str,
+    ) -> Arc<EndpointState> {
+        let key = (cluster.clone(), protocol, Arc::<str>::from(addr));
+        if let Some(ep) = self.next.get(&key) {
+            return ep.clone();
+        }
+        let ep = lock(&self.upstreams.live)
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(EndpointState::new(addr, protocol)));
+        self.next.insert(key, ep.clone());
+        ep
+    }
+
+    /// Replaces the live endpoints: state no snapshot uses any more is dropped once in-flight
+    /// requests release it.
+    pub(crate) fn commit(self) {
+        *lock(&self.upstreams.live) = self.next;
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
+    let registry = prometheus::Registry::new();
+    let metrics = crate::metrics::ProxyMetrics::new(&registry).unwrap();
+    let eps: Vec<Arc<EndpointState>> = addrs
+        .iter()
+        .map(|a| Arc::new(EndpointState::new(a, Protocol::Http1)))
+        .collect();
+    Arc::new(Cluster {
+        name: name.into(),
+        protocol: Protocol::Http1,
+        lb: LbPolicy::RoundRobin,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+        endpoints: eps.iter().map(|e| (e.clone(), Health::Healthy)).collect(),
+        healthy: eps,
+        cursor: AtomicUsize::new(0),
+        metrics: metrics.cluster(name),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_reuse_live_endpoint_state() {
+        let ups = Upstreams::default();
+        let c: Arc<str> = "c".into();
+        let mut g = ups.generation();
+        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        assert!(Arc::ptr_eq(
+            &a,
+            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1")
+        ));
+        let _busy = a.begin_request();
+        g.commit();
+
+        let mut g = ups.generation();
+        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        assert!(Arc::ptr_eq(&a, &again), "state survives a new snapshot");
+        assert_eq!(again.in_flight(), 1);
+        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1");
+        assert!(!Arc::ptr_eq(&a, &h2), "a protocol change gets a new pool");
+        drop(g); // not committed: live state unchanged
+
+        let g = ups.generation();
+        g.commit();
+        let mut g = ups.generation();
+        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        assert!(!Arc::ptr_eq(&a, &fresh), "removed endpoints are forgotten");
+    }
+}
