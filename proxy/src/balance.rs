@@ -78,44 +78,44 @@ pub enum LbPolicy {
     Random,
 }
 
-/// Picks an endpoint, avoiding `avoid` (the one a failed attempt used) when there is another.
+/// Picks an endpoint, avoiding those in `avoid` (the ones earlier attempts failed on) while any
+/// other is left.
 pub(crate) fn pick<'a>(
     policy: LbPolicy,
     endpoints: &'a [Arc<EndpointState>],
     cursor: &AtomicUsize,
-    avoid: Option<&Arc<EndpointState>>,
+    avoid: &[Arc<EndpointState>],
 ) -> Option<&'a Arc<EndpointState>> {
     let n = endpoints.len();
-    let avoided = |i: usize| avoid.is_some_and(|a| Arc::ptr_eq(a, &endpoints[i]));
+    let avoided = |i: usize| avoid.iter().any(|a| Arc::ptr_eq(a, &endpoints[i]));
     let i = match n {
         0 => return None,
         1 => 0,
         _ => match policy {
-            LbPolicy::RoundRobin => {
-                let i = cursor.fetch_add(1, Ordering::Relaxed) % n;
-                if avoided(i) { (i + 1) % n } else { i }
-            }
-            LbPolicy::Random => {
-                let i = fastrand::usize(0..n);
-                if avoided(i) { (i + 1) % n } else { i }
-            }
+            LbPolicy::RoundRobin => cursor.fetch_add(1, Ordering::Relaxed) % n,
+            LbPolicy::Random => fastrand::usize(0..n),
             LbPolicy::LeastRequest => {
                 let a = fastrand::usize(0..n);
                 // A second, different index.
                 let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
-                if avoided(a) {
-                    b
-                } else if avoided(b) {
-                    a
-                } else if endpoints[b].in_flight() < endpoints[a].in_flight() {
-                    b
-                } else {
-                    a
+                match (avoided(a), avoided(b)) {
+                    (false, true) => a,
+                    (true, false) => b,
+                    _ if endpoints[b].in_flight() < endpoints[a].in_flight() => b,
+                    _ => a,
                 }
             }
         },
     };
-    endpoints.get(i)
+    if avoid.is_empty() || !avoided(i) {
+        return endpoints.get(i);
+    }
+    // The choice was tried already: the next one that was not, else the choice itself.
+    (1..n)
+        .map(|k| (i + k) % n)
+        .find(|&j| !avoided(j))
+        .or(Some(i))
+        .and_then(|j| endpoints.get(j))
 }
 
 #[cfg(test)]
@@ -157,7 +157,7 @@ mod tests {
         let cursor = AtomicUsize::new(0);
         let picks: Vec<_> = (0..6)
             .map(|_| {
-                pick(LbPolicy::RoundRobin, eps, &cursor, None)
+                pick(LbPolicy::RoundRobin, eps, &cursor, &[])
                     .unwrap()
                     .addr
                     .to_string()
@@ -175,8 +175,26 @@ mod tests {
             ]
         );
         for _ in 0..10 {
-            let got = pick(LbPolicy::RoundRobin, eps, &cursor, Some(&eps[1])).unwrap();
+            let got = pick(LbPolicy::RoundRobin, eps, &cursor, &eps[1..2]).unwrap();
             assert!(!Arc::ptr_eq(got, &eps[1]));
+        }
+    }
+
+    #[test]
+    fn every_tried_endpoint_is_avoided_while_others_remain() {
+        let c = test_cluster("c", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let cursor = AtomicUsize::new(0);
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest,
+            LbPolicy::Random,
+        ] {
+            for _ in 0..50 {
+                let got = pick(policy, &c.healthy, &cursor, &c.healthy[..2]).unwrap();
+                assert_eq!(&*got.addr, "127.0.0.1:3", "{policy:?}");
+            }
+            // All tried: still an answer.
+            assert!(pick(policy, &c.healthy, &cursor, &c.healthy).is_some());
         }
     }
 
@@ -189,10 +207,10 @@ mod tests {
             LbPolicy::LeastRequest,
             LbPolicy::Random,
         ] {
-            let got = pick(policy, &c.healthy, &cursor, Some(&c.healthy[0]));
+            let got = pick(policy, &c.healthy, &cursor, &c.healthy[..1]);
             assert!(got.is_some(), "{policy:?}");
         }
-        assert!(pick(LbPolicy::Random, &[], &cursor, None).is_none());
+        assert!(pick(LbPolicy::Random, &[], &cursor, &[]).is_none());
     }
 
     #[test]
@@ -203,7 +221,7 @@ mod tests {
         let cursor = AtomicUsize::new(0);
         // With two endpoints both are always compared, so the idle one always wins.
         for _ in 0..100 {
-            let got = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, None).unwrap();
+            let got = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, &[]).unwrap();
             assert_eq!(&*got.addr, "127.0.0.1:2");
         }
         drop(busy);
@@ -212,7 +230,7 @@ mod tests {
                 LbPolicy::LeastRequest,
                 &c.healthy,
                 &cursor,
-                Some(&c.healthy[1]),
+                &c.healthy[1..2],
             )
             .unwrap();
             assert_eq!(&*got.addr, "127.0.0.1:1", "avoid wins over load");
@@ -228,7 +246,7 @@ mod tests {
         let mut guards = Vec::new();
         // Hold every picked request open: P2C must keep the load within 2 of even.
         for _ in 0..50 {
-            let ep = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, None).unwrap();
+            let ep = pick(LbPolicy::LeastRequest, &c.healthy, &cursor, &[]).unwrap();
             guards.push(ep.begin_request());
         }
         let loads: Vec<usize> = c.healthy.iter().map(|e| e.in_flight()).collect();

@@ -88,7 +88,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
     if let Ok(addr) = admin.local_addr() {
-        tracing::info!(listener = "admin", addr = %addr, "listening");
+        tracing::info!(listener = %"admin", addr = %addr, "listening");
     }
     let admin_app = app.clone();
     std::thread::Builder::new()

@@ -313,7 +313,7 @@ async fn attempts(
     let Some(policy) = policy.filter(|p| p.max_retries > 0) else {
         // No retries: the request goes out as it is, once.
         let endpoint = cluster
-            .pick(None)
+            .pick(&[])
             .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
             .clone();
         prepare(&mut parts, cluster, &endpoint);
@@ -337,11 +337,11 @@ async fn attempts(
     policy.deposit();
     let replay = (!body.is_end_stream())
         .then(|| Replay::new(body.map_err(Into::into).boxed(), policy.buffer_limit));
-    let mut avoid: Option<Arc<EndpointState>> = None;
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut retries = 0u32;
     loop {
         let endpoint = cluster
-            .pick(avoid.as_ref())
+            .pick(&tried)
             .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
             .clone();
         let (mut attempt_parts, ()) = copy_parts(&parts).into_parts();
@@ -395,7 +395,7 @@ async fn attempts(
         }
         retries += 1;
         cluster.metrics.retries.inc();
-        avoid = Some(endpoint);
+        tried.push(endpoint);
         tokio::time::sleep(policy.backoff(retries)).await;
     }
 }
@@ -430,7 +430,7 @@ async fn upgrade(
         });
     }
     let endpoint = cluster
-        .pick(None)
+        .pick(&[])
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
         .clone();
     let downstream = hyper::upgrade::on(&mut req);

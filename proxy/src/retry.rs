@@ -72,7 +72,8 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub buffer_limit: usize,
-    pub budget: TpsBudget,
+    /// None: retries are limited by `max_retries` only.
+    pub budget: Option<TpsBudget>,
 }
 
 impl RetryPolicy {
@@ -95,14 +96,14 @@ impl RetryPolicy {
 
     /// Whether an attempt that failed this way should be retried.
     pub fn retry_failure(&self, failure: &UpstreamFailure) -> bool {
+        // As in Envoy, server-error and gateway-error include failures with no response at all.
+        let any_5xx = self.on.server_error || self.on.gateway_error;
         match failure {
             UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout => {
-                self.on.connect_failure || self.on.gateway_error
+                self.on.connect_failure || any_5xx
             }
-            UpstreamFailure::RefusedStream => {
-                self.on.refused_stream || self.on.reset || self.on.gateway_error
-            }
-            UpstreamFailure::Reset => self.on.reset || self.on.gateway_error,
+            UpstreamFailure::RefusedStream => self.on.refused_stream || self.on.reset || any_5xx,
+            UpstreamFailure::Reset => self.on.reset || any_5xx,
             UpstreamFailure::PerTryTimeout => true,
             UpstreamFailure::Protocol => false,
         }
@@ -117,12 +118,14 @@ impl RetryPolicy {
 
     /// Records a request in the budget.
     pub fn deposit(&self) {
-        self.budget.deposit();
+        if let Some(b) = &self.budget {
+            b.deposit();
+        }
     }
 
     /// Takes a retry from the budget; false when the budget is spent.
     pub fn withdraw(&self) -> bool {
-        self.budget.withdraw()
+        self.budget.as_ref().is_none_or(Budget::withdraw)
     }
 }
 
@@ -292,7 +295,7 @@ impl Body for ReplayBody {
             return SizeHint::with_exact(rest as u64);
         }
         if self.position == 0 {
-            return shared.source_hint.clone();
+            return shared.source_hint;
         }
         SizeHint::default()
     }
@@ -313,7 +316,7 @@ mod tests {
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
             buffer_limit: 16,
-            budget: budget(0.2, 10),
+            budget: None,
         }
     }
 
@@ -345,8 +348,14 @@ mod tests {
         se.enable("server-error");
         let p = policy(se);
         assert!(p.retry_response(StatusCode::INTERNAL_SERVER_ERROR, &none));
-        assert!(!p.retry_failure(&UpstreamFailure::Connect));
-        assert!(!p.retry_failure(&UpstreamFailure::Reset));
+        assert!(p.retry_failure(&UpstreamFailure::Connect));
+        assert!(p.retry_failure(&UpstreamFailure::Reset));
+        assert!(!p.retry_failure(&UpstreamFailure::Protocol));
+        let p = policy(RetryOn::default());
+        assert!(
+            !p.retry_failure(&UpstreamFailure::Connect),
+            "no events, no retries"
+        );
         let mut cf = RetryOn::default();
         cf.enable("connect-failure");
         cf.enable("refused-stream");
@@ -382,7 +391,7 @@ mod tests {
     #[test]
     fn budget_caps_retries_at_ratio_plus_floor() {
         let p = RetryPolicy {
-            budget: budget(0.2, 1),
+            budget: Some(budget(0.2, 1)),
             ..policy(RetryOn::default())
         };
         for _ in 0..1000 {

@@ -19,11 +19,11 @@ use crate::{
 pub(crate) async fn connect_any(
     cluster: &Cluster,
 ) -> Result<(Arc<EndpointState>, TcpStream), ProxyError> {
-    let mut avoid: Option<Arc<EndpointState>> = None;
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let tries = cluster.healthy.len().clamp(1, 3);
     let mut last = None;
     for _ in 0..tries {
-        let Some(endpoint) = cluster.pick(avoid.as_ref()).cloned() else {
+        let Some(endpoint) = cluster.pick(&tried).cloned() else {
             break;
         };
         match endpoint.connect(cluster.connect_timeout).await {
@@ -35,7 +35,7 @@ pub(crate) async fn connect_any(
                     endpoint: endpoint.addr.clone(),
                     failure: e.failure,
                 });
-                avoid = Some(endpoint);
+                tried.push(endpoint);
             }
         }
     }

@@ -79,8 +79,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// An endpoint for a new attempt, avoiding `avoid` when another is healthy.
-    pub fn pick(&self, avoid: Option<&Arc<EndpointState>>) -> Option<&Arc<EndpointState>> {
+    /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
+    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<&Arc<EndpointState>> {
         balance::pick(self.lb, &self.healthy, &self.cursor, avoid)
     }
 }

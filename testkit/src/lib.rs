@@ -1,1 +1,45 @@
-//! testkit
+//! Test support shared by every Trellis crate: real upstream servers on 127.0.0.1 (HTTP/1.1 and
+//! h2c, gRPC, WebSocket, TCP), a guard for a `trellis-proxy` process, HTTP clients, and
+//! [`eventually`] for polling with a deadline instead of sleeping.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+pub mod client;
+pub mod grpc;
+pub mod process;
+pub mod upstream;
+
+use std::{future::Future, time::Duration};
+
+pub use process::ProxyProcess;
+pub use tonic;
+pub use upstream::{TcpEchoServer, TestServer, WsEchoServer};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Polls `check` until it returns `Ok`, or panics with its last error after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not true within {timeout:?}: {e}")
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}

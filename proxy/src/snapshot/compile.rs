@@ -391,7 +391,9 @@ fn compile_hosts(c: &mut Compiler<'_>, path: &str, hosts: &[pb::VirtualHost]) ->
         });
     }
     // Longest suffix first, so the most specific wildcard wins.
-    table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    table
+        .suffixes
+        .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
     table
 }
 
@@ -473,8 +475,7 @@ fn compile_targets(
 
 fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteMatch {
     use pb::route_match::Path;
-    let mut out = RouteMatch::default();
-    out.path = match &m.path {
+    let path_match = match &m.path {
         None => PathMatch::Any,
         Some(Path::Prefix(p)) if p.starts_with('/') => PathMatch::Prefix(p.as_str().into()),
         Some(Path::Exact(p)) if p.starts_with('/') => PathMatch::Exact(p.as_str().into()),
@@ -489,6 +490,10 @@ fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteM
         Some(Path::Regex(re)) => c
             .regex(&format!("{path}.regex"), re)
             .map_or(PathMatch::Any, PathMatch::Regex),
+    };
+    let mut out = RouteMatch {
+        path: path_match,
+        ..RouteMatch::default()
     };
     if let Some(grpc) = &m.grpc {
         let gpath = format!("{path}.grpc");
@@ -660,14 +665,15 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
             "must not be less than baseInterval",
         );
     }
-    let (ratio, min_per_second) = match &p.budget {
-        Some(b) => (b.retry_ratio, b.min_retries_per_second),
-        None => (
-            retry::DEFAULT_BUDGET_RATIO,
-            retry::DEFAULT_BUDGET_MIN_PER_SECOND,
-        ),
-    };
-    if !(0.0..=10.0).contains(&ratio) {
+    // A budget only when configured; its unset fields take the defaults.
+    let budget = p.budget.as_ref().map(|b| {
+        (
+            b.retry_ratio.unwrap_or(retry::DEFAULT_BUDGET_RATIO),
+            b.min_retries_per_second
+                .unwrap_or(retry::DEFAULT_BUDGET_MIN_PER_SECOND),
+        )
+    });
+    if budget.is_some_and(|(ratio, _)| !(0.0..=10.0).contains(&ratio)) {
         c.err(format!("{path}.budget.retryRatio"), "must be 0..=10");
     }
     if p.buffer_limit_bytes > MAX_BUFFER_LIMIT {
@@ -696,6 +702,6 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
         backoff_base: base,
         backoff_max: max,
         buffer_limit,
-        budget: retry::budget(ratio, min_per_second),
+        budget: budget.map(|(ratio, min)| retry::budget(ratio, min)),
     })
 }

@@ -1,0 +1,351 @@
+//! Reloads, rejected snapshots, graceful drain, admin endpoints and the access log.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use trellis_testkit::{ProxyProcess, TestServer, client::Client, eventually};
+
+use crate::{BIN, cluster, host_to, proxy_with, snapshot};
+
+fn two_way(version: &str, a: u32, b: u32, servers: &[&TestServer]) -> String {
+    let hosts = format!(
+        "      - name: svc\n        domains: ['svc.test']\n        routes:\n          - name: split\n            action: {{ weightedTargets: [{{ cluster: a, weight: {a} }}, {{ cluster: b, weight: {b} }}] }}\n"
+    );
+    let clusters =
+        cluster("a", "HTTP1", &[servers[0].addr]) + &cluster("b", "HTTP1", &[servers[1].addr]);
+    snapshot(version, &hosts, &clusters)
+}
+
+#[tokio::test]
+async fn hundred_reloads_under_load_fail_no_request() {
+    let a = TestServer::start("a").await;
+    let b = TestServer::start("b").await;
+    let proxy = ProxyProcess::start(BIN, &two_way("v0", 1, 0, &[&a, &b]), &[]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, egress) = (stop.clone(), ok.clone(), proxy.egress);
+        load.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut c = Client::h1(egress).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get("svc.test", "/").await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        failures.push(format!("{} {:?}", r.status, r.header("x-trellis-error")))
+                    }
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        c = Client::h1(egress).await.unwrap();
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    for i in 1..=100 {
+        let (wa, wb) = if i % 2 == 0 { (1, 0) } else { (0, 1) };
+        proxy.write_snapshot(&two_way(&format!("v{i}"), wa, wb, &[&a, &b]));
+        proxy.signal("HUP");
+        proxy.wait_version(&format!("v{i}")).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for t in load {
+        failures.extend(t.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100, "load ran throughout");
+    assert!(
+        a.requests() > 0 && b.requests() > 0,
+        "both versions served traffic"
+    );
+    let applied = proxy
+        .metric("trellis_proxy_snapshot_applied_total", &[])
+        .await;
+    assert!(applied >= 101.0, "applied {applied}");
+}
+
+#[tokio::test]
+async fn invalid_snapshot_is_rejected_and_the_old_one_keeps_serving() {
+    let app = TestServer::start("app").await;
+    let good = snapshot(
+        "good",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+    );
+    let proxy = ProxyProcess::start(BIN, &good, &[]).await;
+
+    let bad = snapshot(
+        "bad",
+        &host_to("svc.test", "missing", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+    );
+    proxy.write_snapshot(&bad);
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "rejection counted", || async {
+        let n = proxy
+            .metric("trellis_proxy_snapshot_rejected_total", &[])
+            .await;
+        if n >= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("rejected {n}"))
+        }
+    })
+    .await;
+    let (_, dump) = proxy.admin("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["version"], "good");
+    let why = dump["lastRejection"].as_str().unwrap();
+    assert!(
+        why.contains("listeners[0].virtualHosts[0].routes[0].action.weightedTargets[0].cluster: unknown cluster \"missing\""),
+        "{why}"
+    );
+    assert!(
+        proxy.logs().contains("weightedTargets[0].cluster"),
+        "the log names the field"
+    );
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    assert_eq!(c.get("svc.test", "/").await.unwrap().text(), "app");
+
+    // A document that does not parse is rejected the same way.
+    proxy.write_snapshot("version: [unclosed");
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "second rejection", || async {
+        let n = proxy
+            .metric("trellis_proxy_snapshot_rejected_total", &[])
+            .await;
+        if n >= 2.0 {
+            Ok(())
+        } else {
+            Err(format!("rejected {n}"))
+        }
+    })
+    .await;
+    assert_eq!(proxy.version().await, "good");
+    assert_eq!(c.get("svc.test", "/").await.unwrap().text(), "app");
+
+    // Fixing the file is picked up without a signal.
+    let fixed = snapshot(
+        "fixed",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+    );
+    proxy.write_snapshot(&fixed);
+    proxy.wait_version("fixed").await;
+}
+
+#[tokio::test]
+async fn invalid_snapshot_at_start_exits_non_zero_naming_the_field() {
+    let bad = snapshot(
+        "bad",
+        &host_to(
+            "svc.test",
+            "svc",
+            "            retryPolicy: { maxRetries: 1000 }\n",
+        ),
+        &cluster("svc", "HTTP1", &[]),
+    );
+    let failed = ProxyProcess::try_start(BIN, &bad, &[]).await.unwrap_err();
+    assert!(!failed.status.success());
+    assert!(
+        failed.stderr.contains(
+            "listeners[0].virtualHosts[0].routes[0].retryPolicy.maxRetries: must be 0..=25"
+        ),
+        "{}",
+        failed.stderr
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let app = TestServer::start("app").await;
+    app.delay(700);
+    let good = snapshot(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+    );
+    let mut proxy = ProxyProcess::start(BIN, &good, &[]).await;
+
+    let egress = proxy.egress;
+    let in_flight = tokio::spawn(async move {
+        let mut c = Client::h1(egress).await.unwrap();
+        c.get("svc.test", "/slow").await
+    });
+    eventually(
+        Duration::from_secs(10),
+        "request reached the app",
+        || async {
+            if app.requests() == 1 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .await;
+    proxy.signal("TERM");
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "app");
+    assert_eq!(
+        reply.header("connection"),
+        Some("close"),
+        "keep-alive closed politely"
+    );
+    let status = proxy.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "clean exit after the drain: {status}");
+    assert!(
+        tokio::net::TcpStream::connect(egress).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_metrics_format() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v7",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    for _ in 0..3 {
+        c.get("svc.test", "/some/path?id=1").await.unwrap();
+    }
+    c.get("nowhere.test", "/").await.unwrap();
+
+    assert_eq!(proxy.admin("/ready").await.0, 200);
+    assert_eq!(proxy.admin("/live").await.0, 200);
+    assert_eq!(proxy.admin("/nope").await.0, 404);
+
+    let (_, clusters) = proxy.admin("/clusters").await;
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let ep = &clusters["clusters"][0]["endpoints"][0];
+    assert_eq!(ep["address"], app.addr.to_string());
+    assert_eq!(ep["inFlight"], 0);
+    assert_eq!(ep["health"], "healthy");
+
+    let (_, dump) = proxy.admin("/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["version"], "v7");
+    assert_eq!(dump["snapshot"]["clusters"][0]["name"], "svc");
+
+    let (_, metrics) = proxy.admin("/metrics").await;
+    let ok = trellis_testkit::process::metric_value(
+        &metrics,
+        "trellis_proxy_requests_total",
+        &[
+            ("route", "svc.test-default"),
+            ("cluster", "svc"),
+            ("status_class", "2xx"),
+        ],
+    );
+    assert_eq!(ok, 3.0);
+    let no_route = trellis_testkit::process::metric_value(
+        &metrics,
+        "trellis_proxy_errors_total",
+        &[("kind", "no_route")],
+    );
+    assert_eq!(no_route, 1.0);
+    assert!(metrics.contains("trellis_proxy_snapshot_info{version=\"v7\"} 1"));
+    assert!(!metrics.contains("/some/path"), "no raw paths in labels");
+
+    // The exposition format passes promtool.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &metrics).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect(
+            "promtool (Debian package prometheus) must be installed; the test command installs it",
+        );
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Log level changes at runtime.
+    let mut admin = Client::h1(proxy.admin).await.unwrap();
+    let set = http::Request::post("/logging?level=debug")
+        .header("host", "admin")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(admin.send(set).await.unwrap().status, 200);
+    assert_eq!(proxy.admin("/logging").await.1.trim(), "debug");
+    let bad = http::Request::post("/logging?level=not%20a%20filter%3D%3D")
+        .header("host", "admin")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(admin.send(bad).await.unwrap().status, 400);
+}
+
+#[tokio::test]
+async fn access_log_writes_one_json_line_per_request() {
+    let app = TestServer::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &["--access-log", &log_arg],
+    )
+    .await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    c.get("svc.test", "/a?x=1").await.unwrap();
+    c.get("nowhere.test", "/b").await.unwrap();
+    let lines: Vec<serde_json::Value> =
+        eventually(Duration::from_secs(10), "two log lines", || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() == 2 {
+                Ok(lines)
+            } else {
+                Err(format!("{} lines", lines.len()))
+            }
+        })
+        .await;
+    let first = &lines[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["authority"], "svc.test");
+    assert_eq!(first["path"], "/a?x=1");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["route"], "svc.test-default");
+    assert_eq!(first["cluster"], "svc");
+    assert_eq!(first["endpoint"], app.addr.to_string());
+    assert_eq!(first["retries"], 0);
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[1]["error"], "no_route");
+}

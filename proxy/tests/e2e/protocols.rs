@@ -1,0 +1,257 @@
+//! HTTP/1.1, h2c, gRPC, WebSocket, CONNECT and TCP pass through the proxy.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::Request;
+use http_body_util::Full;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+use trellis_testkit::{
+    ProxyProcess, TcpEchoServer, TestServer, WsEchoServer,
+    client::{Client, get, get_h2},
+    grpc::{self, EchoRequest, GrpcServer},
+};
+
+use crate::{BIN, cluster, host_to, proxy_with};
+
+#[tokio::test]
+async fn http1_and_h2c_pass_through_both_ways() {
+    let h1 = TestServer::start("h1-app").await;
+    let h2 = TestServer::start("h2-app").await;
+    let hosts = host_to("one.test:9080", "h1", "") + &host_to("two.test", "h2", "");
+    let clusters = cluster("h1", "HTTP1", &[h1.addr]) + &cluster("h2", "HTTP2", &[h2.addr]);
+    let proxy = proxy_with("v1", &hosts, &clusters, &[]).await;
+
+    // HTTP/1.1 client, Host routing, HTTP/1.1 upstream; the Host header reaches the app.
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c.get("one.test:9080", "/hello").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "h1-app");
+    assert_eq!(r.header("x-seen-host"), Some("one.test:9080"));
+    // Keep-alive: the same client connection serves a second request, to an h2c upstream.
+    let r = c.get("two.test", "/").await.unwrap();
+    assert_eq!(r.text(), "h2-app");
+    assert_eq!(r.header("x-seen-host"), Some("two.test"));
+
+    // HTTP-proxy absolute form, as `http_proxy=http://127.0.0.1:15001` clients send it.
+    let req = Request::get("http://one.test:9080/abs")
+        .body(Full::default())
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.text(), "h1-app");
+
+    // Prior-knowledge h2c client to both kinds of upstream.
+    let mut c2 = Client::h2(proxy.egress).await.unwrap();
+    for (host, want) in [("one.test:9080", "h1-app"), ("two.test", "h2-app")] {
+        let r = c2.send(get_h2(host, "/")).await.unwrap();
+        assert_eq!(r.status, 200, "{host}");
+        assert_eq!(r.text(), want);
+        assert_eq!(r.header("x-seen-host"), Some(host), "authority preserved");
+    }
+
+    // Request bodies go through intact.
+    let body = Bytes::from(vec![b'x'; 300_000]);
+    let req = Request::post("/echo")
+        .header("host", "one.test:9080")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().body, body);
+
+    // No virtual host for the authority: 404 with the error kind.
+    let r = c.get("unknown.test", "/").await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-trellis-error"), Some("no_route"));
+}
+
+#[tokio::test]
+async fn ingress_forwards_to_the_local_app() {
+    let app = TestServer::start("local-app").await;
+    let snapshot = format!(
+        "version: v1\nlisteners:\n  - name: ingress\n    role: INGRESS\n    virtualHosts:\n      - name: local\n        domains: ['*']\n        routes:\n          - name: app\n            action: {{ weightedTargets: [{{ cluster: local, weight: 1 }}] }}\nclusters:\n{}",
+        cluster("local", "HTTP1", &[app.addr])
+    );
+    let proxy = ProxyProcess::start(BIN, &snapshot, &[]).await;
+    let mut c = Client::h1(proxy.ingress).await.unwrap();
+    let r = c.get("colorteller.default:9080", "/").await.unwrap();
+    assert_eq!(r.text(), "local-app");
+    // The egress socket has no listener in this snapshot: connections are closed.
+    let mut raw = TcpStream::connect(proxy.egress).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = raw.read_to_end(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "egress without a listener answers nothing");
+}
+
+#[tokio::test]
+async fn grpc_unary_and_bidi_streaming() {
+    let server = GrpcServer::start("grpc-1").await;
+    let hosts = host_to("echo.test:50051", "echo", "");
+    let proxy = proxy_with("v1", &hosts, &cluster("echo", "GRPC", &[server.addr]), &[]).await;
+    let mut client = grpc::client_via(proxy.egress, "echo.test:50051")
+        .await
+        .unwrap();
+
+    let reply = client
+        .unary(EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.message.as_str(), reply.server.as_str()),
+        ("hi", "grpc-1")
+    );
+
+    // An application error travels back as grpc-status in the trailers.
+    let status = client
+        .unary(EchoRequest {
+            message: "fail:9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        trellis_testkit::tonic::Code::FailedPrecondition
+    );
+
+    // Bidi: each message is answered before the next is sent, so nothing may be buffered.
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.bidi(outbound).await.unwrap().into_inner();
+    for i in 0..5 {
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), inbound.next())
+            .await
+            .expect("bidi reply in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.message, format!("m{i}"));
+    }
+    drop(tx);
+    assert!(
+        inbound.next().await.is_none(),
+        "stream ends cleanly after the client closes"
+    );
+
+    // No route: gRPC clients get a gRPC status, not an HTTP error page.
+    let mut lost = grpc::client_via(proxy.egress, "nowhere.test")
+        .await
+        .unwrap();
+    let status = lost
+        .unary(EchoRequest {
+            message: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), trellis_testkit::tonic::Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through() {
+    let ws = WsEchoServer::start("ws-1").await;
+    let hosts = host_to("ws.test", "ws", "");
+    let proxy = proxy_with("v1", &hosts, &cluster("ws", "HTTP1", &[ws.addr]), &[]).await;
+    let stream = TcpStream::connect(proxy.egress).await.unwrap();
+    let (mut socket, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..3 {
+        socket
+            .send(Message::text(format!("hello{i}")))
+            .await
+            .unwrap();
+        let got = socket.next().await.unwrap().unwrap();
+        assert_eq!(got, Message::text(format!("ws-1:hello{i}")));
+    }
+    socket.close(None).await.unwrap();
+}
+
+async fn greet_and_echo(stream: TcpStream, want_greeting: &str) {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim_end(), want_greeting);
+    let mut stream = reader.into_inner();
+    stream.write_all(b"ping-123").await.unwrap();
+    let mut buf = [0u8; 8];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping-123");
+}
+
+#[tokio::test]
+async fn tcp_listener_and_connect_tunnel_forward_bytes() {
+    let db = TcpEchoServer::start("db-1").await;
+    let snapshot = format!(
+        "version: v1\nlisteners:\n  - name: egress\n    role: EGRESS\n    virtualHosts:\n      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\n  - name: db-tcp\n    address: 127.0.0.1:0\n    protocol: TCP\n    tcp: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\nclusters:\n{}",
+        cluster("db", "TCP_ONLY", &[db.addr])
+    );
+    let proxy = ProxyProcess::start(BIN, &snapshot, &[]).await;
+
+    // A TCP listener on its own port.
+    let tcp_addr = proxy.listener_addr("db-tcp").await;
+    greet_and_echo(TcpStream::connect(tcp_addr).await.unwrap(), "db-1").await;
+
+    // CONNECT through the egress.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"CONNECT db.test:5432 HTTP/1.1\r\nHost: db.test:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut status = String::new();
+    reader.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    loop {
+        let mut l = String::new();
+        reader.read_line(&mut l).await.unwrap();
+        if l == "\r\n" {
+            break;
+        }
+    }
+    assert!(reader.buffer().is_empty());
+    greet_and_echo(reader.into_inner(), "db-1").await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "app", ""),
+        &cluster("app", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let cases: [&[u8]; 3] = [
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: svc.test\r\nContent-Length: nope\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
+    ];
+    for raw in cases {
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut buf = vec![0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf,
+            b"HTTP/1.1 400",
+            "for {:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    assert_eq!(c.send(get("svc.test", "/")).await.unwrap().text(), "app");
+}

@@ -1,0 +1,272 @@
+//! A real `trellis-proxy` process on 127.0.0.1:0 sockets, found through its "listening" log lines,
+//! killed when dropped.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{client::Client, eventually};
+
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Child,
+    pub ingress: SocketAddr,
+    pub egress: SocketAddr,
+    pub admin: SocketAddr,
+    pub snapshot: PathBuf,
+    logs: Arc<Mutex<Logs>>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Debug, Default)]
+struct Logs {
+    lines: Vec<String>,
+    listening: HashMap<String, SocketAddr>,
+}
+
+/// `... listening listener=NAME addr=IP:PORT`
+fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = &line[line.find(" listening ")? + 11..];
+    let name = rest
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("listener="))?;
+    let addr = rest
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))?;
+    Some((name.trim_matches('"').to_string(), addr.parse().ok()?))
+}
+
+/// How a start that failed ended.
+#[derive(Debug)]
+pub struct FailedStart {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+impl ProxyProcess {
+    /// Starts `bin` serving `snapshot` (YAML), with `extra` flags; waits until it listens.
+    pub async fn start(bin: &str, snapshot: &str, extra: &[&str]) -> Self {
+        match Self::try_start(bin, snapshot, extra).await {
+            Ok(p) => p,
+            Err(f) => panic!(
+                "trellis-proxy failed to start ({}):\n{}",
+                f.status, f.stderr
+            ),
+        }
+    }
+
+    /// Like [`start`](Self::start), but a process that exits is returned as an error.
+    pub async fn try_start(bin: &str, snapshot: &str, extra: &[&str]) -> Result<Self, FailedStart> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.yaml");
+        std::fs::write(&path, snapshot).unwrap();
+        let mut child = Command::new(bin)
+            .arg("--snapshot")
+            .arg(&path)
+            .args([
+                "--ingress-addr",
+                "127.0.0.1:0",
+                "--egress-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--admin-addr", "127.0.0.1:0", "--snapshot-poll", "100ms"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Logs::default()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut logs = sink.lock().unwrap();
+                if let Some((name, addr)) = parse_listening(&line) {
+                    logs.listening.insert(name, addr);
+                }
+                logs.lines.push(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().lines.push(line);
+            }
+        });
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the log readers catch up with the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let stderr = logs.lock().unwrap().lines.join("\n");
+                return Err(FailedStart { status, stderr });
+            }
+            let found = {
+                let l = logs.lock().unwrap();
+                ["ingress", "egress", "admin"]
+                    .iter()
+                    .map(|n| l.listening.get(*n).copied())
+                    .collect::<Option<Vec<_>>>()
+            };
+            if let Some(addrs) = found {
+                return Ok(Self {
+                    child,
+                    ingress: addrs[0],
+                    egress: addrs[1],
+                    admin: addrs[2],
+                    snapshot: path,
+                    logs,
+                    _dir: dir,
+                });
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "trellis-proxy did not listen in time"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
+
+    /// Sends a signal by name (TERM, HUP, ...).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("trellis-proxy did not exit in time")
+            .unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().lines.join("\n")
+    }
+
+    /// The address a listener with its own socket bound, once it logged it.
+    pub async fn listener_addr(&self, name: &str) -> SocketAddr {
+        eventually(Duration::from_secs(10), "listener bound", || async {
+            self.logs
+                .lock()
+                .unwrap()
+                .listening
+                .get(name)
+                .copied()
+                .ok_or_else(|| format!("no listening line for {name}"))
+        })
+        .await
+    }
+
+    pub fn snapshot_path(&self) -> &Path {
+        &self.snapshot
+    }
+
+    /// Replaces the snapshot file atomically (write + rename, as a config map update does).
+    pub fn write_snapshot(&self, yaml: &str) {
+        let tmp = self.snapshot.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.snapshot).unwrap();
+    }
+
+    /// GET an admin path; returns (status, body).
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        let mut c = Client::h1(self.admin).await.unwrap();
+        let r = c.get("admin", path).await.unwrap();
+        (r.status.as_u16(), r.text())
+    }
+
+    /// The version in use, from `/config_dump`.
+    pub async fn version(&self) -> String {
+        let (_, body) = self.admin("/config_dump").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["version"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until the proxy serves `version`.
+    pub async fn wait_version(&self, version: &str) {
+        eventually(
+            Duration::from_secs(10),
+            "snapshot version applied",
+            || async {
+                let now = self.version().await;
+                if now == version {
+                    Ok(())
+                } else {
+                    Err(format!("serving {now:?}"))
+                }
+            },
+        )
+        .await
+    }
+
+    /// One metric's value (summed over series matching all `labels`), from `/metrics`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, text) = self.admin("/metrics").await;
+        metric_value(&text, name, labels)
+    }
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_lines() {
+        let line = "2026-11-26T23:00:00Z  INFO trellis_proxy::app: listening listener=egress addr=127.0.0.1:4321";
+        assert_eq!(
+            parse_listening(line),
+            Some(("egress".into(), "127.0.0.1:4321".parse().unwrap()))
+        );
+        assert_eq!(parse_listening("INFO snapshot applied version=v1"), None);
+    }
+
+    #[test]
+    fn sums_metric_series() {
+        let text = "# HELP x\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"3\"} 4\ny 1\n";
+        assert_eq!(metric_value(text, "x_total", &[("a", "1")]), 7.0);
+        assert_eq!(metric_value(text, "x_total", &[("b", "3")]), 4.0);
+        assert_eq!(metric_value(text, "y", &[]), 1.0);
+    }
+}

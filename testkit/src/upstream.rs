@@ -1,0 +1,271 @@
+//! Upstream servers for tests, each on its own 127.0.0.1:0 socket.
+//!
+//! [`TestServer`] answers HTTP/1.1 and h2c with its name in the body and the `x-server` header.
+//! Requests steer it: `x-status: CODE` sets the status, `x-delay-ms: N` waits first, path
+//! `/echo` echoes the body, `/stream?chunks=N&gap_ms=M` sends N chunks M ms apart.
+//! Every server counts the requests it received.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+
+#[derive(Debug)]
+struct State {
+    name: String,
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    /// When non-zero, every request gets this status.
+    fail_with: AtomicU16,
+    /// Every request waits this long first.
+    delay_ms: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+impl TestServer {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            name: name.into(),
+            requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            fail_with: AtomicU16::new(0),
+            delay_ms: AtomicU64::new(0),
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Make every request wait `ms` before the answer.
+    pub fn delay(&self, ms: u64) {
+        self.state.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Answer every request with `status` (0: behave normally again).
+    pub fn fail_with(&self, status: u16) {
+        self.state.fail_with.store(status, Ordering::SeqCst);
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(ms) = header("x-delay-ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut status = header("x-status")
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let forced = state.fail_with.load(Ordering::SeqCst);
+    if forced != 0 {
+        status = StatusCode::from_u16(forced).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let host = header("host").or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let body = if path == "/echo" {
+        match req.into_body().collect().await {
+            Ok(b) => full(b.to_bytes()),
+            Err(_) => full("body error"),
+        }
+    } else if path == "/stream" {
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (chunks, gap) = (param("chunks"), param("gap_ms"));
+        let stream = futures_util::stream::unfold(0u64, move |i| async move {
+            if i >= chunks {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk{i}\n")))),
+                i + 1,
+            ))
+        });
+        BodyExt::boxed(StreamBody::new(stream))
+    } else {
+        full(state.name.clone())
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert("x-server", state.name.parse().unwrap());
+    if let Some(h) = host.and_then(|h| h.parse().ok()) {
+        resp.headers_mut().insert("x-seen-host", h);
+    }
+    Ok(resp)
+}
+
+/// Echoes every WebSocket message back, prefixed with the server name.
+#[derive(Debug)]
+pub struct WsEchoServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WsEchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WsEchoServer {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        use tokio_tungstenite::tungstenite::Message;
+                        let reply = match msg {
+                            Message::Text(t) => Message::text(format!("{name}:{t}")),
+                            Message::Binary(b) => Message::Binary(b),
+                            Message::Close(_) => break,
+                            _ => continue,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+/// Echoes raw TCP bytes, after a greeting line with the server name.
+#[derive(Debug)]
+pub struct TcpEchoServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TcpEchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpEchoServer {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let greeting = format!("{name}\n");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if stream.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
