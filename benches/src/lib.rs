@@ -1,1 +1,2 @@
-//! Benchmarks live in `benches/`; see README.md.
+//! Trellis benchmarks. The criterion micro-benchmarks are in `benches/`; results and how to run
+//! them are in `README.md`.
