@@ -87,7 +87,12 @@ pub(crate) fn pick<'a>(
     avoid: &[Arc<EndpointState>],
 ) -> Option<&'a Arc<EndpointState>> {
     let n = endpoints.len();
-    let avoided = |i: usize| avoid.iter().any(|a| Arc::ptr_eq(a, &endpoints[i]));
+    let avoided = |i: usize| {
+        endpoints
+            .get(i)
+            .is_some_and(|e| avoid.iter().any(|a| Arc::ptr_eq(a, e)))
+    };
+    let load = |i: usize| endpoints.get(i).map_or(usize::MAX, |e| e.in_flight());
     let i = match n {
         0 => return None,
         1 => 0,
@@ -101,7 +106,7 @@ pub(crate) fn pick<'a>(
                 match (avoided(a), avoided(b)) {
                     (false, true) => a,
                     (true, false) => b,
-                    _ if endpoints[b].in_flight() < endpoints[a].in_flight() => b,
+                    _ if load(b) < load(a) => b,
                     _ => a,
                 }
             }

@@ -1,6 +1,13 @@
 //! A real tonic gRPC echo server and client (unary and bidi streaming) for tests.
 
-use std::{net::SocketAddr, pin::Pin};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use futures_util::{Stream, StreamExt as _};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -15,11 +22,18 @@ pub use pb::{EchoReply, EchoRequest, echo_client::EchoClient};
 #[derive(Debug)]
 struct Echo {
     name: String,
+    /// When set, every call fails with this code.
+    fail_with: Option<tonic::Code>,
+    calls: Arc<AtomicUsize>,
 }
 
 #[tonic::async_trait]
 impl pb::echo_server::Echo for Echo {
     async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(code) = self.fail_with {
+            return Err(Status::new(code, "this server always fails"));
+        }
         let message = req.into_inner().message;
         if let Some(code) = message.strip_prefix("fail:") {
             let code = code.parse::<i32>().unwrap_or(2);
@@ -52,6 +66,7 @@ impl pb::echo_server::Echo for Echo {
 #[derive(Debug)]
 pub struct GrpcServer {
     pub addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -63,9 +78,28 @@ impl Drop for GrpcServer {
 
 impl GrpcServer {
     pub async fn start(name: &str) -> Self {
+        Self::start_with(name, None).await
+    }
+
+    /// A server whose unary calls all fail with `code`.
+    pub async fn start_failing(name: &str, code: tonic::Code) -> Self {
+        Self::start_with(name, Some(code)).await
+    }
+
+    /// Unary calls received.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    async fn start_with(name: &str, fail_with: Option<tonic::Code>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc = pb::echo_server::EchoServer::new(Echo { name: name.into() });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = pb::echo_server::EchoServer::new(Echo {
+            name: name.into(),
+            fail_with,
+            calls: calls.clone(),
+        });
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -73,7 +107,7 @@ impl GrpcServer {
                 .serve_with_incoming(incoming)
                 .await;
         });
-        Self { addr, task }
+        Self { addr, calls, task }
     }
 }
 

@@ -81,6 +81,41 @@ async fn hundred_reloads_under_load_fail_no_request() {
 }
 
 #[tokio::test]
+async fn a_request_finishes_on_the_snapshot_it_started_with() {
+    let a = TestServer::start("a").await;
+    let b = TestServer::start("b").await;
+    a.delay(500);
+    let proxy = ProxyProcess::start(BIN, &two_way("v-a", 1, 0, &[&a, &b]), &[]).await;
+    let egress = proxy.egress;
+    let slow = tokio::spawn(async move {
+        let mut c = Client::h1(egress).await.unwrap();
+        c.get("svc.test", "/").await.unwrap()
+    });
+    eventually(Duration::from_secs(10), "request reached a", || async {
+        if a.requests() == 1 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    proxy.write_snapshot(&two_way("v-b", 0, 1, &[&a, &b]));
+    proxy.signal("HUP");
+    proxy.wait_version("v-b").await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    assert_eq!(
+        c.get("svc.test", "/").await.unwrap().text(),
+        "b",
+        "new requests see v-b"
+    );
+    assert_eq!(
+        slow.await.unwrap().text(),
+        "a",
+        "the request in flight finished on v-a"
+    );
+}
+
+#[tokio::test]
 async fn invalid_snapshot_is_rejected_and_the_old_one_keeps_serving() {
     let app = TestServer::start("app").await;
     let good = snapshot(

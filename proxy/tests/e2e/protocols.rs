@@ -159,6 +159,37 @@ async fn grpc_unary_and_bidi_streaming() {
 }
 
 #[tokio::test]
+async fn grpc_unavailable_is_retried_on_another_endpoint() {
+    let good = GrpcServer::start("good").await;
+    let bad = GrpcServer::start_failing("bad", trellis_testkit::tonic::Code::Unavailable).await;
+    let policy = "            retryPolicy: { maxRetries: 2, grpcRetryEvents: [unavailable] }\n";
+    let hosts = host_to("echo.test", "echo", policy);
+    let proxy = proxy_with(
+        "v1",
+        &hosts,
+        &cluster("echo", "GRPC", &[bad.addr, good.addr]),
+        &[],
+    )
+    .await;
+    let mut client = grpc::client_via(proxy.egress, "echo.test").await.unwrap();
+    for i in 0..10 {
+        let reply = client
+            .unary(EchoRequest {
+                message: format!("r{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.server, "good");
+    }
+    assert!(
+        bad.calls() >= 5,
+        "round robin sent first tries to the failing server"
+    );
+    assert_eq!(good.calls(), 10);
+}
+
+#[tokio::test]
 async fn websocket_upgrade_passes_through() {
     let ws = WsEchoServer::start("ws-1").await;
     let hosts = host_to("ws.test", "ws", "");
