@@ -149,7 +149,7 @@ async fn per_try_timeout_retries_on_another_endpoint() {
     let slow = TestServer::start("slow").await;
     slow.delay(5_000);
     let fast = TestServer::start("fast").await;
-    let policy = retry_policy("              perTryTimeout: 0.2s\n");
+    let policy = retry_policy("              perTryTimeout: 0.5s\n");
     let hosts = host_to("svc.test", "svc", &policy);
     let proxy = proxy_with(
         "v1",
