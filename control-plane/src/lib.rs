@@ -1,2 +1,4 @@
-//! Trellis control plane. Built under the control-plane issue; the data plane's snapshot schema it
-//! will push lives in `trellis-proto`.
+//! trellis-control: the registry, the mesh API, validation, translation to per-proxy snapshots
+//! and the config stream that pushes them.
+
+pub mod store;
