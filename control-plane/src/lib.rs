@@ -1,4 +1,6 @@
 //! trellis-control: the registry, the mesh API, validation, translation to per-proxy snapshots
 //! and the config stream that pushes them.
 
+pub mod model;
 pub mod store;
+pub mod validate;

@@ -1,0 +1,795 @@
+//! The mesh resource model: Kubernetes-style manifests (`apiVersion`, `kind`, `metadata`, `spec`)
+//! whose specs have the field names and shapes of App Mesh's `appmesh.k8s.aws/v1beta2` CRDs, plus
+//! Trellis additions (retry backoff and budget, retriable status codes, load-balancer choice,
+//! the `registry` service discovery and a VirtualService `hostname`).
+
+use std::{collections::BTreeMap, fmt};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const API_VERSION: &str = "mesh.trellis.dev/v1beta1";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Mesh,
+    VirtualService,
+    VirtualRouter,
+    VirtualNode,
+    VirtualGateway,
+    GatewayRoute,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Mesh,
+        Kind::VirtualService,
+        Kind::VirtualRouter,
+        Kind::VirtualNode,
+        Kind::VirtualGateway,
+        Kind::GatewayRoute,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mesh => "Mesh",
+            Self::VirtualService => "VirtualService",
+            Self::VirtualRouter => "VirtualRouter",
+            Self::VirtualNode => "VirtualNode",
+            Self::VirtualGateway => "VirtualGateway",
+            Self::GatewayRoute => "GatewayRoute",
+        }
+    }
+
+    /// The lowercase singular name (`virtualrouter`), used in keys and URLs.
+    pub fn lower(self) -> String {
+        self.as_str().to_ascii_lowercase()
+    }
+
+    /// Parses `VirtualRouter`, `virtualrouter` or `virtualrouters` (any case).
+    pub fn parse(s: &str) -> Option<Self> {
+        let lower = s.to_ascii_lowercase();
+        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        Self::ALL
+            .into_iter()
+            .find(|k| k.lower() == lower || k.lower() == singular)
+    }
+
+    /// Meshes are cluster-scoped; everything else lives in a namespace.
+    pub fn namespaced(self) -> bool {
+        self != Self::Mesh
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies one resource.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    /// Empty for meshes.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ResourceKey {
+    pub fn new(kind: Kind, namespace: &str, name: &str) -> Self {
+        Self {
+            kind,
+            namespace: if kind.namespaced() { namespace.to_string() } else { String::new() },
+            name: name.to_string(),
+        }
+    }
+
+    /// The store key: `resources/<kind>/<namespace>/<name>`.
+    pub fn store_key(&self) -> String {
+        format!("resources/{}/{}/{}", self.kind.lower(), self.namespace, self.name)
+    }
+
+    pub fn from_store_key(key: &str) -> Option<Self> {
+        let mut parts = key.strip_prefix("resources/")?.splitn(3, '/');
+        let kind = Kind::parse(parts.next()?)?;
+        Some(Self::new(kind, parts.next()?, parts.next()?))
+    }
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// A manifest as written by users and stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manifest {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: Value,
+    /// Ignored on apply; filled in by `get` from the control plane's view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Set by the control plane: the store revision of the last change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+// ---- specs -------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Ref {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// App Mesh carries the mesh uid in meshRef; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_filter: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    /// Where callers reach the service; defaults to `awsName`, then `<name>.<namespace>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ref: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Provider {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_node: Option<NodeProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_router: Option<RouterProvider>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeProvider {
+    pub virtual_node_ref: Ref,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterProvider {
+    pub virtual_router_ref: Ref,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    pub port_mapping: PortMapping,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortMapping {
+    pub port: i64,
+    /// http, http2, grpc or tcp.
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualRouterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ref: Option<Ref>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route: Option<HttpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_route: Option<HttpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_route: Option<GrpcRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_route: Option<TcpRoute>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(rename = "match")]
+    pub matcher: HttpMatch,
+    pub action: RouteAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeouts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_parameters: Vec<QueryMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invert: Option<bool>,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<ValueMatch>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ValueMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<RangeMatch>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RangeMatch {
+    pub start: i64,
+    pub end: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueryMatch {
+    pub name: String,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<ExactMatch>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExactMatch {
+    pub exact: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteAction {
+    pub weighted_targets: Vec<WeightedTarget>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedTarget {
+    pub virtual_node_ref: Ref,
+    pub weight: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+/// App Mesh durations: `{unit: ms|s, value: N}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Duration {
+    pub unit: DurationUnit,
+    pub value: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DurationUnit {
+    #[default]
+    #[serde(rename = "ms")]
+    Ms,
+    #[serde(rename = "s")]
+    S,
+}
+
+impl Duration {
+    pub fn to_std(self) -> Option<std::time::Duration> {
+        let v = u64::try_from(self.value).ok()?;
+        Some(match self.unit {
+            DurationUnit::Ms => std::time::Duration::from_millis(v),
+            DurationUnit::S => std::time::Duration::from_secs(v),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub max_retries: i64,
+    pub per_retry_timeout: Duration,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_retry_events: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_retry_events: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_retry_events: Vec<String>,
+    /// Trellis: status codes retried besides the events.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<i64>,
+    /// Trellis: exponential backoff with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Trellis: a retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_interval: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Percent of requests that may be retried (App Mesh style 0..=100); default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_request: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRoute {
+    #[serde(rename = "match")]
+    pub matcher: GrpcMatch,
+    pub action: RouteAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeouts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    pub action: RouteAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeouts>,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualNodeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ref: Option<Ref>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_discovery: Option<ServiceDiscovery>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_defaults: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<Value>,
+    /// Trellis: how callers balance over this node's instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// ROUND_ROBIN (default), LEAST_REQUEST or RANDOM.
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceDiscovery {
+    /// The Trellis registry (Cloud Map-like).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryDiscovery>,
+    /// App Mesh's name for the same thing; treated as `registry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_cloud_map: Option<RegistryDiscovery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDiscovery>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryDiscovery {
+    pub namespace_name: String,
+    pub service_name: String,
+    /// `{key: value}` or App Mesh's `[{key, value}]`.
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    pub attributes: Attributes,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Attributes {
+    Map(BTreeMap<String, String>),
+    List(Vec<KeyValueAttr>),
+}
+
+impl Default for Attributes {
+    fn default() -> Self {
+        Self::Map(BTreeMap::new())
+    }
+}
+
+impl Attributes {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Self::Map(m) => m.is_empty(),
+            Self::List(l) => l.is_empty(),
+        }
+    }
+
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        match self {
+            Self::Map(m) => m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            Self::List(l) => l.iter().map(|a| (a.key.as_str(), a.value.as_str())).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyValueAttr {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsDiscovery {
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    pub virtual_service: VirtualServiceBackend,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceBackend {
+    pub virtual_service_ref: Ref,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_policy: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualGatewaySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ref: Option<Ref>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_defaults: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_route_selector: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayRouteSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ref: Option<Ref>,
+    /// The VirtualGateway this route belongs to (App Mesh selects by labels on Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_gateway_ref: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route: Option<GatewayHttpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_route: Option<GatewayHttpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_route: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayHttpRoute {
+    #[serde(rename = "match")]
+    pub matcher: GatewayHttpMatch,
+    pub action: GatewayAction,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayHttpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_parameters: Vec<QueryMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAction {
+    pub target: GatewayTarget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayTarget {
+    pub virtual_service: VirtualServiceBackend,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+/// A resource whose spec has been parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    Mesh(MeshSpec),
+    VirtualService(VirtualServiceSpec),
+    VirtualRouter(VirtualRouterSpec),
+    VirtualNode(VirtualNodeSpec),
+    VirtualGateway(VirtualGatewaySpec),
+    GatewayRoute(GatewayRouteSpec),
+}
+
+impl Spec {
+    /// The resource's explicit mesh, if it names one.
+    pub fn mesh_ref(&self) -> Option<&Ref> {
+        match self {
+            Self::Mesh(_) => None,
+            Self::VirtualService(s) => s.mesh_ref.as_ref(),
+            Self::VirtualRouter(s) => s.mesh_ref.as_ref(),
+            Self::VirtualNode(s) => s.mesh_ref.as_ref(),
+            Self::VirtualGateway(s) => s.mesh_ref.as_ref(),
+            Self::GatewayRoute(s) => s.mesh_ref.as_ref(),
+        }
+    }
+}
+
+/// Parses `spec` for `kind`; errors carry the path under `spec`.
+pub fn parse_spec(kind: Kind, spec: &Value) -> Result<Spec, (String, String)> {
+    fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, (String, String)> {
+        let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { "spec".to_string() } else { format!("spec.{path}") };
+            (path, e.into_inner().to_string())
+        })
+    }
+    Ok(match kind {
+        Kind::Mesh => Spec::Mesh(parse(spec)?),
+        Kind::VirtualService => Spec::VirtualService(parse(spec)?),
+        Kind::VirtualRouter => Spec::VirtualRouter(parse(spec)?),
+        Kind::VirtualNode => Spec::VirtualNode(parse(spec)?),
+        Kind::VirtualGateway => Spec::VirtualGateway(parse(spec)?),
+        Kind::GatewayRoute => Spec::GatewayRoute(parse(spec)?),
+    })
+}
+
+/// Splits a YAML stream (documents separated by `---`; JSON is YAML too) into manifests. Empty
+/// documents are skipped; a document that is not a manifest is an error naming its index.
+pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<crate::validate::Problem>> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = match Value::deserialize(doc) {
+            Ok(Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(crate::validate::Problem::document(i, "(document)", e.to_string()));
+                break;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, Manifest>(value) {
+            Ok(m) => out.push(m),
+            Err(e) => {
+                let path = e.path().to_string();
+                problems.push(crate::validate::Problem::document(i, &path, e.into_inner().to_string()));
+            }
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_in_every_spelling() {
+        for s in ["VirtualRouter", "virtualrouter", "virtualrouters", "VIRTUALROUTERS"] {
+            assert_eq!(Kind::parse(s), Some(Kind::VirtualRouter), "{s}");
+        }
+        assert_eq!(Kind::parse("meshes"), None, "only plural s");
+        assert_eq!(Kind::parse("mesh"), Some(Kind::Mesh));
+        assert_eq!(Kind::parse("nope"), None);
+    }
+
+    #[test]
+    fn store_keys_round_trip() {
+        let k = ResourceKey::new(Kind::VirtualNode, "prod", "blue");
+        assert_eq!(k.store_key(), "resources/virtualnode/prod/blue");
+        assert_eq!(ResourceKey::from_store_key(&k.store_key()), Some(k));
+        let m = ResourceKey::new(Kind::Mesh, "ignored", "m");
+        assert_eq!(m.store_key(), "resources/mesh//m");
+        assert_eq!(ResourceKey::from_store_key(&m.store_key()), Some(m));
+    }
+
+    #[test]
+    fn app_mesh_shapes_parse() {
+        let spec: Value = serde_json::json!({
+            "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+            "routes": [{
+                "name": "r",
+                "httpRoute": {
+                    "match": {"prefix": "/", "headers": [{"name": "x", "match": {"range": {"start": 1, "end": 2}}}]},
+                    "action": {"weightedTargets": [{"virtualNodeRef": {"name": "blue"}, "weight": 1}]},
+                    "retryPolicy": {"maxRetries": 2, "perRetryTimeout": {"unit": "ms", "value": 500}, "httpRetryEvents": ["server-error"]},
+                    "timeout": {"perRequest": {"unit": "s", "value": 3}}
+                }
+            }]
+        });
+        let Spec::VirtualRouter(r) = parse_spec(Kind::VirtualRouter, &spec).unwrap() else { panic!() };
+        let http = r.routes[0].http_route.as_ref().unwrap();
+        assert_eq!(http.retry_policy.as_ref().unwrap().per_retry_timeout.to_std(), Some(std::time::Duration::from_millis(500)));
+        let bad: Value = serde_json::json!({"routes": [{"name": "r", "httpRoute": {"match": {"prefx": "/"}}}]});
+        let (path, reason) = parse_spec(Kind::VirtualRouter, &bad).unwrap_err();
+        assert_eq!(path, "spec.routes[0].httpRoute.match.prefx");
+        assert!(reason.contains("unknown field"), "{reason}");
+    }
+
+    #[test]
+    fn attributes_as_map_or_list() {
+        let map: RegistryDiscovery = serde_json::from_value(serde_json::json!({
+            "namespaceName": "ns", "serviceName": "s", "attributes": {"version": "v2"}
+        })).unwrap();
+        let list: RegistryDiscovery = serde_json::from_value(serde_json::json!({
+            "namespaceName": "ns", "serviceName": "s", "attributes": [{"key": "version", "value": "v2"}]
+        })).unwrap();
+        assert_eq!(map.attributes.pairs(), list.attributes.pairs());
+    }
+}

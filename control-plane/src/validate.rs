@@ -1,0 +1,522 @@
+//! Validation: schema, ranges, references and names, over the whole state an apply would leave.
+//! Every problem names its document (for applied files), its resource and its field path.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+};
+
+use crate::model::{
+    API_VERSION, DEFAULT_NAMESPACE, HeaderMatch, HttpMatch, Kind, Listener, Manifest, Ref,
+    ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts, parse_spec,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// Index of the document in the applied stream, when the problem is in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub path: String,
+    pub reason: String,
+}
+
+impl Problem {
+    pub fn document(index: usize, path: &str, reason: impl Into<String>) -> Self {
+        Self {
+            document: Some(index),
+            resource: None,
+            path: path.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.document, &self.resource) {
+            (Some(d), Some(r)) => write!(f, "document {d} ({r}): ")?,
+            (Some(d), None) => write!(f, "document {d}: ")?,
+            (None, Some(r)) => write!(f, "{r}: ")?,
+            (None, None) => {}
+        }
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// A resource with its parsed spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub key: ResourceKey,
+    pub manifest: Manifest,
+    pub spec: Spec,
+}
+
+/// Every resource, by key.
+pub type State = BTreeMap<ResourceKey, Resource>;
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+}
+
+/// Checks one document on its own (apiVersion, kind, names, spec schema) and parses it.
+pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut p = |path: &str, reason: String| {
+        problems.push(Problem {
+            document,
+            resource: None,
+            path: path.to_string(),
+            reason,
+        })
+    };
+    if manifest.api_version != API_VERSION {
+        p("apiVersion", format!("must be {API_VERSION:?}, not {:?}", manifest.api_version));
+    }
+    let Some(kind) = Kind::parse(&manifest.kind).filter(|k| k.as_str() == manifest.kind) else {
+        let kinds: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        p("kind", format!("unknown kind {:?} (one of {})", manifest.kind, kinds.join(", ")));
+        return Err(problems);
+    };
+    if !valid_name(&manifest.metadata.name) {
+        p("metadata.name", format!("{:?} is not a valid name (lowercase letters, digits, '-', '.')", manifest.metadata.name));
+    }
+    let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    if kind.namespaced() && !valid_name(&namespace) {
+        p("metadata.namespace", format!("{namespace:?} is not a valid namespace"));
+    }
+    let spec = match parse_spec(kind, &manifest.spec) {
+        Ok(s) => Some(s),
+        Err((path, reason)) => {
+            p(&path, reason);
+            None
+        }
+    };
+    let key = ResourceKey::new(kind, &namespace, &manifest.metadata.name);
+    let resource = key.to_string();
+    for problem in &mut problems {
+        problem.resource = Some(resource.clone());
+    }
+    match spec {
+        Some(spec) if problems.is_empty() => {
+            if kind.namespaced() {
+                manifest.metadata.namespace = Some(namespace);
+            } else {
+                manifest.metadata.namespace = None;
+            }
+            manifest.status = None;
+            Ok(Resource { key, manifest, spec })
+        }
+        _ => Err(problems),
+    }
+}
+
+/// Checks references, ranges and names across `state`. `origin` maps resources to the applied
+/// document they came from.
+pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let meshes: Vec<&str> = state
+        .keys()
+        .filter(|k| k.kind == Kind::Mesh)
+        .map(|k| k.name.as_str())
+        .collect();
+    for (key, resource) in state {
+        let mut c = Checker {
+            state,
+            key,
+            problems: Vec::new(),
+        };
+        if key.kind != Kind::Mesh {
+            match resource.spec.mesh_ref() {
+                Some(m) if !meshes.contains(&m.name.as_str()) => {
+                    c.err("spec.meshRef.name", format!("mesh {:?} not found", m.name));
+                }
+                Some(_) => {}
+                None if meshes.is_empty() => c.err("spec.meshRef", "no Mesh exists: apply a Mesh first".into()),
+                None if meshes.len() > 1 => c.err("spec.meshRef", "several meshes exist: name one in spec.meshRef.name".into()),
+                None => {}
+            }
+        }
+        c.spec(&resource.spec);
+        let document = origin.get(key).copied();
+        problems.extend(c.problems.into_iter().map(|(path, reason)| Problem {
+            document,
+            resource: Some(key.to_string()),
+            path,
+            reason,
+        }));
+    }
+    problems
+}
+
+struct Checker<'a> {
+    state: &'a State,
+    key: &'a ResourceKey,
+    problems: Vec<(String, String)>,
+}
+
+const PROTOCOLS: [&str; 4] = ["http", "http2", "grpc", "tcp"];
+const HTTP_EVENTS: [&str; 6] = ["server-error", "gateway-error", "client-error", "stream-error", "connect-failure", "refused-stream"];
+const GRPC_EVENTS: [&str; 5] = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
+
+impl Checker<'_> {
+    fn err(&mut self, path: impl Into<String>, reason: String) {
+        self.problems.push((path.into(), reason));
+    }
+
+    fn exists(&mut self, path: &str, kind: Kind, r: &Ref) {
+        let ns = r.namespace.as_deref().unwrap_or(&self.key.namespace);
+        let target = ResourceKey::new(kind, ns, &r.name);
+        if !self.state.contains_key(&target) {
+            self.err(path, format!("{target} not found"));
+        }
+    }
+
+    fn listeners(&mut self, path: &str, listeners: &[Listener]) {
+        let mut ports = HashSet::new();
+        for (i, l) in listeners.iter().enumerate() {
+            let lp = format!("{path}[{i}].portMapping");
+            if !(1..=65535).contains(&l.port_mapping.port) {
+                self.err(format!("{lp}.port"), "must be 1..=65535".into());
+            } else if !ports.insert(l.port_mapping.port) {
+                self.err(format!("{lp}.port"), format!("port {} is listed twice", l.port_mapping.port));
+            }
+            if !PROTOCOLS.contains(&l.port_mapping.protocol.as_str()) {
+                self.err(format!("{lp}.protocol"), format!("{:?} is not one of http, http2, grpc, tcp", l.port_mapping.protocol));
+            }
+        }
+    }
+
+    fn spec(&mut self, spec: &Spec) {
+        match spec {
+            Spec::Mesh(_) => {}
+            Spec::VirtualService(s) => {
+                if let Some(h) = &s.hostname {
+                    if h.is_empty() || h.contains(['/', ':', ' ', '*']) {
+                        self.err("spec.hostname", format!("{h:?} is not a hostname"));
+                    }
+                }
+                if let Some(p) = &s.provider {
+                    match (&p.virtual_node, &p.virtual_router) {
+                        (Some(_), Some(_)) => self.err("spec.provider", "give virtualNode or virtualRouter, not both".into()),
+                        (Some(n), None) => self.exists("spec.provider.virtualNode.virtualNodeRef", Kind::VirtualNode, &n.virtual_node_ref),
+                        (None, Some(r)) => self.exists("spec.provider.virtualRouter.virtualRouterRef", Kind::VirtualRouter, &r.virtual_router_ref),
+                        (None, None) => self.err("spec.provider", "give virtualNode or virtualRouter".into()),
+                    }
+                }
+            }
+            Spec::VirtualRouter(r) => {
+                if r.listeners.len() != 1 {
+                    self.err("spec.listeners", "a VirtualRouter has exactly one listener".into());
+                }
+                self.listeners("spec.listeners", &r.listeners);
+                let mut names = HashSet::new();
+                for (i, route) in r.routes.iter().enumerate() {
+                    let rp = format!("spec.routes[{i}]");
+                    if !valid_name(&route.name) {
+                        self.err(format!("{rp}.name"), format!("{:?} is not a valid name", route.name));
+                    } else if !names.insert(route.name.as_str()) {
+                        self.err(format!("{rp}.name"), format!("duplicate route name {:?}", route.name));
+                    }
+                    if let Some(p) = route.priority {
+                        if !(0..=1000).contains(&p) {
+                            self.err(format!("{rp}.priority"), "must be 0..=1000".into());
+                        }
+                    }
+                    let kinds = [route.http_route.is_some(), route.http2_route.is_some(), route.grpc_route.is_some(), route.tcp_route.is_some()];
+                    if kinds.iter().filter(|k| **k).count() != 1 {
+                        self.err(&rp, "give exactly one of httpRoute, http2Route, grpcRoute, tcpRoute".into());
+                    }
+                    for (field, http) in [("httpRoute", &route.http_route), ("http2Route", &route.http2_route)] {
+                        if let Some(h) = http {
+                            let hp = format!("{rp}.{field}");
+                            self.http_match(&format!("{hp}.match"), &h.matcher);
+                            self.action(&format!("{hp}.action"), &h.action);
+                            self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
+                            self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
+                        }
+                    }
+                    if let Some(g) = &route.grpc_route {
+                        let gp = format!("{rp}.grpcRoute");
+                        if g.matcher.method_name.is_some() && g.matcher.service_name.is_none() {
+                            self.err(format!("{gp}.match.methodName"), "needs serviceName".into());
+                        }
+                        self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
+                        self.action(&format!("{gp}.action"), &g.action);
+                        self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
+                        self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
+                    }
+                    if let Some(t) = &route.tcp_route {
+                        self.action(&format!("{rp}.tcpRoute.action"), &t.action);
+                        self.timeouts(&format!("{rp}.tcpRoute.timeout"), t.timeout.as_ref());
+                    }
+                }
+            }
+            Spec::VirtualNode(n) => {
+                self.listeners("spec.listeners", &n.listeners);
+                if let Some(sd) = &n.service_discovery {
+                    let count = [sd.registry.is_some(), sd.aws_cloud_map.is_some(), sd.dns.is_some()].iter().filter(|b| **b).count();
+                    if count != 1 {
+                        self.err("spec.serviceDiscovery", "give exactly one of registry, awsCloudMap, dns".into());
+                    }
+                    if let Some(dns) = &sd.dns {
+                        if dns.hostname.is_empty() {
+                            self.err("spec.serviceDiscovery.dns.hostname", "must not be empty".into());
+                        }
+                        if n.listeners.is_empty() {
+                            self.err("spec.listeners", "dns service discovery needs a listener port".into());
+                        }
+                    }
+                }
+                for (i, b) in n.backends.iter().enumerate() {
+                    self.exists(&format!("spec.backends[{i}].virtualService.virtualServiceRef"), Kind::VirtualService, &b.virtual_service.virtual_service_ref);
+                }
+                if let Some(lb) = &n.load_balancer {
+                    if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
+                        self.err("spec.loadBalancer.policy", format!("{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM", lb.policy));
+                    }
+                }
+            }
+            Spec::VirtualGateway(g) => {
+                if g.listeners.is_empty() {
+                    self.err("spec.listeners", "a VirtualGateway needs a listener".into());
+                }
+                self.listeners("spec.listeners", &g.listeners);
+            }
+            Spec::GatewayRoute(r) => {
+                if let Some(g) = &r.virtual_gateway_ref {
+                    self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
+                }
+                let kinds = [r.http_route.is_some(), r.http2_route.is_some(), r.grpc_route.is_some()];
+                if kinds.iter().filter(|k| **k).count() != 1 {
+                    self.err("spec", "give exactly one of httpRoute, http2Route, grpcRoute".into());
+                }
+                for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)] {
+                    if let Some(h) = http {
+                        self.exists(
+                            &format!("spec.{field}.action.target.virtualService.virtualServiceRef"),
+                            Kind::VirtualService,
+                            &h.action.target.virtual_service.virtual_service_ref,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn http_match(&mut self, path: &str, m: &HttpMatch) {
+        match (&m.prefix, &m.path) {
+            (Some(p), None) if !p.starts_with('/') => self.err(format!("{path}.prefix"), "must start with \"/\"".into()),
+            (Some(_), Some(_)) => self.err(path, "give prefix or path, not both".into()),
+            (None, None) => self.err(path, "give prefix or path".into()),
+            (None, Some(pm)) => match (&pm.exact, &pm.regex) {
+                (Some(e), None) if !e.starts_with('/') => self.err(format!("{path}.path.exact"), "must start with \"/\"".into()),
+                (None, Some(re)) => self.regex(&format!("{path}.path.regex"), re),
+                (Some(_), None) => {}
+                _ => self.err(format!("{path}.path"), "give exact or regex".into()),
+            },
+            _ => {}
+        }
+        self.headers(&format!("{path}.headers"), &m.headers);
+        if let Some(method) = &m.method {
+            if http::Method::from_bytes(method.as_bytes()).is_err() || method.to_ascii_uppercase() != *method {
+                self.err(format!("{path}.method"), format!("{method:?} is not an HTTP method"));
+            }
+        }
+        for (i, q) in m.query_parameters.iter().enumerate() {
+            if q.name.is_empty() {
+                self.err(format!("{path}.queryParameters[{i}].name"), "must not be empty".into());
+            }
+        }
+        if let Some(port) = m.port {
+            if !(1..=65535).contains(&port) {
+                self.err(format!("{path}.port"), "must be 1..=65535".into());
+            }
+        }
+    }
+
+    fn headers(&mut self, path: &str, headers: &[HeaderMatch]) {
+        for (i, h) in headers.iter().enumerate() {
+            let hp = format!("{path}[{i}]");
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                self.err(format!("{hp}.name"), format!("{:?} is not a header name", h.name));
+            }
+            if let Some(m) = &h.matcher {
+                let rules = [m.exact.is_some(), m.prefix.is_some(), m.suffix.is_some(), m.regex.is_some(), m.range.is_some()];
+                if rules.iter().filter(|r| **r).count() != 1 {
+                    self.err(format!("{hp}.match"), "give exactly one of exact, prefix, suffix, regex, range".into());
+                }
+                if let Some(re) = &m.regex {
+                    self.regex(&format!("{hp}.match.regex"), re);
+                }
+                if let Some(r) = &m.range {
+                    if r.start >= r.end {
+                        self.err(format!("{hp}.match.range"), "start must be less than end".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn regex(&mut self, path: &str, re: &str) {
+        if let Err(e) = regex::Regex::new(re) {
+            let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            self.err(path, format!("invalid regex: {reason}"));
+        }
+    }
+
+    fn action(&mut self, path: &str, action: &RouteAction) {
+        let targets = &action.weighted_targets;
+        if targets.is_empty() || targets.len() > 10 {
+            self.err(format!("{path}.weightedTargets"), "must list 1 to 10 targets".into());
+        } else if targets.iter().all(|t| t.weight == 0) {
+            self.err(format!("{path}.weightedTargets"), "the weights must not all be 0".into());
+        }
+        for (i, t) in targets.iter().enumerate() {
+            let tp = format!("{path}.weightedTargets[{i}]");
+            if !(0..=100).contains(&t.weight) {
+                self.err(format!("{tp}.weight"), "must be 0..=100".into());
+            }
+            self.exists(&format!("{tp}.virtualNodeRef"), Kind::VirtualNode, &t.virtual_node_ref);
+        }
+    }
+
+    fn retry(&mut self, path: &str, retry: Option<&RetryPolicy>) {
+        let Some(r) = retry else { return };
+        if !(0..=25).contains(&r.max_retries) {
+            self.err(format!("{path}.maxRetries"), "must be 0..=25".into());
+        }
+        if r.per_retry_timeout.value <= 0 {
+            self.err(format!("{path}.perRetryTimeout.value"), "must be greater than 0".into());
+        }
+        for (i, e) in r.http_retry_events.iter().enumerate() {
+            if !HTTP_EVENTS.contains(&e.as_str()) {
+                self.err(format!("{path}.httpRetryEvents[{i}]"), format!("unknown event {e:?} (one of {})", HTTP_EVENTS.join(", ")));
+            }
+        }
+        for (i, e) in r.tcp_retry_events.iter().enumerate() {
+            if e != "connection-error" {
+                self.err(format!("{path}.tcpRetryEvents[{i}]"), format!("unknown event {e:?} (connection-error)"));
+            }
+        }
+        for (i, e) in r.grpc_retry_events.iter().enumerate() {
+            if !GRPC_EVENTS.contains(&e.as_str()) {
+                self.err(format!("{path}.grpcRetryEvents[{i}]"), format!("unknown event {e:?} (one of {})", GRPC_EVENTS.join(", ")));
+            }
+        }
+        for (i, c) in r.retriable_status_codes.iter().enumerate() {
+            if !(100..=599).contains(c) {
+                self.err(format!("{path}.retriableStatusCodes[{i}]"), "must be 100..=599".into());
+            }
+        }
+        if let Some(b) = &r.budget {
+            if b.retry_percent.is_some_and(|p| !(0.0..=1000.0).contains(&p)) {
+                self.err(format!("{path}.budget.retryPercent"), "must be 0..=1000".into());
+            }
+            if b.min_retries_per_second.is_some_and(|m| !(0..=100_000).contains(&m)) {
+                self.err(format!("{path}.budget.minRetriesPerSecond"), "must be 0..=100000".into());
+            }
+        }
+        if let Some(b) = &r.backoff {
+            for (field, d) in [("baseInterval", &b.base_interval), ("maxInterval", &b.max_interval)] {
+                if d.is_some_and(|d| d.value <= 0) {
+                    self.err(format!("{path}.backoff.{field}.value"), "must be greater than 0".into());
+                }
+            }
+        }
+    }
+
+    fn timeouts(&mut self, path: &str, t: Option<&Timeouts>) {
+        let Some(t) = t else { return };
+        for (field, d) in [("perRequest", &t.per_request), ("idle", &t.idle)] {
+            if d.is_some_and(|d| d.value < 0) {
+                self.err(format!("{path}.{field}.value"), "must not be negative".into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_documents;
+
+    fn state_of(yaml: &str) -> Result<State, Vec<String>> {
+        let docs = parse_documents(yaml).map_err(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let mut state = State::new();
+        let mut origin = HashMap::new();
+        let mut problems = Vec::new();
+        for (i, m) in docs.into_iter().enumerate() {
+            match admit(m, Some(i)) {
+                Ok(r) => {
+                    origin.insert(r.key.clone(), i);
+                    state.insert(r.key.clone(), r);
+                }
+                Err(p) => problems.extend(p),
+            }
+        }
+        problems.extend(check(&state, &origin));
+        if problems.is_empty() { Ok(state) } else { Err(problems.iter().map(ToString::to_string).collect()) }
+    }
+
+    const GOOD: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: Mesh
+metadata: { name: m }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: blue }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: { name: ct }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  routes:
+    - name: r
+      httpRoute:
+        match: { prefix: / }
+        action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }] }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: { name: colorteller }
+spec:
+  provider: { virtualRouter: { virtualRouterRef: { name: ct } } }
+";
+
+    #[test]
+    fn a_consistent_set_passes() {
+        let state = state_of(GOOD).unwrap();
+        assert_eq!(state.len(), 4);
+        let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
+        assert_eq!(state[&vs].manifest.metadata.namespace.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn problems_name_document_resource_and_field() {
+        let cases = [
+            (GOOD.replace("weight: 100", "weight: 101"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].weight: must be 0..=100"),
+            (GOOD.replace("name: blue }, weight", "name: green }, weight"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeRef: VirtualNode default/green not found"),
+            (GOOD.replace("prefix: /", "prefx: /"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.match.prefx: unknown field"),
+            (GOOD.replace("kind: Mesh", "kind: Mash"), "document 0: kind: unknown kind \"Mash\""),
+            (GOOD.replace("apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh", "apiVersion: v1\nkind: Mesh"), "document 0 (Mesh m): apiVersion: must be"),
+            (GOOD.replace("protocol: http } }]\n  serviceDiscovery", "protocol: htp } }]\n  serviceDiscovery"), "document 1 (VirtualNode default/blue): spec.listeners[0].portMapping.protocol"),
+            (GOOD.replace("kind: Mesh\nmetadata: { name: m }", "kind: VirtualNode\nmetadata: { name: x }"), "spec.meshRef: no Mesh exists"),
+        ];
+        for (yaml, want) in cases {
+            let problems = state_of(&yaml).unwrap_err();
+            assert!(problems.iter().any(|p| p.contains(want)), "want {want}\ngot {problems:?}");
+        }
+    }
+}
