@@ -2,5 +2,7 @@
 //! and the config stream that pushes them.
 
 pub mod model;
+pub mod registry;
 pub mod store;
+pub mod translate;
 pub mod validate;

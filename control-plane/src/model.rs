@@ -81,14 +81,23 @@ impl ResourceKey {
     pub fn new(kind: Kind, namespace: &str, name: &str) -> Self {
         Self {
             kind,
-            namespace: if kind.namespaced() { namespace.to_string() } else { String::new() },
+            namespace: if kind.namespaced() {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
             name: name.to_string(),
         }
     }
 
     /// The store key: `resources/<kind>/<namespace>/<name>`.
     pub fn store_key(&self) -> String {
-        format!("resources/{}/{}/{}", self.kind.lower(), self.namespace, self.name)
+        format!(
+            "resources/{}/{}/{}",
+            self.kind.lower(),
+            self.namespace,
+            self.name
+        )
     }
 
     pub fn from_store_key(key: &str) -> Option<Self> {
@@ -546,7 +555,10 @@ impl Attributes {
     pub fn pairs(&self) -> Vec<(&str, &str)> {
         match self {
             Self::Map(m) => m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-            Self::List(l) => l.iter().map(|a| (a.key.as_str(), a.value.as_str())).collect(),
+            Self::List(l) => l
+                .iter()
+                .map(|a| (a.key.as_str(), a.value.as_str()))
+                .collect(),
         }
     }
 }
@@ -692,10 +704,18 @@ impl Spec {
 /// Parses `spec` for `kind`; errors carry the path under `spec`.
 pub fn parse_spec(kind: Kind, spec: &Value) -> Result<Spec, (String, String)> {
     fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, (String, String)> {
-        let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+        let v = if v.is_null() {
+            Value::Object(Default::default())
+        } else {
+            v.clone()
+        };
         serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." { "spec".to_string() } else { format!("spec.{path}") };
+            let path = if path == "." {
+                "spec".to_string()
+            } else {
+                format!("spec.{path}")
+            };
             (path, e.into_inner().to_string())
         })
     }
@@ -720,7 +740,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<crate::validate:
             Ok(Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                problems.push(crate::validate::Problem::document(i, "(document)", e.to_string()));
+                problems.push(crate::validate::Problem::document(
+                    i,
+                    "(document)",
+                    e.to_string(),
+                ));
                 break;
             }
         };
@@ -728,11 +752,19 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<crate::validate:
             Ok(m) => out.push(m),
             Err(e) => {
                 let path = e.path().to_string();
-                problems.push(crate::validate::Problem::document(i, &path, e.into_inner().to_string()));
+                problems.push(crate::validate::Problem::document(
+                    i,
+                    &path,
+                    e.into_inner().to_string(),
+                ));
             }
         }
     }
-    if problems.is_empty() { Ok(out) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
 }
 
 #[cfg(test)]
@@ -741,7 +773,12 @@ mod tests {
 
     #[test]
     fn kinds_parse_in_every_spelling() {
-        for s in ["VirtualRouter", "virtualrouter", "virtualrouters", "VIRTUALROUTERS"] {
+        for s in [
+            "VirtualRouter",
+            "virtualrouter",
+            "virtualrouters",
+            "VIRTUALROUTERS",
+        ] {
             assert_eq!(Kind::parse(s), Some(Kind::VirtualRouter), "{s}");
         }
         assert_eq!(Kind::parse("meshes"), None, "only plural s");
@@ -773,10 +810,20 @@ mod tests {
                 }
             }]
         });
-        let Spec::VirtualRouter(r) = parse_spec(Kind::VirtualRouter, &spec).unwrap() else { panic!() };
+        let Spec::VirtualRouter(r) = parse_spec(Kind::VirtualRouter, &spec).unwrap() else {
+            panic!()
+        };
         let http = r.routes[0].http_route.as_ref().unwrap();
-        assert_eq!(http.retry_policy.as_ref().unwrap().per_retry_timeout.to_std(), Some(std::time::Duration::from_millis(500)));
-        let bad: Value = serde_json::json!({"routes": [{"name": "r", "httpRoute": {"match": {"prefx": "/"}}}]});
+        assert_eq!(
+            http.retry_policy
+                .as_ref()
+                .unwrap()
+                .per_retry_timeout
+                .to_std(),
+            Some(std::time::Duration::from_millis(500))
+        );
+        let bad: Value =
+            serde_json::json!({"routes": [{"name": "r", "httpRoute": {"match": {"prefx": "/"}}}]});
         let (path, reason) = parse_spec(Kind::VirtualRouter, &bad).unwrap_err();
         assert_eq!(path, "spec.routes[0].httpRoute.match.prefx");
         assert!(reason.contains("unknown field"), "{reason}");
@@ -786,7 +833,8 @@ mod tests {
     fn attributes_as_map_or_list() {
         let map: RegistryDiscovery = serde_json::from_value(serde_json::json!({
             "namespaceName": "ns", "serviceName": "s", "attributes": {"version": "v2"}
-        })).unwrap();
+        }))
+        .unwrap();
         let list: RegistryDiscovery = serde_json::from_value(serde_json::json!({
             "namespaceName": "ns", "serviceName": "s", "attributes": [{"key": "version", "value": "v2"}]
         })).unwrap();

@@ -77,19 +77,42 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
         })
     };
     if manifest.api_version != API_VERSION {
-        p("apiVersion", format!("must be {API_VERSION:?}, not {:?}", manifest.api_version));
+        p(
+            "apiVersion",
+            format!("must be {API_VERSION:?}, not {:?}", manifest.api_version),
+        );
     }
     let Some(kind) = Kind::parse(&manifest.kind).filter(|k| k.as_str() == manifest.kind) else {
         let kinds: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
-        p("kind", format!("unknown kind {:?} (one of {})", manifest.kind, kinds.join(", ")));
+        p(
+            "kind",
+            format!(
+                "unknown kind {:?} (one of {})",
+                manifest.kind,
+                kinds.join(", ")
+            ),
+        );
         return Err(problems);
     };
     if !valid_name(&manifest.metadata.name) {
-        p("metadata.name", format!("{:?} is not a valid name (lowercase letters, digits, '-', '.')", manifest.metadata.name));
+        p(
+            "metadata.name",
+            format!(
+                "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
+                manifest.metadata.name
+            ),
+        );
     }
-    let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let namespace = manifest
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
     if kind.namespaced() && !valid_name(&namespace) {
-        p("metadata.namespace", format!("{namespace:?} is not a valid namespace"));
+        p(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace"),
+        );
     }
     let spec = match parse_spec(kind, &manifest.spec) {
         Ok(s) => Some(s),
@@ -111,7 +134,11 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
                 manifest.metadata.namespace = None;
             }
             manifest.status = None;
-            Ok(Resource { key, manifest, spec })
+            Ok(Resource {
+                key,
+                manifest,
+                spec,
+            })
         }
         _ => Err(problems),
     }
@@ -138,8 +165,13 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
                     c.err("spec.meshRef.name", format!("mesh {:?} not found", m.name));
                 }
                 Some(_) => {}
-                None if meshes.is_empty() => c.err("spec.meshRef", "no Mesh exists: apply a Mesh first".into()),
-                None if meshes.len() > 1 => c.err("spec.meshRef", "several meshes exist: name one in spec.meshRef.name".into()),
+                None if meshes.is_empty() => {
+                    c.err("spec.meshRef", "no Mesh exists: apply a Mesh first".into())
+                }
+                None if meshes.len() > 1 => c.err(
+                    "spec.meshRef",
+                    "several meshes exist: name one in spec.meshRef.name".into(),
+                ),
                 None => {}
             }
         }
@@ -162,8 +194,21 @@ struct Checker<'a> {
 }
 
 const PROTOCOLS: [&str; 4] = ["http", "http2", "grpc", "tcp"];
-const HTTP_EVENTS: [&str; 6] = ["server-error", "gateway-error", "client-error", "stream-error", "connect-failure", "refused-stream"];
-const GRPC_EVENTS: [&str; 5] = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
+const HTTP_EVENTS: [&str; 6] = [
+    "server-error",
+    "gateway-error",
+    "client-error",
+    "stream-error",
+    "connect-failure",
+    "refused-stream",
+];
+const GRPC_EVENTS: [&str; 5] = [
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
 
 impl Checker<'_> {
     fn err(&mut self, path: impl Into<String>, reason: String) {
@@ -185,10 +230,19 @@ impl Checker<'_> {
             if !(1..=65535).contains(&l.port_mapping.port) {
                 self.err(format!("{lp}.port"), "must be 1..=65535".into());
             } else if !ports.insert(l.port_mapping.port) {
-                self.err(format!("{lp}.port"), format!("port {} is listed twice", l.port_mapping.port));
+                self.err(
+                    format!("{lp}.port"),
+                    format!("port {} is listed twice", l.port_mapping.port),
+                );
             }
             if !PROTOCOLS.contains(&l.port_mapping.protocol.as_str()) {
-                self.err(format!("{lp}.protocol"), format!("{:?} is not one of http, http2, grpc, tcp", l.port_mapping.protocol));
+                self.err(
+                    format!("{lp}.protocol"),
+                    format!(
+                        "{:?} is not one of http, http2, grpc, tcp",
+                        l.port_mapping.protocol
+                    ),
+                );
             }
         }
     }
@@ -204,36 +258,69 @@ impl Checker<'_> {
                 }
                 if let Some(p) = &s.provider {
                     match (&p.virtual_node, &p.virtual_router) {
-                        (Some(_), Some(_)) => self.err("spec.provider", "give virtualNode or virtualRouter, not both".into()),
-                        (Some(n), None) => self.exists("spec.provider.virtualNode.virtualNodeRef", Kind::VirtualNode, &n.virtual_node_ref),
-                        (None, Some(r)) => self.exists("spec.provider.virtualRouter.virtualRouterRef", Kind::VirtualRouter, &r.virtual_router_ref),
-                        (None, None) => self.err("spec.provider", "give virtualNode or virtualRouter".into()),
+                        (Some(_), Some(_)) => self.err(
+                            "spec.provider",
+                            "give virtualNode or virtualRouter, not both".into(),
+                        ),
+                        (Some(n), None) => self.exists(
+                            "spec.provider.virtualNode.virtualNodeRef",
+                            Kind::VirtualNode,
+                            &n.virtual_node_ref,
+                        ),
+                        (None, Some(r)) => self.exists(
+                            "spec.provider.virtualRouter.virtualRouterRef",
+                            Kind::VirtualRouter,
+                            &r.virtual_router_ref,
+                        ),
+                        (None, None) => {
+                            self.err("spec.provider", "give virtualNode or virtualRouter".into())
+                        }
                     }
                 }
             }
             Spec::VirtualRouter(r) => {
                 if r.listeners.len() != 1 {
-                    self.err("spec.listeners", "a VirtualRouter has exactly one listener".into());
+                    self.err(
+                        "spec.listeners",
+                        "a VirtualRouter has exactly one listener".into(),
+                    );
                 }
                 self.listeners("spec.listeners", &r.listeners);
                 let mut names = HashSet::new();
                 for (i, route) in r.routes.iter().enumerate() {
                     let rp = format!("spec.routes[{i}]");
                     if !valid_name(&route.name) {
-                        self.err(format!("{rp}.name"), format!("{:?} is not a valid name", route.name));
+                        self.err(
+                            format!("{rp}.name"),
+                            format!("{:?} is not a valid name", route.name),
+                        );
                     } else if !names.insert(route.name.as_str()) {
-                        self.err(format!("{rp}.name"), format!("duplicate route name {:?}", route.name));
+                        self.err(
+                            format!("{rp}.name"),
+                            format!("duplicate route name {:?}", route.name),
+                        );
                     }
                     if let Some(p) = route.priority {
                         if !(0..=1000).contains(&p) {
                             self.err(format!("{rp}.priority"), "must be 0..=1000".into());
                         }
                     }
-                    let kinds = [route.http_route.is_some(), route.http2_route.is_some(), route.grpc_route.is_some(), route.tcp_route.is_some()];
+                    let kinds = [
+                        route.http_route.is_some(),
+                        route.http2_route.is_some(),
+                        route.grpc_route.is_some(),
+                        route.tcp_route.is_some(),
+                    ];
                     if kinds.iter().filter(|k| **k).count() != 1 {
-                        self.err(&rp, "give exactly one of httpRoute, http2Route, grpcRoute, tcpRoute".into());
+                        self.err(
+                            &rp,
+                            "give exactly one of httpRoute, http2Route, grpcRoute, tcpRoute".into(),
+                        );
                     }
-                    for (field, http) in [("httpRoute", &route.http_route), ("http2Route", &route.http2_route)] {
+                    for (field, http) in [
+                        ("httpRoute", &route.http_route),
+                        ("http2Route", &route.http2_route),
+                    ] {
                         if let Some(h) = http {
                             let hp = format!("{rp}.{field}");
                             self.http_match(&format!("{hp}.match"), &h.matcher);
@@ -261,25 +348,51 @@ impl Checker<'_> {
             Spec::VirtualNode(n) => {
                 self.listeners("spec.listeners", &n.listeners);
                 if let Some(sd) = &n.service_discovery {
-                    let count = [sd.registry.is_some(), sd.aws_cloud_map.is_some(), sd.dns.is_some()].iter().filter(|b| **b).count();
+                    let count = [
+                        sd.registry.is_some(),
+                        sd.aws_cloud_map.is_some(),
+                        sd.dns.is_some(),
+                    ]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
                     if count != 1 {
-                        self.err("spec.serviceDiscovery", "give exactly one of registry, awsCloudMap, dns".into());
+                        self.err(
+                            "spec.serviceDiscovery",
+                            "give exactly one of registry, awsCloudMap, dns".into(),
+                        );
                     }
                     if let Some(dns) = &sd.dns {
                         if dns.hostname.is_empty() {
-                            self.err("spec.serviceDiscovery.dns.hostname", "must not be empty".into());
+                            self.err(
+                                "spec.serviceDiscovery.dns.hostname",
+                                "must not be empty".into(),
+                            );
                         }
                         if n.listeners.is_empty() {
-                            self.err("spec.listeners", "dns service discovery needs a listener port".into());
+                            self.err(
+                                "spec.listeners",
+                                "dns service discovery needs a listener port".into(),
+                            );
                         }
                     }
                 }
                 for (i, b) in n.backends.iter().enumerate() {
-                    self.exists(&format!("spec.backends[{i}].virtualService.virtualServiceRef"), Kind::VirtualService, &b.virtual_service.virtual_service_ref);
+                    self.exists(
+                        &format!("spec.backends[{i}].virtualService.virtualServiceRef"),
+                        Kind::VirtualService,
+                        &b.virtual_service.virtual_service_ref,
+                    );
                 }
                 if let Some(lb) = &n.load_balancer {
                     if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
-                        self.err("spec.loadBalancer.policy", format!("{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM", lb.policy));
+                        self.err(
+                            "spec.loadBalancer.policy",
+                            format!(
+                                "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
+                                lb.policy
+                            ),
+                        );
                     }
                 }
             }
@@ -293,11 +406,19 @@ impl Checker<'_> {
                 if let Some(g) = &r.virtual_gateway_ref {
                     self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
                 }
-                let kinds = [r.http_route.is_some(), r.http2_route.is_some(), r.grpc_route.is_some()];
+                let kinds = [
+                    r.http_route.is_some(),
+                    r.http2_route.is_some(),
+                    r.grpc_route.is_some(),
+                ];
                 if kinds.iter().filter(|k| **k).count() != 1 {
-                    self.err("spec", "give exactly one of httpRoute, http2Route, grpcRoute".into());
+                    self.err(
+                        "spec",
+                        "give exactly one of httpRoute, http2Route, grpcRoute".into(),
+                    );
                 }
-                for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)] {
+                for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)]
+                {
                     if let Some(h) = http {
                         self.exists(
                             &format!("spec.{field}.action.target.virtualService.virtualServiceRef"),
@@ -312,11 +433,15 @@ impl Checker<'_> {
 
     fn http_match(&mut self, path: &str, m: &HttpMatch) {
         match (&m.prefix, &m.path) {
-            (Some(p), None) if !p.starts_with('/') => self.err(format!("{path}.prefix"), "must start with \"/\"".into()),
+            (Some(p), None) if !p.starts_with('/') => {
+                self.err(format!("{path}.prefix"), "must start with \"/\"".into())
+            }
             (Some(_), Some(_)) => self.err(path, "give prefix or path, not both".into()),
             (None, None) => self.err(path, "give prefix or path".into()),
             (None, Some(pm)) => match (&pm.exact, &pm.regex) {
-                (Some(e), None) if !e.starts_with('/') => self.err(format!("{path}.path.exact"), "must start with \"/\"".into()),
+                (Some(e), None) if !e.starts_with('/') => {
+                    self.err(format!("{path}.path.exact"), "must start with \"/\"".into())
+                }
                 (None, Some(re)) => self.regex(&format!("{path}.path.regex"), re),
                 (Some(_), None) => {}
                 _ => self.err(format!("{path}.path"), "give exact or regex".into()),
@@ -325,13 +450,21 @@ impl Checker<'_> {
         }
         self.headers(&format!("{path}.headers"), &m.headers);
         if let Some(method) = &m.method {
-            if http::Method::from_bytes(method.as_bytes()).is_err() || method.to_ascii_uppercase() != *method {
-                self.err(format!("{path}.method"), format!("{method:?} is not an HTTP method"));
+            if http::Method::from_bytes(method.as_bytes()).is_err()
+                || method.to_ascii_uppercase() != *method
+            {
+                self.err(
+                    format!("{path}.method"),
+                    format!("{method:?} is not an HTTP method"),
+                );
             }
         }
         for (i, q) in m.query_parameters.iter().enumerate() {
             if q.name.is_empty() {
-                self.err(format!("{path}.queryParameters[{i}].name"), "must not be empty".into());
+                self.err(
+                    format!("{path}.queryParameters[{i}].name"),
+                    "must not be empty".into(),
+                );
             }
         }
         if let Some(port) = m.port {
@@ -345,19 +478,34 @@ impl Checker<'_> {
         for (i, h) in headers.iter().enumerate() {
             let hp = format!("{path}[{i}]");
             if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-                self.err(format!("{hp}.name"), format!("{:?} is not a header name", h.name));
+                self.err(
+                    format!("{hp}.name"),
+                    format!("{:?} is not a header name", h.name),
+                );
             }
             if let Some(m) = &h.matcher {
-                let rules = [m.exact.is_some(), m.prefix.is_some(), m.suffix.is_some(), m.regex.is_some(), m.range.is_some()];
+                let rules = [
+                    m.exact.is_some(),
+                    m.prefix.is_some(),
+                    m.suffix.is_some(),
+                    m.regex.is_some(),
+                    m.range.is_some(),
+                ];
                 if rules.iter().filter(|r| **r).count() != 1 {
-                    self.err(format!("{hp}.match"), "give exactly one of exact, prefix, suffix, regex, range".into());
+                    self.err(
+                        format!("{hp}.match"),
+                        "give exactly one of exact, prefix, suffix, regex, range".into(),
+                    );
                 }
                 if let Some(re) = &m.regex {
                     self.regex(&format!("{hp}.match.regex"), re);
                 }
                 if let Some(r) = &m.range {
                     if r.start >= r.end {
-                        self.err(format!("{hp}.match.range"), "start must be less than end".into());
+                        self.err(
+                            format!("{hp}.match.range"),
+                            "start must be less than end".into(),
+                        );
                     }
                 }
             }
@@ -366,7 +514,11 @@ impl Checker<'_> {
 
     fn regex(&mut self, path: &str, re: &str) {
         if let Err(e) = regex::Regex::new(re) {
-            let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            let reason = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             self.err(path, format!("invalid regex: {reason}"));
         }
     }
@@ -374,16 +526,26 @@ impl Checker<'_> {
     fn action(&mut self, path: &str, action: &RouteAction) {
         let targets = &action.weighted_targets;
         if targets.is_empty() || targets.len() > 10 {
-            self.err(format!("{path}.weightedTargets"), "must list 1 to 10 targets".into());
+            self.err(
+                format!("{path}.weightedTargets"),
+                "must list 1 to 10 targets".into(),
+            );
         } else if targets.iter().all(|t| t.weight == 0) {
-            self.err(format!("{path}.weightedTargets"), "the weights must not all be 0".into());
+            self.err(
+                format!("{path}.weightedTargets"),
+                "the weights must not all be 0".into(),
+            );
         }
         for (i, t) in targets.iter().enumerate() {
             let tp = format!("{path}.weightedTargets[{i}]");
             if !(0..=100).contains(&t.weight) {
                 self.err(format!("{tp}.weight"), "must be 0..=100".into());
             }
-            self.exists(&format!("{tp}.virtualNodeRef"), Kind::VirtualNode, &t.virtual_node_ref);
+            self.exists(
+                &format!("{tp}.virtualNodeRef"),
+                Kind::VirtualNode,
+                &t.virtual_node_ref,
+            );
         }
     }
 
@@ -393,40 +555,71 @@ impl Checker<'_> {
             self.err(format!("{path}.maxRetries"), "must be 0..=25".into());
         }
         if r.per_retry_timeout.value <= 0 {
-            self.err(format!("{path}.perRetryTimeout.value"), "must be greater than 0".into());
+            self.err(
+                format!("{path}.perRetryTimeout.value"),
+                "must be greater than 0".into(),
+            );
         }
         for (i, e) in r.http_retry_events.iter().enumerate() {
             if !HTTP_EVENTS.contains(&e.as_str()) {
-                self.err(format!("{path}.httpRetryEvents[{i}]"), format!("unknown event {e:?} (one of {})", HTTP_EVENTS.join(", ")));
+                self.err(
+                    format!("{path}.httpRetryEvents[{i}]"),
+                    format!("unknown event {e:?} (one of {})", HTTP_EVENTS.join(", ")),
+                );
             }
         }
         for (i, e) in r.tcp_retry_events.iter().enumerate() {
             if e != "connection-error" {
-                self.err(format!("{path}.tcpRetryEvents[{i}]"), format!("unknown event {e:?} (connection-error)"));
+                self.err(
+                    format!("{path}.tcpRetryEvents[{i}]"),
+                    format!("unknown event {e:?} (connection-error)"),
+                );
             }
         }
         for (i, e) in r.grpc_retry_events.iter().enumerate() {
             if !GRPC_EVENTS.contains(&e.as_str()) {
-                self.err(format!("{path}.grpcRetryEvents[{i}]"), format!("unknown event {e:?} (one of {})", GRPC_EVENTS.join(", ")));
+                self.err(
+                    format!("{path}.grpcRetryEvents[{i}]"),
+                    format!("unknown event {e:?} (one of {})", GRPC_EVENTS.join(", ")),
+                );
             }
         }
         for (i, c) in r.retriable_status_codes.iter().enumerate() {
             if !(100..=599).contains(c) {
-                self.err(format!("{path}.retriableStatusCodes[{i}]"), "must be 100..=599".into());
+                self.err(
+                    format!("{path}.retriableStatusCodes[{i}]"),
+                    "must be 100..=599".into(),
+                );
             }
         }
         if let Some(b) = &r.budget {
-            if b.retry_percent.is_some_and(|p| !(0.0..=1000.0).contains(&p)) {
-                self.err(format!("{path}.budget.retryPercent"), "must be 0..=1000".into());
+            if b.retry_percent
+                .is_some_and(|p| !(0.0..=1000.0).contains(&p))
+            {
+                self.err(
+                    format!("{path}.budget.retryPercent"),
+                    "must be 0..=1000".into(),
+                );
             }
-            if b.min_retries_per_second.is_some_and(|m| !(0..=100_000).contains(&m)) {
-                self.err(format!("{path}.budget.minRetriesPerSecond"), "must be 0..=100000".into());
+            if b.min_retries_per_second
+                .is_some_and(|m| !(0..=100_000).contains(&m))
+            {
+                self.err(
+                    format!("{path}.budget.minRetriesPerSecond"),
+                    "must be 0..=100000".into(),
+                );
             }
         }
         if let Some(b) = &r.backoff {
-            for (field, d) in [("baseInterval", &b.base_interval), ("maxInterval", &b.max_interval)] {
+            for (field, d) in [
+                ("baseInterval", &b.base_interval),
+                ("maxInterval", &b.max_interval),
+            ] {
                 if d.is_some_and(|d| d.value <= 0) {
-                    self.err(format!("{path}.backoff.{field}.value"), "must be greater than 0".into());
+                    self.err(
+                        format!("{path}.backoff.{field}.value"),
+                        "must be greater than 0".into(),
+                    );
                 }
             }
         }
@@ -436,7 +629,10 @@ impl Checker<'_> {
         let Some(t) = t else { return };
         for (field, d) in [("perRequest", &t.per_request), ("idle", &t.idle)] {
             if d.is_some_and(|d| d.value < 0) {
-                self.err(format!("{path}.{field}.value"), "must not be negative".into());
+                self.err(
+                    format!("{path}.{field}.value"),
+                    "must not be negative".into(),
+                );
             }
         }
     }
@@ -448,7 +644,8 @@ mod tests {
     use crate::model::parse_documents;
 
     fn state_of(yaml: &str) -> Result<State, Vec<String>> {
-        let docs = parse_documents(yaml).map_err(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let docs = parse_documents(yaml)
+            .map_err(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())?;
         let mut state = State::new();
         let mut origin = HashMap::new();
         let mut problems = Vec::new();
@@ -462,7 +659,11 @@ mod tests {
             }
         }
         problems.extend(check(&state, &origin));
-        if problems.is_empty() { Ok(state) } else { Err(problems.iter().map(ToString::to_string).collect()) }
+        if problems.is_empty() {
+            Ok(state)
+        } else {
+            Err(problems.iter().map(ToString::to_string).collect())
+        }
     }
 
     const GOOD: &str = "
@@ -500,23 +701,59 @@ spec:
         let state = state_of(GOOD).unwrap();
         assert_eq!(state.len(), 4);
         let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
-        assert_eq!(state[&vs].manifest.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            state[&vs].manifest.metadata.namespace.as_deref(),
+            Some("default")
+        );
     }
 
     #[test]
     fn problems_name_document_resource_and_field() {
         let cases = [
-            (GOOD.replace("weight: 100", "weight: 101"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].weight: must be 0..=100"),
-            (GOOD.replace("name: blue }, weight", "name: green }, weight"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeRef: VirtualNode default/green not found"),
-            (GOOD.replace("prefix: /", "prefx: /"), "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.match.prefx: unknown field"),
-            (GOOD.replace("kind: Mesh", "kind: Mash"), "document 0: kind: unknown kind \"Mash\""),
-            (GOOD.replace("apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh", "apiVersion: v1\nkind: Mesh"), "document 0 (Mesh m): apiVersion: must be"),
-            (GOOD.replace("protocol: http } }]\n  serviceDiscovery", "protocol: htp } }]\n  serviceDiscovery"), "document 1 (VirtualNode default/blue): spec.listeners[0].portMapping.protocol"),
-            (GOOD.replace("kind: Mesh\nmetadata: { name: m }", "kind: VirtualNode\nmetadata: { name: x }"), "spec.meshRef: no Mesh exists"),
+            (
+                GOOD.replace("weight: 100", "weight: 101"),
+                "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].weight: must be 0..=100",
+            ),
+            (
+                GOOD.replace("name: blue }, weight", "name: green }, weight"),
+                "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeRef: VirtualNode default/green not found",
+            ),
+            (
+                GOOD.replace("prefix: /", "prefx: /"),
+                "document 2 (VirtualRouter default/ct): spec.routes[0].httpRoute.match.prefx: unknown field",
+            ),
+            (
+                GOOD.replace("kind: Mesh", "kind: Mash"),
+                "document 0: kind: unknown kind \"Mash\"",
+            ),
+            (
+                GOOD.replace(
+                    "apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh",
+                    "apiVersion: v1\nkind: Mesh",
+                ),
+                "document 0 (Mesh m): apiVersion: must be",
+            ),
+            (
+                GOOD.replace(
+                    "protocol: http } }]\n  serviceDiscovery",
+                    "protocol: htp } }]\n  serviceDiscovery",
+                ),
+                "document 1 (VirtualNode default/blue): spec.listeners[0].portMapping.protocol",
+            ),
+            (
+                GOOD.replace(
+                    "kind: Mesh\nmetadata: { name: m }",
+                    "kind: VirtualNode\nmetadata: { name: x }",
+                ),
+                "spec.meshRef: no Mesh exists",
+            ),
         ];
         for (yaml, want) in cases {
             let problems = state_of(&yaml).unwrap_err();
-            assert!(problems.iter().any(|p| p.contains(want)), "want {want}\ngot {problems:?}");
+            assert!(
+                problems.iter().any(|p| p.contains(want)),
+                "want {want}\ngot {problems:?}"
+            );
         }
     }
 }

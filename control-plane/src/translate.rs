@@ -1,0 +1,615 @@
+//! Translation: the mesh state and the registry → one snapshot per proxy. Pure and
+//! deterministic; the version is a hash of the content.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use trellis_proto::{Duration as PbDuration, v1 as pb};
+
+use crate::{
+    model::{
+        self, HeaderMatch, HttpMatch, Kind, ResourceKey, RetryPolicy, Spec, Timeouts,
+        VirtualNodeSpec,
+    },
+    registry::{Instance, InstanceStatus},
+    validate::State,
+};
+
+/// A snapshot with the resources it was built from (for per-resource status).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translated {
+    pub snapshot: pb::Snapshot,
+    pub uses: BTreeSet<ResourceKey>,
+}
+
+fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn app_duration(d: Option<&model::Duration>) -> Option<PbDuration> {
+    d.and_then(|d| d.to_std()).map(duration)
+}
+
+fn cluster_protocol(protocol: &str) -> pb::cluster::Protocol {
+    match protocol {
+        "http2" => pb::cluster::Protocol::Http2,
+        "grpc" => pb::cluster::Protocol::Grpc,
+        "tcp" => pb::cluster::Protocol::TcpOnly,
+        _ => pb::cluster::Protocol::Http1,
+    }
+}
+
+/// The hostname a VirtualService is reached at.
+pub fn hostname(key: &ResourceKey, spec: &model::VirtualServiceSpec) -> String {
+    spec.hostname
+        .clone()
+        .or_else(|| spec.aws_name.clone())
+        .unwrap_or_else(|| format!("{}.{}", key.name, key.namespace))
+}
+
+struct Builder<'a> {
+    state: &'a State,
+    instances: &'a [Instance],
+    uses: BTreeSet<ResourceKey>,
+    clusters: BTreeMap<String, pb::Cluster>,
+}
+
+impl Builder<'_> {
+    fn node(&mut self, key: &ResourceKey) -> Option<&VirtualNodeSpec> {
+        match self.state.get(key).map(|r| &r.spec) {
+            Some(Spec::VirtualNode(n)) => {
+                self.uses.insert(key.clone());
+                Some(n)
+            }
+            _ => None,
+        }
+    }
+
+    /// The cluster for a target VirtualNode; returns its name.
+    fn cluster(&mut self, key: &ResourceKey) -> String {
+        let name = format!("{}/{}", key.namespace, key.name);
+        if self.clusters.contains_key(&name) {
+            return name;
+        }
+        let state = self.state;
+        let instances = self.instances;
+        let Some(node) = self.node(key).cloned() else {
+            // Validation keeps references whole; an unknown node gets an empty cluster.
+            self.clusters.insert(
+                name.clone(),
+                pb::Cluster {
+                    name: name.clone(),
+                    ..Default::default()
+                },
+            );
+            return name;
+        };
+        let _ = state;
+        let listener = node.listeners.first();
+        let protocol = listener.map_or(pb::cluster::Protocol::Http1, |l| {
+            cluster_protocol(&l.port_mapping.protocol)
+        });
+        let lb = match node.load_balancer.as_ref().map(|l| l.policy.as_str()) {
+            Some("LEAST_REQUEST") => pb::cluster::LbPolicy::LeastRequest,
+            Some("RANDOM") => pb::cluster::LbPolicy::Random,
+            _ => pb::cluster::LbPolicy::RoundRobin,
+        };
+        let mut endpoints = Vec::new();
+        if let Some(sd) = &node.service_discovery {
+            if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
+                let selector = reg.attributes.pairs();
+                let mut matching: Vec<&Instance> = instances
+                    .iter()
+                    .filter(|i| i.matches(&reg.namespace_name, &reg.service_name, &selector))
+                    .collect();
+                matching.sort_by(|a, b| a.id.cmp(&b.id));
+                for i in matching {
+                    endpoints.push(pb::Endpoint {
+                        address: if i.address.contains(':') && !i.address.starts_with('[') {
+                            format!("[{}]:{}", i.address, i.port)
+                        } else {
+                            format!("{}:{}", i.address, i.port)
+                        },
+                        health: match i.status {
+                            InstanceStatus::Healthy => pb::endpoint::Health::Healthy,
+                            InstanceStatus::Draining => pb::endpoint::Health::Draining,
+                        } as i32,
+                    });
+                }
+            } else if let (Some(dns), Some(l)) = (&sd.dns, listener) {
+                endpoints.push(pb::Endpoint {
+                    address: format!("{}:{}", dns.hostname, l.port_mapping.port),
+                    health: pb::endpoint::Health::Healthy as i32,
+                });
+            }
+        }
+        self.clusters.insert(
+            name.clone(),
+            pb::Cluster {
+                name: name.clone(),
+                protocol: protocol as i32,
+                lb_policy: lb as i32,
+                endpoints,
+                ..Default::default()
+            },
+        );
+        name
+    }
+
+    fn targets(&mut self, ns: &str, action: &model::RouteAction) -> Vec<pb::WeightedTarget> {
+        action
+            .weighted_targets
+            .iter()
+            .map(|t| {
+                let key = ResourceKey::new(
+                    Kind::VirtualNode,
+                    t.virtual_node_ref.namespace.as_deref().unwrap_or(ns),
+                    &t.virtual_node_ref.name,
+                );
+                pb::WeightedTarget {
+                    cluster: self.cluster(&key),
+                    weight: u32::try_from(t.weight).unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// The egress virtual host for one backend VirtualService.
+    fn virtual_service(&mut self, key: &ResourceKey) -> Option<pb::VirtualHost> {
+        let Some(Spec::VirtualService(vs)) = self.state.get(key).map(|r| &r.spec) else {
+            return None;
+        };
+        self.uses.insert(key.clone());
+        let host = hostname(key, vs);
+        let provider = vs.provider.as_ref()?;
+        let (port, routes) = if let Some(p) = &provider.virtual_node {
+            let node_key = ResourceKey::new(
+                Kind::VirtualNode,
+                p.virtual_node_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&key.namespace),
+                &p.virtual_node_ref.name,
+            );
+            let port = self
+                .node(&node_key)?
+                .listeners
+                .first()
+                .map(|l| l.port_mapping.port);
+            let cluster = self.cluster(&node_key);
+            let route = pb::Route {
+                name: format!("{}/default", key.name),
+                action: Some(pb::RouteAction {
+                    weighted_targets: vec![pb::WeightedTarget { cluster, weight: 1 }],
+                }),
+                ..Default::default()
+            };
+            (port, vec![route])
+        } else if let Some(p) = &provider.virtual_router {
+            let router_key = ResourceKey::new(
+                Kind::VirtualRouter,
+                p.virtual_router_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&key.namespace),
+                &p.virtual_router_ref.name,
+            );
+            let Some(Spec::VirtualRouter(router)) = self.state.get(&router_key).map(|r| &r.spec)
+            else {
+                return None;
+            };
+            self.uses.insert(router_key.clone());
+            let port = router.listeners.first().map(|l| l.port_mapping.port);
+            let mut routes = Vec::new();
+            for route in &router.routes {
+                routes.push(self.route(&router_key, route));
+            }
+            (port, routes)
+        } else {
+            return None;
+        };
+        let mut domains = Vec::new();
+        if let Some(port) = port {
+            domains.push(format!("{host}:{port}"));
+        }
+        domains.push(host.clone());
+        Some(pb::VirtualHost {
+            name: host,
+            domains,
+            routes,
+        })
+    }
+
+    fn route(&mut self, router: &ResourceKey, route: &model::Route) -> pb::Route {
+        let ns = router.namespace.as_str();
+        let mut out = pb::Route {
+            name: format!("{}/{}", router.name, route.name),
+            // App Mesh: lower first; routes without a priority come after those with one.
+            priority: route
+                .priority
+                .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
+            ..Default::default()
+        };
+        if let Some(h) = route.http_route.as_ref().or(route.http2_route.as_ref()) {
+            out.r#match = Some(http_match(&h.matcher));
+            out.action = Some(pb::RouteAction {
+                weighted_targets: self.targets(ns, &h.action),
+            });
+            out.retry_policy = h.retry_policy.as_ref().map(retry);
+            out.timeout = h.timeout.as_ref().map(timeouts);
+        } else if let Some(g) = &route.grpc_route {
+            out.r#match = Some(pb::RouteMatch {
+                grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
+                    service_name: s.clone(),
+                    method_name: g.matcher.method_name.clone().unwrap_or_default(),
+                }),
+                headers: g.matcher.metadata.iter().map(header_match).collect(),
+                port: g
+                    .matcher
+                    .port
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or(0),
+                ..Default::default()
+            });
+            out.action = Some(pb::RouteAction {
+                weighted_targets: self.targets(ns, &g.action),
+            });
+            out.retry_policy = g.retry_policy.as_ref().map(retry);
+            out.timeout = g.timeout.as_ref().map(timeouts);
+        } else if let Some(t) = &route.tcp_route {
+            // Reached through the egress with CONNECT.
+            out.action = Some(pb::RouteAction {
+                weighted_targets: self.targets(ns, &t.action),
+            });
+            out.timeout = t.timeout.as_ref().map(timeouts);
+        }
+        out
+    }
+}
+
+fn http_match(m: &HttpMatch) -> pb::RouteMatch {
+    use pb::route_match::Path;
+    let path = match (&m.prefix, &m.path) {
+        (Some(p), _) => Some(Path::Prefix(p.clone())),
+        (None, Some(pm)) => pm
+            .exact
+            .clone()
+            .map(Path::Exact)
+            .or_else(|| pm.regex.clone().map(Path::Regex)),
+        (None, None) => None,
+    };
+    pb::RouteMatch {
+        path,
+        headers: m.headers.iter().map(header_match).collect(),
+        method: m.method.clone().unwrap_or_default(),
+        query_parameters: m
+            .query_parameters
+            .iter()
+            .map(|q| pb::QueryParameterMatch {
+                name: q.name.clone(),
+                rule: Some(match &q.matcher {
+                    Some(e) => pb::query_parameter_match::Rule::Exact(e.exact.clone()),
+                    None => pb::query_parameter_match::Rule::Present(true),
+                }),
+            })
+            .collect(),
+        port: m.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+        grpc: None,
+    }
+}
+
+fn header_match(h: &HeaderMatch) -> pb::HeaderMatch {
+    use pb::header_match::Rule;
+    let rule = h.matcher.as_ref().and_then(|m| {
+        m.exact
+            .clone()
+            .map(Rule::Exact)
+            .or_else(|| m.prefix.clone().map(Rule::Prefix))
+            .or_else(|| m.suffix.clone().map(Rule::Suffix))
+            .or_else(|| m.regex.clone().map(Rule::Regex))
+            .or_else(|| {
+                m.range.as_ref().map(|r| {
+                    Rule::Range(pb::Range {
+                        start: r.start,
+                        end: r.end,
+                    })
+                })
+            })
+    });
+    pb::HeaderMatch {
+        name: h.name.clone(),
+        invert: h.invert.unwrap_or(false),
+        rule: Some(rule.unwrap_or(Rule::Present(true))),
+    }
+}
+
+fn retry(r: &RetryPolicy) -> pb::RetryPolicy {
+    let mut events = Vec::new();
+    let mut codes: Vec<u32> = r
+        .retriable_status_codes
+        .iter()
+        .filter_map(|c| u32::try_from(*c).ok())
+        .collect();
+    for e in &r.http_retry_events {
+        match e.as_str() {
+            // Envoy's retriable-4xx: 409 Conflict.
+            "client-error" => codes.push(409),
+            "stream-error" => events.push("reset".to_string()),
+            other => events.push(other.to_string()),
+        }
+    }
+    if r.tcp_retry_events.iter().any(|e| e == "connection-error") {
+        events.push("connect-failure".to_string());
+    }
+    events.sort();
+    events.dedup();
+    codes.sort_unstable();
+    codes.dedup();
+    pb::RetryPolicy {
+        max_retries: u32::try_from(r.max_retries).unwrap_or(0),
+        per_try_timeout: app_duration(Some(&r.per_retry_timeout)),
+        http_retry_events: events,
+        retriable_status_codes: codes,
+        grpc_retry_events: r.grpc_retry_events.clone(),
+        backoff: r.backoff.as_ref().map(|b| pb::Backoff {
+            base_interval: app_duration(b.base_interval.as_ref()),
+            max_interval: app_duration(b.max_interval.as_ref()),
+        }),
+        budget: r.budget.as_ref().map(|b| pb::RetryBudget {
+            retry_ratio: b.retry_percent.map(|p| p / 100.0),
+            min_retries_per_second: b.min_retries_per_second.and_then(|m| u32::try_from(m).ok()),
+        }),
+        buffer_limit_bytes: 0,
+    }
+}
+
+fn timeouts(t: &Timeouts) -> pb::Timeouts {
+    pb::Timeouts {
+        per_request: app_duration(t.per_request.as_ref()),
+        idle: app_duration(t.idle.as_ref()),
+    }
+}
+
+/// The snapshot for the sidecar of VirtualNode `node`, or None if the node does not exist.
+pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Option<Translated> {
+    let mut b = Builder {
+        state,
+        instances,
+        uses: BTreeSet::new(),
+        clusters: BTreeMap::new(),
+    };
+    let spec = b.node(node)?.clone();
+    for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
+        b.uses.insert(mesh.clone());
+    }
+    let mut listeners = Vec::new();
+
+    // Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did.
+    let locals: Vec<(i64, &str)> = spec
+        .listeners
+        .iter()
+        .map(|l| (l.port_mapping.port, l.port_mapping.protocol.as_str()))
+        .collect();
+    for (port, protocol) in &locals {
+        b.clusters.insert(
+            format!("local:{port}"),
+            pb::Cluster {
+                name: format!("local:{port}"),
+                protocol: cluster_protocol(protocol) as i32,
+                endpoints: vec![pb::Endpoint {
+                    address: format!("127.0.0.1:{port}"),
+                    health: pb::endpoint::Health::Healthy as i32,
+                }],
+                ..Default::default()
+            },
+        );
+    }
+    if let [(port, "tcp")] = locals.as_slice() {
+        listeners.push(pb::Listener {
+            name: "ingress".into(),
+            role: pb::listener::Role::Ingress as i32,
+            protocol: pb::listener::Protocol::Tcp as i32,
+            tcp: Some(pb::TcpRoute {
+                weighted_targets: vec![pb::WeightedTarget {
+                    cluster: format!("local:{port}"),
+                    weight: 1,
+                }],
+                idle: None,
+            }),
+            ..Default::default()
+        });
+    } else if !locals.is_empty() {
+        let many = locals.len() > 1;
+        let mut routes: Vec<pb::Route> = locals
+            .iter()
+            .map(|(port, _)| pb::Route {
+                name: format!("inbound:{port}"),
+                r#match: many.then(|| pb::RouteMatch {
+                    port: u32::try_from(*port).unwrap_or(0),
+                    ..Default::default()
+                }),
+                action: Some(pb::RouteAction {
+                    weighted_targets: vec![pb::WeightedTarget {
+                        cluster: format!("local:{port}"),
+                        weight: 1,
+                    }],
+                }),
+                ..Default::default()
+            })
+            .collect();
+        if many {
+            // Requests whose authority names no listener port go to the first listener.
+            let (port, _) = locals[0];
+            routes.push(pb::Route {
+                name: "inbound:default".into(),
+                priority: 1,
+                action: Some(pb::RouteAction {
+                    weighted_targets: vec![pb::WeightedTarget {
+                        cluster: format!("local:{port}"),
+                        weight: 1,
+                    }],
+                }),
+                ..Default::default()
+            });
+        }
+        listeners.push(pb::Listener {
+            name: "ingress".into(),
+            role: pb::listener::Role::Ingress as i32,
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "inbound".into(),
+                domains: vec!["*".into()],
+                routes,
+            }],
+            ..Default::default()
+        });
+    }
+
+    // Egress: the backends the node declares, and only those.
+    let mut hosts = Vec::new();
+    for backend in &spec.backends {
+        let r = &backend.virtual_service.virtual_service_ref;
+        let key = ResourceKey::new(
+            Kind::VirtualService,
+            r.namespace.as_deref().unwrap_or(&node.namespace),
+            &r.name,
+        );
+        if let Some(vh) = b.virtual_service(&key) {
+            hosts.push(vh);
+        }
+    }
+    listeners.push(pb::Listener {
+        name: "egress".into(),
+        role: pb::listener::Role::Egress as i32,
+        virtual_hosts: hosts,
+        ..Default::default()
+    });
+
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        listeners,
+        clusters: b.clusters.into_values().collect(),
+    };
+    snapshot.version = version(&snapshot);
+    Some(Translated {
+        snapshot,
+        uses: b.uses,
+    })
+}
+
+/// A content hash of the snapshot (its version field left empty).
+pub fn version(snapshot: &pb::Snapshot) -> String {
+    use prost::Message as _;
+    let mut unversioned = snapshot.clone();
+    unversioned.version.clear();
+    format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(&unversioned.encode_to_vec())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{model::parse_documents, validate};
+    use std::collections::HashMap;
+
+    fn state(yaml: &str) -> State {
+        let mut state = State::new();
+        for m in parse_documents(yaml).unwrap() {
+            let r = validate::admit(m, None).unwrap();
+            state.insert(r.key.clone(), r);
+        }
+        assert_eq!(validate::check(&state, &HashMap::new()), vec![]);
+        state
+    }
+
+    fn instance(id: &str, version: &str, port: u16, status: InstanceStatus) -> Instance {
+        Instance {
+            namespace: "demo".into(),
+            service: "colorteller".into(),
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            port,
+            attributes: [("version".to_string(), version.to_string())].into(),
+            status,
+            ttl_seconds: None,
+            lease: None,
+        }
+    }
+
+    const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
+
+    #[test]
+    fn colorapp_front_snapshot() {
+        let state = state(MESH);
+        let instances = [
+            instance("b1", "blue", 20001, InstanceStatus::Healthy),
+            instance("g1", "green", 20002, InstanceStatus::Draining),
+            instance("r1", "red", 20003, InstanceStatus::Healthy),
+            instance("x1", "other", 20004, InstanceStatus::Healthy),
+        ];
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state, &instances, &front).unwrap();
+        let s = &t.snapshot;
+        let egress = s.listeners.iter().find(|l| l.name == "egress").unwrap();
+        let vh = &egress.virtual_hosts[0];
+        assert_eq!(
+            vh.domains,
+            ["colorteller.default:9080", "colorteller.default"]
+        );
+        let clusters: BTreeMap<_, _> = s.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+        assert_eq!(
+            clusters["default/blue"].endpoints[0].address,
+            "127.0.0.1:20001"
+        );
+        assert_eq!(
+            clusters["default/green"].endpoints[0].health,
+            pb::endpoint::Health::Draining as i32
+        );
+        assert_eq!(
+            clusters["local:8080"].endpoints[0].address,
+            "127.0.0.1:8080"
+        );
+        assert!(
+            !clusters.contains_key("default/front"),
+            "only backends get clusters"
+        );
+        assert!(t.uses.contains(&ResourceKey::new(
+            Kind::VirtualRouter,
+            "default",
+            "colorteller"
+        )));
+        // Deterministic, and the version follows the content.
+        let again = sidecar(&state, &instances, &front).unwrap();
+        assert_eq!(again.snapshot, t.snapshot);
+        let fewer = sidecar(&state, &instances[..1], &front).unwrap();
+        assert_ne!(fewer.snapshot.version, t.snapshot.version);
+        // The proxy's own compiler accepts it.
+        let json = serde_json::to_string(s).unwrap();
+        assert!(json.contains("colorteller/split"));
+    }
+
+    #[test]
+    fn nodes_without_backends_get_no_egress_routes_and_unknown_nodes_none() {
+        let state = state(MESH);
+        let blue = ResourceKey::new(Kind::VirtualNode, "default", "blue");
+        let t = sidecar(&state, &[], &blue).unwrap();
+        let egress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "egress")
+            .unwrap();
+        assert!(egress.virtual_hosts.is_empty());
+        assert!(
+            sidecar(
+                &state,
+                &[],
+                &ResourceKey::new(Kind::VirtualNode, "default", "nope")
+            )
+            .is_none()
+        );
+    }
+}
