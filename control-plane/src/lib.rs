@@ -1,8 +1,13 @@
 //! trellis-control: the registry, the mesh API, validation, translation to per-proxy snapshots
 //! and the config stream that pushes them.
 
+pub mod client;
+pub mod controller;
+pub mod demo;
 pub mod model;
+pub mod push;
 pub mod registry;
+pub mod server;
 pub mod store;
 pub mod translate;
 pub mod validate;

@@ -676,8 +676,9 @@ pub struct GatewayTarget {
     pub port: Option<i64>,
 }
 
-/// A resource whose spec has been parsed.
+/// A resource whose spec has been parsed. Off the request path, so variants stay unboxed.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Spec {
     Mesh(MeshSpec),
     VirtualService(VirtualServiceSpec),

@@ -61,7 +61,7 @@ impl Instance {
     }
 
     /// Checks the fields a registration must have.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), (String, String)> {
         let name_ok =
             |s: &str| !s.is_empty() && !s.contains('/') && !s.contains(char::is_whitespace);
         for (field, value) in [
@@ -70,22 +70,23 @@ impl Instance {
             ("id", &self.id),
         ] {
             if !name_ok(value) {
-                return Err(format!(
-                    "{field}: {value:?} must be non-empty without '/' or spaces"
+                return Err((
+                    field.into(),
+                    format!("{value:?} must be non-empty without '/' or spaces"),
                 ));
             }
         }
         if self.address.is_empty() || self.address.contains(['/', ' ']) {
-            return Err(format!(
-                "address: {:?} is not an IP or host name",
-                self.address
+            return Err((
+                "address".into(),
+                format!("{:?} is not an IP or host name", self.address),
             ));
         }
         if self.port == 0 {
-            return Err("port: must be 1..=65535".into());
+            return Err(("port".into(), "must be 1..=65535".into()));
         }
         if self.ttl_seconds == Some(0) {
-            return Err("ttlSeconds: must be at least 1".into());
+            return Err(("ttlSeconds".into(), "must be at least 1".into()));
         }
         Ok(())
     }
@@ -118,6 +119,9 @@ mod tests {
         assert!(!i.matches("ns", "other", &[]));
         assert!(i.validate().is_ok());
         let bad = Instance { port: 0, ..i };
-        assert_eq!(bad.validate().unwrap_err(), "port: must be 1..=65535");
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            ("port".into(), "must be 1..=65535".into())
+        );
     }
 }

@@ -12,8 +12,33 @@ use crate::access_log::AccessLogTarget;
 )]
 pub struct ProxyConfig {
     /// Snapshot file (YAML or JSON) to serve; reloaded on SIGHUP and when it changes.
-    #[arg(long, env = "TRELLIS_PROXY_SNAPSHOT")]
-    pub snapshot: PathBuf,
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_SNAPSHOT",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    pub snapshot: Option<PathBuf>,
+
+    /// Control plane URL(s), comma-separated; the proxy fails over between them.
+    #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE", value_delimiter = ',')]
+    pub control_plane: Vec<String>,
+
+    /// The VirtualNode this sidecar serves, NAMESPACE/NAME.
+    #[arg(long, env = "TRELLIS_PROXY_NODE", conflicts_with = "gateway", required_unless_present_any = ["gateway", "snapshot"])]
+    pub node: Option<String>,
+
+    /// The VirtualGateway this gateway serves, NAMESPACE/NAME.
+    #[arg(long, env = "TRELLIS_PROXY_GATEWAY")]
+    pub gateway: Option<String>,
+
+    /// Where the last accepted snapshot is kept, to start without a control plane.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_DATA_DIR",
+        default_value = "./trellis-proxy-data"
+    )]
+    pub data_dir: PathBuf,
 
     /// Ingress socket: traffic from the mesh to the local app.
     #[arg(

@@ -10,6 +10,7 @@ pub mod app;
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
@@ -74,8 +75,27 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         log_control,
     );
 
-    app.apply_file(&config.snapshot)
-        .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", config.snapshot.display()))?;
+    let control = match &config.snapshot {
+        Some(path) => {
+            app.apply_file(path)
+                .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", path.display()))?;
+            None
+        }
+        None => {
+            let control = control::ControlConfig {
+                urls: config.control_plane.clone(),
+                node: config
+                    .node
+                    .clone()
+                    .or(config.gateway.clone())
+                    .unwrap_or_default(),
+                gateway: config.gateway.is_some(),
+                data_dir: config.data_dir.clone(),
+            };
+            control::restore(&app, &control);
+            Some(control)
+        }
+    };
 
     let bind = |addr, what| async move {
         tokio::net::TcpListener::bind(addr)
@@ -111,7 +131,15 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
 
     app.serve(ingress, snapshot::Slot::Ingress);
     app.serve(egress, snapshot::Slot::Egress);
-    tokio::spawn(Arc::clone(&app).watch_file(config.snapshot.clone(), config.snapshot_poll));
+    match (control, &config.snapshot) {
+        (Some(control), _) => {
+            tokio::spawn(control::run(Arc::clone(&app), control));
+        }
+        (None, Some(path)) => {
+            tokio::spawn(Arc::clone(&app).watch_file(path.clone(), config.snapshot_poll));
+        }
+        (None, None) => {}
+    }
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

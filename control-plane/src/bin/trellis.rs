@@ -1,1 +1,714 @@
-fn main() {}
+//! `trellis`: the kubectl-like CLI for a Trellis control plane.
+
+#![allow(clippy::print_stdout)]
+
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use trellis_control::{
+    client::{ApiClient, ClientError},
+    model::{Kind, parse_documents},
+    validate::{self, State},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about = "Trellis service mesh CLI")]
+struct Cli {
+    /// Control plane URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update resources from files, a directory, or - (stdin); all or nothing.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// Delete the resources in a file, or one resource by kind and name.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// List resources of a kind, or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show one resource with the proxies using it.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// The registry of service instances.
+    Instances {
+        #[command(subcommand)]
+        command: InstancesCommand,
+    },
+    /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Check manifests offline (schema, ranges, references among the given files).
+    Validate {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// Run the colorapp demo on 127.0.0.1: control plane, sidecars, apps, a live traffic split.
+    Demo {
+        /// Seconds to hold each weight step.
+        #[arg(long, default_value_t = 3)]
+        step_seconds: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstancesCommand {
+    Register {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        port: u16,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "attr")]
+        attrs: Vec<String>,
+        /// Remove the instance unless a heartbeat comes within this long (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    Deregister {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Stop sending new requests to an instance; in-flight ones finish.
+    Drain {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Renew an instance's TTL.
+    Heartbeat {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        id: String,
+    },
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One input file's text, with its name for messages.
+struct Source {
+    name: String,
+    text: String,
+}
+
+fn read_sources(files: &[String]) -> anyhow::Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for f in files {
+        if f == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read stdin")?;
+            out.push(Source {
+                name: "<stdin>".into(),
+                text,
+            });
+            continue;
+        }
+        let path = Path::new(f);
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot read {f}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                })
+                .collect();
+            entries.sort();
+            for p in entries {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
+                out.push(Source {
+                    name: p.display().to_string(),
+                    text,
+                });
+            }
+        } else {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {f}"))?;
+            out.push(Source {
+                name: f.clone(),
+                text,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Joins the sources into one stream and remembers which file each document came from.
+fn join(sources: &[Source]) -> anyhow::Result<(String, Vec<(String, usize)>)> {
+    let mut text = String::new();
+    let mut origin = Vec::new();
+    for s in sources {
+        let docs = parse_documents(&s.text).map_err(|problems| {
+            let lines: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {p}", s.name))
+                .collect();
+            anyhow::anyhow!("invalid manifests:\n  {}", lines.join("\n  "))
+        })?;
+        for (i, doc) in docs.iter().enumerate() {
+            text.push_str("---\n");
+            text.push_str(&serde_json::to_string(doc)?);
+            text.push('\n');
+            origin.push((s.name.clone(), i));
+        }
+    }
+    Ok((text, origin))
+}
+
+fn explain(err: ClientError, origin: &[(String, usize)]) -> anyhow::Error {
+    if let ClientError::Api { body, .. } = &err {
+        if let Some(problems) = body["problems"].as_array() {
+            let lines: Vec<String> = problems
+                .iter()
+                .map(|p| {
+                    let place = p["document"]
+                        .as_u64()
+                        .and_then(|d| origin.get(usize::try_from(d).ok()?))
+                        .map(|(file, i)| format!("{file} document {i}: "))
+                        .unwrap_or_default();
+                    let resource = p["resource"]
+                        .as_str()
+                        .map(|r| format!("{r}: "))
+                        .unwrap_or_default();
+                    format!(
+                        "{place}{resource}{}: {}",
+                        p["path"].as_str().unwrap_or(""),
+                        p["reason"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            return anyhow::anyhow!("rejected, nothing changed:\n  {}", lines.join("\n  "));
+        }
+    }
+    err.into()
+}
+
+fn kind_of(s: &str) -> anyhow::Result<Kind> {
+    Kind::parse(s).with_context(|| {
+        let kinds: Vec<String> = Kind::ALL.iter().map(|k| k.lower()).collect();
+        format!("unknown kind {s:?} (one of {})", kinds.join(", "))
+    })
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("   ").trim_end());
+    };
+    line(headers.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_value(output: Output, value: &Value) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        _ => print!("{}", serde_yaml_ng::to_string(value)?),
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Validate { files } = &cli.command {
+        return validate_offline(files);
+    }
+    if let Command::Demo { step_seconds } = &cli.command {
+        return trellis_control::demo::run(std::time::Duration::from_secs(*step_seconds)).await;
+    }
+    let api = ApiClient::new(&cli.server)?;
+    match cli.command {
+        Command::Apply { files } => {
+            let (text, origin) = join(&read_sources(&files)?)?;
+            if origin.is_empty() {
+                bail!("no manifests in {}", files.join(", "));
+            }
+            let result = api
+                .post("/v1/apply", text.into_bytes())
+                .await
+                .map_err(|e| explain(e, &origin))?;
+            for r in result["results"].as_array().into_iter().flatten() {
+                let ns = r["namespace"]
+                    .as_str()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| format!("{n}/"))
+                    .unwrap_or_default();
+                println!(
+                    "{}/{ns}{} {}",
+                    s(&r["kind"]).to_ascii_lowercase(),
+                    s(&r["name"]),
+                    s(&r["action"])
+                );
+            }
+        }
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+        } => {
+            let result = match (files.is_empty(), kind, name) {
+                (false, None, None) => {
+                    let (text, origin) = join(&read_sources(&files)?)?;
+                    api.post("/v1/delete", text.into_bytes())
+                        .await
+                        .map_err(|e| explain(e, &origin))?
+                }
+                (true, Some(kind), Some(name)) => {
+                    let kind = kind_of(&kind)?;
+                    let ns = if kind.namespaced() {
+                        namespace.as_str()
+                    } else {
+                        "_"
+                    };
+                    api.delete(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+                        .await
+                        .map_err(|e| explain(e, &[]))?
+                }
+                _ => bail!("give -f FILE, or KIND NAME"),
+            };
+            for r in result["results"].as_array().into_iter().flatten() {
+                println!(
+                    "{}/{} deleted",
+                    s(&r["kind"]).to_ascii_lowercase(),
+                    s(&r["name"])
+                );
+            }
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let kind = kind_of(&kind)?;
+            let value = match &name {
+                Some(name) => {
+                    let ns = if kind.namespaced() {
+                        namespace.as_str()
+                    } else {
+                        "_"
+                    };
+                    api.get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+                        .await?
+                }
+                None => {
+                    let ns = if all_namespaces {
+                        String::new()
+                    } else {
+                        namespace.clone()
+                    };
+                    api.get(&format!("/v1/resources/{}?namespace={ns}", kind.lower()))
+                        .await?["items"]
+                        .clone()
+                }
+            };
+            match output {
+                Output::Table => {
+                    let items = match &value {
+                        Value::Array(a) => a.clone(),
+                        one => vec![one.clone()],
+                    };
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m["metadata"]["namespace"]
+                                    .as_str()
+                                    .unwrap_or("-")
+                                    .to_string(),
+                                s(&m["metadata"]["name"]),
+                                format!(
+                                    "{}/{}",
+                                    m["status"]["applied"].as_u64().unwrap_or(0),
+                                    m["status"]["proxies"].as_u64().unwrap_or(0)
+                                ),
+                                s(&m["metadata"]["creationTimestamp"]),
+                            ]
+                        })
+                        .collect();
+                    if rows.is_empty() {
+                        println!("No {} found.", kind.lower());
+                    } else {
+                        print_table(&["NAMESPACE", "NAME", "APPLIED/PROXIES", "CREATED"], &rows);
+                    }
+                }
+                other => print_value(other, &value)?,
+            }
+        }
+        Command::Describe {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = kind_of(&kind)?;
+            let ns = if kind.namespaced() {
+                namespace.as_str()
+            } else {
+                "_"
+            };
+            let value = api
+                .get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+                .await?;
+            print_value(Output::Yaml, &value)?;
+            let status = api.get("/v1/status").await?;
+            println!("proxies:");
+            let key_ns = if kind.namespaced() {
+                namespace.as_str()
+            } else {
+                ""
+            };
+            let usage = status["resources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| {
+                    r["kind"] == kind.as_str()
+                        && r["name"] == name.as_str()
+                        && r["namespace"] == key_ns
+                });
+            match usage {
+                Some(u) => println!(
+                    "  {} use it, {} applied their current snapshot",
+                    u["proxies"], u["applied"]
+                ),
+                None => println!("  none"),
+            }
+        }
+        Command::Instances { command } => instances(&api, command).await?,
+        Command::Status { output } => {
+            let status = api.get("/v1/status").await?;
+            if !matches!(output, Output::Table) {
+                return print_value(output, &status);
+            }
+            let rows: Vec<Vec<String>> = status["proxies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let state = if p["nackedVersion"].is_string()
+                        && p["nackedVersion"] == p["desiredVersion"]
+                    {
+                        "NACK"
+                    } else if p["desiredVersion"].is_null() {
+                        "NO CONFIG"
+                    } else if p["ackedVersion"] == p["desiredVersion"] {
+                        "SYNCED"
+                    } else {
+                        "PENDING"
+                    };
+                    vec![
+                        s(&p["node"]),
+                        s(&p["kind"]),
+                        state.to_string(),
+                        s(&p["desiredVersion"]),
+                        s(&p["ackedVersion"]),
+                        p["nackReason"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("No proxies connected.");
+            } else {
+                print_table(
+                    &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "NACK REASON"],
+                    &rows,
+                );
+            }
+            println!();
+            let rows: Vec<Vec<String>> = status["resources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    let ns = r["namespace"]
+                        .as_str()
+                        .filter(|n| !n.is_empty())
+                        .map(|n| format!("{n}/"))
+                        .unwrap_or_default();
+                    vec![
+                        format!(
+                            "{}/{ns}{}",
+                            s(&r["kind"]).to_ascii_lowercase(),
+                            s(&r["name"])
+                        ),
+                        format!("{}/{}", r["applied"], r["proxies"]),
+                    ]
+                })
+                .collect();
+            print_table(&["RESOURCE", "APPLIED/PROXIES"], &rows);
+        }
+        Command::Validate { .. } | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+async fn instances(api: &ApiClient, command: InstancesCommand) -> anyhow::Result<()> {
+    match command {
+        InstancesCommand::Register {
+            namespace,
+            service,
+            id,
+            address,
+            port,
+            attrs,
+            ttl,
+        } => {
+            let mut attributes = serde_json::Map::new();
+            for a in attrs {
+                let (k, v) = a
+                    .split_once('=')
+                    .with_context(|| format!("--attr {a:?}: give KEY=VALUE"))?;
+                attributes.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            let body = json!({
+                "namespace": namespace, "service": service, "id": id, "address": address, "port": port,
+                "attributes": attributes, "ttlSeconds": ttl.map(|t| t.as_secs().max(1)),
+            });
+            api.post("/v1/instances", serde_json::to_vec(&body)?)
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            println!("instance {namespace}/{service}/{id} registered");
+        }
+        InstancesCommand::Deregister {
+            namespace,
+            service,
+            id,
+        } => {
+            api.delete(&format!("/v1/instances/{namespace}/{service}/{id}"))
+                .await?;
+            println!("instance {namespace}/{service}/{id} deregistered");
+        }
+        InstancesCommand::Drain {
+            namespace,
+            service,
+            id,
+        } => {
+            api.post(
+                &format!("/v1/instances/{namespace}/{service}/{id}/drain"),
+                Vec::new(),
+            )
+            .await?;
+            println!("instance {namespace}/{service}/{id} draining");
+        }
+        InstancesCommand::Heartbeat {
+            namespace,
+            service,
+            id,
+        } => {
+            api.post(
+                &format!("/v1/instances/{namespace}/{service}/{id}/heartbeat"),
+                Vec::new(),
+            )
+            .await?;
+        }
+        InstancesCommand::List {
+            namespace,
+            service,
+            output,
+        } => {
+            let value = api
+                .get(&format!(
+                    "/v1/instances?namespace={}&service={}",
+                    namespace.unwrap_or_default(),
+                    service.unwrap_or_default()
+                ))
+                .await?["items"]
+                .clone();
+            if !matches!(output, Output::Table) {
+                return print_value(output, &value);
+            }
+            let rows: Vec<Vec<String>> = value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| {
+                    let attrs: Vec<String> = i["attributes"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={}", s(v)))
+                        .collect();
+                    vec![
+                        s(&i["namespace"]),
+                        s(&i["service"]),
+                        s(&i["id"]),
+                        format!("{}:{}", s(&i["address"]), s(&i["port"])),
+                        s(&i["status"]).to_ascii_uppercase(),
+                        i["ttlSeconds"]
+                            .as_u64()
+                            .map_or("-".into(), |t| format!("{t}s")),
+                        attrs.join(","),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("No instances.");
+            } else {
+                print_table(
+                    &[
+                        "NAMESPACE",
+                        "SERVICE",
+                        "ID",
+                        "ADDRESS",
+                        "HEALTH",
+                        "TTL",
+                        "ATTRIBUTES",
+                    ],
+                    &rows,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_offline(files: &[String]) -> anyhow::Result<()> {
+    let sources = read_sources(files)?;
+    let (text, origin) = join(&sources)?;
+    let manifests = parse_documents(&text).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let mut state = State::new();
+    let mut index = std::collections::HashMap::new();
+    let mut problems = Vec::new();
+    for (i, m) in manifests.into_iter().enumerate() {
+        match validate::admit(m, Some(i)) {
+            Ok(r) => {
+                index.insert(r.key.clone(), i);
+                state.insert(r.key.clone(), r);
+            }
+            Err(p) => problems.extend(p),
+        }
+    }
+    problems.extend(validate::check(&state, &index));
+    if problems.is_empty() {
+        println!("{} resources valid", state.len());
+        return Ok(());
+    }
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| {
+            let place = p
+                .document
+                .and_then(|d| origin.get(d))
+                .map(|(f, i)| format!("{f} document {i}: "))
+                .unwrap_or_default();
+            let resource = p
+                .resource
+                .as_deref()
+                .map(|r| format!("{r}: "))
+                .unwrap_or_default();
+            format!("{place}{resource}{}: {}", p.path, p.reason)
+        })
+        .collect();
+    bail!("invalid:\n  {}", lines.join("\n  "))
+}

@@ -100,8 +100,7 @@ fn decode_change(revision: u64, mut raw: &[u8]) -> Result<Change, StoreError> {
         Ok(head)
     };
     let mut events = Vec::new();
-    loop {
-        let Ok(kind) = take(1) else { break };
+    while let Ok(kind) = take(1) {
         let kind = match kind.first() {
             Some(1) => EventKind::Put,
             Some(2) => EventKind::Delete,

@@ -1,0 +1,117 @@
+//! A small client for the control plane's HTTP API, used by the `trellis` CLI and the demo.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the control plane at {server}: {reason}")]
+    Unreachable { server: String, reason: String },
+    #[error("invalid server URL {0:?}: give http://HOST:PORT")]
+    BadUrl(String),
+    #[error("the control plane answered {status}: {message}")]
+    Api {
+        status: StatusCode,
+        message: String,
+        body: Value,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    server: String,
+    authority: String,
+}
+
+impl ApiClient {
+    pub fn new(server: &str) -> Result<Self, ClientError> {
+        let uri: Uri = server
+            .parse()
+            .map_err(|_| ClientError::BadUrl(server.into()))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ClientError::BadUrl(server.into()));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ClientError::BadUrl(server.into()))?
+            .to_string();
+        Ok(Self {
+            server: server.trim_end_matches('/').to_string(),
+            authority,
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Sends a request; a non-2xx answer becomes [`ClientError::Api`] with the server's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            server: self.server.clone(),
+            reason,
+        };
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.authority))
+                .await
+                .map_err(|_| unreachable("connect timed out".into()))?
+                .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority)
+            .header("content-type", "application/yaml")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value["error"].as_str().unwrap_or("error").to_string();
+        Err(ClientError::Api {
+            status,
+            message,
+            body: value,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.call(Method::DELETE, path, None).await
+    }
+}

@@ -1,0 +1,189 @@
+//! The config stream: each proxy says who it is, gets its snapshot whenever its version changes
+//! (with a fresh nonce), and answers with ACK or NACK; the controller records all of it.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::v1::{
+    self as pb, ProxyMessage, SnapshotPush, config_stream_server::ConfigStream,
+    hello::Kind as HelloKind, proxy_message::Kind as Msg,
+};
+
+use crate::{
+    controller::{Controller, ProxyStatus},
+    model::{Kind, ResourceKey},
+};
+
+/// How long a proxy has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ConfigService {
+    controller: Arc<Controller>,
+}
+
+impl ConfigService {
+    pub fn new(controller: Arc<Controller>) -> Self {
+        Self { controller }
+    }
+}
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<SnapshotPush, Status>> + Send>>;
+
+fn parse_node(node: &str, kind: Kind) -> Result<ResourceKey, Status> {
+    match node.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ResourceKey::new(kind, ns, name))
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "node {node:?} must be NAMESPACE/NAME"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigStream for ConfigService {
+    type StreamStream = PushStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello"))??;
+        let Some(ProxyMessage {
+            kind: Some(Msg::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
+        };
+        let gateway = hello.kind == HelloKind::Gateway as i32;
+        let node = parse_node(
+            &hello.node,
+            if gateway {
+                Kind::VirtualGateway
+            } else {
+                Kind::VirtualNode
+            },
+        )?;
+        let id = self.controller.proxy_connected(ProxyStatus {
+            node: hello.node.clone(),
+            kind: if gateway { "gateway" } else { "sidecar" },
+            instance: hello.instance.clone(),
+            proxy_version: hello.proxy_version.clone(),
+            connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            desired_version: None,
+            sent_version: None,
+            acked_version: None,
+            nacked_version: None,
+            nack_reason: None,
+            uses: Default::default(),
+        });
+        tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
+        let (tx, rx) = mpsc::channel(4);
+        let controller = self.controller.clone();
+        tokio::spawn(async move {
+            serve_proxy(&controller, id, &node, hello.applied_version, inbound, tx).await;
+            controller.proxy_disconnected(id);
+            tracing::info!(node = %node, "proxy disconnected");
+        });
+        let out =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+async fn serve_proxy(
+    controller: &Controller,
+    id: u64,
+    node: &ResourceKey,
+    applied: String,
+    mut inbound: Streaming<ProxyMessage>,
+    tx: mpsc::Sender<Result<SnapshotPush, Status>>,
+) {
+    let mut views = controller.subscribe();
+    let mut nonce = 0u64;
+    // The version the proxy runs, as far as we know, and the last one we sent.
+    let mut running = Some(applied).filter(|v| !v.is_empty());
+    let mut sent: Option<String> = None;
+    loop {
+        let view = views.borrow_and_update().clone();
+        let desired = if node.kind == Kind::VirtualNode {
+            controller.sidecar_snapshot(&view, node)
+        } else {
+            None
+        };
+        if let Some(t) = &desired {
+            let version = &t.snapshot.version;
+            controller.update_proxy(id, |p| {
+                p.desired_version = Some(version.clone());
+                p.uses = t.uses.clone();
+                if running.as_ref() == Some(version) {
+                    p.acked_version = Some(version.clone());
+                }
+            });
+            if running.as_ref() != Some(version) && sent.as_ref() != Some(version) {
+                nonce += 1;
+                let push = SnapshotPush {
+                    nonce: nonce.to_string(),
+                    snapshot: Some(t.snapshot.clone()),
+                };
+                if tx.send(Ok(push)).await.is_err() {
+                    return;
+                }
+                sent = Some(version.clone());
+                controller.update_proxy(id, |p| p.sent_version = Some(version.clone()));
+            }
+        } else {
+            controller.update_proxy(id, |p| p.desired_version = None);
+        }
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            msg = inbound.message() => match msg {
+                Ok(Some(ProxyMessage { kind: Some(Msg::Ack(ack)) })) => {
+                    running = Some(ack.version.clone());
+                    controller.update_proxy(id, |p| {
+                        p.acked_version = Some(ack.version.clone());
+                        if p.nacked_version.as_ref() == Some(&ack.version) {
+                            p.nacked_version = None;
+                            p.nack_reason = None;
+                        }
+                    });
+                }
+                Ok(Some(ProxyMessage { kind: Some(Msg::Nack(nack)) })) => {
+                    let reason = nack.errors.iter().map(|e| format!("{}: {}", e.path, e.reason)).collect::<Vec<_>>().join("; ");
+                    tracing::warn!(node = %node, version = %nack.version, reason = %reason, "proxy rejected its snapshot");
+                    controller.update_proxy(id, |p| {
+                        p.nacked_version = Some(nack.version.clone());
+                        p.nack_reason = Some(reason);
+                    });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// A NACK's field errors, from the proxy's compile errors.
+pub fn field_errors(
+    errors: impl IntoIterator<Item = (String, String)>,
+) -> Vec<pb::SnapshotFieldError> {
+    errors
+        .into_iter()
+        .map(|(path, reason)| pb::SnapshotFieldError { path, reason })
+        .collect()
+}

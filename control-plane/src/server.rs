@@ -1,0 +1,305 @@
+//! One address serves both the HTTP API (JSON, for the CLI and scripts) and the gRPC config
+//! stream: requests with `content-type: application/grpc` go to the stream service.
+
+use std::{collections::BTreeMap, convert::Infallible, future::Future, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+use trellis_proto::v1::config_stream_server::ConfigStreamServer;
+
+use crate::{
+    controller::{ControlError, Controller},
+    model::{Kind, ResourceKey, parse_documents},
+    push::ConfigService,
+    registry::Instance,
+    store::StoreError,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 8 << 20;
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    controller: Arc<Controller>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let grpc = ConfigStreamServer::new(ConfigService::new(controller.clone()))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let controller = controller.clone();
+        let grpc = grpc.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let controller = controller.clone();
+                let grpc = grpc.clone();
+                async move {
+                    let is_grpc = req
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    if is_grpc {
+                        let resp = match grpc.oneshot(req).await {
+                            Ok(r) => r,
+                            Err(never) => match never {},
+                        };
+                        return Ok::<_, Infallible>(
+                            resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                        );
+                    }
+                    Ok(api(&controller, req).await)
+                }
+            });
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "API connection ended");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut r = Response::new(
+        Full::new(Bytes::from(bytes))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    reply(status, &json!({ "error": message.into() }))
+}
+
+fn control_error(e: ControlError) -> Response<Body> {
+    match e {
+        ControlError::Invalid(problems) => reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({ "error": "invalid", "problems": problems }),
+        ),
+        ControlError::NotFound(what) => error(StatusCode::NOT_FOUND, format!("{what} not found")),
+        ControlError::Store(StoreError::Conflict { key, reason }) => error(
+            StatusCode::CONFLICT,
+            format!("conflict on {key}: {reason}; try again"),
+        ),
+        ControlError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn body_text(req: Request<Incoming>) -> Result<String, Response<Body>> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &json!({ "ok": true })),
+        (&Method::POST, ["v1", "apply"]) => {
+            let text = match body_text(req).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            let manifests = match parse_documents(&text) {
+                Ok(m) => m,
+                Err(problems) => {
+                    return reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &json!({ "error": "invalid", "problems": problems }),
+                    );
+                }
+            };
+            match controller.apply(manifests).await {
+                Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
+                Err(e) => control_error(e),
+            }
+        }
+        (&Method::POST, ["v1", "delete"]) => {
+            let text = match body_text(req).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            let manifests = match parse_documents(&text) {
+                Ok(m) => m,
+                Err(problems) => {
+                    return reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &json!({ "error": "invalid", "problems": problems }),
+                    );
+                }
+            };
+            let mut keys = Vec::new();
+            for m in manifests {
+                let Some(kind) = Kind::parse(&m.kind) else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown kind {:?}", m.kind),
+                    );
+                };
+                keys.push(ResourceKey::new(
+                    kind,
+                    m.metadata.namespace.as_deref().unwrap_or("default"),
+                    &m.metadata.name,
+                ));
+            }
+            match controller.delete(keys).await {
+                Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
+                Err(e) => control_error(e),
+            }
+        }
+        (_, ["v1", "resources", kind, rest @ ..]) => {
+            let Some(kind) = Kind::parse(kind) else {
+                return error(StatusCode::NOT_FOUND, format!("unknown kind {kind:?}"));
+            };
+            match (&method, rest) {
+                (&Method::GET, []) => {
+                    let q = query(&req);
+                    let ns = q
+                        .get("namespace")
+                        .map(String::as_str)
+                        .filter(|n| !n.is_empty());
+                    reply(
+                        StatusCode::OK,
+                        &json!({ "items": controller.list(kind, ns) }),
+                    )
+                }
+                (&Method::GET, [ns, name]) => {
+                    let key = ResourceKey::new(kind, ns, name);
+                    let found = controller
+                        .list(kind, Some(&key.namespace))
+                        .into_iter()
+                        .find(|m| m.metadata.name == *name);
+                    match found {
+                        Some(m) => reply(StatusCode::OK, &m),
+                        None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+                    }
+                }
+                (&Method::DELETE, [ns, name]) => match controller
+                    .delete(vec![ResourceKey::new(kind, ns, name)])
+                    .await
+                {
+                    Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
+                    Err(e) => control_error(e),
+                },
+                _ => error(StatusCode::NOT_FOUND, "no such API path"),
+            }
+        }
+        (&Method::POST, ["v1", "instances"]) => {
+            let text = match body_text(req).await {
+                Ok(t) => t,
+                Err(r) => return r,
+            };
+            match serde_json::from_str::<Instance>(&text) {
+                Ok(i) => match controller.register(i).await {
+                    Ok(i) => reply(StatusCode::OK, &i),
+                    Err(e) => control_error(e),
+                },
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("invalid instance: {e}")),
+            }
+        }
+        (&Method::GET, ["v1", "instances"]) => {
+            let q = query(&req);
+            let view = controller.view();
+            let items: Vec<&Instance> = view
+                .instances
+                .iter()
+                .filter(|i| {
+                    q.get("namespace")
+                        .is_none_or(|ns| ns.is_empty() || *ns == i.namespace)
+                })
+                .filter(|i| {
+                    q.get("service")
+                        .is_none_or(|s| s.is_empty() || *s == i.service)
+                })
+                .collect();
+            reply(StatusCode::OK, &json!({ "items": items }))
+        }
+        (&Method::POST, ["v1", "instances", ns, svc, id, action]) => {
+            let result = match *action {
+                "heartbeat" => controller
+                    .heartbeat(ns, svc, id)
+                    .await
+                    .map(|()| json!({ "ok": true })),
+                "drain" => controller.drain(ns, svc, id).await.map(|i| json!(i)),
+                _ => return error(StatusCode::NOT_FOUND, "no such API path"),
+            };
+            match result {
+                Ok(v) => reply(StatusCode::OK, &v),
+                Err(e) => control_error(e),
+            }
+        }
+        (&Method::DELETE, ["v1", "instances", ns, svc, id]) => {
+            match controller.deregister(ns, svc, id).await {
+                Ok(()) => reply(StatusCode::OK, &json!({ "ok": true })),
+                Err(e) => control_error(e),
+            }
+        }
+        (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no API path {method} {path}"),
+        ),
+    }
+}

@@ -1,0 +1,157 @@
+//! The config stream client: subscribe to the control plane, compile and swap every pushed
+//! snapshot through the same path as file reloads, ACK or NACK it, keep the last accepted one on
+//! disk, reconnect with jittered backoff and fail over across the listed control planes.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use trellis_proto::v1::{
+    self as pb, Ack, Hello, Nack, ProxyMessage, SnapshotFieldError,
+    config_stream_client::ConfigStreamClient, hello::Kind as HelloKind, proxy_message::Kind as Msg,
+};
+
+use crate::{BoxError, app::App};
+
+const SNAPSHOT_FILE: &str = "snapshot.json";
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub urls: Vec<String>,
+    /// "NAMESPACE/NAME".
+    pub node: String,
+    pub gateway: bool,
+    pub data_dir: PathBuf,
+}
+
+impl ControlConfig {
+    fn snapshot_path(&self) -> PathBuf {
+        self.data_dir.join(SNAPSHOT_FILE)
+    }
+}
+
+/// Applies the snapshot persisted in the data dir, if there is a valid one (static stability:
+/// the proxy serves even when no control plane answers).
+pub fn restore(app: &Arc<App>, config: &ControlConfig) -> Option<String> {
+    let path = config.snapshot_path();
+    let text = std::fs::read_to_string(&path).ok()?;
+    match app.apply_file(&path) {
+        Ok(rt) => {
+            tracing::info!(version = %rt.version, path = %path.display(), "serving the persisted snapshot");
+            Some(rt.version.to_string())
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, bytes = text.len(), "ignoring the persisted snapshot");
+            None
+        }
+    }
+}
+
+fn persist(config: &ControlConfig, snapshot: &pb::Snapshot) -> std::io::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let tmp = config.data_dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let json = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, config.snapshot_path())
+}
+
+/// Follows the control planes until the process ends.
+pub async fn run(app: Arc<App>, config: ControlConfig) {
+    let instance = format!("{}-{}", std::process::id(), fastrand::u32(..));
+    let mut failures = 0u32;
+    let mut index = 0usize;
+    loop {
+        let Some(url) = config.urls.get(index % config.urls.len().max(1)) else {
+            return;
+        };
+        match session(&app, url, &config, &instance).await {
+            Ok(()) => {
+                tracing::info!(control_plane = %url, "config stream closed by the control plane");
+                failures = 0;
+            }
+            Err(e) => {
+                tracing::warn!(control_plane = %url, error = %e, "config stream failed");
+                failures = failures.saturating_add(1);
+                // Try the next control plane.
+                index += 1;
+            }
+        }
+        let ceiling = BACKOFF_BASE
+            .saturating_mul(1 << failures.min(10))
+            .min(BACKOFF_MAX);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        tokio::time::sleep(Duration::from_nanos(fastrand::u64(nanos / 2..=nanos))).await;
+    }
+}
+
+async fn session(
+    app: &Arc<App>,
+    url: &str,
+    config: &ControlConfig,
+    instance: &str,
+) -> Result<(), BoxError> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = ConfigStreamClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
+    let applied = if app.store.is_ready() {
+        app.store.load().version.to_string()
+    } else {
+        String::new()
+    };
+    tx.send(ProxyMessage {
+        kind: Some(Msg::Hello(Hello {
+            node: config.node.clone(),
+            kind: if config.gateway {
+                HelloKind::Gateway
+            } else {
+                HelloKind::Sidecar
+            } as i32,
+            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+            applied_version: applied,
+            instance: instance.to_string(),
+        })),
+    })
+    .await?;
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.stream(outbound).await?.into_inner();
+    tracing::info!(control_plane = %url, node = %config.node, "config stream open");
+    while let Some(push) = inbound.message().await? {
+        let snapshot = push.snapshot.unwrap_or_default();
+        let version = snapshot.version.clone();
+        let reply = match app.apply(&snapshot) {
+            Ok(_) => {
+                if let Err(e) = persist(config, &snapshot) {
+                    tracing::warn!(error = %e, "cannot persist the snapshot");
+                }
+                Msg::Ack(Ack {
+                    nonce: push.nonce,
+                    version,
+                })
+            }
+            Err(e) => Msg::Nack(Nack {
+                nonce: push.nonce,
+                version,
+                errors: e
+                    .field_errors()
+                    .into_iter()
+                    .map(|f| SnapshotFieldError {
+                        path: f.path,
+                        reason: f.reason,
+                    })
+                    .collect(),
+            }),
+        };
+        tx.send(ProxyMessage { kind: Some(reply) }).await?;
+    }
+    Ok(())
+}
