@@ -46,6 +46,119 @@ fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
     Some((name.trim_matches('"').to_string(), addr.parse().ok()?))
 }
 
+/// Reads a child's stdout and stderr into shared logs, noting "listening" lines.
+fn collect_logs(child: &mut Child) -> Arc<Mutex<Logs>> {
+    let logs = Arc::new(Mutex::new(Logs::default()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut logs = sink.lock().unwrap();
+            if let Some((name, addr)) = parse_listening(&line) {
+                logs.listening.insert(name, addr);
+            }
+            logs.lines.push(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().lines.push(line);
+        }
+    });
+    logs
+}
+
+/// Waits until the child logged a "listening" line for every name, or exited.
+async fn wait_listening(
+    child: &mut Child,
+    logs: &Arc<Mutex<Logs>>,
+    names: &[&str],
+) -> Result<Vec<SocketAddr>, FailedStart> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            // Let the log readers catch up with the last lines.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let stderr = logs.lock().unwrap().lines.join("\n");
+            return Err(FailedStart { status, stderr });
+        }
+        let found = {
+            let l = logs.lock().unwrap();
+            names
+                .iter()
+                .map(|n| l.listening.get(*n).copied())
+                .collect::<Option<Vec<_>>>()
+        };
+        if let Some(addrs) = found {
+            return Ok(addrs);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process did not listen in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A real `trellis-control` process on 127.0.0.1:0 with its store in `data_dir`.
+#[derive(Debug)]
+pub struct ControlProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    logs: Arc<Mutex<Logs>>,
+}
+
+impl ControlProcess {
+    pub async fn start(bin: &str, data_dir: &Path) -> Self {
+        Self::start_on(bin, data_dir, "127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (to come back on the same one after a restart).
+    pub async fn start_on(bin: &str, data_dir: &Path, listen: &str) -> Self {
+        let mut child = Command::new(bin)
+            .args([
+                "--data-dir",
+                &data_dir.display().to_string(),
+                "--listen",
+                listen,
+            ])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let logs = collect_logs(&mut child);
+        match wait_listening(&mut child, &logs, &["api"]).await {
+            Ok(addrs) => Self {
+                child,
+                addr: addrs[0],
+                url: format!("http://{}", addrs[0]),
+                logs,
+            },
+            Err(f) => panic!(
+                "trellis-control failed to start ({}):\n{}",
+                f.status, f.stderr
+            ),
+        }
+    }
+
+    /// Kills the process (SIGKILL, no clean shutdown) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().lines.join("\n")
+    }
+}
+
 /// How a start that failed ended.
 #[derive(Debug)]
 pub struct FailedStart {
@@ -70,9 +183,40 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot.yaml");
         std::fs::write(&path, snapshot).unwrap();
+        let mut args: Vec<String> = vec!["--snapshot".into(), path.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(bin, args, path, dir).await
+    }
+
+    /// A sidecar for `node` (NAMESPACE/NAME) following the control plane(s) `urls`, keeping its
+    /// snapshot in `data_dir`.
+    pub async fn sidecar(bin: &str, urls: &str, node: &str, data_dir: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args = vec![
+            "--control-plane".to_string(),
+            urls.to_string(),
+            "--node".into(),
+            node.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        match Self::spawn(bin, args, data_dir.join("snapshot.json"), dir).await {
+            Ok(p) => p,
+            Err(f) => panic!(
+                "trellis-proxy failed to start ({}):\n{}",
+                f.status, f.stderr
+            ),
+        }
+    }
+
+    async fn spawn(
+        bin: &str,
+        args: Vec<String>,
+        snapshot: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Self, FailedStart> {
         let mut child = Command::new(bin)
-            .arg("--snapshot")
-            .arg(&path)
+            .args(&args)
             .args([
                 "--ingress-addr",
                 "127.0.0.1:0",
@@ -80,7 +224,6 @@ impl ProxyProcess {
                 "127.0.0.1:0",
             ])
             .args(["--admin-addr", "127.0.0.1:0", "--snapshot-poll", "100ms"])
-            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -88,60 +231,24 @@ impl ProxyProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let logs = Arc::new(Mutex::new(Logs::default()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut logs = sink.lock().unwrap();
-                if let Some((name, addr)) = parse_listening(&line) {
-                    logs.listening.insert(name, addr);
-                }
-                logs.lines.push(line);
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().unwrap().lines.push(line);
-            }
-        });
-
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the log readers catch up with the last lines.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let stderr = logs.lock().unwrap().lines.join("\n");
-                return Err(FailedStart { status, stderr });
-            }
-            let found = {
-                let l = logs.lock().unwrap();
-                ["ingress", "egress", "admin"]
-                    .iter()
-                    .map(|n| l.listening.get(*n).copied())
-                    .collect::<Option<Vec<_>>>()
-            };
-            if let Some(addrs) = found {
-                return Ok(Self {
-                    child,
-                    ingress: addrs[0],
-                    egress: addrs[1],
-                    admin: addrs[2],
-                    snapshot: path,
-                    logs,
-                    _dir: dir,
-                });
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "trellis-proxy did not listen in time"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let logs = collect_logs(&mut child);
+        match wait_listening(&mut child, &logs, &["ingress", "egress", "admin"]).await {
+            Ok(addrs) => Ok(Self {
+                child,
+                ingress: addrs[0],
+                egress: addrs[1],
+                admin: addrs[2],
+                snapshot,
+                logs,
+                _dir: dir,
+            }),
+            Err(f) => Err(f),
         }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 
     pub fn pid(&self) -> u32 {

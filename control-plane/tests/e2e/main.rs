@@ -1,0 +1,97 @@
+//! End-to-end tests: real `trellis-control`, `trellis-proxy` and `trellis` processes with real
+//! upstream servers, all on 127.0.0.1 with ports the OS picks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod mesh;
+
+use std::{
+    collections::HashMap, net::SocketAddr, path::PathBuf, process::Output, sync::OnceLock,
+    time::Duration,
+};
+
+use serde_json::Value;
+use trellis_testkit::{client::Client, eventually};
+
+pub const CLI: &str = env!("CARGO_BIN_EXE_trellis");
+pub const CONTROL: &str = env!("CARGO_BIN_EXE_trellis-control");
+
+/// The trellis-proxy binary of this workspace, built if the test run did not build it yet.
+pub fn proxy_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let path = PathBuf::from(CLI).with_file_name("trellis-proxy");
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-p", "trellis-proxy", "--bin", "trellis-proxy"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "cannot build trellis-proxy");
+        }
+        path.display().to_string()
+    })
+}
+
+/// Runs the CLI against `server`.
+pub fn cli(server: &str, args: &[&str]) -> Output {
+    std::process::Command::new(CLI)
+        .args(["--server", server])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `trellis status -o json`.
+pub fn status(server: &str) -> Value {
+    let out = cli(server, &["status", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until `n` proxies are connected and every one acknowledged its desired version.
+pub async fn wait_synced(server: &str, n: usize) -> Value {
+    eventually(Duration::from_secs(20), "proxies in sync", || async {
+        let s = status(server);
+        let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+        let synced = proxies
+            .iter()
+            .filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"])
+            .count();
+        if proxies.len() == n && synced == n {
+            Ok(s)
+        } else {
+            Err(format!(
+                "{synced}/{} synced, want {n}: {}",
+                proxies.len(),
+                s["proxies"]
+            ))
+        }
+    })
+    .await
+}
+
+/// Sends `n` GETs for `host` through `via`; counts answers by body (errors by kind).
+pub async fn split(via: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
+    let mut c = Client::h1(via).await.unwrap();
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let r = c.get(host, "/").await.unwrap();
+        let key = match r.header("x-trellis-error") {
+            Some(kind) => format!("error:{kind}"),
+            None if r.status == 200 => r.text(),
+            None => format!("status:{}", r.status),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}

@@ -1,0 +1,524 @@
+//! A mesh end to end: apply, sidecars, registry, weights, drain, outages, NACKs, examples.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use trellis_testkit::{
+    ProxyProcess, TestServer, client::Client, eventually, process::ControlProcess,
+};
+
+use crate::{CONTROL, cli, proxy_bin, split, status, stderr, stdout, wait_synced};
+
+const HOST: &str = "colorteller.default:9080";
+
+struct Env {
+    _data: TempDir,
+    control: ControlProcess,
+    blue: TestServer,
+    green: [TestServer; 2],
+    red: TestServer,
+    front: ProxyProcess,
+    front_dir: TempDir,
+    _blue_proxy: ProxyProcess,
+    _blue_dir: TempDir,
+}
+
+fn mesh_yaml(blue_port: u16, weights: (u32, u32, u32), red_discovery: &str) -> String {
+    format!(
+        r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: Mesh
+metadata: {{ name: test }}
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: {{ name: front }}
+spec:
+  listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]
+  backends: [{{ virtualService: {{ virtualServiceRef: {{ name: colorteller }} }} }}]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: {{ name: blue }}
+spec:
+  listeners: [{{ portMapping: {{ port: {blue_port}, protocol: http }} }}]
+  serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: colorteller, attributes: {{ version: blue }} }} }}
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: {{ name: green }}
+spec:
+  listeners: [{{ portMapping: {{ port: 9080, protocol: http }} }}]
+  serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: colorteller, attributes: {{ version: green }} }} }}
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: {{ name: red }}
+spec:
+  listeners: [{{ portMapping: {{ port: 9080, protocol: http }} }}]
+  serviceDiscovery: {red_discovery}
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: {{ name: colorteller }}
+spec:
+  listeners: [{{ portMapping: {{ port: 9080, protocol: http }} }}]
+  routes:
+    - name: split
+      httpRoute:
+        match: {{ prefix: / }}
+        action:
+          weightedTargets:
+            - {{ virtualNodeRef: {{ name: blue }}, weight: {} }}
+            - {{ virtualNodeRef: {{ name: green }}, weight: {} }}
+            - {{ virtualNodeRef: {{ name: red }}, weight: {} }}
+        retryPolicy:
+          maxRetries: 2
+          perRetryTimeout: {{ unit: ms, value: 2000 }}
+          httpRetryEvents: [gateway-error]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: {{ name: colorteller }}
+spec:
+  provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: colorteller }} }} }}
+"#,
+        weights.0, weights.1, weights.2
+    )
+}
+
+const RED_REGISTRY: &str =
+    "{ registry: { namespaceName: test, serviceName: colorteller, attributes: { version: red } } }";
+
+fn apply(server: &str, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = cli(server, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "apply failed: {}", stderr(&out));
+}
+
+fn register(server: &str, id: &str, version: &str, addr: std::net::SocketAddr) {
+    let port = addr.port().to_string();
+    let attr = format!("version={version}");
+    let out = cli(
+        server,
+        &[
+            "instances",
+            "register",
+            "--namespace",
+            "test",
+            "--service",
+            "colorteller",
+            "--id",
+            id,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--attr",
+            &attr,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+async fn setup(weights: (u32, u32, u32)) -> Env {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let blue = TestServer::start("blue").await;
+    let green = [
+        TestServer::start("green").await,
+        TestServer::start("green").await,
+    ];
+    let red = TestServer::start("red").await;
+    apply(
+        &control.url,
+        &mesh_yaml(blue.addr.port(), weights, RED_REGISTRY),
+    );
+
+    let front_dir = tempfile::tempdir().unwrap();
+    let blue_dir = tempfile::tempdir().unwrap();
+    let front =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", front_dir.path()).await;
+    let blue_proxy =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/blue", blue_dir.path()).await;
+    // Blue is reached through its sidecar; green and red instances directly.
+    register(&control.url, "blue-1", "blue", blue_proxy.ingress);
+    register(&control.url, "green-1", "green", green[0].addr);
+    register(&control.url, "green-2", "green", green[1].addr);
+    register(&control.url, "red-1", "red", red.addr);
+    wait_synced(&control.url, 2).await;
+    Env {
+        _data: data,
+        control,
+        blue,
+        green,
+        red,
+        front,
+        front_dir,
+        _blue_proxy: blue_proxy,
+        _blue_dir: blue_dir,
+    }
+}
+
+/// Continuous load through the front sidecar; returns the failures when stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(via: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, ok) = (stop.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    let mut c = Client::h1(via).await.unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get(HOST, "/").await {
+                            Ok(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failures.push(format!(
+                                "{} {:?} {}",
+                                r.status,
+                                r.header("x-trellis-error"),
+                                r.text()
+                            )),
+                            Err(e) => {
+                                failures.push(e.to_string());
+                                c = Client::h1(via).await.unwrap();
+                            }
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self { stop, ok, tasks }
+    }
+
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for t in self.tasks {
+            failures.extend(t.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+#[tokio::test]
+async fn traffic_follows_weights_and_weight_changes_under_load() {
+    let env = setup((100, 0, 0)).await;
+    let counts = split(env.front.egress, HOST, 100).await;
+    assert_eq!(counts.get("blue"), Some(&100), "{counts:?}");
+    assert!(
+        env.blue.requests() >= 100,
+        "blue is reached through its sidecar"
+    );
+
+    let load = Load::start(env.front.egress);
+    apply(
+        &env.control.url,
+        &mesh_yaml(env.blue.addr.port(), (0, 50, 50), RED_REGISTRY),
+    );
+    wait_synced(&env.control.url, 2).await;
+    let counts = split(env.front.egress, HOST, 2000).await;
+    let (ok, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 50, "load ran");
+    assert_eq!(counts.get("blue"), None, "{counts:?}");
+    let green = *counts.get("green").unwrap_or(&0) as f64 / 2000.0;
+    assert!(
+        (green - 0.5).abs() < 0.05,
+        "green share {green} ({counts:?})"
+    );
+    assert_eq!(counts.values().sum::<usize>(), 2000);
+
+    // Status: every resource the proxies use is applied by all of them.
+    let s = status(&env.control.url);
+    let router = s["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "VirtualRouter")
+        .unwrap();
+    assert_eq!(router["proxies"], 1, "only front uses the router");
+    assert_eq!(router["applied"], 1);
+}
+
+/// Waits until `server` received `more` requests beyond what it has now.
+async fn wait_more(server: &TestServer, more: usize) {
+    let from = server.requests();
+    eventually(Duration::from_secs(10), "more requests", || async {
+        if server.requests() > from + more {
+            Ok(())
+        } else {
+            Err(format!("{} so far", server.requests() - from))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn draining_then_deregistering_an_instance_under_load_fails_nothing() {
+    let env = setup((0, 100, 0)).await;
+    let load = Load::start(env.front.egress);
+    wait_more(&env.green[0], 10).await;
+    wait_more(&env.green[1], 10).await;
+    let out = cli(
+        &env.control.url,
+        &[
+            "instances",
+            "drain",
+            "--namespace",
+            "test",
+            "--service",
+            "colorteller",
+            "--id",
+            "green-2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_synced(&env.control.url, 2).await;
+    let list = cli(
+        &env.control.url,
+        &["instances", "list", "--namespace", "test"],
+    );
+    assert!(
+        stdout(&list)
+            .lines()
+            .any(|l| l.contains("green-2") && l.contains("DRAINING")),
+        "{}",
+        stdout(&list)
+    );
+    // Requests that picked green-2 just before the swap may still land; after that, none.
+    wait_more(&env.green[0], 20).await;
+    let drained_at = env.green[1].requests();
+    wait_more(&env.green[0], 100).await;
+    assert_eq!(
+        env.green[1].requests(),
+        drained_at,
+        "a draining instance gets no new requests"
+    );
+    let out = cli(
+        &env.control.url,
+        &[
+            "instances",
+            "deregister",
+            "--namespace",
+            "test",
+            "--service",
+            "colorteller",
+            "--id",
+            "green-2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_synced(&env.control.url, 2).await;
+    let (ok, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 100);
+}
+
+#[tokio::test]
+async fn outages_proxies_keep_serving_and_restarts_keep_everything() {
+    let mut env = setup((0, 0, 100)).await;
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20)
+    );
+
+    // The control plane dies: traffic goes on.
+    env.control.kill().await;
+    assert_eq!(
+        split(env.front.egress, HOST, 200).await.get("red"),
+        Some(&200)
+    );
+
+    // A proxy restarted while the control plane is down serves its persisted snapshot.
+    env.front.kill().await;
+    let dead = env.control.url.clone();
+    let front =
+        ProxyProcess::sidecar(proxy_bin(), &dead, "default/front", env.front_dir.path()).await;
+    eventually(Duration::from_secs(10), "restarted proxy ready", || async {
+        let (code, _) = front.admin("/ready").await;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("/ready {code}"))
+        }
+    })
+    .await;
+    assert_eq!(split(front.egress, HOST, 100).await.get("red"), Some(&100));
+
+    // The control plane comes back on the same store: every resource and instance is there.
+    let control = ControlProcess::start(CONTROL, env._data.path()).await;
+    let out = cli(&control.url, &["get", "virtualnodes", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["blue", "front", "green", "red"]);
+    let out = cli(&control.url, &["instances", "list", "-o", "json"]);
+    let instances: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(instances.as_array().unwrap().len(), 4);
+    for kind in ["mesh", "virtualrouter", "virtualservice"] {
+        let out = cli(&control.url, &["get", kind, "-o", "json"]);
+        let items: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(items.as_array().unwrap().len(), 1, "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn invalid_manifest_is_rejected_with_its_field_and_nothing_changes() {
+    let env = setup((100, 0, 0)).await;
+    let before = stdout(&cli(
+        &env.control.url,
+        &["get", "virtualrouter", "colorteller", "-o", "json"],
+    ));
+    let mut bad = mesh_yaml(env.blue.addr.port(), (0, 100, 0), RED_REGISTRY);
+    bad = bad.replace("weight: 100 }", "weight: 150 }");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, &bad).unwrap();
+    let out = cli(&env.control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("document 5: VirtualRouter default/colorteller: spec.routes[0].httpRoute.action.weightedTargets[1].weight: must be 0..=100"),
+        "{err}"
+    );
+    assert!(err.contains("nothing changed"), "{err}");
+    let after = stdout(&cli(
+        &env.control.url,
+        &["get", "virtualrouter", "colorteller", "-o", "json"],
+    ));
+    assert_eq!(before, after, "the store is unchanged");
+    // Offline validation reports the same problem.
+    let out = std::process::Command::new(crate::CLI)
+        .args(["validate", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("weightedTargets[1].weight: must be 0..=100"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        split(env.front.egress, HOST, 10).await.get("blue"),
+        Some(&10)
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_snapshot_shows_as_nack_with_its_reason() {
+    let env = setup((0, 0, 100)).await;
+    // The control plane accepts any DNS name; the proxy refuses an address it cannot dial.
+    let bad = mesh_yaml(
+        env.blue.addr.port(),
+        (0, 0, 100),
+        "{ dns: { hostname: 'bad!host' } }",
+    );
+    apply(&env.control.url, &bad);
+    let s = eventually(Duration::from_secs(20), "front NACKs", || async {
+        let s = status(&env.control.url);
+        let front = s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == "default/front")
+            .cloned()
+            .unwrap();
+        if front["nackedVersion"].is_string() {
+            Ok(front)
+        } else {
+            Err(format!("{front}"))
+        }
+    })
+    .await;
+    let reason = s["nackReason"].as_str().unwrap();
+    assert!(
+        reason.contains("clusters[2].endpoints[0].address: \"bad!host:9080\" is not HOST:PORT"),
+        "{reason}"
+    );
+    let table = stdout(&cli(&env.control.url, &["status"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("default/front") && l.contains("NACK") && l.contains("bad!host")),
+        "{table}"
+    );
+    // The proxy keeps serving what it had.
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20)
+    );
+    assert!(env.red.requests() >= 20);
+}
+
+#[tokio::test]
+async fn every_example_validates_and_applies() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let path = f.to_str().unwrap();
+        if text.contains("apiVersion: mesh.trellis.dev/") {
+            let out = std::process::Command::new(crate::CLI)
+                .args(["validate", "-f", path])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{path}: {}", stderr(&out));
+            let out = cli(&control.url, &["apply", "-f", path]);
+            assert!(out.status.success(), "{path}: {}", stderr(&out));
+        } else {
+            // A proxy snapshot: the proxy must start with it.
+            let proxy = ProxyProcess::try_start(proxy_bin(), &text, &[]).await;
+            assert!(proxy.is_ok(), "{path}: {:?}", proxy.err());
+        }
+    }
+}
