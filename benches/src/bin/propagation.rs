@@ -1,0 +1,188 @@
+//! Config propagation benchmark: a real trellis-control, N lightweight proxies speaking the real
+//! config-stream protocol (hello, ACK every push), and the time from `apply` to every proxy
+//! having received and ACKed the new snapshot. Also the control plane's memory per proxy.
+//!
+//! cargo build --release -p trellis-control -p trellis-benches
+//! target/release/propagation 100 1000
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{io::AsyncBufReadExt as _, sync::{Notify, mpsc}};
+use trellis_control::client::ApiClient;
+use trellis_proto::v1::{
+    Ack, Hello, ProxyMessage, config_stream_client::ConfigStreamClient, proxy_message::Kind as Msg,
+};
+
+const MESH: &str = include_str!("../../../examples/colorapp/mesh.yaml");
+const ROUNDS: usize = 7;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn router(weights: (u32, u32, u32)) -> String {
+    let r = MESH.split("\n---\n").find(|d| d.contains("kind: VirtualRouter")).unwrap_or_default();
+    r.replacen("weight: 100", &format!("weight: {}", weights.0), 1)
+        .replacen("name: green }\n              weight: 0", &format!("name: green }}\n              weight: {}", weights.1), 1)
+        .replacen("name: red }\n              weight: 0", &format!("name: red }}\n              weight: {}", weights.2), 1)
+}
+
+async fn proxy(url: String, fleet: (Arc<AtomicUsize>, Arc<Notify>), i: usize) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+    let mut client = ConfigStreamClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(ProxyMessage {
+        kind: Some(Msg::Hello(Hello {
+            node: "default/front".into(),
+            kind: 0,
+            proxy_version: "bench".into(),
+            applied_version: String::new(),
+            instance: format!("bench-{i}"),
+        })),
+    })
+    .await?;
+    let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.stream(out).await?.into_inner();
+    while let Some(push) = inbound.message().await? {
+        let version = push.snapshot.map(|s| s.version).unwrap_or_default();
+        tx.send(ProxyMessage { kind: Some(Msg::Ack(Ack { nonce: push.nonce, version })) }).await?;
+        fleet.0.fetch_add(1, Ordering::SeqCst);
+        fleet.1.notify_one();
+    }
+    Ok(())
+}
+
+async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
+    let data = std::env::temp_dir().join(format!("trellis-propagation-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let mut child = tokio::process::Command::new(control_bin)
+        .args(["--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--log", "warn,trellis_control=info"])
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("no pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("no stderr")?).lines();
+    let addr = loop {
+        let line = lines.next_line().await?.context("trellis-control exited")?;
+        if let Some(a) = line.split("addr=").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = format!("http://{addr}");
+    let api = ApiClient::new(&url)?;
+    api.post("/v1/apply", MESH.as_bytes().to_vec()).await?;
+    for (i, v) in ["blue", "green", "red"].iter().enumerate() {
+        let body = serde_json::json!({"namespace": "demo", "service": "colorteller", "id": v, "address": "127.0.0.1", "port": 20000 + i, "attributes": {"version": v}});
+        api.post("/v1/instances", serde_json::to_vec(&body)?).await?;
+    }
+    let idle_rss = rss_kib(pid);
+
+    // Pushes received (and ACKed) by all proxies since the last reset.
+    let received = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let notify = Arc::new(Notify::new());
+    for i in 0..n {
+        let f = (received.clone(), notify.clone());
+        let url = url.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy(url, f, i).await {
+                if !stopping.load(Ordering::SeqCst) {
+                    eprintln!("proxy {i}: {e}");
+                }
+            }
+        });
+    }
+    // Wait for every proxy to be connected and in sync.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = api.get("/v1/status").await?;
+        let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+        let synced = proxies.iter().filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"]).count();
+        if synced == n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {synced}/{n} proxies synced");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connected_rss = rss_kib(pid);
+
+    let mut acks = Vec::new();
+    for round in 0..ROUNDS {
+        let w = [(90, 10, 0), (50, 50, 0), (10, 90, 0), (0, 50, 50), (34, 33, 33), (0, 0, 100), (100, 0, 0)][round % 7];
+        received.store(0, Ordering::SeqCst);
+        let start = Instant::now();
+        api.post("/v1/apply", router(w).into_bytes()).await?;
+        // Client view: every proxy received the push and sent its ACK.
+        while received.load(Ordering::SeqCst) < n {
+            if tokio::time::timeout(Duration::from_secs(60), notify.notified()).await.is_err() {
+                bail!("round {round}: only {}/{n} proxies got the push", received.load(Ordering::SeqCst));
+            }
+        }
+        acks.push(start.elapsed());
+        // Server view (not timed): the control plane recorded every ACK.
+        loop {
+            let s = api.get("/v1/status").await?;
+            let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+            if proxies.len() == n && proxies.iter().all(|p| p["ackedVersion"] == p["desiredVersion"]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    acks.sort();
+    let median = acks[acks.len() / 2];
+    let max = acks[acks.len() - 1];
+    let per_proxy = (connected_rss.saturating_sub(idle_rss)) as f64 / n as f64;
+    println!(
+        "| {n} | {:.1} ms | {:.1} ms | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+        median.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+        idle_rss as f64 / 1024.0,
+        connected_rss as f64 / 1024.0,
+        per_proxy
+    );
+    stopping.store(true, Ordering::SeqCst);
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let counts: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let counts = if counts.is_empty() { vec![100, 1000] } else { counts };
+    let control_bin = std::env::current_exe()?.with_file_name("trellis-control");
+    if !control_bin.exists() {
+        bail!("{} not found: cargo build --release -p trellis-control", control_bin.display());
+    }
+    println!("apply → every proxy received its new snapshot and ACKed it; median and max of {ROUNDS} rounds; control-plane RSS");
+    println!();
+    println!("| proxies | median | max | RSS before | RSS connected | RSS per proxy |");
+    println!("|---|---|---|---|---|---|");
+    for n in counts {
+        run(n, &control_bin).await?;
+    }
+    Ok(())
+}
