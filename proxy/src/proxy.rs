@@ -238,6 +238,32 @@ fn prepare(parts: &mut Parts, cluster: &Cluster, endpoint: &EndpointState) {
     }
 }
 
+/// Applies the route's path and host rewrites to the request line.
+fn rewrite(parts: &mut Parts, route: &Route) {
+    let rw = &route.rewrite;
+    if rw.path.is_none() && rw.host.is_none() {
+        return;
+    }
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    if let Some(new) = uri
+        .path_and_query
+        .as_ref()
+        .and_then(|pq| rw.path_and_query(pq.as_str()))
+        .and_then(|pq| pq.parse().ok())
+    {
+        uri.path_and_query = Some(new);
+    }
+    if let Some(host) = &rw.host {
+        if uri.authority.is_some() {
+            uri.authority = Some(host.clone());
+        }
+        if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    parts.uri = Uri::from_parts(uri).unwrap_or_default();
+}
+
 fn copy_parts(parts: &Parts) -> Request<()> {
     let mut req = Request::new(());
     *req.method_mut() = parts.method.clone();
@@ -263,6 +289,7 @@ async fn forward(
     let cluster = &target.cluster;
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
 
     let attempts = attempts(cluster, route.retry.as_deref(), parts, body, completion);

@@ -137,6 +137,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         status = StatusCode::from_u16(forced).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let path = req.uri().path().to_owned();
+    let seen_path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let query = req.uri().query().unwrap_or_default().to_owned();
     let host = header("host").or_else(|| req.uri().authority().map(|a| a.to_string()));
     let body = if path == "/echo" {
@@ -173,6 +178,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .insert("x-server", state.name.parse().unwrap());
     if let Some(h) = host.and_then(|h| h.parse().ok()) {
         resp.headers_mut().insert("x-seen-host", h);
+    }
+    if let Ok(p) = seen_path.parse() {
+        resp.headers_mut().insert("x-seen-path", p);
     }
     Ok(resp)
 }

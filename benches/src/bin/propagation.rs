@@ -17,7 +17,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tokio::{io::AsyncBufReadExt as _, sync::{Notify, mpsc}};
+use tokio::{
+    io::AsyncBufReadExt as _,
+    sync::{Notify, mpsc},
+};
 use trellis_control::client::ApiClient;
 use trellis_proto::v1::{
     Ack, Hello, ProxyMessage, config_stream_client::ConfigStreamClient, proxy_message::Kind as Msg,
@@ -38,14 +41,31 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn router(weights: (u32, u32, u32)) -> String {
-    let r = MESH.split("\n---\n").find(|d| d.contains("kind: VirtualRouter")).unwrap_or_default();
+    let r = MESH
+        .split("\n---\n")
+        .find(|d| d.contains("kind: VirtualRouter"))
+        .unwrap_or_default();
     r.replacen("weight: 100", &format!("weight: {}", weights.0), 1)
-        .replacen("name: green }\n              weight: 0", &format!("name: green }}\n              weight: {}", weights.1), 1)
-        .replacen("name: red }\n              weight: 0", &format!("name: red }}\n              weight: {}", weights.2), 1)
+        .replacen(
+            "name: green }\n              weight: 0",
+            &format!("name: green }}\n              weight: {}", weights.1),
+            1,
+        )
+        .replacen(
+            "name: red }\n              weight: 0",
+            &format!("name: red }}\n              weight: {}", weights.2),
+            1,
+        )
 }
 
-async fn proxy(url: String, fleet: (Arc<AtomicUsize>, Arc<Notify>), i: usize) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+async fn proxy(
+    url: String,
+    fleet: (Arc<AtomicUsize>, Arc<Notify>),
+    i: usize,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await?;
     let mut client = ConfigStreamClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     tx.send(ProxyMessage {
@@ -58,11 +78,18 @@ async fn proxy(url: String, fleet: (Arc<AtomicUsize>, Arc<Notify>), i: usize) ->
         })),
     })
     .await?;
-    let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let out =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut inbound = client.stream(out).await?.into_inner();
     while let Some(push) = inbound.message().await? {
         let version = push.snapshot.map(|s| s.version).unwrap_or_default();
-        tx.send(ProxyMessage { kind: Some(Msg::Ack(Ack { nonce: push.nonce, version })) }).await?;
+        tx.send(ProxyMessage {
+            kind: Some(Msg::Ack(Ack {
+                nonce: push.nonce,
+                version,
+            })),
+        })
+        .await?;
         fleet.0.fetch_add(1, Ordering::SeqCst);
         fleet.1.notify_one();
     }
@@ -73,7 +100,14 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("trellis-propagation-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let mut child = tokio::process::Command::new(control_bin)
-        .args(["--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--log", "warn,trellis_control=info"])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn,trellis_control=info",
+        ])
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -92,7 +126,8 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
     api.post("/v1/apply", MESH.as_bytes().to_vec()).await?;
     for (i, v) in ["blue", "green", "red"].iter().enumerate() {
         let body = serde_json::json!({"namespace": "demo", "service": "colorteller", "id": v, "address": "127.0.0.1", "port": 20000 + i, "attributes": {"version": v}});
-        api.post("/v1/instances", serde_json::to_vec(&body)?).await?;
+        api.post("/v1/instances", serde_json::to_vec(&body)?)
+            .await?;
     }
     let idle_rss = rss_kib(pid);
 
@@ -117,7 +152,10 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
     loop {
         let s = api.get("/v1/status").await?;
         let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
-        let synced = proxies.iter().filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"]).count();
+        let synced = proxies
+            .iter()
+            .filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"])
+            .count();
         if synced == n {
             break;
         }
@@ -130,14 +168,28 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
 
     let mut acks = Vec::new();
     for round in 0..ROUNDS {
-        let w = [(90, 10, 0), (50, 50, 0), (10, 90, 0), (0, 50, 50), (34, 33, 33), (0, 0, 100), (100, 0, 0)][round % 7];
+        let w = [
+            (90, 10, 0),
+            (50, 50, 0),
+            (10, 90, 0),
+            (0, 50, 50),
+            (34, 33, 33),
+            (0, 0, 100),
+            (100, 0, 0),
+        ][round % 7];
         received.store(0, Ordering::SeqCst);
         let start = Instant::now();
         api.post("/v1/apply", router(w).into_bytes()).await?;
         // Client view: every proxy received the push and sent its ACK.
         while received.load(Ordering::SeqCst) < n {
-            if tokio::time::timeout(Duration::from_secs(60), notify.notified()).await.is_err() {
-                bail!("round {round}: only {}/{n} proxies got the push", received.load(Ordering::SeqCst));
+            if tokio::time::timeout(Duration::from_secs(60), notify.notified())
+                .await
+                .is_err()
+            {
+                bail!(
+                    "round {round}: only {}/{n} proxies got the push",
+                    received.load(Ordering::SeqCst)
+                );
             }
         }
         acks.push(start.elapsed());
@@ -145,7 +197,11 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         loop {
             let s = api.get("/v1/status").await?;
             let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
-            if proxies.len() == n && proxies.iter().all(|p| p["ackedVersion"] == p["desiredVersion"]) {
+            if proxies.len() == n
+                && proxies
+                    .iter()
+                    .all(|p| p["ackedVersion"] == p["desiredVersion"])
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -171,13 +227,25 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let counts: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let counts = if counts.is_empty() { vec![100, 1000] } else { counts };
+    let counts: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let counts = if counts.is_empty() {
+        vec![100, 1000]
+    } else {
+        counts
+    };
     let control_bin = std::env::current_exe()?.with_file_name("trellis-control");
     if !control_bin.exists() {
-        bail!("{} not found: cargo build --release -p trellis-control", control_bin.display());
+        bail!(
+            "{} not found: cargo build --release -p trellis-control",
+            control_bin.display()
+        );
     }
-    println!("apply → every proxy received its new snapshot and ACKed it; median and max of {ROUNDS} rounds; control-plane RSS");
+    println!(
+        "apply → every proxy received its new snapshot and ACKed it; median and max of {ROUNDS} rounds; control-plane RSS"
+    );
     println!();
     println!("| proxies | median | max | RSS before | RSS connected | RSS per proxy |");
     println!("|---|---|---|---|---|---|");

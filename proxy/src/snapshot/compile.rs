@@ -17,8 +17,8 @@ use crate::{
     metrics::ProxyMetrics,
     retry::{self, RetryOn, RetryPolicy},
     route::{
-        HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
-        VirtualHost,
+        HeaderMatch, PathMatch, QueryMatch, Rewrite, Route, RouteMatch, RouteTable, Timeouts,
+        ValueRule, VirtualHost,
     },
     upstream::{self, Cluster, Generation, Health, Protocol},
 };
@@ -412,10 +412,15 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
             &route.name,
         ),
         None => {
-            c.err(apath, "required");
+            c.err(&apath, "required");
             WeightedTargets::new([])
         }
     };
+    let rewrite = route
+        .action
+        .as_ref()
+        .map(|a| compile_rewrite(c, &apath, a))
+        .unwrap_or_default();
     let retry = route
         .retry_policy
         .as_ref()
@@ -437,7 +442,37 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         targets,
         retry: retry.map(Arc::new),
         timeouts,
+        rewrite,
     })
+}
+
+fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -> Rewrite {
+    let mut out = Rewrite::default();
+    if let Some(r) = &action.path_rewrite {
+        if !r.prefix.starts_with('/') {
+            c.err(
+                format!("{path}.pathRewrite.prefix"),
+                "must start with \"/\"",
+            );
+        } else if !r.replacement.starts_with('/') {
+            c.err(
+                format!("{path}.pathRewrite.replacement"),
+                "must start with \"/\"",
+            );
+        } else {
+            out.path = Some((r.prefix.as_str().into(), r.replacement.as_str().into()));
+        }
+    }
+    if !action.host_rewrite.is_empty() {
+        match action.host_rewrite.parse::<http::uri::Authority>() {
+            Ok(a) => out.host = Some(a),
+            Err(_) => c.err(
+                format!("{path}.hostRewrite"),
+                format!("{:?} is not an authority", action.host_rewrite),
+            ),
+        }
+    }
+    out
 }
 
 fn compile_targets(

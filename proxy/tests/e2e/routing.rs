@@ -254,3 +254,33 @@ async fn each_match_type_routes_as_specified() {
         assert_eq!(r.text(), *want, "{method} {authority}{path} {headers:?}");
     }
 }
+
+#[tokio::test]
+async fn routes_rewrite_path_prefix_and_host() {
+    let app = TestServer::start("app").await;
+    let hosts = "      - name: gw\n        domains: ['*']\n        routes:\n          - name: colors\n            match: { prefix: /colors/ }\n            action: { weightedTargets: [{ cluster: app, weight: 1 }], pathRewrite: { prefix: /colors/, replacement: / }, hostRewrite: 'colorteller.default:9080' }\n";
+    let proxy = proxy_with("v1", hosts, &cluster("app", "HTTP1", &[app.addr]), &[]).await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c
+        .get("public.example.com", "/colors/blue?x=1")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-seen-path"),
+        Some("/blue?x=1"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.header("x-seen-host"), Some("colorteller.default:9080"));
+    let mut c2 = Client::h2(proxy.egress).await.unwrap();
+    let r = c2
+        .send(trellis_testkit::client::get_h2(
+            "public.example.com",
+            "/colors/red",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-seen-path"), Some("/red"));
+    assert_eq!(r.header("x-seen-host"), Some("colorteller.default:9080"));
+}
