@@ -418,8 +418,9 @@ impl Controller {
         Ok(())
     }
 
-    /// The snapshot a sidecar of `node` should run now (cached per view revision).
-    pub fn sidecar_snapshot(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
+    /// The snapshot the proxy of `node` (a VirtualNode's sidecar or a VirtualGateway's gateway)
+    /// should run now, cached per view revision.
+    pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
         let mut cache = lock(&self.cache);
         if cache.0 != view.revision {
             *cache = (view.revision, HashMap::new());
@@ -427,7 +428,14 @@ impl Controller {
         cache
             .1
             .entry(node.clone())
-            .or_insert_with(|| translate::sidecar(&view.state, &view.instances, node).map(Arc::new))
+            .or_insert_with(|| {
+                let translated = match node.kind {
+                    Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node),
+                    Kind::VirtualGateway => translate::gateway(&view.state, &view.instances, node),
+                    _ => None,
+                };
+                translated.map(Arc::new)
+            })
             .clone()
     }
 

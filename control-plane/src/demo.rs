@@ -25,6 +25,7 @@ use tokio::{net::TcpListener, process::Child};
 use crate::client::ApiClient;
 
 const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
+const GATEWAY: &str = include_str!("../../examples/colorapp/gateway.yaml");
 const STEPS: [(u32, u32, u32); 5] = [
     (100, 0, 0),
     (70, 30, 0),
@@ -254,11 +255,17 @@ pub async fn run(step: Duration) -> anyhow::Result<()> {
     )
     .await?;
 
-    let mesh_text =
-        std::fs::read_to_string("examples/colorapp/mesh.yaml").unwrap_or_else(|_| MESH.to_string());
-    let applied = api.post("/v1/apply", mesh_text.into_bytes()).await?;
+    // The files in examples/colorapp/ (from the working tree when run from the repository).
+    let text = match (
+        std::fs::read_to_string("examples/colorapp/mesh.yaml"),
+        std::fs::read_to_string("examples/colorapp/gateway.yaml"),
+    ) {
+        (Ok(m), Ok(g)) => format!("{m}\n---\n{g}"),
+        _ => format!("{MESH}\n---\n{GATEWAY}"),
+    };
+    let applied = api.post("/v1/apply", text.into_bytes()).await?;
     println!(
-        "==> applied examples/colorapp/mesh.yaml: {} resources",
+        "==> applied examples/colorapp/: {} resources",
         applied["results"].as_array().map_or(0, Vec::len)
     );
     for (node, (ingress, _)) in &sidecars {

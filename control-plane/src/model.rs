@@ -649,7 +649,7 @@ pub struct GatewayHttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<Value>,
+    pub hostname: Option<HostnameMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -662,10 +662,49 @@ pub struct GatewayHttpMatch {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostnameMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+}
+
+/// App Mesh gateway rewrites: by default the matched prefix becomes "/" and the Host becomes the
+/// target virtual service's hostname.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<HostnameRewrite>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefixRewrite {
+    /// ENABLED (default) or DISABLED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_prefix: Option<String>,
+    /// Replace the matched prefix with this instead of "/".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostnameRewrite {
+    /// ENABLED (default) or DISABLED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_target_hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayAction {
     pub target: GatewayTarget,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rewrite: Option<Value>,
+    pub rewrite: Option<GatewayRewrite>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

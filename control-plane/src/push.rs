@@ -121,11 +121,7 @@ async fn serve_proxy(
     let mut sent: Option<String> = None;
     loop {
         let view = views.borrow_and_update().clone();
-        let desired = if node.kind == Kind::VirtualNode {
-            controller.sidecar_snapshot(&view, node)
-        } else {
-            None
-        };
+        let desired = controller.snapshot_for(&view, node);
         if let Some(t) = &desired {
             let version = &t.snapshot.version;
             controller.update_proxy(id, |p| {

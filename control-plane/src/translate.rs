@@ -183,6 +183,7 @@ impl Builder<'_> {
                 name: format!("{}/default", key.name),
                 action: Some(pb::RouteAction {
                     weighted_targets: vec![pb::WeightedTarget { cluster, weight: 1 }],
+                    ..Default::default()
                 }),
                 ..Default::default()
             };
@@ -236,6 +237,7 @@ impl Builder<'_> {
             out.r#match = Some(http_match(&h.matcher));
             out.action = Some(pb::RouteAction {
                 weighted_targets: self.targets(ns, &h.action),
+                ..Default::default()
             });
             out.retry_policy = h.retry_policy.as_ref().map(retry);
             out.timeout = h.timeout.as_ref().map(timeouts);
@@ -255,6 +257,7 @@ impl Builder<'_> {
             });
             out.action = Some(pb::RouteAction {
                 weighted_targets: self.targets(ns, &g.action),
+                ..Default::default()
             });
             out.retry_policy = g.retry_policy.as_ref().map(retry);
             out.timeout = g.timeout.as_ref().map(timeouts);
@@ -262,6 +265,7 @@ impl Builder<'_> {
             // Reached through the egress with CONNECT.
             out.action = Some(pb::RouteAction {
                 weighted_targets: self.targets(ns, &t.action),
+                ..Default::default()
             });
             out.timeout = t.timeout.as_ref().map(timeouts);
         }
@@ -435,6 +439,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
                         cluster: format!("local:{port}"),
                         weight: 1,
                     }],
+                    ..Default::default()
                 }),
                 ..Default::default()
             })
@@ -450,6 +455,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
                         cluster: format!("local:{port}"),
                         weight: 1,
                     }],
+                    ..Default::default()
                 }),
                 ..Default::default()
             });
@@ -489,6 +495,297 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
     let mut snapshot = pb::Snapshot {
         version: String::new(),
         listeners,
+        clusters: b.clusters.into_values().collect(),
+    };
+    snapshot.version = version(&snapshot);
+    Some(Translated {
+        snapshot,
+        uses: b.uses,
+    })
+}
+
+/// Joins a gateway prefix and the rest of a path without doubling or dropping the slash.
+fn join_path(prefix: &str, rest: &str) -> String {
+    if prefix.ends_with('/') && rest.starts_with('/') {
+        format!("{prefix}{}", &rest[1..])
+    } else if prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') {
+        format!("{prefix}{rest}")
+    } else {
+        format!("{prefix}/{rest}")
+    }
+}
+
+/// A gateway route's match combined with one of the target router's routes, on the path the
+/// client sends. `rewrite` is (gateway prefix, what the router sees instead) — with no rewrite the
+/// router sees the gateway prefix itself. None when the two can never match together.
+fn combine(
+    gw: &model::GatewayHttpMatch,
+    rewrite: Option<(&str, &str)>,
+    route: &HttpMatch,
+) -> Option<pb::RouteMatch> {
+    use pb::route_match::Path;
+    let path = match (&gw.prefix, rewrite) {
+        (Some(pg), Some((_, seen))) => {
+            // The router sees `seen` + rest for a client path `pg` + rest.
+            match (&route.prefix, &route.path) {
+                (Some(pr), _) if pr.starts_with(seen) => {
+                    Some(Path::Prefix(join_path(pg, &pr[seen.len()..])))
+                }
+                (Some(pr), _) if seen.starts_with(pr.as_str()) => Some(Path::Prefix(pg.clone())),
+                (Some(_), _) => return None,
+                (None, Some(pm)) => match (&pm.exact, &pm.regex) {
+                    (Some(e), _) if e.starts_with(seen) => {
+                        Some(Path::Exact(join_path(pg, &e[seen.len()..])))
+                    }
+                    (None, Some(re)) if seen == "/" => Some(Path::Regex(format!(
+                        "{}(?:{re})",
+                        regex::escape(pg.trim_end_matches('/'))
+                    ))),
+                    _ => return None,
+                },
+                (None, None) => Some(Path::Prefix(pg.clone())),
+            }
+        }
+        (Some(pg), None) => Some(Path::Prefix(pg.clone())),
+        (None, _) => {
+            // A gateway path match combines only with routes that take any path.
+            if route.prefix.as_deref() != Some("/") {
+                return None;
+            }
+            gw.path.as_ref().and_then(|pm| {
+                pm.exact
+                    .clone()
+                    .map(Path::Exact)
+                    .or_else(|| pm.regex.clone().map(Path::Regex))
+            })
+        }
+    };
+    let method = match (&gw.method, &route.method) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => a.clone().or_else(|| b.clone()).unwrap_or_default(),
+    };
+    let mut m = http_match(route);
+    m.path = path;
+    m.method = method;
+    m.headers = gw
+        .headers
+        .iter()
+        .map(header_match)
+        .chain(m.headers)
+        .collect();
+    let gw_query = http_match(&HttpMatch {
+        query_parameters: gw.query_parameters.clone(),
+        ..Default::default()
+    })
+    .query_parameters;
+    m.query_parameters = gw_query.into_iter().chain(m.query_parameters).collect();
+    if let Some(p) = gw.port.and_then(|p| u32::try_from(p).ok()) {
+        m.port = p;
+    }
+    Some(m)
+}
+
+/// The snapshot for a gateway of VirtualGateway `key`: its ingress routes the GatewayRoutes that
+/// name it (or, without `virtualGatewayRef`, those of its namespace) to their virtual services,
+/// through the services' routers, with App Mesh's default rewrites (matched prefix → "/", Host →
+/// the service's hostname).
+pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Option<Translated> {
+    let Some(Spec::VirtualGateway(_)) = state.get(key).map(|r| &r.spec) else {
+        return None;
+    };
+    let mut b = Builder {
+        state,
+        instances,
+        uses: BTreeSet::new(),
+        clusters: BTreeMap::new(),
+    };
+    b.uses.insert(key.clone());
+    for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
+        b.uses.insert(mesh.clone());
+    }
+    let mut routes: Vec<(&ResourceKey, &model::GatewayRouteSpec)> = state
+        .iter()
+        .filter_map(|(k, r)| match &r.spec {
+            Spec::GatewayRoute(g) => Some((k, g)),
+            _ => None,
+        })
+        .filter(|(k, g)| match &g.virtual_gateway_ref {
+            Some(r) => {
+                r.name == key.name
+                    && r.namespace.as_deref().unwrap_or(&k.namespace) == key.namespace
+            }
+            None => k.namespace == key.namespace,
+        })
+        .collect();
+    routes.sort_by_key(|(k, g)| (g.priority.unwrap_or(1001), k.name.clone()));
+
+    // Routes per hostname match ("" = any host), in priority order.
+    let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
+    for (rank, (gr_key, gr)) in routes.iter().enumerate() {
+        b.uses.insert((*gr_key).clone());
+        let Some(h) = gr.http_route.as_ref().or(gr.http2_route.as_ref()) else {
+            continue;
+        };
+        let vs_ref = &h.action.target.virtual_service.virtual_service_ref;
+        let vs_key = ResourceKey::new(
+            Kind::VirtualService,
+            vs_ref.namespace.as_deref().unwrap_or(&gr_key.namespace),
+            &vs_ref.name,
+        );
+        let Some(Spec::VirtualService(vs)) = state.get(&vs_key).map(|r| &r.spec) else {
+            continue;
+        };
+        b.uses.insert(vs_key.clone());
+        let rewrite = h.action.rewrite.clone().unwrap_or_default();
+        let prefix_rewrite = match (&h.matcher.prefix, &rewrite.prefix) {
+            (Some(_), Some(p))
+                if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
+            {
+                None
+            }
+            (Some(pg), p) => Some((
+                pg.clone(),
+                p.as_ref()
+                    .and_then(|p| p.value.clone())
+                    .unwrap_or_else(|| "/".into()),
+            )),
+            (None, _) => None,
+        };
+        let host_rewrite = match rewrite
+            .hostname
+            .as_ref()
+            .and_then(|h| h.default_target_hostname.as_deref())
+        {
+            Some("DISABLED") => String::new(),
+            _ => hostname(&vs_key, vs),
+        };
+        let base = i32::try_from(rank)
+            .unwrap_or(i32::MAX / 2_000)
+            .saturating_mul(2_000);
+        let action = |targets: Vec<pb::WeightedTarget>| pb::RouteAction {
+            weighted_targets: targets,
+            path_rewrite: prefix_rewrite.as_ref().map(|(p, r)| pb::PathRewrite {
+                prefix: p.clone(),
+                replacement: r.clone(),
+            }),
+            host_rewrite: host_rewrite.clone(),
+        };
+        let mut out = Vec::new();
+        let provider = vs.provider.clone().unwrap_or_default();
+        if let Some(p) = &provider.virtual_node {
+            let node = ResourceKey::new(
+                Kind::VirtualNode,
+                p.virtual_node_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&vs_key.namespace),
+                &p.virtual_node_ref.name,
+            );
+            let cluster = b.cluster(&node);
+            let any = HttpMatch {
+                prefix: Some("/".into()),
+                ..Default::default()
+            };
+            if let Some(m) = combine(
+                &h.matcher,
+                prefix_rewrite
+                    .as_ref()
+                    .map(|(p, r)| (p.as_str(), r.as_str())),
+                &any,
+            ) {
+                out.push(pb::Route {
+                    name: gr_key.name.clone(),
+                    priority: base,
+                    r#match: Some(m),
+                    action: Some(action(vec![pb::WeightedTarget { cluster, weight: 1 }])),
+                    ..Default::default()
+                });
+            }
+        } else if let Some(p) = &provider.virtual_router {
+            let router_key = ResourceKey::new(
+                Kind::VirtualRouter,
+                p.virtual_router_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&vs_key.namespace),
+                &p.virtual_router_ref.name,
+            );
+            let Some(Spec::VirtualRouter(router)) = state.get(&router_key).map(|r| &r.spec) else {
+                continue;
+            };
+            b.uses.insert(router_key.clone());
+            for route in &router.routes {
+                let Some(rh) = route.http_route.as_ref().or(route.http2_route.as_ref()) else {
+                    continue;
+                };
+                let Some(m) = combine(
+                    &h.matcher,
+                    prefix_rewrite
+                        .as_ref()
+                        .map(|(p, r)| (p.as_str(), r.as_str())),
+                    &rh.matcher,
+                ) else {
+                    continue;
+                };
+                let translated = b.route(&router_key, route);
+                out.push(pb::Route {
+                    name: format!("{}/{}", gr_key.name, translated.name),
+                    priority: base.saturating_add(
+                        route
+                            .priority
+                            .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
+                    ),
+                    r#match: Some(m),
+                    action: Some(action(
+                        translated
+                            .action
+                            .map(|a| a.weighted_targets)
+                            .unwrap_or_default(),
+                    )),
+                    retry_policy: translated.retry_policy,
+                    timeout: translated.timeout,
+                });
+            }
+        }
+        let host = match &h.matcher.hostname {
+            Some(model::HostnameMatch { exact: Some(e), .. }) => e.to_ascii_lowercase(),
+            Some(model::HostnameMatch {
+                suffix: Some(s), ..
+            }) => format!(
+                "*.{}",
+                s.trim_start_matches(['*', '.']).to_ascii_lowercase()
+            ),
+            _ => String::new(),
+        };
+        by_host.entry(host).or_default().extend(out);
+    }
+    let generic = by_host.remove("").unwrap_or_default();
+    let mut hosts: Vec<pb::VirtualHost> = by_host
+        .into_iter()
+        .map(|(domain, mut routes)| {
+            // Routes for any host apply here too (a request matches only one virtual host).
+            routes.extend(generic.iter().cloned());
+            routes.sort_by_key(|r| r.priority);
+            pb::VirtualHost {
+                name: domain.clone(),
+                domains: vec![domain],
+                routes,
+            }
+        })
+        .collect();
+    hosts.push(pb::VirtualHost {
+        name: "any".into(),
+        domains: vec!["*".into()],
+        routes: generic,
+    });
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        listeners: vec![pb::Listener {
+            name: "gateway".into(),
+            role: pb::listener::Role::Ingress as i32,
+            virtual_hosts: hosts,
+            ..Default::default()
+        }],
         clusters: b.clusters.into_values().collect(),
     };
     snapshot.version = version(&snapshot);
@@ -589,6 +886,156 @@ mod tests {
         // The proxy's own compiler accepts it.
         let json = serde_json::to_string(s).unwrap();
         assert!(json.contains("colorteller/split"));
+    }
+
+    #[test]
+    fn gateway_routes_expand_through_the_router_with_rewrites() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: ingress-gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: colors }
+spec:
+  virtualGatewayRef: { name: ingress-gw }
+  httpRoute:
+    match: { prefix: /colors/ }
+    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: front }
+spec:
+  priority: 1
+  httpRoute:
+    match: { prefix: /, hostname: { exact: front.example.com } }
+    action:
+      target: { virtualService: { virtualServiceRef: { name: front } } }
+      rewrite: { prefix: { defaultPrefix: DISABLED }, hostname: { defaultTargetHostname: DISABLED } }
+"#
+        );
+        let state = state(&yaml);
+        let gw = ResourceKey::new(Kind::VirtualGateway, "default", "ingress-gw");
+        let t = gateway(&state, &[], &gw).unwrap();
+        let l = &t.snapshot.listeners[0];
+        let hosts: Vec<&str> = l
+            .virtual_hosts
+            .iter()
+            .map(|h| h.domains[0].as_str())
+            .collect();
+        assert_eq!(hosts, ["front.example.com", "*"]);
+        let any = &l.virtual_hosts[1].routes;
+        assert_eq!(any.len(), 1);
+        let r = &any[0];
+        assert_eq!(r.name, "colors/colorteller/split");
+        assert_eq!(
+            r.r#match.as_ref().unwrap().path,
+            Some(pb::route_match::Path::Prefix("/colors/".into()))
+        );
+        let action = r.action.as_ref().unwrap();
+        assert_eq!(
+            action.path_rewrite,
+            Some(pb::PathRewrite {
+                prefix: "/colors/".into(),
+                replacement: "/".into()
+            })
+        );
+        assert_eq!(action.host_rewrite, "colorteller.default");
+        assert_eq!(action.weighted_targets.len(), 3, "the router's targets");
+        assert!(
+            r.retry_policy.is_some(),
+            "the router route's policies come along"
+        );
+        let front = &l.virtual_hosts[0].routes;
+        assert_eq!(
+            front[0].name, "front",
+            "priority 1 before routes without one"
+        );
+        assert_eq!(front[1].name, "colors/colorteller/split");
+        let fa = front[0].action.as_ref().unwrap();
+        assert_eq!(
+            (fa.path_rewrite.clone(), fa.host_rewrite.as_str()),
+            (None, "")
+        );
+        assert!(
+            t.uses
+                .contains(&ResourceKey::new(Kind::GatewayRoute, "default", "front"))
+        );
+        assert!(
+            gateway(
+                &state,
+                &[],
+                &ResourceKey::new(Kind::VirtualGateway, "default", "nope")
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn combining_gateway_and_router_paths() {
+        use pb::route_match::Path;
+        let gw = model::GatewayHttpMatch {
+            prefix: Some("/colors/".into()),
+            ..Default::default()
+        };
+        let prefix = |p: &str| HttpMatch {
+            prefix: Some(p.into()),
+            ..Default::default()
+        };
+        let path = |m: Option<pb::RouteMatch>| m.and_then(|m| m.path);
+        let rw = Some(("/colors/", "/"));
+        assert_eq!(
+            path(combine(&gw, rw, &prefix("/"))),
+            Some(Path::Prefix("/colors/".into()))
+        );
+        assert_eq!(
+            path(combine(&gw, rw, &prefix("/api"))),
+            Some(Path::Prefix("/colors/api".into()))
+        );
+        let v2 = Some(("/colors/", "/v2/"));
+        assert_eq!(
+            path(combine(&gw, v2, &prefix("/v2/x"))),
+            Some(Path::Prefix("/colors/x".into()))
+        );
+        assert!(
+            combine(&gw, v2, &prefix("/v3")).is_none(),
+            "can never match"
+        );
+        // No rewrite: the router sees the client's path.
+        let same = Some(("/colors/", "/colors/"));
+        assert_eq!(
+            path(combine(&gw, same, &prefix("/colors/red"))),
+            Some(Path::Prefix("/colors/red".into()))
+        );
+        assert_eq!(
+            path(combine(&gw, same, &prefix("/"))),
+            Some(Path::Prefix("/colors/".into()))
+        );
+        let exact = HttpMatch {
+            path: Some(model::PathMatch {
+                exact: Some("/x".into()),
+                regex: None,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            path(combine(&gw, rw, &exact)),
+            Some(Path::Exact("/colors/x".into()))
+        );
+        let get = model::GatewayHttpMatch {
+            method: Some("GET".into()),
+            ..gw.clone()
+        };
+        let post = HttpMatch {
+            method: Some("POST".into()),
+            ..prefix("/")
+        };
+        assert!(combine(&get, rw, &post).is_none(), "methods conflict");
     }
 
     #[test]

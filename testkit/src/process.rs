@@ -191,12 +191,21 @@ impl ProxyProcess {
     /// A sidecar for `node` (NAMESPACE/NAME) following the control plane(s) `urls`, keeping its
     /// snapshot in `data_dir`.
     pub async fn sidecar(bin: &str, urls: &str, node: &str, data_dir: &Path) -> Self {
+        Self::follow(bin, urls, "--node", node, data_dir).await
+    }
+
+    /// A gateway for VirtualGateway `gateway` (NAMESPACE/NAME); see [`sidecar`](Self::sidecar).
+    pub async fn gateway(bin: &str, urls: &str, gateway: &str, data_dir: &Path) -> Self {
+        Self::follow(bin, urls, "--gateway", gateway, data_dir).await
+    }
+
+    async fn follow(bin: &str, urls: &str, flag: &str, name: &str, data_dir: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let args = vec![
             "--control-plane".to_string(),
             urls.to_string(),
-            "--node".into(),
-            node.into(),
+            flag.into(),
+            name.into(),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];

@@ -486,6 +486,66 @@ async fn a_rejected_snapshot_shows_as_nack_with_its_reason() {
 }
 
 #[tokio::test]
+async fn a_gateway_routes_to_virtual_services_through_their_router() {
+    let env = setup((100, 0, 0)).await;
+    let gateway = r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: colors }
+spec:
+  virtualGatewayRef: { name: gw }
+  httpRoute:
+    match: { prefix: /colors/ }
+    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
+"#;
+    apply(&env.control.url, gateway);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = ProxyProcess::gateway(proxy_bin(), &env.control.url, "default/gw", dir.path()).await;
+    let s = wait_synced(&env.control.url, 3).await;
+    assert!(
+        s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node"] == "default/gw" && p["kind"] == "gateway")
+    );
+    let mut c = Client::h1(gw.ingress).await.unwrap();
+    let r = c
+        .get("www.example.com", "/colors/paint?shade=dark")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.header("x-trellis-error"));
+    assert_eq!(r.text(), "blue");
+    assert_eq!(
+        r.header("x-seen-path"),
+        Some("/paint?shade=dark"),
+        "the matched prefix became /"
+    );
+    assert_eq!(
+        r.header("x-seen-host"),
+        Some("colorteller.default"),
+        "Host became the service's"
+    );
+    let r = c.get("www.example.com", "/other").await.unwrap();
+    assert_eq!(r.status, 404);
+    // Weights apply through the gateway too.
+    apply(
+        &env.control.url,
+        &mesh_yaml(env.blue.addr.port(), (0, 0, 100), RED_REGISTRY),
+    );
+    wait_synced(&env.control.url, 3).await;
+    assert_eq!(
+        c.get("www.example.com", "/colors/x").await.unwrap().text(),
+        "red"
+    );
+}
+
+#[tokio::test]
 async fn every_example_validates_and_applies() {
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
@@ -503,22 +563,29 @@ async fn every_example_validates_and_applies() {
         }
     }
     files.sort();
-    assert!(files.len() >= 2, "{files:?}");
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
-        let path = f.to_str().unwrap();
+    assert!(files.len() >= 3, "{files:?}");
+    // Manifests are applied a directory at a time, as users apply them; proxy snapshots must
+    // start a proxy.
+    let mut manifest_dirs = std::collections::BTreeSet::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
         if text.contains("apiVersion: mesh.trellis.dev/") {
-            let out = std::process::Command::new(crate::CLI)
-                .args(["validate", "-f", path])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{path}: {}", stderr(&out));
-            let out = cli(&control.url, &["apply", "-f", path]);
-            assert!(out.status.success(), "{path}: {}", stderr(&out));
+            manifest_dirs.insert(f.parent().unwrap().to_path_buf());
         } else {
-            // A proxy snapshot: the proxy must start with it.
             let proxy = ProxyProcess::try_start(proxy_bin(), &text, &[]).await;
-            assert!(proxy.is_ok(), "{path}: {:?}", proxy.err());
+            assert!(proxy.is_ok(), "{}: {:?}", f.display(), proxy.err());
         }
+    }
+    assert!(!manifest_dirs.is_empty());
+    for d in manifest_dirs {
+        let path = d.to_str().unwrap();
+        let out = std::process::Command::new(crate::CLI)
+            .args(["validate", "-f", path])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path}: {}", stderr(&out));
+        let out = cli(&control.url, &["apply", "-f", path]);
+        assert!(out.status.success(), "{path}: {}", stderr(&out));
+        assert!(stdout(&out).contains("created"), "{}", stdout(&out));
     }
 }
