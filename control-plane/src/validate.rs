@@ -187,6 +187,18 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
     problems
 }
 
+/// The mesh a resource belongs to: its meshRef, or the only mesh.
+fn mesh_of<'a>(state: &'a State, spec: &'a Spec) -> Option<&'a str> {
+    if let Some(m) = spec.mesh_ref() {
+        return Some(&m.name);
+    }
+    let mut meshes = state.keys().filter(|k| k.kind == Kind::Mesh);
+    match (meshes.next(), meshes.next()) {
+        (Some(only), None) => Some(&only.name),
+        _ => None,
+    }
+}
+
 struct Checker<'a> {
     state: &'a State,
     key: &'a ResourceKey,
@@ -218,8 +230,23 @@ impl Checker<'_> {
     fn exists(&mut self, path: &str, kind: Kind, r: &Ref) {
         let ns = r.namespace.as_deref().unwrap_or(&self.key.namespace);
         let target = ResourceKey::new(kind, ns, &r.name);
-        if !self.state.contains_key(&target) {
+        let Some(found) = self.state.get(&target) else {
             self.err(path, format!("{target} not found"));
+            return;
+        };
+        // References stay inside one mesh.
+        let here = self
+            .state
+            .get(self.key)
+            .and_then(|r| mesh_of(self.state, &r.spec));
+        let there = mesh_of(self.state, &found.spec);
+        if let (Some(here), Some(there)) = (here, there) {
+            if here != there {
+                self.err(
+                    path,
+                    format!("{target} belongs to mesh {there:?}, not {here:?}"),
+                );
+            }
         }
     }
 
@@ -746,6 +773,14 @@ spec:
                     "kind: VirtualNode\nmetadata: { name: x }",
                 ),
                 "spec.meshRef: no Mesh exists",
+            ),
+            (
+                // Two meshes: the router and service name "m"; blue moves to "other".
+                format!("{GOOD}---\napiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh\nmetadata: {{ name: other }}\n")
+                    .replace("metadata: { name: blue }\nspec:", "metadata: { name: blue }\nspec:\n  meshRef: { name: other }")
+                    .replace("metadata: { name: ct }\nspec:", "metadata: { name: ct }\nspec:\n  meshRef: { name: m }")
+                    .replace("metadata: { name: colorteller }\nspec:", "metadata: { name: colorteller }\nspec:\n  meshRef: { name: m }"),
+                "spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeRef: VirtualNode default/blue belongs to mesh \"other\", not \"m\"",
             ),
         ];
         for (yaml, want) in cases {

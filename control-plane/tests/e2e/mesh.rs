@@ -437,6 +437,69 @@ async fn invalid_manifest_is_rejected_with_its_field_and_nothing_changes() {
         split(env.front.egress, HOST, 10).await.get("blue"),
         Some(&10)
     );
+
+    // Deleting something still referenced is refused the same way; describe shows convergence.
+    let out = cli(&env.control.url, &["delete", "virtualnode", "green"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("VirtualRouter default/colorteller: spec.routes[0].httpRoute.action.weightedTargets[1].virtualNodeRef: VirtualNode default/green not found"), "{}", stderr(&out));
+    let out = cli(
+        &env.control.url,
+        &["describe", "virtualrouter", "colorteller"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1 use it, 1 applied their current snapshot"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&env.control.url, &["get", "virtualnodes"]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.contains("front") && l.contains("1/1")),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&env.control.url, &["get", "widgets"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown kind \"widgets\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_sidecar_fails_over_to_the_next_control_plane() {
+    let blue = TestServer::start("blue").await;
+    let green = TestServer::start("green").await;
+    let red = TestServer::start("red").await;
+    // Two control planes with their own stores; B sends everything to red.
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = ControlProcess::start(CONTROL, data_a.path()).await;
+    let b = ControlProcess::start(CONTROL, data_b.path()).await;
+    for (cp, weights) in [(&a, (100, 0, 0)), (&b, (0, 0, 100))] {
+        apply(&cp.url, &mesh_yaml(blue.addr.port(), weights, RED_REGISTRY));
+        register(&cp.url, "blue-1", "blue", blue.addr);
+        register(&cp.url, "green-1", "green", green.addr);
+        register(&cp.url, "red-1", "red", red.addr);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let urls = format!("{},{}", a.url, b.url);
+    let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dir.path()).await;
+    wait_synced(&a.url, 1).await;
+    assert_eq!(
+        split(front.egress, HOST, 10).await.get("blue"),
+        Some(&10),
+        "first control plane first"
+    );
+    a.kill().await;
+    wait_synced(&b.url, 1).await;
+    assert_eq!(
+        split(front.egress, HOST, 10).await.get("red"),
+        Some(&10),
+        "then the next one"
+    );
 }
 
 #[tokio::test]
