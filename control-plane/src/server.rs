@@ -139,6 +139,17 @@ async fn body_text(req: Request<Incoming>) -> Result<String, Response<Body>> {
         .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))
 }
 
+/// The manifests in a request body (YAML stream or JSON).
+async fn manifests(req: Request<Incoming>) -> Result<Vec<crate::model::Manifest>, Response<Body>> {
+    let text = body_text(req).await?;
+    parse_documents(&text).map_err(|problems| {
+        reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({ "error": "invalid", "problems": problems }),
+        )
+    })
+}
+
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
     req.uri()
         .query()
@@ -158,18 +169,9 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &json!({ "ok": true })),
         (&Method::POST, ["v1", "apply"]) => {
-            let text = match body_text(req).await {
-                Ok(t) => t,
-                Err(r) => return r,
-            };
-            let manifests = match parse_documents(&text) {
+            let manifests = match manifests(req).await {
                 Ok(m) => m,
-                Err(problems) => {
-                    return reply(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &json!({ "error": "invalid", "problems": problems }),
-                    );
-                }
+                Err(r) => return r,
             };
             match controller.apply(manifests).await {
                 Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
@@ -177,18 +179,9 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (&Method::POST, ["v1", "delete"]) => {
-            let text = match body_text(req).await {
-                Ok(t) => t,
-                Err(r) => return r,
-            };
-            let manifests = match parse_documents(&text) {
+            let manifests = match manifests(req).await {
                 Ok(m) => m,
-                Err(problems) => {
-                    return reply(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &json!({ "error": "invalid", "problems": problems }),
-                    );
-                }
+                Err(r) => return r,
             };
             let mut keys = Vec::new();
             for m in manifests {

@@ -73,7 +73,6 @@ impl Builder<'_> {
         if self.clusters.contains_key(&name) {
             return name;
         }
-        let state = self.state;
         let instances = self.instances;
         let Some(node) = self.node(key).cloned() else {
             // Validation keeps references whole; an unknown node gets an empty cluster.
@@ -86,7 +85,6 @@ impl Builder<'_> {
             );
             return name;
         };
-        let _ = state;
         let listener = node.listeners.first();
         let protocol = listener.map_or(pb::cluster::Protocol::Http1, |l| {
             cluster_protocol(&l.port_mapping.protocol)
@@ -376,6 +374,14 @@ fn timeouts(t: &Timeouts) -> pb::Timeouts {
     }
 }
 
+/// All traffic to the local app's cluster for `port`.
+fn to_local(port: i64) -> Vec<pb::WeightedTarget> {
+    vec![pb::WeightedTarget {
+        cluster: format!("local:{port}"),
+        weight: 1,
+    }]
+}
+
 /// The snapshot for the sidecar of VirtualNode `node`, or None if the node does not exist.
 pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Option<Translated> {
     let mut b = Builder {
@@ -416,10 +422,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
             role: pb::listener::Role::Ingress as i32,
             protocol: pb::listener::Protocol::Tcp as i32,
             tcp: Some(pb::TcpRoute {
-                weighted_targets: vec![pb::WeightedTarget {
-                    cluster: format!("local:{port}"),
-                    weight: 1,
-                }],
+                weighted_targets: to_local(*port),
                 idle: None,
             }),
             ..Default::default()
@@ -435,10 +438,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
                     ..Default::default()
                 }),
                 action: Some(pb::RouteAction {
-                    weighted_targets: vec![pb::WeightedTarget {
-                        cluster: format!("local:{port}"),
-                        weight: 1,
-                    }],
+                    weighted_targets: to_local(*port),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -451,10 +451,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
                 name: "inbound:default".into(),
                 priority: 1,
                 action: Some(pb::RouteAction {
-                    weighted_targets: vec![pb::WeightedTarget {
-                        cluster: format!("local:{port}"),
-                        weight: 1,
-                    }],
+                    weighted_targets: to_local(port),
                     ..Default::default()
                 }),
                 ..Default::default()
