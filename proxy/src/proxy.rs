@@ -38,11 +38,20 @@ pub struct Completion {
     retries: u32,
     metrics: Option<Arc<RequestMetrics>>,
     log: Option<Box<LogRecord>>,
+    recorded: bool,
 }
+
+/// Status recorded for a request whose client left before the response (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
 
 impl Completion {
     /// Records the request; `body_error` is set when the response body failed midway.
-    pub fn finish(self, body_error: Option<&'static str>) {
+    pub fn finish(mut self, body_error: Option<&'static str>) {
+        self.record(body_error);
+    }
+
+    fn record(&mut self, body_error: Option<&'static str>) {
+        self.recorded = true;
         let elapsed = self.start.elapsed();
         match &self.metrics {
             Some(m) => m.observe(self.status, elapsed),
@@ -54,12 +63,22 @@ impl Completion {
                 self.app.metrics.timeout("idle");
             }
         }
-        if let Some(mut log) = self.log {
+        if let Some(mut log) = self.log.take() {
             log.status = self.status.as_u16();
             log.duration = elapsed;
             log.retries = self.retries;
             log.error = body_error.or(self.error);
             self.app.access_log.write(&log);
+        }
+    }
+}
+
+impl Drop for Completion {
+    /// A request dropped before it finished: the client went away while it was in flight.
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            self.record(Some("downstream_reset"));
         }
     }
 }
@@ -91,6 +110,7 @@ pub(crate) async fn serve(
         retries: 0,
         metrics: None,
         log,
+        recorded: false,
     });
     match route_and_forward(&runtime, slot, req, &mut completion).await {
         Ok(response) => response,

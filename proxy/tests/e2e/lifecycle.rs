@@ -384,3 +384,59 @@ async fn access_log_writes_one_json_line_per_request() {
     assert_eq!(lines[1]["status"], 404);
     assert_eq!(lines[1]["error"], "no_route");
 }
+
+#[tokio::test]
+async fn a_client_leaving_mid_request_is_counted() {
+    let app = TestServer::start("app").await;
+    app.delay(5_000);
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let egress = proxy.egress;
+    let request = tokio::spawn(async move {
+        let mut c = Client::h1(egress).await.unwrap();
+        c.get("svc.test", "/slow").await
+    });
+    eventually(
+        Duration::from_secs(10),
+        "request reached the app",
+        || async {
+            if app.requests() == 1 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .await;
+    request.abort();
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned request is recorded",
+        || async {
+            let n = proxy
+                .metric(
+                    "trellis_proxy_errors_total",
+                    &[("kind", "downstream_reset")],
+                )
+                .await;
+            if n == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        },
+    )
+    .await;
+    let client_closed = proxy
+        .metric(
+            "trellis_proxy_requests_total",
+            &[("cluster", "svc"), ("status_class", "4xx")],
+        )
+        .await;
+    assert_eq!(client_closed, 1.0);
+}
