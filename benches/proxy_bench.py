@@ -77,8 +77,11 @@ def pinned(cpu, argv):
 
 
 def spawn(argv, cpu, **kw):
+    # stderr goes to a file so a proxy that fails to start can say why.
+    err = tempfile.TemporaryFile()
     p = subprocess.Popen(pinned(cpu, argv), stdout=kw.pop("stdout", subprocess.DEVNULL),
-                         stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+                         stderr=kw.pop("stderr", err), **kw)
+    p.stderr = err
     started.append(p)
     return p
 
@@ -103,18 +106,37 @@ def wait_http(port, host="bench.local", timeout=20):
     raise RuntimeError(f"nothing answers 200 on port {port}")
 
 
+def tree(pid):
+    """The process and its children (nginx's master and worker)."""
+    pids = [pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
 def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    total = 0
+    for p in tree(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
 
 
 def hwm_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    total = 0
+    for p in tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total
 
 
 # ---- proxies ----------------------------------------------------------------------------------
@@ -206,7 +228,7 @@ def envoy(upstream, port, h2_port, tmp):
 
 HAPROXY = """global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     option http-keep-alive
@@ -306,7 +328,15 @@ def run_one(name, upstream, args, tmp):
     port, h2_port = free_port(), free_port()
     proc, port = CONFIGS[name](upstream, port, h2_port, tmp)
     try:
-        wait_http(port)
+        try:
+            wait_http(port)
+        except RuntimeError:
+            stop(proc)
+            err = ""
+            if proc and proc.stderr:
+                proc.stderr.seek(0)
+                err = proc.stderr.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} did not start:\n{err}")
         pid = proc.pid if proc else None
         # taskset execs the proxy, so the PID is the proxy's.
         idle = hwm_kib(pid) if pid else None
