@@ -87,8 +87,13 @@ def spawn(argv, cpu, **kw):
 
 
 def stop(p):
+    """Kills the process and its children (nginx's workers outlive a killed master), by PID."""
     if p and p.poll() is None:
-        p.send_signal(signal.SIGKILL)
+        for pid in reversed(tree(p.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         p.wait()
 
 
