@@ -312,19 +312,21 @@ async fn forward(
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
 
-    let attempts = attempts(cluster, route.retry.as_deref(), parts, body, completion);
-    let exchange = match route.timeouts.per_request {
-        None => attempts.await,
-        Some(limit) => match tokio::time::timeout(limit, attempts).await {
-            Ok(result) => result,
-            Err(_) => {
-                if let Some(m) = &metrics {
-                    m.timeout("request");
-                }
-                Err(ProxyError::RequestTimeout(limit))
-            }
-        },
-    }?;
+    // One deadline for the whole request, retries and backoff included.
+    let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
+    let exchange = attempts(
+        cluster,
+        route.retry.as_deref(),
+        parts,
+        body,
+        completion,
+        deadline,
+    )
+    .await;
+    if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
+        m.timeout("request");
+    }
+    let exchange = exchange?;
 
     let Exchange {
         response,
@@ -346,13 +348,17 @@ async fn forward(
 }
 
 /// Sends the request, retrying as the policy allows.
+/// Sends the request, retrying as the policy allows, within `deadline` (instant, configured
+/// timeout). Each await arms one timer: the earlier of the per-try limit and the deadline.
 async fn attempts(
     cluster: &Cluster,
     policy: Option<&RetryPolicy>,
     mut parts: Parts,
     body: Incoming,
     completion: &mut Option<Completion>,
+    deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
+    let timed_out = |limit| ProxyError::RequestTimeout(limit);
     let upstream_error = |endpoint: &EndpointState, failure| ProxyError::Upstream {
         endpoint: endpoint.addr.clone(),
         failure,
@@ -366,7 +372,15 @@ async fn attempts(
         prepare(&mut parts, cluster, &endpoint);
         let in_flight = endpoint.begin_request();
         let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-        return match endpoint.send(cluster, req).await {
+        let send = endpoint.send(cluster, req);
+        let sent = match deadline {
+            None => send.await,
+            Some((at, limit)) => match tokio::time::timeout_at(at, send).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(timed_out(limit)),
+            },
+        };
+        return match sent {
             Ok((response, pooled)) => Ok(Exchange {
                 response,
                 pooled,
@@ -399,14 +413,23 @@ async fn attempts(
         };
         let in_flight = endpoint.begin_request();
         let send = endpoint.send(cluster, Request::from_parts(attempt_parts, body));
-        let sent = match policy.per_try_timeout {
+        let per_try = policy.per_try_timeout.map(|d| Instant::now() + d);
+        let limit_at = match (per_try, deadline) {
+            (Some(a), Some((b, _))) => Some(a.min(b)),
+            (a, b) => a.or(b.map(|(at, _)| at)),
+        };
+        let sent = match limit_at {
             None => send.await,
-            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
-                Err(crate::upstream::UpstreamError {
-                    failure: UpstreamFailure::PerTryTimeout,
-                    source: format!("no response within {limit:?}").into(),
-                })
-            }),
+            Some(at) => match tokio::time::timeout_at(at, send).await {
+                Ok(sent) => sent,
+                Err(_) => match deadline {
+                    Some((d, limit)) if Instant::now() >= d => return Err(timed_out(limit)),
+                    _ => Err(crate::upstream::UpstreamError {
+                        failure: UpstreamFailure::PerTryTimeout,
+                        source: "no response within the per-try timeout".into(),
+                    }),
+                },
+            },
         };
         let may_retry =
             retries < policy.max_retries && replay.as_ref().is_none_or(Replay::can_replay);
@@ -443,7 +466,14 @@ async fn attempts(
         retries += 1;
         cluster.metrics.retries.inc();
         tried.push(endpoint);
-        tokio::time::sleep(policy.backoff(retries)).await;
+        let wake = Instant::now() + policy.backoff(retries);
+        match deadline {
+            Some((d, limit)) if wake >= d => {
+                tokio::time::sleep_until(d).await;
+                return Err(timed_out(limit));
+            }
+            _ => tokio::time::sleep_until(wake).await,
+        }
     }
 }
 

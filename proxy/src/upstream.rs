@@ -307,6 +307,9 @@ impl EndpointState {
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect(cluster.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
+            // A fixed 4 KiB read buffer: enough for response heads, larger bodies stream
+            // through; keeps pooled connections small.
+            .read_buf_exact_size(Some(4096))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
