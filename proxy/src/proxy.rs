@@ -174,36 +174,38 @@ async fn route_and_forward(
     forward(route, target, req, completion).await
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "transfer-encoding",
-    "upgrade",
-    "te",
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy. Names, not strings, so removing
+/// them does not parse a header name per request.
+const HOP_BY_HOP: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<header::HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        // Headers the Connection header lists are hop-by-hop too.
+        let listed: Vec<header::HeaderName> = std::iter::once(connection)
+            .chain(headers.get_all(header::CONNECTION).iter().skip(1))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     let keep_te = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
-        if name == "te" && keep_te {
-            continue;
-        }
-        headers.remove(name);
+    if !keep_te {
+        headers.remove(header::TE);
     }
 }
 
