@@ -207,7 +207,9 @@ impl EndpointState {
     }
 
     /// Sends a request over a pooled connection (a new one when none is idle). HTTP/1.1 requests
-    /// come back with the connection to release when the response body ends.
+    /// come back with the connection to release when the response body ends. Connecting is
+    /// boxed: it is rare, and inline its state would make every request's future (moved on each
+    /// poll wrapper) several times larger.
     pub async fn send(
         self: &Arc<Self>,
         cluster: &Cluster,
@@ -217,7 +219,7 @@ impl EndpointState {
             Pool::Http1(_) => loop {
                 let (mut sender, reused) = match self.checkout_http1(cluster).await {
                     Some(sender) => (sender, true),
-                    None => (self.connect_http1(cluster, false).await?, false),
+                    None => (Box::pin(self.connect_http1(cluster, false)).await?, false),
                 };
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
@@ -242,7 +244,7 @@ impl EndpointState {
                         Some(s) => s,
                         None => {
                             fresh = true;
-                            let s = self.connect_http2(cluster).await?;
+                            let s = Box::pin(self.connect_http2(cluster)).await?;
                             *lock(slot) = Some(s.clone());
                             s
                         }
