@@ -11,8 +11,8 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_proto::v1::{
-    self as pb, ProxyMessage, SnapshotPush, config_stream_server::ConfigStream,
-    hello::Kind as HelloKind, proxy_message::Kind as Msg,
+    ProxyMessage, SnapshotPush, config_stream_server::ConfigStream, hello::Kind as HelloKind,
+    proxy_message::Kind as Msg,
 };
 
 use crate::{
@@ -172,14 +172,4 @@ async fn serve_proxy(
             },
         }
     }
-}
-
-/// A NACK's field errors, from the proxy's compile errors.
-pub fn field_errors(
-    errors: impl IntoIterator<Item = (String, String)>,
-) -> Vec<pb::SnapshotFieldError> {
-    errors
-        .into_iter()
-        .map(|(path, reason)| pb::SnapshotFieldError { path, reason })
-        .collect()
 }

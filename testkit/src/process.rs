@@ -299,10 +299,6 @@ impl ProxyProcess {
         .await
     }
 
-    pub fn snapshot_path(&self) -> &Path {
-        &self.snapshot
-    }
-
     /// Replaces the snapshot file atomically (write + rename, as a config map update does).
     pub fn write_snapshot(&self, yaml: &str) {
         let tmp = self.snapshot.with_extension("tmp");
