@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 N="${1:-20000}"
 command -v valgrind >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq valgrind; }
 command -v h2load >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq nghttp2-client; }
-cargo build --release -q -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
-bin="${CARGO_TARGET_DIR:-target}/release"
+cargo build --profile dist -q -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
+bin="${CARGO_TARGET_DIR:-target}/dist"
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }

