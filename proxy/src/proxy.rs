@@ -186,6 +186,13 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than a lookup per name.
+    let any = headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
     if let Some(connection) = headers.get(header::CONNECTION) {
         // Headers the Connection header lists are hop-by-hop too.
         let listed: Vec<header::HeaderName> = std::iter::once(connection)
