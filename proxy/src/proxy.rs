@@ -231,39 +231,44 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// Rewrites the request line for the cluster's protocol: origin-form and a Host header for
 /// HTTP/1.1, scheme and authority for HTTP/2.
 fn prepare(parts: &mut Parts, cluster: &Cluster, endpoint: &EndpointState) {
-    let authority = parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse().ok())
-    });
     let path = parts.uri.path_and_query().cloned();
-    let mut uri = http::uri::Parts::default();
     match cluster.protocol {
         Protocol::Http2 => {
+            let authority = parts.uri.authority().cloned().or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok())
+            });
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
             uri.authority = authority.or_else(|| endpoint.addr.parse().ok());
             uri.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+            if let Ok(u) = Uri::from_parts(uri) {
+                parts.uri = u;
+            }
         }
         Protocol::Http1 | Protocol::Tcp => {
             parts.version = Version::HTTP_11;
             if !parts.headers.contains_key(header::HOST) {
-                let host = authority
-                    .as_ref()
+                // An HTTP/2 or absolute-form request: the authority becomes the Host header.
+                let host = parts
+                    .uri
+                    .authority()
                     .map_or(&*endpoint.addr, |a| a.as_str())
                     .parse::<HeaderValue>();
                 if let Ok(host) = host {
                     parts.headers.insert(header::HOST, host);
                 }
             }
-            uri.path_and_query = path;
+            // Origin form; an origin-form URI (the usual case) is already that.
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                parts.uri = path.map_or_else(|| Uri::from_static("/"), Uri::from);
+            }
         }
-    }
-    if let Ok(u) = Uri::from_parts(uri) {
-        parts.uri = u;
     }
 }
 
