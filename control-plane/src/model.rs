@@ -630,7 +630,28 @@ pub struct GatewayRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http2_route: Option<GatewayHttpRoute>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grpc_route: Option<Value>,
+    pub grpc_route: Option<GatewayGrpcRoute>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayGrpcRoute {
+    #[serde(rename = "match")]
+    pub matcher: GatewayGrpcMatch,
+    pub action: GatewayAction,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayGrpcMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<HostnameMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

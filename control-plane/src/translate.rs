@@ -512,6 +512,55 @@ fn join_path(prefix: &str, rest: &str) -> String {
     }
 }
 
+/// A gateway grpcRoute as the equivalent HTTP route: the service's path prefix, metadata as
+/// headers, and no path rewrite (gRPC paths are service/method names).
+fn gateway_grpc_as_http(g: &model::GatewayGrpcRoute) -> model::GatewayHttpRoute {
+    let mut action = g.action.clone();
+    let mut rewrite = action.rewrite.take().unwrap_or_default();
+    rewrite.prefix = Some(model::PrefixRewrite {
+        default_prefix: Some("DISABLED".into()),
+        value: None,
+    });
+    action.rewrite = Some(rewrite);
+    model::GatewayHttpRoute {
+        matcher: model::GatewayHttpMatch {
+            prefix: Some(
+                g.matcher
+                    .service_name
+                    .as_ref()
+                    .map_or_else(|| "/".into(), |s| format!("/{s}/")),
+            ),
+            hostname: g.matcher.hostname.clone(),
+            headers: g.matcher.metadata.clone(),
+            port: g.matcher.port,
+            ..Default::default()
+        },
+        action,
+    }
+}
+
+/// A router grpcRoute's match as the equivalent HTTP match (path /service/method).
+fn grpc_as_http_match(m: &model::GrpcMatch) -> HttpMatch {
+    let (prefix, path) = match (&m.service_name, &m.method_name) {
+        (Some(s), Some(method)) => (
+            None,
+            Some(model::PathMatch {
+                exact: Some(format!("/{s}/{method}")),
+                regex: None,
+            }),
+        ),
+        (Some(s), None) => (Some(format!("/{s}/")), None),
+        _ => (Some("/".into()), None),
+    };
+    HttpMatch {
+        prefix,
+        path,
+        headers: m.metadata.clone(),
+        port: m.port,
+        ..Default::default()
+    }
+}
+
 /// A gateway route's match combined with one of the target router's routes, on the path the
 /// client sends. `rewrite` is (gateway prefix, what the router sees instead) — with no rewrite the
 /// router sees the gateway prefix itself. None when the two can never match together.
@@ -620,8 +669,17 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
     for (rank, (gr_key, gr)) in routes.iter().enumerate() {
         b.uses.insert((*gr_key).clone());
-        let Some(h) = gr.http_route.as_ref().or(gr.http2_route.as_ref()) else {
-            continue;
+        let grpc_as_http;
+        let h = match (
+            gr.http_route.as_ref().or(gr.http2_route.as_ref()),
+            &gr.grpc_route,
+        ) {
+            (Some(h), _) => h,
+            (None, Some(g)) => {
+                grpc_as_http = gateway_grpc_as_http(g);
+                &grpc_as_http
+            }
+            (None, None) => continue,
         };
         let vs_ref = &h.action.target.virtual_service.virtual_service_ref;
         let vs_key = ResourceKey::new(
@@ -648,6 +706,11 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
             )),
             (None, _) => None,
         };
+        // What the router sees instead of the gateway prefix: the rewrite, or the prefix itself.
+        let view = prefix_rewrite
+            .as_ref()
+            .map(|(p, r)| (p.as_str(), r.as_str()))
+            .or(h.matcher.prefix.as_deref().map(|p| (p, p)));
         let host_rewrite = match rewrite
             .hostname
             .as_ref()
@@ -683,13 +746,7 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
                 prefix: Some("/".into()),
                 ..Default::default()
             };
-            if let Some(m) = combine(
-                &h.matcher,
-                prefix_rewrite
-                    .as_ref()
-                    .map(|(p, r)| (p.as_str(), r.as_str())),
-                &any,
-            ) {
+            if let Some(m) = combine(&h.matcher, view, &any) {
                 out.push(pb::Route {
                     name: gr_key.name.clone(),
                     priority: base,
@@ -712,16 +769,19 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
             };
             b.uses.insert(router_key.clone());
             for route in &router.routes {
-                let Some(rh) = route.http_route.as_ref().or(route.http2_route.as_ref()) else {
-                    continue;
+                let grpc_match;
+                let rh_match = match (
+                    route.http_route.as_ref().or(route.http2_route.as_ref()),
+                    &route.grpc_route,
+                ) {
+                    (Some(rh), _) => &rh.matcher,
+                    (None, Some(g)) => {
+                        grpc_match = grpc_as_http_match(&g.matcher);
+                        &grpc_match
+                    }
+                    (None, None) => continue,
                 };
-                let Some(m) = combine(
-                    &h.matcher,
-                    prefix_rewrite
-                        .as_ref()
-                        .map(|(p, r)| (p.as_str(), r.as_str())),
-                    &rh.matcher,
-                ) else {
+                let Some(m) = combine(&h.matcher, view, rh_match) else {
                     continue;
                 };
                 let translated = b.route(&router_key, route);
@@ -971,6 +1031,68 @@ spec:
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn gateway_grpc_routes_keep_their_paths() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: grpc } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: echo }
+spec:
+  grpcRoute:
+    match: { serviceName: pkg.Echo, metadata: [{ name: x-tenant, match: { exact: a } }] }
+    action: { target: { virtualService: { virtualServiceRef: { name: front } } } }
+"#
+        );
+        let state = state(&yaml);
+        let t = gateway(
+            &state,
+            &[],
+            &ResourceKey::new(Kind::VirtualGateway, "default", "gw"),
+        )
+        .unwrap();
+        let r = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
+        let m = r.r#match.as_ref().unwrap();
+        assert_eq!(
+            m.path,
+            Some(pb::route_match::Path::Prefix("/pkg.Echo/".into()))
+        );
+        assert_eq!(m.headers[0].name, "x-tenant");
+        let a = r.action.as_ref().unwrap();
+        assert_eq!(a.path_rewrite, None, "gRPC paths are not rewritten");
+        assert_eq!(a.host_rewrite, "front.demo");
+        assert_eq!(a.weighted_targets[0].cluster, "default/front");
+        // A router's grpcRoute combines with the gateway's service prefix.
+        let gw = gateway_grpc_as_http(&model::GatewayGrpcRoute {
+            matcher: model::GatewayGrpcMatch {
+                service_name: Some("pkg.Echo".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let router = grpc_as_http_match(&model::GrpcMatch {
+            service_name: Some("pkg.Echo".into()),
+            method_name: Some("Get".into()),
+            ..Default::default()
+        });
+        let combined = combine(&gw.matcher, Some(("/pkg.Echo/", "/pkg.Echo/")), &router).unwrap();
+        assert_eq!(
+            combined.path,
+            Some(pb::route_match::Path::Exact("/pkg.Echo/Get".into()))
+        );
+        let other = grpc_as_http_match(&model::GrpcMatch {
+            service_name: Some("pkg.Other".into()),
+            ..Default::default()
+        });
+        assert!(combine(&gw.matcher, Some(("/pkg.Echo/", "/pkg.Echo/")), &other).is_none());
     }
 
     #[test]

@@ -444,6 +444,14 @@ impl Checker<'_> {
                         "give exactly one of httpRoute, http2Route, grpcRoute".into(),
                     );
                 }
+                if let Some(g) = &r.grpc_route {
+                    self.headers("spec.grpcRoute.match.metadata", &g.matcher.metadata);
+                    self.exists(
+                        "spec.grpcRoute.action.target.virtualService.virtualServiceRef",
+                        Kind::VirtualService,
+                        &g.action.target.virtual_service.virtual_service_ref,
+                    );
+                }
                 for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)]
                 {
                     if let Some(h) = http {
