@@ -134,7 +134,8 @@ async fn get(via: SocketAddr, host: &str) -> String {
         .unwrap_or_else(|| "error:unreachable".into())
 }
 
-fn router_manifest(weights: (u32, u32, u32)) -> String {
+/// The colorapp VirtualRouter from `examples/colorapp/mesh.yaml` with blue/green/red weights.
+pub fn router_manifest(weights: (u32, u32, u32)) -> String {
     let router = MESH
         .split("\n---\n")
         .find(|d| d.contains("kind: VirtualRouter"))

@@ -97,6 +97,23 @@ impl TestServer {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits (polling, 10 s at most) until the server has received at least `n` requests.
+    pub async fn wait_requests(&self, n: usize) {
+        crate::eventually(
+            std::time::Duration::from_secs(10),
+            "requests reached the server",
+            || async {
+                let got = self.requests();
+                if got >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{} has {got} of {n}", self.name()))
+                }
+            },
+        )
+        .await;
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)

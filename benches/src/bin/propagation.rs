@@ -40,24 +40,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn router(weights: (u32, u32, u32)) -> String {
-    let r = MESH
-        .split("\n---\n")
-        .find(|d| d.contains("kind: VirtualRouter"))
-        .unwrap_or_default();
-    r.replacen("weight: 100", &format!("weight: {}", weights.0), 1)
-        .replacen(
-            "name: green }\n              weight: 0",
-            &format!("name: green }}\n              weight: {}", weights.1),
-            1,
-        )
-        .replacen(
-            "name: red }\n              weight: 0",
-            &format!("name: red }}\n              weight: {}", weights.2),
-            1,
-        )
-}
-
 async fn proxy(
     url: String,
     fleet: (Arc<AtomicUsize>, Arc<Notify>),
@@ -179,7 +161,11 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         ][round % 7];
         received.store(0, Ordering::SeqCst);
         let start = Instant::now();
-        api.post("/v1/apply", router(w).into_bytes()).await?;
+        api.post(
+            "/v1/apply",
+            trellis_control::demo::router_manifest(w).into_bytes(),
+        )
+        .await?;
         // Client view: every proxy received the push and sent its ACK.
         while received.load(Ordering::SeqCst) < n {
             if tokio::time::timeout(Duration::from_secs(60), notify.notified())

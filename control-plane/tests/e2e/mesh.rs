@@ -266,15 +266,7 @@ async fn traffic_follows_weights_and_weight_changes_under_load() {
 
 /// Waits until `server` received `more` requests beyond what it has now.
 async fn wait_more(server: &TestServer, more: usize) {
-    let from = server.requests();
-    eventually(Duration::from_secs(10), "more requests", || async {
-        if server.requests() > from + more {
-            Ok(())
-        } else {
-            Err(format!("{} so far", server.requests() - from))
-        }
-    })
-    .await;
+    server.wait_requests(server.requests() + more + 1).await;
 }
 
 #[tokio::test]

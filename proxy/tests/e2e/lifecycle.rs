@@ -91,14 +91,7 @@ async fn a_request_finishes_on_the_snapshot_it_started_with() {
         let mut c = Client::h1(egress).await.unwrap();
         c.get("svc.test", "/").await.unwrap()
     });
-    eventually(Duration::from_secs(10), "request reached a", || async {
-        if a.requests() == 1 {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
+    a.wait_requests(1).await;
     proxy.write_snapshot(&two_way("v-b", 0, 1, &[&a, &b]));
     proxy.signal("HUP");
     proxy.wait_version("v-b").await;
@@ -223,18 +216,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
         let mut c = Client::h1(egress).await.unwrap();
         c.get("svc.test", "/slow").await
     });
-    eventually(
-        Duration::from_secs(10),
-        "request reached the app",
-        || async {
-            if app.requests() == 1 {
-                Ok(())
-            } else {
-                Err("not yet".into())
-            }
-        },
-    )
-    .await;
+    app.wait_requests(1).await;
     proxy.signal("TERM");
     let reply = in_flight
         .await
@@ -401,18 +383,7 @@ async fn a_client_leaving_mid_request_is_counted() {
         let mut c = Client::h1(egress).await.unwrap();
         c.get("svc.test", "/slow").await
     });
-    eventually(
-        Duration::from_secs(10),
-        "request reached the app",
-        || async {
-            if app.requests() == 1 {
-                Ok(())
-            } else {
-                Err("not yet".into())
-            }
-        },
-    )
-    .await;
+    app.wait_requests(1).await;
     request.abort();
     eventually(
         Duration::from_secs(10),
