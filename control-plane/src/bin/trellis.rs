@@ -97,6 +97,37 @@ enum Command {
     },
 }
 
+/// Which registered instance.
+#[derive(Debug, clap::Args)]
+struct InstanceRef {
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    id: String,
+}
+
+impl InstanceRef {
+    /// The instance's API path.
+    fn path(&self) -> String {
+        format!(
+            "/v1/instances/{}/{}/{}",
+            self.namespace, self.service, self.id
+        )
+    }
+}
+
+impl std::fmt::Display for InstanceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "instance {}/{}/{}",
+            self.namespace, self.service, self.id
+        )
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum InstancesCommand {
     Register {
@@ -117,32 +148,11 @@ enum InstancesCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
     },
-    Deregister {
-        #[arg(long)]
-        namespace: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long)]
-        id: String,
-    },
+    Deregister(InstanceRef),
     /// Stop sending new requests to an instance; in-flight ones finish.
-    Drain {
-        #[arg(long)]
-        namespace: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long)]
-        id: String,
-    },
+    Drain(InstanceRef),
     /// Renew an instance's TTL.
-    Heartbeat {
-        #[arg(long)]
-        namespace: String,
-        #[arg(long)]
-        service: String,
-        #[arg(long)]
-        id: String,
-    },
+    Heartbeat(InstanceRef),
     List {
         #[arg(long)]
         namespace: Option<String>,
@@ -580,37 +590,17 @@ async fn instances(api: &ApiClient, command: InstancesCommand) -> anyhow::Result
                 .map_err(|e| explain(e, &[]))?;
             println!("instance {namespace}/{service}/{id} registered");
         }
-        InstancesCommand::Deregister {
-            namespace,
-            service,
-            id,
-        } => {
-            api.delete(&format!("/v1/instances/{namespace}/{service}/{id}"))
+        InstancesCommand::Deregister(i) => {
+            api.delete(&i.path()).await?;
+            println!("{i} deregistered");
+        }
+        InstancesCommand::Drain(i) => {
+            api.post(&format!("{}/drain", i.path()), Vec::new()).await?;
+            println!("{i} draining");
+        }
+        InstancesCommand::Heartbeat(i) => {
+            api.post(&format!("{}/heartbeat", i.path()), Vec::new())
                 .await?;
-            println!("instance {namespace}/{service}/{id} deregistered");
-        }
-        InstancesCommand::Drain {
-            namespace,
-            service,
-            id,
-        } => {
-            api.post(
-                &format!("/v1/instances/{namespace}/{service}/{id}/drain"),
-                Vec::new(),
-            )
-            .await?;
-            println!("instance {namespace}/{service}/{id} draining");
-        }
-        InstancesCommand::Heartbeat {
-            namespace,
-            service,
-            id,
-        } => {
-            api.post(
-                &format!("/v1/instances/{namespace}/{service}/{id}/heartbeat"),
-                Vec::new(),
-            )
-            .await?;
         }
         InstancesCommand::List {
             namespace,
