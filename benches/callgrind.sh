@@ -16,6 +16,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT 2>/dev/null
+[ -n "${KEEP_CALLGRIND:-}" ] && keep() { cp "$(ls -t "$work"/cg.out* | head -1)" "$KEEP_CALLGRIND"; } || keep() { :; }
 
 "$bin/bench-upstream" 127.0.0.1:0 > "$work/upstream" & pids+=($!)
 for _ in $(seq 100); do [ -s "$work/upstream" ] && break; sleep 0.05; done
@@ -46,4 +47,5 @@ callgrind_control --dump "$proxy" > /dev/null
 sleep 1
 dump=$(ls -t "$work"/cg.out* | head -1)
 total=$(callgrind_annotate "$dump" 2>/dev/null | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",","",$1); print $1}')
+keep
 echo "instructions per request: $((total / N)) (total $total over $N requests)"

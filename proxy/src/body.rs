@@ -1,5 +1,5 @@
 //! The response body the proxy serves: a local one (errors, admin) or an upstream's, with its
-//! idle timeout, its pooled connection and the request's completion (access log, metrics).
+//! idle timeout and the request's completion (access log, metrics).
 
 use std::{
     future::Future,
@@ -13,12 +13,47 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::{
-    BoxError,
-    proxy::Completion,
-    upstream::{InFlight, PoolReturn},
-};
+use crate::{BoxError, h1, proxy::Completion, upstream::InFlight};
 
+/// A response body from an upstream: HTTP/1.1 from our own client, HTTP/2 from hyper's.
+// Bodies are placed once (in hyper's dispatcher) and polled in place: size over a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum UpstreamIncoming {
+    H1(h1::IncomingBody),
+    Hyper(Incoming),
+}
+
+impl Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ResponseBody {
     Local(Option<Bytes>),
@@ -69,25 +104,22 @@ impl Body for ResponseBody {
 /// An upstream response body on its way to the client.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: UpstreamIncoming,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    pooled: Option<PoolReturn>,
     in_flight: Option<InFlight>,
     completion: Option<Completion>,
 }
 
 impl UpstreamBody {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamIncoming,
         idle: Option<Duration>,
-        pooled: Option<PoolReturn>,
         in_flight: InFlight,
         completion: Completion,
     ) -> Self {
         let mut body = Self {
             inner,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
-            pooled,
             in_flight: Some(in_flight),
             completion: Some(completion),
         };
@@ -97,14 +129,9 @@ impl UpstreamBody {
         body
     }
 
-    /// The exchange is over: the connection goes back to its pool (when the body ended cleanly),
-    /// the endpoint's in-flight count drops, the request is logged.
+    /// The exchange is over: the endpoint's in-flight count drops, the request is logged. (An
+    /// HTTP/1.1 connection has gone back to its pool already, when the body ended cleanly.)
     fn finish(&mut self, error: Option<&'static str>) {
-        if let Some(pooled) = self.pooled.take() {
-            if error.is_none() {
-                pooled.release();
-            }
-        }
         self.in_flight = None;
         if let Some(c) = self.completion.take() {
             c.finish(error);
@@ -137,7 +164,7 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish(Some("upstream_reset"));
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
                 if let Some((d, sleep)) = &mut this.idle {

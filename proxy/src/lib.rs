@@ -12,6 +12,7 @@ pub mod body;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;
@@ -24,6 +25,9 @@ use std::{io::IsTerminal as _, sync::Arc};
 
 use anyhow::Context as _;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+/// How often idle pooled upstream connections are checked for expiry and for upstream closes.
+const IDLE_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -129,6 +133,14 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         })
         .context("cannot start the admin thread")?;
 
+    let sweeper = Arc::clone(&app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(IDLE_SWEEP);
+        loop {
+            tick.tick().await;
+            sweeper.store.sweep_idle();
+        }
+    });
     app.serve(ingress, snapshot::Slot::Ingress);
     app.serve(egress, snapshot::Slot::Egress);
     match (control, &config.snapshot) {

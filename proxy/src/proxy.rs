@@ -19,13 +19,13 @@ use crate::{
     access_log::LogRecord,
     app::App,
     balance::Target,
-    body::{ResponseBody, UpstreamBody},
+    body::{ResponseBody, UpstreamBody, UpstreamIncoming},
     error::{ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot},
-    upstream::{Cluster, EndpointState, InFlight, PoolReturn, Protocol, RequestBody},
+    upstream::{Cluster, EndpointState, InFlight, Protocol, RequestBody},
 };
 
 /// What is left to do when a request is over: count it and log it.
@@ -308,8 +308,7 @@ fn copy_parts(parts: &Parts) -> Request<()> {
 }
 
 struct Exchange {
-    response: Response<Incoming>,
-    pooled: Option<PoolReturn>,
+    response: Response<UpstreamIncoming>,
     in_flight: InFlight,
     endpoint: Arc<EndpointState>,
 }
@@ -344,7 +343,6 @@ async fn forward(
 
     let Exchange {
         response,
-        pooled,
         in_flight,
         endpoint,
     } = exchange;
@@ -357,7 +355,7 @@ async fn forward(
     if let Some(log) = &mut done.log {
         log.endpoint = Some(endpoint.addr.clone());
     }
-    let body = UpstreamBody::new(body, route.timeouts.idle, pooled, in_flight, done);
+    let body = UpstreamBody::new(body, route.timeouts.idle, in_flight, done);
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
@@ -395,9 +393,8 @@ async fn attempts(
             },
         };
         return match sent {
-            Ok((response, pooled)) => Ok(Exchange {
+            Ok(response) => Ok(Exchange {
                 response,
-                pooled,
                 in_flight,
                 endpoint,
             }),
@@ -448,7 +445,7 @@ async fn attempts(
         let may_retry =
             retries < policy.max_retries && replay.as_ref().is_none_or(Replay::can_replay);
         match sent {
-            Ok((response, pooled)) => {
+            Ok(response) => {
                 let retry = may_retry
                     && policy.retry_response(response.status(), response.headers())
                     && policy.withdraw();
@@ -458,7 +455,6 @@ async fn attempts(
                     }
                     return Ok(Exchange {
                         response,
-                        pooled,
                         in_flight,
                         endpoint,
                     });
@@ -557,7 +553,12 @@ async fn upgrade(
             return Err(ProxyError::NotReady);
         };
         done.status = parts.status;
-        let body = UpstreamBody::new(body, route.timeouts.idle, None, in_flight, done);
+        let body = UpstreamBody::new(
+            UpstreamIncoming::Hyper(body),
+            route.timeouts.idle,
+            in_flight,
+            done,
+        );
         return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
     }
     let upstream = hyper::upgrade::on(&mut response);

@@ -179,6 +179,11 @@ impl SnapshotStore {
         self.current.load_full()
     }
 
+    /// Closes idle upstream connections that expired or that the upstream closed.
+    pub fn sweep_idle(&self) {
+        self.upstreams.sweep_idle();
+    }
+
     /// True once a snapshot has been applied.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)

@@ -26,7 +26,9 @@ use tokio::net::TcpStream;
 use crate::{
     BoxError,
     balance::{self, LbPolicy},
+    body::UpstreamIncoming,
     error::UpstreamFailure,
+    h1,
     metrics::ClusterMetrics,
 };
 
@@ -100,10 +102,11 @@ enum Pool {
     Tcp,
 }
 
+/// A pooled HTTP/1.1 connection waiting for its next exchange.
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
-    since: Instant,
+    conn: Box<h1::Conn>,
+    expires: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,21 +123,14 @@ impl Drop for InFlight {
     }
 }
 
-/// An HTTP/1.1 connection to put back in its pool once the response body is done.
-#[derive(Debug)]
-pub struct PoolReturn {
-    endpoint: Arc<EndpointState>,
-    sender: http1::SendRequest<RequestBody>,
-}
-
-impl PoolReturn {
-    pub fn release(self) {
-        if let Pool::Http1(idle) = &self.endpoint.pool {
+impl h1::Release for EndpointState {
+    fn release(&self, conn: Box<h1::Conn>, idle_timeout: Duration) {
+        if let Pool::Http1(idle) = &self.pool {
             let mut idle = lock(idle);
-            if idle.len() < MAX_IDLE_PER_ENDPOINT && !self.sender.is_closed() {
+            if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(Idle {
-                    sender: self.sender,
-                    since: Instant::now(),
+                    conn,
+                    expires: Instant::now() + idle_timeout,
                 });
             }
         }
@@ -206,36 +202,41 @@ impl EndpointState {
         Ok(stream)
     }
 
-    /// Sends a request over a pooled connection (a new one when none is idle). HTTP/1.1 requests
-    /// come back with the connection to release when the response body ends. Connecting is
-    /// boxed: it is rare, and inline its state would make every request's future (moved on each
-    /// poll wrapper) several times larger.
+    /// Sends a request over a pooled connection (a new one when none is idle). HTTP/1.1
+    /// connections go back to the pool when the response body ends. Connecting is boxed: it is
+    /// rare, and inline its state would make every request's future (moved on each poll
+    /// wrapper) several times larger.
     pub async fn send(
         self: &Arc<Self>,
         cluster: &Cluster,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<PoolReturn>), UpstreamError> {
+    ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
         match &self.pool {
-            Pool::Http1(_) => loop {
-                let (mut sender, reused) = match self.checkout_http1(cluster).await {
-                    Some(sender) => (sender, true),
-                    None => (Box::pin(self.connect_http1(cluster, false)).await?, false),
-                };
-                match sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        let pooled = PoolReturn {
-                            endpoint: self.clone(),
-                            sender,
-                        };
-                        return Ok((resp, Some(pooled)));
+            Pool::Http1(_) => {
+                let (out, mut body) = h1::Outgoing::new(req);
+                loop {
+                    let (conn, reused) = match self.checkout_http1() {
+                        Some(conn) => (conn, true),
+                        None => {
+                            let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
+                            (Box::new(h1::Conn::new(stream)), false)
+                        }
+                    };
+                    let pool: Arc<dyn h1::Release> = self.clone();
+                    match conn
+                        .send(&out, body.take(), pool, cluster.pool_idle_timeout)
+                        .await
+                    {
+                        Ok(response) => return Ok(response.map(UpstreamIncoming::H1)),
+                        // The upstream closed the pooled connection while it was idle: a request
+                        // without a body that is safe to repeat goes out on another.
+                        Err(e) if reused && e.stale && out.replayable() && out.idempotent() => {
+                            tracing::debug!(endpoint = %self.addr, error = %e.source, "pooled connection was closed; sending again");
+                        }
+                        Err(e) => return Err(UpstreamError::new(e.failure, e.source)),
                     }
-                    Err(mut e) => match e.take_message() {
-                        // A pooled connection closed before the request went out: take another.
-                        Some(unsent) if reused => req = unsent,
-                        _ => return Err(classify(e.into_error())),
-                    },
                 }
-            },
+            }
             Pool::Http2(slot) => {
                 let mut fresh = false;
                 loop {
@@ -257,7 +258,7 @@ impl EndpointState {
                         continue;
                     }
                     match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, None)),
+                        Ok(resp) => return Ok(resp.map(UpstreamIncoming::Hyper)),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if !fresh => {
                                 fresh = true;
@@ -282,53 +283,40 @@ impl EndpointState {
         cluster: &Cluster,
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.connect_http1(cluster, true).await?;
+        let mut sender = self.connect_upgrade(cluster).await?;
         sender.send_request(req).await.map_err(classify)
     }
 
-    async fn checkout_http1(&self, cluster: &Cluster) -> Option<http1::SendRequest<RequestBody>> {
+    /// An idle pooled connection the upstream has not closed, newest first.
+    fn checkout_http1(&self) -> Option<Box<h1::Conn>> {
         let Pool::Http1(idle) = &self.pool else {
             return None;
         };
+        let now = Instant::now();
         loop {
-            let Idle { mut sender, since } = lock(idle).pop()?;
-            if sender.is_closed() || since.elapsed() > cluster.pool_idle_timeout {
-                continue;
-            }
-            // Ready once the connection has finished the previous exchange.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let Idle { conn, expires } = lock(idle).pop()?;
+            if expires > now && conn.is_reusable() {
+                return Some(conn);
             }
         }
     }
 
-    async fn connect_http1(
+    /// A hyper HTTP/1.1 connection of its own, for an upgrade.
+    async fn connect_upgrade(
         &self,
         cluster: &Cluster,
-        upgrades: bool,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect(cluster.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
-            // A fixed 4 KiB read buffer: enough for response heads, larger bodies stream
-            // through; keeps pooled connections small.
-            .read_buf_exact_size(Some(4096))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
         let addr = self.addr.clone();
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-                }
-            });
-        }
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+            }
+        });
         Ok(sender)
     }
 
@@ -388,6 +376,26 @@ impl Upstreams {
         Generation {
             upstreams: self,
             next: EndpointMap::new(),
+        }
+    }
+
+    /// Closes pooled HTTP/1.1 connections past their idle timeout or closed by the upstream.
+    pub(crate) fn sweep_idle(&self) {
+        let live: Vec<Arc<EndpointState>> = lock(&self.live).values().cloned().collect();
+        let now = Instant::now();
+        for endpoint in live {
+            if let Pool::Http1(idle) = &endpoint.pool {
+                let closing: Vec<Idle> = {
+                    let mut idle = lock(idle);
+                    let (keep, closing) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|i| i.expires > now && i.conn.is_reusable());
+                    *idle = keep;
+                    closing
+                };
+                // Closed outside the pool's lock.
+                drop(closing);
+            }
         }
     }
 }

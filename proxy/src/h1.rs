@@ -1,0 +1,876 @@
+//! The HTTP/1.1 client for upstream requests.
+//!
+//! One exchange at a time on a pooled connection, driven by the request's own task: the send
+//! future writes the request and reads the response head, and the response body ([`IncomingBody`])
+//! reads the rest (and finishes sending a request body the upstream answered early) and puts the
+//! connection back in its pool when the exchange ended cleanly. There is no connection task and no
+//! channel between the request and its connection, which is what a general-purpose client
+//! (hyper's) needs and a proxy that owns the exchange does not.
+//!
+//! Framing follows RFC 9112: requests carry `content-length` when their length is known and are
+//! chunked otherwise; responses are read by `transfer-encoding: chunked` (with trailers),
+//! `content-length`, or until the connection closes. `1xx` interim responses are skipped.
+//! Upgrades (WebSocket) go through hyper on a connection of their own, not through here.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    pin::Pin,
+    task::{Context, Poll, Waker, ready},
+    time::Duration,
+};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header,
+    request::Parts,
+};
+use http_body::{Body, Frame, SizeHint};
+use tokio::{io::AsyncWrite, net::TcpStream};
+
+use crate::{BoxError, error::UpstreamFailure, upstream::RequestBody};
+
+/// Read buffer grown by this much when it runs low.
+const READ_CHUNK: usize = 4096;
+/// A response head (or a trailer block) larger than this is a protocol error. Offsets into a
+/// head fit in a `u16`.
+const MAX_HEAD: usize = 64 * 1024 - 1;
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line (with extensions) longer than this is a protocol error.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Body bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// An open connection to an endpoint, between exchanges.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+/// Where a connection goes when its exchange has ended cleanly.
+pub trait Release: Send + Sync + std::fmt::Debug {
+    fn release(&self, conn: Box<Conn>, idle_timeout: Duration);
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub struct Error {
+    pub failure: UpstreamFailure,
+    pub source: BoxError,
+    /// Nothing of a response arrived before the connection failed: on a reused connection this
+    /// is the upstream having closed it while idle, and a request without a body can be sent
+    /// again on another.
+    pub stale: bool,
+}
+
+impl Error {
+    fn protocol(what: &'static str) -> Self {
+        Self {
+            failure: UpstreamFailure::Protocol,
+            source: what.into(),
+            stale: false,
+        }
+    }
+
+    fn io(e: io::Error, stale: bool) -> Self {
+        Self {
+            failure: UpstreamFailure::Reset,
+            source: e.into(),
+            stale,
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "upstream closed the connection",
+    )
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+        }
+    }
+
+    /// True when the connection can take another exchange: the upstream has neither closed it
+    /// nor sent anything unasked. Costs no system call unless the socket has become readable.
+    pub fn is_reusable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Reads more of the response into the read buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    }
+
+    /// Writes what the write buffer holds.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends the request and reads the response head; the body comes through the response.
+    /// When the exchange ends cleanly the connection goes to `pool`.
+    pub async fn send(
+        mut self: Box<Self>,
+        out: &Outgoing,
+        body: Option<RequestBody>,
+        pool: std::sync::Arc<dyn Release>,
+        idle_timeout: Duration,
+    ) -> Result<Response<IncomingBody>, Error> {
+        self.wbuf.clear();
+        out.encode_head(&mut self.wbuf);
+        let mut writer = Writer::new(body, out.framing);
+        let mut received = false;
+        let head = std::future::poll_fn(|cx| {
+            // Send the request while watching for the response: an upstream may answer (an
+            // error, say) before it has read the whole body.
+            writer.poll(&mut self, cx);
+            if let Some(e) = writer.take_body_error() {
+                return Poll::Ready(Err(Error {
+                    failure: UpstreamFailure::Protocol,
+                    source: e,
+                    stale: false,
+                }));
+            }
+            self.poll_head(cx, out.method == Method::HEAD, &mut received)
+        })
+        .await
+        .map_err(|mut e| {
+            if e.failure == UpstreamFailure::Reset && !received {
+                // The write error, when there was one, says more than the read's EOF.
+                if let Some(Failed::Io(w)) = writer.failed.take() {
+                    e.source = w.into();
+                }
+            }
+            e
+        })?;
+        let Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        } = head;
+        // Kept only while part of the request is still to be written.
+        let writer = (!writer.finished()).then(|| Box::new(writer));
+        let mut response = Response::new(IncomingBody {
+            conn: Some(self),
+            writer,
+            framing,
+            keep_alive,
+            pool: Some((pool, idle_timeout)),
+        });
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        if response.body().framing == Framing::Done {
+            response.body_mut().end();
+        }
+        Ok(response)
+    }
+
+    /// Reads until a final (non-1xx) response head is complete.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+        received: &mut bool,
+    ) -> Poll<Result<Head, Error>> {
+        loop {
+            if !self.rbuf.is_empty() {
+                match self.parse_head(head_request)? {
+                    Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                    // Skipped: parse what follows it.
+                    Parsed::Interim if !self.rbuf.is_empty() => continue,
+                    Parsed::Interim | Parsed::Partial => {}
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err(Error::io(closed(), !*received))),
+                Ok(_) => *received = true,
+                Err(e) => return Poll::Ready(Err(Error::io(e, !*received))),
+            }
+        }
+    }
+
+    /// Parses a response head at the start of the read buffer.
+    fn parse_head(&mut self, head_request: bool) -> Result<Parsed, Error> {
+        // Offsets into the buffer (a head is under 64 KiB), so the values can be cut from it
+        // without copying once the parser's borrow ends.
+        let mut spans = [[0u16; 4]; MAX_HEADERS];
+        let (len, code, minor, count) = {
+            let mut headers =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut res,
+                &self.rbuf,
+                &mut headers,
+            ) {
+                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => {
+                    let base = self.rbuf.as_ptr() as usize;
+                    let offset = |p: *const u8| (p as usize - base) as u16;
+                    let mut count = 0;
+                    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+                        let name = offset(h.name.as_ptr());
+                        let value = offset(h.value.as_ptr());
+                        *span = [
+                            name,
+                            name + h.name.len() as u16,
+                            value,
+                            value + h.value.len() as u16,
+                        ];
+                        count += 1;
+                    }
+                    (len, res.code.unwrap_or(0), res.version.unwrap_or(1), count)
+                }
+                Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => {
+                    return Ok(Parsed::Partial);
+                }
+                Ok(_) => return Err(Error::protocol("response head too large")),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Error::protocol("too many response headers"));
+                }
+                Err(_) => return Err(Error::protocol("malformed response head")),
+            }
+        };
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::protocol("invalid response status"))?;
+        if status.is_informational() {
+            self.rbuf.advance(len);
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::protocol(
+                    "101 Switching Protocols without an upgrade",
+                ));
+            }
+            return Ok(Parsed::Interim);
+        }
+        let head = self.rbuf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &[ns, ne, vs, ve] in &spans[..count] {
+            let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
+            let name = HeaderName::from_bytes(&head[ns..ne])
+                .map_err(|_| Error::protocol("invalid response header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| Error::protocol("invalid response header value"))?;
+            headers.append(name, value);
+        }
+        let version = if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let keep_alive = match version {
+            Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
+            _ => !has_token(&headers, header::CONNECTION, "close"),
+        };
+        let framing = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Done
+        } else if let Some(te) = last_token(&headers, header::TRANSFER_ENCODING) {
+            if te.eq_ignore_ascii_case("chunked") {
+                Framing::Chunked(Chunked::Size)
+            } else {
+                Framing::Close
+            }
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            match content_length(&headers) {
+                Some(0) => Framing::Done,
+                Some(n) => Framing::Length(n),
+                None => return Err(Error::protocol("invalid response content-length")),
+            }
+        } else {
+            Framing::Close
+        };
+        let keep_alive = keep_alive && framing != Framing::Close;
+        Ok(Parsed::Final(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }))
+    }
+}
+
+#[derive(Debug)]
+enum Parsed {
+    Final(Head),
+    /// A 1xx response, skipped.
+    Interim,
+    /// More bytes are needed.
+    Partial,
+}
+
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+fn tokens(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn last_token(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    tokens(headers, name).last()
+}
+
+/// The one length all `content-length` values agree on.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for v in tokens(headers, header::CONTENT_LENGTH) {
+        if !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = v.parse().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A request ready to go out: its head is encoded anew for each connection it is sent on.
+#[derive(Debug)]
+pub struct Outgoing {
+    method: Method,
+    parts: Parts,
+    framing: BodyFraming,
+}
+
+impl Outgoing {
+    /// Splits `req` into what is sent on the wire and its body (`None` when it has none).
+    pub fn new(req: Request<RequestBody>) -> (Self, Option<RequestBody>) {
+        let (parts, body) = req.into_parts();
+        let (framing, body) = if body.is_end_stream() {
+            let declared = parts.headers.contains_key(header::CONTENT_LENGTH)
+                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+            (
+                if declared {
+                    BodyFraming::Length(0)
+                } else {
+                    BodyFraming::None
+                },
+                None,
+            )
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => (BodyFraming::Length(n), Some(body)),
+                None => (BodyFraming::Chunked, Some(body)),
+            }
+        };
+        (
+            Self {
+                method: parts.method.clone(),
+                parts,
+                framing,
+            },
+            body,
+        )
+    }
+
+    /// A request without a body can be sent again as it is.
+    pub fn replayable(&self) -> bool {
+        matches!(self.framing, BodyFraming::None | BodyFraming::Length(0))
+    }
+
+    /// Safe to send twice (RFC 9110 §9.2.2).
+    pub fn idempotent(&self) -> bool {
+        self.method.is_idempotent()
+    }
+
+    fn encode_head(&self, buf: &mut BytesMut) {
+        let p = &self.parts;
+        let path = p.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        buf.reserve(64 + path.len() + 32 * p.headers.len());
+        buf.put_slice(p.method.as_str().as_bytes());
+        buf.put_u8(b' ');
+        buf.put_slice(path.as_bytes());
+        buf.put_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &p.headers {
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            buf.put_slice(name.as_str().as_bytes());
+            buf.put_slice(b": ");
+            buf.put_slice(value.as_bytes());
+            buf.put_slice(b"\r\n");
+        }
+        match self.framing {
+            BodyFraming::None => {}
+            BodyFraming::Length(n) => {
+                buf.put_slice(b"content-length: ");
+                buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
+                buf.put_slice(b"\r\n");
+            }
+            BodyFraming::Chunked => buf.put_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        buf.put_slice(b"\r\n");
+    }
+}
+
+#[derive(Debug)]
+enum Failed {
+    /// The connection failed while writing.
+    Io(io::Error),
+    /// The request body (from the client) failed.
+    Body(BoxError),
+}
+
+/// Writes the request body after the head, framed.
+#[derive(Debug)]
+struct Writer {
+    body: Option<RequestBody>,
+    framing: BodyFraming,
+    /// Bytes the declared content-length still expects.
+    remaining: u64,
+    trailers: Option<Box<HeaderMap>>,
+    /// Everything, head and body, is written.
+    done: bool,
+    failed: Option<Failed>,
+}
+
+impl Writer {
+    fn new(body: Option<RequestBody>, framing: BodyFraming) -> Self {
+        Self {
+            body,
+            framing,
+            remaining: match framing {
+                BodyFraming::Length(n) => n,
+                _ => 0,
+            },
+            trailers: None,
+            done: false,
+            failed: None,
+        }
+    }
+
+    /// True once the request is completely written.
+    fn finished(&self) -> bool {
+        self.done && self.failed.is_none()
+    }
+
+    /// Makes progress writing; failures are kept in `failed` and stop the writing.
+    fn poll(&mut self, conn: &mut Conn, cx: &mut Context<'_>) {
+        if self.done {
+            return;
+        }
+        loop {
+            let mut body_pending = false;
+            while conn.wbuf.len() < WRITE_BATCH {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => {
+                            if let Err(e) = self.push_data(&mut conn.wbuf, &data) {
+                                return self.fail(Failed::Body(e.into()));
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                self.trailers.get_or_insert_default().extend(t);
+                            }
+                        }
+                    },
+                    Poll::Ready(Some(Err(e))) => return self.fail(Failed::Body(e)),
+                    Poll::Ready(None) => {
+                        self.body = None;
+                        if let Err(e) = self.end_body(&mut conn.wbuf) {
+                            return self.fail(Failed::Body(e.into()));
+                        }
+                    }
+                    Poll::Pending => {
+                        body_pending = true;
+                        break;
+                    }
+                }
+            }
+            match conn.poll_flush(cx) {
+                Poll::Ready(Ok(())) if self.body.is_none() => {
+                    self.done = true;
+                    return;
+                }
+                // Written out and the body is waiting for the client (its waker is set).
+                Poll::Ready(Ok(())) if body_pending => return,
+                // A full batch went out: gather the next.
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return self.fail(Failed::Io(e)),
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Takes a failure of the client's request body, which ends the exchange.
+    fn take_body_error(&mut self) -> Option<BoxError> {
+        match self.failed.take() {
+            Some(Failed::Body(e)) => Some(e),
+            other => {
+                self.failed = other;
+                None
+            }
+        }
+    }
+
+    fn fail(&mut self, failed: Failed) {
+        self.body = None;
+        self.done = true;
+        self.failed = Some(failed);
+    }
+
+    fn push_data(&mut self, buf: &mut BytesMut, data: &Bytes) -> Result<(), &'static str> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.framing {
+            BodyFraming::Chunked => {
+                let mut size = [0u8; 16];
+                let hex = hex_len(data.len(), &mut size);
+                buf.put_slice(hex);
+                buf.put_slice(b"\r\n");
+                buf.put_slice(data);
+                buf.put_slice(b"\r\n");
+            }
+            BodyFraming::Length(_) => {
+                let n = data.len() as u64;
+                if n > self.remaining {
+                    return Err("request body longer than its content-length");
+                }
+                self.remaining -= n;
+                buf.put_slice(data);
+            }
+            BodyFraming::None => return Err("request body where none was declared"),
+        }
+        Ok(())
+    }
+
+    fn end_body(&mut self, buf: &mut BytesMut) -> Result<(), &'static str> {
+        match self.framing {
+            BodyFraming::Chunked => {
+                buf.put_slice(b"0\r\n");
+                for (name, value) in self.trailers.iter().flat_map(|t| t.iter()) {
+                    buf.put_slice(name.as_str().as_bytes());
+                    buf.put_slice(b": ");
+                    buf.put_slice(value.as_bytes());
+                    buf.put_slice(b"\r\n");
+                }
+                buf.put_slice(b"\r\n");
+                Ok(())
+            }
+            BodyFraming::Length(_) if self.remaining > 0 => {
+                Err("request body shorter than its content-length")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &out[i..];
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the upstream closes the connection.
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// A response body read from an HTTP/1.1 connection, which it returns to its pool at the end.
+#[derive(Debug)]
+pub struct IncomingBody {
+    conn: Option<Box<Conn>>,
+    writer: Option<Box<Writer>>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Option<(std::sync::Arc<dyn Release>, Duration)>,
+}
+
+impl IncomingBody {
+    /// The response is complete: the connection goes back to its pool when nothing is left
+    /// half-done on it.
+    fn end(&mut self) {
+        self.framing = Framing::Done;
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let written = self.writer.as_mut().is_none_or(|w| {
+            // The upstream answered before it had the whole request; try to finish sending.
+            let mut cx = Context::from_waker(Waker::noop());
+            w.poll(&mut conn, &mut cx);
+            w.finished()
+        });
+        if self.keep_alive && written && conn.rbuf.is_empty() {
+            if let Some((pool, idle)) = self.pool.take() {
+                if conn.wbuf.capacity() > WRITE_BATCH {
+                    conn.wbuf = BytesMut::new();
+                }
+                pool.release(conn, idle);
+            }
+        }
+    }
+
+    fn read_error(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    fn protocol_error(
+        &mut self,
+        what: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(what.into())))
+    }
+}
+
+impl Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Some(w) = &mut this.writer {
+                w.poll(conn, cx);
+            }
+            match &mut this.framing {
+                Framing::Done => {
+                    this.end();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(n) => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => return this.read_error(closed()),
+                            Ok(_) => {}
+                            Err(e) => return this.read_error(e),
+                        }
+                    }
+                    let take = conn
+                        .rbuf
+                        .len()
+                        .min(usize::try_from(*n).unwrap_or(usize::MAX));
+                    let data = conn.rbuf.split_to(take).freeze();
+                    *n -= take as u64;
+                    if *n == 0 {
+                        this.end();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => {
+                                this.keep_alive = false;
+                                this.end();
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return this.read_error(e),
+                        }
+                    }
+                    let data = conn.rbuf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) => match *state {
+                    Chunked::Size => match httparse::parse_chunk_size(&conn.rbuf) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            conn.rbuf.advance(used);
+                            *state = if size == 0 {
+                                Chunked::Trailers
+                            } else {
+                                Chunked::Data(size)
+                            };
+                        }
+                        Ok(httparse::Status::Partial) if conn.rbuf.len() <= MAX_CHUNK_LINE => {
+                            match ready!(conn.poll_fill(cx)) {
+                                Ok(0) => return this.read_error(closed()),
+                                Ok(_) => {}
+                                Err(e) => return this.read_error(e),
+                            }
+                        }
+                        _ => return this.protocol_error("invalid chunk size line"),
+                    },
+                    Chunked::Data(n) => {
+                        if conn.rbuf.is_empty() {
+                            match ready!(conn.poll_fill(cx)) {
+                                Ok(0) => return this.read_error(closed()),
+                                Ok(_) => {}
+                                Err(e) => return this.read_error(e),
+                            }
+                        }
+                        let take = conn
+                            .rbuf
+                            .len()
+                            .min(usize::try_from(n).unwrap_or(usize::MAX));
+                        let data = conn.rbuf.split_to(take).freeze();
+                        let left = n - take as u64;
+                        *state = if left == 0 {
+                            Chunked::DataEnd
+                        } else {
+                            Chunked::Data(left)
+                        };
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Chunked::DataEnd => {
+                        if conn.rbuf.len() < 2 {
+                            match ready!(conn.poll_fill(cx)) {
+                                Ok(0) => return this.read_error(closed()),
+                                Ok(_) => continue,
+                                Err(e) => return this.read_error(e),
+                            }
+                        }
+                        if &conn.rbuf[..2] != b"\r\n" {
+                            return this.protocol_error("chunk data not followed by CRLF");
+                        }
+                        conn.rbuf.advance(2);
+                        *state = Chunked::Size;
+                    }
+                    Chunked::Trailers => {
+                        if conn.rbuf.starts_with(b"\r\n") {
+                            conn.rbuf.advance(2);
+                            this.end();
+                            return Poll::Ready(None);
+                        }
+                        let end = conn.rbuf.windows(4).position(|w| w == b"\r\n\r\n");
+                        let Some(end) = end else {
+                            if conn.rbuf.len() > MAX_HEAD {
+                                return this.protocol_error("trailers too large");
+                            }
+                            match ready!(conn.poll_fill(cx)) {
+                                Ok(0) => return this.read_error(closed()),
+                                Ok(_) => continue,
+                                Err(e) => return this.read_error(e),
+                            }
+                        };
+                        let block = conn.rbuf.split_to(end + 4);
+                        let Some(trailers) = parse_trailers(&block) else {
+                            return this.protocol_error("malformed trailers");
+                        };
+                        this.end();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+fn parse_trailers(block: &[u8]) -> Option<HeaderMap> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let httparse::Status::Complete((_, parsed)) =
+        httparse::parse_headers(block, &mut headers).ok()?
+    else {
+        return None;
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        map.append(name, value);
+    }
+    Some(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_lengths() {
+        let mut b = [0u8; 16];
+        assert_eq!(hex_len(0, &mut b), b"0");
+        assert_eq!(hex_len(255, &mut b), b"ff");
+        assert_eq!(hex_len(4096, &mut b), b"1000");
+    }
+}
