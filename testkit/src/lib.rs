@@ -12,11 +12,13 @@
 pub mod client;
 pub mod grpc;
 pub mod process;
+pub mod raw;
 pub mod upstream;
 
 use std::{future::Future, time::Duration};
 
 pub use process::ProxyProcess;
+pub use raw::{RawHttpServer, RawReply};
 pub use tonic;
 pub use upstream::{TcpEchoServer, TestServer, WsEchoServer};
 

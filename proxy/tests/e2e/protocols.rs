@@ -11,7 +11,7 @@ use tokio::{
     net::TcpStream,
 };
 use trellis_testkit::{
-    ProxyProcess, TcpEchoServer, TestServer, WsEchoServer,
+    ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
     client::{Client, get, get_h2},
     grpc::{self, EchoRequest, GrpcServer},
 };
@@ -65,6 +65,113 @@ async fn http1_and_h2c_pass_through_both_ways() {
     let r = c.get("unknown.test", "/").await.unwrap();
     assert_eq!(r.status, 404);
     assert_eq!(r.header("x-trellis-error"), Some("no_route"));
+}
+
+/// The proxy's own HTTP/1.1 client against an upstream that answers with scripted bytes: every
+/// response framing, interim responses, trailers, a pooled connection the upstream closed, a
+/// malformed head, and request bodies of known and unknown length.
+#[tokio::test]
+async fn http1_upstream_framing_and_pooling() {
+    let raw = RawHttpServer::start(vec![
+        // Chunked, with a chunk extension and a trailer.
+        RawReply::keep("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        // An interim response first.
+        RawReply::keep("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nanswer!"),
+        // No length: the body runs until the upstream closes.
+        RawReply::close("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"),
+        // Keep-alive by its headers, but the upstream closes right after.
+        RawReply::close("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"),
+        RawReply::close("HTTP/1.1 abc\r\n\r\n"),
+        RawReply::keep("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+        RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"),
+    ])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+
+    // h2c client, so the trailers can come back.
+    let mut h2 = Client::h2(proxy.egress).await.unwrap();
+    let r = h2.send(get_h2("raw.test", "/chunked")).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello world");
+    let trailers = r.trailers.expect("trailers forwarded");
+    assert_eq!(trailers.get("x-checksum").unwrap(), "abc");
+
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c.get("raw.test", "/interim").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "answer!"));
+    let r = c.get("raw.test", "/until-close").await.unwrap();
+    assert_eq!(r.text(), "until the end");
+    assert_eq!(
+        r.header("connection"),
+        None,
+        "hop-by-hop header not forwarded"
+    );
+    let r = c.get("raw.test", "/then-closed").await.unwrap();
+    assert_eq!(r.text(), "ok");
+    // The pooled connection is closed by now: this GET goes out on a new one, without error.
+    let r = c.get("raw.test", "/fresh").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "fresh"));
+    let r = c.get("raw.test", "/malformed").await.unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-trellis-error"), Some("upstream_protocol_error"));
+
+    // A body of unknown length goes upstream chunked.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: raw.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let mut reader = BufReader::new(s);
+    let mut status = String::new();
+    reader.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 201"), "{status}");
+    // A body of known length goes with its content-length.
+    let req = Request::post("/known")
+        .header("host", "raw.test")
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().text(), "done");
+
+    let seen = raw.requests();
+    assert_eq!(
+        seen.len(),
+        8,
+        "every request reached the upstream once: {seen:?}"
+    );
+    assert!(
+        seen[0].starts_with("GET /chunked HTTP/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[0].contains("host: raw.test\r\n"), "{}", seen[0]);
+    let chunked = &seen[6];
+    assert!(
+        chunked.contains("transfer-encoding: chunked\r\n"),
+        "{chunked}"
+    );
+    let body = &chunked[chunked.find("\r\n\r\n").unwrap() + 4..];
+    let mut decoded = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        if size == 0 {
+            assert_eq!(after, "\r\n");
+            break;
+        }
+        decoded.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    assert_eq!(decoded, "hello world");
+    assert!(seen[7].contains("content-length: 3\r\n"), "{}", seen[7]);
+    assert!(seen[7].ends_with("\r\n\r\nabc"), "{}", seen[7]);
+    // Connections: replies 1-3 on the first (closed after 3), 4 on the second, 5-6 on the third
+    // (a malformed head closes it), 7-8 on the fourth.
+    assert_eq!(raw.connections(), 4);
 }
 
 #[tokio::test]
