@@ -22,7 +22,7 @@ use std::{
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header,
+    HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header,
     request::Parts,
 };
 use http_body::{Body, Frame, SizeHint};
@@ -137,13 +137,14 @@ impl Conn {
     /// When the exchange ends cleanly the connection goes to `pool`.
     pub async fn send(
         mut self: Box<Self>,
-        out: &Outgoing,
+        out: Outgoing<'_>,
         body: Option<RequestBody>,
         pool: std::sync::Arc<dyn Release>,
         idle_timeout: Duration,
     ) -> Result<Response<IncomingBody>, Error> {
         self.wbuf.clear();
         out.encode_head(&mut self.wbuf);
+        let body = body.filter(|b| !b.is_end_stream());
         let mut writer = Writer::new(body, out.framing);
         let mut received = false;
         let head = std::future::poll_fn(|cx| {
@@ -157,7 +158,7 @@ impl Conn {
                     stale: false,
                 }));
             }
-            self.poll_head(cx, out.method == Method::HEAD, &mut received)
+            self.poll_head(cx, out.parts.method == Method::HEAD, &mut received)
         })
         .await
         .map_err(|mut e| {
@@ -272,10 +273,38 @@ impl Conn {
         }
         let head = self.rbuf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
+        // The framing headers are read as they go into the map: one pass, no lookups.
+        let mut length: Option<u64> = None;
+        let mut transfer_coding: Option<bool> = None;
+        let (mut close, mut keep) = (false, false);
         for &[ns, ne, vs, ve] in &spans[..count] {
             let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
             let name = HeaderName::from_bytes(&head[ns..ne])
                 .map_err(|_| Error::protocol("invalid response header name"))?;
+            let value = &head[vs..ve];
+            if name == header::CONTENT_LENGTH {
+                for v in value.split(|&b| b == b',') {
+                    let n = parse_length(v.trim_ascii())
+                        .ok_or_else(|| Error::protocol("invalid response content-length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(Error::protocol("conflicting response content-lengths"));
+                    }
+                    length = Some(n);
+                }
+            } else if name == header::TRANSFER_ENCODING {
+                if let Some(last) = value
+                    .rsplit(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .find(|t| !t.is_empty())
+                {
+                    transfer_coding = Some(last.eq_ignore_ascii_case(b"chunked"));
+                }
+            } else if name == header::CONNECTION {
+                for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    close |= t.eq_ignore_ascii_case(b"close");
+                    keep |= t.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| Error::protocol("invalid response header value"))?;
             headers.append(name, value);
@@ -286,28 +315,21 @@ impl Conn {
             Version::HTTP_11
         };
         let keep_alive = match version {
-            Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
-            _ => !has_token(&headers, header::CONNECTION, "close"),
+            Version::HTTP_10 => keep && !close,
+            _ => !close,
         };
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             Framing::Done
-        } else if let Some(te) = last_token(&headers, header::TRANSFER_ENCODING) {
-            if te.eq_ignore_ascii_case("chunked") {
-                Framing::Chunked(Chunked::Size)
-            } else {
-                Framing::Close
-            }
-        } else if headers.contains_key(header::CONTENT_LENGTH) {
-            match content_length(&headers) {
-                Some(0) => Framing::Done,
-                Some(n) => Framing::Length(n),
-                None => return Err(Error::protocol("invalid response content-length")),
-            }
         } else {
-            Framing::Close
+            match (transfer_coding, length) {
+                (Some(true), _) => Framing::Chunked(Chunked::Size),
+                (Some(false), _) | (None, None) => Framing::Close,
+                (None, Some(0)) => Framing::Done,
+                (None, Some(n)) => Framing::Length(n),
+            }
         };
         let keep_alive = keep_alive && framing != Framing::Close;
         Ok(Parsed::Final(Head {
@@ -338,38 +360,14 @@ struct Head {
     keep_alive: bool,
 }
 
-fn tokens(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(name)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
-}
-
-fn last_token(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    tokens(headers, name).last()
-}
-
-/// The one length all `content-length` values agree on.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for v in tokens(headers, header::CONTENT_LENGTH) {
-        if !v.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let n: u64 = v.parse().ok()?;
-        if length.is_some_and(|l| l != n) {
-            return None;
-        }
-        length = Some(n);
+/// A content-length value: digits only.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
     }
-    length
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// How a request body is framed on the wire.
@@ -380,43 +378,39 @@ enum BodyFraming {
     Chunked,
 }
 
-/// A request ready to go out: its head is encoded anew for each connection it is sent on.
-#[derive(Debug)]
-pub struct Outgoing {
-    method: Method,
-    parts: Parts,
+/// A request ready to go out, borrowed: the same request can be sent again (a retry) without
+/// a copy, its head encoded anew for each connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    parts: &'a Parts,
     framing: BodyFraming,
+    /// The `host` header when the request has none (an HTTP/2 request without an authority).
+    fallback_host: &'a str,
 }
 
-impl Outgoing {
-    /// Splits `req` into what is sent on the wire and its body (`None` when it has none).
-    pub fn new(req: Request<RequestBody>) -> (Self, Option<RequestBody>) {
-        let (parts, body) = req.into_parts();
-        let (framing, body) = if body.is_end_stream() {
-            let declared = parts.headers.contains_key(header::CONTENT_LENGTH)
-                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
-            (
+impl<'a> Outgoing<'a> {
+    /// `body` is `None`, or end-of-stream already, for a request without one.
+    pub fn new(parts: &'a Parts, body: Option<&RequestBody>, fallback_host: &'a str) -> Self {
+        let framing = match body.filter(|b| !b.is_end_stream()) {
+            Some(b) => match b.size_hint().exact() {
+                Some(n) => BodyFraming::Length(n),
+                None => BodyFraming::Chunked,
+            },
+            None => {
+                let declared = parts.headers.contains_key(header::CONTENT_LENGTH)
+                    || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
                 if declared {
                     BodyFraming::Length(0)
                 } else {
                     BodyFraming::None
-                },
-                None,
-            )
-        } else {
-            match body.size_hint().exact() {
-                Some(n) => (BodyFraming::Length(n), Some(body)),
-                None => (BodyFraming::Chunked, Some(body)),
+                }
             }
         };
-        (
-            Self {
-                method: parts.method.clone(),
-                parts,
-                framing,
-            },
-            body,
-        )
+        Self {
+            parts,
+            framing,
+            fallback_host,
+        }
     }
 
     /// A request without a body can be sent again as it is.
@@ -426,7 +420,7 @@ impl Outgoing {
 
     /// Safe to send twice (RFC 9110 §9.2.2).
     pub fn idempotent(&self) -> bool {
-        self.method.is_idempotent()
+        self.parts.method.is_idempotent()
     }
 
     fn encode_head(&self, buf: &mut BytesMut) {
@@ -437,6 +431,13 @@ impl Outgoing {
         buf.put_u8(b' ');
         buf.put_slice(path.as_bytes());
         buf.put_slice(b" HTTP/1.1\r\n");
+        if !p.headers.contains_key(header::HOST) {
+            // An HTTP/2 or absolute-form request: its authority becomes the Host header.
+            let host = p.uri.authority().map_or(self.fallback_host, |a| a.as_str());
+            buf.put_slice(b"host: ");
+            buf.put_slice(host.as_bytes());
+            buf.put_slice(b"\r\n");
+        }
         for (name, value) in &p.headers {
             if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
                 continue;
@@ -865,6 +866,16 @@ fn parse_trailers(block: &[u8]) -> Option<HeaderMap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_lengths() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"1234"), Some(1234));
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b"1 2"), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None, "overflow");
+    }
 
     #[test]
     fn hex_lengths() {

@@ -25,7 +25,7 @@ use crate::{
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot},
-    upstream::{Cluster, EndpointState, InFlight, Protocol, RequestBody},
+    upstream::{Cluster, EndpointState, InFlight, Protocol},
 };
 
 /// What is left to do when a request is over: count it and log it.
@@ -381,16 +381,23 @@ async fn attempts(
             .pick(&[])
             .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
             .clone();
-        prepare(&mut parts, cluster, &endpoint);
         let in_flight = endpoint.begin_request();
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-        let send = endpoint.send(cluster, req);
-        let sent = match deadline {
-            None => send.await,
-            Some((at, limit)) => match tokio::time::timeout_at(at, send).await {
-                Ok(sent) => sent,
-                Err(_) => return Err(timed_out(limit)),
-            },
+        let sent = if cluster.protocol == Protocol::Http1 {
+            let body = (!body.is_end_stream()).then(|| body.map_err(Into::into).boxed());
+            within(
+                deadline.map(|(at, _)| at),
+                endpoint.send_h1(cluster, &parts, body),
+            )
+            .await
+        } else {
+            prepare(&mut parts, cluster, &endpoint);
+            let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+            within(deadline.map(|(at, _)| at), endpoint.send(cluster, req)).await
+        };
+        let Some(sent) = sent else {
+            return Err(timed_out(
+                deadline.map_or_else(Default::default, |(_, l)| l),
+            ));
         };
         return match sent {
             Ok(response) => Ok(Exchange {
@@ -416,30 +423,35 @@ async fn attempts(
             .pick(&tried)
             .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
             .clone();
-        let (mut attempt_parts, ()) = copy_parts(&parts).into_parts();
-        prepare(&mut attempt_parts, cluster, &endpoint);
-        let body: RequestBody = match &replay {
-            Some(r) => r.attempt().boxed(),
-            None => Empty::<Bytes>::new().map_err(|e| match e {}).boxed(),
-        };
+        let body = replay.as_ref().map(|r| r.attempt().boxed());
         let in_flight = endpoint.begin_request();
-        let send = endpoint.send(cluster, Request::from_parts(attempt_parts, body));
         let per_try = policy.per_try_timeout.map(|d| Instant::now() + d);
         let limit_at = match (per_try, deadline) {
             (Some(a), Some((b, _))) => Some(a.min(b)),
             (a, b) => a.or(b.map(|(at, _)| at)),
         };
-        let sent = match limit_at {
-            None => send.await,
-            Some(at) => match tokio::time::timeout_at(at, send).await {
-                Ok(sent) => sent,
-                Err(_) => match deadline {
-                    Some((d, limit)) if Instant::now() >= d => return Err(timed_out(limit)),
-                    _ => Err(crate::upstream::UpstreamError {
-                        failure: UpstreamFailure::PerTryTimeout,
-                        source: "no response within the per-try timeout".into(),
-                    }),
-                },
+        let sent = if cluster.protocol == Protocol::Http1 {
+            // The head is borrowed: a retry sends the same one without a copy.
+            within(limit_at, endpoint.send_h1(cluster, &parts, body)).await
+        } else {
+            let (mut attempt_parts, ()) = copy_parts(&parts).into_parts();
+            prepare(&mut attempt_parts, cluster, &endpoint);
+            let body =
+                body.unwrap_or_else(|| Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
+            within(
+                limit_at,
+                endpoint.send(cluster, Request::from_parts(attempt_parts, body)),
+            )
+            .await
+        };
+        let sent = match sent {
+            Some(sent) => sent,
+            None => match deadline {
+                Some((d, limit)) if Instant::now() >= d => return Err(timed_out(limit)),
+                _ => Err(crate::upstream::UpstreamError {
+                    failure: UpstreamFailure::PerTryTimeout,
+                    source: "no response within the per-try timeout".into(),
+                }),
             },
         };
         let may_retry =
@@ -484,6 +496,14 @@ async fn attempts(
             }
             _ => tokio::time::sleep_until(wake).await,
         }
+    }
+}
+
+/// Runs `f` until `at`; `None` when the time ran out first. One timer, and none without a limit.
+async fn within<F: std::future::Future>(at: Option<Instant>, f: F) -> Option<F::Output> {
+    match at {
+        None => Some(f.await),
+        Some(at) => tokio::time::timeout_at(at, f).await.ok(),
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, request::Parts};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -213,29 +213,8 @@ impl EndpointState {
     ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
         match &self.pool {
             Pool::Http1(_) => {
-                let (out, mut body) = h1::Outgoing::new(req);
-                loop {
-                    let (conn, reused) = match self.checkout_http1() {
-                        Some(conn) => (conn, true),
-                        None => {
-                            let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
-                            (Box::new(h1::Conn::new(stream)), false)
-                        }
-                    };
-                    let pool: Arc<dyn h1::Release> = self.clone();
-                    match conn
-                        .send(&out, body.take(), pool, cluster.pool_idle_timeout)
-                        .await
-                    {
-                        Ok(response) => return Ok(response.map(UpstreamIncoming::H1)),
-                        // The upstream closed the pooled connection while it was idle: a request
-                        // without a body that is safe to repeat goes out on another.
-                        Err(e) if reused && e.stale && out.replayable() && out.idempotent() => {
-                            tracing::debug!(endpoint = %self.addr, error = %e.source, "pooled connection was closed; sending again");
-                        }
-                        Err(e) => return Err(UpstreamError::new(e.failure, e.source)),
-                    }
-                }
+                let (parts, body) = req.into_parts();
+                self.send_h1(cluster, &parts, Some(body)).await
             }
             Pool::Http2(slot) => {
                 let mut fresh = false;
@@ -274,6 +253,40 @@ impl EndpointState {
                 UpstreamFailure::Protocol,
                 format!("cluster {:?} is TCP only", cluster.name),
             )),
+        }
+    }
+
+    /// Sends a request to an HTTP/1.1 endpoint over a pooled connection (a new one when none is
+    /// idle), borrowing its head so that a retry needs no copy. `body` is `None` for a request
+    /// without one.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        parts: &Parts,
+        mut body: Option<RequestBody>,
+    ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
+        let out = h1::Outgoing::new(parts, body.as_ref(), &self.addr);
+        loop {
+            let (conn, reused) = match self.checkout_http1() {
+                Some(conn) => (conn, true),
+                None => {
+                    let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
+                    (Box::new(h1::Conn::new(stream)), false)
+                }
+            };
+            let pool: Arc<dyn h1::Release> = self.clone();
+            match conn
+                .send(out, body.take(), pool, cluster.pool_idle_timeout)
+                .await
+            {
+                Ok(response) => return Ok(response.map(UpstreamIncoming::H1)),
+                // The upstream closed the pooled connection while it was idle: a request without
+                // a body that is safe to repeat goes out on another.
+                Err(e) if reused && e.stale && out.replayable() && out.idempotent() => {
+                    tracing::debug!(endpoint = %self.addr, error = %e.source, "pooled connection was closed; sending again");
+                }
+                Err(e) => return Err(UpstreamError::new(e.failure, e.source)),
+            }
         }
     }
 
