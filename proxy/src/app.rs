@@ -6,7 +6,10 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -42,6 +45,8 @@ pub struct App {
     /// Why the last snapshot was rejected, for `/config_dump`.
     pub(crate) last_rejection: Mutex<Option<String>>,
     server: auto::Builder<TokioExecutor>,
+    /// Client connections with no request started or in flight for this long are closed.
+    idle_timeout: Duration,
     drain: Drain,
     /// Sockets of listeners with their own address, by listener name.
     named: Mutex<HashMap<Arc<str>, NamedSocket>>,
@@ -74,12 +79,15 @@ impl App {
         access_log: AccessLog,
         log_filter: String,
         log_control: LogControl,
+        idle_timeout: Duration,
     ) -> Arc<Self> {
         let mut server = auto::Builder::new(TokioExecutor::new());
+        // No per-request header timer (a timer armed and dropped for every request): the
+        // connection's idle check below bounds slow heads as well.
         server
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(None);
         server.http2().timer(TokioTimer::new());
         Arc::new(Self {
             store: SnapshotStore::new(metrics.clone()),
@@ -91,6 +99,7 @@ impl App {
             log_filter: Mutex::new(log_filter),
             last_rejection: Mutex::new(None),
             server,
+            idle_timeout,
             drain: Drain::new(),
             named: Mutex::new(HashMap::new()),
         })
@@ -234,23 +243,48 @@ impl App {
     }
 
     async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
+        let activity = Arc::new(ConnActivity::default());
         let app = self.clone();
+        let requests = activity.clone();
         let service = hyper::service::service_fn(move |req| {
+            let active = ActiveRequest::begin(&requests);
             let app = app.clone();
             let slot = slot.clone();
-            async move { Ok::<_, Infallible>(crate::proxy::serve(app, &slot, req).await) }
+            async move { Ok::<_, Infallible>(crate::proxy::serve(app, &slot, req, active).await) }
         });
         let conn = self
             .server
             .serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(conn);
         let mut draining = self.drain.subscribe();
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = drained(&mut draining) => {
-                // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests finish.
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        // One timer per connection, re-armed once per idle period (not per request).
+        let idle = tokio::time::sleep(self.idle_timeout);
+        tokio::pin!(idle);
+        let mut started = 0;
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                () = drained(&mut draining) => {
+                    // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests finish.
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                () = idle.as_mut() => {
+                    let now = activity.started.load(Ordering::Relaxed);
+                    if now == started && activity.active.load(Ordering::Relaxed) == 0 {
+                        if closing {
+                            // Still open a whole period after the graceful close: a client
+                            // that never finishes its request head.
+                            tracing::debug!("closing a client connection that stayed idle");
+                            break Ok(());
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    started = now;
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+                }
             }
         };
         if let Err(e) = result {
@@ -294,6 +328,33 @@ impl App {
             last = fingerprint(&path);
             let _ = self.apply_file(&path);
         }
+    }
+}
+
+/// What a client connection has been doing, for its idle timeout.
+#[derive(Debug, Default)]
+struct ConnActivity {
+    /// Requests started on the connection so far.
+    started: AtomicU64,
+    /// Requests not finished yet (their response bodies included).
+    active: AtomicUsize,
+}
+
+/// Held by a request from its start until it is over (the end of its response body).
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<ConnActivity>);
+
+impl ActiveRequest {
+    fn begin(activity: &Arc<ConnActivity>) -> Self {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

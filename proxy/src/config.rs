@@ -72,6 +72,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Client connections that start no request for this long, with none in flight, are closed
+    /// (an HTTP/1.1 connection that has not sent a whole request head by then too).
+    #[arg(long, env = "TRELLIS_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Access log: off, stdout, or a file path (JSON lines).
     #[arg(long, env = "TRELLIS_PROXY_ACCESS_LOG", default_value = "off")]
     pub access_log: AccessLogTarget,

@@ -77,6 +77,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         access_log,
         config.log.clone(),
         log_control,
+        config.idle_timeout,
     );
 
     let control = match &config.snapshot {

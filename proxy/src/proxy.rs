@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::{
     access_log::LogRecord,
-    app::App,
+    app::{ActiveRequest, App},
     balance::Target,
     body::{ResponseBody, UpstreamBody, UpstreamIncoming},
     error::{ProxyError, UpstreamFailure},
@@ -39,6 +39,8 @@ pub struct Completion {
     metrics: Option<Arc<RequestMetrics>>,
     log: Option<Box<LogRecord>>,
     recorded: bool,
+    /// Keeps the client connection from counting as idle.
+    _active: ActiveRequest,
 }
 
 /// Status recorded for a request whose client left before the response (nginx's 499).
@@ -94,6 +96,7 @@ pub(crate) async fn serve(
     app: Arc<App>,
     slot: &Slot,
     req: Request<Incoming>,
+    active: ActiveRequest,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let runtime = app.store.load();
@@ -111,6 +114,7 @@ pub(crate) async fn serve(
         metrics: None,
         log,
         recorded: false,
+        _active: active,
     });
     match route_and_forward(&runtime, slot, req, &mut completion).await {
         Ok(response) => response,

@@ -411,3 +411,46 @@ async fn a_client_leaving_mid_request_is_counted() {
         .await;
     assert_eq!(client_closed, 1.0);
 }
+
+/// `--idle-timeout`: a client connection that starts no request is closed, one that never
+/// finishes its request head too, and a request slower than the timeout is not cut.
+#[tokio::test]
+async fn idle_client_connections_are_closed_but_slow_requests_finish() {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "app", ""),
+        &cluster("app", "HTTP1", &[app.addr]),
+        &["--idle-timeout", "200ms"],
+    )
+    .await;
+
+    // Reads until the proxy closes the connection; panics if it stays open.
+    async fn closed_by_proxy(mut s: TcpStream) {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the proxy kept an idle connection open");
+    }
+
+    let silent = TcpStream::connect(proxy.egress).await.unwrap();
+    let mut half = TcpStream::connect(proxy.egress).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nHost: svc.test\r\n")
+        .await
+        .unwrap();
+
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let slow = http::Request::get("/")
+        .header("host", "svc.test")
+        .header("x-delay-ms", "1000")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let r = c.send(slow).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "app"));
+
+    closed_by_proxy(silent).await;
+    closed_by_proxy(half).await;
+}
