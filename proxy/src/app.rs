@@ -4,14 +4,19 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll, Wake, Waker},
     time::{Duration, SystemTime},
 };
+
+use futures_util::task::AtomicWaker;
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -256,35 +261,40 @@ impl App {
             .server
             .serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(conn);
-        let mut draining = self.drain.subscribe();
-        // One timer per connection, re-armed once per idle period (not per request).
-        let idle = tokio::time::sleep(self.idle_timeout);
-        tokio::pin!(idle);
-        let mut started = 0;
+        // The drain signal and the idle timer are polled only when they fire, not on every wake
+        // of the connection; one timer per connection, re-armed once per idle period.
+        let watch = || {
+            WokenOnly::new(watch_connection(
+                activity.clone(),
+                self.idle_timeout,
+                self.drain.subscribe(),
+            ))
+        };
+        let mut stop = watch();
         let mut closing = false;
         let result = loop {
             tokio::select! {
+                biased;
                 r = conn.as_mut() => break r,
-                () = drained(&mut draining) => {
-                    // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests finish.
-                    conn.as_mut().graceful_shutdown();
-                    break conn.await;
-                }
-                () = idle.as_mut() => {
-                    let now = activity.started.load(Ordering::Relaxed);
-                    if now == started && activity.active.load(Ordering::Relaxed) == 0 {
-                        if closing {
-                            // Still open a whole period after the graceful close: a client
-                            // that never finishes its request head.
-                            tracing::debug!("closing a client connection that stayed idle");
-                            break Ok(());
-                        }
+                s = &mut stop => match s {
+                    Stop::Drain => {
+                        // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests
+                        // finish.
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    Stop::Idle if closing => {
+                        // Still open a whole period after the graceful close: a client that
+                        // never finishes its request head.
+                        tracing::debug!("closing a client connection that stayed idle");
+                        break Ok(());
+                    }
+                    Stop::Idle => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                        stop = watch();
                     }
-                    started = now;
-                    idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
-                }
+                },
             }
         };
         if let Err(e) = result {
@@ -328,6 +338,84 @@ impl App {
             last = fingerprint(&path);
             let _ = self.apply_file(&path);
         }
+    }
+}
+
+/// Why a client connection is to be closed.
+#[derive(Debug)]
+enum Stop {
+    Drain,
+    Idle,
+}
+
+/// Resolves when the drain starts, or when a whole idle period passed with no request started
+/// on the connection and none in flight.
+async fn watch_connection(
+    activity: Arc<ConnActivity>,
+    idle: Duration,
+    mut draining: watch::Receiver<bool>,
+) -> Stop {
+    let mut started = activity.started.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            () = drained(&mut draining) => return Stop::Drain,
+            () = tokio::time::sleep(idle) => {
+                let now = activity.started.load(Ordering::Relaxed);
+                if now == started && activity.active.load(Ordering::Relaxed) == 0 {
+                    return Stop::Idle;
+                }
+                started = now;
+            }
+        }
+    }
+}
+
+/// A future polled only when its own waker fired (and on the first poll), however often the task
+/// that owns it is woken for other reasons.
+struct WokenOnly<F> {
+    future: Pin<Box<F>>,
+    flag: Arc<WokenFlag>,
+}
+
+#[derive(Debug, Default)]
+struct WokenFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WokenFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> WokenOnly<F> {
+    fn new(future: F) -> Self {
+        let flag = Arc::new(WokenFlag::default());
+        flag.woken.store(true, Ordering::Relaxed);
+        Self {
+            future: Box::pin(future),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.flag.clone());
+        this.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
 }
 
