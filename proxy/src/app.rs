@@ -88,11 +88,14 @@ impl App {
     ) -> Arc<Self> {
         let mut server = auto::Builder::new(TokioExecutor::new());
         // No per-request header timer (a timer armed and dropped for every request): the
-        // connection's idle check below bounds slow heads as well.
+        // connection's idle check below bounds slow heads as well. Responses are written from
+        // one buffer (one `write`, not a `writev` of head and body): fewer instructions and less
+        // kernel time per small response, measured side by side; large bodies cost one copy.
         server
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(None);
+            .header_read_timeout(None)
+            .writev(false);
         server.http2().timer(TokioTimer::new());
         Arc::new(Self {
             store: SnapshotStore::new(metrics.clone()),
