@@ -116,7 +116,20 @@ pub(crate) async fn serve(
         recorded: false,
         _active: active,
     });
-    match route_and_forward(&runtime, slot, req, &mut completion).await {
+    // Routing is synchronous; only the chosen path's future is awaited here, so the request
+    // future holds it directly (each async layer would store the request again).
+    let result = match route_request(&runtime, slot, &req, &mut completion) {
+        Err(e) => Err(e),
+        // Rare paths are boxed: inline, their states would grow every request's future.
+        Ok((_, target, Dispatch::Tunnel)) => Box::pin(tunnel(target, req, &mut completion)).await,
+        Ok((route, target, Dispatch::Upgrade)) => {
+            Box::pin(upgrade(route, target, req, &mut completion)).await
+        }
+        Ok((route, target, Dispatch::Forward)) => {
+            forward(route, target, req, &mut completion).await
+        }
+    };
+    match result {
         Ok(response) => response,
         Err(err) => {
             let response = err.to_response(grpc);
@@ -131,12 +144,21 @@ pub(crate) async fn serve(
     }
 }
 
-async fn route_and_forward(
-    runtime: &Runtime,
+/// How a routed request goes on.
+#[derive(Debug, Clone, Copy)]
+enum Dispatch {
+    Forward,
+    Upgrade,
+    Tunnel,
+}
+
+/// Finds the request's route and target; records them on the completion.
+fn route_request<'r>(
+    runtime: &'r Runtime,
     slot: &Slot,
-    req: Request<Incoming>,
+    req: &Request<Incoming>,
     completion: &mut Option<Completion>,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<(&'r Route, &'r Target, Dispatch), ProxyError> {
     if !completion.as_ref().is_some_and(|c| c.app.store.is_ready()) {
         return Err(ProxyError::NotReady);
     }
@@ -169,13 +191,14 @@ async fn route_and_forward(
             log.cluster = Some(target.cluster.name.clone());
         }
     }
-    if req.method() == Method::CONNECT {
-        return tunnel(target, req, completion).await;
-    }
-    if is_upgrade(&req) {
-        return upgrade(route, target, req, completion).await;
-    }
-    forward(route, target, req, completion).await
+    let dispatch = if req.method() == Method::CONNECT {
+        Dispatch::Tunnel
+    } else if is_upgrade(req) {
+        Dispatch::Upgrade
+    } else {
+        Dispatch::Forward
+    };
+    Ok((route, target, dispatch))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy. Names, not strings, so removing
@@ -331,15 +354,10 @@ async fn forward(
 
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
-    let exchange = attempts(
-        cluster,
-        route.retry.as_deref(),
-        parts,
-        body,
-        completion,
-        deadline,
-    )
-    .await;
+    let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
+        None => attempt_once(cluster, &mut parts, body, completion, deadline).await,
+        Some(policy) => retrying(cluster, policy, &parts, body, completion, deadline).await,
+    };
     if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
         m.timeout("request");
     }
@@ -363,13 +381,10 @@ async fn forward(
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
-/// Sends the request, retrying as the policy allows.
-/// Sends the request, retrying as the policy allows, within `deadline` (instant, configured
-/// timeout). Each await arms one timer: the earlier of the per-try limit and the deadline.
-async fn attempts(
+/// Sends the request once (no retry policy), within `deadline` (instant, configured timeout).
+async fn attempt_once(
     cluster: &Cluster,
-    policy: Option<&RetryPolicy>,
-    mut parts: Parts,
+    parts: &mut Parts,
     body: Incoming,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
@@ -379,44 +394,65 @@ async fn attempts(
         endpoint: endpoint.addr.clone(),
         failure,
     };
-    let Some(policy) = policy.filter(|p| p.max_retries > 0) else {
-        // No retries: the request goes out as it is, once.
-        let endpoint = cluster
-            .pick(&[])
-            .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
-            .clone();
-        let in_flight = endpoint.begin_request();
-        let sent = if cluster.protocol == Protocol::Http1 {
-            let body = (!body.is_end_stream()).then(|| body.map_err(Into::into).boxed());
-            within(
-                deadline.map(|(at, _)| at),
-                endpoint.send_h1(cluster, &parts, body),
-            )
-            .await
-        } else {
-            prepare(&mut parts, cluster, &endpoint);
-            let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-            within(deadline.map(|(at, _)| at), endpoint.send(cluster, req)).await
-        };
-        let Some(sent) = sent else {
-            return Err(timed_out(
-                deadline.map_or_else(Default::default, |(_, l)| l),
-            ));
-        };
-        return match sent {
-            Ok(response) => Ok(Exchange {
-                response,
-                in_flight,
-                endpoint,
-            }),
-            Err(e) => {
-                note_failure(cluster, completion, e.failure);
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
-                Err(upstream_error(&endpoint, e.failure))
-            }
-        };
+    // No retries: the request goes out as it is, once.
+    let endpoint = cluster
+        .pick(&[])
+        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
+        .clone();
+    let in_flight = endpoint.begin_request();
+    let sent = if cluster.protocol == Protocol::Http1 {
+        let body = (!body.is_end_stream()).then(|| body.map_err(Into::into).boxed());
+        within(
+            deadline.map(|(at, _)| at),
+            endpoint.send_h1(cluster, parts, body),
+        )
+        .await
+    } else {
+        // The request is handed over whole; the caller's copy is not used again.
+        let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+        prepare(&mut parts, cluster, &endpoint);
+        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        within(
+            deadline.map(|(at, _)| at),
+            Box::pin(endpoint.send(cluster, req)),
+        )
+        .await
     };
+    let Some(sent) = sent else {
+        return Err(timed_out(
+            deadline.map_or_else(Default::default, |(_, l)| l),
+        ));
+    };
+    match sent {
+        Ok(response) => Ok(Exchange {
+            response,
+            in_flight,
+            endpoint,
+        }),
+        Err(e) => {
+            note_failure(cluster, completion, e.failure);
+            tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
+            Err(upstream_error(&endpoint, e.failure))
+        }
+    }
+}
 
+/// Sends the request, retrying as the policy allows, within `deadline` (instant, configured
+/// timeout). Each await arms one timer: the earlier of the per-try limit and the deadline.
+/// (Two functions, not one: the request future's size is the larger of the two, not their sum.)
+async fn retrying(
+    cluster: &Cluster,
+    policy: &RetryPolicy,
+    parts: &Parts,
+    body: Incoming,
+    completion: &mut Option<Completion>,
+    deadline: Option<(Instant, std::time::Duration)>,
+) -> Result<Exchange, ProxyError> {
+    let timed_out = |limit| ProxyError::RequestTimeout(limit);
+    let upstream_error = |endpoint: &EndpointState, failure| ProxyError::Upstream {
+        endpoint: endpoint.addr.clone(),
+        failure,
+    };
     policy.deposit();
     let replay = (!body.is_end_stream())
         .then(|| Replay::new(body.map_err(Into::into).boxed(), policy.buffer_limit));
@@ -436,15 +472,15 @@ async fn attempts(
         };
         let sent = if cluster.protocol == Protocol::Http1 {
             // The head is borrowed: a retry sends the same one without a copy.
-            within(limit_at, endpoint.send_h1(cluster, &parts, body)).await
+            within(limit_at, endpoint.send_h1(cluster, parts, body)).await
         } else {
-            let (mut attempt_parts, ()) = copy_parts(&parts).into_parts();
+            let (mut attempt_parts, ()) = copy_parts(parts).into_parts();
             prepare(&mut attempt_parts, cluster, &endpoint);
             let body =
                 body.unwrap_or_else(|| Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
             within(
                 limit_at,
-                endpoint.send(cluster, Request::from_parts(attempt_parts, body)),
+                Box::pin(endpoint.send(cluster, Request::from_parts(attempt_parts, body))),
             )
             .await
         };
@@ -504,10 +540,36 @@ async fn attempts(
 }
 
 /// Runs `f` until `at`; `None` when the time ran out first. One timer, and none without a limit.
-async fn within<F: std::future::Future>(at: Option<Instant>, f: F) -> Option<F::Output> {
+/// A plain struct, not an `async fn`: the future it wraps is stored once, not both as an
+/// argument and inside the timeout (the request future is moved whole on every spawn).
+fn within<F: std::future::Future>(at: Option<Instant>, f: F) -> Within<F> {
     match at {
-        None => Some(f.await),
-        Some(at) => tokio::time::timeout_at(at, f).await.ok(),
+        None => Within::Plain { f },
+        Some(at) => Within::Timed {
+            f: tokio::time::timeout_at(at, f),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = WithinProj]
+    enum Within<F> {
+        Plain { #[pin] f: F },
+        Timed { #[pin] f: tokio::time::Timeout<F> },
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            WithinProj::Plain { f } => f.poll(cx).map(Some),
+            WithinProj::Timed { f } => f.poll(cx).map(Result::ok),
+        }
     }
 }
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Instructions per request of trellis-proxy, counted by callgrind: repeatable on a noisy machine,
+# unlike timings. Runs the proxy with the side-by-side benchmark's snapshot under valgrind, warms
+# it up, zeroes the counters, sends N HTTP/1.1 keep-alive requests (h2load --h1), and prints the
+# proxy's user-space instructions per request.
+#
+#   benches/callgrind.sh [N]     (default 20000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-20000}"
+command -v valgrind >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq valgrind; }
+command -v h2load >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq nghttp2-client; }
+cargo build --profile dist -q -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
+bin="${CARGO_TARGET_DIR:-target}/dist"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT 2>/dev/null
+[ -n "${KEEP_CALLGRIND:-}" ] && keep() { cp "$(ls -t "$work"/cg.out* | head -1)" "$KEEP_CALLGRIND"; } || keep() { :; }
+
+"$bin/bench-upstream" 127.0.0.1:0 > "$work/upstream" & pids+=($!)
+for _ in $(seq 100); do [ -s "$work/upstream" ] && break; sleep 0.05; done
+upstream=$(head -1 "$work/upstream")
+python3 - "$upstream" > "$work/snapshot.yaml" <<'PY'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pb", "benches/proxy_bench.py")
+pb = importlib.util.module_from_spec(spec); spec.loader.exec_module(pb)
+routes = "".join(
+    f"          - name: api-v{i}\n            priority: {i}\n"
+    f"            match: {{ prefix: /api/v{i}/, headers: [{{ name: x-tenant, prefix: t{i} }}] }}\n"
+    f"            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}\n" for i in range(10))
+print(pb.TRELLIS_SNAPSHOT.format(routes=routes, upstream=sys.argv[1]))
+PY
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" -q \
+  "$bin/trellis-proxy" --snapshot "$work/snapshot.yaml" --workers 1 --log error \
+  --egress-addr "127.0.0.1:$port" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 & pids+=($!)
+proxy=$!
+for _ in $(seq 600); do
+  curl -fs -o /dev/null -H "Host: bench.local" "http://127.0.0.1:$port/" && break
+  sleep 0.1
+done
+h2load -n 2000 -c 8 -m 16 -H ":authority: bench.local" "http://127.0.0.1:$port/" > /dev/null
+callgrind_control --zero "$proxy" > /dev/null
+h2load -n "$N" -c 8 -m 16 -H ":authority: bench.local" "http://127.0.0.1:$port/" | grep -E "^requests:"
+callgrind_control --dump "$proxy" > /dev/null
+sleep 1
+dump=$(ls -t "$work"/cg.out* | head -1)
+total=$(callgrind_annotate "$dump" 2>/dev/null | grep -m1 "PROGRAM TOTALS" | awk '{gsub(",","",$1); print $1}')
+keep
+echo "instructions per request: $((total / N)) (total $total over $N requests)"
