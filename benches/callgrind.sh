@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Instructions per request of trellis-proxy, counted by callgrind: repeatable on a noisy machine,
 # unlike timings. Runs the proxy with the side-by-side benchmark's snapshot under valgrind, warms
-# it up, zeroes the counters, sends N HTTP/1.1 keep-alive requests (h2load --h1), and prints the
-# proxy's user-space instructions per request.
+# it up, zeroes the counters, sends N requests and prints the proxy's user-space instructions per
+# request: HTTP/1.1 keep-alive (`h2load --h1 -c10`), or with `h2c` prior-knowledge HTTP/2
+# (`h2load -c8 -m16`, as in the side-by-side benchmark).
 #
-#   benches/callgrind.sh [N]     (default 20000)
+#   benches/callgrind.sh [N] [h1|h2c]     (default 20000 h1)
+#   KEEP_CALLGRIND=FILE keeps the callgrind profile for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
+case "${2:-h1}" in
+  h1) load=(--h1 -c 10) ;;
+  h2c) load=(-c 8 -m 16) ;;
+  *) echo "usage: $0 [N] [h1|h2c]" >&2; exit 2 ;;
+esac
 command -v valgrind >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq valgrind; }
 command -v h2load >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq nghttp2-client; }
 cargo build --profile dist -q -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
@@ -40,9 +47,9 @@ for _ in $(seq 600); do
   curl -fs -o /dev/null -H "Host: bench.local" "http://127.0.0.1:$port/" && break
   sleep 0.1
 done
-h2load --h1 -n 2000 -c 10 -H ":authority: bench.local" "http://127.0.0.1:$port/" > /dev/null
+h2load "${load[@]}" -n 2000 -H ":authority: bench.local" "http://127.0.0.1:$port/" > /dev/null
 callgrind_control --zero "$proxy" > /dev/null
-h2load --h1 -n "$N" -c 10 -H ":authority: bench.local" "http://127.0.0.1:$port/" | grep -E "^requests:"
+h2load "${load[@]}" -n "$N" -H ":authority: bench.local" "http://127.0.0.1:$port/" | grep -E "^requests:"
 callgrind_control --dump "$proxy" > /dev/null
 sleep 1
 dump=$(ls -t "$work"/cg.out* | head -1)

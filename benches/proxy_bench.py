@@ -127,12 +127,14 @@ def tree(pid):
 
 
 def cpu_ticks(pid):
-    total = 0
+    """(user, system) clock ticks of the process tree."""
+    user = system = 0
     for p in tree(pid):
         with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
 
 
 def hwm_kib(pid):
@@ -346,13 +348,17 @@ def run_one(name, upstream, args, tmp):
         pid = proc.pid if proc else None
         # taskset execs the proxy, so the PID is the proxy's.
         idle = hwm_kib(pid) if pid else None
-        t0 = cpu_ticks(pid) if pid else 0
+        t0 = cpu_ticks(pid) if pid else (0, 0)
         rps, total, errors = wrk(port, args.duration, args.connections)
-        cpu_us = (cpu_ticks(pid) - t0) / CLK * 1e6 / max(total, 1) if pid else None
+        t1 = cpu_ticks(pid) if pid else (0, 0)
+        per_req = 1e6 / CLK / max(total, 1)
+        user_us = (t1[0] - t0[0]) * per_req if pid else None
+        sys_us = (t1[1] - t0[1]) * per_req if pid else None
+        cpu_us = user_us + sys_us if pid else None
         p50, p99, p999 = oha(port, args.duration, args.rate)
         h2 = h2load(h2_port if name == "nginx" else port, args.duration)
         peak = hwm_kib(pid) if pid else None
-        return {"rps": rps, "errors": errors, "cpu_us": cpu_us, "p50": p50, "p99": p99, "p999": p999,
+        return {"rps": rps, "errors": errors, "cpu_us": cpu_us, "user_us": user_us, "sys_us": sys_us, "p50": p50, "p99": p99, "p999": p999,
                 "h2_rps": h2[0] if h2 else None, "h2_mean_ms": h2[1] if h2 else None,
                 "idle_mib": idle / 1024 if idle else None, "peak_mib": peak / 1024 if peak else None}
     finally:
@@ -400,12 +406,13 @@ def main():
     print(f"Medians of {args.rounds} interleaved rounds; {args.duration} s per measurement; proxy on CPU {PROXY_CPU}, "
           f"upstream and load on CPU {LOAD_CPU}; wrk -c{args.connections}; oha at {args.rate} req/s; h2load -c8 -m16.")
     print()
-    print("| proxy | h1 req/s | ×Envoy | CPU µs/req | p50 ms | p99 ms | p99.9 ms | +p99 vs none | h2c req/s | ×Envoy | RSS idle MiB | RSS peak MiB |")
+    print("| proxy | h1 req/s | ×Envoy | CPU µs/req (user + sys) | p50 ms | p99 ms | p99.9 ms | +p99 vs none | h2c req/s | ×Envoy | RSS idle MiB | RSS peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
         m = med[n]
         added = None if "none" not in med or m["p99"] is None else m["p99"] - med["none"]["p99"]
-        print(f"| {n} | {fmt(m['rps'], '.0f')} | {ratio(n, 'rps', 'envoy')} | {fmt(m['cpu_us'], '.1f')} | "
+        cpu = "—" if m["cpu_us"] is None else f"{m['cpu_us']:.1f} ({m['user_us']:.1f} + {m['sys_us']:.1f})"
+        print(f"| {n} | {fmt(m['rps'], '.0f')} | {ratio(n, 'rps', 'envoy')} | {cpu} | "
               f"{fmt(m['p50'], '.3f')} | {fmt(m['p99'], '.3f')} | {fmt(m['p999'], '.3f')} | {fmt(added, '+.3f')} | "
               f"{fmt(m['h2_rps'], '.0f')} | {ratio(n, 'h2_rps', 'envoy')} | {fmt(m['idle_mib'], '.1f')} | {fmt(m['peak_mib'], '.1f')} |")
     errors = {n: sum(x["errors"] for x in results[n]) for n in names}
