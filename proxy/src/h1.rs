@@ -121,6 +121,15 @@ impl Conn {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }
 
+    /// Reads more of the response; the end of the stream is an error here.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(self.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(closed())),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
     /// Writes what the write buffer holds.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.wbuf.is_empty() {
@@ -719,10 +728,8 @@ impl Body for IncomingBody {
                 }
                 Framing::Length(n) => {
                     if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => return this.read_error(closed()),
-                            Ok(_) => {}
-                            Err(e) => return this.read_error(e),
+                        if let Err(e) = ready!(conn.poll_more(cx)) {
+                            return this.read_error(e);
                         }
                     }
                     let take = conn
@@ -762,20 +769,16 @@ impl Body for IncomingBody {
                             };
                         }
                         Ok(httparse::Status::Partial) if conn.rbuf.len() <= MAX_CHUNK_LINE => {
-                            match ready!(conn.poll_fill(cx)) {
-                                Ok(0) => return this.read_error(closed()),
-                                Ok(_) => {}
-                                Err(e) => return this.read_error(e),
+                            if let Err(e) = ready!(conn.poll_more(cx)) {
+                                return this.read_error(e);
                             }
                         }
                         _ => return this.protocol_error("invalid chunk size line"),
                     },
                     Chunked::Data(n) => {
                         if conn.rbuf.is_empty() {
-                            match ready!(conn.poll_fill(cx)) {
-                                Ok(0) => return this.read_error(closed()),
-                                Ok(_) => {}
-                                Err(e) => return this.read_error(e),
+                            if let Err(e) = ready!(conn.poll_more(cx)) {
+                                return this.read_error(e);
                             }
                         }
                         let take = conn
@@ -793,11 +796,10 @@ impl Body for IncomingBody {
                     }
                     Chunked::DataEnd => {
                         if conn.rbuf.len() < 2 {
-                            match ready!(conn.poll_fill(cx)) {
-                                Ok(0) => return this.read_error(closed()),
-                                Ok(_) => continue,
-                                Err(e) => return this.read_error(e),
+                            if let Err(e) = ready!(conn.poll_more(cx)) {
+                                return this.read_error(e);
                             }
+                            continue;
                         }
                         if &conn.rbuf[..2] != b"\r\n" {
                             return this.protocol_error("chunk data not followed by CRLF");
@@ -816,11 +818,10 @@ impl Body for IncomingBody {
                             if conn.rbuf.len() > MAX_HEAD {
                                 return this.protocol_error("trailers too large");
                             }
-                            match ready!(conn.poll_fill(cx)) {
-                                Ok(0) => return this.read_error(closed()),
-                                Ok(_) => continue,
-                                Err(e) => return this.read_error(e),
+                            if let Err(e) = ready!(conn.poll_more(cx)) {
+                                return this.read_error(e);
                             }
+                            continue;
                         };
                         let block = conn.rbuf.split_to(end + 4);
                         let Some(trailers) = parse_trailers(&block) else {
