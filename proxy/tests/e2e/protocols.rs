@@ -174,6 +174,47 @@ async fn http1_upstream_framing_and_pooling() {
     assert_eq!(raw.connections(), 4);
 }
 
+/// Responses without a body by their request or status (HEAD, 204, 304) end at their head, and
+/// the connection serves the next request.
+#[tokio::test]
+async fn http1_upstream_bodiless_responses_keep_the_connection() {
+    let raw = RawHttpServer::start(vec![
+        RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        RawReply::keep("HTTP/1.1 204 No Content\r\n\r\n"),
+        RawReply::keep("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+        RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let head = Request::head("/")
+        .header("host", "raw.test")
+        .body(Full::default())
+        .unwrap();
+    let r = c.send(head).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.len()), (200, 0));
+    assert_eq!(r.header("content-length"), Some("5"));
+    for want in [204, 304] {
+        let r = c.get("raw.test", "/").await.unwrap();
+        assert_eq!((r.status.as_u16(), r.body.len()), (want, 0));
+    }
+    let r = c.get("raw.test", "/").await.unwrap();
+    assert_eq!(r.text(), "ok");
+    assert_eq!(raw.requests().len(), 4);
+    assert!(raw.requests()[0].starts_with("HEAD / HTTP/1.1\r\n"));
+    assert_eq!(
+        raw.connections(),
+        1,
+        "one pooled connection served all four"
+    );
+}
+
 #[tokio::test]
 async fn ingress_forwards_to_the_local_app() {
     let app = TestServer::start("local-app").await;
