@@ -67,12 +67,25 @@ async fn http1_and_h2c_pass_through_both_ways() {
     assert_eq!(r.header("x-trellis-error"), Some("no_route"));
 }
 
+/// A proxy whose `raw.test` host goes to an upstream answering with `replies`.
+async fn scripted_upstream(replies: Vec<RawReply>) -> (RawHttpServer, ProxyProcess) {
+    let raw = RawHttpServer::start(replies).await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    (raw, proxy)
+}
+
 /// The proxy's own HTTP/1.1 client against an upstream that answers with scripted bytes: every
 /// response framing, interim responses, trailers, a pooled connection the upstream closed, a
 /// malformed head, and request bodies of known and unknown length.
 #[tokio::test]
 async fn http1_upstream_framing_and_pooling() {
-    let raw = RawHttpServer::start(vec![
+    let (raw, proxy) = scripted_upstream(vec![
         // Chunked, with a chunk extension and a trailer.
         RawReply::keep("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n"),
         // An interim response first.
@@ -86,13 +99,6 @@ async fn http1_upstream_framing_and_pooling() {
         RawReply::keep("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
         RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"),
     ])
-    .await;
-    let proxy = proxy_with(
-        "v1",
-        &host_to("raw.test", "raw", ""),
-        &cluster("raw", "HTTP1", &[raw.addr]),
-        &[],
-    )
     .await;
 
     // h2c client, so the trailers can come back.
@@ -178,19 +184,12 @@ async fn http1_upstream_framing_and_pooling() {
 /// the connection serves the next request.
 #[tokio::test]
 async fn http1_upstream_bodiless_responses_keep_the_connection() {
-    let raw = RawHttpServer::start(vec![
+    let (raw, proxy) = scripted_upstream(vec![
         RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
         RawReply::keep("HTTP/1.1 204 No Content\r\n\r\n"),
         RawReply::keep("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
         RawReply::keep("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
     ])
-    .await;
-    let proxy = proxy_with(
-        "v1",
-        &host_to("raw.test", "raw", ""),
-        &cluster("raw", "HTTP1", &[raw.addr]),
-        &[],
-    )
     .await;
     let mut c = Client::h1(proxy.egress).await.unwrap();
     let head = Request::head("/")
