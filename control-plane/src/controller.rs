@@ -20,6 +20,7 @@ use crate::{
     store::{Expect, Op, Store, StoreError},
     translate::{self, Translated},
     validate::{self, Problem, Resource, State},
+    verify::{self, Degraded},
 };
 
 /// How long a burst of store changes is gathered before proxies are recomputed, at most.
@@ -71,6 +72,12 @@ pub struct ProxyStatus {
     pub acked_version: Option<String>,
     pub nacked_version: Option<String>,
     pub nack_reason: Option<String>,
+    /// Pieces left out of this proxy's snapshot because it would reject them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Degraded>,
+    /// Why no snapshot is sent to this proxy, when one cannot be made valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
     #[serde(skip)]
     pub uses: BTreeSet<ResourceKey>,
 }
@@ -92,6 +99,19 @@ pub struct ResourceStatus {
     pub proxies: usize,
     /// Of those, how many acknowledged their current snapshot.
     pub applied: usize,
+    /// What of it was left out of proxies' snapshots, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// A resource or instance that degraded itself: what was left out, why, and on which proxies.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceProblem {
+    pub source: String,
+    pub effect: String,
+    pub reason: String,
+    /// Nodes of the connected proxies whose snapshots it was left out of.
+    pub proxies: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,6 +119,8 @@ pub struct Status {
     pub revision: u64,
     pub proxies: Vec<ProxyStatus>,
     pub resources: Vec<ResourceStatus>,
+    /// Every problem of every connected proxy's snapshot, by source.
+    pub problems: Vec<SourceProblem>,
 }
 
 /// Translated sidecar snapshots of one view revision, by node.
@@ -434,7 +456,7 @@ impl Controller {
                     Kind::VirtualGateway => translate::gateway(&view.state, &view.instances, node),
                     _ => None,
                 };
-                translated.map(Arc::new)
+                translated.map(|t| Arc::new(verify::verify(t, node)))
             })
             .clone()
     }
@@ -460,22 +482,47 @@ impl Controller {
     pub fn status(&self) -> Status {
         let view = self.view();
         let proxies: Vec<ProxyStatus> = lock(&self.proxies).values().cloned().collect();
+        let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
+        for p in &proxies {
+            for d in &p.problems {
+                problems
+                    .entry((&d.source, &d.effect, &d.reason))
+                    .or_default()
+                    .insert(p.node.clone());
+            }
+        }
         let mut resources = Vec::new();
         for key in view.state.keys() {
             let users: Vec<&ProxyStatus> =
                 proxies.iter().filter(|p| p.uses.contains(key)).collect();
+            let source = key.to_string();
             resources.push(ResourceStatus {
                 kind: key.kind.to_string(),
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
                 proxies: users.len(),
                 applied: users.iter().filter(|p| p.in_sync()).count(),
+                problems: problems
+                    .keys()
+                    .filter(|(s, _, _)| *s == source)
+                    .map(|(_, effect, reason)| format!("{effect}: {reason}"))
+                    .collect(),
             });
         }
+        let problems = problems
+            .into_iter()
+            .map(|((source, effect, reason), proxies)| SourceProblem {
+                source: source.to_string(),
+                effect: effect.to_string(),
+                reason: reason.to_string(),
+                proxies,
+            })
+            .collect();
         Status {
             revision: view.revision,
             proxies,
             resources,
+            problems,
         }
     }
 

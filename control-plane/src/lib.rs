@@ -11,3 +11,4 @@ pub mod server;
 pub mod store;
 pub mod translate;
 pub mod validate;
+pub mod verify;

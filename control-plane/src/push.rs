@@ -87,6 +87,8 @@ impl ConfigStream for ConfigService {
             acked_version: None,
             nacked_version: None,
             nack_reason: None,
+            problems: Vec::new(),
+            withheld: None,
             uses: Default::default(),
         });
         tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
@@ -122,10 +124,20 @@ async fn serve_proxy(
     loop {
         let view = views.borrow_and_update().clone();
         let desired = controller.snapshot_for(&view, node);
-        if let Some(t) = &desired {
+        if let Some(t) = desired.as_ref().filter(|t| t.withheld.is_some()) {
+            // Never sent: the proxy keeps what it runs; status says why.
+            controller.update_proxy(id, |p| {
+                p.desired_version = None;
+                p.problems = t.problems.clone();
+                p.withheld = t.withheld.clone();
+                p.uses = t.uses.clone();
+            });
+        } else if let Some(t) = &desired {
             let version = &t.snapshot.version;
             controller.update_proxy(id, |p| {
                 p.desired_version = Some(version.clone());
+                p.problems = t.problems.clone();
+                p.withheld = None;
                 p.uses = t.uses.clone();
                 if running.as_ref() == Some(version) {
                     p.acked_version = Some(version.clone());
@@ -144,7 +156,11 @@ async fn serve_proxy(
                 controller.update_proxy(id, |p| p.sent_version = Some(version.clone()));
             }
         } else {
-            controller.update_proxy(id, |p| p.desired_version = None);
+            controller.update_proxy(id, |p| {
+                p.desired_version = None;
+                p.problems.clear();
+                p.withheld = None;
+            });
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },

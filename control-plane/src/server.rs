@@ -21,7 +21,7 @@ use crate::{
     controller::{ControlError, Controller},
     model::{Kind, ResourceKey, parse_documents},
     push::ConfigService,
-    registry::Instance,
+    registry::{Instance, Registration},
     store::StoreError,
 };
 
@@ -244,12 +244,29 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            match serde_json::from_str::<Instance>(&text) {
-                Ok(i) => match controller.register(i).await {
-                    Ok(i) => reply(StatusCode::OK, &i),
-                    Err(e) => control_error(e),
-                },
-                Err(e) => error(StatusCode::BAD_REQUEST, format!("invalid instance: {e}")),
+            let mut de = serde_json::Deserializer::from_str(&text);
+            let registration = match serde_path_to_error::deserialize::<_, Registration>(&mut de) {
+                Ok(r) => r,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid instance: {path}: {}", e.into_inner()),
+                    );
+                }
+            };
+            let instance = match registration.into_instance() {
+                Ok(i) => i,
+                Err((path, reason)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid instance: {path}: {reason}"),
+                    );
+                }
+            };
+            match controller.register(instance).await {
+                Ok(i) => reply(StatusCode::OK, &i),
+                Err(e) => control_error(e),
             }
         }
         (&Method::GET, ["v1", "instances"]) => {

@@ -12,6 +12,7 @@ use crate::{
     },
     registry::{Instance, InstanceStatus},
     validate::State,
+    verify::{Degraded, Source, Sources},
 };
 
 /// A snapshot with the resources it was built from (for per-resource status).
@@ -19,6 +20,12 @@ use crate::{
 pub struct Translated {
     pub snapshot: pb::Snapshot,
     pub uses: BTreeSet<ResourceKey>,
+    /// Where each piece came from, to blame what the proxy's compiler rejects.
+    pub sources: Sources,
+    /// Pieces left out because a proxy would reject them (see `verify`).
+    pub problems: Vec<Degraded>,
+    /// Set when the snapshot cannot be made valid: it is not pushed, and this says why.
+    pub withheld: Option<String>,
 }
 
 fn duration(d: std::time::Duration) -> PbDuration {
@@ -54,6 +61,7 @@ struct Builder<'a> {
     instances: &'a [Instance],
     uses: BTreeSet<ResourceKey>,
     clusters: BTreeMap<String, pb::Cluster>,
+    sources: Sources,
 }
 
 impl Builder<'_> {
@@ -74,6 +82,7 @@ impl Builder<'_> {
             return name;
         }
         let instances = self.instances;
+        self.sources.cluster(&name, Source::Resource(key.clone()));
         let Some(node) = self.node(key).cloned() else {
             // Validation keeps references whole; an unknown node gets an empty cluster.
             self.clusters.insert(
@@ -98,27 +107,36 @@ impl Builder<'_> {
         if let Some(sd) = &node.service_discovery {
             if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
                 let selector = reg.attributes.pairs();
-                let mut matching: Vec<&Instance> = instances
+                // Registrations of one address are one endpoint (a restarted instance may
+                // re-register under a new id before its old lease ends): healthy while any of
+                // them is, draining only when all are.
+                let mut merged: BTreeMap<String, (bool, Vec<String>)> = BTreeMap::new();
+                for i in instances
                     .iter()
                     .filter(|i| i.matches(&reg.namespace_name, &reg.service_name, &selector))
-                    .collect();
-                matching.sort_by(|a, b| a.id.cmp(&b.id));
-                for i in matching {
+                {
+                    let (healthy, ids) = merged.entry(i.endpoint()).or_default();
+                    *healthy |= i.status == InstanceStatus::Healthy;
+                    ids.push(i.store_key());
+                }
+                for (address, (healthy, ids)) in merged {
+                    self.sources
+                        .endpoint(&name, &address, ids.into_iter().map(Source::Instance));
                     endpoints.push(pb::Endpoint {
-                        address: if i.address.contains(':') && !i.address.starts_with('[') {
-                            format!("[{}]:{}", i.address, i.port)
+                        address,
+                        health: if healthy {
+                            pb::endpoint::Health::Healthy
                         } else {
-                            format!("{}:{}", i.address, i.port)
-                        },
-                        health: match i.status {
-                            InstanceStatus::Healthy => pb::endpoint::Health::Healthy,
-                            InstanceStatus::Draining => pb::endpoint::Health::Draining,
+                            pb::endpoint::Health::Draining
                         } as i32,
                     });
                 }
             } else if let (Some(dns), Some(l)) = (&sd.dns, listener) {
+                let address = format!("{}:{}", dns.hostname, l.port_mapping.port);
+                self.sources
+                    .endpoint(&name, &address, [Source::Resource(key.clone())]);
                 endpoints.push(pb::Endpoint {
-                    address: format!("{}:{}", dns.hostname, l.port_mapping.port),
+                    address,
                     health: pb::endpoint::Health::Healthy as i32,
                 });
             }
@@ -162,7 +180,7 @@ impl Builder<'_> {
         self.uses.insert(key.clone());
         let host = hostname(key, vs);
         let provider = vs.provider.as_ref()?;
-        let (port, routes) = if let Some(p) = &provider.virtual_node {
+        let (port, routes, route_source) = if let Some(p) = &provider.virtual_node {
             let node_key = ResourceKey::new(
                 Kind::VirtualNode,
                 p.virtual_node_ref
@@ -185,7 +203,7 @@ impl Builder<'_> {
                 }),
                 ..Default::default()
             };
-            (port, vec![route])
+            (port, vec![route], key.clone())
         } else if let Some(p) = &provider.virtual_router {
             let router_key = ResourceKey::new(
                 Kind::VirtualRouter,
@@ -205,10 +223,21 @@ impl Builder<'_> {
             for route in &router.routes {
                 routes.push(self.route(&router_key, route));
             }
-            (port, routes)
+            (port, routes, router_key)
         } else {
             return None;
         };
+        // Only sidecar egress listeners hold virtual services.
+        self.sources
+            .host("egress", &host, Source::Resource(key.clone()));
+        for r in &routes {
+            self.sources.route(
+                "egress",
+                &host,
+                &r.name,
+                [Source::Resource(route_source.clone())],
+            );
+        }
         let mut domains = Vec::new();
         if let Some(port) = port {
             domains.push(format!("{host}:{port}"));
@@ -389,6 +418,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
         instances,
         uses: BTreeSet::new(),
         clusters: BTreeMap::new(),
+        sources: Sources::default(),
     };
     let spec = b.node(node)?.clone();
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
@@ -498,6 +528,9 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
     Some(Translated {
         snapshot,
         uses: b.uses,
+        sources: b.sources,
+        problems: Vec::new(),
+        withheld: None,
     })
 }
 
@@ -644,6 +677,7 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         instances,
         uses: BTreeSet::new(),
         clusters: BTreeMap::new(),
+        sources: Sources::default(),
     };
     b.uses.insert(key.clone());
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
@@ -667,6 +701,7 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
 
     // Routes per hostname match ("" = any host), in priority order.
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
+    let mut route_sources: BTreeMap<String, Vec<Source>> = BTreeMap::new();
     for (rank, (gr_key, gr)) in routes.iter().enumerate() {
         b.uses.insert((*gr_key).clone());
         let grpc_as_http;
@@ -747,6 +782,10 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
                 ..Default::default()
             };
             if let Some(m) = combine(&h.matcher, view, &any) {
+                route_sources.insert(
+                    gr_key.name.clone(),
+                    vec![Source::Resource((*gr_key).clone())],
+                );
                 out.push(pb::Route {
                     name: gr_key.name.clone(),
                     priority: base,
@@ -785,8 +824,16 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
                     continue;
                 };
                 let translated = b.route(&router_key, route);
+                let name = format!("{}/{}", gr_key.name, translated.name);
+                route_sources.insert(
+                    name.clone(),
+                    vec![
+                        Source::Resource((*gr_key).clone()),
+                        Source::Resource(router_key.clone()),
+                    ],
+                );
                 out.push(pb::Route {
-                    name: format!("{}/{}", gr_key.name, translated.name),
+                    name,
                     priority: base.saturating_add(
                         route
                             .priority
@@ -835,6 +882,12 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         domains: vec!["*".into()],
         routes: generic,
     });
+    for host in &hosts {
+        for r in &host.routes {
+            let sources = route_sources.get(&r.name).into_iter().flatten().cloned();
+            b.sources.route("gateway", &host.name, &r.name, sources);
+        }
+    }
     let mut snapshot = pb::Snapshot {
         version: String::new(),
         listeners: vec![pb::Listener {
@@ -849,6 +902,9 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     Some(Translated {
         snapshot,
         uses: b.uses,
+        sources: b.sources,
+        problems: Vec::new(),
+        withheld: None,
     })
 }
 
@@ -894,6 +950,37 @@ mod tests {
     }
 
     const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
+
+    #[test]
+    fn registrations_of_one_address_are_one_endpoint_draining_only_when_all_are() {
+        let state = state(MESH);
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let health = |statuses: [InstanceStatus; 2]| {
+            let instances = [
+                instance("b1", "blue", 20001, statuses[0]),
+                instance("b2", "blue", 20001, statuses[1]),
+            ];
+            let t = sidecar(&state, &instances, &front).unwrap();
+            let blue = t
+                .snapshot
+                .clusters
+                .iter()
+                .find(|c| c.name == "default/blue")
+                .unwrap();
+            assert_eq!(blue.endpoints.len(), 1, "{blue:?}");
+            assert_eq!(blue.endpoints[0].address, "127.0.0.1:20001");
+            blue.endpoints[0].health
+        };
+        use InstanceStatus::{Draining, Healthy};
+        let (healthy, draining) = (
+            pb::endpoint::Health::Healthy as i32,
+            pb::endpoint::Health::Draining as i32,
+        );
+        assert_eq!(health([Healthy, Healthy]), healthy);
+        assert_eq!(health([Draining, Healthy]), healthy);
+        assert_eq!(health([Healthy, Draining]), healthy);
+        assert_eq!(health([Draining, Draining]), draining);
+    }
 
     #[test]
     fn colorapp_front_snapshot() {

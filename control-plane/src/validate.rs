@@ -10,6 +10,7 @@ use crate::model::{
     API_VERSION, DEFAULT_NAMESPACE, HeaderMatch, HttpMatch, Kind, Listener, Manifest, Ref,
     ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts, parse_spec,
 };
+use crate::registry;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Problem {
@@ -55,6 +56,10 @@ pub struct Resource {
 
 /// Every resource, by key.
 pub type State = BTreeMap<ResourceKey, Resource>;
+
+/// Until mTLS lands, a manifest asking for TLS is refused rather than run in plaintext.
+const TLS_NOT_SUPPORTED: &str = "TLS is not supported yet: Trellis refuses it rather than run \
+                                 this traffic in plaintext";
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -262,6 +267,9 @@ impl Checker<'_> {
                     format!("port {} is listed twice", l.port_mapping.port),
                 );
             }
+            if l.tls.is_some() {
+                self.err(format!("{path}[{i}].tls"), TLS_NOT_SUPPORTED.into());
+            }
             if !PROTOCOLS.contains(&l.port_mapping.protocol.as_str()) {
                 self.err(
                     format!("{lp}.protocol"),
@@ -389,11 +397,35 @@ impl Checker<'_> {
                             "give exactly one of registry, awsCloudMap, dns".into(),
                         );
                     }
+                    for (field, reg) in [
+                        ("registry", &sd.registry),
+                        ("awsCloudMap", &sd.aws_cloud_map),
+                    ] {
+                        let Some(reg) = reg else { continue };
+                        for (name, value) in [
+                            ("namespaceName", &reg.namespace_name),
+                            ("serviceName", &reg.service_name),
+                        ] {
+                            if !registry::valid_name(value) {
+                                self.err(
+                                    format!("spec.serviceDiscovery.{field}.{name}"),
+                                    format!(
+                                        "{value:?} is not a registry name: {}",
+                                        registry::NAME_RULE
+                                    ),
+                                );
+                            }
+                        }
+                    }
                     if let Some(dns) = &sd.dns {
-                        if dns.hostname.is_empty() {
+                        if !trellis_proxy::snapshot::valid_host(&dns.hostname) {
                             self.err(
                                 "spec.serviceDiscovery.dns.hostname",
-                                "must not be empty".into(),
+                                format!(
+                                    "{:?} is not a DNS name or an IP address (ASCII labels of \
+                                     letters, digits, '-' and '_')",
+                                    dns.hostname
+                                ),
                             );
                         }
                         if n.listeners.is_empty() {
@@ -410,7 +442,17 @@ impl Checker<'_> {
                         Kind::VirtualService,
                         &b.virtual_service.virtual_service_ref,
                     );
+                    self.client_policy_tls(
+                        &format!("spec.backends[{i}].virtualService.clientPolicy"),
+                        b.virtual_service.client_policy.as_ref(),
+                    );
                 }
+                self.client_policy_tls(
+                    "spec.backendDefaults.clientPolicy",
+                    n.backend_defaults
+                        .as_ref()
+                        .and_then(|d| d.get("clientPolicy")),
+                );
                 if let Some(lb) = &n.load_balancer {
                     if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
                         self.err(
@@ -428,6 +470,12 @@ impl Checker<'_> {
                     self.err("spec.listeners", "a VirtualGateway needs a listener".into());
                 }
                 self.listeners("spec.listeners", &g.listeners);
+                self.client_policy_tls(
+                    "spec.backendDefaults.clientPolicy",
+                    g.backend_defaults
+                        .as_ref()
+                        .and_then(|d| d.get("clientPolicy")),
+                );
             }
             Spec::GatewayRoute(r) => {
                 if let Some(g) = &r.virtual_gateway_ref {
@@ -463,6 +511,14 @@ impl Checker<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// A client policy asking for TLS is refused until TLS is implemented: it must never
+    /// silently run in plaintext.
+    fn client_policy_tls(&mut self, path: &str, policy: Option<&serde_json::Value>) {
+        if policy.and_then(|p| p.get("tls")).is_some() {
+            self.err(format!("{path}.tls"), TLS_NOT_SUPPORTED.into());
         }
     }
 

@@ -91,6 +91,41 @@ pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
     })
 }
 
+/// Whether `host` is something an endpoint address may name: an IP address (IPv6 without
+/// brackets) or a DNS name of ASCII labels (letters, digits, `-`, `_`; 1 to 63 bytes, not starting
+/// or ending with `-`; at most 253 bytes in all, an optional trailing dot).
+pub fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Compiles `snapshot` exactly as a proxy would, without serving it: the control plane runs
+/// this on every snapshot before it pushes one, so a proxy is never sent what it would reject.
+pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
+    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).map_err(|e| {
+        SnapshotError::Invalid(vec![FieldError {
+            path: "(metrics)".into(),
+            reason: e.to_string(),
+        }])
+    })?;
+    let upstreams = Upstreams::default();
+    let mut generation = upstreams.generation();
+    compile::compile(snapshot, &mut generation, &metrics).map(drop)
+}
+
 /// The compiled, immutable config one proxy runs.
 #[derive(Debug)]
 pub struct Runtime {
@@ -302,6 +337,46 @@ clusters:
         );
         assert!(table.host("a.example.com").is_some());
         assert!(table.host("other").is_none());
+    }
+
+    #[test]
+    fn hosts_are_ip_addresses_or_dns_names() {
+        for ok in [
+            "10.0.0.1",
+            "::1",
+            "a.example",
+            "a.example.",
+            "red_svc.local",
+            "x-1.y",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        let long_label = "a".repeat(64);
+        let long_name = ["abc"; 64].join(".");
+        for bad in [
+            "",
+            "ünï.example",
+            "bad!host",
+            "a\r\nb",
+            "-a.b",
+            "a-.b",
+            "a..b",
+            ".",
+            "[::1]",
+            "a b",
+            &long_label,
+            &long_name,
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_compiles_without_serving() {
+        assert!(check(&parse(GOOD).unwrap()).is_ok());
+        let bad = parse("clusters: [{name: c, endpoints: [{address: 'bad!host:80'}]}]").unwrap();
+        let errors = check(&bad).unwrap_err().field_errors();
+        assert_eq!(errors[0].path, "clusters[0].endpoints[0].address");
     }
 
     #[test]

@@ -488,10 +488,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         && r["namespace"] == key_ns
                 });
             match usage {
-                Some(u) => println!(
-                    "  {} use it, {} applied their current snapshot",
-                    u["proxies"], u["applied"]
-                ),
+                Some(u) => {
+                    println!(
+                        "  {} use it, {} applied their current snapshot",
+                        u["proxies"], u["applied"]
+                    );
+                    let problems = u["problems"].as_array().into_iter().flatten();
+                    for (i, p) in problems.enumerate() {
+                        if i == 0 {
+                            println!("problems (left out of proxies' snapshots):");
+                        }
+                        println!("  {}", s(p));
+                    }
+                }
                 None => println!("  none"),
             }
         }
@@ -510,6 +519,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         && p["nackedVersion"] == p["desiredVersion"]
                     {
                         "NACK"
+                    } else if p["withheld"].is_string() {
+                        "WITHHELD"
                     } else if p["desiredVersion"].is_null() {
                         "NO CONFIG"
                     } else if p["ackedVersion"] == p["desiredVersion"] {
@@ -523,7 +534,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         state.to_string(),
                         s(&p["desiredVersion"]),
                         s(&p["ackedVersion"]),
-                        p["nackReason"].as_str().unwrap_or("").to_string(),
+                        p["nackReason"]
+                            .as_str()
+                            .or(p["withheld"].as_str())
+                            .unwrap_or("")
+                            .to_string(),
                     ]
                 })
                 .collect();
@@ -531,9 +546,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("No proxies connected.");
             } else {
                 print_table(
-                    &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "NACK REASON"],
+                    &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "REASON"],
                     &rows,
                 );
+            }
+            let rows: Vec<Vec<String>> = status["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    let proxies: Vec<String> = p["proxies"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(s)
+                        .collect();
+                    vec![
+                        s(&p["source"]),
+                        s(&p["effect"]),
+                        s(&p["reason"]),
+                        proxies.join(","),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                println!();
+                print_table(&["PROBLEM SOURCE", "LEFT OUT", "REASON", "PROXIES"], &rows);
             }
             println!();
             let rows: Vec<Vec<String>> = status["resources"]

@@ -1,4 +1,4 @@
-//! A mesh end to end: apply, sidecars, registry, weights, drain, outages, NACKs, examples.
+//! A mesh end to end: apply, sidecars, registry, weights, drain, outages, bad input, examples.
 
 use std::{
     sync::{
@@ -494,50 +494,243 @@ async fn a_sidecar_fails_over_to_the_next_control_plane() {
     );
 }
 
+/// POSTs a raw registration body; returns the status and the body.
+async fn post_instance(control: &ControlProcess, body: &str) -> (u16, String) {
+    let mut c = Client::h1(control.addr).await.unwrap();
+    let req = http::Request::post("/v1/instances")
+        .header("host", "trellis")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    (r.status.as_u16(), r.text())
+}
+
 #[tokio::test]
-async fn a_rejected_snapshot_shows_as_nack_with_its_reason() {
+async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the_field() {
     let env = setup((0, 0, 100)).await;
-    // The control plane accepts any DNS name; the proxy refuses an address it cannot dial.
-    let bad = mesh_yaml(
+    let ok = r#""namespace": "test", "service": "colorteller", "id": "x""#;
+    let cases = [
+        (
+            format!(r#"{{{ok}, "address": "ünï.example", "port": 80}}"#),
+            "address: \"ünï.example\" is not an IP address or a DNS name",
+        ),
+        (
+            format!(r#"{{{ok}, "address": "bad!host", "port": 80}}"#),
+            "address: \"bad!host\" is not an IP address or a DNS name",
+        ),
+        (
+            format!(r#"{{{ok}, "address": "a\r\nb", "port": 80}}"#),
+            "address: \"a\\r\\nb\" is not an IP address or a DNS name",
+        ),
+        (
+            format!(r#"{{{ok}, "address": "10.0.0.1", "port": 70000}}"#),
+            "port: 70000 is out of range: must be 1..=65535",
+        ),
+        (
+            format!(r#"{{{ok}, "address": "10.0.0.1", "port": 80, "ttlSeconds": 9223372036854775807}}"#),
+            "ttlSeconds: 9223372036854775807 is out of range: must be 1..=86400",
+        ),
+        (
+            r#"{"namespace": "test", "service": "colorteller", "id": "a b", "address": "10.0.0.1", "port": 80}"#.to_string(),
+            "id: \"a b\" must be 1 to 253 ASCII letters",
+        ),
+        (
+            format!(
+                r#"{{{ok}, "address": "10.0.0.1", "port": 80, "attributes": {{{}}}}}"#,
+                (0..31).map(|i| format!(r#""k{i}": "v""#)).collect::<Vec<_>>().join(",")
+            ),
+            "attributes: 31 attributes: at most 30 are allowed",
+        ),
+        (
+            format!(r#"{{{ok}, "address": "10.0.0.1", "port": 80, "ttl": 30}}"#),
+            "unknown field `ttl`",
+        ),
+    ];
+    for (body, want) in &cases {
+        let (code, text) = post_instance(&env.control, body).await;
+        assert_eq!(code, 400, "{body}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        let error = error["error"].as_str().unwrap();
+        assert!(error.contains(want), "{body}\nwant {want}\ngot {error}");
+    }
+    let out = cli(&env.control.url, &["instances", "list", "-o", "json"]);
+    let instances: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        instances.as_array().unwrap().len(),
+        4,
+        "nothing was registered"
+    );
+
+    // A VirtualNode whose DNS name the proxy could not dial, and TLS that would run in
+    // plaintext, are refused at apply.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    let dns = mesh_yaml(
         env.blue.addr.port(),
         (0, 0, 100),
-        "{ dns: { hostname: 'bad!host' } }",
+        "{ dns: { hostname: 'red_svc!.local' } }",
     );
-    apply(&env.control.url, &bad);
-    let s = eventually(Duration::from_secs(20), "front NACKs", || async {
-        let s = status(&env.control.url);
-        let front = s["proxies"]
+    std::fs::write(&file, &dns).unwrap();
+    let out = cli(&env.control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("VirtualNode default/red: spec.serviceDiscovery.dns.hostname: \"red_svc!.local\" is not a DNS name"),
+        "{}",
+        stderr(&out)
+    );
+    for (tls, path) in [
+        (
+            "  listeners: [{ portMapping: { port: 8080, protocol: http }, tls: { mode: STRICT } }]\n",
+            "spec.listeners[0].tls",
+        ),
+        (
+            "  listeners: [{ portMapping: { port: 8080, protocol: http } }]\n  backendDefaults: { clientPolicy: { tls: { validation: { trust: { file: { certificateChain: /ca.pem } } } } } }\n",
+            "spec.backendDefaults.clientPolicy.tls",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualNode\nmetadata: {{ name: secure }}\nspec:\n{tls}"
+        );
+        std::fs::write(&file, yaml).unwrap();
+        let out = cli(&env.control.url, &["apply", "-f", file.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains(&format!("{path}: TLS is not supported yet")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = cli(&env.control.url, &["get", "virtualnodes", "-o", "json"]);
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 4, "nothing was applied");
+
+    // Every proxy stays in sync and traffic flows as before.
+    wait_synced(&env.control.url, 2).await;
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20)
+    );
+}
+
+#[tokio::test]
+async fn two_registrations_of_one_address_are_one_endpoint() {
+    let env = setup((0, 0, 100)).await;
+    // A restarted instance registers again under a new id before its old lease ends.
+    register(&env.control.url, "red-2", "red", env.red.addr);
+    let s = wait_synced(&env.control.url, 2).await;
+    assert!(
+        s["proxies"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["node"] == "default/front")
-            .cloned()
-            .unwrap();
-        if front["nackedVersion"].is_string() {
-            Ok(front)
-        } else {
-            Err(format!("{front}"))
+            .all(|p| p["nackedVersion"].is_null() && p["problems"].is_null()),
+        "{s}"
+    );
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20)
+    );
+    // Draining one registration does not drain the endpoint while the other is healthy.
+    let drain = |id: &str| {
+        let out = cli(
+            &env.control.url,
+            &[
+                "instances",
+                "drain",
+                "--namespace",
+                "test",
+                "--service",
+                "colorteller",
+                "--id",
+                id,
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    drain("red-1");
+    wait_synced(&env.control.url, 2).await;
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20)
+    );
+    drain("red-2");
+    eventually(Duration::from_secs(20), "red drained", || async {
+        let counts = split(env.front.egress, HOST, 5).await;
+        match counts.get("error:no_healthy_endpoint") {
+            Some(5) => Ok(()),
+            _ => Err(format!("{counts:?}")),
         }
     })
     .await;
-    let reason = s["nackReason"].as_str().unwrap();
+}
+
+#[tokio::test]
+async fn a_stored_instance_a_proxy_would_reject_degrades_only_itself() {
+    let mut env = setup((0, 0, 100)).await;
+    // A registration stored before its address was checked (an older control plane).
+    env.control.kill().await;
+    {
+        use trellis_control::store::{Expect, Op, Store as _, embedded::EmbeddedStore};
+        let store = EmbeddedStore::open(env._data.path()).unwrap();
+        let bad = serde_json::json!({
+            "namespace": "test", "service": "colorteller", "id": "bad",
+            "address": "bad!host", "port": 9, "attributes": { "version": "red" },
+        });
+        store
+            .apply(vec![Op::Put {
+                key: "instances/test/colorteller/bad".into(),
+                value: serde_json::to_vec(&bad).unwrap(),
+                expect: Expect::Any,
+                lease: None,
+            }])
+            .await
+            .unwrap();
+    }
+    let listen = env.control.addr.to_string();
+    env.control = ControlProcess::start_on(CONTROL, env._data.path(), &listen).await;
+
+    // The proxies are sent snapshots without the bad endpoint, and ACK them.
+    let s = wait_synced(&env.control.url, 2).await;
+    let problems = s["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{s}");
+    let p = &problems[0];
+    assert_eq!(p["source"], "instance test/colorteller/bad", "{p}");
+    assert_eq!(
+        p["effect"], "endpoint \"bad!host:9\" of cluster \"default/red\" left out",
+        "{p}"
+    );
     assert!(
-        reason.contains("clusters[2].endpoints[0].address: \"bad!host:9080\" is not HOST:PORT"),
-        "{reason}"
+        p["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("\"bad!host:9\" is not HOST:PORT"),
+        "{p}"
+    );
+    assert_eq!(p["proxies"], serde_json::json!(["default/front"]), "{p}");
+    assert_eq!(
+        split(env.front.egress, HOST, 20).await.get("red"),
+        Some(&20),
+        "the good red endpoint still serves"
     );
     let table = stdout(&cli(&env.control.url, &["status"]));
     assert!(
         table
             .lines()
-            .any(|l| l.contains("default/front") && l.contains("NACK") && l.contains("bad!host")),
+            .any(|l| l.contains("instance test/colorteller/bad") && l.contains("default/front")),
         "{table}"
     );
-    // The proxy keeps serving what it had.
-    assert_eq!(
-        split(env.front.egress, HOST, 20).await.get("red"),
-        Some(&20)
+
+    // The rest of the mesh keeps converging.
+    apply(
+        &env.control.url,
+        &mesh_yaml(env.blue.addr.port(), (0, 100, 0), RED_REGISTRY),
     );
-    assert!(env.red.requests() >= 20);
+    wait_synced(&env.control.url, 2).await;
+    let counts = split(env.front.egress, HOST, 20).await;
+    assert_eq!(counts.get("green"), Some(&20), "{counts:?}");
 }
 
 #[tokio::test]

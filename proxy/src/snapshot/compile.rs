@@ -259,11 +259,7 @@ fn valid_host_port(address: &str) -> bool {
     let Some((host, port)) = address.rsplit_once(':') else {
         return false;
     };
-    port.parse::<u16>().is_ok_and(|p| p > 0)
-        && !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    port.parse::<u16>().is_ok_and(|p| p > 0) && super::valid_host(host)
 }
 
 fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -> Option<Listener> {
