@@ -794,6 +794,9 @@ pub fn parse_spec(kind: Kind, spec: &Value) -> Result<Spec, (String, String)> {
 /// documents are skipped; a document that is not a manifest is an error naming its index.
 pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<crate::validate::Problem>> {
     use serde::Deserialize as _;
+    // Deep flow nesting takes the YAML parser quadratic time: refused before parsing.
+    trellis_proxy::snapshot::check_nesting(text)
+        .map_err(|reason| vec![crate::validate::Problem::document(0, "(input)", reason)])?;
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {

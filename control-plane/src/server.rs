@@ -142,7 +142,11 @@ async fn body_text(req: Request<Incoming>) -> Result<String, Response<Body>> {
 /// The manifests in a request body (YAML stream or JSON).
 async fn manifests(req: Request<Incoming>) -> Result<Vec<crate::model::Manifest>, Response<Body>> {
     let text = body_text(req).await?;
-    parse_documents(&text).map_err(|problems| {
+    // Parsing is CPU work on untrusted input: off the threads that serve the API and streams.
+    let parsed = tokio::task::spawn_blocking(move || parse_documents(&text))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    parsed.map_err(|problems| {
         reply(
             StatusCode::UNPROCESSABLE_ENTITY,
             &json!({ "error": "invalid", "problems": problems }),

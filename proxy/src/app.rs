@@ -182,17 +182,16 @@ impl App {
         result
     }
 
-    /// Reads, parses and applies a snapshot file.
+    /// Reads, parses and applies a snapshot file. Blocking (file I/O, parsing, compiling): call
+    /// it off the threads that serve requests.
     pub fn apply_file(self: &Arc<Self>, path: &Path) -> Result<Arc<Runtime>, SnapshotError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SnapshotError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let snapshot = snapshot::parse(&text).inspect_err(|e| {
-            self.metrics.snapshot_rejected();
-            tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
-            *lock(&self.last_rejection) = Some(e.to_string());
-        })?;
+        let snapshot = snapshot::read_file(path)
+            .and_then(|text| snapshot::parse_file(&text))
+            .inspect_err(|e| {
+                self.metrics.snapshot_rejected();
+                tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
+                *lock(&self.last_rejection) = Some(e.to_string());
+            })?;
         self.apply(&snapshot)
     }
 
@@ -336,13 +335,34 @@ impl App {
                         continue;
                     }
                     tracing::info!(path = %path.display(), "snapshot file changed: reloading");
+                    // A file rewritten in place is read once it stops changing.
+                    last = now;
+                    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+                    loop {
+                        tokio::time::sleep(SETTLE).await;
+                        let now = fingerprint(&path);
+                        if now == last || tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
+                        last = now;
+                    }
                 }
             }
             last = fingerprint(&path);
-            let _ = self.apply_file(&path);
+            // Reading, parsing and compiling run on a blocking thread, never on one serving
+            // requests (with `--workers 1` there is only one).
+            let app = Arc::clone(&self);
+            let file = path.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || app.apply_file(&file)).await {
+                tracing::error!(error = %e, "snapshot reload failed");
+            }
         }
     }
 }
+
+/// How long a changed snapshot file must stay unchanged before it is read, and the longest wait.
+const SETTLE: Duration = Duration::from_millis(50);
+const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// Why a client connection is to be closed.
 #[derive(Debug)]

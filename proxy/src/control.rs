@@ -102,11 +102,7 @@ async fn session(
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
-    let applied = if app.store.is_ready() {
-        app.store.load().version.to_string()
-    } else {
-        String::new()
-    };
+    let applied = app.store.load().version.to_string();
     tx.send(ProxyMessage {
         kind: Some(Msg::Hello(Hello {
             node: config.node.clone(),
@@ -128,7 +124,14 @@ async fn session(
     while let Some(push) = inbound.message().await? {
         let snapshot = push.snapshot.unwrap_or_default();
         let version = snapshot.version.clone();
-        let reply = match app.apply(&snapshot) {
+        // Compiling runs on a blocking thread, never on one serving requests.
+        let applying = Arc::clone(app);
+        let (snapshot, applied) = tokio::task::spawn_blocking(move || {
+            let applied = applying.apply(&snapshot).map(drop);
+            (snapshot, applied)
+        })
+        .await?;
+        let reply = match applied {
             Ok(_) => {
                 if let Err(e) = persist(config, &snapshot) {
                     tracing::warn!(error = %e, "cannot persist the snapshot");

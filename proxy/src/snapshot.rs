@@ -69,8 +69,92 @@ impl SnapshotError {
     }
 }
 
-/// Parses a snapshot document: YAML or JSON in the protobuf JSON mapping.
+/// Largest snapshot a proxy reads from a file (the config stream's message limit).
+pub const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
+
+/// Deepest nesting of `[` and `{` accepted in YAML or JSON input. Checked in one pass before
+/// parsing: the YAML parser takes quadratic time on deep flow nesting, so deeper input is refused
+/// at once. Real snapshots and manifests nest about 10 deep.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses YAML or JSON whose `[`/`{` nesting is deeper than [`MAX_NESTING`], without parsing
+/// it. Quoted strings and comments are skipped; the error names the line.
+pub fn check_nesting(text: &str) -> Result<(), String> {
+    #[derive(PartialEq)]
+    enum State {
+        Plain,
+        Double,
+        Single,
+        Comment,
+    }
+    let mut state = State::Plain;
+    let (mut depth, mut line) = (0usize, 1usize);
+    // Whether the previous byte may come before a quote or comment (not inside a plain word).
+    let mut boundary = true;
+    let mut escaped = false;
+    for b in text.bytes() {
+        if b == b'\n' {
+            line += 1;
+        }
+        match state {
+            State::Double => match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => state = State::Plain,
+                _ => {}
+            },
+            State::Single => {
+                if b == b'\'' {
+                    state = State::Plain;
+                }
+            }
+            State::Comment => {
+                if b == b'\n' {
+                    state = State::Plain;
+                }
+            }
+            State::Plain => match b {
+                b'"' if boundary => state = State::Double,
+                b'\'' if boundary => state = State::Single,
+                b'#' if boundary => state = State::Comment,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(format!(
+                            "line {line}: nested deeper than {MAX_NESTING} levels (refused before \
+                             parsing)"
+                        ));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        boundary = matches!(
+            b,
+            b' ' | b'\t' | b'\n' | b'\r' | b'[' | b'{' | b',' | b':' | b'-'
+        );
+    }
+    Ok(())
+}
+
+fn document_error(reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid(vec![FieldError {
+        path: "(document)".into(),
+        reason: reason.into(),
+    }])
+}
+
+/// Parses a snapshot document: YAML or JSON in the protobuf JSON mapping. Input larger than
+/// [`MAX_SNAPSHOT_BYTES`] or nested deeper than [`MAX_NESTING`] is refused before parsing.
 pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
+    if text.len() > MAX_SNAPSHOT_BYTES {
+        return Err(document_error(format!(
+            "{} bytes: larger than the {MAX_SNAPSHOT_BYTES} bytes allowed",
+            text.len()
+        )));
+    }
+    check_nesting(text).map_err(document_error)?;
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -78,6 +162,13 @@ pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
         // serde_yaml_ng prefixes its own idea of the path ("clusters[0]: ..."): keep one path.
         let reason = match reason.split_once(": ") {
             Some((prefix, rest)) if !prefix.contains(' ') => rest.to_string(),
+            _ => reason,
+        };
+        // pbjson reads numbers through an untagged enum, whose error says nothing useful.
+        let reason = match integer_range(&path) {
+            Some(range) if reason.contains("untagged enum") => {
+                format!("must be a whole number in {range}")
+            }
             _ => reason,
         };
         SnapshotError::Invalid(vec![FieldError {
@@ -88,6 +179,77 @@ pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
             },
             reason,
         }])
+    })
+}
+
+/// The range of the snapshot's integer field at `path` (by its last name, as in the schema).
+fn integer_range(path: &str) -> Option<&'static str> {
+    const U32: &str = "0..=4294967295";
+    const I64: &str = "-9223372036854775808..=9223372036854775807";
+    Some(match path.rsplit('.').next()? {
+        "weight"
+        | "port"
+        | "maxRetries"
+        | "max_retries"
+        | "minRetriesPerSecond"
+        | "min_retries_per_second" => U32,
+        "priority" => "-2147483648..=2147483647",
+        "start" | "end" => I64,
+        "bufferLimitBytes" | "buffer_limit_bytes" => "0..=18446744073709551615",
+        _ => return None,
+    })
+}
+
+/// Parses a snapshot file: as [`parse`], and a file without listeners is refused unless it
+/// says `listeners: []` — an empty or truncated file must never blank a running proxy.
+pub fn parse_file(text: &str) -> Result<pb::Snapshot, SnapshotError> {
+    if text.trim().is_empty() {
+        return Err(document_error("the file is empty"));
+    }
+    let snapshot = parse(text)?;
+    if snapshot.listeners.is_empty() {
+        // Rare: only now look at whether the file names its listeners at all.
+        let explicit = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+            .is_ok_and(|v| v.get("listeners").is_some());
+        if !explicit {
+            return Err(SnapshotError::Invalid(vec![FieldError {
+                path: "listeners".into(),
+                reason: "missing: the file may be truncated (write `listeners: []` to serve \
+                         nothing on purpose)"
+                    .into(),
+            }]));
+        }
+    }
+    Ok(snapshot)
+}
+
+/// Reads a snapshot file of at most [`MAX_SNAPSHOT_BYTES`] bytes of UTF-8.
+pub fn read_file(path: &std::path::Path) -> Result<String, SnapshotError> {
+    let read_error = |source| SnapshotError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_SNAPSHOT_BYTES as u64 + 1),
+        &mut bytes,
+    )
+    .map_err(read_error)?;
+    if bytes.len() > MAX_SNAPSHOT_BYTES {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the {MAX_SNAPSHOT_BYTES} bytes allowed"),
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
     })
 }
 
@@ -219,7 +381,8 @@ impl SnapshotStore {
         self.upstreams.sweep_idle();
     }
 
-    /// True once a snapshot has been applied.
+    /// True once a snapshot with at least one listener has been applied: never while no
+    /// listener serves.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -240,7 +403,10 @@ impl SnapshotStore {
                 let runtime = Arc::new(runtime);
                 generation.commit();
                 self.current.store(runtime.clone());
-                self.ready.store(true, Ordering::Release);
+                let serves = runtime.ingress.is_some()
+                    || runtime.egress.is_some()
+                    || !runtime.named.is_empty();
+                self.ready.store(serves, Ordering::Release);
                 self.metrics.snapshot_applied(&runtime.version);
                 Ok(runtime)
             }
@@ -377,6 +543,70 @@ clusters:
         let bad = parse("clusters: [{name: c, endpoints: [{address: 'bad!host:80'}]}]").unwrap();
         let errors = check(&bad).unwrap_err().field_errors();
         assert_eq!(errors[0].path, "clusters[0].endpoints[0].address");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = "[".repeat(100_000);
+        let err = parse(&deep).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "(document): line 1: nested deeper than 64 levels (refused before parsing)"
+        );
+        let at_limit = format!("{}{}", "[".repeat(MAX_NESTING), "]".repeat(MAX_NESTING));
+        assert!(check_nesting(&at_limit).is_ok());
+        let over = format!("a: 1\nb: {}", "{a: ".repeat(MAX_NESTING + 1));
+        assert!(check_nesting(&over).unwrap_err().starts_with("line 2:"));
+        // Brackets in strings and comments do not count; apostrophes inside words are no quotes.
+        let quoted = format!(
+            "a: \"{0}\"\nb: '{0}'\n# {0}\nc: don't [x]\nd: \"\\\"{0}\"",
+            "[".repeat(100)
+        );
+        assert!(check_nesting(&quoted).is_ok(), "{quoted}");
+    }
+
+    #[test]
+    fn files_without_listeners_are_refused_unless_they_say_so() {
+        assert_eq!(
+            parse_file(" \n").unwrap_err().to_string(),
+            "(document): the file is empty"
+        );
+        assert!(
+            parse_file("version: v1\nclusters: []\n")
+                .unwrap_err()
+                .to_string()
+                .starts_with("listeners: missing")
+        );
+        assert!(parse_file("version: v1\nlisteners: []\n").is_ok());
+        assert!(parse_file("{\"version\": \"v1\", \"listeners\": []}").is_ok());
+        assert!(parse_file(GOOD).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_the_range() {
+        let route = |field: &str| {
+            format!(
+                "listeners: [{{name: e, role: EGRESS, virtualHosts: [{{name: h, domains: ['*'], routes: [{{name: r, {field}, action: {{weightedTargets: [{{cluster: c, weight: 1}}]}}}}]}}]}}]"
+            )
+        };
+        let cases = [
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {weightedTargets: [{cluster: c, weight: 5000000000}]}}]}]}]".to_string(),
+                "listeners[0].virtualHosts[0].routes[0].action.weightedTargets[0].weight: must be a whole number in 0..=4294967295",
+            ),
+            (
+                route("priority: 3000000000"),
+                "listeners[0].virtualHosts[0].routes[0].priority: must be a whole number in -2147483648..=2147483647",
+            ),
+            (
+                route("retryPolicy: {maxRetries: -1}"),
+                "listeners[0].virtualHosts[0].routes[0].retryPolicy.maxRetries: must be a whole number in 0..=4294967295",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = parse(&yaml).unwrap_err().to_string();
+            assert_eq!(got, want, "{yaml}");
+        }
     }
 
     #[test]

@@ -306,6 +306,27 @@ impl ProxyProcess {
         std::fs::rename(&tmp, &self.snapshot).unwrap();
     }
 
+    /// Rewrites the snapshot file in place (truncate, then write), as a careless writer does:
+    /// the proxy may see it empty or half-written.
+    pub fn write_snapshot_in_place(&self, bytes: &[u8]) {
+        std::fs::write(&self.snapshot, bytes).unwrap();
+    }
+
+    /// Waits until `trellis_proxy_snapshot_rejected_total` reaches `n`.
+    pub async fn wait_rejected(&self, n: f64) {
+        eventually(Duration::from_secs(10), "snapshot rejected", || async {
+            let now = self
+                .metric("trellis_proxy_snapshot_rejected_total", &[])
+                .await;
+            if now >= n {
+                Ok(())
+            } else {
+                Err(format!("rejected {now}, want {n}"))
+            }
+        })
+        .await
+    }
+
     /// GET an admin path; returns (status, body).
     pub async fn admin(&self, path: &str) -> (u16, String) {
         let mut c = Client::h1(self.admin).await.unwrap();

@@ -616,6 +616,31 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
 }
 
 #[tokio::test]
+async fn deeply_nested_api_bodies_are_refused_before_parsing() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let mut c = Client::h1(control.addr).await.unwrap();
+    for path in ["/v1/apply", "/v1/delete"] {
+        let req = http::Request::post(path)
+            .header("host", "trellis")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                "[".repeat(100_000),
+            )))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status, 422, "{}", r.text());
+        let body: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(
+            body["problems"][0]["reason"],
+            "line 1: nested deeper than 64 levels (refused before parsing)",
+            "{body}"
+        );
+    }
+    let r = c.get("trellis", "/healthz").await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
 async fn two_registrations_of_one_address_are_one_endpoint() {
     let env = setup((0, 0, 100)).await;
     // A restarted instance registers again under a new id before its old lease ends.
