@@ -2,7 +2,10 @@
 //! listener, route, cluster, status class and error kind come from config or fixed sets.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -159,7 +162,15 @@ impl ProxyMetrics {
             vecs: self.inner.clone(),
             labels: [route.into(), cluster.into()],
             by_class: Default::default(),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Drops the series of a cluster no snapshot in use has any more.
+    pub fn retire_cluster(&self, name: &str) {
+        // Absent series (never created) are not an error worth reporting.
+        let _ = self.inner.retries.remove_label_values(&[name]);
+        let _ = self.inner.connect_errors.remove_label_values(&[name]);
     }
 
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
@@ -212,7 +223,11 @@ pub struct RequestMetrics {
     vecs: Arc<Vecs>,
     labels: [Box<str>; 2],
     by_class: [OnceLock<(IntCounter, Histogram)>; 5],
+    /// Set when a reload removed the pair: its series are dropped and not created again.
+    retired: AtomicBool,
 }
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl RequestMetrics {
     pub fn observe(&self, status: StatusCode, elapsed: Duration) {
@@ -220,16 +235,35 @@ impl RequestMetrics {
         let Some(slot) = self.by_class.get(class) else {
             return;
         };
-        let (count, latency) = slot.get_or_init(|| {
-            let name = ["1xx", "2xx", "3xx", "4xx", "5xx"][class];
-            let labels = [&*self.labels[0], &*self.labels[1], name];
-            (
-                self.vecs.requests.with_label_values(&labels),
-                self.vecs.duration.with_label_values(&labels),
-            )
-        });
+        let (count, latency) = match slot.get() {
+            Some(series) => series,
+            // A request still finishing on a retired snapshot does not bring its series back.
+            None if self.retired.load(Ordering::Relaxed) => return,
+            None => slot.get_or_init(|| {
+                let labels = [&*self.labels[0], &*self.labels[1], STATUS_CLASSES[class]];
+                (
+                    self.vecs.requests.with_label_values(&labels),
+                    self.vecs.duration.with_label_values(&labels),
+                )
+            }),
+        };
         count.inc();
         latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The (route, cluster) labels.
+    pub fn labels(&self) -> (&str, &str) {
+        (&self.labels[0], &self.labels[1])
+    }
+
+    /// Drops this pair's series: a reload removed the route or its cluster.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        for class in STATUS_CLASSES {
+            let labels = [&*self.labels[0], &*self.labels[1], class];
+            let _ = self.vecs.requests.remove_label_values(&labels);
+            let _ = self.vecs.duration.remove_label_values(&labels);
+        }
     }
 }
 

@@ -313,6 +313,26 @@ impl Runtime {
         }
     }
 
+    /// Every weighted target of every route and TCP listener.
+    pub fn targets(&self) -> impl Iterator<Item = &crate::balance::Target> {
+        self.ingress
+            .iter()
+            .chain(&self.egress)
+            .chain(self.named.values())
+            .flat_map(|l| -> Box<dyn Iterator<Item = &crate::balance::Target>> {
+                match &l.kind {
+                    ListenerKind::Http(table) => Box::new(
+                        table
+                            .hosts
+                            .iter()
+                            .flat_map(|h| &h.routes)
+                            .flat_map(|r| r.targets.iter()),
+                    ),
+                    ListenerKind::Tcp(tcp) => Box::new(tcp.targets.iter()),
+                }
+            })
+    }
+
     pub fn listener(&self, slot: &Slot) -> Option<&Listener> {
         match slot {
             Slot::Ingress => self.ingress.as_ref(),
@@ -402,7 +422,8 @@ impl SnapshotStore {
             Ok(runtime) => {
                 let runtime = Arc::new(runtime);
                 generation.commit();
-                self.current.store(runtime.clone());
+                let old = self.current.swap(runtime.clone());
+                self.retire_metrics(&old, &runtime);
                 let serves = runtime.ingress.is_some()
                     || runtime.egress.is_some()
                     || !runtime.named.is_empty();
@@ -413,6 +434,27 @@ impl SnapshotStore {
             Err(e) => {
                 self.metrics.snapshot_rejected();
                 Err(e)
+            }
+        }
+    }
+}
+
+impl SnapshotStore {
+    /// Drops the metric series of routes and clusters that `old` had and `new` has not, so
+    /// reloads never pile up stale series.
+    fn retire_metrics(&self, old: &Runtime, new: &Runtime) {
+        let pairs: std::collections::HashSet<(&str, &str)> =
+            new.targets().map(|t| t.metrics.labels()).collect();
+        for t in old.targets() {
+            if !pairs.contains(&t.metrics.labels()) {
+                t.metrics.retire();
+            }
+        }
+        let clusters: std::collections::HashSet<&str> =
+            new.clusters.iter().map(|c| &*c.name).collect();
+        for c in &old.clusters {
+            if !clusters.contains(&*c.name) {
+                self.metrics.retire_cluster(&c.name);
             }
         }
     }
@@ -607,6 +649,52 @@ clusters:
             let got = parse(&yaml).unwrap_err().to_string();
             assert_eq!(got, want, "{yaml}");
         }
+    }
+
+    #[test]
+    fn series_of_routes_and_clusters_removed_by_a_reload_are_dropped() {
+        let registry = prometheus::Registry::new();
+        let s = SnapshotStore::new(ProxyMetrics::new(&registry).unwrap());
+        let text = || {
+            let mut out = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &registry.gather(),
+                &mut out,
+            )
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let serve = |rt: &Runtime| {
+            for t in rt.targets() {
+                t.metrics.observe(http::StatusCode::OK, Duration::ZERO);
+                t.metrics
+                    .observe(http::StatusCode::BAD_GATEWAY, Duration::ZERO);
+            }
+        };
+        let old = s.apply(&parse(GOOD).unwrap(), |_| Ok(())).unwrap();
+        serve(&old);
+        let before = text();
+        for series in [
+            r#"route="api",status_class="2xx""#,
+            r#"route="default",status_class="5xx""#,
+            r#"trellis_proxy_retries_total{cluster="svc-v2"}"#,
+            r#"trellis_proxy_retries_total{cluster="db"}"#,
+        ] {
+            assert!(before.contains(series), "{series}\n{before}");
+        }
+        let next = "version: v2\nclusters: [{name: svc-v1}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: default, action: {weightedTargets: [{cluster: svc-v1, weight: 1}]}}]}]}]";
+        let new = s.apply(&parse(next).unwrap(), |_| Ok(())).unwrap();
+        // A request still finishing on the old snapshot does not bring its series back.
+        serve(&old);
+        serve(&new);
+        let after = text();
+        for gone in [r#"route="api""#, r#"cluster="svc-v2""#, r#"cluster="db""#] {
+            assert!(!after.contains(gone), "{gone}\n{after}");
+        }
+        assert!(after.contains(
+            r#"trellis_proxy_requests_total{cluster="svc-v1",route="default",status_class="2xx"} 3"#
+        ), "{after}");
     }
 
     #[test]
