@@ -26,6 +26,14 @@ const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
 const LOG_RETAIN: u64 = 10_000;
 const REAP_EVERY: Duration = Duration::from_millis(200);
 
+/// When a lease of `ttl` granted at `now` ends; a TTL too long for the clock never ends (no
+/// overflow panic, whatever a caller or an old store file asks for).
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
@@ -135,7 +143,7 @@ impl EmbeddedStore {
             for row in leases.iter().map_err(backend)? {
                 let (id, ttl) = row.map_err(backend)?;
                 let ttl = Duration::from_millis(ttl.value());
-                deadlines.insert(id.value(), (ttl, now + ttl));
+                deadlines.insert(id.value(), (ttl, expiry(now, ttl)));
             }
         }
         txn.commit().map_err(backend)?;
@@ -364,7 +372,7 @@ impl Inner {
             leases.insert(id, ms).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        lock(&self.deadlines).insert(id, (ttl, Instant::now() + ttl));
+        lock(&self.deadlines).insert(id, (ttl, expiry(Instant::now(), ttl)));
         Ok(id)
     }
 
@@ -373,7 +381,7 @@ impl Inner {
         let (ttl, deadline) = deadlines
             .get_mut(&lease)
             .ok_or(StoreError::LeaseNotFound(lease))?;
-        *deadline = Instant::now() + *ttl;
+        *deadline = expiry(Instant::now(), *ttl);
         Ok(())
     }
 
@@ -505,6 +513,16 @@ impl EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_too_long_for_the_clock_does_not_panic() {
+        let now = Instant::now();
+        assert!(expiry(now, Duration::from_secs(u64::MAX)) > now);
+        assert_eq!(
+            expiry(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+    }
 
     #[tokio::test]
     async fn passes_the_conformance_suite() {
