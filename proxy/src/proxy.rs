@@ -165,15 +165,7 @@ fn route_request<'r>(
     let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
         return Err(ProxyError::NoRoute);
     };
-    let authority = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => match req.headers().get(header::HOST) {
-            Some(h) => h
-                .to_str()
-                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
-            None => "",
-        },
-    };
+    let authority = request_authority(req)?;
     let host = table.host(authority).ok_or(ProxyError::NoRoute)?;
     let input = MatchInput {
         method: req.method(),
@@ -199,6 +191,64 @@ fn route_request<'r>(
         Dispatch::Forward
     };
     Ok((route, target, dispatch))
+}
+
+/// The authority a request is routed by and forwarded with: the request-target's (absolute form,
+/// authority form, HTTP/2 `:authority`), else its one `Host` header (RFC 9112 §3.2.2). Refuses
+/// what is ambiguous or missing: two `Host` headers, an HTTP/2 `host` that differs from
+/// `:authority` (RFC 9113 §8.3.1), HTTP/1.1 without `Host`, CONNECT without an authority, and
+/// HTTP/2 field values with leading or trailing whitespace (§8.2.1), which hyper lets through.
+/// One lookup for `Host`; HTTP/2 requests take one more pass over their fields.
+fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let version = req.version();
+    if version == Version::HTTP_2 && headers.values().any(padded) {
+        return Err(ProxyError::BadRequest(
+            "field value with leading or trailing whitespace",
+        ));
+    }
+    match req.uri().authority() {
+        Some(authority) => {
+            let authority = authority.as_str();
+            if version == Version::HTTP_2
+                && host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+            {
+                return Err(ProxyError::BadRequest("host differs from :authority"));
+            }
+            Ok(authority)
+        }
+        None if req.method() == Method::CONNECT => {
+            Err(ProxyError::BadRequest("CONNECT without an authority"))
+        }
+        None => match host {
+            Some(h) => h
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header")),
+            None if version == Version::HTTP_11 => {
+                Err(ProxyError::BadRequest("HTTP/1.1 request without Host"))
+            }
+            None => Ok(""),
+        },
+    }
+}
+
+fn padded(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+}
+
+/// The request-target's authority replaces `Host` (RFC 9112 §3.2.2): an absolute-form HTTP/1.x
+/// request's `Host` is dropped, and the upstream request gets the authority in its place.
+/// (HTTP/2 requests were checked to carry no other.)
+fn authority_as_host(parts: &mut Parts) {
+    if parts.version != Version::HTTP_2 && parts.uri.authority().is_some() {
+        parts.headers.remove(header::HOST);
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy. Names, not strings, so removing
@@ -227,6 +277,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // Host names the request's target: never hop-by-hop, whatever a client lists.
+            .filter(|name| name != header::HOST)
             .collect();
         for name in listed {
             headers.remove(name);
@@ -349,6 +401,7 @@ async fn forward(
     let cluster = &target.cluster;
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    authority_as_host(&mut parts);
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
 
@@ -608,6 +661,7 @@ async fn upgrade(
         .clone();
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
+    authority_as_host(&mut parts);
     let upgrade_headers = (
         parts.headers.remove(header::UPGRADE),
         parts.headers.remove(header::CONNECTION),

@@ -1,0 +1,175 @@
+//! Requests a careless or hostile client sends: confusing authorities, upgrades to protocols we do
+//! not route, malformed HTTP/2, broken or trickling bodies, half-closed connections, heads hyper
+//! refuses before the proxy sees them.
+
+use trellis_testkit::{
+    ProxyProcess, RawHttpServer, RawReply, TestServer,
+    h2raw::{self, H2Raw, Outcome},
+    raw::exchange,
+};
+
+use crate::{cluster, host_to, proxy_with};
+
+/// Hosts `a.test` and `b.test` and a catch-all, each to its own upstream.
+async fn three_hosts() -> (TestServer, TestServer, TestServer, ProxyProcess) {
+    let a = TestServer::start("a").await;
+    let b = TestServer::start("b").await;
+    let any = TestServer::start("any").await;
+    let catch_all = host_to("any", "any", "").replace("[\"any\"]", "[\"*\"]");
+    let hosts = host_to("a.test", "a", "") + &host_to("b.test", "b", "") + &catch_all;
+    let clusters = cluster("a", "HTTP1", &[a.addr])
+        + &cluster("b", "HTTP1", &[b.addr])
+        + &cluster("any", "HTTP1", &[any.addr]);
+    let proxy = proxy_with("v1", &hosts, &clusters, &[]).await;
+    (a, b, any, proxy)
+}
+
+/// RFC 9112 §3.2.2: an absolute-form request-target's authority wins over `Host`, for routing
+/// and for what the upstream receives.
+#[tokio::test]
+async fn absolute_form_authority_is_routed_and_forwarded_as_host() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let r = exchange(
+        proxy.egress,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "a"));
+    assert_eq!(r.header("x-seen-host"), Some("a.test"));
+    assert_eq!(r.header("x-seen-path"), Some("/x"), "origin form upstream");
+}
+
+/// Ambiguous or missing authorities are refused; `Connection: host` does not strip `Host`.
+#[tokio::test]
+async fn ambiguous_or_missing_hosts_are_400() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let refused: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ];
+    for raw in refused {
+        let r = exchange(proxy.egress, raw).await.unwrap();
+        let what = String::from_utf8_lossy(raw);
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{what}");
+    }
+    // HTTP/1.0 may omit Host: it goes to the catch-all host.
+    let r = exchange(proxy.egress, b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "any"));
+    // Host is never hop-by-hop, whatever Connection lists.
+    let r = exchange(
+        proxy.egress,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: host, close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "a"));
+    assert_eq!(r.header("x-seen-host"), Some("a.test"));
+
+    // HTTP/2: a host header that contradicts :authority, or two of them.
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let base = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "a.test"),
+        (":path", "/"),
+    ];
+    let mut stream = 1;
+    for extra in [
+        &[("host", "b.test")][..],
+        &[("host", "a.test"), ("host", "a.test")][..],
+    ] {
+        let fields: Vec<_> = base.iter().chain(extra).copied().collect();
+        h2.headers(stream, &fields, true).await;
+        assert_eq!(h2.outcome(stream).await, Outcome::Status(400), "{extra:?}");
+        stream += 2;
+    }
+    // The same host as :authority is fine.
+    let fields: Vec<_> = base.iter().chain(&[("host", "a.test")]).copied().collect();
+    h2.headers(stream, &fields, true).await;
+    assert_eq!(h2.outcome(stream).await, Outcome::Status(200));
+}
+
+/// Malformed HTTP/2 requests hyper lets through are refused (RFC 9113 §8.1.1, §8.2.1, §8.3,
+/// §8.5, §8.4); the connection keeps serving where the error is the stream's.
+#[tokio::test]
+async fn malformed_http2_requests_are_refused() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let get = |path: &'static str| {
+        vec![
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "a.test"),
+            (":path", path),
+        ]
+    };
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    // CONNECT without :authority.
+    h2.headers(1, &[(":method", "CONNECT")], false).await;
+    assert_eq!(h2.outcome(1).await, Outcome::Status(400));
+    // Leading or trailing whitespace in a field value.
+    for (i, value) in [" lead", "trail ", "tab\t"].into_iter().enumerate() {
+        let stream = 3 + 2 * i as u32;
+        let mut fields = get("/");
+        fields.push(("x-test", value));
+        h2.headers(stream, &fields, true).await;
+        assert_eq!(h2.outcome(stream).await, Outcome::Status(400), "{value:?}");
+    }
+    // Still serving.
+    h2.headers(9, &get("/"), true).await;
+    assert_eq!(h2.outcome(9).await, Outcome::Status(200));
+
+    // A client's PUSH_PROMISE is a connection error (h2 refuses it), on an open stream or not.
+    let mut post = get("/echo");
+    post[0] = (":method", "POST");
+    h2.headers(11, &post, false).await;
+    h2.push_promise(11, 2, &get("/pushed")).await;
+    assert_eq!(h2.outcome(11).await, Outcome::GoAway(h2raw::PROTOCOL_ERROR));
+    let mut fresh = H2Raw::connect(proxy.egress).await;
+    fresh.push_promise(1, 2, &get("/pushed")).await;
+    assert_eq!(
+        fresh.outcome(1).await,
+        Outcome::GoAway(h2raw::PROTOCOL_ERROR)
+    );
+}
+
+/// Pseudo-header fields in HTTP/2 trailers are not refused (the h2 crate drops them before the
+/// proxy sees the trailers; see the README), but they are never forwarded.
+#[tokio::test]
+async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
+    let raw = RawHttpServer::start(vec![RawReply::keep(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "raw.test"),
+        (":path", "/upload"),
+    ];
+    h2.headers(1, &post, false).await;
+    h2.data(1, b"body", false).await;
+    h2.headers(1, &[(":path", "/smuggled"), ("x-trailer", "t")], true)
+        .await;
+    assert_eq!(h2.outcome(1).await, Outcome::Status(200));
+    let seen = raw.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].starts_with("POST /upload HTTP/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(!seen[0].contains("smuggled"), "{}", seen[0]);
+    assert!(seen[0].contains("x-trailer: t\r\n"), "{}", seen[0]);
+}
