@@ -185,7 +185,7 @@ fn route_request<'r>(
     }
     let dispatch = if req.method() == Method::CONNECT {
         Dispatch::Tunnel
-    } else if is_upgrade(req) {
+    } else if is_websocket_upgrade(req) {
         Dispatch::Upgrade
     } else {
         Dispatch::Forward
@@ -295,9 +295,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+/// An HTTP/1.1 upgrade to WebSocket, the only protocol the proxy switches to: other upgrades
+/// (`h2c`, unknown ones) go on as plain requests without their `Upgrade`.
+fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get(header::UPGRADE).is_some_and(is_websocket)
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -305,6 +307,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn is_websocket(v: &HeaderValue) -> bool {
+    v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
 /// Rewrites the request line for the cluster's protocol: origin-form and a Host header for
@@ -700,6 +706,17 @@ async fn upgrade(
             done,
         );
         return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
+    }
+    if !response
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(is_websocket)
+    {
+        // A switch to another protocol than the one asked for opens no tunnel.
+        return Err(ProxyError::Upstream {
+            endpoint: endpoint.addr.clone(),
+            failure: UpstreamFailure::Protocol,
+        });
     }
     let upstream = hyper::upgrade::on(&mut response);
     let idle = route.timeouts.idle;

@@ -93,6 +93,47 @@ async fn ambiguous_or_missing_hosts_are_400() {
     assert_eq!(h2.outcome(stream).await, Outcome::Status(200));
 }
 
+/// Only WebSocket upgrades are tunnelled: other protocols (h2c, unknown ones) are forwarded as
+/// plain requests without their Upgrade, and a 101 the upstream sends anyway, or a 101 to another
+/// protocol than the one asked for, opens no tunnel.
+#[tokio::test]
+async fn only_websocket_upgrades_are_switched() {
+    let raw = RawHttpServer::start(vec![RawReply::keep(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ];
+    for request in requests {
+        let r = exchange(proxy.egress, request).await.unwrap();
+        let what = String::from_utf8_lossy(request);
+        assert_ne!(r.status, 101, "no tunnel for {what}");
+        assert_eq!(r.status, 502, "{what}");
+    }
+    let seen = raw.requests();
+    assert_eq!(seen.len(), 3);
+    for s in &seen[..2] {
+        let lower = s.to_ascii_lowercase();
+        assert!(!lower.contains("upgrade"), "Upgrade forwarded: {s}");
+        assert!(!lower.contains("http2-settings"), "{s}");
+    }
+    assert!(
+        seen[2].to_ascii_lowercase().contains("upgrade: websocket"),
+        "{}",
+        seen[2]
+    );
+}
+
 /// Malformed HTTP/2 requests hyper lets through are refused (RFC 9113 §8.1.1, §8.2.1, §8.3,
 /// §8.5, §8.4); the connection keeps serving where the error is the stream's.
 #[tokio::test]
