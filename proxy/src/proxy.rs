@@ -19,8 +19,8 @@ use crate::{
     access_log::LogRecord,
     app::{ActiveRequest, App},
     balance::Target,
-    body::{ResponseBody, UpstreamBody, UpstreamIncoming},
-    error::{ProxyError, UpstreamFailure},
+    body::{ClientBody, ResponseBody, UpstreamBody, UpstreamIncoming},
+    error::{CLIENT_CLOSED, ClientBodyError, ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
@@ -40,11 +40,8 @@ pub struct Completion {
     log: Option<Box<LogRecord>>,
     recorded: bool,
     /// Keeps the client connection from counting as idle.
-    _active: ActiveRequest,
+    active: ActiveRequest,
 }
-
-/// Status recorded for a request whose client left before the response (nginx's 499).
-const CLIENT_CLOSED: u16 = 499;
 
 impl Completion {
     /// Records the request; `body_error` is set when the response body failed midway.
@@ -79,7 +76,7 @@ impl Drop for Completion {
     /// A request dropped before it finished: the client went away while it was in flight.
     fn drop(&mut self) {
         if !self.recorded {
-            self.status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            self.status = CLIENT_CLOSED;
             self.record(Some("downstream_reset"));
         }
     }
@@ -114,7 +111,7 @@ pub(crate) async fn serve(
         metrics: None,
         log,
         recorded: false,
-        _active: active,
+        active,
     });
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
@@ -134,6 +131,9 @@ pub(crate) async fn serve(
         Err(err) => {
             let response = err.to_response(grpc);
             app.metrics.error(err.kind());
+            if let ProxyError::ClientBody(ClientBodyError::Timeout(_)) = err {
+                app.metrics.timeout("request_body");
+            }
             if let Some(mut c) = completion {
                 c.status = response.status();
                 c.error = Some(err.kind());
@@ -410,6 +410,17 @@ async fn forward(
     authority_as_host(&mut parts);
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
+    // A request body may pause for the route's idle timeout, else the connection's.
+    let idle = match (route.timeouts.idle, completion.as_ref()) {
+        (Some(idle), _) => idle,
+        (None, Some(c)) => c.app.idle_timeout(),
+        (None, None) => return Err(ProxyError::NotReady),
+    };
+    let open = match completion.as_ref() {
+        Some(c) if !body.is_end_stream() => Some(c.active.body_open()),
+        _ => None,
+    };
+    let body = RequestBody { body, idle, open };
 
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
@@ -440,11 +451,33 @@ async fn forward(
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
+/// The client's request body and how long it may stop arriving.
+struct RequestBody {
+    body: Incoming,
+    idle: std::time::Duration,
+    open: Option<crate::app::BodyOpen>,
+}
+
+impl RequestBody {
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn boxed(self) -> crate::upstream::RequestBody {
+        ClientBody::new(self.body, self.idle, self.open).boxed()
+    }
+}
+
+/// An attempt that failed because the client's body did: the client's error, not the cluster's.
+fn client_fault(e: &crate::upstream::UpstreamError) -> Option<ProxyError> {
+    ClientBodyError::find(&*e.source).map(|c| ProxyError::ClientBody(c.to_owned_kind()))
+}
+
 /// Sends the request once (no retry policy), within `deadline` (instant, configured timeout).
 async fn attempt_once(
     cluster: &Cluster,
     parts: &mut Parts,
-    body: Incoming,
+    body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -460,7 +493,7 @@ async fn attempt_once(
         .clone();
     let in_flight = endpoint.begin_request();
     let sent = if cluster.protocol == Protocol::Http1 {
-        let body = (!body.is_end_stream()).then(|| body.map_err(Into::into).boxed());
+        let body = (!body.is_end_stream()).then(|| body.boxed());
         within(
             deadline.map(|(at, _)| at),
             endpoint.send_h1(cluster, parts, body),
@@ -470,7 +503,7 @@ async fn attempt_once(
         // The request is handed over whole; the caller's copy is not used again.
         let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
         prepare(&mut parts, cluster, &endpoint);
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        let req = Request::from_parts(parts, body.boxed());
         within(
             deadline.map(|(at, _)| at),
             Box::pin(endpoint.send(cluster, req)),
@@ -489,6 +522,10 @@ async fn attempt_once(
             endpoint,
         }),
         Err(e) => {
+            if let Some(fault) = client_fault(&e) {
+                tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
+                return Err(fault);
+            }
             note_failure(cluster, completion, e.failure);
             tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
             Err(upstream_error(&endpoint, e.failure))
@@ -503,7 +540,7 @@ async fn retrying(
     cluster: &Cluster,
     policy: &RetryPolicy,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -513,8 +550,7 @@ async fn retrying(
         failure,
     };
     policy.deposit();
-    let replay = (!body.is_end_stream())
-        .then(|| Replay::new(body.map_err(Into::into).boxed(), policy.buffer_limit));
+    let replay = (!body.is_end_stream()).then(|| Replay::new(body.boxed(), policy.buffer_limit));
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut retries = 0u32;
     loop {
@@ -573,6 +609,10 @@ async fn retrying(
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, status = %response.status(), "retrying response");
             }
             Err(e) => {
+                if let Some(fault) = client_fault(&e) {
+                    tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
+                    return Err(fault);
+                }
                 note_failure(cluster, completion, e.failure);
                 let retry = may_retry && policy.retry_failure(&e.failure) && policy.withdraw();
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, retry, "upstream attempt failed");

@@ -2,13 +2,32 @@
 //! not route, malformed HTTP/2, broken or trickling bodies, half-closed connections, heads hyper
 //! refuses before the proxy sees them.
 
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use trellis_testkit::{
     ProxyProcess, RawHttpServer, RawReply, TestServer,
     h2raw::{self, H2Raw, Outcome},
-    raw::exchange,
+    raw::{exchange, read_response},
 };
 
 use crate::{cluster, host_to, proxy_with};
+
+/// Waits until a metric reaches `want`.
+async fn metric_is(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)], want: f64) {
+    trellis_testkit::eventually(Duration::from_secs(10), name, || async {
+        let got = proxy.metric(name, labels).await;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{name}{labels:?} = {got}, want {want}"))
+        }
+    })
+    .await
+}
 
 /// Hosts `a.test` and `b.test` and a catch-all, each to its own upstream.
 async fn three_hosts() -> (TestServer, TestServer, TestServer, ProxyProcess) {
@@ -213,4 +232,125 @@ async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
     );
     assert!(!seen[0].contains("smuggled"), "{}", seen[0]);
     assert!(seen[0].contains("x-trailer: t\r\n"), "{}", seen[0]);
+}
+
+/// A body the client breaks is the client's fault: 400 for a malformed one, 499
+/// (`downstream_reset`) for one cut short; never a 502 charged to the cluster.
+#[tokio::test]
+async fn broken_request_bodies_are_client_errors() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let malformed: [&[u8]; 2] = [
+        // A chunk size that is not hex.
+        b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+        // A chunk shorter than its declared size.
+        b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n",
+    ];
+    for raw in malformed {
+        let r = exchange(proxy.egress, raw).await;
+        let what = String::from_utf8_lossy(raw);
+        let r = r.unwrap_or_else(|| panic!("no response for {what}"));
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{what}");
+    }
+    // A client that leaves in the middle of its body.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    app.wait_requests(1).await;
+    drop(s);
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "downstream_reset")],
+        1.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "bad_request")],
+        2.0,
+    )
+    .await;
+    for kind in ["upstream_protocol_error", "upstream_reset"] {
+        let n = proxy
+            .metric("trellis_proxy_errors_total", &[("kind", kind)])
+            .await;
+        assert_eq!(n, 0.0, "{kind}");
+    }
+    let fives = proxy
+        .metric("trellis_proxy_requests_total", &[("status_class", "5xx")])
+        .await;
+    assert_eq!(fives, 0.0, "nothing charged to the cluster as a 5xx");
+}
+
+/// A request body that stops arriving ends with 408 after the body idle timeout: the route's
+/// `timeout.idle`, else `--idle-timeout`.
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let app = TestServer::start("app").await;
+    let hosts = host_to("default.test", "svc", "")
+        + &host_to("route.test", "svc", "            timeout: { idle: 0.2s }\n");
+    let clusters = cluster("svc", "HTTP1", &[app.addr]);
+    // The route's idle timeout, with the connection's far away.
+    let proxy = proxy_with("v1", &hosts, &clusters, &["--idle-timeout", "1h"]).await;
+    // The connection's idle timeout as the default.
+    let short = proxy_with("v1", &hosts, &clusters, &["--idle-timeout", "300ms"]).await;
+    for (addr, host) in [(proxy.egress, "route.test"), (short.egress, "default.test")] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, 408, "{host}");
+        assert_eq!(r.header("x-trellis-error"), Some("request_body_timeout"));
+    }
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "request_body_timeout")],
+        1.0,
+    )
+    .await;
+}
+
+/// A client that shuts down its sending side after its request still gets the response.
+#[tokio::test]
+async fn half_closed_clients_get_their_responses() {
+    let app = TestServer::start("app").await;
+    app.delay(50);
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let addr = proxy.egress;
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+                .await
+                .unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200")
+        }));
+    }
+    let mut delivered = 0;
+    for t in tasks {
+        delivered += usize::from(t.await.unwrap());
+    }
+    assert_eq!(delivered, 20);
 }
