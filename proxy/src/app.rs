@@ -312,6 +312,11 @@ impl App {
             }
         };
         if let Err(e) = result {
+            // Requests hyper answered itself (400, 414, 431) never reached the service: counted
+            // here, from the error the connection ends with, at no cost to other requests.
+            if let Some(kind) = refused_by_parser(&*e) {
+                self.metrics.error(kind);
+            }
             tracing::debug!(error = %e, "downstream connection ended with an error");
         }
     }
@@ -352,6 +357,18 @@ impl App {
             last = fingerprint(&path);
             let _ = self.apply_file(&path);
         }
+    }
+}
+
+/// The error kind of a request head hyper refused (and answered) itself.
+fn refused_by_parser(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if e.is_parse_too_large() {
+        Some("request_head_too_large")
+    } else if e.is_parse() {
+        Some("bad_request")
+    } else {
+        None
     }
 }
 

@@ -354,3 +354,50 @@ async fn half_closed_clients_get_their_responses() {
     }
     assert_eq!(delivered, 20);
 }
+
+/// Requests hyper answers itself (unparsable, URI or head too large) are counted.
+#[tokio::test]
+async fn requests_refused_by_the_parser_are_counted() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: svc.test\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let huge_headers = format!(
+        "GET / HTTP/1.1\r\nHost: svc.test\r\n{}\r\n",
+        "x-filler: 0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(10_000)
+    );
+    let cases: [(&[u8], u16); 3] = [
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (long_uri.as_bytes(), 414),
+        (huge_headers.as_bytes(), 431),
+    ];
+    for (raw, want) in cases {
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        // The proxy may answer and close before it has read everything.
+        let _ = s.write_all(raw).await;
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, want);
+    }
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "bad_request")],
+        1.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "request_head_too_large")],
+        2.0,
+    )
+    .await;
+}
