@@ -113,6 +113,11 @@ impl App {
         })
     }
 
+    /// How long a client connection, or a request body, may stay idle.
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     /// Compiles and applies a snapshot, binding the sockets of new listeners first. All or
     /// nothing: on error the config in use stays.
     pub fn apply(self: &Arc<Self>, snapshot: &pb::Snapshot) -> Result<Arc<Runtime>, SnapshotError> {
@@ -259,9 +264,15 @@ impl App {
             let slot = slot.clone();
             async move { Ok::<_, Infallible>(crate::proxy::serve(app, &slot, req, active).await) }
         });
+        let io = ClientIo {
+            stream,
+            activity: activity.clone(),
+            kind: IoKind::Unknown,
+            held: false,
+        };
         let conn = self
             .server
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The drain signal and the idle timer are polled only when they fire, not on every wake
         // of the connection; one timer per connection, re-armed once per idle period.
@@ -300,6 +311,11 @@ impl App {
             }
         };
         if let Err(e) = result {
+            // Requests hyper answered itself (400, 414, 431) never reached the service: counted
+            // here, from the error the connection ends with, at no cost to other requests.
+            if let Some(kind) = refused_by_parser(&*e) {
+                self.metrics.error(kind);
+            }
             tracing::debug!(error = %e, "downstream connection ended with an error");
         }
     }
@@ -363,6 +379,18 @@ impl App {
 /// How long a changed snapshot file must stay unchanged before it is read, and the longest wait.
 const SETTLE: Duration = Duration::from_millis(50);
 const SETTLE_MAX: Duration = Duration::from_secs(2);
+
+/// The error kind of a request head hyper refused (and answered) itself.
+fn refused_by_parser(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if e.is_parse_too_large() {
+        Some("request_head_too_large")
+    } else if e.is_parse() {
+        Some("bad_request")
+    } else {
+        None
+    }
+}
 
 /// Why a client connection is to be closed.
 #[derive(Debug)]
@@ -442,13 +470,124 @@ impl<F: Future> Future for WokenOnly<F> {
     }
 }
 
-/// What a client connection has been doing, for its idle timeout.
+/// What a client connection has been doing, for its idle timeout and its half-close.
 #[derive(Debug, Default)]
 struct ConnActivity {
     /// Requests started on the connection so far.
     started: AtomicU64,
     /// Requests not finished yet (their response bodies included).
     active: AtomicUsize,
+    /// Request bodies still being read from the client.
+    bodies: AtomicUsize,
+    /// The client's end of stream is held back until the requests in flight are over.
+    held_eof: AtomicBool,
+    /// Wakes the connection's reader when the last request in flight ends.
+    reader: AtomicWaker,
+}
+
+/// The client's socket as hyper reads it, with half-closes handled here rather than by hyper's
+/// `half_close` option, which stops reading while a response is pending (a client that resets
+/// its connection while it waits would go unnoticed). An HTTP/1.x end of stream (FIN) that
+/// arrives with requests in flight and no request body left to read is held back until those
+/// requests are over: a client that shuts down its sending side after its request still gets
+/// the response (RFC 9112 §9.6). A reset still ends the connection at once, an end of stream in
+/// the middle of a request body is still the client leaving, and HTTP/2 connections see every
+/// end of stream as it comes. Per read, this costs a length check.
+#[derive(Debug)]
+struct ClientIo {
+    stream: TcpStream,
+    activity: Arc<ConnActivity>,
+    kind: IoKind,
+    held: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoKind {
+    /// Nothing read yet.
+    Unknown,
+    Http1,
+    Http2,
+}
+
+impl ClientIo {
+    /// The end of stream, once no request is in flight.
+    fn poll_held(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let activity = &self.activity;
+        if activity.active.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        activity.reader.register(cx.waker());
+        if activity.active.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl tokio::io::AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.held {
+            return this.poll_held(cx);
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        if this.kind == IoKind::Unknown && !read.is_empty() {
+            // The HTTP/2 connection preface starts with a method HTTP/1.x does not have.
+            this.kind = if read.starts_with(b"PRI") {
+                IoKind::Http2
+            } else {
+                IoKind::Http1
+            };
+        }
+        if read.is_empty()
+            && buf.remaining() > 0
+            && this.kind == IoKind::Http1
+            && this.activity.active.load(Ordering::SeqCst) > 0
+            && this.activity.bodies.load(Ordering::SeqCst) == 0
+        {
+            tracing::debug!("client half-closed its connection; responses in flight go on");
+            this.held = true;
+            this.activity.held_eof.store(true, Ordering::SeqCst);
+            return this.poll_held(cx);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// Held by a request from its start until it is over (the end of its response body).
@@ -463,9 +602,33 @@ impl ActiveRequest {
     }
 }
 
+impl ActiveRequest {
+    /// Marks a request body as being read from the client until the guard is dropped.
+    pub(crate) fn body_open(&self) -> BodyOpen {
+        self.0.bodies.fetch_add(1, Ordering::SeqCst);
+        BodyOpen(self.0.clone())
+    }
+}
+
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.held_eof.load(Ordering::SeqCst)
+        {
+            // The client half-closed: its end of stream can be seen now.
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Held while a request body is being read from the client: an end of stream then is the
+/// client leaving, not a half-close.
+#[derive(Debug)]
+pub struct BodyOpen(Arc<ConnActivity>);
+
+impl Drop for BodyOpen {
+    fn drop(&mut self) {
+        self.0.bodies.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

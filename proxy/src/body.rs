@@ -13,7 +13,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::{BoxError, h1, proxy::Completion, upstream::InFlight};
+use crate::{
+    BoxError, app::BodyOpen, error::ClientBodyError, h1, proxy::Completion, upstream::InFlight,
+};
 
 /// A response body from an upstream: HTTP/1.1 from our own client, HTTP/2 from hyper's.
 // Bodies are placed once (in hyper's dispatcher) and polled in place: size over a box.
@@ -194,5 +196,88 @@ impl Drop for UpstreamBody {
             // The client went away before the end of the body.
             self.finish(Some("downstream_reset"));
         }
+    }
+}
+
+/// A client's request body on its way upstream. Its failures become [`ClientBodyError`]s, so
+/// they are answered as the client's (400, 499) and not charged to the upstream; and a body
+/// that stops arriving for `idle` ends with [`ClientBodyError::Timeout`] (408). The timer is
+/// armed when the body is first found waiting after a frame (no timer for a body that never
+/// waits), so time spent waiting for the upstream to take the body does not count.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    /// Until the body ends (the connection's end of stream means the client left).
+    open: Option<BodyOpen>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, idle: Duration, open: Option<BodyOpen>) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+            armed: false,
+            open,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                if this.inner.is_end_stream() {
+                    this.open = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.open = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.open = None;
+                Poll::Ready(Some(Err(ClientBodyError::from_incoming(e).into())))
+            }
+            Poll::Pending => {
+                let deadline = || Instant::now() + this.idle;
+                let timer = match &mut this.timer {
+                    Some(t) => {
+                        if !this.armed {
+                            t.as_mut().reset(deadline());
+                        }
+                        t
+                    }
+                    None => this
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline()))),
+                };
+                this.armed = true;
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(ClientBodyError::Timeout(this.idle).into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::ResponseBody;
+use crate::{BoxError, body::ResponseBody};
 
 /// How an upstream attempt failed; decides retries and the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +24,65 @@ pub enum UpstreamFailure {
     Protocol,
 }
 
+/// Status recorded for a request whose client left before the response (nginx's 499).
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// Why a client's request body failed: the client's fault, never the upstream's. Carried through
+/// the upstream clients as the body's error and recognised with [`ClientBodyError::find`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("malformed request body: {0}")]
+    Malformed(#[source] BoxError),
+    #[error("the client went away in the middle of its request body: {0}")]
+    Reset(#[source] BoxError),
+    #[error("no request body data for {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientBodyError {
+    /// Sorts a failure of the client's body (hyper's): broken HTTP/1.1 framing is malformed;
+    /// anything else (end of stream, reset, HTTP/2 stream errors) is the client leaving.
+    pub fn from_incoming(e: hyper::Error) -> Self {
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                ) {
+                    return Self::Malformed(e.into());
+                }
+            }
+            source = s.source();
+        }
+        Self::Reset(e.into())
+    }
+
+    /// The client body failure behind an upstream attempt's error, if that is what it was.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
+        let mut next = Some(e);
+        while let Some(e) = next {
+            if let Some(found) = e.downcast_ref::<Self>() {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
+    }
+
+    /// A copy for the response (the original stays with the attempt that failed).
+    pub fn to_owned_kind(&self) -> Self {
+        match self {
+            Self::Malformed(e) => Self::Malformed(e.to_string().into()),
+            Self::Reset(e) => Self::Reset(e.to_string().into()),
+            Self::Timeout(d) => Self::Timeout(*d),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no snapshot applied yet")]
@@ -32,6 +91,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// The client's request body failed: malformed framing, or the client went away mid-body.
+    #[error("{0}")]
+    ClientBody(#[from] ClientBodyError),
     #[error("cluster {0:?}: no healthy endpoint")]
     NoHealthyEndpoint(Arc<str>),
     #[error("request timed out after {0:?}")]
@@ -50,6 +112,11 @@ impl ProxyError {
             Self::NotReady => "not_ready",
             Self::NoRoute => "no_route",
             Self::BadRequest(_) => "bad_request",
+            Self::ClientBody(e) => match e {
+                ClientBodyError::Malformed(_) => "bad_request",
+                ClientBodyError::Reset(_) => "downstream_reset",
+                ClientBodyError::Timeout(_) => "request_body_timeout",
+            },
             Self::NoHealthyEndpoint(_) => "no_healthy_endpoint",
             Self::RequestTimeout(_) => "request_timeout",
             Self::Upstream { failure, .. } => match failure {
@@ -67,6 +134,11 @@ impl ProxyError {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ClientBody(e) => match e {
+                ClientBodyError::Malformed(_) => StatusCode::BAD_REQUEST,
+                ClientBodyError::Reset(_) => CLIENT_CLOSED,
+                ClientBodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            },
             Self::NotReady | Self::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream { failure, .. } => match failure {
@@ -82,10 +154,11 @@ impl ProxyError {
     /// The gRPC status for a gRPC request.
     fn grpc_status(&self) -> &'static str {
         match self.status() {
-            StatusCode::NOT_FOUND => "12",      // UNIMPLEMENTED
-            StatusCode::BAD_REQUEST => "13",    // INTERNAL
-            StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-            _ => "14",                          // UNAVAILABLE
+            StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
+            StatusCode::BAD_REQUEST => "13", // INTERNAL
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            CLIENT_CLOSED => "1",            // CANCELLED
+            _ => "14",                       // UNAVAILABLE
         }
     }
 
@@ -173,6 +246,27 @@ mod tests {
                 "14",
             ),
         ];
+        let client = |e| ProxyError::ClientBody(e);
+        let cases = cases.into_iter().chain([
+            (
+                client(ClientBodyError::Malformed("bad chunk".into())),
+                400,
+                "bad_request",
+                "13",
+            ),
+            (
+                client(ClientBodyError::Reset("eof".into())),
+                499,
+                "downstream_reset",
+                "1",
+            ),
+            (
+                client(ClientBodyError::Timeout(Duration::from_secs(1))),
+                408,
+                "request_body_timeout",
+                "4",
+            ),
+        ]);
         for (err, status, kind, grpc) in cases {
             let r = err.to_response(false);
             assert_eq!(r.status().as_u16(), status, "{err}");

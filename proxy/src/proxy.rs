@@ -19,8 +19,8 @@ use crate::{
     access_log::LogRecord,
     app::{ActiveRequest, App},
     balance::Target,
-    body::{ResponseBody, UpstreamBody, UpstreamIncoming},
-    error::{ProxyError, UpstreamFailure},
+    body::{ClientBody, ResponseBody, UpstreamBody, UpstreamIncoming},
+    error::{CLIENT_CLOSED, ClientBodyError, ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
@@ -40,11 +40,8 @@ pub struct Completion {
     log: Option<Box<LogRecord>>,
     recorded: bool,
     /// Keeps the client connection from counting as idle.
-    _active: ActiveRequest,
+    active: ActiveRequest,
 }
-
-/// Status recorded for a request whose client left before the response (nginx's 499).
-const CLIENT_CLOSED: u16 = 499;
 
 impl Completion {
     /// Records the request; `body_error` is set when the response body failed midway.
@@ -79,7 +76,7 @@ impl Drop for Completion {
     /// A request dropped before it finished: the client went away while it was in flight.
     fn drop(&mut self) {
         if !self.recorded {
-            self.status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            self.status = CLIENT_CLOSED;
             self.record(Some("downstream_reset"));
         }
     }
@@ -114,7 +111,7 @@ pub(crate) async fn serve(
         metrics: None,
         log,
         recorded: false,
-        _active: active,
+        active,
     });
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
@@ -134,6 +131,9 @@ pub(crate) async fn serve(
         Err(err) => {
             let response = err.to_response(grpc);
             app.metrics.error(err.kind());
+            if let ProxyError::ClientBody(ClientBodyError::Timeout(_)) = err {
+                app.metrics.timeout("request_body");
+            }
             if let Some(mut c) = completion {
                 c.status = response.status();
                 c.error = Some(err.kind());
@@ -165,15 +165,7 @@ fn route_request<'r>(
     let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
         return Err(ProxyError::NoRoute);
     };
-    let authority = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => match req.headers().get(header::HOST) {
-            Some(h) => h
-                .to_str()
-                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
-            None => "",
-        },
-    };
+    let authority = request_authority(req)?;
     let host = table.host(authority).ok_or(ProxyError::NoRoute)?;
     let input = MatchInput {
         method: req.method(),
@@ -193,12 +185,70 @@ fn route_request<'r>(
     }
     let dispatch = if req.method() == Method::CONNECT {
         Dispatch::Tunnel
-    } else if is_upgrade(req) {
+    } else if is_websocket_upgrade(req) {
         Dispatch::Upgrade
     } else {
         Dispatch::Forward
     };
     Ok((route, target, dispatch))
+}
+
+/// The authority a request is routed by and forwarded with: the request-target's (absolute form,
+/// authority form, HTTP/2 `:authority`), else its one `Host` header (RFC 9112 §3.2.2). Refuses
+/// what is ambiguous or missing: two `Host` headers, an HTTP/2 `host` that differs from
+/// `:authority` (RFC 9113 §8.3.1), HTTP/1.1 without `Host`, CONNECT without an authority, and
+/// HTTP/2 field values with leading or trailing whitespace (§8.2.1), which hyper lets through.
+/// One lookup for `Host`; HTTP/2 requests take one more pass over their fields.
+fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let version = req.version();
+    if version == Version::HTTP_2 && headers.values().any(padded) {
+        return Err(ProxyError::BadRequest(
+            "field value with leading or trailing whitespace",
+        ));
+    }
+    match req.uri().authority() {
+        Some(authority) => {
+            let authority = authority.as_str();
+            if version == Version::HTTP_2
+                && host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+            {
+                return Err(ProxyError::BadRequest("host differs from :authority"));
+            }
+            Ok(authority)
+        }
+        None if req.method() == Method::CONNECT => {
+            Err(ProxyError::BadRequest("CONNECT without an authority"))
+        }
+        None => match host {
+            Some(h) => h
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header")),
+            None if version == Version::HTTP_11 => {
+                Err(ProxyError::BadRequest("HTTP/1.1 request without Host"))
+            }
+            None => Ok(""),
+        },
+    }
+}
+
+fn padded(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+}
+
+/// The request-target's authority replaces `Host` (RFC 9112 §3.2.2): an absolute-form HTTP/1.x
+/// request's `Host` is dropped, and the upstream request gets the authority in its place.
+/// (HTTP/2 requests were checked to carry no other.)
+fn authority_as_host(parts: &mut Parts) {
+    if parts.version != Version::HTTP_2 && parts.uri.authority().is_some() {
+        parts.headers.remove(header::HOST);
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy. Names, not strings, so removing
@@ -227,6 +277,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // Host names the request's target: never hop-by-hop, whatever a client lists.
+            .filter(|name| name != header::HOST)
             .collect();
         for name in listed {
             headers.remove(name);
@@ -243,9 +295,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+/// An HTTP/1.1 upgrade to WebSocket, the only protocol the proxy switches to: other upgrades
+/// (`h2c`, unknown ones) go on as plain requests without their `Upgrade`.
+fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get(header::UPGRADE).is_some_and(is_websocket)
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -253,6 +307,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn is_websocket(v: &HeaderValue) -> bool {
+    v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
 /// Rewrites the request line for the cluster's protocol: origin-form and a Host header for
@@ -349,8 +407,20 @@ async fn forward(
     let cluster = &target.cluster;
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    authority_as_host(&mut parts);
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
+    // A request body may pause for the route's idle timeout, else the connection's.
+    let idle = match (route.timeouts.idle, completion.as_ref()) {
+        (Some(idle), _) => idle,
+        (None, Some(c)) => c.app.idle_timeout(),
+        (None, None) => return Err(ProxyError::NotReady),
+    };
+    let open = match completion.as_ref() {
+        Some(c) if !body.is_end_stream() => Some(c.active.body_open()),
+        _ => None,
+    };
+    let body = RequestBody { body, idle, open };
 
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
@@ -381,11 +451,33 @@ async fn forward(
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
+/// The client's request body and how long it may stop arriving.
+struct RequestBody {
+    body: Incoming,
+    idle: std::time::Duration,
+    open: Option<crate::app::BodyOpen>,
+}
+
+impl RequestBody {
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn boxed(self) -> crate::upstream::RequestBody {
+        ClientBody::new(self.body, self.idle, self.open).boxed()
+    }
+}
+
+/// An attempt that failed because the client's body did: the client's error, not the cluster's.
+fn client_fault(e: &crate::upstream::UpstreamError) -> Option<ProxyError> {
+    ClientBodyError::find(&*e.source).map(|c| ProxyError::ClientBody(c.to_owned_kind()))
+}
+
 /// Sends the request once (no retry policy), within `deadline` (instant, configured timeout).
 async fn attempt_once(
     cluster: &Cluster,
     parts: &mut Parts,
-    body: Incoming,
+    body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -401,7 +493,7 @@ async fn attempt_once(
         .clone();
     let in_flight = endpoint.begin_request();
     let sent = if cluster.protocol == Protocol::Http1 {
-        let body = (!body.is_end_stream()).then(|| body.map_err(Into::into).boxed());
+        let body = (!body.is_end_stream()).then(|| body.boxed());
         within(
             deadline.map(|(at, _)| at),
             endpoint.send_h1(cluster, parts, body),
@@ -411,7 +503,7 @@ async fn attempt_once(
         // The request is handed over whole; the caller's copy is not used again.
         let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
         prepare(&mut parts, cluster, &endpoint);
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        let req = Request::from_parts(parts, body.boxed());
         within(
             deadline.map(|(at, _)| at),
             Box::pin(endpoint.send(cluster, req)),
@@ -430,6 +522,10 @@ async fn attempt_once(
             endpoint,
         }),
         Err(e) => {
+            if let Some(fault) = client_fault(&e) {
+                tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
+                return Err(fault);
+            }
             note_failure(cluster, completion, e.failure);
             tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
             Err(upstream_error(&endpoint, e.failure))
@@ -444,7 +540,7 @@ async fn retrying(
     cluster: &Cluster,
     policy: &RetryPolicy,
     parts: &Parts,
-    body: Incoming,
+    body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -454,8 +550,7 @@ async fn retrying(
         failure,
     };
     policy.deposit();
-    let replay = (!body.is_end_stream())
-        .then(|| Replay::new(body.map_err(Into::into).boxed(), policy.buffer_limit));
+    let replay = (!body.is_end_stream()).then(|| Replay::new(body.boxed(), policy.buffer_limit));
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut retries = 0u32;
     loop {
@@ -514,6 +609,10 @@ async fn retrying(
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, status = %response.status(), "retrying response");
             }
             Err(e) => {
+                if let Some(fault) = client_fault(&e) {
+                    tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
+                    return Err(fault);
+                }
                 note_failure(cluster, completion, e.failure);
                 let retry = may_retry && policy.retry_failure(&e.failure) && policy.withdraw();
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, retry, "upstream attempt failed");
@@ -608,6 +707,7 @@ async fn upgrade(
         .clone();
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
+    authority_as_host(&mut parts);
     let upgrade_headers = (
         parts.headers.remove(header::UPGRADE),
         parts.headers.remove(header::CONNECTION),
@@ -646,6 +746,17 @@ async fn upgrade(
             done,
         );
         return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
+    }
+    if !response
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(is_websocket)
+    {
+        // A switch to another protocol than the one asked for opens no tunnel.
+        return Err(ProxyError::Upstream {
+            endpoint: endpoint.addr.clone(),
+            failure: UpstreamFailure::Protocol,
+        });
     }
     let upstream = hyper::upgrade::on(&mut response);
     let idle = route.timeouts.idle;

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod grpc;
+pub mod h2raw;
 pub mod process;
 pub mod raw;
 pub mod upstream;
@@ -18,7 +19,7 @@ pub mod upstream;
 use std::{future::Future, time::Duration};
 
 pub use process::ProxyProcess;
-pub use raw::{RawHttpServer, RawReply};
+pub use raw::{RawHttpServer, RawReply, RawResponse};
 pub use tonic;
 pub use upstream::{TcpEchoServer, TestServer, WsEchoServer};
 

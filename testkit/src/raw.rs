@@ -107,7 +107,14 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u
         let head_end = find(buf, b"\r\n\r\n")? + 4;
         let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
         if head.contains("transfer-encoding: chunked") {
-            return find(&buf[head_end..], b"0\r\n\r\n").map(|i| head_end + i + 5);
+            // The last chunk, then trailers (if any) up to an empty line.
+            let body = &buf[head_end..];
+            let zero = if body.starts_with(b"0\r\n") {
+                0
+            } else {
+                find(body, b"\r\n0\r\n")? + 2
+            };
+            return find(&body[zero + 1..], b"\r\n\r\n").map(|i| head_end + zero + 1 + i + 4);
         }
         let length = head
             .lines()
@@ -143,4 +150,86 @@ async fn serve(state: Arc<State>, mut stream: TcpStream) {
             return;
         }
     }
+}
+
+/// A response read from a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response (head, then a content-length body, else everything until the close) from
+/// `stream`; `None` when the connection ends before a whole head. Panics after 10 s.
+pub async fn read_response(stream: &mut TcpStream) -> Option<RawResponse> {
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let mut body = buf.split_off(head_end);
+        let bodiless = status < 200 || status == 204 || status == 304;
+        match length.or(bodiless.then_some(0)) {
+            Some(len) => {
+                while body.len() < len {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                body.truncate(len);
+            }
+            None => {
+                let _ = stream.read_to_end(&mut body).await;
+            }
+        }
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("a response in time")
+}
+
+/// Connects to `addr`, writes `request` and reads one response.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<RawResponse> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_response(&mut stream).await
 }

@@ -378,13 +378,15 @@ async fn a_client_leaving_mid_request_is_counted() {
         &[],
     )
     .await;
-    let egress = proxy.egress;
-    let request = tokio::spawn(async move {
-        let mut c = Client::h1(egress).await.unwrap();
-        c.get("svc.test", "/slow").await
-    });
+    // The client resets its connection while it waits. (One that only closes it cleanly looks
+    // like a half-close, which still gets its response: see half_closed_clients_get_their_responses.)
+    let mut s = tokio::net::TcpStream::connect(proxy.egress).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /slow HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+        .await
+        .unwrap();
     app.wait_requests(1).await;
-    request.abort();
+    s.set_zero_linger().unwrap();
+    drop(s);
     eventually(
         Duration::from_secs(10),
         "the abandoned request is recorded",

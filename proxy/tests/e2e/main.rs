@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod config_input;
+mod hardening;
 mod lifecycle;
 mod protocols;
 mod resilience;

@@ -1,0 +1,403 @@
+//! Requests a careless or hostile client sends: confusing authorities, upgrades to protocols we do
+//! not route, malformed HTTP/2, broken or trickling bodies, half-closed connections, heads hyper
+//! refuses before the proxy sees them.
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use trellis_testkit::{
+    ProxyProcess, RawHttpServer, RawReply, TestServer,
+    h2raw::{self, H2Raw, Outcome},
+    raw::{exchange, read_response},
+};
+
+use crate::{cluster, host_to, proxy_with};
+
+/// Waits until a metric reaches `want`.
+async fn metric_is(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)], want: f64) {
+    trellis_testkit::eventually(Duration::from_secs(10), name, || async {
+        let got = proxy.metric(name, labels).await;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{name}{labels:?} = {got}, want {want}"))
+        }
+    })
+    .await
+}
+
+/// Hosts `a.test` and `b.test` and a catch-all, each to its own upstream.
+async fn three_hosts() -> (TestServer, TestServer, TestServer, ProxyProcess) {
+    let a = TestServer::start("a").await;
+    let b = TestServer::start("b").await;
+    let any = TestServer::start("any").await;
+    let catch_all = host_to("any", "any", "").replace("[\"any\"]", "[\"*\"]");
+    let hosts = host_to("a.test", "a", "") + &host_to("b.test", "b", "") + &catch_all;
+    let clusters = cluster("a", "HTTP1", &[a.addr])
+        + &cluster("b", "HTTP1", &[b.addr])
+        + &cluster("any", "HTTP1", &[any.addr]);
+    let proxy = proxy_with("v1", &hosts, &clusters, &[]).await;
+    (a, b, any, proxy)
+}
+
+/// RFC 9112 §3.2.2: an absolute-form request-target's authority wins over `Host`, for routing
+/// and for what the upstream receives.
+#[tokio::test]
+async fn absolute_form_authority_is_routed_and_forwarded_as_host() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let r = exchange(
+        proxy.egress,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "a"));
+    assert_eq!(r.header("x-seen-host"), Some("a.test"));
+    assert_eq!(r.header("x-seen-path"), Some("/x"), "origin form upstream");
+}
+
+/// Ambiguous or missing authorities are refused; `Connection: host` does not strip `Host`.
+#[tokio::test]
+async fn ambiguous_or_missing_hosts_are_400() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let refused: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ];
+    for raw in refused {
+        let r = exchange(proxy.egress, raw).await.unwrap();
+        let what = String::from_utf8_lossy(raw);
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{what}");
+    }
+    // HTTP/1.0 may omit Host: it goes to the catch-all host.
+    let r = exchange(proxy.egress, b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "any"));
+    // Host is never hop-by-hop, whatever Connection lists.
+    let r = exchange(
+        proxy.egress,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: host, close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "a"));
+    assert_eq!(r.header("x-seen-host"), Some("a.test"));
+
+    // HTTP/2: a host header that contradicts :authority, or two of them.
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let base = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "a.test"),
+        (":path", "/"),
+    ];
+    let mut stream = 1;
+    for extra in [
+        &[("host", "b.test")][..],
+        &[("host", "a.test"), ("host", "a.test")][..],
+    ] {
+        let fields: Vec<_> = base.iter().chain(extra).copied().collect();
+        h2.headers(stream, &fields, true).await;
+        assert_eq!(h2.outcome(stream).await, Outcome::Status(400), "{extra:?}");
+        stream += 2;
+    }
+    // The same host as :authority is fine.
+    let fields: Vec<_> = base.iter().chain(&[("host", "a.test")]).copied().collect();
+    h2.headers(stream, &fields, true).await;
+    assert_eq!(h2.outcome(stream).await, Outcome::Status(200));
+}
+
+/// Only WebSocket upgrades are tunnelled: other protocols (h2c, unknown ones) are forwarded as
+/// plain requests without their Upgrade, and a 101 the upstream sends anyway, or a 101 to another
+/// protocol than the one asked for, opens no tunnel.
+#[tokio::test]
+async fn only_websocket_upgrades_are_switched() {
+    let raw = RawHttpServer::start(vec![RawReply::keep(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: upgrade\r\nUpgrade: foo/1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ];
+    for request in requests {
+        let r = exchange(proxy.egress, request).await.unwrap();
+        let what = String::from_utf8_lossy(request);
+        assert_ne!(r.status, 101, "no tunnel for {what}");
+        assert_eq!(r.status, 502, "{what}");
+    }
+    let seen = raw.requests();
+    assert_eq!(seen.len(), 3);
+    for s in &seen[..2] {
+        let lower = s.to_ascii_lowercase();
+        assert!(!lower.contains("upgrade"), "Upgrade forwarded: {s}");
+        assert!(!lower.contains("http2-settings"), "{s}");
+    }
+    assert!(
+        seen[2].to_ascii_lowercase().contains("upgrade: websocket"),
+        "{}",
+        seen[2]
+    );
+}
+
+/// Malformed HTTP/2 requests hyper lets through are refused (RFC 9113 §8.1.1, §8.2.1, §8.3,
+/// §8.5, §8.4); the connection keeps serving where the error is the stream's.
+#[tokio::test]
+async fn malformed_http2_requests_are_refused() {
+    let (_a, _b, _any, proxy) = three_hosts().await;
+    let get = |path: &'static str| {
+        vec![
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "a.test"),
+            (":path", path),
+        ]
+    };
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    // CONNECT without :authority.
+    h2.headers(1, &[(":method", "CONNECT")], false).await;
+    assert_eq!(h2.outcome(1).await, Outcome::Status(400));
+    // Leading or trailing whitespace in a field value.
+    for (i, value) in [" lead", "trail ", "tab\t"].into_iter().enumerate() {
+        let stream = 3 + 2 * i as u32;
+        let mut fields = get("/");
+        fields.push(("x-test", value));
+        h2.headers(stream, &fields, true).await;
+        assert_eq!(h2.outcome(stream).await, Outcome::Status(400), "{value:?}");
+    }
+    // Still serving.
+    h2.headers(9, &get("/"), true).await;
+    assert_eq!(h2.outcome(9).await, Outcome::Status(200));
+
+    // A client's PUSH_PROMISE is a connection error (h2 refuses it), on an open stream or not.
+    let mut post = get("/echo");
+    post[0] = (":method", "POST");
+    h2.headers(11, &post, false).await;
+    h2.push_promise(11, 2, &get("/pushed")).await;
+    assert_eq!(h2.outcome(11).await, Outcome::GoAway(h2raw::PROTOCOL_ERROR));
+    let mut fresh = H2Raw::connect(proxy.egress).await;
+    fresh.push_promise(1, 2, &get("/pushed")).await;
+    assert_eq!(
+        fresh.outcome(1).await,
+        Outcome::GoAway(h2raw::PROTOCOL_ERROR)
+    );
+}
+
+/// Pseudo-header fields in HTTP/2 trailers are not refused (the h2 crate drops them before the
+/// proxy sees the trailers; see the README), but they are never forwarded.
+#[tokio::test]
+async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
+    let raw = RawHttpServer::start(vec![RawReply::keep(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )])
+    .await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "raw.test"),
+        (":path", "/upload"),
+    ];
+    h2.headers(1, &post, false).await;
+    h2.data(1, b"body", false).await;
+    h2.headers(1, &[(":path", "/smuggled"), ("x-trailer", "t")], true)
+        .await;
+    assert_eq!(h2.outcome(1).await, Outcome::Status(200));
+    let seen = raw.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].starts_with("POST /upload HTTP/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(!seen[0].contains("smuggled"), "{}", seen[0]);
+    assert!(seen[0].contains("x-trailer: t\r\n"), "{}", seen[0]);
+}
+
+/// A body the client breaks is the client's fault: 400 for a malformed one, 499
+/// (`downstream_reset`) for one cut short; never a 502 charged to the cluster.
+#[tokio::test]
+async fn broken_request_bodies_are_client_errors() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let malformed: [&[u8]; 2] = [
+        // A chunk size that is not hex.
+        b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+        // A chunk shorter than its declared size.
+        b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n",
+    ];
+    for raw in malformed {
+        let r = exchange(proxy.egress, raw).await;
+        let what = String::from_utf8_lossy(raw);
+        let r = r.unwrap_or_else(|| panic!("no response for {what}"));
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{what}");
+    }
+    // A client that leaves in the middle of its body.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    app.wait_requests(1).await;
+    drop(s);
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "downstream_reset")],
+        1.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "bad_request")],
+        2.0,
+    )
+    .await;
+    for kind in ["upstream_protocol_error", "upstream_reset"] {
+        let n = proxy
+            .metric("trellis_proxy_errors_total", &[("kind", kind)])
+            .await;
+        assert_eq!(n, 0.0, "{kind}");
+    }
+    let fives = proxy
+        .metric("trellis_proxy_requests_total", &[("status_class", "5xx")])
+        .await;
+    assert_eq!(fives, 0.0, "nothing charged to the cluster as a 5xx");
+}
+
+/// A request body that stops arriving ends with 408 after the body idle timeout: the route's
+/// `timeout.idle`, else `--idle-timeout`.
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let app = TestServer::start("app").await;
+    let hosts = host_to("default.test", "svc", "")
+        + &host_to("route.test", "svc", "            timeout: { idle: 0.2s }\n");
+    let clusters = cluster("svc", "HTTP1", &[app.addr]);
+    // The route's idle timeout, with the connection's far away.
+    let proxy = proxy_with("v1", &hosts, &clusters, &["--idle-timeout", "1h"]).await;
+    // The connection's idle timeout as the default.
+    let short = proxy_with("v1", &hosts, &clusters, &["--idle-timeout", "300ms"]).await;
+    for (addr, host) in [(proxy.egress, "route.test"), (short.egress, "default.test")] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, 408, "{host}");
+        assert_eq!(r.header("x-trellis-error"), Some("request_body_timeout"));
+    }
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "request_body_timeout")],
+        1.0,
+    )
+    .await;
+}
+
+/// A client that shuts down its sending side after its request still gets the response.
+#[tokio::test]
+async fn half_closed_clients_get_their_responses() {
+    let app = TestServer::start("app").await;
+    app.delay(50);
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let addr = proxy.egress;
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+                .await
+                .unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200")
+        }));
+    }
+    let mut delivered = 0;
+    for t in tasks {
+        delivered += usize::from(t.await.unwrap());
+    }
+    assert_eq!(delivered, 20);
+}
+
+/// Requests hyper answers itself (unparsable, URI or head too large) are counted.
+#[tokio::test]
+async fn requests_refused_by_the_parser_are_counted() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: svc.test\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let huge_headers = format!(
+        "GET / HTTP/1.1\r\nHost: svc.test\r\n{}\r\n",
+        "x-filler: 0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(10_000)
+    );
+    let cases: [(&[u8], u16); 3] = [
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (long_uri.as_bytes(), 414),
+        (huge_headers.as_bytes(), 431),
+    ];
+    for (raw, want) in cases {
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        // The proxy may answer and close before it has read everything.
+        let _ = s.write_all(raw).await;
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, want);
+    }
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "bad_request")],
+        1.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_errors_total",
+        &[("kind", "request_head_too_large")],
+        2.0,
+    )
+    .await;
+}
