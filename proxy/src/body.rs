@@ -201,18 +201,26 @@ impl Drop for UpstreamBody {
 
 /// A client's request body on its way upstream. Its failures become [`ClientBodyError`]s, so
 /// they are answered as the client's (400, 499) and not charged to the upstream; and a body
-/// that stops arriving for `idle` ends with [`ClientBodyError::Timeout`] (408). The timer is
-/// armed when the body is first found waiting after a frame (no timer for a body that never
-/// waits), so time spent waiting for the upstream to take the body does not count.
+/// that makes no progress for `idle` ends with [`ClientBodyError::Timeout`] (408). Progress is
+/// [`MIN_BODY_PROGRESS`] bytes (or the end), so a body trickling a byte at a time is bounded
+/// too, as by Kestrel's minimum data rate. The timer is armed when the body is first found
+/// waiting after progress (no timer for a body that never waits), so time spent waiting for the
+/// upstream to take the body does not count.
 #[derive(Debug)]
 pub struct ClientBody {
     inner: Incoming,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Bytes received since the timer last restarted.
+    progress: usize,
     /// Until the body ends (the connection's end of stream means the client left).
     open: Option<BodyOpen>,
 }
+
+/// How many request body bytes restart its idle timeout: at the default 60 s, a body must
+/// arrive at 17 bytes/s or more.
+pub const MIN_BODY_PROGRESS: usize = 1024;
 
 impl ClientBody {
     pub fn new(inner: Incoming, idle: Duration, open: Option<BodyOpen>) -> Self {
@@ -221,6 +229,7 @@ impl ClientBody {
             idle,
             timer: None,
             armed: false,
+            progress: 0,
             open,
         }
     }
@@ -237,7 +246,11 @@ impl Body for ClientBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.armed = false;
+                this.progress += frame.data_ref().map_or(0, Bytes::len);
+                if this.progress >= MIN_BODY_PROGRESS {
+                    this.armed = false;
+                    this.progress = 0;
+                }
                 if this.inner.is_end_stream() {
                     this.open = None;
                 }

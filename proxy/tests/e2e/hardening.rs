@@ -322,6 +322,45 @@ async fn a_stalled_request_body_gets_408() {
     .await;
 }
 
+/// A body that trickles in a byte at a time, each byte well within the idle timeout, is bounded
+/// all the same: only real progress restarts the timeout.
+#[tokio::test]
+async fn a_trickling_request_body_gets_408() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("route.test", "svc", "            timeout: { idle: 0.3s }\n"),
+        &cluster("svc", "HTTP1", &[app.addr]),
+        &[],
+    )
+    .await;
+    let std = std::net::TcpStream::connect(proxy.egress).unwrap();
+    let writer = std.try_clone().unwrap();
+    for s in [&std, &writer] {
+        s.set_nonblocking(true).unwrap();
+    }
+    let mut reader = TcpStream::from_std(std).unwrap();
+    let mut writer = TcpStream::from_std(writer).unwrap();
+    writer
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: route.test\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    // One byte every 20 ms: 100,000 bytes would take over half an hour.
+    let trickle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut sent = 0usize;
+        while sent < 100_000 && writer.write_all(b"x").await.is_ok() {
+            sent += 1;
+            tick.tick().await;
+        }
+        sent
+    });
+    let r = read_response(&mut reader).await.expect("a response");
+    assert_eq!(r.status, 408);
+    assert_eq!(r.header("x-trellis-error"), Some("request_body_timeout"));
+    trickle.abort();
+}
+
 /// A client that shuts down its sending side after its request still gets the response.
 #[tokio::test]
 async fn half_closed_clients_get_their_responses() {
