@@ -758,6 +758,76 @@ async fn a_stored_instance_a_proxy_would_reject_degrades_only_itself() {
     assert_eq!(counts.get("green"), Some(&20), "{counts:?}");
 }
 
+/// A proxy may still reject what it is sent (an older proxy, a socket it cannot bind): its NACK
+/// shows in status with every reason. No current proxy NACKs what this control plane sends, so a
+/// scripted peer speaks the config stream here.
+#[tokio::test]
+async fn a_proxy_nack_shows_in_status_with_its_reasons() {
+    use trellis_proto::v1::{
+        Hello, Nack, ProxyMessage, SnapshotFieldError, config_stream_client::ConfigStreamClient,
+        hello::Kind as HelloKind, proxy_message::Kind as Msg,
+    };
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    apply(&control.url, &mesh_yaml(9081, (0, 0, 100), RED_REGISTRY));
+    let channel = tonic::transport::Endpoint::from_shared(control.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ConfigStreamClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<ProxyMessage>(4);
+    tx.send(ProxyMessage {
+        kind: Some(Msg::Hello(Hello {
+            node: "default/front".into(),
+            kind: HelloKind::Sidecar as i32,
+            proxy_version: "0.0.1".into(),
+            applied_version: String::new(),
+            instance: "scripted".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.stream(outbound).await.unwrap().into_inner();
+    let push = inbound.message().await.unwrap().unwrap();
+    let version = push.snapshot.unwrap().version;
+    tx.send(ProxyMessage {
+        kind: Some(Msg::Nack(Nack {
+            nonce: push.nonce,
+            version: version.clone(),
+            errors: vec![SnapshotFieldError {
+                path: "listeners[0].address".into(),
+                reason: "cannot bind 10.0.0.1:80".into(),
+            }],
+        })),
+    })
+    .await
+    .unwrap();
+    let front = eventually(Duration::from_secs(10), "the NACK is recorded", || async {
+        let s = status(&control.url);
+        let front = s["proxies"][0].clone();
+        if front["nackedVersion"] == version.as_str() {
+            Ok(front)
+        } else {
+            Err(format!("{s}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        front["nackReason"],
+        "listeners[0].address: cannot bind 10.0.0.1:80"
+    );
+    let table = stdout(&cli(&control.url, &["status"]));
+    assert!(
+        table.lines().any(|l| l.contains("default/front")
+            && l.contains("NACK")
+            && l.contains("cannot bind 10.0.0.1:80")),
+        "{table}"
+    );
+}
+
 #[tokio::test]
 async fn a_gateway_routes_to_virtual_services_through_their_router() {
     let env = setup((100, 0, 0)).await;
