@@ -7,8 +7,8 @@ use std::{
 };
 
 use crate::model::{
-    API_VERSION, DEFAULT_NAMESPACE, HeaderMatch, HttpMatch, Kind, Listener, Manifest, Ref,
-    ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts, parse_spec,
+    API_VERSION, DEFAULT_NAMESPACE, Duration, HeaderMatch, HttpMatch, Kind, Listener, Manifest,
+    Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts, parse_spec,
 };
 use crate::registry;
 
@@ -645,12 +645,11 @@ impl Checker<'_> {
         if !(0..=25).contains(&r.max_retries) {
             self.err(format!("{path}.maxRetries"), "must be 0..=25".into());
         }
-        if r.per_retry_timeout.value <= 0 {
-            self.err(
-                format!("{path}.perRetryTimeout.value"),
-                "must be greater than 0".into(),
-            );
-        }
+        self.duration(
+            &format!("{path}.perRetryTimeout.value"),
+            &r.per_retry_timeout,
+            1,
+        );
         for (i, e) in r.http_retry_events.iter().enumerate() {
             if !HTTP_EVENTS.contains(&e.as_str()) {
                 self.err(
@@ -706,11 +705,8 @@ impl Checker<'_> {
                 ("baseInterval", &b.base_interval),
                 ("maxInterval", &b.max_interval),
             ] {
-                if d.is_some_and(|d| d.value <= 0) {
-                    self.err(
-                        format!("{path}.backoff.{field}.value"),
-                        "must be greater than 0".into(),
-                    );
+                if let Some(d) = d {
+                    self.duration(&format!("{path}.backoff.{field}.value"), d, 1);
                 }
             }
         }
@@ -719,12 +715,27 @@ impl Checker<'_> {
     fn timeouts(&mut self, path: &str, t: Option<&Timeouts>) {
         let Some(t) = t else { return };
         for (field, d) in [("perRequest", &t.per_request), ("idle", &t.idle)] {
-            if d.is_some_and(|d| d.value < 0) {
-                self.err(
-                    format!("{path}.{field}.value"),
-                    "must not be negative".into(),
-                );
+            if let Some(d) = d {
+                self.duration(&format!("{path}.{field}.value"), d, 0);
             }
+        }
+    }
+
+    /// A duration of at least `min` and at most the proxy's longest (365 days).
+    fn duration(&mut self, path: &str, d: &Duration, min: i64) {
+        let max = trellis_proxy::snapshot::MAX_DURATION;
+        if d.value < min {
+            let reason = if min == 0 {
+                "must not be negative"
+            } else {
+                "must be greater than 0"
+            };
+            self.err(path.to_string(), reason.into());
+        } else if d.to_std().is_none_or(|d| d > max) {
+            self.err(
+                path.to_string(),
+                format!("must be at most {}s (365 days)", max.as_secs()),
+            );
         }
     }
 }
@@ -847,6 +858,14 @@ spec:
                 "spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeRef: VirtualNode default/blue belongs to mesh \"other\", not \"m\"",
             ),
         ];
+        let timeout = "action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }] }\n        timeout: { idle: { unit: s, value: 31536001 } }";
+        let cases = cases.into_iter().chain([(
+            GOOD.replace(
+                "action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }] }",
+                timeout,
+            ),
+            "spec.routes[0].httpRoute.timeout.idle.value: must be at most 31536000s (365 days)",
+        )]);
         for (yaml, want) in cases {
             let problems = state_of(&yaml).unwrap_err();
             assert!(

@@ -69,12 +69,12 @@ pub struct ProxyConfig {
     pub workers: usize,
 
     /// How long SIGTERM waits for in-flight requests before exiting.
-    #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub drain_timeout: Duration,
 
     /// Client connections that start no request for this long, with none in flight, are closed
     /// (an HTTP/1.1 connection that has not sent a whole request head by then too).
-    #[arg(long, env = "TRELLIS_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TRELLIS_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
 
     /// Access log: off, stdout, or a file path (JSON lines).
@@ -86,6 +86,16 @@ pub struct ProxyConfig {
     pub log: String,
 
     /// How often the snapshot file is checked for changes.
-    #[arg(long, env = "TRELLIS_PROXY_SNAPSHOT_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TRELLIS_PROXY_SNAPSHOT_POLL", default_value = "1s", value_parser = duration)]
     pub snapshot_poll: Duration,
+}
+
+/// A command-line duration, bounded like a snapshot's (365 days) so no deadline overflows.
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let max = crate::snapshot::MAX_DURATION;
+    if d > max {
+        return Err(format!("must be at most {}s (365 days)", max.as_secs()));
+    }
+    Ok(d)
 }

@@ -69,71 +69,56 @@ impl SnapshotError {
     }
 }
 
+/// The longest duration a snapshot may give (timeouts, intervals): 365 days. Longer ones would
+/// overflow the clock when a deadline is computed from them.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Largest snapshot a proxy reads from a file (the config stream's message limit).
 pub const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
 
-/// Deepest nesting of `[` and `{` accepted in YAML or JSON input. Checked in one pass before
-/// parsing: the YAML parser takes quadratic time on deep flow nesting, so deeper input is refused
-/// at once. Real snapshots and manifests nest about 10 deep.
+/// Deepest nesting of collections (sequences and mappings, block or flow) accepted in YAML or
+/// JSON input. Real snapshots and manifests nest about 12 deep.
 pub const MAX_NESTING: usize = 64;
 
-/// Refuses YAML or JSON whose `[`/`{` nesting is deeper than [`MAX_NESTING`], without parsing
-/// it. Quoted strings and comments are skipped; the error names the line.
+/// Refuses YAML or JSON nested deeper than [`MAX_NESTING`], or that is not YAML at all, before
+/// serde_yaml_ng parses it: libyaml takes quadratic time on deep flow nesting and reads a whole
+/// document before serde's recursion limit applies. The check walks a second, pure-Rust YAML
+/// parser's event stream and stops at the first event too deep, so it is linear and follows the
+/// grammar (quotes, comments and block scalars cannot hide brackets from it). The error names
+/// the line.
 pub fn check_nesting(text: &str) -> Result<(), String> {
-    #[derive(PartialEq)]
-    enum State {
-        Plain,
-        Double,
-        Single,
-        Comment,
-    }
-    let mut state = State::Plain;
-    let (mut depth, mut line) = (0usize, 1usize);
-    // Whether the previous byte may come before a quote or comment (not inside a plain word).
-    let mut boundary = true;
-    let mut escaped = false;
-    for b in text.bytes() {
-        if b == b'\n' {
-            line += 1;
-        }
-        match state {
-            State::Double => match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => state = State::Plain,
-                _ => {}
-            },
-            State::Single => {
-                if b == b'\'' {
-                    state = State::Plain;
+    use saphyr_parser::{Event, Parser};
+    let mut depth = 0usize;
+    for event in Parser::new_from_str(text) {
+        let (event, span) = event.map_err(|e| {
+            let reason = e.info();
+            if reason.contains("recursion limit") {
+                format!(
+                    "line {}: nested deeper than {MAX_NESTING} levels (refused before parsing)",
+                    e.marker().line()
+                )
+            } else {
+                format!(
+                    "line {} column {}: {reason}",
+                    e.marker().line(),
+                    e.marker().col() + 1
+                )
+            }
+        })?;
+        match event {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "line {}: nested deeper than {MAX_NESTING} levels (refused before parsing)",
+                        span.start.line()
+                    ));
                 }
             }
-            State::Comment => {
-                if b == b'\n' {
-                    state = State::Plain;
-                }
-            }
-            State::Plain => match b {
-                b'"' if boundary => state = State::Double,
-                b'\'' if boundary => state = State::Single,
-                b'#' if boundary => state = State::Comment,
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > MAX_NESTING {
-                        return Err(format!(
-                            "line {line}: nested deeper than {MAX_NESTING} levels (refused before \
-                             parsing)"
-                        ));
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
-            },
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            Event::StreamEnd => break,
+            _ => {}
         }
-        boundary = matches!(
-            b,
-            b' ' | b'\t' | b'\n' | b'\r' | b'[' | b'{' | b',' | b':' | b'-'
-        );
     }
     Ok(())
 }
@@ -543,6 +528,21 @@ clusters:
             host.routes[0].timeouts.per_request,
             Some(Duration::from_secs(3))
         );
+        // A timeout of 0 is none, as in Envoy and App Mesh.
+        let zero = GOOD.replace(
+            "timeout: { perRequest: 3s, idle: 10s }",
+            "timeout: { perRequest: 0s, idle: 0s }",
+        );
+        let rt = s.apply(&parse(&zero).unwrap(), |_| Ok(())).unwrap();
+        let Some(Listener {
+            kind: ListenerKind::Http(table),
+            ..
+        }) = &rt.egress
+        else {
+            panic!("egress is HTTP");
+        };
+        let t = &table.host("svc.default:9080").unwrap().routes[0].timeouts;
+        assert_eq!((t.per_request, t.idle), (None, None));
         assert!(table.host("a.example.com").is_some());
         assert!(table.host("other").is_none());
     }
@@ -597,14 +597,80 @@ clusters:
         );
         let at_limit = format!("{}{}", "[".repeat(MAX_NESTING), "]".repeat(MAX_NESTING));
         assert!(check_nesting(&at_limit).is_ok());
-        let over = format!("a: 1\nb: {}", "{a: ".repeat(MAX_NESTING + 1));
-        assert!(check_nesting(&over).unwrap_err().starts_with("line 2:"));
-        // Brackets in strings and comments do not count; apostrophes inside words are no quotes.
-        let quoted = format!(
-            "a: \"{0}\"\nb: '{0}'\n# {0}\nc: don't [x]\nd: \"\\\"{0}\"",
+        let block = "- ".repeat(MAX_NESTING + 1);
+        assert!(check_nesting(&block).unwrap_err().contains("nested deeper"));
+        // Brackets in strings, comments and block scalars are text, whatever their quotes.
+        let text = format!(
+            "a: \"{0}\"\nb: '{0}'\n# {0}\nc: don't [x]\nd: |\n  \" {0}\ne: x-'{0}",
             "[".repeat(100)
         );
-        assert!(check_nesting(&quoted).is_ok(), "{quoted}");
+        assert!(check_nesting(&text).is_ok(), "{text}");
+        // Nothing hides real nesting: quotes inside words, comment-like text, odd quotes in a
+        // block scalar, brackets in strings between real ones.
+        let deep = "[".repeat(MAX_NESTING + 1);
+        for hiding in [
+            format!("a: x-'\nb: {deep}"),
+            format!("[a-#, {deep}"),
+            format!("a: |\n  \"\nb: {deep}"),
+            "[ \"]\", ".repeat(MAX_NESTING + 1),
+            "{a: ".repeat(100_000),
+        ] {
+            assert!(
+                check_nesting(&hiding).is_err_and(|e| e.contains("nested deeper")),
+                "{hiding:.60}"
+            );
+        }
+    }
+
+    /// A property of the guard: whatever it lets through, serde_yaml_ng finds no deeper.
+    #[test]
+    fn what_passes_the_nesting_guard_is_no_deeper_than_the_limit() {
+        fn depth(v: &serde_yaml_ng::Value) -> usize {
+            match v {
+                serde_yaml_ng::Value::Sequence(s) => 1 + s.iter().map(depth).max().unwrap_or(0),
+                serde_yaml_ng::Value::Mapping(m) => {
+                    1 + m
+                        .iter()
+                        .map(|(k, v)| depth(k).max(depth(v)))
+                        .max()
+                        .unwrap_or(0)
+                }
+                serde_yaml_ng::Value::Tagged(t) => depth(&t.value),
+                _ => 0,
+            }
+        }
+        const PIECES: &[&str] = &[
+            "[",
+            "]",
+            "{",
+            "}",
+            "a",
+            ": ",
+            ",",
+            "\"",
+            "'",
+            "#",
+            "\n",
+            "- ",
+            "|",
+            "x-",
+            " ",
+            "\n  ",
+            "[[[[[[[[[[[[[[[[",
+            "{a: {a: {a: {a: ",
+            "\"]\", ",
+        ];
+        let mut rng = fastrand::Rng::with_seed(8);
+        for _ in 0..20_000 {
+            let text: String = (0..rng.usize(1..300))
+                .map(|_| PIECES[rng.usize(..PIECES.len())])
+                .collect();
+            if check_nesting(&text).is_ok() {
+                if let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) {
+                    assert!(depth(&v) <= MAX_NESTING, "{text:?}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -767,6 +833,10 @@ clusters:
             (
                 "clusters: [{name: c, connectTimeout: 5}]",
                 "clusters[0].connectTimeout: ",
+            ),
+            (
+                "clusters: [{name: c, connectTimeout: 31536001s}]",
+                "clusters[0].connectTimeout: must be at most 31536000s (365 days)",
             ),
         ];
         for (yaml, want) in cases {

@@ -48,12 +48,28 @@ impl Compiler<'_> {
             .zip(u32::try_from(d.nanos).ok())
             .filter(|(_, n)| *n < 1_000_000_000)
         {
+            // Bounded, so that no deadline computed from it can overflow the clock.
+            Some((s, _)) if s > super::MAX_DURATION.as_secs() => {
+                self.err(
+                    path,
+                    format!(
+                        "must be at most {}s (365 days)",
+                        super::MAX_DURATION.as_secs()
+                    ),
+                );
+                None
+            }
             Some((s, n)) => Some(Duration::new(s, n)),
             None => {
                 self.err(path, "must be a non-negative duration");
                 None
             }
         }
+    }
+
+    /// A timeout where 0 means none, as in Envoy and App Mesh.
+    fn timeout(&mut self, path: &str, d: Option<&pb_duration::Duration>) -> Option<Duration> {
+        self.duration(path, d).filter(|d| !d.is_zero())
     }
 
     fn regex(&mut self, path: &str, pattern: &str) -> Option<Regex> {
@@ -311,7 +327,7 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
                 }
                 Some(tcp) => {
                     let targets = compile_targets(c, &tpath, &tcp.weighted_targets, &listener.name);
-                    let idle = c.duration(&format!("{tpath}.idle"), tcp.idle.as_ref());
+                    let idle = c.timeout(&format!("{tpath}.idle"), tcp.idle.as_ref());
                     ListenerKind::Tcp(TcpRoute { targets, idle })
                 }
             }
@@ -423,11 +439,11 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         .and_then(|p| compile_retry(c, &format!("{path}.retryPolicy"), p));
     let timeouts = match &route.timeout {
         Some(t) => Timeouts {
-            per_request: c.duration(
+            per_request: c.timeout(
                 &format!("{path}.timeout.perRequest"),
                 t.per_request.as_ref(),
             ),
-            idle: c.duration(&format!("{path}.timeout.idle"), t.idle.as_ref()),
+            idle: c.timeout(&format!("{path}.timeout.idle"), t.idle.as_ref()),
         },
         None => Timeouts::default(),
     };
