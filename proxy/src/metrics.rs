@@ -166,17 +166,13 @@ impl ProxyMetrics {
         }
     }
 
-    /// Drops the series of a cluster no snapshot in use has any more.
-    pub fn retire_cluster(&self, name: &str) {
-        // Absent series (never created) are not an error worth reporting.
-        let _ = self.inner.retries.remove_label_values(&[name]);
-        let _ = self.inner.connect_errors.remove_label_values(&[name]);
-    }
-
+    /// Per-cluster counters; like request metrics, their series appear on first use, so a
+    /// snapshot that is only compiled (checked by the control plane, or rejected) leaves none.
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        let name: Arc<str> = name.into();
         ClusterMetrics {
-            retries: self.inner.retries.with_label_values(&[name]),
-            connect_errors: self.inner.connect_errors.with_label_values(&[name]),
+            retries: LazyCounter::new(&self.inner.retries, &name),
+            connect_errors: LazyCounter::new(&self.inner.connect_errors, &name),
         }
     }
 
@@ -210,11 +206,56 @@ impl ProxyMetrics {
     }
 }
 
-/// Per-cluster counters, resolved once per snapshot.
-#[derive(Debug, Clone)]
+/// Per-cluster counters.
+#[derive(Debug)]
 pub struct ClusterMetrics {
-    pub retries: IntCounter,
-    pub connect_errors: IntCounter,
+    pub retries: LazyCounter,
+    pub connect_errors: LazyCounter,
+}
+
+impl ClusterMetrics {
+    /// Drops the cluster's series: a reload removed it.
+    pub fn retire(&self) {
+        self.retries.retire();
+        self.connect_errors.retire();
+    }
+}
+
+/// One counter series, created on its first increment and never again once retired.
+#[derive(Debug)]
+pub struct LazyCounter {
+    vec: IntCounterVec,
+    label: Arc<str>,
+    series: OnceLock<IntCounter>,
+    retired: AtomicBool,
+}
+
+impl LazyCounter {
+    fn new(vec: &IntCounterVec, label: &Arc<str>) -> Self {
+        Self {
+            vec: vec.clone(),
+            label: label.clone(),
+            series: OnceLock::new(),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub fn inc(&self) {
+        match self.series.get() {
+            Some(series) => series.inc(),
+            None if self.retired.load(Ordering::Relaxed) => {}
+            None => self
+                .series
+                .get_or_init(|| self.vec.with_label_values(&[&*self.label]))
+                .inc(),
+        }
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        // An absent series (never created) is not an error worth reporting.
+        let _ = self.vec.remove_label_values(&[&*self.label]);
+    }
 }
 
 /// Request count and latency for one (route, cluster) pair.

@@ -262,15 +262,21 @@ pub fn valid_host(host: &str) -> bool {
 /// Compiles `snapshot` exactly as a proxy would, without serving it: the control plane runs
 /// this on every snapshot before it pushes one, so a proxy is never sent what it would reject.
 pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
-    let metrics = ProxyMetrics::new(&prometheus::Registry::new()).map_err(|e| {
-        SnapshotError::Invalid(vec![FieldError {
-            path: "(metrics)".into(),
-            reason: e.to_string(),
-        }])
-    })?;
+    // Compiling creates no metric series (they appear on first use), so one detached set serves
+    // every check.
+    static METRICS: std::sync::OnceLock<Result<ProxyMetrics, String>> = std::sync::OnceLock::new();
+    let metrics = METRICS
+        .get_or_init(|| ProxyMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| {
+            SnapshotError::Invalid(vec![FieldError {
+                path: "(metrics)".into(),
+                reason: e.clone(),
+            }])
+        })?;
     let upstreams = Upstreams::default();
     let mut generation = upstreams.generation();
-    compile::compile(snapshot, &mut generation, &metrics).map(drop)
+    compile::compile(snapshot, &mut generation, metrics).map(drop)
 }
 
 /// The compiled, immutable config one proxy runs.
@@ -439,7 +445,7 @@ impl SnapshotStore {
             new.clusters.iter().map(|c| &*c.name).collect();
         for c in &old.clusters {
             if !clusters.contains(&*c.name) {
-                self.metrics.retire_cluster(&c.name);
+                c.metrics.retire();
             }
         }
     }
@@ -737,6 +743,9 @@ clusters:
                 t.metrics
                     .observe(http::StatusCode::BAD_GATEWAY, Duration::ZERO);
             }
+            for c in &rt.clusters {
+                c.metrics.retries.inc();
+            }
         };
         let old = s.apply(&parse(GOOD).unwrap(), |_| Ok(())).unwrap();
         serve(&old);
@@ -749,6 +758,10 @@ clusters:
         ] {
             assert!(before.contains(series), "{series}\n{before}");
         }
+        // A rejected snapshot leaves no series behind.
+        let rejected = "version: bad\nclusters: [{name: other}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {weightedTargets: [{cluster: other, weight: 1}, {cluster: missing, weight: 1}]}}]}]}]";
+        assert!(s.apply(&parse(rejected).unwrap(), |_| Ok(())).is_err());
+        assert!(!text().contains("other"), "{}", text());
         let next = "version: v2\nclusters: [{name: svc-v1}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: default, action: {weightedTargets: [{cluster: svc-v1, weight: 1}]}}]}]}]";
         let new = s.apply(&parse(next).unwrap(), |_| Ok(())).unwrap();
         // A request still finishing on the old snapshot does not bring its series back.
