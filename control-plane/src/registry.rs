@@ -131,11 +131,7 @@ impl Instance {
 
     /// The address as a proxy dials it: `host:port`, IPv6 in brackets.
     pub fn endpoint(&self) -> String {
-        if self.address.contains(':') && !self.address.starts_with('[') {
-            format!("[{}]:{}", self.address, self.port)
-        } else {
-            format!("{}:{}", self.address, self.port)
-        }
+        trellis_proxy::snapshot::host_port(&self.address, self.port)
     }
 }
 

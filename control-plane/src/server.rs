@@ -38,8 +38,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let grpc = ConfigStreamServer::new(ConfigService::new(controller.clone()))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES)
+        .max_encoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES);
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {

@@ -132,7 +132,8 @@ impl Builder<'_> {
                     });
                 }
             } else if let (Some(dns), Some(l)) = (&sd.dns, listener) {
-                let address = format!("{}:{}", dns.hostname, l.port_mapping.port);
+                let port = u16::try_from(l.port_mapping.port).unwrap_or_default();
+                let address = trellis_proxy::snapshot::host_port(&dns.hostname, port);
                 self.sources
                     .endpoint(&name, &address, [Source::Resource(key.clone())]);
                 endpoints.push(pb::Endpoint {
@@ -782,10 +783,10 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
                 ..Default::default()
             };
             if let Some(m) = combine(&h.matcher, view, &any) {
-                route_sources.insert(
-                    gr_key.name.clone(),
-                    vec![Source::Resource((*gr_key).clone())],
-                );
+                route_sources
+                    .entry(gr_key.name.clone())
+                    .or_default()
+                    .push(Source::Resource((*gr_key).clone()));
                 out.push(pb::Route {
                     name: gr_key.name.clone(),
                     priority: base,
@@ -825,13 +826,10 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
                 };
                 let translated = b.route(&router_key, route);
                 let name = format!("{}/{}", gr_key.name, translated.name);
-                route_sources.insert(
-                    name.clone(),
-                    vec![
-                        Source::Resource((*gr_key).clone()),
-                        Source::Resource(router_key.clone()),
-                    ],
-                );
+                route_sources.entry(name.clone()).or_default().extend([
+                    Source::Resource((*gr_key).clone()),
+                    Source::Resource(router_key.clone()),
+                ]);
                 out.push(pb::Route {
                     name,
                     priority: base.saturating_add(

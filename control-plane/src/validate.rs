@@ -267,7 +267,12 @@ impl Checker<'_> {
                     format!("port {} is listed twice", l.port_mapping.port),
                 );
             }
-            if l.tls.is_some() {
+            // `mode: DISABLED` asks for plaintext, which is what runs.
+            let disabled = l
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.get("mode").and_then(|m| m.as_str()) == Some("DISABLED"));
+            if l.tls.is_some() && !disabled {
                 self.err(format!("{path}[{i}].tls"), TLS_NOT_SUPPORTED.into());
             }
             if !PROTOCOLS.contains(&l.port_mapping.protocol.as_str()) {
@@ -800,6 +805,12 @@ spec:
 
     #[test]
     fn a_consistent_set_passes() {
+        // TLS asked to be off is what runs: accepted.
+        let plaintext = GOOD.replace(
+            "protocol: http } }]\n  serviceDiscovery",
+            "protocol: http }, tls: { mode: DISABLED } }]\n  serviceDiscovery",
+        );
+        assert!(state_of(&plaintext).is_ok());
         let state = state_of(GOOD).unwrap();
         assert_eq!(state.len(), 4);
         let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
@@ -865,6 +876,24 @@ spec:
                 timeout,
             ),
             "spec.routes[0].httpRoute.timeout.idle.value: must be at most 31536000s (365 days)",
+        ), (
+            GOOD.replace(
+                "protocol: http } }]\n  serviceDiscovery",
+                "protocol: http }, tls: { mode: PERMISSIVE } }]\n  serviceDiscovery",
+            ),
+            "spec.listeners[0].tls: TLS is not supported yet",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { dns: { hostname: 'red_svc!.local' } }\n  backends: [{ virtualService: { virtualServiceRef: { name: colorteller }, clientPolicy: { tls: { enforce: true } } } }]",
+            ),
+            "spec.backends[0].virtualService.clientPolicy.tls: TLS is not supported yet",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { registry: { namespaceName: 'a/b', serviceName: colorteller } }",
+            ),
+            "spec.serviceDiscovery.registry.namespaceName: \"a/b\" is not a registry name",
         )]);
         for (yaml, want) in cases {
             let problems = state_of(&yaml).unwrap_err();

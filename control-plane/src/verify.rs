@@ -131,6 +131,15 @@ const MAX_PASSES: usize = 8;
 /// `t.problems`; `node` is blamed for what no resource or instance can be. Leaves `t.withheld`
 /// set when the snapshot cannot be made valid by cutting.
 pub fn verify(mut t: Translated, node: &ResourceKey) -> Translated {
+    use prost::Message as _;
+    let size = t.snapshot.encoded_len();
+    if size > trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES {
+        t.withheld = Some(format!(
+            "{node}: the snapshot is {size} bytes, more than the {} a proxy accepts",
+            trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES
+        ));
+        return t;
+    }
     for _ in 0..MAX_PASSES {
         let errors = match trellis_proxy::snapshot::check(&t.snapshot) {
             Ok(()) => {

@@ -99,8 +99,8 @@ async fn session(
         .connect()
         .await?;
     let mut client = ConfigStreamClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES)
+        .max_encoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
     let applied = app.store.load().version.to_string();
     tx.send(ProxyMessage {

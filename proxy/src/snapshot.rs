@@ -195,7 +195,7 @@ pub fn parse_file(text: &str) -> Result<pb::Snapshot, SnapshotError> {
     if snapshot.listeners.is_empty() {
         // Rare: only now look at whether the file names its listeners at all.
         let explicit = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
-            .is_ok_and(|v| v.get("listeners").is_some());
+            .is_ok_and(|v| v.get("listeners").is_some_and(|l| l.is_sequence()));
         if !explicit {
             return Err(SnapshotError::Invalid(vec![FieldError {
                 path: "listeners".into(),
@@ -257,6 +257,15 @@ pub fn valid_host(host: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// `host:port` as an endpoint address names it: an IPv6 address in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Compiles `snapshot` exactly as a proxy would, without serving it: the control plane runs
@@ -583,6 +592,9 @@ clusters:
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
+        assert_eq!(host_port("::1", 80), "[::1]:80");
+        assert_eq!(host_port("[::1]", 80), "[::1]:80");
+        assert_eq!(host_port("a.example", 80), "a.example:80");
     }
 
     #[test]
@@ -692,6 +704,10 @@ clusters:
                 .starts_with("listeners: missing")
         );
         assert!(parse_file("version: v1\nlisteners: []\n").is_ok());
+        assert!(
+            parse_file("version: v1\nlisteners:\n").is_err(),
+            "cut right after the key"
+        );
         assert!(parse_file("{\"version\": \"v1\", \"listeners\": []}").is_ok());
         assert!(parse_file(GOOD).is_ok());
     }
@@ -798,6 +814,10 @@ clusters:
             (
                 "clusters: [{name: c, endpoints: [{address: nope}]}]",
                 "clusters[0].endpoints[0].address: \"nope\" is not HOST:PORT",
+            ),
+            (
+                "clusters: [{name: c, endpoints: [{address: '1::2:3'}]}]",
+                "clusters[0].endpoints[0].address: \"1::2:3\" is not HOST:PORT",
             ),
             (
                 "clusters: [{name: c}, {name: c}]",

@@ -275,7 +275,8 @@ fn valid_host_port(address: &str) -> bool {
     let Some((host, port)) = address.rsplit_once(':') else {
         return false;
     };
-    port.parse::<u16>().is_ok_and(|p| p > 0) && super::valid_host(host)
+    // An IPv6 address is bracketed (and parsed above): a bare one is ambiguous with the port.
+    port.parse::<u16>().is_ok_and(|p| p > 0) && !host.contains(':') && super::valid_host(host)
 }
 
 fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -> Option<Listener> {
