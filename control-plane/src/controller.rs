@@ -442,23 +442,31 @@ impl Controller {
 
     /// The snapshot the proxy of `node` (a VirtualNode's sidecar or a VirtualGateway's gateway)
     /// should run now, cached per view revision.
+    /// Translating and compiling is CPU work: call it off the async threads, and the cache is
+    /// not locked while it runs (two proxies of one node may both compute it once).
     pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
+        {
+            let cache = lock(&self.cache);
+            if cache.0 == view.revision {
+                if let Some(t) = cache.1.get(node) {
+                    return t.clone();
+                }
+            }
+        }
+        let translated = match node.kind {
+            Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node),
+            Kind::VirtualGateway => translate::gateway(&view.state, &view.instances, node),
+            _ => None,
+        }
+        .map(|t| Arc::new(verify::verify(t, node)));
         let mut cache = lock(&self.cache);
-        if cache.0 != view.revision {
+        if cache.0 < view.revision {
             *cache = (view.revision, HashMap::new());
         }
-        cache
-            .1
-            .entry(node.clone())
-            .or_insert_with(|| {
-                let translated = match node.kind {
-                    Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node),
-                    Kind::VirtualGateway => translate::gateway(&view.state, &view.instances, node),
-                    _ => None,
-                };
-                translated.map(|t| Arc::new(verify::verify(t, node)))
-            })
-            .clone()
+        if cache.0 == view.revision {
+            cache.1.insert(node.clone(), translated.clone());
+        }
+        translated
     }
 
     // ---- proxy tracking ----------------------------------------------------------------------

@@ -109,7 +109,7 @@ impl ConfigStream for ConfigService {
 }
 
 async fn serve_proxy(
-    controller: &Controller,
+    controller: &Arc<Controller>,
     id: u64,
     node: &ResourceKey,
     applied: String,
@@ -123,7 +123,16 @@ async fn serve_proxy(
     let mut sent: Option<String> = None;
     loop {
         let view = views.borrow_and_update().clone();
-        let desired = controller.snapshot_for(&view, node);
+        let desired = {
+            let (controller, node, view) = (controller.clone(), node.clone(), view.clone());
+            match tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node)).await {
+                Ok(desired) => desired,
+                Err(e) => {
+                    tracing::error!(error = %e, "translation failed");
+                    return;
+                }
+            }
+        };
         if let Some(t) = desired.as_ref().filter(|t| t.withheld.is_some()) {
             // Never sent: the proxy keeps what it runs; status says why.
             controller.update_proxy(id, |p| {
