@@ -766,6 +766,9 @@ async fn upgrade(
         let _in_flight = in_flight;
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
+                if let Some(done) = &done {
+                    done.active.upgraded();
+                }
                 let result = crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle).await;
                 if let Err(e) = result {
                     tracing::debug!(cluster = %cluster_name, error = %e, "upgraded connection ended");
@@ -801,6 +804,9 @@ async fn tunnel(
         let _in_flight = in_flight;
         match hyper::upgrade::on(req).await {
             Ok(client) => {
+                if let Some(done) = &done {
+                    done.active.upgraded();
+                }
                 if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, None).await {
                     tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
                 }

@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 use trellis_testkit::{
-    ProxyProcess, RawHttpServer, RawReply, TestServer,
+    ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
     h2raw::{self, H2Raw, Outcome},
     raw::{exchange, read_response},
 };
@@ -439,4 +439,94 @@ async fn requests_refused_by_the_parser_are_counted() {
         2.0,
     )
     .await;
+}
+
+/// Reads everything until the end of stream, or panics after 10 s (a tunnel that never ends).
+async fn read_to_eof(s: &mut TcpStream, what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: no end of stream; got {:?}",
+                String::from_utf8_lossy(&got)
+            )
+        })
+        .unwrap();
+    got
+}
+
+/// A client that half-closes a CONNECT tunnel or an upgraded (WebSocket) connection: its end of
+/// stream reaches the upstream, which closes, and the tunnel ends. Also when the end of stream
+/// came with the CONNECT request itself, before the tunnel was open.
+#[tokio::test]
+async fn tunnels_pass_the_clients_half_close_upstream() {
+    let db = TcpEchoServer::start("db-1").await;
+    let ws = WsEchoServer::start("ws-1").await;
+    let db_host = "      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: { weightedTargets: [{ cluster: db, weight: 1 }] }\n";
+    let proxy = proxy_with(
+        "v1",
+        &(db_host.to_owned() + &host_to("ws.test", "ws", "")),
+        &(cluster("db", "TCP_ONLY", &[db.addr]) + &cluster("ws", "HTTP1", &[ws.addr])),
+        &[],
+    )
+    .await;
+    let connect = "CONNECT db.test:5432 HTTP/1.1\r\nHost: db.test:5432\r\n\r\n";
+
+    // Half-closed once the tunnel is open: the echo server sees the end of stream and closes.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(connect.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("db-1\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("the tunnel opens")
+            .unwrap();
+        assert_ne!(n, 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"));
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let rest = read_to_eof(&mut s, "CONNECT, half-closed in the tunnel").await;
+    assert_eq!(rest, b"ping");
+
+    // Half-closed right after the request, before the tunnel is open.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(format!("{connect}ping").as_bytes())
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let got = read_to_eof(&mut s, "CONNECT, half-closed with the request").await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("\r\n\r\ndb-1\nping"), "{got}");
+
+    // A WebSocket connection: the upstream sees the end of stream and closes.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s).await.expect("a response");
+    assert_eq!(r.status, 101);
+    s.shutdown().await.unwrap();
+    read_to_eof(&mut s, "WebSocket, half-closed").await;
+
+    // All three are over: recorded, and no connection left open.
+    metric_is(
+        &proxy,
+        "trellis_proxy_requests_total",
+        &[("cluster", "db")],
+        2.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_requests_total",
+        &[("cluster", "ws")],
+        1.0,
+    )
+    .await;
+    metric_is(&proxy, "trellis_proxy_active_connections", &[], 0.0).await;
 }
