@@ -530,3 +530,73 @@ async fn tunnels_pass_the_clients_half_close_upstream() {
     .await;
     metric_is(&proxy, "trellis_proxy_active_connections", &[], 0.0).await;
 }
+
+/// The same client faults against an HTTP/2 (h2c) cluster, whose client (hyper's) only resets
+/// the upstream stream when the request body fails: still 400, 499 and 408, never a 502, never
+/// retried nor charged to the cluster. With and without a retry policy.
+#[tokio::test]
+async fn broken_request_bodies_are_client_errors_on_http2_clusters() {
+    let app = TestServer::start("app").await;
+    let retry = "            retryPolicy: { maxRetries: 2, httpRetryEvents: [server-error, gateway-error, reset] }\n            timeout: { idle: 0.2s }\n";
+    let hosts = host_to("once.test", "svc", "            timeout: { idle: 0.2s }\n")
+        + &host_to("retry.test", "svc", retry);
+    let proxy = proxy_with("v1", &hosts, &cluster("svc", "HTTP2", &[app.addr]), &[]).await;
+    for (round, host) in [(1.0, "once.test"), (2.0, "retry.test")] {
+        let malformed = [
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+            ),
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n"
+            ),
+        ];
+        for raw in &malformed {
+            let r = exchange(proxy.egress, raw.as_bytes()).await;
+            let r = r.unwrap_or_else(|| panic!("no response for {raw}"));
+            assert_eq!(r.status, 400, "{raw}");
+            assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{raw}");
+        }
+        // A body that stalls.
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\nx");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, 408, "{host}");
+        assert_eq!(r.header("x-trellis-error"), Some("request_body_timeout"));
+        // A client that leaves in the middle of its body, once the upstream has the request.
+        let seen = app.requests();
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n\r\nabc");
+        s.write_all(head.as_bytes()).await.unwrap();
+        app.wait_requests(seen + 1).await;
+        drop(s);
+        let errors = [
+            ("bad_request", 2.0 * round),
+            ("request_body_timeout", round),
+            ("downstream_reset", round),
+        ];
+        for (kind, want) in errors {
+            metric_is(
+                &proxy,
+                "trellis_proxy_errors_total",
+                &[("kind", kind)],
+                want,
+            )
+            .await;
+        }
+    }
+    for kind in ["upstream_protocol_error", "upstream_reset"] {
+        let n = proxy
+            .metric("trellis_proxy_errors_total", &[("kind", kind)])
+            .await;
+        assert_eq!(n, 0.0, "{kind}");
+    }
+    let fives = proxy
+        .metric("trellis_proxy_requests_total", &[("status_class", "5xx")])
+        .await;
+    assert_eq!(fives, 0.0, "nothing charged to the cluster as a 5xx");
+    let retries = proxy
+        .metric("trellis_proxy_retries_total", &[("cluster", "svc")])
+        .await;
+    assert_eq!(retries, 0.0, "client faults are not retried");
+}
