@@ -113,7 +113,8 @@ impl App {
         })
     }
 
-    /// How long a client connection, or a request body, may stay idle.
+    /// How long a client connection, or a (non-gRPC) request body before its response, may stay
+    /// idle.
     pub(crate) fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }

@@ -4,7 +4,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -200,19 +203,26 @@ impl Drop for UpstreamBody {
     }
 }
 
-/// What a request body shares with the attempts that send it: how the client's body failed, if
-/// it did. Upstream clients do not all carry a body's error back (hyper's HTTP/2 client only
-/// resets the stream), so an attempt that fails looks here before blaming the upstream.
-/// Allocated only for requests with a body.
+/// What a request body shares with the request path: how the client's body failed, if it did,
+/// and whether the response head has arrived. Upstream clients do not all carry a body's error
+/// back (hyper's HTTP/2 client only resets the stream), so an attempt that fails looks here
+/// before blaming the upstream. Allocated only for requests with a body.
 #[derive(Debug, Default)]
 pub struct BodyState {
     failure: OnceLock<ClientBodyError>,
+    responded: AtomicBool,
 }
 
 impl BodyState {
     /// The failure of the client's body, when that is why an attempt failed.
     pub fn failure(&self) -> Option<ClientBodyError> {
         self.failure.get().map(ClientBodyError::to_owned_kind)
+    }
+
+    /// The response head has arrived: the request-body timeout stops (the route's stream idle
+    /// timeout governs the exchange from here).
+    pub fn responded(&self) {
+        self.responded.store(true, Ordering::Relaxed);
     }
 
     /// Records a failure of the body and returns it as the body's error.
@@ -225,8 +235,9 @@ impl BodyState {
 /// What a request with a body carries along with it (none for a request without one).
 #[derive(Debug)]
 pub struct BodyTracking {
-    /// How long the body may go without progress.
-    pub idle: Duration,
+    /// How long the body may go without progress until the response head arrives; `None`: no
+    /// limit.
+    pub idle: Option<Duration>,
     /// Until the body ends (the connection's end of stream means the client left).
     pub open: BodyOpen,
     pub state: Arc<BodyState>,
@@ -234,11 +245,12 @@ pub struct BodyTracking {
 
 /// A client's request body on its way upstream. Its failures become [`ClientBodyError`]s,
 /// recorded in its [`BodyState`], so they are answered as the client's (400, 499) and not
-/// charged to the upstream; and a body that makes no progress for `idle` ends with
-/// [`ClientBodyError::Timeout`] (408). Progress is [`MIN_BODY_PROGRESS`] bytes (or the end), so
-/// a body trickling a byte at a time is bounded too, as by Kestrel's minimum data rate. The
-/// timer is armed when the body is first found waiting after progress (no timer for a body that
-/// never waits), so time spent waiting for the upstream to take the body does not count.
+/// charged to the upstream; and a body that makes no progress for `idle` before the response
+/// head arrives ends with [`ClientBodyError::Timeout`] (408). Progress is [`MIN_BODY_PROGRESS`]
+/// bytes (or the end), so a body trickling a byte at a time is bounded too, as by Kestrel's
+/// minimum data rate. The timer is armed when the body is first found waiting after progress
+/// (no timer for a body that never waits), so time spent waiting for the upstream to take the
+/// body does not count.
 #[derive(Debug)]
 pub struct ClientBody {
     inner: Incoming,
@@ -307,9 +319,18 @@ impl Body for ClientBody {
                 Poll::Ready(Some(Err(this.fail(e))))
             }
             Poll::Pending => {
-                let Some(idle) = this.tracking.as_ref().map(|t| t.idle) else {
+                let Some(t) = &mut this.tracking else {
                     return Poll::Pending;
                 };
+                let Some(idle) = t.idle else {
+                    return Poll::Pending;
+                };
+                if t.state.responded.load(Ordering::Relaxed) {
+                    // The response has begun: no request-body timeout from here.
+                    t.idle = None;
+                    this.timer = None;
+                    return Poll::Pending;
+                }
                 let deadline = || Instant::now() + idle;
                 let timer = match &mut this.timer {
                     Some(t) => {

@@ -410,11 +410,15 @@ async fn forward(
     authority_as_host(&mut parts);
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
-    // A request body may pause for the route's idle timeout, else the connection's; its
-    // failures are recorded for the attempts to tell them from the upstream's.
+    // Until the response head arrives, a request body may pause for the route's idle timeout,
+    // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
+    // route's. Its failures are recorded for the attempts to tell them from the upstream's.
     let tracking = match completion.as_ref() {
         Some(c) if !body.is_end_stream() => Some(BodyTracking {
-            idle: route.timeouts.idle.unwrap_or_else(|| c.app.idle_timeout()),
+            idle: route
+                .timeouts
+                .idle
+                .or_else(|| (!is_grpc(&parts.headers)).then(|| c.app.idle_timeout())),
             open: c.active.body_open(),
             state: Arc::default(),
         }),
@@ -521,11 +525,16 @@ async fn attempt_once(
         ));
     };
     match sent {
-        Ok(response) => Ok(Exchange {
-            response,
-            in_flight,
-            endpoint,
-        }),
+        Ok(response) => {
+            if let Some(state) = &state {
+                state.responded();
+            }
+            Ok(Exchange {
+                response,
+                in_flight,
+                endpoint,
+            })
+        }
         Err(e) => {
             if let Some(fault) = client_fault(state.as_deref()) {
                 tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
@@ -605,6 +614,9 @@ async fn retrying(
                 if !retry {
                     if let Some(c) = completion.as_mut() {
                         c.retries = retries;
+                    }
+                    if let Some(state) = &state {
+                        state.responded();
                     }
                     return Ok(Exchange {
                         response,

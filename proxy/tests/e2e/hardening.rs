@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use trellis_testkit::{
     ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
+    grpc::{self, EchoRequest, GrpcServer},
     h2raw::{self, H2Raw, Outcome},
     raw::{exchange, read_response},
 };
@@ -599,4 +601,119 @@ async fn broken_request_bodies_are_client_errors_on_http2_clusters() {
         .metric("trellis_proxy_retries_total", &[("cluster", "svc")])
         .await;
     assert_eq!(retries, 0.0, "client faults are not retried");
+}
+
+/// A gRPC bidi stream whose response has begun is not cut by the request-body timeout, however
+/// little and however rarely the client sends: past the response head only the route's stream
+/// idle timeout governs it (here each message is answered, so the stream is never idle).
+#[tokio::test]
+async fn streams_with_a_response_outlive_the_request_body_timeout() {
+    let server = GrpcServer::start("grpc-1").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("echo.test", "echo", "            timeout: { idle: 0.3s }\n"),
+        &cluster("echo", "GRPC", &[server.addr]),
+        &[],
+    )
+    .await;
+    let mut client = grpc::client_via(proxy.egress, "echo.test").await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.bidi(outbound).await.unwrap().into_inner();
+    // A small message every 100 ms for 1.2 s: four times the route's idle timeout, and far
+    // from the 1 KiB that would count as request-body progress.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..12 {
+        tick.tick().await;
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stream cut before message {i}"));
+        let reply = tokio::time::timeout(Duration::from_secs(10), inbound.next())
+            .await
+            .expect("a reply in time")
+            .unwrap_or_else(|| panic!("stream ended at message {i}"))
+            .unwrap_or_else(|e| panic!("stream cut at message {i}: {e}"));
+        assert_eq!(reply.message, format!("m{i}"));
+    }
+    drop(tx);
+    assert!(inbound.next().await.is_none(), "the stream ends cleanly");
+    let cut = proxy
+        .metric(
+            "trellis_proxy_errors_total",
+            &[("kind", "request_body_timeout")],
+        )
+        .await;
+    assert_eq!(cut, 0.0);
+}
+
+/// A gRPC request body is not bounded by the `--idle-timeout` default (a client stream may be
+/// quiet for minutes before the server answers); only a route's explicit `timeout.idle` bounds
+/// it. An ordinary body on the same proxy still gets 408.
+#[tokio::test]
+async fn grpc_request_bodies_are_not_bounded_by_the_default_idle_timeout() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP2", &[app.addr]),
+        &["--idle-timeout", "300ms"],
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.egress).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sent = Vec::new();
+    for content_type in ["application/grpc", "application/octet-stream"] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let body = StreamBody::new(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move {
+                let b = rx.recv().await?;
+                Some((Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+            },
+        )));
+        let req = http::Request::post("http://svc.test/echo")
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = tokio::spawn(sender.send_request(req));
+        // A byte every 100 ms for 1.2 s: four times --idle-timeout. (The upstream answers
+        // only once it has the whole body.)
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut body = Vec::new();
+        for _ in 0..12 {
+            tick.tick().await;
+            if tx.send(bytes::Bytes::from_static(b"x")).await.is_err() {
+                break;
+            }
+            body.push(b'x');
+        }
+        drop(tx);
+        let response = response.await.unwrap().unwrap();
+        let status = response.status();
+        let error = response.headers().get("x-trellis-error").cloned();
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        sent.push((content_type, status.as_u16(), error, got.len(), body.len()));
+    }
+    let grpc = &sent[0];
+    assert_eq!((grpc.1, &grpc.2), (200, &None), "{grpc:?}");
+    assert_eq!(grpc.3, 12, "the whole body echoed: {grpc:?}");
+    let plain = &sent[1];
+    assert_eq!(plain.1, 408, "{plain:?}");
+    assert_eq!(
+        plain.2.as_ref().map(|v| v.to_str().unwrap()),
+        Some("request_body_timeout")
+    );
 }
