@@ -113,7 +113,8 @@ impl App {
         })
     }
 
-    /// How long a client connection, or a request body, may stay idle.
+    /// How long a client connection, or a (non-gRPC) request body before its response, may stay
+    /// idle.
     pub(crate) fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }
@@ -481,8 +482,17 @@ struct ConnActivity {
     bodies: AtomicUsize,
     /// The client's end of stream is held back until the requests in flight are over.
     held_eof: AtomicBool,
+    /// The connection is a tunnel now (CONNECT, WebSocket): its end of stream passes through.
+    upgraded: AtomicBool,
     /// Wakes the connection's reader when the last request in flight ends.
     reader: AtomicWaker,
+}
+
+impl ConnActivity {
+    /// Whether the client's end of stream goes through: no request in flight, or a tunnel.
+    fn releases_eof(&self) -> bool {
+        self.active.load(Ordering::SeqCst) == 0 || self.upgraded.load(Ordering::SeqCst)
+    }
 }
 
 /// The client's socket as hyper reads it, with half-closes handled here rather than by hyper's
@@ -492,7 +502,9 @@ struct ConnActivity {
 /// requests are over: a client that shuts down its sending side after its request still gets
 /// the response (RFC 9112 §9.6). A reset still ends the connection at once, an end of stream in
 /// the middle of a request body is still the client leaving, and HTTP/2 connections see every
-/// end of stream as it comes. Per read, this costs a length check.
+/// end of stream as it comes. Once the connection is a tunnel (CONNECT, WebSocket), its end of
+/// stream passes through to the upstream, one held before included. Per read, this costs a
+/// length check.
 #[derive(Debug)]
 struct ClientIo {
     stream: TcpStream,
@@ -510,14 +522,14 @@ enum IoKind {
 }
 
 impl ClientIo {
-    /// The end of stream, once no request is in flight.
+    /// The end of stream, once no request is in flight or the connection is a tunnel.
     fn poll_held(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let activity = &self.activity;
-        if activity.active.load(Ordering::SeqCst) == 0 {
+        if activity.releases_eof() {
             return Poll::Ready(Ok(()));
         }
         activity.reader.register(cx.waker());
-        if activity.active.load(Ordering::SeqCst) == 0 {
+        if activity.releases_eof() {
             return Poll::Ready(Ok(()));
         }
         Poll::Pending
@@ -548,8 +560,8 @@ impl tokio::io::AsyncRead for ClientIo {
         if read.is_empty()
             && buf.remaining() > 0
             && this.kind == IoKind::Http1
-            && this.activity.active.load(Ordering::SeqCst) > 0
             && this.activity.bodies.load(Ordering::SeqCst) == 0
+            && !this.activity.releases_eof()
         {
             tracing::debug!("client half-closed its connection; responses in flight go on");
             this.held = true;
@@ -603,6 +615,14 @@ impl ActiveRequest {
 }
 
 impl ActiveRequest {
+    /// The connection has become a tunnel (CONNECT, WebSocket) spliced to the upstream: the
+    /// client's end of stream is the tunnel's and must reach the upstream, even though the
+    /// request stays active until the tunnel ends. An end of stream already held is let go.
+    pub(crate) fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::SeqCst);
+        self.0.reader.wake();
+    }
+
     /// Marks a request body as being read from the client until the guard is dropped.
     pub(crate) fn body_open(&self) -> BodyOpen {
         self.0.bodies.fetch_add(1, Ordering::SeqCst);

@@ -4,6 +4,10 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -199,23 +203,62 @@ impl Drop for UpstreamBody {
     }
 }
 
-/// A client's request body on its way upstream. Its failures become [`ClientBodyError`]s, so
-/// they are answered as the client's (400, 499) and not charged to the upstream; and a body
-/// that makes no progress for `idle` ends with [`ClientBodyError::Timeout`] (408). Progress is
-/// [`MIN_BODY_PROGRESS`] bytes (or the end), so a body trickling a byte at a time is bounded
-/// too, as by Kestrel's minimum data rate. The timer is armed when the body is first found
-/// waiting after progress (no timer for a body that never waits), so time spent waiting for the
-/// upstream to take the body does not count.
+/// What a request body shares with the request path: how the client's body failed, if it did,
+/// and whether the response head has arrived. Upstream clients do not all carry a body's error
+/// back (hyper's HTTP/2 client only resets the stream), so an attempt that fails looks here
+/// before blaming the upstream. Allocated only for requests with a body.
+#[derive(Debug, Default)]
+pub struct BodyState {
+    failure: OnceLock<ClientBodyError>,
+    responded: AtomicBool,
+}
+
+impl BodyState {
+    /// The failure of the client's body, when that is why an attempt failed.
+    pub fn failure(&self) -> Option<ClientBodyError> {
+        self.failure.get().map(ClientBodyError::to_owned_kind)
+    }
+
+    /// The response head has arrived: the request-body timeout stops (the route's stream idle
+    /// timeout governs the exchange from here).
+    pub fn responded(&self) {
+        self.responded.store(true, Ordering::Relaxed);
+    }
+
+    /// Records a failure of the body and returns it as the body's error.
+    fn fail(&self, e: ClientBodyError) -> BoxError {
+        let _ = self.failure.set(e.to_owned_kind());
+        e.into()
+    }
+}
+
+/// What a request with a body carries along with it (none for a request without one).
+#[derive(Debug)]
+pub struct BodyTracking {
+    /// How long the body may go without progress until the response head arrives; `None`: no
+    /// limit.
+    pub idle: Option<Duration>,
+    /// Until the body ends (the connection's end of stream means the client left).
+    pub open: BodyOpen,
+    pub state: Arc<BodyState>,
+}
+
+/// A client's request body on its way upstream. Its failures become [`ClientBodyError`]s,
+/// recorded in its [`BodyState`], so they are answered as the client's (400, 499) and not
+/// charged to the upstream; and a body that makes no progress for `idle` before the response
+/// head arrives ends with [`ClientBodyError::Timeout`] (408). Progress is [`MIN_BODY_PROGRESS`]
+/// bytes (or the end), so a body trickling a byte at a time is bounded too, as by Kestrel's
+/// minimum data rate. The timer is armed when the body is first found waiting after progress
+/// (no timer for a body that never waits), so time spent waiting for the upstream to take the
+/// body does not count.
 #[derive(Debug)]
 pub struct ClientBody {
     inner: Incoming,
-    idle: Duration,
+    tracking: Option<BodyTracking>,
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     /// Bytes received since the timer last restarted.
     progress: usize,
-    /// Until the body ends (the connection's end of stream means the client left).
-    open: Option<BodyOpen>,
 }
 
 /// How many request body bytes restart its idle timeout: at the default 60 s, a body must
@@ -223,14 +266,25 @@ pub struct ClientBody {
 pub const MIN_BODY_PROGRESS: usize = 1024;
 
 impl ClientBody {
-    pub fn new(inner: Incoming, idle: Duration, open: Option<BodyOpen>) -> Self {
+    pub fn new(inner: Incoming, tracking: Option<BodyTracking>) -> Self {
         Self {
             inner,
-            idle,
+            tracking,
             timer: None,
             armed: false,
             progress: 0,
-            open,
+        }
+    }
+
+    /// The body is over: an end of stream on the connection is no longer the client leaving.
+    fn end(&mut self) {
+        self.tracking = None;
+    }
+
+    fn fail(&mut self, e: ClientBodyError) -> BoxError {
+        match self.tracking.take() {
+            Some(t) => t.state.fail(e),
+            None => e.into(),
         }
     }
 }
@@ -252,20 +306,32 @@ impl Body for ClientBody {
                     this.progress = 0;
                 }
                 if this.inner.is_end_stream() {
-                    this.open = None;
+                    this.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.open = None;
+                this.end();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.open = None;
-                Poll::Ready(Some(Err(ClientBodyError::from_incoming(e).into())))
+                let e = ClientBodyError::from_incoming(e);
+                Poll::Ready(Some(Err(this.fail(e))))
             }
             Poll::Pending => {
-                let deadline = || Instant::now() + this.idle;
+                let Some(t) = &mut this.tracking else {
+                    return Poll::Pending;
+                };
+                let Some(idle) = t.idle else {
+                    return Poll::Pending;
+                };
+                if t.state.responded.load(Ordering::Relaxed) {
+                    // The response has begun: no request-body timeout from here.
+                    t.idle = None;
+                    this.timer = None;
+                    return Poll::Pending;
+                }
+                let deadline = || Instant::now() + idle;
                 let timer = match &mut this.timer {
                     Some(t) => {
                         if !this.armed {
@@ -279,7 +345,8 @@ impl Body for ClientBody {
                 };
                 this.armed = true;
                 if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(ClientBodyError::Timeout(this.idle).into())));
+                    let e = this.fail(ClientBodyError::Timeout(idle));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Pending
             }

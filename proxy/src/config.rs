@@ -73,7 +73,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
 
     /// Client connections that start no request for this long, with none in flight, are closed
-    /// (an HTTP/1.1 connection that has not sent a whole request head by then too).
+    /// (an HTTP/1.1 connection that has not sent a whole request head by then too). Also the
+    /// request-body idle timeout of routes without `timeout.idle`, except for gRPC requests.
     #[arg(long, env = "TRELLIS_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
 

@@ -30,8 +30,8 @@ pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => StatusCode::BAD_REQUEST,
 };
 
-/// Why a client's request body failed: the client's fault, never the upstream's. Carried through
-/// the upstream clients as the body's error and recognised with [`ClientBodyError::find`].
+/// Why a client's request body failed: the client's fault, never the upstream's. The body's
+/// error, and recorded in its [`crate::body::BodyState`] for the attempt that sent it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBodyError {
     #[error("malformed request body: {0}")]
@@ -61,19 +61,7 @@ impl ClientBodyError {
         Self::Reset(e.into())
     }
 
-    /// The client body failure behind an upstream attempt's error, if that is what it was.
-    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
-        let mut next = Some(e);
-        while let Some(e) = next {
-            if let Some(found) = e.downcast_ref::<Self>() {
-                return Some(found);
-            }
-            next = e.source();
-        }
-        None
-    }
-
-    /// A copy for the response (the original stays with the attempt that failed).
+    /// A copy (the original is the body's error, the copy goes to the response).
     pub fn to_owned_kind(&self) -> Self {
         match self {
             Self::Malformed(e) => Self::Malformed(e.to_string().into()),

@@ -19,7 +19,7 @@ use crate::{
     access_log::LogRecord,
     app::{ActiveRequest, App},
     balance::Target,
-    body::{ClientBody, ResponseBody, UpstreamBody, UpstreamIncoming},
+    body::{BodyState, BodyTracking, ClientBody, ResponseBody, UpstreamBody, UpstreamIncoming},
     error::{CLIENT_CLOSED, ClientBodyError, ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
@@ -410,17 +410,21 @@ async fn forward(
     authority_as_host(&mut parts);
     rewrite(&mut parts, route);
     let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
-    // A request body may pause for the route's idle timeout, else the connection's.
-    let idle = match (route.timeouts.idle, completion.as_ref()) {
-        (Some(idle), _) => idle,
-        (None, Some(c)) => c.app.idle_timeout(),
-        (None, None) => return Err(ProxyError::NotReady),
-    };
-    let open = match completion.as_ref() {
-        Some(c) if !body.is_end_stream() => Some(c.active.body_open()),
+    // Until the response head arrives, a request body may pause for the route's idle timeout,
+    // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
+    // route's. Its failures are recorded for the attempts to tell them from the upstream's.
+    let tracking = match completion.as_ref() {
+        Some(c) if !body.is_end_stream() => Some(BodyTracking {
+            idle: route
+                .timeouts
+                .idle
+                .or_else(|| (!is_grpc(&parts.headers)).then(|| c.app.idle_timeout())),
+            open: c.active.body_open(),
+            state: Arc::default(),
+        }),
         _ => None,
     };
-    let body = RequestBody { body, idle, open };
+    let body = RequestBody { body, tracking };
 
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
@@ -451,11 +455,10 @@ async fn forward(
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
-/// The client's request body and how long it may stop arriving.
+/// The client's request body, and for one that has a body, what tracks it.
 struct RequestBody {
     body: Incoming,
-    idle: std::time::Duration,
-    open: Option<crate::app::BodyOpen>,
+    tracking: Option<BodyTracking>,
 }
 
 impl RequestBody {
@@ -463,14 +466,19 @@ impl RequestBody {
         self.body.is_end_stream()
     }
 
+    /// What the body will record of its failure (none for a request without a body).
+    fn state(&self) -> Option<Arc<BodyState>> {
+        self.tracking.as_ref().map(|t| t.state.clone())
+    }
+
     fn boxed(self) -> crate::upstream::RequestBody {
-        ClientBody::new(self.body, self.idle, self.open).boxed()
+        ClientBody::new(self.body, self.tracking).boxed()
     }
 }
 
 /// An attempt that failed because the client's body did: the client's error, not the cluster's.
-fn client_fault(e: &crate::upstream::UpstreamError) -> Option<ProxyError> {
-    ClientBodyError::find(&*e.source).map(|c| ProxyError::ClientBody(c.to_owned_kind()))
+fn client_fault(state: Option<&BodyState>) -> Option<ProxyError> {
+    state?.failure().map(ProxyError::ClientBody)
 }
 
 /// Sends the request once (no retry policy), within `deadline` (instant, configured timeout).
@@ -487,6 +495,7 @@ async fn attempt_once(
         failure,
     };
     // No retries: the request goes out as it is, once.
+    let state = body.state();
     let endpoint = cluster
         .pick(&[])
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
@@ -516,13 +525,18 @@ async fn attempt_once(
         ));
     };
     match sent {
-        Ok(response) => Ok(Exchange {
-            response,
-            in_flight,
-            endpoint,
-        }),
+        Ok(response) => {
+            if let Some(state) = &state {
+                state.responded();
+            }
+            Ok(Exchange {
+                response,
+                in_flight,
+                endpoint,
+            })
+        }
         Err(e) => {
-            if let Some(fault) = client_fault(&e) {
+            if let Some(fault) = client_fault(state.as_deref()) {
                 tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
                 return Err(fault);
             }
@@ -550,6 +564,7 @@ async fn retrying(
         failure,
     };
     policy.deposit();
+    let state = body.state();
     let replay = (!body.is_end_stream()).then(|| Replay::new(body.boxed(), policy.buffer_limit));
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut retries = 0u32;
@@ -600,6 +615,9 @@ async fn retrying(
                     if let Some(c) = completion.as_mut() {
                         c.retries = retries;
                     }
+                    if let Some(state) = &state {
+                        state.responded();
+                    }
                     return Ok(Exchange {
                         response,
                         in_flight,
@@ -609,7 +627,7 @@ async fn retrying(
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, status = %response.status(), "retrying response");
             }
             Err(e) => {
-                if let Some(fault) = client_fault(&e) {
+                if let Some(fault) = client_fault(state.as_deref()) {
                     tracing::debug!(cluster = %cluster.name, error = %e.source, "request body failed");
                     return Err(fault);
                 }
@@ -766,6 +784,9 @@ async fn upgrade(
         let _in_flight = in_flight;
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
+                if let Some(done) = &done {
+                    done.active.upgraded();
+                }
                 let result = crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle).await;
                 if let Err(e) = result {
                     tracing::debug!(cluster = %cluster_name, error = %e, "upgraded connection ended");
@@ -801,6 +822,9 @@ async fn tunnel(
         let _in_flight = in_flight;
         match hyper::upgrade::on(req).await {
             Ok(client) => {
+                if let Some(done) = &done {
+                    done.active.upgraded();
+                }
                 if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, None).await {
                     tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
                 }

@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use trellis_testkit::{
-    ProxyProcess, RawHttpServer, RawReply, TestServer,
+    ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
+    grpc::{self, EchoRequest, GrpcServer},
     h2raw::{self, H2Raw, Outcome},
     raw::{exchange, read_response},
 };
@@ -439,4 +441,279 @@ async fn requests_refused_by_the_parser_are_counted() {
         2.0,
     )
     .await;
+}
+
+/// Reads everything until the end of stream, or panics after 10 s (a tunnel that never ends).
+async fn read_to_eof(s: &mut TcpStream, what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: no end of stream; got {:?}",
+                String::from_utf8_lossy(&got)
+            )
+        })
+        .unwrap();
+    got
+}
+
+/// A client that half-closes a CONNECT tunnel or an upgraded (WebSocket) connection: its end of
+/// stream reaches the upstream, which closes, and the tunnel ends. Also when the end of stream
+/// came with the CONNECT request itself, before the tunnel was open.
+#[tokio::test]
+async fn tunnels_pass_the_clients_half_close_upstream() {
+    let db = TcpEchoServer::start("db-1").await;
+    let ws = WsEchoServer::start("ws-1").await;
+    let db_host = "      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: { weightedTargets: [{ cluster: db, weight: 1 }] }\n";
+    let proxy = proxy_with(
+        "v1",
+        &(db_host.to_owned() + &host_to("ws.test", "ws", "")),
+        &(cluster("db", "TCP_ONLY", &[db.addr]) + &cluster("ws", "HTTP1", &[ws.addr])),
+        &[],
+    )
+    .await;
+    let connect = "CONNECT db.test:5432 HTTP/1.1\r\nHost: db.test:5432\r\n\r\n";
+
+    // Half-closed once the tunnel is open: the echo server sees the end of stream and closes.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(connect.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("db-1\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("the tunnel opens")
+            .unwrap();
+        assert_ne!(n, 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"));
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let rest = read_to_eof(&mut s, "CONNECT, half-closed in the tunnel").await;
+    assert_eq!(rest, b"ping");
+
+    // Half-closed right after the request, before the tunnel is open.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(format!("{connect}ping").as_bytes())
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let got = read_to_eof(&mut s, "CONNECT, half-closed with the request").await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("\r\n\r\ndb-1\nping"), "{got}");
+
+    // A WebSocket connection: the upstream sees the end of stream and closes.
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s).await.expect("a response");
+    assert_eq!(r.status, 101);
+    s.shutdown().await.unwrap();
+    read_to_eof(&mut s, "WebSocket, half-closed").await;
+
+    // All three are over: recorded, and no connection left open.
+    metric_is(
+        &proxy,
+        "trellis_proxy_requests_total",
+        &[("cluster", "db")],
+        2.0,
+    )
+    .await;
+    metric_is(
+        &proxy,
+        "trellis_proxy_requests_total",
+        &[("cluster", "ws")],
+        1.0,
+    )
+    .await;
+    metric_is(&proxy, "trellis_proxy_active_connections", &[], 0.0).await;
+}
+
+/// The same client faults against an HTTP/2 (h2c) cluster, whose client (hyper's) only resets
+/// the upstream stream when the request body fails: still 400, 499 and 408, never a 502, never
+/// retried nor charged to the cluster. With and without a retry policy.
+#[tokio::test]
+async fn broken_request_bodies_are_client_errors_on_http2_clusters() {
+    let app = TestServer::start("app").await;
+    let retry = "            retryPolicy: { maxRetries: 2, httpRetryEvents: [server-error, gateway-error, reset] }\n            timeout: { idle: 0.2s }\n";
+    let hosts = host_to("once.test", "svc", "            timeout: { idle: 0.2s }\n")
+        + &host_to("retry.test", "svc", retry);
+    let proxy = proxy_with("v1", &hosts, &cluster("svc", "HTTP2", &[app.addr]), &[]).await;
+    for (round, host) in [(1.0, "once.test"), (2.0, "retry.test")] {
+        let malformed = [
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"
+            ),
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n"
+            ),
+        ];
+        for raw in &malformed {
+            let r = exchange(proxy.egress, raw.as_bytes()).await;
+            let r = r.unwrap_or_else(|| panic!("no response for {raw}"));
+            assert_eq!(r.status, 400, "{raw}");
+            assert_eq!(r.header("x-trellis-error"), Some("bad_request"), "{raw}");
+        }
+        // A body that stalls.
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\nx");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await.expect("a response");
+        assert_eq!(r.status, 408, "{host}");
+        assert_eq!(r.header("x-trellis-error"), Some("request_body_timeout"));
+        // A client that leaves in the middle of its body, once the upstream has the request.
+        let seen = app.requests();
+        let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+        let head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n\r\nabc");
+        s.write_all(head.as_bytes()).await.unwrap();
+        app.wait_requests(seen + 1).await;
+        drop(s);
+        let errors = [
+            ("bad_request", 2.0 * round),
+            ("request_body_timeout", round),
+            ("downstream_reset", round),
+        ];
+        for (kind, want) in errors {
+            metric_is(
+                &proxy,
+                "trellis_proxy_errors_total",
+                &[("kind", kind)],
+                want,
+            )
+            .await;
+        }
+    }
+    for kind in ["upstream_protocol_error", "upstream_reset"] {
+        let n = proxy
+            .metric("trellis_proxy_errors_total", &[("kind", kind)])
+            .await;
+        assert_eq!(n, 0.0, "{kind}");
+    }
+    let fives = proxy
+        .metric("trellis_proxy_requests_total", &[("status_class", "5xx")])
+        .await;
+    assert_eq!(fives, 0.0, "nothing charged to the cluster as a 5xx");
+    let retries = proxy
+        .metric("trellis_proxy_retries_total", &[("cluster", "svc")])
+        .await;
+    assert_eq!(retries, 0.0, "client faults are not retried");
+}
+
+/// A gRPC bidi stream whose response has begun is not cut by the request-body timeout, however
+/// little and however rarely the client sends: past the response head only the route's stream
+/// idle timeout governs it (here each message is answered, so the stream is never idle).
+#[tokio::test]
+async fn streams_with_a_response_outlive_the_request_body_timeout() {
+    let server = GrpcServer::start("grpc-1").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("echo.test", "echo", "            timeout: { idle: 0.3s }\n"),
+        &cluster("echo", "GRPC", &[server.addr]),
+        &[],
+    )
+    .await;
+    let mut client = grpc::client_via(proxy.egress, "echo.test").await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut inbound = client.bidi(outbound).await.unwrap().into_inner();
+    // A small message every 100 ms for 1.2 s: four times the route's idle timeout, and far
+    // from the 1 KiB that would count as request-body progress.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..12 {
+        tick.tick().await;
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stream cut before message {i}"));
+        let reply = tokio::time::timeout(Duration::from_secs(10), inbound.next())
+            .await
+            .expect("a reply in time")
+            .unwrap_or_else(|| panic!("stream ended at message {i}"))
+            .unwrap_or_else(|e| panic!("stream cut at message {i}: {e}"));
+        assert_eq!(reply.message, format!("m{i}"));
+    }
+    drop(tx);
+    assert!(inbound.next().await.is_none(), "the stream ends cleanly");
+    let cut = proxy
+        .metric(
+            "trellis_proxy_errors_total",
+            &[("kind", "request_body_timeout")],
+        )
+        .await;
+    assert_eq!(cut, 0.0);
+}
+
+/// A gRPC request body is not bounded by the `--idle-timeout` default (a client stream may be
+/// quiet for minutes before the server answers); only a route's explicit `timeout.idle` bounds
+/// it. An ordinary body on the same proxy still gets 408.
+#[tokio::test]
+async fn grpc_request_bodies_are_not_bounded_by_the_default_idle_timeout() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let app = TestServer::start("app").await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("svc.test", "svc", ""),
+        &cluster("svc", "HTTP2", &[app.addr]),
+        &["--idle-timeout", "300ms"],
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.egress).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sent = Vec::new();
+    for content_type in ["application/grpc", "application/octet-stream"] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let body = StreamBody::new(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move {
+                let b = rx.recv().await?;
+                Some((Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+            },
+        )));
+        let req = http::Request::post("http://svc.test/echo")
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = tokio::spawn(sender.send_request(req));
+        // A byte every 100 ms for 1.2 s: four times --idle-timeout. (The upstream answers
+        // only once it has the whole body.)
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut body = Vec::new();
+        for _ in 0..12 {
+            tick.tick().await;
+            if tx.send(bytes::Bytes::from_static(b"x")).await.is_err() {
+                break;
+            }
+            body.push(b'x');
+        }
+        drop(tx);
+        let response = response.await.unwrap().unwrap();
+        let status = response.status();
+        let error = response.headers().get("x-trellis-error").cloned();
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        sent.push((content_type, status.as_u16(), error, got.len(), body.len()));
+    }
+    let grpc = &sent[0];
+    assert_eq!((grpc.1, &grpc.2), (200, &None), "{grpc:?}");
+    assert_eq!(grpc.3, 12, "the whole body echoed: {grpc:?}");
+    let plain = &sent[1];
+    assert_eq!(plain.1, 408, "{plain:?}");
+    assert_eq!(
+        plain.2.as_ref().map(|v| v.to_str().unwrap()),
+        Some("request_body_timeout")
+    );
 }
