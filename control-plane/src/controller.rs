@@ -445,13 +445,8 @@ impl Controller {
     /// Translating and compiling is CPU work: call it off the async threads, and the cache is
     /// not locked while it runs (two proxies of one node may both compute it once).
     pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
-        {
-            let cache = lock(&self.cache);
-            if cache.0 == view.revision {
-                if let Some(t) = cache.1.get(node) {
-                    return t.clone();
-                }
-            }
+        if let Some(cached) = self.cached_snapshot(view, node) {
+            return cached;
         }
         let translated = match node.kind {
             Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node),
@@ -467,6 +462,18 @@ impl Controller {
             cache.1.insert(node.clone(), translated.clone());
         }
         translated
+    }
+
+    /// The snapshot of `node` at `view`'s revision, if it was already computed (cheap).
+    pub fn cached_snapshot(
+        &self,
+        view: &View,
+        node: &ResourceKey,
+    ) -> Option<Option<Arc<Translated>>> {
+        let cache = lock(&self.cache);
+        (cache.0 == view.revision)
+            .then(|| cache.1.get(node).cloned())
+            .flatten()
     }
 
     // ---- proxy tracking ----------------------------------------------------------------------

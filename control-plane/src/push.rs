@@ -123,13 +123,20 @@ async fn serve_proxy(
     let mut sent: Option<String> = None;
     loop {
         let view = views.borrow_and_update().clone();
-        let desired = {
-            let (controller, node, view) = (controller.clone(), node.clone(), view.clone());
-            match tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node)).await {
-                Ok(desired) => desired,
-                Err(e) => {
-                    tracing::error!(error = %e, "translation failed");
-                    return;
+        // Translating and checking is CPU work, done once per revision and node, off the
+        // async threads; every other pass reads the cache.
+        let desired = match controller.cached_snapshot(&view, node) {
+            Some(desired) => desired,
+            None => {
+                let (controller, node, view) = (controller.clone(), node.clone(), view.clone());
+                match tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node))
+                    .await
+                {
+                    Ok(desired) => desired,
+                    Err(e) => {
+                        tracing::error!(error = %e, "translation failed");
+                        return;
+                    }
                 }
             }
         };
