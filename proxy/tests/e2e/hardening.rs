@@ -593,7 +593,7 @@ async fn streams_with_a_response_outlive_the_request_body_timeout() {
     let server = GrpcServer::start("grpc-1").await;
     let proxy = proxy_with(
         "v1",
-        &host_to("echo.test", "echo", "            timeout: { idle: 0.3s }\n"),
+        &host_to("echo.test", "echo", "            timeout: { idle: 1s }\n"),
         &cluster("echo", "GRPC", &[server.addr]),
         &[],
     )
@@ -603,10 +603,11 @@ async fn streams_with_a_response_outlive_the_request_body_timeout() {
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut inbound = client.bidi(outbound).await.unwrap().into_inner();
-    // A small message every 100 ms for 1.2 s: four times the route's idle timeout, and far
-    // from the 1 KiB that would count as request-body progress.
+    // A small message every 100 ms for 2.5 s: two and a half times the route's idle timeout
+    // (each gap well inside it, even on a loaded machine), and far from the 1 KiB that would
+    // count as request-body progress.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    for i in 0..12 {
+    for i in 0..25 {
         tick.tick().await;
         tx.send(EchoRequest {
             message: format!("m{i}"),
