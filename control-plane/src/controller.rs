@@ -5,11 +5,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -142,10 +144,6 @@ impl std::fmt::Debug for Controller {
             .field("store", &self.store)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Reads the whole view from the store.
@@ -454,7 +452,7 @@ impl Controller {
             _ => None,
         }
         .map(|t| Arc::new(verify::verify(t, node)));
-        let mut cache = lock(&self.cache);
+        let mut cache = self.cache.lock();
         if cache.0 < view.revision {
             *cache = (view.revision, HashMap::new());
         }
@@ -470,7 +468,7 @@ impl Controller {
         view: &View,
         node: &ResourceKey,
     ) -> Option<Option<Arc<Translated>>> {
-        let cache = lock(&self.cache);
+        let cache = self.cache.lock();
         (cache.0 == view.revision)
             .then(|| cache.1.get(node).cloned())
             .flatten()
@@ -480,23 +478,23 @@ impl Controller {
 
     pub fn proxy_connected(&self, status: ProxyStatus) -> u64 {
         let id = self.next_proxy.fetch_add(1, Ordering::Relaxed);
-        lock(&self.proxies).insert(id, status);
+        self.proxies.lock().insert(id, status);
         id
     }
 
     pub fn update_proxy(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
-        if let Some(p) = lock(&self.proxies).get_mut(&id) {
+        if let Some(p) = self.proxies.lock().get_mut(&id) {
             f(p);
         }
     }
 
     pub fn proxy_disconnected(&self, id: u64) {
-        lock(&self.proxies).remove(&id);
+        self.proxies.lock().remove(&id);
     }
 
     pub fn status(&self) -> Status {
         let view = self.view();
-        let proxies: Vec<ProxyStatus> = lock(&self.proxies).values().cloned().collect();
+        let proxies: Vec<ProxyStatus> = self.proxies.lock().values().cloned().collect();
         let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
         for p in &proxies {
             for d in &p.problems {

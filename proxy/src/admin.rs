@@ -72,11 +72,7 @@ fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
         }
         (&Method::GET, "/config_dump") => {
             let rt = app.store.load();
-            let rejection = app
-                .last_rejection
-                .lock()
-                .map(|r| r.clone())
-                .unwrap_or_default();
+            let rejection = app.last_rejection.lock().clone();
             json(
                 StatusCode::OK,
                 &json!({
@@ -118,7 +114,7 @@ fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
             )
         }
         (&Method::GET, "/logging") => {
-            let current = app.log_filter.lock().map(|f| f.clone()).unwrap_or_default();
+            let current = app.log_filter.lock().clone();
             reply(StatusCode::OK, text, format!("{current}\n"))
         }
         (&Method::POST | &Method::PUT, "/logging") => {
@@ -136,9 +132,7 @@ fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
             };
             match (app.log_control)(&level) {
                 Ok(()) => {
-                    if let Ok(mut f) = app.log_filter.lock() {
-                        f.clone_from(&level);
-                    }
+                    app.log_filter.lock().clone_from(&level);
                     tracing::info!(filter = %level, "log filter changed");
                     reply(StatusCode::OK, text, format!("{level}\n"))
                 }

@@ -9,12 +9,14 @@ use std::{
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
     time::{Duration, SystemTime},
 };
+
+use parking_lot::Mutex;
 
 use futures_util::task::AtomicWaker;
 
@@ -73,10 +75,6 @@ struct NamedSocket {
     _stop: watch::Sender<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl App {
     pub fn new(
         registry: Registry,
@@ -124,7 +122,7 @@ impl App {
     pub fn apply(self: &Arc<Self>, snapshot: &pb::Snapshot) -> Result<Arc<Runtime>, SnapshotError> {
         let mut bound = Vec::new();
         let result = self.store.apply(snapshot, |rt| {
-            let named = lock(&self.named);
+            let named = self.named.lock();
             let mut errors = Vec::new();
             for (name, listener) in &rt.named {
                 let Some(addr) = listener.address else {
@@ -155,8 +153,8 @@ impl App {
         });
         match &result {
             Ok(rt) => {
-                *lock(&self.last_rejection) = None;
-                let mut named = lock(&self.named);
+                *self.last_rejection.lock() = None;
+                let mut named = self.named.lock();
                 named.retain(|name, _| rt.named.contains_key(name));
                 for (name, requested, listener) in bound {
                     let (stop, stopped) = watch::channel(());
@@ -182,7 +180,7 @@ impl App {
             }
             Err(e) => {
                 tracing::warn!(version = %snapshot.version, error = %e, "snapshot rejected; the previous one keeps serving");
-                *lock(&self.last_rejection) = Some(format!("{}: {e}", snapshot.version));
+                *self.last_rejection.lock() = Some(format!("{}: {e}", snapshot.version));
             }
         }
         result
@@ -196,7 +194,7 @@ impl App {
             .inspect_err(|e| {
                 self.metrics.snapshot_rejected();
                 tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
-                *lock(&self.last_rejection) = Some(e.to_string());
+                *self.last_rejection.lock() = Some(e.to_string());
             })?;
         self.apply(&snapshot)
     }
@@ -704,12 +702,12 @@ impl Drain {
     }
 
     fn token(&self) -> Option<DrainToken> {
-        lock(&self.tracker).clone().map(DrainToken)
+        self.tracker.lock().clone().map(DrainToken)
     }
 
     async fn start(&self, timeout: Duration) -> bool {
         self.signal.send_replace(true);
-        lock(&self.tracker).take();
+        self.tracker.lock().take();
         let mut done = self.done.lock().await;
         // recv() yields None once every token is gone.
         tokio::time::timeout(timeout, done.recv()).await.is_ok()

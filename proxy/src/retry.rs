@@ -3,10 +3,12 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -182,8 +184,8 @@ impl Replay {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Shared> {
+        self.shared.lock()
     }
 
     /// Whether another attempt could send the whole body again.
@@ -222,7 +224,7 @@ impl Body for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut shared = this.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shared = this.shared.lock();
         if shared.generation != this.generation {
             return Poll::Ready(Some(Err("request body taken by a newer attempt".into())));
         }
@@ -277,14 +279,14 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = self.shared.lock();
         shared.source.is_none()
             && self.position >= shared.recorded.len()
             && (self.trailers_sent || shared.trailers.is_none())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = self.shared.lock();
         if shared.source.is_none() && !shared.overflowed && shared.trailers.is_none() {
             let rest: usize = shared
                 .recorded

@@ -8,11 +8,13 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use arc_swap::ArcSwap;
 use trellis_proto::v1 as pb;
@@ -414,7 +416,7 @@ impl SnapshotStore {
         snapshot: &pb::Snapshot,
         prepare: impl FnOnce(&Runtime) -> Result<(), SnapshotError>,
     ) -> Result<Arc<Runtime>, SnapshotError> {
-        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let _writer = self.writer.lock();
         let mut generation = self.upstreams.generation();
         let result = compile::compile(snapshot, &mut generation, &self.metrics)
             .and_then(|rt| prepare(&rt).map(|()| rt));

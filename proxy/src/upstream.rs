@@ -8,11 +8,13 @@ use std::{
     collections::HashMap,
     error::Error as _,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::{Request, Response, request::Parts};
@@ -109,10 +111,6 @@ struct Idle {
     expires: Instant,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Counts a request against an endpoint until dropped.
 #[derive(Debug)]
 pub struct InFlight(Arc<EndpointState>);
@@ -126,7 +124,7 @@ impl Drop for InFlight {
 impl h1::Release for EndpointState {
     fn release(&self, conn: Box<h1::Conn>, idle_timeout: Duration) {
         if let Pool::Http1(idle) = &self.pool {
-            let mut idle = lock(idle);
+            let mut idle = idle.lock();
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(Idle {
                     conn,
@@ -179,8 +177,8 @@ impl EndpointState {
     /// Pooled connections: idle HTTP/1.1 connections, or 1 for a live HTTP/2 connection.
     pub fn pooled(&self) -> usize {
         match &self.pool {
-            Pool::Http1(idle) => lock(idle).len(),
-            Pool::Http2(conn) => usize::from(lock(conn).as_ref().is_some_and(|c| !c.is_closed())),
+            Pool::Http1(idle) => idle.lock().len(),
+            Pool::Http2(conn) => usize::from(conn.lock().as_ref().is_some_and(|c| !c.is_closed())),
             Pool::Tcp => 0,
         }
     }
@@ -219,13 +217,13 @@ impl EndpointState {
             Pool::Http2(slot) => {
                 let mut fresh = false;
                 loop {
-                    let cached = lock(slot).clone().filter(|s| !s.is_closed());
+                    let cached = slot.lock().clone().filter(|s| !s.is_closed());
                     let mut sender = match cached {
                         Some(s) => s,
                         None => {
                             fresh = true;
                             let s = Box::pin(self.connect_http2(cluster)).await?;
-                            *lock(slot) = Some(s.clone());
+                            *slot.lock() = Some(s.clone());
                             s
                         }
                     };
@@ -233,7 +231,7 @@ impl EndpointState {
                         if fresh {
                             return Err(classify(e));
                         }
-                        *lock(slot) = None;
+                        *slot.lock() = None;
                         continue;
                     }
                     match sender.try_send_request(req).await {
@@ -241,7 +239,7 @@ impl EndpointState {
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if !fresh => {
                                 fresh = true;
-                                *lock(slot) = None;
+                                *slot.lock() = None;
                                 req = unsent;
                             }
                             _ => return Err(classify(e.into_error())),
@@ -307,7 +305,7 @@ impl EndpointState {
         };
         let now = Instant::now();
         loop {
-            let Idle { conn, expires } = lock(idle).pop()?;
+            let Idle { conn, expires } = idle.lock().pop()?;
             if expires > now && conn.is_reusable() {
                 return Some(conn);
             }
@@ -394,12 +392,12 @@ impl Upstreams {
 
     /// Closes pooled HTTP/1.1 connections past their idle timeout or closed by the upstream.
     pub(crate) fn sweep_idle(&self) {
-        let live: Vec<Arc<EndpointState>> = lock(&self.live).values().cloned().collect();
+        let live: Vec<Arc<EndpointState>> = self.live.lock().values().cloned().collect();
         let now = Instant::now();
         for endpoint in live {
             if let Pool::Http1(idle) = &endpoint.pool {
                 let closing: Vec<Idle> = {
-                    let mut idle = lock(idle);
+                    let mut idle = idle.lock();
                     let (keep, closing) = std::mem::take(&mut *idle)
                         .into_iter()
                         .partition(|i| i.expires > now && i.conn.is_reusable());
@@ -431,7 +429,10 @@ impl Generation<'_> {
         if let Some(ep) = self.next.get(&key) {
             return ep.clone();
         }
-        let ep = lock(&self.upstreams.live)
+        let ep = self
+            .upstreams
+            .live
+            .lock()
             .get(&key)
             .cloned()
             .unwrap_or_else(|| Arc::new(EndpointState::new(addr, protocol)));
@@ -442,7 +443,7 @@ impl Generation<'_> {
     /// Replaces the live endpoints: state no snapshot uses any more is dropped once in-flight
     /// requests release it.
     pub(crate) fn commit(self) {
-        *lock(&self.upstreams.live) = self.next;
+        *self.upstreams.live.lock() = self.next;
     }
 }
 

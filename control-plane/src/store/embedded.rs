@@ -5,9 +5,11 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use tokio::sync::{broadcast, mpsc};
@@ -51,10 +53,6 @@ struct Inner {
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Stored value: mod_revision (8 bytes LE), lease (8 bytes LE, 0 = none), then the value.
@@ -166,7 +164,9 @@ async fn reap(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
-        let expired: Vec<LeaseId> = lock(&inner.deadlines)
+        let expired: Vec<LeaseId> = inner
+            .deadlines
+            .lock()
             .iter()
             .filter(|(_, (_, deadline))| *deadline <= now)
             .map(|(id, _)| *id)
@@ -220,7 +220,7 @@ impl Inner {
     }
 
     fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
-        let _writer = lock(&self.writer);
+        let _writer = self.writer.lock();
         let txn = self.db.begin_write().map_err(backend)?;
         let change;
         {
@@ -372,12 +372,14 @@ impl Inner {
             leases.insert(id, ms).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        lock(&self.deadlines).insert(id, (ttl, expiry(Instant::now(), ttl)));
+        self.deadlines
+            .lock()
+            .insert(id, (ttl, expiry(Instant::now(), ttl)));
         Ok(id)
     }
 
     fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut deadlines = lock(&self.deadlines);
+        let mut deadlines = self.deadlines.lock();
         let (ttl, deadline) = deadlines
             .get_mut(&lease)
             .ok_or(StoreError::LeaseNotFound(lease))?;
@@ -412,7 +414,7 @@ impl Inner {
             leases.remove(lease).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        lock(&self.deadlines).remove(&lease);
+        self.deadlines.lock().remove(&lease);
         Ok(())
     }
 }
