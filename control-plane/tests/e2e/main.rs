@@ -16,19 +16,17 @@ use trellis_testkit::{client::Client, eventually};
 pub const CLI: &str = env!("CARGO_BIN_EXE_trellis");
 pub const CONTROL: &str = env!("CARGO_BIN_EXE_trellis-control");
 
-/// The trellis-proxy binary of this workspace, built if the test run did not build it yet.
+/// The trellis-proxy binary of this workspace. Tests never build the product: `./scripts/test`
+/// (`cargo nextest run --workspace`) builds it; a narrower run must build it first.
 pub fn proxy_bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
     BIN.get_or_init(|| {
         let path = PathBuf::from(CLI).with_file_name("trellis-proxy");
-        if !path.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "-p", "trellis-proxy", "--bin", "trellis-proxy"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "cannot build trellis-proxy");
-        }
+        assert!(
+            path.exists(),
+            "{} is missing: build first (cargo build -p trellis-proxy)",
+            path.display()
+        );
         path.display().to_string()
     })
 }
