@@ -10,7 +10,7 @@ use trellis_proto::v1::{
     config_stream_client::ConfigStreamClient, hello::Kind as HelloKind, proxy_message::Kind as Msg,
 };
 
-use crate::{BoxError, app::App};
+use crate::{BoxError, app::App, retry};
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -77,11 +77,13 @@ pub async fn run(app: Arc<App>, config: ControlConfig) {
                 index += 1;
             }
         }
-        let ceiling = BACKOFF_BASE
-            .saturating_mul(1 << failures.min(10))
-            .min(BACKOFF_MAX);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        tokio::time::sleep(Duration::from_nanos(fastrand::u64(nanos / 2..=nanos))).await;
+        let delay = retry::backoff(
+            BACKOFF_BASE,
+            BACKOFF_MAX,
+            failures.saturating_add(1),
+            retry::Jitter::Half,
+        );
+        tokio::time::sleep(delay).await;
     }
 }
 

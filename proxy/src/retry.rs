@@ -113,9 +113,7 @@ impl RetryPolicy {
 
     /// Delay before retry number `retry` (1-based): full jitter over the exponential ceiling.
     pub fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = backoff_ceiling(self.backoff_base, self.backoff_max, retry);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(fastrand::u64(0..=nanos))
+        backoff(self.backoff_base, self.backoff_max, retry, Jitter::Full)
     }
 
     /// Records a request in the budget.
@@ -134,6 +132,27 @@ impl RetryPolicy {
 pub(crate) fn backoff_ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
     let exp = retry.saturating_sub(1).min(30);
     base.saturating_mul(1 << exp).min(max)
+}
+
+/// How far below the exponential ceiling a backoff delay may fall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Jitter {
+    /// Uniform in [0, ceiling] ("full jitter"): request retries.
+    Full,
+    /// Uniform in [ceiling/2, ceiling]: control-plane reconnects, which should never come back
+    /// at once.
+    Half,
+}
+
+/// The delay before attempt `n` (1-based) after failures: the ceiling min(max, base·2ⁿ⁻¹),
+/// jittered. The one backoff of the proxy, for retries and reconnects alike.
+pub(crate) fn backoff(base: Duration, max: Duration, n: u32, jitter: Jitter) -> Duration {
+    let ceiling = u64::try_from(backoff_ceiling(base, max, n).as_nanos()).unwrap_or(u64::MAX);
+    let floor = match jitter {
+        Jitter::Full => 0,
+        Jitter::Half => ceiling / 2,
+    };
+    Duration::from_nanos(fastrand::u64(floor..=ceiling))
 }
 
 /// The budget as configured: `ratio` of requests may be retried, plus `min_per_second`.
@@ -384,6 +403,14 @@ mod tests {
         assert_eq!(backoff_ceiling(base, max, 5), max);
         assert_eq!(backoff_ceiling(base, max, 1000), max);
         let p = policy(RetryOn::default());
+        // Reconnects: never below half the ceiling.
+        for n in [1, 3, 40] {
+            let ceiling = backoff_ceiling(base, max, n);
+            for _ in 0..100 {
+                let d = backoff(base, max, n, Jitter::Half);
+                assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} for {n}");
+            }
+        }
         let samples: Vec<Duration> = (0..200).map(|_| p.backoff(3)).collect();
         assert!(samples.iter().all(|d| *d <= Duration::from_millis(100)));
         let distinct: std::collections::HashSet<_> = samples.iter().collect();
