@@ -154,15 +154,11 @@ async fn manifests(req: Request<Incoming>) -> Result<Vec<crate::model::Manifest>
     })
 }
 
+/// The query string's parameters, percent- and `+`-decoded.
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
     req.uri()
         .query()
-        .map(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
