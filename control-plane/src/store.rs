@@ -1,7 +1,9 @@
 //! The registry store: a versioned key-value store with optimistic concurrency, watches from a
 //! revision, and TTL leases. The embedded implementation keeps it in one durable file; etcd and
-//! Kubernetes implement the same trait, and every implementation passes [`conformance`].
+//! Kubernetes implement the same trait, and every implementation passes the conformance suite
+//! (`conformance`, compiled for tests only: it is not part of the shipped library).
 
+#[cfg(test)]
 pub mod conformance;
 pub mod embedded;
 
