@@ -27,8 +27,9 @@ use hyper_util::{
 use prometheus::Registry;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::watch,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use trellis_proto::v1 as pb;
 
 use crate::{
@@ -211,10 +212,10 @@ impl App {
         slot: Slot,
         mut stop: Option<watch::Receiver<()>>,
     ) {
-        let mut draining = self.drain.subscribe();
+        let draining = self.drain.token();
         loop {
             let accepted = tokio::select! {
-                () = drained(&mut draining) => break,
+                () = draining.cancelled() => break,
                 _ = async { match &mut stop { Some(s) => s.changed().await, None => std::future::pending().await } } => break,
                 a = listener.accept() => a,
             };
@@ -228,14 +229,16 @@ impl App {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let Some(token) = self.drain.token() else {
+            if draining.is_cancelled() {
                 break;
-            };
-            tokio::spawn(self.clone().connection(stream, slot.clone(), token));
+            }
+            self.drain
+                .tasks
+                .spawn(self.clone().connection(stream, slot.clone()));
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, slot: Slot, _token: DrainToken) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, slot: Slot) {
         let runtime = self.store.load();
         let Some(listener) = runtime.listener(&slot) else {
             // No listener configured for this socket: refuse by closing.
@@ -279,7 +282,7 @@ impl App {
             WokenOnly::new(watch_connection(
                 activity.clone(),
                 self.idle_timeout,
-                self.drain.subscribe(),
+                self.drain.token(),
             ))
         };
         let mut stop = watch();
@@ -337,10 +340,10 @@ impl App {
         let mut last = fingerprint(&path);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut draining = self.drain.subscribe();
+        let draining = self.drain.token();
         loop {
             tokio::select! {
-                () = drained(&mut draining) => return,
+                () = draining.cancelled() => return,
                 Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!(path = %path.display(), "SIGHUP: reloading snapshot");
                 }
@@ -403,12 +406,12 @@ enum Stop {
 async fn watch_connection(
     activity: Arc<ConnActivity>,
     idle: Duration,
-    mut draining: watch::Receiver<bool>,
+    draining: CancellationToken,
 ) -> Stop {
     let mut started = activity.started.load(Ordering::Relaxed);
     loop {
         tokio::select! {
-            () = drained(&mut draining) => return Stop::Drain,
+            () = draining.cancelled() => return Stop::Drain,
             () = tokio::time::sleep(idle) => {
                 let now = activity.started.load(Ordering::Relaxed);
                 if now == started && activity.active.load(Ordering::Relaxed) == 0 {
@@ -650,11 +653,6 @@ impl Drop for BodyOpen {
     }
 }
 
-/// Resolves once the drain has started.
-async fn drained(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|d| *d).await;
-}
-
 fn slot_name(slot: &Slot) -> &str {
     match slot {
         Slot::Ingress => "ingress",
@@ -675,41 +673,30 @@ fn fingerprint(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Tracks open connections so SIGTERM can wait for them.
-#[derive(Debug)]
+/// The graceful drain: a token that accept loops, connections and the file watch stop on, and
+/// the tracker of open connections SIGTERM waits for.
+#[derive(Debug, Default)]
 struct Drain {
-    signal: watch::Sender<bool>,
-    tracker: Mutex<Option<mpsc::Sender<()>>>,
-    done: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    token: CancellationToken,
+    tasks: TaskTracker,
 }
-
-/// Held by every open connection.
-#[derive(Debug)]
-struct DrainToken(#[allow(dead_code)] mpsc::Sender<()>);
 
 impl Drain {
     fn new() -> Self {
-        let (tx, rx) = mpsc::channel(1);
-        Self {
-            signal: watch::Sender::new(false),
-            tracker: Mutex::new(Some(tx)),
-            done: tokio::sync::Mutex::new(rx),
-        }
+        Self::default()
     }
 
-    fn subscribe(&self) -> watch::Receiver<bool> {
-        self.signal.subscribe()
+    fn token(&self) -> CancellationToken {
+        self.token.clone()
     }
 
-    fn token(&self) -> Option<DrainToken> {
-        self.tracker.lock().clone().map(DrainToken)
-    }
-
+    /// Signals the drain and waits for the open connections, up to `timeout`; true when all
+    /// finished.
     async fn start(&self, timeout: Duration) -> bool {
-        self.signal.send_replace(true);
-        self.tracker.lock().take();
-        let mut done = self.done.lock().await;
-        // recv() yields None once every token is gone.
-        tokio::time::timeout(timeout, done.recv()).await.is_ok()
+        self.token.cancel();
+        self.tasks.close();
+        tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_ok()
     }
 }
