@@ -949,6 +949,54 @@ mod tests {
 
     const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
 
+    /// The control plane's retry vocabulary and limits cannot drift from the proxy's: every
+    /// event it accepts, at the largest count, translates into a policy the proxy compiles.
+    #[test]
+    fn every_retry_event_the_control_plane_accepts_compiles_in_the_proxy() {
+        let policy = RetryPolicy {
+            max_retries: i64::from(trellis_proxy::retry::MAX_RETRIES),
+            per_retry_timeout: model::Duration {
+                unit: model::DurationUnit::Ms,
+                value: 100,
+            },
+            http_retry_events: validate::HTTP_EVENTS.map(String::from).to_vec(),
+            tcp_retry_events: vec!["connection-error".into()],
+            grpc_retry_events: trellis_proxy::retry::GRPC_EVENTS
+                .map(|(name, _)| name.to_string())
+                .to_vec(),
+            ..Default::default()
+        };
+        let snapshot = pb::Snapshot {
+            version: "v".into(),
+            listeners: vec![pb::Listener {
+                name: "egress".into(),
+                role: pb::listener::Role::Egress as i32,
+                virtual_hosts: vec![pb::VirtualHost {
+                    name: "h".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![pb::Route {
+                        name: "r".into(),
+                        action: Some(pb::RouteAction {
+                            weighted_targets: vec![pb::WeightedTarget {
+                                cluster: "c".into(),
+                                weight: 1,
+                            }],
+                            ..Default::default()
+                        }),
+                        retry_policy: Some(retry(&policy)),
+                        ..Default::default()
+                    }],
+                }],
+                ..Default::default()
+            }],
+            clusters: vec![pb::Cluster {
+                name: "c".into(),
+                ..Default::default()
+            }],
+        };
+        trellis_proxy::snapshot::check(&snapshot).unwrap();
+    }
+
     #[test]
     fn registrations_of_one_address_are_one_endpoint_draining_only_when_all_are() {
         let state = state(MESH);

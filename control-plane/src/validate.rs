@@ -211,20 +211,13 @@ struct Checker<'a> {
 }
 
 const PROTOCOLS: [&str; 4] = ["http", "http2", "grpc", "tcp"];
-const HTTP_EVENTS: [&str; 6] = [
+pub(crate) const HTTP_EVENTS: [&str; 6] = [
     "server-error",
     "gateway-error",
     "client-error",
     "stream-error",
     "connect-failure",
     "refused-stream",
-];
-const GRPC_EVENTS: [&str; 5] = [
-    "cancelled",
-    "deadline-exceeded",
-    "internal",
-    "resource-exhausted",
-    "unavailable",
 ];
 
 impl Checker<'_> {
@@ -647,8 +640,9 @@ impl Checker<'_> {
 
     fn retry(&mut self, path: &str, retry: Option<&RetryPolicy>) {
         let Some(r) = retry else { return };
-        if !(0..=25).contains(&r.max_retries) {
-            self.err(format!("{path}.maxRetries"), "must be 0..=25".into());
+        let max = trellis_proxy::retry::MAX_RETRIES;
+        if !(0..=i64::from(max)).contains(&r.max_retries) {
+            self.err(format!("{path}.maxRetries"), format!("must be 0..={max}"));
         }
         self.duration(
             &format!("{path}.perRetryTimeout.value"),
@@ -672,10 +666,13 @@ impl Checker<'_> {
             }
         }
         for (i, e) in r.grpc_retry_events.iter().enumerate() {
-            if !GRPC_EVENTS.contains(&e.as_str()) {
+            if trellis_proxy::retry::grpc_event_code(e).is_none() {
                 self.err(
                     format!("{path}.grpcRetryEvents[{i}]"),
-                    format!("unknown event {e:?} (one of {})", GRPC_EVENTS.join(", ")),
+                    format!(
+                        "unknown event {e:?} (one of {})",
+                        trellis_proxy::retry::grpc_event_names()
+                    ),
                 );
             }
         }

@@ -52,16 +52,30 @@ impl RetryOn {
     }
 }
 
+/// The most retries a policy may ask for (App Mesh's limit), here and in the control plane.
+pub const MAX_RETRIES: u32 = 25;
+
+/// App Mesh's `grpcRetryEvents` and the gRPC status codes they retry: the one list the control
+/// plane validates against and the proxy compiles.
+pub const GRPC_EVENTS: [(&str, u32); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("internal", 13),
+    ("resource-exhausted", 8),
+    ("unavailable", 14),
+];
+
 /// gRPC status code for an App Mesh `grpcRetryEvents` name.
 pub fn grpc_event_code(event: &str) -> Option<u32> {
-    Some(match event {
-        "cancelled" => 1,
-        "deadline-exceeded" => 4,
-        "resource-exhausted" => 8,
-        "internal" => 13,
-        "unavailable" => 14,
-        _ => return None,
-    })
+    GRPC_EVENTS
+        .iter()
+        .find(|(name, _)| *name == event)
+        .map(|(_, code)| *code)
+}
+
+/// The names of [`GRPC_EVENTS`], for messages.
+pub fn grpc_event_names() -> String {
+    GRPC_EVENTS.map(|(name, _)| name).join(", ")
 }
 
 #[derive(Debug)]

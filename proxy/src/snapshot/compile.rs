@@ -24,7 +24,6 @@ use crate::{
 };
 
 const MAX_WEIGHT: u32 = 1_000_000;
-const MAX_RETRIES: u32 = 25;
 const MAX_BUFFER_LIMIT: u64 = 64 << 20;
 
 struct Compiler<'a> {
@@ -651,10 +650,10 @@ fn compile_header_rule(
 
 fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Option<RetryPolicy> {
     let before = c.errors.len();
-    if p.max_retries > MAX_RETRIES {
+    if p.max_retries > retry::MAX_RETRIES {
         c.err(
             format!("{path}.maxRetries"),
-            format!("must be 0..={MAX_RETRIES}"),
+            format!("must be 0..={}", retry::MAX_RETRIES),
         );
     }
     let mut on = RetryOn::default();
@@ -680,7 +679,7 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
             Some(code) => grpc_codes.push(code),
             None => c.err(
                 format!("{path}.grpcRetryEvents[{i}]"),
-                format!("unknown event {e:?} (cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)"),
+                format!("unknown event {e:?} ({})", retry::grpc_event_names()),
             ),
         }
     }
