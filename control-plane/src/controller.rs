@@ -1,28 +1,25 @@
 //! The controller: keeps a view of the store (resources and instances), applies validated
-//! changes to the store, translates snapshots per proxy, and tracks what every connected proxy
-//! was sent and applied.
+//! changes to the store, translates snapshots per proxy, and holds the connected proxies'
+//! status (`status.rs`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    collections::HashMap,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use parking_lot::Mutex;
-
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
     model::{Kind, Manifest, ResourceKey},
     registry::{self, Instance, InstanceStatus},
+    status::{Proxies, Status},
     store::{Expect, Op, Store, StoreError},
     translate::{self, Translated},
     validate::{self, Problem, Resource, State},
-    verify::{self, Degraded},
+    verify,
 };
 
 /// How long a burst of store changes is gathered before proxies are recomputed, at most.
@@ -59,72 +56,6 @@ pub struct Applied {
     pub action: &'static str,
 }
 
-/// One connected proxy, as `trellis status` shows it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyStatus {
-    pub node: String,
-    pub kind: &'static str,
-    pub instance: String,
-    pub proxy_version: String,
-    pub connected_at: String,
-    /// The version the control plane wants this proxy to run.
-    pub desired_version: Option<String>,
-    pub sent_version: Option<String>,
-    pub acked_version: Option<String>,
-    pub nacked_version: Option<String>,
-    pub nack_reason: Option<String>,
-    /// Pieces left out of this proxy's snapshot because it would reject them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<Degraded>,
-    /// Why no snapshot is sent to this proxy, when one cannot be made valid.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub withheld: Option<String>,
-    #[serde(skip)]
-    pub uses: BTreeSet<ResourceKey>,
-}
-
-impl ProxyStatus {
-    /// In sync: the proxy acknowledged what it should run.
-    pub fn in_sync(&self) -> bool {
-        self.desired_version.is_some() && self.desired_version == self.acked_version
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResourceStatus {
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-    /// Connected proxies whose snapshot uses the resource.
-    pub proxies: usize,
-    /// Of those, how many acknowledged their current snapshot.
-    pub applied: usize,
-    /// What of it was left out of proxies' snapshots, and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<String>,
-}
-
-/// A resource or instance that degraded itself: what was left out, why, and on which proxies.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceProblem {
-    pub source: String,
-    pub effect: String,
-    pub reason: String,
-    /// Nodes of the connected proxies whose snapshots it was left out of.
-    pub proxies: BTreeSet<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub revision: u64,
-    pub proxies: Vec<ProxyStatus>,
-    pub resources: Vec<ResourceStatus>,
-    /// Every problem of every connected proxy's snapshot, by source.
-    pub problems: Vec<SourceProblem>,
-}
-
 /// Translated sidecar snapshots of one view revision, by node.
 type SnapshotCache = (u64, HashMap<ResourceKey, Option<Arc<Translated>>>);
 
@@ -133,8 +64,7 @@ pub struct Controller {
     view: watch::Sender<Arc<View>>,
     /// Serialises read-validate-write cycles.
     writer: tokio::sync::Mutex<()>,
-    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
-    next_proxy: AtomicU64,
+    proxies: Proxies,
     cache: Mutex<SnapshotCache>,
 }
 
@@ -191,8 +121,7 @@ impl Controller {
             store,
             view: tx,
             writer: tokio::sync::Mutex::new(()),
-            proxies: Mutex::new(BTreeMap::new()),
-            next_proxy: AtomicU64::new(1),
+            proxies: Proxies::default(),
             cache: Mutex::new((0, HashMap::new())),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
@@ -474,69 +403,13 @@ impl Controller {
             .flatten()
     }
 
-    // ---- proxy tracking ----------------------------------------------------------------------
-
-    pub fn proxy_connected(&self, status: ProxyStatus) -> u64 {
-        let id = self.next_proxy.fetch_add(1, Ordering::Relaxed);
-        self.proxies.lock().insert(id, status);
-        id
-    }
-
-    pub fn update_proxy(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
-        if let Some(p) = self.proxies.lock().get_mut(&id) {
-            f(p);
-        }
-    }
-
-    pub fn proxy_disconnected(&self, id: u64) {
-        self.proxies.lock().remove(&id);
+    /// The connected proxies and what they run.
+    pub fn proxies(&self) -> &Proxies {
+        &self.proxies
     }
 
     pub fn status(&self) -> Status {
-        let view = self.view();
-        let proxies: Vec<ProxyStatus> = self.proxies.lock().values().cloned().collect();
-        let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
-        for p in &proxies {
-            for d in &p.problems {
-                problems
-                    .entry((&d.source, &d.effect, &d.reason))
-                    .or_default()
-                    .insert(p.node.clone());
-            }
-        }
-        let mut resources = Vec::new();
-        for key in view.state.keys() {
-            let users: Vec<&ProxyStatus> =
-                proxies.iter().filter(|p| p.uses.contains(key)).collect();
-            let source = key.to_string();
-            resources.push(ResourceStatus {
-                kind: key.kind.to_string(),
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                proxies: users.len(),
-                applied: users.iter().filter(|p| p.in_sync()).count(),
-                problems: problems
-                    .keys()
-                    .filter(|(s, _, _)| *s == source)
-                    .map(|(_, effect, reason)| format!("{effect}: {reason}"))
-                    .collect(),
-            });
-        }
-        let problems = problems
-            .into_iter()
-            .map(|((source, effect, reason), proxies)| SourceProblem {
-                source: source.to_string(),
-                effect: effect.to_string(),
-                reason: reason.to_string(),
-                proxies,
-            })
-            .collect();
-        Status {
-            revision: view.revision,
-            proxies,
-            resources,
-            problems,
-        }
+        self.proxies.status(&self.view())
     }
 
     /// The resources of `kind` (all namespaces when `namespace` is None), with status.

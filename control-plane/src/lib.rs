@@ -8,6 +8,7 @@ pub mod model;
 pub mod push;
 pub mod registry;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod translate;
 pub mod validate;

@@ -16,8 +16,9 @@ use trellis_proto::v1::{
 };
 
 use crate::{
-    controller::{Controller, ProxyStatus},
+    controller::Controller,
     model::{Kind, ResourceKey},
+    status::ProxyStatus,
 };
 
 /// How long a proxy has to say hello.
@@ -76,7 +77,7 @@ impl ConfigStream for ConfigService {
                 Kind::VirtualNode
             },
         )?;
-        let id = self.controller.proxy_connected(ProxyStatus {
+        let id = self.controller.proxies().connected(ProxyStatus {
             node: hello.node.clone(),
             kind: if gateway { "gateway" } else { "sidecar" },
             instance: hello.instance.clone(),
@@ -96,7 +97,7 @@ impl ConfigStream for ConfigService {
         let controller = self.controller.clone();
         tokio::spawn(async move {
             serve_proxy(&controller, id, &node, hello.applied_version, inbound, tx).await;
-            controller.proxy_disconnected(id);
+            controller.proxies().disconnected(id);
             tracing::info!(node = %node, "proxy disconnected");
         });
         let out =
@@ -142,7 +143,7 @@ async fn serve_proxy(
         };
         if let Some(t) = desired.as_ref().filter(|t| t.withheld.is_some()) {
             // Never sent: the proxy keeps what it runs; status says why.
-            controller.update_proxy(id, |p| {
+            controller.proxies().update(id, |p| {
                 p.desired_version = None;
                 p.problems = t.problems.clone();
                 p.withheld = t.withheld.clone();
@@ -150,7 +151,7 @@ async fn serve_proxy(
             });
         } else if let Some(t) = &desired {
             let version = &t.snapshot.version;
-            controller.update_proxy(id, |p| {
+            controller.proxies().update(id, |p| {
                 p.desired_version = Some(version.clone());
                 p.problems = t.problems.clone();
                 p.withheld = None;
@@ -169,10 +170,12 @@ async fn serve_proxy(
                     return;
                 }
                 sent = Some(version.clone());
-                controller.update_proxy(id, |p| p.sent_version = Some(version.clone()));
+                controller
+                    .proxies()
+                    .update(id, |p| p.sent_version = Some(version.clone()));
             }
         } else {
-            controller.update_proxy(id, |p| {
+            controller.proxies().update(id, |p| {
                 p.desired_version = None;
                 p.problems.clear();
                 p.withheld = None;
@@ -183,7 +186,7 @@ async fn serve_proxy(
             msg = inbound.message() => match msg {
                 Ok(Some(ProxyMessage { kind: Some(Msg::Ack(ack)) })) => {
                     running = Some(ack.version.clone());
-                    controller.update_proxy(id, |p| {
+                    controller.proxies().update(id, |p| {
                         p.acked_version = Some(ack.version.clone());
                         if p.nacked_version.as_ref() == Some(&ack.version) {
                             p.nacked_version = None;
@@ -194,7 +197,7 @@ async fn serve_proxy(
                 Ok(Some(ProxyMessage { kind: Some(Msg::Nack(nack)) })) => {
                     let reason = nack.errors.iter().map(|e| format!("{}: {}", e.path, e.reason)).collect::<Vec<_>>().join("; ");
                     tracing::warn!(node = %node, version = %nack.version, reason = %reason, "proxy rejected its snapshot");
-                    controller.update_proxy(id, |p| {
+                    controller.proxies().update(id, |p| {
                         p.nacked_version = Some(nack.version.clone());
                         p.nack_reason = Some(reason);
                     });

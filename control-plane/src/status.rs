@@ -1,0 +1,152 @@
+//! What every connected proxy runs, and the status `trellis status` and `describe` show: per
+//! proxy (desired, sent, acknowledged versions, NACKs, problems), per resource (how many proxies
+//! use and applied it), and every resource or instance left out of a snapshot.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::{controller::View, model::ResourceKey, verify::Degraded};
+
+/// One connected proxy, as `trellis status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub node: String,
+    pub kind: &'static str,
+    pub instance: String,
+    pub proxy_version: String,
+    pub connected_at: String,
+    /// The version the control plane wants this proxy to run.
+    pub desired_version: Option<String>,
+    pub sent_version: Option<String>,
+    pub acked_version: Option<String>,
+    pub nacked_version: Option<String>,
+    pub nack_reason: Option<String>,
+    /// Pieces left out of this proxy's snapshot because it would reject them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Degraded>,
+    /// Why no snapshot is sent to this proxy, when one cannot be made valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
+    #[serde(skip)]
+    pub uses: BTreeSet<ResourceKey>,
+}
+
+impl ProxyStatus {
+    /// In sync: the proxy acknowledged what it should run.
+    pub fn in_sync(&self) -> bool {
+        self.desired_version.is_some() && self.desired_version == self.acked_version
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// Connected proxies whose snapshot uses the resource.
+    pub proxies: usize,
+    /// Of those, how many acknowledged their current snapshot.
+    pub applied: usize,
+    /// What of it was left out of proxies' snapshots, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// A resource or instance that degraded itself: what was left out, why, and on which proxies.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceProblem {
+    pub source: String,
+    pub effect: String,
+    pub reason: String,
+    /// Nodes of the connected proxies whose snapshots it was left out of.
+    pub proxies: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub revision: u64,
+    pub proxies: Vec<ProxyStatus>,
+    pub resources: Vec<ResourceStatus>,
+    /// Every problem of every connected proxy's snapshot, by source.
+    pub problems: Vec<SourceProblem>,
+}
+
+/// The connected proxies, by connection id.
+#[derive(Debug, Default)]
+pub struct Proxies {
+    connected: Mutex<BTreeMap<u64, ProxyStatus>>,
+    next: AtomicU64,
+}
+
+impl Proxies {
+    /// Records a proxy that said hello; returns its connection id.
+    pub fn connected(&self, status: ProxyStatus) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.connected.lock().insert(id, status);
+        id
+    }
+
+    pub fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(p) = self.connected.lock().get_mut(&id) {
+            f(p);
+        }
+    }
+
+    pub fn disconnected(&self, id: u64) {
+        self.connected.lock().remove(&id);
+    }
+
+    /// Every proxy, resource and problem as of `view`.
+    pub fn status(&self, view: &View) -> Status {
+        let proxies: Vec<ProxyStatus> = self.connected.lock().values().cloned().collect();
+        let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
+        for p in &proxies {
+            for d in &p.problems {
+                problems
+                    .entry((&d.source, &d.effect, &d.reason))
+                    .or_default()
+                    .insert(p.node.clone());
+            }
+        }
+        let mut resources = Vec::new();
+        for key in view.state.keys() {
+            let users: Vec<&ProxyStatus> =
+                proxies.iter().filter(|p| p.uses.contains(key)).collect();
+            let source = key.to_string();
+            resources.push(ResourceStatus {
+                kind: key.kind.to_string(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                proxies: users.len(),
+                applied: users.iter().filter(|p| p.in_sync()).count(),
+                problems: problems
+                    .keys()
+                    .filter(|(s, _, _)| *s == source)
+                    .map(|(_, effect, reason)| format!("{effect}: {reason}"))
+                    .collect(),
+            });
+        }
+        let problems = problems
+            .into_iter()
+            .map(|((source, effect, reason), proxies)| SourceProblem {
+                source: source.to_string(),
+                effect: effect.to_string(),
+                reason: reason.to_string(),
+                proxies,
+            })
+            .collect();
+        Status {
+            revision: view.revision,
+            proxies,
+            resources,
+            problems,
+        }
+    }
+}
