@@ -409,7 +409,8 @@ impl Controller {
     }
 
     pub fn status(&self) -> Status {
-        self.proxies.status(&self.view())
+        let view = self.view();
+        self.proxies.status(view.revision, view.state.keys())
     }
 
     /// The resources of `kind` (all namespaces when `namespace` is None), with status.

@@ -10,7 +10,7 @@ use std::{
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::{controller::View, model::ResourceKey, verify::Degraded};
+use crate::{model::ResourceKey, verify::Degraded};
 
 /// One connected proxy, as `trellis status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -103,8 +103,12 @@ impl Proxies {
         self.connected.lock().remove(&id);
     }
 
-    /// Every proxy, resource and problem as of `view`.
-    pub fn status(&self, view: &View) -> Status {
+    /// Every proxy, each resource of `keys` (at store `revision`) and every problem.
+    pub fn status<'a>(
+        &self,
+        revision: u64,
+        keys: impl IntoIterator<Item = &'a ResourceKey>,
+    ) -> Status {
         let proxies: Vec<ProxyStatus> = self.connected.lock().values().cloned().collect();
         let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
         for p in &proxies {
@@ -116,7 +120,7 @@ impl Proxies {
             }
         }
         let mut resources = Vec::new();
-        for key in view.state.keys() {
+        for key in keys {
             let users: Vec<&ProxyStatus> =
                 proxies.iter().filter(|p| p.uses.contains(key)).collect();
             let source = key.to_string();
@@ -143,7 +147,7 @@ impl Proxies {
             })
             .collect();
         Status {
-            revision: view.revision,
+            revision,
             proxies,
             resources,
             problems,
