@@ -790,47 +790,6 @@ pub fn parse_spec(kind: Kind, spec: &Value) -> Result<Spec, (String, String)> {
     })
 }
 
-/// Splits a YAML stream (documents separated by `---`; JSON is YAML too) into manifests. Empty
-/// documents are skipped; a document that is not a manifest is an error naming its index.
-pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<crate::validate::Problem>> {
-    use serde::Deserialize as _;
-    // Deep flow nesting takes the YAML parser quadratic time: refused before parsing.
-    trellis_proxy::snapshot::check_nesting(text)
-        .map_err(|reason| vec![crate::validate::Problem::document(0, "(input)", reason)])?;
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = match Value::deserialize(doc) {
-            Ok(Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                problems.push(crate::validate::Problem::document(
-                    i,
-                    "(document)",
-                    e.to_string(),
-                ));
-                break;
-            }
-        };
-        match serde_path_to_error::deserialize::<_, Manifest>(value) {
-            Ok(m) => out.push(m),
-            Err(e) => {
-                let path = e.path().to_string();
-                problems.push(crate::validate::Problem::document(
-                    i,
-                    &path,
-                    e.into_inner().to_string(),
-                ));
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,10 +19,11 @@ use trellis_proto::v1::config_stream_server::ConfigStreamServer;
 
 use crate::{
     controller::{ControlError, Controller},
-    model::{Kind, ResourceKey, parse_documents},
+    model::{Kind, ResourceKey},
     push::ConfigService,
     registry::{Instance, Registration},
     store::StoreError,
+    validate::parse_documents,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

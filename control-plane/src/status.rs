@@ -10,7 +10,7 @@ use std::{
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::{model::ResourceKey, verify::Degraded};
+use crate::{model::ResourceKey, translate::Degraded};
 
 /// One connected proxy, as `trellis status` shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,12 @@
 //! Translation: the mesh state and the registry → one snapshot per proxy. Pure and
 //! deterministic; the version is a hash of the content.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use serde::Serialize;
 
 use trellis_proto::{Duration as PbDuration, v1 as pb};
 
@@ -12,7 +17,6 @@ use crate::{
     },
     registry::{Instance, InstanceStatus},
     validate::State,
-    verify::{Degraded, Source, Sources},
 };
 
 /// A snapshot with the resources it was built from (for per-resource status).
@@ -26,6 +30,91 @@ pub struct Translated {
     pub problems: Vec<Degraded>,
     /// Set when the snapshot cannot be made valid: it is not pushed, and this says why.
     pub withheld: Option<String>,
+}
+
+/// What put a piece of a snapshot there.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    Resource(ResourceKey),
+    /// A registered instance, by its store key.
+    Instance(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Resource(key) => key.fmt(f),
+            Self::Instance(key) => write!(
+                f,
+                "instance {}",
+                key.strip_prefix(crate::registry::PREFIX).unwrap_or(key)
+            ),
+        }
+    }
+}
+
+/// Where each piece of a snapshot came from, by name (indices shift as pieces are cut).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sources {
+    pub(crate) clusters: BTreeMap<String, BTreeSet<Source>>,
+    /// (cluster, endpoint address).
+    pub(crate) endpoints: BTreeMap<(String, String), BTreeSet<Source>>,
+    /// (listener, virtual host).
+    pub(crate) hosts: BTreeMap<(String, String), BTreeSet<Source>>,
+    /// (listener, virtual host, route).
+    pub(crate) routes: BTreeMap<(String, String, String), BTreeSet<Source>>,
+}
+
+impl Sources {
+    pub fn cluster(&mut self, cluster: &str, source: Source) {
+        self.clusters
+            .entry(cluster.to_string())
+            .or_default()
+            .insert(source);
+    }
+
+    pub fn endpoint(
+        &mut self,
+        cluster: &str,
+        address: &str,
+        sources: impl IntoIterator<Item = Source>,
+    ) {
+        self.endpoints
+            .entry((cluster.to_string(), address.to_string()))
+            .or_default()
+            .extend(sources);
+    }
+
+    pub fn host(&mut self, listener: &str, host: &str, source: Source) {
+        self.hosts
+            .entry((listener.to_string(), host.to_string()))
+            .or_default()
+            .insert(source);
+    }
+
+    pub fn route(
+        &mut self,
+        listener: &str,
+        host: &str,
+        route: &str,
+        sources: impl IntoIterator<Item = Source>,
+    ) {
+        self.routes
+            .entry((listener.to_string(), host.to_string(), route.to_string()))
+            .or_default()
+            .extend(sources);
+    }
+}
+
+/// A piece left out of a proxy's snapshot, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Degraded {
+    /// The resource or instance to blame, e.g. `instance demo/colorteller/blue-1`.
+    pub source: String,
+    /// What was left out, e.g. `endpoint "a\r\nb:8080" of cluster "demo/blue"`.
+    pub effect: String,
+    /// The proxy compiler's field path and reason.
+    pub reason: String,
 }
 
 fn duration(d: std::time::Duration) -> PbDuration {
@@ -920,7 +1009,7 @@ pub fn version(snapshot: &pb::Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{model::parse_documents, validate};
+    use crate::validate::{self, parse_documents};
     use std::collections::HashMap;
 
     fn state(yaml: &str) -> State {

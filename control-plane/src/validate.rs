@@ -57,6 +57,39 @@ pub struct Resource {
 /// Every resource, by key.
 pub type State = BTreeMap<ResourceKey, Resource>;
 
+/// Splits a YAML stream (documents separated by `---`; JSON is YAML too) into manifests. Empty
+/// documents are skipped; a document that is not a manifest is an error naming its index.
+pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<Problem>> {
+    use serde::Deserialize as _;
+    // Deep flow nesting takes the YAML parser quadratic time: refused before parsing.
+    trellis_proxy::snapshot::check_nesting(text)
+        .map_err(|reason| vec![Problem::document(0, "(input)", reason)])?;
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = match serde_json::Value::deserialize(doc) {
+            Ok(serde_json::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(Problem::document(i, "(document)", e.to_string()));
+                break;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, Manifest>(value) {
+            Ok(m) => out.push(m),
+            Err(e) => {
+                let path = e.path().to_string();
+                problems.push(Problem::document(i, &path, e.into_inner().to_string()));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
 /// Until mTLS lands, a manifest asking for TLS is refused rather than run in plaintext.
 const TLS_NOT_SUPPORTED: &str = "TLS is not supported yet: Trellis refuses it rather than run \
                                  this traffic in plaintext";
@@ -745,7 +778,6 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::parse_documents;
 
     fn state_of(yaml: &str) -> Result<State, Vec<String>> {
         let docs = parse_documents(yaml)

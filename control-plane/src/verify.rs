@@ -5,103 +5,14 @@
 //! rest of a proxy's config. A problem that cannot be cut out this way withholds the snapshot: the
 //! proxy keeps what it runs, and status says why.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-};
+use std::collections::BTreeSet;
 
-use serde::Serialize;
 use trellis_proto::v1 as pb;
 
 use crate::{
     model::ResourceKey,
-    translate::{Translated, version},
+    translate::{Degraded, Source, Translated, version},
 };
-
-/// What put a piece of a snapshot there.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Source {
-    Resource(ResourceKey),
-    /// A registered instance, by its store key.
-    Instance(String),
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Resource(key) => key.fmt(f),
-            Self::Instance(key) => write!(
-                f,
-                "instance {}",
-                key.strip_prefix(crate::registry::PREFIX).unwrap_or(key)
-            ),
-        }
-    }
-}
-
-/// Where each piece of a snapshot came from, by name (indices shift as pieces are cut).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Sources {
-    clusters: BTreeMap<String, BTreeSet<Source>>,
-    /// (cluster, endpoint address).
-    endpoints: BTreeMap<(String, String), BTreeSet<Source>>,
-    /// (listener, virtual host).
-    hosts: BTreeMap<(String, String), BTreeSet<Source>>,
-    /// (listener, virtual host, route).
-    routes: BTreeMap<(String, String, String), BTreeSet<Source>>,
-}
-
-impl Sources {
-    pub fn cluster(&mut self, cluster: &str, source: Source) {
-        self.clusters
-            .entry(cluster.to_string())
-            .or_default()
-            .insert(source);
-    }
-
-    pub fn endpoint(
-        &mut self,
-        cluster: &str,
-        address: &str,
-        sources: impl IntoIterator<Item = Source>,
-    ) {
-        self.endpoints
-            .entry((cluster.to_string(), address.to_string()))
-            .or_default()
-            .extend(sources);
-    }
-
-    pub fn host(&mut self, listener: &str, host: &str, source: Source) {
-        self.hosts
-            .entry((listener.to_string(), host.to_string()))
-            .or_default()
-            .insert(source);
-    }
-
-    pub fn route(
-        &mut self,
-        listener: &str,
-        host: &str,
-        route: &str,
-        sources: impl IntoIterator<Item = Source>,
-    ) {
-        self.routes
-            .entry((listener.to_string(), host.to_string(), route.to_string()))
-            .or_default()
-            .extend(sources);
-    }
-}
-
-/// A piece left out of a proxy's snapshot, and why.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct Degraded {
-    /// The resource or instance to blame, e.g. `instance demo/colorteller/blue-1`.
-    pub source: String,
-    /// What was left out, e.g. `endpoint "a\r\nb:8080" of cluster "demo/blue"`.
-    pub effect: String,
-    /// The proxy compiler's field path and reason.
-    pub reason: String,
-}
 
 /// One piece to cut, by index in the snapshot being checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -343,9 +254,10 @@ fn apply(s: &mut pb::Snapshot, cuts: &BTreeSet<Cut>) {
 mod tests {
     use super::*;
     use crate::{
-        model::{Kind, parse_documents},
+        model::Kind,
         registry::{Instance, InstanceStatus},
-        translate, validate,
+        translate::{self, Sources},
+        validate::{self, parse_documents},
     };
 
     const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");

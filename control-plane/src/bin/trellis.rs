@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use trellis_control::{
     client::{ApiClient, ClientError},
-    model::{Kind, parse_documents},
-    validate::{self, State},
+    model::Kind,
+    validate::{self, State, parse_documents},
 };
 
 #[derive(Debug, Parser)]
