@@ -7,8 +7,9 @@ use std::{
 };
 
 use crate::model::{
-    API_VERSION, DEFAULT_NAMESPACE, Duration, HeaderMatch, HttpMatch, Kind, Listener, Manifest,
-    Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts, parse_spec,
+    API_VERSION, DEFAULT_NAMESPACE, Duration, GatewayRouteSpec, HeaderMatch, HttpMatch, Kind,
+    Listener, Manifest, Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts,
+    VirtualGatewaySpec, VirtualNodeSpec, VirtualRouterSpec, VirtualServiceSpec, parse_spec,
 };
 use crate::registry;
 
@@ -316,231 +317,237 @@ impl Checker<'_> {
     fn spec(&mut self, spec: &Spec) {
         match spec {
             Spec::Mesh(_) => {}
-            Spec::VirtualService(s) => {
-                if let Some(h) = &s.hostname {
-                    if h.is_empty() || h.contains(['/', ':', ' ', '*']) {
-                        self.err("spec.hostname", format!("{h:?} is not a hostname"));
-                    }
+            Spec::VirtualService(s) => self.virtual_service(s),
+            Spec::VirtualRouter(r) => self.virtual_router(r),
+            Spec::VirtualNode(n) => self.virtual_node(n),
+            Spec::VirtualGateway(g) => self.virtual_gateway(g),
+            Spec::GatewayRoute(r) => self.gateway_route(r),
+        }
+    }
+
+    fn virtual_service(&mut self, s: &VirtualServiceSpec) {
+        if let Some(h) = &s.hostname {
+            if h.is_empty() || h.contains(['/', ':', ' ', '*']) {
+                self.err("spec.hostname", format!("{h:?} is not a hostname"));
+            }
+        }
+        if let Some(p) = &s.provider {
+            match (&p.virtual_node, &p.virtual_router) {
+                (Some(_), Some(_)) => self.err(
+                    "spec.provider",
+                    "give virtualNode or virtualRouter, not both".into(),
+                ),
+                (Some(n), None) => self.exists(
+                    "spec.provider.virtualNode.virtualNodeRef",
+                    Kind::VirtualNode,
+                    &n.virtual_node_ref,
+                ),
+                (None, Some(r)) => self.exists(
+                    "spec.provider.virtualRouter.virtualRouterRef",
+                    Kind::VirtualRouter,
+                    &r.virtual_router_ref,
+                ),
+                (None, None) => {
+                    self.err("spec.provider", "give virtualNode or virtualRouter".into())
                 }
-                if let Some(p) = &s.provider {
-                    match (&p.virtual_node, &p.virtual_router) {
-                        (Some(_), Some(_)) => self.err(
-                            "spec.provider",
-                            "give virtualNode or virtualRouter, not both".into(),
-                        ),
-                        (Some(n), None) => self.exists(
-                            "spec.provider.virtualNode.virtualNodeRef",
-                            Kind::VirtualNode,
-                            &n.virtual_node_ref,
-                        ),
-                        (None, Some(r)) => self.exists(
-                            "spec.provider.virtualRouter.virtualRouterRef",
-                            Kind::VirtualRouter,
-                            &r.virtual_router_ref,
-                        ),
-                        (None, None) => {
-                            self.err("spec.provider", "give virtualNode or virtualRouter".into())
-                        }
+            }
+        }
+    }
+
+    fn virtual_router(&mut self, r: &VirtualRouterSpec) {
+        if r.listeners.len() != 1 {
+            self.err(
+                "spec.listeners",
+                "a VirtualRouter has exactly one listener".into(),
+            );
+        }
+        self.listeners("spec.listeners", &r.listeners);
+        let mut names = HashSet::new();
+        for (i, route) in r.routes.iter().enumerate() {
+            let rp = format!("spec.routes[{i}]");
+            if !valid_name(&route.name) {
+                self.err(
+                    format!("{rp}.name"),
+                    format!("{:?} is not a valid name", route.name),
+                );
+            } else if !names.insert(route.name.as_str()) {
+                self.err(
+                    format!("{rp}.name"),
+                    format!("duplicate route name {:?}", route.name),
+                );
+            }
+            if let Some(p) = route.priority {
+                if !(0..=1000).contains(&p) {
+                    self.err(format!("{rp}.priority"), "must be 0..=1000".into());
+                }
+            }
+            let kinds = [
+                route.http_route.is_some(),
+                route.http2_route.is_some(),
+                route.grpc_route.is_some(),
+                route.tcp_route.is_some(),
+            ];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                self.err(
+                    &rp,
+                    "give exactly one of httpRoute, http2Route, grpcRoute, tcpRoute".into(),
+                );
+            }
+            for (field, http) in [
+                ("httpRoute", &route.http_route),
+                ("http2Route", &route.http2_route),
+            ] {
+                if let Some(h) = http {
+                    let hp = format!("{rp}.{field}");
+                    self.http_match(&format!("{hp}.match"), &h.matcher);
+                    self.action(&format!("{hp}.action"), &h.action);
+                    self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
+                    self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
+                }
+            }
+            if let Some(g) = &route.grpc_route {
+                let gp = format!("{rp}.grpcRoute");
+                if g.matcher.method_name.is_some() && g.matcher.service_name.is_none() {
+                    self.err(format!("{gp}.match.methodName"), "needs serviceName".into());
+                }
+                self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
+                self.action(&format!("{gp}.action"), &g.action);
+                self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
+                self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
+            }
+            if let Some(t) = &route.tcp_route {
+                self.action(&format!("{rp}.tcpRoute.action"), &t.action);
+                self.timeouts(&format!("{rp}.tcpRoute.timeout"), t.timeout.as_ref());
+            }
+        }
+    }
+
+    fn virtual_node(&mut self, n: &VirtualNodeSpec) {
+        self.listeners("spec.listeners", &n.listeners);
+        if let Some(sd) = &n.service_discovery {
+            let count = [
+                sd.registry.is_some(),
+                sd.aws_cloud_map.is_some(),
+                sd.dns.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if count != 1 {
+                self.err(
+                    "spec.serviceDiscovery",
+                    "give exactly one of registry, awsCloudMap, dns".into(),
+                );
+            }
+            for (field, reg) in [
+                ("registry", &sd.registry),
+                ("awsCloudMap", &sd.aws_cloud_map),
+            ] {
+                let Some(reg) = reg else { continue };
+                for (name, value) in [
+                    ("namespaceName", &reg.namespace_name),
+                    ("serviceName", &reg.service_name),
+                ] {
+                    if !registry::valid_name(value) {
+                        self.err(
+                            format!("spec.serviceDiscovery.{field}.{name}"),
+                            format!("{value:?} is not a registry name: {}", registry::NAME_RULE),
+                        );
                     }
                 }
             }
-            Spec::VirtualRouter(r) => {
-                if r.listeners.len() != 1 {
+            if let Some(dns) = &sd.dns {
+                if !trellis_proxy::snapshot::valid_host(&dns.hostname) {
+                    self.err(
+                        "spec.serviceDiscovery.dns.hostname",
+                        format!(
+                            "{:?} is not a DNS name or an IP address (ASCII labels of \
+                             letters, digits, '-' and '_')",
+                            dns.hostname
+                        ),
+                    );
+                }
+                if n.listeners.is_empty() {
                     self.err(
                         "spec.listeners",
-                        "a VirtualRouter has exactly one listener".into(),
+                        "dns service discovery needs a listener port".into(),
                     );
-                }
-                self.listeners("spec.listeners", &r.listeners);
-                let mut names = HashSet::new();
-                for (i, route) in r.routes.iter().enumerate() {
-                    let rp = format!("spec.routes[{i}]");
-                    if !valid_name(&route.name) {
-                        self.err(
-                            format!("{rp}.name"),
-                            format!("{:?} is not a valid name", route.name),
-                        );
-                    } else if !names.insert(route.name.as_str()) {
-                        self.err(
-                            format!("{rp}.name"),
-                            format!("duplicate route name {:?}", route.name),
-                        );
-                    }
-                    if let Some(p) = route.priority {
-                        if !(0..=1000).contains(&p) {
-                            self.err(format!("{rp}.priority"), "must be 0..=1000".into());
-                        }
-                    }
-                    let kinds = [
-                        route.http_route.is_some(),
-                        route.http2_route.is_some(),
-                        route.grpc_route.is_some(),
-                        route.tcp_route.is_some(),
-                    ];
-                    if kinds.iter().filter(|k| **k).count() != 1 {
-                        self.err(
-                            &rp,
-                            "give exactly one of httpRoute, http2Route, grpcRoute, tcpRoute".into(),
-                        );
-                    }
-                    for (field, http) in [
-                        ("httpRoute", &route.http_route),
-                        ("http2Route", &route.http2_route),
-                    ] {
-                        if let Some(h) = http {
-                            let hp = format!("{rp}.{field}");
-                            self.http_match(&format!("{hp}.match"), &h.matcher);
-                            self.action(&format!("{hp}.action"), &h.action);
-                            self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
-                            self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
-                        }
-                    }
-                    if let Some(g) = &route.grpc_route {
-                        let gp = format!("{rp}.grpcRoute");
-                        if g.matcher.method_name.is_some() && g.matcher.service_name.is_none() {
-                            self.err(format!("{gp}.match.methodName"), "needs serviceName".into());
-                        }
-                        self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
-                        self.action(&format!("{gp}.action"), &g.action);
-                        self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
-                        self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
-                    }
-                    if let Some(t) = &route.tcp_route {
-                        self.action(&format!("{rp}.tcpRoute.action"), &t.action);
-                        self.timeouts(&format!("{rp}.tcpRoute.timeout"), t.timeout.as_ref());
-                    }
                 }
             }
-            Spec::VirtualNode(n) => {
-                self.listeners("spec.listeners", &n.listeners);
-                if let Some(sd) = &n.service_discovery {
-                    let count = [
-                        sd.registry.is_some(),
-                        sd.aws_cloud_map.is_some(),
-                        sd.dns.is_some(),
-                    ]
-                    .iter()
-                    .filter(|b| **b)
-                    .count();
-                    if count != 1 {
-                        self.err(
-                            "spec.serviceDiscovery",
-                            "give exactly one of registry, awsCloudMap, dns".into(),
-                        );
-                    }
-                    for (field, reg) in [
-                        ("registry", &sd.registry),
-                        ("awsCloudMap", &sd.aws_cloud_map),
-                    ] {
-                        let Some(reg) = reg else { continue };
-                        for (name, value) in [
-                            ("namespaceName", &reg.namespace_name),
-                            ("serviceName", &reg.service_name),
-                        ] {
-                            if !registry::valid_name(value) {
-                                self.err(
-                                    format!("spec.serviceDiscovery.{field}.{name}"),
-                                    format!(
-                                        "{value:?} is not a registry name: {}",
-                                        registry::NAME_RULE
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    if let Some(dns) = &sd.dns {
-                        if !trellis_proxy::snapshot::valid_host(&dns.hostname) {
-                            self.err(
-                                "spec.serviceDiscovery.dns.hostname",
-                                format!(
-                                    "{:?} is not a DNS name or an IP address (ASCII labels of \
-                                     letters, digits, '-' and '_')",
-                                    dns.hostname
-                                ),
-                            );
-                        }
-                        if n.listeners.is_empty() {
-                            self.err(
-                                "spec.listeners",
-                                "dns service discovery needs a listener port".into(),
-                            );
-                        }
-                    }
-                }
-                for (i, b) in n.backends.iter().enumerate() {
-                    self.exists(
-                        &format!("spec.backends[{i}].virtualService.virtualServiceRef"),
-                        Kind::VirtualService,
-                        &b.virtual_service.virtual_service_ref,
-                    );
-                    self.client_policy_tls(
-                        &format!("spec.backends[{i}].virtualService.clientPolicy"),
-                        b.virtual_service.client_policy.as_ref(),
-                    );
-                }
-                self.client_policy_tls(
-                    "spec.backendDefaults.clientPolicy",
-                    n.backend_defaults
-                        .as_ref()
-                        .and_then(|d| d.get("clientPolicy")),
-                );
-                if let Some(lb) = &n.load_balancer {
-                    if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
-                        self.err(
-                            "spec.loadBalancer.policy",
-                            format!(
-                                "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
-                                lb.policy
-                            ),
-                        );
-                    }
-                }
-            }
-            Spec::VirtualGateway(g) => {
-                if g.listeners.is_empty() {
-                    self.err("spec.listeners", "a VirtualGateway needs a listener".into());
-                }
-                self.listeners("spec.listeners", &g.listeners);
-                self.client_policy_tls(
-                    "spec.backendDefaults.clientPolicy",
-                    g.backend_defaults
-                        .as_ref()
-                        .and_then(|d| d.get("clientPolicy")),
+        }
+        for (i, b) in n.backends.iter().enumerate() {
+            self.exists(
+                &format!("spec.backends[{i}].virtualService.virtualServiceRef"),
+                Kind::VirtualService,
+                &b.virtual_service.virtual_service_ref,
+            );
+            self.client_policy_tls(
+                &format!("spec.backends[{i}].virtualService.clientPolicy"),
+                b.virtual_service.client_policy.as_ref(),
+            );
+        }
+        self.client_policy_tls(
+            "spec.backendDefaults.clientPolicy",
+            n.backend_defaults
+                .as_ref()
+                .and_then(|d| d.get("clientPolicy")),
+        );
+        if let Some(lb) = &n.load_balancer {
+            if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
+                self.err(
+                    "spec.loadBalancer.policy",
+                    format!(
+                        "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
+                        lb.policy
+                    ),
                 );
             }
-            Spec::GatewayRoute(r) => {
-                if let Some(g) = &r.virtual_gateway_ref {
-                    self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
-                }
-                let kinds = [
-                    r.http_route.is_some(),
-                    r.http2_route.is_some(),
-                    r.grpc_route.is_some(),
-                ];
-                if kinds.iter().filter(|k| **k).count() != 1 {
-                    self.err(
-                        "spec",
-                        "give exactly one of httpRoute, http2Route, grpcRoute".into(),
-                    );
-                }
-                if let Some(g) = &r.grpc_route {
-                    self.headers("spec.grpcRoute.match.metadata", &g.matcher.metadata);
-                    self.exists(
-                        "spec.grpcRoute.action.target.virtualService.virtualServiceRef",
-                        Kind::VirtualService,
-                        &g.action.target.virtual_service.virtual_service_ref,
-                    );
-                }
-                for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)]
-                {
-                    if let Some(h) = http {
-                        self.exists(
-                            &format!("spec.{field}.action.target.virtualService.virtualServiceRef"),
-                            Kind::VirtualService,
-                            &h.action.target.virtual_service.virtual_service_ref,
-                        );
-                    }
-                }
+        }
+    }
+
+    fn virtual_gateway(&mut self, g: &VirtualGatewaySpec) {
+        if g.listeners.is_empty() {
+            self.err("spec.listeners", "a VirtualGateway needs a listener".into());
+        }
+        self.listeners("spec.listeners", &g.listeners);
+        self.client_policy_tls(
+            "spec.backendDefaults.clientPolicy",
+            g.backend_defaults
+                .as_ref()
+                .and_then(|d| d.get("clientPolicy")),
+        );
+    }
+
+    fn gateway_route(&mut self, r: &GatewayRouteSpec) {
+        if let Some(g) = &r.virtual_gateway_ref {
+            self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
+        }
+        let kinds = [
+            r.http_route.is_some(),
+            r.http2_route.is_some(),
+            r.grpc_route.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            self.err(
+                "spec",
+                "give exactly one of httpRoute, http2Route, grpcRoute".into(),
+            );
+        }
+        if let Some(g) = &r.grpc_route {
+            self.headers("spec.grpcRoute.match.metadata", &g.matcher.metadata);
+            self.exists(
+                "spec.grpcRoute.action.target.virtualService.virtualServiceRef",
+                Kind::VirtualService,
+                &g.action.target.virtual_service.virtual_service_ref,
+            );
+        }
+        for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)] {
+            if let Some(h) = http {
+                self.exists(
+                    &format!("spec.{field}.action.target.virtualService.virtualServiceRef"),
+                    Kind::VirtualService,
+                    &h.action.target.virtual_service.virtual_service_ref,
+                );
             }
         }
     }
