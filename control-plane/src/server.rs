@@ -18,7 +18,7 @@ use tower::ServiceExt as _;
 use trellis_proto::v1::config_stream_server::ConfigStreamServer;
 
 use crate::{
-    controller::{ControlError, Controller},
+    controller::{Applied, ControlError, Controller},
     model::{Kind, ResourceKey},
     push::ConfigService,
     registry::{Instance, Registration},
@@ -163,130 +163,31 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// Routes an API request to its endpoint.
 async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &json!({ "ok": true })),
-        (&Method::POST, ["v1", "apply"]) => {
-            let manifests = match manifests(req).await {
-                Ok(m) => m,
-                Err(r) => return r,
-            };
-            match controller.apply(manifests).await {
-                Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
-                Err(e) => control_error(e),
-            }
-        }
-        (&Method::POST, ["v1", "delete"]) => {
-            let manifests = match manifests(req).await {
-                Ok(m) => m,
-                Err(r) => return r,
-            };
-            let mut keys = Vec::new();
-            for m in manifests {
-                let Some(kind) = Kind::parse(&m.kind) else {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown kind {:?}", m.kind),
-                    );
-                };
-                keys.push(ResourceKey::new(
-                    kind,
-                    m.metadata.namespace.as_deref().unwrap_or("default"),
-                    &m.metadata.name,
-                ));
-            }
-            match controller.delete(keys).await {
-                Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
-                Err(e) => control_error(e),
-            }
-        }
+        (&Method::POST, ["v1", "apply"]) => apply(controller, req).await,
+        (&Method::POST, ["v1", "delete"]) => delete(controller, req).await,
         (_, ["v1", "resources", kind, rest @ ..]) => {
             let Some(kind) = Kind::parse(kind) else {
                 return error(StatusCode::NOT_FOUND, format!("unknown kind {kind:?}"));
             };
             match (&method, rest) {
-                (&Method::GET, []) => {
-                    let q = query(&req);
-                    let ns = q
-                        .get("namespace")
-                        .map(String::as_str)
-                        .filter(|n| !n.is_empty());
-                    reply(
-                        StatusCode::OK,
-                        &json!({ "items": controller.list(kind, ns) }),
-                    )
+                (&Method::GET, []) => list_resources(controller, kind, &req),
+                (&Method::GET, [ns, name]) => get_resource(controller, kind, ns, name),
+                (&Method::DELETE, [ns, name]) => {
+                    let keys = vec![ResourceKey::new(kind, ns, name)];
+                    results(controller.delete(keys).await)
                 }
-                (&Method::GET, [ns, name]) => {
-                    let key = ResourceKey::new(kind, ns, name);
-                    let found = controller
-                        .list(kind, Some(&key.namespace))
-                        .into_iter()
-                        .find(|m| m.metadata.name == *name);
-                    match found {
-                        Some(m) => reply(StatusCode::OK, &m),
-                        None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
-                    }
-                }
-                (&Method::DELETE, [ns, name]) => match controller
-                    .delete(vec![ResourceKey::new(kind, ns, name)])
-                    .await
-                {
-                    Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
-                    Err(e) => control_error(e),
-                },
                 _ => error(StatusCode::NOT_FOUND, "no such API path"),
             }
         }
-        (&Method::POST, ["v1", "instances"]) => {
-            let text = match body_text(req).await {
-                Ok(t) => t,
-                Err(r) => return r,
-            };
-            let mut de = serde_json::Deserializer::from_str(&text);
-            let registration = match serde_path_to_error::deserialize::<_, Registration>(&mut de) {
-                Ok(r) => r,
-                Err(e) => {
-                    let path = e.path().to_string();
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("invalid instance: {path}: {}", e.into_inner()),
-                    );
-                }
-            };
-            let instance = match registration.into_instance() {
-                Ok(i) => i,
-                Err((path, reason)) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("invalid instance: {path}: {reason}"),
-                    );
-                }
-            };
-            match controller.register(instance).await {
-                Ok(i) => reply(StatusCode::OK, &i),
-                Err(e) => control_error(e),
-            }
-        }
-        (&Method::GET, ["v1", "instances"]) => {
-            let q = query(&req);
-            let view = controller.view();
-            let items: Vec<&Instance> = view
-                .instances
-                .iter()
-                .filter(|i| {
-                    q.get("namespace")
-                        .is_none_or(|ns| ns.is_empty() || *ns == i.namespace)
-                })
-                .filter(|i| {
-                    q.get("service")
-                        .is_none_or(|s| s.is_empty() || *s == i.service)
-                })
-                .collect();
-            reply(StatusCode::OK, &json!({ "items": items }))
-        }
+        (&Method::POST, ["v1", "instances"]) => register(controller, req).await,
+        (&Method::GET, ["v1", "instances"]) => list_instances(controller, &req),
         (&Method::POST, ["v1", "instances", ns, svc, id, action]) => {
             let result = match *action {
                 "heartbeat" => controller
@@ -313,4 +214,111 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
             format!("no API path {method} {path}"),
         ),
     }
+}
+
+/// What an apply or a delete did, or why it did nothing.
+fn results(result: Result<Vec<Applied>, ControlError>) -> Response<Body> {
+    match result {
+        Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
+        Err(e) => control_error(e),
+    }
+}
+
+/// `POST /v1/apply`: the body's manifests, all or nothing.
+async fn apply(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    match manifests(req).await {
+        Ok(manifests) => results(controller.apply(manifests).await),
+        Err(r) => r,
+    }
+}
+
+/// `POST /v1/delete`: the resources the body's manifests name.
+async fn delete(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let manifests = match manifests(req).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let mut keys = Vec::new();
+    for m in manifests {
+        let Some(kind) = Kind::parse(&m.kind) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown kind {:?}", m.kind),
+            );
+        };
+        keys.push(ResourceKey::new(
+            kind,
+            m.metadata.namespace.as_deref().unwrap_or("default"),
+            &m.metadata.name,
+        ));
+    }
+    results(controller.delete(keys).await)
+}
+
+/// `GET /v1/resources/KIND[?namespace=NS]`.
+fn list_resources(controller: &Controller, kind: Kind, req: &Request<Incoming>) -> Response<Body> {
+    let q = query(req);
+    let ns = q
+        .get("namespace")
+        .map(String::as_str)
+        .filter(|n| !n.is_empty());
+    reply(
+        StatusCode::OK,
+        &json!({ "items": controller.list(kind, ns) }),
+    )
+}
+
+/// `GET /v1/resources/KIND/NS/NAME`.
+fn get_resource(controller: &Controller, kind: Kind, ns: &str, name: &str) -> Response<Body> {
+    let key = ResourceKey::new(kind, ns, name);
+    let found = controller
+        .list(kind, Some(&key.namespace))
+        .into_iter()
+        .find(|m| m.metadata.name == name);
+    match found {
+        Some(m) => reply(StatusCode::OK, &m),
+        None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+    }
+}
+
+/// `POST /v1/instances`: a registration, checked like the endpoint it becomes.
+async fn register(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let text = match body_text(req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let invalid = |path: &str, reason: &dyn std::fmt::Display| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid instance: {path}: {reason}"),
+        )
+    };
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let registration = match serde_path_to_error::deserialize::<_, Registration>(&mut de) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e.path().to_string(), e.inner()),
+    };
+    let instance = match registration.into_instance() {
+        Ok(i) => i,
+        Err((path, reason)) => return invalid(&path, &reason),
+    };
+    match controller.register(instance).await {
+        Ok(i) => reply(StatusCode::OK, &i),
+        Err(e) => control_error(e),
+    }
+}
+
+/// `GET /v1/instances[?namespace=NS][&service=SVC]`.
+fn list_instances(controller: &Controller, req: &Request<Incoming>) -> Response<Body> {
+    let q = query(req);
+    let matches =
+        |want: Option<&String>, have: &str| want.is_none_or(|w| w.is_empty() || w == have);
+    let view = controller.view();
+    let items: Vec<&Instance> = view
+        .instances
+        .iter()
+        .filter(|i| matches(q.get("namespace"), &i.namespace))
+        .filter(|i| matches(q.get("service"), &i.service))
+        .collect();
+    reply(StatusCode::OK, &json!({ "items": items }))
 }
