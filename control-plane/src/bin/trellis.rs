@@ -337,267 +337,297 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let api = ApiClient::new(&cli.server)?;
     match cli.command {
-        Command::Apply { files } => {
-            let (text, origin) = join(&read_sources(&files)?)?;
-            if origin.is_empty() {
-                bail!("no manifests in {}", files.join(", "));
-            }
-            let result = api
-                .post("/v1/apply", text.into_bytes())
-                .await
-                .map_err(|e| explain(e, &origin))?;
-            for r in result["results"].as_array().into_iter().flatten() {
-                let ns = r["namespace"]
-                    .as_str()
-                    .filter(|n| !n.is_empty())
-                    .map(|n| format!("{n}/"))
-                    .unwrap_or_default();
-                println!(
-                    "{}/{ns}{} {}",
-                    s(&r["kind"]).to_ascii_lowercase(),
-                    s(&r["name"]),
-                    s(&r["action"])
-                );
-            }
-        }
+        Command::Apply { files } => apply(&api, files).await?,
         Command::Delete {
             files,
             kind,
             name,
             namespace,
-        } => {
-            let result = match (files.is_empty(), kind, name) {
-                (false, None, None) => {
-                    let (text, origin) = join(&read_sources(&files)?)?;
-                    api.post("/v1/delete", text.into_bytes())
-                        .await
-                        .map_err(|e| explain(e, &origin))?
-                }
-                (true, Some(kind), Some(name)) => {
-                    let kind = kind_of(&kind)?;
-                    let ns = if kind.namespaced() {
-                        namespace.as_str()
-                    } else {
-                        "_"
-                    };
-                    api.delete(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
-                        .await
-                        .map_err(|e| explain(e, &[]))?
-                }
-                _ => bail!("give -f FILE, or KIND NAME"),
-            };
-            for r in result["results"].as_array().into_iter().flatten() {
-                println!(
-                    "{}/{} deleted",
-                    s(&r["kind"]).to_ascii_lowercase(),
-                    s(&r["name"])
-                );
-            }
-        }
+        } => delete(&api, files, kind, name, namespace).await?,
         Command::Get {
             kind,
             name,
             namespace,
             all_namespaces,
             output,
-        } => {
-            let kind = kind_of(&kind)?;
-            let value = match &name {
-                Some(name) => {
-                    let ns = if kind.namespaced() {
-                        namespace.as_str()
-                    } else {
-                        "_"
-                    };
-                    api.get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
-                        .await?
-                }
-                None => {
-                    let ns = if all_namespaces {
-                        String::new()
-                    } else {
-                        namespace.clone()
-                    };
-                    api.get(&format!("/v1/resources/{}?namespace={ns}", kind.lower()))
-                        .await?["items"]
-                        .clone()
-                }
-            };
-            match output {
-                Output::Table => {
-                    let items = match &value {
-                        Value::Array(a) => a.clone(),
-                        one => vec![one.clone()],
-                    };
-                    let rows: Vec<Vec<String>> = items
-                        .iter()
-                        .map(|m| {
-                            vec![
-                                m["metadata"]["namespace"]
-                                    .as_str()
-                                    .unwrap_or("-")
-                                    .to_string(),
-                                s(&m["metadata"]["name"]),
-                                format!(
-                                    "{}/{}",
-                                    m["status"]["applied"].as_u64().unwrap_or(0),
-                                    m["status"]["proxies"].as_u64().unwrap_or(0)
-                                ),
-                                s(&m["metadata"]["creationTimestamp"]),
-                            ]
-                        })
-                        .collect();
-                    if rows.is_empty() {
-                        println!("No {} found.", kind.lower());
-                    } else {
-                        print_table(&["NAMESPACE", "NAME", "APPLIED/PROXIES", "CREATED"], &rows);
-                    }
-                }
-                other => print_value(other, &value)?,
-            }
-        }
+        } => get(&api, kind, name, namespace, all_namespaces, output).await?,
         Command::Describe {
             kind,
             name,
             namespace,
-        } => {
+        } => describe(&api, kind, name, namespace).await?,
+        Command::Instances { command } => instances(&api, command).await?,
+        Command::Status { output } => status(&api, output).await?,
+        Command::Validate { .. } | Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+async fn apply(api: &ApiClient, files: Vec<String>) -> anyhow::Result<()> {
+    let (text, origin) = join(&read_sources(&files)?)?;
+    if origin.is_empty() {
+        bail!("no manifests in {}", files.join(", "));
+    }
+    let result = api
+        .post("/v1/apply", text.into_bytes())
+        .await
+        .map_err(|e| explain(e, &origin))?;
+    for r in result["results"].as_array().into_iter().flatten() {
+        let ns = r["namespace"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default();
+        println!(
+            "{}/{ns}{} {}",
+            s(&r["kind"]).to_ascii_lowercase(),
+            s(&r["name"]),
+            s(&r["action"])
+        );
+    }
+    Ok(())
+}
+
+async fn delete(
+    api: &ApiClient,
+    files: Vec<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: String,
+) -> anyhow::Result<()> {
+    let result = match (files.is_empty(), kind, name) {
+        (false, None, None) => {
+            let (text, origin) = join(&read_sources(&files)?)?;
+            api.post("/v1/delete", text.into_bytes())
+                .await
+                .map_err(|e| explain(e, &origin))?
+        }
+        (true, Some(kind), Some(name)) => {
             let kind = kind_of(&kind)?;
             let ns = if kind.namespaced() {
                 namespace.as_str()
             } else {
                 "_"
             };
-            let value = api
-                .get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
-                .await?;
-            print_value(Output::Yaml, &value)?;
-            let status = api.get("/v1/status").await?;
-            println!("proxies:");
-            let key_ns = if kind.namespaced() {
+            api.delete(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+                .await
+                .map_err(|e| explain(e, &[]))?
+        }
+        _ => bail!("give -f FILE, or KIND NAME"),
+    };
+    for r in result["results"].as_array().into_iter().flatten() {
+        println!(
+            "{}/{} deleted",
+            s(&r["kind"]).to_ascii_lowercase(),
+            s(&r["name"])
+        );
+    }
+    Ok(())
+}
+
+async fn get(
+    api: &ApiClient,
+    kind: String,
+    name: Option<String>,
+    namespace: String,
+    all_namespaces: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let kind = kind_of(&kind)?;
+    let value = match &name {
+        Some(name) => {
+            let ns = if kind.namespaced() {
                 namespace.as_str()
             } else {
-                ""
+                "_"
             };
-            let usage = status["resources"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|r| {
-                    r["kind"] == kind.as_str()
-                        && r["name"] == name.as_str()
-                        && r["namespace"] == key_ns
-                });
-            match usage {
-                Some(u) => {
-                    println!(
-                        "  {} use it, {} applied their current snapshot",
-                        u["proxies"], u["applied"]
-                    );
-                    let problems = u["problems"].as_array().into_iter().flatten();
-                    for (i, p) in problems.enumerate() {
-                        if i == 0 {
-                            println!("problems (left out of proxies' snapshots):");
-                        }
-                        println!("  {}", s(p));
-                    }
-                }
-                None => println!("  none"),
-            }
+            api.get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+                .await?
         }
-        Command::Instances { command } => instances(&api, command).await?,
-        Command::Status { output } => {
-            let status = api.get("/v1/status").await?;
-            if !matches!(output, Output::Table) {
-                return print_value(output, &status);
-            }
-            let rows: Vec<Vec<String>> = status["proxies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    let state = if p["nackedVersion"].is_string()
-                        && p["nackedVersion"] == p["desiredVersion"]
-                    {
-                        "NACK"
-                    } else if p["withheld"].is_string() {
-                        "WITHHELD"
-                    } else if p["desiredVersion"].is_null() {
-                        "NO CONFIG"
-                    } else if p["ackedVersion"] == p["desiredVersion"] {
-                        "SYNCED"
-                    } else {
-                        "PENDING"
-                    };
+        None => {
+            let ns = if all_namespaces {
+                String::new()
+            } else {
+                namespace.clone()
+            };
+            api.get(&format!("/v1/resources/{}?namespace={ns}", kind.lower()))
+                .await?["items"]
+                .clone()
+        }
+    };
+    match output {
+        Output::Table => {
+            let items = match &value {
+                Value::Array(a) => a.clone(),
+                one => vec![one.clone()],
+            };
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|m| {
                     vec![
-                        s(&p["node"]),
-                        s(&p["kind"]),
-                        state.to_string(),
-                        s(&p["desiredVersion"]),
-                        s(&p["ackedVersion"]),
-                        p["nackReason"]
+                        m["metadata"]["namespace"]
                             .as_str()
-                            .or(p["withheld"].as_str())
-                            .unwrap_or("")
+                            .unwrap_or("-")
                             .to_string(),
+                        s(&m["metadata"]["name"]),
+                        format!(
+                            "{}/{}",
+                            m["status"]["applied"].as_u64().unwrap_or(0),
+                            m["status"]["proxies"].as_u64().unwrap_or(0)
+                        ),
+                        s(&m["metadata"]["creationTimestamp"]),
                     ]
                 })
                 .collect();
             if rows.is_empty() {
-                println!("No proxies connected.");
+                println!("No {} found.", kind.lower());
             } else {
-                print_table(
-                    &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "REASON"],
-                    &rows,
-                );
+                print_table(&["NAMESPACE", "NAME", "APPLIED/PROXIES", "CREATED"], &rows);
             }
-            let rows: Vec<Vec<String>> = status["problems"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    let proxies: Vec<String> = p["proxies"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(s)
-                        .collect();
-                    vec![
-                        s(&p["source"]),
-                        s(&p["effect"]),
-                        s(&p["reason"]),
-                        proxies.join(","),
-                    ]
-                })
-                .collect();
-            if !rows.is_empty() {
-                println!();
-                print_table(&["PROBLEM SOURCE", "LEFT OUT", "REASON", "PROXIES"], &rows);
-            }
-            println!();
-            let rows: Vec<Vec<String>> = status["resources"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|r| {
-                    let ns = r["namespace"]
-                        .as_str()
-                        .filter(|n| !n.is_empty())
-                        .map(|n| format!("{n}/"))
-                        .unwrap_or_default();
-                    vec![
-                        format!(
-                            "{}/{ns}{}",
-                            s(&r["kind"]).to_ascii_lowercase(),
-                            s(&r["name"])
-                        ),
-                        format!("{}/{}", r["applied"], r["proxies"]),
-                    ]
-                })
-                .collect();
-            print_table(&["RESOURCE", "APPLIED/PROXIES"], &rows);
         }
-        Command::Validate { .. } | Command::Demo { .. } => {}
+        other => print_value(other, &value)?,
     }
+    Ok(())
+}
+
+async fn describe(
+    api: &ApiClient,
+    kind: String,
+    name: String,
+    namespace: String,
+) -> anyhow::Result<()> {
+    let kind = kind_of(&kind)?;
+    let ns = if kind.namespaced() {
+        namespace.as_str()
+    } else {
+        "_"
+    };
+    let value = api
+        .get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+        .await?;
+    print_value(Output::Yaml, &value)?;
+    let status = api.get("/v1/status").await?;
+    println!("proxies:");
+    let key_ns = if kind.namespaced() {
+        namespace.as_str()
+    } else {
+        ""
+    };
+    let usage = status["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| {
+            r["kind"] == kind.as_str() && r["name"] == name.as_str() && r["namespace"] == key_ns
+        });
+    match usage {
+        Some(u) => {
+            println!(
+                "  {} use it, {} applied their current snapshot",
+                u["proxies"], u["applied"]
+            );
+            let problems = u["problems"].as_array().into_iter().flatten();
+            for (i, p) in problems.enumerate() {
+                if i == 0 {
+                    println!("problems (left out of proxies' snapshots):");
+                }
+                println!("  {}", s(p));
+            }
+        }
+        None => println!("  none"),
+    }
+    Ok(())
+}
+
+async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
+    let status = api.get("/v1/status").await?;
+    if !matches!(output, Output::Table) {
+        return print_value(output, &status);
+    }
+    let rows: Vec<Vec<String>> = status["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let state =
+                if p["nackedVersion"].is_string() && p["nackedVersion"] == p["desiredVersion"] {
+                    "NACK"
+                } else if p["withheld"].is_string() {
+                    "WITHHELD"
+                } else if p["desiredVersion"].is_null() {
+                    "NO CONFIG"
+                } else if p["ackedVersion"] == p["desiredVersion"] {
+                    "SYNCED"
+                } else {
+                    "PENDING"
+                };
+            vec![
+                s(&p["node"]),
+                s(&p["kind"]),
+                state.to_string(),
+                s(&p["desiredVersion"]),
+                s(&p["ackedVersion"]),
+                p["nackReason"]
+                    .as_str()
+                    .or(p["withheld"].as_str())
+                    .unwrap_or("")
+                    .to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("No proxies connected.");
+    } else {
+        print_table(
+            &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "REASON"],
+            &rows,
+        );
+    }
+    let rows: Vec<Vec<String>> = status["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let proxies: Vec<String> = p["proxies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![
+                s(&p["source"]),
+                s(&p["effect"]),
+                s(&p["reason"]),
+                proxies.join(","),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!();
+        print_table(&["PROBLEM SOURCE", "LEFT OUT", "REASON", "PROXIES"], &rows);
+    }
+    println!();
+    let rows: Vec<Vec<String>> = status["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let ns = r["namespace"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("{n}/"))
+                .unwrap_or_default();
+            vec![
+                format!(
+                    "{}/{ns}{}",
+                    s(&r["kind"]).to_ascii_lowercase(),
+                    s(&r["name"])
+                ),
+                format!("{}/{}", r["applied"], r["proxies"]),
+            ]
+        })
+        .collect();
+    print_table(&["RESOURCE", "APPLIED/PROXIES"], &rows);
     Ok(())
 }
 
