@@ -793,160 +793,8 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
     let mut route_sources: BTreeMap<String, Vec<Source>> = BTreeMap::new();
     for (rank, (gr_key, gr)) in routes.iter().enumerate() {
-        b.uses.insert((*gr_key).clone());
-        let grpc_as_http;
-        let h = match (
-            gr.http_route.as_ref().or(gr.http2_route.as_ref()),
-            &gr.grpc_route,
-        ) {
-            (Some(h), _) => h,
-            (None, Some(g)) => {
-                grpc_as_http = gateway_grpc_as_http(g);
-                &grpc_as_http
-            }
-            (None, None) => continue,
-        };
-        let vs_ref = &h.action.target.virtual_service.virtual_service_ref;
-        let vs_key = ResourceKey::new(
-            Kind::VirtualService,
-            vs_ref.namespace.as_deref().unwrap_or(&gr_key.namespace),
-            &vs_ref.name,
-        );
-        let Some(Spec::VirtualService(vs)) = state.get(&vs_key).map(|r| &r.spec) else {
+        let Some((host, out)) = gateway_route(&mut b, rank, gr_key, gr, &mut route_sources) else {
             continue;
-        };
-        b.uses.insert(vs_key.clone());
-        let rewrite = h.action.rewrite.clone().unwrap_or_default();
-        let prefix_rewrite = match (&h.matcher.prefix, &rewrite.prefix) {
-            (Some(_), Some(p))
-                if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
-            {
-                None
-            }
-            (Some(pg), p) => Some((
-                pg.clone(),
-                p.as_ref()
-                    .and_then(|p| p.value.clone())
-                    .unwrap_or_else(|| "/".into()),
-            )),
-            (None, _) => None,
-        };
-        // What the router sees instead of the gateway prefix: the rewrite, or the prefix itself.
-        let view = prefix_rewrite
-            .as_ref()
-            .map(|(p, r)| (p.as_str(), r.as_str()))
-            .or(h.matcher.prefix.as_deref().map(|p| (p, p)));
-        let host_rewrite = match rewrite
-            .hostname
-            .as_ref()
-            .and_then(|h| h.default_target_hostname.as_deref())
-        {
-            Some("DISABLED") => String::new(),
-            _ => hostname(&vs_key, vs),
-        };
-        let base = i32::try_from(rank)
-            .unwrap_or(i32::MAX / 2_000)
-            .saturating_mul(2_000);
-        let action = |targets: Vec<pb::WeightedTarget>| pb::RouteAction {
-            weighted_targets: targets,
-            path_rewrite: prefix_rewrite.as_ref().map(|(p, r)| pb::PathRewrite {
-                prefix: p.clone(),
-                replacement: r.clone(),
-            }),
-            host_rewrite: host_rewrite.clone(),
-        };
-        let mut out = Vec::new();
-        let provider = vs.provider.clone().unwrap_or_default();
-        if let Some(p) = &provider.virtual_node {
-            let node = ResourceKey::new(
-                Kind::VirtualNode,
-                p.virtual_node_ref
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(&vs_key.namespace),
-                &p.virtual_node_ref.name,
-            );
-            let cluster = b.cluster(&node);
-            let any = HttpMatch {
-                prefix: Some("/".into()),
-                ..Default::default()
-            };
-            if let Some(m) = combine(&h.matcher, view, &any) {
-                route_sources
-                    .entry(gr_key.name.clone())
-                    .or_default()
-                    .push(Source::Resource((*gr_key).clone()));
-                out.push(pb::Route {
-                    name: gr_key.name.clone(),
-                    priority: base,
-                    r#match: Some(m),
-                    action: Some(action(vec![pb::WeightedTarget { cluster, weight: 1 }])),
-                    ..Default::default()
-                });
-            }
-        } else if let Some(p) = &provider.virtual_router {
-            let router_key = ResourceKey::new(
-                Kind::VirtualRouter,
-                p.virtual_router_ref
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(&vs_key.namespace),
-                &p.virtual_router_ref.name,
-            );
-            let Some(Spec::VirtualRouter(router)) = state.get(&router_key).map(|r| &r.spec) else {
-                continue;
-            };
-            b.uses.insert(router_key.clone());
-            for route in &router.routes {
-                let grpc_match;
-                let rh_match = match (
-                    route.http_route.as_ref().or(route.http2_route.as_ref()),
-                    &route.grpc_route,
-                ) {
-                    (Some(rh), _) => &rh.matcher,
-                    (None, Some(g)) => {
-                        grpc_match = grpc_as_http_match(&g.matcher);
-                        &grpc_match
-                    }
-                    (None, None) => continue,
-                };
-                let Some(m) = combine(&h.matcher, view, rh_match) else {
-                    continue;
-                };
-                let translated = b.route(&router_key, route);
-                let name = format!("{}/{}", gr_key.name, translated.name);
-                route_sources.entry(name.clone()).or_default().extend([
-                    Source::Resource((*gr_key).clone()),
-                    Source::Resource(router_key.clone()),
-                ]);
-                out.push(pb::Route {
-                    name,
-                    priority: base.saturating_add(
-                        route
-                            .priority
-                            .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
-                    ),
-                    r#match: Some(m),
-                    action: Some(action(
-                        translated
-                            .action
-                            .map(|a| a.weighted_targets)
-                            .unwrap_or_default(),
-                    )),
-                    retry_policy: translated.retry_policy,
-                    timeout: translated.timeout,
-                });
-            }
-        }
-        let host = match &h.matcher.hostname {
-            Some(model::HostnameMatch { exact: Some(e), .. }) => e.to_ascii_lowercase(),
-            Some(model::HostnameMatch {
-                suffix: Some(s), ..
-            }) => format!(
-                "*.{}",
-                s.trim_start_matches(['*', '.']).to_ascii_lowercase()
-            ),
-            _ => String::new(),
         };
         by_host.entry(host).or_default().extend(out);
     }
@@ -993,6 +841,174 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         problems: Vec::new(),
         withheld: None,
     })
+}
+
+/// One GatewayRoute's routes — expanded through its target service's router when it has one —
+/// with the hostname they are served for ("" = any); None when its target is missing.
+fn gateway_route(
+    b: &mut Builder<'_>,
+    rank: usize,
+    gr_key: &ResourceKey,
+    gr: &model::GatewayRouteSpec,
+    route_sources: &mut BTreeMap<String, Vec<Source>>,
+) -> Option<(String, Vec<pb::Route>)> {
+    let state = b.state;
+    b.uses.insert((*gr_key).clone());
+    let grpc_as_http;
+    let h = match (
+        gr.http_route.as_ref().or(gr.http2_route.as_ref()),
+        &gr.grpc_route,
+    ) {
+        (Some(h), _) => h,
+        (None, Some(g)) => {
+            grpc_as_http = gateway_grpc_as_http(g);
+            &grpc_as_http
+        }
+        (None, None) => return None,
+    };
+    let vs_ref = &h.action.target.virtual_service.virtual_service_ref;
+    let vs_key = ResourceKey::new(
+        Kind::VirtualService,
+        vs_ref.namespace.as_deref().unwrap_or(&gr_key.namespace),
+        &vs_ref.name,
+    );
+    let Some(Spec::VirtualService(vs)) = state.get(&vs_key).map(|r| &r.spec) else {
+        return None;
+    };
+    b.uses.insert(vs_key.clone());
+    let rewrite = h.action.rewrite.clone().unwrap_or_default();
+    let prefix_rewrite = match (&h.matcher.prefix, &rewrite.prefix) {
+        (Some(_), Some(p))
+            if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
+        {
+            None
+        }
+        (Some(pg), p) => Some((
+            pg.clone(),
+            p.as_ref()
+                .and_then(|p| p.value.clone())
+                .unwrap_or_else(|| "/".into()),
+        )),
+        (None, _) => None,
+    };
+    // What the router sees instead of the gateway prefix: the rewrite, or the prefix itself.
+    let view = prefix_rewrite
+        .as_ref()
+        .map(|(p, r)| (p.as_str(), r.as_str()))
+        .or(h.matcher.prefix.as_deref().map(|p| (p, p)));
+    let host_rewrite = match rewrite
+        .hostname
+        .as_ref()
+        .and_then(|h| h.default_target_hostname.as_deref())
+    {
+        Some("DISABLED") => String::new(),
+        _ => hostname(&vs_key, vs),
+    };
+    let base = i32::try_from(rank)
+        .unwrap_or(i32::MAX / 2_000)
+        .saturating_mul(2_000);
+    let action = |targets: Vec<pb::WeightedTarget>| pb::RouteAction {
+        weighted_targets: targets,
+        path_rewrite: prefix_rewrite.as_ref().map(|(p, r)| pb::PathRewrite {
+            prefix: p.clone(),
+            replacement: r.clone(),
+        }),
+        host_rewrite: host_rewrite.clone(),
+    };
+    let mut out = Vec::new();
+    let provider = vs.provider.clone().unwrap_or_default();
+    if let Some(p) = &provider.virtual_node {
+        let node = ResourceKey::new(
+            Kind::VirtualNode,
+            p.virtual_node_ref
+                .namespace
+                .as_deref()
+                .unwrap_or(&vs_key.namespace),
+            &p.virtual_node_ref.name,
+        );
+        let cluster = b.cluster(&node);
+        let any = HttpMatch {
+            prefix: Some("/".into()),
+            ..Default::default()
+        };
+        if let Some(m) = combine(&h.matcher, view, &any) {
+            route_sources
+                .entry(gr_key.name.clone())
+                .or_default()
+                .push(Source::Resource((*gr_key).clone()));
+            out.push(pb::Route {
+                name: gr_key.name.clone(),
+                priority: base,
+                r#match: Some(m),
+                action: Some(action(vec![pb::WeightedTarget { cluster, weight: 1 }])),
+                ..Default::default()
+            });
+        }
+    } else if let Some(p) = &provider.virtual_router {
+        let router_key = ResourceKey::new(
+            Kind::VirtualRouter,
+            p.virtual_router_ref
+                .namespace
+                .as_deref()
+                .unwrap_or(&vs_key.namespace),
+            &p.virtual_router_ref.name,
+        );
+        let Some(Spec::VirtualRouter(router)) = state.get(&router_key).map(|r| &r.spec) else {
+            return None;
+        };
+        b.uses.insert(router_key.clone());
+        for route in &router.routes {
+            let grpc_match;
+            let rh_match = match (
+                route.http_route.as_ref().or(route.http2_route.as_ref()),
+                &route.grpc_route,
+            ) {
+                (Some(rh), _) => &rh.matcher,
+                (None, Some(g)) => {
+                    grpc_match = grpc_as_http_match(&g.matcher);
+                    &grpc_match
+                }
+                (None, None) => continue,
+            };
+            let Some(m) = combine(&h.matcher, view, rh_match) else {
+                continue;
+            };
+            let translated = b.route(&router_key, route);
+            let name = format!("{}/{}", gr_key.name, translated.name);
+            route_sources.entry(name.clone()).or_default().extend([
+                Source::Resource((*gr_key).clone()),
+                Source::Resource(router_key.clone()),
+            ]);
+            out.push(pb::Route {
+                name,
+                priority: base.saturating_add(
+                    route
+                        .priority
+                        .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
+                ),
+                r#match: Some(m),
+                action: Some(action(
+                    translated
+                        .action
+                        .map(|a| a.weighted_targets)
+                        .unwrap_or_default(),
+                )),
+                retry_policy: translated.retry_policy,
+                timeout: translated.timeout,
+            });
+        }
+    }
+    let host = match &h.matcher.hostname {
+        Some(model::HostnameMatch { exact: Some(e), .. }) => e.to_ascii_lowercase(),
+        Some(model::HostnameMatch {
+            suffix: Some(s), ..
+        }) => format!(
+            "*.{}",
+            s.trim_start_matches(['*', '.']).to_ascii_lowercase()
+        ),
+        _ => String::new(),
+    };
+    Some((host, out))
 }
 
 /// A content hash of the snapshot (its version field left empty).
