@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
+    metrics::ControlMetrics,
     model::{Kind, Manifest, ResourceKey},
     registry::{self, Instance, InstanceStatus},
     status::{Proxies, Status},
@@ -66,6 +67,7 @@ pub struct Controller {
     writer: tokio::sync::Mutex<()>,
     proxies: Proxies,
     cache: Mutex<SnapshotCache>,
+    metrics: ControlMetrics,
 }
 
 impl std::fmt::Debug for Controller {
@@ -117,12 +119,15 @@ impl Controller {
         let view = load(store.as_ref()).await?;
         let revision = view.revision;
         let (tx, _) = watch::channel(Arc::new(view));
+        let metrics = ControlMetrics::new()
+            .map_err(|e| StoreError::Backend(format!("cannot register metrics: {e}")))?;
         let this = Arc::new(Self {
             store,
             view: tx,
             writer: tokio::sync::Mutex::new(()),
             proxies: Proxies::default(),
             cache: Mutex::new((0, HashMap::new())),
+            metrics,
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -156,6 +161,7 @@ impl Controller {
 
     /// Validates and applies manifests atomically: all of them, or nothing and every problem.
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
+        let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
         let view = load(self.store.as_ref()).await?;
         let mut problems = Vec::new();
@@ -229,6 +235,9 @@ impl Controller {
             self.store.apply(ops).await?;
             self.refresh().await?;
         }
+        self.metrics
+            .apply_latency
+            .observe(started.elapsed().as_secs_f64());
         Ok(results)
     }
 
@@ -406,6 +415,22 @@ impl Controller {
     /// The connected proxies and what they run.
     pub fn proxies(&self) -> &Proxies {
         &self.proxies
+    }
+
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// The metrics in the Prometheus text format, with the proxy gauges read now.
+    pub fn encode_metrics(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let (connected, out_of_sync) = self.proxies.counts();
+        self.metrics
+            .connected
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        self.metrics
+            .out_of_sync
+            .set(i64::try_from(out_of_sync).unwrap_or(i64::MAX));
+        self.metrics.encode()
     }
 
     pub fn status(&self) -> Status {

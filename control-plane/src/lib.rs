@@ -4,6 +4,7 @@
 pub mod client;
 pub mod controller;
 pub mod demo;
+pub mod metrics;
 pub mod model;
 pub mod push;
 pub mod registry;

@@ -122,6 +122,14 @@ async fn serve_proxy(
     // The version the proxy runs, as far as we know, and the last one we sent.
     let mut running = Some(applied).filter(|v| !v.is_empty());
     let mut sent: Option<String> = None;
+    // When the last push left, for the ACK latency.
+    let mut pushed_at = std::time::Instant::now();
+    let metrics = controller.metrics();
+    let kind = if node.kind == Kind::VirtualGateway {
+        "gateway"
+    } else {
+        "sidecar"
+    };
     loop {
         let view = views.borrow_and_update().clone();
         // Translating and checking is CPU work, done once per revision and node, off the
@@ -169,6 +177,8 @@ async fn serve_proxy(
                 if tx.send(Ok(push)).await.is_err() {
                     return;
                 }
+                metrics.pushes.with_label_values(&[kind]).inc();
+                pushed_at = std::time::Instant::now();
                 sent = Some(version.clone());
                 controller
                     .proxies()
@@ -185,6 +195,10 @@ async fn serve_proxy(
             changed = views.changed() => if changed.is_err() { return },
             msg = inbound.message() => match msg {
                 Ok(Some(ProxyMessage { kind: Some(Msg::Ack(ack)) })) => {
+                    metrics.answers.with_label_values(&["ack"]).inc();
+                    if sent.as_ref() == Some(&ack.version) {
+                        metrics.ack_latency.observe(pushed_at.elapsed().as_secs_f64());
+                    }
                     running = Some(ack.version.clone());
                     controller.proxies().update(id, |p| {
                         p.acked_version = Some(ack.version.clone());
@@ -195,6 +209,7 @@ async fn serve_proxy(
                     });
                 }
                 Ok(Some(ProxyMessage { kind: Some(Msg::Nack(nack)) })) => {
+                    metrics.answers.with_label_values(&["nack"]).inc();
                     let reason = nack.errors.iter().map(|e| format!("{}: {}", e.path, e.reason)).collect::<Vec<_>>().join("; ");
                     tracing::warn!(node = %node, version = %nack.version, reason = %reason, "proxy rejected its snapshot");
                     controller.proxies().update(id, |p| {

@@ -209,10 +209,30 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
+        (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no API path {method} {path}"),
         ),
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+fn metrics(controller: &Controller) -> Response<Body> {
+    match controller.encode_metrics() {
+        Ok(text) => {
+            let mut r = Response::new(
+                Full::new(Bytes::from(text))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -103,6 +103,13 @@ impl Proxies {
         self.connected.lock().remove(&id);
     }
 
+    /// (connected proxies, those of them not running what they should).
+    pub fn counts(&self) -> (usize, usize) {
+        let connected = self.connected.lock();
+        let behind = connected.values().filter(|p| !p.in_sync()).count();
+        (connected.len(), behind)
+    }
+
     /// Every proxy, each resource of `keys` (at store `revision`) and every problem.
     pub fn status<'a>(
         &self,

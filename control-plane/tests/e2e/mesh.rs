@@ -758,6 +758,48 @@ async fn a_stored_instance_a_proxy_would_reject_degrades_only_itself() {
     assert_eq!(counts.get("green"), Some(&20), "{counts:?}");
 }
 
+#[tokio::test]
+async fn control_plane_metrics_count_proxies_pushes_and_answers() {
+    let env = setup((0, 0, 100)).await;
+    let mut c = Client::h1(env.control.addr).await.unwrap();
+    let text = c.get("trellis", "/metrics").await.unwrap().text();
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        trellis_testkit::process::metric_value(&text, name, labels)
+    };
+    assert_eq!(
+        value("trellis_control_connected_proxies", &[]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(value("trellis_control_proxies_out_of_sync", &[]), 0.0);
+    assert!(value("trellis_control_pushes_total", &[("kind", "sidecar")]) >= 2.0);
+    assert!(value("trellis_control_push_answers_total", &[("outcome", "ack")]) >= 2.0);
+    assert_eq!(
+        value("trellis_control_push_answers_total", &[("outcome", "nack")]),
+        0.0
+    );
+    assert!(value("trellis_control_push_ack_seconds_count", &[]) >= 2.0);
+    assert!(value("trellis_control_apply_seconds_count", &[]) >= 1.0);
+
+    // The exposition format passes promtool.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect(
+            "promtool (Debian package prometheus) must be installed; the test command installs it",
+        );
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A proxy may still reject what it is sent (an older proxy, a socket it cannot bind): its NACK
 /// shows in status with every reason. No current proxy NACKs what this control plane sends, so a
 /// scripted peer speaks the config stream here.
@@ -825,6 +867,17 @@ async fn a_proxy_nack_shows_in_status_with_its_reasons() {
             && l.contains("NACK")
             && l.contains("cannot bind 10.0.0.1:80")),
         "{table}"
+    );
+    let mut c = Client::h1(control.addr).await.unwrap();
+    let text = c.get("trellis", "/metrics").await.unwrap().text();
+    assert_eq!(
+        trellis_testkit::process::metric_value(
+            &text,
+            "trellis_control_push_answers_total",
+            &[("outcome", "nack")]
+        ),
+        1.0,
+        "{text}"
     );
 }
 

@@ -1,0 +1,90 @@
+//! The control plane's Prometheus metrics, on a registry of its own (never the global one):
+//! connected proxies, pushes, ACKs and NACKs, how long a push takes to be acknowledged, how many
+//! proxies run something else than they should, and how long an apply takes. Labels are bounded
+//! (proxy kind, outcome); node names are not labels.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct ControlMetrics {
+    registry: Registry,
+    pub connected: IntGauge,
+    pub out_of_sync: IntGauge,
+    /// Snapshots sent, by proxy kind (sidecar, gateway).
+    pub pushes: IntCounterVec,
+    /// Answers to pushes, by outcome (ack, nack).
+    pub answers: IntCounterVec,
+    /// From a push to its ACK.
+    pub ack_latency: Histogram,
+    /// From an apply request to its store write (validation included).
+    pub apply_latency: Histogram,
+}
+
+impl ControlMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let connected = IntGauge::new(
+            "trellis_control_connected_proxies",
+            "Proxies with an open config stream",
+        )?;
+        let out_of_sync = IntGauge::new(
+            "trellis_control_proxies_out_of_sync",
+            "Connected proxies that have not acknowledged the snapshot they should run",
+        )?;
+        let pushes = IntCounterVec::new(
+            Opts::new("trellis_control_pushes_total", "Snapshots sent to proxies"),
+            &["kind"],
+        )?;
+        let answers = IntCounterVec::new(
+            Opts::new(
+                "trellis_control_push_answers_total",
+                "Proxies' answers to pushed snapshots, by outcome (ack, nack)",
+            ),
+            &["outcome"],
+        )?;
+        let ack_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "trellis_control_push_ack_seconds",
+                "Time from a push to the proxy's ACK",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let apply_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "trellis_control_apply_seconds",
+                "Time to validate and store an apply",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(connected.clone()))?;
+        registry.register(Box::new(out_of_sync.clone()))?;
+        registry.register(Box::new(pushes.clone()))?;
+        registry.register(Box::new(answers.clone()))?;
+        registry.register(Box::new(ack_latency.clone()))?;
+        registry.register(Box::new(apply_latency.clone()))?;
+        Ok(Self {
+            registry,
+            connected,
+            out_of_sync,
+            pushes,
+            answers,
+            ack_latency,
+            apply_latency,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut out,
+        )?;
+        Ok(out)
+    }
+}
