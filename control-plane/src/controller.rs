@@ -47,14 +47,33 @@ pub enum ControlError {
     Store(#[from] StoreError),
 }
 
-/// What `apply` did to one resource.
-#[derive(Debug, Clone, Serialize)]
+/// What `apply` or `delete` did to one resource.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Applied {
     pub kind: String,
     pub namespace: String,
     pub name: String,
-    /// created, configured or unchanged.
-    pub action: &'static str,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Configured,
+    Unchanged,
+    Deleted,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Configured => "configured",
+            Self::Unchanged => "unchanged",
+            Self::Deleted => "deleted",
+        }
+    }
 }
 
 /// Translated sidecar snapshots of one view revision, by node.
@@ -197,9 +216,9 @@ impl Controller {
         for r in incoming {
             let existing = view.state.get(&r.key);
             let action = match existing {
-                None => "created",
-                Some(old) if same(&old.manifest, &r.manifest) => "unchanged",
-                Some(_) => "configured",
+                None => Action::Created,
+                Some(old) if same(&old.manifest, &r.manifest) => Action::Unchanged,
+                Some(_) => Action::Configured,
             };
             results.push(Applied {
                 kind: r.key.kind.to_string(),
@@ -207,7 +226,7 @@ impl Controller {
                 name: r.key.name.clone(),
                 action,
             });
-            if action == "unchanged" {
+            if action == Action::Unchanged {
                 continue;
             }
             let expect = view
@@ -264,7 +283,7 @@ impl Controller {
                 kind: key.kind.to_string(),
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
-                action: "deleted",
+                action: Action::Deleted,
             });
         }
         let problems = validate::check(&next, &HashMap::new());

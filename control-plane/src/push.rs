@@ -79,7 +79,7 @@ impl ConfigStream for ConfigService {
         )?;
         let id = self.controller.proxies().connected(ProxyStatus {
             node: hello.node.clone(),
-            kind: if gateway { "gateway" } else { "sidecar" },
+            kind: if gateway { "gateway" } else { "sidecar" }.into(),
             instance: hello.instance.clone(),
             proxy_version: hello.proxy_version.clone(),
             connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),

@@ -8,16 +8,17 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{model::ResourceKey, translate::Degraded};
 
 /// One connected proxy, as `trellis status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStatus {
     pub node: String,
-    pub kind: &'static str,
+    /// sidecar or gateway.
+    pub kind: String,
     pub instance: String,
     pub proxy_version: String,
     pub connected_at: String,
@@ -28,10 +29,10 @@ pub struct ProxyStatus {
     pub nacked_version: Option<String>,
     pub nack_reason: Option<String>,
     /// Pieces left out of this proxy's snapshot because it would reject them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<Degraded>,
     /// Why no snapshot is sent to this proxy, when one cannot be made valid.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld: Option<String>,
     #[serde(skip)]
     pub uses: BTreeSet<ResourceKey>,
@@ -44,7 +45,7 @@ impl ProxyStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceStatus {
     pub kind: String,
@@ -55,12 +56,12 @@ pub struct ResourceStatus {
     /// Of those, how many acknowledged their current snapshot.
     pub applied: usize,
     /// What of it was left out of proxies' snapshots, and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
 }
 
 /// A resource or instance that degraded itself: what was left out, why, and on which proxies.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceProblem {
     pub source: String,
     pub effect: String,
@@ -69,7 +70,7 @@ pub struct SourceProblem {
     pub proxies: BTreeSet<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub revision: u64,
     pub proxies: Vec<ProxyStatus>,

@@ -107,7 +107,7 @@ impl Sources {
 }
 
 /// A piece left out of a proxy's snapshot, and why.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub struct Degraded {
     /// The resource or instance to blame, e.g. `instance demo/colorteller/blue-1`.
     pub source: String,

@@ -13,9 +13,22 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use trellis_control::{
     client::{ApiClient, ClientError},
+    controller::Applied,
     model::Kind,
+    status::Status,
     validate::{self, State, parse_documents},
 };
+
+/// The results of an apply or a delete.
+#[derive(Debug, serde::Deserialize)]
+struct Results {
+    results: Vec<Applied>,
+}
+
+/// An API response as its type.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<T> {
+    serde_json::from_value(value).context("unexpected response from the control plane")
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "trellis", version, about = "Trellis service mesh CLI")]
@@ -372,17 +385,16 @@ async fn apply(api: &ApiClient, files: Vec<String>) -> anyhow::Result<()> {
         .post("/v1/apply", text.into_bytes())
         .await
         .map_err(|e| explain(e, &origin))?;
-    for r in result["results"].as_array().into_iter().flatten() {
-        let ns = r["namespace"]
-            .as_str()
+    for r in typed::<Results>(result)?.results {
+        let ns = Some(r.namespace.as_str())
             .filter(|n| !n.is_empty())
             .map(|n| format!("{n}/"))
             .unwrap_or_default();
         println!(
             "{}/{ns}{} {}",
-            s(&r["kind"]).to_ascii_lowercase(),
-            s(&r["name"]),
-            s(&r["action"])
+            r.kind.to_ascii_lowercase(),
+            r.name,
+            r.action.as_str()
         );
     }
     Ok(())
@@ -415,12 +427,8 @@ async fn delete(
         }
         _ => bail!("give -f FILE, or KIND NAME"),
     };
-    for r in result["results"].as_array().into_iter().flatten() {
-        println!(
-            "{}/{} deleted",
-            s(&r["kind"]).to_ascii_lowercase(),
-            s(&r["name"])
-        );
+    for r in typed::<Results>(result)?.results {
+        println!("{}/{} deleted", r.kind.to_ascii_lowercase(), r.name);
     }
     Ok(())
 }
@@ -506,32 +514,28 @@ async fn describe(
         .get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
         .await?;
     print_value(Output::Yaml, &value)?;
-    let status = api.get("/v1/status").await?;
+    let status: Status = typed(api.get("/v1/status").await?)?;
     println!("proxies:");
     let key_ns = if kind.namespaced() {
         namespace.as_str()
     } else {
         ""
     };
-    let usage = status["resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| {
-            r["kind"] == kind.as_str() && r["name"] == name.as_str() && r["namespace"] == key_ns
-        });
+    let usage = status
+        .resources
+        .iter()
+        .find(|r| r.kind == kind.as_str() && r.name == name && r.namespace == key_ns);
     match usage {
         Some(u) => {
             println!(
                 "  {} use it, {} applied their current snapshot",
-                u["proxies"], u["applied"]
+                u.proxies, u.applied
             );
-            let problems = u["problems"].as_array().into_iter().flatten();
-            for (i, p) in problems.enumerate() {
+            for (i, p) in u.problems.iter().enumerate() {
                 if i == 0 {
                     println!("problems (left out of proxies' snapshots):");
                 }
-                println!("  {}", s(p));
+                println!("  {p}");
             }
         }
         None => println!("  none"),
@@ -540,38 +544,37 @@ async fn describe(
 }
 
 async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
-    let status = api.get("/v1/status").await?;
+    let value = api.get("/v1/status").await?;
     if !matches!(output, Output::Table) {
-        return print_value(output, &status);
+        return print_value(output, &value);
     }
-    let rows: Vec<Vec<String>> = status["proxies"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let status: Status = typed(value)?;
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = status
+        .proxies
+        .iter()
         .map(|p| {
-            let state =
-                if p["nackedVersion"].is_string() && p["nackedVersion"] == p["desiredVersion"] {
-                    "NACK"
-                } else if p["withheld"].is_string() {
-                    "WITHHELD"
-                } else if p["desiredVersion"].is_null() {
-                    "NO CONFIG"
-                } else if p["ackedVersion"] == p["desiredVersion"] {
-                    "SYNCED"
-                } else {
-                    "PENDING"
-                };
+            let state = if p.nacked_version.is_some() && p.nacked_version == p.desired_version {
+                "NACK"
+            } else if p.withheld.is_some() {
+                "WITHHELD"
+            } else if p.desired_version.is_none() {
+                "NO CONFIG"
+            } else if p.in_sync() {
+                "SYNCED"
+            } else {
+                "PENDING"
+            };
             vec![
-                s(&p["node"]),
-                s(&p["kind"]),
+                p.node.clone(),
+                p.kind.clone(),
                 state.to_string(),
-                s(&p["desiredVersion"]),
-                s(&p["ackedVersion"]),
-                p["nackReason"]
-                    .as_str()
-                    .or(p["withheld"].as_str())
-                    .unwrap_or("")
-                    .to_string(),
+                dash(&p.desired_version),
+                dash(&p.acked_version),
+                p.nack_reason
+                    .clone()
+                    .or_else(|| p.withheld.clone())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
@@ -583,21 +586,15 @@ async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
             &rows,
         );
     }
-    let rows: Vec<Vec<String>> = status["problems"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = status
+        .problems
+        .iter()
         .map(|p| {
-            let proxies: Vec<String> = p["proxies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect();
+            let proxies: Vec<&str> = p.proxies.iter().map(String::as_str).collect();
             vec![
-                s(&p["source"]),
-                s(&p["effect"]),
-                s(&p["reason"]),
+                p.source.clone(),
+                p.effect.clone(),
+                p.reason.clone(),
                 proxies.join(","),
             ]
         })
@@ -607,23 +604,17 @@ async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
         print_table(&["PROBLEM SOURCE", "LEFT OUT", "REASON", "PROXIES"], &rows);
     }
     println!();
-    let rows: Vec<Vec<String>> = status["resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = status
+        .resources
+        .iter()
         .map(|r| {
-            let ns = r["namespace"]
-                .as_str()
+            let ns = Some(r.namespace.as_str())
                 .filter(|n| !n.is_empty())
                 .map(|n| format!("{n}/"))
                 .unwrap_or_default();
             vec![
-                format!(
-                    "{}/{ns}{}",
-                    s(&r["kind"]).to_ascii_lowercase(),
-                    s(&r["name"])
-                ),
-                format!("{}/{}", r["applied"], r["proxies"]),
+                format!("{}/{ns}{}", r.kind.to_ascii_lowercase(), r.name),
+                format!("{}/{}", r.applied, r.proxies),
             ]
         })
         .collect();
