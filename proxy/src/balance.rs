@@ -7,7 +7,7 @@ use std::sync::{
 
 use crate::{
     metrics::RequestMetrics,
-    upstream::{Cluster, EndpointState},
+    upstream::{Cluster, EndpointState, LbPolicy},
 };
 
 /// A route's targets with cumulative weights. Targets of weight 0 are dropped at compile time.
@@ -69,13 +69,11 @@ impl WeightedTargets {
     }
 }
 
-/// How a cluster picks among its healthy endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbPolicy {
-    RoundRobin,
-    /// Power of two random choices on in-flight requests.
-    LeastRequest,
-    Random,
+impl Cluster {
+    /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
+    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<&Arc<EndpointState>> {
+        pick(self.lb, &self.healthy, &self.cursor, avoid)
+    }
 }
 
 /// Picks an endpoint, avoiding those in `avoid` (the ones earlier attempts failed on) while any

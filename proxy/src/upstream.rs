@@ -26,12 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::{
-    BoxError,
-    balance::{self, LbPolicy},
-    body::UpstreamIncoming,
-    error::UpstreamFailure,
-    h1,
-    metrics::ClusterMetrics,
+    BoxError, body::UpstreamIncoming, error::UpstreamFailure, h1, metrics::ClusterMetrics,
 };
 
 pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -66,6 +61,15 @@ impl Health {
     }
 }
 
+/// How a cluster picks among its healthy endpoints (the pick itself is in `balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of two random choices on in-flight requests.
+    LeastRequest,
+    Random,
+}
+
 /// One cluster of one snapshot.
 #[derive(Debug)]
 pub struct Cluster {
@@ -80,13 +84,6 @@ pub struct Cluster {
     pub healthy: Vec<Arc<EndpointState>>,
     pub(crate) cursor: AtomicUsize,
     pub metrics: ClusterMetrics,
-}
-
-impl Cluster {
-    /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
-    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<&Arc<EndpointState>> {
-        balance::pick(self.lb, &self.healthy, &self.cursor, avoid)
-    }
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.

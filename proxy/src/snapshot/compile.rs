@@ -13,14 +13,14 @@ use trellis_proto::v1 as pb;
 
 use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
 use crate::{
-    balance::{LbPolicy, WeightedTargets},
+    balance::WeightedTargets,
     metrics::ProxyMetrics,
     retry::{self, RetryOn, RetryPolicy},
     route::{
         HeaderMatch, PathMatch, QueryMatch, Rewrite, Route, RouteMatch, RouteTable, Timeouts,
         ValueRule, VirtualHost,
     },
-    upstream::{self, Cluster, Generation, Health, Protocol},
+    upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
 };
 
 const MAX_WEIGHT: u32 = 1_000_000;
