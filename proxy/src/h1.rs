@@ -28,7 +28,10 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use tokio::{io::AsyncWrite, net::TcpStream};
 
-use crate::{BoxError, error::UpstreamFailure, upstream::RequestBody};
+use crate::{BoxError, error::UpstreamFailure};
+
+/// A request body on its way to an upstream, for our HTTP/1.1 client and hyper's h2 alike.
+pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// Read buffer grown by this much when it runs low.
 const READ_CHUNK: usize = 4096;

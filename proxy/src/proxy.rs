@@ -471,7 +471,7 @@ impl RequestBody {
         self.tracking.as_ref().map(|t| t.state.clone())
     }
 
-    fn boxed(self) -> crate::upstream::RequestBody {
+    fn boxed(self) -> crate::h1::RequestBody {
         ClientBody::new(self.body, self.tracking).boxed()
     }
 }

@@ -16,7 +16,6 @@ use std::{
 
 use parking_lot::Mutex;
 
-use bytes::Bytes;
 use http::{Request, Response, request::Parts};
 use hyper::{
     body::Incoming,
@@ -26,10 +25,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::{
-    BoxError, body::UpstreamIncoming, error::UpstreamFailure, h1, metrics::ClusterMetrics,
+    BoxError,
+    body::UpstreamIncoming,
+    error::UpstreamFailure,
+    h1::{self, RequestBody},
+    metrics::ClusterMetrics,
 };
-
-pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
