@@ -17,9 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::{
-    BoxError, app::BodyOpen, error::ClientBodyError, h1, proxy::Completion, upstream::InFlight,
-};
+use crate::{BoxError, app::BodyOpen, h1, proxy::Completion, upstream::InFlight};
 
 /// A response body from an upstream: HTTP/1.1 from our own client, HTTP/2 from hyper's.
 // Bodies are placed once (in hyper's dispatcher) and polled in place: size over a box.
@@ -199,6 +197,47 @@ impl Drop for UpstreamBody {
         if self.completion.is_some() {
             // The client went away before the end of the body.
             self.finish(Some("downstream_reset"));
+        }
+    }
+}
+
+/// Why a client's request body failed: the client's fault, never the upstream's. The body's
+/// error, and recorded in its [`BodyState`] for the attempt that sent it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("malformed request body: {0}")]
+    Malformed(#[source] BoxError),
+    #[error("the client went away in the middle of its request body: {0}")]
+    Reset(#[source] BoxError),
+    #[error("no request body data for {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientBodyError {
+    /// Sorts a failure of the client's body (hyper's): broken HTTP/1.1 framing is malformed;
+    /// anything else (end of stream, reset, HTTP/2 stream errors) is the client leaving.
+    pub fn from_incoming(e: hyper::Error) -> Self {
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                ) {
+                    return Self::Malformed(e.into());
+                }
+            }
+            source = s.source();
+        }
+        Self::Reset(e.into())
+    }
+
+    /// A copy (the original is the body's error, the copy goes to the response).
+    pub fn to_owned_kind(&self) -> Self {
+        match self {
+            Self::Malformed(e) => Self::Malformed(e.to_string().into()),
+            Self::Reset(e) => Self::Reset(e.to_string().into()),
+            Self::Timeout(d) => Self::Timeout(*d),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::{BoxError, body::ResponseBody};
+use crate::body::{ClientBodyError, ResponseBody};
 
 /// How an upstream attempt failed; decides retries and the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,47 +29,6 @@ pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
     Ok(s) => s,
     Err(_) => StatusCode::BAD_REQUEST,
 };
-
-/// Why a client's request body failed: the client's fault, never the upstream's. The body's
-/// error, and recorded in its [`crate::body::BodyState`] for the attempt that sent it.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientBodyError {
-    #[error("malformed request body: {0}")]
-    Malformed(#[source] BoxError),
-    #[error("the client went away in the middle of its request body: {0}")]
-    Reset(#[source] BoxError),
-    #[error("no request body data for {0:?}")]
-    Timeout(Duration),
-}
-
-impl ClientBodyError {
-    /// Sorts a failure of the client's body (hyper's): broken HTTP/1.1 framing is malformed;
-    /// anything else (end of stream, reset, HTTP/2 stream errors) is the client leaving.
-    pub fn from_incoming(e: hyper::Error) -> Self {
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-                ) {
-                    return Self::Malformed(e.into());
-                }
-            }
-            source = s.source();
-        }
-        Self::Reset(e.into())
-    }
-
-    /// A copy (the original is the body's error, the copy goes to the response).
-    pub fn to_owned_kind(&self) -> Self {
-        match self {
-            Self::Malformed(e) => Self::Malformed(e.to_string().into()),
-            Self::Reset(e) => Self::Reset(e.to_string().into()),
-            Self::Timeout(d) => Self::Timeout(*d),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

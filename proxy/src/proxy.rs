@@ -19,8 +19,11 @@ use crate::{
     access_log::LogRecord,
     app::{ActiveRequest, App},
     balance::Target,
-    body::{BodyState, BodyTracking, ClientBody, ResponseBody, UpstreamBody, UpstreamIncoming},
-    error::{CLIENT_CLOSED, ClientBodyError, ProxyError, UpstreamFailure},
+    body::{
+        BodyState, BodyTracking, ClientBody, ClientBodyError, ResponseBody, UpstreamBody,
+        UpstreamIncoming,
+    },
+    error::{CLIENT_CLOSED, ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
