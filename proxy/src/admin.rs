@@ -10,7 +10,7 @@ use prometheus::Encoder as _;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::{app::App, body::ResponseBody};
+use crate::{app::App, proxy::ResponseBody};
 
 /// Serves admin requests on `listener` until the process exits.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {

@@ -1,5 +1,5 @@
 //! The response body the proxy serves: a local one (errors, admin) or an upstream's, with its
-//! idle timeout and the request's completion (access log, metrics).
+//! idle timeout and what ends the exchange (the request path's completion: access log, metrics).
 
 use std::{
     future::Future,
@@ -17,54 +17,18 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::{BoxError, app::BodyOpen, h1, proxy::Completion, upstream::InFlight};
+use crate::BoxError;
 
-/// A response body from an upstream: HTTP/1.1 from our own client, HTTP/2 from hyper's.
-// Bodies are placed once (in hyper's dispatcher) and polled in place: size over a box.
+/// The body of a response to the client: a local one, or `U`, an upstream's (the request path
+/// names it: an [`UpstreamBody`] of its own upstream body and [`Finish`]).
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum UpstreamIncoming {
-    H1(h1::IncomingBody),
-    Hyper(Incoming),
-}
-
-impl Body for UpstreamIncoming {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::H1(b) => Pin::new(b).poll_frame(cx),
-            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(b) => b.is_end_stream(),
-            Self::Hyper(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::H1(b) => b.size_hint(),
-            Self::Hyper(b) => b.size_hint(),
-        }
-    }
-}
-
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum ResponseBody {
+pub enum ResponseBody<U> {
     Local(Option<Bytes>),
-    Upstream(UpstreamBody),
+    Upstream(U),
 }
 
-impl ResponseBody {
+impl<U> ResponseBody<U> {
     pub fn empty() -> Self {
         Self::Local(None)
     }
@@ -74,7 +38,10 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl<U> Body for ResponseBody<U>
+where
+    U: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -91,7 +58,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Local(bytes) => bytes.is_none(),
-            Self::Upstream(up) => up.inner.is_end_stream(),
+            Self::Upstream(up) => up.is_end_stream(),
         }
     }
 
@@ -100,32 +67,33 @@ impl Body for ResponseBody {
             Self::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Self::Upstream(up) => up.inner.size_hint(),
+            Self::Upstream(up) => up.size_hint(),
         }
     }
 }
 
-/// An upstream response body on its way to the client.
-#[derive(Debug)]
-pub struct UpstreamBody {
-    inner: UpstreamIncoming,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    in_flight: Option<InFlight>,
-    completion: Option<Completion>,
+/// What ends an exchange once its response body is over (the request path's: the endpoint's
+/// in-flight count, then the request's metrics and access log). `error` is set when the body
+/// failed midway.
+pub trait Finish {
+    fn finish(self, error: Option<&'static str>);
 }
 
-impl UpstreamBody {
-    pub fn new(
-        inner: UpstreamIncoming,
-        idle: Option<Duration>,
-        in_flight: InFlight,
-        completion: Completion,
-    ) -> Self {
+/// An upstream response body `B` on its way to the client, with its idle timeout and `F`, what
+/// ends the exchange.
+#[derive(Debug)]
+pub struct UpstreamBody<B, F: Finish> {
+    inner: B,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    done: Option<F>,
+}
+
+impl<B: Body, F: Finish> UpstreamBody<B, F> {
+    pub fn new(inner: B, idle: Option<Duration>, done: F) -> Self {
         let mut body = Self {
             inner,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
-            in_flight: Some(in_flight),
-            completion: Some(completion),
+            done: Some(done),
         };
         if body.inner.is_end_stream() {
             body.finish(None);
@@ -136,14 +104,17 @@ impl UpstreamBody {
     /// The exchange is over: the endpoint's in-flight count drops, the request is logged. (An
     /// HTTP/1.1 connection has gone back to its pool already, when the body ended cleanly.)
     fn finish(&mut self, error: Option<&'static str>) {
-        self.in_flight = None;
-        if let Some(c) = self.completion.take() {
-            c.finish(error);
+        if let Some(done) = self.done.take() {
+            done.finish(error);
         }
     }
 }
 
-impl Body for UpstreamBody {
+impl<B, F> Body for UpstreamBody<B, F>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    F: Finish + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -192,11 +163,11 @@ impl Body for UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
+impl<B, F: Finish> Drop for UpstreamBody<B, F> {
     fn drop(&mut self) {
-        if self.completion.is_some() {
+        if let Some(done) = self.done.take() {
             // The client went away before the end of the body.
-            self.finish(Some("downstream_reset"));
+            done.finish(Some("downstream_reset"));
         }
     }
 }
@@ -273,12 +244,13 @@ impl BodyState {
 
 /// What a request with a body carries along with it (none for a request without one).
 #[derive(Debug)]
-pub struct BodyTracking {
+pub struct BodyTracking<O> {
     /// How long the body may go without progress until the response head arrives; `None`: no
     /// limit.
     pub idle: Option<Duration>,
-    /// Until the body ends (the connection's end of stream means the client left).
-    pub open: BodyOpen,
+    /// Held until the body ends (the listener's guard: the connection's end of stream then
+    /// means the client left).
+    pub open: O,
     pub state: Arc<BodyState>,
 }
 
@@ -291,9 +263,9 @@ pub struct BodyTracking {
 /// (no timer for a body that never waits), so time spent waiting for the upstream to take the
 /// body does not count.
 #[derive(Debug)]
-pub struct ClientBody {
+pub struct ClientBody<O> {
     inner: Incoming,
-    tracking: Option<BodyTracking>,
+    tracking: Option<BodyTracking<O>>,
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     /// Bytes received since the timer last restarted.
@@ -304,8 +276,8 @@ pub struct ClientBody {
 /// arrive at 17 bytes/s or more.
 pub const MIN_BODY_PROGRESS: usize = 1024;
 
-impl ClientBody {
-    pub fn new(inner: Incoming, tracking: Option<BodyTracking>) -> Self {
+impl<O> ClientBody<O> {
+    pub fn new(inner: Incoming, tracking: Option<BodyTracking<O>>) -> Self {
         Self {
             inner,
             tracking,
@@ -328,7 +300,7 @@ impl ClientBody {
     }
 }
 
-impl Body for ClientBody {
+impl<O: Unpin> Body for ClientBody<O> {
     type Data = Bytes;
     type Error = BoxError;
 

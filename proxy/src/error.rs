@@ -111,7 +111,7 @@ impl ProxyError {
 
     /// The response the client sees: the mapped status (or, for gRPC, 200 with grpc-status),
     /// `x-trellis-error: <kind>` and the message.
-    pub fn to_response(&self, grpc: bool) -> Response<ResponseBody> {
+    pub fn to_response<U>(&self, grpc: bool) -> Response<ResponseBody<U>> {
         let kind = HeaderValue::from_static(self.kind());
         let message = self.to_string();
         let mut builder = Response::builder().header("x-trellis-error", kind);
@@ -135,7 +135,7 @@ impl ProxyError {
     }
 }
 
-fn fallback() -> Response<ResponseBody> {
+fn fallback<U>() -> Response<ResponseBody<U>> {
     let mut r = Response::new(ResponseBody::empty());
     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     r
@@ -215,10 +215,10 @@ mod tests {
             ),
         ]);
         for (err, status, kind, grpc) in cases {
-            let r = err.to_response(false);
+            let r = err.to_response::<()>(false);
             assert_eq!(r.status().as_u16(), status, "{err}");
             assert_eq!(r.headers()["x-trellis-error"], kind);
-            let g = err.to_response(true);
+            let g = err.to_response::<()>(true);
             assert_eq!(g.status(), StatusCode::OK);
             assert_eq!(g.headers()["grpc-status"], grpc, "{err}");
             assert_eq!(g.headers()["x-trellis-error"], kind);

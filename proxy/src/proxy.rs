@@ -17,19 +17,38 @@ use tokio::time::Instant;
 
 use crate::{
     access_log::LogRecord,
-    app::{ActiveRequest, App},
+    app::{ActiveRequest, App, BodyOpen},
     balance::Target,
-    body::{
-        BodyState, BodyTracking, ClientBody, ClientBodyError, ResponseBody, UpstreamBody,
-        UpstreamIncoming,
-    },
+    body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
     error::{CLIENT_CLOSED, ProxyError, UpstreamFailure},
     metrics::RequestMetrics,
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot},
-    upstream::{Cluster, EndpointState, InFlight, Protocol},
+    upstream::{Cluster, EndpointState, InFlight, Protocol, UpstreamIncoming},
 };
+
+/// The body of every response the proxy serves (admin's too).
+pub type ResponseBody = body::ResponseBody<UpstreamBody<UpstreamIncoming, ExchangeEnd>>;
+
+/// What ends an exchange when its response body is over: the endpoint's in-flight count drops,
+/// then the request is recorded.
+#[derive(Debug)]
+pub struct ExchangeEnd {
+    in_flight: InFlight,
+    completion: Completion,
+}
+
+impl Finish for ExchangeEnd {
+    fn finish(self, error: Option<&'static str>) {
+        let Self {
+            in_flight,
+            completion,
+        } = self;
+        drop(in_flight);
+        completion.finish(error);
+    }
+}
 
 /// What is left to do when a request is over: count it and log it.
 #[derive(Debug)]
@@ -454,14 +473,18 @@ async fn forward(
     if let Some(log) = &mut done.log {
         log.endpoint = Some(endpoint.addr.clone());
     }
-    let body = UpstreamBody::new(body, route.timeouts.idle, in_flight, done);
+    let done = ExchangeEnd {
+        in_flight,
+        completion: done,
+    };
+    let body = UpstreamBody::new(body, route.timeouts.idle, done);
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
 /// The client's request body, and for one that has a body, what tracks it.
 struct RequestBody {
     body: Incoming,
-    tracking: Option<BodyTracking>,
+    tracking: Option<BodyTracking<BodyOpen>>,
 }
 
 impl RequestBody {
@@ -760,12 +783,11 @@ async fn upgrade(
             return Err(ProxyError::NotReady);
         };
         done.status = parts.status;
-        let body = UpstreamBody::new(
-            UpstreamIncoming::Hyper(body),
-            route.timeouts.idle,
+        let done = ExchangeEnd {
             in_flight,
-            done,
-        );
+            completion: done,
+        };
+        let body = UpstreamBody::new(UpstreamIncoming::Hyper(body), route.timeouts.idle, done);
         return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
     }
     if !response

@@ -7,16 +7,20 @@
 use std::{
     collections::HashMap,
     error::Error as _,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
 
+use bytes::Bytes;
 use http::{Request, Response, request::Parts};
+use http_body::{Body, Frame, SizeHint};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -26,7 +30,6 @@ use tokio::net::TcpStream;
 
 use crate::{
     BoxError,
-    body::UpstreamIncoming,
     error::UpstreamFailure,
     h1::{self, RequestBody},
     metrics::ClusterMetrics,
@@ -58,6 +61,44 @@ impl Health {
             Self::Healthy => "healthy",
             Self::Draining => "draining",
             Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// A response body from an upstream: HTTP/1.1 from our own client, HTTP/2 from hyper's.
+// Bodies are placed once (in hyper's dispatcher) and polled in place: size over a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum UpstreamIncoming {
+    H1(h1::IncomingBody),
+    Hyper(Incoming),
+}
+
+impl Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
         }
     }
 }
