@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
     time::{Duration, SystemTime},
@@ -34,6 +34,7 @@ use trellis_proto::v1 as pb;
 
 use crate::{
     access_log::AccessLog,
+    activity::{ActiveRequest, ConnActivity},
     metrics::{ProxyMetrics, RequestMetrics},
     snapshot::{self, FieldError, ListenerKind, Runtime, Slot, SnapshotError, SnapshotStore},
 };
@@ -472,30 +473,6 @@ impl<F: Future> Future for WokenOnly<F> {
     }
 }
 
-/// What a client connection has been doing, for its idle timeout and its half-close.
-#[derive(Debug, Default)]
-struct ConnActivity {
-    /// Requests started on the connection so far.
-    started: AtomicU64,
-    /// Requests not finished yet (their response bodies included).
-    active: AtomicUsize,
-    /// Request bodies still being read from the client.
-    bodies: AtomicUsize,
-    /// The client's end of stream is held back until the requests in flight are over.
-    held_eof: AtomicBool,
-    /// The connection is a tunnel now (CONNECT, WebSocket): its end of stream passes through.
-    upgraded: AtomicBool,
-    /// Wakes the connection's reader when the last request in flight ends.
-    reader: AtomicWaker,
-}
-
-impl ConnActivity {
-    /// Whether the client's end of stream goes through: no request in flight, or a tunnel.
-    fn releases_eof(&self) -> bool {
-        self.active.load(Ordering::SeqCst) == 0 || self.upgraded.load(Ordering::SeqCst)
-    }
-}
-
 /// The client's socket as hyper reads it, with half-closes handled here rather than by hyper's
 /// `half_close` option, which stops reading while a response is pending (a client that resets
 /// its connection while it waits would go unnoticed). An HTTP/1.x end of stream (FIN) that
@@ -600,56 +577,6 @@ impl tokio::io::AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-/// Held by a request from its start until it is over (the end of its response body).
-#[derive(Debug)]
-pub struct ActiveRequest(Arc<ConnActivity>);
-
-impl ActiveRequest {
-    fn begin(activity: &Arc<ConnActivity>) -> Self {
-        activity.started.fetch_add(1, Ordering::Relaxed);
-        activity.active.fetch_add(1, Ordering::Relaxed);
-        Self(activity.clone())
-    }
-}
-
-impl ActiveRequest {
-    /// The connection has become a tunnel (CONNECT, WebSocket) spliced to the upstream: the
-    /// client's end of stream is the tunnel's and must reach the upstream, even though the
-    /// request stays active until the tunnel ends. An end of stream already held is let go.
-    pub(crate) fn upgraded(&self) {
-        self.0.upgraded.store(true, Ordering::SeqCst);
-        self.0.reader.wake();
-    }
-
-    /// Marks a request body as being read from the client until the guard is dropped.
-    pub(crate) fn body_open(&self) -> BodyOpen {
-        self.0.bodies.fetch_add(1, Ordering::SeqCst);
-        BodyOpen(self.0.clone())
-    }
-}
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.held_eof.load(Ordering::SeqCst)
-        {
-            // The client half-closed: its end of stream can be seen now.
-            self.0.reader.wake();
-        }
-    }
-}
-
-/// Held while a request body is being read from the client: an end of stream then is the
-/// client leaving, not a half-close.
-#[derive(Debug)]
-pub struct BodyOpen(Arc<ConnActivity>);
-
-impl Drop for BodyOpen {
-    fn drop(&mut self) {
-        self.0.bodies.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -5,6 +5,7 @@
 //! in [`proxy`] against the snapshot in use, held by [`snapshot::SnapshotStore`].
 
 pub mod access_log;
+pub mod activity;
 pub mod admin;
 pub mod app;
 pub mod balance;

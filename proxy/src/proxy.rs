@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use crate::{
     access_log::LogRecord,
-    app::{ActiveRequest, App, BodyOpen},
+    activity::{ActiveRequest, BodyOpen},
+    app::App,
     balance::Target,
     body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
     error::{CLIENT_CLOSED, ProxyError, UpstreamFailure},

@@ -1,0 +1,84 @@
+//! What a client connection is doing: the listener's per-connection state (for its idle timeout
+//! and half-close) and the guards the request path holds on it while a request, or its body, is
+//! in flight.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+};
+
+use futures_util::task::AtomicWaker;
+
+/// What a client connection has been doing, for its idle timeout and its half-close.
+#[derive(Debug, Default)]
+pub(crate) struct ConnActivity {
+    /// Requests started on the connection so far.
+    pub(crate) started: AtomicU64,
+    /// Requests not finished yet (their response bodies included).
+    pub(crate) active: AtomicUsize,
+    /// Request bodies still being read from the client.
+    pub(crate) bodies: AtomicUsize,
+    /// The client's end of stream is held back until the requests in flight are over.
+    pub(crate) held_eof: AtomicBool,
+    /// The connection is a tunnel now (CONNECT, WebSocket): its end of stream passes through.
+    pub(crate) upgraded: AtomicBool,
+    /// Wakes the connection's reader when the last request in flight ends.
+    pub(crate) reader: AtomicWaker,
+}
+
+impl ConnActivity {
+    /// Whether the client's end of stream goes through: no request in flight, or a tunnel.
+    pub(crate) fn releases_eof(&self) -> bool {
+        self.active.load(Ordering::SeqCst) == 0 || self.upgraded.load(Ordering::SeqCst)
+    }
+}
+
+/// Held by a request from its start until it is over (the end of its response body).
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<ConnActivity>);
+
+impl ActiveRequest {
+    pub(crate) fn begin(activity: &Arc<ConnActivity>) -> Self {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl ActiveRequest {
+    /// The connection has become a tunnel (CONNECT, WebSocket) spliced to the upstream: the
+    /// client's end of stream is the tunnel's and must reach the upstream, even though the
+    /// request stays active until the tunnel ends. An end of stream already held is let go.
+    pub(crate) fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::SeqCst);
+        self.0.reader.wake();
+    }
+
+    /// Marks a request body as being read from the client until the guard is dropped.
+    pub(crate) fn body_open(&self) -> BodyOpen {
+        self.0.bodies.fetch_add(1, Ordering::SeqCst);
+        BodyOpen(self.0.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.held_eof.load(Ordering::SeqCst)
+        {
+            // The client half-closed: its end of stream can be seen now.
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Held while a request body is being read from the client: an end of stream then is the
+/// client leaving, not a half-close.
+#[derive(Debug)]
+pub struct BodyOpen(Arc<ConnActivity>);
+
+impl Drop for BodyOpen {
+    fn drop(&mut self) {
+        self.0.bodies.fetch_sub(1, Ordering::SeqCst);
+    }
+}
