@@ -64,14 +64,14 @@ fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
         }
         (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
         (&Method::GET, "/ready") => {
-            if app.store.is_ready() {
+            if app.services.store.is_ready() {
                 reply(StatusCode::OK, text, "ready\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, text, "no snapshot yet\n")
             }
         }
         (&Method::GET, "/config_dump") => {
-            let rt = app.store.load();
+            let rt = app.services.store.load();
             let rejection = app.last_rejection.lock().clone();
             json(
                 StatusCode::OK,
@@ -83,7 +83,7 @@ fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
             )
         }
         (&Method::GET, "/clusters") => {
-            let rt = app.store.load();
+            let rt = app.services.store.load();
             let clusters: Vec<_> = rt
                 .clusters
                 .iter()

@@ -35,27 +35,24 @@ use trellis_proto::v1 as pb;
 use crate::{
     access_log::AccessLog,
     activity::{ActiveRequest, ConnActivity},
-    metrics::{ProxyMetrics, RequestMetrics},
-    snapshot::{self, FieldError, ListenerKind, Runtime, Slot, SnapshotError, SnapshotStore},
+    metrics::ProxyMetrics,
+    proxy::Services,
+    snapshot::{self, FieldError, ListenerKind, Runtime, Slot, SnapshotError},
 };
 
 /// Changes the log filter at runtime (`/logging`).
 pub type LogControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 pub struct App {
-    pub store: SnapshotStore,
+    /// What the request path uses: the snapshot store, metrics, the access log, the idle
+    /// timeout.
+    pub services: Arc<Services>,
     pub registry: Registry,
-    pub metrics: ProxyMetrics,
-    pub access_log: AccessLog,
-    /// Metrics for requests that matched no route.
-    pub(crate) no_route_metrics: RequestMetrics,
     pub(crate) log_control: LogControl,
     pub(crate) log_filter: Mutex<String>,
     /// Why the last snapshot was rejected, for `/config_dump`.
     pub(crate) last_rejection: Mutex<Option<String>>,
     server: auto::Builder<TokioExecutor>,
-    /// Client connections with no request started or in flight for this long are closed.
-    idle_timeout: Duration,
     drain: Drain,
     /// Sockets of listeners with their own address, by listener name.
     named: Mutex<HashMap<Arc<str>, NamedSocket>>,
@@ -64,7 +61,7 @@ pub struct App {
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
-            .field("store", &self.store)
+            .field("store", &self.services.store)
             .finish_non_exhaustive()
     }
 }
@@ -98,32 +95,22 @@ impl App {
             .writev(false);
         server.http2().timer(TokioTimer::new());
         Arc::new(Self {
-            store: SnapshotStore::new(metrics.clone()),
-            no_route_metrics: metrics.requests("", ""),
+            services: Arc::new(Services::new(metrics, access_log, idle_timeout)),
             registry,
-            metrics,
-            access_log,
             log_control,
             log_filter: Mutex::new(log_filter),
             last_rejection: Mutex::new(None),
             server,
-            idle_timeout,
             drain: Drain::new(),
             named: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// How long a client connection, or a (non-gRPC) request body before its response, may stay
-    /// idle.
-    pub(crate) fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
     }
 
     /// Compiles and applies a snapshot, binding the sockets of new listeners first. All or
     /// nothing: on error the config in use stays.
     pub fn apply(self: &Arc<Self>, snapshot: &pb::Snapshot) -> Result<Arc<Runtime>, SnapshotError> {
         let mut bound = Vec::new();
-        let result = self.store.apply(snapshot, |rt| {
+        let result = self.services.store.apply(snapshot, |rt| {
             let named = self.named.lock();
             let mut errors = Vec::new();
             for (name, listener) in &rt.named {
@@ -194,7 +181,7 @@ impl App {
         let snapshot = snapshot::read_file(path)
             .and_then(|text| snapshot::parse_file(&text))
             .inspect_err(|e| {
-                self.metrics.snapshot_rejected();
+                self.services.metrics.snapshot_rejected();
                 tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
                 *self.last_rejection.lock() = Some(e.to_string());
             })?;
@@ -240,12 +227,12 @@ impl App {
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream, slot: Slot) {
-        let runtime = self.store.load();
+        let runtime = self.services.store.load();
         let Some(listener) = runtime.listener(&slot) else {
             // No listener configured for this socket: refuse by closing.
             return;
         };
-        let gauge = self.metrics.active_connections(&listener.name);
+        let gauge = self.services.metrics.active_connections(&listener.name);
         gauge.inc();
         match &listener.kind {
             ListenerKind::Tcp(route) => crate::tcp::forward(route, stream).await,
@@ -259,13 +246,13 @@ impl App {
 
     async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
         let activity = Arc::new(ConnActivity::default());
-        let app = self.clone();
+        let services = self.services.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |req| {
             let active = ActiveRequest::begin(&requests);
-            let app = app.clone();
+            let services = services.clone();
             let slot = slot.clone();
-            async move { Ok::<_, Infallible>(crate::proxy::serve(app, &slot, req, active).await) }
+            async move { Ok::<_, Infallible>(crate::proxy::serve(services, &slot, req, active).await) }
         });
         let io = ClientIo {
             stream,
@@ -282,7 +269,7 @@ impl App {
         let watch = || {
             WokenOnly::new(watch_connection(
                 activity.clone(),
-                self.idle_timeout,
+                self.services.idle_timeout,
                 self.drain.token(),
             ))
         };
@@ -317,7 +304,7 @@ impl App {
             // Requests hyper answered itself (400, 414, 431) never reached the service: counted
             // here, from the error the connection ends with, at no cost to other requests.
             if let Some(kind) = refused_by_parser(&*e) {
-                self.metrics.error(kind);
+                self.services.metrics.error(kind);
             }
             tracing::debug!(error = %e, "downstream connection ended with an error");
         }

@@ -104,7 +104,7 @@ async fn session(
         .max_decoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES)
         .max_encoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
-    let applied = app.store.load().version.to_string();
+    let applied = app.services.store.load().version.to_string();
     tx.send(ProxyMessage {
         kind: Some(Msg::Hello(Hello {
             node: config.node.clone(),

@@ -140,7 +140,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         let mut tick = tokio::time::interval(IDLE_SWEEP);
         loop {
             tick.tick().await;
-            sweeper.store.sweep_idle();
+            sweeper.services.store.sweep_idle();
         }
     });
     app.serve(ingress, snapshot::Slot::Ingress);

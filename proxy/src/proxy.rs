@@ -16,18 +16,54 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::{
-    access_log::LogRecord,
+    access_log::{AccessLog, LogRecord},
     activity::{ActiveRequest, BodyOpen},
-    app::App,
     balance::Target,
     body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
     error::{CLIENT_CLOSED, ProxyError, UpstreamFailure},
-    metrics::RequestMetrics,
+    metrics::{ProxyMetrics, RequestMetrics},
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
-    snapshot::{ListenerKind, Runtime, Slot},
+    snapshot::{ListenerKind, Runtime, Slot, SnapshotStore},
     upstream::{Cluster, EndpointState, InFlight, Protocol, UpstreamIncoming},
 };
+
+/// The shared services the request path uses, passed in by the listener (not the whole
+/// application): the snapshot in use, metrics, the access log and the client idle timeout.
+pub struct Services {
+    pub store: SnapshotStore,
+    pub metrics: ProxyMetrics,
+    pub access_log: AccessLog,
+    /// Metrics for requests that matched no route.
+    pub(crate) no_route_metrics: RequestMetrics,
+    /// How long a client connection, or a (non-gRPC) request body before its response, may stay
+    /// idle.
+    pub(crate) idle_timeout: std::time::Duration,
+}
+
+impl Services {
+    pub(crate) fn new(
+        metrics: ProxyMetrics,
+        access_log: AccessLog,
+        idle_timeout: std::time::Duration,
+    ) -> Self {
+        Self {
+            store: SnapshotStore::new(metrics.clone()),
+            no_route_metrics: metrics.requests("", ""),
+            metrics,
+            access_log,
+            idle_timeout,
+        }
+    }
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The body of every response the proxy serves (admin's too).
 pub type ResponseBody = body::ResponseBody<UpstreamBody<UpstreamIncoming, ExchangeEnd>>;
@@ -54,7 +90,7 @@ impl Finish for ExchangeEnd {
 /// What is left to do when a request is over: count it and log it.
 #[derive(Debug)]
 pub struct Completion {
-    app: Arc<App>,
+    services: Arc<Services>,
     start: Instant,
     status: StatusCode,
     error: Option<&'static str>,
@@ -77,12 +113,12 @@ impl Completion {
         let elapsed = self.start.elapsed();
         match &self.metrics {
             Some(m) => m.observe(self.status, elapsed),
-            None => self.app.no_route_metrics.observe(self.status, elapsed),
+            None => self.services.no_route_metrics.observe(self.status, elapsed),
         }
         if let Some(kind) = body_error {
-            self.app.metrics.error(kind);
+            self.services.metrics.error(kind);
             if kind == "idle_timeout" {
-                self.app.metrics.timeout("idle");
+                self.services.metrics.timeout("idle");
             }
         }
         if let Some(mut log) = self.log.take() {
@@ -90,7 +126,7 @@ impl Completion {
             log.duration = elapsed;
             log.retries = self.retries;
             log.error = body_error.or(self.error);
-            self.app.access_log.write(&log);
+            self.services.access_log.write(&log);
         }
     }
 }
@@ -113,20 +149,20 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Serves one request that arrived on `slot`.
 pub(crate) async fn serve(
-    app: Arc<App>,
+    services: Arc<Services>,
     slot: &Slot,
     req: Request<Incoming>,
     active: ActiveRequest,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
-    let runtime = app.store.load();
+    let runtime = services.store.load();
     let grpc = is_grpc(req.headers());
-    let log = app
+    let log = services
         .access_log
         .enabled()
         .then(|| Box::new(LogRecord::new(slot, &req)));
     let mut completion = Some(Completion {
-        app: app.clone(),
+        services: services.clone(),
         start,
         status: StatusCode::OK,
         error: None,
@@ -153,9 +189,9 @@ pub(crate) async fn serve(
         Ok(response) => response,
         Err(err) => {
             let response = err.to_response(grpc);
-            app.metrics.error(err.kind());
+            services.metrics.error(err.kind());
             if let ProxyError::ClientBody(ClientBodyError::Timeout(_)) = err {
-                app.metrics.timeout("request_body");
+                services.metrics.timeout("request_body");
             }
             if let Some(mut c) = completion {
                 c.status = response.status();
@@ -182,7 +218,10 @@ fn route_request<'r>(
     req: &Request<Incoming>,
     completion: &mut Option<Completion>,
 ) -> Result<(&'r Route, &'r Target, Dispatch), ProxyError> {
-    if !completion.as_ref().is_some_and(|c| c.app.store.is_ready()) {
+    if !completion
+        .as_ref()
+        .is_some_and(|c| c.services.store.is_ready())
+    {
         return Err(ProxyError::NotReady);
     }
     let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
@@ -432,7 +471,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     authority_as_host(&mut parts);
     rewrite(&mut parts, route);
-    let metrics = completion.as_ref().map(|c| c.app.metrics.clone());
+    let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
     // Until the response head arrives, a request body may pause for the route's idle timeout,
     // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
     // route's. Its failures are recorded for the attempts to tell them from the upstream's.
@@ -441,7 +480,7 @@ async fn forward(
             idle: route
                 .timeouts
                 .idle
-                .or_else(|| (!is_grpc(&parts.headers)).then(|| c.app.idle_timeout())),
+                .or_else(|| (!is_grpc(&parts.headers)).then(|| c.services.idle_timeout)),
             open: c.active.body_open(),
             state: Arc::default(),
         }),
@@ -724,7 +763,7 @@ fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: Ups
         }
         UpstreamFailure::PerTryTimeout => {
             if let Some(c) = completion {
-                c.app.metrics.timeout("per_try");
+                c.services.metrics.timeout("per_try");
             }
         }
         _ => {}
