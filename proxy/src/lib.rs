@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod h1;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;
