@@ -33,7 +33,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// The virtual host serving `authority` ("host[:port]", any case): an exact domain with the
+    /// The virtual host serving `authority` (`host[:port]`, any case): an exact domain with the
     /// port, then without it, then the longest `*.suffix`, then `*`.
     pub fn host(&self, authority: &str) -> Option<&VirtualHost> {
         let index = self.lookup(authority).or(self.any)?;
