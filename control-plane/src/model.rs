@@ -165,6 +165,17 @@ pub struct Ref {
     pub uid: Option<String>,
 }
 
+impl Ref {
+    /// The resource of `kind` this names; without a namespace, in `namespace` (the referrer's).
+    pub fn key(&self, kind: Kind, namespace: &str) -> ResourceKey {
+        ResourceKey::new(
+            kind,
+            self.namespace.as_deref().unwrap_or(namespace),
+            &self.name,
+        )
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSpec {

@@ -93,6 +93,10 @@ pub async fn serve(
 fn reply(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
     bytes.push(b'\n');
+    respond(status, "application/json", bytes)
+}
+
+fn respond(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(bytes))
             .map_err(|e| match e {})
@@ -101,7 +105,7 @@ fn reply(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        header::HeaderValue::from_static(content_type),
     );
     r
 }
@@ -220,18 +224,7 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
 /// `GET /metrics`: Prometheus text.
 fn metrics(controller: &Controller) -> Response<Body> {
     match controller.encode_metrics() {
-        Ok(text) => {
-            let mut r = Response::new(
-                Full::new(Bytes::from(text))
-                    .map_err(|e| match e {})
-                    .boxed_unsync(),
-            );
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
+        Ok(text) => respond(StatusCode::OK, "text/plain; version=0.0.4", text),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

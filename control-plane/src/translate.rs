@@ -249,11 +249,7 @@ impl Builder<'_> {
             .weighted_targets
             .iter()
             .map(|t| {
-                let key = ResourceKey::new(
-                    Kind::VirtualNode,
-                    t.virtual_node_ref.namespace.as_deref().unwrap_or(ns),
-                    &t.virtual_node_ref.name,
-                );
+                let key = t.virtual_node_ref.key(Kind::VirtualNode, ns);
                 pb::WeightedTarget {
                     cluster: self.cluster(&key),
                     weight: u32::try_from(t.weight).unwrap_or(0),
@@ -271,14 +267,7 @@ impl Builder<'_> {
         let host = hostname(key, vs);
         let provider = vs.provider.as_ref()?;
         let (port, routes, route_source) = if let Some(p) = &provider.virtual_node {
-            let node_key = ResourceKey::new(
-                Kind::VirtualNode,
-                p.virtual_node_ref
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(&key.namespace),
-                &p.virtual_node_ref.name,
-            );
+            let node_key = p.virtual_node_ref.key(Kind::VirtualNode, &key.namespace);
             let port = self
                 .node(&node_key)?
                 .listeners
@@ -295,14 +284,9 @@ impl Builder<'_> {
             };
             (port, vec![route], key.clone())
         } else if let Some(p) = &provider.virtual_router {
-            let router_key = ResourceKey::new(
-                Kind::VirtualRouter,
-                p.virtual_router_ref
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(&key.namespace),
-                &p.virtual_router_ref.name,
-            );
+            let router_key = p
+                .virtual_router_ref
+                .key(Kind::VirtualRouter, &key.namespace);
             let Some(Spec::VirtualRouter(router)) = self.state.get(&router_key).map(|r| &r.spec)
             else {
                 return None;
@@ -593,11 +577,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
     let mut hosts = Vec::new();
     for backend in &spec.backends {
         let r = &backend.virtual_service.virtual_service_ref;
-        let key = ResourceKey::new(
-            Kind::VirtualService,
-            r.namespace.as_deref().unwrap_or(&node.namespace),
-            &r.name,
-        );
+        let key = r.key(Kind::VirtualService, &node.namespace);
         if let Some(vh) = b.virtual_service(&key) {
             hosts.push(vh);
         }
@@ -867,11 +847,7 @@ fn gateway_route(
         (None, None) => return None,
     };
     let vs_ref = &h.action.target.virtual_service.virtual_service_ref;
-    let vs_key = ResourceKey::new(
-        Kind::VirtualService,
-        vs_ref.namespace.as_deref().unwrap_or(&gr_key.namespace),
-        &vs_ref.name,
-    );
+    let vs_key = vs_ref.key(Kind::VirtualService, &gr_key.namespace);
     let Some(Spec::VirtualService(vs)) = state.get(&vs_key).map(|r| &r.spec) else {
         return None;
     };
@@ -918,14 +894,7 @@ fn gateway_route(
     let mut out = Vec::new();
     let provider = vs.provider.clone().unwrap_or_default();
     if let Some(p) = &provider.virtual_node {
-        let node = ResourceKey::new(
-            Kind::VirtualNode,
-            p.virtual_node_ref
-                .namespace
-                .as_deref()
-                .unwrap_or(&vs_key.namespace),
-            &p.virtual_node_ref.name,
-        );
+        let node = p.virtual_node_ref.key(Kind::VirtualNode, &vs_key.namespace);
         let cluster = b.cluster(&node);
         let any = HttpMatch {
             prefix: Some("/".into()),
@@ -945,14 +914,9 @@ fn gateway_route(
             });
         }
     } else if let Some(p) = &provider.virtual_router {
-        let router_key = ResourceKey::new(
-            Kind::VirtualRouter,
-            p.virtual_router_ref
-                .namespace
-                .as_deref()
-                .unwrap_or(&vs_key.namespace),
-            &p.virtual_router_ref.name,
-        );
+        let router_key = p
+            .virtual_router_ref
+            .key(Kind::VirtualRouter, &vs_key.namespace);
         let Some(Spec::VirtualRouter(router)) = state.get(&router_key).map(|r| &r.spec) else {
             return None;
         };

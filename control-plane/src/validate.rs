@@ -260,8 +260,7 @@ impl Checker<'_> {
     }
 
     fn exists(&mut self, path: &str, kind: Kind, r: &Ref) {
-        let ns = r.namespace.as_deref().unwrap_or(&self.key.namespace);
-        let target = ResourceKey::new(kind, ns, &r.name);
+        let target = r.key(kind, &self.key.namespace);
         let Some(found) = self.state.get(&target) else {
             self.err(path, format!("{target} not found"));
             return;

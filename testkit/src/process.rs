@@ -365,6 +365,27 @@ impl ProxyProcess {
     }
 }
 
+/// Checks a Prometheus text exposition with `promtool check metrics` (Debian package
+/// `prometheus`, which the test command installs); panics with promtool's complaints.
+pub fn promtool_check(metrics: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, metrics).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect(
+            "promtool (Debian package prometheus) must be installed; the test command installs it",
+        );
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Sums the samples of `name` whose labels include all of `labels`.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

@@ -782,22 +782,7 @@ async fn control_plane_metrics_count_proxies_pushes_and_answers() {
     assert!(value("trellis_control_apply_seconds_count", &[]) >= 1.0);
 
     // The exposition format passes promtool.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("metrics.txt");
-    std::fs::write(&file, &text).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect(
-            "promtool (Debian package prometheus) must be installed; the test command installs it",
-        );
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_testkit::process::promtool_check(&text);
 }
 
 /// A proxy may still reject what it is sent (an older proxy, a socket it cannot bind): its NACK

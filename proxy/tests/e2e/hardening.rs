@@ -119,16 +119,9 @@ async fn ambiguous_or_missing_hosts_are_400() {
 /// protocol than the one asked for, opens no tunnel.
 #[tokio::test]
 async fn only_websocket_upgrades_are_switched() {
-    let raw = RawHttpServer::start(vec![RawReply::keep(
+    let (raw, proxy) = proxy_to_raw(RawReply::keep(
         "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
-    )])
-    .await;
-    let proxy = proxy_with(
-        "v1",
-        &host_to("raw.test", "raw", ""),
-        &cluster("raw", "HTTP1", &[raw.addr]),
-        &[],
-    )
+    ))
     .await;
     let requests: [&[u8]; 3] = [
         b"GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
@@ -202,16 +195,9 @@ async fn malformed_http2_requests_are_refused() {
 /// proxy sees the trailers; see the README), but they are never forwarded.
 #[tokio::test]
 async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
-    let raw = RawHttpServer::start(vec![RawReply::keep(
+    let (raw, proxy) = proxy_to_raw(RawReply::keep(
         "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    )])
-    .await;
-    let proxy = proxy_with(
-        "v1",
-        &host_to("raw.test", "raw", ""),
-        &cluster("raw", "HTTP1", &[raw.addr]),
-        &[],
-    )
+    ))
     .await;
     let mut h2 = H2Raw::connect(proxy.egress).await;
     let post = [
@@ -713,4 +699,17 @@ async fn assert_nothing_charged_to_the_upstream(proxy: &ProxyProcess) {
         .metric("trellis_proxy_requests_total", &[("status_class", "5xx")])
         .await;
     assert_eq!(fives, 0.0, "nothing charged to the cluster as a 5xx");
+}
+
+/// A proxy whose route for `raw.test` goes to a scripted upstream answering `reply`.
+async fn proxy_to_raw(reply: RawReply) -> (RawHttpServer, ProxyProcess) {
+    let raw = RawHttpServer::start(vec![reply]).await;
+    let proxy = proxy_with(
+        "v1",
+        &host_to("raw.test", "raw", ""),
+        &cluster("raw", "HTTP1", &[raw.addr]),
+        &[],
+    )
+    .await;
+    (raw, proxy)
 }

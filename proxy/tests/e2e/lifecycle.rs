@@ -290,22 +290,7 @@ async fn admin_endpoints_and_metrics_format() {
     assert!(!metrics.contains("/some/path"), "no raw paths in labels");
 
     // The exposition format passes promtool.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("metrics.txt");
-    std::fs::write(&file, &metrics).unwrap();
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect(
-            "promtool (Debian package prometheus) must be installed; the test command installs it",
-        );
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_testkit::process::promtool_check(&metrics);
 
     // Log level changes at runtime.
     let mut admin = Client::h1(proxy.admin).await.unwrap();
