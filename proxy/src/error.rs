@@ -5,7 +5,10 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::{ClientBodyError, ResponseBody};
+use crate::{
+    BoxError,
+    body::{ClientBodyError, ResponseBody},
+};
 
 /// How an upstream attempt failed; decides retries and the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -22,6 +25,42 @@ pub enum UpstreamFailure {
     PerTryTimeout,
     #[error("protocol error")]
     Protocol,
+}
+
+/// Why one attempt at an upstream failed: the class decides retries and the response, the
+/// source is for logs. Every protocol's client reports this one type.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub failure: UpstreamFailure,
+    pub source: BoxError,
+    /// Nothing of a response arrived before the connection failed: on a reused connection this
+    /// is the upstream having closed it while idle, and a request that is safe to repeat can be
+    /// sent again on another.
+    pub stale: bool,
+}
+
+impl AttemptError {
+    pub fn new(failure: UpstreamFailure, source: impl Into<BoxError>) -> Self {
+        Self {
+            failure,
+            source: source.into(),
+            stale: false,
+        }
+    }
+
+    /// The upstream broke the protocol.
+    pub fn protocol(what: &'static str) -> Self {
+        Self::new(UpstreamFailure::Protocol, what)
+    }
+
+    /// The connection failed; `stale` when no byte of a response had arrived.
+    pub fn io(e: std::io::Error, stale: bool) -> Self {
+        Self {
+            failure: UpstreamFailure::Reset,
+            source: e.into(),
+            stale,
+        }
+    }
 }
 
 /// Status recorded for a request whose client left before the response (nginx's 499).

@@ -28,10 +28,11 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use tokio::{io::AsyncWrite, net::TcpStream};
 
-use crate::{BoxError, error::UpstreamFailure};
-
-/// A request body on its way to an upstream, for our HTTP/1.1 client and hyper's h2 alike.
-pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+use crate::{
+    BoxError,
+    error::{AttemptError, UpstreamFailure},
+    outbound::{Outbound, RequestBody},
+};
 
 /// Read buffer grown by this much when it runs low.
 const READ_CHUNK: usize = 4096;
@@ -55,35 +56,6 @@ pub struct Conn {
 /// Where a connection goes when its exchange has ended cleanly.
 pub trait Release: Send + Sync + std::fmt::Debug {
     fn release(&self, conn: Box<Conn>, idle_timeout: Duration);
-}
-
-/// Why an exchange failed.
-#[derive(Debug)]
-pub struct Error {
-    pub failure: UpstreamFailure,
-    pub source: BoxError,
-    /// Nothing of a response arrived before the connection failed: on a reused connection this
-    /// is the upstream having closed it while idle, and a request without a body can be sent
-    /// again on another.
-    pub stale: bool,
-}
-
-impl Error {
-    fn protocol(what: &'static str) -> Self {
-        Self {
-            failure: UpstreamFailure::Protocol,
-            source: what.into(),
-            stale: false,
-        }
-    }
-
-    fn io(e: io::Error, stale: bool) -> Self {
-        Self {
-            failure: UpstreamFailure::Reset,
-            source: e.into(),
-            stale,
-        }
-    }
 }
 
 fn closed() -> io::Error {
@@ -153,7 +125,7 @@ impl Conn {
         body: Option<RequestBody>,
         pool: std::sync::Arc<dyn Release>,
         idle_timeout: Duration,
-    ) -> Result<Response<IncomingBody>, Error> {
+    ) -> Result<Response<IncomingBody>, AttemptError> {
         self.wbuf.clear();
         out.encode_head(&mut self.wbuf);
         let body = body.filter(|b| !b.is_end_stream());
@@ -164,11 +136,7 @@ impl Conn {
             // error, say) before it has read the whole body.
             writer.poll(&mut self, cx);
             if let Some(e) = writer.take_body_error() {
-                return Poll::Ready(Err(Error {
-                    failure: UpstreamFailure::Protocol,
-                    source: e,
-                    stale: false,
-                }));
+                return Poll::Ready(Err(AttemptError::new(UpstreamFailure::Protocol, e)));
             }
             self.poll_head(cx, out.parts.method == Method::HEAD, &mut received)
         })
@@ -213,7 +181,7 @@ impl Conn {
         cx: &mut Context<'_>,
         head_request: bool,
         received: &mut bool,
-    ) -> Poll<Result<Head, Error>> {
+    ) -> Poll<Result<Head, AttemptError>> {
         loop {
             if !self.rbuf.is_empty() {
                 match self.parse_head(head_request)? {
@@ -224,15 +192,15 @@ impl Conn {
                 }
             }
             match ready!(self.poll_fill(cx)) {
-                Ok(0) => return Poll::Ready(Err(Error::io(closed(), !*received))),
+                Ok(0) => return Poll::Ready(Err(AttemptError::io(closed(), !*received))),
                 Ok(_) => *received = true,
-                Err(e) => return Poll::Ready(Err(Error::io(e, !*received))),
+                Err(e) => return Poll::Ready(Err(AttemptError::io(e, !*received))),
             }
         }
     }
 
     /// Parses a response head at the start of the read buffer.
-    fn parse_head(&mut self, head_request: bool) -> Result<Parsed, Error> {
+    fn parse_head(&mut self, head_request: bool) -> Result<Parsed, AttemptError> {
         // Offsets into the buffer (a head is under 64 KiB), so the values can be cut from it
         // without copying once the parser's borrow ends.
         let mut spans = [[0u16; 4]; MAX_HEADERS];
@@ -265,19 +233,19 @@ impl Conn {
                 Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => {
                     return Ok(Parsed::Partial);
                 }
-                Ok(_) => return Err(Error::protocol("response head too large")),
+                Ok(_) => return Err(AttemptError::protocol("response head too large")),
                 Err(httparse::Error::TooManyHeaders) => {
-                    return Err(Error::protocol("too many response headers"));
+                    return Err(AttemptError::protocol("too many response headers"));
                 }
-                Err(_) => return Err(Error::protocol("malformed response head")),
+                Err(_) => return Err(AttemptError::protocol("malformed response head")),
             }
         };
-        let status =
-            StatusCode::from_u16(code).map_err(|_| Error::protocol("invalid response status"))?;
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| AttemptError::protocol("invalid response status"))?;
         if status.is_informational() {
             self.rbuf.advance(len);
             if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(Error::protocol(
+                return Err(AttemptError::protocol(
                     "101 Switching Protocols without an upgrade",
                 ));
             }
@@ -292,14 +260,16 @@ impl Conn {
         for &[ns, ne, vs, ve] in &spans[..count] {
             let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
             let name = HeaderName::from_bytes(&head[ns..ne])
-                .map_err(|_| Error::protocol("invalid response header name"))?;
+                .map_err(|_| AttemptError::protocol("invalid response header name"))?;
             let value = &head[vs..ve];
             if name == header::CONTENT_LENGTH {
                 for v in value.split(|&b| b == b',') {
                     let n = parse_length(v.trim_ascii())
-                        .ok_or_else(|| Error::protocol("invalid response content-length"))?;
+                        .ok_or_else(|| AttemptError::protocol("invalid response content-length"))?;
                     if length.is_some_and(|l| l != n) {
-                        return Err(Error::protocol("conflicting response content-lengths"));
+                        return Err(AttemptError::protocol(
+                            "conflicting response content-lengths",
+                        ));
                     }
                     length = Some(n);
                 }
@@ -318,7 +288,7 @@ impl Conn {
                 }
             }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-                .map_err(|_| Error::protocol("invalid response header value"))?;
+                .map_err(|_| AttemptError::protocol("invalid response header value"))?;
             headers.append(name, value);
         }
         let version = if minor == 0 {
@@ -396,13 +366,15 @@ enum BodyFraming {
 pub struct Outgoing<'a> {
     parts: &'a Parts,
     framing: BodyFraming,
-    /// The `host` header when the request has none (an HTTP/2 request without an authority).
-    fallback_host: &'a str,
+    /// The `host` line to write besides the headers, when they do not carry it.
+    host: Option<&'a str>,
 }
 
 impl<'a> Outgoing<'a> {
-    /// `body` is `None`, or end-of-stream already, for a request without one.
-    pub fn new(parts: &'a Parts, body: Option<&RequestBody>, fallback_host: &'a str) -> Self {
+    /// `body` is `None`, or end-of-stream already, for a request without one; `fallback_host`
+    /// is the endpoint's address, the `host` of a request that names no authority.
+    pub fn new(out: &'a Outbound, body: Option<&RequestBody>, fallback_host: &'a str) -> Self {
+        let parts = out.parts();
         let framing = match body.filter(|b| !b.is_end_stream()) {
             Some(b) => match b.size_hint().exact() {
                 Some(n) => BodyFraming::Length(n),
@@ -421,7 +393,7 @@ impl<'a> Outgoing<'a> {
         Self {
             parts,
             framing,
-            fallback_host,
+            host: out.host_line(fallback_host),
         }
     }
 
@@ -443,9 +415,8 @@ impl<'a> Outgoing<'a> {
         buf.put_u8(b' ');
         buf.put_slice(path.as_bytes());
         buf.put_slice(b" HTTP/1.1\r\n");
-        if !p.headers.contains_key(header::HOST) {
+        if let Some(host) = self.host {
             // An HTTP/2 or absolute-form request: its authority becomes the Host header.
-            let host = p.uri.authority().map_or(self.fallback_host, |a| a.as_str());
             buf.put_slice(b"host: ");
             buf.put_slice(host.as_bytes());
             buf.put_slice(b"\r\n");

@@ -16,10 +16,12 @@ pub mod error;
 pub mod h1;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod retry;
 pub mod route;
 pub mod snapshot;
+pub mod steps;
 pub mod tcp;
 pub mod upstream;
 

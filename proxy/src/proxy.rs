@@ -4,13 +4,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
-    request::Parts, uri::Scheme,
-};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -20,8 +16,9 @@ use crate::{
     activity::{ActiveRequest, BodyOpen},
     balance::Target,
     body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
-    error::{CLIENT_CLOSED, ProxyError, UpstreamFailure},
+    error::{AttemptError, CLIENT_CLOSED, ProxyError, UpstreamFailure},
     metrics::{ProxyMetrics, RequestMetrics},
+    outbound::{AuthorityIn, Outbound, RequestBody as OutboundBody},
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot, SnapshotStore},
@@ -177,13 +174,18 @@ pub(crate) async fn serve(
     let result = match route_request(&runtime, slot, &req, &mut completion) {
         Err(e) => Err(e),
         // Rare paths are boxed: inline, their states would grow every request's future.
-        Ok((_, target, Dispatch::Tunnel)) => Box::pin(tunnel(target, req, &mut completion)).await,
-        Ok((route, target, Dispatch::Upgrade)) => {
-            Box::pin(upgrade(route, target, req, &mut completion)).await
-        }
-        Ok((route, target, Dispatch::Forward)) => {
-            forward(route, target, req, &mut completion).await
-        }
+        Ok(Routed {
+            target,
+            dispatch: Dispatch::Tunnel,
+            ..
+        }) => Box::pin(tunnel(target, req, &mut completion)).await,
+        Ok(
+            routed @ Routed {
+                dispatch: Dispatch::Upgrade,
+                ..
+            },
+        ) => Box::pin(upgrade(routed, req, &mut completion)).await,
+        Ok(routed) => forward(routed, req, &mut completion).await,
     };
     match result {
         Ok(response) => response,
@@ -211,13 +213,21 @@ enum Dispatch {
     Tunnel,
 }
 
+/// A request's route and target, how it goes on, and where it carries its authority.
+struct Routed<'r> {
+    route: &'r Route,
+    target: &'r Target,
+    dispatch: Dispatch,
+    authority: AuthorityIn,
+}
+
 /// Finds the request's route and target; records them on the completion.
 fn route_request<'r>(
     runtime: &'r Runtime,
     slot: &Slot,
     req: &Request<Incoming>,
     completion: &mut Option<Completion>,
-) -> Result<(&'r Route, &'r Target, Dispatch), ProxyError> {
+) -> Result<Routed<'r>, ProxyError> {
     if !completion
         .as_ref()
         .is_some_and(|c| c.services.store.is_ready())
@@ -227,7 +237,7 @@ fn route_request<'r>(
     let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
         return Err(ProxyError::NoRoute);
     };
-    let authority = request_authority(req)?;
+    let (authority, authority_in) = request_authority(req)?;
     let host = table.host(authority).ok_or(ProxyError::NoRoute)?;
     let input = MatchInput {
         method: req.method(),
@@ -252,7 +262,12 @@ fn route_request<'r>(
     } else {
         Dispatch::Forward
     };
-    Ok((route, target, dispatch))
+    Ok(Routed {
+        route,
+        target,
+        dispatch,
+        authority: authority_in,
+    })
 }
 
 /// The authority a request is routed by and forwarded with: the request-target's (absolute form,
@@ -261,7 +276,7 @@ fn route_request<'r>(
 /// `:authority` (RFC 9113 §8.3.1), HTTP/1.1 without `Host`, CONNECT without an authority, and
 /// HTTP/2 field values with leading or trailing whitespace (§8.2.1), which hyper lets through.
 /// One lookup for `Host`; HTTP/2 requests take one more pass over their fields.
-fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+fn request_authority(req: &Request<Incoming>) -> Result<(&str, AuthorityIn), ProxyError> {
     let headers = req.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
@@ -282,7 +297,7 @@ fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
             {
                 return Err(ProxyError::BadRequest("host differs from :authority"));
             }
-            Ok(authority)
+            Ok((authority, AuthorityIn::Target))
         }
         None if req.method() == Method::CONNECT => {
             Err(ProxyError::BadRequest("CONNECT without an authority"))
@@ -290,11 +305,12 @@ fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
         None => match host {
             Some(h) => h
                 .to_str()
+                .map(|h| (h, AuthorityIn::Host))
                 .map_err(|_| ProxyError::BadRequest("invalid Host header")),
             None if version == Version::HTTP_11 => {
                 Err(ProxyError::BadRequest("HTTP/1.1 request without Host"))
             }
-            None => Ok(""),
+            None => Ok(("", AuthorityIn::Missing)),
         },
     }
 }
@@ -302,59 +318,6 @@ fn request_authority(req: &Request<Incoming>) -> Result<&str, ProxyError> {
 fn padded(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
-}
-
-/// The request-target's authority replaces `Host` (RFC 9112 §3.2.2): an absolute-form HTTP/1.x
-/// request's `Host` is dropped, and the upstream request gets the authority in its place.
-/// (HTTP/2 requests were checked to carry no other.)
-fn authority_as_host(parts: &mut Parts) {
-    if parts.version != Version::HTTP_2 && parts.uri.authority().is_some() {
-        parts.headers.remove(header::HOST);
-    }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy. Names, not strings, so removing
-/// them does not parse a header name per request.
-const HOP_BY_HOP: [header::HeaderName; 6] = [
-    header::CONNECTION,
-    header::HeaderName::from_static("keep-alive"),
-    header::HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than a lookup per name.
-    let any = headers
-        .keys()
-        .any(|k| k == header::TE || HOP_BY_HOP.contains(k));
-    if !any {
-        return;
-    }
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        // Headers the Connection header lists are hop-by-hop too.
-        let listed: Vec<header::HeaderName> = std::iter::once(connection)
-            .chain(headers.get_all(header::CONNECTION).iter().skip(1))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            // Host names the request's target: never hop-by-hop, whatever a client lists.
-            .filter(|name| name != header::HOST)
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    let keep_te = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !keep_te {
-        headers.remove(header::TE);
-    }
 }
 
 /// An HTTP/1.1 upgrade to WebSocket, the only protocol the proxy switches to: other upgrades
@@ -375,85 +338,6 @@ fn is_websocket(v: &HeaderValue) -> bool {
     v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
-/// Rewrites the request line for the cluster's protocol: origin-form and a Host header for
-/// HTTP/1.1, scheme and authority for HTTP/2.
-fn prepare(parts: &mut Parts, cluster: &Cluster, endpoint: &EndpointState) {
-    let path = parts.uri.path_and_query().cloned();
-    match cluster.protocol {
-        Protocol::Http2 => {
-            let authority = parts.uri.authority().cloned().or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|h| h.parse().ok())
-            });
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = authority.or_else(|| endpoint.addr.parse().ok());
-            uri.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-            if let Ok(u) = Uri::from_parts(uri) {
-                parts.uri = u;
-            }
-        }
-        Protocol::Http1 | Protocol::Tcp => {
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST) {
-                // An HTTP/2 or absolute-form request: the authority becomes the Host header.
-                let host = parts
-                    .uri
-                    .authority()
-                    .map_or(&*endpoint.addr, |a| a.as_str())
-                    .parse::<HeaderValue>();
-                if let Ok(host) = host {
-                    parts.headers.insert(header::HOST, host);
-                }
-            }
-            // Origin form; an origin-form URI (the usual case) is already that.
-            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-                parts.uri = path.map_or_else(|| Uri::from_static("/"), Uri::from);
-            }
-        }
-    }
-}
-
-/// Applies the route's path and host rewrites to the request line.
-fn rewrite(parts: &mut Parts, route: &Route) {
-    let rw = &route.rewrite;
-    if rw.path.is_none() && rw.host.is_none() {
-        return;
-    }
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    if let Some(new) = uri
-        .path_and_query
-        .as_ref()
-        .and_then(|pq| rw.path_and_query(pq.as_str()))
-        .and_then(|pq| pq.parse().ok())
-    {
-        uri.path_and_query = Some(new);
-    }
-    if let Some(host) = &rw.host {
-        if uri.authority.is_some() {
-            uri.authority = Some(host.clone());
-        }
-        if let Ok(v) = HeaderValue::from_str(host.as_str()) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    parts.uri = Uri::from_parts(uri).unwrap_or_default();
-}
-
-fn copy_parts(parts: &Parts) -> Request<()> {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
-}
-
 struct Exchange {
     response: Response<UpstreamIncoming>,
     in_flight: InFlight,
@@ -461,16 +345,20 @@ struct Exchange {
 }
 
 async fn forward(
-    route: &Route,
-    target: &Target,
+    routed: Routed<'_>,
     req: Request<Incoming>,
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let Routed {
+        route,
+        target,
+        authority,
+        ..
+    } = routed;
     let cluster = &target.cluster;
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    authority_as_host(&mut parts);
-    rewrite(&mut parts, route);
+    let (parts, body) = req.into_parts();
+    let mut out = Outbound::new(parts, authority);
+    route.steps.on_request(&mut out);
     let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
     // Until the response head arrives, a request body may pause for the route's idle timeout,
     // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
@@ -480,7 +368,7 @@ async fn forward(
             idle: route
                 .timeouts
                 .idle
-                .or_else(|| (!is_grpc(&parts.headers)).then(|| c.services.idle_timeout)),
+                .or_else(|| (!is_grpc(&out.parts().headers)).then(|| c.services.idle_timeout)),
             open: c.active.body_open(),
             state: Arc::default(),
         }),
@@ -491,8 +379,8 @@ async fn forward(
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
     let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
-        None => attempt_once(cluster, &mut parts, body, completion, deadline).await,
-        Some(policy) => retrying(cluster, policy, &parts, body, completion, deadline).await,
+        None => attempt_once(cluster, &mut out, body, completion, deadline).await,
+        Some(policy) => retrying(cluster, policy, &mut out, body, completion, deadline).await,
     };
     if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
         m.timeout("request");
@@ -505,7 +393,7 @@ async fn forward(
         endpoint,
     } = exchange;
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    route.steps.on_response(&mut parts);
     let Some(mut done) = completion.take() else {
         return Err(ProxyError::NotReady);
     };
@@ -537,7 +425,7 @@ impl RequestBody {
         self.tracking.as_ref().map(|t| t.state.clone())
     }
 
-    fn boxed(self) -> crate::h1::RequestBody {
+    fn boxed(self) -> OutboundBody {
         ClientBody::new(self.body, self.tracking).boxed()
     }
 }
@@ -550,7 +438,7 @@ fn client_fault(state: Option<&BodyState>) -> Option<ProxyError> {
 /// Sends the request once (no retry policy), within `deadline` (instant, configured timeout).
 async fn attempt_once(
     cluster: &Cluster,
-    parts: &mut Parts,
+    out: &mut Outbound,
     body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
@@ -567,24 +455,12 @@ async fn attempt_once(
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
         .clone();
     let in_flight = endpoint.begin_request();
-    let sent = if cluster.protocol == Protocol::Http1 {
-        let body = (!body.is_end_stream()).then(|| body.boxed());
-        within(
-            deadline.map(|(at, _)| at),
-            endpoint.send_h1(cluster, parts, body),
-        )
-        .await
-    } else {
-        // The request is handed over whole; the caller's copy is not used again.
-        let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
-        prepare(&mut parts, cluster, &endpoint);
-        let req = Request::from_parts(parts, body.boxed());
-        within(
-            deadline.map(|(at, _)| at),
-            Box::pin(endpoint.send(cluster, req)),
-        )
-        .await
-    };
+    let body = (!body.is_end_stream()).then(|| body.boxed());
+    let sent = within(
+        deadline.map(|(at, _)| at),
+        endpoint.send(cluster, out, body, true),
+    )
+    .await;
     let Some(sent) = sent else {
         return Err(timed_out(
             deadline.map_or_else(Default::default, |(_, l)| l),
@@ -619,7 +495,7 @@ async fn attempt_once(
 async fn retrying(
     cluster: &Cluster,
     policy: &RetryPolicy,
-    parts: &Parts,
+    out: &mut Outbound,
     body: RequestBody,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
@@ -646,28 +522,17 @@ async fn retrying(
             (Some(a), Some((b, _))) => Some(a.min(b)),
             (a, b) => a.or(b.map(|(at, _)| at)),
         };
-        let sent = if cluster.protocol == Protocol::Http1 {
-            // The head is borrowed: a retry sends the same one without a copy.
-            within(limit_at, endpoint.send_h1(cluster, parts, body)).await
-        } else {
-            let (mut attempt_parts, ()) = copy_parts(parts).into_parts();
-            prepare(&mut attempt_parts, cluster, &endpoint);
-            let body =
-                body.unwrap_or_else(|| Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
-            within(
-                limit_at,
-                Box::pin(endpoint.send(cluster, Request::from_parts(attempt_parts, body))),
-            )
-            .await
-        };
+        // The head is borrowed: a retry sends the same one; the last attempt may take it.
+        let last = retries >= policy.max_retries;
+        let sent = within(limit_at, endpoint.send(cluster, out, body, last)).await;
         let sent = match sent {
             Some(sent) => sent,
             None => match deadline {
                 Some((d, limit)) if Instant::now() >= d => return Err(timed_out(limit)),
-                _ => Err(crate::upstream::UpstreamError {
-                    failure: UpstreamFailure::PerTryTimeout,
-                    source: "no response within the per-try timeout".into(),
-                }),
+                _ => Err(AttemptError::new(
+                    UpstreamFailure::PerTryTimeout,
+                    "no response within the per-try timeout",
+                )),
             },
         };
         let may_retry =
@@ -773,11 +638,16 @@ fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: Ups
 /// HTTP/1.1 upgrade (WebSocket): the handshake goes to the endpoint on a connection of its own;
 /// after `101 Switching Protocols` both sides are spliced together.
 async fn upgrade(
-    route: &Route,
-    target: &Target,
+    routed: Routed<'_>,
     mut req: Request<Incoming>,
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let Routed {
+        route,
+        target,
+        authority,
+        ..
+    } = routed;
     let cluster = &target.cluster;
     if cluster.protocol != Protocol::Http1 {
         return Err(ProxyError::Upstream {
@@ -790,20 +660,17 @@ async fn upgrade(
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
         .clone();
     let downstream = hyper::upgrade::on(&mut req);
-    let (mut parts, body) = req.into_parts();
-    authority_as_host(&mut parts);
-    let upgrade_headers = (
-        parts.headers.remove(header::UPGRADE),
-        parts.headers.remove(header::CONNECTION),
-    );
-    strip_hop_by_hop(&mut parts.headers);
-    if let (Some(up), _) = upgrade_headers {
-        parts.headers.insert(header::UPGRADE, up);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let (parts, body) = req.into_parts();
+    let mut out = Outbound::new(parts, authority);
+    // The upgrade's own hop-by-hop headers go on; the route's steps apply as to any request.
+    let upgrade = out.headers_mut().remove(header::UPGRADE);
+    route.steps.on_request(&mut out);
+    if let Some(up) = upgrade {
+        let headers = out.headers_mut();
+        headers.insert(header::UPGRADE, up);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    prepare(&mut parts, cluster, &endpoint);
+    let parts = out.into_http1_parts(&endpoint.addr);
     let in_flight = endpoint.begin_request();
     let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
     let mut response = endpoint
@@ -818,7 +685,7 @@ async fn upgrade(
         })?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        route.steps.on_response(&mut parts);
         let Some(mut done) = completion.take() else {
             return Err(ProxyError::NotReady);
         };
@@ -903,26 +770,4 @@ async fn tunnel(
         }
     });
     Ok(Response::new(ResponseBody::empty()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["te", "x-kept"]);
-        h.insert("te", "gzip".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert!(!h.contains_key("te"));
-    }
 }

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use http::{HeaderMap, Method};
 use regex::Regex;
 
-use crate::{balance::WeightedTargets, retry::RetryPolicy};
+use crate::{balance::WeightedTargets, retry::RetryPolicy, steps::Steps};
 
 /// The parts of a request that routes match on.
 #[derive(Debug, Clone, Copy)]
@@ -102,35 +102,8 @@ pub struct Route {
     pub targets: WeightedTargets,
     pub retry: Option<Arc<RetryPolicy>>,
     pub timeouts: Timeouts,
-    pub rewrite: Rewrite,
-}
-
-/// What a route changes in the request before it goes upstream.
-#[derive(Debug, Default)]
-pub struct Rewrite {
-    /// (prefix, replacement) for the path.
-    pub path: Option<(Box<str>, Box<str>)>,
-    pub host: Option<http::uri::Authority>,
-}
-
-impl Rewrite {
-    /// The rewritten path-and-query, if the path prefix applies.
-    pub fn path_and_query(&self, pq: &str) -> Option<String> {
-        let (prefix, replacement) = self.path.as_ref()?;
-        let rest = pq.strip_prefix(&**prefix)?;
-        let mut out = String::with_capacity(replacement.len() + rest.len());
-        out.push_str(replacement);
-        // Never produce "//": "/colors/" + "/x" or "/" + "x" both become "/x".
-        if out.ends_with('/') && rest.starts_with('/') {
-            out.push_str(&rest[1..]);
-        } else if !out.ends_with('/') && !rest.is_empty() && !rest.starts_with(['/', '?']) {
-            out.push('/');
-            out.push_str(rest);
-        } else {
-            out.push_str(rest);
-        }
-        Some(out)
-    }
+    /// What the route changes in its requests and responses.
+    pub steps: Steps,
 }
 
 /// A route's timeouts; `None` means no limit.
@@ -363,42 +336,6 @@ mod tests {
         i.port = Some(9080);
         i.method = &Method::GET;
         assert!(!rm.matches(&i), "wrong method");
-    }
-
-    #[test]
-    fn path_rewrites() {
-        let r = |p: &str, to: &str| Rewrite {
-            path: Some((p.into(), to.into())),
-            host: None,
-        };
-        assert_eq!(
-            r("/colors/", "/")
-                .path_and_query("/colors/x?a=1")
-                .as_deref(),
-            Some("/x?a=1")
-        );
-        assert_eq!(
-            r("/colors", "/").path_and_query("/colors/x").as_deref(),
-            Some("/x")
-        );
-        assert_eq!(
-            r("/colors", "/").path_and_query("/colors").as_deref(),
-            Some("/")
-        );
-        assert_eq!(
-            r("/colors", "/").path_and_query("/colors?q").as_deref(),
-            Some("/?q")
-        );
-        assert_eq!(
-            r("/colors/", "/v2/").path_and_query("/colors/x").as_deref(),
-            Some("/v2/x")
-        );
-        assert_eq!(
-            r("/a", "/b").path_and_query("/a/c").as_deref(),
-            Some("/b/c")
-        );
-        assert_eq!(r("/a", "/b").path_and_query("/other"), None);
-        assert_eq!(Rewrite::default().path_and_query("/x"), None);
     }
 
     #[test]

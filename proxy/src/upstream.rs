@@ -19,7 +19,7 @@ use std::{
 use parking_lot::Mutex;
 
 use bytes::Bytes;
-use http::{Request, Response, request::Parts};
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{
     body::Incoming,
@@ -30,9 +30,10 @@ use tokio::net::TcpStream;
 
 use crate::{
     BoxError,
-    error::UpstreamFailure,
-    h1::{self, RequestBody},
+    error::{AttemptError, UpstreamFailure},
+    h1,
     metrics::ClusterMetrics,
+    outbound::{Outbound, RequestBody},
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -174,22 +175,6 @@ impl h1::Release for EndpointState {
     }
 }
 
-/// Why an attempt failed, with the underlying error for logs.
-#[derive(Debug)]
-pub struct UpstreamError {
-    pub failure: UpstreamFailure,
-    pub source: BoxError,
-}
-
-impl UpstreamError {
-    fn new(failure: UpstreamFailure, source: impl Into<BoxError>) -> Self {
-        Self {
-            failure,
-            source: source.into(),
-        }
-    }
-}
-
 impl EndpointState {
     fn new(addr: &str, protocol: Protocol) -> Self {
         let pool = match protocol {
@@ -223,15 +208,15 @@ impl EndpointState {
     }
 
     /// Opens a TCP connection to the endpoint.
-    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, AttemptError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(&*self.addr)).await {
             Err(_) => {
-                return Err(UpstreamError::new(
+                return Err(AttemptError::new(
                     UpstreamFailure::ConnectTimeout,
                     format!("no connection within {timeout:?}"),
                 ));
             }
-            Ok(Err(e)) => return Err(UpstreamError::new(UpstreamFailure::Connect, e)),
+            Ok(Err(e)) => return Err(AttemptError::new(UpstreamFailure::Connect, e)),
             Ok(Ok(s)) => s,
         };
         // Small writes (headers, gRPC messages) must not wait for Nagle.
@@ -239,74 +224,94 @@ impl EndpointState {
         Ok(stream)
     }
 
-    /// Sends a request over a pooled connection (a new one when none is idle). HTTP/1.1
-    /// connections go back to the pool when the response body ends. Connecting is boxed: it is
-    /// rare, and inline its state would make every request's future (moved on each poll
-    /// wrapper) several times larger.
+    /// Sends a request over a pooled connection of the endpoint's protocol (a new one when none
+    /// is idle), writing its head for that protocol. HTTP/1.1 borrows the head, so a retry needs
+    /// no copy; HTTP/2 takes a copy, or the head itself when `last` (no attempt follows). `body`
+    /// is `None` for a request without one. HTTP/1.1 connections go back to the pool when the
+    /// response body ends.
     pub async fn send(
         self: &Arc<Self>,
         cluster: &Cluster,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
+        out: &mut Outbound,
+        body: Option<RequestBody>,
+        last: bool,
+    ) -> Result<Response<UpstreamIncoming>, AttemptError> {
         match &self.pool {
-            Pool::Http1(_) => {
-                let (parts, body) = req.into_parts();
-                self.send_h1(cluster, &parts, Some(body)).await
-            }
+            Pool::Http1(_) => self.send_h1(cluster, out, body).await,
             Pool::Http2(slot) => {
-                let mut fresh = false;
-                loop {
-                    let cached = slot.lock().clone().filter(|s| !s.is_closed());
-                    let mut sender = match cached {
-                        Some(s) => s,
-                        None => {
-                            fresh = true;
-                            let s = Box::pin(self.connect_http2(cluster)).await?;
-                            *slot.lock() = Some(s.clone());
-                            s
-                        }
-                    };
-                    if let Err(e) = sender.ready().await {
-                        if fresh {
-                            return Err(classify(e));
-                        }
-                        *slot.lock() = None;
-                        continue;
-                    }
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(UpstreamIncoming::Hyper)),
-                        Err(mut e) => match e.take_message() {
-                            Some(unsent) if !fresh => {
-                                fresh = true;
-                                *slot.lock() = None;
-                                req = unsent;
-                            }
-                            _ => return Err(classify(e.into_error())),
-                        },
-                    }
-                }
+                let parts = out.http2_parts(&self.addr, last);
+                let body = body.unwrap_or_else(|| {
+                    let empty = http_body_util::Empty::<Bytes>::new();
+                    http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(empty, |e| {
+                        match e {}
+                    }))
+                });
+                // Boxed: inline, the h2 client's state would grow every request's future.
+                Box::pin(self.send_h2(slot, cluster, Request::from_parts(parts, body))).await
             }
-            Pool::Tcp => Err(UpstreamError::new(
+            Pool::Tcp => Err(AttemptError::new(
                 UpstreamFailure::Protocol,
                 format!("cluster {:?} is TCP only", cluster.name),
             )),
         }
     }
 
-    /// Sends a request to an HTTP/1.1 endpoint over a pooled connection (a new one when none is
-    /// idle), borrowing its head so that a retry needs no copy. `body` is `None` for a request
-    /// without one.
-    pub async fn send_h1(
+    /// HTTP/2: one shared connection; a request the pooled connection could not take (it was
+    /// closing) goes out once more on a new one.
+    async fn send_h2(
+        &self,
+        slot: &Mutex<Option<http2::SendRequest<RequestBody>>>,
+        cluster: &Cluster,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamIncoming>, AttemptError> {
+        let mut fresh = false;
+        loop {
+            let cached = slot.lock().clone().filter(|s| !s.is_closed());
+            let mut sender = match cached {
+                Some(s) => s,
+                None => {
+                    fresh = true;
+                    let s = self.connect_http2(cluster).await?;
+                    *slot.lock() = Some(s.clone());
+                    s
+                }
+            };
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Err(classify(e));
+                }
+                *slot.lock() = None;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(UpstreamIncoming::Hyper)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        fresh = true;
+                        *slot.lock() = None;
+                        req = unsent;
+                    }
+                    _ => return Err(classify(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// HTTP/1.1: our client, one exchange per pooled connection. A request that is safe to
+    /// repeat goes out again when a pooled connection turns out to have been closed.
+    async fn send_h1(
         self: &Arc<Self>,
         cluster: &Cluster,
-        parts: &Parts,
+        out: &Outbound,
         mut body: Option<RequestBody>,
-    ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
-        let out = h1::Outgoing::new(parts, body.as_ref(), &self.addr);
+    ) -> Result<Response<UpstreamIncoming>, AttemptError> {
+        let out = h1::Outgoing::new(out, body.as_ref(), &self.addr);
         loop {
             let (conn, reused) = match self.checkout_http1() {
                 Some(conn) => (conn, true),
                 None => {
+                    // Boxed: connecting is rare, and inline its state would make every
+                    // request's future several times larger.
                     let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
                     (Box::new(h1::Conn::new(stream)), false)
                 }
@@ -322,7 +327,7 @@ impl EndpointState {
                 Err(e) if reused && e.stale && out.replayable() && out.idempotent() => {
                     tracing::debug!(endpoint = %self.addr, error = %e.source, "pooled connection was closed; sending again");
                 }
-                Err(e) => return Err(UpstreamError::new(e.failure, e.source)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -332,7 +337,7 @@ impl EndpointState {
         &self,
         cluster: &Cluster,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, AttemptError> {
         let mut sender = self.connect_upgrade(cluster).await?;
         sender.send_request(req).await.map_err(classify)
     }
@@ -355,12 +360,12 @@ impl EndpointState {
     async fn connect_upgrade(
         &self,
         cluster: &Cluster,
-    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    ) -> Result<http1::SendRequest<RequestBody>, AttemptError> {
         let stream = self.connect(cluster.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
+            .map_err(|e| AttemptError::new(UpstreamFailure::Connect, e))?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -373,13 +378,13 @@ impl EndpointState {
     async fn connect_http2(
         &self,
         cluster: &Cluster,
-    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+    ) -> Result<http2::SendRequest<RequestBody>, AttemptError> {
         let stream = self.connect(cluster.connect_timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, e))?;
+            .map_err(|e| AttemptError::new(UpstreamFailure::Connect, e))?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -391,7 +396,7 @@ impl EndpointState {
 }
 
 /// Sorts a hyper client error into a retry/response class.
-fn classify(e: hyper::Error) -> UpstreamError {
+fn classify(e: hyper::Error) -> AttemptError {
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
@@ -400,7 +405,7 @@ fn classify(e: hyper::Error) -> UpstreamError {
             } else {
                 UpstreamFailure::Reset
             };
-            return UpstreamError::new(failure, e);
+            return AttemptError::new(failure, e);
         }
         source = s.source();
     }
@@ -409,7 +414,7 @@ fn classify(e: hyper::Error) -> UpstreamError {
     } else {
         UpstreamFailure::Reset
     };
-    UpstreamError::new(failure, e)
+    AttemptError::new(failure, e)
 }
 
 /// Endpoint state that outlives snapshots, keyed by (cluster, protocol, address).

@@ -17,9 +17,10 @@ use crate::{
     metrics::ProxyMetrics,
     retry::{self, RetryOn, RetryPolicy},
     route::{
-        HeaderMatch, PathMatch, QueryMatch, Rewrite, Route, RouteMatch, RouteTable, Timeouts,
-        ValueRule, VirtualHost,
+        HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
+        VirtualHost,
     },
+    steps::{PathRewrite, RequestStep, Steps},
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
 };
 
@@ -428,11 +429,13 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
             WeightedTargets::new([])
         }
     };
-    let rewrite = route
-        .action
-        .as_ref()
-        .map(|a| compile_rewrite(c, &apath, a))
-        .unwrap_or_default();
+    let steps = Steps::new(
+        route
+            .action
+            .as_ref()
+            .map(|a| compile_rewrite(c, &apath, a))
+            .unwrap_or_default(),
+    );
     let retry = route
         .retry_policy
         .as_ref()
@@ -454,12 +457,13 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         targets,
         retry: retry.map(Arc::new),
         timeouts,
-        rewrite,
+        steps,
     })
 }
 
-fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -> Rewrite {
-    let mut out = Rewrite::default();
+/// The route's rewrite steps: path, then host.
+fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -> Vec<RequestStep> {
+    let mut out = Vec::new();
     if let Some(r) = &action.path_rewrite {
         if !r.prefix.starts_with('/') {
             c.err(
@@ -472,12 +476,15 @@ fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -
                 "must start with \"/\"",
             );
         } else {
-            out.path = Some((r.prefix.as_str().into(), r.replacement.as_str().into()));
+            out.push(RequestStep::RewritePath(PathRewrite {
+                prefix: r.prefix.as_str().into(),
+                replacement: r.replacement.as_str().into(),
+            }));
         }
     }
     if !action.host_rewrite.is_empty() {
         match action.host_rewrite.parse::<http::uri::Authority>() {
-            Ok(a) => out.host = Some(a),
+            Ok(a) => out.push(RequestStep::RewriteHost(a)),
             Err(_) => c.err(
                 format!("{path}.hostRewrite"),
                 format!("{:?} is not an authority", action.host_rewrite),

@@ -1,0 +1,234 @@
+//! A route's request and response steps: compiled from the snapshot into plain lists and run at
+//! fixed points of the request path — the request head once before its first attempt, the
+//! response head as it arrives. A feature that changes requests or responses (header rules,
+//! faults, ...) is a new variant here, compiled only when configured, so it costs nothing unset.
+
+use http::{
+    HeaderMap, header,
+    uri::{Authority, PathAndQuery},
+};
+
+use crate::outbound::Outbound;
+
+/// What a route does to its requests and responses, in order.
+#[derive(Debug)]
+pub struct Steps {
+    request: Box<[RequestStep]>,
+    response: Box<[ResponseStep]>,
+}
+
+/// A change to a request head before it goes upstream.
+#[derive(Debug)]
+pub enum RequestStep {
+    /// Hop-by-hop headers never cross the proxy.
+    StripHopByHop,
+    /// Replaces a path prefix (the query stays).
+    RewritePath(PathRewrite),
+    /// Replaces the authority.
+    RewriteHost(Authority),
+}
+
+/// A change to a response head before it goes to the client.
+#[derive(Debug)]
+pub enum ResponseStep {
+    StripHopByHop,
+}
+
+impl Default for Steps {
+    /// What every route does: hop-by-hop headers removed both ways.
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl Steps {
+    /// Every route's steps, then `request` in order.
+    pub fn new(request: Vec<RequestStep>) -> Self {
+        Self {
+            request: std::iter::once(RequestStep::StripHopByHop)
+                .chain(request)
+                .collect(),
+            response: Box::new([ResponseStep::StripHopByHop]),
+        }
+    }
+
+    pub fn on_request(&self, out: &mut Outbound) {
+        for step in &self.request {
+            match step {
+                RequestStep::StripHopByHop => strip_hop_by_hop(out.headers_mut()),
+                RequestStep::RewritePath(rw) => {
+                    let new = out
+                        .parts()
+                        .uri
+                        .path_and_query()
+                        .and_then(|pq| rw.apply(pq.as_str()))
+                        .and_then(|pq| PathAndQuery::try_from(pq).ok());
+                    if let Some(new) = new {
+                        out.set_path_and_query(new);
+                    }
+                }
+                RequestStep::RewriteHost(host) => out.set_authority(host),
+            }
+        }
+    }
+
+    pub fn on_response(&self, parts: &mut http::response::Parts) {
+        for step in &self.response {
+            match step {
+                ResponseStep::StripHopByHop => strip_hop_by_hop(&mut parts.headers),
+            }
+        }
+    }
+}
+
+/// A path prefix and what replaces it.
+#[derive(Debug)]
+pub struct PathRewrite {
+    pub prefix: Box<str>,
+    pub replacement: Box<str>,
+}
+
+impl PathRewrite {
+    /// The rewritten path-and-query, if the prefix applies.
+    pub fn apply(&self, pq: &str) -> Option<String> {
+        let rest = pq.strip_prefix(&*self.prefix)?;
+        let mut out = String::with_capacity(self.replacement.len() + rest.len());
+        out.push_str(&self.replacement);
+        // Never produce "//": "/colors/" + "/x" or "/" + "x" both become "/x".
+        if out.ends_with('/') && rest.starts_with('/') {
+            out.push_str(&rest[1..]);
+        } else if !out.ends_with('/') && !rest.is_empty() && !rest.starts_with(['/', '?']) {
+            out.push('/');
+            out.push_str(rest);
+        } else {
+            out.push_str(rest);
+        }
+        Some(out)
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1). Names, not strings, so removing them does not parse a
+/// header name per request.
+const HOP_BY_HOP: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, those `Connection` lists among them, and `TE` unless it is
+/// `trailers`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than a lookup per name.
+    let any = headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        // Headers the Connection header lists are hop-by-hop too.
+        let listed: Vec<header::HeaderName> = std::iter::once(connection)
+            .chain(headers.get_all(header::CONNECTION).iter().skip(1))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // Host names the request's target: never hop-by-hop, whatever a client lists.
+            .filter(|name| name != header::HOST)
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !keep_te {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Version};
+
+    use super::*;
+    use crate::outbound::AuthorityIn;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn path_rewrites() {
+        let r = |p: &str, to: &str| PathRewrite {
+            prefix: p.into(),
+            replacement: to.into(),
+        };
+        let cases = [
+            ("/colors/", "/", "/colors/x?a=1", Some("/x?a=1")),
+            ("/colors", "/", "/colors/x", Some("/x")),
+            ("/colors", "/", "/colors", Some("/")),
+            ("/colors", "/", "/colors?q", Some("/?q")),
+            ("/colors/", "/v2/", "/colors/x", Some("/v2/x")),
+            ("/a", "/b", "/a/c", Some("/b/c")),
+            ("/a", "/b", "/other", None),
+        ];
+        for (prefix, to, path, want) in cases {
+            assert_eq!(
+                r(prefix, to).apply(path).as_deref(),
+                want,
+                "{prefix} -> {to} on {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_steps_run_in_order() {
+        let steps = Steps::new(vec![
+            RequestStep::RewritePath(PathRewrite {
+                prefix: "/old".into(),
+                replacement: "/new".into(),
+            }),
+            RequestStep::RewriteHost("upstream.internal".parse().unwrap()),
+        ]);
+        let parts = Request::builder()
+            .uri("/old/x?q=1")
+            .version(Version::HTTP_11)
+            .header("host", "svc")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut out = Outbound::new(parts, AuthorityIn::Host);
+        steps.on_request(&mut out);
+        assert_eq!(out.parts().uri, "/new/x?q=1");
+        assert_eq!(out.parts().headers["host"], "upstream.internal");
+        assert!(!out.parts().headers.contains_key("x-hop"));
+        assert!(!out.parts().headers.contains_key("connection"));
+        // No rewrites configured: only the hop-by-hop step.
+        let default = Steps::default();
+        assert_eq!(default.request.len(), 1);
+        assert_eq!(default.response.len(), 1);
+    }
+}
