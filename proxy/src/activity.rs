@@ -8,12 +8,15 @@ use std::sync::{
 };
 
 use futures_util::task::AtomicWaker;
+use tokio::time::Instant;
 
 /// What a client connection has been doing, for its idle timeout and its half-close.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ConnActivity {
-    /// Requests started on the connection so far.
-    pub(crate) started: AtomicU64,
+    /// When the connection was accepted.
+    pub(crate) opened: Instant,
+    /// When the last request ended, in nanoseconds since `opened` (0: none has).
+    last_end: AtomicU64,
     /// Requests not finished yet (their response bodies included).
     pub(crate) active: AtomicUsize,
     /// Request bodies still being read from the client.
@@ -27,6 +30,28 @@ pub(crate) struct ConnActivity {
 }
 
 impl ConnActivity {
+    pub(crate) fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            last_end: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            held_eof: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        }
+    }
+
+    /// Since when the connection has had nothing to do, if it has nothing now: the end of its
+    /// last request, or its opening.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let nanos = self.last_end.load(Ordering::SeqCst);
+        Some(self.opened + std::time::Duration::from_nanos(nanos))
+    }
+
     /// Whether the client's end of stream goes through: no request in flight, or a tunnel.
     pub(crate) fn releases_eof(&self) -> bool {
         self.active.load(Ordering::SeqCst) == 0 || self.upgraded.load(Ordering::SeqCst)
@@ -39,9 +64,17 @@ pub struct ActiveRequest(Arc<ConnActivity>);
 
 impl ActiveRequest {
     pub(crate) fn begin(activity: &Arc<ConnActivity>) -> Self {
-        activity.started.fetch_add(1, Ordering::Relaxed);
         activity.active.fetch_add(1, Ordering::Relaxed);
         Self(activity.clone())
+    }
+
+    /// Notes when the request ended (its caller has read the clock already), for the
+    /// connection's idle timeout.
+    pub(crate) fn ended_at(&self, at: Instant) {
+        let since = at.saturating_duration_since(self.0.opened).as_nanos();
+        self.0
+            .last_end
+            .fetch_max(u64::try_from(since).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 }
 

@@ -127,7 +127,7 @@ impl Listeners {
     }
 
     async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
-        let activity = Arc::new(ConnActivity::default());
+        let activity = Arc::new(ConnActivity::new());
         let services = self.services.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -217,23 +217,26 @@ enum Stop {
     Idle,
 }
 
-/// Resolves when the drain starts, or when a whole idle period passed with no request started
-/// on the connection and none in flight.
+/// Resolves when the drain starts, or when the connection has had no request in flight for a
+/// whole idle period (counted from the end of its last request, or from its opening). One timer,
+/// re-armed when it fires: for the rest of the period after a request, or for a whole one while
+/// a request is in flight.
 async fn watch_connection(
     activity: Arc<ConnActivity>,
     idle: Duration,
     draining: CancellationToken,
 ) -> Stop {
-    let mut started = activity.started.load(Ordering::Relaxed);
+    let mut wake = activity.opened + idle;
     loop {
         tokio::select! {
             () = draining.cancelled() => return Stop::Drain,
-            () = tokio::time::sleep(idle) => {
-                let now = activity.started.load(Ordering::Relaxed);
-                if now == started && activity.active.load(Ordering::Relaxed) == 0 {
-                    return Stop::Idle;
-                }
-                started = now;
+            () = tokio::time::sleep_until(wake) => {
+                let now = tokio::time::Instant::now();
+                wake = match activity.idle_since() {
+                    Some(since) if now >= since + idle => return Stop::Idle,
+                    Some(since) => since + idle,
+                    None => now + idle,
+                };
             }
         }
     }

@@ -107,7 +107,9 @@ impl Completion {
 
     fn record(&mut self, body_error: Option<&'static str>) {
         self.recorded = true;
-        let elapsed = self.start.elapsed();
+        let end = Instant::now();
+        let elapsed = end.saturating_duration_since(self.start);
+        self.active.ended_at(end);
         match &self.metrics {
             Some(m) => m.observe(self.status, elapsed),
             None => self.services.no_route_metrics.observe(self.status, elapsed),

@@ -10,16 +10,16 @@ use tokio::{
     net::TcpStream,
 };
 use trellis_testkit::{
-    ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
+    RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
     grpc::{self, EchoRequest, GrpcServer},
     h2raw::{self, H2Raw, Outcome},
     raw::{exchange, read_response},
 };
 
-use crate::{cluster, host_to, proxy_with};
+use crate::{cluster, host_to, inprocess::InProcessProxy, proxy_with};
 
 /// Waits until a metric reaches `want`.
-async fn metric_is(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)], want: f64) {
+async fn metric_is(proxy: &InProcessProxy, name: &str, labels: &[(&str, &str)], want: f64) {
     trellis_testkit::eventually(Duration::from_secs(10), name, || async {
         let got = proxy.metric(name, labels).await;
         if got == want {
@@ -32,7 +32,7 @@ async fn metric_is(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)], wa
 }
 
 /// Hosts `a.test` and `b.test` and a catch-all, each to its own upstream.
-async fn three_hosts() -> (TestServer, TestServer, TestServer, ProxyProcess) {
+async fn three_hosts() -> (TestServer, TestServer, TestServer, InProcessProxy) {
     let a = TestServer::start("a").await;
     let b = TestServer::start("b").await;
     let any = TestServer::start("any").await;
@@ -688,7 +688,7 @@ async fn grpc_request_bodies_are_not_bounded_by_the_default_idle_timeout() {
 }
 
 /// No upstream error and no 5xx was counted: the client's faults stayed the client's.
-async fn assert_nothing_charged_to_the_upstream(proxy: &ProxyProcess) {
+async fn assert_nothing_charged_to_the_upstream(proxy: &InProcessProxy) {
     for kind in ["upstream_protocol_error", "upstream_reset"] {
         let n = proxy
             .metric("trellis_proxy_errors_total", &[("kind", kind)])
@@ -702,7 +702,7 @@ async fn assert_nothing_charged_to_the_upstream(proxy: &ProxyProcess) {
 }
 
 /// A proxy whose route for `raw.test` goes to a scripted upstream answering `reply`.
-async fn proxy_to_raw(reply: RawReply) -> (RawHttpServer, ProxyProcess) {
+async fn proxy_to_raw(reply: RawReply) -> (RawHttpServer, InProcessProxy) {
     let raw = RawHttpServer::start(vec![reply]).await;
     let proxy = proxy_with(
         "v1",

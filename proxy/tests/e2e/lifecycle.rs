@@ -10,7 +10,7 @@ use std::{
 
 use trellis_testkit::{ProxyProcess, TestServer, client::Client, eventually};
 
-use crate::{BIN, cluster, host_to, proxy_with, snapshot};
+use crate::{BIN, cluster, host_to, process_with, snapshot};
 
 fn two_way(version: &str, a: u32, b: u32, servers: &[&TestServer]) -> String {
     let hosts = format!(
@@ -240,7 +240,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
 #[tokio::test]
 async fn admin_endpoints_and_metrics_format() {
     let app = TestServer::start("app").await;
-    let proxy = proxy_with(
+    let proxy = process_with(
         "v7",
         &host_to("svc.test", "svc", ""),
         &cluster("svc", "HTTP1", &[app.addr]),
@@ -313,7 +313,7 @@ async fn access_log_writes_one_json_line_per_request() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let log_arg = log.to_str().unwrap().to_string();
-    let proxy = proxy_with(
+    let proxy = process_with(
         "v1",
         &host_to("svc.test", "svc", ""),
         &cluster("svc", "HTTP1", &[app.addr]),
@@ -356,7 +356,7 @@ async fn access_log_writes_one_json_line_per_request() {
 async fn a_client_leaving_mid_request_is_counted() {
     let app = TestServer::start("app").await;
     app.delay(5_000);
-    let proxy = proxy_with(
+    let proxy = process_with(
         "v1",
         &host_to("svc.test", "svc", ""),
         &cluster("svc", "HTTP1", &[app.addr]),
@@ -408,7 +408,7 @@ async fn idle_client_connections_are_closed_but_slow_requests_finish() {
         net::TcpStream,
     };
     let app = TestServer::start("app").await;
-    let proxy = proxy_with(
+    let proxy = process_with(
         "v1",
         &host_to("svc.test", "app", ""),
         &cluster("app", "HTTP1", &[app.addr]),

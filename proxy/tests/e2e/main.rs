@@ -1,16 +1,22 @@
-//! End-to-end tests: the real `trellis-proxy` binary between real clients and real upstream
-//! servers, all on 127.0.0.1 with ports the OS picks.
+//! End-to-end tests: the proxy between real clients and real upstream servers, all on 127.0.0.1
+//! with ports the OS picks. Request-path tests serve the proxy library's app in the test's own
+//! runtime ([`inprocess`]); what needs a process (signals, reloads from a file, exit codes,
+//! restore) runs the real `trellis-proxy` binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod config_input;
 mod hardening;
+mod inprocess;
 mod lifecycle;
 mod protocols;
 mod resilience;
 mod routing;
+mod timing;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
+
+use inprocess::InProcessProxy;
 
 use trellis_testkit::ProxyProcess;
 
@@ -28,8 +34,24 @@ pub fn cluster(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
     )
 }
 
-/// Starts a proxy with an egress listener of `hosts` (YAML list items, indented 6) and `clusters`.
+/// Serves, in process, a proxy with an egress listener of `hosts` (YAML list items, indented 6)
+/// and `clusters`. `extra` takes the binary's `--idle-timeout`.
 pub async fn proxy_with(
+    version: &str,
+    hosts: &str,
+    clusters: &str,
+    extra: &[&str],
+) -> InProcessProxy {
+    let idle = match extra {
+        [] => Duration::from_secs(60),
+        ["--idle-timeout", d] => humantime::parse_duration(d).unwrap(),
+        other => panic!("in-process proxies take only --idle-timeout, not {other:?}"),
+    };
+    InProcessProxy::start(&snapshot(version, hosts, clusters), idle).await
+}
+
+/// Starts the `trellis-proxy` binary with `--snapshot` of the same snapshot and `extra` flags.
+pub async fn process_with(
     version: &str,
     hosts: &str,
     clusters: &str,

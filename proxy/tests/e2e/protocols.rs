@@ -16,7 +16,7 @@ use trellis_testkit::{
     grpc::{self, EchoRequest, GrpcServer},
 };
 
-use crate::{BIN, cluster, host_to, proxy_with};
+use crate::{BIN, cluster, host_to, inprocess::InProcessProxy, proxy_with};
 
 #[tokio::test]
 async fn http1_and_h2c_pass_through_both_ways() {
@@ -68,7 +68,7 @@ async fn http1_and_h2c_pass_through_both_ways() {
 }
 
 /// A proxy whose `raw.test` host goes to an upstream answering with `replies`.
-async fn scripted_upstream(replies: Vec<RawReply>) -> (RawHttpServer, ProxyProcess) {
+async fn scripted_upstream(replies: Vec<RawReply>) -> (RawHttpServer, InProcessProxy) {
     let raw = RawHttpServer::start(replies).await;
     let proxy = proxy_with(
         "v1",
@@ -221,7 +221,7 @@ async fn ingress_forwards_to_the_local_app() {
         "version: v1\nlisteners:\n  - name: ingress\n    role: INGRESS\n    virtualHosts:\n      - name: local\n        domains: ['*']\n        routes:\n          - name: app\n            action: {{ weightedTargets: [{{ cluster: local, weight: 1 }}] }}\nclusters:\n{}",
         cluster("local", "HTTP1", &[app.addr])
     );
-    let proxy = ProxyProcess::start(BIN, &snapshot, &[]).await;
+    let proxy = InProcessProxy::start(&snapshot, std::time::Duration::from_secs(60)).await;
     let mut c = Client::h1(proxy.ingress).await.unwrap();
     let r = c.get("colorteller.default:9080", "/").await.unwrap();
     assert_eq!(r.text(), "local-app");

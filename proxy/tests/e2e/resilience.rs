@@ -13,7 +13,7 @@ fn retry_policy(extra: &str) -> String {
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn one_failing_endpoint_of_three_is_invisible_with_retries() {
     let good = [TestServer::start("a").await, TestServer::start("b").await];
     let bad = TestServer::start("bad").await;
@@ -37,7 +37,7 @@ async fn one_failing_endpoint_of_three_is_invisible_with_retries() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn two_failing_endpoints_of_four_are_invisible_with_retries() {
     let a = TestServer::start("a").await;
     let b = TestServer::start("b").await;
@@ -119,7 +119,7 @@ async fn retry_budget_caps_retries_when_everything_fails() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn per_request_timeout_gives_504() {
     let slow = TestServer::start("slow").await;
     let hosts = host_to(
@@ -144,7 +144,7 @@ async fn per_request_timeout_gives_504() {
     assert_eq!(timeouts, 1.0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn per_try_timeout_retries_on_another_endpoint() {
     let slow = TestServer::start("slow").await;
     slow.delay(5_000);
@@ -174,7 +174,7 @@ async fn per_try_timeout_retries_on_another_endpoint() {
     assert_eq!(per_try, slow.requests() as f64);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_cuts_a_stalled_stream_but_not_a_live_one() {
     let app = TestServer::start("app").await;
     let hosts = host_to("svc.test", "svc", "            timeout: { idle: 0.3s }\n");
