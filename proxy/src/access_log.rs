@@ -88,11 +88,7 @@ impl LogRecord {
             .unwrap_or_default();
         Self {
             time: SystemTime::now(),
-            listener: match slot {
-                Slot::Ingress => "ingress".into(),
-                Slot::Egress => "egress".into(),
-                Slot::Named(n) => n.to_string(),
-            },
+            listener: slot.name().into(),
             method: req.method().clone(),
             authority: authority.into(),
             path: req

@@ -24,6 +24,7 @@ use tokio::{
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
 
 use crate::{
     activity::{ActiveRequest, ConnActivity},
@@ -67,7 +68,7 @@ impl Listeners {
         slot: Slot,
         stop: Option<watch::Receiver<()>>,
     ) {
-        log_listening(slot_name(&slot), &listener);
+        log_listening(slot.name(), &listener);
         tokio::spawn(self.clone().accept_loop(listener, slot, stop));
     }
 
@@ -89,11 +90,11 @@ impl Listeners {
                 _ = async { match &mut stop { Some(s) => s.changed().await, None => std::future::pending().await } } => break,
                 a = listener.accept() => a,
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = slot_name(&slot), error = %e, "accept failed");
+                    tracing::warn!(listener = slot.name(), error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -102,9 +103,12 @@ impl Listeners {
             if draining.is_cancelled() {
                 break;
             }
-            self.drain
-                .tasks
-                .spawn(self.clone().connection(stream, slot.clone()));
+            let span = tracing::debug_span!("conn", listener = slot.name(), %peer);
+            self.drain.tasks.spawn(
+                self.clone()
+                    .connection(stream, slot.clone())
+                    .instrument(span),
+            );
         }
     }
 
@@ -130,11 +134,15 @@ impl Listeners {
         let activity = Arc::new(ConnActivity::new());
         let services = self.services.clone();
         let requests = activity.clone();
-        let service = hyper::service::service_fn(move |req| {
+        // HTTP/2 streams are tasks of their own: their spans name the connection's as parent.
+        let conn_span = tracing::Span::current();
+        let service = hyper::service::service_fn(move |req: http::Request<_>| {
             let active = ActiveRequest::begin(&requests);
             let services = services.clone();
             let slot = slot.clone();
-            async move { Ok::<_, Infallible>(crate::proxy::serve(services, &slot, req, active).await) }
+            let span = tracing::debug_span!(parent: &conn_span, "request", method = %req.method(), path = req.uri().path(), version = tracing::field::Empty, route = tracing::field::Empty, cluster = tracing::field::Empty);
+            let serve = crate::proxy::serve(services, slot, req, active, span.clone());
+            async move { Ok::<_, Infallible>(serve.instrument(span).await) }
         });
         let io = ClientIo {
             stream,
@@ -395,14 +403,6 @@ impl tokio::io::AsyncWrite for ClientIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-fn slot_name(slot: &Slot) -> &str {
-    match slot {
-        Slot::Ingress => "ingress",
-        Slot::Egress => "egress",
-        Slot::Named(name) => name,
     }
 }
 

@@ -147,12 +147,15 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Serves one request that arrived on `slot`.
+/// `span` (debug level) gets the snapshot version, route and cluster.
 pub(crate) async fn serve(
     services: Arc<Services>,
-    slot: &Slot,
+    slot: Slot,
     req: Request<Incoming>,
     active: ActiveRequest,
+    span: tracing::Span,
 ) -> Response<ResponseBody> {
+    let slot = &slot;
     let start = Instant::now();
     let runtime = services.store.load();
     let grpc = is_grpc(req.headers());
@@ -173,7 +176,15 @@ pub(crate) async fn serve(
     });
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
-    let result = match route_request(&runtime, slot, &req, &mut completion) {
+    let routed = route_request(&runtime, slot, &req, &mut completion);
+    if !span.is_disabled() {
+        span.record("version", &*runtime.version);
+        if let Ok(r) = &routed {
+            span.record("route", &*r.route.name);
+            span.record("cluster", &*r.target.cluster.name);
+        }
+    }
+    let result = match routed {
         Err(e) => Err(e),
         // Rare paths are boxed: inline, their states would grow every request's future.
         Ok(Routed {

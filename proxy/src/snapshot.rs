@@ -352,6 +352,17 @@ pub enum Slot {
     Named(Arc<str>),
 }
 
+impl Slot {
+    /// The listener's name in logs and metrics: `ingress`, `egress`, or its own.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+            Self::Named(name) => name,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Listener {
     pub name: Arc<str>,

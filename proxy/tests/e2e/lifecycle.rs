@@ -441,3 +441,41 @@ async fn idle_client_connections_are_closed_but_slow_requests_finish() {
     closed_by_proxy(silent).await;
     closed_by_proxy(half).await;
 }
+
+/// At debug level every log line of a request carries its connection's and its own context:
+/// listener and peer; method, path, snapshot version, route and cluster.
+#[tokio::test]
+async fn debug_logs_carry_connection_and_request_spans() {
+    // Nothing listens there: the attempt fails and logs at debug level.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hosts = host_to("svc.test", "svc", "");
+    let proxy = process_with(
+        "v7",
+        &hosts,
+        &cluster("svc", "HTTP1", &[dead]),
+        &["--log", "trellis_proxy=debug"],
+    )
+    .await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    assert_eq!(c.get("svc.test", "/spanned").await.unwrap().status, 503);
+    eventually(Duration::from_secs(10), "span fields in the log", || async {
+        let logs = proxy.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("upstream request failed"))
+            .ok_or("no failure logged yet")?;
+        for want in [
+            "conn{listener=\"egress\" peer=127.0.0.1:",
+            "request{method=GET path=\"/spanned\" version=\"v7\" route=\"svc.test-default\" cluster=\"svc\"}",
+        ] {
+            if !line.contains(want) {
+                return Err(format!("{want:?} missing from {line:?}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
