@@ -15,6 +15,9 @@ use tokio::time::Instant;
 pub(crate) struct ConnActivity {
     /// When the connection was accepted.
     pub(crate) opened: Instant,
+    /// The connection's span (debug level): its requests' spans name it as parent, also those
+    /// of HTTP/2 streams, which run as tasks of their own.
+    span: tracing::Span,
     /// When the last request ended, in nanoseconds since `opened` (0: none has).
     last_end: AtomicU64,
     /// Requests not finished yet (their response bodies included).
@@ -30,9 +33,10 @@ pub(crate) struct ConnActivity {
 }
 
 impl ConnActivity {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(span: tracing::Span) -> Self {
         Self {
             opened: Instant::now(),
+            span,
             last_end: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             bodies: AtomicUsize::new(0),
@@ -48,7 +52,7 @@ impl ConnActivity {
         if self.active.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let nanos = self.last_end.load(Ordering::SeqCst);
+        let nanos = self.last_end.load(Ordering::Acquire);
         Some(self.opened + std::time::Duration::from_nanos(nanos))
     }
 
@@ -68,13 +72,20 @@ impl ActiveRequest {
         Self(activity.clone())
     }
 
+    /// The span of the request's connection.
+    pub(crate) fn conn_span(&self) -> &tracing::Span {
+        &self.0.span
+    }
+
     /// Notes when the request ended (its caller has read the clock already), for the
     /// connection's idle timeout.
     pub(crate) fn ended_at(&self, at: Instant) {
         let since = at.saturating_duration_since(self.0.opened).as_nanos();
+        // A store, not a maximum: the request that ends last sets it (requests of one
+        // connection ending at the same moment on two threads differ by that moment at most).
         self.0
             .last_end
-            .fetch_max(u64::try_from(since).unwrap_or(u64::MAX), Ordering::SeqCst);
+            .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Release);
     }
 }
 

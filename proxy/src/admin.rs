@@ -51,105 +51,118 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody>
     reply(status, "application/json", body)
 }
 
+const TEXT: &str = "text/plain; charset=utf-8";
+
 fn handle<B>(app: &App, req: &Request<B>) -> Response<ResponseBody> {
-    let text = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            let encoder = prometheus::TextEncoder::new();
-            let mut out = Vec::new();
-            match encoder.encode(&app.registry.gather(), &mut out) {
-                Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4", out),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, e.to_string()),
-            }
-        }
-        (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
-        (&Method::GET, "/ready") => {
-            if app.services.store.is_ready() {
-                reply(StatusCode::OK, text, "ready\n")
-            } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, text, "no snapshot yet\n")
-            }
-        }
-        (&Method::GET, "/config_dump") => {
-            let rt = app.services.store.load();
-            let rejection = app.last_rejection.lock().clone();
-            json(
-                StatusCode::OK,
-                &json!({
-                    "version": &*rt.version,
-                    "snapshot": serde_json::to_value(&*rt.source).unwrap_or_default(),
-                    "lastRejection": rejection,
-                }),
-            )
-        }
-        (&Method::GET, "/clusters") => {
-            let rt = app.services.store.load();
-            let clusters: Vec<_> = rt
-                .clusters
-                .iter()
-                .map(|c| {
-                    let endpoints: Vec<_> = c
-                        .endpoints
-                        .iter()
-                        .map(|(e, health)| {
-                            json!({
-                                "address": &*e.addr,
-                                "health": health.as_str(),
-                                "inFlight": e.in_flight(),
-                                "pooledConnections": e.pooled(),
-                            })
-                        })
-                        .collect();
-                    json!({
-                        "name": &*c.name,
-                        "protocol": format!("{:?}", c.protocol),
-                        "lbPolicy": format!("{:?}", c.lb),
-                        "endpoints": endpoints,
-                    })
-                })
-                .collect();
-            json(
-                StatusCode::OK,
-                &json!({ "version": &*rt.version, "clusters": clusters }),
-            )
-        }
+        (&Method::GET, "/metrics") => metrics(app),
+        (&Method::GET, "/live") => reply(StatusCode::OK, TEXT, "live\n"),
+        (&Method::GET, "/ready") => ready(app),
+        (&Method::GET, "/config_dump") => config_dump(app),
+        (&Method::GET, "/clusters") => clusters(app),
         (&Method::GET, "/logging") => {
             let current = app.log_filter.lock().clone();
-            reply(StatusCode::OK, text, format!("{current}\n"))
+            reply(StatusCode::OK, TEXT, format!("{current}\n"))
         }
-        (&Method::POST | &Method::PUT, "/logging") => {
-            let level = req.uri().query().and_then(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .find(|(k, _)| k == "level")
-                    .map(|(_, v)| v.into_owned())
-            });
-            let Some(level) = level else {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    text,
-                    "give ?level=FILTER (e.g. debug, trellis_proxy=trace)\n",
-                );
-            };
-            match (app.log_control)(&level) {
-                Ok(()) => {
-                    app.log_filter.lock().clone_from(&level);
-                    tracing::info!(filter = %level, "log filter changed");
-                    reply(StatusCode::OK, text, format!("{level}\n"))
-                }
-                Err(e) => reply(
-                    StatusCode::BAD_REQUEST,
-                    text,
-                    format!("invalid filter: {e}\n"),
-                ),
-            }
-        }
+        (&Method::POST | &Method::PUT, "/logging") => set_logging(app, req.uri().query()),
         (_, "/metrics" | "/live" | "/ready" | "/config_dump" | "/clusters" | "/logging") => {
-            reply(StatusCode::METHOD_NOT_ALLOWED, text, "method not allowed\n")
+            reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
         }
         _ => reply(
             StatusCode::NOT_FOUND,
-            text,
+            TEXT,
             "admin: /metrics /ready /live /config_dump /clusters /logging\n",
+        ),
+    }
+}
+
+fn metrics(app: &App) -> Response<ResponseBody> {
+    let mut out = Vec::new();
+    match prometheus::TextEncoder::new().encode(&app.registry.gather(), &mut out) {
+        Ok(()) => reply(StatusCode::OK, "text/plain; version=0.0.4", out),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
+    }
+}
+
+fn ready(app: &App) -> Response<ResponseBody> {
+    if app.services.store.is_ready() {
+        reply(StatusCode::OK, TEXT, "ready\n")
+    } else {
+        reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "no snapshot yet\n")
+    }
+}
+
+/// The snapshot in use, as the control plane sent it, and why the last one was rejected.
+fn config_dump(app: &App) -> Response<ResponseBody> {
+    let rt = app.services.store.load();
+    let rejection = app.last_rejection.lock().clone();
+    json(
+        StatusCode::OK,
+        &json!({
+            "version": &*rt.version,
+            "snapshot": serde_json::to_value(&*rt.source).unwrap_or_default(),
+            "lastRejection": rejection,
+        }),
+    )
+}
+
+/// Every cluster's endpoints with their health, in-flight requests and pooled connections.
+fn clusters(app: &App) -> Response<ResponseBody> {
+    let rt = app.services.store.load();
+    let clusters: Vec<_> = rt
+        .clusters
+        .iter()
+        .map(|c| {
+            let endpoints: Vec<_> = c
+                .endpoints
+                .iter()
+                .map(|(e, health)| {
+                    json!({
+                        "address": &*e.addr,
+                        "health": health.as_str(),
+                        "inFlight": e.in_flight(),
+                        "pooledConnections": e.pooled(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*c.name,
+                "protocol": format!("{:?}", c.protocol),
+                "lbPolicy": format!("{:?}", c.lb),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &json!({ "version": &*rt.version, "clusters": clusters }),
+    )
+}
+
+/// `?level=FILTER` replaces the log filter.
+fn set_logging(app: &App, query: Option<&str>) -> Response<ResponseBody> {
+    let level = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "level")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(level) = level else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            "give ?level=FILTER (e.g. debug, trellis_proxy=trace)\n",
+        );
+    };
+    match (app.log_control)(&level) {
+        Ok(()) => {
+            app.log_filter.lock().clone_from(&level);
+            tracing::info!(filter = %level, "log filter changed");
+            reply(StatusCode::OK, TEXT, format!("{level}\n"))
+        }
+        Err(e) => reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            format!("invalid filter: {e}\n"),
         ),
     }
 }

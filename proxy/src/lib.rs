@@ -113,9 +113,43 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
     };
     let ingress = bind(config.ingress_addr, "ingress").await?;
     let egress = bind(config.egress_addr, "egress").await?;
-    let admin = std::net::TcpListener::bind(config.admin_addr)
+    start_admin(&app, config.admin_addr)?;
+    let sweeper = Arc::clone(&app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(IDLE_SWEEP);
+        loop {
+            tick.tick().await;
+            sweeper.services.store.sweep_idle();
+        }
+    });
+    app.serve(ingress, snapshot::Slot::Ingress);
+    app.serve(egress, snapshot::Slot::Egress);
+    match (control, &config.snapshot) {
+        (Some(control), _) => {
+            tokio::spawn(control::run(Arc::clone(&app), control));
+        }
+        (None, Some(path)) => {
+            tokio::spawn(Arc::clone(&app).watch_file(path.clone(), config.snapshot_poll));
+        }
+        (None, None) => {}
+    }
+
+    shutdown_signal().await?;
+    tracing::info!(timeout = ?config.drain_timeout, "draining");
+    if app.drain(config.drain_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!("drain timeout: closing the remaining connections");
+    }
+    Ok(())
+}
+
+/// Serves the admin endpoints on a thread and runtime of their own, so they answer however
+/// busy the proxy is.
+fn start_admin(app: &Arc<app::App>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let admin = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
+        .with_context(|| format!("cannot bind the admin address {addr}"))?;
     if let Ok(addr) = admin.local_addr() {
         tracing::info!(listener = %"admin", addr = %addr, "listening");
     }
@@ -137,39 +171,17 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
             }
         })
         .context("cannot start the admin thread")?;
+    Ok(())
+}
 
-    let sweeper = Arc::clone(&app);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(IDLE_SWEEP);
-        loop {
-            tick.tick().await;
-            sweeper.services.store.sweep_idle();
-        }
-    });
-    app.serve(ingress, snapshot::Slot::Ingress);
-    app.serve(egress, snapshot::Slot::Egress);
-    match (control, &config.snapshot) {
-        (Some(control), _) => {
-            tokio::spawn(control::run(Arc::clone(&app), control));
-        }
-        (None, Some(path)) => {
-            tokio::spawn(Arc::clone(&app).watch_file(path.clone(), config.snapshot_poll));
-        }
-        (None, None) => {}
-    }
-
+/// Resolves at SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-    tracing::info!(timeout = ?config.drain_timeout, "draining");
-    if app.drain(config.drain_timeout).await {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!("drain timeout: closing the remaining connections");
     }
     Ok(())
 }

@@ -131,18 +131,14 @@ impl Listeners {
     }
 
     async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
-        let activity = Arc::new(ConnActivity::new());
+        let activity = Arc::new(ConnActivity::new(tracing::Span::current()));
         let services = self.services.clone();
         let requests = activity.clone();
-        // HTTP/2 streams are tasks of their own: their spans name the connection's as parent.
-        let conn_span = tracing::Span::current();
-        let service = hyper::service::service_fn(move |req: http::Request<_>| {
+        let service = hyper::service::service_fn(move |req| {
             let active = ActiveRequest::begin(&requests);
             let services = services.clone();
             let slot = slot.clone();
-            let span = tracing::debug_span!(parent: &conn_span, "request", method = %req.method(), path = req.uri().path(), version = tracing::field::Empty, route = tracing::field::Empty, cluster = tracing::field::Empty);
-            let serve = crate::proxy::serve(services, slot, req, active, span.clone());
-            async move { Ok::<_, Infallible>(serve.instrument(span).await) }
+            async move { Ok::<_, Infallible>(crate::proxy::serve(services, &slot, req, active).await) }
         });
         let io = ClientIo {
             stream,

@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::{
     access_log::{AccessLog, LogRecord},
@@ -147,15 +148,12 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Serves one request that arrived on `slot`.
-/// `span` (debug level) gets the snapshot version, route and cluster.
 pub(crate) async fn serve(
     services: Arc<Services>,
-    slot: Slot,
+    slot: &Slot,
     req: Request<Incoming>,
     active: ActiveRequest,
-    span: tracing::Span,
 ) -> Response<ResponseBody> {
-    let slot = &slot;
     let start = Instant::now();
     let runtime = services.store.load();
     let grpc = is_grpc(req.headers());
@@ -177,13 +175,19 @@ pub(crate) async fn serve(
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
     let routed = route_request(&runtime, slot, &req, &mut completion);
-    if !span.is_disabled() {
-        span.record("version", &*runtime.version);
-        if let Ok(r) = &routed {
-            span.record("route", &*r.route.name);
-            span.record("cluster", &*r.target.cluster.name);
-        }
-    }
+    // Debug level: a routed request's span, under its connection's.
+    let span = match (&routed, &completion) {
+        (Ok(r), Some(c)) => tracing::debug_span!(
+            parent: c.active.conn_span(),
+            "request",
+            method = %req.method(),
+            path = req.uri().path(),
+            version = &*runtime.version,
+            route = &*r.route.name,
+            cluster = &*r.target.cluster.name,
+        ),
+        _ => tracing::Span::none(),
+    };
     let result = match routed {
         Err(e) => Err(e),
         // Rare paths are boxed: inline, their states would grow every request's future.
@@ -191,14 +195,19 @@ pub(crate) async fn serve(
             target,
             dispatch: Dispatch::Tunnel,
             ..
-        }) => Box::pin(tunnel(target, req, &mut completion)).await,
+        }) => Box::pin(tunnel(target, req, &mut completion).instrument(span)).await,
         Ok(
             routed @ Routed {
                 dispatch: Dispatch::Upgrade,
                 ..
             },
-        ) => Box::pin(upgrade(routed, req, &mut completion)).await,
-        Ok(routed) => forward(routed, req, &mut completion).await,
+        ) => Box::pin(upgrade(routed, req, &mut completion).instrument(span)).await,
+        Ok(routed) => {
+            // Pinned where it is built and instrumented through the pin: the request's future
+            // is never moved into the wrapper.
+            let forward = std::pin::pin!(forward(routed, req, &mut completion));
+            forward.instrument(span).await
+        }
     };
     match result {
         Ok(response) => response,
@@ -336,7 +345,13 @@ fn padded(v: &HeaderValue) -> bool {
 /// An HTTP/1.1 upgrade to WebSocket, the only protocol the proxy switches to: other upgrades
 /// (`h2c`, unknown ones) go on as plain requests without their `Upgrade`.
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
+    // hyper marks an HTTP/1.1 request with an `Upgrade` header with its upgrade handle: most
+    // requests have none, and need no header lookup.
     req.version() == Version::HTTP_11
+        && req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
         && req.headers().get(header::UPGRADE).is_some_and(is_websocket)
         && req
             .headers()

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::future::{BoxFuture, Either};
 use parking_lot::Mutex;
 
 use bytes::Bytes;
@@ -229,15 +230,17 @@ impl EndpointState {
     /// no copy; HTTP/2 takes a copy, or the head itself when `last` (no attempt follows). `body`
     /// is `None` for a request without one. HTTP/1.1 connections go back to the pool when the
     /// response body ends.
-    pub async fn send(
-        self: &Arc<Self>,
-        cluster: &Cluster,
-        out: &mut Outbound,
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
+        cluster: &'a Cluster,
+        out: &'a mut Outbound,
         body: Option<RequestBody>,
         last: bool,
-    ) -> Result<Response<UpstreamIncoming>, AttemptError> {
+    ) -> Either<impl Future<Output = Sent> + Send + 'a, BoxFuture<'a, Sent>> {
+        // A plain function choosing a future, not an `async fn` awaiting one: the HTTP/1.1
+        // exchange's future is then built where the caller keeps it, not moved once more.
         match &self.pool {
-            Pool::Http1(_) => self.send_h1(cluster, out, body).await,
+            Pool::Http1(_) => Either::Left(self.send_h1(cluster, out, body)),
             Pool::Http2(slot) => {
                 let parts = out.http2_parts(&self.addr, last);
                 let body = body.unwrap_or_else(|| {
@@ -247,12 +250,16 @@ impl EndpointState {
                     }))
                 });
                 // Boxed: inline, the h2 client's state would grow every request's future.
-                Box::pin(self.send_h2(slot, cluster, Request::from_parts(parts, body))).await
+                Either::Right(Box::pin(self.send_h2(
+                    slot,
+                    cluster,
+                    Request::from_parts(parts, body),
+                )))
             }
-            Pool::Tcp => Err(AttemptError::new(
+            Pool::Tcp => Either::Right(Box::pin(std::future::ready(Err(AttemptError::new(
                 UpstreamFailure::Protocol,
                 format!("cluster {:?} is TCP only", cluster.name),
-            )),
+            ))))),
         }
     }
 
@@ -416,6 +423,9 @@ fn classify(e: hyper::Error) -> AttemptError {
     };
     AttemptError::new(failure, e)
 }
+
+/// What one attempt at an endpoint gives.
+pub type Sent = Result<Response<UpstreamIncoming>, AttemptError>;
 
 /// Endpoint state that outlives snapshots, keyed by (cluster, protocol, address).
 #[derive(Debug, Default)]
