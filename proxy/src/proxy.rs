@@ -156,7 +156,6 @@ pub(crate) async fn serve(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let runtime = services.store.load();
-    let grpc = is_grpc(req.headers());
     let log = services
         .access_log
         .enabled()
@@ -188,20 +187,30 @@ pub(crate) async fn serve(
         ),
         _ => tracing::Span::none(),
     };
+    // A failure comes with whether the request is gRPC (its error response is then gRPC's),
+    // found only when there is a failure.
     let result = match routed {
-        Err(e) => Err(e),
+        Err(e) => Err((e, is_grpc(req.headers()))),
         // Rare paths are boxed: inline, their states would grow every request's future.
         Ok(Routed {
             target,
             dispatch: Dispatch::Tunnel,
             ..
-        }) => Box::pin(tunnel(target, req, &mut completion).instrument(span)).await,
+        }) => {
+            let grpc = is_grpc(req.headers());
+            let tunnel = tunnel(target, req, &mut completion).instrument(span);
+            Box::pin(tunnel).await.map_err(|e| (e, grpc))
+        }
         Ok(
             routed @ Routed {
                 dispatch: Dispatch::Upgrade,
                 ..
             },
-        ) => Box::pin(upgrade(routed, req, &mut completion).instrument(span)).await,
+        ) => {
+            let grpc = is_grpc(req.headers());
+            let upgrade = upgrade(routed, req, &mut completion).instrument(span);
+            Box::pin(upgrade).await.map_err(|e| (e, grpc))
+        }
         Ok(routed) => {
             // Pinned where it is built and instrumented through the pin: the request's future
             // is never moved into the wrapper.
@@ -211,7 +220,7 @@ pub(crate) async fn serve(
     };
     match result {
         Ok(response) => response,
-        Err(err) => {
+        Err((err, grpc)) => {
             let response = err.to_response(grpc);
             services.metrics.error(err.kind());
             if let ProxyError::ClientBody(ClientBodyError::Timeout(_)) = err {
@@ -372,11 +381,12 @@ struct Exchange {
     endpoint: Arc<EndpointState>,
 }
 
+/// Fails with whether the request is gRPC.
 async fn forward(
     routed: Routed<'_>,
     req: Request<Incoming>,
     completion: &mut Option<Completion>,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, (ProxyError, bool)> {
     let Routed {
         route,
         target,
@@ -388,20 +398,30 @@ async fn forward(
     let mut out = Outbound::new(parts, authority);
     route.steps.on_request(&mut out);
     let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
+    // Whether the request is gRPC is found when it is needed: for a request body's idle timeout;
+    // before the attempts for an HTTP/2 upstream (its last attempt takes the request head);
+    // else only if the attempts fail.
+    let mut grpc = None;
     // Until the response head arrives, a request body may pause for the route's idle timeout,
     // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
     // route's. Its failures are recorded for the attempts to tell them from the upstream's.
     let tracking = match completion.as_ref() {
-        Some(c) if !body.is_end_stream() => Some(BodyTracking {
-            idle: route
-                .timeouts
-                .idle
-                .or_else(|| (!is_grpc(&out.parts().headers)).then(|| c.services.idle_timeout)),
-            open: c.active.body_open(),
-            state: Arc::default(),
-        }),
+        Some(c) if !body.is_end_stream() => {
+            let is_grpc = *grpc.insert(is_grpc(&out.parts().headers));
+            Some(BodyTracking {
+                idle: route
+                    .timeouts
+                    .idle
+                    .or_else(|| (!is_grpc).then(|| c.services.idle_timeout)),
+                open: c.active.body_open(),
+                state: Arc::default(),
+            })
+        }
         _ => None,
     };
+    if grpc.is_none() && cluster.protocol != Protocol::Http1 {
+        grpc = Some(is_grpc(&out.parts().headers));
+    }
     let body = RequestBody { body, tracking };
 
     // One deadline for the whole request, retries and backoff included.
@@ -413,7 +433,8 @@ async fn forward(
     if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
         m.timeout("request");
     }
-    let exchange = exchange?;
+    let exchange =
+        exchange.map_err(|e| (e, grpc.unwrap_or_else(|| is_grpc(&out.parts().headers))))?;
 
     let Exchange {
         response,
@@ -423,7 +444,7 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     route.steps.on_response(&mut parts);
     let Some(mut done) = completion.take() else {
-        return Err(ProxyError::NotReady);
+        return Err((ProxyError::NotReady, false));
     };
     done.status = parts.status;
     if let Some(log) = &mut done.log {

@@ -10,52 +10,34 @@ use http::{
 
 use crate::outbound::Outbound;
 
-/// What a route does to its requests and responses, in order.
-#[derive(Debug)]
+/// What a route does to its requests and responses, in order. Hop-by-hop headers never cross
+/// the proxy: their removal comes first, for every route, before the configured steps.
+#[derive(Debug, Default)]
 pub struct Steps {
     request: Box<[RequestStep]>,
-    response: Box<[ResponseStep]>,
 }
 
 /// A change to a request head before it goes upstream.
 #[derive(Debug)]
 pub enum RequestStep {
-    /// Hop-by-hop headers never cross the proxy.
-    StripHopByHop,
     /// Replaces a path prefix (the query stays).
     RewritePath(PathRewrite),
     /// Replaces the authority.
     RewriteHost(Authority),
 }
 
-/// A change to a response head before it goes to the client.
-#[derive(Debug)]
-pub enum ResponseStep {
-    StripHopByHop,
-}
-
-impl Default for Steps {
-    /// What every route does: hop-by-hop headers removed both ways.
-    fn default() -> Self {
-        Self::new(Vec::new())
-    }
-}
-
 impl Steps {
-    /// Every route's steps, then `request` in order.
+    /// `request` runs in order after the hop-by-hop headers' removal.
     pub fn new(request: Vec<RequestStep>) -> Self {
         Self {
-            request: std::iter::once(RequestStep::StripHopByHop)
-                .chain(request)
-                .collect(),
-            response: Box::new([ResponseStep::StripHopByHop]),
+            request: request.into(),
         }
     }
 
     pub fn on_request(&self, out: &mut Outbound) {
+        strip_hop_by_hop(out.headers_mut());
         for step in &self.request {
             match step {
-                RequestStep::StripHopByHop => strip_hop_by_hop(out.headers_mut()),
                 RequestStep::RewritePath(rw) => {
                     let new = out
                         .parts()
@@ -72,12 +54,10 @@ impl Steps {
         }
     }
 
+    /// The response head's fixed point: only the hop-by-hop headers' removal so far; response
+    /// steps (header rules) get a list of their own here.
     pub fn on_response(&self, parts: &mut http::response::Parts) {
-        for step in &self.response {
-            match step {
-                ResponseStep::StripHopByHop => strip_hop_by_hop(&mut parts.headers),
-            }
-        }
+        strip_hop_by_hop(&mut parts.headers);
     }
 }
 
@@ -226,9 +206,8 @@ mod tests {
         assert_eq!(out.parts().headers["host"], "upstream.internal");
         assert!(!out.parts().headers.contains_key("x-hop"));
         assert!(!out.parts().headers.contains_key("connection"));
-        // No rewrites configured: only the hop-by-hop step.
+        // No rewrites configured: no steps beyond the hop-by-hop headers' removal.
         let default = Steps::default();
-        assert_eq!(default.request.len(), 1);
-        assert_eq!(default.response.len(), 1);
+        assert!(default.request.is_empty());
     }
 }
