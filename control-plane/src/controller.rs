@@ -14,28 +14,24 @@ use tokio::sync::watch;
 
 use crate::{
     metrics::ControlMetrics,
-    model::{Kind, Manifest, ResourceKey},
+    model::{API_VERSION, Kind, Manifest, ResourceKey},
     registry::{self, Instance, InstanceStatus},
     status::{Proxies, Status},
-    store::{Expect, Op, Store, StoreError},
+    store::{Change, Expect, Op, Store, StoreError},
     translate::{self, Translated},
     validate::{self, Problem, Resource, State},
     verify,
+    view::{GUARD_KEY, Update, View, decode_change},
 };
 
 /// How long a burst of store changes is gathered before proxies are recomputed, at most.
 const COALESCE_QUIET: Duration = Duration::from_millis(10);
 const COALESCE_MAX: Duration = Duration::from_millis(100);
-
-/// The state the control plane serves, as of one store revision.
-#[derive(Debug, Default)]
-pub struct View {
-    pub revision: u64,
-    pub state: State,
-    /// Store revision of each resource.
-    pub revisions: HashMap<ResourceKey, u64>,
-    pub instances: Vec<Instance>,
-}
+/// How long a write waits for the watch to bring the view up to the store before reading the
+/// store again.
+const CATCH_UP: Duration = Duration::from_secs(2);
+/// How often an apply or a delete is checked again when another write got in first.
+const WRITE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -63,6 +59,17 @@ pub enum Action {
     Configured,
     Unchanged,
     Deleted,
+}
+
+impl Applied {
+    fn new(key: &ResourceKey, action: Action) -> Self {
+        Self {
+            kind: key.kind.to_string(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            action,
+        }
+    }
 }
 
 impl Action {
@@ -97,45 +104,10 @@ impl std::fmt::Debug for Controller {
     }
 }
 
-/// Reads the whole view from the store.
-async fn load(store: &dyn Store) -> Result<View, StoreError> {
-    let resources = store.list("resources/").await?;
-    let instances = store.list(registry::PREFIX).await?;
-    let mut view = View {
-        revision: resources.revision.max(instances.revision),
-        ..View::default()
-    };
-    for kv in resources.items {
-        let Some(key) = ResourceKey::from_store_key(&kv.key) else {
-            continue;
-        };
-        let parsed = serde_json::from_slice::<Manifest>(&kv.value)
-            .map_err(|e| e.to_string())
-            .and_then(|m| validate::admit(m, None).map_err(|p| format!("{p:?}")));
-        match parsed {
-            Ok(r) => {
-                view.revisions.insert(key.clone(), kv.mod_revision);
-                view.state.insert(key, r);
-            }
-            Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable resource"),
-        }
-    }
-    for kv in instances.items {
-        match serde_json::from_slice::<Instance>(&kv.value) {
-            Ok(mut i) => {
-                i.lease = kv.lease;
-                view.instances.push(i);
-            }
-            Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable instance"),
-        }
-    }
-    Ok(view)
-}
-
 impl Controller {
     /// Loads the view and starts following the store.
     pub async fn start(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
-        let view = load(store.as_ref()).await?;
+        let view = View::load(store.as_ref()).await?;
         let revision = view.revision;
         let (tx, _) = watch::channel(Arc::new(view));
         let metrics = ControlMetrics::new()
@@ -164,11 +136,12 @@ impl Controller {
         self.view.subscribe()
     }
 
-    /// Re-reads the store now (after a write, so callers see their own change).
-    async fn refresh(&self) -> Result<(), StoreError> {
-        let view = load(self.store.as_ref()).await?;
+    /// Re-reads the whole store: at start, and when the view cannot follow it change by change
+    /// (the watch was lost, or the view does not catch up).
+    async fn reload(&self) -> Result<(), StoreError> {
+        let view = View::load(self.store.as_ref()).await?;
         self.view.send_if_modified(|current| {
-            if view.revision > current.revision {
+            if view.revision >= current.revision {
                 *current = Arc::new(view);
                 true
             } else {
@@ -178,82 +151,126 @@ impl Controller {
         Ok(())
     }
 
+    /// Applies the decoded changes the view does not have yet, in order.
+    fn follow_changes(&self, changes: Vec<(u64, Vec<Update>)>) {
+        self.view.send_if_modified(|current| {
+            let mut modified = false;
+            for (revision, updates) in changes {
+                if revision <= current.revision {
+                    continue;
+                }
+                let view = Arc::make_mut(current);
+                view.revision = revision;
+                for u in updates {
+                    view.update(u);
+                }
+                modified = true;
+            }
+            modified
+        });
+    }
+
+    /// The view, once it reflects at least the store's current revision: what a write is
+    /// checked against. Waits for the watch to bring in others' changes; reloads if it does not.
+    async fn current(&self) -> Result<Arc<View>, StoreError> {
+        let head = self.store.list(GUARD_KEY).await?.revision;
+        self.caught_up(head).await
+    }
+
+    /// The view once its revision is `revision` or later: what the watch brings in within
+    /// [`CATCH_UP`], else the store read again.
+    async fn caught_up(&self, revision: u64) -> Result<Arc<View>, StoreError> {
+        let mut views = self.view.subscribe();
+        let waited = tokio::time::timeout(CATCH_UP, views.wait_for(|v| v.revision >= revision))
+            .await
+            .map(|r| r.map(|v| v.clone()));
+        match waited {
+            Ok(Ok(view)) => Ok(view),
+            _ => {
+                tracing::warn!(
+                    revision,
+                    "the view did not catch up with the store; reloading"
+                );
+                self.reload().await?;
+                Ok(self.view())
+            }
+        }
+    }
+
+    /// Brings this process's own write (committed at `revision`) into the view without reading
+    /// it back: at once when the view holds every earlier revision, else once the watch has
+    /// brought in the writes before it (then the watch's copy of ours may come first).
+    async fn publish_own(&self, revision: u64, updates: Vec<Update>) -> Result<(), StoreError> {
+        let mut updates = Some(updates);
+        // Ours goes in (once) when the view holds every revision before it, unless the watch
+        // brought it in first.
+        let mut insert = || {
+            let mut done = false;
+            self.view.send_if_modified(|current| {
+                if current.revision >= revision {
+                    done = true;
+                    return false;
+                }
+                if current.revision + 1 != revision {
+                    return false;
+                }
+                let view = Arc::make_mut(current);
+                view.revision = revision;
+                for u in updates.take().into_iter().flatten() {
+                    view.update(u);
+                }
+                done = true;
+                true
+            });
+            done
+        };
+        if insert() {
+            return Ok(());
+        }
+        let view = self.caught_up(revision.saturating_sub(1)).await?;
+        if view.revision < revision && !insert() {
+            // The store's revisions skipped one (a backend whose revisions are not
+            // consecutive): read ours back.
+            self.caught_up(revision).await?;
+        }
+        Ok(())
+    }
+
     /// Validates and applies manifests atomically: all of them, or nothing and every problem.
+    /// They are checked against the view at the store's current revision and written only if
+    /// no other resource write came in between (else checked again on the newer view).
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
         let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
-        let view = load(self.store.as_ref()).await?;
-        let mut problems = Vec::new();
-        let mut incoming: Vec<Resource> = Vec::new();
-        let mut origin = HashMap::new();
-        for (i, m) in manifests.into_iter().enumerate() {
-            match validate::admit(m, Some(i)) {
-                Ok(r) => {
-                    if let Some(first) = origin.insert(r.key.clone(), i) {
-                        problems.push(Problem {
-                            document: Some(i),
-                            resource: Some(r.key.to_string()),
-                            path: "metadata.name".into(),
-                            reason: format!("also defined in document {first}"),
-                        });
+        let admitted = Admitted::new(manifests);
+        let mut attempt = 1;
+        let results = loop {
+            let view = self.current().await?;
+            let plan = admitted.plan(&view)?;
+            if plan.writes.is_empty() {
+                break plan.results;
+            }
+            let (ops, mut stored) = plan.ops(&view)?;
+            match self.store.apply(ops).await {
+                Ok(revision) => {
+                    for r in &mut stored {
+                        r.revision = revision;
                     }
-                    incoming.push(r);
+                    let updates = stored
+                        .into_iter()
+                        .map(|r| Update::Resource(r.key.clone(), Some(Arc::new(r))))
+                        .chain([Update::Guard(Some(revision))])
+                        .collect();
+                    self.publish_own(revision, updates).await?;
+                    break plan.results;
                 }
-                Err(p) => problems.extend(p),
+                Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(%key, %reason, attempt, "apply raced another write; checking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
-        }
-        let mut next = view.state.clone();
-        for r in &incoming {
-            next.insert(r.key.clone(), r.clone());
-        }
-        problems.extend(validate::check(&next, &origin));
-        if !problems.is_empty() {
-            problems.sort_by(|a, b| a.document.cmp(&b.document).then(a.path.cmp(&b.path)));
-            return Err(ControlError::Invalid(problems));
-        }
-        let mut ops = Vec::new();
-        let mut results = Vec::new();
-        for r in incoming {
-            let existing = view.state.get(&r.key);
-            let action = match existing {
-                None => Action::Created,
-                Some(old) if same(&old.manifest, &r.manifest) => Action::Unchanged,
-                Some(_) => Action::Configured,
-            };
-            results.push(Applied {
-                kind: r.key.kind.to_string(),
-                namespace: r.key.namespace.clone(),
-                name: r.key.name.clone(),
-                action,
-            });
-            if action == Action::Unchanged {
-                continue;
-            }
-            let expect = view
-                .revisions
-                .get(&r.key)
-                .map_or(Expect::Absent, |rev| Expect::Revision(*rev));
-            let mut manifest = r.manifest;
-            manifest.metadata.resource_version = None;
-            manifest.metadata.creation_timestamp.get_or_insert_with(|| {
-                humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-            });
-            if let Some(old) = existing {
-                manifest.metadata.creation_timestamp =
-                    old.manifest.metadata.creation_timestamp.clone();
-            }
-            ops.push(Op::Put {
-                key: r.key.store_key(),
-                value: serde_json::to_vec(&manifest)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?,
-                expect,
-                lease: None,
-            });
-        }
-        if !ops.is_empty() {
-            self.store.apply(ops).await?;
-            self.refresh().await?;
-        }
+        };
         self.metrics
             .apply_latency
             .observe(started.elapsed().as_secs_f64());
@@ -263,36 +280,45 @@ impl Controller {
     /// Deletes resources if what remains is still valid (nothing else refers to them).
     pub async fn delete(&self, keys: Vec<ResourceKey>) -> Result<Vec<Applied>, ControlError> {
         let _writer = self.writer.lock().await;
-        let view = load(self.store.as_ref()).await?;
-        let mut next = view.state.clone();
-        let mut ops = Vec::new();
-        let mut results = Vec::new();
-        for key in &keys {
-            if next.remove(key).is_none() {
-                return Err(ControlError::NotFound(key.to_string()));
+        let mut attempt = 1;
+        loop {
+            let view = self.current().await?;
+            let mut next = State::clone(&view.state);
+            let mut ops = Vec::new();
+            let mut results = Vec::new();
+            for key in &keys {
+                let Some(old) = next.remove(key) else {
+                    return Err(ControlError::NotFound(key.to_string()));
+                };
+                ops.push(Op::Delete {
+                    key: key.store_key(),
+                    expect: Expect::Revision(old.revision),
+                });
+                results.push(Applied::new(key, Action::Deleted));
             }
-            let expect = view
-                .revisions
-                .get(key)
-                .map_or(Expect::Any, |r| Expect::Revision(*r));
-            ops.push(Op::Delete {
-                key: key.store_key(),
-                expect,
-            });
-            results.push(Applied {
-                kind: key.kind.to_string(),
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                action: Action::Deleted,
-            });
+            let problems = validate::check(&next, &HashMap::new());
+            if !problems.is_empty() {
+                return Err(ControlError::Invalid(problems));
+            }
+            drop(next);
+            ops.push(guard_op(&view));
+            match self.store.apply(ops).await {
+                Ok(revision) => {
+                    let updates = keys
+                        .iter()
+                        .map(|k| Update::Resource(k.clone(), None))
+                        .chain([Update::Guard(Some(revision))])
+                        .collect();
+                    self.publish_own(revision, updates).await?;
+                    return Ok(results);
+                }
+                Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(%key, %reason, attempt, "delete raced another write; checking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let problems = validate::check(&next, &HashMap::new());
-        if !problems.is_empty() {
-            return Err(ControlError::Invalid(problems));
-        }
-        self.store.apply(ops).await?;
-        self.refresh().await?;
-        Ok(results)
     }
 
     /// Registers (or replaces) an instance; with a TTL it lives while heartbeats come.
@@ -312,16 +338,22 @@ impl Controller {
         instance.lease = None;
         let value =
             serde_json::to_vec(&instance).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.store
+        let key = instance.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Put {
-                key: instance.store_key(),
+                key: key.clone(),
                 value,
                 expect: Expect::Any,
                 lease,
             }])
             .await?;
-        self.refresh().await?;
         instance.lease = lease;
+        self.publish_own(
+            revision,
+            vec![Update::Instance(key, Some(instance.clone()))],
+        )
+        .await?;
         Ok(instance)
     }
 
@@ -365,16 +397,19 @@ impl Controller {
         i.status = InstanceStatus::Draining;
         let lease = i.lease.take();
         let value = serde_json::to_vec(&i).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.store
+        let key = i.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Put {
-                key: i.store_key(),
+                key: key.clone(),
                 value,
                 expect: Expect::Revision(revision),
                 lease,
             }])
             .await?;
-        self.refresh().await?;
         i.lease = lease;
+        self.publish_own(revision, vec![Update::Instance(key, Some(i.clone()))])
+            .await?;
         Ok(i)
     }
 
@@ -385,13 +420,16 @@ impl Controller {
         id: &str,
     ) -> Result<(), ControlError> {
         let (i, revision) = self.instance(namespace, service, id).await?;
-        self.store
+        let key = i.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Delete {
-                key: i.store_key(),
+                key: key.clone(),
                 expect: Expect::Revision(revision),
             }])
             .await?;
-        self.refresh().await?;
+        self.publish_own(revision, vec![Update::Instance(key, None)])
+            .await?;
         Ok(())
     }
 
@@ -457,40 +495,203 @@ impl Controller {
         self.proxies.status(view.revision, view.state.keys())
     }
 
-    /// The resources of `kind` (all namespaces when `namespace` is None), with status.
-    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Manifest> {
+    /// One resource, with status.
+    pub fn get(&self, key: &ResourceKey) -> Option<Listed> {
         let view = self.view();
-        let status = self.status();
-        view.state
+        let resource = view.state.get(key)?.clone();
+        let status = self.proxies.status(view.revision, [key]);
+        Some(Listed {
+            resource,
+            status: status.resources.first().map(|s| Usage {
+                proxies: s.proxies,
+                applied: s.applied,
+            }),
+        })
+    }
+
+    /// The resources of `kind` (all namespaces when `namespace` is None), with status.
+    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Listed> {
+        let view = self.view();
+        let resources: Vec<&Arc<Resource>> = view
+            .state
             .iter()
             .filter(|(k, _)| {
                 k.kind == kind && namespace.is_none_or(|ns| !kind.namespaced() || k.namespace == ns)
             })
-            .map(|(k, r)| {
-                let mut m = r.manifest.clone();
-                m.metadata.resource_version = view.revisions.get(k).map(ToString::to_string);
-                let s = status.resources.iter().find(|s| {
-                    s.kind == k.kind.as_str() && s.namespace == k.namespace && s.name == k.name
-                });
-                if let Some(s) = s {
-                    m.status =
-                        Some(serde_json::json!({ "proxies": s.proxies, "applied": s.applied }));
-                }
-                m
+            .map(|(_, r)| r)
+            .collect();
+        let status = self
+            .proxies
+            .status(view.revision, resources.iter().map(|r| &r.key));
+        resources
+            .into_iter()
+            .zip(status.resources)
+            .map(|(r, s)| Listed {
+                resource: r.clone(),
+                status: Some(Usage {
+                    proxies: s.proxies,
+                    applied: s.applied,
+                }),
             })
             .collect()
     }
 }
 
-/// Whether two manifests say the same thing (ignoring server-set metadata).
-fn same(a: &Manifest, b: &Manifest) -> bool {
-    a.spec == b.spec
-        && a.metadata.labels == b.metadata.labels
-        && a.metadata.annotations == b.metadata.annotations
+/// A resource as the API serves it: the manifest as stored, with its `resourceVersion` (the
+/// store revision of its last change) and how many proxies use and applied it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub resource: Arc<Resource>,
+    pub status: Option<Usage>,
 }
 
-/// Follows the store: bursts of changes are gathered (quiet 10 ms, at most 100 ms), then the view
-/// is reloaded and published.
+/// How many connected proxies use a resource, and how many of them applied their snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub proxies: usize,
+    pub applied: usize,
+}
+
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let r = &self.resource;
+        let mut metadata = r.metadata.clone();
+        metadata.resource_version = Some(r.revision.to_string());
+        let mut m = serializer.serialize_struct("Manifest", 5)?;
+        m.serialize_field("apiVersion", API_VERSION)?;
+        m.serialize_field("kind", r.key.kind.as_str())?;
+        m.serialize_field("metadata", &metadata)?;
+        m.serialize_field("spec", &r.spec)?;
+        if let Some(status) = &self.status {
+            m.serialize_field("status", status)?;
+        }
+        m.end()
+    }
+}
+
+/// An apply's manifests, each checked on its own (once, however often the write is retried).
+struct Admitted {
+    resources: Vec<Arc<Resource>>,
+    /// The document each resource came from.
+    origin: HashMap<ResourceKey, usize>,
+    problems: Vec<Problem>,
+}
+
+/// What an apply would do to a view: per manifest, its action; the resources to write, each with
+/// the version it replaces.
+struct Plan {
+    results: Vec<Applied>,
+    writes: Vec<(Arc<Resource>, Option<Arc<Resource>>)>,
+}
+
+impl Admitted {
+    fn new(manifests: Vec<Manifest>) -> Self {
+        let mut this = Self {
+            resources: Vec::new(),
+            origin: HashMap::new(),
+            problems: Vec::new(),
+        };
+        for (i, m) in manifests.into_iter().enumerate() {
+            match validate::admit(m, Some(i)) {
+                Ok(r) => {
+                    if let Some(first) = this.origin.insert(r.key.clone(), i) {
+                        this.problems.push(Problem {
+                            document: Some(i),
+                            resource: Some(r.key.to_string()),
+                            path: "metadata.name".into(),
+                            reason: format!("also defined in document {first}"),
+                        });
+                    }
+                    this.resources.push(Arc::new(r));
+                }
+                Err(p) => this.problems.extend(p),
+            }
+        }
+        this
+    }
+
+    /// Checks the state applying these to `view` would leave; says what would change.
+    fn plan(&self, view: &View) -> Result<Plan, ControlError> {
+        let mut problems = self.problems.clone();
+        {
+            let mut next = State::clone(&view.state);
+            for r in &self.resources {
+                next.insert(r.key.clone(), r.clone());
+            }
+            problems.extend(validate::check(&next, &self.origin));
+        }
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| a.document.cmp(&b.document).then(a.path.cmp(&b.path)));
+            return Err(ControlError::Invalid(problems));
+        }
+        let mut plan = Plan {
+            results: Vec::new(),
+            writes: Vec::new(),
+        };
+        for r in &self.resources {
+            let existing = view.state.get(&r.key);
+            let action = match existing {
+                None => Action::Created,
+                Some(old) if old.same(r) => Action::Unchanged,
+                Some(_) => Action::Configured,
+            };
+            plan.results.push(Applied::new(&r.key, action));
+            if action != Action::Unchanged {
+                plan.writes.push((r.clone(), existing.cloned()));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+impl Plan {
+    /// The store transaction (each write expecting the version it replaces, and the guard) and
+    /// the resources as it stores them.
+    fn ops(&self, view: &View) -> Result<(Vec<Op>, Vec<Resource>), StoreError> {
+        let mut ops = Vec::with_capacity(self.writes.len() + 1);
+        let mut stored = Vec::with_capacity(self.writes.len());
+        for (r, existing) in &self.writes {
+            let mut r = Resource::clone(r);
+            r.metadata.resource_version = None;
+            match existing {
+                Some(old) => {
+                    r.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
+                }
+                None => {
+                    r.metadata.creation_timestamp.get_or_insert_with(|| {
+                        humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+                    });
+                }
+            }
+            ops.push(Op::Put {
+                key: r.key.store_key(),
+                value: serde_json::to_vec(&r).map_err(|e| StoreError::Backend(e.to_string()))?,
+                expect: existing
+                    .as_ref()
+                    .map_or(Expect::Absent, |old| Expect::Revision(old.revision)),
+                lease: None,
+            });
+            stored.push(r);
+        }
+        ops.push(guard_op(view));
+        Ok((ops, stored))
+    }
+}
+
+/// Rewrites the guard key, expecting the revision `view` holds.
+fn guard_op(view: &View) -> Op {
+    Op::Put {
+        key: GUARD_KEY.to_string(),
+        value: Vec::new(),
+        expect: view.guard.map_or(Expect::Absent, Expect::Revision),
+        lease: None,
+    }
+}
+
+/// Follows the store: bursts of changes are gathered (quiet 10 ms, at most 100 ms), decoded, and
+/// applied to the view, which is published once per burst. If the watch is lost, it resumes from
+/// the view's revision; if the store cannot replay from there, the view is read again whole.
 async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
     loop {
         let Some(store) = controller.upgrade().map(|c| c.store.clone()) else {
@@ -499,40 +700,55 @@ async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
         let mut watch = match store.watch("", revision).await {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!(error = %e, "store watch failed; retrying");
+                tracing::warn!(error = %e, "store watch failed; reading the store again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(c) = controller.upgrade() {
-                    let _ = c.refresh().await;
+                    if let Err(e) = c.reload().await {
+                        tracing::warn!(error = %e, "cannot reload the view");
+                    }
                     revision = c.view().revision;
                 }
                 continue;
             }
         };
         drop(store);
-        while let Some(change) = watch.recv().await {
-            let Ok(change) = change else { break };
-            revision = revision.max(change.revision);
-            let deadline = tokio::time::Instant::now() + COALESCE_MAX;
-            loop {
-                let quiet = tokio::time::sleep(COALESCE_QUIET);
-                tokio::select! {
-                    more = watch.recv() => match more {
-                        Some(Ok(c)) => revision = revision.max(c.revision),
-                        _ => break,
-                    },
-                    () = quiet => break,
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
+        while let Some(Ok(first)) = watch.recv().await {
+            let mut burst = vec![first];
+            let lost = gather(&mut watch, &mut burst).await;
             let Some(c) = controller.upgrade() else {
                 return;
             };
-            if let Err(e) = c.refresh().await {
-                tracing::warn!(error = %e, "cannot reload the view");
+            // Own writes are in the view already: only others' are decoded.
+            let have = c.view().revision;
+            let changes = burst
+                .into_iter()
+                .filter(|change| change.revision > have)
+                .map(decode_change)
+                .collect();
+            c.follow_changes(changes);
+            if lost {
+                break;
             }
         }
-        if let Some(c) = controller.upgrade() {
-            revision = c.view().revision;
+        match controller.upgrade() {
+            Some(c) => revision = c.view().revision,
+            None => return,
+        }
+    }
+}
+
+/// Adds to `burst` the changes that follow within the coalescing window; true if the watch
+/// ended or failed meanwhile.
+async fn gather(watch: &mut crate::store::Watch, burst: &mut Vec<Change>) -> bool {
+    let deadline = tokio::time::Instant::now() + COALESCE_MAX;
+    loop {
+        tokio::select! {
+            more = watch.recv() => match more {
+                Some(Ok(change)) => burst.push(change),
+                _ => return true,
+            },
+            () = tokio::time::sleep(COALESCE_QUIET) => return false,
+            () = tokio::time::sleep_until(deadline) => return false,
         }
     }
 }

@@ -756,7 +756,7 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     let mut routes: Vec<(&ResourceKey, &model::GatewayRouteSpec)> = state
         .iter()
         .filter_map(|(k, r)| match &r.spec {
-            Spec::GatewayRoute(g) => Some((k, g)),
+            Spec::GatewayRoute(g) => Some((k, &**g)),
             _ => None,
         })
         .filter(|(k, g)| match &g.virtual_gateway_ref {
@@ -996,7 +996,7 @@ mod tests {
         let mut state = State::new();
         for m in parse_documents(yaml).unwrap() {
             let r = validate::admit(m, None).unwrap();
-            state.insert(r.key.clone(), r);
+            state.insert(r.key.clone(), r.into());
         }
         assert_eq!(validate::check(&state, &HashMap::new()), vec![]);
         state

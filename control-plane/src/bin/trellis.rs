@@ -733,7 +733,7 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
         match validate::admit(m, Some(i)) {
             Ok(r) => {
                 index.insert(r.key.clone(), i);
-                state.insert(r.key.clone(), r);
+                state.insert(r.key.clone(), r.into());
             }
             Err(p) => problems.extend(p),
         }

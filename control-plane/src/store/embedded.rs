@@ -6,13 +6,17 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{Arc, Weak},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::Mutex;
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
-use tokio::sync::{broadcast, mpsc};
+use tokio::{
+    sync::{broadcast, mpsc},
+    // Tokio's clock, so that tests on paused time can run leases out.
+    time::Instant,
+};
 
 use super::{
     BoxFuture, Change, Event, EventKind, Expect, KeyValue, LeaseId, Listing, Op, Store, StoreError,
@@ -23,6 +27,11 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
+
+/// redb's page cache. Its default (1 GiB) keeps the whole file in memory once read; the
+/// controller holds the decoded view itself and reads the file back only at start and for
+/// watch backlogs, so a small cache serves.
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Changes kept for watches that resume from a revision.
 const LOG_RETAIN: u64 = 10_000;
@@ -128,7 +137,10 @@ impl EmbeddedStore {
     /// expires leases.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(backend)?;
-        let db = Database::create(dir.join("registry.redb")).map_err(backend)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("registry.redb"))
+            .map_err(backend)?;
         // Make sure every table exists, and give persisted leases a fresh TTL.
         let txn = db.begin_write().map_err(backend)?;
         let mut deadlines = HashMap::new();
