@@ -752,3 +752,361 @@ async fn gather(watch: &mut crate::store::Watch, burst: &mut Vec<Change>) -> boo
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::{
+        store::{BoxFuture, KeyValue, LeaseId, Listing, Watch, embedded::EmbeddedStore},
+        validate::parse_documents,
+    };
+
+    const MESH: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: Mesh
+metadata: { name: m }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: blue }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  serviceDiscovery: { registry: { namespaceName: demo, serviceName: colorteller } }
+";
+
+    const ROUTER: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: { name: ct }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  routes:
+    - name: r
+      httpRoute:
+        match: { prefix: / }
+        action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }] }
+";
+
+    fn docs(yaml: &str) -> Vec<Manifest> {
+        parse_documents(yaml).unwrap()
+    }
+
+    fn node(name: &str) -> String {
+        format!(
+            "apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualNode\nmetadata: {{ name: {name} }}\n\
+             spec: {{ listeners: [{{ portMapping: {{ port: 80, protocol: http }} }}], \
+             serviceDiscovery: {{ dns: {{ hostname: {name}.local }} }} }}\n"
+        )
+    }
+
+    fn key(kind: Kind, name: &str) -> ResourceKey {
+        ResourceKey::new(kind, "default", name)
+    }
+
+    fn instance(id: &str, ttl: Option<u64>) -> Instance {
+        Instance {
+            namespace: "demo".into(),
+            service: "colorteller".into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 9080,
+            attributes: Default::default(),
+            status: InstanceStatus::Healthy,
+            ttl_seconds: ttl,
+            lease: None,
+        }
+    }
+
+    async fn open() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    /// Waits (on tokio's clock) until the view satisfies `f`.
+    async fn view_where(c: &Controller, f: impl FnMut(&Arc<View>) -> bool) -> Arc<View> {
+        let mut views = c.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), views.wait_for(f))
+            .await
+            .expect("the view in time")
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn own_writes_are_in_the_view_when_they_return_typed_and_once() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let applied = c.apply(docs(MESH)).await.unwrap();
+        assert!(applied.iter().all(|a| a.action == Action::Created));
+        let view = c.view();
+        let blue = &view.state[&key(Kind::VirtualNode, "blue")];
+        assert_eq!(
+            blue.revision, view.revision,
+            "the store revision of the write"
+        );
+        assert_eq!(view.guard, Some(view.revision));
+        assert!(matches!(blue.spec, crate::model::Spec::VirtualNode(_)));
+        assert!(blue.metadata.creation_timestamp.is_some());
+
+        // The same again changes nothing and writes nothing.
+        let again = c.apply(docs(MESH)).await.unwrap();
+        assert!(again.iter().all(|a| a.action == Action::Unchanged));
+        assert_eq!(c.view().revision, view.revision);
+
+        // What is stored reads back as what the view holds (a restart's view).
+        let reloaded = View::load(store.as_ref()).await.unwrap();
+        assert_eq!(reloaded.revision, view.revision);
+        assert_eq!(reloaded.state, view.state);
+        assert_eq!(reloaded.guard, view.guard);
+
+        // Instances too, with their leases.
+        let i = c.register(instance("a", Some(60))).await.unwrap();
+        assert_eq!(c.view().instances.as_slice(), [i.clone()]);
+        let reloaded = View::load(store.as_ref()).await.unwrap();
+        assert_eq!(reloaded.instances, c.view().instances);
+        c.deregister("demo", "colorteller", "a").await.unwrap();
+        assert!(c.view().instances.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_checked_against_a_view_the_store_moved_past_is_checked_again() {
+        let (_dir, store) = open().await;
+        // A second control plane on the same store.
+        let other = Controller::start(store.clone()).await.unwrap();
+        other.apply(docs(MESH)).await.unwrap();
+        let c = Controller::start(store.clone()).await.unwrap();
+        assert!(c.view().state.contains_key(&key(Kind::VirtualNode, "blue")));
+
+        // The other deletes blue; an apply here that refers to blue sees it gone (the view
+        // catches up with the store before checking), and nothing is written.
+        other
+            .delete(vec![key(Kind::VirtualNode, "blue")])
+            .await
+            .unwrap();
+        let err = c.apply(docs(ROUTER)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("VirtualNode default/blue not found"),
+            "{err}"
+        );
+        assert!(
+            store
+                .get("resources/virtualrouter/default/ct")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A store that lets another writer in between a controller's check and its write, once:
+    /// just before the first transaction that carries the guard, `race` is applied.
+    #[derive(Debug)]
+    struct Racing {
+        inner: Arc<EmbeddedStore>,
+        race: Mutex<Option<Vec<Op>>>,
+        raced: AtomicBool,
+    }
+
+    impl Store for Racing {
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
+            self.inner.list(prefix)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+            Box::pin(async move {
+                let guarded = ops.iter().any(|op| op.key() == GUARD_KEY);
+                let race = if guarded {
+                    self.race.lock().take()
+                } else {
+                    None
+                };
+                if let Some(race) = race {
+                    self.inner.apply(race).await?;
+                    self.raced.store(true, Ordering::SeqCst);
+                }
+                self.inner.apply(ops).await
+            })
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a str,
+            after: u64,
+        ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+            self.inner.watch(prefix, after)
+        }
+        fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+            self.inner.grant_lease(ttl)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.revoke(lease)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resource_write_between_check_and_commit_is_not_overwritten_by_a_stale_check() {
+        let (_dir, inner) = open().await;
+        let setup = Controller::start(inner.clone()).await.unwrap();
+        setup.apply(docs(MESH)).await.unwrap();
+        let guard = setup.view().guard;
+        // Another replica deletes blue (rewriting the guard, as every resource write does)
+        // after this controller checked the router against a view with blue, before it writes.
+        let racing = Arc::new(Racing {
+            inner: inner.clone(),
+            race: Mutex::new(Some(vec![
+                Op::Delete {
+                    key: key(Kind::VirtualNode, "blue").store_key(),
+                    expect: Expect::Any,
+                },
+                Op::Put {
+                    key: GUARD_KEY.into(),
+                    value: Vec::new(),
+                    expect: guard.map_or(Expect::Absent, Expect::Revision),
+                    lease: None,
+                },
+            ])),
+            raced: AtomicBool::new(false),
+        });
+        let c = Controller::start(racing.clone()).await.unwrap();
+        let err = c.apply(docs(ROUTER)).await.unwrap_err();
+        assert!(racing.raced.load(Ordering::SeqCst), "the race ran");
+        assert!(
+            err.to_string()
+                .contains("VirtualNode default/blue not found"),
+            "checked again on the newer view: {err}"
+        );
+        assert!(
+            inner
+                .get("resources/virtualrouter/default/ct")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!c.view().state.contains_key(&key(Kind::VirtualNode, "blue")));
+    }
+
+    #[tokio::test]
+    async fn concurrent_applies_from_two_control_planes_all_land() {
+        let (_dir, store) = open().await;
+        let a = Controller::start(store.clone()).await.unwrap();
+        a.apply(docs(MESH)).await.unwrap();
+        let b = Controller::start(store.clone()).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let (a, b) = (a.clone(), b.clone());
+            tasks.push(tokio::spawn(async move {
+                a.apply(docs(&node(&format!("a{i}")))).await.unwrap();
+                b.apply(docs(&node(&format!("b{i}")))).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let head = store.list(GUARD_KEY).await.unwrap().revision;
+        for c in [&a, &b] {
+            let view = view_where(c, |v| v.revision >= head).await;
+            for i in 0..10 {
+                for n in [format!("a{i}"), format!("b{i}")] {
+                    assert!(view.state.contains_key(&key(Kind::VirtualNode, &n)), "{n}");
+                }
+            }
+            assert_eq!(View::load(store.as_ref()).await.unwrap().state, view.state);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_lives_while_heartbeats_come_and_goes_a_ttl_after_the_last() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store).await.unwrap();
+        let ttl = Duration::from_secs(5);
+        c.register(instance("a", Some(ttl.as_secs())))
+            .await
+            .unwrap();
+        // Heartbeats every 3 s keep it well past its TTL.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(c.view().instances.len(), 1, "alive while heartbeats come");
+            c.heartbeat("demo", "colorteller", "a").await.unwrap();
+        }
+        let last = tokio::time::Instant::now();
+        tokio::time::sleep(ttl - Duration::from_millis(300)).await;
+        assert_eq!(c.view().instances.len(), 1, "alive until its TTL runs out");
+        view_where(&c, |v| v.instances.is_empty()).await;
+        let gone = last.elapsed();
+        assert!(
+            gone >= ttl && gone <= ttl + Duration::from_millis(500),
+            "gone {gone:?} after the last heartbeat (TTL {ttl:?}, reaped every 200 ms)"
+        );
+        let err = c.heartbeat("demo", "colorteller", "a").await.unwrap_err();
+        assert!(matches!(err, ControlError::NotFound(_)), "{err}");
+    }
+
+    /// A write from elsewhere (another control plane), straight to the store.
+    async fn external_put(store: &EmbeddedStore, id: &str) -> u64 {
+        let value = serde_json::to_vec(&instance(id, None)).unwrap();
+        store
+            .apply(vec![Op::Put {
+                key: registry::key("demo", "colorteller", id),
+                value,
+                expect: Expect::Any,
+                lease: None,
+            }])
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_published_once_when_it_goes_quiet() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let mut views = c.subscribe();
+        let start = c.view().revision;
+        // Five writes 5 ms apart (under the 10 ms quiet time): nothing is published meanwhile.
+        let mut last = start;
+        for i in 0..5 {
+            last = external_put(&store, &format!("i{i}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(!views.has_changed().unwrap(), "published during the burst");
+        }
+        // Quiet: one view with all five.
+        tokio::time::sleep(COALESCE_QUIET).await;
+        assert!(views.has_changed().unwrap());
+        let view = views.borrow_and_update().clone();
+        assert_eq!((view.revision, view.instances.len()), (last, 5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!views.has_changed().unwrap(), "published once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_never_goes_quiet_is_published_within_the_longest_wait() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let mut views = c.subscribe();
+        let first = tokio::time::Instant::now();
+        let mut published = None;
+        for i in 0..60 {
+            external_put(&store, &format!("i{i}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if views.has_changed().unwrap() {
+                published = Some(first.elapsed());
+                break;
+            }
+        }
+        let published = published.expect("published while the writes went on");
+        assert!(
+            published >= COALESCE_MAX && published <= COALESCE_MAX + Duration::from_millis(10),
+            "published after {published:?}"
+        );
+        let view = views.borrow_and_update().clone();
+        assert!(view.instances.len() >= 20, "{}", view.instances.len());
+    }
+}
