@@ -866,7 +866,7 @@ spec:
 
         // Instances too, with their leases.
         let i = c.register(instance("a", Some(60))).await.unwrap();
-        assert_eq!(c.view().instances.as_slice(), [i.clone()]);
+        assert_eq!(c.view().instances.as_slice(), [i]);
         let reloaded = View::load(store.as_ref()).await.unwrap();
         assert_eq!(reloaded.instances, c.view().instances);
         c.deregister("demo", "colorteller", "a").await.unwrap();
