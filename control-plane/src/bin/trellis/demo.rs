@@ -23,6 +23,7 @@ use tokio::{net::TcpListener, process::Child};
 use trellis_control::{
     client::ApiClient,
     demo::{MESH, router_manifest},
+    registry::{InstanceStatus, Registration},
     server::Results,
     status::Status,
 };
@@ -149,12 +150,43 @@ async fn wait_synced(api: &ApiClient, proxies: usize) -> anyhow::Result<()> {
     bail!("proxies did not converge in 10 s")
 }
 
+/// Each sidecar's (ingress, egress) ports, by node.
+type Sidecars = BTreeMap<&'static str, (u16, u16)>;
+
 pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
-    let control_bin = sibling("trellis-control")?;
-    let proxy_bin = sibling("trellis-proxy")?;
     let dir = tempfile_dir()?;
     let mut children = Vec::new();
+    let (server, api) = start_control_plane(&dir, &mut children).await?;
+    let sidecars = start_sidecars(&server, &dir, &mut children)?;
+    start_apps(&sidecars).await?;
+    apply_and_register(&api, &sidecars).await?;
+    println!("==> registered instances; waiting for every sidecar to apply its config");
+    wait_synced(&api, sidecars.len()).await?;
 
+    let front_ingress = SocketAddr::from(([127, 0, 0, 1], sidecars["front"].0));
+    for weights in STEPS {
+        api.post("/v1/apply", router_manifest(weights).into_bytes())
+            .await?;
+        wait_synced(&api, sidecars.len()).await?;
+        show_split(front_ingress, weights, step).await;
+    }
+    let status: Status = serde_json::from_value(api.get("/v1/status").await?)
+        .context("unexpected status from the control plane")?;
+    println!(
+        "==> {} proxies connected, all in sync; cleaning up",
+        status.proxies.len()
+    );
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Starts trellis-control on the embedded store in `dir` and waits until it answers.
+async fn start_control_plane(
+    dir: &Path,
+    children: &mut Vec<Child>,
+) -> anyhow::Result<(String, ApiClient)> {
+    let control_bin = sibling("trellis-control")?;
     let api_port = free_port()?;
     let server = format!("http://127.0.0.1:{api_port}");
     println!(
@@ -184,8 +216,12 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok((server, api))
+}
 
-    // Sidecars: one per node, each with its own ports.
+/// Sidecars: one per node, each with its own ports.
+fn start_sidecars(server: &str, dir: &Path, children: &mut Vec<Child>) -> anyhow::Result<Sidecars> {
+    let proxy_bin = sibling("trellis-proxy")?;
     let mut sidecars = BTreeMap::new();
     for node in ["front", "blue", "green", "red"] {
         let (ingress, egress) = (free_port()?, free_port()?);
@@ -193,7 +229,7 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
             &proxy_bin,
             &[
                 "--control-plane".into(),
-                server.clone(),
+                server.to_string(),
                 "--node".into(),
                 format!("default/{node}"),
                 "--data-dir".into(),
@@ -219,8 +255,11 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    Ok(sidecars)
+}
 
-    // Apps: colortellers answer their color; front asks colorteller through its sidecar.
+/// Apps: colortellers answer their color; front asks colorteller through its sidecar.
+async fn start_apps(sidecars: &Sidecars) -> anyhow::Result<()> {
     for (color, port) in COLORS {
         serve(
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -233,9 +272,12 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
         SocketAddr::from(([127, 0, 0, 1], FRONT_PORT)),
         Arc::new(move || Box::pin(get(front_egress, "colorteller.default:9080"))),
     )
-    .await?;
+    .await
+}
 
-    // The files in examples/colorapp/ (from the working tree when run from the repository).
+/// Applies the files in examples/colorapp/ (from the working tree when run from the
+/// repository) and registers each node's instance at its sidecar's ingress.
+async fn apply_and_register(api: &ApiClient, sidecars: &Sidecars) -> anyhow::Result<()> {
     let text = match (
         std::fs::read_to_string("examples/colorapp/mesh.yaml"),
         std::fs::read_to_string("examples/colorapp/gateway.yaml"),
@@ -249,64 +291,62 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
         "==> applied examples/colorapp/: {} resources",
         applied.results.len()
     );
-    for (node, (ingress, _)) in &sidecars {
-        let (service, attrs) = if *node == "front" {
-            ("front", serde_json::json!({}))
+    for (node, (ingress, _)) in sidecars {
+        let (service, attributes) = if *node == "front" {
+            ("front", BTreeMap::new())
         } else {
-            ("colorteller", serde_json::json!({ "version": node }))
-        };
-        let body = serde_json::json!({ "namespace": "demo", "service": service, "id": node, "address": "127.0.0.1", "port": ingress, "attributes": attrs });
-        api.post("/v1/instances", serde_json::to_vec(&body)?)
-            .await?;
-    }
-    println!("==> registered instances; waiting for every sidecar to apply its config");
-    wait_synced(&api, sidecars.len()).await?;
-
-    let front_ingress = SocketAddr::from(([127, 0, 0, 1], sidecars["front"].0));
-    for weights in STEPS {
-        api.post("/v1/apply", router_manifest(weights).into_bytes())
-            .await?;
-        wait_synced(&api, sidecars.len()).await?;
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        let end = tokio::time::Instant::now() + step;
-        let mut total = 0usize;
-        while tokio::time::Instant::now() < end {
-            let answers = futures_util::future::join_all(
-                (0..8).map(|_| get(front_ingress, "front.demo:8080")),
+            (
+                "colorteller",
+                BTreeMap::from([("version".to_string(), node.to_string())]),
             )
-            .await;
-            for a in answers {
-                *counts.entry(a).or_default() += 1;
-                total += 1;
-            }
-        }
-        let split: Vec<String> = counts
-            .iter()
-            .map(|(c, n)| {
-                format!(
-                    "{c} {:>5.1}% {}",
-                    100.0 * *n as f64 / total.max(1) as f64,
-                    "#".repeat(n * 30 / total.max(1))
-                )
-            })
-            .collect();
-        println!(
-            "weights blue/green/red = {:>3}/{:>3}/{:>3}  ({total} requests)\n    {}",
-            weights.0,
-            weights.1,
-            weights.2,
-            split.join("\n    ")
-        );
+        };
+        let registration = Registration {
+            namespace: "demo".into(),
+            service: service.into(),
+            id: node.to_string(),
+            address: "127.0.0.1".into(),
+            port: (*ingress).into(),
+            attributes,
+            status: InstanceStatus::Healthy,
+            ttl_seconds: None,
+        };
+        api.post("/v1/instances", serde_json::to_vec(&registration)?)
+            .await?;
     }
-    let status: Status = serde_json::from_value(api.get("/v1/status").await?)
-        .context("unexpected status from the control plane")?;
-    println!(
-        "==> {} proxies connected, all in sync; cleaning up",
-        status.proxies.len()
-    );
-    drop(children);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Sends requests through front for `step` and prints which color answered them.
+async fn show_split(front_ingress: SocketAddr, weights: (u32, u32, u32), step: Duration) {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let end = tokio::time::Instant::now() + step;
+    let mut total = 0usize;
+    while tokio::time::Instant::now() < end {
+        let answers =
+            futures_util::future::join_all((0..8).map(|_| get(front_ingress, "front.demo:8080")))
+                .await;
+        for a in answers {
+            *counts.entry(a).or_default() += 1;
+            total += 1;
+        }
+    }
+    let split: Vec<String> = counts
+        .iter()
+        .map(|(c, n)| {
+            format!(
+                "{c} {:>5.1}% {}",
+                100.0 * *n as f64 / total.max(1) as f64,
+                "#".repeat(n * 30 / total.max(1))
+            )
+        })
+        .collect();
+    println!(
+        "weights blue/green/red = {:>3}/{:>3}/{:>3}  ({total} requests)\n    {}",
+        weights.0,
+        weights.1,
+        weights.2,
+        split.join("\n    ")
+    );
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
