@@ -1064,6 +1064,79 @@ spec:
             .unwrap()
     }
 
+    /// A store whose first watch is lost at once, and which cannot replay changes from before
+    /// revision `oldest` (they were compacted).
+    #[derive(Debug)]
+    struct Forgetful {
+        inner: Arc<EmbeddedStore>,
+        oldest: u64,
+        watches: std::sync::atomic::AtomicU32,
+    }
+
+    impl Store for Forgetful {
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
+            self.inner.list(prefix)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+            self.inner.apply(ops)
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a str,
+            after: u64,
+        ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+            Box::pin(async move {
+                let compacted = StoreError::Compacted {
+                    requested: after + 1,
+                    oldest: self.oldest,
+                };
+                if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tx.send(Err(compacted)).await.unwrap();
+                    return Ok(rx);
+                }
+                if after + 1 < self.oldest {
+                    return Err(compacted);
+                }
+                self.inner.watch(prefix, after).await
+            })
+        }
+        fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+            self.inner.grant_lease(ttl)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.revoke(lease)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_watch_resumes_and_what_cannot_be_replayed_is_read_again() {
+        let (_dir, inner) = open().await;
+        external_put(&inner, "i1").await;
+        let store = Arc::new(Forgetful {
+            inner: inner.clone(),
+            oldest: 4,
+            watches: Default::default(),
+        });
+        let c = Controller::start(store.clone()).await.unwrap();
+        // Written while the watch is lost, then not replayable: the store is read again.
+        external_put(&inner, "i2").await;
+        external_put(&inner, "i3").await;
+        let view = view_where(&c, |v| v.instances.len() == 3).await;
+        assert_eq!(view.revision, 3);
+        // Then followed change by change again.
+        let last = external_put(&inner, "i4").await;
+        let view = view_where(&c, |v| v.revision == last).await;
+        assert_eq!(view.instances.len(), 4);
+        assert!(store.watches.load(Ordering::SeqCst) >= 3);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_published_once_when_it_goes_quiet() {
         let (_dir, store) = open().await;
