@@ -1,4 +1,5 @@
-//! A small client for the control plane's HTTP API, used by the `trellis` CLI and the demo.
+//! A small client for the control plane's HTTP API, used by the `trellis` CLI (and its demo) and
+//! the config-propagation benchmark.
 
 use std::time::Duration;
 

@@ -14,28 +14,24 @@ use tokio::sync::watch;
 
 use crate::{
     metrics::ControlMetrics,
-    model::{Kind, Manifest, ResourceKey},
+    model::{API_VERSION, Kind, Manifest, ResourceKey},
     registry::{self, Instance, InstanceStatus},
     status::{Proxies, Status},
-    store::{Expect, Op, Store, StoreError},
+    store::{Change, Expect, Op, Store, StoreError},
     translate::{self, Translated},
     validate::{self, Problem, Resource, State},
     verify,
+    view::{GUARD_KEY, Update, View, decode_change},
 };
 
 /// How long a burst of store changes is gathered before proxies are recomputed, at most.
 const COALESCE_QUIET: Duration = Duration::from_millis(10);
 const COALESCE_MAX: Duration = Duration::from_millis(100);
-
-/// The state the control plane serves, as of one store revision.
-#[derive(Debug, Default)]
-pub struct View {
-    pub revision: u64,
-    pub state: State,
-    /// Store revision of each resource.
-    pub revisions: HashMap<ResourceKey, u64>,
-    pub instances: Vec<Instance>,
-}
+/// How long a write waits for the watch to bring the view up to the store before reading the
+/// store again.
+const CATCH_UP: Duration = Duration::from_secs(2);
+/// How often an apply or a delete is checked again when another write got in first.
+const WRITE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -63,6 +59,17 @@ pub enum Action {
     Configured,
     Unchanged,
     Deleted,
+}
+
+impl Applied {
+    fn new(key: &ResourceKey, action: Action) -> Self {
+        Self {
+            kind: key.kind.to_string(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            action,
+        }
+    }
 }
 
 impl Action {
@@ -97,45 +104,10 @@ impl std::fmt::Debug for Controller {
     }
 }
 
-/// Reads the whole view from the store.
-async fn load(store: &dyn Store) -> Result<View, StoreError> {
-    let resources = store.list("resources/").await?;
-    let instances = store.list(registry::PREFIX).await?;
-    let mut view = View {
-        revision: resources.revision.max(instances.revision),
-        ..View::default()
-    };
-    for kv in resources.items {
-        let Some(key) = ResourceKey::from_store_key(&kv.key) else {
-            continue;
-        };
-        let parsed = serde_json::from_slice::<Manifest>(&kv.value)
-            .map_err(|e| e.to_string())
-            .and_then(|m| validate::admit(m, None).map_err(|p| format!("{p:?}")));
-        match parsed {
-            Ok(r) => {
-                view.revisions.insert(key.clone(), kv.mod_revision);
-                view.state.insert(key, r);
-            }
-            Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable resource"),
-        }
-    }
-    for kv in instances.items {
-        match serde_json::from_slice::<Instance>(&kv.value) {
-            Ok(mut i) => {
-                i.lease = kv.lease;
-                view.instances.push(i);
-            }
-            Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable instance"),
-        }
-    }
-    Ok(view)
-}
-
 impl Controller {
     /// Loads the view and starts following the store.
     pub async fn start(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
-        let view = load(store.as_ref()).await?;
+        let view = View::load(store.as_ref()).await?;
         let revision = view.revision;
         let (tx, _) = watch::channel(Arc::new(view));
         let metrics = ControlMetrics::new()
@@ -164,11 +136,12 @@ impl Controller {
         self.view.subscribe()
     }
 
-    /// Re-reads the store now (after a write, so callers see their own change).
-    async fn refresh(&self) -> Result<(), StoreError> {
-        let view = load(self.store.as_ref()).await?;
+    /// Re-reads the whole store: at start, and when the view cannot follow it change by change
+    /// (the watch was lost, or the view does not catch up).
+    async fn reload(&self) -> Result<(), StoreError> {
+        let view = View::load(self.store.as_ref()).await?;
         self.view.send_if_modified(|current| {
-            if view.revision > current.revision {
+            if view.revision >= current.revision {
                 *current = Arc::new(view);
                 true
             } else {
@@ -178,82 +151,126 @@ impl Controller {
         Ok(())
     }
 
+    /// Applies the decoded changes the view does not have yet, in order.
+    fn follow_changes(&self, changes: Vec<(u64, Vec<Update>)>) {
+        self.view.send_if_modified(|current| {
+            let mut modified = false;
+            for (revision, updates) in changes {
+                if revision <= current.revision {
+                    continue;
+                }
+                let view = Arc::make_mut(current);
+                view.revision = revision;
+                for u in updates {
+                    view.update(u);
+                }
+                modified = true;
+            }
+            modified
+        });
+    }
+
+    /// The view, once it reflects at least the store's current revision: what a write is
+    /// checked against. Waits for the watch to bring in others' changes; reloads if it does not.
+    async fn current(&self) -> Result<Arc<View>, StoreError> {
+        let head = self.store.list(GUARD_KEY).await?.revision;
+        self.caught_up(head).await
+    }
+
+    /// The view once its revision is `revision` or later: what the watch brings in within
+    /// [`CATCH_UP`], else the store read again.
+    async fn caught_up(&self, revision: u64) -> Result<Arc<View>, StoreError> {
+        let mut views = self.view.subscribe();
+        let waited = tokio::time::timeout(CATCH_UP, views.wait_for(|v| v.revision >= revision))
+            .await
+            .map(|r| r.map(|v| v.clone()));
+        match waited {
+            Ok(Ok(view)) => Ok(view),
+            _ => {
+                tracing::warn!(
+                    revision,
+                    "the view did not catch up with the store; reloading"
+                );
+                self.reload().await?;
+                Ok(self.view())
+            }
+        }
+    }
+
+    /// Brings this process's own write (committed at `revision`) into the view without reading
+    /// it back: at once when the view holds every earlier revision, else once the watch has
+    /// brought in the writes before it (then the watch's copy of ours may come first).
+    async fn publish_own(&self, revision: u64, updates: Vec<Update>) -> Result<(), StoreError> {
+        let mut updates = Some(updates);
+        // Ours goes in (once) when the view holds every revision before it, unless the watch
+        // brought it in first.
+        let mut insert = || {
+            let mut done = false;
+            self.view.send_if_modified(|current| {
+                if current.revision >= revision {
+                    done = true;
+                    return false;
+                }
+                if current.revision + 1 != revision {
+                    return false;
+                }
+                let view = Arc::make_mut(current);
+                view.revision = revision;
+                for u in updates.take().into_iter().flatten() {
+                    view.update(u);
+                }
+                done = true;
+                true
+            });
+            done
+        };
+        if insert() {
+            return Ok(());
+        }
+        let view = self.caught_up(revision.saturating_sub(1)).await?;
+        if view.revision < revision && !insert() {
+            // The store's revisions skipped one (a backend whose revisions are not
+            // consecutive): read ours back.
+            self.caught_up(revision).await?;
+        }
+        Ok(())
+    }
+
     /// Validates and applies manifests atomically: all of them, or nothing and every problem.
+    /// They are checked against the view at the store's current revision and written only if
+    /// no other resource write came in between (else checked again on the newer view).
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
         let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
-        let view = load(self.store.as_ref()).await?;
-        let mut problems = Vec::new();
-        let mut incoming: Vec<Resource> = Vec::new();
-        let mut origin = HashMap::new();
-        for (i, m) in manifests.into_iter().enumerate() {
-            match validate::admit(m, Some(i)) {
-                Ok(r) => {
-                    if let Some(first) = origin.insert(r.key.clone(), i) {
-                        problems.push(Problem {
-                            document: Some(i),
-                            resource: Some(r.key.to_string()),
-                            path: "metadata.name".into(),
-                            reason: format!("also defined in document {first}"),
-                        });
+        let admitted = Admitted::new(manifests);
+        let mut attempt = 1;
+        let results = loop {
+            let view = self.current().await?;
+            let plan = admitted.plan(&view)?;
+            if plan.writes.is_empty() {
+                break plan.results;
+            }
+            let (ops, mut stored) = plan.ops(&view)?;
+            match self.store.apply(ops).await {
+                Ok(revision) => {
+                    for r in &mut stored {
+                        r.revision = revision;
                     }
-                    incoming.push(r);
+                    let updates = stored
+                        .into_iter()
+                        .map(|r| Update::Resource(r.key.clone(), Some(Arc::new(r))))
+                        .chain([Update::Guard(Some(revision))])
+                        .collect();
+                    self.publish_own(revision, updates).await?;
+                    break plan.results;
                 }
-                Err(p) => problems.extend(p),
+                Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(%key, %reason, attempt, "apply raced another write; checking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
-        }
-        let mut next = view.state.clone();
-        for r in &incoming {
-            next.insert(r.key.clone(), r.clone());
-        }
-        problems.extend(validate::check(&next, &origin));
-        if !problems.is_empty() {
-            problems.sort_by(|a, b| a.document.cmp(&b.document).then(a.path.cmp(&b.path)));
-            return Err(ControlError::Invalid(problems));
-        }
-        let mut ops = Vec::new();
-        let mut results = Vec::new();
-        for r in incoming {
-            let existing = view.state.get(&r.key);
-            let action = match existing {
-                None => Action::Created,
-                Some(old) if same(&old.manifest, &r.manifest) => Action::Unchanged,
-                Some(_) => Action::Configured,
-            };
-            results.push(Applied {
-                kind: r.key.kind.to_string(),
-                namespace: r.key.namespace.clone(),
-                name: r.key.name.clone(),
-                action,
-            });
-            if action == Action::Unchanged {
-                continue;
-            }
-            let expect = view
-                .revisions
-                .get(&r.key)
-                .map_or(Expect::Absent, |rev| Expect::Revision(*rev));
-            let mut manifest = r.manifest;
-            manifest.metadata.resource_version = None;
-            manifest.metadata.creation_timestamp.get_or_insert_with(|| {
-                humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-            });
-            if let Some(old) = existing {
-                manifest.metadata.creation_timestamp =
-                    old.manifest.metadata.creation_timestamp.clone();
-            }
-            ops.push(Op::Put {
-                key: r.key.store_key(),
-                value: serde_json::to_vec(&manifest)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?,
-                expect,
-                lease: None,
-            });
-        }
-        if !ops.is_empty() {
-            self.store.apply(ops).await?;
-            self.refresh().await?;
-        }
+        };
         self.metrics
             .apply_latency
             .observe(started.elapsed().as_secs_f64());
@@ -263,36 +280,45 @@ impl Controller {
     /// Deletes resources if what remains is still valid (nothing else refers to them).
     pub async fn delete(&self, keys: Vec<ResourceKey>) -> Result<Vec<Applied>, ControlError> {
         let _writer = self.writer.lock().await;
-        let view = load(self.store.as_ref()).await?;
-        let mut next = view.state.clone();
-        let mut ops = Vec::new();
-        let mut results = Vec::new();
-        for key in &keys {
-            if next.remove(key).is_none() {
-                return Err(ControlError::NotFound(key.to_string()));
+        let mut attempt = 1;
+        loop {
+            let view = self.current().await?;
+            let mut next = State::clone(&view.state);
+            let mut ops = Vec::new();
+            let mut results = Vec::new();
+            for key in &keys {
+                let Some(old) = next.remove(key) else {
+                    return Err(ControlError::NotFound(key.to_string()));
+                };
+                ops.push(Op::Delete {
+                    key: key.store_key(),
+                    expect: Expect::Revision(old.revision),
+                });
+                results.push(Applied::new(key, Action::Deleted));
             }
-            let expect = view
-                .revisions
-                .get(key)
-                .map_or(Expect::Any, |r| Expect::Revision(*r));
-            ops.push(Op::Delete {
-                key: key.store_key(),
-                expect,
-            });
-            results.push(Applied {
-                kind: key.kind.to_string(),
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                action: Action::Deleted,
-            });
+            let problems = validate::check(&next, &HashMap::new());
+            if !problems.is_empty() {
+                return Err(ControlError::Invalid(problems));
+            }
+            drop(next);
+            ops.push(guard_op(&view));
+            match self.store.apply(ops).await {
+                Ok(revision) => {
+                    let updates = keys
+                        .iter()
+                        .map(|k| Update::Resource(k.clone(), None))
+                        .chain([Update::Guard(Some(revision))])
+                        .collect();
+                    self.publish_own(revision, updates).await?;
+                    return Ok(results);
+                }
+                Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(%key, %reason, attempt, "delete raced another write; checking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let problems = validate::check(&next, &HashMap::new());
-        if !problems.is_empty() {
-            return Err(ControlError::Invalid(problems));
-        }
-        self.store.apply(ops).await?;
-        self.refresh().await?;
-        Ok(results)
     }
 
     /// Registers (or replaces) an instance; with a TTL it lives while heartbeats come.
@@ -312,16 +338,22 @@ impl Controller {
         instance.lease = None;
         let value =
             serde_json::to_vec(&instance).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.store
+        let key = instance.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Put {
-                key: instance.store_key(),
+                key: key.clone(),
                 value,
                 expect: Expect::Any,
                 lease,
             }])
             .await?;
-        self.refresh().await?;
         instance.lease = lease;
+        self.publish_own(
+            revision,
+            vec![Update::Instance(key, Some(instance.clone()))],
+        )
+        .await?;
         Ok(instance)
     }
 
@@ -365,16 +397,19 @@ impl Controller {
         i.status = InstanceStatus::Draining;
         let lease = i.lease.take();
         let value = serde_json::to_vec(&i).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.store
+        let key = i.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Put {
-                key: i.store_key(),
+                key: key.clone(),
                 value,
                 expect: Expect::Revision(revision),
                 lease,
             }])
             .await?;
-        self.refresh().await?;
         i.lease = lease;
+        self.publish_own(revision, vec![Update::Instance(key, Some(i.clone()))])
+            .await?;
         Ok(i)
     }
 
@@ -385,13 +420,16 @@ impl Controller {
         id: &str,
     ) -> Result<(), ControlError> {
         let (i, revision) = self.instance(namespace, service, id).await?;
-        self.store
+        let key = i.store_key();
+        let revision = self
+            .store
             .apply(vec![Op::Delete {
-                key: i.store_key(),
+                key: key.clone(),
                 expect: Expect::Revision(revision),
             }])
             .await?;
-        self.refresh().await?;
+        self.publish_own(revision, vec![Update::Instance(key, None)])
+            .await?;
         Ok(())
     }
 
@@ -457,40 +495,203 @@ impl Controller {
         self.proxies.status(view.revision, view.state.keys())
     }
 
-    /// The resources of `kind` (all namespaces when `namespace` is None), with status.
-    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Manifest> {
+    /// One resource, with status.
+    pub fn get(&self, key: &ResourceKey) -> Option<Listed> {
         let view = self.view();
-        let status = self.status();
-        view.state
+        let resource = view.state.get(key)?.clone();
+        let status = self.proxies.status(view.revision, [key]);
+        Some(Listed {
+            resource,
+            status: status.resources.first().map(|s| Usage {
+                proxies: s.proxies,
+                applied: s.applied,
+            }),
+        })
+    }
+
+    /// The resources of `kind` (all namespaces when `namespace` is None), with status.
+    pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Listed> {
+        let view = self.view();
+        let resources: Vec<&Arc<Resource>> = view
+            .state
             .iter()
             .filter(|(k, _)| {
                 k.kind == kind && namespace.is_none_or(|ns| !kind.namespaced() || k.namespace == ns)
             })
-            .map(|(k, r)| {
-                let mut m = r.manifest.clone();
-                m.metadata.resource_version = view.revisions.get(k).map(ToString::to_string);
-                let s = status.resources.iter().find(|s| {
-                    s.kind == k.kind.as_str() && s.namespace == k.namespace && s.name == k.name
-                });
-                if let Some(s) = s {
-                    m.status =
-                        Some(serde_json::json!({ "proxies": s.proxies, "applied": s.applied }));
-                }
-                m
+            .map(|(_, r)| r)
+            .collect();
+        let status = self
+            .proxies
+            .status(view.revision, resources.iter().map(|r| &r.key));
+        resources
+            .into_iter()
+            .zip(status.resources)
+            .map(|(r, s)| Listed {
+                resource: r.clone(),
+                status: Some(Usage {
+                    proxies: s.proxies,
+                    applied: s.applied,
+                }),
             })
             .collect()
     }
 }
 
-/// Whether two manifests say the same thing (ignoring server-set metadata).
-fn same(a: &Manifest, b: &Manifest) -> bool {
-    a.spec == b.spec
-        && a.metadata.labels == b.metadata.labels
-        && a.metadata.annotations == b.metadata.annotations
+/// A resource as the API serves it: the manifest as stored, with its `resourceVersion` (the
+/// store revision of its last change) and how many proxies use and applied it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub resource: Arc<Resource>,
+    pub status: Option<Usage>,
 }
 
-/// Follows the store: bursts of changes are gathered (quiet 10 ms, at most 100 ms), then the view
-/// is reloaded and published.
+/// How many connected proxies use a resource, and how many of them applied their snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub proxies: usize,
+    pub applied: usize,
+}
+
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let r = &self.resource;
+        let mut metadata = r.metadata.clone();
+        metadata.resource_version = Some(r.revision.to_string());
+        let mut m = serializer.serialize_struct("Manifest", 5)?;
+        m.serialize_field("apiVersion", API_VERSION)?;
+        m.serialize_field("kind", r.key.kind.as_str())?;
+        m.serialize_field("metadata", &metadata)?;
+        m.serialize_field("spec", &r.spec)?;
+        if let Some(status) = &self.status {
+            m.serialize_field("status", status)?;
+        }
+        m.end()
+    }
+}
+
+/// An apply's manifests, each checked on its own (once, however often the write is retried).
+struct Admitted {
+    resources: Vec<Arc<Resource>>,
+    /// The document each resource came from.
+    origin: HashMap<ResourceKey, usize>,
+    problems: Vec<Problem>,
+}
+
+/// What an apply would do to a view: per manifest, its action; the resources to write, each with
+/// the version it replaces.
+struct Plan {
+    results: Vec<Applied>,
+    writes: Vec<(Arc<Resource>, Option<Arc<Resource>>)>,
+}
+
+impl Admitted {
+    fn new(manifests: Vec<Manifest>) -> Self {
+        let mut this = Self {
+            resources: Vec::new(),
+            origin: HashMap::new(),
+            problems: Vec::new(),
+        };
+        for (i, m) in manifests.into_iter().enumerate() {
+            match validate::admit(m, Some(i)) {
+                Ok(r) => {
+                    if let Some(first) = this.origin.insert(r.key.clone(), i) {
+                        this.problems.push(Problem {
+                            document: Some(i),
+                            resource: Some(r.key.to_string()),
+                            path: "metadata.name".into(),
+                            reason: format!("also defined in document {first}"),
+                        });
+                    }
+                    this.resources.push(Arc::new(r));
+                }
+                Err(p) => this.problems.extend(p),
+            }
+        }
+        this
+    }
+
+    /// Checks the state applying these to `view` would leave; says what would change.
+    fn plan(&self, view: &View) -> Result<Plan, ControlError> {
+        let mut problems = self.problems.clone();
+        {
+            let mut next = State::clone(&view.state);
+            for r in &self.resources {
+                next.insert(r.key.clone(), r.clone());
+            }
+            problems.extend(validate::check(&next, &self.origin));
+        }
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| a.document.cmp(&b.document).then(a.path.cmp(&b.path)));
+            return Err(ControlError::Invalid(problems));
+        }
+        let mut plan = Plan {
+            results: Vec::new(),
+            writes: Vec::new(),
+        };
+        for r in &self.resources {
+            let existing = view.state.get(&r.key);
+            let action = match existing {
+                None => Action::Created,
+                Some(old) if old.same(r) => Action::Unchanged,
+                Some(_) => Action::Configured,
+            };
+            plan.results.push(Applied::new(&r.key, action));
+            if action != Action::Unchanged {
+                plan.writes.push((r.clone(), existing.cloned()));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+impl Plan {
+    /// The store transaction (each write expecting the version it replaces, and the guard) and
+    /// the resources as it stores them.
+    fn ops(&self, view: &View) -> Result<(Vec<Op>, Vec<Resource>), StoreError> {
+        let mut ops = Vec::with_capacity(self.writes.len() + 1);
+        let mut stored = Vec::with_capacity(self.writes.len());
+        for (r, existing) in &self.writes {
+            let mut r = Resource::clone(r);
+            r.metadata.resource_version = None;
+            match existing {
+                Some(old) => {
+                    r.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
+                }
+                None => {
+                    r.metadata.creation_timestamp.get_or_insert_with(|| {
+                        humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+                    });
+                }
+            }
+            ops.push(Op::Put {
+                key: r.key.store_key(),
+                value: serde_json::to_vec(&r).map_err(|e| StoreError::Backend(e.to_string()))?,
+                expect: existing
+                    .as_ref()
+                    .map_or(Expect::Absent, |old| Expect::Revision(old.revision)),
+                lease: None,
+            });
+            stored.push(r);
+        }
+        ops.push(guard_op(view));
+        Ok((ops, stored))
+    }
+}
+
+/// Rewrites the guard key, expecting the revision `view` holds.
+fn guard_op(view: &View) -> Op {
+    Op::Put {
+        key: GUARD_KEY.to_string(),
+        value: Vec::new(),
+        expect: view.guard.map_or(Expect::Absent, Expect::Revision),
+        lease: None,
+    }
+}
+
+/// Follows the store: bursts of changes are gathered (quiet 10 ms, at most 100 ms), decoded, and
+/// applied to the view, which is published once per burst. If the watch is lost, it resumes from
+/// the view's revision; if the store cannot replay from there, the view is read again whole.
 async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
     loop {
         let Some(store) = controller.upgrade().map(|c| c.store.clone()) else {
@@ -499,40 +700,486 @@ async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
         let mut watch = match store.watch("", revision).await {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!(error = %e, "store watch failed; retrying");
+                tracing::warn!(error = %e, "store watch failed; reading the store again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(c) = controller.upgrade() {
-                    let _ = c.refresh().await;
+                    if let Err(e) = c.reload().await {
+                        tracing::warn!(error = %e, "cannot reload the view");
+                    }
                     revision = c.view().revision;
                 }
                 continue;
             }
         };
         drop(store);
-        while let Some(change) = watch.recv().await {
-            let Ok(change) = change else { break };
-            revision = revision.max(change.revision);
-            let deadline = tokio::time::Instant::now() + COALESCE_MAX;
-            loop {
-                let quiet = tokio::time::sleep(COALESCE_QUIET);
-                tokio::select! {
-                    more = watch.recv() => match more {
-                        Some(Ok(c)) => revision = revision.max(c.revision),
-                        _ => break,
-                    },
-                    () = quiet => break,
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
+        while let Some(Ok(first)) = watch.recv().await {
+            let mut burst = vec![first];
+            let lost = gather(&mut watch, &mut burst).await;
             let Some(c) = controller.upgrade() else {
                 return;
             };
-            if let Err(e) = c.refresh().await {
-                tracing::warn!(error = %e, "cannot reload the view");
+            // Own writes are in the view already: only others' are decoded.
+            let have = c.view().revision;
+            let changes = burst
+                .into_iter()
+                .filter(|change| change.revision > have)
+                .map(decode_change)
+                .collect();
+            c.follow_changes(changes);
+            if lost {
+                break;
             }
         }
-        if let Some(c) = controller.upgrade() {
-            revision = c.view().revision;
+        match controller.upgrade() {
+            Some(c) => revision = c.view().revision,
+            None => return,
         }
+    }
+}
+
+/// Adds to `burst` the changes that follow within the coalescing window; true if the watch
+/// ended or failed meanwhile.
+async fn gather(watch: &mut crate::store::Watch, burst: &mut Vec<Change>) -> bool {
+    let deadline = tokio::time::Instant::now() + COALESCE_MAX;
+    loop {
+        tokio::select! {
+            more = watch.recv() => match more {
+                Some(Ok(change)) => burst.push(change),
+                _ => return true,
+            },
+            () = tokio::time::sleep(COALESCE_QUIET) => return false,
+            () = tokio::time::sleep_until(deadline) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::{
+        store::{BoxFuture, KeyValue, LeaseId, Listing, Watch, embedded::EmbeddedStore},
+        validate::parse_documents,
+    };
+
+    const MESH: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: Mesh
+metadata: { name: m }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: blue }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  serviceDiscovery: { registry: { namespaceName: demo, serviceName: colorteller } }
+";
+
+    const ROUTER: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: { name: ct }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  routes:
+    - name: r
+      httpRoute:
+        match: { prefix: / }
+        action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }] }
+";
+
+    fn docs(yaml: &str) -> Vec<Manifest> {
+        parse_documents(yaml).unwrap()
+    }
+
+    fn node(name: &str) -> String {
+        format!(
+            "apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualNode\nmetadata: {{ name: {name} }}\n\
+             spec: {{ listeners: [{{ portMapping: {{ port: 80, protocol: http }} }}], \
+             serviceDiscovery: {{ dns: {{ hostname: {name}.local }} }} }}\n"
+        )
+    }
+
+    fn key(kind: Kind, name: &str) -> ResourceKey {
+        ResourceKey::new(kind, "default", name)
+    }
+
+    fn instance(id: &str, ttl: Option<u64>) -> Instance {
+        Instance {
+            namespace: "demo".into(),
+            service: "colorteller".into(),
+            id: id.into(),
+            address: "10.0.0.1".into(),
+            port: 9080,
+            attributes: Default::default(),
+            status: InstanceStatus::Healthy,
+            ttl_seconds: ttl,
+            lease: None,
+        }
+    }
+
+    async fn open() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    /// Waits (on tokio's clock) until the view satisfies `f`.
+    async fn view_where(c: &Controller, f: impl FnMut(&Arc<View>) -> bool) -> Arc<View> {
+        let mut views = c.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), views.wait_for(f))
+            .await
+            .expect("the view in time")
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn own_writes_are_in_the_view_when_they_return_typed_and_once() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let applied = c.apply(docs(MESH)).await.unwrap();
+        assert!(applied.iter().all(|a| a.action == Action::Created));
+        let view = c.view();
+        let blue = &view.state[&key(Kind::VirtualNode, "blue")];
+        assert_eq!(
+            blue.revision, view.revision,
+            "the store revision of the write"
+        );
+        assert_eq!(view.guard, Some(view.revision));
+        assert!(matches!(blue.spec, crate::model::Spec::VirtualNode(_)));
+        assert!(blue.metadata.creation_timestamp.is_some());
+
+        // The same again changes nothing and writes nothing.
+        let again = c.apply(docs(MESH)).await.unwrap();
+        assert!(again.iter().all(|a| a.action == Action::Unchanged));
+        assert_eq!(c.view().revision, view.revision);
+
+        // What is stored reads back as what the view holds (a restart's view).
+        let reloaded = View::load(store.as_ref()).await.unwrap();
+        assert_eq!(reloaded.revision, view.revision);
+        assert_eq!(reloaded.state, view.state);
+        assert_eq!(reloaded.guard, view.guard);
+
+        // Instances too, with their leases.
+        let i = c.register(instance("a", Some(60))).await.unwrap();
+        assert_eq!(c.view().instances.as_slice(), [i]);
+        let reloaded = View::load(store.as_ref()).await.unwrap();
+        assert_eq!(reloaded.instances, c.view().instances);
+        c.deregister("demo", "colorteller", "a").await.unwrap();
+        assert!(c.view().instances.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_checked_against_a_view_the_store_moved_past_is_checked_again() {
+        let (_dir, store) = open().await;
+        // A second control plane on the same store.
+        let other = Controller::start(store.clone()).await.unwrap();
+        other.apply(docs(MESH)).await.unwrap();
+        let c = Controller::start(store.clone()).await.unwrap();
+        assert!(c.view().state.contains_key(&key(Kind::VirtualNode, "blue")));
+
+        // The other deletes blue; an apply here that refers to blue sees it gone (the view
+        // catches up with the store before checking), and nothing is written.
+        other
+            .delete(vec![key(Kind::VirtualNode, "blue")])
+            .await
+            .unwrap();
+        let err = c.apply(docs(ROUTER)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("VirtualNode default/blue not found"),
+            "{err}"
+        );
+        assert!(
+            store
+                .get("resources/virtualrouter/default/ct")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A store that lets another writer in between a controller's check and its write, once:
+    /// just before the first transaction that carries the guard, `race` is applied.
+    #[derive(Debug)]
+    struct Racing {
+        inner: Arc<EmbeddedStore>,
+        race: Mutex<Option<Vec<Op>>>,
+        raced: AtomicBool,
+    }
+
+    impl Store for Racing {
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
+            self.inner.list(prefix)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+            Box::pin(async move {
+                let guarded = ops.iter().any(|op| op.key() == GUARD_KEY);
+                let race = if guarded {
+                    self.race.lock().take()
+                } else {
+                    None
+                };
+                if let Some(race) = race {
+                    self.inner.apply(race).await?;
+                    self.raced.store(true, Ordering::SeqCst);
+                }
+                self.inner.apply(ops).await
+            })
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a str,
+            after: u64,
+        ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+            self.inner.watch(prefix, after)
+        }
+        fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+            self.inner.grant_lease(ttl)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.revoke(lease)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resource_write_between_check_and_commit_is_not_overwritten_by_a_stale_check() {
+        let (_dir, inner) = open().await;
+        let setup = Controller::start(inner.clone()).await.unwrap();
+        setup.apply(docs(MESH)).await.unwrap();
+        let guard = setup.view().guard;
+        // Another replica deletes blue (rewriting the guard, as every resource write does)
+        // after this controller checked the router against a view with blue, before it writes.
+        let racing = Arc::new(Racing {
+            inner: inner.clone(),
+            race: Mutex::new(Some(vec![
+                Op::Delete {
+                    key: key(Kind::VirtualNode, "blue").store_key(),
+                    expect: Expect::Any,
+                },
+                Op::Put {
+                    key: GUARD_KEY.into(),
+                    value: Vec::new(),
+                    expect: guard.map_or(Expect::Absent, Expect::Revision),
+                    lease: None,
+                },
+            ])),
+            raced: AtomicBool::new(false),
+        });
+        let c = Controller::start(racing.clone()).await.unwrap();
+        let err = c.apply(docs(ROUTER)).await.unwrap_err();
+        assert!(racing.raced.load(Ordering::SeqCst), "the race ran");
+        assert!(
+            err.to_string()
+                .contains("VirtualNode default/blue not found"),
+            "checked again on the newer view: {err}"
+        );
+        assert!(
+            inner
+                .get("resources/virtualrouter/default/ct")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!c.view().state.contains_key(&key(Kind::VirtualNode, "blue")));
+    }
+
+    #[tokio::test]
+    async fn concurrent_applies_from_two_control_planes_all_land() {
+        let (_dir, store) = open().await;
+        let a = Controller::start(store.clone()).await.unwrap();
+        a.apply(docs(MESH)).await.unwrap();
+        let b = Controller::start(store.clone()).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let (a, b) = (a.clone(), b.clone());
+            tasks.push(tokio::spawn(async move {
+                a.apply(docs(&node(&format!("a{i}")))).await.unwrap();
+                b.apply(docs(&node(&format!("b{i}")))).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let head = store.list(GUARD_KEY).await.unwrap().revision;
+        for c in [&a, &b] {
+            let view = view_where(c, |v| v.revision >= head).await;
+            for i in 0..10 {
+                for n in [format!("a{i}"), format!("b{i}")] {
+                    assert!(view.state.contains_key(&key(Kind::VirtualNode, &n)), "{n}");
+                }
+            }
+            assert_eq!(View::load(store.as_ref()).await.unwrap().state, view.state);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_lives_while_heartbeats_come_and_goes_a_ttl_after_the_last() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store).await.unwrap();
+        let ttl = Duration::from_secs(5);
+        c.register(instance("a", Some(ttl.as_secs())))
+            .await
+            .unwrap();
+        // Heartbeats every 3 s keep it well past its TTL.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(c.view().instances.len(), 1, "alive while heartbeats come");
+            c.heartbeat("demo", "colorteller", "a").await.unwrap();
+        }
+        let last = tokio::time::Instant::now();
+        tokio::time::sleep(ttl - Duration::from_millis(300)).await;
+        assert_eq!(c.view().instances.len(), 1, "alive until its TTL runs out");
+        view_where(&c, |v| v.instances.is_empty()).await;
+        let gone = last.elapsed();
+        assert!(
+            gone >= ttl && gone <= ttl + Duration::from_millis(500),
+            "gone {gone:?} after the last heartbeat (TTL {ttl:?}, reaped every 200 ms)"
+        );
+        let err = c.heartbeat("demo", "colorteller", "a").await.unwrap_err();
+        assert!(matches!(err, ControlError::NotFound(_)), "{err}");
+    }
+
+    /// A write from elsewhere (another control plane), straight to the store.
+    async fn external_put(store: &EmbeddedStore, id: &str) -> u64 {
+        let value = serde_json::to_vec(&instance(id, None)).unwrap();
+        store
+            .apply(vec![Op::Put {
+                key: registry::key("demo", "colorteller", id),
+                value,
+                expect: Expect::Any,
+                lease: None,
+            }])
+            .await
+            .unwrap()
+    }
+
+    /// A store whose first watch is lost at once, and which cannot replay changes from before
+    /// revision `oldest` (they were compacted).
+    #[derive(Debug)]
+    struct Forgetful {
+        inner: Arc<EmbeddedStore>,
+        oldest: u64,
+        watches: std::sync::atomic::AtomicU32,
+    }
+
+    impl Store for Forgetful {
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
+            self.inner.list(prefix)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+            self.inner.apply(ops)
+        }
+        fn watch<'a>(
+            &'a self,
+            prefix: &'a str,
+            after: u64,
+        ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+            Box::pin(async move {
+                let compacted = StoreError::Compacted {
+                    requested: after + 1,
+                    oldest: self.oldest,
+                };
+                if self.watches.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tx.send(Err(compacted)).await.unwrap();
+                    return Ok(rx);
+                }
+                if after + 1 < self.oldest {
+                    return Err(compacted);
+                }
+                self.inner.watch(prefix, after).await
+            })
+        }
+        fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+            self.inner.grant_lease(ttl)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.revoke(lease)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_watch_resumes_and_what_cannot_be_replayed_is_read_again() {
+        let (_dir, inner) = open().await;
+        external_put(&inner, "i1").await;
+        let store = Arc::new(Forgetful {
+            inner: inner.clone(),
+            oldest: 4,
+            watches: Default::default(),
+        });
+        let c = Controller::start(store.clone()).await.unwrap();
+        // Written while the watch is lost, then not replayable: the store is read again.
+        external_put(&inner, "i2").await;
+        external_put(&inner, "i3").await;
+        let view = view_where(&c, |v| v.instances.len() == 3).await;
+        assert_eq!(view.revision, 3);
+        // Then followed change by change again.
+        let last = external_put(&inner, "i4").await;
+        let view = view_where(&c, |v| v.revision == last).await;
+        assert_eq!(view.instances.len(), 4);
+        assert!(store.watches.load(Ordering::SeqCst) >= 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_published_once_when_it_goes_quiet() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let mut views = c.subscribe();
+        let start = c.view().revision;
+        // Five writes 5 ms apart (under the 10 ms quiet time): nothing is published meanwhile.
+        let mut last = start;
+        for i in 0..5 {
+            last = external_put(&store, &format!("i{i}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(!views.has_changed().unwrap(), "published during the burst");
+        }
+        // Quiet: one view with all five.
+        tokio::time::sleep(COALESCE_QUIET).await;
+        assert!(views.has_changed().unwrap());
+        let view = views.borrow_and_update().clone();
+        assert_eq!((view.revision, view.instances.len()), (last, 5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!views.has_changed().unwrap(), "published once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_never_goes_quiet_is_published_within_the_longest_wait() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        let mut views = c.subscribe();
+        let first = tokio::time::Instant::now();
+        let mut published = None;
+        for i in 0..60 {
+            external_put(&store, &format!("i{i}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if views.has_changed().unwrap() {
+                published = Some(first.elapsed());
+                break;
+            }
+        }
+        let published = published.expect("published while the writes went on");
+        assert!(
+            published >= COALESCE_MAX && published <= COALESCE_MAX + Duration::from_millis(10),
+            "published after {published:?}"
+        );
+        let view = views.borrow_and_update().clone();
+        assert!(view.instances.len() >= 20, "{}", view.instances.len());
     }
 }

@@ -14,3 +14,4 @@ pub mod store;
 pub mod translate;
 pub mod validate;
 pub mod verify;
+pub mod view;

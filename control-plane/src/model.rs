@@ -253,9 +253,9 @@ pub struct VirtualRouterSpec {
     pub aws_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_ref: Option<Ref>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
 }
 
@@ -265,14 +265,15 @@ pub struct Route {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
+    // Boxed: a route has one of the four, and routers keep their routes for as long as they live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http_route: Option<HttpRoute>,
+    pub http_route: Option<Box<HttpRoute>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http2_route: Option<HttpRoute>,
+    pub http2_route: Option<Box<HttpRoute>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grpc_route: Option<GrpcRoute>,
+    pub grpc_route: Option<Box<GrpcRoute>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp_route: Option<TcpRoute>,
+    pub tcp_route: Option<Box<TcpRoute>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -495,7 +496,7 @@ pub struct VirtualNodeSpec {
     pub aws_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_ref: Option<Ref>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_discovery: Option<ServiceDiscovery>,
@@ -610,7 +611,7 @@ pub struct VirtualGatewaySpec {
     pub aws_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_ref: Option<Ref>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<Value>,
@@ -747,16 +748,18 @@ pub struct GatewayTarget {
     pub port: Option<i64>,
 }
 
-/// A resource whose spec has been parsed. Off the request path, so variants stay unboxed.
-#[derive(Debug, Clone, PartialEq)]
-#[allow(clippy::large_enum_variant)]
+/// A resource whose spec has been parsed. Every resource of the view holds one: the variants are
+/// boxed so each takes the size of its own kind (a GatewayRouteSpec is ten times a MeshSpec).
+/// Serialises as the inner spec (the manifest's `spec` field).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Spec {
-    Mesh(MeshSpec),
-    VirtualService(VirtualServiceSpec),
-    VirtualRouter(VirtualRouterSpec),
-    VirtualNode(VirtualNodeSpec),
-    VirtualGateway(VirtualGatewaySpec),
-    GatewayRoute(GatewayRouteSpec),
+    Mesh(Box<MeshSpec>),
+    VirtualService(Box<VirtualServiceSpec>),
+    VirtualRouter(Box<VirtualRouterSpec>),
+    VirtualNode(Box<VirtualNodeSpec>),
+    VirtualGateway(Box<VirtualGatewaySpec>),
+    GatewayRoute(Box<GatewayRouteSpec>),
 }
 
 impl Spec {
@@ -774,22 +777,24 @@ impl Spec {
 }
 
 /// Parses `spec` for `kind`; errors carry the path under `spec`.
-pub fn parse_spec(kind: Kind, spec: &Value) -> Result<Spec, (String, String)> {
-    fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, (String, String)> {
+pub fn parse_spec(kind: Kind, spec: Value) -> Result<Spec, (String, String)> {
+    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<Box<T>, (String, String)> {
         let v = if v.is_null() {
             Value::Object(Default::default())
         } else {
-            v.clone()
+            v
         };
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." {
-                "spec".to_string()
-            } else {
-                format!("spec.{path}")
-            };
-            (path, e.into_inner().to_string())
-        })
+        serde_path_to_error::deserialize(v)
+            .map(Box::new)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." {
+                    "spec".to_string()
+                } else {
+                    format!("spec.{path}")
+                };
+                (path, e.into_inner().to_string())
+            })
     }
     Ok(match kind {
         Kind::Mesh => Spec::Mesh(parse(spec)?),
@@ -844,7 +849,7 @@ mod tests {
                 }
             }]
         });
-        let Spec::VirtualRouter(r) = parse_spec(Kind::VirtualRouter, &spec).unwrap() else {
+        let Spec::VirtualRouter(r) = parse_spec(Kind::VirtualRouter, spec).unwrap() else {
             panic!()
         };
         let http = r.routes[0].http_route.as_ref().unwrap();
@@ -858,7 +863,7 @@ mod tests {
         );
         let bad: Value =
             serde_json::json!({"routes": [{"name": "r", "httpRoute": {"match": {"prefx": "/"}}}]});
-        let (path, reason) = parse_spec(Kind::VirtualRouter, &bad).unwrap_err();
+        let (path, reason) = parse_spec(Kind::VirtualRouter, bad).unwrap_err();
         assert_eq!(path, "spec.routes[0].httpRoute.match.prefx");
         assert!(reason.contains("unknown field"), "{reason}");
     }

@@ -19,6 +19,8 @@ use crate::{
     controller::Controller,
     model::{Kind, ResourceKey},
     status::ProxyStatus,
+    translate::Translated,
+    view::View,
 };
 
 /// How long a proxy has to say hello.
@@ -109,6 +111,23 @@ impl ConfigStream for ConfigService {
     }
 }
 
+/// One proxy's stream: what it runs, what was last sent, and the pushes' timing.
+struct Session<'a> {
+    controller: &'a Arc<Controller>,
+    id: u64,
+    node: &'a ResourceKey,
+    /// sidecar or gateway (the metrics label).
+    kind: &'static str,
+    nonce: u64,
+    /// The version the proxy runs, as far as we know.
+    running: Option<String>,
+    /// The last version sent.
+    sent: Option<String>,
+    /// When the last push left, for the ACK latency.
+    pushed_at: std::time::Instant,
+    tx: mpsc::Sender<Result<SnapshotPush, Status>>,
+}
+
 async fn serve_proxy(
     controller: &Arc<Controller>,
     id: u64,
@@ -118,108 +137,145 @@ async fn serve_proxy(
     tx: mpsc::Sender<Result<SnapshotPush, Status>>,
 ) {
     let mut views = controller.subscribe();
-    let mut nonce = 0u64;
-    // The version the proxy runs, as far as we know, and the last one we sent.
-    let mut running = Some(applied).filter(|v| !v.is_empty());
-    let mut sent: Option<String> = None;
-    // When the last push left, for the ACK latency.
-    let mut pushed_at = std::time::Instant::now();
-    let metrics = controller.metrics();
-    let kind = if node.kind == Kind::VirtualGateway {
-        "gateway"
-    } else {
-        "sidecar"
+    let mut session = Session {
+        controller,
+        id,
+        node,
+        kind: if node.kind == Kind::VirtualGateway {
+            "gateway"
+        } else {
+            "sidecar"
+        },
+        nonce: 0,
+        running: Some(applied).filter(|v| !v.is_empty()),
+        sent: None,
+        pushed_at: std::time::Instant::now(),
+        tx,
     };
     loop {
         let view = views.borrow_and_update().clone();
-        // Translating and checking is CPU work, done once per revision and node, off the
-        // async threads; every other pass reads the cache.
-        let desired = match controller.cached_snapshot(&view, node) {
-            Some(desired) => desired,
-            None => {
-                let (controller, node, view) = (controller.clone(), node.clone(), view.clone());
-                match tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node))
-                    .await
-                {
-                    Ok(desired) => desired,
-                    Err(e) => {
-                        tracing::error!(error = %e, "translation failed");
-                        return;
-                    }
-                }
-            }
+        let Some(desired) = session.desired(view).await else {
+            return;
         };
-        if let Some(t) = desired.as_ref().filter(|t| t.withheld.is_some()) {
+        if session.offer(desired).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            msg = inbound.message() => match msg {
+                Ok(Some(ProxyMessage { kind: Some(kind) })) => session.answer(kind),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// The proxy went away.
+struct Gone;
+
+impl Session<'_> {
+    /// The snapshot the proxy should run at `view`; None if translation failed (a bug).
+    /// Translating and checking is CPU work, done once per revision and node, off the async
+    /// threads; every other pass reads the cache.
+    async fn desired(&self, view: Arc<View>) -> Option<Option<Arc<Translated>>> {
+        if let Some(desired) = self.controller.cached_snapshot(&view, self.node) {
+            return Some(desired);
+        }
+        let (controller, node) = (self.controller.clone(), self.node.clone());
+        match tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node)).await {
+            Ok(desired) => Some(desired),
+            Err(e) => {
+                tracing::error!(error = %e, "translation failed");
+                None
+            }
+        }
+    }
+
+    /// Records what the proxy should run and sends it unless the proxy runs it or has it.
+    async fn offer(&mut self, desired: Option<Arc<Translated>>) -> Result<(), Gone> {
+        let proxies = self.controller.proxies();
+        let Some(t) = desired else {
+            proxies.update(self.id, |p| {
+                p.desired_version = None;
+                p.problems.clear();
+                p.withheld = None;
+            });
+            return Ok(());
+        };
+        if t.withheld.is_some() {
             // Never sent: the proxy keeps what it runs; status says why.
-            controller.proxies().update(id, |p| {
+            proxies.update(self.id, |p| {
                 p.desired_version = None;
                 p.problems = t.problems.clone();
                 p.withheld = t.withheld.clone();
                 p.uses = t.uses.clone();
             });
-        } else if let Some(t) = &desired {
-            let version = &t.snapshot.version;
-            controller.proxies().update(id, |p| {
-                p.desired_version = Some(version.clone());
-                p.problems = t.problems.clone();
-                p.withheld = None;
-                p.uses = t.uses.clone();
-                if running.as_ref() == Some(version) {
-                    p.acked_version = Some(version.clone());
-                }
-            });
-            if running.as_ref() != Some(version) && sent.as_ref() != Some(version) {
-                nonce += 1;
-                let push = SnapshotPush {
-                    nonce: nonce.to_string(),
-                    snapshot: Some(t.snapshot.clone()),
-                };
-                if tx.send(Ok(push)).await.is_err() {
-                    return;
-                }
-                metrics.pushes.with_label_values(&[kind]).inc();
-                pushed_at = std::time::Instant::now();
-                sent = Some(version.clone());
-                controller
-                    .proxies()
-                    .update(id, |p| p.sent_version = Some(version.clone()));
-            }
-        } else {
-            controller.proxies().update(id, |p| {
-                p.desired_version = None;
-                p.problems.clear();
-                p.withheld = None;
-            });
+            return Ok(());
         }
-        tokio::select! {
-            changed = views.changed() => if changed.is_err() { return },
-            msg = inbound.message() => match msg {
-                Ok(Some(ProxyMessage { kind: Some(Msg::Ack(ack)) })) => {
-                    metrics.answers.with_label_values(&["ack"]).inc();
-                    if sent.as_ref() == Some(&ack.version) {
-                        metrics.ack_latency.observe(pushed_at.elapsed().as_secs_f64());
+        let version = &t.snapshot.version;
+        proxies.update(self.id, |p| {
+            p.desired_version = Some(version.clone());
+            p.problems = t.problems.clone();
+            p.withheld = None;
+            p.uses = t.uses.clone();
+            if self.running.as_ref() == Some(version) {
+                p.acked_version = Some(version.clone());
+            }
+        });
+        if self.running.as_ref() == Some(version) || self.sent.as_ref() == Some(version) {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let push = SnapshotPush {
+            nonce: self.nonce.to_string(),
+            snapshot: Some(t.snapshot.clone()),
+        };
+        self.tx.send(Ok(push)).await.map_err(|_| Gone)?;
+        let metrics = self.controller.metrics();
+        metrics.pushes.with_label_values(&[self.kind]).inc();
+        self.pushed_at = std::time::Instant::now();
+        self.sent = Some(version.clone());
+        proxies.update(self.id, |p| p.sent_version = Some(version.clone()));
+        Ok(())
+    }
+
+    /// Records the proxy's ACK or NACK.
+    fn answer(&mut self, message: Msg) {
+        let metrics = self.controller.metrics();
+        let proxies = self.controller.proxies();
+        match message {
+            Msg::Ack(ack) => {
+                metrics.answers.with_label_values(&["ack"]).inc();
+                if self.sent.as_ref() == Some(&ack.version) {
+                    metrics
+                        .ack_latency
+                        .observe(self.pushed_at.elapsed().as_secs_f64());
+                }
+                self.running = Some(ack.version.clone());
+                proxies.update(self.id, |p| {
+                    p.acked_version = Some(ack.version.clone());
+                    if p.nacked_version.as_ref() == Some(&ack.version) {
+                        p.nacked_version = None;
+                        p.nack_reason = None;
                     }
-                    running = Some(ack.version.clone());
-                    controller.proxies().update(id, |p| {
-                        p.acked_version = Some(ack.version.clone());
-                        if p.nacked_version.as_ref() == Some(&ack.version) {
-                            p.nacked_version = None;
-                            p.nack_reason = None;
-                        }
-                    });
-                }
-                Ok(Some(ProxyMessage { kind: Some(Msg::Nack(nack)) })) => {
-                    metrics.answers.with_label_values(&["nack"]).inc();
-                    let reason = nack.errors.iter().map(|e| format!("{}: {}", e.path, e.reason)).collect::<Vec<_>>().join("; ");
-                    tracing::warn!(node = %node, version = %nack.version, reason = %reason, "proxy rejected its snapshot");
-                    controller.proxies().update(id, |p| {
-                        p.nacked_version = Some(nack.version.clone());
-                        p.nack_reason = Some(reason);
-                    });
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
-            },
+                });
+            }
+            Msg::Nack(nack) => {
+                metrics.answers.with_label_values(&["nack"]).inc();
+                let reason = nack
+                    .errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(node = %self.node, version = %nack.version, reason = %reason, "proxy rejected its snapshot");
+                proxies.update(self.id, |p| {
+                    p.nacked_version = Some(nack.version.clone());
+                    p.nack_reason = Some(reason);
+                });
+            }
+            _ => {}
         }
     }
 }

@@ -159,7 +159,7 @@ pub fn valid_name(name: &str) -> bool {
 
 /// What a client sends to register an instance. Numbers are read wide so that an out-of-range
 /// value is reported with its range, and unknown fields are refused, never ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Registration {
     pub namespace: String,
@@ -171,7 +171,7 @@ pub struct Registration {
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub status: InstanceStatus,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<serde_json::Number>,
 }
 

@@ -11,8 +11,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 use trellis_proto::v1::config_stream_server::ConfigStreamServer;
@@ -23,7 +22,7 @@ use crate::{
     push::ConfigService,
     registry::{Instance, Registration},
     store::StoreError,
-    validate::parse_documents,
+    validate::{Problem, parse_documents},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,6 +30,34 @@ type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 8 << 20;
+
+/// A list answer: `{"items": [...]}` (resources, instances).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Items<T> {
+    pub items: Vec<T>,
+}
+
+/// What an apply or a delete did: `{"results": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub results: Vec<Applied>,
+}
+
+/// An error answer; `problems` for manifests or changes that are invalid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+}
+
+/// An answer with nothing to say but that it worked: `{"ok": true}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Done {
+    pub ok: bool,
+}
+
+const DONE: Done = Done { ok: true };
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
@@ -111,15 +138,28 @@ fn respond(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Re
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    reply(status, &json!({ "error": message.into() }))
+    reply(
+        status,
+        &ErrorBody {
+            error: message.into(),
+            problems: Vec::new(),
+        },
+    )
+}
+
+fn invalid(problems: Vec<Problem>) -> Response<Body> {
+    reply(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &ErrorBody {
+            error: "invalid".into(),
+            problems,
+        },
+    )
 }
 
 fn control_error(e: ControlError) -> Response<Body> {
     match e {
-        ControlError::Invalid(problems) => reply(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({ "error": "invalid", "problems": problems }),
-        ),
+        ControlError::Invalid(problems) => invalid(problems),
         ControlError::NotFound(what) => error(StatusCode::NOT_FOUND, format!("{what} not found")),
         ControlError::Store(StoreError::Conflict { key, reason }) => error(
             StatusCode::CONFLICT,
@@ -151,12 +191,7 @@ async fn manifests(req: Request<Incoming>) -> Result<Vec<crate::model::Manifest>
     let parsed = tokio::task::spawn_blocking(move || parse_documents(&text))
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    parsed.map_err(|problems| {
-        reply(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({ "error": "invalid", "problems": problems }),
-        )
-    })
+    parsed.map_err(invalid)
 }
 
 /// The query string's parameters, percent- and `+`-decoded.
@@ -173,7 +208,7 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &json!({ "ok": true })),
+        (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &DONE),
         (&Method::POST, ["v1", "apply"]) => apply(controller, req).await,
         (&Method::POST, ["v1", "delete"]) => delete(controller, req).await,
         (_, ["v1", "resources", kind, rest @ ..]) => {
@@ -197,18 +232,18 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
                 "heartbeat" => controller
                     .heartbeat(ns, svc, id)
                     .await
-                    .map(|()| json!({ "ok": true })),
-                "drain" => controller.drain(ns, svc, id).await.map(|i| json!(i)),
+                    .map(|()| reply(StatusCode::OK, &DONE)),
+                "drain" => controller
+                    .drain(ns, svc, id)
+                    .await
+                    .map(|i| reply(StatusCode::OK, &i)),
                 _ => return error(StatusCode::NOT_FOUND, "no such API path"),
             };
-            match result {
-                Ok(v) => reply(StatusCode::OK, &v),
-                Err(e) => control_error(e),
-            }
+            result.unwrap_or_else(control_error)
         }
         (&Method::DELETE, ["v1", "instances", ns, svc, id]) => {
             match controller.deregister(ns, svc, id).await {
-                Ok(()) => reply(StatusCode::OK, &json!({ "ok": true })),
+                Ok(()) => reply(StatusCode::OK, &DONE),
                 Err(e) => control_error(e),
             }
         }
@@ -232,7 +267,7 @@ fn metrics(controller: &Controller) -> Response<Body> {
 /// What an apply or a delete did, or why it did nothing.
 fn results(result: Result<Vec<Applied>, ControlError>) -> Response<Body> {
     match result {
-        Ok(results) => reply(StatusCode::OK, &json!({ "results": results })),
+        Ok(results) => reply(StatusCode::OK, &Results { results }),
         Err(e) => control_error(e),
     }
 }
@@ -277,18 +312,16 @@ fn list_resources(controller: &Controller, kind: Kind, req: &Request<Incoming>) 
         .filter(|n| !n.is_empty());
     reply(
         StatusCode::OK,
-        &json!({ "items": controller.list(kind, ns) }),
+        &Items {
+            items: controller.list(kind, ns),
+        },
     )
 }
 
 /// `GET /v1/resources/KIND/NS/NAME`.
 fn get_resource(controller: &Controller, kind: Kind, ns: &str, name: &str) -> Response<Body> {
     let key = ResourceKey::new(kind, ns, name);
-    let found = controller
-        .list(kind, Some(&key.namespace))
-        .into_iter()
-        .find(|m| m.metadata.name == name);
-    match found {
+    match controller.get(&key) {
         Some(m) => reply(StatusCode::OK, &m),
         None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
     }
@@ -333,5 +366,5 @@ fn list_instances(controller: &Controller, req: &Request<Incoming>) -> Response<
         .filter(|i| matches(q.get("namespace"), &i.namespace))
         .filter(|i| matches(q.get("service"), &i.service))
         .collect();
-    reply(StatusCode::OK, &json!({ "items": items }))
+    reply(StatusCode::OK, &Items { items })
 }

@@ -499,8 +499,26 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
         b.uses.insert(mesh.clone());
     }
     let mut listeners = Vec::new();
+    listeners.extend(ingress(&mut b, &spec));
+    listeners.push(egress(&mut b, &spec, node));
+    let mut snapshot = pb::Snapshot {
+        version: String::new(),
+        listeners,
+        clusters: b.clusters.into_values().collect(),
+    };
+    snapshot.version = version(&snapshot);
+    Some(Translated {
+        snapshot,
+        uses: b.uses,
+        sources: b.sources,
+        problems: Vec::new(),
+        withheld: None,
+    })
+}
 
-    // Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did.
+/// Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did (one
+/// `local:<port>` cluster each); None for a node without listeners.
+fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> {
     let locals: Vec<(i64, &str)> = spec
         .listeners
         .iter()
@@ -521,7 +539,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
         );
     }
     if let [(port, "tcp")] = locals.as_slice() {
-        listeners.push(pb::Listener {
+        return Some(pb::Listener {
             name: "ingress".into(),
             role: pb::listener::Role::Ingress as i32,
             protocol: pb::listener::Protocol::Tcp as i32,
@@ -531,49 +549,50 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
             }),
             ..Default::default()
         });
-    } else if !locals.is_empty() {
-        let many = locals.len() > 1;
-        let mut routes: Vec<pb::Route> = locals
-            .iter()
-            .map(|(port, _)| pb::Route {
-                name: format!("inbound:{port}"),
-                r#match: many.then(|| pb::RouteMatch {
-                    port: u32::try_from(*port).unwrap_or(0),
-                    ..Default::default()
-                }),
-                action: Some(pb::RouteAction {
-                    weighted_targets: to_local(*port),
-                    ..Default::default()
-                }),
+    }
+    let (first, _) = locals.first()?;
+    let many = locals.len() > 1;
+    let mut routes: Vec<pb::Route> = locals
+        .iter()
+        .map(|(port, _)| pb::Route {
+            name: format!("inbound:{port}"),
+            r#match: many.then(|| pb::RouteMatch {
+                port: u32::try_from(*port).unwrap_or(0),
                 ..Default::default()
-            })
-            .collect();
-        if many {
-            // Requests whose authority names no listener port go to the first listener.
-            let (port, _) = locals[0];
-            routes.push(pb::Route {
-                name: "inbound:default".into(),
-                priority: 1,
-                action: Some(pb::RouteAction {
-                    weighted_targets: to_local(port),
-                    ..Default::default()
-                }),
+            }),
+            action: Some(pb::RouteAction {
+                weighted_targets: to_local(*port),
                 ..Default::default()
-            });
-        }
-        listeners.push(pb::Listener {
-            name: "ingress".into(),
-            role: pb::listener::Role::Ingress as i32,
-            virtual_hosts: vec![pb::VirtualHost {
-                name: "inbound".into(),
-                domains: vec!["*".into()],
-                routes,
-            }],
+            }),
+            ..Default::default()
+        })
+        .collect();
+    if many {
+        // Requests whose authority names no listener port go to the first listener.
+        routes.push(pb::Route {
+            name: "inbound:default".into(),
+            priority: 1,
+            action: Some(pb::RouteAction {
+                weighted_targets: to_local(*first),
+                ..Default::default()
+            }),
             ..Default::default()
         });
     }
+    Some(pb::Listener {
+        name: "ingress".into(),
+        role: pb::listener::Role::Ingress as i32,
+        virtual_hosts: vec![pb::VirtualHost {
+            name: "inbound".into(),
+            domains: vec!["*".into()],
+            routes,
+        }],
+        ..Default::default()
+    })
+}
 
-    // Egress: the backends the node declares, and only those.
+/// Egress: the backends the node declares, and only those.
+fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb::Listener {
     let mut hosts = Vec::new();
     for backend in &spec.backends {
         let r = &backend.virtual_service.virtual_service_ref;
@@ -582,26 +601,12 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
             hosts.push(vh);
         }
     }
-    listeners.push(pb::Listener {
+    pb::Listener {
         name: "egress".into(),
         role: pb::listener::Role::Egress as i32,
         virtual_hosts: hosts,
         ..Default::default()
-    });
-
-    let mut snapshot = pb::Snapshot {
-        version: String::new(),
-        listeners,
-        clusters: b.clusters.into_values().collect(),
-    };
-    snapshot.version = version(&snapshot);
-    Some(Translated {
-        snapshot,
-        uses: b.uses,
-        sources: b.sources,
-        problems: Vec::new(),
-        withheld: None,
-    })
+    }
 }
 
 /// Joins a gateway prefix and the rest of a path without doubling or dropping the slash.
@@ -756,7 +761,7 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     let mut routes: Vec<(&ResourceKey, &model::GatewayRouteSpec)> = state
         .iter()
         .filter_map(|(k, r)| match &r.spec {
-            Spec::GatewayRoute(g) => Some((k, g)),
+            Spec::GatewayRoute(g) => Some((k, &**g)),
             _ => None,
         })
         .filter(|(k, g)| match &g.virtual_gateway_ref {
@@ -852,75 +857,160 @@ fn gateway_route(
         return None;
     };
     b.uses.insert(vs_key.clone());
-    let rewrite = h.action.rewrite.clone().unwrap_or_default();
-    let prefix_rewrite = match (&h.matcher.prefix, &rewrite.prefix) {
-        (Some(_), Some(p))
-            if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
-        {
-            None
-        }
-        (Some(pg), p) => Some((
-            pg.clone(),
-            p.as_ref()
-                .and_then(|p| p.value.clone())
-                .unwrap_or_else(|| "/".into()),
-        )),
-        (None, _) => None,
+    let expansion = GatewayExpansion {
+        gr_key,
+        h,
+        rewrite: GatewayRewrites::new(h, &vs_key, vs),
+        base: i32::try_from(rank)
+            .unwrap_or(i32::MAX / 2_000)
+            .saturating_mul(2_000),
     };
-    // What the router sees instead of the gateway prefix: the rewrite, or the prefix itself.
-    let view = prefix_rewrite
-        .as_ref()
-        .map(|(p, r)| (p.as_str(), r.as_str()))
-        .or(h.matcher.prefix.as_deref().map(|p| (p, p)));
-    let host_rewrite = match rewrite
-        .hostname
-        .as_ref()
-        .and_then(|h| h.default_target_hostname.as_deref())
-    {
-        Some("DISABLED") => String::new(),
-        _ => hostname(&vs_key, vs),
-    };
-    let base = i32::try_from(rank)
-        .unwrap_or(i32::MAX / 2_000)
-        .saturating_mul(2_000);
-    let action = |targets: Vec<pb::WeightedTarget>| pb::RouteAction {
-        weighted_targets: targets,
-        path_rewrite: prefix_rewrite.as_ref().map(|(p, r)| pb::PathRewrite {
-            prefix: p.clone(),
-            replacement: r.clone(),
-        }),
-        host_rewrite: host_rewrite.clone(),
-    };
-    let mut out = Vec::new();
     let provider = vs.provider.clone().unwrap_or_default();
+    let mut out = Vec::new();
     if let Some(p) = &provider.virtual_node {
         let node = p.virtual_node_ref.key(Kind::VirtualNode, &vs_key.namespace);
-        let cluster = b.cluster(&node);
-        let any = HttpMatch {
-            prefix: Some("/".into()),
-            ..Default::default()
-        };
-        if let Some(m) = combine(&h.matcher, view, &any) {
-            route_sources
-                .entry(gr_key.name.clone())
-                .or_default()
-                .push(Source::Resource((*gr_key).clone()));
-            out.push(pb::Route {
-                name: gr_key.name.clone(),
-                priority: base,
-                r#match: Some(m),
-                action: Some(action(vec![pb::WeightedTarget { cluster, weight: 1 }])),
-                ..Default::default()
-            });
-        }
+        out.extend(expansion.to_node(b, &node, route_sources));
     } else if let Some(p) = &provider.virtual_router {
         let router_key = p
             .virtual_router_ref
             .key(Kind::VirtualRouter, &vs_key.namespace);
-        let Some(Spec::VirtualRouter(router)) = state.get(&router_key).map(|r| &r.spec) else {
+        out = expansion.through_router(b, &router_key, route_sources)?;
+    }
+    Some((gateway_host(&h.matcher), out))
+}
+
+/// The hostname a gateway route is served for: its exact or suffix match ("" = any).
+fn gateway_host(m: &model::GatewayHttpMatch) -> String {
+    match &m.hostname {
+        Some(model::HostnameMatch { exact: Some(e), .. }) => e.to_ascii_lowercase(),
+        Some(model::HostnameMatch {
+            suffix: Some(s), ..
+        }) => format!(
+            "*.{}",
+            s.trim_start_matches(['*', '.']).to_ascii_lowercase()
+        ),
+        _ => String::new(),
+    }
+}
+
+/// What a gateway route rewrites on the requests it forwards (App Mesh's defaults: the matched
+/// prefix becomes "/", the Host the target service's hostname).
+struct GatewayRewrites {
+    /// (matched prefix, replacement).
+    prefix: Option<(String, String)>,
+    /// "" keeps the Host.
+    host: String,
+}
+
+impl GatewayRewrites {
+    fn new(
+        h: &model::GatewayHttpRoute,
+        vs_key: &ResourceKey,
+        vs: &model::VirtualServiceSpec,
+    ) -> Self {
+        let rewrite = h.action.rewrite.clone().unwrap_or_default();
+        let prefix = match (&h.matcher.prefix, &rewrite.prefix) {
+            (Some(_), Some(p))
+                if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
+            {
+                None
+            }
+            (Some(pg), p) => Some((
+                pg.clone(),
+                p.as_ref()
+                    .and_then(|p| p.value.clone())
+                    .unwrap_or_else(|| "/".into()),
+            )),
+            (None, _) => None,
+        };
+        let host = match rewrite
+            .hostname
+            .as_ref()
+            .and_then(|h| h.default_target_hostname.as_deref())
+        {
+            Some("DISABLED") => String::new(),
+            _ => hostname(vs_key, vs),
+        };
+        Self { prefix, host }
+    }
+
+    /// The action forwarding to `targets` with these rewrites.
+    fn action(&self, targets: Vec<pb::WeightedTarget>) -> pb::RouteAction {
+        pb::RouteAction {
+            weighted_targets: targets,
+            path_rewrite: self.prefix.as_ref().map(|(p, r)| pb::PathRewrite {
+                prefix: p.clone(),
+                replacement: r.clone(),
+            }),
+            host_rewrite: self.host.clone(),
+        }
+    }
+}
+
+/// One gateway route being turned into proxy routes.
+struct GatewayExpansion<'a> {
+    gr_key: &'a ResourceKey,
+    h: &'a model::GatewayHttpRoute,
+    rewrite: GatewayRewrites,
+    /// Priority of its first route: gateway routes in rank order, each with room for a router's.
+    base: i32,
+}
+
+impl GatewayExpansion<'_> {
+    /// What the router sees instead of the gateway prefix: the rewrite, or the prefix itself.
+    fn view(&self) -> Option<(&str, &str)> {
+        self.rewrite
+            .prefix
+            .as_ref()
+            .map(|(p, r)| (p.as_str(), r.as_str()))
+            .or(self.h.matcher.prefix.as_deref().map(|p| (p, p)))
+    }
+
+    /// The route to a service provided by a node: all of it, to the node's cluster.
+    fn to_node(
+        &self,
+        b: &mut Builder<'_>,
+        node: &ResourceKey,
+        route_sources: &mut BTreeMap<String, Vec<Source>>,
+    ) -> Option<pb::Route> {
+        let cluster = b.cluster(node);
+        let any = HttpMatch {
+            prefix: Some("/".into()),
+            ..Default::default()
+        };
+        let m = combine(&self.h.matcher, self.view(), &any)?;
+        let gr_key = self.gr_key;
+        route_sources
+            .entry(gr_key.name.clone())
+            .or_default()
+            .push(Source::Resource(gr_key.clone()));
+        Some(pb::Route {
+            name: gr_key.name.clone(),
+            priority: self.base,
+            r#match: Some(m),
+            action: Some(
+                self.rewrite
+                    .action(vec![pb::WeightedTarget { cluster, weight: 1 }]),
+            ),
+            ..Default::default()
+        })
+    }
+
+    /// The routes to a service provided by a router: each router route the gateway route's
+    /// match can reach, narrowed to both, with the router route's targets and policies; None
+    /// when the router is missing.
+    fn through_router(
+        &self,
+        b: &mut Builder<'_>,
+        router_key: &ResourceKey,
+        route_sources: &mut BTreeMap<String, Vec<Source>>,
+    ) -> Option<Vec<pb::Route>> {
+        let state = b.state;
+        let Some(Spec::VirtualRouter(router)) = state.get(router_key).map(|r| &r.spec) else {
             return None;
         };
         b.uses.insert(router_key.clone());
+        let mut out = Vec::new();
         for route in &router.routes {
             let grpc_match;
             let rh_match = match (
@@ -934,45 +1024,37 @@ fn gateway_route(
                 }
                 (None, None) => continue,
             };
-            let Some(m) = combine(&h.matcher, view, rh_match) else {
+            let Some(m) = combine(&self.h.matcher, self.view(), rh_match) else {
                 continue;
             };
-            let translated = b.route(&router_key, route);
-            let name = format!("{}/{}", gr_key.name, translated.name);
+            let translated = b.route(router_key, route);
+            let name = format!("{}/{}", self.gr_key.name, translated.name);
             route_sources.entry(name.clone()).or_default().extend([
-                Source::Resource((*gr_key).clone()),
+                Source::Resource(self.gr_key.clone()),
                 Source::Resource(router_key.clone()),
             ]);
             out.push(pb::Route {
                 name,
-                priority: base.saturating_add(
+                priority: self.base.saturating_add(
                     route
                         .priority
                         .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
                 ),
                 r#match: Some(m),
-                action: Some(action(
-                    translated
-                        .action
-                        .map(|a| a.weighted_targets)
-                        .unwrap_or_default(),
-                )),
+                action: Some(
+                    self.rewrite.action(
+                        translated
+                            .action
+                            .map(|a| a.weighted_targets)
+                            .unwrap_or_default(),
+                    ),
+                ),
                 retry_policy: translated.retry_policy,
                 timeout: translated.timeout,
             });
         }
+        Some(out)
     }
-    let host = match &h.matcher.hostname {
-        Some(model::HostnameMatch { exact: Some(e), .. }) => e.to_ascii_lowercase(),
-        Some(model::HostnameMatch {
-            suffix: Some(s), ..
-        }) => format!(
-            "*.{}",
-            s.trim_start_matches(['*', '.']).to_ascii_lowercase()
-        ),
-        _ => String::new(),
-    };
-    Some((host, out))
 }
 
 /// A content hash of the snapshot (its version field left empty).
@@ -996,7 +1078,7 @@ mod tests {
         let mut state = State::new();
         for m in parse_documents(yaml).unwrap() {
             let r = validate::admit(m, None).unwrap();
-            state.insert(r.key.clone(), r);
+            state.insert(r.key.clone(), r.into());
         }
         assert_eq!(validate::check(&state, &HashMap::new()), vec![]);
         state

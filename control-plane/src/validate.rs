@@ -4,11 +4,12 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
+    sync::Arc,
 };
 
 use crate::model::{
     API_VERSION, DEFAULT_NAMESPACE, Duration, GatewayRouteSpec, HeaderMatch, HttpMatch, Kind,
-    Listener, Manifest, Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts,
+    Listener, Manifest, Metadata, Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts,
     VirtualGatewaySpec, VirtualNodeSpec, VirtualRouterSpec, VirtualServiceSpec, parse_spec,
 };
 use crate::registry;
@@ -47,16 +48,43 @@ impl fmt::Display for Problem {
     }
 }
 
-/// A resource with its parsed spec.
+/// A resource as the control plane holds it: its metadata and its spec, parsed once and kept
+/// typed (the manifest's JSON is not kept beside it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub key: ResourceKey,
-    pub manifest: Manifest,
+    /// As stored: `resourceVersion` is never set here (see `revision`).
+    pub metadata: Metadata,
     pub spec: Spec,
+    /// The store revision of the resource's last change; 0 before it is stored.
+    pub revision: u64,
 }
 
-/// Every resource, by key.
-pub type State = BTreeMap<ResourceKey, Resource>;
+impl Resource {
+    /// Whether `other` says the same thing (ignoring server-set metadata).
+    pub fn same(&self, other: &Resource) -> bool {
+        self.spec == other.spec
+            && self.metadata.labels == other.metadata.labels
+            && self.metadata.annotations == other.metadata.annotations
+    }
+}
+
+/// Serialises as the manifest that is stored (and, with a `resourceVersion` and status, served):
+/// `apiVersion`, `kind`, `metadata`, `spec`.
+impl serde::Serialize for Resource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut m = serializer.serialize_struct("Manifest", 4)?;
+        m.serialize_field("apiVersion", API_VERSION)?;
+        m.serialize_field("kind", self.key.kind.as_str())?;
+        m.serialize_field("metadata", &self.metadata)?;
+        m.serialize_field("spec", &self.spec)?;
+        m.end()
+    }
+}
+
+/// Every resource, by key. Resources are shared between views: a change replaces its own.
+pub type State = BTreeMap<ResourceKey, Arc<Resource>>;
 
 /// Splits a YAML stream (documents separated by `---`; JSON is YAML too) into manifests. Empty
 /// documents are skipped; a document that is not a manifest is an error naming its index.
@@ -153,7 +181,7 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             format!("{namespace:?} is not a valid namespace"),
         );
     }
-    let spec = match parse_spec(kind, &manifest.spec) {
+    let spec = match parse_spec(kind, std::mem::take(&mut manifest.spec)) {
         Ok(s) => Some(s),
         Err((path, reason)) => {
             p(&path, reason);
@@ -172,11 +200,11 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             } else {
                 manifest.metadata.namespace = None;
             }
-            manifest.status = None;
             Ok(Resource {
                 key,
-                manifest,
+                metadata: manifest.metadata,
                 spec,
+                revision: 0,
             })
         }
         _ => Err(problems),
@@ -187,14 +215,20 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
 /// document they came from.
 pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem> {
     let mut problems = Vec::new();
+    // Meshes sort first (kind, then namespace and name).
     let meshes: Vec<&str> = state
         .keys()
-        .filter(|k| k.kind == Kind::Mesh)
+        .take_while(|k| k.kind == Kind::Mesh)
         .map(|k| k.name.as_str())
         .collect();
+    let only_mesh = match meshes.as_slice() {
+        [only] => Some(*only),
+        _ => None,
+    };
     for (key, resource) in state {
         let mut c = Checker {
             state,
+            only_mesh,
             key,
             problems: Vec::new(),
         };
@@ -227,19 +261,17 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
 }
 
 /// The mesh a resource belongs to: its meshRef, or the only mesh.
-fn mesh_of<'a>(state: &'a State, spec: &'a Spec) -> Option<&'a str> {
-    if let Some(m) = spec.mesh_ref() {
-        return Some(&m.name);
-    }
-    let mut meshes = state.keys().filter(|k| k.kind == Kind::Mesh);
-    match (meshes.next(), meshes.next()) {
-        (Some(only), None) => Some(&only.name),
-        _ => None,
+fn mesh_of<'a>(only_mesh: Option<&'a str>, spec: &'a Spec) -> Option<&'a str> {
+    match spec.mesh_ref() {
+        Some(m) => Some(&m.name),
+        None => only_mesh,
     }
 }
 
 struct Checker<'a> {
     state: &'a State,
+    /// The mesh, when there is exactly one.
+    only_mesh: Option<&'a str>,
     key: &'a ResourceKey,
     problems: Vec<(String, String)>,
 }
@@ -269,8 +301,8 @@ impl Checker<'_> {
         let here = self
             .state
             .get(self.key)
-            .and_then(|r| mesh_of(self.state, &r.spec));
-        let there = mesh_of(self.state, &found.spec);
+            .and_then(|r| mesh_of(self.only_mesh, &r.spec));
+        let there = mesh_of(self.only_mesh, &found.spec);
         if let (Some(here), Some(there)) = (here, there) {
             if here != there {
                 self.err(
@@ -795,7 +827,7 @@ mod tests {
             match admit(m, Some(i)) {
                 Ok(r) => {
                     origin.insert(r.key.clone(), i);
-                    state.insert(r.key.clone(), r);
+                    state.insert(r.key.clone(), r.into());
                 }
                 Err(p) => problems.extend(p),
             }
@@ -849,10 +881,7 @@ spec:
         let state = state_of(GOOD).unwrap();
         assert_eq!(state.len(), 4);
         let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
-        assert_eq!(
-            state[&vs].manifest.metadata.namespace.as_deref(),
-            Some("default")
-        );
+        assert_eq!(state[&vs].metadata.namespace.as_deref(), Some("default"));
     }
 
     #[test]

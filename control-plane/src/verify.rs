@@ -280,7 +280,7 @@ mod tests {
         let mut state = validate::State::new();
         for m in parse_documents(MESH).unwrap() {
             let r = validate::admit(m, None).unwrap();
-            state.insert(r.key.clone(), r);
+            state.insert(r.key.clone(), r.into());
         }
         let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
         translate::sidecar(&state, instances, &node).unwrap()

@@ -6,13 +6,17 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{Arc, Weak},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::Mutex;
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
-use tokio::sync::{broadcast, mpsc};
+use tokio::{
+    sync::{broadcast, mpsc},
+    // Tokio's clock, so that tests on paused time can run leases out.
+    time::Instant,
+};
 
 use super::{
     BoxFuture, Change, Event, EventKind, Expect, KeyValue, LeaseId, Listing, Op, Store, StoreError,
@@ -23,6 +27,11 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
+
+/// redb's page cache. Its default (1 GiB) keeps the whole file in memory once read; the
+/// controller holds the decoded view itself and reads the file back only at start and for
+/// watch backlogs, so a small cache serves.
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Changes kept for watches that resume from a revision.
 const LOG_RETAIN: u64 = 10_000;
@@ -128,7 +137,10 @@ impl EmbeddedStore {
     /// expires leases.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(backend)?;
-        let db = Database::create(dir.join("registry.redb")).map_err(backend)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(dir.join("registry.redb"))
+            .map_err(backend)?;
         // Make sure every table exists, and give persisted leases a fresh TTL.
         let txn = db.begin_write().map_err(backend)?;
         let mut deadlines = HashMap::new();
@@ -236,81 +248,9 @@ impl Inner {
 
             // Check every expectation before changing anything.
             for op in &ops {
-                let key = op.key();
-                let expect = match op {
-                    Op::Put { expect, lease, .. } => {
-                        if let Some(l) = lease {
-                            if leases.get(*l).map_err(backend)?.is_none() {
-                                return Err(StoreError::LeaseNotFound(*l));
-                            }
-                        }
-                        *expect
-                    }
-                    Op::Delete { expect, .. } => *expect,
-                };
-                let existing = kv
-                    .get(key)
-                    .map_err(backend)?
-                    .map(|v| decode_value(key, v.value()))
-                    .transpose()?;
-                let conflict = match (expect, &existing) {
-                    (Expect::Any, _) => None,
-                    (Expect::Absent, Some(kv)) => {
-                        Some(format!("exists at revision {}", kv.mod_revision))
-                    }
-                    (Expect::Absent, None) => None,
-                    (Expect::Revision(r), Some(kv)) if kv.mod_revision != r => {
-                        Some(format!("expected revision {r}, found {}", kv.mod_revision))
-                    }
-                    (Expect::Revision(_), Some(_)) => None,
-                    (Expect::Revision(r), None) => {
-                        Some(format!("expected revision {r}, found none"))
-                    }
-                };
-                if let Some(reason) = conflict {
-                    return Err(StoreError::Conflict {
-                        key: key.to_string(),
-                        reason,
-                    });
-                }
+                check(&kv, &leases, op)?;
             }
-
-            let mut events = Vec::with_capacity(ops.len());
-            for op in ops {
-                match op {
-                    Op::Put {
-                        key, value, lease, ..
-                    } => {
-                        kv.insert(
-                            key.as_str(),
-                            encode_value(revision, lease, &value).as_slice(),
-                        )
-                        .map_err(backend)?;
-                        events.push(Event {
-                            kind: EventKind::Put,
-                            kv: KeyValue {
-                                key,
-                                value,
-                                mod_revision: revision,
-                                lease,
-                            },
-                        });
-                    }
-                    Op::Delete { key, .. } => {
-                        if kv.remove(key.as_str()).map_err(backend)?.is_some() {
-                            events.push(Event {
-                                kind: EventKind::Delete,
-                                kv: KeyValue {
-                                    key,
-                                    value: Vec::new(),
-                                    mod_revision: revision,
-                                    lease: None,
-                                },
-                            });
-                        }
-                    }
-                }
-            }
+            let events = write(&mut kv, ops, revision)?;
             if events.is_empty() {
                 return Ok(current);
             }
@@ -417,6 +357,87 @@ impl Inner {
         self.deadlines.lock().remove(&lease);
         Ok(())
     }
+}
+
+type KvTable<'txn> = redb::Table<'txn, &'static str, &'static [u8]>;
+
+/// Fails unless `op`'s expectation holds (and its lease exists).
+fn check(kv: &KvTable<'_>, leases: &redb::Table<'_, u64, u64>, op: &Op) -> Result<(), StoreError> {
+    let key = op.key();
+    let expect = match op {
+        Op::Put { expect, lease, .. } => {
+            if let Some(l) = lease {
+                if leases.get(*l).map_err(backend)?.is_none() {
+                    return Err(StoreError::LeaseNotFound(*l));
+                }
+            }
+            *expect
+        }
+        Op::Delete { expect, .. } => *expect,
+    };
+    let existing = kv
+        .get(key)
+        .map_err(backend)?
+        .map(|v| decode_value(key, v.value()))
+        .transpose()?;
+    let conflict = match (expect, &existing) {
+        (Expect::Any, _) => None,
+        (Expect::Absent, Some(kv)) => Some(format!("exists at revision {}", kv.mod_revision)),
+        (Expect::Absent, None) => None,
+        (Expect::Revision(r), Some(kv)) if kv.mod_revision != r => {
+            Some(format!("expected revision {r}, found {}", kv.mod_revision))
+        }
+        (Expect::Revision(_), Some(_)) => None,
+        (Expect::Revision(r), None) => Some(format!("expected revision {r}, found none")),
+    };
+    match conflict {
+        Some(reason) => Err(StoreError::Conflict {
+            key: key.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Applies `ops` at `revision`; the events they make (deleting a missing key makes none).
+fn write(kv: &mut KvTable<'_>, ops: Vec<Op>, revision: u64) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Put {
+                key, value, lease, ..
+            } => {
+                kv.insert(
+                    key.as_str(),
+                    encode_value(revision, lease, &value).as_slice(),
+                )
+                .map_err(backend)?;
+                events.push(Event {
+                    kind: EventKind::Put,
+                    kv: KeyValue {
+                        key,
+                        value,
+                        mod_revision: revision,
+                        lease,
+                    },
+                });
+            }
+            Op::Delete { key, .. } => {
+                if kv.remove(key.as_str()).map_err(backend)?.is_some() {
+                    events.push(Event {
+                        kind: EventKind::Delete,
+                        kv: KeyValue {
+                            key,
+                            value: Vec::new(),
+                            mod_revision: revision,
+                            lease: None,
+                        },
+                    });
+                }
+            }
+        }
+    }
+    Ok(events)
 }
 
 /// Runs a blocking store call off the async workers.

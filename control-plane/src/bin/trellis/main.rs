@@ -2,6 +2,8 @@
 
 #![allow(clippy::print_stdout)]
 
+mod demo;
+
 use std::{
     io::Read as _,
     path::{Path, PathBuf},
@@ -10,20 +12,17 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use serde::{Deserialize as _, Serialize};
+use serde_json::Value;
 use trellis_control::{
     client::{ApiClient, ClientError},
-    controller::Applied,
-    model::Kind,
+    controller::Usage,
+    model::{Kind, Manifest},
+    registry::{Instance, InstanceStatus, Registration},
+    server::{ErrorBody, Items, Results},
     status::Status,
     validate::{self, State, parse_documents},
 };
-
-/// The results of an apply or a delete.
-#[derive(Debug, serde::Deserialize)]
-struct Results {
-    results: Vec<Applied>,
-}
 
 /// An API response as its type.
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<T> {
@@ -271,24 +270,24 @@ fn join(sources: &[Source]) -> anyhow::Result<(String, Vec<(String, usize)>)> {
 
 fn explain(err: ClientError, origin: &[(String, usize)]) -> anyhow::Error {
     if let ClientError::Api { body, .. } = &err {
-        if let Some(problems) = body["problems"].as_array() {
+        let problems = ErrorBody::deserialize(body)
+            .map(|b| b.problems)
+            .unwrap_or_default();
+        if !problems.is_empty() {
             let lines: Vec<String> = problems
                 .iter()
                 .map(|p| {
-                    let place = p["document"]
-                        .as_u64()
-                        .and_then(|d| origin.get(usize::try_from(d).ok()?))
+                    let place = p
+                        .document
+                        .and_then(|d| origin.get(d))
                         .map(|(file, i)| format!("{file} document {i}: "))
                         .unwrap_or_default();
-                    let resource = p["resource"]
-                        .as_str()
+                    let resource = p
+                        .resource
+                        .as_deref()
                         .map(|r| format!("{r}: "))
                         .unwrap_or_default();
-                    format!(
-                        "{place}{resource}{}: {}",
-                        p["path"].as_str().unwrap_or(""),
-                        p["reason"].as_str().unwrap_or("")
-                    )
+                    format!("{place}{resource}{}: {}", p.path, p.reason)
                 })
                 .collect();
             return anyhow::anyhow!("rejected, nothing changed:\n  {}", lines.join("\n  "));
@@ -325,7 +324,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn print_value(output: Output, value: &Value) -> anyhow::Result<()> {
+fn print_value(output: Output, value: &impl Serialize) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
         _ => print!("{}", serde_yaml_ng::to_string(value)?),
@@ -333,20 +332,12 @@ fn print_value(output: Output, value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Validate { files } = &cli.command {
         return validate_offline(files);
     }
     if let Command::Demo { step_seconds } = &cli.command {
-        return trellis_control::demo::run(std::time::Duration::from_secs(*step_seconds)).await;
+        return demo::run(std::time::Duration::from_secs(*step_seconds)).await;
     }
     let api = ApiClient::new(&cli.server)?;
     match cli.command {
@@ -442,15 +433,19 @@ async fn get(
     output: Output,
 ) -> anyhow::Result<()> {
     let kind = kind_of(&kind)?;
-    let value = match &name {
+    let manifests: Vec<Manifest> = match &name {
         Some(name) => {
             let ns = if kind.namespaced() {
                 namespace.as_str()
             } else {
                 "_"
             };
-            api.get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
-                .await?
+            let path = format!("/v1/resources/{}/{ns}/{name}", kind.lower());
+            let one: Manifest = typed(api.get(&path).await?)?;
+            if !matches!(output, Output::Table) {
+                return print_value(output, &one);
+            }
+            vec![one]
         }
         None => {
             let ns = if all_namespaces {
@@ -458,42 +453,40 @@ async fn get(
             } else {
                 namespace.clone()
             };
-            api.get(&format!("/v1/resources/{}?namespace={ns}", kind.lower()))
-                .await?["items"]
-                .clone()
+            let path = format!("/v1/resources/{}?namespace={ns}", kind.lower());
+            let items = typed::<Items<Manifest>>(api.get(&path).await?)?.items;
+            if !matches!(output, Output::Table) {
+                return print_value(output, &items);
+            }
+            items
         }
     };
-    match output {
-        Output::Table => {
-            let items = match &value {
-                Value::Array(a) => a.clone(),
-                one => vec![one.clone()],
-            };
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|m| {
-                    vec![
-                        m["metadata"]["namespace"]
-                            .as_str()
-                            .unwrap_or("-")
-                            .to_string(),
-                        s(&m["metadata"]["name"]),
-                        format!(
-                            "{}/{}",
-                            m["status"]["applied"].as_u64().unwrap_or(0),
-                            m["status"]["proxies"].as_u64().unwrap_or(0)
-                        ),
-                        s(&m["metadata"]["creationTimestamp"]),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                println!("No {} found.", kind.lower());
-            } else {
-                print_table(&["NAMESPACE", "NAME", "APPLIED/PROXIES", "CREATED"], &rows);
-            }
-        }
-        other => print_value(other, &value)?,
+    let rows: Vec<Vec<String>> = manifests
+        .iter()
+        .map(|m| {
+            let usage = m
+                .status
+                .as_ref()
+                .and_then(|s| Usage::deserialize(s).ok())
+                .unwrap_or(Usage {
+                    proxies: 0,
+                    applied: 0,
+                });
+            vec![
+                m.metadata.namespace.clone().unwrap_or_else(|| "-".into()),
+                m.metadata.name.clone(),
+                format!("{}/{}", usage.applied, usage.proxies),
+                m.metadata
+                    .creation_timestamp
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("No {} found.", kind.lower());
+    } else {
+        print_table(&["NAMESPACE", "NAME", "APPLIED/PROXIES", "CREATED"], &rows);
     }
     Ok(())
 }
@@ -510,10 +503,11 @@ async fn describe(
     } else {
         "_"
     };
-    let value = api
-        .get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
-        .await?;
-    print_value(Output::Yaml, &value)?;
+    let manifest: Manifest = typed(
+        api.get(&format!("/v1/resources/{}/{ns}/{name}", kind.lower()))
+            .await?,
+    )?;
+    print_value(Output::Yaml, &manifest)?;
     let status: Status = typed(api.get("/v1/status").await?)?;
     println!("proxies:");
     let key_ns = if kind.namespaced() {
@@ -544,11 +538,10 @@ async fn describe(
 }
 
 async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
-    let value = api.get("/v1/status").await?;
+    let status: Status = typed(api.get("/v1/status").await?)?;
     if !matches!(output, Output::Table) {
-        return print_value(output, &value);
+        return print_value(output, &status);
     }
-    let status: Status = typed(value)?;
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let rows: Vec<Vec<String>> = status
         .proxies
@@ -633,17 +626,23 @@ async fn instances(api: &ApiClient, command: InstancesCommand) -> anyhow::Result
             attrs,
             ttl,
         } => {
-            let mut attributes = serde_json::Map::new();
+            let mut attributes = std::collections::BTreeMap::new();
             for a in attrs {
                 let (k, v) = a
                     .split_once('=')
                     .with_context(|| format!("--attr {a:?}: give KEY=VALUE"))?;
-                attributes.insert(k.to_string(), Value::String(v.to_string()));
+                attributes.insert(k.to_string(), v.to_string());
             }
-            let body = json!({
-                "namespace": namespace, "service": service, "id": id, "address": address, "port": port,
-                "attributes": attributes, "ttlSeconds": ttl.map(|t| t.as_secs().max(1)),
-            });
+            let body = Registration {
+                namespace: namespace.clone(),
+                service: service.clone(),
+                id: id.clone(),
+                address,
+                port: port.into(),
+                attributes,
+                status: InstanceStatus::Healthy,
+                ttl_seconds: ttl.map(|t| t.as_secs().max(1).into()),
+            };
             api.post("/v1/instances", serde_json::to_vec(&body)?)
                 .await
                 .map_err(|e| explain(e, &[]))?;
@@ -666,37 +665,30 @@ async fn instances(api: &ApiClient, command: InstancesCommand) -> anyhow::Result
             service,
             output,
         } => {
-            let value = api
-                .get(&format!(
-                    "/v1/instances?namespace={}&service={}",
-                    namespace.unwrap_or_default(),
-                    service.unwrap_or_default()
-                ))
-                .await?["items"]
-                .clone();
+            let path = format!(
+                "/v1/instances?namespace={}&service={}",
+                namespace.unwrap_or_default(),
+                service.unwrap_or_default()
+            );
+            let items = typed::<Items<Instance>>(api.get(&path).await?)?.items;
             if !matches!(output, Output::Table) {
-                return print_value(output, &value);
+                return print_value(output, &items);
             }
-            let rows: Vec<Vec<String>> = value
-                .as_array()
-                .into_iter()
-                .flatten()
+            let rows: Vec<Vec<String>> = items
+                .iter()
                 .map(|i| {
-                    let attrs: Vec<String> = i["attributes"]
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .map(|(k, v)| format!("{k}={}", s(v)))
+                    let attrs: Vec<String> = i
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
                         .collect();
                     vec![
-                        s(&i["namespace"]),
-                        s(&i["service"]),
-                        s(&i["id"]),
-                        format!("{}:{}", s(&i["address"]), s(&i["port"])),
-                        s(&i["status"]).to_ascii_uppercase(),
-                        i["ttlSeconds"]
-                            .as_u64()
-                            .map_or("-".into(), |t| format!("{t}s")),
+                        i.namespace.clone(),
+                        i.service.clone(),
+                        i.id.clone(),
+                        format!("{}:{}", i.address, i.port),
+                        i.status.as_str().to_ascii_uppercase(),
+                        i.ttl_seconds.map_or("-".into(), |t| format!("{t}s")),
                         attrs.join(","),
                     ]
                 })
@@ -733,7 +725,7 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
         match validate::admit(m, Some(i)) {
             Ok(r) => {
                 index.insert(r.key.clone(), i);
-                state.insert(r.key.clone(), r);
+                state.insert(r.key.clone(), r.into());
             }
             Err(p) => problems.extend(p),
         }

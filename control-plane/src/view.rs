@@ -1,0 +1,151 @@
+//! The control plane's view of the store: every resource, parsed once and kept typed, and every
+//! registered instance, as of one store revision. It is read whole once at start (or after the
+//! store's watch was lost) and from then on changed in place by each revision's events: a write's
+//! own events come from the writer (no decoding), others' from the store's watch.
+
+use std::sync::Arc;
+
+use crate::{
+    model::{Manifest, ResourceKey},
+    registry::{self, Instance},
+    store::{Change, EventKind, KeyValue, Store, StoreError},
+    validate::{self, Resource, State},
+};
+
+/// The key whose revision guards resource writes. Every apply and delete of resources rewrites
+/// it, expecting the revision its view holds, so a write validated against a view the store has
+/// moved past fails with a conflict instead of landing; instance writes leave it alone.
+pub const GUARD_KEY: &str = "meta/resources";
+
+const RESOURCES: &str = "resources/";
+
+/// The state the control plane serves, as of one store revision. Cloning is cheap: a change
+/// copies only the half (resources or instances) it touches, and only when an older view is
+/// still held.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub revision: u64,
+    pub state: Arc<State>,
+    /// In store key order.
+    pub instances: Arc<Vec<Instance>>,
+    /// The revision of [`GUARD_KEY`]; none before the first resource write.
+    pub guard: Option<u64>,
+}
+
+/// One key's change, decoded.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A resource's new version, or its removal.
+    Resource(ResourceKey, Option<Arc<Resource>>),
+    /// An instance by store key: its new version, or its removal.
+    Instance(String, Option<Instance>),
+    /// The guard key's new revision, or its removal.
+    Guard(Option<u64>),
+}
+
+impl View {
+    /// Reads the whole view from the store, in one listing (one revision).
+    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let listing = store.list("").await?;
+        let mut view = View {
+            revision: listing.revision,
+            ..View::default()
+        };
+        for kv in listing.items {
+            if let Some(update) = decode(kv, EventKind::Put) {
+                view.update(update);
+            }
+        }
+        Ok(view)
+    }
+
+    /// Applies one key's change.
+    pub fn update(&mut self, update: Update) {
+        match update {
+            Update::Resource(key, Some(r)) => {
+                Arc::make_mut(&mut self.state).insert(key, r);
+            }
+            Update::Resource(key, None) => {
+                if self.state.contains_key(&key) {
+                    Arc::make_mut(&mut self.state).remove(&key);
+                }
+            }
+            Update::Instance(key, instance) => {
+                let at = self
+                    .instances
+                    .binary_search_by(|i| i.store_key().as_str().cmp(key.as_str()));
+                match (at, instance) {
+                    (Ok(at), Some(i)) => {
+                        if let Some(slot) = Arc::make_mut(&mut self.instances).get_mut(at) {
+                            *slot = i;
+                        }
+                    }
+                    (Err(at), Some(i)) => Arc::make_mut(&mut self.instances).insert(at, i),
+                    (Ok(at), None) => {
+                        Arc::make_mut(&mut self.instances).remove(at);
+                    }
+                    (Err(_), None) => {}
+                }
+            }
+            Update::Guard(revision) => self.guard = revision,
+        }
+    }
+}
+
+/// The updates of one store revision, decoded (keys the view does not hold are left out).
+pub fn decode_change(change: Change) -> (u64, Vec<Update>) {
+    let updates = change
+        .events
+        .into_iter()
+        .filter_map(|e| decode(e.kv, e.kind))
+        .collect();
+    (change.revision, updates)
+}
+
+/// One key's change as an update. A value that cannot be read is logged and leaves the view
+/// without that key, as if it were absent (a full reload would skip it too).
+fn decode(kv: KeyValue, kind: EventKind) -> Option<Update> {
+    let put = kind == EventKind::Put;
+    if kv.key == GUARD_KEY {
+        return Some(Update::Guard(put.then_some(kv.mod_revision)));
+    }
+    if kv.key.starts_with(RESOURCES) {
+        let key = ResourceKey::from_store_key(&kv.key)?;
+        let resource = put.then(|| decode_resource(&kv)).flatten();
+        return Some(Update::Resource(key, resource.map(Arc::new)));
+    }
+    if kv.key.starts_with(registry::PREFIX) {
+        let instance = put.then(|| decode_instance(&kv)).flatten();
+        return Some(Update::Instance(kv.key, instance));
+    }
+    None
+}
+
+fn decode_resource(kv: &KeyValue) -> Option<Resource> {
+    let parsed = serde_json::from_slice::<Manifest>(&kv.value)
+        .map_err(|e| e.to_string())
+        .and_then(|m| validate::admit(m, None).map_err(|p| format!("{p:?}")));
+    match parsed {
+        Ok(mut r) => {
+            r.revision = kv.mod_revision;
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable resource");
+            None
+        }
+    }
+}
+
+fn decode_instance(kv: &KeyValue) -> Option<Instance> {
+    match serde_json::from_slice::<Instance>(&kv.value) {
+        Ok(mut i) => {
+            i.lease = kv.lease;
+            Some(i)
+        }
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable instance");
+            None
+        }
+    }
+}
