@@ -1,9 +1,7 @@
 //! trellis-control: the registry, the mesh API, validation, translation to per-proxy snapshots
 //! and the config stream that pushes them.
 
-pub mod client;
 pub mod controller;
-pub mod demo;
 pub mod metrics;
 pub mod model;
 pub mod push;

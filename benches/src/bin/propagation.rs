@@ -21,12 +21,19 @@ use tokio::{
     io::AsyncBufReadExt as _,
     sync::{Notify, mpsc},
 };
-use trellis_control::client::ApiClient;
 use trellis_proto::v1::{
     Ack, Hello, ProxyMessage, config_stream_client::ConfigStreamClient, proxy_message::Kind as Msg,
 };
 
-const MESH: &str = include_str!("../../../examples/colorapp/mesh.yaml");
+// The CLI's own API client and demo manifests, shared by path (they are not in the library).
+#[path = "../../../control-plane/src/bin/trellis/client.rs"]
+#[allow(dead_code)]
+mod client;
+#[path = "../../../control-plane/src/bin/trellis/manifests.rs"]
+mod manifests;
+
+use client::ApiClient;
+use manifests::{MESH, router_manifest};
 const ROUNDS: usize = 7;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -161,11 +168,8 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         ][round % 7];
         received.store(0, Ordering::SeqCst);
         let start = Instant::now();
-        api.post(
-            "/v1/apply",
-            trellis_control::demo::router_manifest(w).into_bytes(),
-        )
-        .await?;
+        api.post("/v1/apply", router_manifest(w).into_bytes())
+            .await?;
         // Client view: every proxy received the push and sent its ACK.
         while received.load(Ordering::SeqCst) < n {
             if tokio::time::timeout(Duration::from_secs(60), notify.notified())

@@ -20,9 +20,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpListener, process::Child};
 
-use trellis_control::{
+use crate::{
     client::ApiClient,
-    demo::{MESH, router_manifest},
+    manifests::{MESH, router_manifest},
+};
+use trellis_control::{
     registry::{InstanceStatus, Registration},
     server::Results,
     status::Status,

@@ -2,7 +2,9 @@
 
 #![allow(clippy::print_stdout)]
 
+mod client;
 mod demo;
+mod manifests;
 
 use std::{
     io::Read as _,
@@ -15,7 +17,6 @@ use clap::{Parser, Subcommand};
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 use trellis_control::{
-    client::{ApiClient, ClientError},
     controller::Usage,
     model::{Kind, Manifest},
     registry::{Instance, InstanceStatus, Registration},
@@ -23,6 +24,8 @@ use trellis_control::{
     status::Status,
     validate::{self, State, parse_documents},
 };
+
+use client::{ApiClient, ClientError};
 
 /// An API response as its type.
 fn typed<T: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<T> {

@@ -1,11 +1,11 @@
-//! The colorapp demo's manifests (`examples/colorapp/`), shared by `trellis demo` (which runs in
-//! the CLI binary, `src/bin/trellis/demo.rs`) and the config-propagation benchmark.
+//! The colorapp demo's manifests (`examples/colorapp/`), for `trellis demo` and (included by
+//! path) the config-propagation benchmark.
 
 /// `examples/colorapp/mesh.yaml`.
-pub const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
+pub(crate) const MESH: &str = include_str!("../../../../examples/colorapp/mesh.yaml");
 
 /// The colorapp VirtualRouter from `examples/colorapp/mesh.yaml` with blue/green/red weights.
-pub fn router_manifest(weights: (u32, u32, u32)) -> String {
+pub(crate) fn router_manifest(weights: (u32, u32, u32)) -> String {
     let router = MESH
         .split("\n---\n")
         .find(|d| d.contains("kind: VirtualRouter"))

@@ -1,5 +1,5 @@
-//! A small client for the control plane's HTTP API, used by the `trellis` CLI (and its demo) and
-//! the config-propagation benchmark.
+//! A small client for the control plane's HTTP API, for the `trellis` CLI and its demo (and,
+//! included by path, the config-propagation benchmark).
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("cannot reach the control plane at {server}: {reason}")]
     Unreachable { server: String, reason: String },
     #[error("invalid server URL {0:?}: give http://HOST:PORT")]
@@ -26,13 +26,13 @@ pub enum ClientError {
 }
 
 #[derive(Debug, Clone)]
-pub struct ApiClient {
+pub(crate) struct ApiClient {
     server: String,
     authority: String,
 }
 
 impl ApiClient {
-    pub fn new(server: &str) -> Result<Self, ClientError> {
+    pub(crate) fn new(server: &str) -> Result<Self, ClientError> {
         let uri: Uri = server
             .parse()
             .map_err(|_| ClientError::BadUrl(server.into()))?;
@@ -49,12 +49,8 @@ impl ApiClient {
         })
     }
 
-    pub fn server(&self) -> &str {
-        &self.server
-    }
-
     /// Sends a request; a non-2xx answer becomes [`ClientError::Api`] with the server's message.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -104,15 +100,15 @@ impl ApiClient {
         })
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call(Method::GET, path, None).await
     }
 
-    pub async fn post(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+    pub(crate) async fn post(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
         self.call(Method::POST, path, Some(body)).await
     }
 
-    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.call(Method::DELETE, path, None).await
     }
 }
