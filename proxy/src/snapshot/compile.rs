@@ -663,62 +663,12 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
             format!("must be 0..={}", retry::MAX_RETRIES),
         );
     }
-    let mut on = RetryOn::default();
-    for (i, e) in p.http_retry_events.iter().enumerate() {
-        if !on.enable(e) {
-            c.err(
-                format!("{path}.httpRetryEvents[{i}]"),
-                format!("unknown event {e:?} (server-error, gateway-error, connect-failure, reset, refused-stream, retriable-status-codes)"),
-            );
-        }
-    }
-    for (i, code) in p.retriable_status_codes.iter().enumerate() {
-        if !(100..=599).contains(code) {
-            c.err(
-                format!("{path}.retriableStatusCodes[{i}]"),
-                "must be 100..=599",
-            );
-        }
-    }
-    let mut grpc_codes = Vec::new();
-    for (i, e) in p.grpc_retry_events.iter().enumerate() {
-        match retry::grpc_event_code(e) {
-            Some(code) => grpc_codes.push(code),
-            None => c.err(
-                format!("{path}.grpcRetryEvents[{i}]"),
-                format!("unknown event {e:?} ({})", retry::grpc_event_names()),
-            ),
-        }
-    }
+    let (on, grpc_codes) = compile_retry_events(c, path, p);
     let per_try_timeout = c.duration(&format!("{path}.perTryTimeout"), p.per_try_timeout.as_ref());
     if per_try_timeout.is_some_and(|d| d.is_zero()) {
         c.err(format!("{path}.perTryTimeout"), "must be greater than 0");
     }
-    let backoff = p.backoff.as_ref();
-    let base = c
-        .duration(
-            &format!("{path}.backoff.baseInterval"),
-            backoff.and_then(|b| b.base_interval.as_ref()),
-        )
-        .unwrap_or(retry::DEFAULT_BACKOFF_BASE);
-    let max = c
-        .duration(
-            &format!("{path}.backoff.maxInterval"),
-            backoff.and_then(|b| b.max_interval.as_ref()),
-        )
-        .unwrap_or(base.saturating_mul(10));
-    if base.is_zero() {
-        c.err(
-            format!("{path}.backoff.baseInterval"),
-            "must be greater than 0",
-        );
-    }
-    if max < base {
-        c.err(
-            format!("{path}.backoff.maxInterval"),
-            "must not be less than baseInterval",
-        );
-    }
+    let (base, max) = compile_backoff(c, path, p.backoff.as_ref());
     // A budget only when configured; its unset fields take the defaults.
     let budget = p.budget.as_ref().map(|b| {
         (
@@ -758,4 +708,73 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
         buffer_limit,
         budget: budget.map(|(ratio, min)| retry::budget(ratio, min)),
     })
+}
+
+/// What a retry policy retries: HTTP events and status codes, gRPC events (as codes).
+fn compile_retry_events(
+    c: &mut Compiler<'_>,
+    path: &str,
+    p: &pb::RetryPolicy,
+) -> (RetryOn, Vec<u32>) {
+    let mut on = RetryOn::default();
+    for (i, e) in p.http_retry_events.iter().enumerate() {
+        if !on.enable(e) {
+            c.err(
+                format!("{path}.httpRetryEvents[{i}]"),
+                format!("unknown event {e:?} (server-error, gateway-error, connect-failure, reset, refused-stream, retriable-status-codes)"),
+            );
+        }
+    }
+    for (i, code) in p.retriable_status_codes.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            c.err(
+                format!("{path}.retriableStatusCodes[{i}]"),
+                "must be 100..=599",
+            );
+        }
+    }
+    let mut grpc_codes = Vec::new();
+    for (i, e) in p.grpc_retry_events.iter().enumerate() {
+        match retry::grpc_event_code(e) {
+            Some(code) => grpc_codes.push(code),
+            None => c.err(
+                format!("{path}.grpcRetryEvents[{i}]"),
+                format!("unknown event {e:?} ({})", retry::grpc_event_names()),
+            ),
+        }
+    }
+    (on, grpc_codes)
+}
+
+/// The backoff's base and maximum, defaulted (25 ms, 10 × base).
+fn compile_backoff(
+    c: &mut Compiler<'_>,
+    path: &str,
+    backoff: Option<&pb::Backoff>,
+) -> (Duration, Duration) {
+    let base = c
+        .duration(
+            &format!("{path}.backoff.baseInterval"),
+            backoff.and_then(|b| b.base_interval.as_ref()),
+        )
+        .unwrap_or(retry::DEFAULT_BACKOFF_BASE);
+    let max = c
+        .duration(
+            &format!("{path}.backoff.maxInterval"),
+            backoff.and_then(|b| b.max_interval.as_ref()),
+        )
+        .unwrap_or(base.saturating_mul(10));
+    if base.is_zero() {
+        c.err(
+            format!("{path}.backoff.baseInterval"),
+            "must be greater than 0",
+        );
+    }
+    if max < base {
+        c.err(
+            format!("{path}.backoff.maxInterval"),
+            "must not be less than baseInterval",
+        );
+    }
+    (base, max)
 }
