@@ -154,6 +154,23 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// The snapshot of `listeners` and the clusters they use, versioned by its content.
+    fn finish(self, listeners: Vec<pb::Listener>) -> Translated {
+        let mut snapshot = pb::Snapshot {
+            version: String::new(),
+            listeners,
+            clusters: self.clusters.into_values().collect(),
+        };
+        snapshot.version = version(&snapshot);
+        Translated {
+            snapshot,
+            uses: self.uses,
+            sources: self.sources,
+            problems: Vec::new(),
+            withheld: None,
+        }
+    }
+
     fn node(&mut self, key: &ResourceKey) -> Option<&VirtualNodeSpec> {
         match self.state.get(key).map(|r| &r.spec) {
             Some(Spec::VirtualNode(n)) => {
@@ -501,19 +518,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
     let mut listeners = Vec::new();
     listeners.extend(ingress(&mut b, &spec));
     listeners.push(egress(&mut b, &spec, node));
-    let mut snapshot = pb::Snapshot {
-        version: String::new(),
-        listeners,
-        clusters: b.clusters.into_values().collect(),
-    };
-    snapshot.version = version(&snapshot);
-    Some(Translated {
-        snapshot,
-        uses: b.uses,
-        sources: b.sources,
-        problems: Vec::new(),
-        withheld: None,
-    })
+    Some(b.finish(listeners))
 }
 
 /// Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did (one
@@ -808,24 +813,12 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
             b.sources.route("gateway", &host.name, &r.name, sources);
         }
     }
-    let mut snapshot = pb::Snapshot {
-        version: String::new(),
-        listeners: vec![pb::Listener {
-            name: "gateway".into(),
-            role: pb::listener::Role::Ingress as i32,
-            virtual_hosts: hosts,
-            ..Default::default()
-        }],
-        clusters: b.clusters.into_values().collect(),
-    };
-    snapshot.version = version(&snapshot);
-    Some(Translated {
-        snapshot,
-        uses: b.uses,
-        sources: b.sources,
-        problems: Vec::new(),
-        withheld: None,
-    })
+    Some(b.finish(vec![pb::Listener {
+        name: "gateway".into(),
+        role: pb::listener::Role::Ingress as i32,
+        virtual_hosts: hosts,
+        ..Default::default()
+    }]))
 }
 
 /// One GatewayRoute's routes — expanded through its target service's router when it has one —

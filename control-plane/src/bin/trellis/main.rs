@@ -277,22 +277,7 @@ fn explain(err: ClientError, origin: &[(String, usize)]) -> anyhow::Error {
             .map(|b| b.problems)
             .unwrap_or_default();
         if !problems.is_empty() {
-            let lines: Vec<String> = problems
-                .iter()
-                .map(|p| {
-                    let place = p
-                        .document
-                        .and_then(|d| origin.get(d))
-                        .map(|(file, i)| format!("{file} document {i}: "))
-                        .unwrap_or_default();
-                    let resource = p
-                        .resource
-                        .as_deref()
-                        .map(|r| format!("{r}: "))
-                        .unwrap_or_default();
-                    format!("{place}{resource}{}: {}", p.path, p.reason)
-                })
-                .collect();
+            let lines = problem_lines(&problems, origin);
             return anyhow::anyhow!("rejected, nothing changed:\n  {}", lines.join("\n  "));
         }
     }
@@ -738,13 +723,20 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
         println!("{} resources valid", state.len());
         return Ok(());
     }
-    let lines: Vec<String> = problems
+    let lines = problem_lines(&problems, &origin);
+    bail!("invalid:\n  {}", lines.join("\n  "))
+}
+
+/// One line per problem: the file and document it came from, the resource, the field path and
+/// the reason.
+fn problem_lines(problems: &[validate::Problem], origin: &[(String, usize)]) -> Vec<String> {
+    problems
         .iter()
         .map(|p| {
             let place = p
                 .document
                 .and_then(|d| origin.get(d))
-                .map(|(f, i)| format!("{f} document {i}: "))
+                .map(|(file, i)| format!("{file} document {i}: "))
                 .unwrap_or_default();
             let resource = p
                 .resource
@@ -753,6 +745,5 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
                 .unwrap_or_default();
             format!("{place}{resource}{}: {}", p.path, p.reason)
         })
-        .collect();
-    bail!("invalid:\n  {}", lines.join("\n  "))
+        .collect()
 }
