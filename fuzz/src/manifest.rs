@@ -1,0 +1,127 @@
+//! The control plane's manifest validator (`trellis_control::validate`): a YAML stream split
+//! into manifests, each admitted on its own, then the set checked as a whole — what `apply` does.
+
+use std::collections::HashMap;
+
+use trellis_control::validate::{self, Problem, State};
+
+/// Tokens the mutations insert: the manifest schema's keys and values, and YAML syntax.
+pub const DICTIONARY: &[&[u8]] = &[
+    b"apiVersion: mesh.trellis.dev/v1beta1\n",
+    b"kind: Mesh\n",
+    b"kind: VirtualNode\n",
+    b"kind: VirtualRouter\n",
+    b"kind: VirtualService\n",
+    b"kind: VirtualGateway\n",
+    b"kind: GatewayRoute\n",
+    b"metadata: { name: a }\n",
+    b"namespace: ",
+    b"spec:\n",
+    b"meshRef: { name: m }",
+    b"listeners: [{ portMapping: { port: 8080, protocol: http } }]",
+    b"protocol: http2",
+    b"protocol: grpc",
+    b"protocol: tcp",
+    b"tls: { mode: DISABLED }",
+    b"serviceDiscovery: { dns: { hostname: a.local } }",
+    b"registry: { namespaceName: demo, serviceName: s, attributes: { version: blue } }",
+    b"backends: [{ virtualService: { virtualServiceRef: { name: s } } }]",
+    b"routes:",
+    b"- name: r",
+    b"httpRoute:",
+    b"http2Route:",
+    b"grpcRoute:",
+    b"tcpRoute:",
+    b"match: { prefix: / }",
+    b"headers: [{ name: x, match: { exact: y } }]",
+    b"action: { weightedTargets: [{ virtualNodeRef: { name: a }, weight: 100 }] }",
+    b"retryPolicy: { maxRetries: 2, perRetryTimeout: { unit: ms, value: 10 } }",
+    b"timeout: { idle: { unit: s, value: 31536001 } }",
+    b"provider: { virtualRouter: { virtualRouterRef: { name: r } } }",
+    b"provider: { virtualNode: { virtualNodeRef: { name: a } } }",
+    b"virtualGatewayRef: { name: g }",
+    b"target: { virtualService: { virtualServiceRef: { name: s } } }",
+    b"weight: ",
+    b"port: ",
+    b"4294967296",
+    b"-1",
+    b"101",
+    b"\n",
+    b"\n  ",
+    b"- ",
+    b": ",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b"\"",
+    b"&a ",
+    b"*a",
+    b"<<: *a",
+    b"~",
+    b"---\n",
+    b"...\n",
+];
+
+/// A problem names a field and says what is wrong with it.
+fn check_problem(p: &Problem) {
+    assert!(
+        !p.path.is_empty() || crate::known_empty_path(&p.path, &p.reason),
+        "a problem without a field path: {p}"
+    );
+    assert!(!p.reason.is_empty(), "a problem without a reason: {p}");
+}
+
+/// Validates the input as an applied manifest stream: no panic, every problem carries a field
+/// path (and its document and resource where it has them), and checking is deterministic.
+pub fn target(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let manifests = match validate::parse_documents(&text) {
+        Ok(m) => m,
+        Err(problems) => {
+            assert!(!problems.is_empty());
+            for p in &problems {
+                check_problem(p);
+                assert!(
+                    p.document.is_some(),
+                    "a stream problem without its document: {p}"
+                );
+            }
+            return;
+        }
+    };
+    let mut state = State::new();
+    let mut origin = HashMap::new();
+    for (i, manifest) in manifests.into_iter().enumerate() {
+        match validate::admit(manifest, Some(i)) {
+            Ok(resource) => {
+                origin.insert(resource.key.clone(), i);
+                state.insert(resource.key.clone(), resource);
+            }
+            Err(problems) => {
+                assert!(
+                    !problems.is_empty(),
+                    "document {i} refused without a problem"
+                );
+                for p in &problems {
+                    check_problem(p);
+                    assert_eq!(
+                        p.document,
+                        Some(i),
+                        "a problem naming the wrong document: {p}"
+                    );
+                }
+            }
+        }
+    }
+    let problems = validate::check(&state, &origin);
+    for p in &problems {
+        check_problem(p);
+    }
+    assert_eq!(
+        problems,
+        validate::check(&state, &origin),
+        "check is not deterministic"
+    );
+}
