@@ -687,7 +687,8 @@ pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &
     loop {
         match *state {
             Chunked::Size => match httparse::parse_chunk_size(buf) {
-                Ok(httparse::Status::Complete((used, size))) => {
+                // The limit holds however the line arrived: whole in one read or in pieces.
+                Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
                     buf.advance(used);
                     *state = if size == 0 {
                         Chunked::Trailers
@@ -735,6 +736,9 @@ pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &
                     }
                     return Ok(Step::More);
                 };
+                if end + 4 > MAX_HEAD {
+                    return Err("trailers too large");
+                }
                 let block = buf.split_to(end + 4);
                 return match parse_trailers(&block) {
                     Some(trailers) => Ok(Step::Trailers(trailers)),
@@ -910,6 +914,69 @@ mod tests {
         assert_eq!(parse_length(b"+1"), None);
         assert_eq!(parse_length(b"1 2"), None);
         assert_eq!(parse_length(b"99999999999999999999"), None, "overflow");
+    }
+
+    /// Decodes a chunked body fed in reads of `read` bytes, as `poll_frame` drives the decoder:
+    /// the data, and whether trailers came.
+    fn decode_in_reads(body: &[u8], read: usize) -> Result<(Vec<u8>, bool), &'static str> {
+        let (mut state, mut buf, mut data) = (Chunked::Size, BytesMut::new(), Vec::new());
+        for piece in body.chunks(read) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunked(&mut state, &mut buf)? {
+                    Step::Data(d) => data.extend_from_slice(&d),
+                    Step::Trailers(_) => return Ok((data, true)),
+                    Step::End => return Ok((data, false)),
+                    Step::More => break,
+                }
+            }
+        }
+        Err("incomplete")
+    }
+
+    #[test]
+    fn chunked_limits_hold_however_the_body_arrives() {
+        // A chunk-size line over MAX_CHUNK_LINE and a trailer block over MAX_HEAD used to pass
+        // when they arrived in one read and fail in several (found by fuzz/, h1_chunked).
+        let line = |ext: usize| {
+            [
+                b"5;".as_slice(),
+                &vec![b'x'; ext],
+                b"\r\nhello\r\n0\r\n\r\n",
+            ]
+            .concat()
+        };
+        let trailers = |value: usize| {
+            [
+                b"5\r\nhello\r\n0\r\nx: ".as_slice(),
+                &vec![b'y'; value],
+                b"\r\n\r\n",
+            ]
+            .concat()
+        };
+        // "5;" + extension + CRLF; "x: " + value + CRLF CRLF.
+        let longest_line = MAX_CHUNK_LINE - 4;
+        let largest_trailers = MAX_HEAD - 7;
+        for read in [1 << 20, 1000] {
+            assert_eq!(
+                decode_in_reads(&line(longest_line), read),
+                Ok((b"hello".to_vec(), false))
+            );
+            assert_eq!(
+                decode_in_reads(&line(longest_line + 1), read),
+                Err("invalid chunk size line"),
+                "read {read}"
+            );
+            assert_eq!(
+                decode_in_reads(&trailers(largest_trailers), read),
+                Ok((b"hello".to_vec(), true))
+            );
+            assert_eq!(
+                decode_in_reads(&trailers(largest_trailers + 1), read),
+                Err("trailers too large"),
+                "read {read}"
+            );
+        }
     }
 
     #[test]
