@@ -12,6 +12,8 @@ pub mod manifest;
 pub mod mutator;
 pub mod snapshot;
 
+pub use mutator::{Failure, Summary, short_pass};
+
 use std::path::{Path, PathBuf};
 
 /// A fuzz target: its name (and corpus directory), the function, and the tokens its mutations
@@ -108,5 +110,3 @@ pub(crate) fn pieces(data: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
         Some(piece)
     })
 }
-
-pub use mutator::{Failure, Summary, short_pass};

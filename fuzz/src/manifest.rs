@@ -1,9 +1,14 @@
 //! The control plane's manifest validator (`trellis_control::validate`): a YAML stream split
-//! into manifests, each admitted on its own, then the set checked as a whole — what `apply` does.
+//! into manifests, each admitted on its own, then the set checked as a whole — what `apply` does —
+//! and, when it passes, translated into every proxy's snapshot and compiled.
 
 use std::collections::HashMap;
 
-use trellis_control::validate::{self, Problem, State};
+use trellis_control::{
+    model::Kind,
+    translate,
+    validate::{self, Problem, State},
+};
 
 /// Tokens the mutations insert: the manifest schema's keys and values, and YAML syntax.
 pub const DICTIONARY: &[&[u8]] = &[
@@ -124,4 +129,29 @@ pub fn target(data: &[u8]) {
         validate::check(&state, &origin),
         "check is not deterministic"
     );
+    if problems.is_empty() {
+        translate_all(&state);
+    }
+}
+
+/// What the set was validated for: every proxy's snapshot, translated from a state that passed
+/// validation, compiles with the proxy's own compiler. Validation is what refuses bad config; a
+/// snapshot the compiler rejects here is a validator gap (the control plane would cut pieces
+/// out of it or withhold it at push time instead of refusing the apply).
+fn translate_all(state: &State) {
+    for key in state.keys() {
+        let translated = match key.kind {
+            Kind::VirtualNode => translate::sidecar(state, &[], key),
+            Kind::VirtualGateway => translate::gateway(state, &[], key),
+            _ => continue,
+        };
+        let Some(t) = translated else {
+            panic!("{key} was validated but does not translate");
+        };
+        if let Err(e) = trellis_proxy::snapshot::check(&t.snapshot) {
+            panic!(
+                "validated manifests translate to a snapshot for {key} that the proxy rejects: {e}"
+            );
+        }
+    }
 }

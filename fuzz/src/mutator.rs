@@ -31,7 +31,7 @@ impl<'a> Mutator<'a> {
 
     /// The next input: a corpus entry (or, half the time, the previous mutant, so that edits
     /// accumulate) with one to four edits.
-    pub fn next(&mut self, previous: &mut Vec<u8>) {
+    pub fn mutate(&mut self, previous: &mut Vec<u8>) {
         if previous.is_empty() || self.rng.bool() {
             previous.clear();
             if !self.corpus.is_empty() {
@@ -196,7 +196,7 @@ pub fn short_pass(
     let mut mutator = Mutator::new(seed, &entries, target.dictionary);
     let mut input = Vec::new();
     for i in 0..mutants {
-        mutator.next(&mut input);
+        mutator.mutate(&mut input);
         run_one(target, &input).map_err(|m| fail(format!("mutant #{i}"), m, &input))?;
     }
     Ok(Summary {
