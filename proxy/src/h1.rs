@@ -937,7 +937,7 @@ mod tests {
     #[test]
     fn chunked_limits_hold_however_the_body_arrives() {
         // A chunk-size line over MAX_CHUNK_LINE and a trailer block over MAX_HEAD used to pass
-        // when they arrived in one read and fail in several (found by fuzz/, h1_chunked).
+        // when they arrived in one read and failed in several (the h1_chunked fuzz target).
         let line = |ext: usize| {
             [
                 b"5;".as_slice(),
