@@ -6,7 +6,7 @@
 /// build.
 const MUTANTS: [(&str, usize); 4] = [
     ("h1_head", 30_000),
-    ("h1_chunked", 200_000),
+    ("h1_chunked", 80_000),
     ("snapshot", 40_000),
     ("manifest", 25_000),
 ];
