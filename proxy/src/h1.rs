@@ -184,7 +184,7 @@ impl Conn {
     ) -> Poll<Result<Head, AttemptError>> {
         loop {
             if !self.rbuf.is_empty() {
-                match self.parse_head(head_request)? {
+                match parse_head(&mut self.rbuf, head_request)? {
                     Parsed::Final(head) => return Poll::Ready(Ok(head)),
                     // Skipped: parse what follows it.
                     Parsed::Interim if !self.rbuf.is_empty() => continue,
@@ -198,112 +198,112 @@ impl Conn {
             }
         }
     }
+}
 
-    /// Parses a response head at the start of the read buffer.
-    fn parse_head(&mut self, head_request: bool) -> Result<Parsed, AttemptError> {
-        // Offsets into the buffer (a head is under 64 KiB), so the values can be cut from it
-        // without copying once the parser's borrow ends.
-        let mut spans = [[0u16; 4]; MAX_HEADERS];
-        let (len, code, minor, count) = {
-            let mut headers =
-                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut []);
-            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut res,
-                &self.rbuf,
-                &mut headers,
-            ) {
-                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => {
-                    let base = self.rbuf.as_ptr() as usize;
-                    let offset = |p: *const u8| (p as usize - base) as u16;
-                    let mut count = 0;
-                    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-                        let name = offset(h.name.as_ptr());
-                        let value = offset(h.value.as_ptr());
-                        *span = [
-                            name,
-                            name + h.name.len() as u16,
-                            value,
-                            value + h.value.len() as u16,
-                        ];
-                        count += 1;
-                    }
-                    (len, res.code.unwrap_or(0), res.version.unwrap_or(1), count)
+/// Parses a response head at the start of `buf` (the read buffer): a complete head, final or
+/// interim, is taken off it; a partial one leaves it as it was.
+#[doc(hidden)]
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, AttemptError> {
+    // Offsets into the buffer (a head is under 64 KiB), so the values can be cut from it
+    // without copying once the parser's borrow ends.
+    let mut spans = [[0u16; 4]; MAX_HEADERS];
+    let (len, code, minor, count) = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            buf,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => {
+                let base = buf.as_ptr() as usize;
+                let offset = |p: *const u8| (p as usize - base) as u16;
+                let mut count = 0;
+                for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+                    let name = offset(h.name.as_ptr());
+                    let value = offset(h.value.as_ptr());
+                    *span = [
+                        name,
+                        name + h.name.len() as u16,
+                        value,
+                        value + h.value.len() as u16,
+                    ];
+                    count += 1;
                 }
-                Ok(httparse::Status::Partial) if self.rbuf.len() < MAX_HEAD => {
-                    return Ok(Parsed::Partial);
-                }
-                Ok(_) => return Err(AttemptError::protocol("response head too large")),
-                Err(httparse::Error::TooManyHeaders) => {
-                    return Err(AttemptError::protocol("too many response headers"));
-                }
-                Err(_) => return Err(AttemptError::protocol("malformed response head")),
+                (len, res.code.unwrap_or(0), res.version.unwrap_or(1), count)
             }
-        };
-        let status = StatusCode::from_u16(code)
-            .map_err(|_| AttemptError::protocol("invalid response status"))?;
-        if status.is_informational() {
-            self.rbuf.advance(len);
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(AttemptError::protocol(
-                    "101 Switching Protocols without an upgrade",
-                ));
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                return Ok(Parsed::Partial);
             }
-            return Ok(Parsed::Interim);
+            Ok(_) => return Err(AttemptError::protocol("response head too large")),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(AttemptError::protocol("too many response headers"));
+            }
+            Err(_) => return Err(AttemptError::protocol("malformed response head")),
         }
-        let head = self.rbuf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        // The framing headers are read as they go into the map: one pass, no lookups.
-        let mut length: Option<u64> = None;
-        let mut transfer_coding: Option<bool> = None;
-        let (mut close, mut keep) = (false, false);
-        for &[ns, ne, vs, ve] in &spans[..count] {
-            let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
-            let name = HeaderName::from_bytes(&head[ns..ne])
-                .map_err(|_| AttemptError::protocol("invalid response header name"))?;
-            let value = &head[vs..ve];
-            if name == header::CONTENT_LENGTH {
-                for v in value.split(|&b| b == b',') {
-                    let n = parse_length(v.trim_ascii())
-                        .ok_or_else(|| AttemptError::protocol("invalid response content-length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(AttemptError::protocol(
-                            "conflicting response content-lengths",
-                        ));
-                    }
-                    length = Some(n);
-                }
-            } else if name == header::TRANSFER_ENCODING {
-                if let Some(last) = value
-                    .rsplit(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .find(|t| !t.is_empty())
-                {
-                    transfer_coding = Some(last.eq_ignore_ascii_case(b"chunked"));
-                }
-            } else if name == header::CONNECTION {
-                for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    close |= t.eq_ignore_ascii_case(b"close");
-                    keep |= t.eq_ignore_ascii_case(b"keep-alive");
-                }
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-                .map_err(|_| AttemptError::protocol("invalid response header value"))?;
-            headers.append(name, value);
+    };
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| AttemptError::protocol("invalid response status"))?;
+    if status.is_informational() {
+        buf.advance(len);
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(AttemptError::protocol(
+                "101 Switching Protocols without an upgrade",
+            ));
         }
-        let version = if minor == 0 {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        let keep_alive = match version {
-            Version::HTTP_10 => keep && !close,
-            _ => !close,
-        };
-        let framing = if head_request
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
+        return Ok(Parsed::Interim);
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    // The framing headers are read as they go into the map: one pass, no lookups.
+    let mut length: Option<u64> = None;
+    let mut transfer_coding: Option<bool> = None;
+    let (mut close, mut keep) = (false, false);
+    for &[ns, ne, vs, ve] in &spans[..count] {
+        let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
+        let name = HeaderName::from_bytes(&head[ns..ne])
+            .map_err(|_| AttemptError::protocol("invalid response header name"))?;
+        let value = &head[vs..ve];
+        if name == header::CONTENT_LENGTH {
+            for v in value.split(|&b| b == b',') {
+                let n = parse_length(v.trim_ascii())
+                    .ok_or_else(|| AttemptError::protocol("invalid response content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(AttemptError::protocol(
+                        "conflicting response content-lengths",
+                    ));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            if let Some(last) = value
+                .rsplit(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find(|t| !t.is_empty())
+            {
+                transfer_coding = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name == header::CONNECTION {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| AttemptError::protocol("invalid response header value"))?;
+        headers.append(name, value);
+    }
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let keep_alive = match version {
+        Version::HTTP_10 => keep && !close,
+        _ => !close,
+    };
+    let framing =
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Done
         } else {
             match (transfer_coding, length) {
@@ -313,19 +313,20 @@ impl Conn {
                 (None, Some(n)) => Framing::Length(n),
             }
         };
-        let keep_alive = keep_alive && framing != Framing::Close;
-        Ok(Parsed::Final(Head {
-            status,
-            version,
-            headers,
-            framing,
-            keep_alive,
-        }))
-    }
+    let keep_alive = keep_alive && framing != Framing::Close;
+    Ok(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
 }
 
+/// What [`parse_head`] found.
+#[doc(hidden)]
 #[derive(Debug)]
-enum Parsed {
+pub enum Parsed {
     Final(Head),
     /// A 1xx response, skipped.
     Interim,
@@ -333,13 +334,15 @@ enum Parsed {
     Partial,
 }
 
+/// A final response head.
+#[doc(hidden)]
 #[derive(Debug)]
-struct Head {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-    framing: Framing,
-    keep_alive: bool,
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    pub keep_alive: bool,
 }
 
 /// A content-length value: digits only.
@@ -612,8 +615,10 @@ fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
     }
 }
 
+/// How a response body is framed, and how far it has been read.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub enum Framing {
     Length(u64),
     Chunked(Chunked),
     /// Until the upstream closes the connection.
@@ -621,12 +626,98 @@ enum Framing {
     Done,
 }
 
+/// Where the chunked decoder is: [`decode_chunked`] starts at `Size`.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub enum Chunked {
     Size,
     Data(u64),
     DataEnd,
     Trailers,
+}
+
+/// What [`decode_chunked`] took off the buffer.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Step {
+    /// Bytes of a chunk's data.
+    Data(Bytes),
+    /// The trailer block: the body is complete.
+    Trailers(HeaderMap),
+    /// The last chunk without trailers: the body is complete.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Decodes a chunked body from the start of `buf` (the read buffer), taking off what it used,
+/// until it has data or the end to give or needs more bytes. After `Trailers` or `End` the body
+/// is complete and `buf` holds only what follows it.
+#[doc(hidden)]
+pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &'static str> {
+    loop {
+        match *state {
+            Chunked::Size => match httparse::parse_chunk_size(buf) {
+                // The limit holds however the line arrived: whole in one read or in pieces.
+                Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
+                    buf.advance(used);
+                    *state = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_CHUNK_LINE => {
+                    return Ok(Step::More);
+                }
+                _ => return Err("invalid chunk size line"),
+            },
+            Chunked::Data(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                let data = buf.split_to(take).freeze();
+                let left = n - take as u64;
+                *state = if left == 0 {
+                    Chunked::DataEnd
+                } else {
+                    Chunked::Data(left)
+                };
+                return Ok(Step::Data(data));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::More);
+                }
+                if !buf.starts_with(b"\r\n") {
+                    return Err("chunk data not followed by CRLF");
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    return Ok(Step::End);
+                }
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if buf.len() > MAX_HEAD {
+                        return Err("trailers too large");
+                    }
+                    return Ok(Step::More);
+                };
+                if end + 4 > MAX_HEAD {
+                    return Err("trailers too large");
+                }
+                let block = buf.split_to(end + 4);
+                return match parse_trailers(&block) {
+                    Some(trailers) => Ok(Step::Trailers(trailers)),
+                    None => Err("malformed trailers"),
+                };
+            }
+        }
+    }
 }
 
 /// A response body read from an HTTP/1.1 connection, which it returns to its pool at the end.
@@ -732,78 +823,22 @@ impl Body for IncomingBody {
                     let data = conn.rbuf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(state) => match *state {
-                    Chunked::Size => match httparse::parse_chunk_size(&conn.rbuf) {
-                        Ok(httparse::Status::Complete((used, size))) => {
-                            conn.rbuf.advance(used);
-                            *state = if size == 0 {
-                                Chunked::Trailers
-                            } else {
-                                Chunked::Data(size)
-                            };
-                        }
-                        Ok(httparse::Status::Partial) if conn.rbuf.len() <= MAX_CHUNK_LINE => {
-                            if let Err(e) = ready!(conn.poll_more(cx)) {
-                                return this.read_error(e);
-                            }
-                        }
-                        _ => return this.protocol_error("invalid chunk size line"),
-                    },
-                    Chunked::Data(n) => {
-                        if conn.rbuf.is_empty() {
-                            if let Err(e) = ready!(conn.poll_more(cx)) {
-                                return this.read_error(e);
-                            }
-                        }
-                        let take = conn
-                            .rbuf
-                            .len()
-                            .min(usize::try_from(n).unwrap_or(usize::MAX));
-                        let data = conn.rbuf.split_to(take).freeze();
-                        let left = n - take as u64;
-                        *state = if left == 0 {
-                            Chunked::DataEnd
-                        } else {
-                            Chunked::Data(left)
-                        };
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Chunked::DataEnd => {
-                        if conn.rbuf.len() < 2 {
-                            if let Err(e) = ready!(conn.poll_more(cx)) {
-                                return this.read_error(e);
-                            }
-                            continue;
-                        }
-                        if &conn.rbuf[..2] != b"\r\n" {
-                            return this.protocol_error("chunk data not followed by CRLF");
-                        }
-                        conn.rbuf.advance(2);
-                        *state = Chunked::Size;
-                    }
-                    Chunked::Trailers => {
-                        if conn.rbuf.starts_with(b"\r\n") {
-                            conn.rbuf.advance(2);
-                            this.end();
-                            return Poll::Ready(None);
-                        }
-                        let end = conn.rbuf.windows(4).position(|w| w == b"\r\n\r\n");
-                        let Some(end) = end else {
-                            if conn.rbuf.len() > MAX_HEAD {
-                                return this.protocol_error("trailers too large");
-                            }
-                            if let Err(e) = ready!(conn.poll_more(cx)) {
-                                return this.read_error(e);
-                            }
-                            continue;
-                        };
-                        let block = conn.rbuf.split_to(end + 4);
-                        let Some(trailers) = parse_trailers(&block) else {
-                            return this.protocol_error("malformed trailers");
-                        };
+                Framing::Chunked(state) => match decode_chunked(state, &mut conn.rbuf) {
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Trailers(trailers)) => {
                         this.end();
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
+                    Ok(Step::End) => {
+                        this.end();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::More) => {
+                        if let Err(e) = ready!(conn.poll_more(cx)) {
+                            return this.read_error(e);
+                        }
+                    }
+                    Err(what) => return this.protocol_error(what),
                 },
             }
         }
@@ -850,6 +885,69 @@ mod tests {
         assert_eq!(parse_length(b"+1"), None);
         assert_eq!(parse_length(b"1 2"), None);
         assert_eq!(parse_length(b"99999999999999999999"), None, "overflow");
+    }
+
+    /// Decodes a chunked body fed in reads of `read` bytes, as `poll_frame` drives the decoder:
+    /// the data, and whether trailers came.
+    fn decode_in_reads(body: &[u8], read: usize) -> Result<(Vec<u8>, bool), &'static str> {
+        let (mut state, mut buf, mut data) = (Chunked::Size, BytesMut::new(), Vec::new());
+        for piece in body.chunks(read) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunked(&mut state, &mut buf)? {
+                    Step::Data(d) => data.extend_from_slice(&d),
+                    Step::Trailers(_) => return Ok((data, true)),
+                    Step::End => return Ok((data, false)),
+                    Step::More => break,
+                }
+            }
+        }
+        Err("incomplete")
+    }
+
+    #[test]
+    fn chunked_limits_hold_however_the_body_arrives() {
+        // A chunk-size line over MAX_CHUNK_LINE and a trailer block over MAX_HEAD used to pass
+        // when they arrived in one read and failed in several (the h1_chunked fuzz target).
+        let line = |ext: usize| {
+            [
+                b"5;".as_slice(),
+                &vec![b'x'; ext],
+                b"\r\nhello\r\n0\r\n\r\n",
+            ]
+            .concat()
+        };
+        let trailers = |value: usize| {
+            [
+                b"5\r\nhello\r\n0\r\nx: ".as_slice(),
+                &vec![b'y'; value],
+                b"\r\n\r\n",
+            ]
+            .concat()
+        };
+        // "5;" + extension + CRLF; "x: " + value + CRLF CRLF.
+        let longest_line = MAX_CHUNK_LINE - 4;
+        let largest_trailers = MAX_HEAD - 7;
+        for read in [1 << 20, 1000] {
+            assert_eq!(
+                decode_in_reads(&line(longest_line), read),
+                Ok((b"hello".to_vec(), false))
+            );
+            assert_eq!(
+                decode_in_reads(&line(longest_line + 1), read),
+                Err("invalid chunk size line"),
+                "read {read}"
+            );
+            assert_eq!(
+                decode_in_reads(&trailers(largest_trailers), read),
+                Ok((b"hello".to_vec(), true))
+            );
+            assert_eq!(
+                decode_in_reads(&trailers(largest_trailers + 1), read),
+                Err("trailers too large"),
+                "read {read}"
+            );
+        }
     }
 
     #[test]

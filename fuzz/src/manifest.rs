@@ -1,0 +1,177 @@
+//! The control plane's manifest validator (`trellis_control::validate`): a YAML stream split
+//! into manifests, each admitted on its own, then the set checked as a whole — what `apply` does —
+//! and, when it passes, translated into every proxy's snapshot and compiled.
+
+use std::collections::HashMap;
+
+use trellis_control::{
+    model::Kind,
+    translate,
+    validate::{self, Problem, State},
+};
+
+/// Tokens the mutations insert: the manifest schema's keys and values, and YAML syntax.
+pub const DICTIONARY: &[&[u8]] = &[
+    b"apiVersion: mesh.trellis.dev/v1beta1\n",
+    b"kind: Mesh\n",
+    b"kind: VirtualNode\n",
+    b"kind: VirtualRouter\n",
+    b"kind: VirtualService\n",
+    b"kind: VirtualGateway\n",
+    b"kind: GatewayRoute\n",
+    b"metadata: { name: a }\n",
+    b"namespace: ",
+    b"spec:\n",
+    b"meshRef: { name: m }",
+    b"listeners: [{ portMapping: { port: 8080, protocol: http } }]",
+    b"protocol: http2",
+    b"protocol: grpc",
+    b"protocol: tcp",
+    b"tls: { mode: DISABLED }",
+    b"serviceDiscovery: { dns: { hostname: a.local } }",
+    b"registry: { namespaceName: demo, serviceName: s, attributes: { version: blue } }",
+    b"backends: [{ virtualService: { virtualServiceRef: { name: s } } }]",
+    b"routes:",
+    b"- name: r",
+    b"httpRoute:",
+    b"http2Route:",
+    b"grpcRoute:",
+    b"tcpRoute:",
+    b"match: { prefix: / }",
+    b"headers: [{ name: x, match: { exact: y } }]",
+    b"action: { weightedTargets: [{ virtualNodeRef: { name: a }, weight: 100 }] }",
+    b"retryPolicy: { maxRetries: 2, perRetryTimeout: { unit: ms, value: 10 } }",
+    b"timeout: { idle: { unit: s, value: 31536001 } }",
+    b"provider: { virtualRouter: { virtualRouterRef: { name: r } } }",
+    b"provider: { virtualNode: { virtualNodeRef: { name: a } } }",
+    b"virtualGatewayRef: { name: g }",
+    b"target: { virtualService: { virtualServiceRef: { name: s } } }",
+    b"weight: ",
+    b"port: ",
+    b"4294967296",
+    b"-1",
+    b"101",
+    b"\n",
+    b"\n  ",
+    b"- ",
+    b": ",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b"\"",
+    b"&a ",
+    b"*a",
+    b"<<: *a",
+    b"~",
+    b"---\n",
+    b"...\n",
+];
+
+/// A problem names a field and says what is wrong with it.
+fn check_problem(p: &Problem) {
+    assert!(
+        !p.path.is_empty() || crate::known_empty_path(&p.path, &p.reason),
+        "a problem without a field path: {p}"
+    );
+    assert!(!p.reason.is_empty(), "a problem without a reason: {p}");
+}
+
+/// Validates the input as an applied manifest stream: no panic, every problem carries a field
+/// path (and its document and resource where it has them), and checking is deterministic.
+pub fn target(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let manifests = match validate::parse_documents(&text) {
+        Ok(m) => m,
+        Err(problems) => {
+            assert!(!problems.is_empty());
+            for p in &problems {
+                check_problem(p);
+                assert!(
+                    p.document.is_some(),
+                    "a stream problem without its document: {p}"
+                );
+            }
+            return;
+        }
+    };
+    let mut state = State::new();
+    let mut origin = HashMap::new();
+    for (i, manifest) in manifests.into_iter().enumerate() {
+        match validate::admit(manifest, Some(i)) {
+            Ok(resource) => {
+                origin.insert(resource.key.clone(), i);
+                state.insert(resource.key.clone(), std::sync::Arc::new(resource));
+            }
+            Err(problems) => {
+                assert!(
+                    !problems.is_empty(),
+                    "document {i} refused without a problem"
+                );
+                for p in &problems {
+                    check_problem(p);
+                    assert_eq!(
+                        p.document,
+                        Some(i),
+                        "a problem naming the wrong document: {p}"
+                    );
+                }
+            }
+        }
+    }
+    let problems = validate::check(&state, &origin);
+    for p in &problems {
+        check_problem(p);
+    }
+    assert_eq!(
+        problems,
+        validate::check(&state, &origin),
+        "check is not deterministic"
+    );
+    if problems.is_empty() {
+        translate_all(&state);
+    }
+}
+
+/// What the set was validated for: every proxy's snapshot, translated from a state that passed
+/// validation, compiles with the proxy's own compiler. Validation is what refuses bad config; a
+/// snapshot the compiler rejects here is a validator gap (the control plane would cut pieces
+/// out of it or withhold it at push time instead of refusing the apply).
+fn translate_all(state: &State) {
+    for key in state.keys() {
+        let translated = match key.kind {
+            Kind::VirtualNode => translate::sidecar(state, &[], key),
+            Kind::VirtualGateway => translate::gateway(state, &[], key),
+            _ => continue,
+        };
+        let Some(t) = translated else {
+            panic!("{key} was validated but does not translate");
+        };
+        if let Err(e) = trellis_proxy::snapshot::check(&t.snapshot) {
+            if key.kind == Kind::VirtualGateway && e.field_errors().iter().all(known_gateway_gap) {
+                continue;
+            }
+            panic!(
+                "validated manifests translate to a snapshot for {key} that the proxy rejects: {e}"
+            );
+        }
+    }
+}
+
+/// The validator gaps this target found that are not fixed yet (their code is owned elsewhere;
+/// see fuzz/README.md, "Known findings"), accepted so that a long run reports what is new. The
+/// inputs are in the corpus: once the validator refuses them, delete this and its call.
+///
+/// - `GatewayRoute` `spec.httpRoute.match.prefix` (and `http2Route`) is not checked: a prefix
+///   without a leading `/` validates, and the gateway's route is rejected by the proxy
+///   (`corpus/manifest/gateway-route-prefix.yaml`).
+/// - `VirtualService` `spec.hostname` is checked only for `/ : * space`: `web.d%mo` validates,
+///   and the gateway's host rewrite to it is rejected by the proxy
+///   (`corpus/manifest/service-hostname.yaml`).
+fn known_gateway_gap(e: &trellis_proxy::snapshot::FieldError) -> bool {
+    let prefix = (e.path.ends_with(".match.prefix") || e.path.ends_with(".pathRewrite.prefix"))
+        && e.reason == "must start with \"/\"";
+    let host = e.path.ends_with(".action.hostRewrite") && e.reason.ends_with("is not an authority");
+    prefix || host
+}
