@@ -7,7 +7,9 @@
 
 use bytes::BytesMut;
 use http::{HeaderMap, StatusCode, Version, header};
-use trellis_proxy::fuzzing::{Chunked, Framing, Parsed, Step, decode_chunked, parse_head};
+use trellis_proxy::fuzzing::{
+    Chunked, Framing, Head, Step, decode_chunked, read_head as next_head,
+};
 
 /// Tokens the mutations insert: framing syntax and the headers that decide framing.
 pub const DICTIONARY: &[&[u8]] = &[
@@ -63,42 +65,38 @@ enum HeadOutcome {
     Partial,
 }
 
-/// Reads a response head from `reads` as `Conn::poll_head` does: parse what has accumulated,
-/// skip interim (1xx) heads, stop at a final head or an error.
+/// Reads a response head from `reads` as `Conn::poll_head` does (through the same
+/// `read_head`): after each read, what has accumulated; at the end of the stream, once more.
 fn read_head<'a>(reads: impl Iterator<Item = &'a [u8]>, head_request: bool) -> HeadOutcome {
     let mut buf = BytesMut::new();
     let mut fed = 0;
+    let mut incomplete = 0;
+    let finish = |head: Head, consumed: usize| {
+        let outcome = HeadOutcome::Final {
+            status: head.status,
+            version: head.version,
+            headers: head.headers,
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            consumed,
+        };
+        check_head(&outcome, head_request);
+        outcome
+    };
     for read in reads {
         buf.extend_from_slice(read);
         fed += read.len();
-        while !buf.is_empty() {
-            let before = buf.len();
-            match parse_head(&mut buf, head_request) {
-                Ok(Parsed::Final(head)) => {
-                    assert!(buf.len() < before, "a final head consumed nothing");
-                    let outcome = HeadOutcome::Final {
-                        status: head.status,
-                        version: head.version,
-                        headers: head.headers,
-                        framing: head.framing,
-                        keep_alive: head.keep_alive,
-                        consumed: fed - buf.len(),
-                    };
-                    check_head(&outcome, head_request);
-                    return outcome;
-                }
-                Ok(Parsed::Interim) => {
-                    assert!(buf.len() < before, "an interim head consumed nothing")
-                }
-                Ok(Parsed::Partial) => {
-                    assert_eq!(buf.len(), before, "a partial head consumed bytes");
-                    break;
-                }
-                Err(e) => return HeadOutcome::Error(e.source.to_string()),
-            }
+        match next_head(&mut buf, head_request, &mut incomplete, false) {
+            Ok(Some(head)) => return finish(head, fed - buf.len()),
+            Ok(None) => assert!(buf.len() <= fed, "bytes appeared from nowhere"),
+            Err(e) => return HeadOutcome::Error(e.source.to_string()),
         }
     }
-    HeadOutcome::Partial
+    match next_head(&mut buf, head_request, &mut incomplete, true) {
+        Ok(Some(head)) => finish(head, fed - buf.len()),
+        Ok(None) => HeadOutcome::Partial,
+        Err(e) => HeadOutcome::Error(e.source.to_string()),
+    }
 }
 
 /// What a final head must satisfy, whatever the bytes.

@@ -182,22 +182,73 @@ impl Conn {
         head_request: bool,
         received: &mut bool,
     ) -> Poll<Result<Head, AttemptError>> {
+        let mut incomplete = 0;
         loop {
-            if !self.rbuf.is_empty() {
-                match parse_head(&mut self.rbuf, head_request)? {
-                    Parsed::Final(head) => return Poll::Ready(Ok(head)),
-                    // Skipped: parse what follows it.
-                    Parsed::Interim if !self.rbuf.is_empty() => continue,
-                    Parsed::Interim | Parsed::Partial => {}
-                }
+            if let Some(head) = read_head(&mut self.rbuf, head_request, &mut incomplete, false)? {
+                return Poll::Ready(Ok(head));
             }
             match ready!(self.poll_fill(cx)) {
-                Ok(0) => return Poll::Ready(Err(AttemptError::io(closed(), !*received))),
+                Ok(0) => {
+                    // A head left unparsed for want of a blank line is judged now: malformed, or
+                    // cut short.
+                    if let Some(head) =
+                        read_head(&mut self.rbuf, head_request, &mut incomplete, true)?
+                    {
+                        return Poll::Ready(Ok(head));
+                    }
+                    return Poll::Ready(Err(AttemptError::io(closed(), !*received)));
+                }
                 Ok(_) => *received = true,
                 Err(e) => return Poll::Ready(Err(AttemptError::io(e, !*received))),
             }
         }
     }
+}
+
+/// Reads the final response head from what has accumulated in `buf`, skipping interim (1xx)
+/// heads: `None` while it is incomplete. `incomplete` (0 at first) is how much of `buf` held no
+/// complete head at the last parse: the head is parsed again only once a blank line has arrived
+/// after it, the buffer has doubled, or at the end of the stream (`eof`), so one trickling in a
+/// byte at a time costs linear work, not quadratic. (A malformed head is then found at its blank
+/// line, or at the end of the stream, rather than at its first bad byte.)
+#[doc(hidden)]
+pub fn read_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    incomplete: &mut usize,
+    eof: bool,
+) -> Result<Option<Head>, AttemptError> {
+    while !buf.is_empty() {
+        let due = *incomplete == 0
+            || eof
+            || buf.len() >= MAX_HEAD
+            || buf.len() >= 2 * *incomplete
+            || ends_head(buf, *incomplete);
+        if !due {
+            return Ok(None);
+        }
+        match parse_head(buf, head_request)? {
+            Parsed::Final(head) => return Ok(Some(head)),
+            Parsed::Interim => *incomplete = 0,
+            Parsed::Partial => {
+                *incomplete = buf.len();
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the bytes of `buf` from `from` on (with the two before) complete a blank line, the
+/// end of a head: `\n\n` or `\n\r\n` (httparse accepts bare line feeds).
+fn ends_head(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    buf[start..].iter().enumerate().any(|(i, &b)| {
+        let at = start + i;
+        b == b'\n'
+            && at >= 1
+            && (buf[at - 1] == b'\n' || (at >= 2 && buf[at - 1] == b'\r' && buf[at - 2] == b'\n'))
+    })
 }
 
 /// Parses a response head at the start of `buf` (the read buffer): a complete head, final or
@@ -633,7 +684,8 @@ pub enum Chunked {
     Size,
     Data(u64),
     DataEnd,
-    Trailers,
+    /// The trailer block; the bytes so far searched for its end without finding it.
+    Trailers(usize),
 }
 
 /// What [`decode_chunked`] took off the buffer.
@@ -662,7 +714,7 @@ pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &
                 Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
                     buf.advance(used);
                     *state = if size == 0 {
-                        Chunked::Trailers
+                        Chunked::Trailers(0)
                     } else {
                         Chunked::Data(size)
                     };
@@ -696,15 +748,20 @@ pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &
                 buf.advance(2);
                 *state = Chunked::Size;
             }
-            Chunked::Trailers => {
+            Chunked::Trailers(searched) => {
                 if buf.starts_with(b"\r\n") {
                     buf.advance(2);
                     return Ok(Step::End);
                 }
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                // Only what arrived since the last search is searched (with the 3 bytes before
+                // it): a block trickling in a byte at a time costs linear work, not quadratic.
+                let from = searched.saturating_sub(3);
+                let found = buf[from..].windows(4).position(|w| w == b"\r\n\r\n");
+                let Some(end) = found.map(|i| from + i) else {
                     if buf.len() > MAX_HEAD {
                         return Err("trailers too large");
                     }
+                    *state = Chunked::Trailers(buf.len());
                     return Ok(Step::More);
                 };
                 if end + 4 > MAX_HEAD {
@@ -948,6 +1005,55 @@ mod tests {
                 "read {read}"
             );
         }
+    }
+
+    /// A large head (and trailer block) arriving a few bytes at a time is read whole, and a
+    /// malformed one is found at its blank line or at the end of the stream, whichever comes
+    /// first. (Each read is searched from where the last one ended, so this is linear work.)
+    #[test]
+    fn trickled_heads_and_trailers() {
+        let mut head = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..90 {
+            head.extend_from_slice(format!("x-h{i}: {}\r\n", "v".repeat(600)).as_bytes());
+        }
+        head.extend_from_slice(b"content-length: 0\r\n\r\n");
+        let (mut buf, mut incomplete, mut got) = (BytesMut::new(), 0, None);
+        for piece in head.chunks(7) {
+            buf.extend_from_slice(piece);
+            assert!(got.is_none(), "a head before its end");
+            got = read_head(&mut buf, false, &mut incomplete, false).unwrap();
+        }
+        let got = got.expect("the whole head");
+        assert_eq!((got.status, got.headers.len()), (StatusCode::OK, 91));
+        assert!(buf.is_empty());
+
+        // Malformed: at the blank line, else at the end of the stream.
+        let bad = b"HTTP/1.1 200 OK\r\nbad header\r\nx: y\r\n";
+        let (mut buf, mut incomplete) = (BytesMut::new(), 0);
+        for piece in bad.chunks(3) {
+            buf.extend_from_slice(piece);
+            if read_head(&mut buf, false, &mut incomplete, false).is_err() {
+                break;
+            }
+        }
+        assert!(read_head(&mut buf, false, &mut incomplete, true).is_err());
+
+        let mut trailers = BytesMut::new();
+        let mut state = Chunked::Trailers(0);
+        let block: Vec<u8> = (0..90)
+            .flat_map(|i| format!("x-t{i}: {}\r\n", "w".repeat(200)).into_bytes())
+            .chain(*b"\r\n")
+            .collect();
+        let mut out = None;
+        for piece in block.chunks(5) {
+            trailers.extend_from_slice(piece);
+            match decode_chunked(&mut state, &mut trailers).unwrap() {
+                Step::More => {}
+                Step::Trailers(t) => out = Some(t),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(out.expect("the trailers").len(), 90);
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub mod upstream;
 /// The parsers of untrusted bytes as pure functions, for the fuzz targets in `fuzz/`: not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::h1::{Chunked, Framing, Head, Parsed, Step, decode_chunked, parse_head};
+    pub use crate::h1::{
+        Chunked, Framing, Head, Parsed, Step, decode_chunked, parse_head, read_head,
+    };
 }
 
 use std::{io::IsTerminal as _, sync::Arc};
