@@ -107,7 +107,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<Problem>> {
         match serde_path_to_error::deserialize::<_, Manifest>(value) {
             Ok(m) => out.push(m),
             Err(e) => {
-                let path = e.path().to_string();
+                let path = trellis_proxy::snapshot::field_path(e.path());
                 problems.push(Problem::document(i, &path, e.into_inner().to_string()));
             }
         }
@@ -358,7 +358,8 @@ impl Checker<'_> {
 
     fn virtual_service(&mut self, s: &VirtualServiceSpec) {
         if let Some(h) = &s.hostname {
-            if h.is_empty() || h.contains(['/', ':', ' ', '*']) {
+            // It becomes a gateway's host rewrite: a DNS name or IPv4 address, no port.
+            if h.contains(['/', ':', ' ', '*']) || !trellis_proxy::snapshot::valid_host(h) {
                 self.err("spec.hostname", format!("{h:?} is not a hostname"));
             }
         }
@@ -574,6 +575,26 @@ impl Checker<'_> {
         }
         for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)] {
             if let Some(h) = http {
+                if h.matcher
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|p| !p.starts_with('/'))
+                {
+                    self.err(
+                        format!("spec.{field}.match.prefix"),
+                        "must start with \"/\"".into(),
+                    );
+                }
+                let rewrite = h.action.rewrite.as_ref().and_then(|r| r.prefix.as_ref());
+                if rewrite
+                    .and_then(|p| p.value.as_ref())
+                    .is_some_and(|v| !v.starts_with('/'))
+                {
+                    self.err(
+                        format!("spec.{field}.action.rewrite.prefix.value"),
+                        "must start with \"/\"".into(),
+                    );
+                }
                 self.exists(
                     &format!("spec.{field}.action.target.virtualService.virtualServiceRef"),
                     Kind::VirtualService,
@@ -870,6 +891,25 @@ spec:
   provider: { virtualRouter: { virtualRouterRef: { name: ct } } }
 ";
 
+    const GATEWAY: &str = "---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: web }
+spec:
+  virtualGatewayRef: { name: gw }
+  httpRoute:
+    match: { prefix: /web/ }
+    action:
+      target: { virtualService: { virtualServiceRef: { name: colorteller } } }
+      rewrite: { prefix: { value: /v2/ } }
+";
+
     #[test]
     fn a_consistent_set_passes() {
         // TLS asked to be off is what runs: accepted.
@@ -958,7 +998,23 @@ spec:
                 "serviceDiscovery: { registry: { namespaceName: 'a/b', serviceName: colorteller } }",
             ),
             "spec.serviceDiscovery.registry.namespaceName: \"a/b\" is not a registry name",
+        ), (
+            GOOD.replace(
+                "provider: { virtualRouter",
+                "hostname: web.d%mo\n  provider: { virtualRouter",
+            ),
+            "spec.hostname: \"web.d%mo\" is not a hostname",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("prefix: /web/", "prefix: web/"),
+            "(GatewayRoute default/web): spec.httpRoute.match.prefix: must start with \"/\"",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("value: /v2/", "value: v2/"),
+            "spec.httpRoute.action.rewrite.prefix.value: must start with \"/\"",
+        ), (
+            format!("\"\": 1\n{GOOD}"),
+            "document 0: \"\": unknown field",
         )]);
+        assert!(state_of(&format!("{GOOD}{GATEWAY}")).is_ok());
         for (yaml, want) in cases {
             let problems = state_of(&yaml).unwrap_err();
             assert!(

@@ -144,7 +144,7 @@ pub fn parse(text: &str) -> Result<pb::Snapshot, SnapshotError> {
     check_nesting(text).map_err(document_error)?;
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = field_path(e.path());
         let reason = e.into_inner().to_string();
         // serde_yaml_ng prefixes its own idea of the path ("clusters[0]: ..."): keep one path.
         let reason = match reason.split_once(": ") {
@@ -238,6 +238,15 @@ pub fn read_file(path: &std::path::Path) -> Result<String, SnapshotError> {
             ),
         ))
     })
+}
+
+/// A deserialisation error's field path as problems name it; a key that is the empty string
+/// (`"": 1` at the top) shows as `""` rather than as no path at all.
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
+    match path.to_string() {
+        p if p.is_empty() => "\"\"".into(),
+        p => p,
+    }
 }
 
 /// Whether `host` is something an endpoint address may name: an IP address (IPv6 without
