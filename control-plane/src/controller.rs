@@ -236,6 +236,27 @@ impl Controller {
         Ok(())
     }
 
+    /// [`Self::publish_own`] for a write the store has accepted: it has happened whatever
+    /// follows, so a failure to bring it into the view is logged (the watch brings it in), not
+    /// reported as the write's.
+    async fn publish_committed(&self, revision: u64, updates: Vec<Update>) {
+        if let Err(e) = self.publish_own(revision, updates).await {
+            tracing::warn!(revision, error = %e, "a committed write is not in the view yet; the store's watch will bring it");
+        }
+    }
+
+    /// Waits before checking a write again that raced another (`attempt` 1-based): jittered and
+    /// growing, so two control planes writing at once do not keep colliding.
+    async fn after_conflict(attempt: u32) {
+        let wait = trellis_proxy::retry::backoff(
+            Duration::from_millis(10),
+            Duration::from_millis(200),
+            attempt,
+            trellis_proxy::retry::Jitter::Full,
+        );
+        tokio::time::sleep(wait).await;
+    }
+
     /// Validates and applies manifests atomically: all of them, or nothing and every problem.
     /// They are checked against the view at the store's current revision and written only if
     /// no other resource write came in between (else checked again on the newer view).
@@ -261,11 +282,12 @@ impl Controller {
                         .map(|r| Update::Resource(r.key.clone(), Some(Arc::new(r))))
                         .chain([Update::Guard(Some(revision))])
                         .collect();
-                    self.publish_own(revision, updates).await?;
+                    self.publish_committed(revision, updates).await;
                     break plan.results;
                 }
                 Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
                     tracing::debug!(%key, %reason, attempt, "apply raced another write; checking again");
+                    Self::after_conflict(attempt).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -309,11 +331,12 @@ impl Controller {
                         .map(|k| Update::Resource(k.clone(), None))
                         .chain([Update::Guard(Some(revision))])
                         .collect();
-                    self.publish_own(revision, updates).await?;
+                    self.publish_committed(revision, updates).await;
                     return Ok(results);
                 }
                 Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
                     tracing::debug!(%key, %reason, attempt, "delete raced another write; checking again");
+                    Self::after_conflict(attempt).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -349,11 +372,11 @@ impl Controller {
             }])
             .await?;
         instance.lease = lease;
-        self.publish_own(
+        self.publish_committed(
             revision,
             vec![Update::Instance(key, Some(instance.clone()))],
         )
-        .await?;
+        .await;
         Ok(instance)
     }
 
@@ -408,8 +431,8 @@ impl Controller {
             }])
             .await?;
         i.lease = lease;
-        self.publish_own(revision, vec![Update::Instance(key, Some(i.clone()))])
-            .await?;
+        self.publish_committed(revision, vec![Update::Instance(key, Some(i.clone()))])
+            .await;
         Ok(i)
     }
 
@@ -428,8 +451,8 @@ impl Controller {
                 expect: Expect::Revision(revision),
             }])
             .await?;
-        self.publish_own(revision, vec![Update::Instance(key, None)])
-            .await?;
+        self.publish_committed(revision, vec![Update::Instance(key, None)])
+            .await;
         Ok(())
     }
 
@@ -712,7 +735,14 @@ async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
             }
         };
         drop(store);
-        while let Some(Ok(first)) = watch.recv().await {
+        let mut delivered = false;
+        let ended = loop {
+            let first = match watch.recv().await {
+                Some(Ok(first)) => first,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            };
+            delivered = true;
             let mut burst = vec![first];
             let lost = gather(&mut watch, &mut burst).await;
             let Some(c) = controller.upgrade() else {
@@ -727,12 +757,26 @@ async fn follow(controller: std::sync::Weak<Controller>, mut revision: u64) {
                 .collect();
             c.follow_changes(changes);
             if lost {
-                break;
+                break None;
+            }
+        };
+        let Some(c) = controller.upgrade() else {
+            return;
+        };
+        if let Some(e) = ended {
+            tracing::warn!(error = %e, "store watch failed");
+            if matches!(e, StoreError::Compacted { .. }) {
+                // The store cannot replay what was missed: read it again whole.
+                if let Err(e) = c.reload().await {
+                    tracing::warn!(error = %e, "cannot reload the view");
+                }
             }
         }
-        match controller.upgrade() {
-            Some(c) => revision = c.view().revision,
-            None => return,
+        revision = c.view().revision;
+        drop(c);
+        if !delivered {
+            // A watch that ends at once is not reopened in a tight loop.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }

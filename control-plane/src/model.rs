@@ -543,7 +543,7 @@ pub struct RegistryDiscovery {
     pub attributes: Attributes,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Attributes {
     Map(BTreeMap<String, String>),
@@ -553,6 +553,18 @@ pub enum Attributes {
 impl Default for Attributes {
     fn default() -> Self {
         Self::Map(BTreeMap::new())
+    }
+}
+
+/// The same attributes, whichever form they were written in (`[]` and a missing field are both
+/// none), so re-applying a manifest is "unchanged" also after it was stored and read back.
+impl PartialEq for Attributes {
+    fn eq(&self, other: &Self) -> bool {
+        let mut a = self.pairs();
+        let mut b = other.pairs();
+        a.sort_unstable();
+        b.sort_unstable();
+        a == b
     }
 }
 
@@ -575,7 +587,7 @@ impl Attributes {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyValueAttr {
     pub key: String,
@@ -808,6 +820,20 @@ pub fn parse_spec(kind: Kind, spec: Value) -> Result<Spec, (String, String)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn attributes_compare_by_content_not_form() {
+        let map: Attributes = serde_json::from_str(r#"{"version":"blue","zone":"a"}"#).unwrap();
+        let list: Attributes = serde_json::from_str(
+            r#"[{"key":"zone","value":"a"},{"key":"version","value":"blue"}]"#,
+        )
+        .unwrap();
+        assert_eq!(map, list);
+        let empty_list: Attributes = serde_json::from_str("[]").unwrap();
+        assert_eq!(empty_list, Attributes::default());
+        assert_ne!(map, Attributes::default());
+    }
+
     use super::*;
 
     #[test]

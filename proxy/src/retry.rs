@@ -143,14 +143,14 @@ impl RetryPolicy {
     }
 }
 
-pub(crate) fn backoff_ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
+pub fn backoff_ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
     let exp = retry.saturating_sub(1).min(30);
     base.saturating_mul(1 << exp).min(max)
 }
 
 /// How far below the exponential ceiling a backoff delay may fall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Jitter {
+pub enum Jitter {
     /// Uniform in [0, ceiling] ("full jitter"): request retries.
     Full,
     /// Uniform in [ceiling/2, ceiling]: control-plane reconnects, which should never come back
@@ -159,8 +159,9 @@ pub(crate) enum Jitter {
 }
 
 /// The delay before attempt `n` (1-based) after failures: the ceiling min(max, base·2ⁿ⁻¹),
-/// jittered. The one backoff of the proxy, for retries and reconnects alike.
-pub(crate) fn backoff(base: Duration, max: Duration, n: u32, jitter: Jitter) -> Duration {
+/// jittered. The one backoff of Trellis: request retries, reconnects to the control plane, and
+/// the control plane's writes that raced another.
+pub fn backoff(base: Duration, max: Duration, n: u32, jitter: Jitter) -> Duration {
     let ceiling = u64::try_from(backoff_ceiling(base, max, n).as_nanos()).unwrap_or(u64::MAX);
     let floor = match jitter {
         Jitter::Full => 0,
