@@ -307,39 +307,12 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Atte
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     // The framing headers are read as they go into the map: one pass, no lookups.
-    let mut length: Option<u64> = None;
-    let mut transfer_coding: Option<bool> = None;
-    let (mut close, mut keep) = (false, false);
+    let mut framing = FramingHeaders::default();
     for &[ns, ne, vs, ve] in &spans[..count] {
         let [ns, ne, vs, ve] = [ns, ne, vs, ve].map(usize::from);
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| AttemptError::protocol("invalid response header name"))?;
-        let value = &head[vs..ve];
-        if name == header::CONTENT_LENGTH {
-            for v in value.split(|&b| b == b',') {
-                let n = parse_length(v.trim_ascii())
-                    .ok_or_else(|| AttemptError::protocol("invalid response content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(AttemptError::protocol(
-                        "conflicting response content-lengths",
-                    ));
-                }
-                length = Some(n);
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            if let Some(last) = value
-                .rsplit(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .find(|t| !t.is_empty())
-            {
-                transfer_coding = Some(last.eq_ignore_ascii_case(b"chunked"));
-            }
-        } else if name == header::CONNECTION {
-            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
+        framing.note(&name, &head[vs..ve])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| AttemptError::protocol("invalid response header value"))?;
         headers.append(name, value);
@@ -349,22 +322,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Atte
     } else {
         Version::HTTP_11
     };
-    let keep_alive = match version {
-        Version::HTTP_10 => keep && !close,
-        _ => !close,
-    };
-    let framing =
-        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            Framing::Done
-        } else {
-            match (transfer_coding, length) {
-                (Some(true), _) => Framing::Chunked(Chunked::Size),
-                (Some(false), _) | (None, None) => Framing::Close,
-                (None, Some(0)) => Framing::Done,
-                (None, Some(n)) => Framing::Length(n),
-            }
-        };
-    let keep_alive = keep_alive && framing != Framing::Close;
+    let (framing, keep_alive) = framing.decide(status, version, head_request);
     Ok(Parsed::Final(Head {
         status,
         version,
@@ -394,6 +352,71 @@ pub struct Head {
     pub headers: HeaderMap,
     pub framing: Framing,
     pub keep_alive: bool,
+}
+
+/// What a response's framing headers say (RFC 9112 §6): `content-length`, the last
+/// `transfer-encoding`, and `connection` tokens.
+#[derive(Debug, Default)]
+struct FramingHeaders {
+    length: Option<u64>,
+    /// Whether the last transfer coding is `chunked`.
+    transfer_coding: Option<bool>,
+    close: bool,
+    keep: bool,
+}
+
+impl FramingHeaders {
+    #[inline]
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), AttemptError> {
+        if name == header::CONTENT_LENGTH {
+            for v in value.split(|&b| b == b',') {
+                let n = parse_length(v.trim_ascii())
+                    .ok_or_else(|| AttemptError::protocol("invalid response content-length"))?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(AttemptError::protocol(
+                        "conflicting response content-lengths",
+                    ));
+                }
+                self.length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            if let Some(last) = value
+                .rsplit(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find(|t| !t.is_empty())
+            {
+                self.transfer_coding = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name == header::CONNECTION {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+
+    /// How the body is framed, and whether the connection can be reused after it.
+    #[inline]
+    fn decide(self, status: StatusCode, version: Version, head_request: bool) -> (Framing, bool) {
+        let keep_alive = match version {
+            Version::HTTP_10 => self.keep && !self.close,
+            _ => !self.close,
+        };
+        let no_body =
+            head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let framing = if no_body {
+            Framing::Done
+        } else {
+            match (self.transfer_coding, self.length) {
+                (Some(true), _) => Framing::Chunked(Chunked::Size),
+                (Some(false), _) | (None, None) => Framing::Close,
+                (None, Some(0)) => Framing::Done,
+                (None, Some(n)) => Framing::Length(n),
+            }
+        };
+        (framing, keep_alive && framing != Framing::Close)
+    }
 }
 
 /// A content-length value: digits only.
