@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::{
     metrics::ControlMetrics,
-    model::{API_VERSION, Kind, Manifest, ResourceKey},
+    model::{Kind, Manifest, ResourceKey},
     registry::{self, Instance, InstanceStatus},
     status::{Proxies, Status},
     store::{Change, Expect, Op, Store, StoreError},
@@ -582,7 +582,7 @@ impl Serialize for Listed {
         let mut metadata = r.metadata.clone();
         metadata.resource_version = Some(r.revision.to_string());
         let mut m = serializer.serialize_struct("Manifest", 5)?;
-        m.serialize_field("apiVersion", API_VERSION)?;
+        m.serialize_field("apiVersion", r.api_version.as_str())?;
         m.serialize_field("kind", r.key.kind.as_str())?;
         m.serialize_field("metadata", &metadata)?;
         m.serialize_field("spec", &r.spec)?;

@@ -9,6 +9,33 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub const API_VERSION: &str = "mesh.trellis.dev/v1beta1";
+/// App Mesh's API group, accepted wherever Trellis's is.
+pub const APPMESH_API_VERSION: &str = "appmesh.k8s.aws/v1beta2";
+
+/// The API group a resource was applied with, and is served back with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiVersion {
+    #[default]
+    Trellis,
+    AppMesh,
+}
+
+impl ApiVersion {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            API_VERSION => Some(Self::Trellis),
+            APPMESH_API_VERSION => Some(Self::AppMesh),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trellis => API_VERSION,
+            Self::AppMesh => APPMESH_API_VERSION,
+        }
+    }
+}
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -49,8 +76,13 @@ impl Kind {
 
     /// Parses `VirtualRouter`, `virtualrouter` or `virtualrouters` (any case).
     pub fn parse(s: &str) -> Option<Self> {
+        // Singular or plural ("meshes", "virtualnodes"), any case.
         let lower = s.to_ascii_lowercase();
-        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        let singular = lower
+            .strip_suffix("es")
+            .filter(|s| s.ends_with("sh"))
+            .or_else(|| lower.strip_suffix('s'))
+            .unwrap_or(&lower);
         Self::ALL
             .into_iter()
             .find(|k| k.lower() == lower || k.lower() == singular)
@@ -846,8 +878,15 @@ mod tests {
         ] {
             assert_eq!(Kind::parse(s), Some(Kind::VirtualRouter), "{s}");
         }
-        assert_eq!(Kind::parse("meshes"), None, "only plural s");
-        assert_eq!(Kind::parse("mesh"), Some(Kind::Mesh));
+        for s in ["mesh", "meshes", "Meshes", "MESH"] {
+            assert_eq!(Kind::parse(s), Some(Kind::Mesh), "{s}");
+        }
+        assert_eq!(
+            Kind::parse("meshs"),
+            Some(Kind::Mesh),
+            "a plural s on any kind"
+        );
+        assert_eq!(Kind::parse("virtualgatewayes"), None);
         assert_eq!(Kind::parse("nope"), None);
     }
 

@@ -8,9 +8,10 @@ use std::{
 };
 
 use crate::model::{
-    API_VERSION, DEFAULT_NAMESPACE, Duration, GatewayRouteSpec, HeaderMatch, HttpMatch, Kind,
-    Listener, Manifest, Metadata, Ref, ResourceKey, RetryPolicy, RouteAction, Spec, Timeouts,
-    VirtualGatewaySpec, VirtualNodeSpec, VirtualRouterSpec, VirtualServiceSpec, parse_spec,
+    API_VERSION, APPMESH_API_VERSION, ApiVersion, DEFAULT_NAMESPACE, Duration, GatewayRouteSpec,
+    HeaderMatch, HttpMatch, Kind, Listener, Manifest, Metadata, Ref, ResourceKey, RetryPolicy,
+    RouteAction, Spec, Timeouts, VirtualGatewaySpec, VirtualNodeSpec, VirtualRouterSpec,
+    VirtualServiceSpec, parse_spec,
 };
 use crate::registry;
 
@@ -53,6 +54,8 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub key: ResourceKey,
+    /// The API group it was applied with (Trellis's or App Mesh's), served back with it.
+    pub api_version: ApiVersion,
     /// As stored: `resourceVersion` is never set here (see `revision`).
     pub metadata: Metadata,
     pub spec: Spec,
@@ -64,6 +67,7 @@ impl Resource {
     /// Whether `other` says the same thing (ignoring server-set metadata).
     pub fn same(&self, other: &Resource) -> bool {
         self.spec == other.spec
+            && self.api_version == other.api_version
             && self.metadata.labels == other.metadata.labels
             && self.metadata.annotations == other.metadata.annotations
     }
@@ -75,7 +79,7 @@ impl serde::Serialize for Resource {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let mut m = serializer.serialize_struct("Manifest", 4)?;
-        m.serialize_field("apiVersion", API_VERSION)?;
+        m.serialize_field("apiVersion", self.api_version.as_str())?;
         m.serialize_field("kind", self.key.kind.as_str())?;
         m.serialize_field("metadata", &self.metadata)?;
         m.serialize_field("spec", &self.spec)?;
@@ -143,10 +147,14 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             reason,
         })
     };
-    if manifest.api_version != API_VERSION {
+    let api_version = ApiVersion::parse(&manifest.api_version);
+    if api_version.is_none() {
         p(
             "apiVersion",
-            format!("must be {API_VERSION:?}, not {:?}", manifest.api_version),
+            format!(
+                "must be {API_VERSION:?} or {APPMESH_API_VERSION:?}, not {:?}",
+                manifest.api_version
+            ),
         );
     }
     let Some(kind) = Kind::parse(&manifest.kind).filter(|k| k.as_str() == manifest.kind) else {
@@ -202,6 +210,7 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             }
             Ok(Resource {
                 key,
+                api_version: api_version.unwrap_or_default(),
                 metadata: manifest.metadata,
                 spec,
                 revision: 0,
@@ -922,6 +931,20 @@ spec:
         assert_eq!(state.len(), 4);
         let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
         assert_eq!(state[&vs].metadata.namespace.as_deref(), Some("default"));
+    }
+
+    /// App Mesh's API group is accepted and kept: the resource is served back with it.
+    #[test]
+    fn app_mesh_api_group_is_accepted_and_kept() {
+        let appmesh = GOOD.replace("mesh.trellis.dev/v1beta1", "appmesh.k8s.aws/v1beta2");
+        let state = state_of(&appmesh).unwrap();
+        let vs = &state[&ResourceKey::new(Kind::VirtualService, "default", "colorteller")];
+        assert_eq!(vs.api_version, ApiVersion::AppMesh);
+        let json = serde_json::to_value(&**vs).unwrap();
+        assert_eq!(json["apiVersion"], "appmesh.k8s.aws/v1beta2");
+        // Re-applied under the other group, it is a change.
+        let trellis = state_of(GOOD).unwrap();
+        assert!(!trellis[&vs.key].same(vs));
     }
 
     #[test]
