@@ -59,6 +59,8 @@ pub enum Action {
     Configured,
     Unchanged,
     Deleted,
+    /// Not a mesh resource (a Kubernetes Deployment, Service, ... in the same file).
+    Skipped,
 }
 
 impl Applied {
@@ -79,6 +81,7 @@ impl Action {
             Self::Configured => "configured",
             Self::Unchanged => "unchanged",
             Self::Deleted => "deleted",
+            Self::Skipped => "skipped (not a mesh resource)",
         }
     }
 }
@@ -296,6 +299,8 @@ impl Controller {
         self.metrics
             .apply_latency
             .observe(started.elapsed().as_secs_f64());
+        let mut results = results;
+        results.extend(admitted.skipped.iter().cloned());
         Ok(results)
     }
 
@@ -599,6 +604,8 @@ struct Admitted {
     /// The document each resource came from.
     origin: HashMap<ResourceKey, usize>,
     problems: Vec<Problem>,
+    /// Kubernetes documents that are not mesh resources, reported as skipped.
+    skipped: Vec<Applied>,
 }
 
 /// What an apply would do to a view: per manifest, its action; the resources to write, each with
@@ -614,8 +621,18 @@ impl Admitted {
             resources: Vec::new(),
             origin: HashMap::new(),
             problems: Vec::new(),
+            skipped: Vec::new(),
         };
         for (i, m) in manifests.into_iter().enumerate() {
+            if !validate::is_mesh(&m) {
+                this.skipped.push(Applied {
+                    kind: m.kind,
+                    namespace: m.metadata.namespace.unwrap_or_default(),
+                    name: m.metadata.name,
+                    action: Action::Skipped,
+                });
+                continue;
+            }
             match validate::admit(m, Some(i)) {
                 Ok(r) => {
                     if let Some(first) = this.origin.insert(r.key.clone(), i) {

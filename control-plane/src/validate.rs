@@ -108,6 +108,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<Problem>> {
                 break;
             }
         };
+        if let Some(other) = not_mesh(&value) {
+            out.push(other);
+            continue;
+        }
         match serde_path_to_error::deserialize::<_, Manifest>(value) {
             Ok(m) => out.push(m),
             Err(e) => {
@@ -121,6 +125,41 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// A Kubernetes document that is not a mesh resource (a Namespace, Deployment, Service, ... in
+/// the same file, as App Mesh's walkthroughs have them): kept as a manifest with only its
+/// identity, which [`is_mesh`] tells apart, so that an apply reports it as skipped. A document of
+/// a mesh group or a mesh kind is a mesh resource, whatever else is wrong with it.
+fn not_mesh(value: &serde_json::Value) -> Option<Manifest> {
+    fn text(v: Option<&serde_json::Value>) -> &str {
+        v.and_then(|v| v.as_str()).unwrap_or_default()
+    }
+    let api_version = text(value.get("apiVersion"));
+    let kind = text(value.get("kind"));
+    if kind.is_empty() || ApiVersion::parse(api_version).is_some() || Kind::parse(kind).is_some() {
+        return None;
+    }
+    let metadata = value.get("metadata");
+    Some(Manifest {
+        api_version: api_version.to_string(),
+        kind: kind.to_string(),
+        metadata: Metadata {
+            name: text(metadata.and_then(|m| m.get("name"))).to_string(),
+            namespace: metadata
+                .and_then(|m| m.get("namespace"))
+                .and_then(|n| n.as_str())
+                .map(str::to_string),
+            ..Metadata::default()
+        },
+        spec: serde_json::Value::Null,
+        status: None,
+    })
+}
+
+/// Whether a parsed manifest is a mesh resource (else a Kubernetes document to skip).
+pub fn is_mesh(manifest: &Manifest) -> bool {
+    ApiVersion::parse(&manifest.api_version).is_some() || Kind::parse(&manifest.kind).is_some()
 }
 
 /// Until mTLS lands, a manifest asking for TLS is refused rather than run in plaintext.
@@ -189,11 +228,21 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             format!("{namespace:?} is not a valid namespace"),
         );
     }
-    let spec = match parse_spec(kind, std::mem::take(&mut manifest.spec)) {
-        Ok(s) => Some(s),
-        Err((path, reason)) => {
+    // App Mesh's schema and Trellis's status of every field first (it also turns ARN
+    // references into references); the typed model then parses what passed.
+    let compat = crate::compat::check(kind, &mut manifest.spec);
+    let spec = if !compat.is_empty() {
+        for (path, reason) in compat {
             p(&path, reason);
-            None
+        }
+        None
+    } else {
+        match parse_spec(kind, std::mem::take(&mut manifest.spec)) {
+            Ok(s) => Some(s),
+            Err((path, reason)) => {
+                p(&path, reason);
+                None
+            }
         }
     };
     let key = ResourceKey::new(kind, &namespace, &manifest.metadata.name);
@@ -1008,13 +1057,13 @@ spec:
                 "protocol: http } }]\n  serviceDiscovery",
                 "protocol: http }, tls: { mode: PERMISSIVE } }]\n  serviceDiscovery",
             ),
-            "spec.listeners[0].tls: TLS is not supported yet",
+            "spec.listeners[0].tls: not supported by Trellis: TLS is not supported yet",
         ), (
             GOOD.replace(
                 "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
                 "serviceDiscovery: { dns: { hostname: 'red_svc!.local' } }\n  backends: [{ virtualService: { virtualServiceRef: { name: colorteller }, clientPolicy: { tls: { enforce: true } } } }]",
             ),
-            "spec.backends[0].virtualService.clientPolicy.tls: TLS is not supported yet",
+            "spec.backends[0].virtualService.clientPolicy: not supported by Trellis: TLS is not supported yet",
         ), (
             GOOD.replace(
                 "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",

@@ -588,7 +588,7 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
         ),
         (
             "  listeners: [{ portMapping: { port: 8080, protocol: http } }]\n  backendDefaults: { clientPolicy: { tls: { validation: { trust: { file: { certificateChain: /ca.pem } } } } } }\n",
-            "spec.backendDefaults.clientPolicy.tls",
+            "spec.backendDefaults",
         ),
     ] {
         let yaml = format!(
@@ -598,7 +598,9 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
         let out = cli(&env.control.url, &["apply", "-f", file.to_str().unwrap()]);
         assert!(!out.status.success());
         assert!(
-            stderr(&out).contains(&format!("{path}: TLS is not supported yet")),
+            stderr(&out).contains(&format!(
+                "{path}: not supported by Trellis: TLS is not supported yet"
+            )),
             "{}",
             stderr(&out)
         );

@@ -710,6 +710,14 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
     let mut index = std::collections::HashMap::new();
     let mut problems = Vec::new();
     for (i, m) in manifests.into_iter().enumerate() {
+        if !validate::is_mesh(&m) {
+            println!(
+                "{}/{} skipped (not a mesh resource)",
+                m.kind.to_ascii_lowercase(),
+                m.metadata.name
+            );
+            continue;
+        }
         match validate::admit(m, Some(i)) {
             Ok(r) => {
                 index.insert(r.key.clone(), i);

@@ -1,0 +1,1357 @@
+//! The status of every App Mesh v1beta2 spec field (and of Trellis's additions): honoured (what
+//! App Mesh documents, and where Trellis does it), an AWS identity (accepted, with the meaning
+//! given) or refused (with the reason users see after "not supported by Trellis: "). A field is
+//! honoured only when translate and the proxy really do what App Mesh documents for it; a field
+//! the typed model parses but nothing uses is refused. Checked against
+//! `control-plane/appmesh/v1beta2-fields.md` by `compat`'s tests; the README's compatibility
+//! table is generated from it.
+//!
+//! Lookups go by the longest prefix of whole `.`-segments (`spec.routes[].httpRoute.match.headers[].name`
+//! falls back to `...headers[]`, then `...match`): a container's entry covers what is below it
+//! unless a longer path has its own, and a `[]` element's children need their parent's entry.
+
+use super::Status::{self, Honoured, Identity, Refused};
+use crate::model::Kind::{
+    self, GatewayRoute, Mesh, VirtualGateway, VirtualNode, VirtualRouter, VirtualService,
+};
+
+/// Every spec has an entry so that each App Mesh field resolves to a status of its own, never to the root's.
+const SPEC: &str = "the resource's spec; each field's status is listed below it";
+const AWS_NAME: &str = "AWS name; accepted, not used: Trellis names resources by metadata.name";
+const UID: &str = "accepted, not checked: uids are Kubernetes object ids";
+/// App Mesh ARN references (`...ARN`): `compat` rewrites them into the `...Ref` they name.
+const ARN: &str = "resolves to the resource named in the ARN's last segment within the mesh named in it (a mismatch is an error)";
+const MESH_REF: &str =
+    "the mesh the resource belongs to (without it, the only mesh); references stay within one mesh";
+const MATCH_PORT: &str = "route match on the port named in the request's authority (a request naming no port does not match)";
+const TARGET_PORT: &str = "choosing a target node's listener by port is not implemented yet (issue 10): a target gets its node's registered endpoints, or its first listener's port with dns";
+/// `compat` accepts `tls: { mode: DISABLED }` (plaintext, which is what runs) despite this.
+const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISABLED is accepted";
+const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
+const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
+const LOGGING: &str = "per-resource access logs are not implemented yet (issue 10): the proxy's --access-log flag sets its access log";
+const POD_SELECTOR: &str = "pod selectors apply on Kubernetes (issue 13); off Kubernetes a proxy names its node with --node (a gateway with --gateway)";
+
+/// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
+pub(super) const STATUS: &[(Kind, &str, Status)] = &[
+    // ---- Mesh --------------------------------------------------------------------------------------
+    (Mesh, "spec", Honoured(SPEC)),
+    (Mesh, "spec.awsName", Identity(AWS_NAME)),
+    (
+        Mesh,
+        "spec.egressFilter",
+        Refused(
+            "egress filters are not implemented yet (issue 10): a sidecar reaches only the backends its VirtualNode declares, as with App Mesh's default DROP_ALL",
+        ),
+    ),
+    (
+        Mesh,
+        "spec.meshOwner",
+        Identity("the AWS account owning a shared mesh; accepted, not checked"),
+    ),
+    (
+        Mesh,
+        "spec.meshServiceDiscovery",
+        Refused(
+            "meshServiceDiscovery.ipPreference is not implemented yet (issue 10): endpoints are used as registered or resolved",
+        ),
+    ),
+    (
+        Mesh,
+        "spec.namespaceSelector",
+        Refused(
+            "namespace selectors apply on Kubernetes (issue 13); off Kubernetes a resource names its mesh in spec.meshRef.name",
+        ),
+    ),
+    // ---- VirtualService ----------------------------------------------------------------------------
+    (VirtualService, "spec", Honoured(SPEC)),
+    (
+        VirtualService,
+        "spec.awsName",
+        Honoured(
+            "the hostname callers reach the service at (App Mesh: the service name is its DNS name), unless spec.hostname is set; also the Host a gateway rewrites to",
+        ),
+    ),
+    (VirtualService, "spec.meshRef", Honoured(MESH_REF)),
+    (VirtualService, "spec.meshRef.name", Honoured(MESH_REF)),
+    (VirtualService, "spec.meshRef.uid", Identity(UID)),
+    (
+        VirtualService,
+        "spec.provider",
+        Honoured("what serves the service: a virtualNode or a virtualRouter (exactly one)"),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualNode",
+        Honoured(
+            "all of the service's traffic goes to this node's cluster, on its first listener's port",
+        ),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualNode.virtualNodeARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualNode.virtualNodeRef",
+        Honoured("the providing VirtualNode (namespace defaults to the service's)"),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualRouter",
+        Honoured("the service's routes are the router's routes, on the router's listener port"),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualRouter.virtualRouterARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualService,
+        "spec.provider.virtualRouter.virtualRouterRef",
+        Honoured("the providing VirtualRouter (namespace defaults to the service's)"),
+    ),
+    // ---- VirtualRouter -----------------------------------------------------------------------------
+    (VirtualRouter, "spec", Honoured(SPEC)),
+    (VirtualRouter, "spec.awsName", Identity(AWS_NAME)),
+    (
+        VirtualRouter,
+        "spec.listeners",
+        Honoured("the router's listener; exactly one (several are refused: issue 10)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.listeners[].portMapping",
+        Honoured("the router's port and protocol"),
+    ),
+    (
+        VirtualRouter,
+        "spec.listeners[].portMapping.port",
+        Honoured(
+            "the port the services it provides are reached at (the egress serves host:port and host)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.listeners[].portMapping.protocol",
+        Honoured(
+            "checked; the egress serves http, http2 and grpc routes, and tcp routes through CONNECT; upstream protocol follows the target node's listener",
+        ),
+    ),
+    (VirtualRouter, "spec.meshRef", Honoured(MESH_REF)),
+    (VirtualRouter, "spec.meshRef.name", Honoured(MESH_REF)),
+    (VirtualRouter, "spec.meshRef.uid", Identity(UID)),
+    (
+        VirtualRouter,
+        "spec.routes",
+        Honoured(
+            "the routes of every VirtualService the router provides, on its egress virtual host",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute",
+        Honoured("a gRPC route (paths /service/method)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action",
+        Honoured("where matched traffic goes"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action.weightedTargets",
+        Honoured(
+            "a weighted split over the target nodes' clusters (1 to 10 targets, weights not all 0)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action.weightedTargets[].port",
+        Refused(TARGET_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action.weightedTargets[].virtualNodeARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action.weightedTargets[].virtualNodeRef",
+        Honoured(
+            "the target VirtualNode: its registered instances or DNS name (namespace defaults to the router's)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.action.weightedTargets[].weight",
+        Honoured("the target's relative weight (0-100; 0 sends nothing)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match",
+        Honoured("the route's match: service, method, metadata and port"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.metadata",
+        Honoured("metadata (request header) matches: all must hold"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.metadata[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.metadata[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.metadata[].name",
+        Honoured("the metadata name"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.methodName",
+        Honoured("route match on the method: path /serviceName/methodName (needs serviceName)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.match.serviceName",
+        Honoured("route match on the service: path prefix /serviceName/"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy",
+        Honoured("retries by the proxy, with a body replay buffer"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.grpcRetryEvents",
+        Honoured("retries on these grpc-status values in the response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.httpRetryEvents",
+        Honoured(
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.maxRetries",
+        Honoured("retries after the first attempt (0-25)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.perRetryTimeout",
+        Honoured("the limit on each attempt, up to its response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.tcpRetryEvents",
+        Honoured("connection-error: retries when connecting to the endpoint fails"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.timeout",
+        Honoured("the route's timeouts (none unless set)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.timeout.idle",
+        Honoured(
+            "the longest gap between response body frames (and, before the response, in the request body)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.timeout.perRequest",
+        Honoured("the whole request, to the response headers, retries included"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route",
+        Honoured("an HTTP/2 route (matched and forwarded like httpRoute)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action",
+        Honoured("where matched traffic goes"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action.weightedTargets",
+        Honoured(
+            "a weighted split over the target nodes' clusters (1 to 10 targets, weights not all 0)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action.weightedTargets[].port",
+        Refused(TARGET_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action.weightedTargets[].virtualNodeARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action.weightedTargets[].virtualNodeRef",
+        Honoured(
+            "the target VirtualNode: its registered instances or DNS name (namespace defaults to the router's)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.action.weightedTargets[].weight",
+        Honoured("the target's relative weight (0-100; 0 sends nothing)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match",
+        Honoured("the route's match: path (prefix or path) and every other condition given"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.headers",
+        Honoured("header matches: all must hold"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.headers[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.headers[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.headers[].name",
+        Honoured("the header name"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.method",
+        Honoured("route match on the request method"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.path",
+        Honoured("route match on the exact path or a whole-path regex"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.prefix",
+        Honoured("route match on the request path prefix"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.queryParameters",
+        Honoured("query parameter matches: all must hold"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.queryParameters[].match",
+        Honoured("exact value; without it, presence"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.queryParameters[].name",
+        Honoured("the query parameter name"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.match.scheme",
+        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy",
+        Honoured("retries by the proxy, with a body replay buffer"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.httpRetryEvents",
+        Honoured(
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.maxRetries",
+        Honoured("retries after the first attempt (0-25)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.perRetryTimeout",
+        Honoured("the limit on each attempt, up to its response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.tcpRetryEvents",
+        Honoured("connection-error: retries when connecting to the endpoint fails"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.timeout",
+        Honoured("the route's timeouts (none unless set)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.timeout.idle",
+        Honoured(
+            "the longest gap between response body frames (and, before the response, in the request body)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.timeout.perRequest",
+        Honoured("the whole request, to the response headers, retries included"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute",
+        Honoured("an HTTP route"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action",
+        Honoured("where matched traffic goes"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action.weightedTargets",
+        Honoured(
+            "a weighted split over the target nodes' clusters (1 to 10 targets, weights not all 0)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action.weightedTargets[].port",
+        Refused(TARGET_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action.weightedTargets[].virtualNodeARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action.weightedTargets[].virtualNodeRef",
+        Honoured(
+            "the target VirtualNode: its registered instances or DNS name (namespace defaults to the router's)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.action.weightedTargets[].weight",
+        Honoured("the target's relative weight (0-100; 0 sends nothing)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match",
+        Honoured("the route's match: path (prefix or path) and every other condition given"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.headers",
+        Honoured("header matches: all must hold"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.headers[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.headers[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.headers[].name",
+        Honoured("the header name"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.method",
+        Honoured("route match on the request method"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.path",
+        Honoured("route match on the exact path or a whole-path regex"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.prefix",
+        Honoured("route match on the request path prefix"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.queryParameters",
+        Honoured("query parameter matches: all must hold"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.queryParameters[].match",
+        Honoured("exact value; without it, presence"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.queryParameters[].name",
+        Honoured("the query parameter name"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.match.scheme",
+        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy",
+        Honoured("retries by the proxy, with a body replay buffer"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.httpRetryEvents",
+        Honoured(
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.maxRetries",
+        Honoured("retries after the first attempt (0-25)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.perRetryTimeout",
+        Honoured("the limit on each attempt, up to its response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.tcpRetryEvents",
+        Honoured("connection-error: retries when connecting to the endpoint fails"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.timeout",
+        Honoured("the route's timeouts (none unless set)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.timeout.idle",
+        Honoured(
+            "the longest gap between response body frames (and, before the response, in the request body)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.timeout.perRequest",
+        Honoured("the whole request, to the response headers, retries included"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].name",
+        Honoured("the route's name (unique in the router), used in metrics, logs and status"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].priority",
+        Honoured(
+            "route order: lower first; routes without a priority after those with one, in their order",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute",
+        Honoured("a TCP route, reached through the sidecar egress with CONNECT"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action",
+        Honoured("where matched traffic goes"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action.weightedTargets",
+        Honoured(
+            "a weighted split over the target nodes' clusters (1 to 10 targets, weights not all 0)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action.weightedTargets[].port",
+        Refused(TARGET_PORT),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action.weightedTargets[].virtualNodeARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action.weightedTargets[].virtualNodeRef",
+        Honoured(
+            "the target VirtualNode: its registered instances or DNS name (namespace defaults to the router's)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.action.weightedTargets[].weight",
+        Honoured("the target's relative weight (0-100; 0 sends nothing)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.match",
+        Refused("tcpRoute matches (by port) are not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].tcpRoute.timeout",
+        Refused("the tcpRoute idle timeout is not applied to CONNECT tunnels yet (issue 10)"),
+    ),
+    // ---- VirtualNode -------------------------------------------------------------------------------
+    (VirtualNode, "spec", Honoured(SPEC)),
+    (VirtualNode, "spec.awsName", Identity(AWS_NAME)),
+    (
+        VirtualNode,
+        "spec.backendDefaults",
+        Refused(TLS_BACKEND_DEFAULTS),
+    ),
+    (
+        VirtualNode,
+        "spec.backendGroups",
+        Refused(
+            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.backendGroups[].name",
+        Refused(
+            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.backendGroups[].namespace",
+        Refused(
+            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.backends",
+        Honoured("the node's egress: the virtual services it may call, and only those"),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService",
+        Honoured("a backend virtual service: its hostname becomes an egress virtual host"),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy",
+        Refused(TLS_CLIENT),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.virtualServiceARN",
+        Identity(ARN),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.virtualServiceRef",
+        Honoured("the backend VirtualService (namespace defaults to the node's)"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners",
+        Honoured("the node's inbound listeners (the sidecar ingress)"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].connectionPool",
+        Refused("connection pool limits are not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].healthCheck",
+        Refused("active health checks are not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].outlierDetection",
+        Refused("outlier detection is not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].portMapping",
+        Honoured("the local app's port and protocol"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].portMapping.port",
+        Honoured(
+            "the sidecar ingress forwards to 127.0.0.1:<port> (with several listeners, by the request authority's port); callers reach the node on its first listener's port (dns discovery)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].portMapping.protocol",
+        Honoured(
+            "the protocol to the local app and, of the first listener, callers' protocol to the node (http, http2 as h2c, grpc, tcp)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].timeout",
+        Refused(
+            "listener (inbound) timeouts are not implemented yet (issue 10); route timeouts apply to callers",
+        ),
+    ),
+    (VirtualNode, "spec.listeners[].tls", Refused(TLS_LISTENER)),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.mode",
+        Honoured(
+            "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
+        ),
+    ),
+    (VirtualNode, "spec.logging", Refused(LOGGING)),
+    (VirtualNode, "spec.meshRef", Honoured(MESH_REF)),
+    (VirtualNode, "spec.meshRef.name", Honoured(MESH_REF)),
+    (VirtualNode, "spec.meshRef.uid", Identity(UID)),
+    (VirtualNode, "spec.podSelector", Refused(POD_SELECTOR)),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery",
+        Honoured(
+            "where the node's endpoints come from: awsCloudMap (the Trellis registry), dns or registry (exactly one)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.awsCloudMap",
+        Honoured(
+            "the node's endpoints: instances registered in the Trellis registry (not AWS Cloud Map), healthy or draining",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.awsCloudMap.attributes",
+        Honoured(
+            "only instances whose attributes include all of these key/value pairs (Trellis also takes a {key: value} map)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.awsCloudMap.namespaceName",
+        Honoured("the registry namespace the instances are registered in"),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.awsCloudMap.serviceName",
+        Honoured("the registry service the instances are registered under"),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.dns",
+        Honoured("one endpoint, hostname:<first listener port>"),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.dns.hostname",
+        Honoured("an IP address or DNS name, resolved by the proxy when it connects"),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.dns.responseType",
+        Refused(
+            "DNS response types are not implemented yet (issue 10): the name is resolved per connection (App Mesh's LOADBALANCER); ENDPOINTS is not available",
+        ),
+    ),
+    // ---- VirtualGateway ----------------------------------------------------------------------------
+    (VirtualGateway, "spec", Honoured(SPEC)),
+    (VirtualGateway, "spec.awsName", Identity(AWS_NAME)),
+    (
+        VirtualGateway,
+        "spec.backendDefaults",
+        Refused(TLS_BACKEND_DEFAULTS),
+    ),
+    (
+        VirtualGateway,
+        "spec.gatewayRouteSelector",
+        Refused(
+            "GatewayRoute selectors apply on Kubernetes (issue 13); off Kubernetes a GatewayRoute names its gateway in spec.virtualGatewayRef",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners",
+        Honoured("the gateway's listener (at least one)"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].connectionPool",
+        Refused("connection pool limits are not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck",
+        Refused("active health checks are not implemented yet (issue 10)"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].portMapping",
+        Honoured("the gateway's port and protocol"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].portMapping.port",
+        Honoured(
+            "the gateway serves on the proxy's --ingress-addr, which must use this port (as examples/colorapp/gateway.yaml does; not checked yet)",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].portMapping.protocol",
+        Honoured("checked; the gateway's listener serves http, http2 (h2c) and grpc"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls",
+        Refused(TLS_LISTENER),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.mode",
+        Honoured(
+            "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
+        ),
+    ),
+    (VirtualGateway, "spec.logging", Refused(LOGGING)),
+    (VirtualGateway, "spec.meshRef", Honoured(MESH_REF)),
+    (VirtualGateway, "spec.meshRef.name", Honoured(MESH_REF)),
+    (VirtualGateway, "spec.meshRef.uid", Identity(UID)),
+    (
+        VirtualGateway,
+        "spec.namespaceSelector",
+        Refused(
+            "namespace selectors apply on Kubernetes (issue 13); off Kubernetes a gateway serves the GatewayRoutes that name it, or without a ref those of its namespace",
+        ),
+    ),
+    (VirtualGateway, "spec.podSelector", Refused(POD_SELECTOR)),
+    // ---- GatewayRoute ------------------------------------------------------------------------------
+    (GatewayRoute, "spec", Honoured(SPEC)),
+    (GatewayRoute, "spec.awsName", Identity(AWS_NAME)),
+    (
+        GatewayRoute,
+        "spec.grpcRoute",
+        Honoured(
+            "a gRPC gateway route: matched on the service's path prefix, the path never rewritten",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action",
+        Honoured("where matched requests go, with App Mesh's default rewrites"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.rewrite",
+        Honoured("what is rewritten on forwarded requests (WebSocket upgrades included)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.rewrite.hostname",
+        Honoured(
+            "Host rewrite: by default to the target virtual service's hostname; defaultTargetHostname DISABLED keeps the client's",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.target",
+        Honoured("the target virtual service"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.target.port",
+        Refused(
+            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.target.virtualService",
+        Honoured(
+            "the target: its node's cluster, or each of its router's routes combined with this match",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.target.virtualService.virtualServiceARN",
+        Identity(ARN),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.action.target.virtualService.virtualServiceRef",
+        Honoured("the target VirtualService (namespace defaults to the route's)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match",
+        Honoured("the route's match: service, hostname, metadata and port"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.hostname",
+        Honoured("served on a virtual host for the exact hostname or *.suffix (case-insensitive)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.metadata",
+        Honoured("metadata (request header) matches: all must hold"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.metadata[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.metadata[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.metadata[].name",
+        Honoured("the metadata name"),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        GatewayRoute,
+        "spec.grpcRoute.match.serviceName",
+        Honoured("route match on the path prefix /serviceName/"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route",
+        Honoured("an HTTP/2 gateway route (matched and forwarded like httpRoute)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action",
+        Honoured("where matched requests go, with App Mesh's default rewrites"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.rewrite",
+        Honoured("what is rewritten on forwarded requests (WebSocket upgrades included)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.rewrite.hostname",
+        Honoured(
+            "Host rewrite: by default to the target virtual service's hostname; defaultTargetHostname DISABLED keeps the client's",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.rewrite.path",
+        Refused("exact path rewrites are not implemented yet (issue 10)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.rewrite.prefix",
+        Honoured(
+            "prefix rewrite: by default the matched prefix becomes /; defaultPrefix DISABLED keeps it, value replaces it",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.target",
+        Honoured("the target virtual service"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.target.port",
+        Refused(
+            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.target.virtualService",
+        Honoured(
+            "the target: its node's cluster, or each of its router's routes combined with this match",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.target.virtualService.virtualServiceARN",
+        Identity(ARN),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.action.target.virtualService.virtualServiceRef",
+        Honoured("the target VirtualService (namespace defaults to the route's)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match",
+        Honoured("the route's match: path (prefix or path) and every other condition given"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.headers",
+        Honoured("header matches: all must hold"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.headers[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.headers[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.headers[].name",
+        Honoured("the header name"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.hostname",
+        Honoured("served on a virtual host for the exact hostname or *.suffix (case-insensitive)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.method",
+        Honoured("route match on the request method"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.path",
+        Honoured(
+            "route match on the exact path or a whole-path regex; through a router, only with its routes that take any path",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.prefix",
+        Honoured(
+            "route match on the request path prefix (combined with the target router's routes)",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.queryParameters",
+        Honoured("query parameter matches: all must hold"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.queryParameters[].match",
+        Honoured("exact value; without it, presence"),
+    ),
+    (
+        GatewayRoute,
+        "spec.http2Route.match.queryParameters[].name",
+        Honoured("the query parameter name"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute",
+        Honoured("an HTTP gateway route"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action",
+        Honoured("where matched requests go, with App Mesh's default rewrites"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.rewrite",
+        Honoured("what is rewritten on forwarded requests (WebSocket upgrades included)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.rewrite.hostname",
+        Honoured(
+            "Host rewrite: by default to the target virtual service's hostname; defaultTargetHostname DISABLED keeps the client's",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.rewrite.path",
+        Refused("exact path rewrites are not implemented yet (issue 10)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.rewrite.prefix",
+        Honoured(
+            "prefix rewrite: by default the matched prefix becomes /; defaultPrefix DISABLED keeps it, value replaces it",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.target",
+        Honoured("the target virtual service"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.target.port",
+        Refused(
+            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.target.virtualService",
+        Honoured(
+            "the target: its node's cluster, or each of its router's routes combined with this match",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.target.virtualService.virtualServiceARN",
+        Identity(ARN),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.action.target.virtualService.virtualServiceRef",
+        Honoured("the target VirtualService (namespace defaults to the route's)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match",
+        Honoured("the route's match: path (prefix or path) and every other condition given"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.headers",
+        Honoured("header matches: all must hold"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.headers[].invert",
+        Honoured("the match holds when the rule does not"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.headers[].match",
+        Honoured(
+            "exact, prefix, suffix, whole-value regex or integer range [start, end); without a rule, presence",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.headers[].name",
+        Honoured("the header name"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.hostname",
+        Honoured("served on a virtual host for the exact hostname or *.suffix (case-insensitive)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.method",
+        Honoured("route match on the request method"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.path",
+        Honoured(
+            "route match on the exact path or a whole-path regex; through a router, only with its routes that take any path",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.port",
+        Honoured(MATCH_PORT),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.prefix",
+        Honoured(
+            "route match on the request path prefix (combined with the target router's routes)",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.queryParameters",
+        Honoured("query parameter matches: all must hold"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.queryParameters[].match",
+        Honoured("exact value; without it, presence"),
+    ),
+    (
+        GatewayRoute,
+        "spec.httpRoute.match.queryParameters[].name",
+        Honoured("the query parameter name"),
+    ),
+    (GatewayRoute, "spec.meshRef", Honoured(MESH_REF)),
+    (GatewayRoute, "spec.meshRef.name", Honoured(MESH_REF)),
+    (GatewayRoute, "spec.meshRef.uid", Identity(UID)),
+    (
+        GatewayRoute,
+        "spec.priority",
+        Honoured("gateway route order: lower first, unset last (then by name)"),
+    ),
+    (
+        GatewayRoute,
+        "spec.virtualGatewayRef",
+        Honoured(
+            "the VirtualGateway serving the route; without it, every gateway of the route's namespace",
+        ),
+    ),
+    (
+        GatewayRoute,
+        "spec.virtualGatewayRef.name",
+        Honoured("the gateway's name"),
+    ),
+    (
+        GatewayRoute,
+        "spec.virtualGatewayRef.namespace",
+        Honoured("the gateway's namespace (defaults to the route's)"),
+    ),
+    (GatewayRoute, "spec.virtualGatewayRef.uid", Identity(UID)),
+    // ---- Trellis additions: fields the typed model accepts beyond App Mesh's CRDs, honoured as
+    // described. Each is checked by the typed model, not by the App Mesh schema.
+    (
+        VirtualService,
+        "spec.hostname",
+        Honoured(
+            "Trellis addition: the hostname callers reach the service at (before awsName, then <name>.<namespace>)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.backoff",
+        Honoured(
+            "Trellis addition: exponential backoff with full jitter between retries (baseInterval default 25ms, maxInterval default 10 x base)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.budget",
+        Honoured(
+            "Trellis addition: a retry budget (retryPercent of the route's requests over 10 s, plus minRetriesPerSecond)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.grpcRetryEvents",
+        Honoured("Trellis addition: retries on these grpc-status values in the response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.retriableStatusCodes",
+        Honoured("Trellis addition: response status codes retried besides the events"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.backoff",
+        Honoured(
+            "Trellis addition: exponential backoff with full jitter between retries (baseInterval default 25ms, maxInterval default 10 x base)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.budget",
+        Honoured(
+            "Trellis addition: a retry budget (retryPercent of the route's requests over 10 s, plus minRetriesPerSecond)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.grpcRetryEvents",
+        Honoured("Trellis addition: retries on these grpc-status values in the response headers"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.retriableStatusCodes",
+        Honoured("Trellis addition: response status codes retried besides the events"),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.backoff",
+        Honoured(
+            "Trellis addition: exponential backoff with full jitter between retries (baseInterval default 25ms, maxInterval default 10 x base)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.budget",
+        Honoured(
+            "Trellis addition: a retry budget (retryPercent of the route's requests over 10 s, plus minRetriesPerSecond)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.retriableStatusCodes",
+        Honoured("Trellis addition: response status codes retried besides the events"),
+    ),
+    (
+        VirtualNode,
+        "spec.loadBalancer",
+        Honoured(
+            "Trellis addition: how callers balance over the node's endpoints: ROUND_ROBIN (default), LEAST_REQUEST (power of two choices) or RANDOM",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.serviceDiscovery.registry",
+        Honoured(
+            "Trellis addition: the Trellis registry, read as awsCloudMap is (attributes also as a {key: value} map)",
+        ),
+    ),
+];
