@@ -217,6 +217,20 @@ pub struct MeshSpec {
     pub egress_filter: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<Value>,
+    /// The AWS account owning a shared mesh: accepted, not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_owner: Option<String>,
+    /// Trellis addition: whether App Mesh's hidden defaults apply to the mesh's resources
+    /// applied with App Mesh's API group (`ENABLED`, the default) or not (`DISABLED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_mesh_defaults: Option<String>,
+}
+
+impl MeshSpec {
+    /// Whether App Mesh's defaults (its default retry policy) apply.
+    pub fn app_mesh_defaults(&self) -> bool {
+        self.app_mesh_defaults.as_deref() != Some("DISABLED")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

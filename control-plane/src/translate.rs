@@ -341,6 +341,39 @@ impl Builder<'_> {
         })
     }
 
+    /// App Mesh's default retry policy, for an HTTP, HTTP/2 or gRPC route without one of a
+    /// router applied with App Mesh's API group, unless its mesh turned App Mesh's defaults off:
+    /// 2 retries on 503, gRPC UNAVAILABLE, connect failure, refused stream and reset.
+    fn default_retry(&self, router: &ResourceKey) -> Option<pb::RetryPolicy> {
+        let r = self.state.get(router)?;
+        if r.api_version != model::ApiVersion::AppMesh {
+            return None;
+        }
+        let mesh = match r.spec.mesh_ref() {
+            Some(m) => self.state.get(&ResourceKey::new(Kind::Mesh, "", &m.name)),
+            None => self.state.values().find(|m| m.key.kind == Kind::Mesh),
+        };
+        if let Some(Spec::Mesh(m)) = mesh.map(|m| &m.spec) {
+            if !m.app_mesh_defaults() {
+                return None;
+            }
+        }
+        Some(pb::RetryPolicy {
+            max_retries: 2,
+            http_retry_events: [
+                "connect-failure",
+                "refused-stream",
+                "reset",
+                "retriable-status-codes",
+            ]
+            .map(String::from)
+            .to_vec(),
+            retriable_status_codes: vec![503],
+            grpc_retry_events: vec!["unavailable".to_string()],
+            ..Default::default()
+        })
+    }
+
     fn route(&mut self, router: &ResourceKey, route: &model::Route) -> pb::Route {
         let ns = router.namespace.as_str();
         let mut out = pb::Route {
@@ -357,7 +390,11 @@ impl Builder<'_> {
                 weighted_targets: self.targets(ns, &h.action),
                 ..Default::default()
             });
-            out.retry_policy = h.retry_policy.as_ref().map(retry);
+            out.retry_policy = h
+                .retry_policy
+                .as_ref()
+                .map(retry)
+                .or_else(|| self.default_retry(router));
             out.timeout = h.timeout.as_ref().map(timeouts);
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
@@ -377,7 +414,11 @@ impl Builder<'_> {
                 weighted_targets: self.targets(ns, &g.action),
                 ..Default::default()
             });
-            out.retry_policy = g.retry_policy.as_ref().map(retry);
+            out.retry_policy = g
+                .retry_policy
+                .as_ref()
+                .map(retry)
+                .or_else(|| self.default_retry(router));
             out.timeout = g.timeout.as_ref().map(timeouts);
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT.
@@ -458,7 +499,8 @@ fn retry(r: &RetryPolicy) -> pb::RetryPolicy {
         match e.as_str() {
             // Envoy's retriable-4xx: 409 Conflict.
             "client-error" => codes.push(409),
-            "stream-error" => events.push("reset".to_string()),
+            // App Mesh: "retry on refused stream".
+            "stream-error" => events.push("refused-stream".to_string()),
             other => events.push(other.to_string()),
         }
     }
@@ -1220,6 +1262,46 @@ mod tests {
         // The proxy's own compiler accepts it.
         let json = serde_json::to_string(s).unwrap();
         assert!(json.contains("colorteller/split"));
+    }
+
+    /// App Mesh's hidden default retry policy applies to routes without one of routers applied
+    /// with App Mesh's API group, unless the mesh turns App Mesh's defaults off; never to
+    /// Trellis's group, whose routes retry only when asked.
+    #[test]
+    fn app_mesh_routes_get_app_mesh_default_retries() {
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let policy = |yaml: &str| {
+            let t = sidecar(&state(yaml), &[], &front).unwrap();
+            let egress = t
+                .snapshot
+                .listeners
+                .iter()
+                .find(|l| l.name == "egress")
+                .unwrap();
+            egress.virtual_hosts[0].routes[0].retry_policy.clone()
+        };
+        let start = MESH.find("        retryPolicy:").unwrap();
+        let end = MESH.find("        timeout:").unwrap();
+        let no_policy = format!("{}{}", &MESH[..start], &MESH[end..]);
+        assert_eq!(policy(&no_policy), None, "Trellis's group: no hidden retries");
+        let appmesh = no_policy.replace("mesh.trellis.dev/v1beta1", "appmesh.k8s.aws/v1beta2");
+        let p = policy(&appmesh).expect("App Mesh's default retry policy");
+        assert_eq!(p.max_retries, 2);
+        assert_eq!(p.retriable_status_codes, [503]);
+        assert_eq!(p.grpc_retry_events, ["unavailable"]);
+        for event in ["connect-failure", "refused-stream", "reset"] {
+            assert!(p.http_retry_events.iter().any(|e| e == event), "{event}");
+        }
+        assert!(!p.http_retry_events.iter().any(|e| e == "gateway-error"));
+        let off = appmesh.replace(
+            "kind: Mesh\nmetadata:\n  name: colorapp\n",
+            "kind: Mesh\nmetadata:\n  name: colorapp\nspec:\n  appMeshDefaults: DISABLED\n",
+        );
+        assert_ne!(off, appmesh);
+        assert_eq!(policy(&off), None, "turned off for the mesh");
+        // The proxy compiles it.
+        let t = sidecar(&state(&appmesh), &[], &front).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 
     #[test]

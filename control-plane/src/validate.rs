@@ -405,7 +405,16 @@ impl Checker<'_> {
 
     fn spec(&mut self, spec: &Spec) {
         match spec {
-            Spec::Mesh(_) => {}
+            Spec::Mesh(m) => {
+                if let Some(v) = &m.app_mesh_defaults {
+                    if v != "ENABLED" && v != "DISABLED" {
+                        self.err(
+                            "spec.appMeshDefaults",
+                            format!("must be ENABLED or DISABLED, not {v:?}"),
+                        );
+                    }
+                }
+            }
             Spec::VirtualService(s) => self.virtual_service(s),
             Spec::VirtualRouter(r) => self.virtual_router(r),
             Spec::VirtualNode(n) => self.virtual_node(n),

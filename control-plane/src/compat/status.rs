@@ -1354,4 +1354,11 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "Trellis addition: the Trellis registry, read as awsCloudMap is (attributes also as a {key: value} map)",
         ),
     ),
+    (
+        Mesh,
+        "spec.appMeshDefaults",
+        Honoured(
+            "Trellis addition: ENABLED (default) or DISABLED; whether App Mesh's hidden defaults (its default retry policy) apply to the mesh's resources applied with appmesh.k8s.aws/v1beta2",
+        ),
+    ),
 ];
