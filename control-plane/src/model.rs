@@ -18,6 +18,8 @@ pub enum ApiVersion {
     #[default]
     Trellis,
     AppMesh,
+    /// Kubernetes's core group, for Namespaces.
+    Kubernetes,
 }
 
 impl ApiVersion {
@@ -25,6 +27,7 @@ impl ApiVersion {
         match s {
             API_VERSION => Some(Self::Trellis),
             APPMESH_API_VERSION => Some(Self::AppMesh),
+            "v1" => Some(Self::Kubernetes),
             _ => None,
         }
     }
@@ -33,7 +36,13 @@ impl ApiVersion {
         match self {
             Self::Trellis => API_VERSION,
             Self::AppMesh => APPMESH_API_VERSION,
+            Self::Kubernetes => "v1",
         }
+    }
+
+    /// Whether `kind` is of this group: Namespaces of Kubernetes's, mesh kinds of the others.
+    pub fn has(self, kind: Kind) -> bool {
+        (self == Self::Kubernetes) == (kind == Kind::Namespace)
     }
 }
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -46,16 +55,19 @@ pub enum Kind {
     VirtualNode,
     VirtualGateway,
     GatewayRoute,
+    /// A Kubernetes `v1` Namespace: only its labels, which meshes' `namespaceSelector`s select.
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Mesh,
         Kind::VirtualService,
         Kind::VirtualRouter,
         Kind::VirtualNode,
         Kind::VirtualGateway,
         Kind::GatewayRoute,
+        Kind::Namespace,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +78,7 @@ impl Kind {
             Self::VirtualNode => "VirtualNode",
             Self::VirtualGateway => "VirtualGateway",
             Self::GatewayRoute => "GatewayRoute",
+            Self::Namespace => "Namespace",
         }
     }
 
@@ -88,9 +101,9 @@ impl Kind {
             .find(|k| k.lower() == lower || k.lower() == singular)
     }
 
-    /// Meshes are cluster-scoped; everything else lives in a namespace.
+    /// Meshes and namespaces are cluster-scoped; everything else lives in a namespace.
     pub fn namespaced(self) -> bool {
-        self != Self::Mesh
+        !matches!(self, Self::Mesh | Self::Namespace)
     }
 }
 
@@ -215,8 +228,9 @@ pub struct MeshSpec {
     pub aws_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_filter: Option<Value>,
+    /// The namespaces whose resources belong to the mesh (without a `meshRef` of their own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<Value>,
+    pub namespace_selector: Option<LabelSelector>,
     /// The AWS account owning a shared mesh: accepted, not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_owner: Option<String>,
@@ -224,6 +238,44 @@ pub struct MeshSpec {
     /// applied with App Mesh's API group (`ENABLED`, the default) or not (`DISABLED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_mesh_defaults: Option<String>,
+}
+
+/// A Kubernetes label selector: every `matchLabels` pair, and every `matchExpressions`
+/// requirement (`In`, `NotIn`, `Exists`, `DoesNotExist`). An empty selector selects everything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelRequirement {
+    pub key: String,
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.operator.as_str() {
+                    "In" => value.is_some_and(|v| r.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !r.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
 }
 
 impl MeshSpec {
@@ -553,7 +605,7 @@ pub struct VirtualNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<Value>,
+    pub pod_selector: Option<LabelSelector>,
     /// Trellis: how callers balance over this node's instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
@@ -678,7 +730,7 @@ pub struct VirtualGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<Value>,
+    pub pod_selector: Option<LabelSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_route_selector: Option<Value>,
 }
@@ -818,6 +870,8 @@ pub enum Spec {
     VirtualNode(Box<VirtualNodeSpec>),
     VirtualGateway(Box<VirtualGatewaySpec>),
     GatewayRoute(Box<GatewayRouteSpec>),
+    /// A Namespace has nothing but its metadata (labels).
+    Namespace,
 }
 
 impl Spec {
@@ -830,6 +884,7 @@ impl Spec {
             Self::VirtualNode(s) => s.mesh_ref.as_ref(),
             Self::VirtualGateway(s) => s.mesh_ref.as_ref(),
             Self::GatewayRoute(s) => s.mesh_ref.as_ref(),
+            Self::Namespace => None,
         }
     }
 }
@@ -861,6 +916,15 @@ pub fn parse_spec(kind: Kind, spec: Value) -> Result<Spec, (String, String)> {
         Kind::VirtualNode => Spec::VirtualNode(parse(spec)?),
         Kind::VirtualGateway => Spec::VirtualGateway(parse(spec)?),
         Kind::GatewayRoute => Spec::GatewayRoute(parse(spec)?),
+        Kind::Namespace => {
+            if !spec.is_null() && spec != Value::Object(Default::default()) {
+                return Err((
+                    "spec".into(),
+                    "not supported by Trellis: only a Namespace's labels are used".into(),
+                ));
+            }
+            Spec::Namespace
+        }
     })
 }
 

@@ -349,10 +349,8 @@ impl Builder<'_> {
         if r.api_version != model::ApiVersion::AppMesh {
             return None;
         }
-        let mesh = match r.spec.mesh_ref() {
-            Some(m) => self.state.get(&ResourceKey::new(Kind::Mesh, "", &m.name)),
-            None => self.state.values().find(|m| m.key.kind == Kind::Mesh),
-        };
+        let mesh = crate::validate::mesh_of(self.state, r)
+            .and_then(|m| self.state.get(&ResourceKey::new(Kind::Mesh, "", m)));
         if let Some(Spec::Mesh(m)) = mesh.map(|m| &m.spec) {
             if !m.app_mesh_defaults() {
                 return None;
@@ -1283,7 +1281,11 @@ mod tests {
         let start = MESH.find("        retryPolicy:").unwrap();
         let end = MESH.find("        timeout:").unwrap();
         let no_policy = format!("{}{}", &MESH[..start], &MESH[end..]);
-        assert_eq!(policy(&no_policy), None, "Trellis's group: no hidden retries");
+        assert_eq!(
+            policy(&no_policy),
+            None,
+            "Trellis's group: no hidden retries"
+        );
         let appmesh = no_policy.replace("mesh.trellis.dev/v1beta1", "appmesh.k8s.aws/v1beta2");
         let p = policy(&appmesh).expect("App Mesh's default retry policy");
         assert_eq!(p.max_retries, 2);

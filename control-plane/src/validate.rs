@@ -9,9 +9,9 @@ use std::{
 
 use crate::model::{
     API_VERSION, APPMESH_API_VERSION, ApiVersion, DEFAULT_NAMESPACE, Duration, GatewayRouteSpec,
-    HeaderMatch, HttpMatch, Kind, Listener, Manifest, Metadata, Ref, ResourceKey, RetryPolicy,
-    RouteAction, Spec, Timeouts, VirtualGatewaySpec, VirtualNodeSpec, VirtualRouterSpec,
-    VirtualServiceSpec, parse_spec,
+    HeaderMatch, HttpMatch, Kind, LabelSelector, Listener, Manifest, Metadata, Ref, ResourceKey,
+    RetryPolicy, RouteAction, Spec, Timeouts, VirtualGatewaySpec, VirtualNodeSpec,
+    VirtualRouterSpec, VirtualServiceSpec, parse_spec,
 };
 use crate::registry;
 
@@ -217,6 +217,18 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             ),
         );
     }
+    if let Some(v) = api_version.filter(|v| !v.has(kind)) {
+        p(
+            "apiVersion",
+            if kind == Kind::Namespace {
+                format!("a Namespace is \"v1\", not {:?}", v.as_str())
+            } else {
+                format!(
+                    "\"v1\" is only for Namespace documents; a {kind} is {API_VERSION:?} or {APPMESH_API_VERSION:?}"
+                )
+            },
+        );
+    }
     let namespace = manifest
         .metadata
         .namespace
@@ -273,37 +285,25 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
 /// document they came from.
 pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem> {
     let mut problems = Vec::new();
-    // Meshes sort first (kind, then namespace and name).
-    let meshes: Vec<&str> = state
-        .keys()
-        .take_while(|k| k.kind == Kind::Mesh)
-        .map(|k| k.name.as_str())
-        .collect();
-    let only_mesh = match meshes.as_slice() {
-        [only] => Some(*only),
-        _ => None,
-    };
+    let meshes = Meshes::new(state);
     for (key, resource) in state {
         let mut c = Checker {
             state,
-            only_mesh,
+            meshes: &meshes,
             key,
             problems: Vec::new(),
         };
-        if key.kind != Kind::Mesh {
+        if key.kind.namespaced() {
             match resource.spec.mesh_ref() {
-                Some(m) if !meshes.contains(&m.name.as_str()) => {
+                Some(m) if !meshes.names().any(|n| n == m.name) => {
                     c.err("spec.meshRef.name", format!("mesh {:?} not found", m.name));
                 }
                 Some(_) => {}
-                None if meshes.is_empty() => {
-                    c.err("spec.meshRef", "no Mesh exists: apply a Mesh first".into())
+                None => {
+                    if let Err(reason) = meshes.of(key, &resource.spec) {
+                        c.err("spec.meshRef", reason);
+                    }
                 }
-                None if meshes.len() > 1 => c.err(
-                    "spec.meshRef",
-                    "several meshes exist: name one in spec.meshRef.name".into(),
-                ),
-                None => {}
             }
         }
         c.spec(&resource.spec);
@@ -318,18 +318,89 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
     problems
 }
 
-/// The mesh a resource belongs to: its meshRef, or the only mesh.
-fn mesh_of<'a>(only_mesh: Option<&'a str>, spec: &'a Spec) -> Option<&'a str> {
-    match spec.mesh_ref() {
-        Some(m) => Some(&m.name),
-        None => only_mesh,
+/// The meshes of a state, and which one a resource belongs to.
+#[derive(Debug)]
+pub struct Meshes<'a> {
+    state: &'a State,
+    /// Each mesh's name and namespace selector (meshes sort first in a state).
+    meshes: Vec<(&'a str, Option<&'a LabelSelector>)>,
+}
+
+impl<'a> Meshes<'a> {
+    pub fn new(state: &'a State) -> Self {
+        let meshes = state
+            .iter()
+            .take_while(|(k, _)| k.kind == Kind::Mesh)
+            .map(|(k, r)| {
+                let selector = match &r.spec {
+                    Spec::Mesh(m) => m.namespace_selector.as_ref(),
+                    _ => None,
+                };
+                (k.name.as_str(), selector)
+            })
+            .collect();
+        Self { state, meshes }
     }
+
+    fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.meshes.iter().map(|(n, _)| *n)
+    }
+
+    /// The mesh `key` belongs to: its `spec.meshRef`; else the one mesh whose namespace
+    /// selector selects its namespace (by the labels of the `Namespace` applied for it); else
+    /// the only mesh, when there is one and it selects no namespaces. `Ok(None)` for meshes and
+    /// namespaces themselves.
+    pub fn of(&self, key: &ResourceKey, spec: &'a Spec) -> Result<Option<&'a str>, String> {
+        if !key.kind.namespaced() {
+            return Ok(None);
+        }
+        if let Some(m) = spec.mesh_ref() {
+            return Ok(Some(m.name.as_str()));
+        }
+        let no_labels = BTreeMap::new();
+        let labels = self
+            .state
+            .get(&ResourceKey::new(Kind::Namespace, "", &key.namespace))
+            .map_or(&no_labels, |n| &n.metadata.labels);
+        let selecting: Vec<&str> = self
+            .meshes
+            .iter()
+            .filter(|(_, s)| s.is_some_and(|s| s.matches(labels)))
+            .map(|(n, _)| *n)
+            .collect();
+        match (selecting.as_slice(), self.meshes.as_slice()) {
+            ([one], _) => Ok(Some(one)),
+            ([_, _, ..], _) => Err(format!(
+                "namespace {:?} is selected by the namespaceSelector of meshes {}: name one in spec.meshRef.name",
+                key.namespace,
+                selecting.join(", ")
+            )),
+            ([], []) => Err("no Mesh exists: apply a Mesh first".into()),
+            ([], [(only, None)]) => Ok(Some(only)),
+            ([], [(only, Some(_))]) => Err(format!(
+                "namespace {:?} is not selected by mesh {only:?}'s namespaceSelector: label the namespace (apply a v1 Namespace) or name the mesh in spec.meshRef.name",
+                key.namespace
+            )),
+            ([], _) => Err(
+                "several meshes exist: name one in spec.meshRef.name, or select the namespace with a mesh's namespaceSelector"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The mesh a resource belongs to, if it can be told (see [`Meshes::of`]).
+pub fn mesh_of<'a>(state: &'a State, resource: &'a Resource) -> Option<&'a str> {
+    Meshes::new(state)
+        .of(&resource.key, &resource.spec)
+        .ok()
+        .flatten()
 }
 
 struct Checker<'a> {
     state: &'a State,
     /// The mesh, when there is exactly one.
-    only_mesh: Option<&'a str>,
+    meshes: &'a Meshes<'a>,
     key: &'a ResourceKey,
     problems: Vec<(String, String)>,
 }
@@ -359,14 +430,34 @@ impl Checker<'_> {
         let here = self
             .state
             .get(self.key)
-            .and_then(|r| mesh_of(self.only_mesh, &r.spec));
-        let there = mesh_of(self.only_mesh, &found.spec);
+            .and_then(|r| self.meshes.of(self.key, &r.spec).ok().flatten());
+        let there = self.meshes.of(&target, &found.spec).ok().flatten();
         if let (Some(here), Some(there)) = (here, there) {
             if here != there {
                 self.err(
                     path,
                     format!("{target} belongs to mesh {there:?}, not {here:?}"),
                 );
+            }
+        }
+    }
+
+    /// A label selector's requirements: a known operator, with values exactly when it takes them.
+    fn selector(&mut self, path: &str, selector: &LabelSelector) {
+        for (i, r) in selector.match_expressions.iter().enumerate() {
+            let path = format!("{path}.matchExpressions[{i}]");
+            match (r.operator.as_str(), r.values.is_empty()) {
+                ("In" | "NotIn", false) | ("Exists" | "DoesNotExist", true) => {}
+                ("In" | "NotIn", true) => {
+                    self.err(format!("{path}.values"), "must not be empty".into())
+                }
+                ("Exists" | "DoesNotExist", false) => {
+                    self.err(format!("{path}.values"), "must be empty".into())
+                }
+                (op, _) => self.err(
+                    format!("{path}.operator"),
+                    format!("must be In, NotIn, Exists or DoesNotExist, not {op:?}"),
+                ),
             }
         }
     }
@@ -405,7 +496,11 @@ impl Checker<'_> {
 
     fn spec(&mut self, spec: &Spec) {
         match spec {
+            Spec::Namespace => {}
             Spec::Mesh(m) => {
+                if let Some(selector) = &m.namespace_selector {
+                    self.selector("spec.namespaceSelector", selector);
+                }
                 if let Some(v) = &m.app_mesh_defaults {
                     if v != "ENABLED" && v != "DISABLED" {
                         self.err(
@@ -522,6 +617,9 @@ impl Checker<'_> {
     }
 
     fn virtual_node(&mut self, n: &VirtualNodeSpec) {
+        if let Some(selector) = &n.pod_selector {
+            self.selector("spec.podSelector", selector);
+        }
         self.listeners("spec.listeners", &n.listeners);
         if let Some(sd) = &n.service_discovery {
             let count = [
@@ -605,6 +703,9 @@ impl Checker<'_> {
     }
 
     fn virtual_gateway(&mut self, g: &VirtualGatewaySpec) {
+        if let Some(selector) = &g.pod_selector {
+            self.selector("spec.podSelector", selector);
+        }
         if g.listeners.is_empty() {
             self.err("spec.listeners", "a VirtualGateway needs a listener".into());
         }
@@ -1005,6 +1106,76 @@ spec:
         assert!(!trellis[&vs.key].same(vs));
     }
 
+    /// Mesh membership by namespace labels: a resource without a meshRef belongs to the mesh
+    /// whose namespaceSelector selects its namespace, and references stay inside a mesh.
+    #[test]
+    fn namespace_selectors_decide_mesh_membership() {
+        let two_meshes = |sel_a: &str, sel_b: &str, labels: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: default, labels: {{ {labels} }} }}\n---\n\
+                 apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: a }}\nspec: {{ namespaceSelector: {sel_a} }}\n---\n\
+                 apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: b }}\nspec: {{ namespaceSelector: {sel_b} }}\n---\n{}",
+                GOOD.split_once("---\n").unwrap().1
+            )
+        };
+        // Selected by a only: everything in "default" belongs to a.
+        let yaml = two_meshes(
+            "{ matchLabels: { mesh: a } }",
+            "{ matchExpressions: [{ key: mesh, operator: In, values: [b] }] }",
+            "mesh: a",
+        );
+        let state = state_of(&yaml).unwrap();
+        let ns = ResourceKey::new(Kind::Namespace, "", "default");
+        assert_eq!(state[&ns].api_version, ApiVersion::Kubernetes);
+        let vs = &state[&ResourceKey::new(Kind::VirtualService, "default", "colorteller")];
+        assert_eq!(mesh_of(&state, vs), Some("a"));
+        // Selected by both: ambiguous.
+        let both = two_meshes(
+            "{ matchLabels: { mesh: a } }",
+            "{ matchExpressions: [{ key: mesh, operator: Exists }] }",
+            "mesh: a",
+        );
+        let problems = state_of(&both).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("spec.meshRef: namespace \"default\" is selected by the namespaceSelector of meshes a, b")),
+            "{problems:?}"
+        );
+        // Selected by neither: the resources must name their mesh.
+        let neither = two_meshes(
+            "{ matchLabels: { mesh: a } }",
+            "{ matchLabels: { mesh: b } }",
+            "mesh: c",
+        );
+        let problems = state_of(&neither).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("several meshes exist")),
+            "{problems:?}"
+        );
+        // A reference across meshes: the router names mesh b explicitly, its node is in a.
+        let across = yaml.replace(
+            "metadata: { name: ct }\nspec:",
+            "metadata: { name: ct }\nspec:\n  meshRef: { name: b }",
+        );
+        let problems = state_of(&across).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("VirtualNode default/blue belongs to mesh \"a\", not \"b\"")),
+            "{problems:?}"
+        );
+        // Operators are checked.
+        let bad = two_meshes(
+            "{ matchExpressions: [{ key: mesh, operator: Equals, values: [a] }] }",
+            "{ matchLabels: { mesh: b } }",
+            "mesh: a",
+        );
+        let problems = state_of(&bad).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("spec.namespaceSelector.matchExpressions[0].operator: must be In, NotIn, Exists or DoesNotExist")),
+            "{problems:?}"
+        );
+    }
+
     #[test]
     fn problems_name_document_resource_and_field() {
         let cases = [
@@ -1027,9 +1198,16 @@ spec:
             (
                 GOOD.replace(
                     "apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh",
-                    "apiVersion: v1\nkind: Mesh",
+                    "apiVersion: v2\nkind: Mesh",
                 ),
                 "document 0 (Mesh m): apiVersion: must be",
+            ),
+            (
+                GOOD.replace(
+                    "apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh",
+                    "apiVersion: v1\nkind: Mesh",
+                ),
+                "document 0 (Mesh m): apiVersion: \"v1\" is only for Namespace documents",
             ),
             (
                 GOOD.replace(

@@ -69,6 +69,17 @@ static SCHEMA_INDEX: LazyLock<HashMap<(Kind, &'static str), usize>> = LazyLock::
         .map(|(i, (kind, path, _))| ((*kind, *path), i))
         .collect()
 });
+/// The object fields that have fields of their own (the rest, like `matchLabels`, are maps whose
+/// keys are data).
+static PARENTS: LazyLock<std::collections::HashSet<(Kind, &'static str)>> = LazyLock::new(|| {
+    SCHEMA
+        .iter()
+        .filter_map(|(kind, path, _)| {
+            let parent = &path[..path.rfind('.')?];
+            Some((*kind, parent.strip_suffix("[]").unwrap_or(parent)))
+        })
+        .collect()
+});
 static STATUS_INDEX: LazyLock<HashMap<(Kind, &'static str), Status>> = LazyLock::new(|| {
     status::STATUS
         .iter()
@@ -223,7 +234,14 @@ impl Walk {
             return;
         }
         match value {
-            Value::Object(map) if schema.ty == "object" => self.object(norm, actual, map),
+            Value::Object(map) if schema.ty == "object" => {
+                if PARENTS.contains(&(self.kind, norm)) {
+                    self.object(norm, actual, map);
+                } else if let Some((key, _)) = map.iter().find(|(_, v)| !v.is_string()) {
+                    // A map (`matchLabels`): string values under any key.
+                    self.problem(&format!("{actual}.{key}"), "must be a string");
+                }
+            }
             Value::Array(items) => {
                 let norm = format!("{norm}[]");
                 for (i, item) in items.iter_mut().enumerate() {

@@ -30,7 +30,7 @@ const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISAB
 const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
 const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
 const LOGGING: &str = "per-resource access logs are not implemented yet (issue 10): the proxy's --access-log flag sets its access log";
-const POD_SELECTOR: &str = "pod selectors apply on Kubernetes (issue 13); off Kubernetes a proxy names its node with --node (a gateway with --gateway)";
+const POD_SELECTOR: &str = "validated, and selects the node's pods on Kubernetes (issue 13); off Kubernetes there are no pods: a proxy names its node with --node (a gateway with --gateway)";
 
 /// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
 pub(super) const STATUS: &[(Kind, &str, Status)] = &[
@@ -59,8 +59,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         Mesh,
         "spec.namespaceSelector",
-        Refused(
-            "namespace selectors apply on Kubernetes (issue 13); off Kubernetes a resource names its mesh in spec.meshRef.name",
+        Honoured(
+            "mesh membership: a resource without spec.meshRef belongs to the mesh whose selector matches its namespace's labels (from the v1 Namespace applied with it; matchLabels and matchExpressions In, NotIn, Exists, DoesNotExist); two meshes selecting one namespace is an error",
         ),
     ),
     // ---- VirtualService ----------------------------------------------------------------------------
@@ -752,7 +752,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (VirtualNode, "spec.meshRef", Honoured(MESH_REF)),
     (VirtualNode, "spec.meshRef.name", Honoured(MESH_REF)),
     (VirtualNode, "spec.meshRef.uid", Identity(UID)),
-    (VirtualNode, "spec.podSelector", Refused(POD_SELECTOR)),
+    (VirtualNode, "spec.podSelector", Identity(POD_SELECTOR)),
     (
         VirtualNode,
         "spec.serviceDiscovery",
@@ -871,7 +871,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "namespace selectors apply on Kubernetes (issue 13); off Kubernetes a gateway serves the GatewayRoutes that name it, or without a ref those of its namespace",
         ),
     ),
-    (VirtualGateway, "spec.podSelector", Refused(POD_SELECTOR)),
+    (VirtualGateway, "spec.podSelector", Identity(POD_SELECTOR)),
     // ---- GatewayRoute ------------------------------------------------------------------------------
     (GatewayRoute, "spec", Honoured(SPEC)),
     (GatewayRoute, "spec.awsName", Identity(AWS_NAME)),
