@@ -1,0 +1,229 @@
+//! App Mesh users' manifests, as App Mesh's walkthroughs write them, applied unchanged.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_testkit::{
+    ProxyProcess, TestServer, client::Client, eventually, process::ControlProcess,
+};
+
+use crate::{CONTROL, cli, proxy_bin, stderr, stdout, wait_synced};
+
+/// A walkthrough-style file: a labelled Namespace, a Mesh selecting it, nodes with pod selectors
+/// and Cloud Map discovery, a router whose target is an ARN, a service with its AWS name, and
+/// the app's own Kubernetes Deployment in the same file.
+const HOWTO: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: howto
+  labels:
+    mesh: howto-mesh
+    appmesh.k8s.aws/sidecarInjectorWebhook: enabled
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata:
+  name: howto-mesh
+spec:
+  namespaceSelector:
+    matchLabels:
+      mesh: howto-mesh
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: front
+  namespace: howto
+spec:
+  podSelector:
+    matchLabels:
+      app: front
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: http
+  backends:
+    - virtualService:
+        virtualServiceRef:
+          name: color
+  serviceDiscovery:
+    awsCloudMap:
+      namespaceName: howto.pvt.aws.local
+      serviceName: front
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: blue
+  namespace: howto
+spec:
+  awsName: blue_howto
+  podSelector:
+    matchLabels:
+      app: color
+      version: blue
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: http
+  serviceDiscovery:
+    awsCloudMap:
+      namespaceName: howto.pvt.aws.local
+      serviceName: color
+      attributes:
+        - key: version
+          value: blue
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata:
+  name: color-router
+  namespace: howto
+spec:
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: http
+  routes:
+    - name: color-route
+      httpRoute:
+        match:
+          prefix: /
+        action:
+          weightedTargets:
+            - virtualNodeARN: arn:aws:appmesh:us-west-2:123456789012:mesh/howto-mesh/virtualNode/blue
+              weight: 1
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata:
+  name: color
+  namespace: howto
+spec:
+  awsName: color.howto.svc.cluster.local
+  provider:
+    virtualRouter:
+      virtualRouterRef:
+        name: color-router
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: blue
+  namespace: howto
+spec:
+  replicas: 1
+  selector:
+    matchLabels: { app: color, version: blue }
+  template:
+    metadata:
+      labels: { app: color, version: blue }
+    spec:
+      containers:
+        - name: app
+          image: example/colorteller
+"#;
+
+const HOST: &str = "color.howto.svc.cluster.local:8080";
+
+/// Applied unchanged: the mesh resources are stored with App Mesh's API group, the Deployment is
+/// reported as skipped, and traffic flows through a sidecar, where App Mesh's default retry
+/// policy (the router sets none) hides an instance answering 503.
+#[tokio::test]
+async fn a_walkthrough_file_applies_unchanged_and_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("howto.yaml");
+    std::fs::write(&file, HOWTO).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let applied = stdout(&out);
+    assert!(
+        applied.contains("deployment/howto/blue skipped (not a mesh resource)"),
+        "{applied}"
+    );
+    assert!(applied.contains("namespace/howto created"), "{applied}");
+    assert!(
+        applied.contains("virtualrouter/howto/color-router created"),
+        "{applied}"
+    );
+
+    let out = cli(
+        &control.url,
+        &["get", "virtualrouters", "-n", "howto", "-o", "json"],
+    );
+    let routers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let router = &routers[0];
+    assert_eq!(router["apiVersion"], "appmesh.k8s.aws/v1beta2");
+    assert_eq!(
+        router["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"][0]["virtualNodeRef"]
+            ["name"],
+        "blue",
+        "the ARN resolved to the node it names"
+    );
+    let out = cli(&control.url, &["get", "meshes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("howto-mesh"), "{}", stdout(&out));
+
+    // Two blue instances in Cloud Map's stead, one of them failing.
+    let good = TestServer::start("blue-good").await;
+    let bad = TestServer::start("blue-bad").await;
+    bad.fail_with(503);
+    for (id, server) in [("good", &good), ("bad", &bad)] {
+        let port = server.addr.port().to_string();
+        let out = cli(
+            &control.url,
+            &[
+                "instances",
+                "register",
+                "--namespace",
+                "howto.pvt.aws.local",
+                "--service",
+                "color",
+                "--id",
+                id,
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--attr",
+                "version=blue",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let front_dir = tempfile::tempdir().unwrap();
+    let front =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "howto/front", front_dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    eventually(Duration::from_secs(10), "the route is served", || async {
+        let r = Client::h1(front.egress)
+            .await
+            .map_err(|e| e.to_string())?
+            .get(HOST, "/")
+            .await;
+        match r {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("{} {:?}", r.status, r.header("x-trellis-error"))),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    for i in 0..40 {
+        let r = c.get(HOST, "/").await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {:?}",
+            r.header("x-trellis-error")
+        );
+        assert_eq!(r.text(), "blue-good");
+    }
+    assert!(
+        bad.requests() > 0,
+        "the failing instance got first tries, which were retried"
+    );
+}
