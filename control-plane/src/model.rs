@@ -326,14 +326,43 @@ pub struct Listener {
     pub port_mapping: PortMapping,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<Value>,
+    /// Inbound timeouts toward the app, per protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<Value>,
+    pub timeout: Option<ListenerTimeout>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Value>,
+}
+
+/// A VirtualNode listener's inbound timeouts: the one of its protocol applies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerTimeout {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Timeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2: Option<Timeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<Timeouts>,
+    /// Only `idle` is App Mesh's for TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Timeouts>,
+}
+
+impl ListenerTimeout {
+    /// The timeouts for a listener of `protocol`.
+    pub fn for_protocol(&self, protocol: &str) -> Option<&Timeouts> {
+        match protocol {
+            "http" => self.http.as_ref(),
+            "http2" => self.http2.as_ref(),
+            "grpc" => self.grpc.as_ref(),
+            "tcp" => self.tcp.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

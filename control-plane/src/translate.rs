@@ -569,6 +569,16 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
         .iter()
         .map(|l| (l.port_mapping.port, l.port_mapping.protocol.as_str()))
         .collect();
+    // A listener's inbound timeouts (App Mesh: the one of its protocol), on its ingress route.
+    let inbound = |port: i64| {
+        spec.listeners
+            .iter()
+            .find(|l| l.port_mapping.port == port)
+            .and_then(|l| {
+                let t = l.timeout.as_ref()?;
+                t.for_protocol(&l.port_mapping.protocol)
+            })
+    };
     for (port, protocol) in &locals {
         b.clusters.insert(
             format!("local:{port}"),
@@ -590,7 +600,7 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
             protocol: pb::listener::Protocol::Tcp as i32,
             tcp: Some(pb::TcpRoute {
                 weighted_targets: to_local(*port),
-                idle: None,
+                idle: inbound(*port).and_then(|t| app_duration(t.idle.as_ref())),
             }),
             ..Default::default()
         });
@@ -609,6 +619,7 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
                 weighted_targets: to_local(*port),
                 ..Default::default()
             }),
+            timeout: inbound(*port).map(timeouts),
             ..Default::default()
         })
         .collect();
@@ -621,6 +632,7 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
                 weighted_targets: to_local(*first),
                 ..Default::default()
             }),
+            timeout: inbound(*first).map(timeouts),
             ..Default::default()
         });
     }
@@ -1304,6 +1316,70 @@ mod tests {
         // The proxy compiles it.
         let t = sidecar(&state(&appmesh), &[], &front).unwrap();
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+    }
+
+    /// A VirtualNode listener's inbound timeouts (the one of its protocol) go on its sidecar's
+    /// ingress route toward the app; a TCP listener's idle timeout on its TCP route.
+    #[test]
+    fn listener_timeouts_apply_inbound() {
+        let yaml = MESH.replace(
+            "    - portMapping: { port: 9081, protocol: http }\n",
+            "    - portMapping: { port: 9081, protocol: http }\n      timeout: { http: { perRequest: { unit: ms, value: 1500 }, idle: { unit: s, value: 30 } } }\n",
+        );
+        assert_ne!(yaml, MESH);
+        let blue = ResourceKey::new(Kind::VirtualNode, "default", "blue");
+        let t = sidecar(&state(&yaml), &[], &blue).unwrap();
+        let ingress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "ingress")
+            .unwrap();
+        let timeout = ingress.virtual_hosts[0].routes[0].timeout.clone().unwrap();
+        assert_eq!(timeout.per_request.unwrap().nanos, 500_000_000);
+        assert_eq!(timeout.idle.unwrap().seconds, 30);
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        // Without one, none.
+        let t = sidecar(&state(MESH), &[], &blue).unwrap();
+        let ingress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "ingress")
+            .unwrap();
+        assert_eq!(ingress.virtual_hosts[0].routes[0].timeout, None);
+        // TCP: the idle timeout on the listener's TCP route.
+        let tcp = yaml.replace(
+            "port: 9081, protocol: http }\n      timeout: { http: { perRequest: { unit: ms, value: 1500 }, idle: { unit: s, value: 30 } } }",
+            "port: 9081, protocol: tcp }\n      timeout: { tcp: { idle: { unit: s, value: 7 } } }",
+        );
+        let t = sidecar(&state(&tcp), &[], &blue).unwrap();
+        let ingress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "ingress")
+            .unwrap();
+        assert_eq!(ingress.tcp.as_ref().unwrap().idle.unwrap().seconds, 7);
+        // Another protocol's timeout is refused, naming it.
+        let wrong = yaml.replace("timeout: { http:", "timeout: { grpc:");
+        let mut problems = Vec::new();
+        let mut st = State::new();
+        for m in parse_documents(&wrong).unwrap() {
+            match validate::admit(m, None) {
+                Ok(r) => {
+                    st.insert(r.key.clone(), r.into());
+                }
+                Err(p) => problems.extend(p),
+            }
+        }
+        problems.extend(validate::check(&st, &HashMap::new()));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == "spec.listeners[0].timeout.grpc"),
+            "{problems:?}"
+        );
     }
 
     #[test]

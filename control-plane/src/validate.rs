@@ -482,6 +482,24 @@ impl Checker<'_> {
             if l.tls.is_some() && !disabled {
                 self.err(format!("{path}[{i}].tls"), TLS_NOT_SUPPORTED.into());
             }
+            if let Some(t) = &l.timeout {
+                let protocol = l.port_mapping.protocol.as_str();
+                for (name, timeouts) in [
+                    ("http", &t.http),
+                    ("http2", &t.http2),
+                    ("grpc", &t.grpc),
+                    ("tcp", &t.tcp),
+                ] {
+                    let tpath = format!("{path}[{i}].timeout.{name}");
+                    if timeouts.is_some() && name != protocol {
+                        self.err(
+                            tpath.clone(),
+                            format!("the listener's protocol is {protocol}: only timeout.{protocol} applies"),
+                        );
+                    }
+                    self.timeouts(&tpath, timeouts.as_ref());
+                }
+            }
             if !PROTOCOLS.contains(&l.port_mapping.protocol.as_str()) {
                 self.err(
                     format!("{lp}.protocol"),

@@ -736,8 +736,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.listeners[].timeout",
-        Refused(
-            "listener (inbound) timeouts are not implemented yet (issue 10); route timeouts apply to callers",
+        Honoured(
+            "inbound timeouts toward the app: the one of the listener's protocol (http, http2, grpc: perRequest and idle; tcp: idle) on the sidecar's ingress route; another protocol's is refused",
         ),
     ),
     (VirtualNode, "spec.listeners[].tls", Refused(TLS_LISTENER)),

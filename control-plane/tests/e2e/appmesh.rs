@@ -227,3 +227,39 @@ async fn a_walkthrough_file_applies_unchanged_and_runs() {
         "the failing instance got first tries, which were retried"
     );
 }
+
+/// A VirtualNode listener's inbound timeout bounds requests to its app at its sidecar's ingress:
+/// a slow request ends in 504 there, a fast one goes through.
+#[tokio::test]
+async fn listener_timeouts_bound_inbound_requests() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let port = app.addr.port();
+    let yaml = format!(
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+         listeners:\n    - portMapping: {{ port: {port}, protocol: http }}\n      \
+         timeout: {{ http: {{ perRequest: {{ unit: ms, value: 300 }} }} }}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let sidecar =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/app", proxy_dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let mut c = Client::h1(sidecar.ingress).await.unwrap();
+    let r = c.get("app.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+    let slow = http::Request::get("/")
+        .header("host", "app.default")
+        .header("x-delay-ms", "5000")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let r = c.send(slow).await.unwrap();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-trellis-error"), Some("request_timeout"));
+}
