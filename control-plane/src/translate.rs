@@ -1335,7 +1335,7 @@ mod tests {
             .iter()
             .find(|l| l.name == "ingress")
             .unwrap();
-        let timeout = ingress.virtual_hosts[0].routes[0].timeout.clone().unwrap();
+        let timeout = ingress.virtual_hosts[0].routes[0].timeout.unwrap();
         assert_eq!(timeout.per_request.unwrap().nanos, 500_000_000);
         assert_eq!(timeout.idle.unwrap().seconds, 30);
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
