@@ -283,13 +283,15 @@ impl Builder<'_> {
         self.uses.insert(key.clone());
         let host = hostname(key, vs);
         let provider = vs.provider.as_ref()?;
-        let (port, routes, route_source) = if let Some(p) = &provider.virtual_node {
+        let (ports, routes, route_source) = if let Some(p) = &provider.virtual_node {
             let node_key = p.virtual_node_ref.key(Kind::VirtualNode, &key.namespace);
-            let port = self
+            let ports: Vec<i64> = self
                 .node(&node_key)?
                 .listeners
                 .first()
-                .map(|l| l.port_mapping.port);
+                .map(|l| l.port_mapping.port)
+                .into_iter()
+                .collect();
             let cluster = self.cluster(&node_key);
             let route = pb::Route {
                 name: format!("{}/default", key.name),
@@ -299,7 +301,7 @@ impl Builder<'_> {
                 }),
                 ..Default::default()
             };
-            (port, vec![route], key.clone())
+            (ports, vec![route], key.clone())
         } else if let Some(p) = &provider.virtual_router {
             let router_key = p
                 .virtual_router_ref
@@ -309,12 +311,18 @@ impl Builder<'_> {
                 return None;
             };
             self.uses.insert(router_key.clone());
-            let port = router.listeners.first().map(|l| l.port_mapping.port);
+            // Reached on each of the router's listener ports; with several, routes choose by
+            // `match.port`.
+            let ports: Vec<i64> = router
+                .listeners
+                .iter()
+                .map(|l| l.port_mapping.port)
+                .collect();
             let mut routes = Vec::new();
             for route in &router.routes {
                 routes.push(self.route(&router_key, route));
             }
-            (port, routes, router_key)
+            (ports, routes, router_key)
         } else {
             return None;
         };
@@ -329,10 +337,7 @@ impl Builder<'_> {
                 [Source::Resource(route_source.clone())],
             );
         }
-        let mut domains = Vec::new();
-        if let Some(port) = port {
-            domains.push(format!("{host}:{port}"));
-        }
+        let mut domains: Vec<String> = ports.iter().map(|p| format!("{host}:{p}")).collect();
         domains.push(host.clone());
         Some(pb::VirtualHost {
             name: host,

@@ -389,6 +389,26 @@ impl<'a> Meshes<'a> {
     }
 }
 
+/// A router route's kind and the port its match names.
+fn route_port(route: &crate::model::Route) -> (&'static str, Option<i64>) {
+    if let Some(h) = &route.http_route {
+        ("httpRoute", h.matcher.port)
+    } else if let Some(h) = &route.http2_route {
+        ("http2Route", h.matcher.port)
+    } else if let Some(g) = &route.grpc_route {
+        ("grpcRoute", g.matcher.port)
+    } else if let Some(t) = &route.tcp_route {
+        let port = t
+            .matcher
+            .as_ref()
+            .and_then(|m| m.get("port"))
+            .and_then(serde_json::Value::as_i64);
+        ("tcpRoute", port)
+    } else {
+        ("httpRoute", None)
+    }
+}
+
 /// The mesh a resource belongs to, if it can be told (see [`Meshes::of`]).
 pub fn mesh_of<'a>(state: &'a State, resource: &'a Resource) -> Option<&'a str> {
     Meshes::new(state)
@@ -567,13 +587,26 @@ impl Checker<'_> {
     }
 
     fn virtual_router(&mut self, r: &VirtualRouterSpec) {
-        if r.listeners.len() != 1 {
-            self.err(
-                "spec.listeners",
-                "a VirtualRouter has exactly one listener".into(),
-            );
+        if r.listeners.is_empty() {
+            self.err("spec.listeners", "a VirtualRouter needs a listener".into());
         }
         self.listeners("spec.listeners", &r.listeners);
+        // With several listeners a route says whose it is: its match names one of their ports.
+        if r.listeners.len() > 1 {
+            let ports: Vec<i64> = r.listeners.iter().map(|l| l.port_mapping.port).collect();
+            for (i, route) in r.routes.iter().enumerate() {
+                let (kind, port) = route_port(route);
+                let path = format!("spec.routes[{i}].{kind}.match.port");
+                match port {
+                    Some(p) if ports.contains(&p) => {}
+                    Some(p) => self.err(path, format!("{p} is not one of the router's listener ports")),
+                    None => self.err(
+                        path,
+                        "required: the router has several listeners, and a route names the one it is for".into(),
+                    ),
+                }
+            }
+        }
         let mut names = HashSet::new();
         for (i, route) in r.routes.iter().enumerate() {
             let rp = format!("spec.routes[{i}]");

@@ -118,7 +118,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.listeners",
-        Honoured("the router's listener; exactly one (several are refused: issue 10)"),
+        Honoured(
+            "the router's listeners: the services it provides are reached on each port; with several, each route's match.port names its listener (required then)",
+        ),
     ),
     (
         VirtualRouter,

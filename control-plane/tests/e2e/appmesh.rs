@@ -263,3 +263,60 @@ async fn listener_timeouts_bound_inbound_requests() {
     assert_eq!(r.status, 504);
     assert_eq!(r.header("x-trellis-error"), Some("request_timeout"));
 }
+
+/// A VirtualRouter with two listeners: its service is reached on both ports, and each route
+/// (by its `match.port`) sends its port's requests to its own node.
+#[tokio::test]
+async fn a_router_with_several_listeners_routes_by_port() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let (a, b) = (TestServer::start("a").await, TestServer::start("b").await);
+    let node = |name: &str, port: u16| {
+        format!(
+            "---\napiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n{}{}{}\
+         ---\napiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualRouter\nmetadata: {{ name: r }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 9080, protocol: http }} }}, {{ portMapping: {{ port: 9090, protocol: http }} }}]\n  \
+         routes:\n    - name: to-a\n      httpRoute: {{ match: {{ prefix: /, port: 9080 }}, action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: a }}, weight: 1 }}] }} }}\n    \
+         - name: to-b\n      httpRoute: {{ match: {{ prefix: /, port: 9090 }}, action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: b }}, weight: 1 }}] }} }}\n\
+         ---\napiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: svc }}\nspec:\n  \
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: r }} }} }}\n",
+        node("front", 1)
+            + "  backends: [{ virtualService: { virtualServiceRef: { name: svc } } }]\n",
+        node("a", a.addr.port()),
+        node("b", b.addr.port()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("router.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let front_dir = tempfile::tempdir().unwrap();
+    let front =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", front_dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    for (host, want) in [("svc.default:9080", "a"), ("svc.default:9090", "b")] {
+        let r = c.get(host, "/").await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, want.to_string()),
+            "{host}"
+        );
+    }
+    // A route of such a router must say whose it is.
+    let unported = yaml.replace(", port: 9090 }", " }");
+    std::fs::write(&file, unported).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("spec.routes[1].httpRoute.match.port: required"),
+        "{}",
+        stderr(&out)
+    );
+}
