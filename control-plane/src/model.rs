@@ -848,8 +848,17 @@ pub struct HostnameMatch {
 pub struct GatewayRewrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<PrefixRewrite>,
+    /// With `match.path.exact`: the path sent on instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<ExactPathRewrite>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<HostnameRewrite>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExactPathRewrite {
+    pub exact: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

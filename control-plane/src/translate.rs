@@ -763,6 +763,26 @@ fn combine(
             }
         }
         (Some(pg), None) => Some(Path::Prefix(pg.clone())),
+        // An exact gateway path rewritten to `seen`: the router's route applies when it matches
+        // that path (known here); the client's path stays the match.
+        (None, Some((_, seen))) => {
+            let exact = gw.path.as_ref()?.exact.clone()?;
+            let takes = match (&route.prefix, &route.path) {
+                (Some(pr), _) => seen.starts_with(pr.as_str()),
+                (None, Some(pm)) => {
+                    pm.exact.as_deref() == Some(seen)
+                        || pm.regex.as_ref().is_some_and(|re| {
+                            regex::Regex::new(&format!("^(?:{re})$"))
+                                .is_ok_and(|r| r.is_match(seen))
+                        })
+                }
+                (None, None) => true,
+            };
+            if !takes {
+                return None;
+            }
+            Some(Path::Exact(exact))
+        }
         (None, _) => {
             // A gateway path match combines only with routes that take any path.
             if route.prefix.as_deref() != Some("/") {
@@ -959,7 +979,12 @@ impl GatewayRewrites {
         vs: &model::VirtualServiceSpec,
     ) -> Self {
         let rewrite = h.action.rewrite.clone().unwrap_or_default();
+        let exact = h.matcher.path.as_ref().and_then(|p| p.exact.as_ref());
         let prefix = match (&h.matcher.prefix, &rewrite.prefix) {
+            // An exact path rewritten to another: the whole path is the "prefix" replaced.
+            (None, _) if rewrite.path.is_some() && exact.is_some() => exact
+                .cloned()
+                .zip(rewrite.path.as_ref().map(|p| p.exact.clone())),
             (Some(_), Some(p))
                 if p.default_prefix.as_deref() == Some("DISABLED") && p.value.is_none() =>
             {

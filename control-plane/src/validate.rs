@@ -804,6 +804,25 @@ impl Checker<'_> {
                         "must start with \"/\"".into(),
                     );
                 }
+                if let Some(rw) = h.action.rewrite.as_ref() {
+                    let exact_match = h.matcher.path.as_ref().and_then(|p| p.exact.as_ref());
+                    match (&rw.path, &rw.prefix, exact_match) {
+                        (Some(_), Some(_), _) => self.err(
+                            format!("spec.{field}.action.rewrite"),
+                            "give path or prefix, not both".into(),
+                        ),
+                        (Some(_), None, None) => self.err(
+                            format!("spec.{field}.action.rewrite.path"),
+                            "needs match.path.exact: only an exact path is rewritten to another"
+                                .into(),
+                        ),
+                        (Some(p), None, Some(_)) if !p.exact.starts_with('/') => self.err(
+                            format!("spec.{field}.action.rewrite.path.exact"),
+                            "must start with \"/\"".into(),
+                        ),
+                        _ => {}
+                    }
+                }
                 let rewrite = h.action.rewrite.as_ref().and_then(|r| r.prefix.as_ref());
                 if rewrite
                     .and_then(|p| p.value.as_ref())

@@ -997,7 +997,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.http2Route.action.rewrite.path",
-        Refused("exact path rewrites are not implemented yet (issue 10)"),
+        Honoured(
+            "with match.path.exact: the path is sent on as rewrite.path.exact (the query stays), also through a router, whose routes see the new path; refused with another match",
+        ),
     ),
     (
         GatewayRoute,
@@ -1131,7 +1133,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.httpRoute.action.rewrite.path",
-        Refused("exact path rewrites are not implemented yet (issue 10)"),
+        Honoured(
+            "with match.path.exact: the path is sent on as rewrite.path.exact (the query stays), also through a router, whose routes see the new path; refused with another match",
+        ),
     ),
     (
         GatewayRoute,

@@ -320,3 +320,89 @@ async fn a_router_with_several_listeners_routes_by_port() {
         stderr(&out)
     );
 }
+
+/// A GatewayRoute matching an exact path rewrites it to another (`rewrite.path.exact`), through
+/// a router whose routes see the new path; the query stays.
+#[tokio::test]
+async fn gateway_routes_rewrite_exact_paths() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let port = app.addr.port();
+    let yaml = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{ name: m }}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{ name: app }}
+spec:
+  listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]
+  serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{ name: r }}
+spec:
+  listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]
+  routes:
+    - name: new
+      httpRoute:
+        match: {{ prefix: /new }}
+        action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: app }}, weight: 1 }}] }}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{ name: app }}
+spec:
+  provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: r }} }} }}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {{ name: gw }}
+spec:
+  listeners: [{{ portMapping: {{ port: 8088, protocol: http }} }}]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{ name: old-to-new }}
+spec:
+  virtualGatewayRef: {{ name: gw, uid: x }}
+  httpRoute:
+    match: {{ path: {{ exact: /old }} }}
+    action:
+      target: {{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}
+      rewrite: {{ path: {{ exact: /new }} }}
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gateway =
+        ProxyProcess::gateway(proxy_bin(), &control.url, "default/gw", gw_dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let mut c = Client::h1(gateway.ingress).await.unwrap();
+    let r = c.get("anything.example", "/old?x=1").await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.header("x-trellis-error"));
+    assert_eq!(r.header("x-seen-path"), Some("/new?x=1"));
+    let r = c.get("anything.example", "/old/more").await.unwrap();
+    assert_eq!(r.status, 404, "only the exact path");
+
+    // Without an exact path match there is nothing to rewrite exactly: refused.
+    let prefix = yaml.replace(
+        "match: { path: { exact: /old } }",
+        "match: { prefix: /old }",
+    );
+    std::fs::write(&file, prefix).unwrap();
+    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("spec.httpRoute.action.rewrite.path: needs match.path.exact"),
+        "{}",
+        stderr(&out)
+    );
+}
