@@ -7,7 +7,7 @@ use trellis_testkit::{
     ProxyProcess, TestServer, client::Client, eventually, process::ControlProcess,
 };
 
-use crate::{CONTROL, cli, proxy_bin, stderr, stdout, wait_synced};
+use crate::{CONTROL, apply, apply_refused, cli, proxy_bin, stderr, stdout, wait_synced};
 
 /// A walkthrough-style file: a labelled Namespace, a Mesh selecting it, nodes with pod selectors
 /// and Cloud Map discovery, a router whose target is an ARN, a service with its AWS name, and
@@ -134,12 +134,7 @@ const HOST: &str = "color.howto.svc.cluster.local:8080";
 async fn a_walkthrough_file_applies_unchanged_and_runs() {
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("howto.yaml");
-    std::fs::write(&file, HOWTO).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let applied = stdout(&out);
+    let applied = apply(&control.url, HOWTO);
     assert!(
         applied.contains("deployment/howto/blue skipped (not a mesh resource)"),
         "{applied}"
@@ -242,11 +237,7 @@ async fn listener_timeouts_bound_inbound_requests() {
          listeners:\n    - portMapping: {{ port: {port}, protocol: http }}\n      \
          timeout: {{ http: {{ perRequest: {{ unit: ms, value: 300 }} }} }}\n"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("app.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&control.url, &yaml);
     let proxy_dir = tempfile::tempdir().unwrap();
     let sidecar =
         ProxyProcess::sidecar(proxy_bin(), &control.url, "default/app", proxy_dir.path()).await;
@@ -291,11 +282,7 @@ async fn a_router_with_several_listeners_routes_by_port() {
         node("a", a.addr.port()),
         node("b", b.addr.port()),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("router.yaml");
-    std::fs::write(&file, &yaml).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&control.url, &yaml);
     let front_dir = tempfile::tempdir().unwrap();
     let front =
         ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", front_dir.path()).await;
@@ -310,14 +297,10 @@ async fn a_router_with_several_listeners_routes_by_port() {
         );
     }
     // A route of such a router must say whose it is.
-    let unported = yaml.replace(", port: 9090 }", " }");
-    std::fs::write(&file, unported).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(!out.status.success());
+    let refused = apply_refused(&control.url, &yaml.replace(", port: 9090 }", " }"));
     assert!(
-        stderr(&out).contains("spec.routes[1].httpRoute.match.port: required"),
-        "{}",
-        stderr(&out)
+        refused.contains("spec.routes[1].httpRoute.match.port: required"),
+        "{refused}"
     );
 }
 
@@ -376,11 +359,7 @@ spec:
       rewrite: {{ path: {{ exact: /new }} }}
 "#
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("gw.yaml");
-    std::fs::write(&file, &yaml).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply(&control.url, &yaml);
     let gw_dir = tempfile::tempdir().unwrap();
     let gateway =
         ProxyProcess::gateway(proxy_bin(), &control.url, "default/gw", gw_dir.path()).await;
@@ -397,12 +376,9 @@ spec:
         "match: { path: { exact: /old } }",
         "match: { prefix: /old }",
     );
-    std::fs::write(&file, prefix).unwrap();
-    let out = cli(&control.url, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(!out.status.success());
+    let refused = apply_refused(&control.url, &prefix);
     assert!(
-        stderr(&out).contains("spec.httpRoute.action.rewrite.path: needs match.path.exact"),
-        "{}",
-        stderr(&out)
+        refused.contains("spec.httpRoute.action.rewrite.path: needs match.path.exact"),
+        "{refused}"
     );
 }

@@ -42,6 +42,27 @@ pub fn cli(server: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `trellis apply -f` of `yaml`, which must succeed; returns what it printed.
+pub fn apply(server: &str, yaml: &str) -> String {
+    let out = apply_file(server, yaml);
+    assert!(out.status.success(), "apply failed: {}", stderr(&out));
+    stdout(&out)
+}
+
+/// `trellis apply -f` of `yaml`, which must fail; returns its error output.
+pub fn apply_refused(server: &str, yaml: &str) -> String {
+    let out = apply_file(server, yaml);
+    assert!(!out.status.success(), "applied: {}", stdout(&out));
+    stderr(&out)
+}
+
+fn apply_file(server: &str, yaml: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    cli(server, &["apply", "-f", file.to_str().unwrap()])
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

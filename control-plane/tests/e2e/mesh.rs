@@ -14,7 +14,7 @@ use trellis_testkit::{
     ProxyProcess, TestServer, client::Client, eventually, process::ControlProcess,
 };
 
-use crate::{CONTROL, cli, proxy_bin, split, status, stderr, stdout, wait_synced};
+use crate::{CONTROL, apply, cli, proxy_bin, split, status, stderr, stdout, wait_synced};
 
 const HOST: &str = "colorteller.default:9080";
 
@@ -95,14 +95,6 @@ spec:
 
 const RED_REGISTRY: &str =
     "{ registry: { namespaceName: test, serviceName: colorteller, attributes: { version: red } } }";
-
-fn apply(server: &str, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("mesh.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let out = cli(server, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "apply failed: {}", stderr(&out));
-}
 
 fn register(server: &str, id: &str, version: &str, addr: std::net::SocketAddr) {
     let port = addr.port().to_string();
