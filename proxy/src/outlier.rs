@@ -132,9 +132,16 @@ mod tests {
         assert_eq!(c.ejection_time(1), Duration::from_millis(1200));
         assert_eq!(c.ejection_time(2), Duration::from_millis(2100));
         assert_eq!(c.ejection_time(10_000), Duration::from_millis(300_000));
-        assert_eq!(config(0, 300, 50).ejection_time(1), Duration::from_millis(300));
+        assert_eq!(
+            config(0, 300, 50).ejection_time(1),
+            Duration::from_millis(300)
+        );
         let long = config(400_000, 1000, 50);
-        assert_eq!(long.ejection_time(3), Duration::from_secs(400), "cap is max(300 s, base)");
+        assert_eq!(
+            long.ejection_time(3),
+            Duration::from_secs(400),
+            "cap is max(300 s, base)"
+        );
     }
 
     #[test]
@@ -162,9 +169,15 @@ mod tests {
         assert!(o.is_ejected());
         o.uneject(now + Duration::from_secs(1));
         // Ejected again at once: the multiplier is 2.
-        assert_eq!(o.eject(&c, now + Duration::from_secs(1)), Some(Duration::from_secs(2)));
+        assert_eq!(
+            o.eject(&c, now + Duration::from_secs(1)),
+            Some(Duration::from_secs(2))
+        );
         o.uneject(now + Duration::from_secs(3));
         // Five intervals later the multiplier has healed back to 0: the next ejection is 1×.
-        assert_eq!(o.eject(&c, now + Duration::from_secs(8)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            o.eject(&c, now + Duration::from_secs(8)),
+            Some(Duration::from_secs(1))
+        );
     }
 }

@@ -609,8 +609,8 @@ async fn retrying(
                 }
                 note_failure(cluster, completion, e.failure);
                 if e.failure != UpstreamFailure::Overflow {
-                cluster.observe(&endpoint, true);
-            }
+                    cluster.observe(&endpoint, true);
+                }
                 let retry = may_retry && policy.retry_failure(&e.failure) && policy.withdraw();
                 if e.failure == UpstreamFailure::Overflow {
                     return Err(attempt_error(cluster, &endpoint, e.failure));
@@ -810,12 +810,11 @@ async fn tunnel(
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cluster = target.cluster.clone();
-    let (endpoint, stream, permit) =
-        crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
-            if let ProxyError::Upstream { failure, .. } = e {
-                note_failure(&cluster, completion, *failure);
-            }
-        })?;
+    let (endpoint, stream, permit) = crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
+        if let ProxyError::Upstream { failure, .. } = e {
+            note_failure(&cluster, completion, *failure);
+        }
+    })?;
     let in_flight = endpoint.begin_request();
     let done = completion.take();
     tokio::spawn(async move {

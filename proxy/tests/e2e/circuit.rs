@@ -63,7 +63,10 @@ async fn failing_endpoint_is_ejected_and_returns_after_the_ejection_time() {
             .await,
         1.0
     );
-    assert_eq!(proxy.metric("trellis_proxy_outlier_ejected", &labels).await, 1.0);
+    assert_eq!(
+        proxy.metric("trellis_proxy_outlier_ejected", &labels).await,
+        1.0
+    );
     let ejected_at = Instant::now();
 
     // Ejected: every request goes to the good endpoint, up to just before the ten seconds.
@@ -76,7 +79,10 @@ async fn failing_endpoint_is_ejected_and_returns_after_the_ejection_time() {
     bad.fail_with(0);
     tokio::time::sleep_until(ejected_at + Duration::from_millis(10_001)).await;
     assert_eq!(ejected(&proxy).await, [false, false]);
-    assert_eq!(proxy.metric("trellis_proxy_outlier_ejected", &labels).await, 0.0);
+    assert_eq!(
+        proxy.metric("trellis_proxy_outlier_ejected", &labels).await,
+        0.0
+    );
     statuses(&mut c, 4).await;
     assert_eq!(bad.requests(), 5, "it gets its share again");
 
@@ -125,7 +131,10 @@ async fn ejections_never_exceed_max_ejection_percent() {
             .await,
         1.0
     );
-    assert_eq!(proxy.metric("trellis_proxy_outlier_ejected", &labels).await, 1.0);
+    assert_eq!(
+        proxy.metric("trellis_proxy_outlier_ejected", &labels).await,
+        1.0
+    );
 }
 
 /// Sends `n` requests at once, each on its own client connection; returns (status, error kind,
@@ -173,13 +182,16 @@ async fn pool_limits_overflow_at_once_and_bound_connections() {
         .collect();
     assert_eq!((ok.len(), overflow.len()), (3, 7), "{results:?}");
     for r in &overflow {
-        assert_eq!(r.2, Duration::ZERO, "overflow is answered at once: {results:?}");
+        assert_eq!(
+            r.2,
+            Duration::ZERO,
+            "overflow is answered at once: {results:?}"
+        );
     }
     let mut served: Vec<_> = ok.iter().map(|r| r.2.as_millis()).collect();
     served.sort_unstable();
     assert!(
-        served[..2].iter().all(|ms| (1000..1010).contains(ms))
-            && (2000..2020).contains(&served[2]),
+        served[..2].iter().all(|ms| (1000..1010).contains(ms)) && (2000..2020).contains(&served[2]),
         "two at 1 s, the waiting one at 2 s: {served:?}"
     );
     assert_eq!(slow.requests(), 3);
@@ -219,6 +231,9 @@ async fn http2_max_requests_overflow_at_once() {
         .filter(|r| r.0 == 503 && r.1.as_deref() == Some("overflow"))
         .collect();
     assert_eq!((ok, overflow.len()), (2, 3), "{results:?}");
-    assert!(overflow.iter().all(|r| r.2 == Duration::ZERO), "{results:?}");
+    assert!(
+        overflow.iter().all(|r| r.2 == Duration::ZERO),
+        "{results:?}"
+    );
     assert_eq!(slow.requests(), 2);
 }
