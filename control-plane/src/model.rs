@@ -365,6 +365,68 @@ impl ListenerTimeout {
     }
 }
 
+impl Listener {
+    /// `outlierDetection`, read from the stored object (its schema is checked on apply); `Err`
+    /// with the reason when it does not have App Mesh's shape.
+    pub fn outlier(&self) -> Result<Option<OutlierDetection>, String> {
+        typed(self.outlier_detection.as_ref())
+    }
+
+    /// `connectionPool`, read like [`Listener::outlier`].
+    pub fn pool(&self) -> Result<Option<ConnectionPool>, String> {
+        typed(self.connection_pool.as_ref())
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Option<&Value>) -> Result<Option<T>, String> {
+    v.map(|v| serde_json::from_value(v.clone()).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// A VirtualNode listener's `outlierDetection` (App Mesh v1beta2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    pub max_server_errors: i64,
+    pub interval: Duration,
+    pub base_ejection_duration: Duration,
+    pub max_ejection_percent: i64,
+}
+
+/// A VirtualNode listener's `connectionPool`: one of its protocols' limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPool {
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+    #[serde(default)]
+    pub http2: Option<RequestPool>,
+    #[serde(default)]
+    pub grpc: Option<RequestPool>,
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPool {
+    pub max_connections: i64,
+    #[serde(default)]
+    pub max_pending_requests: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestPool {
+    pub max_requests: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPool {
+    pub max_connections: i64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortMapping {

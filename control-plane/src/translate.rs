@@ -137,6 +137,35 @@ fn cluster_protocol(protocol: &str) -> pb::cluster::Protocol {
     }
 }
 
+/// A node listener's outlier detection and connection pool, for the clusters that call it
+/// (validation has checked their shape; the pool is the listener protocol's).
+fn listener_resilience(
+    l: &model::Listener,
+) -> (Option<pb::OutlierDetection>, Option<pb::ConnectionPool>) {
+    let count = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let outlier = l.outlier().ok().flatten().map(|o| pb::OutlierDetection {
+        max_server_errors: count(o.max_server_errors),
+        interval: app_duration(Some(&o.interval)),
+        base_ejection_duration: app_duration(Some(&o.base_ejection_duration)),
+        max_ejection_percent: count(o.max_ejection_percent),
+    });
+    let pool = l.pool().ok().flatten().map(|p| {
+        let mut pool = pb::ConnectionPool::default();
+        if let Some(h) = p.http {
+            pool.max_connections = count(h.max_connections);
+            pool.max_pending_requests = h.max_pending_requests.map_or(0, count);
+        }
+        if let Some(r) = p.http2.or(p.grpc) {
+            pool.max_requests = count(r.max_requests);
+        }
+        if let Some(t) = p.tcp {
+            pool.max_connections = count(t.max_connections);
+        }
+        pool
+    });
+    (outlier, pool)
+}
+
 /// The hostname a VirtualService is reached at.
 pub fn hostname(key: &ResourceKey, spec: &model::VirtualServiceSpec) -> String {
     spec.hostname
@@ -248,6 +277,9 @@ impl Builder<'_> {
                 });
             }
         }
+        // The settings of the listener the cluster reaches the node on.
+        let (outlier_detection, connection_pool) =
+            listener.map_or((None, None), listener_resilience);
         self.clusters.insert(
             name.clone(),
             pb::Cluster {
@@ -255,6 +287,8 @@ impl Builder<'_> {
                 protocol: protocol as i32,
                 lb_policy: lb as i32,
                 endpoints,
+                outlier_detection,
+                connection_pool,
                 ..Default::default()
             },
         );
@@ -1221,6 +1255,58 @@ mod tests {
             }],
         };
         trellis_proxy::snapshot::check(&snapshot).unwrap();
+    }
+
+    /// The clusters that call a node carry its listener's outlier detection and connection
+    /// pool, and the proxy compiles them.
+    #[test]
+    fn callers_clusters_carry_the_nodes_outlier_detection_and_connection_pool() {
+        let mesh = MESH.replacen(
+            "    - portMapping: { port: 9081, protocol: http }\n",
+            "    - portMapping: { port: 9081, protocol: http }\n      outlierDetection: { maxServerErrors: 5, interval: { unit: s, value: 10 }, baseEjectionDuration: { unit: ms, value: 30000 }, maxEjectionPercent: 50 }\n      connectionPool: { http: { maxConnections: 20, maxPendingRequests: 7 } }\n",
+            1,
+        );
+        assert_ne!(mesh, MESH);
+        let state = state(&mesh);
+        let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state, &instances, &front).unwrap();
+        let clusters: BTreeMap<_, _> = t
+            .snapshot
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let blue = clusters["default/blue"];
+        assert_eq!(
+            blue.outlier_detection,
+            Some(pb::OutlierDetection {
+                max_server_errors: 5,
+                interval: Some(PbDuration {
+                    seconds: 10,
+                    nanos: 0
+                }),
+                base_ejection_duration: Some(PbDuration {
+                    seconds: 30,
+                    nanos: 0
+                }),
+                max_ejection_percent: 50,
+            })
+        );
+        assert_eq!(
+            blue.connection_pool,
+            Some(pb::ConnectionPool {
+                max_connections: 20,
+                max_pending_requests: 7,
+                max_requests: 0,
+            })
+        );
+        let green = clusters["default/green"];
+        assert_eq!(
+            (&green.outlier_detection, &green.connection_pool),
+            (&None, &None)
+        );
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 
     #[test]

@@ -532,6 +532,59 @@ impl Checker<'_> {
         }
     }
 
+    /// A VirtualNode listener's outlier detection and connection pool, beyond the CRD schema:
+    /// what the proxies that call the node need (Envoy's minimums, the pool of the listener's
+    /// protocol).
+    fn listener_resilience(&mut self, path: &str, listeners: &[Listener]) {
+        for (i, l) in listeners.iter().enumerate() {
+            let lp = format!("{path}[{i}]");
+            match l.outlier() {
+                Err(e) => self.err(format!("{lp}.outlierDetection"), e),
+                Ok(None) => {}
+                Ok(Some(o)) => {
+                    let op = format!("{lp}.outlierDetection");
+                    self.duration(&format!("{op}.interval.value"), &o.interval, 1);
+                    self.duration(
+                        &format!("{op}.baseEjectionDuration.value"),
+                        &o.base_ejection_duration,
+                        1,
+                    );
+                }
+            }
+            let pool = match l.pool() {
+                Err(e) => {
+                    self.err(format!("{lp}.connectionPool"), e);
+                    continue;
+                }
+                Ok(None) => continue,
+                Ok(Some(p)) => p,
+            };
+            let set: Vec<&str> = [
+                ("http", pool.http.is_some()),
+                ("http2", pool.http2.is_some()),
+                ("grpc", pool.grpc.is_some()),
+                ("tcp", pool.tcp.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect();
+            let protocol = l.port_mapping.protocol.as_str();
+            match set.as_slice() {
+                [one] if *one == protocol => {}
+                [one] => self.err(
+                    format!("{lp}.connectionPool.{one}"),
+                    format!(
+                        "the listener's protocol is {protocol}: give connectionPool.{protocol}"
+                    ),
+                ),
+                _ => self.err(
+                    format!("{lp}.connectionPool"),
+                    "give exactly one of http, http2, grpc, tcp (the listener's protocol)".into(),
+                ),
+            }
+        }
+    }
+
     fn spec(&mut self, spec: &Spec) {
         match spec {
             Spec::Namespace => {}
@@ -672,6 +725,7 @@ impl Checker<'_> {
             self.selector("spec.podSelector", selector);
         }
         self.listeners("spec.listeners", &n.listeners);
+        self.listener_resilience("spec.listeners", &n.listeners);
         if let Some(sd) = &n.service_discovery {
             let count = [
                 sd.registry.is_some(),
@@ -1292,6 +1346,20 @@ spec:
                     "kind: VirtualNode\nmetadata: { name: x }",
                 ),
                 "spec.meshRef: no Mesh exists",
+            ),
+            (
+                GOOD.replace(
+                    "protocol: http } }]\n  serviceDiscovery",
+                    "protocol: http }, connectionPool: { grpc: { maxRequests: 3 } } }]\n  serviceDiscovery",
+                ),
+                "document 1 (VirtualNode default/blue): spec.listeners[0].connectionPool.grpc: the listener's protocol is http: give connectionPool.http",
+            ),
+            (
+                GOOD.replace(
+                    "protocol: http } }]\n  serviceDiscovery",
+                    "protocol: http }, outlierDetection: { maxServerErrors: 1, interval: { unit: s, value: 0 }, baseEjectionDuration: { unit: s, value: 1 }, maxEjectionPercent: 10 } }]\n  serviceDiscovery",
+                ),
+                "document 1 (VirtualNode default/blue): spec.listeners[0].outlierDetection.interval.value: must be greater than 0",
             ),
             (
                 // Two meshes: the router and service name "m"; blue moves to "other".

@@ -117,20 +117,45 @@ fn clusters(app: &App) -> Response<ResponseBody> {
                 .endpoints
                 .iter()
                 .map(|(e, health)| {
-                    json!({
+                    let mut ep = json!({
                         "address": &*e.addr,
                         "health": health.as_str(),
                         "inFlight": e.in_flight(),
                         "pooledConnections": e.pooled(),
-                    })
+                    });
+                    if c.outlier.is_some() {
+                        ep["ejected"] = e.outlier.is_ejected().into();
+                        ep["timesEjected"] = e.outlier.times_ejected().into();
+                    }
+                    ep
                 })
                 .collect();
-            json!({
+            let mut cluster = json!({
                 "name": &*c.name,
                 "protocol": format!("{:?}", c.protocol),
                 "lbPolicy": format!("{:?}", c.lb),
                 "endpoints": endpoints,
-            })
+            });
+            if let Some(o) = &c.outlier {
+                cluster["outlierDetection"] = json!({
+                    "maxServerErrors": o.max_server_errors,
+                    "interval": format!("{:?}", o.interval),
+                    "baseEjectionDuration": format!("{:?}", o.base_ejection),
+                    "maxEjectionPercent": o.max_ejection_percent,
+                    "ejected": c.endpoints.iter().filter(|(e, _)| e.outlier.is_ejected()).count(),
+                });
+            }
+            if let Some(l) = &c.limits {
+                cluster["connectionPool"] = json!({
+                    "maxConnections": l.config.max_connections,
+                    "maxPendingRequests": l.config.max_pending_requests,
+                    "maxRequests": l.config.max_requests,
+                    "openConnections": l.open_connections(),
+                    "pendingRequests": l.pending(),
+                    "activeRequests": l.requests(),
+                });
+            }
+            cluster
         })
         .collect();
     json(

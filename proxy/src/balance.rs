@@ -71,8 +71,19 @@ impl WeightedTargets {
 
 impl Cluster {
     /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
-    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<&Arc<EndpointState>> {
-        pick(self.lb, &self.healthy, &self.cursor, avoid)
+    /// Endpoints ejected by outlier detection are skipped like unhealthy ones (only clusters
+    /// with outlier detection look).
+    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
+        if self.outlier.is_some() && self.healthy.iter().any(|e| e.outlier.is_ejected()) {
+            let left: Vec<Arc<EndpointState>> = self
+                .healthy
+                .iter()
+                .filter(|e| !e.outlier.is_ejected())
+                .cloned()
+                .collect();
+            return pick(self.lb, &left, &self.cursor, avoid).cloned();
+        }
+        pick(self.lb, &self.healthy, &self.cursor, avoid).cloned()
     }
 }
 

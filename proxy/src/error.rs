@@ -25,6 +25,9 @@ pub enum UpstreamFailure {
     PerTryTimeout,
     #[error("protocol error")]
     Protocol,
+    /// The cluster's connection pool is full (circuit breaking): no attempt was made.
+    #[error("connection pool overflow")]
+    Overflow,
 }
 
 /// Why one attempt at an upstream failed: the class decides retries and the response, the
@@ -82,6 +85,9 @@ pub enum ProxyError {
     ClientBody(#[from] ClientBodyError),
     #[error("cluster {0:?}: no healthy endpoint")]
     NoHealthyEndpoint(Arc<str>),
+    /// A connection pool limit of the cluster (circuit breaking) is reached.
+    #[error("cluster {0:?}: connection pool overflow")]
+    Overflow(Arc<str>),
     #[error("request timed out after {0:?}")]
     RequestTimeout(Duration),
     #[error("upstream {endpoint}: {failure}")]
@@ -104,6 +110,7 @@ impl ProxyError {
                 ClientBodyError::Timeout(_) => "request_body_timeout",
             },
             Self::NoHealthyEndpoint(_) => "no_healthy_endpoint",
+            Self::Overflow(_) => "overflow",
             Self::RequestTimeout(_) => "request_timeout",
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect => "connect_failure",
@@ -112,6 +119,7 @@ impl ProxyError {
                 UpstreamFailure::RefusedStream => "refused_stream",
                 UpstreamFailure::PerTryTimeout => "per_try_timeout",
                 UpstreamFailure::Protocol => "upstream_protocol_error",
+                UpstreamFailure::Overflow => "overflow",
             },
         }
     }
@@ -125,12 +133,15 @@ impl ProxyError {
                 ClientBodyError::Reset(_) => CLIENT_CLOSED,
                 ClientBodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             },
-            Self::NotReady | Self::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::NoHealthyEndpoint(_) | Self::Overflow(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect
                 | UpstreamFailure::ConnectTimeout
-                | UpstreamFailure::RefusedStream => StatusCode::SERVICE_UNAVAILABLE,
+                | UpstreamFailure::RefusedStream
+                | UpstreamFailure::Overflow => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamFailure::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamFailure::Reset | UpstreamFailure::Protocol => StatusCode::BAD_GATEWAY,
             },
@@ -206,6 +217,8 @@ mod tests {
                 "4",
             ),
             (up(UpstreamFailure::Connect), 503, "connect_failure", "14"),
+            (ProxyError::Overflow("c".into()), 503, "overflow", "14"),
+            (up(UpstreamFailure::Overflow), 503, "overflow", "14"),
             (
                 up(UpstreamFailure::ConnectTimeout),
                 503,

@@ -51,6 +51,8 @@ pub struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Counts the connection against its cluster's connection limit while it is open.
+    permit: Option<crate::limit::ConnPermit>,
 }
 
 /// Where a connection goes when its exchange has ended cleanly.
@@ -71,7 +73,18 @@ impl Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
+            permit: None,
         }
+    }
+
+    /// A connection counted against a cluster's connection limit until it closes.
+    pub fn with_permit(mut self, permit: Option<crate::limit::ConnPermit>) -> Self {
+        self.permit = permit;
+        self
+    }
+
+    pub fn permit(&self) -> Option<&crate::limit::ConnPermit> {
+        self.permit.as_ref()
     }
 
     /// True when the connection can take another exchange: the upstream has neither closed it

@@ -30,6 +30,9 @@ struct Vecs {
     duration: HistogramVec,
     retries: IntCounterVec,
     connect_errors: IntCounterVec,
+    overflows: IntCounterVec,
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
     timeouts: IntCounterVec,
     errors: IntCounterVec,
     active_connections: IntGaugeVec,
@@ -88,6 +91,36 @@ impl ProxyMetrics {
                     Opts::new(
                         "trellis_proxy_upstream_connect_errors_total",
                         "Failed or timed-out upstream connects, by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            overflows: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_upstream_overflow_total",
+                        "Requests refused by a cluster's connection pool limits (503 overflow), by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            ejections: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_outlier_ejections_total",
+                        "Endpoints ejected by outlier detection, by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            ejected: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "trellis_proxy_outlier_ejected",
+                        "Endpoints ejected by outlier detection now, by cluster",
                     ),
                     &["cluster"],
                 )?,
@@ -173,6 +206,13 @@ impl ProxyMetrics {
         ClusterMetrics {
             retries: LazyCounter::new(&self.inner.retries, &name),
             connect_errors: LazyCounter::new(&self.inner.connect_errors, &name),
+            overflows: LazyCounter::new(&self.inner.overflows, &name),
+            ejections: LazyCounter::new(&self.inner.ejections, &name),
+            ejected: Arc::new(LazyGauge {
+                vec: self.inner.ejected.clone(),
+                label: name.clone(),
+                series: OnceLock::new(),
+            }),
         }
     }
 
@@ -211,6 +251,10 @@ impl ProxyMetrics {
 pub struct ClusterMetrics {
     pub retries: LazyCounter,
     pub connect_errors: LazyCounter,
+    pub overflows: LazyCounter,
+    pub ejections: LazyCounter,
+    /// Shared with the timers that end ejections.
+    pub ejected: Arc<LazyGauge>,
 }
 
 impl ClusterMetrics {
@@ -218,6 +262,33 @@ impl ClusterMetrics {
     pub fn retire(&self) {
         self.retries.retire();
         self.connect_errors.retire();
+        self.overflows.retire();
+        self.ejections.retire();
+        // The ejected gauge stays while ejections of the cluster's endpoints last: their
+        // state outlives the snapshot, and their timers bring the gauge back to 0.
+    }
+}
+
+/// One gauge series, created on first use.
+#[derive(Debug)]
+pub struct LazyGauge {
+    vec: IntGaugeVec,
+    label: Arc<str>,
+    series: OnceLock<IntGauge>,
+}
+
+impl LazyGauge {
+    fn series(&self) -> &IntGauge {
+        self.series
+            .get_or_init(|| self.vec.with_label_values(&[&*self.label]))
+    }
+
+    pub fn inc(&self) {
+        self.series().inc();
+    }
+
+    pub fn dec(&self) {
+        self.series().dec();
     }
 }
 

@@ -493,17 +493,12 @@ async fn attempt_once(
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
     let timed_out = |limit| ProxyError::RequestTimeout(limit);
-    let upstream_error = |endpoint: &EndpointState, failure| ProxyError::Upstream {
-        endpoint: endpoint.addr.clone(),
-        failure,
-    };
     // No retries: the request goes out as it is, once.
     let state = body.state();
     let endpoint = cluster
         .pick(&[])
-        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
-        .clone();
-    let in_flight = endpoint.begin_request();
+        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
+    let in_flight = cluster.begin_request(&endpoint)?;
     let body = (!body.is_end_stream()).then(|| body.boxed());
     let sent = within(
         deadline.map(|(at, _)| at),
@@ -517,6 +512,7 @@ async fn attempt_once(
     };
     match sent {
         Ok(response) => {
+            cluster.observe(&endpoint, response.status().is_server_error());
             if let Some(state) = &state {
                 state.responded();
             }
@@ -532,8 +528,12 @@ async fn attempt_once(
                 return Err(fault);
             }
             note_failure(cluster, completion, e.failure);
+            // A pool overflow is the proxy's own answer, not the endpoint's.
+            if e.failure != UpstreamFailure::Overflow {
+                cluster.observe(&endpoint, true);
+            }
             tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "upstream request failed");
-            Err(upstream_error(&endpoint, e.failure))
+            Err(attempt_error(cluster, &endpoint, e.failure))
         }
     }
 }
@@ -550,10 +550,6 @@ async fn retrying(
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
     let timed_out = |limit| ProxyError::RequestTimeout(limit);
-    let upstream_error = |endpoint: &EndpointState, failure| ProxyError::Upstream {
-        endpoint: endpoint.addr.clone(),
-        failure,
-    };
     policy.deposit();
     let state = body.state();
     let replay = (!body.is_end_stream()).then(|| Replay::new(body.boxed(), policy.buffer_limit));
@@ -562,10 +558,9 @@ async fn retrying(
     loop {
         let endpoint = cluster
             .pick(&tried)
-            .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
-            .clone();
+            .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
+        let in_flight = cluster.begin_request(&endpoint)?;
         let body = replay.as_ref().map(|r| r.attempt().boxed());
-        let in_flight = endpoint.begin_request();
         let per_try = policy.per_try_timeout.map(|d| Instant::now() + d);
         let limit_at = match (per_try, deadline) {
             (Some(a), Some((b, _))) => Some(a.min(b)),
@@ -588,6 +583,7 @@ async fn retrying(
             retries < policy.max_retries && replay.as_ref().is_none_or(Replay::can_replay);
         match sent {
             Ok(response) => {
+                cluster.observe(&endpoint, response.status().is_server_error());
                 let retry = may_retry
                     && policy.retry_response(response.status(), response.headers())
                     && policy.withdraw();
@@ -612,13 +608,19 @@ async fn retrying(
                     return Err(fault);
                 }
                 note_failure(cluster, completion, e.failure);
+                if e.failure != UpstreamFailure::Overflow {
+                    cluster.observe(&endpoint, true);
+                }
                 let retry = may_retry && policy.retry_failure(&e.failure) && policy.withdraw();
+                if e.failure == UpstreamFailure::Overflow {
+                    return Err(attempt_error(cluster, &endpoint, e.failure));
+                }
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, retry, "upstream attempt failed");
                 if !retry {
                     if let Some(c) = completion.as_mut() {
                         c.retries = retries;
                     }
-                    return Err(upstream_error(&endpoint, e.failure));
+                    return Err(attempt_error(cluster, &endpoint, e.failure));
                 }
             }
         }
@@ -670,8 +672,25 @@ impl<F: std::future::Future> std::future::Future for Within<F> {
     }
 }
 
+/// The error a failed attempt ends the request with.
+fn attempt_error(
+    cluster: &Cluster,
+    endpoint: &EndpointState,
+    failure: UpstreamFailure,
+) -> ProxyError {
+    match failure {
+        UpstreamFailure::Overflow => ProxyError::Overflow(cluster.name.clone()),
+        failure => ProxyError::Upstream {
+            endpoint: endpoint.addr.clone(),
+            failure,
+        },
+    }
+}
+
+/// Counts a failed attempt in metrics.
 fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: UpstreamFailure) {
     match failure {
+        UpstreamFailure::Overflow => cluster.metrics.overflows.inc(),
         UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout => {
             cluster.metrics.connect_errors.inc()
         }
@@ -706,8 +725,7 @@ async fn upgrade(
     }
     let endpoint = cluster
         .pick(&[])
-        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?
-        .clone();
+        .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
     let downstream = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let mut out = Outbound::new(parts, authority);
@@ -792,7 +810,7 @@ async fn tunnel(
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cluster = target.cluster.clone();
-    let (endpoint, stream) = crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
+    let (endpoint, stream, permit) = crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
         if let ProxyError::Upstream { failure, .. } = e {
             note_failure(&cluster, completion, *failure);
         }
@@ -801,6 +819,7 @@ async fn tunnel(
     let done = completion.take();
     tokio::spawn(async move {
         let _in_flight = in_flight;
+        let _permit = permit;
         match hyper::upgrade::on(req).await {
             Ok(client) => {
                 if let Some(done) = &done {

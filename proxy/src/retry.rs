@@ -121,7 +121,8 @@ impl RetryPolicy {
             UpstreamFailure::RefusedStream => self.on.refused_stream || self.on.reset || any_5xx,
             UpstreamFailure::Reset => self.on.reset || any_5xx,
             UpstreamFailure::PerTryTimeout => true,
-            UpstreamFailure::Protocol => false,
+            // Overflow is the circuit breaker's answer: retrying would defeat it.
+            UpstreamFailure::Protocol | UpstreamFailure::Overflow => false,
         }
     }
 

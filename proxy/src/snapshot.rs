@@ -904,6 +904,60 @@ clusters:
     }
 
     #[test]
+    fn outlier_detection_and_connection_pools_are_validated() {
+        let od = "{maxServerErrors: 5, interval: 10s, baseEjectionDuration: 30s, maxEjectionPercent: 50}";
+        let good = format!(
+            "clusters: [{{name: a, outlierDetection: {od}, connectionPool: {{maxConnections: 2, maxPendingRequests: 1, maxRequests: 9}}}}, {{name: b, protocol: GRPC, connectionPool: {{maxRequests: 3}}}}, {{name: t, protocol: TCP_ONLY, connectionPool: {{maxConnections: 3}}, outlierDetection: {od}}}]"
+        );
+        store().apply(&parse(&good).unwrap(), |_| Ok(())).unwrap();
+        let cases: &[(&str, &str)] = &[
+            (
+                "clusters: [{name: c, outlierDetection: {maxServerErrors: 0, interval: 1s, baseEjectionDuration: 1s}}]",
+                "clusters[0].outlierDetection.maxServerErrors: must be at least 1",
+            ),
+            (
+                "clusters: [{name: c, outlierDetection: {maxServerErrors: 1, baseEjectionDuration: 1s}}]",
+                "clusters[0].outlierDetection.interval: is required",
+            ),
+            (
+                "clusters: [{name: c, outlierDetection: {maxServerErrors: 1, interval: 0s, baseEjectionDuration: 1s}}]",
+                "clusters[0].outlierDetection.interval: must be greater than 0",
+            ),
+            (
+                "clusters: [{name: c, outlierDetection: {maxServerErrors: 1, interval: 1s}}]",
+                "clusters[0].outlierDetection.baseEjectionDuration: is required",
+            ),
+            (
+                "clusters: [{name: c, outlierDetection: {maxServerErrors: 1, interval: 1s, baseEjectionDuration: 1s, maxEjectionPercent: 101}}]",
+                "clusters[0].outlierDetection.maxEjectionPercent: must be 0..=100",
+            ),
+            (
+                "clusters: [{name: c, connectionPool: {maxPendingRequests: 1}}]",
+                "clusters[0].connectionPool.maxPendingRequests: needs maxConnections",
+            ),
+            (
+                "clusters: [{name: c, protocol: HTTP2, connectionPool: {maxConnections: 1}}]",
+                "clusters[0].connectionPool.maxConnections: not used by HTTP/2 and gRPC clusters",
+            ),
+            (
+                "clusters: [{name: c, protocol: TCP_ONLY, connectionPool: {maxRequests: 1}}]",
+                "clusters[0].connectionPool.maxRequests: not used by TCP_ONLY clusters",
+            ),
+            (
+                "clusters: [{name: c, connectionPool: {maxConnection: 1}}]",
+                "clusters[0].connectionPool.maxConnection: unknown field",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = errors_of(yaml);
+            assert!(
+                got.iter().any(|e| e.starts_with(want)),
+                "{yaml}\nwant {want}\ngot {got:?}"
+            );
+        }
+    }
+
+    #[test]
     fn rejected_snapshot_keeps_the_old_one() {
         let s = store();
         s.apply(&parse(GOOD).unwrap(), |_| Ok(())).unwrap();

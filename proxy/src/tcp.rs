@@ -10,25 +10,39 @@ use tokio::{
 
 use crate::{
     error::ProxyError,
+    limit::ConnPermit,
     snapshot::TcpRoute,
-    upstream::{Cluster, EndpointState},
+    upstream::{Cluster, EndpointState, Protocol},
 };
 
+/// A TCP connection to an endpoint, counted against a TCP cluster's connection limit while the
+/// permit lives.
+pub(crate) type Connected = (Arc<EndpointState>, TcpStream, Option<ConnPermit>);
+
 /// Connects to an endpoint of `cluster`, trying the others (up to three in all) when a connect
-/// fails.
-pub(crate) async fn connect_any(
-    cluster: &Cluster,
-) -> Result<(Arc<EndpointState>, TcpStream), ProxyError> {
+/// fails. A TCP cluster at its connection limit refuses at once (overflow).
+pub(crate) async fn connect_any(cluster: &Cluster) -> Result<Connected, ProxyError> {
+    let permit = match (&cluster.limits, cluster.protocol) {
+        (Some(limits), Protocol::Tcp) => limits.try_connection().map_err(|_| {
+            cluster.metrics.overflows.inc();
+            ProxyError::Overflow(cluster.name.clone())
+        })?,
+        _ => None,
+    };
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let tries = cluster.healthy.len().clamp(1, 3);
     let mut last = None;
     for _ in 0..tries {
-        let Some(endpoint) = cluster.pick(&tried).cloned() else {
+        let Some(endpoint) = cluster.pick(&tried) else {
             break;
         };
         match endpoint.connect(cluster.connect_timeout).await {
-            Ok(stream) => return Ok((endpoint, stream)),
+            Ok(stream) => {
+                cluster.observe(&endpoint, false);
+                return Ok((endpoint, stream, permit));
+            }
             Err(e) => {
+                cluster.observe(&endpoint, true);
                 cluster.metrics.connect_errors.inc();
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "connect failed");
                 last = Some(ProxyError::Upstream {
@@ -49,7 +63,7 @@ pub(crate) async fn forward(route: &TcpRoute, client: TcpStream) {
     };
     let cluster = &target.cluster;
     match connect_any(cluster).await {
-        Ok((endpoint, upstream)) => {
+        Ok((endpoint, upstream, _permit)) => {
             let _in_flight = endpoint.begin_request();
             if let Err(e) = splice(client, upstream, route.idle).await {
                 tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection ended");

@@ -31,10 +31,12 @@ use tokio::net::TcpStream;
 
 use crate::{
     BoxError,
-    error::{AttemptError, UpstreamFailure},
+    error::{AttemptError, ProxyError, UpstreamFailure},
     h1,
+    limit::{ClusterLimits, ConnPermit, PoolLimits, RequestPermit},
     metrics::ClusterMetrics,
     outbound::{Outbound, RequestBody},
+    outlier::{EndpointOutlier, OutlierDetection},
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,6 +130,10 @@ pub struct Cluster {
     pub healthy: Vec<Arc<EndpointState>>,
     pub(crate) cursor: AtomicUsize,
     pub metrics: ClusterMetrics,
+    /// Outlier detection, if configured.
+    pub outlier: Option<OutlierDetection>,
+    /// Connection pool limits (circuit breaking), if configured; shared across snapshots.
+    pub limits: Option<Arc<ClusterLimits>>,
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.
@@ -136,6 +142,8 @@ pub struct EndpointState {
     pub addr: Arc<str>,
     in_flight: AtomicUsize,
     pool: Pool,
+    /// Consecutive server errors and ejections (used only with outlier detection).
+    pub outlier: EndpointOutlier,
 }
 
 #[derive(Debug)]
@@ -152,9 +160,9 @@ struct Idle {
     expires: Instant,
 }
 
-/// Counts a request against an endpoint until dropped.
+/// Counts a request against an endpoint (and a cluster with a request limit) until dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct InFlight(Arc<EndpointState>, Option<RequestPermit>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -165,12 +173,19 @@ impl Drop for InFlight {
 impl h1::Release for EndpointState {
     fn release(&self, conn: Box<h1::Conn>, idle_timeout: Duration) {
         if let Pool::Http1(idle) = &self.pool {
-            let mut idle = idle.lock();
-            if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                idle.push(Idle {
-                    conn,
-                    expires: Instant::now() + idle_timeout,
-                });
+            let limits = conn.permit().map(|p| p.limits().clone());
+            {
+                let mut idle = idle.lock();
+                if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                    idle.push(Idle {
+                        conn,
+                        expires: Instant::now() + idle_timeout,
+                    });
+                }
+            }
+            // Requests waiting for a connection of a limited cluster look again.
+            if let Some(limits) = limits {
+                limits.released.notify_waiters();
             }
         }
     }
@@ -187,6 +202,7 @@ impl EndpointState {
             addr: addr.into(),
             in_flight: AtomicUsize::new(0),
             pool,
+            outlier: EndpointOutlier::default(),
         }
     }
 
@@ -196,7 +212,7 @@ impl EndpointState {
 
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight(self.clone(), None)
     }
 
     /// Pooled connections: idle HTTP/1.1 connections, or 1 for a live HTTP/2 connection.
@@ -316,12 +332,15 @@ impl EndpointState {
         loop {
             let (conn, reused) = match self.checkout_http1() {
                 Some(conn) => (conn, true),
-                None => {
-                    // Boxed: connecting is rare, and inline its state would make every
-                    // request's future several times larger.
-                    let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
-                    (Box::new(h1::Conn::new(stream)), false)
-                }
+                // Boxed: connecting is rare, and inline its state would make every request's
+                // future several times larger.
+                None => match &cluster.limits {
+                    None => {
+                        let stream = Box::pin(self.connect(cluster.connect_timeout)).await?;
+                        (Box::new(h1::Conn::new(stream)), false)
+                    }
+                    Some(limits) => Box::pin(self.connect_limited(cluster, limits)).await?,
+                },
             };
             let pool: Arc<dyn h1::Release> = self.clone();
             match conn
@@ -335,6 +354,57 @@ impl EndpointState {
                     tracing::debug!(endpoint = %self.addr, error = %e.source, "pooled connection was closed; sending again");
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection within the cluster's connection limit. At the limit the request
+    /// waits (counted as pending, at most `max_pending_requests`, else it overflows at once) for
+    /// an idle connection of its endpoint or a free slot; an idle connection of another
+    /// endpoint of the cluster is closed to free one. Returns the connection and whether it
+    /// was pooled.
+    async fn connect_limited(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        limits: &Arc<ClusterLimits>,
+    ) -> Result<(Box<h1::Conn>, bool), AttemptError> {
+        let permit = match limits.try_connection() {
+            Ok(permit) => permit,
+            Err(_) => match self.wait_for_connection(cluster, limits).await? {
+                Either::Left(conn) => return Ok((conn, true)),
+                Either::Right(permit) => permit,
+            },
+        };
+        let stream = self.connect(cluster.connect_timeout).await?;
+        Ok((Box::new(h1::Conn::new(stream).with_permit(permit)), false))
+    }
+
+    async fn wait_for_connection(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+        limits: &Arc<ClusterLimits>,
+    ) -> Result<Either<Box<h1::Conn>, Option<ConnPermit>>, AttemptError> {
+        let overflow = || AttemptError::new(UpstreamFailure::Overflow, "connection pool is full");
+        let _pending = limits.begin_pending().map_err(|_| overflow())?;
+        loop {
+            let released = limits.released.notified();
+            let mut released = std::pin::pin!(released);
+            // Registered before looking, so a release in between is not missed.
+            released.as_mut().enable();
+            if let Some(conn) = self.checkout_http1() {
+                return Ok(Either::Left(conn));
+            }
+            if let Ok(permit) = limits.try_connection() {
+                return Ok(Either::Right(permit));
+            }
+            if cluster.close_idle_elsewhere(self) {
+                continue;
+            }
+            tokio::select! {
+                permit = limits.connection() => {
+                    return permit.map(Either::Right).map_err(|_| overflow());
+                }
+                () = released => {}
             }
         }
     }
@@ -402,6 +472,87 @@ impl EndpointState {
     }
 }
 
+impl Cluster {
+    /// Starts a request to `endpoint`: counted on the endpoint, and against the cluster's
+    /// request limit if it has one (over it: overflow).
+    pub fn begin_request(&self, endpoint: &Arc<EndpointState>) -> Result<InFlight, ProxyError> {
+        let mut in_flight = endpoint.begin_request();
+        if let Some(limits) = &self.limits {
+            match limits.try_request() {
+                Ok(permit) => in_flight.1 = permit,
+                Err(_) => {
+                    self.metrics.overflows.inc();
+                    return Err(ProxyError::Overflow(self.name.clone()));
+                }
+            }
+        }
+        Ok(in_flight)
+    }
+
+    /// Records an attempt's outcome for outlier detection: `server_error` for a 5xx response
+    /// or an attempt with no response. Nothing without outlier detection.
+    pub fn observe(&self, endpoint: &Arc<EndpointState>, server_error: bool) {
+        if let Some(od) = &self.outlier
+            && endpoint.outlier.record(server_error, od.max_server_errors)
+        {
+            self.eject(endpoint, od);
+        }
+    }
+
+    #[cold]
+    fn eject(&self, endpoint: &Arc<EndpointState>, od: &OutlierDetection) {
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|(e, _)| e.outlier.is_ejected())
+            .count();
+        if !od.may_eject(ejected, self.endpoints.len()) {
+            tracing::debug!(cluster = %self.name, endpoint = %endpoint.addr, ejected, "not ejected: max ejection percent reached");
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let Some(duration) = endpoint.outlier.eject(od, now) else {
+            return;
+        };
+        tracing::info!(cluster = %self.name, endpoint = %endpoint.addr, ?duration, "endpoint ejected");
+        self.metrics.ejections.inc();
+        self.metrics.ejected.inc();
+        let gauge = self.metrics.ejected.clone();
+        let endpoint = endpoint.clone();
+        let cluster = self.name.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep_until(now + duration).await;
+            endpoint.outlier.uneject(tokio::time::Instant::now());
+            gauge.dec();
+            tracing::info!(%cluster, endpoint = %endpoint.addr, "endpoint un-ejected");
+        });
+    }
+
+    /// Closes one idle HTTP/1.1 connection of another endpoint than `keep`, freeing its slot
+    /// of the connection limit; false if there is none.
+    fn close_idle_elsewhere(&self, keep: &Arc<EndpointState>) -> bool {
+        for (endpoint, _) in &self.endpoints {
+            if Arc::ptr_eq(endpoint, keep) {
+                continue;
+            }
+            if let Pool::Http1(idle) = &endpoint.pool {
+                // The oldest one; closed outside the pool's lock.
+                let oldest = {
+                    let mut idle = idle.lock();
+                    (!idle.is_empty()).then(|| idle.remove(0))
+                };
+                if oldest.is_some() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
 /// Sorts a hyper client error into a retry/response class.
 fn classify(e: hyper::Error) -> AttemptError {
     let mut source = e.source();
@@ -431,9 +582,12 @@ pub type Sent = Result<Response<UpstreamIncoming>, AttemptError>;
 #[derive(Debug, Default)]
 pub struct Upstreams {
     live: Mutex<EndpointMap>,
+    limits: Mutex<LimitMap>,
 }
 
 pub(crate) type EndpointMap = HashMap<(Arc<str>, Protocol, Arc<str>), Arc<EndpointState>>;
+/// Connection pool limit state, keyed by (cluster, protocol).
+pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
 
 impl Upstreams {
     /// Starts a new generation: endpoints looked up in it reuse live state where it exists.
@@ -441,6 +595,7 @@ impl Upstreams {
         Generation {
             upstreams: self,
             next: EndpointMap::new(),
+            next_limits: LimitMap::new(),
         }
     }
 
@@ -470,6 +625,7 @@ impl Upstreams {
 pub(crate) struct Generation<'a> {
     upstreams: &'a Upstreams,
     next: EndpointMap,
+    next_limits: LimitMap,
 }
 
 impl Generation<'_> {
@@ -494,10 +650,29 @@ impl Generation<'_> {
         ep
     }
 
+    /// A cluster's connection pool limit state: the live one when its limits are unchanged
+    /// (counts carry over), else a new one (connections opened under the old limits stay
+    /// counted there until they close).
+    pub(crate) fn limits(
+        &mut self,
+        cluster: &Arc<str>,
+        protocol: Protocol,
+        config: PoolLimits,
+    ) -> Arc<ClusterLimits> {
+        let key = (cluster.clone(), protocol);
+        let live = self.upstreams.limits.lock().get(&key).cloned();
+        let limits = live
+            .filter(|l| l.config == config)
+            .unwrap_or_else(|| Arc::new(ClusterLimits::new(config)));
+        self.next_limits.insert(key, limits.clone());
+        limits
+    }
+
     /// Replaces the live endpoints: state no snapshot uses any more is dropped once in-flight
     /// requests release it.
     pub(crate) fn commit(self) {
         *self.upstreams.live.lock() = self.next;
+        *self.upstreams.limits.lock() = self.next_limits;
     }
 }
 
@@ -519,6 +694,8 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         healthy: eps,
         cursor: AtomicUsize::new(0),
         metrics: metrics.cluster(name),
+        outlier: None,
+        limits: None,
     })
 }
 

@@ -545,6 +545,26 @@ mod tests {
         );
     }
 
+    /// The README states the counts of the table.
+    #[test]
+    fn the_readme_states_the_counts() {
+        let readme = include_str!("../../../README.md").replace('\n', " ");
+        let count = |label: &str| {
+            SCHEMA
+                .iter()
+                .filter(|(k, path, _)| status(*k, path).is_some_and(|s| s.label() == label))
+                .count()
+        };
+        let want = format!(
+            "**{} honoured**, **{} identity** and **{} refused** of {}",
+            count("honoured"),
+            count("identity"),
+            count("refused"),
+            SCHEMA.len()
+        );
+        assert!(readme.contains(&want), "README.md should say: {want}");
+    }
+
     #[test]
     fn schema_constraints_are_enforced_on_nested_fields() {
         let mut spec = serde_json::json!({

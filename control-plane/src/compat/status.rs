@@ -704,7 +704,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.listeners[].connectionPool",
-        Refused("connection pool limits are not implemented yet (issue 10)"),
+        Honoured(
+            "circuit breaking in every proxy calling the node, per calling proxy: http maxConnections (pooled connections included) and maxPendingRequests (requests waiting for a connection; unset: no limit), http2/grpc maxRequests (requests in flight), tcp maxConnections; over a limit → 503 overflow at once; the pool must be the listener protocol's",
+        ),
     ),
     (
         VirtualNode,
@@ -714,7 +716,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.listeners[].outlierDetection",
-        Refused("outlier detection is not implemented yet (issue 10)"),
+        Honoured(
+            "in every proxy calling the node (Envoy's consecutive 5xx): an endpoint with maxServerErrors 5xx or failed attempts in a row gets no requests for baseEjectionDuration × times ejected (at most max(300 s, base)), un-ejected at the next interval check; never beyond maxEjectionPercent; interval and baseEjectionDuration must be > 0",
+        ),
     ),
     (
         VirtualNode,

@@ -14,7 +14,9 @@ use trellis_proto::v1 as pb;
 use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
 use crate::{
     balance::WeightedTargets,
+    limit::PoolLimits,
     metrics::ProxyMetrics,
+    outlier::OutlierDetection,
     retry::{self, RetryOn, RetryPolicy},
     route::{
         HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
@@ -247,9 +249,21 @@ fn compile_cluster(
         };
         endpoints.push((generation.endpoint(&name, protocol, &ep.address), health));
     }
+    let outlier = cluster
+        .outlier_detection
+        .as_ref()
+        .map(|o| compile_outlier(c, &format!("{path}.outlierDetection"), o));
+    let limits = cluster
+        .connection_pool
+        .as_ref()
+        .map(|p| compile_pool(c, &format!("{path}.connectionPool"), p, protocol));
     if c.errors.len() > before {
         return None;
     }
+    // No state (and no cost on the request path) for a pool without limits.
+    let limits = limits
+        .filter(|l| *l != PoolLimits::default())
+        .map(|l| generation.limits(&name, protocol, l));
     let healthy = endpoints
         .iter()
         .filter(|(_, h)| *h == Health::Healthy)
@@ -265,7 +279,92 @@ fn compile_cluster(
         endpoints,
         healthy,
         cursor: AtomicUsize::new(0),
+        outlier,
+        limits,
     }))
+}
+
+fn compile_outlier(c: &mut Compiler<'_>, path: &str, o: &pb::OutlierDetection) -> OutlierDetection {
+    if o.max_server_errors == 0 {
+        c.err(format!("{path}.maxServerErrors"), "must be at least 1");
+    }
+    let required = |c: &mut Compiler<'_>, field: &str, d: Option<&pb_duration::Duration>| {
+        let fpath = format!("{path}.{field}");
+        match d {
+            None => {
+                c.err(fpath, "is required");
+                Duration::ZERO
+            }
+            Some(_) => match c.duration(&fpath, d) {
+                Some(d) if d.is_zero() => {
+                    c.err(fpath, "must be greater than 0");
+                    d
+                }
+                d => d.unwrap_or_default(),
+            },
+        }
+    };
+    let interval = required(c, "interval", o.interval.as_ref());
+    let base_ejection = required(c, "baseEjectionDuration", o.base_ejection_duration.as_ref());
+    if o.max_ejection_percent > 100 {
+        c.err(format!("{path}.maxEjectionPercent"), "must be 0..=100");
+    }
+    OutlierDetection {
+        max_server_errors: o.max_server_errors,
+        interval,
+        base_ejection,
+        max_ejection_percent: o.max_ejection_percent,
+    }
+}
+
+/// Limits that would have no effect on the cluster's protocol are refused, not ignored.
+fn compile_pool(
+    c: &mut Compiler<'_>,
+    path: &str,
+    p: &pb::ConnectionPool,
+    protocol: Protocol,
+) -> PoolLimits {
+    match protocol {
+        Protocol::Http1 => {
+            if p.max_pending_requests > 0 && p.max_connections == 0 {
+                c.err(
+                    format!("{path}.maxPendingRequests"),
+                    "needs maxConnections (requests wait only for a connection slot)",
+                );
+            }
+        }
+        Protocol::Http2 => {
+            for (field, v) in [
+                ("maxConnections", p.max_connections),
+                ("maxPendingRequests", p.max_pending_requests),
+            ] {
+                if v > 0 {
+                    c.err(
+                        format!("{path}.{field}"),
+                        "not used by HTTP/2 and gRPC clusters (one connection per endpoint); limit maxRequests",
+                    );
+                }
+            }
+        }
+        Protocol::Tcp => {
+            for (field, v) in [
+                ("maxPendingRequests", p.max_pending_requests),
+                ("maxRequests", p.max_requests),
+            ] {
+                if v > 0 {
+                    c.err(
+                        format!("{path}.{field}"),
+                        "not used by TCP_ONLY clusters; limit maxConnections",
+                    );
+                }
+            }
+        }
+    }
+    PoolLimits {
+        max_connections: p.max_connections,
+        max_pending_requests: p.max_pending_requests,
+        max_requests: p.max_requests,
+    }
 }
 
 fn valid_host_port(address: &str) -> bool {

@@ -1,0 +1,188 @@
+//! Circuit breaking: a cluster's connection pool limits (App Mesh's listener `connectionPool`,
+//! Envoy's circuit breakers). The state is the cluster's, shared by every snapshot that keeps
+//! the cluster with the same limits, so a config push neither resets nor doubles the counts.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Limits of one cluster; 0 is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolLimits {
+    /// Upstream connections open at once (HTTP/1.1 connections, pooled ones included; TCP
+    /// connections of a TCP cluster).
+    pub max_connections: u32,
+    /// Requests waiting for an HTTP/1.1 connection while `max_connections` are busy.
+    pub max_pending_requests: u32,
+    /// Requests in flight at once.
+    pub max_requests: u32,
+}
+
+/// The counts behind a cluster's limits.
+#[derive(Debug)]
+pub struct ClusterLimits {
+    pub config: PoolLimits,
+    connections: Option<Arc<Semaphore>>,
+    pending: AtomicUsize,
+    requests: AtomicUsize,
+    /// Woken when an HTTP/1.1 connection goes back to an idle pool of the cluster.
+    pub(crate) released: Notify,
+}
+
+/// The cluster is at a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// One open upstream connection, counted until dropped (it lives in the connection).
+#[derive(Debug)]
+pub struct ConnPermit {
+    _permit: OwnedSemaphorePermit,
+    limits: Arc<ClusterLimits>,
+}
+
+impl ConnPermit {
+    /// The limits the connection counts against.
+    pub fn limits(&self) -> &Arc<ClusterLimits> {
+        &self.limits
+    }
+}
+
+/// One request in flight, counted until dropped.
+#[derive(Debug)]
+pub struct RequestPermit(Arc<ClusterLimits>);
+
+impl Drop for RequestPermit {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request waiting for a connection, counted until dropped.
+#[derive(Debug)]
+pub struct Pending<'a>(&'a ClusterLimits);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ClusterLimits {
+    pub fn new(config: PoolLimits) -> Self {
+        let connections = (config.max_connections > 0).then(|| {
+            Arc::new(Semaphore::new(
+                usize::try_from(config.max_connections).unwrap_or(Semaphore::MAX_PERMITS),
+            ))
+        });
+        Self {
+            config,
+            connections,
+            pending: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            released: Notify::new(),
+        }
+    }
+
+    /// A request slot, `None` without a request limit.
+    pub fn try_request(self: &Arc<Self>) -> Result<Option<RequestPermit>, Full> {
+        let max = self.config.max_requests as usize;
+        if max == 0 {
+            return Ok(None);
+        }
+        if self.requests.fetch_add(1, Ordering::Relaxed) >= max {
+            self.requests.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full);
+        }
+        Ok(Some(RequestPermit(self.clone())))
+    }
+
+    /// A connection slot if one is free, `None` without a connection limit.
+    pub fn try_connection(self: &Arc<Self>) -> Result<Option<ConnPermit>, Full> {
+        let Some(sem) = &self.connections else {
+            return Ok(None);
+        };
+        match sem.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Some(ConnPermit {
+                _permit: permit,
+                limits: self.clone(),
+            })),
+            Err(_) => Err(Full),
+        }
+    }
+
+    /// Waits for a connection slot (FIFO among waiters).
+    pub async fn connection(self: &Arc<Self>) -> Result<Option<ConnPermit>, Full> {
+        let Some(sem) = &self.connections else {
+            return Ok(None);
+        };
+        match sem.clone().acquire_owned().await {
+            Ok(permit) => Ok(Some(ConnPermit {
+                _permit: permit,
+                limits: self.clone(),
+            })),
+            Err(_) => Err(Full),
+        }
+    }
+
+    /// Counts a request waiting for a connection, unless `max_pending_requests` already are.
+    pub fn begin_pending(&self) -> Result<Pending<'_>, Full> {
+        let max = match self.config.max_pending_requests {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= max {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full);
+        }
+        Ok(Pending(self))
+    }
+
+    /// Open connections counted against the limit.
+    pub fn open_connections(&self) -> usize {
+        self.connections.as_ref().map_or(0, |s| {
+            (self.config.max_connections as usize).saturating_sub(s.available_permits())
+        })
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_bounded_and_released_on_drop() {
+        let l = Arc::new(ClusterLimits::new(PoolLimits {
+            max_connections: 2,
+            max_pending_requests: 1,
+            max_requests: 1,
+        }));
+        let a = l.try_connection().unwrap();
+        let _b = l.try_connection().unwrap();
+        assert_eq!(l.try_connection().unwrap_err(), Full);
+        assert_eq!(l.open_connections(), 2);
+        drop(a);
+        assert!(l.try_connection().unwrap().is_some());
+        let p = l.begin_pending().unwrap();
+        assert!(l.begin_pending().is_err());
+        drop(p);
+        assert!(l.begin_pending().is_ok());
+        let r = l.try_request().unwrap();
+        assert!(l.try_request().is_err());
+        drop(r);
+        assert!(l.try_request().unwrap().is_some());
+        let none = Arc::new(ClusterLimits::new(PoolLimits::default()));
+        assert!(none.try_connection().unwrap().is_none());
+        assert!(none.try_request().unwrap().is_none());
+    }
+}
