@@ -458,7 +458,17 @@ impl Builder<'_> {
                 .or_else(|| self.default_retry(router));
             out.timeout = g.timeout.as_ref().map(timeouts);
         } else if let Some(t) = &route.tcp_route {
-            // Reached through the egress with CONNECT.
+            // Reached through the egress with CONNECT; `match.port` against its authority's.
+            let port = t
+                .matcher
+                .as_ref()
+                .and_then(|m| m.get("port"))
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|p| u32::try_from(p).ok());
+            out.r#match = port.map(|port| pb::RouteMatch {
+                port,
+                ..Default::default()
+            });
             out.action = Some(pb::RouteAction {
                 weighted_targets: self.targets(ns, &t.action),
                 ..Default::default()
@@ -1496,6 +1506,35 @@ mod tests {
                 .any(|p| p.path == "spec.listeners[0].timeout.grpc"),
             "{problems:?}"
         );
+    }
+
+    /// A tcpRoute's `match.port` becomes a port match on its CONNECT route.
+    #[test]
+    fn tcp_routes_match_ports() {
+        let yaml = MESH.replace(
+            "      httpRoute:\n        match: { prefix: / }\n",
+            "      tcpRoute:\n        match: { port: 9080 }\n",
+        );
+        let yaml = {
+            let start = yaml.find("        retryPolicy:").unwrap();
+            let end = yaml.find("        timeout:").unwrap();
+            format!("{}{}", &yaml[..start], &yaml[end..]).replace(
+                "        timeout:\n          perRequest: { unit: s, value: 5 }\n",
+                "        timeout: { idle: { unit: s, value: 9 } }\n",
+            )
+        };
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state(&yaml), &[], &front).unwrap();
+        let egress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "egress")
+            .unwrap();
+        let r = &egress.virtual_hosts[0].routes[0];
+        assert_eq!(r.r#match.as_ref().map(|m| m.port), Some(9080), "{r:?}");
+        assert_eq!(r.timeout.unwrap().idle.unwrap().seconds, 9);
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 
     #[test]

@@ -193,12 +193,14 @@ pub(crate) async fn serve(
         Err(e) => Err((e, is_grpc(req.headers()))),
         // Rare paths are boxed: inline, their states would grow every request's future.
         Ok(Routed {
+            route,
             target,
             dispatch: Dispatch::Tunnel,
             ..
         }) => {
             let grpc = is_grpc(req.headers());
-            let tunnel = tunnel(target, req, &mut completion).instrument(span);
+            let idle = route.timeouts.idle;
+            let tunnel = tunnel(target, idle, req, &mut completion).instrument(span);
             Box::pin(tunnel).await.map_err(|e| (e, grpc))
         }
         Ok(
@@ -803,9 +805,10 @@ async fn upgrade(
 }
 
 /// CONNECT: a TCP connection to an endpoint of the route's cluster, spliced to the client after
-/// `200 OK`.
+/// `200 OK`; `idle` (the route's idle timeout) ends it after that long without a byte either way.
 async fn tunnel(
     target: &Target,
+    idle: Option<std::time::Duration>,
     req: Request<Incoming>,
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -825,7 +828,7 @@ async fn tunnel(
                 if let Some(done) = &done {
                     done.active.upgraded();
                 }
-                if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, None).await {
+                if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, idle).await {
                     tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
                 }
             }

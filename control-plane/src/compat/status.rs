@@ -635,12 +635,14 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].tcpRoute.match",
-        Refused("tcpRoute matches (by port) are not implemented yet (issue 10)"),
+        Honoured(
+            "match.port: the route takes CONNECT requests whose authority names this port (the router's listener with several)",
+        ),
     ),
     (
         VirtualRouter,
         "spec.routes[].tcpRoute.timeout",
-        Refused("the tcpRoute idle timeout is not applied to CONNECT tunnels yet (issue 10)"),
+        Honoured("idle: a CONNECT tunnel ends after this long without a byte either way"),
     ),
     // ---- VirtualNode -------------------------------------------------------------------------------
     (VirtualNode, "spec", Honoured(SPEC)),
@@ -803,8 +805,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.serviceDiscovery.dns.responseType",
-        Refused(
-            "DNS response types are not implemented yet (issue 10): the name is resolved per connection (App Mesh's LOADBALANCER); ENDPOINTS is not available",
+        Honoured(
+            "LOADBALANCER (App Mesh's default): the name is resolved when a connection is opened, and one of its addresses is used; ENDPOINTS (every address as an endpoint) is refused: not implemented yet (issue 10)",
         ),
     ),
     // ---- VirtualGateway ----------------------------------------------------------------------------

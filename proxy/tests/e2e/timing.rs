@@ -179,3 +179,45 @@ async fn idle_client_connections_close_at_the_idle_timeout() {
     assert_eq!(n, 0, "closed, nothing more sent");
     at(start.elapsed(), Duration::from_secs(50));
 }
+
+/// A CONNECT tunnel ends after its route's idle timeout without a byte either way, counted from
+/// the last byte.
+#[tokio::test(start_paused = true)]
+async fn connect_tunnels_end_at_their_routes_idle_timeout() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let db = trellis_testkit::TcpEchoServer::start("db-1").await;
+    let snapshot = format!(
+        "version: v1\nlisteners:\n  - name: egress\n    role: EGRESS\n    virtualHosts:\n      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\n            timeout: {{ idle: 30s }}\nclusters:\n{}",
+        cluster("db", "TCP_ONLY", &[db.addr])
+    );
+    let proxy = crate::inprocess::InProcessProxy::start(&snapshot, Duration::from_secs(3600)).await;
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(b"CONNECT db.test:5432 HTTP/1.1\r\nHost: db.test:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+    }
+    line.clear();
+    reader.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "db-1\n", "the greeting through the tunnel");
+    // Bytes at 20 s keep it open; then nothing: it ends 30 s after them.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let start = Instant::now();
+    reader.get_mut().write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    reader.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(600), reader.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel ends")
+        .unwrap();
+    assert!(rest.is_empty());
+    at(start.elapsed(), Duration::from_secs(30));
+}
