@@ -144,10 +144,20 @@ async fn invalid_snapshot_is_rejected_and_the_old_one_keeps_serving() {
         why.contains("listeners[0].virtualHosts[0].routes[0].action.weightedTargets[0].cluster: unknown cluster \"missing\""),
         "{why}"
     );
-    assert!(
-        proxy.logs().contains("weightedTargets[0].cluster"),
-        "the log names the field"
-    );
+    // The log line is read from the process's stderr by another task: it may come in after the
+    // counter moved.
+    eventually(
+        Duration::from_secs(10),
+        "the log names the field",
+        || async {
+            if proxy.logs().contains("weightedTargets[0].cluster") {
+                Ok(())
+            } else {
+                Err("not logged yet".to_string())
+            }
+        },
+    )
+    .await;
     let mut c = Client::h1(proxy.egress).await.unwrap();
     assert_eq!(c.get("svc.test", "/").await.unwrap().text(), "app");
 
