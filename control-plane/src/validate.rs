@@ -348,7 +348,7 @@ impl<'a> Meshes<'a> {
 
     /// The mesh `key` belongs to: its `spec.meshRef`; else the one mesh whose namespace
     /// selector selects its namespace (by the labels of the `Namespace` applied for it); else
-    /// the only mesh, when there is one and it selects no namespaces. `Ok(None)` for meshes and
+    /// the one mesh without a selector, if there is exactly one. `Ok(None)` for meshes and
     /// namespaces themselves.
     pub fn of(&self, key: &ResourceKey, spec: &'a Spec) -> Result<Option<&'a str>, String> {
         if !key.kind.namespaced() {
@@ -368,21 +368,28 @@ impl<'a> Meshes<'a> {
             .filter(|(_, s)| s.is_some_and(|s| s.matches(labels)))
             .map(|(n, _)| *n)
             .collect();
-        match (selecting.as_slice(), self.meshes.as_slice()) {
+        // Meshes without a selector take the resources no selector claims: the one such mesh.
+        let open: Vec<&str> = self
+            .meshes
+            .iter()
+            .filter(|(_, s)| s.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        match (selecting.as_slice(), open.as_slice()) {
             ([one], _) => Ok(Some(one)),
             ([_, _, ..], _) => Err(format!(
                 "namespace {:?} is selected by the namespaceSelector of meshes {}: name one in spec.meshRef.name",
                 key.namespace,
                 selecting.join(", ")
             )),
-            ([], []) => Err("no Mesh exists: apply a Mesh first".into()),
-            ([], [(only, None)]) => Ok(Some(only)),
-            ([], [(only, Some(_))]) => Err(format!(
-                "namespace {:?} is not selected by mesh {only:?}'s namespaceSelector: label the namespace (apply a v1 Namespace) or name the mesh in spec.meshRef.name",
+            ([], [only]) => Ok(Some(only)),
+            ([], []) if self.meshes.is_empty() => Err("no Mesh exists: apply a Mesh first".into()),
+            ([], []) => Err(format!(
+                "namespace {:?} is not selected by any mesh's namespaceSelector: label the namespace (apply a v1 Namespace) or name the mesh in spec.meshRef.name",
                 key.namespace
             )),
             ([], _) => Err(
-                "several meshes exist: name one in spec.meshRef.name, or select the namespace with a mesh's namespaceSelector"
+                "several meshes without a namespaceSelector exist: name one in spec.meshRef.name, or select the namespace with a mesh's namespaceSelector"
                     .into(),
             ),
         }
@@ -1278,9 +1285,23 @@ spec:
         );
         let problems = state_of(&neither).unwrap_err();
         assert!(
-            problems.iter().any(|p| p.contains("several meshes exist")),
+            problems.iter().any(|p| p
+                .contains("namespace \"default\" is not selected by any mesh's namespaceSelector")),
             "{problems:?}"
         );
+        // A mesh without a selector takes what no selector claims.
+        let open = two_meshes(
+            "{ matchLabels: { mesh: a } }",
+            "{ matchLabels: { mesh: b } }",
+            "mesh: c",
+        )
+        .replace(
+            "metadata: { name: b }\nspec: { namespaceSelector: { matchLabels: { mesh: b } } }",
+            "metadata: { name: b }",
+        );
+        let state = state_of(&open).unwrap();
+        let vs = &state[&ResourceKey::new(Kind::VirtualService, "default", "colorteller")];
+        assert_eq!(mesh_of(&state, vs), Some("b"));
         // A reference across meshes: the router names mesh b explicitly, its node is in a.
         let across = yaml.replace(
             "metadata: { name: ct }\nspec:",

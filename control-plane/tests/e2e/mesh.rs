@@ -944,7 +944,9 @@ async fn every_example_validates_and_applies() {
     let mut manifest_dirs = std::collections::BTreeSet::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        if text.contains("apiVersion: mesh.trellis.dev/") {
+        if text.contains("apiVersion: mesh.trellis.dev/")
+            || text.contains("apiVersion: appmesh.k8s.aws/")
+        {
             manifest_dirs.insert(f.parent().unwrap().to_path_buf());
         } else {
             let proxy = ProxyProcess::try_start(proxy_bin(), &text, &[]).await;
