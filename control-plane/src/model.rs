@@ -227,7 +227,7 @@ pub struct MeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress_filter: Option<Value>,
+    pub egress_filter: Option<EgressFilter>,
     /// The namespaces whose resources belong to the mesh (without a `meshRef` of their own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
@@ -238,6 +238,14 @@ pub struct MeshSpec {
     /// applied with App Mesh's API group (`ENABLED`, the default) or not (`DISABLED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_mesh_defaults: Option<String>,
+}
+
+/// A mesh's egress filter: `DROP_ALL` (App Mesh's default) or `ALLOW_ALL`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 /// A Kubernetes label selector: every `matchLabels` pair, and every `matchExpressions`

@@ -707,10 +707,13 @@ fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb
             hosts.push(vh);
         }
     }
+    // The mesh's egressFilter: DROP_ALL (App Mesh's default, also when unset) refuses what the
+    // node does not declare as egress the mesh does not allow (ALLOW_ALL is refused on apply).
     pb::Listener {
         name: "egress".into(),
         role: pb::listener::Role::Egress as i32,
         virtual_hosts: hosts,
+        unmatched: pb::listener::Unmatched::Deny as i32,
         ..Default::default()
     }
 }

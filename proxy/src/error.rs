@@ -78,6 +78,9 @@ pub enum ProxyError {
     NotReady,
     #[error("no route matches the request")]
     NoRoute,
+    /// The mesh allows no egress to the request's authority (its egressFilter is DROP_ALL).
+    #[error("egress to this destination is not allowed by the mesh")]
+    EgressDenied,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
     /// The client's request body failed: malformed framing, or the client went away mid-body.
@@ -103,6 +106,7 @@ impl ProxyError {
         match self {
             Self::NotReady => "not_ready",
             Self::NoRoute => "no_route",
+            Self::EgressDenied => "egress_denied",
             Self::BadRequest(_) => "bad_request",
             Self::ClientBody(e) => match e {
                 ClientBodyError::Malformed(_) => "bad_request",
@@ -127,6 +131,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::EgressDenied => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ClientBody(e) => match e {
                 ClientBodyError::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -152,6 +157,7 @@ impl ProxyError {
     fn grpc_status(&self) -> &'static str {
         match self.status() {
             StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
+            StatusCode::FORBIDDEN => "7",    // PERMISSION_DENIED
             StatusCode::BAD_REQUEST => "13", // INTERNAL
             StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4", // DEADLINE_EXCEEDED
             CLIENT_CLOSED => "1",            // CANCELLED
@@ -203,6 +209,7 @@ mod tests {
         };
         let cases = [
             (ProxyError::NoRoute, 404, "no_route", "12"),
+            (ProxyError::EgressDenied, 403, "egress_denied", "7"),
             (ProxyError::BadRequest("x"), 400, "bad_request", "13"),
             (
                 ProxyError::NoHealthyEndpoint("c".into()),

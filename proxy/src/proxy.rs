@@ -267,11 +267,18 @@ fn route_request<'r>(
     {
         return Err(ProxyError::NotReady);
     }
-    let Some(ListenerKind::Http(table)) = runtime.listener(slot).map(|l| &l.kind) else {
+    let Some(listener) = runtime.listener(slot) else {
+        return Err(ProxyError::NoRoute);
+    };
+    let ListenerKind::Http(table) = &listener.kind else {
         return Err(ProxyError::NoRoute);
     };
     let (authority, authority_in) = request_authority(req)?;
-    let host = table.host(authority).ok_or(ProxyError::NoRoute)?;
+    let host = table.host(authority).ok_or(if listener.deny_unmatched {
+        ProxyError::EgressDenied
+    } else {
+        ProxyError::NoRoute
+    })?;
     let input = MatchInput {
         method: req.method(),
         path: req.uri().path(),

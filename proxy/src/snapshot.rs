@@ -378,6 +378,9 @@ pub struct Listener {
     /// Set for listeners that bind their own socket.
     pub address: Option<SocketAddr>,
     pub kind: ListenerKind,
+    /// HTTP: a request whose authority no virtual host serves is refused as egress the mesh
+    /// does not allow (403 `egress_denied`) rather than 404 `no_route`.
+    pub deny_unmatched: bool,
 }
 
 #[derive(Debug)]

@@ -40,8 +40,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         Mesh,
         "spec.egressFilter",
-        Refused(
-            "egress filters are not implemented yet (issue 10): a sidecar reaches only the backends its VirtualNode declares, as with App Mesh's default DROP_ALL",
+        Honoured(
+            "DROP_ALL (App Mesh's default, also when unset): a sidecar's egress answers requests for hosts its VirtualNode does not declare with 403 egress_denied; ALLOW_ALL is refused: not implemented yet (issue 10)",
         ),
     ),
     (

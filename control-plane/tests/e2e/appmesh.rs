@@ -271,3 +271,39 @@ spec:
         "{refused}"
     );
 }
+
+/// The mesh's egressFilter: DROP_ALL (also when unset) makes a sidecar's egress refuse hosts its
+/// node does not declare with 403 `egress_denied`; ALLOW_ALL is refused on apply.
+#[tokio::test]
+async fn egress_filters_deny_undeclared_destinations() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let yaml = format!(
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{ egressFilter: {{ type: DROP_ALL }} }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: {}, protocol: http }} }}]\n  serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
+         provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+         backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n",
+        app.addr.port()
+    );
+    apply(&control.url, &yaml);
+    let dir = tempfile::tempdir().unwrap();
+    let front = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let r = c.get("app.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+    let r = c.get("api.example.com", "/").await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-trellis-error"), Some("egress_denied"));
+
+    let refused = apply_refused(&control.url, &yaml.replace("DROP_ALL", "ALLOW_ALL"));
+    assert!(
+        refused.contains("spec.egressFilter.type: not supported by Trellis: ALLOW_ALL"),
+        "{refused}"
+    );
+}

@@ -437,10 +437,23 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
             return None;
         }
     };
+    let deny_unmatched = match pb::listener::Unmatched::try_from(listener.unmatched) {
+        Ok(pb::listener::Unmatched::NotFound) => false,
+        Ok(pb::listener::Unmatched::Deny) if matches!(kind, ListenerKind::Http(_)) => true,
+        Ok(pb::listener::Unmatched::Deny) => {
+            c.err(format!("{path}.unmatched"), "only for HTTP listeners");
+            false
+        }
+        Err(_) => {
+            c.err(format!("{path}.unmatched"), "unknown value");
+            false
+        }
+    };
     (c.errors.len() == before).then(|| Listener {
         name: listener.name.as_str().into(),
         address,
         kind,
+        deny_unmatched,
     })
 }
 

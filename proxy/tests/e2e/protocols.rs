@@ -67,6 +67,32 @@ async fn http1_and_h2c_pass_through_both_ways() {
     assert_eq!(r.header("x-trellis-error"), Some("no_route"));
 }
 
+/// An egress that denies what it does not serve (a mesh's egressFilter DROP_ALL): 403
+/// `egress_denied` for an undeclared authority, in gRPC's terms for a gRPC request; declared
+/// hosts are served as ever.
+#[tokio::test]
+async fn an_egress_that_denies_unmatched_hosts_answers_403() {
+    let app = TestServer::start("app").await;
+    let hosts = host_to("svc.test", "app", "");
+    let snapshot = crate::snapshot("v1", &hosts, &cluster("app", "HTTP1", &[app.addr])).replace(
+        "    role: EGRESS\n",
+        "    role: EGRESS\n    unmatched: DENY\n",
+    );
+    let proxy = InProcessProxy::start(&snapshot, std::time::Duration::from_secs(60)).await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    assert_eq!(c.get("svc.test", "/").await.unwrap().text(), "app");
+    let r = c.get("elsewhere.example", "/").await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-trellis-error"), Some("egress_denied"));
+    let mut g = Client::h2(proxy.egress).await.unwrap();
+    let req = Request::post("http://elsewhere.example/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .body(Full::default())
+        .unwrap();
+    let r = g.send(req).await.unwrap();
+    assert_eq!(r.header("grpc-status"), Some("7"), "PERMISSION_DENIED");
+}
+
 /// A proxy whose `raw.test` host goes to an upstream answering with `replies`.
 async fn scripted_upstream(replies: Vec<RawReply>) -> (RawHttpServer, InProcessProxy) {
     let raw = RawHttpServer::start(replies).await;
