@@ -327,12 +327,18 @@ impl Builder<'_> {
                 .into_iter()
                 .collect();
             let cluster = self.cluster(&node_key);
+            // A tcp node's service is reached by CONNECT: no HTTP retries there.
+            let http = self
+                .node(&node_key)
+                .and_then(|n| n.listeners.first())
+                .is_none_or(|l| l.port_mapping.protocol != "tcp");
             let route = pb::Route {
                 name: format!("{}/default", key.name),
                 action: Some(pb::RouteAction {
                     weighted_targets: vec![pb::WeightedTarget { cluster, weight: 1 }],
                     ..Default::default()
                 }),
+                retry_policy: if http { self.default_retry(key) } else { None },
                 ..Default::default()
             };
             (ports, vec![route], key.clone())
@@ -380,11 +386,12 @@ impl Builder<'_> {
         })
     }
 
-    /// App Mesh's default retry policy, for an HTTP, HTTP/2 or gRPC route without one of a
-    /// router applied with App Mesh's API group, unless its mesh turned App Mesh's defaults off:
-    /// 2 retries on 503, gRPC UNAVAILABLE, connect failure, refused stream and reset.
-    fn default_retry(&self, router: &ResourceKey) -> Option<pb::RetryPolicy> {
-        let r = self.state.get(router)?;
+    /// App Mesh's default retry policy, for HTTP, HTTP/2 and gRPC requests whose route sets
+    /// none, when what routes them (a router, a VirtualService provided by a node) was applied
+    /// with App Mesh's API group, unless its mesh turned App Mesh's defaults off: 2 retries on
+    /// 503, gRPC UNAVAILABLE, connect failure, refused stream, reset.
+    fn default_retry(&self, source: &ResourceKey) -> Option<pb::RetryPolicy> {
+        let r = self.state.get(source)?;
         if r.api_version != model::ApiVersion::AppMesh {
             return None;
         }
@@ -862,9 +869,9 @@ fn combine(
     })
     .query_parameters;
     m.query_parameters = gw_query.into_iter().chain(m.query_parameters).collect();
-    if let Some(p) = gw.port.and_then(|p| u32::try_from(p).ok()) {
-        m.port = p;
-    }
+    // At a gateway the request carries the gateway's port: the router route's own is not
+    // matched there.
+    m.port = gw.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
     Some(m)
 }
 

@@ -54,6 +54,9 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub key: ResourceKey,
+    /// (field path, mesh) of the ARN references it was applied with that named a mesh while the
+    /// resource named none: checked against the mesh it belongs to. Not stored.
+    pub arn_meshes: Vec<(String, String)>,
     /// The API group it was applied with (Trellis's or App Mesh's), served back with it.
     pub api_version: ApiVersion,
     /// As stored: `resourceVersion` is never set here (see `revision`).
@@ -137,7 +140,11 @@ fn not_mesh(value: &serde_json::Value) -> Option<Manifest> {
     }
     let api_version = text(value.get("apiVersion"));
     let kind = text(value.get("kind"));
-    if kind.is_empty() || ApiVersion::parse(api_version).is_some() || Kind::parse(kind).is_some() {
+    let mesh_group = matches!(
+        ApiVersion::parse(api_version),
+        Some(ApiVersion::Trellis | ApiVersion::AppMesh)
+    );
+    if kind.is_empty() || mesh_group || Kind::parse(kind).is_some() {
         return None;
     }
     let metadata = value.get("metadata");
@@ -159,7 +166,10 @@ fn not_mesh(value: &serde_json::Value) -> Option<Manifest> {
 
 /// Whether a parsed manifest is a mesh resource (else a Kubernetes document to skip).
 pub fn is_mesh(manifest: &Manifest) -> bool {
-    ApiVersion::parse(&manifest.api_version).is_some() || Kind::parse(&manifest.kind).is_some()
+    matches!(
+        ApiVersion::parse(&manifest.api_version),
+        Some(ApiVersion::Trellis | ApiVersion::AppMesh)
+    ) || Kind::parse(&manifest.kind).is_some()
 }
 
 /// Until mTLS lands, a manifest asking for TLS is refused rather than run in plaintext.
@@ -243,8 +253,9 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
     // App Mesh's schema and Trellis's status of every field first (it also turns ARN
     // references into references); the typed model then parses what passed.
     let compat = crate::compat::check(kind, &mut manifest.spec);
-    let spec = if !compat.is_empty() {
-        for (path, reason) in compat {
+    let arn_meshes = compat.arn_meshes;
+    let spec = if !compat.problems.is_empty() {
+        for (path, reason) in compat.problems {
             p(&path, reason);
         }
         None
@@ -271,6 +282,7 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             }
             Ok(Resource {
                 key,
+                arn_meshes,
                 api_version: api_version.unwrap_or_default(),
                 metadata: manifest.metadata,
                 spec,
@@ -303,6 +315,16 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
                     if let Err(reason) = meshes.of(key, &resource.spec) {
                         c.err("spec.meshRef", reason);
                     }
+                }
+            }
+        }
+        if let Ok(Some(mesh)) = meshes.of(key, &resource.spec) {
+            for (path, named) in &resource.arn_meshes {
+                if named != mesh {
+                    c.err(
+                        path.clone(),
+                        format!("names mesh {named:?}, but the resource belongs to mesh {mesh:?}"),
+                    );
                 }
             }
         }
@@ -357,11 +379,14 @@ impl<'a> Meshes<'a> {
         if let Some(m) = spec.mesh_ref() {
             return Ok(Some(m.name.as_str()));
         }
-        let no_labels = BTreeMap::new();
-        let labels = self
+        // Kubernetes gives every namespace its name as a label.
+        let mut labels = self
             .state
             .get(&ResourceKey::new(Kind::Namespace, "", &key.namespace))
-            .map_or(&no_labels, |n| &n.metadata.labels);
+            .map(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), key.namespace.clone());
+        let labels = &labels;
         let selecting: Vec<&str> = self
             .meshes
             .iter()
@@ -666,7 +691,22 @@ impl Checker<'_> {
             for (i, route) in r.routes.iter().enumerate() {
                 let (kind, port) = route_port(route);
                 let path = format!("spec.routes[{i}].{kind}.match.port");
+                let protocol = r
+                    .listeners
+                    .iter()
+                    .find(|l| Some(l.port_mapping.port) == port)
+                    .map(|l| l.port_mapping.protocol.as_str());
+                let fits = match kind {
+                    "httpRoute" => "http",
+                    "http2Route" => "http2",
+                    "grpcRoute" => "grpc",
+                    _ => "tcp",
+                };
                 match port {
+                    Some(p) if protocol.is_some_and(|proto| proto != fits) => self.err(
+                        path,
+                        format!("listener {p} is {}, not {fits}: a {kind} needs a {fits} listener", protocol.unwrap_or_default()),
+                    ),
                     Some(p) if ports.contains(&p) => {}
                     Some(p) => self.err(path, format!("{p} is not one of the router's listener ports")),
                     None => self.err(
@@ -870,6 +910,41 @@ impl Checker<'_> {
         }
         for (field, http) in [("httpRoute", &r.http_route), ("http2Route", &r.http2_route)] {
             if let Some(h) = http {
+                if h.matcher.prefix.is_some() && h.matcher.path.is_some() {
+                    self.err(
+                        format!("spec.{field}.match"),
+                        "give prefix or path, not both".into(),
+                    );
+                }
+                // Through a router with several listeners the gateway route would have to say
+                // which (`target.port`, not implemented yet).
+                let vs_key = h
+                    .action
+                    .target
+                    .virtual_service
+                    .virtual_service_ref
+                    .key(Kind::VirtualService, &self.key.namespace);
+                let router = match self.state.get(&vs_key).map(|r| &r.spec) {
+                    Some(Spec::VirtualService(vs)) => vs
+                        .provider
+                        .as_ref()
+                        .and_then(|p| p.virtual_router.as_ref())
+                        .map(|p| {
+                            p.virtual_router_ref
+                                .key(Kind::VirtualRouter, &vs_key.namespace)
+                        }),
+                    _ => None,
+                };
+                if let Some(Spec::VirtualRouter(vr)) =
+                    router.and_then(|k| self.state.get(&k)).map(|r| &r.spec)
+                {
+                    if vr.listeners.len() > 1 {
+                        self.err(
+                            format!("spec.{field}.action.target"),
+                            "not supported by Trellis: the service's router has several listeners, and choosing one (target.port) is not implemented yet (issue 10)".into(),
+                        );
+                    }
+                }
                 if h.matcher
                     .prefix
                     .as_ref()
@@ -1449,6 +1524,24 @@ spec:
                 "serviceDiscovery: { dns: { hostname: blue.local, responseType: ENDPOINTS } }",
             ),
             "spec.serviceDiscovery.dns.responseType: not supported by Trellis: ENDPOINTS",
+        ), (
+            // An ARN naming another mesh than the one the resource belongs to (the only mesh).
+            GOOD.replace(
+                "weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }]",
+                "weightedTargets: [{ virtualNodeARN: 'arn:aws:appmesh:us-west-2:1:mesh/other/virtualNode/blue', weight: 100 }]",
+            ),
+            "spec.routes[0].httpRoute.action.weightedTargets[0].virtualNodeARN: names mesh \"other\", but the resource belongs to mesh \"m\"",
+        ), (
+            // A route of a several-listener router on a listener of another protocol.
+            GOOD.replace(
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }]\n  routes:",
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }, { portMapping: { port: 9090, protocol: grpc } }]\n  routes:",
+            )
+            .replace("match: { prefix: / }", "match: { prefix: /, port: 9090 }"),
+            "spec.routes[0].httpRoute.match.port: listener 9090 is grpc, not http",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, path: { exact: /web/x } }"),
+            "spec.httpRoute.match: give prefix or path, not both",
         ), (
             format!("\"\": 1\n{GOOD}"),
             "document 0: \"\": unknown field",

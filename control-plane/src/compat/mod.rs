@@ -152,15 +152,24 @@ pub fn status(kind: Kind, path: &str) -> Option<Status> {
     }
 }
 
+/// What checking a manifest found: problems as (field path, reason), and the mesh each ARN named
+/// where the resource names no mesh of its own (checked once its mesh is known).
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub problems: Vec<(String, String)>,
+    pub arn_meshes: Vec<(String, String)>,
+}
+
 /// Checks a manifest's `spec` against App Mesh's schema and Trellis's statuses, and rewrites
-/// ARN references into the references they name. Returns (field path, reason) per problem.
-pub fn check(kind: Kind, spec: &mut Value) -> Vec<(String, String)> {
+/// ARN references into the references they name.
+pub fn check(kind: Kind, spec: &mut Value) -> Checked {
     let mesh = spec
         .pointer("/meshRef/name")
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut walk = Walk {
         kind,
+        arn_meshes: Vec::new(),
         mesh,
         problems: Vec::new(),
     };
@@ -169,11 +178,16 @@ pub fn check(kind: Kind, spec: &mut Value) -> Vec<(String, String)> {
         Value::Null => {}
         _ => walk.problem("spec", "must be an object"),
     }
-    walk.problems
+    Checked {
+        problems: walk.problems,
+        arn_meshes: walk.arn_meshes,
+    }
 }
 
 struct Walk {
     kind: Kind,
+    /// (field path, mesh) of each ARN resolved without a `spec.meshRef` to check it against.
+    arn_meshes: Vec<(String, String)>,
     /// The mesh the resource names (`spec.meshRef.name`), which ARNs must agree with.
     mesh: Option<String>,
     problems: Vec<(String, String)>,
@@ -185,7 +199,7 @@ impl Walk {
     }
 
     fn object(&mut self, norm: &str, actual: &str, map: &mut Map<String, Value>) {
-        self.resolve_arns(actual, map);
+        self.resolve_arns(norm, actual, map);
         if let Some(schema) = schema(self.kind, norm) {
             for required in &schema.requires {
                 if !map.contains_key(*required) && !self.identity_only(norm, required) {
@@ -209,6 +223,10 @@ impl Walk {
     }
 
     fn field(&mut self, norm: &str, actual: &str, value: &mut Value) {
+        // `field:` with nothing (YAML null) is the field left out, as the typed model reads it.
+        if value.is_null() {
+            return;
+        }
         let schema = schema(self.kind, norm);
         let exact = STATUS_INDEX.get(&(self.kind, norm)).is_some();
         if schema.is_none() && !exact {
@@ -348,7 +366,7 @@ impl Walk {
     /// `xARN: arn:aws:appmesh:REGION:ACCOUNT:mesh/MESH/x/NAME` becomes `xRef: { name: NAME }`:
     /// the resource named in the ARN's last segment, in the referrer's namespace, within the mesh
     /// named in it (which must be the resource's mesh when it names one).
-    fn resolve_arns(&mut self, actual: &str, map: &mut Map<String, Value>) {
+    fn resolve_arns(&mut self, norm: &str, actual: &str, map: &mut Map<String, Value>) {
         const KINDS: [(&str, &str, &str); 4] = [
             ("virtualNodeARN", "virtualNodeRef", "virtualNode"),
             ("virtualServiceARN", "virtualServiceRef", "virtualService"),
@@ -356,7 +374,11 @@ impl Walk {
             ("virtualGatewayARN", "virtualGatewayRef", "virtualGateway"),
         ];
         for (arn_field, ref_field, kind) in KINDS {
-            let Some(arn) = map.get(arn_field) else {
+            // Only where App Mesh has the field; elsewhere it is an unknown field.
+            let Some(arn) = map
+                .get(arn_field)
+                .filter(|_| schema(self.kind, &format!("{norm}.{arn_field}")).is_some())
+            else {
                 continue;
             };
             let path = format!("{actual}.{arn_field}");
@@ -379,6 +401,9 @@ impl Walk {
                     );
                     continue;
                 }
+            } else {
+                // Checked against the mesh the resource turns out to belong to, across resources.
+                self.arn_meshes.push((path.clone(), mesh.to_string()));
             }
             let by_ref = map
                 .get(ref_field)
@@ -572,7 +597,7 @@ mod tests {
                 "portMapping": { "port": 70000, "protocol": "htp" },
             }],
         });
-        let problems = check(Kind::VirtualRouter, &mut spec);
+        let problems = check(Kind::VirtualRouter, &mut spec).problems;
         let text: Vec<String> = problems.iter().map(|(p, r)| format!("{p}: {r}")).collect();
         assert!(
             text.contains(&"spec.listeners[0].portMapping.port: must be 1..=65535".to_string()),
@@ -593,7 +618,7 @@ mod tests {
             "meshRef": { "name": "colors", "uid": "x" },
             "provider": { "virtualNode": { "virtualNodeARN": arn } },
         });
-        assert_eq!(check(Kind::VirtualService, &mut spec), vec![]);
+        assert!(check(Kind::VirtualService, &mut spec).problems.is_empty());
         assert_eq!(
             spec["provider"]["virtualNode"],
             serde_json::json!({ "virtualNodeRef": { "name": "blue" } })
@@ -603,7 +628,7 @@ mod tests {
             "meshRef": { "name": "shapes", "uid": "x" },
             "provider": { "virtualNode": { "virtualNodeARN": arn } },
         });
-        let problems = check(Kind::VirtualService, &mut other_mesh);
+        let problems = check(Kind::VirtualService, &mut other_mesh).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].0, "spec.provider.virtualNode.virtualNodeARN");
         assert!(
@@ -614,7 +639,10 @@ mod tests {
         let mut wrong_kind = serde_json::json!({
             "provider": { "virtualNode": { "virtualNodeARN": arn.replace("virtualNode/", "virtualRouter/") } },
         });
-        assert_eq!(check(Kind::VirtualService, &mut wrong_kind).len(), 1);
+        assert_eq!(
+            check(Kind::VirtualService, &mut wrong_kind).problems.len(),
+            1
+        );
     }
 
     #[test]
@@ -627,7 +655,7 @@ mod tests {
             }],
             "serviceDiscovery": { "awsCloudMap": { "namespaceName": "demo", "serviceName": "web", "attributes": { "version": "v1" } } },
         });
-        let problems = check(Kind::VirtualNode, &mut spec);
+        let problems = check(Kind::VirtualNode, &mut spec).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].0, "spec.listeners[0].healthCheck");
         assert!(
@@ -639,7 +667,7 @@ mod tests {
     #[test]
     fn unknown_fields_inside_opaque_objects_are_refused() {
         let mut spec = serde_json::json!({ "provider": { "virtualNode": { "virtualNodeReff": { "name": "x" } } } });
-        let problems = check(Kind::VirtualService, &mut spec);
+        let problems = check(Kind::VirtualService, &mut spec).problems;
         assert_eq!(
             problems,
             vec![(

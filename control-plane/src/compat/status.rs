@@ -246,7 +246,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualRouter,
         "spec.routes[].grpcRoute.retryPolicy.httpRetryEvents",
         Honoured(
-            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a refused stream); server-error and gateway-error include no response at all",
         ),
     ),
     (
@@ -396,7 +396,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualRouter,
         "spec.routes[].http2Route.retryPolicy.httpRetryEvents",
         Honoured(
-            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a refused stream); server-error and gateway-error include no response at all",
         ),
     ),
     (
@@ -546,7 +546,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualRouter,
         "spec.routes[].httpRoute.retryPolicy.httpRetryEvents",
         Honoured(
-            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a reset stream); server-error and gateway-error include no response at all",
+            "server-error (5xx), gateway-error (502, 503, 504), client-error (409), stream-error (a refused stream); server-error and gateway-error include no response at all",
         ),
     ),
     (

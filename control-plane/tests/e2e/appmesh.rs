@@ -28,6 +28,10 @@ async fn a_walkthrough_file_applies_unchanged_and_runs() {
         applied.contains("deployment/howto/blue skipped (not a mesh resource)"),
         "{applied}"
     );
+    assert!(
+        applied.contains("service/howto/color skipped (not a mesh resource)"),
+        "{applied}"
+    );
     assert!(applied.contains("namespace/howto created"), "{applied}");
     assert!(
         applied.contains("virtualrouter/howto/color-router created"),
