@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod h1;
+pub mod health_check;
 pub mod limit;
 pub mod listener;
 pub mod metrics;
