@@ -422,6 +422,12 @@ impl SnapshotStore {
         self.current.load_full()
     }
 
+    /// Runs active health checks on `runtime` (the binary gives them a thread of their own);
+    /// without it they run on the runtime that applies snapshots.
+    pub fn run_health_checks_on(&self, runtime: tokio::runtime::Handle) {
+        self.upstreams.run_checkers_on(runtime);
+    }
+
     /// Closes idle upstream connections that expired or that the upstream closed.
     pub fn sweep_idle(&self) {
         self.upstreams.sweep_idle();

@@ -599,6 +599,9 @@ pub struct Upstreams {
     limits: Mutex<LimitMap>,
     /// The running health checkers, one per endpoint of a cluster with a health check.
     checkers: Mutex<HashMap<EndpointKey, Checker>>,
+    /// Where checkers run: set by the binary (a thread of their own), else the runtime that
+    /// applies the snapshot (in-process tests, on their paused clock).
+    checker_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 /// An endpoint of a cluster: (cluster, protocol, address).
@@ -616,6 +619,11 @@ impl Upstreams {
             next_limits: LimitMap::new(),
             next_checks: Vec::new(),
         }
+    }
+
+    /// Runs health checkers on `runtime` from now on (once; later calls change nothing).
+    pub(crate) fn run_checkers_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.checker_runtime.set(runtime);
     }
 
     /// Closes pooled HTTP/1.1 connections past their idle timeout or closed by the upstream.
@@ -716,7 +724,12 @@ impl Generation<'_> {
         *self.upstreams.limits.lock() = self.next_limits;
         let mut checkers = self.upstreams.checkers.lock();
         let mut old = std::mem::take(&mut *checkers);
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        let runtime = self
+            .upstreams
+            .checker_runtime
+            .get()
+            .cloned()
+            .or_else(|| tokio::runtime::Handle::try_current().ok());
         for (key, endpoint, config, metrics) in self.next_checks {
             match old.remove(&key) {
                 Some(running) if running.config == config => {
