@@ -384,6 +384,30 @@ impl Listener {
     pub fn pool(&self) -> Result<Option<ConnectionPool>, String> {
         typed(self.connection_pool.as_ref())
     }
+
+    /// `healthCheck`, read like [`Listener::outlier`].
+    pub fn health(&self) -> Result<Option<HealthCheck>, String> {
+        typed(self.health_check.as_ref())
+    }
+}
+
+/// A VirtualNode listener's `healthCheck` (App Mesh v1beta2): active health checks that the
+/// proxies calling the node perform against each of its endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// http, http2, grpc or tcp.
+    pub protocol: String,
+    /// http and http2 only.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Unset: the endpoint's port.
+    #[serde(default)]
+    pub port: Option<i64>,
+    pub interval_millis: i64,
+    pub timeout_millis: i64,
+    pub healthy_threshold: i64,
+    pub unhealthy_threshold: i64,
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: Option<&Value>) -> Result<Option<T>, String> {

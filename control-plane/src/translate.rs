@@ -166,6 +166,34 @@ fn listener_resilience(
     (outlier, pool)
 }
 
+/// A node listener's health check, for the clusters that call it (validation has checked its
+/// shape, and that a path comes only with http and http2).
+fn listener_health_check(l: &model::Listener) -> Option<pb::HealthCheck> {
+    use pb::health_check::Protocol;
+    let h = l.health().ok().flatten()?;
+    let count = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let millis = |v: i64| {
+        duration(std::time::Duration::from_millis(
+            u64::try_from(v).unwrap_or(0),
+        ))
+    };
+    let protocol = match h.protocol.as_str() {
+        "http2" => Protocol::Http2,
+        "grpc" => Protocol::Grpc,
+        "tcp" => Protocol::Tcp,
+        _ => Protocol::Http,
+    };
+    Some(pb::HealthCheck {
+        protocol: protocol as i32,
+        path: h.path.unwrap_or_default(),
+        port: h.port.map_or(0, count),
+        interval: Some(millis(h.interval_millis)),
+        timeout: Some(millis(h.timeout_millis)),
+        healthy_threshold: count(h.healthy_threshold),
+        unhealthy_threshold: count(h.unhealthy_threshold),
+    })
+}
+
 /// The hostname a VirtualService is reached at.
 pub fn hostname(key: &ResourceKey, spec: &model::VirtualServiceSpec) -> String {
     spec.hostname
@@ -280,6 +308,7 @@ impl Builder<'_> {
         // The settings of the listener the cluster reaches the node on.
         let (outlier_detection, connection_pool) =
             listener.map_or((None, None), listener_resilience);
+        let health_check = listener.and_then(listener_health_check);
         self.clusters.insert(
             name.clone(),
             pb::Cluster {
@@ -289,6 +318,7 @@ impl Builder<'_> {
                 endpoints,
                 outlier_detection,
                 connection_pool,
+                health_check,
                 ..Default::default()
             },
         );
@@ -1326,6 +1356,43 @@ mod tests {
             (&green.outlier_detection, &green.connection_pool),
             (&None, &None)
         );
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+    }
+
+    /// The clusters that call a node carry the health check of the node's listener they reach,
+    /// and the proxy compiles it.
+    #[test]
+    fn callers_clusters_carry_the_nodes_health_check() {
+        let mesh = MESH.replacen(
+            "    - portMapping: { port: 9081, protocol: http }\n",
+            "    - portMapping: { port: 9081, protocol: http }\n      healthCheck: { protocol: http, path: /ping, port: 9900, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 3 }\n",
+            1,
+        );
+        assert_ne!(mesh, MESH);
+        let state = state(&mesh);
+        let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state, &instances, &front).unwrap();
+        let clusters: BTreeMap<_, _> = t
+            .snapshot
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
+        assert_eq!(
+            clusters["default/blue"].health_check,
+            Some(pb::HealthCheck {
+                protocol: pb::health_check::Protocol::Http as i32,
+                path: "/ping".into(),
+                port: 9900,
+                interval: secs(5),
+                timeout: secs(2),
+                healthy_threshold: 2,
+                unhealthy_threshold: 3,
+            })
+        );
+        assert_eq!(clusters["default/green"].health_check, None);
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 

@@ -564,9 +564,9 @@ impl Checker<'_> {
         }
     }
 
-    /// A VirtualNode listener's outlier detection and connection pool, beyond the CRD schema:
-    /// what the proxies that call the node need (Envoy's minimums, the pool of the listener's
-    /// protocol).
+    /// A VirtualNode listener's health check, outlier detection and connection pool, beyond the
+    /// CRD schema: what the proxies that call the node need (a path only where it is used,
+    /// Envoy's minimums, the pool of the listener's protocol).
     fn listener_resilience(&mut self, path: &str, listeners: &[Listener]) {
         for (i, l) in listeners.iter().enumerate() {
             let lp = format!("{path}[{i}]");
@@ -582,6 +582,29 @@ impl Checker<'_> {
                         1,
                     );
                 }
+            }
+            match l.health() {
+                Err(e) => self.err(format!("{lp}.healthCheck"), e),
+                Ok(Some(h)) if h.path.is_some() && !matches!(&*h.protocol, "http" | "http2") => {
+                    self.err(
+                        format!("{lp}.healthCheck.path"),
+                        format!(
+                            "used only by http and http2 health checks, not {} (App Mesh ignores it; Trellis refuses what it would ignore)",
+                            h.protocol
+                        ),
+                    );
+                }
+                Ok(Some(h))
+                    if h.path.as_ref().is_some_and(|p| {
+                        !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err()
+                    }) =>
+                {
+                    self.err(
+                        format!("{lp}.healthCheck.path"),
+                        "must be a path starting with /".into(),
+                    );
+                }
+                Ok(_) => {}
             }
             let pool = match l.pool() {
                 Err(e) => {
@@ -1471,6 +1494,20 @@ spec:
                     "protocol: http }, outlierDetection: { maxServerErrors: 1, interval: { unit: s, value: 0 }, baseEjectionDuration: { unit: s, value: 1 }, maxEjectionPercent: 10 } }]\n  serviceDiscovery",
                 ),
                 "document 1 (VirtualNode default/blue): spec.listeners[0].outlierDetection.interval.value: must be greater than 0",
+            ),
+            (
+                GOOD.replace(
+                    "protocol: http } }]\n  serviceDiscovery",
+                    "protocol: http }, healthCheck: { protocol: tcp, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 2 } }]\n  serviceDiscovery",
+                ),
+                "document 1 (VirtualNode default/blue): spec.listeners[0].healthCheck.path: used only by http and http2 health checks, not tcp",
+            ),
+            (
+                GOOD.replace(
+                    "protocol: http } }]\n  serviceDiscovery",
+                    "protocol: http }, healthCheck: { protocol: http, path: ping, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 2 } }]\n  serviceDiscovery",
+                ),
+                "document 1 (VirtualNode default/blue): spec.listeners[0].healthCheck.path: must be a path starting with /",
             ),
             (
                 // Two meshes: the router and service name "m"; blue moves to "other".

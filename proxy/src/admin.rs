@@ -10,7 +10,7 @@ use prometheus::Encoder as _;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::{app::App, proxy::ResponseBody};
+use crate::{app::App, health_check::Probe, proxy::ResponseBody, upstream::Health};
 
 /// Serves admin requests on `listener` until the process exits.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
@@ -123,6 +123,9 @@ fn clusters(app: &App) -> Response<ResponseBody> {
                         "inFlight": e.in_flight(),
                         "pooledConnections": e.pooled(),
                     });
+                    if c.health_check.is_some() && *health == Health::Healthy {
+                        ep["healthCheck"] = e.health.as_str().into();
+                    }
                     if c.outlier.is_some() {
                         ep["ejected"] = e.outlier.is_ejected().into();
                         ep["timesEjected"] = e.outlier.times_ejected().into();
@@ -143,6 +146,24 @@ fn clusters(app: &App) -> Response<ResponseBody> {
                     "baseEjectionDuration": format!("{:?}", o.base_ejection),
                     "maxEjectionPercent": o.max_ejection_percent,
                     "ejected": c.endpoints.iter().filter(|(e, _)| e.outlier.is_ejected()).count(),
+                });
+            }
+            if let Some(h) = &c.health_check {
+                let (protocol, path) = match &h.probe {
+                    Probe::Http { path } => ("http", Some(&**path)),
+                    Probe::Http2 { path } => ("http2", Some(&**path)),
+                    Probe::Grpc => ("grpc", None),
+                    Probe::Tcp => ("tcp", None),
+                };
+                cluster["healthCheck"] = json!({
+                    "protocol": protocol,
+                    "path": path,
+                    "port": h.port,
+                    "interval": format!("{:?}", h.interval),
+                    "timeout": format!("{:?}", h.timeout),
+                    "healthyThreshold": h.healthy_threshold,
+                    "unhealthyThreshold": h.unhealthy_threshold,
+                    "unhealthy": c.endpoints.iter().filter(|(e, _)| e.health.is_unhealthy()).count(),
                 });
             }
             if let Some(l) = &c.limits {

@@ -71,19 +71,27 @@ impl WeightedTargets {
 
 impl Cluster {
     /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
-    /// Endpoints ejected by outlier detection are skipped like unhealthy ones (only clusters
-    /// with outlier detection look).
+    /// Endpoints ejected by outlier detection or failing their active health check are skipped
+    /// like unhealthy ones (only clusters with outlier detection or a health check look).
     pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
-        if self.outlier.is_some() && self.healthy.iter().any(|e| e.outlier.is_ejected()) {
+        if (self.outlier.is_some() || self.health_check.is_some())
+            && self.healthy.iter().any(|e| self.is_out(e))
+        {
             let left: Vec<Arc<EndpointState>> = self
                 .healthy
                 .iter()
-                .filter(|e| !e.outlier.is_ejected())
+                .filter(|e| !self.is_out(e))
                 .cloned()
                 .collect();
             return pick(self.lb, &left, &self.cursor, avoid).cloned();
         }
         pick(self.lb, &self.healthy, &self.cursor, avoid).cloned()
+    }
+
+    /// Whether an endpoint is out for now: ejected, or failing its health check.
+    fn is_out(&self, e: &EndpointState) -> bool {
+        (self.outlier.is_some() && e.outlier.is_ejected())
+            || (self.health_check.is_some() && e.health.is_unhealthy())
     }
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod h1;
+pub mod health_check;
 pub mod limit;
 pub mod listener;
 pub mod metrics;
@@ -94,6 +95,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         config.idle_timeout,
     );
 
+    start_health_checks(&app)?;
     let control = match &config.snapshot {
         Some(path) => {
             app.apply_file(path)
@@ -181,6 +183,36 @@ fn start_admin(app: &Arc<app::App>, addr: std::net::SocketAddr) -> anyhow::Resul
             }
         })
         .context("cannot start the admin thread")?;
+    Ok(())
+}
+
+/// Runs active health checks on a thread and single-threaded runtime of their own: the probes
+/// of many endpoints then share that thread's wake-ups instead of waking the request workers
+/// (measured in `benches/README.md`).
+fn start_health_checks(app: &Arc<app::App>) -> anyhow::Result<()> {
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("health-check".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => {
+                    let _ = handle_tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = handle_tx.send(Err(e));
+                }
+            }
+        })
+        .context("cannot start the health check thread")?;
+    let handle = handle_rx
+        .recv()
+        .context("the health check thread ended")?
+        .context("cannot start the health check runtime")?;
+    app.services.store.run_health_checks_on(handle);
     Ok(())
 }
 

@@ -33,6 +33,8 @@ struct Vecs {
     overflows: IntCounterVec,
     ejections: IntCounterVec,
     ejected: IntGaugeVec,
+    health_checks: IntCounterVec,
+    health_unhealthy: IntGaugeVec,
     timeouts: IntCounterVec,
     errors: IntCounterVec,
     active_connections: IntGaugeVec,
@@ -121,6 +123,26 @@ impl ProxyMetrics {
                     Opts::new(
                         "trellis_proxy_outlier_ejected",
                         "Endpoints ejected by outlier detection now, by cluster",
+                    ),
+                    &["cluster"],
+                )?,
+            )?,
+            health_checks: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_health_checks_total",
+                        "Active health check probes by cluster and result (success, failure)",
+                    ),
+                    &["cluster", "result"],
+                )?,
+            )?,
+            health_unhealthy: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "trellis_proxy_health_check_unhealthy",
+                        "Endpoints failing their active health check now, by cluster",
                     ),
                     &["cluster"],
                 )?,
@@ -216,6 +238,14 @@ impl ProxyMetrics {
         }
     }
 
+    /// Active health check metrics of one cluster; series appear on first use.
+    pub fn health_check(&self, cluster: &Arc<str>) -> HealthCheckMetrics {
+        HealthCheckMetrics {
+            vecs: self.inner.clone(),
+            cluster: cluster.clone(),
+        }
+    }
+
     pub fn timeout(&self, kind: &str) {
         self.inner.timeouts.with_label_values(&[kind]).inc();
     }
@@ -266,6 +296,47 @@ impl ClusterMetrics {
         self.ejections.retire();
         // The ejected gauge stays while ejections of the cluster's endpoints last: their
         // state outlives the snapshot, and their timers bring the gauge back to 0.
+    }
+}
+
+/// A cluster's active health check series, shared by the checkers of its endpoints (probes
+/// are rare: each looks its series up).
+#[derive(Debug, Clone)]
+pub struct HealthCheckMetrics {
+    vecs: Arc<Vecs>,
+    cluster: Arc<str>,
+}
+
+impl HealthCheckMetrics {
+    pub fn probe(&self, healthy: bool) {
+        let result = if healthy { "success" } else { "failure" };
+        self.vecs
+            .health_checks
+            .with_label_values(&[&*self.cluster, result])
+            .inc();
+    }
+
+    /// One more (`1`) or one fewer (`-1`) unhealthy endpoint.
+    pub fn unhealthy(&self, delta: i64) {
+        self.vecs
+            .health_unhealthy
+            .with_label_values(&[&*self.cluster])
+            .add(delta);
+    }
+
+    /// Drops the probe counters: a reload removed the cluster (its checkers are stopped, and
+    /// the unhealthy gauge is back at 0).
+    pub fn retire(&self) {
+        for result in ["success", "failure"] {
+            let _ = self
+                .vecs
+                .health_checks
+                .remove_label_values(&[&*self.cluster, result]);
+        }
+        let _ = self
+            .vecs
+            .health_unhealthy
+            .remove_label_values(&[&*self.cluster]);
     }
 }
 

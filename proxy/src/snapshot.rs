@@ -179,7 +179,11 @@ fn integer_range(path: &str) -> Option<&'static str> {
         | "maxRetries"
         | "max_retries"
         | "minRetriesPerSecond"
-        | "min_retries_per_second" => U32,
+        | "min_retries_per_second"
+        | "healthyThreshold"
+        | "healthy_threshold"
+        | "unhealthyThreshold"
+        | "unhealthy_threshold" => U32,
         "priority" => "-2147483648..=2147483647",
         "start" | "end" => I64,
         "bufferLimitBytes" | "buffer_limit_bytes" => "0..=18446744073709551615",
@@ -421,6 +425,12 @@ impl SnapshotStore {
         self.current.load_full()
     }
 
+    /// Runs active health checks on `runtime` (the binary gives them a thread of their own);
+    /// without it they run on the runtime that applies snapshots.
+    pub fn run_health_checks_on(&self, runtime: tokio::runtime::Handle) {
+        self.upstreams.run_checkers_on(runtime);
+    }
+
     /// Closes idle upstream connections that expired or that the upstream closed.
     pub fn sweep_idle(&self) {
         self.upstreams.sweep_idle();
@@ -480,6 +490,9 @@ impl SnapshotStore {
         for c in &old.clusters {
             if !clusters.contains(&*c.name) {
                 c.metrics.retire();
+                if c.health_check.is_some() {
+                    self.metrics.health_check(&c.name).retire();
+                }
             }
         }
     }
@@ -953,6 +966,63 @@ clusters:
         ];
         for (yaml, want) in cases {
             let got = errors_of(yaml);
+            assert!(
+                got.iter().any(|e| e.starts_with(want)),
+                "{yaml}\nwant {want}\ngot {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_checks_are_validated() {
+        let good = "clusters: [{name: a, healthCheck: {protocol: HTTP, path: /health, port: 9, interval: 5s, timeout: 2s, healthyThreshold: 2, unhealthyThreshold: 3}}, {name: b, protocol: GRPC, healthCheck: {protocol: GRPC, interval: 5s, timeout: 2s, healthyThreshold: 1, unhealthyThreshold: 1}}, {name: t, protocol: TCP_ONLY, healthCheck: {protocol: TCP, interval: 1s, timeout: 1s, healthyThreshold: 2, unhealthyThreshold: 2}}, {name: h, healthCheck: {protocol: HTTP2, interval: 1s, timeout: 1s, healthyThreshold: 2, unhealthyThreshold: 2}}]";
+        store().apply(&parse(good).unwrap(), |_| Ok(())).unwrap();
+        let base = "interval: 5s, timeout: 2s, healthyThreshold: 2, unhealthyThreshold: 2";
+        let cases: &[(String, &str)] = &[
+            (
+                format!("{{protocol: HTTP, path: health, {base}}}"),
+                "clusters[0].healthCheck.path: \"health\" is not a path starting with /",
+            ),
+            (
+                format!("{{protocol: TCP, path: /health, {base}}}"),
+                "clusters[0].healthCheck.path: used only by HTTP and HTTP2 health checks",
+            ),
+            (
+                format!("{{protocol: GRPC, path: /x, {base}}}"),
+                "clusters[0].healthCheck.path: used only by HTTP and HTTP2",
+            ),
+            (
+                format!("{{protocol: TCP, port: 65536, {base}}}"),
+                "clusters[0].healthCheck.port: must be 1..=65535",
+            ),
+            (
+                "{protocol: TCP, timeout: 2s, healthyThreshold: 2, unhealthyThreshold: 2}".into(),
+                "clusters[0].healthCheck.interval: is required",
+            ),
+            (
+                "{protocol: TCP, interval: 0s, timeout: 2s, healthyThreshold: 2, unhealthyThreshold: 2}".into(),
+                "clusters[0].healthCheck.interval: must be greater than 0",
+            ),
+            (
+                "{protocol: TCP, interval: 5s, healthyThreshold: 2, unhealthyThreshold: 2}".into(),
+                "clusters[0].healthCheck.timeout: is required",
+            ),
+            (
+                "{protocol: TCP, interval: 5s, timeout: 2s, unhealthyThreshold: 2}".into(),
+                "clusters[0].healthCheck.healthyThreshold: must be at least 1",
+            ),
+            (
+                "{protocol: TCP, interval: 5s, timeout: 2s, healthyThreshold: 2}".into(),
+                "clusters[0].healthCheck.unhealthyThreshold: must be at least 1",
+            ),
+            (
+                format!("{{protocol: TCP, intervalMillis: 5000, {base}}}"),
+                "clusters[0].healthCheck.intervalMillis: unknown field",
+            ),
+        ];
+        for (hc, want) in cases {
+            let yaml = format!("clusters: [{{name: c, healthCheck: {hc}}}]");
+            let got = errors_of(&yaml);
             assert!(
                 got.iter().any(|e| e.starts_with(want)),
                 "{yaml}\nwant {want}\ngot {got:?}"

@@ -33,8 +33,9 @@ use crate::{
     BoxError,
     error::{AttemptError, ProxyError, UpstreamFailure},
     h1,
+    health_check::{Checker, EndpointHealth, HealthCheck},
     limit::{ClusterLimits, ConnPermit, PoolLimits, RequestPermit},
-    metrics::ClusterMetrics,
+    metrics::{ClusterMetrics, HealthCheckMetrics},
     outbound::{Outbound, RequestBody},
     outlier::{EndpointOutlier, OutlierDetection},
 };
@@ -134,6 +135,8 @@ pub struct Cluster {
     pub outlier: Option<OutlierDetection>,
     /// Connection pool limits (circuit breaking), if configured; shared across snapshots.
     pub limits: Option<Arc<ClusterLimits>>,
+    /// Active health checking, if configured (the probes run in `Upstreams`' checkers).
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.
@@ -144,6 +147,8 @@ pub struct EndpointState {
     pool: Pool,
     /// Consecutive server errors and ejections (used only with outlier detection).
     pub outlier: EndpointOutlier,
+    /// What active health checks decided (used only with a health check).
+    pub health: Arc<EndpointHealth>,
 }
 
 #[derive(Debug)]
@@ -203,6 +208,15 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             pool,
             outlier: EndpointOutlier::default(),
+            health: Arc::default(),
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        match self.pool {
+            Pool::Http1(_) => Protocol::Http1,
+            Pool::Http2(_) => Protocol::Http2,
+            Pool::Tcp => Protocol::Tcp,
         }
     }
 
@@ -583,9 +597,16 @@ pub type Sent = Result<Response<UpstreamIncoming>, AttemptError>;
 pub struct Upstreams {
     live: Mutex<EndpointMap>,
     limits: Mutex<LimitMap>,
+    /// The running health checkers, one per endpoint of a cluster with a health check.
+    checkers: Mutex<HashMap<EndpointKey, Checker>>,
+    /// Where checkers run: set by the binary (a thread of their own), else the runtime that
+    /// applies the snapshot (in-process tests, on their paused clock).
+    checker_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
-pub(crate) type EndpointMap = HashMap<(Arc<str>, Protocol, Arc<str>), Arc<EndpointState>>;
+/// An endpoint of a cluster: (cluster, protocol, address).
+pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>);
+pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 /// Connection pool limit state, keyed by (cluster, protocol).
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
 
@@ -596,7 +617,13 @@ impl Upstreams {
             upstreams: self,
             next: EndpointMap::new(),
             next_limits: LimitMap::new(),
+            next_checks: Vec::new(),
         }
+    }
+
+    /// Runs health checkers on `runtime` from now on (once; later calls change nothing).
+    pub(crate) fn run_checkers_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.checker_runtime.set(runtime);
     }
 
     /// Closes pooled HTTP/1.1 connections past their idle timeout or closed by the upstream.
@@ -626,6 +653,12 @@ pub(crate) struct Generation<'a> {
     upstreams: &'a Upstreams,
     next: EndpointMap,
     next_limits: LimitMap,
+    next_checks: Vec<(
+        EndpointKey,
+        Arc<EndpointState>,
+        Arc<HealthCheck>,
+        HealthCheckMetrics,
+    )>,
 }
 
 impl Generation<'_> {
@@ -668,11 +701,59 @@ impl Generation<'_> {
         limits
     }
 
+    /// Asks for `endpoint` of `cluster` to be health checked with `config` once this
+    /// generation is committed.
+    pub(crate) fn health_check(
+        &mut self,
+        cluster: &Arc<str>,
+        endpoint: &Arc<EndpointState>,
+        config: &Arc<HealthCheck>,
+        metrics: &HealthCheckMetrics,
+    ) {
+        let key = (cluster.clone(), endpoint.protocol(), endpoint.addr.clone());
+        self.next_checks
+            .push((key, endpoint.clone(), config.clone(), metrics.clone()));
+    }
+
     /// Replaces the live endpoints: state no snapshot uses any more is dropped once in-flight
-    /// requests release it.
+    /// requests release it. Health checkers of endpoints whose health check is unchanged keep
+    /// running; the others stop, and new ones start (outside a runtime, as in a unit test that
+    /// only compiles, none do).
     pub(crate) fn commit(self) {
         *self.upstreams.live.lock() = self.next;
         *self.upstreams.limits.lock() = self.next_limits;
+        let mut checkers = self.upstreams.checkers.lock();
+        let mut old = std::mem::take(&mut *checkers);
+        let runtime = self
+            .upstreams
+            .checker_runtime
+            .get()
+            .cloned()
+            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        for (key, endpoint, config, metrics) in self.next_checks {
+            match old.remove(&key) {
+                Some(running) if running.config == config => {
+                    checkers.insert(key, running);
+                }
+                other => {
+                    // A changed health check: the old checker stops before the new one starts.
+                    drop(other);
+                    if let Some(runtime) = &runtime {
+                        let checker = Checker::start(
+                            runtime,
+                            &key.0,
+                            &endpoint.addr,
+                            config,
+                            endpoint.health.clone(),
+                            metrics,
+                        );
+                        checkers.insert(key, checker);
+                    }
+                }
+            }
+        }
+        // Endpoints, or health checks, that left the snapshot.
+        drop(old);
     }
 }
 
@@ -696,6 +777,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         metrics: metrics.cluster(name),
         outlier: None,
         limits: None,
+        health_check: None,
     })
 }
 

@@ -1,11 +1,12 @@
-//! A real tonic gRPC echo server and client (unary and bidi streaming) for tests.
+//! A real tonic gRPC echo server and client (unary and bidi streaming) for tests. The server also
+//! serves the standard health service (`grpc.health.v1.Health/Check`), SERVING until told not.
 
 use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -15,6 +16,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub mod pb {
     tonic::include_proto!("trellis.testing");
+}
+
+/// The standard gRPC health service's messages and server.
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
 }
 
 pub use pb::{EchoReply, EchoRequest, echo_client::EchoClient};
@@ -62,11 +68,38 @@ impl pb::echo_server::Echo for Echo {
     }
 }
 
+#[derive(Debug)]
+struct Health {
+    serving: Arc<AtomicBool>,
+    checks: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl health::health_server::Health for Health {
+    async fn check(
+        &self,
+        _: Request<health::HealthCheckRequest>,
+    ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        use health::health_check_response::ServingStatus;
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        let status = if self.serving.load(Ordering::SeqCst) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(Response::new(health::HealthCheckResponse {
+            status: status.into(),
+        }))
+    }
+}
+
 /// A gRPC echo server on 127.0.0.1:0.
 #[derive(Debug)]
 pub struct GrpcServer {
     pub addr: SocketAddr,
     calls: Arc<AtomicUsize>,
+    serving: Arc<AtomicBool>,
+    checks: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -91,6 +124,16 @@ impl GrpcServer {
         self.calls.load(Ordering::SeqCst)
     }
 
+    /// What the health service answers: SERVING (true) or NOT_SERVING.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+    }
+
+    /// Health checks received.
+    pub fn health_checks(&self) -> usize {
+        self.checks.load(Ordering::SeqCst)
+    }
+
     async fn start_with(name: &str, fail_with: Option<tonic::Code>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -100,14 +143,27 @@ impl GrpcServer {
             fail_with,
             calls: calls.clone(),
         });
+        let serving = Arc::new(AtomicBool::new(true));
+        let checks = Arc::new(AtomicUsize::new(0));
+        let health = health::health_server::HealthServer::new(Health {
+            serving: serving.clone(),
+            checks: checks.clone(),
+        });
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(health)
                 .serve_with_incoming(incoming)
                 .await;
         });
-        Self { addr, calls, task }
+        Self {
+            addr,
+            calls,
+            serving,
+            checks,
+            task,
+        }
     }
 }
 

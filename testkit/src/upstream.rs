@@ -39,6 +39,8 @@ struct State {
     fail_with: AtomicU16,
     /// Every request waits this long first.
     delay_ms: AtomicU64,
+    /// Requests by path.
+    paths: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,7 @@ impl TestServer {
             connections: AtomicUsize::new(0),
             fail_with: AtomicU16::new(0),
             delay_ms: AtomicU64::new(0),
+            paths: Default::default(),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -115,6 +118,12 @@ impl TestServer {
         .await;
     }
 
+    /// Requests received for `path` (health check probes apart from traffic).
+    pub fn requests_to(&self, path: &str) -> usize {
+        let paths = self.state.paths.lock().unwrap();
+        paths.get(path).copied().unwrap_or(0)
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -133,6 +142,12 @@ impl TestServer {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    *state
+        .paths
+        .lock()
+        .unwrap()
+        .entry(req.uri().path().to_owned())
+        .or_default() += 1;
     let header = |n: &str| {
         req.headers()
             .get(n)

@@ -656,6 +656,15 @@ mod tests {
             "serviceDiscovery": { "awsCloudMap": { "namespaceName": "demo", "serviceName": "web", "attributes": { "version": "v1" } } },
         });
         let problems = check(Kind::VirtualNode, &mut spec).problems;
+        assert_eq!(problems, [], "a node's health check is honoured");
+
+        let mut gateway = serde_json::json!({
+            "listeners": [{
+                "portMapping": { "port": 8080, "protocol": "http" },
+                "healthCheck": { "protocol": "http", "path": "/ping", "healthyThreshold": 2, "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 5000 },
+            }],
+        });
+        let problems = check(Kind::VirtualGateway, &mut gateway).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].0, "spec.listeners[0].healthCheck");
         assert!(

@@ -713,7 +713,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.listeners[].healthCheck",
-        Refused("active health checks are not implemented yet (issue 10)"),
+        Honoured(
+            "active health checks by every proxy calling the node, against each endpoint (Envoy's semantics): http GET path over HTTP/1.1 and http2 over h2c healthy iff 200, grpc grpc.health.v1.Health/Check healthy iff SERVING, tcp a connection; a probe slower than timeoutMillis fails; unhealthy after unhealthyThreshold failures in a row, healthy after healthyThreshold successes; the first probe runs at once and decides (pending endpoints take requests); later ones jittered; unhealthy endpoints get no requests; path only with http/http2; port defaults to the endpoint's",
+        ),
     ),
     (
         VirtualNode,

@@ -14,6 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
 use crate::{
     balance::WeightedTargets,
+    health_check::{HealthCheck, Probe},
     limit::PoolLimits,
     metrics::ProxyMetrics,
     outlier::OutlierDetection,
@@ -257,8 +258,21 @@ fn compile_cluster(
         .connection_pool
         .as_ref()
         .map(|p| compile_pool(c, &format!("{path}.connectionPool"), p, protocol));
+    let health_check = cluster
+        .health_check
+        .as_ref()
+        .map(|h| compile_health_check(c, &format!("{path}.healthCheck"), h));
     if c.errors.len() > before {
         return None;
+    }
+    // Probes for the endpoints that may take requests; none (no task, no cost on the request
+    // path) for clusters without a health check.
+    let health_check = health_check.map(Arc::new);
+    if let Some(hc) = &health_check {
+        let metrics = c.metrics.health_check(&name);
+        for (endpoint, _) in endpoints.iter().filter(|(_, h)| *h == Health::Healthy) {
+            generation.health_check(&name, endpoint, hc, &metrics);
+        }
     }
     // No state (and no cost on the request path) for a pool without limits.
     let limits = limits
@@ -281,31 +295,102 @@ fn compile_cluster(
         cursor: AtomicUsize::new(0),
         outlier,
         limits,
+        health_check,
     }))
+}
+
+/// A duration that must be given and greater than 0.
+fn required_positive(
+    c: &mut Compiler<'_>,
+    path: String,
+    d: Option<&pb_duration::Duration>,
+) -> Duration {
+    match d {
+        None => {
+            c.err(path, "is required");
+            Duration::ZERO
+        }
+        Some(_) => match c.duration(&path, d) {
+            Some(d) if d.is_zero() => {
+                c.err(path, "must be greater than 0");
+                d
+            }
+            d => d.unwrap_or_default(),
+        },
+    }
+}
+
+fn compile_health_check(c: &mut Compiler<'_>, path: &str, h: &pb::HealthCheck) -> HealthCheck {
+    use pb::health_check::Protocol as PbProtocol;
+    let http_path = |c: &mut Compiler<'_>| -> Arc<str> {
+        if h.path.is_empty() {
+            return "/".into();
+        }
+        if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+            c.err(
+                format!("{path}.path"),
+                format!("{:?} is not a path starting with /", h.path),
+            );
+        }
+        h.path.as_str().into()
+    };
+    let probe = match PbProtocol::try_from(h.protocol) {
+        Ok(PbProtocol::Http) => Probe::Http { path: http_path(c) },
+        Ok(PbProtocol::Http2) => Probe::Http2 { path: http_path(c) },
+        Ok(PbProtocol::Grpc) => Probe::Grpc,
+        Ok(PbProtocol::Tcp) => Probe::Tcp,
+        Err(_) => {
+            c.err(format!("{path}.protocol"), "unknown protocol");
+            Probe::Tcp
+        }
+    };
+    if matches!(probe, Probe::Grpc | Probe::Tcp) && !h.path.is_empty() {
+        c.err(
+            format!("{path}.path"),
+            "used only by HTTP and HTTP2 health checks",
+        );
+    }
+    let port = match u16::try_from(h.port) {
+        Ok(0) => None,
+        Ok(port) => Some(port),
+        Err(_) => {
+            c.err(
+                format!("{path}.port"),
+                "must be 1..=65535 (0: the endpoint's port)",
+            );
+            None
+        }
+    };
+    let interval = required_positive(c, format!("{path}.interval"), h.interval.as_ref());
+    let timeout = required_positive(c, format!("{path}.timeout"), h.timeout.as_ref());
+    for (field, v) in [
+        ("healthyThreshold", h.healthy_threshold),
+        ("unhealthyThreshold", h.unhealthy_threshold),
+    ] {
+        if v == 0 {
+            c.err(format!("{path}.{field}"), "must be at least 1");
+        }
+    }
+    HealthCheck {
+        probe,
+        port,
+        interval,
+        timeout,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+    }
 }
 
 fn compile_outlier(c: &mut Compiler<'_>, path: &str, o: &pb::OutlierDetection) -> OutlierDetection {
     if o.max_server_errors == 0 {
         c.err(format!("{path}.maxServerErrors"), "must be at least 1");
     }
-    let required = |c: &mut Compiler<'_>, field: &str, d: Option<&pb_duration::Duration>| {
-        let fpath = format!("{path}.{field}");
-        match d {
-            None => {
-                c.err(fpath, "is required");
-                Duration::ZERO
-            }
-            Some(_) => match c.duration(&fpath, d) {
-                Some(d) if d.is_zero() => {
-                    c.err(fpath, "must be greater than 0");
-                    d
-                }
-                d => d.unwrap_or_default(),
-            },
-        }
-    };
-    let interval = required(c, "interval", o.interval.as_ref());
-    let base_ejection = required(c, "baseEjectionDuration", o.base_ejection_duration.as_ref());
+    let interval = required_positive(c, format!("{path}.interval"), o.interval.as_ref());
+    let base_ejection = required_positive(
+        c,
+        format!("{path}.baseEjectionDuration"),
+        o.base_ejection_duration.as_ref(),
+    );
     if o.max_ejection_percent > 100 {
         c.err(format!("{path}.maxEjectionPercent"), "must be 0..=100");
     }

@@ -8,6 +8,7 @@
 mod circuit;
 mod config_input;
 mod hardening;
+mod health;
 mod inprocess;
 mod lifecycle;
 mod protocols;
