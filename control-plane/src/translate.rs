@@ -1307,27 +1307,33 @@ mod tests {
         trellis_proxy::snapshot::check(&snapshot).unwrap();
     }
 
+    /// The cluster the front sidecar builds for blue when blue's listener has `extra` (YAML
+    /// lines under it), and the whole snapshot.
+    fn blue_cluster_at_front(extra: &str) -> (pb::Cluster, pb::Snapshot) {
+        let listener = "    - portMapping: { port: 9081, protocol: http }\n";
+        let mesh = MESH.replacen(listener, &format!("{listener}{extra}"), 1);
+        assert_ne!(mesh, MESH);
+        let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state(&mesh), &instances, &front).unwrap();
+        let blue = t
+            .snapshot
+            .clusters
+            .iter()
+            .find(|c| c.name == "default/blue")
+            .unwrap()
+            .clone();
+        (blue, t.snapshot)
+    }
+
     /// The clusters that call a node carry its listener's outlier detection and connection
     /// pool, and the proxy compiles them.
     #[test]
     fn callers_clusters_carry_the_nodes_outlier_detection_and_connection_pool() {
-        let mesh = MESH.replacen(
-            "    - portMapping: { port: 9081, protocol: http }\n",
-            "    - portMapping: { port: 9081, protocol: http }\n      outlierDetection: { maxServerErrors: 5, interval: { unit: s, value: 10 }, baseEjectionDuration: { unit: ms, value: 30000 }, maxEjectionPercent: 50 }\n      connectionPool: { http: { maxConnections: 20, maxPendingRequests: 7 } }\n",
-            1,
+        let (blue, snapshot) = blue_cluster_at_front(
+            "      outlierDetection: { maxServerErrors: 5, interval: { unit: s, value: 10 }, baseEjectionDuration: { unit: ms, value: 30000 }, maxEjectionPercent: 50 }\n      connectionPool: { http: { maxConnections: 20, maxPendingRequests: 7 } }\n",
         );
-        assert_ne!(mesh, MESH);
-        let state = state(&mesh);
-        let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
-        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        let t = sidecar(&state, &instances, &front).unwrap();
-        let clusters: BTreeMap<_, _> = t
-            .snapshot
-            .clusters
-            .iter()
-            .map(|c| (c.name.as_str(), c))
-            .collect();
-        let blue = clusters["default/blue"];
+        let blue = &blue;
         assert_eq!(
             blue.outlier_detection,
             Some(pb::OutlierDetection {
@@ -1351,37 +1357,28 @@ mod tests {
                 max_requests: 0,
             })
         );
-        let green = clusters["default/green"];
+        let green = snapshot
+            .clusters
+            .iter()
+            .find(|c| c.name == "default/green")
+            .unwrap();
         assert_eq!(
             (&green.outlier_detection, &green.connection_pool),
             (&None, &None)
         );
-        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        trellis_proxy::snapshot::check(&snapshot).unwrap();
     }
 
     /// The clusters that call a node carry the health check of the node's listener they reach,
     /// and the proxy compiles it.
     #[test]
     fn callers_clusters_carry_the_nodes_health_check() {
-        let mesh = MESH.replacen(
-            "    - portMapping: { port: 9081, protocol: http }\n",
-            "    - portMapping: { port: 9081, protocol: http }\n      healthCheck: { protocol: http, path: /ping, port: 9900, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 3 }\n",
-            1,
+        let (blue, snapshot) = blue_cluster_at_front(
+            "      healthCheck: { protocol: http, path: /ping, port: 9900, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 3 }\n",
         );
-        assert_ne!(mesh, MESH);
-        let state = state(&mesh);
-        let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
-        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        let t = sidecar(&state, &instances, &front).unwrap();
-        let clusters: BTreeMap<_, _> = t
-            .snapshot
-            .clusters
-            .iter()
-            .map(|c| (c.name.as_str(), c))
-            .collect();
         let secs = |seconds| Some(PbDuration { seconds, nanos: 0 });
         assert_eq!(
-            clusters["default/blue"].health_check,
+            blue.health_check,
             Some(pb::HealthCheck {
                 protocol: pb::health_check::Protocol::Http as i32,
                 path: "/ping".into(),
@@ -1392,8 +1389,13 @@ mod tests {
                 unhealthy_threshold: 3,
             })
         );
-        assert_eq!(clusters["default/green"].health_check, None);
-        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let green = snapshot
+            .clusters
+            .iter()
+            .find(|c| c.name == "default/green")
+            .unwrap();
+        assert_eq!(green.health_check, None);
+        trellis_proxy::snapshot::check(&snapshot).unwrap();
     }
 
     #[test]
