@@ -333,14 +333,14 @@ pub struct RouterProvider {
 pub struct Listener {
     pub port_mapping: PortMapping,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<Value>,
+    pub health_check: Option<HealthCheck>,
     /// Inbound timeouts toward the app, per protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<ListenerTimeout>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_pool: Option<Value>,
+    pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<Value>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Value>,
 }
@@ -373,24 +373,6 @@ impl ListenerTimeout {
     }
 }
 
-impl Listener {
-    /// `outlierDetection`, read from the stored object (its schema is checked on apply); `Err`
-    /// with the reason when it does not have App Mesh's shape.
-    pub fn outlier(&self) -> Result<Option<OutlierDetection>, String> {
-        typed(self.outlier_detection.as_ref())
-    }
-
-    /// `connectionPool`, read like [`Listener::outlier`].
-    pub fn pool(&self) -> Result<Option<ConnectionPool>, String> {
-        typed(self.connection_pool.as_ref())
-    }
-
-    /// `healthCheck`, read like [`Listener::outlier`].
-    pub fn health(&self) -> Result<Option<HealthCheck>, String> {
-        typed(self.health_check.as_ref())
-    }
-}
-
 /// A VirtualNode listener's `healthCheck` (App Mesh v1beta2): active health checks that the
 /// proxies calling the node perform against each of its endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -399,20 +381,15 @@ pub struct HealthCheck {
     /// http, http2, grpc or tcp.
     pub protocol: String,
     /// http and http2 only.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Unset: the endpoint's port.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i64>,
     pub interval_millis: i64,
     pub timeout_millis: i64,
     pub healthy_threshold: i64,
     pub unhealthy_threshold: i64,
-}
-
-fn typed<T: serde::de::DeserializeOwned>(v: Option<&Value>) -> Result<Option<T>, String> {
-    v.map(|v| serde_json::from_value(v.clone()).map_err(|e| e.to_string()))
-        .transpose()
 }
 
 /// A VirtualNode listener's `outlierDetection` (App Mesh v1beta2).
@@ -429,13 +406,13 @@ pub struct OutlierDetection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionPool {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpPool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http2: Option<RequestPool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<RequestPool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpPool>,
 }
 
@@ -443,7 +420,7 @@ pub struct ConnectionPool {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpPool {
     pub max_connections: i64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<i64>,
 }
 

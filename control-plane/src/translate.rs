@@ -143,22 +143,22 @@ fn listener_resilience(
     l: &model::Listener,
 ) -> (Option<pb::OutlierDetection>, Option<pb::ConnectionPool>) {
     let count = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-    let outlier = l.outlier().ok().flatten().map(|o| pb::OutlierDetection {
+    let outlier = l.outlier_detection.as_ref().map(|o| pb::OutlierDetection {
         max_server_errors: count(o.max_server_errors),
         interval: app_duration(Some(&o.interval)),
         base_ejection_duration: app_duration(Some(&o.base_ejection_duration)),
         max_ejection_percent: count(o.max_ejection_percent),
     });
-    let pool = l.pool().ok().flatten().map(|p| {
+    let pool = l.connection_pool.as_ref().map(|p| {
         let mut pool = pb::ConnectionPool::default();
-        if let Some(h) = p.http {
+        if let Some(h) = &p.http {
             pool.max_connections = count(h.max_connections);
             pool.max_pending_requests = h.max_pending_requests.map_or(0, count);
         }
-        if let Some(r) = p.http2.or(p.grpc) {
+        if let Some(r) = p.http2.as_ref().or(p.grpc.as_ref()) {
             pool.max_requests = count(r.max_requests);
         }
-        if let Some(t) = p.tcp {
+        if let Some(t) = &p.tcp {
             pool.max_connections = count(t.max_connections);
         }
         pool
@@ -170,7 +170,7 @@ fn listener_resilience(
 /// shape, and that a path comes only with http and http2).
 fn listener_health_check(l: &model::Listener) -> Option<pb::HealthCheck> {
     use pb::health_check::Protocol;
-    let h = l.health().ok().flatten()?;
+    let h = l.health_check.as_ref()?;
     let count = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let millis = |v: i64| {
         duration(std::time::Duration::from_millis(
@@ -185,7 +185,7 @@ fn listener_health_check(l: &model::Listener) -> Option<pb::HealthCheck> {
     };
     Some(pb::HealthCheck {
         protocol: protocol as i32,
-        path: h.path.unwrap_or_default(),
+        path: h.path.clone().unwrap_or_default(),
         port: h.port.map_or(0, count),
         interval: Some(millis(h.interval_millis)),
         timeout: Some(millis(h.timeout_millis)),
@@ -1316,14 +1316,12 @@ mod tests {
         let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
         let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
         let t = sidecar(&state(&mesh), &instances, &front).unwrap();
-        let blue = t
-            .snapshot
-            .clusters
-            .iter()
-            .find(|c| c.name == "default/blue")
-            .unwrap()
-            .clone();
+        let blue = cluster(&t.snapshot, "default/blue").clone();
         (blue, t.snapshot)
+    }
+
+    fn cluster<'a>(snapshot: &'a pb::Snapshot, name: &str) -> &'a pb::Cluster {
+        snapshot.clusters.iter().find(|c| c.name == name).unwrap()
     }
 
     /// The clusters that call a node carry its listener's outlier detection and connection
@@ -1357,11 +1355,7 @@ mod tests {
                 max_requests: 0,
             })
         );
-        let green = snapshot
-            .clusters
-            .iter()
-            .find(|c| c.name == "default/green")
-            .unwrap();
+        let green = cluster(&snapshot, "default/green");
         assert_eq!(
             (&green.outlier_detection, &green.connection_pool),
             (&None, &None)
@@ -1389,11 +1383,7 @@ mod tests {
                 unhealthy_threshold: 3,
             })
         );
-        let green = snapshot
-            .clusters
-            .iter()
-            .find(|c| c.name == "default/green")
-            .unwrap();
+        let green = cluster(&snapshot, "default/green");
         assert_eq!(green.health_check, None);
         trellis_proxy::snapshot::check(&snapshot).unwrap();
     }

@@ -570,10 +570,9 @@ impl Checker<'_> {
     fn listener_resilience(&mut self, path: &str, listeners: &[Listener]) {
         for (i, l) in listeners.iter().enumerate() {
             let lp = format!("{path}[{i}]");
-            match l.outlier() {
-                Err(e) => self.err(format!("{lp}.outlierDetection"), e),
-                Ok(None) => {}
-                Ok(Some(o)) => {
+            match &l.outlier_detection {
+                None => {}
+                Some(o) => {
                     let op = format!("{lp}.outlierDetection");
                     self.duration(&format!("{op}.interval.value"), &o.interval, 1);
                     self.duration(
@@ -583,9 +582,8 @@ impl Checker<'_> {
                     );
                 }
             }
-            match l.health() {
-                Err(e) => self.err(format!("{lp}.healthCheck"), e),
-                Ok(Some(h)) if h.path.is_some() && !matches!(&*h.protocol, "http" | "http2") => {
+            match &l.health_check {
+                Some(h) if h.path.is_some() && !matches!(&*h.protocol, "http" | "http2") => {
                     self.err(
                         format!("{lp}.healthCheck.path"),
                         format!(
@@ -594,7 +592,7 @@ impl Checker<'_> {
                         ),
                     );
                 }
-                Ok(Some(h))
+                Some(h)
                     if h.path.as_ref().is_some_and(|p| {
                         !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err()
                     }) =>
@@ -604,15 +602,10 @@ impl Checker<'_> {
                         "must be a path starting with /".into(),
                     );
                 }
-                Ok(_) => {}
+                _ => {}
             }
-            let pool = match l.pool() {
-                Err(e) => {
-                    self.err(format!("{lp}.connectionPool"), e);
-                    continue;
-                }
-                Ok(None) => continue,
-                Ok(Some(p)) => p,
+            let Some(pool) = &l.connection_pool else {
+                continue;
             };
             let set: Vec<&str> = [
                 ("http", pool.http.is_some()),
