@@ -144,7 +144,9 @@ impl App {
             }
             Err(e) => {
                 tracing::warn!(version = %snapshot.version, error = %e, "snapshot rejected; the previous one keeps serving");
+                // The reason first, then the count: whoever sees the count sees why.
                 *self.last_rejection.lock() = Some(format!("{}: {e}", snapshot.version));
+                self.services.metrics.snapshot_rejected();
             }
         }
         result
@@ -156,9 +158,9 @@ impl App {
         let snapshot = snapshot::read_file(path)
             .and_then(|text| snapshot::parse_file(&text))
             .inspect_err(|e| {
-                self.services.metrics.snapshot_rejected();
                 tracing::warn!(error = %e, "snapshot rejected; the previous one keeps serving");
                 *self.last_rejection.lock() = Some(e.to_string());
+                self.services.metrics.snapshot_rejected();
             })?;
         self.apply(&snapshot)
     }

@@ -466,10 +466,8 @@ impl SnapshotStore {
                 self.metrics.snapshot_applied(&runtime.version);
                 Ok(runtime)
             }
-            Err(e) => {
-                self.metrics.snapshot_rejected();
-                Err(e)
-            }
+            // Counted by the caller once it has recorded why.
+            Err(e) => Err(e),
         }
     }
 }
