@@ -703,12 +703,78 @@ pub struct VirtualNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logging: Option<Value>,
+    pub logging: Option<Logging>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
     /// Trellis: how callers balance over this node's instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+}
+
+/// A VirtualNode's or VirtualGateway's `logging`: its proxy's access log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Logging {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLog>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLog {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileAccessLog>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileAccessLog {
+    /// Where the proxy appends lines; `/dev/stdout` is its standard output.
+    pub path: String,
+    /// Unset: Envoy's default text format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<LogFormat>,
+}
+
+/// One of `text` (an Envoy format string) or `json` (keys with Envoy format strings).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogFormat {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<Vec<JsonLogField>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JsonLogField {
+    pub key: String,
+    pub value: String,
+}
+
+impl FileAccessLog {
+    /// The snapshot's access log, compiled by the proxy (which refuses what it cannot render).
+    pub fn to_proto(&self) -> trellis_proto::v1::AccessLog {
+        use trellis_proto::v1 as pb;
+        let format = self.format.as_ref().and_then(|f| match (&f.text, &f.json) {
+            (Some(text), _) => Some(pb::access_log::Format::Text(text.clone())),
+            (None, Some(json)) => Some(pb::access_log::Format::Json(pb::JsonFormat {
+                fields: json
+                    .iter()
+                    .map(|f| pb::JsonField {
+                        key: f.key.clone(),
+                        value: f.value.clone(),
+                    })
+                    .collect(),
+            })),
+            (None, None) => None,
+        });
+        pb::AccessLog {
+            path: self.path.clone(),
+            format,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -826,7 +892,7 @@ pub struct VirtualGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logging: Option<Value>,
+    pub logging: Option<Logging>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

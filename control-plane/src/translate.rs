@@ -211,12 +211,17 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    /// The snapshot of `listeners` and the clusters they use, versioned by its content.
-    fn finish(self, listeners: Vec<pb::Listener>) -> Translated {
+    /// The snapshot of `listeners`, the clusters they use and the proxy's access log (from the
+    /// node's or gateway's `logging`), versioned by its content.
+    fn finish(self, listeners: Vec<pb::Listener>, logging: Option<&model::Logging>) -> Translated {
         let mut snapshot = pb::Snapshot {
             version: String::new(),
             listeners,
             clusters: self.clusters.into_values().collect(),
+            access_log: logging
+                .and_then(|l| l.access_log.as_ref())
+                .and_then(|a| a.file.as_ref())
+                .map(model::FileAccessLog::to_proto),
         };
         snapshot.version = version(&snapshot);
         Translated {
@@ -644,7 +649,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
     let mut listeners = Vec::new();
     listeners.extend(ingress(&mut b, &spec));
     listeners.push(egress(&mut b, &spec, node));
-    Some(b.finish(listeners))
+    Some(b.finish(listeners, spec.logging.as_ref()))
 }
 
 /// Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did (one
@@ -910,7 +915,7 @@ fn combine(
 /// through the services' routers, with App Mesh's default rewrites (matched prefix → "/", Host →
 /// the service's hostname).
 pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Option<Translated> {
-    let Some(Spec::VirtualGateway(_)) = state.get(key).map(|r| &r.spec) else {
+    let Some(Spec::VirtualGateway(spec)) = state.get(key).map(|r| &r.spec) else {
         return None;
     };
     let mut b = Builder {
@@ -974,12 +979,15 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
             b.sources.route("gateway", &host.name, &r.name, sources);
         }
     }
-    Some(b.finish(vec![pb::Listener {
-        name: "gateway".into(),
-        role: pb::listener::Role::Ingress as i32,
-        virtual_hosts: hosts,
-        ..Default::default()
-    }]))
+    Some(b.finish(
+        vec![pb::Listener {
+            name: "gateway".into(),
+            role: pb::listener::Role::Ingress as i32,
+            virtual_hosts: hosts,
+            ..Default::default()
+        }],
+        spec.logging.as_ref(),
+    ))
 }
 
 /// One GatewayRoute's routes — expanded through its target service's router when it has one —
@@ -1277,6 +1285,7 @@ mod tests {
             ..Default::default()
         };
         let snapshot = pb::Snapshot {
+            access_log: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),

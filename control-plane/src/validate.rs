@@ -798,6 +798,7 @@ impl Checker<'_> {
         }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
+        self.logging(n.logging.as_ref());
         if let Some(sd) = &n.service_discovery {
             let count = [
                 sd.registry.is_some(),
@@ -885,7 +886,47 @@ impl Checker<'_> {
         }
     }
 
+    /// A node's or gateway's access log: one format, which the proxy can render.
+    fn logging(&mut self, logging: Option<&crate::model::Logging>) {
+        let Some(file) = logging
+            .and_then(|l| l.access_log.as_ref())
+            .and_then(|a| a.file.as_ref())
+        else {
+            return;
+        };
+        let path = "spec.logging.accessLog.file";
+        if let Some(f) = &file.format {
+            if f.json.is_some() == f.text.is_some() {
+                self.err(
+                    format!("{path}.format"),
+                    "give exactly one of json, text".into(),
+                );
+                return;
+            }
+        }
+        let snapshot = trellis_proto::v1::Snapshot {
+            access_log: Some(file.to_proto()),
+            ..Default::default()
+        };
+        if let Err(trellis_proxy::snapshot::SnapshotError::Invalid(errors)) =
+            trellis_proxy::snapshot::check(&snapshot)
+        {
+            for e in errors {
+                let field = match e.path.as_str() {
+                    "access_log.text" if file.format.is_some() => "format.text".to_owned(),
+                    "access_log.text" => "path".to_owned(),
+                    "access_log.path" => "path".to_owned(),
+                    p => p
+                        .strip_prefix("access_log.json.fields")
+                        .map_or_else(|| p.to_owned(), |rest| format!("format.json{rest}")),
+                };
+                self.err(format!("{path}.{field}"), e.reason);
+            }
+        }
+    }
+
     fn virtual_gateway(&mut self, g: &VirtualGatewaySpec) {
+        self.logging(g.logging.as_ref());
         if let Some(selector) = &g.pod_selector {
             self.selector("spec.podSelector", selector);
         }

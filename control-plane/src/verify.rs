@@ -379,6 +379,7 @@ mod tests {
         let mut duplicate = host("dup", vec![route("x", "c", None)]);
         duplicate.domains = vec!["a".into()];
         let snapshot = pb::Snapshot {
+            access_log: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),
@@ -455,6 +456,7 @@ mod tests {
         let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
         let t = Translated {
             snapshot: pb::Snapshot {
+                access_log: None,
                 version: "v".into(),
                 listeners: vec![pb::Listener {
                     name: "x".into(),

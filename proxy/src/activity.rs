@@ -2,9 +2,12 @@
 //! and half-close) and the guards the request path holds on it while a request, or its body, is
 //! in flight.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use futures_util::task::AtomicWaker;
@@ -30,11 +33,20 @@ pub(crate) struct ConnActivity {
     pub(crate) upgraded: AtomicBool,
     /// Wakes the connection's reader when the last request in flight ends.
     pub(crate) reader: AtomicWaker,
+    /// The client's address and the one it connected to, for the access log.
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
 }
 
 impl ConnActivity {
-    pub(crate) fn new(span: tracing::Span) -> Self {
+    pub(crate) fn new(
+        span: tracing::Span,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    ) -> Self {
         Self {
+            peer,
+            local,
             opened: Instant::now(),
             span,
             last_end: AtomicU64::new(0),
@@ -70,6 +82,11 @@ impl ActiveRequest {
     pub(crate) fn begin(activity: &Arc<ConnActivity>) -> Self {
         activity.active.fetch_add(1, Ordering::Relaxed);
         Self(activity.clone())
+    }
+
+    /// The client's address and the one it connected to.
+    pub(crate) fn addresses(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.0.peer, self.0.local)
     }
 
     /// The span of the request's connection.

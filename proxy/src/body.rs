@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -76,7 +76,8 @@ where
 /// in-flight count, then the request's metrics and access log). `error` is set when the body
 /// failed midway.
 pub trait Finish {
-    fn finish(self, error: Option<&'static str>);
+    /// The body is over, with `error` if it failed, after `bytes_sent` bytes of data.
+    fn finish(self, error: Option<&'static str>, bytes_sent: u64);
 }
 
 /// An upstream response body `B` on its way to the client, with its idle timeout and `F`, what
@@ -86,6 +87,8 @@ pub struct UpstreamBody<B, F: Finish> {
     inner: B,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     done: Option<F>,
+    /// Data bytes passed on so far.
+    sent: u64,
 }
 
 impl<B: Body, F: Finish> UpstreamBody<B, F> {
@@ -94,6 +97,7 @@ impl<B: Body, F: Finish> UpstreamBody<B, F> {
             inner,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             done: Some(done),
+            sent: 0,
         };
         if body.inner.is_end_stream() {
             body.finish(None);
@@ -105,7 +109,7 @@ impl<B: Body, F: Finish> UpstreamBody<B, F> {
     /// HTTP/1.1 connection has gone back to its pool already, when the body ended cleanly.)
     fn finish(&mut self, error: Option<&'static str>) {
         if let Some(done) = self.done.take() {
-            done.finish(error);
+            done.finish(error, self.sent);
         }
     }
 }
@@ -125,6 +129,7 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
                 if let Some((d, sleep)) = &mut this.idle {
                     sleep.as_mut().reset(Instant::now() + *d);
                 }
@@ -167,7 +172,7 @@ impl<B, F: Finish> Drop for UpstreamBody<B, F> {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
             // The client went away before the end of the body.
-            done.finish(Some("downstream_reset"));
+            done.finish(Some("downstream_reset"), self.sent);
         }
     }
 }
@@ -221,12 +226,19 @@ impl ClientBodyError {
 pub struct BodyState {
     failure: OnceLock<ClientBodyError>,
     responded: AtomicBool,
+    /// Data bytes received from the client, for the access log.
+    received: AtomicU64,
 }
 
 impl BodyState {
     /// The failure of the client's body, when that is why an attempt failed.
     pub fn failure(&self) -> Option<ClientBodyError> {
         self.failure.get().map(ClientBodyError::to_owned_kind)
+    }
+
+    /// Data bytes received from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// The response head has arrived: the request-body timeout stops (the route's stream idle
@@ -311,7 +323,11 @@ impl<O: Unpin> Body for ClientBody<O> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.progress += frame.data_ref().map_or(0, Bytes::len);
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                this.progress += len;
+                if let Some(t) = &this.tracking {
+                    t.state.received.fetch_add(len as u64, Ordering::Relaxed);
+                }
                 if this.progress >= MIN_BODY_PROGRESS {
                     this.armed = false;
                     this.progress = 0;

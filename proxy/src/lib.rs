@@ -81,11 +81,8 @@ pub fn run(config: config::ProxyConfig) -> anyhow::Result<()> {
 async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = metrics::ProxyMetrics::new(&registry).context("cannot register metrics")?;
-    let (access_log, writer) =
-        access_log::AccessLog::new(config.access_log.clone(), metrics.clone());
-    if let Some(writer) = writer {
-        tokio::spawn(writer);
-    }
+    let (access_log, writer) = access_log::AccessLog::new(&config.access_log, metrics.clone());
+    tokio::spawn(writer);
     let app = app::App::new(
         registry,
         metrics,

@@ -5,6 +5,7 @@
 use std::{
     convert::Infallible,
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -27,6 +28,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
+    access_log::LogRecord,
     activity::{ActiveRequest, ConnActivity},
     proxy::Services,
     snapshot::{ListenerKind, Slot},
@@ -106,13 +108,13 @@ impl Listeners {
             let span = tracing::debug_span!("conn", listener = slot.name(), %peer);
             self.drain.tasks.spawn(
                 self.clone()
-                    .connection(stream, slot.clone())
+                    .connection(stream, peer, slot.clone())
                     .instrument(span),
             );
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, slot: Slot) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: Slot) {
         let runtime = self.services.store.load();
         let Some(listener) = runtime.listener(&slot) else {
             // No listener configured for this socket: refuse by closing.
@@ -121,17 +123,42 @@ impl Listeners {
         let gauge = self.services.metrics.active_connections(&listener.name);
         gauge.inc();
         match &listener.kind {
-            ListenerKind::Tcp(route) => crate::tcp::forward(route, stream).await,
+            ListenerKind::Tcp(route) => {
+                let log = self
+                    .services
+                    .access_log
+                    .sink(runtime.access_log.as_ref())
+                    .map(|sink| {
+                        let mut log = LogRecord::tcp(sink.clone(), slot.name());
+                        (log.peer, log.local) = (Some(peer), stream.local_addr().ok());
+                        log
+                    });
+                let start = tokio::time::Instant::now();
+                let outcome = crate::tcp::forward(route, stream).await;
+                if let Some(mut log) = log {
+                    log.duration = start.elapsed();
+                    log.cluster = outcome.cluster;
+                    log.endpoint = outcome.endpoint;
+                    log.bytes_received = outcome.received;
+                    log.bytes_sent = outcome.sent;
+                    log.error = outcome.error;
+                    self.services.access_log.write(Box::new(log));
+                }
+            }
             ListenerKind::Http(_) => {
                 drop(runtime);
-                self.serve_http(stream, slot).await;
+                self.serve_http(stream, peer, slot).await;
             }
         }
         gauge.dec();
     }
 
-    async fn serve_http(self: &Arc<Self>, stream: TcpStream, slot: Slot) {
-        let activity = Arc::new(ConnActivity::new(tracing::Span::current()));
+    async fn serve_http(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: Slot) {
+        let activity = Arc::new(ConnActivity::new(
+            tracing::Span::current(),
+            Some(peer),
+            stream.local_addr().ok(),
+        ));
         let services = self.services.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |req| {

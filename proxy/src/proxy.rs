@@ -75,12 +75,15 @@ pub struct ExchangeEnd {
 }
 
 impl Finish for ExchangeEnd {
-    fn finish(self, error: Option<&'static str>) {
+    fn finish(self, error: Option<&'static str>, bytes_sent: u64) {
         let Self {
             in_flight,
-            completion,
+            mut completion,
         } = self;
         drop(in_flight);
+        if let Some(log) = &mut completion.log {
+            log.bytes_sent = bytes_sent;
+        }
         completion.finish(error);
     }
 }
@@ -95,6 +98,8 @@ pub struct Completion {
     retries: u32,
     metrics: Option<Arc<RequestMetrics>>,
     log: Option<Box<LogRecord>>,
+    /// The request body's state, when it has a body and is logged (for the bytes received).
+    body: Option<Arc<BodyState>>,
     recorded: bool,
     /// Keeps the client connection from counting as idle.
     active: ActiveRequest,
@@ -104,6 +109,15 @@ impl Completion {
     /// Records the request; `body_error` is set when the response body failed midway.
     pub fn finish(mut self, body_error: Option<&'static str>) {
         self.record(body_error);
+    }
+
+    /// A tunnel (CONNECT, WebSocket) to `endpoint` is over, after `counts` bytes from the client
+    /// and to it.
+    fn tunnelled(&mut self, endpoint: Arc<str>, counts: (u64, u64)) {
+        if let Some(log) = &mut self.log {
+            log.endpoint = Some(endpoint);
+            (log.bytes_received, log.bytes_sent) = counts;
+        }
     }
 
     fn record(&mut self, body_error: Option<&'static str>) {
@@ -126,7 +140,10 @@ impl Completion {
             log.duration = elapsed;
             log.retries = self.retries;
             log.error = body_error.or(self.error);
-            self.services.access_log.write(&log);
+            if let Some(body) = &self.body {
+                log.bytes_received = body.received();
+            }
+            self.services.access_log.write(log);
         }
     }
 }
@@ -158,8 +175,12 @@ pub(crate) async fn serve(
     let runtime = services.store.load();
     let log = services
         .access_log
-        .enabled()
-        .then(|| Box::new(LogRecord::new(slot, &req)));
+        .sink(runtime.access_log.as_ref())
+        .map(|sink| {
+            let mut log = Box::new(LogRecord::new(sink.clone(), slot.name(), &req));
+            (log.peer, log.local) = active.addresses();
+            log
+        });
     let mut completion = Some(Completion {
         services: services.clone(),
         start,
@@ -168,6 +189,7 @@ pub(crate) async fn serve(
         retries: 0,
         metrics: None,
         log,
+        body: None,
         recorded: false,
         active,
     });
@@ -231,6 +253,10 @@ pub(crate) async fn serve(
             if let Some(mut c) = completion {
                 c.status = response.status();
                 c.error = Some(err.kind());
+                if let Some(log) = &mut c.log {
+                    log.response_headers(response.headers());
+                    log.bytes_sent = response.body().size_hint().exact().unwrap_or(0);
+                }
                 c.finish(None);
             }
             response
@@ -414,16 +440,20 @@ async fn forward(
     // Until the response head arrives, a request body may pause for the route's idle timeout,
     // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
     // route's. Its failures are recorded for the attempts to tell them from the upstream's.
-    let tracking = match completion.as_ref() {
+    let tracking = match completion.as_mut() {
         Some(c) if !body.is_end_stream() => {
             let is_grpc = *grpc.insert(is_grpc(&out.parts().headers));
+            let state = Arc::<BodyState>::default();
+            if c.log.is_some() {
+                c.body = Some(state.clone());
+            }
             Some(BodyTracking {
                 idle: route
                     .timeouts
                     .idle
                     .or_else(|| (!is_grpc).then(|| c.services.idle_timeout)),
                 open: c.active.body_open(),
-                state: Arc::default(),
+                state,
             })
         }
         _ => None,
@@ -458,6 +488,7 @@ async fn forward(
     done.status = parts.status;
     if let Some(log) = &mut done.log {
         log.endpoint = Some(endpoint.addr.clone());
+        log.response_headers(&parts.headers);
     }
     let done = ExchangeEnd {
         in_flight,
@@ -787,15 +818,19 @@ async fn upgrade(
     let upstream = hyper::upgrade::on(&mut response);
     let idle = route.timeouts.idle;
     let cluster_name = cluster.name.clone();
+    let endpoint_addr = endpoint.addr.clone();
     let done = completion.take();
     tokio::spawn(async move {
         let _in_flight = in_flight;
+        let mut counts = (0, 0);
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
                 if let Some(done) = &done {
                     done.active.upgraded();
                 }
-                let result = crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle).await;
+                let result =
+                    crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle, &mut counts)
+                        .await;
                 if let Err(e) = result {
                     tracing::debug!(cluster = %cluster_name, error = %e, "upgraded connection ended");
                 }
@@ -804,6 +839,7 @@ async fn upgrade(
         }
         if let Some(mut done) = done {
             done.status = StatusCode::SWITCHING_PROTOCOLS;
+            done.tunnelled(endpoint_addr, counts);
             done.finish(None);
         }
     });
@@ -830,12 +866,15 @@ async fn tunnel(
     tokio::spawn(async move {
         let _in_flight = in_flight;
         let _permit = permit;
+        let mut counts = (0, 0);
         match hyper::upgrade::on(req).await {
             Ok(client) => {
                 if let Some(done) = &done {
                     done.active.upgraded();
                 }
-                if let Err(e) = crate::tcp::splice(TokioIo::new(client), stream, idle).await {
+                if let Err(e) =
+                    crate::tcp::splice(TokioIo::new(client), stream, idle, &mut counts).await
+                {
                     tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
                 }
             }
@@ -843,7 +882,8 @@ async fn tunnel(
                 tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT upgrade failed")
             }
         }
-        if let Some(done) = done {
+        if let Some(mut done) = done {
+            done.tunnelled(endpoint.addr.clone(), counts);
             done.finish(None);
         }
     });

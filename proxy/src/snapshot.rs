@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use trellis_proto::v1 as pb;
 
 use crate::{
+    access_log::Sink,
     balance::WeightedTargets,
     metrics::ProxyMetrics,
     route::RouteTable,
@@ -314,6 +315,8 @@ pub struct Runtime {
     /// Listeners with their own address, by name.
     pub named: HashMap<Arc<str>, Listener>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// The snapshot's access log; None: the `--access-log` flag's.
+    pub access_log: Option<Arc<Sink>>,
 }
 
 impl Runtime {
@@ -325,6 +328,7 @@ impl Runtime {
             egress: None,
             named: HashMap::new(),
             clusters: Vec::new(),
+            access_log: None,
         }
     }
 

@@ -56,26 +56,59 @@ pub(crate) async fn connect_any(cluster: &Cluster) -> Result<Connected, ProxyErr
     Err(last.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone())))
 }
 
+/// How a TCP listener's connection went, for the access log.
+#[derive(Debug, Default)]
+pub(crate) struct TcpOutcome {
+    pub cluster: Option<Arc<str>>,
+    pub endpoint: Option<Arc<str>>,
+    /// Bytes from the client, and to it.
+    pub received: u64,
+    pub sent: u64,
+    pub error: Option<&'static str>,
+}
+
 /// Forwards one accepted connection of a TCP listener.
-pub(crate) async fn forward(route: &TcpRoute, client: TcpStream) {
+pub(crate) async fn forward(route: &TcpRoute, client: TcpStream) -> TcpOutcome {
+    let mut outcome = TcpOutcome::default();
     let Some(target) = route.targets.pick() else {
-        return;
+        outcome.error = Some("no_route");
+        return outcome;
     };
     let cluster = &target.cluster;
+    outcome.cluster = Some(cluster.name.clone());
     match connect_any(cluster).await {
         Ok((endpoint, upstream, _permit)) => {
             let _in_flight = endpoint.begin_request();
-            if let Err(e) = splice(client, upstream, route.idle).await {
+            outcome.endpoint = Some(endpoint.addr.clone());
+            let mut counts = (0, 0);
+            let result = splice(client, upstream, route.idle, &mut counts).await;
+            (outcome.received, outcome.sent) = counts;
+            if let Err(e) = result {
                 tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection ended");
+                outcome.error = Some(if e.kind() == io::ErrorKind::TimedOut {
+                    "idle_timeout"
+                } else {
+                    "upstream_reset"
+                });
             }
         }
-        Err(e) => tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection refused"),
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection refused");
+            outcome.error = Some(e.kind());
+        }
     }
+    outcome
 }
 
 /// Copies bytes both ways until both sides are done, half-closing as each side finishes. With
-/// `idle`, gives up after that long without a byte in either direction.
-pub(crate) async fn splice<A, B>(mut a: A, mut b: B, idle: Option<Duration>) -> io::Result<()>
+/// `idle`, gives up after that long without a byte in either direction. `counts` holds the bytes
+/// copied from `a` to `b` and from `b` to `a`, also when it fails.
+pub(crate) async fn splice<A, B>(
+    mut a: A,
+    mut b: B,
+    idle: Option<Duration>,
+    counts: &mut (u64, u64),
+) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -83,7 +116,7 @@ where
     let Some(idle) = idle else {
         return tokio::io::copy_bidirectional(&mut a, &mut b)
             .await
-            .map(drop);
+            .map(|c| *counts = c);
     };
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
@@ -94,11 +127,11 @@ where
         tokio::select! {
             n = ar.read(&mut abuf), if a_open => match n? {
                 0 => { a_open = false; bw.shutdown().await?; }
-                n => bw.write_all(&abuf[..n]).await?,
+                n => { bw.write_all(&abuf[..n]).await?; counts.0 += n as u64; }
             },
             n = br.read(&mut bbuf), if b_open => match n? {
                 0 => { b_open = false; aw.shutdown().await?; }
-                n => aw.write_all(&bbuf[..n]).await?,
+                n => { aw.write_all(&bbuf[..n]).await?; counts.1 += n as u64; }
             },
             () = tokio::time::sleep(idle) => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}")));

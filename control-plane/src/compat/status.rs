@@ -29,7 +29,7 @@ const TARGET_PORT: &str = "choosing a target node's listener by port is not impl
 const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISABLED is accepted";
 const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
 const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
-const LOGGING: &str = "per-resource access logs are not implemented yet (issue 10): the proxy's --access-log flag sets its access log";
+const LOGGING: &str = "the proxy's access log: one line per request (and per TCP connection) on every listener, appended to file.path (/dev/stdout and /dev/stderr are the proxy's own), in Envoy's default format or format.text / format.json with Envoy's command operators (those Trellis renders are listed in the README; others are refused); replaces the --access-log flag's while set";
 const POD_SELECTOR: &str = "validated, and selects the node's pods on Kubernetes (issue 13); off Kubernetes there are no pods: a proxy names its node with --node (a gateway with --gateway)";
 
 /// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
@@ -758,7 +758,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
         ),
     ),
-    (VirtualNode, "spec.logging", Refused(LOGGING)),
+    (VirtualNode, "spec.logging", Honoured(LOGGING)),
     (VirtualNode, "spec.meshRef", Honoured(MESH_REF)),
     (VirtualNode, "spec.meshRef.name", Honoured(MESH_REF)),
     (VirtualNode, "spec.meshRef.uid", Identity(UID)),
@@ -870,7 +870,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
         ),
     ),
-    (VirtualGateway, "spec.logging", Refused(LOGGING)),
+    (VirtualGateway, "spec.logging", Honoured(LOGGING)),
     (VirtualGateway, "spec.meshRef", Honoured(MESH_REF)),
     (VirtualGateway, "spec.meshRef.name", Honoured(MESH_REF)),
     (VirtualGateway, "spec.meshRef.uid", Identity(UID)),

@@ -311,3 +311,146 @@ async fn egress_filters_deny_undeclared_destinations() {
         "{refused}"
     );
 }
+
+/// `logging.accessLog`: each node's proxy writes its own file in the format the node asks for
+/// (Envoy's default, or JSON with typed values), a new format applies on the next request, and a
+/// format the proxy cannot render is refused at apply with its field path.
+#[tokio::test]
+async fn access_logs_follow_each_nodes_logging() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let logs = tempfile::tempdir().unwrap();
+    let app_log = logs.path().join("app.log");
+    let front_log = logs.path().join("front.log");
+    let manifest = |app_format: &str| {
+        format!(
+            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n  \
+             logging: {{ accessLog: {{ file: {{ path: {app_log}, format: {app_format} }} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n  \
+             logging: {{ accessLog: {{ file: {{ path: {front_log} }} }} }}\n",
+            port = app.addr.port(),
+            app_log = app_log.display(),
+            front_log = front_log.display(),
+        )
+    };
+    let json = "{ json: [{ key: status, value: '%RESPONSE_CODE%' }, { key: path, value: '%REQ(:PATH)%' }, \
+                { key: agent, value: '%REQ(USER-AGENT)%' }, { key: upstream, value: '%UPSTREAM_HOST%' }, \
+                { key: sent, value: '%BYTES_SENT%' }, { key: received, value: '%BYTES_RECEIVED%' }, \
+                { key: peer, value: '%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%' }] }";
+    apply(&control.url, &manifest(json));
+    let dir = tempfile::tempdir().unwrap();
+    let front = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
+    let app_dir = tempfile::tempdir().unwrap();
+    let app_sidecar =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/app", app_dir.path()).await;
+    wait_synced(&control.url, 2).await;
+
+    // The caller's proxy: Envoy's default format.
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let r = c.get("app.default", "/from-front?q=1").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+    let line = eventually(
+        Duration::from_secs(10),
+        "the front proxy's access log line",
+        || async {
+            std::fs::read_to_string(&front_log)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+                .ok_or_else(|| "no line yet".to_string())
+        },
+    )
+    .await;
+    let upstream = format!("\"{}\"\n", app.addr);
+    assert!(
+        line.starts_with('[')
+            && line.contains("] \"GET /from-front?q=1 HTTP/1.1\" 200 - 0 3 ")
+            && line.contains("\"app.default\" ")
+            && line.ends_with(&upstream),
+        "{line}"
+    );
+
+    // The app's proxy: its own file, JSON with numbers where Envoy writes them.
+    let post = http::Request::post("/in")
+        .header("host", "app.default")
+        .header("user-agent", "e2e/1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"hello",
+        )))
+        .unwrap();
+    let mut c = Client::h1(app_sidecar.ingress).await.unwrap();
+    assert_eq!(c.send(post).await.unwrap().status, 200);
+    let line = eventually(
+        Duration::from_secs(10),
+        "the app proxy's access log line",
+        || async {
+            std::fs::read_to_string(&app_log)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+                .ok_or_else(|| "no line yet".to_string())
+        },
+    )
+    .await;
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["status"], 200, "{line}");
+    assert_eq!(v["path"], "/in");
+    assert_eq!(v["agent"], "e2e/1");
+    assert_eq!(v["sent"], 3);
+    assert_eq!(v["received"], 5);
+    assert_eq!(v["peer"], "127.0.0.1");
+    assert!(
+        v["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+    assert!(!std::fs::read_to_string(&front_log).unwrap().contains("/in"));
+
+    // A new format: the next request is written in it.
+    apply(
+        &control.url,
+        &manifest("{ text: '%RESPONSE_CODE% %REQ(:PATH)%' }"),
+    );
+    let lines = eventually(
+        Duration::from_secs(10),
+        "a text line after the format changed",
+        || async {
+            let mut c = Client::h1(app_sidecar.ingress)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.get("app.default", "/text")
+                .await
+                .map_err(|e| e.to_string())?;
+            std::fs::read_to_string(&app_log)
+                .ok()
+                .filter(|s| s.contains("200 /text\n"))
+                .ok_or_else(|| "no text line yet".to_string())
+        },
+    )
+    .await;
+    assert!(lines.lines().count() >= 2, "{lines}");
+
+    // Refused whole, naming the field; the running format stays.
+    let refused = apply_refused(
+        &control.url,
+        &manifest("{ text: '%FILTER_STATE(x)% %REQ(:PATH)%' }"),
+    );
+    assert!(
+        refused.contains(
+            "spec.logging.accessLog.file.format.text: %FILTER_STATE% is not supported by Trellis"
+        ),
+        "{refused}"
+    );
+    let refused = apply_refused(&control.url, &manifest("{ text: a, json: [] }"));
+    assert!(
+        refused.contains("spec.logging.accessLog.file.format: give exactly one of json, text"),
+        "{refused}"
+    );
+}

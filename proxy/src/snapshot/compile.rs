@@ -13,6 +13,7 @@ use trellis_proto::v1 as pb;
 
 use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
 use crate::{
+    access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
     health_check::{HealthCheck, Probe},
     limit::PoolLimits,
@@ -129,6 +130,10 @@ pub(crate) fn compile(
         egress: None,
         named: HashMap::new(),
         clusters,
+        access_log: snapshot
+            .access_log
+            .as_ref()
+            .and_then(|log| compile_access_log(&mut c, log)),
     };
     let mut names = HashSet::new();
     for (i, listener) in snapshot.listeners.iter().enumerate() {
@@ -974,4 +979,36 @@ fn compile_backoff(
         );
     }
     (base, max)
+}
+
+fn compile_access_log(c: &mut Compiler<'_>, log: &pb::AccessLog) -> Option<Arc<Sink>> {
+    use pb::access_log::Format;
+    if log.path.is_empty() {
+        c.err("access_log.path", "must not be empty");
+        return None;
+    }
+    let json: Vec<(String, String)>;
+    let spec = match &log.format {
+        None => FormatSpec::Default,
+        Some(Format::Text(t)) => FormatSpec::Text(t),
+        Some(Format::Json(j)) => {
+            json = j
+                .fields
+                .iter()
+                .map(|f| (f.key.clone(), f.value.clone()))
+                .collect();
+            FormatSpec::Json(&json)
+        }
+    };
+    match Sink::compile(&log.path, spec) {
+        Ok(sink) => Some(Arc::new(sink)),
+        Err(e) => {
+            let path = match e.json_field {
+                Some(i) => format!("access_log.json.fields[{i}].value"),
+                None => "access_log.text".into(),
+            };
+            c.err(path, e.reason);
+            None
+        }
+    }
 }

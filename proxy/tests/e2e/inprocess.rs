@@ -27,7 +27,8 @@ impl InProcessProxy {
     pub async fn start(snapshot: &str, idle_timeout: Duration) -> Self {
         let registry = prometheus::Registry::new();
         let metrics = ProxyMetrics::new(&registry).unwrap();
-        let (access_log, _) = AccessLog::new(AccessLogTarget::Off, metrics.clone());
+        let (access_log, writer) = AccessLog::new(&AccessLogTarget::Off, metrics.clone());
+        tokio::spawn(writer);
         let app = App::new(
             registry,
             metrics,

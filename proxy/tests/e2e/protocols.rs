@@ -13,6 +13,7 @@ use tokio::{
 use trellis_testkit::{
     ProxyProcess, RawHttpServer, RawReply, TcpEchoServer, TestServer, WsEchoServer,
     client::{Client, get, get_h2},
+    eventually,
     grpc::{self, EchoRequest, GrpcServer},
 };
 
@@ -404,8 +405,11 @@ async fn greet_and_echo(mut reader: BufReader<TcpStream>, want_greeting: &str) {
 #[tokio::test]
 async fn tcp_listener_and_connect_tunnel_forward_bytes() {
     let db = TcpEchoServer::start("db-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
     let snapshot = format!(
-        "version: v1\nlisteners:\n  - name: egress\n    role: EGRESS\n    virtualHosts:\n      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\n  - name: db-tcp\n    address: 127.0.0.1:0\n    protocol: TCP\n    tcp: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\nclusters:\n{}",
+        "version: v1\naccessLog: {{ path: {}, text: '%UPSTREAM_CLUSTER% %REQ(:METHOD)% %PROTOCOL% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_HOST%' }}\nlisteners:\n  - name: egress\n    role: EGRESS\n    virtualHosts:\n      - name: db\n        domains: ['db.test:5432']\n        routes:\n          - name: tunnel\n            action: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\n  - name: db-tcp\n    address: 127.0.0.1:0\n    protocol: TCP\n    tcp: {{ weightedTargets: [{{ cluster: db, weight: 1 }}] }}\nclusters:\n{}",
+        log.display(),
         cluster("db", "TCP_ONLY", &[db.addr])
     );
     let proxy = ProxyProcess::start(BIN, &snapshot, &[]).await;
@@ -435,6 +439,27 @@ async fn tcp_listener_and_connect_tunnel_forward_bytes() {
         }
     }
     greet_and_echo(reader, "db-1").await;
+
+    // Both are logged when they end, with the bytes each way (8 from the client; the greeting
+    // and the echo back): the TCP connection without request fields.
+    let text = eventually(Duration::from_secs(10), "two access log lines", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() == 2 {
+            Ok(text)
+        } else {
+            Err(format!("{text:?}"))
+        }
+    })
+    .await;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        [
+            format!("db - - 8 13 {}", db.addr),
+            format!("db CONNECT HTTP/1.1 8 13 {}", db.addr)
+        ]
+    );
 }
 
 #[tokio::test]
