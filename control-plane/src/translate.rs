@@ -425,17 +425,27 @@ impl Builder<'_> {
     /// none, when what routes them (a router, a VirtualService provided by a node) was applied
     /// with App Mesh's API group, unless its mesh turned App Mesh's defaults off: 2 retries on
     /// 503, gRPC UNAVAILABLE, connect failure, refused stream, reset.
+    /// The Mesh `source` belongs to.
+    fn mesh(&self, source: &ResourceKey) -> Option<&model::MeshSpec> {
+        let r = self.state.get(source)?;
+        let mesh = crate::validate::mesh_of(self.state, r)?;
+        match &self
+            .state
+            .get(&ResourceKey::new(Kind::Mesh, "", mesh))?
+            .spec
+        {
+            Spec::Mesh(m) => Some(m),
+            _ => None,
+        }
+    }
+
     fn default_retry(&self, source: &ResourceKey) -> Option<pb::RetryPolicy> {
         let r = self.state.get(source)?;
         if r.api_version != model::ApiVersion::AppMesh {
             return None;
         }
-        let mesh = crate::validate::mesh_of(self.state, r)
-            .and_then(|m| self.state.get(&ResourceKey::new(Kind::Mesh, "", m)));
-        if let Some(Spec::Mesh(m)) = mesh.map(|m| &m.spec) {
-            if !m.app_mesh_defaults() {
-                return None;
-            }
+        if self.mesh(source).is_some_and(|m| !m.app_mesh_defaults()) {
+            return None;
         }
         Some(pb::RetryPolicy {
             max_retries: 2,
@@ -750,12 +760,22 @@ fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb
         }
     }
     // The mesh's egressFilter: DROP_ALL (App Mesh's default, also when unset) refuses what the
-    // node does not declare as egress the mesh does not allow (ALLOW_ALL is refused on apply).
+    // node does not declare as egress the mesh does not allow; ALLOW_ALL forwards it to the host
+    // it names.
+    let allow_all = b
+        .mesh(node)
+        .and_then(|m| m.egress_filter.as_ref())
+        .is_some_and(|f| f.kind == "ALLOW_ALL");
+    let unmatched = if allow_all {
+        pb::listener::Unmatched::Passthrough
+    } else {
+        pb::listener::Unmatched::Deny
+    };
     pb::Listener {
         name: "egress".into(),
         role: pb::listener::Role::Egress as i32,
         virtual_hosts: hosts,
-        unmatched: pb::listener::Unmatched::Deny as i32,
+        unmatched: unmatched as i32,
         ..Default::default()
     }
 }

@@ -637,15 +637,6 @@ impl Checker<'_> {
         match spec {
             Spec::Namespace => {}
             Spec::Mesh(m) => {
-                if m.egress_filter
-                    .as_ref()
-                    .is_some_and(|f| f.kind == "ALLOW_ALL")
-                {
-                    self.err(
-                        "spec.egressFilter.type",
-                        "not supported by Trellis: ALLOW_ALL (forwarding to destinations outside the mesh) is not implemented yet (issue 10); DROP_ALL is".into(),
-                    );
-                }
                 if let Some(selector) = &m.namespace_selector {
                     self.selector("spec.namespaceSelector", selector);
                 }

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
+pub mod passthrough;
 pub mod proxy;
 pub mod retry;
 pub mod route;

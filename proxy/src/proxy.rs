@@ -22,7 +22,7 @@ use crate::{
     outbound::{AuthorityIn, Outbound, RequestBody as OutboundBody},
     retry::{Replay, RetryPolicy},
     route::{MatchInput, Route, authority_port},
-    snapshot::{ListenerKind, Runtime, Slot, SnapshotStore},
+    snapshot::{ListenerKind, Runtime, Slot, SnapshotStore, Unmatched},
     upstream::{Cluster, EndpointState, InFlight, Protocol, UpstreamIncoming},
 };
 
@@ -195,7 +195,8 @@ pub(crate) async fn serve(
     });
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
-    let routed = route_request(&runtime, slot, &req, &mut completion);
+    let mut passthrough = None;
+    let routed = route_request(&runtime, slot, &req, &mut completion, &mut passthrough);
     // Debug level: a routed request's span, under its connection's.
     let span = match (&routed, &completion) {
         (Ok(r), Some(c)) => tracing::debug_span!(
@@ -281,11 +282,13 @@ struct Routed<'r> {
 }
 
 /// Finds the request's route and target; records them on the completion.
+/// A passthrough route (made per destination, not the snapshot's) is held in `passthrough`.
 fn route_request<'r>(
     runtime: &'r Runtime,
     slot: &Slot,
     req: &Request<Incoming>,
     completion: &mut Option<Completion>,
+    passthrough: &'r mut Option<Arc<Route>>,
 ) -> Result<Routed<'r>, ProxyError> {
     if !completion
         .as_ref()
@@ -300,19 +303,23 @@ fn route_request<'r>(
         return Err(ProxyError::NoRoute);
     };
     let (authority, authority_in) = request_authority(req)?;
-    let host = table.host(authority).ok_or(if listener.deny_unmatched {
-        ProxyError::EgressDenied
-    } else {
-        ProxyError::NoRoute
-    })?;
-    let input = MatchInput {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-        port: authority_port(authority),
+    let route = match table.host(authority) {
+        Some(host) => {
+            let input = MatchInput {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                port: authority_port(authority),
+            };
+            host.route(&input).ok_or(ProxyError::NoRoute)?
+        }
+        None => match &listener.unmatched {
+            Unmatched::NotFound => return Err(ProxyError::NoRoute),
+            Unmatched::Deny => return Err(ProxyError::EgressDenied),
+            Unmatched::Passthrough(p) => &**passthrough.insert(p.route(authority)?),
+        },
     };
-    let route = host.route(&input).ok_or(ProxyError::NoRoute)?;
     let target = route.targets.pick().ok_or(ProxyError::NoRoute)?;
     if let Some(c) = completion.as_mut() {
         c.metrics = Some(target.metrics.clone());

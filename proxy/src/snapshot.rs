@@ -23,6 +23,7 @@ use crate::{
     access_log::Sink,
     balance::WeightedTargets,
     metrics::ProxyMetrics,
+    passthrough::Passthrough,
     route::RouteTable,
     upstream::{Cluster, Upstreams},
 };
@@ -386,9 +387,19 @@ pub struct Listener {
     /// Set for listeners that bind their own socket.
     pub address: Option<SocketAddr>,
     pub kind: ListenerKind,
-    /// HTTP: a request whose authority no virtual host serves is refused as egress the mesh
-    /// does not allow (403 `egress_denied`) rather than 404 `no_route`.
-    pub deny_unmatched: bool,
+    /// HTTP: what a request gets whose authority no virtual host serves.
+    pub unmatched: Unmatched,
+}
+
+/// What a request gets whose authority no virtual host serves.
+#[derive(Debug)]
+pub enum Unmatched {
+    /// 404 `no_route`.
+    NotFound,
+    /// 403 `egress_denied`: egress the mesh does not allow.
+    Deny,
+    /// Forwarded to the host it names.
+    Passthrough(Passthrough),
 }
 
 #[derive(Debug)]

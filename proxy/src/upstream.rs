@@ -197,7 +197,7 @@ impl h1::Release for EndpointState {
 }
 
 impl EndpointState {
-    fn new(addr: &str, protocol: Protocol) -> Self {
+    pub(crate) fn new(addr: &str, protocol: Protocol) -> Self {
         let pool = match protocol {
             Protocol::Http1 => Pool::Http1(Mutex::default()),
             Protocol::Http2 => Pool::Http2(Mutex::default()),

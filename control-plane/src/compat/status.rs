@@ -41,7 +41,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         Mesh,
         "spec.egressFilter",
         Honoured(
-            "DROP_ALL (App Mesh's default, also when unset): a sidecar's egress answers requests for hosts its VirtualNode does not declare with 403 egress_denied; ALLOW_ALL is refused: not implemented yet (issue 10)",
+            "DROP_ALL (App Mesh's default, also when unset): a sidecar's egress answers requests for hosts its VirtualNode does not declare with 403 egress_denied; ALLOW_ALL: it forwards them to the host they name (HTTP to host:port, 80 without a port; CONNECT tunnels), without retries or timeouts",
         ),
     ),
     (

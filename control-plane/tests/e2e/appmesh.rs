@@ -279,7 +279,7 @@ spec:
 /// The mesh's egressFilter: DROP_ALL (also when unset) makes a sidecar's egress refuse hosts its
 /// node does not declare with 403 `egress_denied`; ALLOW_ALL is refused on apply.
 #[tokio::test]
-async fn egress_filters_deny_undeclared_destinations() {
+async fn egress_filters_deny_or_pass_undeclared_destinations() {
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let app = TestServer::start("app").await;
@@ -305,11 +305,62 @@ async fn egress_filters_deny_undeclared_destinations() {
     assert_eq!(r.status, 403);
     assert_eq!(r.header("x-trellis-error"), Some("egress_denied"));
 
-    let refused = apply_refused(&control.url, &yaml.replace("DROP_ALL", "ALLOW_ALL"));
-    assert!(
-        refused.contains("spec.egressFilter.type: not supported by Trellis: ALLOW_ALL"),
-        "{refused}"
-    );
+    let outside = TestServer::start("outside").await;
+    let outside_host = outside.addr.to_string();
+    let r = c.get(&outside_host, "/").await.unwrap();
+    assert_eq!(r.header("x-trellis-error"), Some("egress_denied"));
+
+    // ALLOW_ALL: an undeclared host is reached as the request names it, by HTTP and by
+    // CONNECT; declared services are still routed by the mesh.
+    apply(&control.url, &yaml.replace("DROP_ALL", "ALLOW_ALL"));
+    eventually(
+        Duration::from_secs(10),
+        "an undeclared host is reached",
+        || async {
+            let mut c = Client::h1(front.egress).await.map_err(|e| e.to_string())?;
+            let r = c
+                .get(&outside_host, "/x")
+                .await
+                .map_err(|e| e.to_string())?;
+            if (r.status.as_u16(), r.text()) == (200, "outside".to_string()) {
+                Ok(())
+            } else {
+                Err(format!("{} {:?}", r.status, r.header("x-trellis-error")))
+            }
+        },
+    )
+    .await;
+    let r = c.get("app.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+    // A host with no port is reached on port 80: nothing listens there on this machine.
+    let r = c.get("127.0.0.1", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-trellis-error"), Some("connect_failure"));
+
+    let db = trellis_testkit::TcpEchoServer::start("db").await;
+    let mut s = tokio::net::TcpStream::connect(front.egress).await.unwrap();
+    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", db.addr);
+    tokio::io::AsyncWriteExt::write_all(&mut s, connect.as_bytes())
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line)
+            .await
+            .unwrap();
+        head.push_str(&line);
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut greeting = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut greeting)
+        .await
+        .unwrap();
+    assert_eq!(greeting, "db\n");
 }
 
 /// `logging.accessLog`: each node's proxy writes its own file in the format the node asks for

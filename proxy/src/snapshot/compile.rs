@@ -11,7 +11,7 @@ use std::{
 use regex::Regex;
 use trellis_proto::v1 as pb;
 
-use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute};
+use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute, Unmatched};
 use crate::{
     access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
@@ -19,6 +19,7 @@ use crate::{
     limit::PoolLimits,
     metrics::ProxyMetrics,
     outlier::OutlierDetection,
+    passthrough::Passthrough,
     retry::{self, RetryOn, RetryPolicy},
     route::{
         HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
@@ -527,23 +528,26 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
             return None;
         }
     };
-    let deny_unmatched = match pb::listener::Unmatched::try_from(listener.unmatched) {
-        Ok(pb::listener::Unmatched::NotFound) => false,
-        Ok(pb::listener::Unmatched::Deny) if matches!(kind, ListenerKind::Http(_)) => true,
-        Ok(pb::listener::Unmatched::Deny) => {
+    let unmatched = match pb::listener::Unmatched::try_from(listener.unmatched) {
+        Ok(pb::listener::Unmatched::NotFound) => Unmatched::NotFound,
+        Ok(_) if !matches!(kind, ListenerKind::Http(_)) => {
             c.err(format!("{path}.unmatched"), "only for HTTP listeners");
-            false
+            Unmatched::NotFound
+        }
+        Ok(pb::listener::Unmatched::Deny) => Unmatched::Deny,
+        Ok(pb::listener::Unmatched::Passthrough) => {
+            Unmatched::Passthrough(Passthrough::new(c.metrics.clone()))
         }
         Err(_) => {
             c.err(format!("{path}.unmatched"), "unknown value");
-            false
+            Unmatched::NotFound
         }
     };
     (c.errors.len() == before).then(|| Listener {
         name: listener.name.as_str().into(),
         address,
         kind,
-        deny_unmatched,
+        unmatched,
     })
 }
 
