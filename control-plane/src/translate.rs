@@ -238,9 +238,16 @@ impl Builder<'_> {
         }
     }
 
-    /// The cluster for a target VirtualNode; returns its name.
-    fn cluster(&mut self, key: &ResourceKey) -> String {
-        let name = format!("{}/{}", key.namespace, key.name);
+    /// The cluster for a target VirtualNode, reaching it on its listener of `port` (a weighted
+    /// target's or gateway target's `port`; unset: its first listener); returns its name. A node
+    /// with several listeners gets a cluster per port named: `NAMESPACE/NAME:PORT`.
+    fn cluster(&mut self, key: &ResourceKey, port: Option<i64>) -> String {
+        let several = self.node(key).is_some_and(|n| n.listeners.len() > 1);
+        let port = port.filter(|_| several);
+        let name = match port {
+            Some(p) => format!("{}/{}:{p}", key.namespace, key.name),
+            None => format!("{}/{}", key.namespace, key.name),
+        };
         if self.clusters.contains_key(&name) {
             return name;
         }
@@ -257,7 +264,14 @@ impl Builder<'_> {
             );
             return name;
         };
-        let listener = node.listeners.first();
+        // Validation has checked that a port names one of the node's listeners.
+        let listener = match port {
+            Some(p) => node.listeners.iter().find(|l| l.port_mapping.port == p),
+            None => node.listeners.first(),
+        };
+        // Registered instances are their sidecars' ingresses, which forward to the listener the
+        // request's authority names: requests to a chosen listener carry its port.
+        let mut authority_port = 0;
         let protocol = listener.map_or(pb::cluster::Protocol::Http1, |l| {
             cluster_protocol(&l.port_mapping.protocol)
         });
@@ -269,6 +283,9 @@ impl Builder<'_> {
         let mut endpoints = Vec::new();
         if let Some(sd) = &node.service_discovery {
             if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
+                if protocol != pb::cluster::Protocol::TcpOnly {
+                    authority_port = port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+                }
                 let selector = reg.attributes.pairs();
                 // Registrations of one address are one endpoint (a restarted instance may
                 // re-register under a new id before its old lease ends): healthy while any of
@@ -319,6 +336,7 @@ impl Builder<'_> {
                 outlier_detection,
                 connection_pool,
                 health_check,
+                authority_port,
                 ..Default::default()
             },
         );
@@ -332,7 +350,7 @@ impl Builder<'_> {
             .map(|t| {
                 let key = t.virtual_node_ref.key(Kind::VirtualNode, ns);
                 pb::WeightedTarget {
-                    cluster: self.cluster(&key),
+                    cluster: self.cluster(&key, t.port),
                     weight: u32::try_from(t.weight).unwrap_or(0),
                 }
             })
@@ -356,7 +374,7 @@ impl Builder<'_> {
                 .map(|l| l.port_mapping.port)
                 .into_iter()
                 .collect();
-            let cluster = self.cluster(&node_key);
+            let cluster = self.cluster(&node_key, None);
             // A tcp node's service is reached by CONNECT: no HTTP retries there.
             let http = self
                 .node(&node_key)
@@ -544,6 +562,7 @@ fn http_match(m: &HttpMatch) -> pb::RouteMatch {
             .collect(),
         port: m.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
         grpc: None,
+        scheme: m.scheme.clone().unwrap_or_default(),
     }
 }
 
@@ -899,9 +918,9 @@ fn combine(
     })
     .query_parameters;
     m.query_parameters = gw_query.into_iter().chain(m.query_parameters).collect();
-    // At a gateway the request carries the gateway's port: the router route's own is not
-    // matched there.
-    m.port = gw.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    // A gateway route's `match.port` chose the gateway listener it is served on, and the router
+    // route's is not matched at a gateway (its requests carry the gateway's port).
+    m.port = 0;
     Some(m)
 }
 
@@ -910,7 +929,7 @@ fn combine(
 /// through the services' routers, with App Mesh's default rewrites (matched prefix → "/", Host →
 /// the service's hostname).
 pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Option<Translated> {
-    let Some(Spec::VirtualGateway(_)) = state.get(key).map(|r| &r.spec) else {
+    let Some(Spec::VirtualGateway(gw)) = state.get(key).map(|r| &r.spec) else {
         return None;
     };
     let mut b = Builder {
@@ -940,11 +959,33 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         .collect();
     routes.sort_by_key(|(k, g)| (g.priority.unwrap_or(1001), k.name.clone()));
 
+    // One listener per VirtualGateway listener port, each bound by the gateway proxy on the IP
+    // of its --ingress-addr, serving the routes whose `match.port` names it (validation requires
+    // one with several listeners; with one, a route without it is that listener's).
+    let several = gw.listeners.len() > 1;
+    let mut listeners = Vec::new();
+    for l in &gw.listeners {
+        let port = l.port_mapping.port;
+        let on_listener = routes
+            .iter()
+            .filter(|(_, g)| g.match_port().map_or(!several, |p| p == port));
+        listeners.push(gateway_listener(&mut b, port, on_listener));
+    }
+    Some(b.finish(listeners))
+}
+
+/// The gateway's listener on `port`, with the gateway routes served there (in priority order).
+fn gateway_listener<'r>(
+    b: &mut Builder<'_>,
+    port: i64,
+    routes: impl Iterator<Item = &'r (&'r ResourceKey, &'r model::GatewayRouteSpec)>,
+) -> pb::Listener {
+    let name = format!("gateway:{port}");
     // Routes per hostname match ("" = any host), in priority order.
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
     let mut route_sources: BTreeMap<String, Vec<Source>> = BTreeMap::new();
-    for (rank, (gr_key, gr)) in routes.iter().enumerate() {
-        let Some((host, out)) = gateway_route(&mut b, rank, gr_key, gr, &mut route_sources) else {
+    for (rank, (gr_key, gr)) in routes.enumerate() {
+        let Some((host, out)) = gateway_route(b, rank, gr_key, gr, &mut route_sources) else {
             continue;
         };
         by_host.entry(host).or_default().extend(out);
@@ -971,15 +1012,15 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     for host in &hosts {
         for r in &host.routes {
             let sources = route_sources.get(&r.name).into_iter().flatten().cloned();
-            b.sources.route("gateway", &host.name, &r.name, sources);
+            b.sources.route(&name, &host.name, &r.name, sources);
         }
     }
-    Some(b.finish(vec![pb::Listener {
-        name: "gateway".into(),
-        role: pb::listener::Role::Ingress as i32,
+    pb::Listener {
+        name,
+        port: u32::try_from(port).unwrap_or(0),
         virtual_hosts: hosts,
         ..Default::default()
-    }]))
+    }
 }
 
 /// One GatewayRoute's routes — expanded through its target service's router when it has one —
@@ -1023,7 +1064,7 @@ fn gateway_route(
     let mut out = Vec::new();
     if let Some(p) = &provider.virtual_node {
         let node = p.virtual_node_ref.key(Kind::VirtualNode, &vs_key.namespace);
-        out.extend(expansion.to_node(b, &node, route_sources));
+        out.extend(expansion.to_node(b, &node, h.action.target.port, route_sources));
     } else if let Some(p) = &provider.virtual_router {
         let router_key = p
             .virtual_router_ref
@@ -1130,9 +1171,10 @@ impl GatewayExpansion<'_> {
         &self,
         b: &mut Builder<'_>,
         node: &ResourceKey,
+        port: Option<i64>,
         route_sources: &mut BTreeMap<String, Vec<Source>>,
     ) -> Option<pb::Route> {
-        let cluster = b.cluster(node);
+        let cluster = b.cluster(node, port);
         let any = HttpMatch {
             prefix: Some("/".into()),
             ..Default::default()
@@ -1169,8 +1211,14 @@ impl GatewayExpansion<'_> {
             return None;
         };
         b.uses.insert(router_key.clone());
+        // `target.port` names the router listener whose routes apply (validation requires it
+        // with several listeners, and checks it names one).
+        let port = self.h.action.target.port.filter(|_| router.listeners.len() > 1);
         let mut out = Vec::new();
         for route in &router.routes {
+            if port.is_some() && crate::validate::route_port(route).1 != port {
+                continue;
+            }
             let grpc_match;
             let rh_match = match (
                 route.http_route.as_ref().or(route.http2_route.as_ref()),

@@ -285,6 +285,7 @@ fn route_request<'r>(
         query: req.uri().query(),
         headers: req.headers(),
         port: authority_port(authority),
+        scheme: req.uri().scheme(),
     };
     let route = host.route(&input).ok_or(ProxyError::NoRoute)?;
     let target = route.targets.pick().ok_or(ProxyError::NoRoute)?;

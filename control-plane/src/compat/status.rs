@@ -24,7 +24,11 @@ const ARN: &str = "resolves to the resource named in the ARN's last segment with
 const MESH_REF: &str =
     "the mesh the resource belongs to (without it, the only mesh); references stay within one mesh";
 const MATCH_PORT: &str = "route match on the port named in the request's authority (a request naming no port does not match)";
-const TARGET_PORT: &str = "choosing a target node's listener by port is not implemented yet (issue 10): a target gets its node's registered endpoints, or its first listener's port with dns";
+const TARGET_PORT: &str = "the target node's listener the traffic goes to (one of its listener ports, else an error): with dns, the endpoint is hostname:port; with registered instances (sidecar ingresses), requests carry the port in their authority and the sidecar's ingress forwards them to that listener (a tcp listener so only when it is the node's one); unset: the first listener";
+/// A GatewayRoute's `match.port`.
+const GATEWAY_MATCH_PORT: &str = "the gateway listener the route is served on (required when the gateway has several); that listener's protocol must be the route's";
+/// A GatewayRoute's `action.target.port`.
+const GATEWAY_TARGET_PORT: &str = "the target service's provider listener: with a router, the router listener whose routes apply (required when it has several); with a node, the node listener the traffic goes to (unset: its first)";
 /// `compat` accepts `tls: { mode: DISABLED }` (plaintext, which is what runs) despite this.
 const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISABLED is accepted";
 const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
@@ -171,7 +175,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].grpcRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -301,7 +305,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].http2Route.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -451,7 +455,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].httpRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -613,7 +617,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].tcpRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -829,7 +833,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.listeners",
-        Honoured("the gateway's listener (at least one)"),
+        Honoured(
+            "the gateway's listeners (at least one): the gateway proxy serves each one's port; with several, each GatewayRoute's match.port names the one it is served on",
+        ),
     ),
     (
         VirtualGateway,
@@ -850,7 +856,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualGateway,
         "spec.listeners[].portMapping.port",
         Honoured(
-            "the gateway serves on the proxy's --ingress-addr, which must use this port (as examples/colorapp/gateway.yaml does; not checked yet)",
+            "the gateway proxy binds this port on the IP of its --ingress-addr (a gateway does not bind that flag's port) and serves the listener's GatewayRoutes there",
         ),
     ),
     (
@@ -917,9 +923,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.grpcRoute.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -973,7 +977,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.grpcRoute.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,
@@ -1024,9 +1028,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.http2Route.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1092,7 +1094,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.http2Route.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,
@@ -1160,9 +1162,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.httpRoute.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1228,7 +1228,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.httpRoute.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,
