@@ -1742,6 +1742,145 @@ spec:
         );
     }
 
+    /// A gateway serves each of its listeners on its own port, with the routes whose
+    /// `match.port` names it; `target.port` picks the router listener whose routes apply; a
+    /// weighted target's `port` picks the node listener: a cluster per port, reaching registered
+    /// instances with the port in the authority and DNS names on the port itself.
+    #[test]
+    fn gateway_listeners_and_target_ports() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: multi }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+    - portMapping: { port: 7002, protocol: http2 }
+  serviceDiscovery: { registry: { namespaceName: demo, serviceName: multi } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: multidns }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+    - portMapping: { port: 7002, protocol: http2 }
+  serviceDiscovery: { dns: { hostname: multi.example } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: { name: two }
+spec:
+  listeners:
+    - portMapping: { port: 9090, protocol: http }
+    - portMapping: { port: 9091, protocol: http2 }
+  routes:
+    - name: a
+      httpRoute:
+        match: { prefix: /, port: 9090 }
+        action: { weightedTargets: [{ virtualNodeRef: { name: multi }, weight: 1, port: 7001 }] }
+    - name: b
+      http2Route:
+        match: { prefix: /, port: 9091 }
+        action:
+          weightedTargets:
+            - { virtualNodeRef: { name: multi }, weight: 1, port: 7002 }
+            - { virtualNodeRef: { name: multidns }, weight: 1, port: 7002 }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: { name: two }
+spec:
+  provider: { virtualRouter: { virtualRouterRef: { name: two } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw2 }
+spec:
+  listeners:
+    - portMapping: { port: 8088, protocol: http }
+    - portMapping: { port: 8089, protocol: http2 }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: r1 }
+spec:
+  virtualGatewayRef: { name: gw2 }
+  httpRoute:
+    match: { prefix: /a/, port: 8088 }
+    action: { target: { port: 9090, virtualService: { virtualServiceRef: { name: two } } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: r2 }
+spec:
+  virtualGatewayRef: { name: gw2 }
+  http2Route:
+    match: { prefix: /b/, port: 8089 }
+    action: { target: { port: 9091, virtualService: { virtualServiceRef: { name: two } } } }
+"#
+        );
+        let state = state(&yaml);
+        let instances = [Instance {
+            service: "multi".into(),
+            ..instance("m1", "x", 20001, InstanceStatus::Healthy)
+        }];
+        let gw = ResourceKey::new(Kind::VirtualGateway, "default", "gw2");
+        let t = gateway(&state, &instances, &gw).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let served: Vec<(&str, u32, i32, Vec<&str>)> = t
+            .snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                let routes = l.virtual_hosts.iter().flat_map(|h| &h.routes);
+                (
+                    l.name.as_str(),
+                    l.port,
+                    l.role,
+                    routes.map(|r| r.name.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            served,
+            [
+                ("gateway:8088", 8088, 0, vec!["r1/two/a"]),
+                ("gateway:8089", 8089, 0, vec!["r2/two/b"]),
+            ]
+        );
+        let r1 = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
+        assert_eq!(
+            r1.r#match.as_ref().map(|m| m.port),
+            Some(0),
+            "the listener is the port match"
+        );
+        let targets: Vec<&str> = t.snapshot.listeners[1].virtual_hosts[0].routes[0]
+            .action
+            .as_ref()
+            .unwrap()
+            .weighted_targets
+            .iter()
+            .map(|w| w.cluster.as_str())
+            .collect();
+        assert_eq!(targets, ["default/multi:7002", "default/multidns:7002"]);
+        let c = cluster(&t.snapshot, "default/multi:7001");
+        assert_eq!(
+            (c.authority_port, c.protocol),
+            (7001, pb::cluster::Protocol::Http1 as i32)
+        );
+        assert_eq!(c.endpoints[0].address, "127.0.0.1:20001");
+        let c = cluster(&t.snapshot, "default/multi:7002");
+        assert_eq!(
+            (c.authority_port, c.protocol),
+            (7002, pb::cluster::Protocol::Http2 as i32)
+        );
+        let c = cluster(&t.snapshot, "default/multidns:7002");
+        assert_eq!(c.authority_port, 0, "a DNS name is reached on the port itself");
+        assert_eq!(c.endpoints[0].address, "multi.example:7002");
+    }
+
     #[test]
     fn gateway_grpc_routes_keep_their_paths() {
         let yaml = format!(

@@ -1703,6 +1703,37 @@ spec:
             .replace("match: { prefix: / }", "match: { prefix: /, port: 9090 }"),
             "spec.routes[0].httpRoute.match.port: listener 9090 is grpc, not http",
         ), (
+            // A weighted target's port names one of the node's listeners.
+            GOOD.replace("virtualNodeRef: { name: blue }, weight: 100", "virtualNodeRef: { name: blue }, weight: 100, port: 9081"),
+            "(VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].port: 9081 is not a listener port of VirtualNode default/blue (it listens on 9080)",
+        ), (
+            // A gateway with several listeners: each route names its listener...
+            format!("{GOOD}{GATEWAY}").replace(
+                "listeners: [{ portMapping: { port: 8088, protocol: http } }]\n---\napiVersion: mesh.trellis.dev/v1beta1\nkind: GatewayRoute",
+                "listeners: [{ portMapping: { port: 8088, protocol: http } }, { portMapping: { port: 8089, protocol: http2 } }]\n---\napiVersion: mesh.trellis.dev/v1beta1\nkind: GatewayRoute",
+            ),
+            "(GatewayRoute default/web): spec.httpRoute.match.port: required: gateway VirtualGateway default/gw has several listeners",
+        ), (
+            // ... one of its own...
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, port: 8089 }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.port: 8089 is not one of gateway VirtualGateway default/gw's listener ports",
+        ), (
+            // ... of the route's protocol.
+            format!("{GOOD}{GATEWAY}").replace("port: 8088, protocol: http }", "port: 8088, protocol: grpc }"),
+            "(GatewayRoute default/web): spec.httpRoute: gateway VirtualGateway default/gw's listener 8088 is grpc, not http",
+        ), (
+            // A gateway route's target.port names one of the service's router's listeners...
+            format!("{GOOD}{GATEWAY}").replace("target: { virtualService: { virtualServiceRef: { name: colorteller } } }", "target: { port: 9090, virtualService: { virtualServiceRef: { name: colorteller } } }"),
+            "(GatewayRoute default/web): spec.httpRoute.action.target.port: 9090 is not a listener port of VirtualRouter default/ct",
+        ), (
+            // ... and is required when it has several.
+            format!("{GOOD}{GATEWAY}").replace(
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }]\n  routes:",
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }, { portMapping: { port: 9090, protocol: http } }]\n  routes:",
+            )
+            .replace("match: { prefix: / }", "match: { prefix: /, port: 9090 }"),
+            "(GatewayRoute default/web): spec.httpRoute.action.target.port: required: VirtualRouter default/ct, which provides VirtualService default/colorteller, has several listeners (9080, 9090)",
+        ), (
             format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, path: { exact: /web/x } }"),
             "spec.httpRoute.match: give prefix or path, not both",
         ), (

@@ -389,7 +389,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].http2Route.match.scheme",
-        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+        Honoured(
+            "route match on the request's scheme: the HTTP/2 :scheme or an absolute-form request-target's, else http (listeners are plaintext)",
+        ),
     ),
     (
         VirtualRouter,
@@ -539,7 +541,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].httpRoute.match.scheme",
-        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+        Honoured(
+            "route match on the request's scheme: the HTTP/2 :scheme or an absolute-form request-target's, else http (listeners are plaintext)",
+        ),
     ),
     (
         VirtualRouter,
@@ -862,7 +866,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.listeners[].portMapping.protocol",
-        Honoured("checked; the gateway's listener serves http, http2 (h2c) and grpc"),
+        Honoured(
+            "checked; the gateway's listener serves http, http2 (h2c) and grpc; its GatewayRoutes must be of its protocol (httpRoute, http2Route, grpcRoute)",
+        ),
     ),
     (
         VirtualGateway,
