@@ -1213,7 +1213,12 @@ impl GatewayExpansion<'_> {
         b.uses.insert(router_key.clone());
         // `target.port` names the router listener whose routes apply (validation requires it
         // with several listeners, and checks it names one).
-        let port = self.h.action.target.port.filter(|_| router.listeners.len() > 1);
+        let port = self
+            .h
+            .action
+            .target
+            .port
+            .filter(|_| router.listeners.len() > 1);
         let mut out = Vec::new();
         for route in &router.routes {
             if port.is_some() && crate::validate::route_port(route).1 != port {
@@ -1877,7 +1882,10 @@ spec:
             (7002, pb::cluster::Protocol::Http2 as i32)
         );
         let c = cluster(&t.snapshot, "default/multidns:7002");
-        assert_eq!(c.authority_port, 0, "a DNS name is reached on the port itself");
+        assert_eq!(
+            c.authority_port, 0,
+            "a DNS name is reached on the port itself"
+        );
         assert_eq!(c.endpoints[0].address, "multi.example:7002");
     }
 

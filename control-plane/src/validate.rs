@@ -906,9 +906,21 @@ impl Checker<'_> {
             self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
         }
         let kind = [
-            ("httpRoute", "http", r.http_route.as_ref().map(|h| &h.action.target)),
-            ("http2Route", "http2", r.http2_route.as_ref().map(|h| &h.action.target)),
-            ("grpcRoute", "grpc", r.grpc_route.as_ref().map(|g| &g.action.target)),
+            (
+                "httpRoute",
+                "http",
+                r.http_route.as_ref().map(|h| &h.action.target),
+            ),
+            (
+                "http2Route",
+                "http2",
+                r.http2_route.as_ref().map(|h| &h.action.target),
+            ),
+            (
+                "grpcRoute",
+                "grpc",
+                r.grpc_route.as_ref().map(|g| &g.action.target),
+            ),
         ]
         .into_iter()
         .find_map(|(field, protocol, target)| target.map(|t| (field, protocol, t)));
@@ -1074,8 +1086,7 @@ impl Checker<'_> {
             let router_key = p
                 .virtual_router_ref
                 .key(Kind::VirtualRouter, &vs_key.namespace);
-            let Some(Spec::VirtualRouter(vr)) = self.state.get(&router_key).map(|r| &r.spec)
-            else {
+            let Some(Spec::VirtualRouter(vr)) = self.state.get(&router_key).map(|r| &r.spec) else {
                 return;
             };
             let ports: Vec<String> = vr
@@ -1251,7 +1262,11 @@ impl Checker<'_> {
                 path,
                 format!(
                     "{port} is not a listener port of {key} (it listens on {})",
-                    if ports.is_empty() { "none".into() } else { ports.join(", ") }
+                    if ports.is_empty() {
+                        "none".into()
+                    } else {
+                        ports.join(", ")
+                    }
                 ),
             );
             return;

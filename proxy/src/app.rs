@@ -108,7 +108,11 @@ impl App {
                     Ok(l) => bound.push((name.clone(), addr, l)),
                     Err(e) => {
                         let index = snapshot.listeners.iter().position(|l| *l.name == **name);
-                        let field = if listener.address.is_some() { "address" } else { "port" };
+                        let field = if listener.address.is_some() {
+                            "address"
+                        } else {
+                            "port"
+                        };
                         errors.push(FieldError {
                             path: format!("listeners[{}].{field}", index.unwrap_or_default()),
                             reason: format!("cannot bind {addr}: {e}"),

@@ -442,9 +442,9 @@ impl EndpointState {
                 .headers()
                 .get(http::header::HOST)
                 .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
-            if let Some(v) = host.and_then(|h| {
-                http::HeaderValue::from_str(&format!("{}:{port}", h.host())).ok()
-            }) {
+            if let Some(v) =
+                host.and_then(|h| http::HeaderValue::from_str(&format!("{}:{port}", h.host())).ok())
+            {
                 req.headers_mut().insert(http::header::HOST, v);
             }
         }

@@ -929,7 +929,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.grpcRoute.action.target.port",
-Honoured(GATEWAY_TARGET_PORT),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1034,7 +1034,7 @@ Honoured(GATEWAY_TARGET_PORT),
     (
         GatewayRoute,
         "spec.http2Route.action.target.port",
-Honoured(GATEWAY_TARGET_PORT),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1168,7 +1168,7 @@ Honoured(GATEWAY_TARGET_PORT),
     (
         GatewayRoute,
         "spec.httpRoute.action.target.port",
-Honoured(GATEWAY_TARGET_PORT),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
