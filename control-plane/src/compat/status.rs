@@ -741,14 +741,14 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.listeners[].portMapping.port",
         Honoured(
-            "the sidecar ingress forwards to 127.0.0.1:<port> (with several listeners, by the request authority's port); callers reach the node on its first listener's port (dns discovery)",
+            "the sidecar ingress forwards to 127.0.0.1:<port> (with several listeners, by the request authority's port); callers reach the node on the listener a weighted target's port names, else its first (dns discovery: hostname:port)",
         ),
     ),
     (
         VirtualNode,
         "spec.listeners[].portMapping.protocol",
         Honoured(
-            "the protocol to the local app and, of the first listener, callers' protocol to the node (http, http2 as h2c, grpc, tcp)",
+            "the protocol to the local app and callers' protocol to the listener they reach (http, http2 as h2c, grpc, tcp)",
         ),
     ),
     (
