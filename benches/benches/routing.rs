@@ -65,6 +65,7 @@ fn routing(c: &mut Criterion) {
         query: None,
         headers: &headers,
         port: Some(9080),
+        scheme: None,
     };
     let regex = MatchInput {
         path: "/users/42/orders",

@@ -921,6 +921,17 @@ pub struct GatewayRouteSpec {
     pub grpc_route: Option<GatewayGrpcRoute>,
 }
 
+impl GatewayRouteSpec {
+    /// The route's `match.port`, whichever kind it is: the gateway listener it is served on.
+    pub fn match_port(&self) -> Option<i64> {
+        self.http_route
+            .as_ref()
+            .or(self.http2_route.as_ref())
+            .and_then(|h| h.matcher.port)
+            .or_else(|| self.grpc_route.as_ref().and_then(|g| g.matcher.port))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayGrpcRoute {

@@ -243,9 +243,16 @@ impl Builder<'_> {
         }
     }
 
-    /// The cluster for a target VirtualNode; returns its name.
-    fn cluster(&mut self, key: &ResourceKey) -> String {
-        let name = format!("{}/{}", key.namespace, key.name);
+    /// The cluster for a target VirtualNode, reaching it on its listener of `port` (a weighted
+    /// target's or gateway target's `port`; unset: its first listener); returns its name. A node
+    /// with several listeners gets a cluster per port named: `NAMESPACE/NAME:PORT`.
+    fn cluster(&mut self, key: &ResourceKey, port: Option<i64>) -> String {
+        let several = self.node(key).is_some_and(|n| n.listeners.len() > 1);
+        let port = port.filter(|_| several);
+        let name = match port {
+            Some(p) => format!("{}/{}:{p}", key.namespace, key.name),
+            None => format!("{}/{}", key.namespace, key.name),
+        };
         if self.clusters.contains_key(&name) {
             return name;
         }
@@ -262,7 +269,14 @@ impl Builder<'_> {
             );
             return name;
         };
-        let listener = node.listeners.first();
+        // Validation has checked that a port names one of the node's listeners.
+        let listener = match port {
+            Some(p) => node.listeners.iter().find(|l| l.port_mapping.port == p),
+            None => node.listeners.first(),
+        };
+        // Registered instances are their sidecars' ingresses, which forward to the listener the
+        // request's authority names: requests to a chosen listener carry its port.
+        let mut authority_port = 0;
         let protocol = listener.map_or(pb::cluster::Protocol::Http1, |l| {
             cluster_protocol(&l.port_mapping.protocol)
         });
@@ -274,6 +288,9 @@ impl Builder<'_> {
         let mut endpoints = Vec::new();
         if let Some(sd) = &node.service_discovery {
             if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
+                if protocol != pb::cluster::Protocol::TcpOnly {
+                    authority_port = port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+                }
                 let selector = reg.attributes.pairs();
                 // Registrations of one address are one endpoint (a restarted instance may
                 // re-register under a new id before its old lease ends): healthy while any of
@@ -324,6 +341,7 @@ impl Builder<'_> {
                 outlier_detection,
                 connection_pool,
                 health_check,
+                authority_port,
                 ..Default::default()
             },
         );
@@ -337,7 +355,7 @@ impl Builder<'_> {
             .map(|t| {
                 let key = t.virtual_node_ref.key(Kind::VirtualNode, ns);
                 pb::WeightedTarget {
-                    cluster: self.cluster(&key),
+                    cluster: self.cluster(&key, t.port),
                     weight: u32::try_from(t.weight).unwrap_or(0),
                 }
             })
@@ -361,7 +379,7 @@ impl Builder<'_> {
                 .map(|l| l.port_mapping.port)
                 .into_iter()
                 .collect();
-            let cluster = self.cluster(&node_key);
+            let cluster = self.cluster(&node_key, None);
             // A tcp node's service is reached by CONNECT: no HTTP retries there.
             let http = self
                 .node(&node_key)
@@ -559,6 +577,7 @@ fn http_match(m: &HttpMatch) -> pb::RouteMatch {
             .collect(),
         port: m.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
         grpc: None,
+        scheme: m.scheme.clone().unwrap_or_default(),
     }
 }
 
@@ -924,9 +943,9 @@ fn combine(
     })
     .query_parameters;
     m.query_parameters = gw_query.into_iter().chain(m.query_parameters).collect();
-    // At a gateway the request carries the gateway's port: the router route's own is not
-    // matched there.
-    m.port = gw.port.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    // A gateway route's `match.port` chose the gateway listener it is served on, and the router
+    // route's is not matched at a gateway (its requests carry the gateway's port).
+    m.port = 0;
     Some(m)
 }
 
@@ -935,7 +954,7 @@ fn combine(
 /// through the services' routers, with App Mesh's default rewrites (matched prefix → "/", Host →
 /// the service's hostname).
 pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Option<Translated> {
-    let Some(Spec::VirtualGateway(spec)) = state.get(key).map(|r| &r.spec) else {
+    let Some(Spec::VirtualGateway(gw)) = state.get(key).map(|r| &r.spec) else {
         return None;
     };
     let mut b = Builder {
@@ -965,11 +984,33 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         .collect();
     routes.sort_by_key(|(k, g)| (g.priority.unwrap_or(1001), k.name.clone()));
 
+    // One listener per VirtualGateway listener port, each bound by the gateway proxy on the IP
+    // of its --ingress-addr, serving the routes whose `match.port` names it (validation requires
+    // one with several listeners; with one, a route without it is that listener's).
+    let several = gw.listeners.len() > 1;
+    let mut listeners = Vec::new();
+    for l in &gw.listeners {
+        let port = l.port_mapping.port;
+        let on_listener = routes
+            .iter()
+            .filter(|(_, g)| g.match_port().map_or(!several, |p| p == port));
+        listeners.push(gateway_listener(&mut b, port, on_listener));
+    }
+    Some(b.finish(listeners, gw.logging.as_ref()))
+}
+
+/// The gateway's listener on `port`, with the gateway routes served there (in priority order).
+fn gateway_listener<'r>(
+    b: &mut Builder<'_>,
+    port: i64,
+    routes: impl Iterator<Item = &'r (&'r ResourceKey, &'r model::GatewayRouteSpec)>,
+) -> pb::Listener {
+    let name = format!("gateway:{port}");
     // Routes per hostname match ("" = any host), in priority order.
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
     let mut route_sources: BTreeMap<String, Vec<Source>> = BTreeMap::new();
-    for (rank, (gr_key, gr)) in routes.iter().enumerate() {
-        let Some((host, out)) = gateway_route(&mut b, rank, gr_key, gr, &mut route_sources) else {
+    for (rank, (gr_key, gr)) in routes.enumerate() {
+        let Some((host, out)) = gateway_route(b, rank, gr_key, gr, &mut route_sources) else {
             continue;
         };
         by_host.entry(host).or_default().extend(out);
@@ -996,18 +1037,15 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
     for host in &hosts {
         for r in &host.routes {
             let sources = route_sources.get(&r.name).into_iter().flatten().cloned();
-            b.sources.route("gateway", &host.name, &r.name, sources);
+            b.sources.route(&name, &host.name, &r.name, sources);
         }
     }
-    Some(b.finish(
-        vec![pb::Listener {
-            name: "gateway".into(),
-            role: pb::listener::Role::Ingress as i32,
-            virtual_hosts: hosts,
-            ..Default::default()
-        }],
-        spec.logging.as_ref(),
-    ))
+    pb::Listener {
+        name,
+        port: u32::try_from(port).unwrap_or(0),
+        virtual_hosts: hosts,
+        ..Default::default()
+    }
 }
 
 /// One GatewayRoute's routes — expanded through its target service's router when it has one —
@@ -1051,7 +1089,7 @@ fn gateway_route(
     let mut out = Vec::new();
     if let Some(p) = &provider.virtual_node {
         let node = p.virtual_node_ref.key(Kind::VirtualNode, &vs_key.namespace);
-        out.extend(expansion.to_node(b, &node, route_sources));
+        out.extend(expansion.to_node(b, &node, h.action.target.port, route_sources));
     } else if let Some(p) = &provider.virtual_router {
         let router_key = p
             .virtual_router_ref
@@ -1158,9 +1196,10 @@ impl GatewayExpansion<'_> {
         &self,
         b: &mut Builder<'_>,
         node: &ResourceKey,
+        port: Option<i64>,
         route_sources: &mut BTreeMap<String, Vec<Source>>,
     ) -> Option<pb::Route> {
-        let cluster = b.cluster(node);
+        let cluster = b.cluster(node, port);
         let any = HttpMatch {
             prefix: Some("/".into()),
             ..Default::default()
@@ -1197,8 +1236,19 @@ impl GatewayExpansion<'_> {
             return None;
         };
         b.uses.insert(router_key.clone());
+        // `target.port` names the router listener whose routes apply (validation requires it
+        // with several listeners, and checks it names one).
+        let port = self
+            .h
+            .action
+            .target
+            .port
+            .filter(|_| router.listeners.len() > 1);
         let mut out = Vec::new();
         for route in &router.routes {
+            if port.is_some() && crate::validate::route_port(route).1 != port {
+                continue;
+            }
             let grpc_match;
             let rh_match = match (
                 route.http_route.as_ref().or(route.http2_route.as_ref()),
@@ -1721,6 +1771,148 @@ spec:
             )
             .is_none()
         );
+    }
+
+    /// A gateway serves each of its listeners on its own port, with the routes whose
+    /// `match.port` names it; `target.port` picks the router listener whose routes apply; a
+    /// weighted target's `port` picks the node listener: a cluster per port, reaching registered
+    /// instances with the port in the authority and DNS names on the port itself.
+    #[test]
+    fn gateway_listeners_and_target_ports() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: multi }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+    - portMapping: { port: 7002, protocol: http2 }
+  serviceDiscovery: { registry: { namespaceName: demo, serviceName: multi } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: multidns }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+    - portMapping: { port: 7002, protocol: http2 }
+  serviceDiscovery: { dns: { hostname: multi.example } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualRouter
+metadata: { name: two }
+spec:
+  listeners:
+    - portMapping: { port: 9090, protocol: http }
+    - portMapping: { port: 9091, protocol: http2 }
+  routes:
+    - name: a
+      httpRoute:
+        match: { prefix: /, port: 9090 }
+        action: { weightedTargets: [{ virtualNodeRef: { name: multi }, weight: 1, port: 7001 }] }
+    - name: b
+      http2Route:
+        match: { prefix: /, port: 9091 }
+        action:
+          weightedTargets:
+            - { virtualNodeRef: { name: multi }, weight: 1, port: 7002 }
+            - { virtualNodeRef: { name: multidns }, weight: 1, port: 7002 }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: { name: two }
+spec:
+  provider: { virtualRouter: { virtualRouterRef: { name: two } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw2 }
+spec:
+  listeners:
+    - portMapping: { port: 8088, protocol: http }
+    - portMapping: { port: 8089, protocol: http2 }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: r1 }
+spec:
+  virtualGatewayRef: { name: gw2 }
+  httpRoute:
+    match: { prefix: /a/, port: 8088 }
+    action: { target: { port: 9090, virtualService: { virtualServiceRef: { name: two } } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: r2 }
+spec:
+  virtualGatewayRef: { name: gw2 }
+  http2Route:
+    match: { prefix: /b/, port: 8089 }
+    action: { target: { port: 9091, virtualService: { virtualServiceRef: { name: two } } } }
+"#
+        );
+        let state = state(&yaml);
+        let instances = [Instance {
+            service: "multi".into(),
+            ..instance("m1", "x", 20001, InstanceStatus::Healthy)
+        }];
+        let gw = ResourceKey::new(Kind::VirtualGateway, "default", "gw2");
+        let t = gateway(&state, &instances, &gw).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let served: Vec<(&str, u32, i32, Vec<&str>)> = t
+            .snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                let routes = l.virtual_hosts.iter().flat_map(|h| &h.routes);
+                (
+                    l.name.as_str(),
+                    l.port,
+                    l.role,
+                    routes.map(|r| r.name.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            served,
+            [
+                ("gateway:8088", 8088, 0, vec!["r1/two/a"]),
+                ("gateway:8089", 8089, 0, vec!["r2/two/b"]),
+            ]
+        );
+        let r1 = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
+        assert_eq!(
+            r1.r#match.as_ref().map(|m| m.port),
+            Some(0),
+            "the listener is the port match"
+        );
+        let targets: Vec<&str> = t.snapshot.listeners[1].virtual_hosts[0].routes[0]
+            .action
+            .as_ref()
+            .unwrap()
+            .weighted_targets
+            .iter()
+            .map(|w| w.cluster.as_str())
+            .collect();
+        assert_eq!(targets, ["default/multi:7002", "default/multidns:7002"]);
+        let c = cluster(&t.snapshot, "default/multi:7001");
+        assert_eq!(
+            (c.authority_port, c.protocol),
+            (7001, pb::cluster::Protocol::Http1 as i32)
+        );
+        assert_eq!(c.endpoints[0].address, "127.0.0.1:20001");
+        let c = cluster(&t.snapshot, "default/multi:7002");
+        assert_eq!(
+            (c.authority_port, c.protocol),
+            (7002, pb::cluster::Protocol::Http2 as i32)
+        );
+        let c = cluster(&t.snapshot, "default/multidns:7002");
+        assert_eq!(
+            c.authority_port, 0,
+            "a DNS name is reached on the port itself"
+        );
+        assert_eq!(c.endpoints[0].address, "multi.example:7002");
     }
 
     #[test]

@@ -422,7 +422,7 @@ impl<'a> Meshes<'a> {
 }
 
 /// A router route's kind and the port its match names.
-fn route_port(route: &crate::model::Route) -> (&'static str, Option<i64>) {
+pub(crate) fn route_port(route: &crate::model::Route) -> (&'static str, Option<i64>) {
     if let Some(h) = &route.http_route {
         ("httpRoute", h.matcher.port)
     } else if let Some(h) = &route.http2_route {
@@ -761,7 +761,7 @@ impl Checker<'_> {
                 if let Some(h) = http {
                     let hp = format!("{rp}.{field}");
                     self.http_match(&format!("{hp}.match"), &h.matcher);
-                    self.action(&format!("{hp}.action"), &h.action);
+                    self.action(&format!("{hp}.action"), &h.action, false);
                     self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
                     self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
                 }
@@ -772,12 +772,12 @@ impl Checker<'_> {
                     self.err(format!("{gp}.match.methodName"), "needs serviceName".into());
                 }
                 self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
-                self.action(&format!("{gp}.action"), &g.action);
+                self.action(&format!("{gp}.action"), &g.action, false);
                 self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
                 self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
             }
             if let Some(t) = &route.tcp_route {
-                self.action(&format!("{rp}.tcpRoute.action"), &t.action);
+                self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
                 self.timeouts(&format!("{rp}.tcpRoute.timeout"), t.timeout.as_ref());
             }
         }
@@ -937,6 +937,29 @@ impl Checker<'_> {
         if let Some(g) = &r.virtual_gateway_ref {
             self.exists("spec.virtualGatewayRef", Kind::VirtualGateway, g);
         }
+        let kind = [
+            (
+                "httpRoute",
+                "http",
+                r.http_route.as_ref().map(|h| &h.action.target),
+            ),
+            (
+                "http2Route",
+                "http2",
+                r.http2_route.as_ref().map(|h| &h.action.target),
+            ),
+            (
+                "grpcRoute",
+                "grpc",
+                r.grpc_route.as_ref().map(|g| &g.action.target),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(field, protocol, target)| target.map(|t| (field, protocol, t)));
+        if let Some((field, protocol, target)) = kind {
+            self.gateway_listener(r, field, protocol);
+            self.gateway_target(&format!("spec.{field}.action.target"), target);
+        }
         let kinds = [
             r.http_route.is_some(),
             r.http2_route.is_some(),
@@ -963,35 +986,6 @@ impl Checker<'_> {
                         format!("spec.{field}.match"),
                         "give prefix or path, not both".into(),
                     );
-                }
-                // Through a router with several listeners the gateway route would have to say
-                // which (`target.port`, not implemented yet).
-                let vs_key = h
-                    .action
-                    .target
-                    .virtual_service
-                    .virtual_service_ref
-                    .key(Kind::VirtualService, &self.key.namespace);
-                let router = match self.state.get(&vs_key).map(|r| &r.spec) {
-                    Some(Spec::VirtualService(vs)) => vs
-                        .provider
-                        .as_ref()
-                        .and_then(|p| p.virtual_router.as_ref())
-                        .map(|p| {
-                            p.virtual_router_ref
-                                .key(Kind::VirtualRouter, &vs_key.namespace)
-                        }),
-                    _ => None,
-                };
-                if let Some(Spec::VirtualRouter(vr)) =
-                    router.and_then(|k| self.state.get(&k)).map(|r| &r.spec)
-                {
-                    if vr.listeners.len() > 1 {
-                        self.err(
-                            format!("spec.{field}.action.target"),
-                            "not supported by Trellis: the service's router has several listeners, and choosing one (target.port) is not implemented yet (issue 10)".into(),
-                        );
-                    }
                 }
                 if h.matcher
                     .prefix
@@ -1037,6 +1031,118 @@ impl Checker<'_> {
                     Kind::VirtualService,
                     &h.action.target.virtual_service.virtual_service_ref,
                 );
+            }
+        }
+    }
+
+    /// The gateway listener a gateway route is served on: the one its `match.port` names
+    /// (required when its gateway has several), of the route's protocol — for each gateway it
+    /// belongs to (the one it names, else each of its namespace's).
+    fn gateway_listener(&mut self, r: &GatewayRouteSpec, field: &str, protocol: &str) {
+        let path = format!("spec.{field}.match.port");
+        let port = r.match_port();
+        let gateways: Vec<(&ResourceKey, &VirtualGatewaySpec)> = self
+            .state
+            .iter()
+            .filter_map(|(k, res)| match &res.spec {
+                Spec::VirtualGateway(g) => Some((k, &**g)),
+                _ => None,
+            })
+            .filter(|(k, _)| match &r.virtual_gateway_ref {
+                Some(g) => {
+                    g.name == k.name
+                        && g.namespace.as_deref().unwrap_or(&self.key.namespace) == k.namespace
+                }
+                None => k.namespace == self.key.namespace,
+            })
+            .collect();
+        for (key, g) in gateways {
+            let listener = match port {
+                Some(p) => g.listeners.iter().find(|l| l.port_mapping.port == p),
+                None if g.listeners.len() > 1 => {
+                    self.err(
+                        &path,
+                        format!("required: gateway {key} has several listeners, and a route names the one it is served on"),
+                    );
+                    continue;
+                }
+                None => g.listeners.first(),
+            };
+            match (listener, port) {
+                (None, Some(p)) => self.err(
+                    &path,
+                    format!("{p} is not one of gateway {key}'s listener ports"),
+                ),
+                (Some(l), _) if l.port_mapping.protocol != protocol => self.err(
+                    if port.is_some() { path.clone() } else { format!("spec.{field}") },
+                    format!(
+                        "gateway {key}'s listener {} is {}, not {protocol}: a {field} needs a {protocol} listener",
+                        l.port_mapping.port, l.port_mapping.protocol
+                    ),
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// A gateway route's target: with a router providing the service, `target.port` names the
+    /// router listener whose routes apply (required when it has several); with a node, the
+    /// node listener the traffic goes to (unset: its first).
+    fn gateway_target(&mut self, path: &str, target: &crate::model::GatewayTarget) {
+        let vs_key = target
+            .virtual_service
+            .virtual_service_ref
+            .key(Kind::VirtualService, &self.key.namespace);
+        let Some(Spec::VirtualService(vs)) = self.state.get(&vs_key).map(|r| &r.spec) else {
+            return;
+        };
+        let Some(provider) = vs.provider.as_ref() else {
+            return;
+        };
+        let port_path = format!("{path}.port");
+        if let Some(n) = &provider.virtual_node {
+            if let Some(port) = target.port {
+                // The node's namespace defaults to the service's, not the route's.
+                let node = Ref {
+                    namespace: Some(
+                        n.virtual_node_ref
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| vs_key.namespace.clone()),
+                    ),
+                    ..n.virtual_node_ref.clone()
+                };
+                self.target_port(&port_path, &node, port, false);
+            }
+        } else if let Some(p) = &provider.virtual_router {
+            let router_key = p
+                .virtual_router_ref
+                .key(Kind::VirtualRouter, &vs_key.namespace);
+            let Some(Spec::VirtualRouter(vr)) = self.state.get(&router_key).map(|r| &r.spec) else {
+                return;
+            };
+            let ports: Vec<String> = vr
+                .listeners
+                .iter()
+                .map(|l| l.port_mapping.port.to_string())
+                .collect();
+            match target.port {
+                Some(port) if !vr.listeners.iter().any(|l| l.port_mapping.port == port) => self
+                    .err(
+                        port_path,
+                        format!(
+                            "{port} is not a listener port of {router_key}, which provides {vs_key} (it listens on {})",
+                            ports.join(", ")
+                        ),
+                    ),
+                None if vr.listeners.len() > 1 => self.err(
+                    port_path,
+                    format!(
+                        "required: {router_key}, which provides {vs_key}, has several listeners ({}); name the one whose routes apply",
+                        ports.join(", ")
+                    ),
+                ),
+                _ => {}
             }
         }
     }
@@ -1141,7 +1247,7 @@ impl Checker<'_> {
         }
     }
 
-    fn action(&mut self, path: &str, action: &RouteAction) {
+    fn action(&mut self, path: &str, action: &RouteAction, tcp: bool) {
         let targets = &action.weighted_targets;
         if targets.is_empty() || targets.len() > 10 {
             self.err(
@@ -1163,6 +1269,48 @@ impl Checker<'_> {
                 &format!("{tp}.virtualNodeRef"),
                 Kind::VirtualNode,
                 &t.virtual_node_ref,
+            );
+            if let Some(port) = t.port {
+                self.target_port(&format!("{tp}.port"), &t.virtual_node_ref, port, tcp);
+            }
+        }
+    }
+
+    /// A weighted or gateway target's `port`: one of the target node's listener ports. Through
+    /// a sidecar a tcp listener is reached only when it is the node's one listener (its ingress
+    /// then forwards bytes; with several listeners it is HTTP and chooses by the authority).
+    fn target_port(&mut self, path: &str, node: &Ref, port: i64, tcp: bool) {
+        let key = node.key(Kind::VirtualNode, &self.key.namespace);
+        let Some(Spec::VirtualNode(n)) = self.state.get(&key).map(|r| &r.spec) else {
+            return;
+        };
+        let ports: Vec<String> = n
+            .listeners
+            .iter()
+            .map(|l| l.port_mapping.port.to_string())
+            .collect();
+        if !n.listeners.iter().any(|l| l.port_mapping.port == port) {
+            self.err(
+                path,
+                format!(
+                    "{port} is not a listener port of {key} (it listens on {})",
+                    if ports.is_empty() {
+                        "none".into()
+                    } else {
+                        ports.join(", ")
+                    }
+                ),
+            );
+            return;
+        }
+        let registry = n
+            .service_discovery
+            .as_ref()
+            .is_some_and(|sd| sd.registry.is_some() || sd.aws_cloud_map.is_some());
+        if tcp && registry && n.listeners.len() > 1 {
+            self.err(
+                path,
+                format!("not supported by Trellis: {key} has several listeners, so its sidecar's ingress serves HTTP and cannot take a tcp route's bytes for listener {port}; give the tcp listener a node of its own"),
             );
         }
     }
@@ -1601,6 +1749,37 @@ spec:
             )
             .replace("match: { prefix: / }", "match: { prefix: /, port: 9090 }"),
             "spec.routes[0].httpRoute.match.port: listener 9090 is grpc, not http",
+        ), (
+            // A weighted target's port names one of the node's listeners.
+            GOOD.replace("virtualNodeRef: { name: blue }, weight: 100", "virtualNodeRef: { name: blue }, weight: 100, port: 9081"),
+            "(VirtualRouter default/ct): spec.routes[0].httpRoute.action.weightedTargets[0].port: 9081 is not a listener port of VirtualNode default/blue (it listens on 9080)",
+        ), (
+            // A gateway with several listeners: each route names its listener...
+            format!("{GOOD}{GATEWAY}").replace(
+                "listeners: [{ portMapping: { port: 8088, protocol: http } }]\n---\napiVersion: mesh.trellis.dev/v1beta1\nkind: GatewayRoute",
+                "listeners: [{ portMapping: { port: 8088, protocol: http } }, { portMapping: { port: 8089, protocol: http2 } }]\n---\napiVersion: mesh.trellis.dev/v1beta1\nkind: GatewayRoute",
+            ),
+            "(GatewayRoute default/web): spec.httpRoute.match.port: required: gateway VirtualGateway default/gw has several listeners",
+        ), (
+            // ... one of its own...
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, port: 8089 }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.port: 8089 is not one of gateway VirtualGateway default/gw's listener ports",
+        ), (
+            // ... of the route's protocol.
+            format!("{GOOD}{GATEWAY}").replace("port: 8088, protocol: http }", "port: 8088, protocol: grpc }"),
+            "(GatewayRoute default/web): spec.httpRoute: gateway VirtualGateway default/gw's listener 8088 is grpc, not http",
+        ), (
+            // A gateway route's target.port names one of the service's router's listeners...
+            format!("{GOOD}{GATEWAY}").replace("target: { virtualService: { virtualServiceRef: { name: colorteller } } }", "target: { port: 9090, virtualService: { virtualServiceRef: { name: colorteller } } }"),
+            "(GatewayRoute default/web): spec.httpRoute.action.target.port: 9090 is not a listener port of VirtualRouter default/ct",
+        ), (
+            // ... and is required when it has several.
+            format!("{GOOD}{GATEWAY}").replace(
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }]\n  routes:",
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }, { portMapping: { port: 9090, protocol: http } }]\n  routes:",
+            )
+            .replace("match: { prefix: / }", "match: { prefix: /, port: 9090 }"),
+            "(GatewayRoute default/web): spec.httpRoute.action.target.port: required: VirtualRouter default/ct, which provides VirtualService default/colorteller, has several listeners (9080, 9090)",
         ), (
             format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, path: { exact: /web/x } }"),
             "spec.httpRoute.match: give prefix or path, not both",

@@ -473,7 +473,7 @@ mod tests {
         assert_eq!(
             checked.withheld.as_deref(),
             Some(
-                "VirtualNode default/front: listeners[0].role: set a role (INGRESS or EGRESS) or an address"
+                "VirtualNode default/front: listeners[0].role: set a role (INGRESS or EGRESS), an address or a port"
             )
         );
     }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -40,6 +40,9 @@ pub struct App {
     listeners: Arc<Listeners>,
     /// Sockets of listeners with their own address, by listener name.
     named: Mutex<HashMap<Arc<str>, NamedSocket>>,
+    /// The IP that listeners given only a port bind (a gateway's listeners): the one of
+    /// `--ingress-addr`.
+    listener_ip: IpAddr,
 }
 
 impl std::fmt::Debug for App {
@@ -66,6 +69,7 @@ impl App {
         log_filter: String,
         log_control: LogControl,
         idle_timeout: Duration,
+        listener_ip: IpAddr,
     ) -> Arc<Self> {
         let services = Arc::new(Services::new(metrics, access_log, idle_timeout));
         Arc::new(Self {
@@ -76,6 +80,7 @@ impl App {
             log_filter: Mutex::new(log_filter),
             last_rejection: Mutex::new(None),
             named: Mutex::new(HashMap::new()),
+            listener_ip,
         })
     }
 
@@ -87,7 +92,10 @@ impl App {
             let named = self.named.lock();
             let mut errors = Vec::new();
             for (name, listener) in &rt.named {
-                let Some(addr) = listener.address else {
+                let Some(addr) = listener
+                    .address
+                    .or_else(|| listener.port.map(|p| SocketAddr::new(self.listener_ip, p)))
+                else {
                     continue;
                 };
                 if named.get(name).is_some_and(|s| s.requested == addr) {
@@ -100,8 +108,13 @@ impl App {
                     Ok(l) => bound.push((name.clone(), addr, l)),
                     Err(e) => {
                         let index = snapshot.listeners.iter().position(|l| *l.name == **name);
+                        let field = if listener.address.is_some() {
+                            "address"
+                        } else {
+                            "port"
+                        };
                         errors.push(FieldError {
-                            path: format!("listeners[{}].address", index.unwrap_or_default()),
+                            path: format!("listeners[{}].{field}", index.unwrap_or_default()),
                             reason: format!("cannot bind {addr}: {e}"),
                         });
                     }

@@ -40,7 +40,8 @@ pub struct ProxyConfig {
     )]
     pub data_dir: PathBuf,
 
-    /// Ingress socket: traffic from the mesh to the local app.
+    /// Ingress socket: traffic from the mesh to the local app. A gateway (--gateway) does not
+    /// bind this port: it serves each of its VirtualGateway's listener ports on this IP.
     #[arg(
         long,
         env = "TRELLIS_PROXY_INGRESS_ADDR",

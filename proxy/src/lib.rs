@@ -91,6 +91,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         config.log.clone(),
         log_control,
         config.idle_timeout,
+        config.ingress_addr.ip(),
     );
 
     start_health_checks(&app)?;
@@ -121,7 +122,12 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
             .await
             .with_context(|| format!("cannot bind the {what} address {addr}"))
     };
-    let ingress = bind(config.ingress_addr, "ingress").await?;
+    // A gateway serves its listeners' ports on the ingress address's IP (bound as its snapshot
+    // names them), not the ingress port: it answers where its VirtualGateway says.
+    let ingress = match config.gateway {
+        Some(_) => None,
+        None => Some(bind(config.ingress_addr, "ingress").await?),
+    };
     let egress = bind(config.egress_addr, "egress").await?;
     start_admin(&app, config.admin_addr)?;
     let sweeper = Arc::clone(&app);
@@ -132,7 +138,9 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
             sweeper.services.store.sweep_idle();
         }
     });
-    app.serve(ingress, snapshot::Slot::Ingress);
+    if let Some(ingress) = ingress {
+        app.serve(ingress, snapshot::Slot::Ingress);
+    }
     app.serve(egress, snapshot::Slot::Egress);
     match (control, &config.snapshot) {
         (Some(control), _) => {

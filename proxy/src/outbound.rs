@@ -67,6 +67,28 @@ impl Outbound {
         }
     }
 
+    /// Replaces the port of the authority, where the request carries one (a cluster's
+    /// `authority_port`: the target sidecar's ingress chooses its listener by it). Nothing to do
+    /// when it already names that port, as on a retry.
+    pub fn set_authority_port(&mut self, port: u16) {
+        let current = match self.authority {
+            AuthorityIn::Target => self.parts.uri.authority().cloned(),
+            AuthorityIn::Host => self
+                .parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            AuthorityIn::Missing => None,
+        };
+        let Some(current) = current else { return };
+        if current.port_u16() == Some(port) {
+            return;
+        }
+        if let Ok(to) = Authority::try_from(format!("{}:{port}", current.host())) {
+            self.set_authority(&to);
+        }
+    }
+
     /// Replaces the path and query (a route's path rewrite).
     pub fn set_path_and_query(&mut self, pq: PathAndQuery) {
         let mut uri = std::mem::take(&mut self.parts.uri).into_parts();
@@ -218,5 +240,30 @@ mod tests {
         let mut out = Outbound::new(head("/", Version::HTTP_10, None), AuthorityIn::Missing);
         out.set_authority(&to);
         assert_eq!(out.host_line("e"), None);
+    }
+
+    /// A cluster's authority port replaces the port where the authority is (or adds one), and
+    /// leaves a request without an authority alone.
+    #[test]
+    fn authority_ports_land_where_the_authority_is() {
+        let mut out = Outbound::new(
+            head("/x", Version::HTTP_11, Some("svc.ns:9080")),
+            AuthorityIn::Host,
+        );
+        out.set_authority_port(9090);
+        assert_eq!(out.parts().headers["host"], "svc.ns:9090");
+        out.set_authority_port(9090);
+        assert_eq!(out.parts().headers["host"], "svc.ns:9090", "once is enough");
+
+        let mut out = Outbound::new(
+            head("http://svc.ns/x", Version::HTTP_2, None),
+            AuthorityIn::Target,
+        );
+        out.set_authority_port(9090);
+        assert_eq!(out.host_line("e"), Some("svc.ns:9090"));
+
+        let mut out = Outbound::new(head("/", Version::HTTP_10, None), AuthorityIn::Missing);
+        out.set_authority_port(9090);
+        assert_eq!(out.host_line("e"), Some("e"));
     }
 }

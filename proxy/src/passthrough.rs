@@ -90,6 +90,7 @@ impl Passthrough {
             outlier: None,
             limits: None,
             health_check: None,
+            authority_port: None,
         });
         Route {
             name: NAME.into(),

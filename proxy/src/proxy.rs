@@ -311,6 +311,7 @@ fn route_request<'r>(
                 query: req.uri().query(),
                 headers: req.headers(),
                 port: authority_port(authority),
+                scheme: req.uri().scheme(),
             };
             host.route(&input).ok_or(ProxyError::NoRoute)?
         }

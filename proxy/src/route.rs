@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, uri::Scheme};
 use regex::Regex;
 
 use crate::{balance::WeightedTargets, retry::RetryPolicy, steps::Steps};
@@ -18,6 +18,9 @@ pub struct MatchInput<'a> {
     pub headers: &'a HeaderMap,
     /// Port of the request's authority, if it has one.
     pub port: Option<u16>,
+    /// The request's scheme where it names one: HTTP/2's `:scheme`, an absolute-form
+    /// request-target's. None is `http` (the listeners are plaintext).
+    pub scheme: Option<&'a Scheme>,
 }
 
 /// The virtual hosts of one HTTP listener, indexed by domain.
@@ -122,6 +125,8 @@ pub(crate) struct RouteMatch {
     pub(crate) headers: Vec<HeaderMatch>,
     pub(crate) query: Vec<QueryMatch>,
     pub(crate) port: Option<u16>,
+    /// `http` or `https`.
+    pub(crate) scheme: Option<Scheme>,
 }
 
 impl RouteMatch {
@@ -129,6 +134,10 @@ impl RouteMatch {
         self.path.matches(input.path)
             && self.method.as_ref().is_none_or(|m| m == input.method)
             && self.port.is_none_or(|p| input.port == Some(p))
+            && self
+                .scheme
+                .as_ref()
+                .is_none_or(|s| input.scheme.unwrap_or(&Scheme::HTTP) == s)
             && self.headers.iter().all(|h| h.matches(input.headers))
             && (self.query.is_empty() || query_matches(&self.query, input.query))
     }
@@ -227,6 +236,7 @@ mod tests {
             query: None,
             headers,
             port: None,
+            scheme: None,
         }
     }
 
@@ -300,6 +310,28 @@ mod tests {
         for (m, want) in cases {
             assert_eq!(m.matches(&h), want, "{m:?}");
         }
+    }
+
+    /// `https` matches a request naming that scheme (HTTP/2 `:scheme`, absolute form); `http`
+    /// one naming `http` or none (a plaintext listener); unset, any.
+    #[test]
+    fn scheme() {
+        let h = HeaderMap::new();
+        let https = RouteMatch {
+            scheme: Some(Scheme::HTTPS),
+            ..Default::default()
+        };
+        let http = RouteMatch {
+            scheme: Some(Scheme::HTTP),
+            ..Default::default()
+        };
+        let mut i = input("/", &h);
+        assert!(!https.matches(&i) && http.matches(&i), "none is http");
+        i.scheme = Some(&Scheme::HTTP);
+        assert!(!https.matches(&i) && http.matches(&i));
+        i.scheme = Some(&Scheme::HTTPS);
+        assert!(https.matches(&i) && !http.matches(&i));
+        assert!(RouteMatch::default().matches(&i), "unset: any");
     }
 
     #[test]

@@ -386,6 +386,9 @@ pub struct Listener {
     pub name: Arc<str>,
     /// Set for listeners that bind their own socket.
     pub address: Option<SocketAddr>,
+    /// Set for listeners that bind their own socket on this port of the proxy's ingress IP (a
+    /// gateway's listeners).
+    pub port: Option<u16>,
     pub kind: ListenerKind,
     /// HTTP: what a request gets whose authority no virtual host serves.
     pub unmatched: Unmatched,
@@ -896,7 +899,23 @@ clusters:
             ),
             (
                 "listeners: [{name: x}]",
-                "listeners[0].role: set a role (INGRESS or EGRESS) or an address",
+                "listeners[0].role: set a role (INGRESS or EGRESS), an address or a port",
+            ),
+            (
+                "listeners: [{name: x, role: INGRESS, port: 8088}]",
+                "listeners[0].port: 8088: only for a listener without a role or an address",
+            ),
+            (
+                "listeners: [{name: x, port: 70000}]",
+                "listeners[0].port: must be 1..=65535",
+            ),
+            (
+                "clusters: [{name: c, protocol: TCP_ONLY, authorityPort: 9080}]",
+                "clusters[0].authorityPort: 9080: a TCP only cluster's requests carry no authority",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, match: {scheme: ftp}, action: {weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].match.scheme: \"ftp\" is not http or https",
             ),
             (
                 "listeners: [{name: a, role: INGRESS, virtualHosts: []}, {name: b, role: INGRESS}]",

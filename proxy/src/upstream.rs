@@ -137,6 +137,9 @@ pub struct Cluster {
     pub limits: Option<Arc<ClusterLimits>>,
     /// Active health checking, if configured (the probes run in `Upstreams`' checkers).
     pub health_check: Option<Arc<HealthCheck>>,
+    /// The port requests to it carry in their authority, if set (a target node's listener,
+    /// chosen at its sidecar's ingress by it).
+    pub authority_port: Option<u16>,
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.
@@ -269,6 +272,9 @@ impl EndpointState {
     ) -> Either<impl Future<Output = Sent> + Send + 'a, BoxFuture<'a, Sent>> {
         // A plain function choosing a future, not an `async fn` awaiting one: the HTTP/1.1
         // exchange's future is then built where the caller keeps it, not moved once more.
+        if let Some(port) = cluster.authority_port {
+            out.set_authority_port(port);
+        }
         match &self.pool {
             Pool::Http1(_) => Either::Left(self.send_h1(cluster, out, body)),
             Pool::Http2(slot) => {
@@ -429,6 +435,19 @@ impl EndpointState {
         cluster: &Cluster,
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, AttemptError> {
+        let mut req = req;
+        if let Some(port) = cluster.authority_port {
+            // An upgrade's head is HTTP/1.1: its authority is its `Host`.
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+            if let Some(v) =
+                host.and_then(|h| http::HeaderValue::from_str(&format!("{}:{port}", h.host())).ok())
+            {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
         let mut sender = self.connect_upgrade(cluster).await?;
         sender.send_request(req).await.map_err(classify)
     }
@@ -778,6 +797,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         outlier: None,
         limits: None,
         health_check: None,
+        authority_port: None,
     })
 }
 

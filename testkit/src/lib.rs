@@ -25,6 +25,16 @@ pub use upstream::{TcpEchoServer, TestServer, WsEchoServer};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A port on 127.0.0.1 nothing listens on now, for configs that must name one before the
+/// process binds it (a VirtualGateway's listener ports): the OS picks it, as with port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `check` until it returns `Ok`, or panics with its last error after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

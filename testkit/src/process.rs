@@ -195,6 +195,8 @@ impl ProxyProcess {
     }
 
     /// A gateway for VirtualGateway `gateway` (NAMESPACE/NAME); see [`sidecar`](Self::sidecar).
+    /// A gateway binds no ingress socket (`ingress` is `0.0.0.0:0`): it serves its listeners'
+    /// ports on 127.0.0.1, named `gateway:PORT` (see [`listener_addr`](Self::listener_addr)).
     pub async fn gateway(bin: &str, urls: &str, gateway: &str, data_dir: &Path) -> Self {
         Self::follow(bin, urls, "--gateway", gateway, data_dir).await
     }
@@ -241,12 +243,21 @@ impl ProxyProcess {
             .spawn()
             .unwrap();
         let logs = collect_logs(&mut child);
-        match wait_listening(&mut child, &logs, &["ingress", "egress", "admin"]).await {
+        let gateway = args.iter().any(|a| a == "--gateway");
+        let names: &[&str] = if gateway {
+            &["egress", "admin"]
+        } else {
+            &["egress", "admin", "ingress"]
+        };
+        match wait_listening(&mut child, &logs, names).await {
             Ok(addrs) => Ok(Self {
                 child,
-                ingress: addrs[0],
-                egress: addrs[1],
-                admin: addrs[2],
+                ingress: addrs
+                    .get(2)
+                    .copied()
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                egress: addrs[0],
+                admin: addrs[1],
                 snapshot,
                 logs,
                 _dir: dir,

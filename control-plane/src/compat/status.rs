@@ -24,7 +24,11 @@ const ARN: &str = "resolves to the resource named in the ARN's last segment with
 const MESH_REF: &str =
     "the mesh the resource belongs to (without it, the only mesh); references stay within one mesh";
 const MATCH_PORT: &str = "route match on the port named in the request's authority (a request naming no port does not match)";
-const TARGET_PORT: &str = "choosing a target node's listener by port is not implemented yet (issue 10): a target gets its node's registered endpoints, or its first listener's port with dns";
+const TARGET_PORT: &str = "the target node's listener the traffic goes to (one of its listener ports, else an error): with dns, the endpoint is hostname:port; with registered instances (sidecar ingresses), requests carry the port in their authority and the sidecar's ingress forwards them to that listener (a tcp listener so only when it is the node's one); unset: the first listener";
+/// A GatewayRoute's `match.port`.
+const GATEWAY_MATCH_PORT: &str = "the gateway listener the route is served on (required when the gateway has several); that listener's protocol must be the route's";
+/// A GatewayRoute's `action.target.port`.
+const GATEWAY_TARGET_PORT: &str = "the target service's provider listener: with a router, the router listener whose routes apply (required when it has several); with a node, the node listener the traffic goes to (unset: its first)";
 /// `compat` accepts `tls: { mode: DISABLED }` (plaintext, which is what runs) despite this.
 const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISABLED is accepted";
 const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
@@ -171,7 +175,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].grpcRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -301,7 +305,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].http2Route.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -385,7 +389,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].http2Route.match.scheme",
-        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+        Honoured(
+            "route match on the request's scheme: the HTTP/2 :scheme or an absolute-form request-target's, else http (listeners are plaintext)",
+        ),
     ),
     (
         VirtualRouter,
@@ -451,7 +457,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].httpRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -535,7 +541,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].httpRoute.match.scheme",
-        Refused("matching on the request scheme is not implemented yet (issue 10)"),
+        Honoured(
+            "route match on the request's scheme: the HTTP/2 :scheme or an absolute-form request-target's, else http (listeners are plaintext)",
+        ),
     ),
     (
         VirtualRouter,
@@ -613,7 +621,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualRouter,
         "spec.routes[].tcpRoute.action.weightedTargets[].port",
-        Refused(TARGET_PORT),
+        Honoured(TARGET_PORT),
     ),
     (
         VirtualRouter,
@@ -733,14 +741,14 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.listeners[].portMapping.port",
         Honoured(
-            "the sidecar ingress forwards to 127.0.0.1:<port> (with several listeners, by the request authority's port); callers reach the node on its first listener's port (dns discovery)",
+            "the sidecar ingress forwards to 127.0.0.1:<port> (with several listeners, by the request authority's port); callers reach the node on the listener a weighted target's port names, else its first (dns discovery: hostname:port)",
         ),
     ),
     (
         VirtualNode,
         "spec.listeners[].portMapping.protocol",
         Honoured(
-            "the protocol to the local app and, of the first listener, callers' protocol to the node (http, http2 as h2c, grpc, tcp)",
+            "the protocol to the local app and callers' protocol to the listener they reach (http, http2 as h2c, grpc, tcp)",
         ),
     ),
     (
@@ -829,7 +837,9 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.listeners",
-        Honoured("the gateway's listener (at least one)"),
+        Honoured(
+            "the gateway's listeners (at least one): the gateway proxy serves each one's port; with several, each GatewayRoute's match.port names the one it is served on",
+        ),
     ),
     (
         VirtualGateway,
@@ -850,13 +860,15 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualGateway,
         "spec.listeners[].portMapping.port",
         Honoured(
-            "the gateway serves on the proxy's --ingress-addr, which must use this port (as examples/colorapp/gateway.yaml does; not checked yet)",
+            "the gateway proxy binds this port on the IP of its --ingress-addr (a gateway does not bind that flag's port) and serves the listener's GatewayRoutes there",
         ),
     ),
     (
         VirtualGateway,
         "spec.listeners[].portMapping.protocol",
-        Honoured("checked; the gateway's listener serves http, http2 (h2c) and grpc"),
+        Honoured(
+            "checked; the gateway's listener serves http, http2 (h2c) and grpc; its GatewayRoutes must be of its protocol (httpRoute, http2Route, grpcRoute)",
+        ),
     ),
     (
         VirtualGateway,
@@ -917,9 +929,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.grpcRoute.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -973,7 +983,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.grpcRoute.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,
@@ -1024,9 +1034,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.http2Route.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1092,7 +1100,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.http2Route.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,
@@ -1160,9 +1168,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.httpRoute.action.target.port",
-        Refused(
-            "choosing the target's listener port is not implemented yet (issue 10): the service's provider is reached as its routes say",
-        ),
+        Honoured(GATEWAY_TARGET_PORT),
     ),
     (
         GatewayRoute,
@@ -1228,7 +1234,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         GatewayRoute,
         "spec.httpRoute.match.port",
-        Honoured(MATCH_PORT),
+        Honoured(GATEWAY_MATCH_PORT),
     ),
     (
         GatewayRoute,

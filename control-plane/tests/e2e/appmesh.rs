@@ -205,6 +205,7 @@ async fn gateway_routes_rewrite_exact_paths() {
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let app = TestServer::start("app").await;
     let port = app.addr.port();
+    let gw_port = trellis_testkit::free_port();
     let yaml = format!(
         r#"apiVersion: appmesh.k8s.aws/v1beta2
 kind: Mesh
@@ -238,7 +239,7 @@ apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualGateway
 metadata: {{ name: gw }}
 spec:
-  listeners: [{{ portMapping: {{ port: 8088, protocol: http }} }}]
+  listeners: [{{ portMapping: {{ port: {gw_port}, protocol: http }} }}]
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: GatewayRoute
@@ -257,7 +258,8 @@ spec:
     let gateway =
         ProxyProcess::gateway(proxy_bin(), &control.url, "default/gw", gw_dir.path()).await;
     wait_synced(&control.url, 1).await;
-    let mut c = Client::h1(gateway.ingress).await.unwrap();
+    let addr = gateway.listener_addr(&format!("gateway:{gw_port}")).await;
+    let mut c = Client::h1(addr).await.unwrap();
     let r = c.get("anything.example", "/old?x=1").await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.header("x-trellis-error"));
     assert_eq!(r.header("x-seen-path"), Some("/new?x=1"));

@@ -5,6 +5,7 @@
 
 mod appmesh;
 mod mesh;
+mod ports;
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, process::Output, sync::OnceLock,

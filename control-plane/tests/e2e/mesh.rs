@@ -860,25 +860,41 @@ async fn a_proxy_nack_shows_in_status_with_its_reasons() {
     );
 }
 
+/// A gateway answers on each of its VirtualGateway's listener ports (bound on the IP of its
+/// --ingress-addr), each serving the GatewayRoutes whose `match.port` names it.
 #[tokio::test]
 async fn a_gateway_routes_to_virtual_services_through_their_router() {
     let env = setup((100, 0, 0)).await;
-    let gateway = r#"apiVersion: mesh.trellis.dev/v1beta1
+    let (web, api) = (trellis_testkit::free_port(), trellis_testkit::free_port());
+    let gateway = format!(
+        r#"apiVersion: mesh.trellis.dev/v1beta1
 kind: VirtualGateway
-metadata: { name: gw }
+metadata: {{ name: gw }}
 spec:
-  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+  listeners:
+    - portMapping: {{ port: {web}, protocol: http }}
+    - portMapping: {{ port: {api}, protocol: http }}
 ---
 apiVersion: mesh.trellis.dev/v1beta1
 kind: GatewayRoute
-metadata: { name: colors }
+metadata: {{ name: colors }}
 spec:
-  virtualGatewayRef: { name: gw }
+  virtualGatewayRef: {{ name: gw }}
   httpRoute:
-    match: { prefix: /colors/ }
-    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
-"#;
-    apply(&env.control.url, gateway);
+    match: {{ prefix: /colors/, port: {web} }}
+    action: {{ target: {{ virtualService: {{ virtualServiceRef: {{ name: colorteller }} }} }} }}
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: {{ name: api }}
+spec:
+  virtualGatewayRef: {{ name: gw }}
+  httpRoute:
+    match: {{ prefix: /api/, port: {api} }}
+    action: {{ target: {{ virtualService: {{ virtualServiceRef: {{ name: colorteller }} }} }} }}
+"#
+    );
+    apply(&env.control.url, &gateway);
     let dir = tempfile::tempdir().unwrap();
     let gw = ProxyProcess::gateway(proxy_bin(), &env.control.url, "default/gw", dir.path()).await;
     let s = wait_synced(&env.control.url, 3).await;
@@ -889,7 +905,33 @@ spec:
             .iter()
             .any(|p| p["node"] == "default/gw" && p["kind"] == "gateway")
     );
-    let mut c = Client::h1(gw.ingress).await.unwrap();
+    let web_addr = gw.listener_addr(&format!("gateway:{web}")).await;
+    let api_addr = gw.listener_addr(&format!("gateway:{api}")).await;
+    assert_eq!(
+        (web_addr, api_addr),
+        (
+            std::net::SocketAddr::from(([127, 0, 0, 1], web)),
+            std::net::SocketAddr::from(([127, 0, 0, 1], api))
+        ),
+        "each listener's port, on the ingress address's IP"
+    );
+    // Each listener serves its own routes, and only those.
+    let mut a = Client::h1(api_addr).await.unwrap();
+    let r = a.get("www.example.com", "/api/x").await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.header("x-trellis-error"));
+    assert_eq!(
+        (r.text(), r.header("x-seen-path")),
+        ("blue".into(), Some("/x"))
+    );
+    assert_eq!(
+        a.get("www.example.com", "/colors/x").await.unwrap().status,
+        404
+    );
+    let mut c = Client::h1(web_addr).await.unwrap();
+    assert_eq!(
+        c.get("www.example.com", "/api/x").await.unwrap().status,
+        404
+    );
     let r = c
         .get("www.example.com", "/colors/paint?shade=dark")
         .await

@@ -268,6 +268,21 @@ fn compile_cluster(
         .health_check
         .as_ref()
         .map(|h| compile_health_check(c, &format!("{path}.healthCheck"), h));
+    let authority_port = match u16::try_from(cluster.authority_port) {
+        Ok(0) => None,
+        Ok(p) if protocol == Protocol::Tcp => {
+            c.err(
+                format!("{path}.authorityPort"),
+                format!("{p}: a TCP only cluster's requests carry no authority"),
+            );
+            None
+        }
+        Ok(p) => Some(p),
+        Err(_) => {
+            c.err(format!("{path}.authorityPort"), "must be 1..=65535");
+            None
+        }
+    };
     if c.errors.len() > before {
         return None;
     }
@@ -302,6 +317,7 @@ fn compile_cluster(
         outlier,
         limits,
         health_check,
+        authority_port,
     }))
 }
 
@@ -473,11 +489,26 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
     use pb::listener::{Protocol as PbProtocol, Role};
     let before = c.errors.len();
     let has_role = listener.role != Role::Unspecified as i32;
+    let port = match u16::try_from(listener.port) {
+        Ok(0) => None,
+        Ok(p) if has_role || !listener.address.is_empty() => {
+            c.err(
+                format!("{path}.port"),
+                format!("{p}: only for a listener without a role or an address"),
+            );
+            None
+        }
+        Ok(p) => Some(p),
+        Err(_) => {
+            c.err(format!("{path}.port"), "must be 1..=65535");
+            None
+        }
+    };
     let address = if listener.address.is_empty() {
-        if !has_role {
+        if !has_role && port.is_none() {
             c.err(
                 format!("{path}.role"),
-                "set a role (INGRESS or EGRESS) or an address",
+                "set a role (INGRESS or EGRESS), an address or a port",
             );
         }
         None
@@ -546,6 +577,7 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
     (c.errors.len() == before).then(|| Listener {
         name: listener.name.as_str().into(),
         address,
+        port,
         kind,
         unmatched,
     })
@@ -779,6 +811,15 @@ fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteM
                 format!("{:?} is not an HTTP method", m.method),
             ),
         }
+    }
+    match m.scheme.as_str() {
+        "" => {}
+        "http" => out.scheme = Some(http::uri::Scheme::HTTP),
+        "https" => out.scheme = Some(http::uri::Scheme::HTTPS),
+        other => c.err(
+            format!("{path}.scheme"),
+            format!("{other:?} is not http or https"),
+        ),
     }
     if m.port > u32::from(u16::MAX) {
         c.err(format!("{path}.port"), "must be 0..=65535");

@@ -36,6 +36,7 @@ impl InProcessProxy {
             "info".into(),
             Box::new(|_| Ok(())),
             idle_timeout,
+            std::net::Ipv4Addr::LOCALHOST.into(),
         );
         let parsed = snapshot::parse_file(snapshot).unwrap();
         app.apply(&parsed).unwrap();
