@@ -238,6 +238,28 @@ pub struct MeshSpec {
     /// applied with App Mesh's API group (`ENABLED`, the default) or not (`DISABLED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_mesh_defaults: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_service_discovery: Option<MeshServiceDiscovery>,
+}
+
+/// How the mesh's proxies reach its nodes' instances.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshServiceDiscovery {
+    /// `IPv4_ONLY` or `IPv6_ONLY`: the addresses dialled (DNS names resolved to that family
+    /// only, registry instances by their address of that family). Unset: as registered or
+    /// resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_preference: Option<String>,
+}
+
+impl MeshSpec {
+    /// The mesh's ipPreference: "IPv4_ONLY", "IPv6_ONLY", or None.
+    pub fn ip_preference(&self) -> Option<&str> {
+        self.mesh_service_discovery
+            .as_ref()
+            .and_then(|d| d.ip_preference.as_deref())
+    }
 }
 
 /// A mesh's egress filter: `DROP_ALL` (App Mesh's default) or `ALLOW_ALL`.

@@ -202,6 +202,34 @@ pub fn hostname(key: &ResourceKey, spec: &model::VirtualServiceSpec) -> String {
         .unwrap_or_else(|| format!("{}.{}", key.name, key.namespace))
 }
 
+/// The address a registry instance is dialled at within a mesh's IP family: its address of that
+/// family (`AWS_INSTANCE_IPV4` / `AWS_INSTANCE_IPV6` as Cloud Map records them, else the
+/// registered address if it is one; a DNS name is resolved within the family when dialled), or
+/// None when it has none.
+fn instance_address(i: &Instance, family: pb::cluster::IpFamily) -> Option<String> {
+    use std::net::IpAddr;
+    let (attribute, wanted): (&str, fn(&IpAddr) -> bool) = match family {
+        pb::cluster::IpFamily::Any => return Some(i.endpoint()),
+        pb::cluster::IpFamily::V4Only => ("AWS_INSTANCE_IPV4", IpAddr::is_ipv4),
+        pb::cluster::IpFamily::V6Only => ("AWS_INSTANCE_IPV6", IpAddr::is_ipv6),
+    };
+    let of_family = |a: &str| {
+        a.parse::<IpAddr>()
+            .ok()
+            .filter(wanted)
+            .map(|_| a.to_owned())
+    };
+    let host = i
+        .attributes
+        .get(attribute)
+        .and_then(|a| of_family(a))
+        .or_else(|| match i.address.parse::<IpAddr>() {
+            Ok(ip) => wanted(&ip).then(|| i.address.clone()),
+            Err(_) => Some(i.address.clone()),
+        })?;
+    Some(trellis_proxy::snapshot::host_port(&host, i.port))
+}
+
 struct Builder<'a> {
     state: &'a State,
     instances: &'a [Instance],
@@ -285,6 +313,12 @@ impl Builder<'_> {
             Some("RANDOM") => pb::cluster::LbPolicy::Random,
             _ => pb::cluster::LbPolicy::RoundRobin,
         };
+        // The mesh's ipPreference.
+        let family = match self.mesh(key).and_then(model::MeshSpec::ip_preference) {
+            Some("IPv4_ONLY") => pb::cluster::IpFamily::V4Only,
+            Some("IPv6_ONLY") => pb::cluster::IpFamily::V6Only,
+            _ => pb::cluster::IpFamily::Any,
+        };
         let mut endpoints = Vec::new();
         if let Some(sd) = &node.service_discovery {
             if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
@@ -296,11 +330,12 @@ impl Builder<'_> {
                 // re-register under a new id before its old lease ends): healthy while any of
                 // them is, draining only when all are.
                 let mut merged: BTreeMap<String, (bool, Vec<String>)> = BTreeMap::new();
-                for i in instances
+                for (i, address) in instances
                     .iter()
                     .filter(|i| i.matches(&reg.namespace_name, &reg.service_name, &selector))
+                    .filter_map(|i| Some((i, instance_address(i, family)?)))
                 {
-                    let (healthy, ids) = merged.entry(i.endpoint()).or_default();
+                    let (healthy, ids) = merged.entry(address).or_default();
                     *healthy |= i.status == InstanceStatus::Healthy;
                     ids.push(i.store_key());
                 }
@@ -342,6 +377,7 @@ impl Builder<'_> {
                 connection_pool,
                 health_check,
                 authority_port,
+                ip_family: family as i32,
                 ..Default::default()
             },
         );

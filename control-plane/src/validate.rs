@@ -640,6 +640,14 @@ impl Checker<'_> {
                 if let Some(selector) = &m.namespace_selector {
                     self.selector("spec.namespaceSelector", selector);
                 }
+                if let Some(p) = m.ip_preference() {
+                    if p != "IPv4_ONLY" && p != "IPv6_ONLY" {
+                        self.err(
+                            "spec.meshServiceDiscovery.ipPreference",
+                            format!("must be IPv4_ONLY or IPv6_ONLY, not {p:?}"),
+                        );
+                    }
+                }
                 if let Some(v) = &m.app_mesh_defaults {
                     if v != "ENABLED" && v != "DISABLED" {
                         self.err(

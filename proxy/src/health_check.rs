@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::{net::TcpStream, task::AbortHandle, time::Instant};
 
-use crate::metrics::HealthCheckMetrics;
+use crate::{dial::IpFamily, metrics::HealthCheckMetrics};
 
 /// Largest probe response body read (a longer one fails the probe).
 const MAX_BODY: usize = 64 * 1024;
@@ -160,6 +160,7 @@ impl Checker {
         runtime: &tokio::runtime::Handle,
         cluster: &Arc<str>,
         addr: &str,
+        family: IpFamily,
         config: Arc<HealthCheck>,
         health: Arc<EndpointHealth>,
         metrics: HealthCheckMetrics,
@@ -167,7 +168,7 @@ impl Checker {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         health.claim(id);
-        let target = Target::new(addr, config.port);
+        let target = Target::new(addr, config.port, family);
         let task = runtime.spawn(run(
             cluster.clone(),
             target,
@@ -191,15 +192,19 @@ impl Checker {
 struct Target {
     /// HOST:PORT to connect to, and the authority of HTTP probes.
     addr: Arc<str>,
+    family: IpFamily,
 }
 
 impl Target {
-    fn new(addr: &str, port: Option<u16>) -> Self {
+    fn new(addr: &str, port: Option<u16>, family: IpFamily) -> Self {
         let addr = match (port, addr.rsplit_once(':')) {
             (Some(port), Some((host, _))) => format!("{host}:{port}"),
             _ => addr.to_owned(),
         };
-        Self { addr: addr.into() }
+        Self {
+            addr: addr.into(),
+            family,
+        }
     }
 }
 
@@ -221,12 +226,10 @@ async fn run(
     let (mut successes, mut failures) = (0u32, 0u32);
     let mut first = true;
     loop {
-        let outcome = tokio::time::timeout(
-            config.timeout,
-            probe(&config.probe, &target.addr, &mut conn),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)));
+        let outcome =
+            tokio::time::timeout(config.timeout, probe(&config.probe, &target, &mut conn))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)));
         let ok = outcome.is_ok();
         match outcome {
             Ok(()) => {
@@ -290,12 +293,13 @@ fn on_tick(at: Instant) -> Instant {
 }
 
 /// One probe: `Ok` when the endpoint is healthy, else why not.
-async fn probe(probe: &Probe, addr: &str, conn: &mut Option<Conn>) -> Result<(), String> {
+async fn probe(probe: &Probe, target: &Target, conn: &mut Option<Conn>) -> Result<(), String> {
+    let addr = &*target.addr;
     match probe {
-        Probe::Tcp => connect(addr).await.map(drop),
+        Probe::Tcp => connect(target).await.map(drop),
         Probe::Http { path } => {
             if !matches!(conn, Some(Conn::H1(s)) if !s.is_closed()) {
-                *conn = Some(Conn::H1(connect_h1(addr).await?));
+                *conn = Some(Conn::H1(connect_h1(target).await?));
             }
             let Some(Conn::H1(sender)) = conn else {
                 return Err("no HTTP/1.1 connection".into());
@@ -312,7 +316,7 @@ async fn probe(probe: &Probe, addr: &str, conn: &mut Option<Conn>) -> Result<(),
             expect_ok(status)
         }
         Probe::Http2 { path } => {
-            let sender = h2_sender(addr, conn).await?;
+            let sender = h2_sender(target, conn).await?;
             let req = Request::get(format!("http://{addr}{path}"))
                 .header(header::USER_AGENT, USER_AGENT)
                 .body(Full::default())
@@ -323,7 +327,7 @@ async fn probe(probe: &Probe, addr: &str, conn: &mut Option<Conn>) -> Result<(),
             expect_ok(status)
         }
         Probe::Grpc => {
-            let sender = h2_sender(addr, conn).await?;
+            let sender = h2_sender(target, conn).await?;
             // A HealthCheckRequest with the empty service name is the empty message: a gRPC
             // frame of no compression and length 0.
             let req = Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
@@ -357,11 +361,11 @@ async fn probe(probe: &Probe, addr: &str, conn: &mut Option<Conn>) -> Result<(),
 }
 
 async fn h2_sender<'a>(
-    addr: &str,
+    target: &Target,
     conn: &'a mut Option<Conn>,
 ) -> Result<&'a mut http2::SendRequest<Full<Bytes>>, String> {
     if !matches!(conn, Some(Conn::H2(s)) if !s.is_closed()) {
-        *conn = Some(Conn::H2(connect_h2(addr).await?));
+        *conn = Some(Conn::H2(connect_h2(target).await?));
     }
     let Some(Conn::H2(sender)) = conn else {
         return Err("no HTTP/2 connection".into());
@@ -378,14 +382,16 @@ fn expect_ok(status: StatusCode) -> Result<(), String> {
     }
 }
 
-async fn connect(addr: &str) -> Result<TcpStream, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+async fn connect(target: &Target) -> Result<TcpStream, String> {
+    let stream = crate::dial::connect(&target.addr, target.family)
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
 
-async fn connect_h1(addr: &str) -> Result<http1::SendRequest<Full<Bytes>>, String> {
-    let stream = connect(addr).await?;
+async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Full<Bytes>>, String> {
+    let stream = connect(target).await?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -396,8 +402,8 @@ async fn connect_h1(addr: &str) -> Result<http1::SendRequest<Full<Bytes>>, Strin
     Ok(sender)
 }
 
-async fn connect_h2(addr: &str) -> Result<http2::SendRequest<Full<Bytes>>, String> {
-    let stream = connect(addr).await?;
+async fn connect_h2(target: &Target) -> Result<http2::SendRequest<Full<Bytes>>, String> {
+    let stream = connect(target).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))
@@ -524,9 +530,18 @@ mod tests {
 
     #[test]
     fn the_probed_port_replaces_the_endpoints() {
-        assert_eq!(&*Target::new("10.0.0.1:80", Some(9)).addr, "10.0.0.1:9");
-        assert_eq!(&*Target::new("[::1]:80", Some(9)).addr, "[::1]:9");
-        assert_eq!(&*Target::new("a.example:80", None).addr, "a.example:80");
+        assert_eq!(
+            &*Target::new("10.0.0.1:80", Some(9), IpFamily::Any).addr,
+            "10.0.0.1:9"
+        );
+        assert_eq!(
+            &*Target::new("[::1]:80", Some(9), IpFamily::Any).addr,
+            "[::1]:9"
+        );
+        assert_eq!(
+            &*Target::new("a.example:80", None, IpFamily::Any).addr,
+            "a.example:80"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod dial;
 pub mod error;
 pub mod h1;
 pub mod health_check;

@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     BoxError,
+    dial::IpFamily,
     error::{AttemptError, ProxyError, UpstreamFailure},
     h1,
     health_check::{Checker, EndpointHealth, HealthCheck},
@@ -152,6 +153,9 @@ pub struct EndpointState {
     pub outlier: EndpointOutlier,
     /// What active health checks decided (used only with a health check).
     pub health: Arc<EndpointHealth>,
+    /// An [`IpFamily`]: which addresses of its name it may be dialled at (part of the
+    /// endpoint's key: fixed for its life).
+    family: AtomicU8,
 }
 
 #[derive(Debug)]
@@ -212,6 +216,7 @@ impl EndpointState {
             pool,
             outlier: EndpointOutlier::default(),
             health: Arc::default(),
+            family: AtomicU8::new(0),
         }
     }
 
@@ -241,9 +246,15 @@ impl EndpointState {
         }
     }
 
+    /// The addresses of its name it may be dialled at.
+    pub fn family(&self) -> IpFamily {
+        IpFamily::from_u8(self.family.load(Ordering::Relaxed))
+    }
+
     /// Opens a TCP connection to the endpoint.
     pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, AttemptError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&*self.addr)).await {
+        let connect = crate::dial::connect(&self.addr, self.family());
+        let stream = match tokio::time::timeout(timeout, connect).await {
             Err(_) => {
                 return Err(AttemptError::new(
                     UpstreamFailure::ConnectTimeout,
@@ -623,8 +634,8 @@ pub struct Upstreams {
     checker_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
-/// An endpoint of a cluster: (cluster, protocol, address).
-pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>);
+/// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in).
+pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>, IpFamily);
 pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 /// Connection pool limit state, keyed by (cluster, protocol).
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
@@ -686,8 +697,9 @@ impl Generation<'_> {
         cluster: &Arc<str>,
         protocol: Protocol,
         addr: &str,
+        family: IpFamily,
     ) -> Arc<EndpointState> {
-        let key = (cluster.clone(), protocol, Arc::<str>::from(addr));
+        let key = (cluster.clone(), protocol, Arc::<str>::from(addr), family);
         if let Some(ep) = self.next.get(&key) {
             return ep.clone();
         }
@@ -697,7 +709,11 @@ impl Generation<'_> {
             .lock()
             .get(&key)
             .cloned()
-            .unwrap_or_else(|| Arc::new(EndpointState::new(addr, protocol)));
+            .unwrap_or_else(|| {
+                let ep = EndpointState::new(addr, protocol);
+                ep.family.store(family as u8, Ordering::Relaxed);
+                Arc::new(ep)
+            });
         self.next.insert(key, ep.clone());
         ep
     }
@@ -729,7 +745,12 @@ impl Generation<'_> {
         config: &Arc<HealthCheck>,
         metrics: &HealthCheckMetrics,
     ) {
-        let key = (cluster.clone(), endpoint.protocol(), endpoint.addr.clone());
+        let key = (
+            cluster.clone(),
+            endpoint.protocol(),
+            endpoint.addr.clone(),
+            endpoint.family(),
+        );
         self.next_checks
             .push((key, endpoint.clone(), config.clone(), metrics.clone()));
     }
@@ -762,6 +783,7 @@ impl Generation<'_> {
                             runtime,
                             &key.0,
                             &endpoint.addr,
+                            key.3,
                             config,
                             endpoint.health.clone(),
                             metrics,
@@ -810,26 +832,26 @@ mod tests {
         let ups = Upstreams::default();
         let c: Arc<str> = "c".into();
         let mut g = ups.generation();
-        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
         assert!(Arc::ptr_eq(
             &a,
-            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1")
+            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any)
         ));
         let _busy = a.begin_request();
         g.commit();
 
         let mut g = ups.generation();
-        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
         assert!(Arc::ptr_eq(&a, &again), "state survives a new snapshot");
         assert_eq!(again.in_flight(), 1);
-        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1");
+        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1", IpFamily::Any);
         assert!(!Arc::ptr_eq(&a, &h2), "a protocol change gets a new pool");
         drop(g); // not committed: live state unchanged
 
         let g = ups.generation();
         g.commit();
         let mut g = ups.generation();
-        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1");
+        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
         assert!(!Arc::ptr_eq(&a, &fresh), "removed endpoints are forgotten");
     }
 }

@@ -56,8 +56,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         Mesh,
         "spec.meshServiceDiscovery",
-        Refused(
-            "meshServiceDiscovery.ipPreference is not implemented yet (issue 10): endpoints are used as registered or resolved",
+        Honoured(
+            "ipPreference IPv4_ONLY or IPv6_ONLY: the mesh's proxies dial only addresses of that family — DNS names (dns discovery, registered names) resolved to that family, registry instances at their address of that family (attribute AWS_INSTANCE_IPV4 / AWS_INSTANCE_IPV6, else the registered address if it is one; an instance without one is left out); unset: as registered or resolved",
         ),
     ),
     (

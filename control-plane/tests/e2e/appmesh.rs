@@ -507,3 +507,124 @@ async fn access_logs_follow_each_nodes_logging() {
         "{refused}"
     );
 }
+
+/// `meshServiceDiscovery.ipPreference`: a registry instance is dialled at its address of the
+/// mesh's family (Cloud Map's `AWS_INSTANCE_IPV4` attribute, or the registered address), and DNS
+/// discovery dials only addresses of it; unset, the registered address is used.
+#[tokio::test]
+async fn ip_preference_picks_the_addresses_dialled() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let v4 = TestServer::start("v4").await;
+    let port = v4.addr.port();
+    // The same port on the IPv6 loopback answers "v6".
+    let v6 = tokio::net::TcpListener::bind(("::1", port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = v6.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nv6",
+                    )
+                    .await;
+            });
+        }
+    });
+    let out = cli(
+        &control.url,
+        &[
+            "instances",
+            "register",
+            "--namespace",
+            "ns",
+            "--service",
+            "app",
+            "--id",
+            "one",
+            "--address",
+            "::1",
+            "--port",
+            &port.to_string(),
+            "--attr",
+            "AWS_INSTANCE_IPV4=127.0.0.1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = |preference: &str| {
+        format!(
+            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {preference}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ awsCloudMap: {{ namespaceName: ns, serviceName: app }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: named }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: named }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: named }} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}, \
+             {{ virtualService: {{ virtualServiceRef: {{ name: named }} }} }}]\n"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    apply(
+        &control.url,
+        &manifest("{ meshServiceDiscovery: { ipPreference: IPv4_ONLY } }"),
+    );
+    let front = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
+    // (service, what it answers or the error) once the mesh's preference has reached the proxy.
+    let expect = |want: [(&'static str, &'static str); 2]| {
+        let egress = front.egress;
+        eventually(
+            Duration::from_secs(10),
+            "the preference applies",
+            move || async move {
+                let mut got = Vec::new();
+                for (service, _) in want {
+                    let mut c = Client::h1(egress).await.map_err(|e| e.to_string())?;
+                    let r = c.get(service, "/").await.map_err(|e| e.to_string())?;
+                    got.push(match r.header("x-trellis-error") {
+                        Some(e) => e.to_owned(),
+                        None => r.text(),
+                    });
+                }
+                let want: Vec<String> = want.iter().map(|(_, w)| w.to_string()).collect();
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}, want {want:?}"))
+                }
+            },
+        )
+    };
+    expect([("app.default", "v4"), ("named.default", "v4")]).await;
+    apply(
+        &control.url,
+        &manifest("{ meshServiceDiscovery: { ipPreference: IPv6_ONLY } }"),
+    );
+    // An IPv4 address is not dialled in an IPv6 mesh.
+    expect([("app.default", "v6"), ("named.default", "connect_failure")]).await;
+    apply(&control.url, &manifest("{}"));
+    expect([("app.default", "v6"), ("named.default", "v4")]).await;
+
+    let refused = apply_refused(
+        &control.url,
+        &manifest("{ meshServiceDiscovery: { ipPreference: IPv4_PREFERRED } }"),
+    );
+    assert!(
+        refused.contains("spec.meshServiceDiscovery.ipPreference"),
+        "{refused}"
+    );
+}

@@ -15,6 +15,7 @@ use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute
 use crate::{
     access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
+    dial::IpFamily,
     health_check::{HealthCheck, Probe},
     limit::PoolLimits,
     metrics::ProxyMetrics,
@@ -226,6 +227,15 @@ fn compile_cluster(
         )
         .unwrap_or(upstream::DEFAULT_POOL_IDLE_TIMEOUT);
 
+    let family = match pb::cluster::IpFamily::try_from(cluster.ip_family) {
+        Ok(pb::cluster::IpFamily::Any) => IpFamily::Any,
+        Ok(pb::cluster::IpFamily::V4Only) => IpFamily::V4Only,
+        Ok(pb::cluster::IpFamily::V6Only) => IpFamily::V6Only,
+        Err(_) => {
+            c.err(format!("{path}.ipFamily"), "unknown IP family");
+            IpFamily::Any
+        }
+    };
     let name: Arc<str> = cluster.name.as_str().into();
     let mut seen = HashSet::new();
     let mut endpoints = Vec::with_capacity(cluster.endpoints.len());
@@ -254,7 +264,10 @@ fn compile_cluster(
                 continue;
             }
         };
-        endpoints.push((generation.endpoint(&name, protocol, &ep.address), health));
+        endpoints.push((
+            generation.endpoint(&name, protocol, &ep.address, family),
+            health,
+        ));
     }
     let outlier = cluster
         .outlier_detection
