@@ -722,6 +722,10 @@ pub struct VirtualNodeSpec {
     pub service_discovery: Option<ServiceDiscovery>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// App Mesh controller's backend groups: `name: "*"` makes every VirtualService of the
+    /// namespace (of the node's mesh) a backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_groups: Vec<BackendGroupRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -886,6 +890,16 @@ pub struct DnsDiscovery {
     pub hostname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendGroupRef {
+    #[serde(default)]
+    pub name: String,
+    /// Unset: the node's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -806,11 +806,35 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
 
 /// Egress: the backends the node declares, and only those.
 fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb::Listener {
+    let mut keys: Vec<ResourceKey> = spec
+        .backends
+        .iter()
+        .map(|backend| {
+            let r = &backend.virtual_service.virtual_service_ref;
+            r.key(Kind::VirtualService, &node.namespace)
+        })
+        .collect();
+    // Backend groups `*` (validation refuses other names): every VirtualService of the
+    // namespace that belongs to the node's mesh.
+    let mesh = b
+        .state
+        .get(node)
+        .and_then(|r| crate::validate::mesh_of(b.state, r));
+    for group in &spec.backend_groups {
+        let namespace = group.namespace.as_deref().unwrap_or(&node.namespace);
+        for (key, r) in b.state.iter() {
+            if key.kind == Kind::VirtualService
+                && key.namespace == namespace
+                && crate::validate::mesh_of(b.state, r) == mesh
+                && !keys.contains(key)
+            {
+                keys.push(key.clone());
+            }
+        }
+    }
     let mut hosts = Vec::new();
-    for backend in &spec.backends {
-        let r = &backend.virtual_service.virtual_service_ref;
-        let key = r.key(Kind::VirtualService, &node.namespace);
-        if let Some(vh) = b.virtual_service(&key) {
+    for key in &keys {
+        if let Some(vh) = b.virtual_service(key) {
             hosts.push(vh);
         }
     }

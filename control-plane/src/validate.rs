@@ -798,6 +798,25 @@ impl Checker<'_> {
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
         self.logging(n.logging.as_ref());
+        for (i, g) in n.backend_groups.iter().enumerate() {
+            if g.name != "*" {
+                self.err(
+                    format!("spec.backendGroups[{i}].name"),
+                    format!(
+                        "not supported by Trellis: BackendGroup resources (an experimental App Mesh controller feature); {:?} cannot be resolved — name \"*\" (every VirtualService of the namespace) is supported, or list the services in spec.backends",
+                        g.name
+                    ),
+                );
+            }
+            if let Some(ns) = &g.namespace {
+                if !valid_name(ns) {
+                    self.err(
+                        format!("spec.backendGroups[{i}].namespace"),
+                        format!("{ns:?} is not a namespace name"),
+                    );
+                }
+            }
+        }
         if let Some(sd) = &n.service_discovery {
             let count = [
                 sd.registry.is_some(),

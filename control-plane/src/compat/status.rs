@@ -34,6 +34,7 @@ const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISAB
 const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
 const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
 const LOGGING: &str = "the proxy's access log: one line per request (and per TCP connection) on every listener, appended to file.path (/dev/stdout and /dev/stderr are the proxy's own), in Envoy's default format or format.text / format.json with Envoy's command operators (those Trellis renders are listed in the README; others are refused); replaces the --access-log flag's while set";
+const BACKEND_GROUPS: &str = "name \"*\" (the App Mesh controller's wildcard): every VirtualService of the group's namespace (unset: the node's) in the node's mesh is a backend, as they come and go; a named BackendGroup resource (an experimental controller feature) is refused";
 const POD_SELECTOR: &str = "validated, and selects the node's pods on Kubernetes (issue 13); off Kubernetes there are no pods: a proxy names its node with --node (a gateway with --gateway)";
 
 /// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
@@ -660,26 +661,16 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         "spec.backendDefaults",
         Refused(TLS_BACKEND_DEFAULTS),
     ),
-    (
-        VirtualNode,
-        "spec.backendGroups",
-        Refused(
-            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
-        ),
-    ),
+    (VirtualNode, "spec.backendGroups", Honoured(BACKEND_GROUPS)),
     (
         VirtualNode,
         "spec.backendGroups[].name",
-        Refused(
-            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
-        ),
+        Honoured(BACKEND_GROUPS),
     ),
     (
         VirtualNode,
         "spec.backendGroups[].namespace",
-        Refused(
-            "backend groups are not implemented yet (issue 10): list each backend in spec.backends",
-        ),
+        Honoured(BACKEND_GROUPS),
     ),
     (
         VirtualNode,

@@ -628,3 +628,73 @@ async fn ip_preference_picks_the_addresses_dialled() {
         "{refused}"
     );
 }
+
+/// `backendGroups: [{ name: "*" }]`: every VirtualService of the namespace is a backend, one
+/// applied later too; services of other namespaces stay undeclared. A named group is refused.
+#[tokio::test]
+async fn a_wildcard_backend_group_declares_the_namespaces_services() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let service = |name: &str, namespace: &str| {
+        format!(
+            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n",
+            port = app.addr.port()
+        )
+    };
+    let front = |group: &str| {
+        format!(
+            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backendGroups: [{{ name: '{group}' }}]\n---\n"
+        )
+    };
+    apply(
+        &control.url,
+        &format!(
+            "{}{}{}",
+            front("*"),
+            service("one", "default"),
+            service("elsewhere", "other")
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
+    wait_synced(&control.url, 1).await;
+    let status = |host: &'static str| {
+        let egress = proxy.egress;
+        async move {
+            let mut c = Client::h1(egress).await.unwrap();
+            c.get(host, "/").await.unwrap().status.as_u16()
+        }
+    };
+    assert_eq!(status("one.default").await, 200);
+    assert_eq!(status("elsewhere.other").await, 403);
+    assert_eq!(status("two.default").await, 403);
+
+    apply(&control.url, &service("two", "default"));
+    eventually(
+        Duration::from_secs(10),
+        "a new service of the namespace is a backend",
+        || async {
+            match status("two.default").await {
+                200 => Ok(()),
+                s => Err(s.to_string()),
+            }
+        },
+    )
+    .await;
+
+    let refused = apply_refused(&control.url, &front("color-group"));
+    assert!(
+        refused.contains(
+            "spec.backendGroups[0].name: not supported by Trellis: BackendGroup resources"
+        ),
+        "{refused}"
+    );
+}
