@@ -320,6 +320,18 @@ impl Builder<'_> {
             _ => pb::cluster::IpFamily::Any,
         };
         let mut endpoints = Vec::new();
+        // DNS discovery's responseType: ENDPOINTS (each address an endpoint), else the name
+        // resolved per connection (LOADBALANCER, App Mesh's default).
+        let dns_mode = match node
+            .service_discovery
+            .as_ref()
+            .and_then(|sd| sd.dns.as_ref())
+        {
+            Some(d) if d.response_type.as_deref() == Some("ENDPOINTS") => {
+                pb::cluster::Dns::Endpoints
+            }
+            _ => pb::cluster::Dns::PerConnection,
+        };
         if let Some(sd) = &node.service_discovery {
             if let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) {
                 if protocol != pb::cluster::Protocol::TcpOnly {
@@ -378,6 +390,7 @@ impl Builder<'_> {
                 health_check,
                 authority_port,
                 ip_family: family as i32,
+                dns: dns_mode as i32,
                 ..Default::default()
             },
         );

@@ -850,12 +850,6 @@ impl Checker<'_> {
                 }
             }
             if let Some(dns) = &sd.dns {
-                if dns.response_type.as_deref() == Some("ENDPOINTS") {
-                    self.err(
-                        "spec.serviceDiscovery.dns.responseType",
-                        "not supported by Trellis: ENDPOINTS (every address as an endpoint) is not implemented yet (issue 10); LOADBALANCER resolves the name per connection".into(),
-                    );
-                }
                 if !trellis_proxy::snapshot::valid_host(&dns.hostname) {
                     self.err(
                         "spec.serviceDiscovery.dns.hostname",
@@ -1755,12 +1749,6 @@ spec:
         ), (
             format!("{GOOD}{GATEWAY}").replace("value: /v2/", "value: v2/"),
             "spec.httpRoute.action.rewrite.prefix.value: must start with \"/\"",
-        ), (
-            GOOD.replace(
-                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
-                "serviceDiscovery: { dns: { hostname: blue.local, responseType: ENDPOINTS } }",
-            ),
-            "spec.serviceDiscovery.dns.responseType: not supported by Trellis: ENDPOINTS",
         ), (
             // An ARN naming another mesh than the one the resource belongs to (the only mesh).
             GOOD.replace(

@@ -165,6 +165,39 @@ impl App {
         result
     }
 
+    /// Resolves the DNS names of ENDPOINTS clusters at once after a new config is in use, then
+    /// every [`DNS_REFRESH`], and recompiles the config when their addresses change.
+    pub async fn refresh_dns(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<(Arc<str>, tokio::time::Instant)> = None;
+        loop {
+            tick.tick().await;
+            let store = &self.services.store;
+            let version = store.load().version.clone();
+            let due = last
+                .as_ref()
+                .is_none_or(|(v, at)| *v != version || at.elapsed() >= DNS_REFRESH);
+            if !due {
+                continue;
+            }
+            last = Some((version, tokio::time::Instant::now()));
+            let mut resolved = crate::snapshot::Resolved::new();
+            for (name, family) in store.names_to_resolve() {
+                let lookup = crate::dial::resolve(&name, family);
+                let addrs = tokio::time::timeout(DNS_REFRESH, lookup)
+                    .await
+                    .unwrap_or_default();
+                resolved.insert((name, family), addrs);
+            }
+            match store.refresh_dns(resolved) {
+                Ok(true) => tracing::info!("DNS answers changed: endpoints updated"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "DNS answers not applied"),
+            }
+        }
+    }
+
     /// Reads, parses and applies a snapshot file. Blocking (file I/O, parsing, compiling): call
     /// it off the threads that serve requests.
     pub fn apply_file(self: &Arc<Self>, path: &Path) -> Result<Arc<Runtime>, SnapshotError> {
@@ -240,6 +273,9 @@ impl App {
 }
 
 /// How long a changed snapshot file must stay unchanged before it is read, and the longest wait.
+/// How often the names of ENDPOINTS clusters are resolved again (Envoy's default DNS refresh).
+pub const DNS_REFRESH: Duration = Duration::from_secs(5);
+
 const SETTLE: Duration = Duration::from_millis(50);
 const SETTLE_MAX: Duration = Duration::from_secs(2);
 

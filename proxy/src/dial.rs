@@ -5,7 +5,7 @@ use std::{fmt, io, net::IpAddr};
 use tokio::net::TcpStream;
 
 /// Which addresses of a name may be dialled (a mesh's `meshServiceDiscovery.ipPreference`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum IpFamily {
     /// Whatever the name resolves to, in the resolver's order.
@@ -63,6 +63,18 @@ pub async fn connect(addr: &str, family: IpFamily) -> io::Result<TcpStream> {
             format!("{addr} has no {family} address"),
         )
     }))
+}
+
+/// The addresses of `addr` (`HOST:PORT`) in `family`, sorted and without repeats; empty when it
+/// does not resolve.
+pub async fn resolve(addr: &str, family: IpFamily) -> Vec<std::net::SocketAddr> {
+    let mut out: Vec<_> = match tokio::net::lookup_host(addr).await {
+        Ok(addrs) => addrs.filter(|a| family.admits(a.ip())).collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

@@ -139,6 +139,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
             sweeper.services.store.sweep_idle();
         }
     });
+    tokio::spawn(Arc::clone(&app).refresh_dns());
     if let Some(ingress) = ingress {
         app.serve(ingress, snapshot::Slot::Ingress);
     }

@@ -22,6 +22,7 @@ use trellis_proto::v1 as pb;
 use crate::{
     access_log::Sink,
     balance::WeightedTargets,
+    dial::IpFamily,
     metrics::ProxyMetrics,
     passthrough::Passthrough,
     route::RouteTable,
@@ -302,7 +303,7 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
         })?;
     let upstreams = Upstreams::default();
     let mut generation = upstreams.generation();
-    compile::compile(snapshot, &mut generation, metrics).map(drop)
+    compile::compile(snapshot, &mut generation, metrics, &Resolved::new()).map(drop)
 }
 
 /// The compiled, immutable config one proxy runs.
@@ -425,8 +426,12 @@ pub struct SnapshotStore {
     ready: AtomicBool,
     upstreams: Upstreams,
     metrics: ProxyMetrics,
-    writer: Mutex<()>,
+    /// Held while a config is compiled and swapped in; holds the DNS answers compiled with.
+    writer: Mutex<Resolved>,
 }
+
+/// The addresses of `(HOST:PORT, family)` names of ENDPOINTS clusters, sorted.
+pub type Resolved = HashMap<(String, IpFamily), Vec<SocketAddr>>;
 
 impl SnapshotStore {
     pub fn new(metrics: ProxyMetrics) -> Self {
@@ -435,7 +440,7 @@ impl SnapshotStore {
             ready: AtomicBool::new(false),
             upstreams: Upstreams::default(),
             metrics,
-            writer: Mutex::new(()),
+            writer: Mutex::new(Resolved::new()),
         }
     }
 
@@ -467,9 +472,9 @@ impl SnapshotStore {
         snapshot: &pb::Snapshot,
         prepare: impl FnOnce(&Runtime) -> Result<(), SnapshotError>,
     ) -> Result<Arc<Runtime>, SnapshotError> {
-        let _writer = self.writer.lock();
+        let resolved = self.writer.lock();
         let mut generation = self.upstreams.generation();
-        let result = compile::compile(snapshot, &mut generation, &self.metrics)
+        let result = compile::compile(snapshot, &mut generation, &self.metrics, &resolved)
             .and_then(|rt| prepare(&rt).map(|()| rt));
         match result {
             Ok(runtime) => {
@@ -491,6 +496,50 @@ impl SnapshotStore {
 }
 
 impl SnapshotStore {
+    /// The names the config in use wants resolved: the endpoints given by a DNS name in its
+    /// ENDPOINTS clusters.
+    pub fn names_to_resolve(&self) -> Vec<(String, IpFamily)> {
+        let runtime = self.load();
+        let mut names: Vec<(String, IpFamily)> = runtime
+            .source
+            .clusters
+            .iter()
+            .filter(|c| c.dns == pb::cluster::Dns::Endpoints as i32)
+            .flat_map(|c| {
+                let family = match pb::cluster::IpFamily::try_from(c.ip_family) {
+                    Ok(pb::cluster::IpFamily::V4Only) => IpFamily::V4Only,
+                    Ok(pb::cluster::IpFamily::V6Only) => IpFamily::V6Only,
+                    _ => IpFamily::Any,
+                };
+                c.endpoints
+                    .iter()
+                    .filter(|e| e.address.parse::<SocketAddr>().is_err())
+                    .map(move |e| (e.address.clone(), family))
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Recompiles the config in use with new DNS answers, when they differ from those it was
+    /// compiled with (the same snapshot and version: not counted as an applied snapshot).
+    pub fn refresh_dns(&self, resolved: Resolved) -> Result<bool, SnapshotError> {
+        let mut current = self.writer.lock();
+        if *current == resolved {
+            return Ok(false);
+        }
+        let runtime = self.load();
+        let mut generation = self.upstreams.generation();
+        let fresh = compile::compile(&runtime.source, &mut generation, &self.metrics, &resolved)?;
+        *current = resolved;
+        let fresh = Arc::new(fresh);
+        generation.commit();
+        let old = self.current.swap(fresh.clone());
+        self.retire_metrics(&old, &fresh);
+        Ok(true)
+    }
+
     /// Drops the metric series of routes and clusters that `old` had and `new` has not, so
     /// reloads never pile up stale series.
     fn retire_metrics(&self, old: &Runtime, new: &Runtime) {
@@ -563,6 +612,50 @@ clusters:
     protocol: TCP_ONLY
     endpoints: [{ address: "127.0.0.1:5432" }]
 "#;
+
+    /// An ENDPOINTS cluster's names become one endpoint per address when resolved (the same
+    /// snapshot and version), a per-connection cluster's stay names, and unchanged answers
+    /// recompile nothing.
+    #[test]
+    fn dns_endpoints_clusters_take_each_resolved_address() {
+        let s = store();
+        let snap = parse(
+            "version: v1\nlisteners: [{ name: egress, role: EGRESS, virtualHosts: [{ name: a, domains: ['*'], routes: [{ name: r, action: { weightedTargets: [{ cluster: each, weight: 1 }] } }] }] }]\n\
+             clusters:\n  - { name: each, dns: ENDPOINTS, endpoints: [{ address: 'svc.test:80' }, { address: '10.0.0.9:80' }] }\n  \
+             - { name: one, endpoints: [{ address: 'svc.test:80' }] }\n",
+        )
+        .unwrap();
+        s.apply(&snap, |_| Ok(())).unwrap();
+        assert_eq!(
+            s.names_to_resolve(),
+            [("svc.test:80".to_string(), IpFamily::Any)]
+        );
+        let addrs = |rt: &Runtime, name: &str| -> Vec<String> {
+            let c = rt.clusters.iter().find(|c| &*c.name == name).unwrap();
+            c.endpoints
+                .iter()
+                .map(|(e, _)| e.addr.to_string())
+                .collect()
+        };
+        assert_eq!(addrs(&s.load(), "each"), ["svc.test:80", "10.0.0.9:80"]);
+        let answers = Resolved::from([(
+            ("svc.test:80".to_string(), IpFamily::Any),
+            vec![
+                "10.0.0.1:80".parse().unwrap(),
+                "10.0.0.9:80".parse().unwrap(),
+            ],
+        )]);
+        assert!(s.refresh_dns(answers.clone()).unwrap());
+        let rt = s.load();
+        assert_eq!(&*rt.version, "v1");
+        // 10.0.0.9 is both a resolved and a given address: one endpoint.
+        assert_eq!(addrs(&rt, "each"), ["10.0.0.1:80", "10.0.0.9:80"]);
+        assert_eq!(addrs(&rt, "one"), ["svc.test:80"]);
+        assert!(!s.refresh_dns(answers).unwrap());
+        // A name that resolves to nothing stays the endpoint.
+        assert!(s.refresh_dns(Resolved::new()).unwrap());
+        assert_eq!(addrs(&s.load(), "each"), ["svc.test:80", "10.0.0.9:80"]);
+    }
 
     #[test]
     fn good_snapshot_compiles() {

@@ -807,7 +807,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.serviceDiscovery.dns.responseType",
         Honoured(
-            "LOADBALANCER (App Mesh's default): the name is resolved when a connection is opened, and one of its addresses is used; ENDPOINTS (every address as an endpoint) is refused: not implemented yet (issue 10)",
+            "LOADBALANCER (App Mesh's default): the name is resolved when a connection is opened, and one of its addresses is used; ENDPOINTS: each proxy resolves the name (at once, then every 5 s) and every address is an endpoint of its own (balanced, health checked, ejected on its own), as Envoy's STRICT_DNS",
         ),
     ),
     // ---- VirtualGateway ----------------------------------------------------------------------------

@@ -698,3 +698,89 @@ async fn a_wildcard_backend_group_declares_the_namespaces_services() {
         "{refused}"
     );
 }
+
+/// DNS discovery with `responseType: ENDPOINTS`: the caller's proxy resolves the name itself
+/// and balances over its addresses as endpoints of their own (seen in `/clusters`), while
+/// LOADBALANCER keeps the name and resolves it per connection.
+#[tokio::test]
+async fn dns_endpoints_become_one_endpoint_per_address() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let app = TestServer::start("app").await;
+    let port = app.addr.port();
+    let manifest = |response_type: &str| {
+        format!(
+            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: localhost, responseType: {response_type} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
+             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n"
+        )
+    };
+    apply(&control.url, &manifest("ENDPOINTS"));
+    let dir = tempfile::tempdir().unwrap();
+    let front = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
+    let endpoints = || async {
+        let (_, clusters) = front.admin("/clusters").await;
+        let clusters: Value = serde_json::from_str(&clusters).unwrap();
+        let app = clusters["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "default/app")
+            .cloned()
+            .unwrap_or_default();
+        app["endpoints"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| e["address"].as_str().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // localhost's addresses here (127.0.0.1, and ::1 where /etc/hosts names it).
+    let mut want: Vec<String> = tokio::net::lookup_host(("localhost", port))
+        .await
+        .unwrap()
+        .map(|a| a.to_string())
+        .collect();
+    want.sort();
+    want.dedup();
+    eventually(
+        Duration::from_secs(10),
+        "the name's addresses as endpoints",
+        || async {
+            let got = endpoints().await;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}, want {want:?}"))
+            }
+        },
+    )
+    .await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let r = c.get("app.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
+
+    apply(&control.url, &manifest("LOADBALANCER"));
+    let name = format!("localhost:{port}");
+    eventually(
+        Duration::from_secs(10),
+        "the name as the endpoint",
+        || async {
+            let got = endpoints().await;
+            if got == [name.clone()] {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+}

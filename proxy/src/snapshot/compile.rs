@@ -11,7 +11,9 @@ use std::{
 use regex::Regex;
 use trellis_proto::v1 as pb;
 
-use super::{FieldError, Listener, ListenerKind, Runtime, SnapshotError, TcpRoute, Unmatched};
+use super::{
+    FieldError, Listener, ListenerKind, Resolved, Runtime, SnapshotError, TcpRoute, Unmatched,
+};
 use crate::{
     access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
@@ -37,6 +39,8 @@ struct Compiler<'a> {
     errors: Vec<FieldError>,
     metrics: &'a ProxyMetrics,
     clusters: HashMap<&'a str, Arc<Cluster>>,
+    /// The addresses of names in `Dns::Endpoints` clusters, as last resolved.
+    resolved: &'a Resolved,
 }
 
 impl Compiler<'_> {
@@ -103,11 +107,13 @@ pub(crate) fn compile(
     snapshot: &pb::Snapshot,
     generation: &mut Generation<'_>,
     metrics: &ProxyMetrics,
+    resolved: &Resolved,
 ) -> Result<Runtime, SnapshotError> {
     let mut c = Compiler {
         errors: Vec::new(),
         metrics,
         clusters: HashMap::new(),
+        resolved,
     };
     let mut clusters = Vec::with_capacity(snapshot.clusters.len());
     for (i, cluster) in snapshot.clusters.iter().enumerate() {
@@ -236,8 +242,20 @@ fn compile_cluster(
             IpFamily::Any
         }
     };
+    let Ok(dns) = pb::cluster::Dns::try_from(cluster.dns) else {
+        c.err(format!("{path}.dns"), "unknown DNS mode");
+        return None;
+    };
     let name: Arc<str> = cluster.name.as_str().into();
     let mut seen = HashSet::new();
+    // Addresses the cluster's names resolved to: one address given, or shared by two names, is
+    // one endpoint.
+    let given: HashSet<&str> = cluster
+        .endpoints
+        .iter()
+        .map(|e| e.address.as_str())
+        .collect();
+    let mut resolved_seen = HashSet::new();
     let mut endpoints = Vec::with_capacity(cluster.endpoints.len());
     for (j, ep) in cluster.endpoints.iter().enumerate() {
         let epath = format!("{path}.endpoints[{j}]");
@@ -264,10 +282,21 @@ fn compile_cluster(
                 continue;
             }
         };
-        endpoints.push((
-            generation.endpoint(&name, protocol, &ep.address, family),
-            health,
-        ));
+        // A name in an ENDPOINTS cluster: each of its addresses, as last resolved.
+        let addresses = match (dns, c.resolved.get(&(ep.address.clone(), family))) {
+            (pb::cluster::Dns::Endpoints, Some(addrs)) if !addrs.is_empty() => addrs
+                .iter()
+                .map(ToString::to_string)
+                .filter(|a| !given.contains(a.as_str()) && resolved_seen.insert(a.clone()))
+                .collect(),
+            _ => vec![ep.address.clone()],
+        };
+        for address in addresses {
+            endpoints.push((
+                generation.endpoint(&name, protocol, &address, family),
+                health,
+            ));
+        }
     }
     let outlier = cluster
         .outlier_detection
