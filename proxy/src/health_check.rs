@@ -292,42 +292,90 @@ fn on_tick(at: Instant) -> Instant {
     }
 }
 
-/// One probe: `Ok` when the endpoint is healthy, else why not.
+/// One probe: `Ok` when the endpoint is healthy, else why not. A request that fails on a kept
+/// connection before any answer (the endpoint closed it as the probe was sent, as a server
+/// closes idle keep-alive connections) is sent again on a new one: only that answer counts.
 async fn probe(probe: &Probe, target: &Target, conn: &mut Option<Conn>) -> Result<(), String> {
+    let kept = match conn {
+        Some(Conn::H1(s)) => !s.is_closed(),
+        Some(Conn::H2(s)) => !s.is_closed(),
+        None => false,
+    };
+    match probe_once(probe, target, conn).await {
+        Err(Failure::Unanswered(e)) if kept => {
+            tracing::debug!(endpoint = %target.addr, error = %e, "kept probe connection failed; probing on a new one");
+            *conn = None;
+            probe_once(probe, target, conn)
+                .await
+                .map_err(Failure::into_reason)
+        }
+        r => r.map_err(Failure::into_reason),
+    }
+}
+
+/// Why a probe failed: no answer came (the request or its connection failed), or one did.
+enum Failure {
+    Unanswered(String),
+    Answered(String),
+}
+
+impl Failure {
+    fn into_reason(self) -> String {
+        match self {
+            Self::Unanswered(r) | Self::Answered(r) => r,
+        }
+    }
+}
+
+fn unanswered(e: impl ToString) -> Failure {
+    Failure::Unanswered(e.to_string())
+}
+
+async fn probe_once(
+    probe: &Probe,
+    target: &Target,
+    conn: &mut Option<Conn>,
+) -> Result<(), Failure> {
     let addr = &*target.addr;
     match probe {
-        Probe::Tcp => connect(target).await.map(drop),
+        Probe::Tcp => connect(target).await.map(drop).map_err(Failure::Unanswered),
         Probe::Http { path } => {
             if !matches!(conn, Some(Conn::H1(s)) if !s.is_closed()) {
-                *conn = Some(Conn::H1(connect_h1(target).await?));
+                *conn = Some(Conn::H1(
+                    connect_h1(target).await.map_err(Failure::Unanswered)?,
+                ));
             }
             let Some(Conn::H1(sender)) = conn else {
-                return Err("no HTTP/1.1 connection".into());
+                return Err(unanswered("no HTTP/1.1 connection"));
             };
-            sender.ready().await.map_err(|e| e.to_string())?;
+            sender.ready().await.map_err(unanswered)?;
             let req = Request::get(&**path)
                 .header(header::HOST, addr)
                 .header(header::USER_AGENT, USER_AGENT)
                 .body(Full::default())
-                .map_err(|e| e.to_string())?;
-            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Answered(e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(unanswered)?;
             let status = resp.status();
-            read_body(resp.into_body()).await?;
-            expect_ok(status)
+            read_body(resp.into_body())
+                .await
+                .map_err(Failure::Answered)?;
+            expect_ok(status).map_err(Failure::Answered)
         }
         Probe::Http2 { path } => {
-            let sender = h2_sender(target, conn).await?;
+            let sender = h2_sender(target, conn).await.map_err(Failure::Unanswered)?;
             let req = Request::get(format!("http://{addr}{path}"))
                 .header(header::USER_AGENT, USER_AGENT)
                 .body(Full::default())
-                .map_err(|e| e.to_string())?;
-            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Answered(e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(unanswered)?;
             let status = resp.status();
-            read_body(resp.into_body()).await?;
-            expect_ok(status)
+            read_body(resp.into_body())
+                .await
+                .map_err(Failure::Answered)?;
+            expect_ok(status).map_err(Failure::Answered)
         }
         Probe::Grpc => {
-            let sender = h2_sender(target, conn).await?;
+            let sender = h2_sender(target, conn).await.map_err(Failure::Unanswered)?;
             // A HealthCheckRequest with the empty service name is the empty message: a gRPC
             // frame of no compression and length 0.
             let req = Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
@@ -335,11 +383,11 @@ async fn probe(probe: &Probe, target: &Target, conn: &mut Option<Conn>) -> Resul
                 .header(header::TE, "trailers")
                 .header(header::USER_AGENT, USER_AGENT)
                 .body(Full::new(Bytes::from_static(&[0; 5])))
-                .map_err(|e| e.to_string())?;
-            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-            expect_ok(resp.status())?;
+                .map_err(|e| Failure::Answered(e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(unanswered)?;
+            expect_ok(resp.status()).map_err(Failure::Answered)?;
             let (head, body) = resp.into_parts();
-            let collected = collect(body).await?;
+            let collected = collect(body).await.map_err(Failure::Answered)?;
             // grpc-status in the trailers, or in the headers of a trailers-only answer.
             let status = collected
                 .trailers()
@@ -349,12 +397,14 @@ async fn probe(probe: &Probe, target: &Target, conn: &mut Option<Conn>) -> Resul
                 .unwrap_or("(none)")
                 .to_owned();
             if status != "0" {
-                return Err(format!("grpc-status {status}"));
+                return Err(Failure::Answered(format!("grpc-status {status}")));
             }
             match serving_status(collected.to_bytes()) {
                 Some(1) => Ok(()),
-                Some(s) => Err(format!("health status {s} (not SERVING)")),
-                None => Err("malformed HealthCheckResponse".into()),
+                Some(s) => Err(Failure::Answered(format!(
+                    "health status {s} (not SERVING)"
+                ))),
+                None => Err(Failure::Answered("malformed HealthCheckResponse".into())),
             }
         }
     }

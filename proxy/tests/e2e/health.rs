@@ -219,3 +219,42 @@ async fn grpc_probes_skip_a_server_that_is_not_serving() {
     }
     assert_eq!(down.calls(), 0);
 }
+
+/// An endpoint that closes a kept probe connection as the next probe is sent (a server closing
+/// idle keep-alive connections) is probed again on a new connection: no failure is counted.
+#[tokio::test(start_paused = true)]
+async fn a_kept_probe_connection_closed_by_the_endpoint_is_not_a_failure() {
+    use trellis_testkit::{RawHttpServer, RawReply};
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    // The first probe is answered and its connection kept; the second is read and its
+    // connection closed unanswered; the rest are answered.
+    let server = RawHttpServer::start(vec![
+        RawReply::keep(OK),
+        RawReply::close(""),
+        RawReply::keep(OK),
+    ])
+    .await;
+    let hc = "{ protocol: HTTP, path: /health, interval: 5s, timeout: 2s, healthyThreshold: 1, unhealthyThreshold: 1 }";
+    let clusters = format!(
+        "{}    healthCheck: {hc}\n",
+        cluster("svc", "HTTP1", &[server.addr])
+    );
+    let proxy = proxy_with("v1", &host_to("svc.test", "svc", ""), &clusters, &[]).await;
+    probes(&proxy, "svc", "success", 3).await;
+    assert_eq!(
+        proxy
+            .metric(PROBES, &[("cluster", "svc"), ("result", "failure")])
+            .await,
+        0.0
+    );
+    assert_eq!(health(&proxy).await, ["healthy"]);
+    assert!(
+        server.requests().len() >= 4,
+        "the unanswered probe was sent"
+    );
+    assert_eq!(
+        server.connections(),
+        2,
+        "one new connection, after the close"
+    );
+}
