@@ -3,7 +3,7 @@
 //! status (`status.rs`).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -606,6 +606,8 @@ struct Admitted {
     problems: Vec<Problem>,
     /// Kubernetes documents that are not mesh resources, reported as skipped.
     skipped: Vec<Applied>,
+    /// Mesh resources refused on admission (references to them are not reported as missing).
+    refused: HashSet<ResourceKey>,
 }
 
 /// What an apply would do to a view: per manifest, its action; the resources to write, each with
@@ -622,6 +624,7 @@ impl Admitted {
             origin: HashMap::new(),
             problems: Vec::new(),
             skipped: Vec::new(),
+            refused: HashSet::new(),
         };
         for (i, m) in manifests.into_iter().enumerate() {
             if !validate::is_mesh(&m) {
@@ -633,6 +636,7 @@ impl Admitted {
                 });
                 continue;
             }
+            let key = validate::manifest_key(&m);
             match validate::admit(m, Some(i)) {
                 Ok(r) => {
                     if let Some(first) = this.origin.insert(r.key.clone(), i) {
@@ -645,7 +649,10 @@ impl Admitted {
                     }
                     this.resources.push(Arc::new(r));
                 }
-                Err(p) => this.problems.extend(p),
+                Err(p) => {
+                    this.refused.extend(key);
+                    this.problems.extend(p);
+                }
             }
         }
         this
@@ -659,7 +666,7 @@ impl Admitted {
             for r in &self.resources {
                 next.insert(r.key.clone(), r.clone());
             }
-            problems.extend(validate::check(&next, &self.origin));
+            problems.extend(validate::check_apply(&next, &self.origin, &self.refused));
         }
         if !problems.is_empty() {
             problems.sort_by(|a, b| a.document.cmp(&b.document).then(a.path.cmp(&b.path)));

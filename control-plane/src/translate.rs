@@ -185,7 +185,11 @@ fn listener_health_check(l: &model::Listener) -> Option<pb::HealthCheck> {
     };
     Some(pb::HealthCheck {
         protocol: protocol as i32,
-        path: h.path.clone().unwrap_or_default(),
+        // App Mesh uses the path only with http and http2.
+        path: match protocol {
+            Protocol::Http | Protocol::Http2 => h.path.clone().unwrap_or_default(),
+            _ => String::new(),
+        },
         port: h.port.map_or(0, count),
         interval: Some(millis(h.interval_millis)),
         timeout: Some(millis(h.timeout_millis)),
@@ -1537,6 +1541,19 @@ mod tests {
         );
         let green = cluster(&snapshot, "default/green");
         assert_eq!(green.health_check, None);
+        trellis_proxy::snapshot::check(&snapshot).unwrap();
+    }
+
+    /// A tcp (or grpc) health check's path, which App Mesh does not use, is not sent to the
+    /// proxy (whose snapshot refuses one there).
+    #[test]
+    fn a_tcp_health_checks_path_is_not_sent() {
+        let (blue, snapshot) = blue_cluster_at_front(
+            "      healthCheck: { protocol: tcp, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 3 }\n",
+        );
+        let hc = blue.health_check.as_ref().unwrap();
+        assert_eq!(hc.protocol, pb::health_check::Protocol::Tcp as i32);
+        assert_eq!(hc.path, "");
         trellis_proxy::snapshot::check(&snapshot).unwrap();
     }
 

@@ -186,6 +186,21 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Checks one document on its own (apiVersion, kind, names, spec schema) and parses it.
+/// The key a manifest would be stored under, when its kind is known.
+pub fn manifest_key(manifest: &Manifest) -> Option<ResourceKey> {
+    let kind = Kind::parse(&manifest.kind).filter(|k| k.as_str() == manifest.kind)?;
+    let namespace = if kind.namespaced() {
+        manifest
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+    } else {
+        String::new()
+    };
+    Some(ResourceKey::new(kind, &namespace, &manifest.metadata.name))
+}
+
 pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut p = |path: &str, reason: String| {
@@ -296,6 +311,16 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
 /// Checks references, ranges and names across `state`. `origin` maps resources to the applied
 /// document they came from.
 pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem> {
+    check_apply(state, origin, &HashSet::new())
+}
+
+/// [`check`] for an apply some of whose documents were refused on admission (`refused`): a
+/// reference to one of them is not reported again as missing (its own problems say why).
+pub fn check_apply(
+    state: &State,
+    origin: &HashMap<ResourceKey, usize>,
+    refused: &HashSet<ResourceKey>,
+) -> Vec<Problem> {
     let mut problems = Vec::new();
     let meshes = Meshes::new(state);
     for (key, resource) in state {
@@ -303,6 +328,7 @@ pub fn check(state: &State, origin: &HashMap<ResourceKey, usize>) -> Vec<Problem
             state,
             meshes: &meshes,
             key,
+            refused,
             problems: Vec::new(),
         };
         if key.kind.namespaced() {
@@ -454,6 +480,8 @@ struct Checker<'a> {
     /// The mesh, when there is exactly one.
     meshes: &'a Meshes<'a>,
     key: &'a ResourceKey,
+    /// Resources of the same apply refused on admission.
+    refused: &'a HashSet<ResourceKey>,
     problems: Vec<(String, String)>,
 }
 
@@ -475,7 +503,9 @@ impl Checker<'_> {
     fn exists(&mut self, path: &str, kind: Kind, r: &Ref) {
         let target = r.key(kind, &self.key.namespace);
         let Some(found) = self.state.get(&target) else {
-            self.err(path, format!("{target} not found"));
+            if !self.refused.contains(&target) {
+                self.err(path, format!("{target} not found"));
+            }
             return;
         };
         // References stay inside one mesh.
@@ -582,16 +612,10 @@ impl Checker<'_> {
                     );
                 }
             }
+            // A path with grpc or tcp is accepted and not used, as App Mesh documented ("only
+            // used if the protocol is HTTP or HTTP/2; for any other protocol, ignored"): its
+            // walkthroughs' gRPC nodes set one.
             match &l.health_check {
-                Some(h) if h.path.is_some() && !matches!(&*h.protocol, "http" | "http2") => {
-                    self.err(
-                        format!("{lp}.healthCheck.path"),
-                        format!(
-                            "used only by http and http2 health checks, not {} (App Mesh ignores it; Trellis refuses what it would ignore)",
-                            h.protocol
-                        ),
-                    );
-                }
                 Some(h)
                     if h.path.as_ref().is_some_and(|p| {
                         !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err()
@@ -1450,16 +1474,21 @@ mod tests {
         let mut state = State::new();
         let mut origin = HashMap::new();
         let mut problems = Vec::new();
+        let mut refused = HashSet::new();
         for (i, m) in docs.into_iter().enumerate() {
+            let key = manifest_key(&m);
             match admit(m, Some(i)) {
                 Ok(r) => {
                     origin.insert(r.key.clone(), i);
                     state.insert(r.key.clone(), r.into());
                 }
-                Err(p) => problems.extend(p),
+                Err(p) => {
+                    refused.extend(key);
+                    problems.extend(p);
+                }
             }
         }
-        problems.extend(check(&state, &origin));
+        problems.extend(check_apply(&state, &origin, &refused));
         if problems.is_empty() {
             Ok(state)
         } else {
@@ -1528,6 +1557,62 @@ spec:
         assert_eq!(state.len(), 4);
         let vs = ResourceKey::new(Kind::VirtualService, "default", "colorteller");
         assert_eq!(state[&vs].metadata.namespace.as_deref(), Some("default"));
+    }
+
+    /// A grpc or tcp health check's path is accepted (App Mesh ignores it; its gRPC
+    /// walkthroughs set one).
+    #[test]
+    fn a_grpc_health_check_path_is_accepted() {
+        let grpc = GOOD.replace("mesh.trellis.dev/v1beta1", "appmesh.k8s.aws/v1beta2").replace(
+            "protocol: http } }]\n  serviceDiscovery",
+            "protocol: grpc }, healthCheck: { protocol: grpc, path: /ping, port: 9080, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 3 } }]\n  serviceDiscovery",
+        );
+        let grpc = grpc.replace(
+            "protocol: http } }]\n  routes:\n    - name: r\n      httpRoute:",
+            "protocol: grpc } }]\n  routes:\n    - name: r\n      grpcRoute:",
+        );
+        let grpc = grpc.replace("match: { prefix: / }", "match: { serviceName: a.B }");
+        let state = state_of(&grpc).unwrap();
+        let Spec::VirtualNode(blue) =
+            &state[&ResourceKey::new(Kind::VirtualNode, "default", "blue")].spec
+        else {
+            panic!("a node");
+        };
+        let hc = blue.listeners[0].health_check.as_ref().unwrap();
+        assert_eq!(
+            (hc.protocol.as_str(), hc.path.as_deref()),
+            ("grpc", Some("/ping"))
+        );
+    }
+
+    /// A resource refused on admission is not reported again as missing where it is referred
+    /// to: only its own problem is.
+    #[test]
+    fn a_refused_resource_is_not_also_missing() {
+        let tls = GOOD.replace(
+            "protocol: http } }]\n  serviceDiscovery",
+            "protocol: http }, tls: { mode: STRICT, certificate: { file: { certificateChain: /c, privateKey: /k } } } }]\n  serviceDiscovery",
+        );
+        let problems = state_of(&tls).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("spec.listeners[0].tls")),
+            "{problems:?}"
+        );
+        assert!(
+            !problems.iter().any(|p| p.contains("not found")),
+            "{problems:?}"
+        );
+        // A resource missing from the apply still is.
+        let missing = GOOD.replace(
+            "virtualNodeRef: { name: blue }",
+            "virtualNodeRef: { name: teal }",
+        );
+        assert!(
+            state_of(&missing)
+                .unwrap_err()
+                .iter()
+                .any(|p| p.contains("VirtualNode default/teal not found"))
+        );
     }
 
     /// App Mesh's API group is accepted and kept: the resource is served back with it.
@@ -1688,13 +1773,6 @@ spec:
                     "protocol: http }, outlierDetection: { maxServerErrors: 1, interval: { unit: s, value: 0 }, baseEjectionDuration: { unit: s, value: 1 }, maxEjectionPercent: 10 } }]\n  serviceDiscovery",
                 ),
                 "document 1 (VirtualNode default/blue): spec.listeners[0].outlierDetection.interval.value: must be greater than 0",
-            ),
-            (
-                GOOD.replace(
-                    "protocol: http } }]\n  serviceDiscovery",
-                    "protocol: http }, healthCheck: { protocol: tcp, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 2 } }]\n  serviceDiscovery",
-                ),
-                "document 1 (VirtualNode default/blue): spec.listeners[0].healthCheck.path: used only by http and http2 health checks, not tcp",
             ),
             (
                 GOOD.replace(

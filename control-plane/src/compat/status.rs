@@ -713,7 +713,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.listeners[].healthCheck",
         Honoured(
-            "active health checks by every proxy calling the node, against each endpoint (Envoy's semantics): http GET path over HTTP/1.1 and http2 over h2c healthy iff 200, grpc grpc.health.v1.Health/Check healthy iff SERVING, tcp a connection; a probe slower than timeoutMillis fails; unhealthy after unhealthyThreshold failures in a row, healthy after healthyThreshold successes; the first probe runs at once and decides (pending endpoints take requests); later ones jittered; unhealthy endpoints get no requests; path only with http/http2; port defaults to the endpoint's",
+            "active health checks by every proxy calling the node, against each endpoint (Envoy's semantics): http GET path over HTTP/1.1 and http2 over h2c healthy iff 200, grpc grpc.health.v1.Health/Check healthy iff SERVING, tcp a connection; a probe slower than timeoutMillis fails; unhealthy after unhealthyThreshold failures in a row, healthy after healthyThreshold successes; the first probe runs at once and decides (pending endpoints take requests); later ones jittered; unhealthy endpoints get no requests; path is used with http/http2 only (with grpc or tcp it is accepted and not used, as App Mesh documented); port defaults to the endpoint's",
         ),
     ),
     (

@@ -708,6 +708,7 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
     let manifests = parse_documents(&text).map_err(|p| anyhow::anyhow!("{p:?}"))?;
     let mut state = State::new();
     let mut index = std::collections::HashMap::new();
+    let mut refused = std::collections::HashSet::new();
     let mut problems = Vec::new();
     for (i, m) in manifests.into_iter().enumerate() {
         if !validate::is_mesh(&m) {
@@ -718,15 +719,19 @@ fn validate_offline(files: &[String]) -> anyhow::Result<()> {
             );
             continue;
         }
+        let key = validate::manifest_key(&m);
         match validate::admit(m, Some(i)) {
             Ok(r) => {
                 index.insert(r.key.clone(), i);
                 state.insert(r.key.clone(), r.into());
             }
-            Err(p) => problems.extend(p),
+            Err(p) => {
+                refused.extend(key);
+                problems.extend(p);
+            }
         }
     }
-    problems.extend(validate::check(&state, &index));
+    problems.extend(validate::check_apply(&state, &index, &refused));
     if problems.is_empty() {
         println!("{} resources valid", state.len());
         return Ok(());
