@@ -667,9 +667,7 @@ impl Checker<'_> {
             [one] if *one == protocol => {}
             [one] => self.err(
                 format!("{lp}.connectionPool.{one}"),
-                format!(
-                    "the listener's protocol is {protocol}: give connectionPool.{protocol}"
-                ),
+                format!("the listener's protocol is {protocol}: give connectionPool.{protocol}"),
             ),
             _ => self.err(
                 format!("{lp}.connectionPool"),
@@ -1012,7 +1010,9 @@ impl Checker<'_> {
                     "used only by http and http2 health checks, not grpc (a gRPC probe calls grpc.health.v1.Health/Check)".into(),
                 );
             } else if h.path.as_ref().is_some_and(|p| {
-                !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() || p.contains('?')
+                !p.starts_with('/')
+                    || p.parse::<http::uri::PathAndQuery>().is_err()
+                    || p.contains('?')
             }) {
                 self.err(
                     format!("{lp}.healthCheck.path"),

@@ -1017,7 +1017,10 @@ mod tests {
         let (status, _, _) = collect(direct_response(&services, &readiness, None)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no config yet");
         let (status, body, trailers) = collect(direct_response(&services, &grpc, None)).await;
-        assert_eq!((status, body.as_slice()), (StatusCode::OK, &not_serving[..]));
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::OK, &not_serving[..])
+        );
         assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
 
         let snapshot = crate::snapshot::parse_file(

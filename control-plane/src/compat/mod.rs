@@ -676,7 +676,10 @@ mod tests {
         });
         let problems = check(Kind::VirtualGateway, &mut gateway).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].0, "spec.listeners[0].healthCheck.intervalMillis");
+        assert_eq!(
+            problems[0].0,
+            "spec.listeners[0].healthCheck.intervalMillis"
+        );
 
         let mut gateway = serde_json::json!({
             "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }],

@@ -82,7 +82,11 @@ async fn gateway_answers_its_listeners_health_checks() {
     }
     let r = c.get("www.example.com", "/healthz/not").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text()), (200, "app".to_string()));
-    assert_eq!(app.requests_to("/healthz"), 0, "the probe is never forwarded");
+    assert_eq!(
+        app.requests_to("/healthz"),
+        0,
+        "the probe is never forwarded"
+    );
 
     let channel = tonic::transport::Endpoint::from_shared(format!(
         "http://{}",
@@ -99,14 +103,24 @@ async fn gateway_answers_its_listeners_health_checks() {
         .into_inner();
     assert_eq!(reply.status, ServingStatus::Serving as i32);
 
-    let wrong_port = yaml.replacen(&format!("path: /healthz, port: {web}"), "path: /healthz, port: 1", 1);
+    let wrong_port = yaml.replacen(
+        &format!("path: /healthz, port: {web}"),
+        "path: /healthz, port: 1",
+        1,
+    );
     assert_ne!(wrong_port, yaml);
     let refused = apply_refused(&control.url, &wrong_port);
     assert!(
-        refused.contains(&format!("spec.listeners[0].healthCheck.port: 1: must be the listener's port {web}")),
+        refused.contains(&format!(
+            "spec.listeners[0].healthCheck.port: 1: must be the listener's port {web}"
+        )),
         "{refused}"
     );
-    let grpc_path = yaml.replacen("protocol: grpc, intervalMillis", "protocol: grpc, path: /x, intervalMillis", 1);
+    let grpc_path = yaml.replacen(
+        "protocol: grpc, intervalMillis",
+        "protocol: grpc, path: /x, intervalMillis",
+        1,
+    );
     assert_ne!(grpc_path, yaml);
     let refused = apply_refused(&control.url, &grpc_path);
     assert!(
@@ -128,7 +142,10 @@ async fn at_once(via: std::net::SocketAddr, n: usize, delay_ms: u64) -> Vec<(u16
                 .body(Full::default())
                 .unwrap();
             let r = c.send(req).await.unwrap();
-            (r.status.as_u16(), r.header("x-trellis-error").map(str::to_owned))
+            (
+                r.status.as_u16(),
+                r.header("x-trellis-error").map(str::to_owned),
+            )
         }));
     }
     let mut out = Vec::new();
@@ -169,7 +186,12 @@ spec:
     let gw = ProxyProcess::gateway(proxy_bin(), &control.url, "default/gw", dir.path()).await;
     wait_synced(&control.url, 1).await;
 
-    let results = at_once(gw.listener_addr(&format!("gateway:{limited}")).await, 4, 1500).await;
+    let results = at_once(
+        gw.listener_addr(&format!("gateway:{limited}")).await,
+        4,
+        1500,
+    )
+    .await;
     let ok = results.iter().filter(|r| r.0 == 200).count();
     let overflow = results
         .iter()
@@ -319,7 +341,11 @@ spec:
         ("/named/x", "c"),
     ] {
         let r = g.get("www.example.com", path).await.unwrap();
-        let got = if r.status == 200 { r.text() } else { r.status.as_u16().to_string() };
+        let got = if r.status == 200 {
+            r.text()
+        } else {
+            r.status.as_u16().to_string()
+        };
         assert_eq!(got, want, "{path}: {:?}", r.header("x-trellis-error"));
     }
     // The gateway without selectors serves its namespace's routes without a ref.
@@ -329,23 +355,31 @@ spec:
     let r = l.get("www.example.com", "/c/x").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text()), (200, "c".to_string()));
     let r = l.get("www.example.com", "/named/x").await.unwrap();
-    assert_eq!(r.status, 404, "a route naming another gateway is that one's");
+    assert_eq!(
+        r.status, 404,
+        "a route naming another gateway is that one's"
+    );
 
     // Relabelled, team-c's exposed route is the edge gateway's too.
     apply(
         &control.url,
         "apiVersion: v1\nkind: Namespace\nmetadata: { name: team-c, labels: { gateway: shared } }\n",
     );
-    eventually(Duration::from_secs(20), "team-c's route on the edge gateway", || {
-        async move {
+    eventually(
+        Duration::from_secs(20),
+        "team-c's route on the edge gateway",
+        || async move {
             let mut g = Client::h1(edge_addr).await.map_err(|e| e.to_string())?;
-            let r = g.get("www.example.com", "/c/x").await.map_err(|e| e.to_string())?;
+            let r = g
+                .get("www.example.com", "/c/x")
+                .await
+                .map_err(|e| e.to_string())?;
             if r.status == 200 && r.text() == "c" {
                 Ok(())
             } else {
                 Err(format!("{} {}", r.status, r.text()))
             }
-        }
-    })
+        },
+    )
     .await;
 }

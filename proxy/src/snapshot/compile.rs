@@ -23,8 +23,8 @@ use crate::{
     passthrough::Passthrough,
     retry::{self, RetryOn, RetryPolicy},
     route::{
-        DirectKind, DirectResponse, HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
-        VirtualHost,
+        DirectKind, DirectResponse, HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch,
+        RouteTable, Timeouts, ValueRule, VirtualHost,
     },
     steps::{PathRewrite, RequestStep, Steps},
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},

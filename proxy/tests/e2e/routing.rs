@@ -301,10 +301,17 @@ async fn direct_responses_are_answered_by_the_proxy() {
     let r = c.get("gw.test", "/healthz").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok\n"));
     let r = c.get("gw.test", "/teapot").await.unwrap();
-    assert_eq!((r.status.as_u16(), r.text().as_str()), (418, "short and stout"));
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (418, "short and stout")
+    );
     let r = c.get("gw.test", "/other").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "app"));
-    assert_eq!(app.requests(), 1, "direct responses never reach the cluster");
+    assert_eq!(
+        app.requests(),
+        1,
+        "direct responses never reach the cluster"
+    );
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.egress))
         .unwrap()
