@@ -1897,6 +1897,97 @@ spec:
     /// `match.port` names it; `target.port` picks the router listener whose routes apply; a
     /// weighted target's `port` picks the node listener: a cluster per port, reaching registered
     /// instances with the port in the authority and DNS names on the port itself.
+    /// A gateway listener's connectionPool goes on clusters of its own (named after the
+    /// listener), replacing the target node's pool; a listener without one shares the node's
+    /// cluster and pool. Its healthCheck is a direct response ahead of every host's routes.
+    #[test]
+    fn gateway_listener_pools_and_health_checks() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: app }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+      connectionPool: { http: { maxConnections: 50 } }
+  serviceDiscovery: { dns: { hostname: app.example } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: { name: app }
+spec:
+  provider: { virtualNode: { virtualNodeRef: { name: app } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw }
+spec:
+  listeners:
+    - portMapping: { port: 8088, protocol: http }
+      connectionPool: { http: { maxConnections: 3, maxPendingRequests: 4 } }
+      healthCheck: { protocol: http, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, unhealthyThreshold: 2 }
+    - portMapping: { port: 8089, protocol: http }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: a }
+spec:
+  httpRoute:
+    match: { prefix: /, port: 8088, hostname: { exact: a.example } }
+    action: { target: { virtualService: { virtualServiceRef: { name: app } } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: b }
+spec:
+  httpRoute:
+    match: { prefix: /, port: 8089 }
+    action: { target: { virtualService: { virtualServiceRef: { name: app } } } }
+"#
+        );
+        let state = state(&yaml);
+        let t = gateway(
+            &state,
+            &[],
+            &ResourceKey::new(Kind::VirtualGateway, "default", "gw"),
+        )
+        .unwrap();
+        let pool = |name: &str| cluster(&t.snapshot, name).connection_pool;
+        assert_eq!(
+            pool("default/app@gateway:8088"),
+            Some(pb::ConnectionPool {
+                max_connections: 3,
+                max_pending_requests: 4,
+                max_requests: 0
+            })
+        );
+        assert_eq!(pool("default/app").map(|p| p.max_connections), Some(50));
+        let [limited, open] = &t.snapshot.listeners[..] else {
+            panic!("{:?}", t.snapshot.listeners)
+        };
+        let first = |h: &pb::VirtualHost| h.routes[0].clone();
+        assert_eq!(limited.virtual_hosts.len(), 2, "a.example and any");
+        for host in &limited.virtual_hosts {
+            let health = first(host);
+            assert_eq!(health.name, "healthCheck");
+            assert_eq!(
+                health.r#match.and_then(|m| m.path),
+                Some(pb::route_match::Path::Exact("/ping".into()))
+            );
+            let direct = health.action.and_then(|a| a.direct_response).unwrap();
+            assert_eq!(direct.kind, pb::direct_response::Kind::Readiness as i32);
+        }
+        assert!(
+            open.virtual_hosts
+                .iter()
+                .flat_map(|h| &h.routes)
+                .all(|r| r.name != "healthCheck")
+        );
+        let proxied = trellis_proxy::snapshot::check(&t.snapshot);
+        assert!(proxied.is_ok(), "{proxied:?}");
+    }
+
     #[test]
     fn gateway_listeners_and_target_ports() {
         let yaml = format!(
