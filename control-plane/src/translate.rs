@@ -373,7 +373,7 @@ impl Builder<'_> {
         let (outlier_detection, mut connection_pool) =
             listener.map_or((None, None), listener_resilience);
         if let Some((_, pool)) = &self.gateway_pool {
-            connection_pool = Some(pool.clone());
+            connection_pool = Some(*pool);
         }
         let health_check = listener.and_then(listener_health_check);
         self.clusters.insert(
