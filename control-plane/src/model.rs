@@ -410,6 +410,8 @@ pub struct HealthCheck {
     pub port: Option<i64>,
     pub interval_millis: i64,
     pub timeout_millis: i64,
+    /// Required for a VirtualNode's (the CRD schema says so); optional for a VirtualGateway's.
+    #[serde(default)]
     pub healthy_threshold: i64,
     pub unhealthy_threshold: i64,
 }
@@ -929,12 +931,15 @@ pub struct VirtualGatewaySpec {
     pub backend_defaults: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Logging>,
+    /// The namespaces whose GatewayRoutes (without a virtualGatewayRef) the gateway serves;
+    /// unset: its own namespace's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<Value>,
+    pub namespace_selector: Option<LabelSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// Of those, the GatewayRoutes it serves, by their labels; unset: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_route_selector: Option<Value>,
+    pub gateway_route_selector: Option<LabelSelector>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -240,6 +240,10 @@ struct Builder<'a> {
     uses: BTreeSet<ResourceKey>,
     clusters: BTreeMap<String, pb::Cluster>,
     sources: Sources,
+    /// While a gateway listener with a connectionPool is built: its name and pool, which the
+    /// clusters its routes use take instead of their node listener's (those clusters are its
+    /// own: `CLUSTER@LISTENER`).
+    gateway_pool: Option<(String, pb::ConnectionPool)>,
 }
 
 impl Builder<'_> {
@@ -281,10 +285,13 @@ impl Builder<'_> {
     fn cluster(&mut self, key: &ResourceKey, port: Option<i64>) -> String {
         let several = self.node(key).is_some_and(|n| n.listeners.len() > 1);
         let port = port.filter(|_| several);
-        let name = match port {
+        let mut name = match port {
             Some(p) => format!("{}/{}:{p}", key.namespace, key.name),
             None => format!("{}/{}", key.namespace, key.name),
         };
+        if let Some((listener, _)) = &self.gateway_pool {
+            name = format!("{name}@{listener}");
+        }
         if self.clusters.contains_key(&name) {
             return name;
         }
@@ -379,8 +386,11 @@ impl Builder<'_> {
             }
         }
         // The settings of the listener the cluster reaches the node on.
-        let (outlier_detection, connection_pool) =
+        let (outlier_detection, mut connection_pool) =
             listener.map_or((None, None), listener_resilience);
+        if let Some((_, pool)) = &self.gateway_pool {
+            connection_pool = Some(*pool);
+        }
         let health_check = listener.and_then(listener_health_check);
         self.clusters.insert(
             name.clone(),
@@ -723,6 +733,7 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
         uses: BTreeSet::new(),
         clusters: BTreeMap::new(),
         sources: Sources::default(),
+        gateway_pool: None,
     };
     let spec = b.node(node)?.clone();
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
@@ -1040,25 +1051,31 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         uses: BTreeSet::new(),
         clusters: BTreeMap::new(),
         sources: Sources::default(),
+        gateway_pool: None,
     };
     b.uses.insert(key.clone());
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
         b.uses.insert(mesh.clone());
     }
+    // The gateway routes it serves: those naming it, else those its selectors (or, without a
+    // namespaceSelector, its namespace) take.
     let mut routes: Vec<(&ResourceKey, &model::GatewayRouteSpec)> = state
         .iter()
+        .filter(|(_, r)| crate::validate::gateway_serves(state, (key, gw), r))
         .filter_map(|(k, r)| match &r.spec {
             Spec::GatewayRoute(g) => Some((k, &**g)),
             _ => None,
         })
-        .filter(|(k, g)| match &g.virtual_gateway_ref {
-            Some(r) => {
-                r.name == key.name
-                    && r.namespace.as_deref().unwrap_or(&k.namespace) == key.namespace
-            }
-            None => k.namespace == key.namespace,
-        })
         .collect();
+    // A namespace's labels decide which gateways select its routes.
+    if gw.namespace_selector.is_some() {
+        for (k, _) in &routes {
+            let ns = ResourceKey::new(Kind::Namespace, "", &k.namespace);
+            if state.contains_key(&ns) {
+                b.uses.insert(ns);
+            }
+        }
+    }
     routes.sort_by_key(|(k, g)| (g.priority.unwrap_or(1001), k.name.clone()));
 
     // One listener per VirtualGateway listener port, each bound by the gateway proxy on the IP
@@ -1071,17 +1088,52 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         let on_listener = routes
             .iter()
             .filter(|(_, g)| g.match_port().map_or(!several, |p| p == port));
-        listeners.push(gateway_listener(&mut b, port, on_listener));
+        // The listener's connectionPool limits the gateway's traffic from it to each cluster.
+        b.gateway_pool = listener_resilience(l)
+            .1
+            .map(|pool| (format!("gateway:{port}"), pool));
+        listeners.push(gateway_listener(&mut b, l, on_listener));
+        b.gateway_pool = None;
     }
     Some(b.finish(listeners, gw.logging.as_ref()))
 }
 
-/// The gateway's listener on `port`, with the gateway routes served there (in priority order).
+/// The route answering a gateway listener's `healthCheck` (an external load balancer's probe):
+/// the gateway's own readiness, before any gateway route. http/http2: a request for the path
+/// (default "/"); grpc: grpc.health.v1.Health/Check.
+fn gateway_health_route(h: &model::HealthCheck) -> pb::Route {
+    use pb::direct_response::Kind;
+    let (path, kind) = match h.protocol.as_str() {
+        "grpc" => ("/grpc.health.v1.Health/Check", Kind::GrpcHealth),
+        _ => (h.path.as_deref().unwrap_or("/"), Kind::Readiness),
+    };
+    pb::Route {
+        name: "healthCheck".into(),
+        priority: i32::MIN,
+        r#match: Some(pb::RouteMatch {
+            path: Some(pb::route_match::Path::Exact(path.into())),
+            ..Default::default()
+        }),
+        action: Some(pb::RouteAction {
+            direct_response: Some(pb::DirectResponse {
+                kind: kind as i32,
+                body: "ready\n".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The gateway's listener `l`, with the gateway routes served there (in priority order), after
+/// the route answering its health check.
 fn gateway_listener<'r>(
     b: &mut Builder<'_>,
-    port: i64,
+    l: &model::Listener,
     routes: impl Iterator<Item = &'r (&'r ResourceKey, &'r model::GatewayRouteSpec)>,
 ) -> pb::Listener {
+    let port = l.port_mapping.port;
     let name = format!("gateway:{port}");
     // Routes per hostname match ("" = any host), in priority order.
     let mut by_host: BTreeMap<String, Vec<pb::Route>> = BTreeMap::new();
@@ -1111,6 +1163,13 @@ fn gateway_listener<'r>(
         domains: vec!["*".into()],
         routes: generic,
     });
+    if let Some(h) = &l.health_check {
+        // A request matches one virtual host: each answers the probe.
+        let health = gateway_health_route(h);
+        for host in &mut hosts {
+            host.routes.insert(0, health.clone());
+        }
+    }
     for host in &hosts {
         for r in &host.routes {
             let sources = route_sources.get(&r.name).into_iter().flatten().cloned();
@@ -1245,6 +1304,7 @@ impl GatewayRewrites {
                 replacement: r.clone(),
             }),
             host_rewrite: self.host.clone(),
+            direct_response: None,
         }
     }
 }
@@ -1867,6 +1927,97 @@ spec:
     /// `match.port` names it; `target.port` picks the router listener whose routes apply; a
     /// weighted target's `port` picks the node listener: a cluster per port, reaching registered
     /// instances with the port in the authority and DNS names on the port itself.
+    /// A gateway listener's connectionPool goes on clusters of its own (named after the
+    /// listener), replacing the target node's pool; a listener without one shares the node's
+    /// cluster and pool. Its healthCheck is a direct response ahead of every host's routes.
+    #[test]
+    fn gateway_listener_pools_and_health_checks() {
+        let yaml = format!(
+            "{MESH}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: app }
+spec:
+  listeners:
+    - portMapping: { port: 7001, protocol: http }
+      connectionPool: { http: { maxConnections: 50 } }
+  serviceDiscovery: { dns: { hostname: app.example } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualService
+metadata: { name: app }
+spec:
+  provider: { virtualNode: { virtualNodeRef: { name: app } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: gw }
+spec:
+  listeners:
+    - portMapping: { port: 8088, protocol: http }
+      connectionPool: { http: { maxConnections: 3, maxPendingRequests: 4 } }
+      healthCheck: { protocol: http, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, unhealthyThreshold: 2 }
+    - portMapping: { port: 8089, protocol: http }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: a }
+spec:
+  httpRoute:
+    match: { prefix: /, port: 8088, hostname: { exact: a.example } }
+    action: { target: { virtualService: { virtualServiceRef: { name: app } } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: b }
+spec:
+  httpRoute:
+    match: { prefix: /, port: 8089 }
+    action: { target: { virtualService: { virtualServiceRef: { name: app } } } }
+"#
+        );
+        let state = state(&yaml);
+        let t = gateway(
+            &state,
+            &[],
+            &ResourceKey::new(Kind::VirtualGateway, "default", "gw"),
+        )
+        .unwrap();
+        let pool = |name: &str| cluster(&t.snapshot, name).connection_pool;
+        assert_eq!(
+            pool("default/app@gateway:8088"),
+            Some(pb::ConnectionPool {
+                max_connections: 3,
+                max_pending_requests: 4,
+                max_requests: 0
+            })
+        );
+        assert_eq!(pool("default/app").map(|p| p.max_connections), Some(50));
+        let [limited, open] = &t.snapshot.listeners[..] else {
+            panic!("{:?}", t.snapshot.listeners)
+        };
+        let first = |h: &pb::VirtualHost| h.routes[0].clone();
+        assert_eq!(limited.virtual_hosts.len(), 2, "a.example and any");
+        for host in &limited.virtual_hosts {
+            let health = first(host);
+            assert_eq!(health.name, "healthCheck");
+            assert_eq!(
+                health.r#match.and_then(|m| m.path),
+                Some(pb::route_match::Path::Exact("/ping".into()))
+            );
+            let direct = health.action.and_then(|a| a.direct_response).unwrap();
+            assert_eq!(direct.kind, pb::direct_response::Kind::Readiness as i32);
+        }
+        assert!(
+            open.virtual_hosts
+                .iter()
+                .flat_map(|h| &h.routes)
+                .all(|r| r.name != "healthCheck")
+        );
+        let proxied = trellis_proxy::snapshot::check(&t.snapshot);
+        assert!(proxied.is_ok(), "{proxied:?}");
+    }
+
     #[test]
     fn gateway_listeners_and_target_ports() {
         let yaml = format!(

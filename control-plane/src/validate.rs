@@ -405,14 +405,7 @@ impl<'a> Meshes<'a> {
         if let Some(m) = spec.mesh_ref() {
             return Ok(Some(m.name.as_str()));
         }
-        // Kubernetes gives every namespace its name as a label.
-        let mut labels = self
-            .state
-            .get(&ResourceKey::new(Kind::Namespace, "", &key.namespace))
-            .map(|n| n.metadata.labels.clone())
-            .unwrap_or_default();
-        labels.insert("kubernetes.io/metadata.name".into(), key.namespace.clone());
-        let labels = &labels;
+        let labels = &namespace_labels(self.state, &key.namespace);
         let selecting: Vec<&str> = self
             .meshes
             .iter()
@@ -445,6 +438,53 @@ impl<'a> Meshes<'a> {
             ),
         }
     }
+}
+
+/// A namespace's labels: those of the `v1 Namespace` applied for it, and the name label
+/// Kubernetes gives every namespace.
+pub fn namespace_labels(state: &State, namespace: &str) -> BTreeMap<String, String> {
+    let mut labels = state
+        .get(&ResourceKey::new(Kind::Namespace, "", namespace))
+        .map(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.to_owned());
+    labels
+}
+
+/// Whether gateway `gateway` serves the gateway route `route`, as App Mesh's controller
+/// designated them: the gateway the route names in `virtualGatewayRef` (whatever the selectors);
+/// without one, every gateway of the route's mesh whose `namespaceSelector` selects the
+/// route's namespace (a gateway without one: its own namespace) and whose
+/// `gatewayRouteSelector`, if set, selects the route's labels.
+pub fn gateway_serves(
+    state: &State,
+    (gw_key, gw): (&ResourceKey, &VirtualGatewaySpec),
+    route: &Resource,
+) -> bool {
+    let Spec::GatewayRoute(gr) = &route.spec else {
+        return false;
+    };
+    let gr_key = &route.key;
+    if let Some(r) = &gr.virtual_gateway_ref {
+        return r.name == gw_key.name
+            && r.namespace.as_deref().unwrap_or(&gr_key.namespace) == gw_key.namespace;
+    }
+    let namespace = match &gw.namespace_selector {
+        None => gr_key.namespace == gw_key.namespace,
+        Some(selector) => {
+            selector.matches(&namespace_labels(state, &gr_key.namespace)) && {
+                let meshes = Meshes::new(state);
+                let gw_spec = state.get(gw_key).map(|r| &r.spec);
+                let gw_mesh = gw_spec.and_then(|s| meshes.of(gw_key, s).ok().flatten());
+                gw_mesh == meshes.of(gr_key, &route.spec).ok().flatten()
+            }
+        }
+    };
+    namespace
+        && gw
+            .gateway_route_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&route.metadata.labels))
 }
 
 /// A router route's kind and the port its match names.
@@ -628,32 +668,35 @@ impl Checker<'_> {
                 }
                 _ => {}
             }
-            let Some(pool) = &l.connection_pool else {
-                continue;
-            };
-            let set: Vec<&str> = [
-                ("http", pool.http.is_some()),
-                ("http2", pool.http2.is_some()),
-                ("grpc", pool.grpc.is_some()),
-                ("tcp", pool.tcp.is_some()),
-            ]
-            .into_iter()
-            .filter_map(|(k, set)| set.then_some(k))
-            .collect();
-            let protocol = l.port_mapping.protocol.as_str();
-            match set.as_slice() {
-                [one] if *one == protocol => {}
-                [one] => self.err(
-                    format!("{lp}.connectionPool.{one}"),
-                    format!(
-                        "the listener's protocol is {protocol}: give connectionPool.{protocol}"
-                    ),
-                ),
-                _ => self.err(
-                    format!("{lp}.connectionPool"),
-                    "give exactly one of http, http2, grpc, tcp (the listener's protocol)".into(),
-                ),
-            }
+            self.listener_pool(&lp, l);
+        }
+    }
+
+    /// A listener's connection pool: exactly one, of the listener's protocol.
+    fn listener_pool(&mut self, lp: &str, l: &Listener) {
+        let Some(pool) = &l.connection_pool else {
+            return;
+        };
+        let set: Vec<&str> = [
+            ("http", pool.http.is_some()),
+            ("http2", pool.http2.is_some()),
+            ("grpc", pool.grpc.is_some()),
+            ("tcp", pool.tcp.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        let protocol = l.port_mapping.protocol.as_str();
+        match set.as_slice() {
+            [one] if *one == protocol => {}
+            [one] => self.err(
+                format!("{lp}.connectionPool.{one}"),
+                format!("the listener's protocol is {protocol}: give connectionPool.{protocol}"),
+            ),
+            _ => self.err(
+                format!("{lp}.connectionPool"),
+                "give exactly one of http, http2, grpc, tcp (the listener's protocol)".into(),
+            ),
         }
     }
 
@@ -963,8 +1006,45 @@ impl Checker<'_> {
 
     fn virtual_gateway(&mut self, g: &VirtualGatewaySpec) {
         self.logging(g.logging.as_ref());
-        if let Some(selector) = &g.pod_selector {
-            self.selector("spec.podSelector", selector);
+        for (field, selector) in [
+            ("spec.podSelector", &g.pod_selector),
+            ("spec.namespaceSelector", &g.namespace_selector),
+            ("spec.gatewayRouteSelector", &g.gateway_route_selector),
+        ] {
+            if let Some(selector) = selector {
+                self.selector(field, selector);
+            }
+        }
+        for (i, l) in g.listeners.iter().enumerate() {
+            let lp = format!("spec.listeners[{i}]");
+            self.listener_pool(&lp, l);
+            let Some(h) = &l.health_check else {
+                continue;
+            };
+            // The gateway answers the probe itself, on the listener's port. A grpc check's path
+            // is accepted and not used (a gRPC probe calls grpc.health.v1.Health/Check), as App
+            // Mesh documented.
+            if h.protocol != "grpc"
+                && h.path.as_ref().is_some_and(|p| {
+                    !p.starts_with('/')
+                        || p.parse::<http::uri::PathAndQuery>().is_err()
+                        || p.contains('?')
+                })
+            {
+                self.err(
+                    format!("{lp}.healthCheck.path"),
+                    "must be a path starting with / (without a query)".into(),
+                );
+            }
+            if let Some(port) = h.port.filter(|p| *p != l.port_mapping.port) {
+                self.err(
+                    format!("{lp}.healthCheck.port"),
+                    format!(
+                        "{port}: must be the listener's port {} (the gateway answers the health check on the listener)",
+                        l.port_mapping.port
+                    ),
+                );
+            }
         }
         if g.listeners.is_empty() {
             self.err("spec.listeners", "a VirtualGateway needs a listener".into());
@@ -1081,11 +1161,14 @@ impl Checker<'_> {
     }
 
     /// The gateway listener a gateway route is served on: the one its `match.port` names
-    /// (required when its gateway has several), of the route's protocol — for each gateway it
-    /// belongs to (the one it names, else each of its namespace's).
+    /// (required when its gateway has several), of the route's protocol — for each gateway
+    /// serving it ([`gateway_serves`]).
     fn gateway_listener(&mut self, r: &GatewayRouteSpec, field: &str, protocol: &str) {
         let path = format!("spec.{field}.match.port");
         let port = r.match_port();
+        let Some(route) = self.state.get(self.key) else {
+            return;
+        };
         let gateways: Vec<(&ResourceKey, &VirtualGatewaySpec)> = self
             .state
             .iter()
@@ -1093,13 +1176,7 @@ impl Checker<'_> {
                 Spec::VirtualGateway(g) => Some((k, &**g)),
                 _ => None,
             })
-            .filter(|(k, _)| match &r.virtual_gateway_ref {
-                Some(g) => {
-                    g.name == k.name
-                        && g.namespace.as_deref().unwrap_or(&self.key.namespace) == k.namespace
-                }
-                None => k.namespace == self.key.namespace,
-            })
+            .filter(|&gw| gateway_serves(self.state, gw, route))
             .collect();
         for (key, g) in gateways {
             let listener = match port {

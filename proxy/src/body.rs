@@ -25,6 +25,8 @@ use crate::BoxError;
 #[derive(Debug)]
 pub enum ResponseBody<U> {
     Local(Option<Bytes>),
+    /// A local body followed by trailers (a gRPC response the proxy makes itself).
+    LocalWithTrailers(Option<Bytes>, Option<Box<http::HeaderMap>>),
     Upstream(U),
 }
 
@@ -35,6 +37,14 @@ impl<U> ResponseBody<U> {
 
     pub fn full(bytes: Bytes) -> Self {
         Self::Local(Some(bytes).filter(|b| !b.is_empty()))
+    }
+
+    /// `bytes`, then `trailers`.
+    pub fn with_trailers(bytes: Bytes, trailers: http::HeaderMap) -> Self {
+        Self::LocalWithTrailers(
+            Some(bytes).filter(|b| !b.is_empty()),
+            Some(Box::new(trailers)),
+        )
     }
 }
 
@@ -51,6 +61,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::LocalWithTrailers(bytes, trailers) => Poll::Ready(
+                bytes
+                    .take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(|t| Frame::trailers(*t)))
+                    .map(Ok),
+            ),
             Self::Upstream(up) => Pin::new(up).poll_frame(cx),
         }
     }
@@ -58,13 +75,14 @@ where
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Local(bytes) => bytes.is_none(),
+            Self::LocalWithTrailers(bytes, trailers) => bytes.is_none() && trailers.is_none(),
             Self::Upstream(up) => up.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Local(bytes) => {
+            Self::Local(bytes) | Self::LocalWithTrailers(bytes, _) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             Self::Upstream(up) => up.size_hint(),

@@ -57,9 +57,9 @@ impl Listeners {
             .writev(false);
         server.http2().timer(TokioTimer::new());
         Arc::new(Self {
+            drain: Drain::new(services.draining.clone()),
             services,
             server,
-            drain: Drain::new(),
         })
     }
 
@@ -444,8 +444,12 @@ struct Drain {
 }
 
 impl Drain {
-    fn new() -> Self {
-        Self::default()
+    /// A drain that cancels `token` when it starts.
+    fn new(token: CancellationToken) -> Self {
+        Self {
+            token,
+            tasks: TaskTracker::new(),
+        }
     }
 
     fn token(&self) -> CancellationToken {

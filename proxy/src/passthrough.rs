@@ -100,6 +100,7 @@ impl Passthrough {
             retry: None,
             timeouts: Timeouts::default(),
             steps: Steps::default(),
+            direct: None,
         }
     }
 }

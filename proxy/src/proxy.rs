@@ -21,7 +21,7 @@ use crate::{
     metrics::{ProxyMetrics, RequestMetrics},
     outbound::{AuthorityIn, Outbound, RequestBody as OutboundBody},
     retry::{Replay, RetryPolicy},
-    route::{MatchInput, Route, authority_port},
+    route::{DirectKind, DirectResponse, MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot, SnapshotStore, Unmatched},
     upstream::{Cluster, EndpointState, InFlight, Protocol, UpstreamIncoming},
 };
@@ -37,6 +37,8 @@ pub struct Services {
     /// How long a client connection, or a (non-gRPC) request body before its response, may stay
     /// idle.
     pub(crate) idle_timeout: std::time::Duration,
+    /// Cancelled when the drain starts (the listener stage's drain uses this token).
+    pub(crate) draining: tokio_util::sync::CancellationToken,
 }
 
 impl Services {
@@ -51,7 +53,14 @@ impl Services {
             metrics,
             access_log,
             idle_timeout,
+            draining: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ready to serve: a config is in use and the drain has not started (what a health check
+    /// answered by the proxy reports).
+    pub(crate) fn serving(&self) -> bool {
+        self.store.is_ready() && !self.draining.is_cancelled()
     }
 }
 
@@ -196,7 +205,11 @@ pub(crate) async fn serve(
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
     let mut passthrough = None;
-    let routed = route_request(&runtime, slot, &req, &mut completion, &mut passthrough);
+    let routed = match route_request(&runtime, slot, &req, &mut completion, &mut passthrough) {
+        Ok(Routing::Direct(direct)) => return direct_response(&services, direct, completion),
+        Ok(Routing::Forward(routed)) => Ok(routed),
+        Err(e) => Err(e),
+    };
     // Debug level: a routed request's span, under its connection's.
     let span = match (&routed, &completion) {
         (Ok(r), Some(c)) => tracing::debug_span!(
@@ -281,6 +294,12 @@ struct Routed<'r> {
     authority: AuthorityIn,
 }
 
+/// Where a request goes: forwarded, or answered by the proxy.
+enum Routing<'r> {
+    Forward(Routed<'r>),
+    Direct(&'r DirectResponse),
+}
+
 /// Finds the request's route and target; records them on the completion.
 /// A passthrough route (made per destination, not the snapshot's) is held in `passthrough`.
 fn route_request<'r>(
@@ -289,7 +308,7 @@ fn route_request<'r>(
     req: &Request<Incoming>,
     completion: &mut Option<Completion>,
     passthrough: &'r mut Option<Arc<Route>>,
-) -> Result<Routed<'r>, ProxyError> {
+) -> Result<Routing<'r>, ProxyError> {
     if !completion
         .as_ref()
         .is_some_and(|c| c.services.store.is_ready())
@@ -321,6 +340,15 @@ fn route_request<'r>(
             Unmatched::Passthrough(p) => &**passthrough.insert(p.route(authority)?),
         },
     };
+    if let Some(direct) = &route.direct {
+        if let Some(c) = completion.as_mut() {
+            c.metrics = Some(direct.metrics.clone());
+            if let Some(log) = &mut c.log {
+                log.route = Some(route.name.clone());
+            }
+        }
+        return Ok(Routing::Direct(direct));
+    }
     let target = route.targets.pick().ok_or(ProxyError::NoRoute)?;
     if let Some(c) = completion.as_mut() {
         c.metrics = Some(target.metrics.clone());
@@ -336,12 +364,59 @@ fn route_request<'r>(
     } else {
         Dispatch::Forward
     };
-    Ok(Routed {
+    Ok(Routing::Forward(Routed {
         route,
         target,
         dispatch,
         authority: authority_in,
-    })
+    }))
+}
+
+/// The response to a request whose route the proxy answers itself; records the request.
+fn direct_response(
+    services: &Services,
+    direct: &DirectResponse,
+    completion: Option<Completion>,
+) -> Response<ResponseBody> {
+    let text = |status: StatusCode, body: bytes::Bytes| {
+        let mut response = Response::new(ResponseBody::full(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    let response = match &direct.kind {
+        DirectKind::Static { status, body } => text(*status, body.clone()),
+        DirectKind::Readiness { body } if services.serving() => text(StatusCode::OK, body.clone()),
+        DirectKind::Readiness { .. } => ProxyError::NotReady.to_response(false),
+        DirectKind::GrpcHealth => grpc_health(services.serving()),
+    };
+    if let Some(mut c) = completion {
+        c.status = response.status();
+        if let Some(log) = &mut c.log {
+            log.response_headers(response.headers());
+            log.bytes_sent = response.body().size_hint().exact().unwrap_or(0);
+        }
+        c.finish(None);
+    }
+    response
+}
+
+/// A grpc.health.v1.Health/Check response: one length-prefixed HealthCheckResponse message
+/// (field 1, `status`: SERVING = 1, NOT_SERVING = 2), then the trailer `grpc-status: 0`.
+fn grpc_health(serving: bool) -> Response<ResponseBody> {
+    let status = if serving { 1 } else { 2 };
+    let message = bytes::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let mut response = Response::new(ResponseBody::with_trailers(message, trailers));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// The authority a request is routed by and forwarded with: the request-target's (absolute form,
@@ -896,4 +971,72 @@ async fn tunnel(
         }
     });
     Ok(Response::new(ResponseBody::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+    use crate::access_log::AccessLogTarget;
+
+    fn services() -> Services {
+        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
+        let (access_log, _writer) = AccessLog::new(&AccessLogTarget::Off, metrics.clone());
+        Services::new(metrics, access_log, std::time::Duration::from_secs(60))
+    }
+
+    fn direct(kind: DirectKind) -> DirectResponse {
+        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
+        DirectResponse {
+            kind,
+            metrics: Arc::new(metrics.requests("health", "")),
+        }
+    }
+
+    /// Body bytes and trailers of a local response.
+    async fn collect(r: Response<ResponseBody>) -> (StatusCode, Vec<u8>, Option<HeaderMap>) {
+        let status = r.status();
+        let collected = r.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (status, collected.to_bytes().to_vec(), trailers)
+    }
+
+    /// Health checks answered by the proxy report whether it serves: without a config, or once
+    /// the drain has started, readiness is 503 and gRPC health NOT_SERVING (still gRPC status 0).
+    #[tokio::test]
+    async fn direct_health_answers_follow_readiness_and_the_drain() {
+        let services = services();
+        let readiness = direct(DirectKind::Readiness {
+            body: bytes::Bytes::from_static(b"ok"),
+        });
+        let grpc = direct(DirectKind::GrpcHealth);
+        let not_serving = [0, 0, 0, 0, 2, 0x08, 2];
+        let serving = [0, 0, 0, 0, 2, 0x08, 1];
+
+        let (status, _, _) = collect(direct_response(&services, &readiness, None)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no config yet");
+        let (status, body, trailers) = collect(direct_response(&services, &grpc, None)).await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::OK, &not_serving[..])
+        );
+        assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+
+        let snapshot = crate::snapshot::parse_file(
+            "version: v1\nlisteners:\n  - name: egress\n    role: EGRESS\n",
+        )
+        .unwrap();
+        services.store.apply(&snapshot, |_| Ok(())).unwrap();
+        let (status, body, _) = collect(direct_response(&services, &readiness, None)).await;
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ok"[..]));
+        let (_, body, _) = collect(direct_response(&services, &grpc, None)).await;
+        assert_eq!(body, serving);
+
+        services.draining.cancel();
+        let (status, _, _) = collect(direct_response(&services, &readiness, None)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "draining");
+        let (_, body, _) = collect(direct_response(&services, &grpc, None)).await;
+        assert_eq!(body, not_serving);
+    }
 }

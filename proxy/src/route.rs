@@ -107,6 +107,29 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// What the route changes in its requests and responses.
     pub steps: Steps,
+    /// Set when the proxy answers the route's requests itself (then it has no targets).
+    pub direct: Option<Box<DirectResponse>>,
+}
+
+/// A response the proxy makes itself for a route: compiled from its `directResponse`.
+#[derive(Debug)]
+pub struct DirectResponse {
+    pub kind: DirectKind,
+    /// Requests and latency for the route (its cluster label is empty).
+    pub metrics: Arc<crate::metrics::RequestMetrics>,
+}
+
+#[derive(Debug)]
+pub enum DirectKind {
+    /// This status and text body.
+    Static {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    },
+    /// 200 with this body while the proxy is ready, else 503 not_ready.
+    Readiness { body: bytes::Bytes },
+    /// grpc.health.v1.Health/Check: SERVING while the proxy is ready, else NOT_SERVING.
+    GrpcHealth,
 }
 
 /// A route's timeouts; `None` means no limit.

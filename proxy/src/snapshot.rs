@@ -354,6 +354,24 @@ impl Runtime {
             })
     }
 
+    /// The request metrics of every weighted target and of every route answered directly.
+    fn request_metrics(&self) -> impl Iterator<Item = &crate::metrics::RequestMetrics> {
+        let direct = self
+            .ingress
+            .iter()
+            .chain(&self.egress)
+            .chain(self.named.values())
+            .filter_map(|l| match &l.kind {
+                ListenerKind::Http(table) => Some(table),
+                ListenerKind::Tcp(_) => None,
+            })
+            .flat_map(|table| &table.hosts)
+            .flat_map(|h| &h.routes)
+            .filter_map(|r| r.direct.as_deref())
+            .map(|d| &*d.metrics);
+        self.targets().map(|t| &*t.metrics).chain(direct)
+    }
+
     pub fn listener(&self, slot: &Slot) -> Option<&Listener> {
         match slot {
             Slot::Ingress => self.ingress.as_ref(),
@@ -544,10 +562,10 @@ impl SnapshotStore {
     /// reloads never pile up stale series.
     fn retire_metrics(&self, old: &Runtime, new: &Runtime) {
         let pairs: std::collections::HashSet<(&str, &str)> =
-            new.targets().map(|t| t.metrics.labels()).collect();
-        for t in old.targets() {
-            if !pairs.contains(&t.metrics.labels()) {
-                t.metrics.retire();
+            new.request_metrics().map(|m| m.labels()).collect();
+        for m in old.request_metrics() {
+            if !pairs.contains(&m.labels()) {
+                m.retire();
             }
         }
         let clusters: std::collections::HashSet<&str> =
@@ -989,6 +1007,18 @@ clusters:
             (
                 "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, match: {headers: [{name: x, range: {start: 5, end: 1}}]}, action: {weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
                 "listeners[0].virtualHosts[0].routes[0].match.headers[0].range: start must be less than end",
+            ),
+            (
+                "clusters: [{name: c}]\nlisteners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {directResponse: {kind: READINESS}, weightedTargets: [{cluster: c, weight: 1}]}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].action.weightedTargets: must be empty with a directResponse",
+            ),
+            (
+                "listeners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, action: {directResponse: {status: 1000}}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].action.directResponse.status: must be 100..=599",
+            ),
+            (
+                "listeners: [{name: e, role: EGRESS, virtualHosts: [{name: h, domains: ['*'], routes: [{name: r, retryPolicy: {maxRetries: 1}, action: {directResponse: {kind: GRPC_HEALTH}}}]}]}]",
+                "listeners[0].virtualHosts[0].routes[0].action.directResponse: a direct response is not forwarded: no retryPolicy",
             ),
             (
                 "listeners: [{name: x}]",

@@ -661,12 +661,33 @@ mod tests {
         let mut gateway = serde_json::json!({
             "listeners": [{
                 "portMapping": { "port": 8080, "protocol": "http" },
-                "healthCheck": { "protocol": "http", "path": "/ping", "healthyThreshold": 2, "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 5000 },
+                "healthCheck": { "protocol": "http", "path": "/ping", "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 5000 },
+            }],
+        });
+        let problems = check(Kind::VirtualGateway, &mut gateway).problems;
+        assert_eq!(problems, [], "a gateway's health check is honoured");
+
+        // The prober's settings keep the CRD's ranges.
+        let mut gateway = serde_json::json!({
+            "listeners": [{
+                "portMapping": { "port": 8080, "protocol": "http" },
+                "healthCheck": { "protocol": "http", "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 1000 },
             }],
         });
         let problems = check(Kind::VirtualGateway, &mut gateway).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].0, "spec.listeners[0].healthCheck");
+        assert_eq!(
+            problems[0].0,
+            "spec.listeners[0].healthCheck.intervalMillis"
+        );
+
+        let mut gateway = serde_json::json!({
+            "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }],
+            "backendDefaults": { "clientPolicy": { "tls": { "validation": { "trust": { "file": { "certificateChain": "/ca.pem" } } } } } },
+        });
+        let problems = check(Kind::VirtualGateway, &mut gateway).problems;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "spec.backendDefaults");
         assert!(
             problems[0].1.starts_with("not supported by Trellis: "),
             "{problems:?}"

@@ -35,6 +35,8 @@ const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather th
 const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
 const LOGGING: &str = "the proxy's access log: one line per request (and per TCP connection) on every listener, appended to file.path (/dev/stdout and /dev/stderr are the proxy's own), in Envoy's default format or format.text / format.json with Envoy's command operators (those Trellis renders are listed in the README; others are refused); replaces the --access-log flag's while set";
 const BACKEND_GROUPS: &str = "name \"*\" (the App Mesh controller's wildcard): every VirtualService of the group's namespace (unset: the node's) in the node's mesh is a backend, as they come and go; a named BackendGroup resource (an experimental controller feature) is refused";
+/// A VirtualGateway health check's prober settings.
+const GATEWAY_PROBER: &str = "validated (the CRD's range); a setting of the external prober (the load balancer probing the gateway), which Trellis documents and does not run: the gateway answers every probe";
 const POD_SELECTOR: &str = "validated, and selects the node's pods on Kubernetes (issue 13); off Kubernetes there are no pods: a proxy names its node with --node (a gateway with --gateway)";
 
 /// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
@@ -821,8 +823,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.gatewayRouteSelector",
-        Refused(
-            "GatewayRoute selectors apply on Kubernetes (issue 13); off Kubernetes a GatewayRoute names its gateway in spec.virtualGatewayRef",
+        Honoured(
+            "of the GatewayRoutes without a virtualGatewayRef in the namespaces the gateway takes (namespaceSelector's, else its own), those whose metadata.labels it selects (matchLabels and matchExpressions In, NotIn, Exists, DoesNotExist); unset: all of them",
         ),
     ),
     (
@@ -835,12 +837,57 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.listeners[].connectionPool",
-        Refused("connection pool limits are not implemented yet (issue 10)"),
+        Honoured(
+            "circuit breaking of the gateway's traffic from the listener, per target cluster (Envoy's circuit breakers): http maxConnections and maxPendingRequests (unset: no limit on waiting requests), http2/grpc maxRequests; over a limit → 503 overflow at once; replaces the target node listener's connectionPool for that traffic (the listener's clusters are its own); the pool must be the listener protocol's",
+        ),
     ),
     (
         VirtualGateway,
         "spec.listeners[].healthCheck",
-        Refused("active health checks are not implemented yet (issue 10)"),
+        Honoured(
+            "the health check a load balancer in front of the gateway probes: the gateway answers it itself on the listener, before any GatewayRoute and for any host — http/http2: a request for path gets 200 while the gateway has a config to serve and is not draining, else 503; grpc: grpc.health.v1.Health/Check answers SERVING, else NOT_SERVING",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.healthyThreshold",
+        Honoured(GATEWAY_PROBER),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.intervalMillis",
+        Honoured(GATEWAY_PROBER),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.path",
+        Honoured(
+            "http and http2: the path answered (exact match, default /); it shadows a GatewayRoute for that path; with grpc accepted and not used, as App Mesh documented",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.port",
+        Honoured(
+            "the listener's port (the only one the gateway answers the probe on; another is an error)",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.protocol",
+        Honoured(
+            "http and http2: a request for path (either protocol is served on every listener); grpc: grpc.health.v1.Health/Check",
+        ),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.timeoutMillis",
+        Honoured(GATEWAY_PROBER),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].healthCheck.unhealthyThreshold",
+        Honoured(GATEWAY_PROBER),
     ),
     (
         VirtualGateway,
@@ -880,8 +927,8 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.namespaceSelector",
-        Refused(
-            "namespace selectors apply on Kubernetes (issue 13); off Kubernetes a gateway serves the GatewayRoutes that name it, or without a ref those of its namespace",
+        Honoured(
+            "the gateway serves the GatewayRoutes without a virtualGatewayRef of its mesh in the namespaces it selects, by the labels of their v1 Namespace (and the kubernetes.io/metadata.name label; {} selects every namespace); unset: those of its own namespace; a route naming a gateway in virtualGatewayRef is that gateway's alone, as with App Mesh's controller",
         ),
     ),
     (VirtualGateway, "spec.podSelector", Identity(POD_SELECTOR)),
@@ -1261,7 +1308,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         GatewayRoute,
         "spec.virtualGatewayRef",
         Honoured(
-            "the VirtualGateway serving the route; without it, every gateway of the route's namespace",
+            "the VirtualGateway serving the route, whatever the gateways' selectors; without it, every gateway of the route's mesh whose namespaceSelector selects the route's namespace (a gateway without one: of the route's namespace) and whose gatewayRouteSelector, if set, selects its labels",
         ),
     ),
     (

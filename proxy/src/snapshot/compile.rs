@@ -25,8 +25,8 @@ use crate::{
     passthrough::Passthrough,
     retry::{self, RetryOn, RetryPolicy},
     route::{
-        HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch, RouteTable, Timeouts, ValueRule,
-        VirtualHost,
+        DirectKind, DirectResponse, HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch,
+        RouteTable, Timeouts, ValueRule, VirtualHost,
     },
     steps::{PathRewrite, RequestStep, Steps},
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
@@ -697,7 +697,13 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         None => RouteMatch::default(),
     };
     let apath = format!("{path}.action");
+    let direct = route
+        .action
+        .as_ref()
+        .and_then(|a| a.direct_response.as_ref())
+        .map(|d| compile_direct(c, &apath, route, d));
     let targets = match &route.action {
+        Some(_) if direct.is_some() => WeightedTargets::new([]),
         Some(a) => compile_targets(
             c,
             &format!("{apath}.weightedTargets"),
@@ -738,6 +744,64 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         retry: retry.map(Arc::new),
         timeouts,
         steps,
+        direct: direct.flatten(),
+    })
+}
+
+/// A route the proxy answers itself: nothing to forward (no targets, rewrites or retries).
+fn compile_direct(
+    c: &mut Compiler<'_>,
+    path: &str,
+    route: &pb::Route,
+    d: &pb::DirectResponse,
+) -> Option<Box<DirectResponse>> {
+    use pb::direct_response::Kind;
+    let before = c.errors.len();
+    if let Some(a) = &route.action {
+        if !a.weighted_targets.is_empty() {
+            c.err(
+                format!("{path}.weightedTargets"),
+                "must be empty with a directResponse",
+            );
+        }
+        if a.path_rewrite.is_some() || !a.host_rewrite.is_empty() {
+            c.err(
+                format!("{path}.directResponse"),
+                "a direct response is not forwarded: no pathRewrite or hostRewrite",
+            );
+        }
+    }
+    if route.retry_policy.is_some() {
+        c.err(
+            format!("{path}.directResponse"),
+            "a direct response is not forwarded: no retryPolicy",
+        );
+    }
+    let body = bytes::Bytes::from(d.body.clone());
+    let kind = match Kind::try_from(d.kind) {
+        Ok(Kind::Static) => match u16::try_from(d.status)
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
+        {
+            Some(status) => DirectKind::Static { status, body },
+            None => {
+                c.err(format!("{path}.directResponse.status"), "must be 100..=599");
+                return None;
+            }
+        },
+        Ok(Kind::Readiness) => DirectKind::Readiness { body },
+        Ok(Kind::GrpcHealth) => DirectKind::GrpcHealth,
+        Err(_) => {
+            c.err(format!("{path}.directResponse.kind"), "unknown kind");
+            return None;
+        }
+    };
+    (c.errors.len() == before).then(|| {
+        Box::new(DirectResponse {
+            kind,
+            metrics: Arc::new(c.metrics.requests(&route.name, "")),
+        })
     })
 }
 

@@ -284,3 +284,54 @@ async fn routes_rewrite_path_prefix_and_host() {
     assert_eq!(r.header("x-seen-path"), Some("/red"));
     assert_eq!(r.header("x-seen-host"), Some("colorteller.default:9080"));
 }
+
+/// A route with a direct response is answered by the proxy, before any route below it: a static
+/// response, a readiness answer (200 while ready) and a gRPC health answer that a real gRPC
+/// client accepts (SERVING); other requests still reach their cluster.
+#[tokio::test]
+async fn direct_responses_are_answered_by_the_proxy() {
+    use trellis_testkit::grpc::health::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let app = TestServer::start("app").await;
+    let hosts = "      - name: svc\n        domains: ['*']\n        routes:\n          - name: health\n            match: { exact: /healthz }\n            action: { directResponse: { kind: READINESS, body: \"ok\\n\" } }\n          - name: grpc-health\n            match: { exact: /grpc.health.v1.Health/Check }\n            action: { directResponse: { kind: GRPC_HEALTH } }\n          - name: teapot\n            match: { exact: /teapot }\n            action: { directResponse: { status: 418, body: short and stout } }\n          - name: app\n            match: { prefix: / }\n            action: { weightedTargets: [{ cluster: app, weight: 1 }] }\n";
+    let proxy = proxy_with("v1", hosts, &cluster("app", "HTTP1", &[app.addr]), &[]).await;
+
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c.get("gw.test", "/healthz").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok\n"));
+    let r = c.get("gw.test", "/teapot").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (418, "short and stout")
+    );
+    let r = c.get("gw.test", "/other").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "app"));
+    assert_eq!(
+        app.requests(),
+        1,
+        "direct responses never reach the cluster"
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.egress))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status, ServingStatus::Serving as i32);
+    assert_eq!(app.requests(), 1);
+    assert_eq!(
+        proxy
+            .metric(
+                "trellis_proxy_requests_total",
+                &[("route", "grpc-health"), ("cluster", "")]
+            )
+            .await,
+        1.0
+    );
+}
