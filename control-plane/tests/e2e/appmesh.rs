@@ -16,6 +16,49 @@ const HOWTO: &str = include_str!("../../../examples/appmesh/howto.yaml");
 
 const HOST: &str = "color.howto.svc.cluster.local:8080";
 
+/// App Mesh documents as the walkthroughs write them, each ending with `---`.
+mod doc {
+    const API: &str = "apiVersion: appmesh.k8s.aws/v1beta2";
+
+    /// Mesh `m` with `spec` (YAML flow, e.g. `{}`).
+    pub fn mesh(spec: &str) -> String {
+        format!("{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {spec}\n---\n")
+    }
+
+    /// Node `name` of `namespace` with one http listener on `port`, discovered by `discovery`
+    /// (YAML flow), and `extra` spec lines (each `  key: value\n`).
+    pub fn node(namespace: &str, name: &str, port: u16, discovery: &str, extra: &str) -> String {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {discovery}\n{extra}---\n"
+        )
+    }
+
+    /// VirtualService `name` of `namespace`, provided by the node of that name.
+    pub fn service(namespace: &str, name: &str) -> String {
+        format!(
+            "{API}\nkind: VirtualService\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n"
+        )
+    }
+
+    /// Node `front` of `default`, a caller with `backends` (services of its namespace) and
+    /// `extra` spec lines.
+    pub fn front(backends: &[&str], extra: &str) -> String {
+        let backends: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{ virtualService: {{ virtualServiceRef: {{ name: {b} }} }} }}"))
+            .collect();
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{}]\n{extra}---\n",
+            backends.join(", ")
+        )
+    }
+}
+
 /// Applied unchanged: the mesh resources are stored with App Mesh's API group, the Deployment is
 /// reported as skipped, and traffic flows through a sidecar, where App Mesh's default retry
 /// policy (the router sets none) hides an instance answering 503.
@@ -279,23 +322,26 @@ spec:
 }
 
 /// The mesh's egressFilter: DROP_ALL (also when unset) makes a sidecar's egress refuse hosts its
-/// node does not declare with 403 `egress_denied`; ALLOW_ALL is refused on apply.
+/// node does not declare with 403 `egress_denied`; ALLOW_ALL forwards them to the host they name
+/// (HTTP and CONNECT).
 #[tokio::test]
 async fn egress_filters_deny_or_pass_undeclared_destinations() {
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let app = TestServer::start("app").await;
-    let yaml = format!(
-        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{ egressFilter: {{ type: DROP_ALL }} }}\n---\n\
-         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
-         listeners: [{{ portMapping: {{ port: {}, protocol: http }} }}]\n  serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
-         provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
-         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-         backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n",
-        app.addr.port()
-    );
+    let yaml = [
+        doc::mesh("{ egressFilter: { type: DROP_ALL } }"),
+        doc::node(
+            "default",
+            "app",
+            app.addr.port(),
+            "{ dns: { hostname: 127.0.0.1 } }",
+            "",
+        ),
+        doc::service("default", "app"),
+        doc::front(&["app"], ""),
+    ]
+    .concat();
     apply(&control.url, &yaml);
     let dir = tempfile::tempdir().unwrap();
     let front = ProxyProcess::sidecar(proxy_bin(), &control.url, "default/front", dir.path()).await;
@@ -377,22 +423,27 @@ async fn access_logs_follow_each_nodes_logging() {
     let app_log = logs.path().join("app.log");
     let front_log = logs.path().join("front.log");
     let manifest = |app_format: &str| {
-        format!(
-            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n  \
-             logging: {{ accessLog: {{ file: {{ path: {app_log}, format: {app_format} }} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n  \
-             logging: {{ accessLog: {{ file: {{ path: {front_log} }} }} }}\n",
-            port = app.addr.port(),
-            app_log = app_log.display(),
-            front_log = front_log.display(),
-        )
+        let app_logging = format!(
+            "  logging: {{ accessLog: {{ file: {{ path: {}, format: {app_format} }} }} }}\n",
+            app_log.display()
+        );
+        let front_logging = format!(
+            "  logging: {{ accessLog: {{ file: {{ path: {} }} }} }}\n",
+            front_log.display()
+        );
+        [
+            doc::mesh("{}"),
+            doc::node(
+                "default",
+                "app",
+                app.addr.port(),
+                "{ dns: { hostname: 127.0.0.1 } }",
+                &app_logging,
+            ),
+            doc::service("default", "app"),
+            doc::front(&["app"], &front_logging),
+        ]
+        .concat()
     };
     let json = "{ json: [{ key: status, value: '%RESPONSE_CODE%' }, { key: path, value: '%REQ(:PATH)%' }, \
                 { key: agent, value: '%REQ(USER-AGENT)%' }, { key: upstream, value: '%UPSTREAM_HOST%' }, \
@@ -560,23 +611,27 @@ async fn ip_preference_picks_the_addresses_dialled() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let manifest = |preference: &str| {
-        format!(
-            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {preference}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ awsCloudMap: {{ namespaceName: ns, serviceName: app }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: named }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: named }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: named }} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}, \
-             {{ virtualService: {{ virtualServiceRef: {{ name: named }} }} }}]\n"
-        )
+        [
+            doc::mesh(preference),
+            doc::node(
+                "default",
+                "app",
+                port,
+                "{ awsCloudMap: { namespaceName: ns, serviceName: app } }",
+                "",
+            ),
+            doc::service("default", "app"),
+            doc::node(
+                "default",
+                "named",
+                port,
+                "{ dns: { hostname: 127.0.0.1 } }",
+                "",
+            ),
+            doc::service("default", "named"),
+            doc::front(&["app", "named"], ""),
+        ]
+        .concat()
     };
     let dir = tempfile::tempdir().unwrap();
     apply(
@@ -637,22 +692,12 @@ async fn a_wildcard_backend_group_declares_the_namespaces_services() {
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let app = TestServer::start("app").await;
     let service = |name: &str, namespace: &str| {
-        format!(
-            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n",
-            port = app.addr.port()
-        )
+        let dns = "{ dns: { hostname: 127.0.0.1 } }";
+        doc::node(namespace, name, app.addr.port(), dns, "") + &doc::service(namespace, name)
     };
     let front = |group: &str| {
-        format!(
-            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backendGroups: [{{ name: '{group}' }}]\n---\n"
-        )
+        let node = doc::front(&[], &format!("  backendGroups: [{{ name: '{group}' }}]\n"));
+        doc::mesh("{}") + &node
     };
     apply(
         &control.url,
@@ -709,17 +754,14 @@ async fn dns_endpoints_become_one_endpoint_per_address() {
     let app = TestServer::start("app").await;
     let port = app.addr.port();
     let manifest = |response_type: &str| {
-        format!(
-            "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: m }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: localhost, responseType: {response_type} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualService\nmetadata: {{ name: app }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
-             apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: app }} }} }}]\n"
-        )
+        let dns = format!("{{ dns: {{ hostname: localhost, responseType: {response_type} }} }}");
+        [
+            doc::mesh("{}"),
+            doc::node("default", "app", port, &dns, ""),
+            doc::service("default", "app"),
+            doc::front(&["app"], ""),
+        ]
+        .concat()
     };
     apply(&control.url, &manifest("ENDPOINTS"));
     let dir = tempfile::tempdir().unwrap();
