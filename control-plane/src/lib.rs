@@ -3,6 +3,7 @@
 
 pub mod compat;
 pub mod controller;
+pub mod import;
 pub mod metrics;
 pub mod model;
 pub mod push;
