@@ -1,21 +1,844 @@
 //! App Mesh API resources → App Mesh-shaped Trellis manifests, and the report.
+//!
+//! The API and the Kubernetes CRDs share almost every field; they differ in how references are
+//! spelled (`virtualNodeName: blue` → `virtualNodeRef: { name: blue }`), where a Route lives (a
+//! resource of its own → an entry of its router's `routes[]`), and a few names (the Mesh's
+//! `serviceDiscovery` → `meshServiceDiscovery`). Everything else is copied, then checked with
+//! `compat::check` — the one field table: a field Trellis refuses, or the CRDs do not have, is
+//! dropped into the report with the reason the check gives.
 
-use super::{Note, Read};
+use std::collections::HashMap;
 
-/// The manifests (`appmesh.k8s.aws/v1beta2` documents, Mesh first), what was not carried over,
-/// and the trellis-proxy containers replacing ECS tasks' Envoy.
+use serde_json::{Map, Value, json};
+
+use super::{ApiKind, ApiResource, EcsTask, Note, Read};
+use crate::model::{APPMESH_API_VERSION, Kind};
+
+/// The manifests (`appmesh.k8s.aws/v1beta2` documents, meshes first), what was not carried
+/// over, and the trellis-proxy containers replacing ECS tasks' Envoy.
 #[derive(Debug, Default)]
 pub struct Converted {
-    pub manifests: Vec<serde_json::Value>,
+    pub manifests: Vec<Value>,
     pub notes: Vec<Note>,
-    pub ecs: Vec<serde_json::Value>,
+    pub ecs: Vec<EcsReplacement>,
+}
+
+/// An ECS task's App Mesh Envoy container and the trellis-proxy container that replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EcsReplacement {
+    pub source: String,
+    /// The Envoy container's name, kept: `proxyConfiguration.containerName` and `dependsOn`
+    /// still name it.
+    pub container: String,
+    /// What the proxy runs as: `--node NS/NAME` or `--gateway NS/NAME`.
+    pub runs_as: String,
+    pub container_definition: Value,
+}
+
+/// How replacements for ECS tasks' Envoy are written.
+#[derive(Debug, Clone)]
+pub struct EcsOptions {
+    /// The trellis-proxy image.
+    pub image: String,
+    /// The control plane URL the proxies connect to.
+    pub control_plane: String,
 }
 
 /// Converts what was read into manifests of `namespace`.
-pub fn convert(read: Read, namespace: &str) -> Converted {
-    let _ = namespace;
-    Converted {
+pub fn convert(read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
+    let mut out = Converted {
         notes: read.notes,
         ..Converted::default()
+    };
+    let names = Names::new(&read.resources);
+    let mut meshes: Vec<&str> = read.resources.iter().map(|r| r.mesh.as_str()).collect();
+    meshes.sort_unstable();
+    meshes.dedup();
+    for mesh in meshes {
+        if !read
+            .resources
+            .iter()
+            .any(|r| r.kind == ApiKind::Mesh && r.mesh == mesh)
+        {
+            let source = format!("mesh {mesh}");
+            out.notes.push(Note {
+                source: source.clone(),
+                field: String::new(),
+                reason: "no Mesh resource in the input: an empty Mesh is written".into(),
+            });
+            let empty = ApiResource {
+                kind: ApiKind::Mesh,
+                mesh: mesh.to_string(),
+                name: mesh.to_string(),
+                parent: None,
+                spec: Value::Null,
+                source,
+            };
+            out.push(manifest(&empty, namespace, &names, &[]));
+        }
+    }
+    let mut ordered: Vec<&ApiResource> = read
+        .resources
+        .iter()
+        .filter(|r| r.kind != ApiKind::Route)
+        .collect();
+    ordered.sort_by_key(|r| r.kind);
+    for r in ordered {
+        let routes: Vec<&ApiResource> = read
+            .resources
+            .iter()
+            .filter(|x| {
+                r.kind == ApiKind::VirtualRouter
+                    && x.kind == ApiKind::Route
+                    && x.mesh == r.mesh
+                    && x.parent.as_deref() == Some(r.name.as_str())
+            })
+            .collect();
+        out.push(manifest(r, namespace, &names, &routes));
+    }
+    for route in read.resources.iter().filter(|r| r.kind == ApiKind::Route) {
+        let has_router = read.resources.iter().any(|x| {
+            x.kind == ApiKind::VirtualRouter
+                && x.mesh == route.mesh
+                && Some(&x.name) == route.parent.as_ref()
+        });
+        if !has_router {
+            out.notes.push(Note {
+                source: route.source.clone(),
+                field: String::new(),
+                reason: format!(
+                    "its VirtualRouter {:?} is not in the input: the route is not carried over",
+                    route.parent.as_deref().unwrap_or_default()
+                ),
+            });
+        }
+    }
+    for task in &read.tasks {
+        out.ecs_task(task, namespace, &names, ecs);
+    }
+    out.notes.sort();
+    out.notes.dedup();
+    out
+}
+
+impl Converted {
+    fn push(&mut self, (manifest, notes): (Value, Vec<Note>)) {
+        self.manifests.push(manifest);
+        self.notes.extend(notes);
+    }
+}
+
+/// Kubernetes names for App Mesh names, per (mesh, kind, name): lowercase letters, digits, '-'
+/// and '.', unique per kind.
+struct Names {
+    map: HashMap<(String, ApiKind, String), String>,
+}
+
+impl Names {
+    fn new(resources: &[ApiResource]) -> Self {
+        let mut map = HashMap::new();
+        let mut taken: HashMap<(ApiKind, String), usize> = HashMap::new();
+        for r in resources {
+            // Routes are entries of their router, named as they are.
+            let key = (r.mesh.clone(), r.kind, r.name.clone());
+            if r.kind == ApiKind::Route || map.contains_key(&key) {
+                continue;
+            }
+            let base = k8s_name(&r.name);
+            let n = taken.entry((r.kind, base.clone())).or_default();
+            *n += 1;
+            let name = if *n == 1 { base } else { format!("{base}-{n}") };
+            map.insert(key, name);
+        }
+        Self { map }
+    }
+
+    /// The Kubernetes name of App Mesh resource `name` of `kind` in `mesh`; one not in the
+    /// input keeps its name, made valid.
+    fn get(&self, mesh: &str, kind: ApiKind, name: &str) -> String {
+        self.map
+            .get(&(mesh.to_string(), kind, name.to_string()))
+            .cloned()
+            .unwrap_or_else(|| k8s_name(name))
+    }
+}
+
+/// A valid Kubernetes resource name for `name`.
+fn k8s_name(name: &str) -> String {
+    let lowered: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-' | '.') => c,
+            _ => '-',
+        })
+        .collect();
+    let trimmed = lowered.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    let out: String = trimmed.chars().take(253).collect();
+    if out.is_empty() {
+        "unnamed".into()
+    } else {
+        out
+    }
+}
+
+fn kind_of(kind: ApiKind) -> Kind {
+    match kind {
+        ApiKind::Mesh => Kind::Mesh,
+        ApiKind::VirtualService => Kind::VirtualService,
+        ApiKind::VirtualRouter | ApiKind::Route => Kind::VirtualRouter,
+        ApiKind::VirtualNode => Kind::VirtualNode,
+        ApiKind::VirtualGateway => Kind::VirtualGateway,
+        ApiKind::GatewayRoute => Kind::GatewayRoute,
+    }
+}
+
+/// References: App Mesh names (`virtualNodeName: blue`) into the CRDs' `…Ref: { name }`.
+struct Refs<'a> {
+    names: &'a Names,
+    mesh: &'a str,
+}
+
+impl Refs<'_> {
+    /// In the object at `pointer` under `map`, replaces `field` (a name of `kind`) by `to`.
+    fn rename(
+        &self,
+        map: &mut Map<String, Value>,
+        pointer: &str,
+        field: &str,
+        kind: ApiKind,
+        to: &str,
+    ) {
+        let mut at = Some(map);
+        for segment in pointer.split('/').filter(|s| !s.is_empty()) {
+            at = at
+                .and_then(|m| m.get_mut(segment))
+                .and_then(Value::as_object_mut);
+        }
+        let Some(obj) = at else { return };
+        if let Some(Value::String(name)) = obj.remove(field) {
+            let name = self.names.get(self.mesh, kind, &name);
+            obj.insert(to.into(), json!({ "name": name }));
+        }
+    }
+
+    /// A route's weighted targets: `virtualNode: NAME` → `virtualNodeRef: { name }`.
+    fn targets(&self, route: &mut Map<String, Value>) {
+        for protocol in ["httpRoute", "http2Route", "grpcRoute", "tcpRoute"] {
+            let targets = route
+                .get_mut(protocol)
+                .and_then(|r| r.pointer_mut("/action/weightedTargets"))
+                .and_then(Value::as_array_mut);
+            for t in targets
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object_mut)
+            {
+                self.rename(t, "", "virtualNode", ApiKind::VirtualNode, "virtualNodeRef");
+            }
+        }
+    }
+}
+
+/// One resource's manifest (a router with its `routes`), checked against the field table, and
+/// the notes on what it lost.
+fn manifest(
+    r: &ApiResource,
+    namespace: &str,
+    names: &Names,
+    routes: &[&ApiResource],
+) -> (Value, Vec<Note>) {
+    let mut notes = Vec::new();
+    let name = names.get(&r.mesh, r.kind, &r.name);
+    let mut spec = match &r.spec {
+        Value::Object(m) => m.clone(),
+        Value::Null => Map::new(),
+        other => {
+            notes.push(Note {
+                source: r.source.clone(),
+                field: "spec".into(),
+                reason: format!("not an object ({other}): left out"),
+            });
+            Map::new()
+        }
+    };
+    let refs = Refs {
+        names,
+        mesh: &r.mesh,
+    };
+    match r.kind {
+        ApiKind::Mesh => {
+            if let Some(sd) = spec.remove("serviceDiscovery") {
+                spec.insert("meshServiceDiscovery".into(), sd);
+            }
+        }
+        ApiKind::VirtualService => {
+            refs.rename(
+                &mut spec,
+                "/provider/virtualNode",
+                "virtualNodeName",
+                ApiKind::VirtualNode,
+                "virtualNodeRef",
+            );
+            refs.rename(
+                &mut spec,
+                "/provider/virtualRouter",
+                "virtualRouterName",
+                ApiKind::VirtualRouter,
+                "virtualRouterRef",
+            );
+        }
+        ApiKind::VirtualNode => {
+            let backends = spec.get_mut("backends").and_then(Value::as_array_mut);
+            for b in backends
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object_mut)
+            {
+                refs.rename(
+                    b,
+                    "/virtualService",
+                    "virtualServiceName",
+                    ApiKind::VirtualService,
+                    "virtualServiceRef",
+                );
+            }
+        }
+        ApiKind::VirtualRouter => {
+            let mut entries = Vec::new();
+            for route in routes {
+                let mut entry = match &route.spec {
+                    Value::Object(m) => m.clone(),
+                    _ => Map::new(),
+                };
+                entry.insert("name".into(), json!(route.name));
+                refs.targets(&mut entry);
+                entries.push(Value::Object(entry));
+            }
+            if !entries.is_empty() {
+                spec.insert("routes".into(), Value::Array(entries));
+            }
+        }
+        ApiKind::GatewayRoute => {
+            if let Some(gateway) = &r.parent {
+                let gateway = names.get(&r.mesh, ApiKind::VirtualGateway, gateway);
+                spec.insert("virtualGatewayRef".into(), json!({ "name": gateway }));
+            }
+            for protocol in ["httpRoute", "http2Route", "grpcRoute"] {
+                if let Some(route) = spec.get_mut(protocol).and_then(Value::as_object_mut) {
+                    refs.rename(
+                        route,
+                        "/action/target/virtualService",
+                        "virtualServiceName",
+                        ApiKind::VirtualService,
+                        "virtualServiceRef",
+                    );
+                }
+            }
+        }
+        ApiKind::VirtualGateway | ApiKind::Route => {}
+    }
+    // A VirtualService's App Mesh name is the hostname its clients call; other renamed
+    // resources keep their App Mesh name too.
+    if r.kind == ApiKind::VirtualService || (name != r.name && r.kind != ApiKind::Mesh) {
+        spec.insert("awsName".into(), json!(r.name));
+    }
+    if r.kind != ApiKind::Mesh {
+        let mesh = names.get(&r.mesh, ApiKind::Mesh, &r.mesh);
+        spec.insert("meshRef".into(), json!({ "name": mesh }));
+    }
+    let mut spec = Value::Object(spec);
+    notes.extend(keep_what_trellis_takes(
+        kind_of(r.kind),
+        &mut spec,
+        &r.source,
+        routes,
+    ));
+    let metadata = if r.kind == ApiKind::Mesh {
+        json!({ "name": name })
+    } else {
+        json!({ "name": name, "namespace": namespace })
+    };
+    let manifest = json!({
+        "apiVersion": APPMESH_API_VERSION,
+        "kind": kind_of(r.kind).as_str(),
+        "metadata": metadata,
+        "spec": spec,
+    });
+    (manifest, notes)
+}
+
+/// Drops from `spec` what the field table refuses or the CRDs do not have (an enum value or
+/// range they do not allow included), noting each with the check's reason; a problem that
+/// dropping cannot mend (a required field missing) is noted too.
+fn keep_what_trellis_takes(
+    kind: Kind,
+    spec: &mut Value,
+    source: &str,
+    routes: &[&ApiResource],
+) -> Vec<Note> {
+    let mut notes = Vec::new();
+    // Each pass drops the fields found; a field inside a dropped one is not found again.
+    for _ in 0..8 {
+        let mut checked = spec.clone();
+        let problems = crate::compat::check(kind, &mut checked).problems;
+        let mut dropped = false;
+        for (path, reason) in problems {
+            let (source, field) = route_source(source, &path, routes);
+            if reason == "required" {
+                notes.push(Note {
+                    source,
+                    field,
+                    reason: "required by App Mesh's Kubernetes CRD and missing in the input".into(),
+                });
+                continue;
+            }
+            if remove(spec, &path) {
+                dropped = true;
+                notes.push(Note {
+                    source,
+                    field,
+                    reason: format!("not carried over: {reason}"),
+                });
+            }
+        }
+        if !dropped {
+            break;
+        }
+    }
+    notes
+}
+
+/// A problem of a router's `spec.routes[i]…` is the Route's: its source, and the field path in
+/// it (`spec.httpRoute…`).
+fn route_source(source: &str, path: &str, routes: &[&ApiResource]) -> (String, String) {
+    let parsed = path.strip_prefix("spec.routes[").and_then(|rest| {
+        let (i, rest) = rest.split_once(']')?;
+        let route = routes.get(i.parse::<usize>().ok()?)?;
+        Some((route.source.clone(), format!("spec{rest}")))
+    });
+    parsed.unwrap_or_else(|| (source.to_string(), path.to_string()))
+}
+
+/// Removes the field at `path` (`spec.a.b[2].c`) from `spec`; false when it is not there.
+fn remove(spec: &mut Value, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("spec.") else {
+        return false;
+    };
+    let mut steps: Vec<Step> = Vec::new();
+    for segment in rest.split('.') {
+        let (key, indexes) = match segment.find('[') {
+            Some(i) => (&segment[..i], &segment[i..]),
+            None => (segment, ""),
+        };
+        steps.push(Step::Key(key.to_string()));
+        for index in indexes.split('[').filter(|s| !s.is_empty()) {
+            match index.trim_end_matches(']').parse() {
+                Ok(i) => steps.push(Step::Index(i)),
+                Err(_) => return false,
+            }
+        }
+    }
+    let Some((last, parents)) = steps.split_last() else {
+        return false;
+    };
+    let mut at = spec;
+    for step in parents {
+        let next = match step {
+            Step::Key(k) => at.get_mut(k.as_str()),
+            Step::Index(i) => at.get_mut(*i),
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    match (last, at) {
+        (Step::Key(k), Value::Object(m)) => m.remove(k.as_str()).is_some(),
+        (Step::Index(i), Value::Array(a)) if *i < a.len() => {
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Environment variables of App Mesh's Envoy image that trellis-proxy has no use for, and why.
+fn envoy_variable(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "APPMESH_RESOURCE_ARN" | "APPMESH_VIRTUAL_NODE_NAME" | "APPMESH_RESOURCE_CLUSTER" => {
+            "the node or gateway is the proxy's --node or --gateway"
+        }
+        "ENVOY_LOG_LEVEL" => "trellis-proxy's log level is --log (RUST_LOG-style filter)",
+        "ENABLE_ENVOY_XRAY_TRACING"
+        | "XRAY_DAEMON_PORT"
+        | "XRAY_SAMPLING_RATE"
+        | "ENABLE_ENVOY_DATADOG_TRACING"
+        | "ENABLE_ENVOY_JAEGER_TRACING" => "tracing is not in trellis-proxy yet (issue 16)",
+        "ENABLE_ENVOY_STATS_TAGS"
+        | "ENABLE_ENVOY_DOG_STATSD"
+        | "STATSD_PORT"
+        | "STATSD_ADDRESS" => {
+            "trellis-proxy serves Prometheus metrics on its admin port (/metrics)"
+        }
+        "APPMESH_PREVIEW"
+        | "APPMESH_DUALSTACK_ENDPOINT"
+        | "APPMESH_FIPS_ENDPOINT"
+        | "AWS_REGION"
+        | "AWS_DEFAULT_REGION" => "there is no App Mesh endpoint to reach",
+        _ if name.starts_with("ENVOY_") || name.starts_with("APPMESH_") => {
+            "an App Mesh Envoy image setting with no trellis-proxy equivalent"
+        }
+        _ => return None,
+    })
+}
+
+impl Converted {
+    /// The container of `task` running App Mesh's Envoy, if any, and what replaces it.
+    fn ecs_task(&mut self, task: &EcsTask, namespace: &str, names: &Names, ecs: &EcsOptions) {
+        let containers = task
+            .task
+            .get("containerDefinitions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for c in &containers {
+            let env: Vec<(String, String)> = c
+                .get("environment")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some((
+                        e.get("name")?.as_str()?.to_string(),
+                        e.get("value")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    ))
+                })
+                .collect();
+            let resource = env.iter().find_map(|(k, v)| match k.as_str() {
+                "APPMESH_RESOURCE_ARN" | "APPMESH_VIRTUAL_NODE_NAME" => Some(v.clone()),
+                _ => None,
+            });
+            let Some(resource) = resource else { continue };
+            let container = c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("envoy")
+                .to_string();
+            let source = format!("{}: container {container}", task.source);
+            // `…mesh/MESH/virtualNode/NAME` (an ARN, or APPMESH_VIRTUAL_NODE_NAME's form).
+            let parts: Vec<&str> = resource
+                .rsplit(':')
+                .next()
+                .unwrap_or("")
+                .split('/')
+                .collect();
+            let (flag, kind, name, mesh) = match parts.as_slice() {
+                [.., "mesh", mesh, "virtualNode", name] => {
+                    ("--node", ApiKind::VirtualNode, *name, *mesh)
+                }
+                [.., "mesh", mesh, "virtualGateway", name] => {
+                    ("--gateway", ApiKind::VirtualGateway, *name, *mesh)
+                }
+                _ => {
+                    self.notes.push(Note {
+                        source,
+                        field: "environment".into(),
+                        reason: format!(
+                            "{resource:?} names no virtual node or gateway: no replacement written"
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let runs_as = format!("{namespace}/{}", names.get(mesh, kind, name));
+            for (k, _) in &env {
+                if let Some(why) = envoy_variable(k) {
+                    self.notes.push(Note {
+                        source: source.clone(),
+                        field: format!("environment.{k}"),
+                        reason: format!("not carried over: {why}"),
+                    });
+                }
+            }
+            let mut def = Map::new();
+            def.insert("name".into(), json!(container));
+            def.insert("image".into(), json!(ecs.image));
+            def.insert(
+                "command".into(),
+                json!([
+                    flag,
+                    runs_as,
+                    "--control-plane",
+                    ecs.control_plane,
+                    "--ingress-addr",
+                    "0.0.0.0:15000",
+                    "--egress-addr",
+                    "0.0.0.0:15001",
+                    "--admin-addr",
+                    "0.0.0.0:9901"
+                ]),
+            );
+            // Kept as Envoy had them: the user App Mesh's proxyConfiguration ignores (so the
+            // proxy's own traffic is not captured), ports, resources, essential, limits.
+            for key in [
+                "user",
+                "essential",
+                "portMappings",
+                "cpu",
+                "memory",
+                "memoryReservation",
+                "ulimits",
+                "logConfiguration",
+            ] {
+                if let Some(v) = c.get(key) {
+                    def.insert(key.into(), v.clone());
+                }
+            }
+            def.insert(
+                "healthCheck".into(),
+                json!({
+                    "command": ["CMD-SHELL", "curl -fs http://127.0.0.1:9901/ready || exit 1"],
+                    "interval": 5,
+                    "timeout": 2,
+                    "retries": 3,
+                    "startPeriod": 10
+                }),
+            );
+            self.ecs.push(EcsReplacement {
+                source,
+                container,
+                runs_as: format!("{flag} {runs_as}"),
+                container_definition: Value::Object(def),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> EcsOptions {
+        EcsOptions {
+            image: "trellis-proxy:test".into(),
+            control_plane: "http://control:7070".into(),
+        }
+    }
+
+    fn resource(kind: ApiKind, name: &str, parent: Option<&str>, spec: Value) -> ApiResource {
+        ApiResource {
+            kind,
+            mesh: "shop".into(),
+            name: name.into(),
+            parent: parent.map(Into::into),
+            spec,
+            source: format!("test: {name}"),
+        }
+    }
+
+    fn find<'a>(c: &'a Converted, kind: &str, name: &str) -> &'a Value {
+        c.manifests
+            .iter()
+            .find(|m| m["kind"] == kind && m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} in {:#?}", c.manifests))
+    }
+
+    #[test]
+    fn references_routes_and_names_take_the_crds_shape() {
+        let read = Read {
+            resources: vec![
+                resource(
+                    ApiKind::Route,
+                    "to-blue",
+                    Some("Color_Router"),
+                    json!({
+                        "httpRoute": {
+                            "match": { "prefix": "/" },
+                            "action": { "weightedTargets": [{ "virtualNode": "Blue_Node", "weight": 1 }] },
+                            "retryPolicy": { "maxRetries": 2, "perRetryTimeout": { "unit": "ms", "value": 500 }, "httpRetryEvents": ["server-error"] }
+                        },
+                        "priority": 1
+                    }),
+                ),
+                resource(
+                    ApiKind::Mesh,
+                    "shop",
+                    None,
+                    json!({ "egressFilter": { "type": "ALLOW_ALL" }, "serviceDiscovery": { "ipPreference": "IPv4_ONLY" } }),
+                ),
+                resource(
+                    ApiKind::VirtualRouter,
+                    "Color_Router",
+                    None,
+                    json!({ "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }] }),
+                ),
+                resource(
+                    ApiKind::VirtualNode,
+                    "Blue_Node",
+                    None,
+                    json!({
+                        "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }],
+                        "serviceDiscovery": { "awsCloudMap": { "namespaceName": "shop.local", "serviceName": "blue", "attributes": [{ "key": "v", "value": "1" }] } },
+                        "backends": [{ "virtualService": { "virtualServiceName": "color.shop.local" } }]
+                    }),
+                ),
+                resource(
+                    ApiKind::VirtualService,
+                    "color.shop.local",
+                    None,
+                    json!({ "provider": { "virtualRouter": { "virtualRouterName": "Color_Router" } } }),
+                ),
+            ],
+            ..Read::default()
+        };
+        let c = convert(read, "shop", &options());
+        assert_eq!(c.manifests[0]["kind"], "Mesh", "meshes first");
+        let mesh = find(&c, "Mesh", "shop");
+        assert_eq!(
+            mesh["spec"]["meshServiceDiscovery"]["ipPreference"],
+            "IPv4_ONLY"
+        );
+        let router = find(&c, "VirtualRouter", "color-router");
+        assert_eq!(router["metadata"]["namespace"], "shop");
+        assert_eq!(router["spec"]["awsName"], "Color_Router");
+        assert_eq!(router["spec"]["meshRef"]["name"], "shop");
+        let route = &router["spec"]["routes"][0];
+        assert_eq!(route["name"], "to-blue");
+        assert_eq!(
+            route["httpRoute"]["action"]["weightedTargets"][0]["virtualNodeRef"]["name"],
+            "blue-node"
+        );
+        assert_eq!(
+            route["httpRoute"]["retryPolicy"]["perRetryTimeout"]["value"],
+            500
+        );
+        let node = find(&c, "VirtualNode", "blue-node");
+        assert_eq!(
+            node["spec"]["backends"][0]["virtualService"]["virtualServiceRef"]["name"],
+            "color.shop.local"
+        );
+        let vs = find(&c, "VirtualService", "color.shop.local");
+        assert_eq!(vs["spec"]["awsName"], "color.shop.local");
+        assert_eq!(
+            vs["spec"]["provider"]["virtualRouter"]["virtualRouterRef"]["name"],
+            "color-router"
+        );
+        assert!(c.notes.is_empty(), "{:#?}", c.notes);
+    }
+
+    #[test]
+    fn what_trellis_refuses_or_the_crds_lack_is_dropped_and_reported() {
+        let read = Read {
+            resources: vec![
+                resource(
+                    ApiKind::Mesh,
+                    "shop",
+                    None,
+                    json!({ "serviceDiscovery": { "ipPreference": "IPv6_PREFERRED" } }),
+                ),
+                resource(
+                    ApiKind::VirtualNode,
+                    "blue",
+                    None,
+                    json!({
+                        "listeners": [{
+                            "portMapping": { "port": 8080, "protocol": "http" },
+                            "tls": { "mode": "STRICT", "certificate": { "file": { "certificateChain": "/c", "privateKey": "/k" } } }
+                        }],
+                        "serviceDiscovery": { "dns": { "hostname": "blue.shop", "ipPreference": "IPv4_ONLY" } }
+                    }),
+                ),
+            ],
+            ..Read::default()
+        };
+        let c = convert(read, "default", &options());
+        let node = find(&c, "VirtualNode", "blue");
+        assert!(node["spec"]["listeners"][0].get("tls").is_none());
+        assert_eq!(node["spec"]["listeners"][0]["portMapping"]["port"], 8080);
+        assert!(
+            node["spec"]["serviceDiscovery"]["dns"]
+                .get("ipPreference")
+                .is_none()
+        );
+        let fields: Vec<(&str, &str)> = c
+            .notes
+            .iter()
+            .map(|n| (n.source.as_str(), n.field.as_str()))
+            .collect();
+        assert!(
+            fields.contains(&("test: blue", "spec.listeners[0].tls")),
+            "{:#?}",
+            c.notes
+        );
+        assert!(
+            fields.contains(&("test: blue", "spec.serviceDiscovery.dns.ipPreference")),
+            "{:#?}",
+            c.notes
+        );
+        assert!(
+            fields.contains(&("test: shop", "spec.meshServiceDiscovery.ipPreference")),
+            "{:#?}",
+            c.notes
+        );
+        let tls = c
+            .notes
+            .iter()
+            .find(|n| n.field == "spec.listeners[0].tls")
+            .unwrap();
+        assert!(tls.reason.contains("TLS is not supported yet"), "{tls}");
+    }
+
+    #[test]
+    fn an_ecs_envoy_container_gets_its_trellis_proxy_replacement() {
+        let read = Read {
+            resources: vec![resource(ApiKind::VirtualNode, "Front", None, json!({}))],
+            tasks: vec![EcsTask {
+                source: "task.json".into(),
+                task: json!({ "containerDefinitions": [
+                    { "name": "app", "image": "app:1" },
+                    { "name": "envoy", "image": "public.ecr.aws/appmesh/aws-appmesh-envoy:v1.27", "user": "1337", "essential": true,
+                      "portMappings": [{ "containerPort": 9901 }, { "containerPort": 15000 }, { "containerPort": 15001 }],
+                      "environment": [{ "name": "APPMESH_RESOURCE_ARN", "value": "arn:aws:appmesh:us-west-2:111122223333:mesh/shop/virtualNode/Front" },
+                                      { "name": "ENABLE_ENVOY_XRAY_TRACING", "value": "1" }] }
+                ] }),
+            }],
+            ..Read::default()
+        };
+        let c = convert(read, "shop", &options());
+        assert_eq!(c.ecs.len(), 1);
+        let r = &c.ecs[0];
+        assert_eq!(
+            (r.container.as_str(), r.runs_as.as_str()),
+            ("envoy", "--node shop/front")
+        );
+        let def = &r.container_definition;
+        assert_eq!(def["user"], "1337");
+        assert_eq!(def["image"], "trellis-proxy:test");
+        assert_eq!(def["command"][1], "shop/front");
+        assert_eq!(def["portMappings"][1]["containerPort"], 15000);
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.field == "environment.ENABLE_ENVOY_XRAY_TRACING"),
+            "{:#?}",
+            c.notes
+        );
+    }
+
+    #[test]
+    fn paths_are_removed_where_they_point() {
+        let mut spec = json!({ "a": [{ "b": 1, "c": 2 }, { "b": 3 }] });
+        assert!(remove(&mut spec, "spec.a[0].c"));
+        assert!(!remove(&mut spec, "spec.a[0].c"));
+        assert!(remove(&mut spec, "spec.a[1]"));
+        assert_eq!(spec, json!({ "a": [{ "b": 1 }] }));
     }
 }

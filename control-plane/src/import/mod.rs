@@ -16,7 +16,7 @@ pub mod terraform;
 
 use std::fmt;
 
-pub use convert::{Converted, convert};
+pub use convert::{Converted, EcsOptions, EcsReplacement, convert};
 
 /// The App Mesh API's resource kinds. A `Route` is a resource of its own there, folded into its
 /// VirtualRouter's `routes[]` by [`convert`].
