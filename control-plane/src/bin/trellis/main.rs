@@ -4,6 +4,7 @@
 
 mod client;
 mod demo;
+mod import;
 mod manifests;
 
 use std::{
@@ -104,6 +105,9 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
     },
+    /// Turn App Mesh configuration from CloudFormation, Terraform or App Mesh API exports into
+    /// Trellis manifests (stdout), reporting what could not be carried over (stderr).
+    Import(import::Args),
     /// Run the colorapp demo on 127.0.0.1: control plane, sidecars, apps, a live traffic split.
     Demo {
         /// Seconds to hold each weight step.
@@ -324,6 +328,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Validate { files } = &cli.command {
         return validate_offline(files);
     }
+    if let Command::Import(args) = &cli.command {
+        return import::run(args);
+    }
     if let Command::Demo { step_seconds } = &cli.command {
         return demo::run(std::time::Duration::from_secs(*step_seconds)).await;
     }
@@ -350,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => describe(&api, kind, name, namespace).await?,
         Command::Instances { command } => instances(&api, command).await?,
         Command::Status { output } => status(&api, output).await?,
-        Command::Validate { .. } | Command::Demo { .. } => {}
+        Command::Validate { .. } | Command::Demo { .. } | Command::Import(_) => {}
     }
     Ok(())
 }
