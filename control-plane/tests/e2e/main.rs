@@ -5,6 +5,7 @@
 
 mod appmesh;
 mod gateway;
+mod import;
 mod mesh;
 mod ports;
 
