@@ -150,7 +150,8 @@ impl<'a> Module<'a> {
                         .body()
                         .attributes()
                         .find(|attr| attr.key() == "default");
-                    if let Some(Ok(value)) = default.map(|attr| attr.expr().evaluate(&Context::new()))
+                    if let Some(Ok(value)) =
+                        default.map(|attr| attr.expr().evaluate(&Context::new()))
                     {
                         self.variables.insert((*name).to_owned(), value);
                     }
@@ -254,7 +255,22 @@ impl<'a> Module<'a> {
                 reason,
             })
         };
-        let Some(names) = self.names.get(&(resource.rtype, resource.label.clone())) else {
+        let names = self.names.get(&(resource.rtype, resource.label.clone()));
+        for key in ["count", "for_each"] {
+            if resource.attribute(key).is_some() {
+                let outcome = if names.is_some() {
+                    "the resource is read once"
+                } else {
+                    "the resource is skipped"
+                };
+                note(
+                    notes,
+                    key,
+                    format!("{key} is not expanded offline: {outcome}"),
+                );
+            }
+        }
+        let Some(names) = names else {
             let (field, reason) = self.why_unnamed(resource, ctx);
             note(notes, field, format!("{reason}; the resource is skipped"));
             return None;
@@ -266,7 +282,10 @@ impl<'a> Module<'a> {
         };
         let mut parent = None;
         if let Some(key) = parent_key {
-            match resource.attribute(key).map(|expr| (expr, expr.evaluate(ctx))) {
+            match resource
+                .attribute(key)
+                .map(|expr| (expr, expr.evaluate(ctx)))
+            {
                 Some((_, Ok(Value::String(name)))) => parent = Some(name),
                 Some((expr, _)) => {
                     let reason = self.why(expr, ctx);
@@ -282,7 +301,7 @@ impl<'a> Module<'a> {
         for attr in resource.body.attributes() {
             let key = attr.key();
             match key {
-                "name" | "mesh_name" | "provider" | "depends_on" => {}
+                "name" | "mesh_name" | "provider" | "depends_on" | "count" | "for_each" => {}
                 _ if Some(key) == parent_key => {}
                 "mesh_owner" => note(
                     notes,
@@ -290,11 +309,6 @@ impl<'a> Module<'a> {
                     "the AWS account owning a shared mesh is not carried over".into(),
                 ),
                 "tags" | "tags_all" => note(notes, key, "AWS tags are not carried over".into()),
-                "count" | "for_each" => note(
-                    notes,
-                    key,
-                    format!("{key} is not expanded: the resource is read once"),
-                ),
                 _ => note(
                     notes,
                     key,
@@ -367,7 +381,10 @@ impl<'a> Module<'a> {
         // Blocks by name, in the order they first appear.
         let mut groups: Vec<(&str, Vec<&Block>)> = Vec::new();
         for block in body.blocks() {
-            match groups.iter_mut().find(|(ident, _)| *ident == block.identifier()) {
+            match groups
+                .iter_mut()
+                .find(|(ident, _)| *ident == block.identifier())
+            {
                 Some((_, blocks)) => blocks.push(block),
                 None => groups.push((block.identifier(), vec![block])),
             }
@@ -377,7 +394,10 @@ impl<'a> Module<'a> {
                 for block in blocks {
                     notes.push(Note {
                         source: source.to_owned(),
-                        field: format!("{path}.dynamic"),
+                        field: format!(
+                            "{path}.{}",
+                            block.labels().first().map_or("dynamic", |l| l.as_str())
+                        ),
                         reason: dynamic_reason(block),
                     });
                 }
@@ -475,17 +495,22 @@ impl<'a> Module<'a> {
             }
             Expression::TemplateExpr(template) => {
                 let template = Template::from_expr(template).ok()?;
-                template.elements().iter().find_map(|element| match element {
-                    Element::Interpolation(interpolation) => {
-                        self.first_unresolved(&interpolation.expr, ctx)
-                    }
-                    _ => None,
-                })
+                template
+                    .elements()
+                    .iter()
+                    .find_map(|element| match element {
+                        Element::Interpolation(interpolation) => {
+                            self.first_unresolved(&interpolation.expr, ctx)
+                        }
+                        _ => None,
+                    })
             }
             Expression::Array(items) => self.first_of(items, ctx),
             Expression::Object(object) => self.first_of(object.values(), ctx),
             Expression::Parenthesis(inner) => self.first_unresolved(inner, ctx),
-            Expression::Conditional(cond) => self.first_of([&cond.cond_expr, &cond.true_expr, &cond.false_expr], ctx),
+            Expression::Conditional(cond) => {
+                self.first_of([&cond.cond_expr, &cond.true_expr, &cond.false_expr], ctx)
+            }
             Expression::Operation(operation) => match operation.as_ref() {
                 Operation::Unary(op) => self.first_unresolved(&op.expr, ctx),
                 Operation::Binary(op) => self.first_of([&op.lhs_expr, &op.rhs_expr], ctx),
@@ -536,7 +561,10 @@ impl<'a> Module<'a> {
                     .any(|r| r.rtype == rtype && r.label == label)
                 {
                     format!("{whole}: there is no {rtype} \"{label}\" in this module")
-                } else if !self.names.contains_key(&(rtype_static(rtype), label.to_owned())) {
+                } else if !self
+                    .names
+                    .contains_key(&(rtype_static(rtype), label.to_owned()))
+                {
                     format!("{whole}: the name of {rtype}.{label} cannot be resolved")
                 } else if attr.is_some_and(|a| !RESOLVED_ATTRIBUTES.contains(&a)) {
                     format!(
@@ -726,4 +754,613 @@ fn join_fn(args: FuncArgs) -> Result<Value, String> {
         }
     }
     Ok(Value::from(parts.join(sep)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const VARIABLES_TF: &str = include_str!("../../tests/import/terraform/variables.tf");
+    const COLORAPP_TF: &str = include_str!("../../tests/import/terraform/colorapp.tf");
+
+    fn fixture() -> Read {
+        let files = [
+            ("variables.tf".to_owned(), VARIABLES_TF.to_owned()),
+            ("colorapp.tf".to_owned(), COLORAPP_TF.to_owned()),
+        ];
+        read(&files).unwrap()
+    }
+
+    fn read_one(text: &str) -> Read {
+        read(&[("main.tf".to_owned(), text.to_owned())]).unwrap()
+    }
+
+    fn spec_of<'r>(read: &'r Read, kind: ApiKind, name: &str) -> &'r Json {
+        &read
+            .resources
+            .iter()
+            .find(|r| r.kind == kind && r.name == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .spec
+    }
+
+    fn notes(read: &Read) -> Vec<String> {
+        read.notes.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn the_fixture_module_reads_into_every_kind_with_names_resolved_across_files() {
+        let read = fixture();
+        let got: Vec<(ApiKind, &str, &str, Option<&str>, &str)> = read
+            .resources
+            .iter()
+            .map(|r| {
+                (
+                    r.kind,
+                    r.mesh.as_str(),
+                    r.name.as_str(),
+                    r.parent.as_deref(),
+                    r.source.as_str(),
+                )
+            })
+            .collect();
+        let mesh = "colorapp-prod";
+        assert_eq!(
+            got,
+            [
+                (
+                    ApiKind::Mesh,
+                    mesh,
+                    mesh,
+                    None,
+                    "colorapp.tf: aws_appmesh_mesh.colorapp"
+                ),
+                (
+                    ApiKind::VirtualNode,
+                    mesh,
+                    "colorteller-blue-prod",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_node.blue"
+                ),
+                (
+                    ApiKind::VirtualNode,
+                    mesh,
+                    "colorteller-red-prod",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_node.red"
+                ),
+                (
+                    ApiKind::VirtualNode,
+                    mesh,
+                    "front-prod",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_node.front"
+                ),
+                (
+                    ApiKind::VirtualRouter,
+                    mesh,
+                    "colorteller-router",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_router.colorteller"
+                ),
+                (
+                    ApiKind::Route,
+                    mesh,
+                    "colors",
+                    Some("colorteller-router"),
+                    "colorapp.tf: aws_appmesh_route.colors"
+                ),
+                (
+                    ApiKind::Route,
+                    mesh,
+                    "colors-grpc",
+                    Some("colorteller-router"),
+                    "colorapp.tf: aws_appmesh_route.colors_grpc"
+                ),
+                (
+                    ApiKind::VirtualService,
+                    mesh,
+                    "colorteller.colors.local",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_service.colorteller"
+                ),
+                (
+                    ApiKind::VirtualService,
+                    mesh,
+                    "red.colors.local",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_service.red"
+                ),
+                (
+                    ApiKind::VirtualGateway,
+                    mesh,
+                    "colorapp-prod-ingress",
+                    None,
+                    "colorapp.tf: aws_appmesh_virtual_gateway.ingress"
+                ),
+                (
+                    ApiKind::GatewayRoute,
+                    mesh,
+                    "colors-edge",
+                    Some("colorapp-prod-ingress"),
+                    "colorapp.tf: aws_appmesh_gateway_route.colors"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_virtual_nodes_spec_takes_the_apis_shape() {
+        let read = fixture();
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualNode, "colorteller-blue-prod"),
+            &json!({
+                "listeners": [{
+                    "portMapping": {"port": 8080, "protocol": "http"},
+                    "healthCheck": {
+                        "protocol": "http", "path": "/ping", "healthyThreshold": 2,
+                        "unhealthyThreshold": 3, "timeoutMillis": 2000, "intervalMillis": 5000
+                    },
+                    "timeout": {"http": {
+                        "idle": {"unit": "s", "value": 60},
+                        "perRequest": {"unit": "ms", "value": 1500}
+                    }},
+                    "outlierDetection": {
+                        "maxServerErrors": 5, "maxEjectionPercent": 50,
+                        "interval": {"unit": "s", "value": 10},
+                        "baseEjectionDuration": {"unit": "s", "value": 30}
+                    },
+                    "connectionPool": {"http": {"maxConnections": 100, "maxPendingRequests": 25}},
+                    "tls": {
+                        "mode": "STRICT",
+                        "certificate": {"acm": {
+                            "certificateArn": "arn:aws:acm:eu-west-1:111122223333:certificate/blue"
+                        }},
+                        "validation": {
+                            "subjectAlternativeNames": {"match": {"exact": ["gateway.colors.local"]}},
+                            "trust": {"file": {"certificateChain": "/etc/ssl/colors-ca.pem"}}
+                        }
+                    }
+                }],
+                "serviceDiscovery": {"awsCloudMap": {
+                    "namespaceName": "colors.local",
+                    "serviceName": "colorteller",
+                    "attributes": [
+                        {"key": "color", "value": "blue"},
+                        {"key": "stage", "value": "prod"}
+                    ]
+                }},
+                "logging": {"accessLog": {"file": {
+                    "path": "/dev/stdout",
+                    "format": {"json": [
+                        {"key": "start", "value": "%START_TIME%"},
+                        {"key": "status", "value": "%RESPONSE_CODE%"}
+                    ]}
+                }}}
+            })
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualNode, "colorteller-red-prod")["serviceDiscovery"],
+            json!({"dns": {
+                "hostname": "red.colors.local", "responseType": "ENDPOINTS", "ipPreference": "IPv4_ONLY"
+            }})
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualNode, "front-prod")["backends"],
+            json!([
+                {"virtualService": {
+                    "virtualServiceName": "colorteller.colors.local",
+                    "clientPolicy": {"tls": {
+                        "enforce": true,
+                        "ports": [8080],
+                        "validation": {"trust": {"acm": {"certificateAuthorityArns": [
+                            "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/colors"
+                        ]}}}
+                    }}
+                }},
+                {"virtualService": {"virtualServiceName": "red.colors.local"}}
+            ])
+        );
+    }
+
+    #[test]
+    fn routes_take_the_apis_list_names() {
+        let read = fixture();
+        assert_eq!(
+            spec_of(&read, ApiKind::Route, "colors"),
+            &json!({
+                "priority": 10,
+                "httpRoute": {
+                    "match": {
+                        "prefix": "/",
+                        "method": "GET",
+                        "headers": [
+                            {"name": "x-color", "match": {"exact": "blue"}},
+                            {"name": "x-canary", "invert": true,
+                             "match": {"range": {"start": 1, "end": 5}}}
+                        ],
+                        "queryParameters": [{"name": "debug", "match": {"exact": "1"}}]
+                    },
+                    "action": {"weightedTargets": [
+                        {"virtualNode": "colorteller-blue-prod", "weight": 3},
+                        {"virtualNode": "colorteller-red-prod", "weight": 1}
+                    ]},
+                    "retryPolicy": {
+                        "maxRetries": 2,
+                        "httpRetryEvents": ["server-error", "gateway-error"],
+                        "tcpRetryEvents": ["connection-error"],
+                        "perRetryTimeout": {"unit": "ms", "value": 500}
+                    },
+                    "timeout": {"perRequest": {"unit": "s", "value": 5}}
+                }
+            })
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::Route, "colors-grpc"),
+            &json!({"grpcRoute": {
+                "match": {
+                    "serviceName": "color.ColorService",
+                    "methodName": "GetColor",
+                    "metadata": [{"name": "x-tenant", "match": {"prefix": "acme"}}]
+                },
+                "action": {"weightedTargets": [{"virtualNode": "colorteller-red-prod", "weight": 1}]},
+                "retryPolicy": {
+                    "maxRetries": 3,
+                    "grpcRetryEvents": ["unavailable", "deadline-exceeded"],
+                    "perRetryTimeout": {"unit": "s", "value": 2}
+                }
+            }})
+        );
+    }
+
+    #[test]
+    fn mesh_services_router_gateway_and_gateway_route_specs() {
+        let read = fixture();
+        assert_eq!(
+            spec_of(&read, ApiKind::Mesh, "colorapp-prod"),
+            &json!({
+                "egressFilter": {"type": "DROP_ALL"},
+                "serviceDiscovery": {"ipPreference": "IPv4_PREFERRED"}
+            })
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualService, "colorteller.colors.local"),
+            &json!({"provider": {"virtualRouter": {"virtualRouterName": "colorteller-router"}}})
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualService, "red.colors.local"),
+            &json!({"provider": {"virtualNode": {"virtualNodeName": "colorteller-red-prod"}}})
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::VirtualRouter, "colorteller-router"),
+            &json!({"listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}]})
+        );
+        let gateway = spec_of(&read, ApiKind::VirtualGateway, "colorapp-prod-ingress");
+        assert_eq!(
+            gateway["listeners"][0]["healthCheck"],
+            json!({
+                "protocol": "http", "path": "/healthz", "healthyThreshold": 2,
+                "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 5000
+            })
+        );
+        assert_eq!(
+            gateway["listeners"][0]["portMapping"],
+            json!({"port": 8443, "protocol": "http"})
+        );
+        assert_eq!(
+            gateway["logging"]["accessLog"]["file"]["format"]["text"],
+            json!("[%START_TIME%] %REQ(:METHOD)% %RESPONSE_CODE%\n")
+        );
+        assert_eq!(
+            spec_of(&read, ApiKind::GatewayRoute, "colors-edge"),
+            &json!({"httpRoute": {
+                "match": {"prefix": "/color/"},
+                "action": {
+                    "target": {"virtualService": {"virtualServiceName": "colorteller.colors.local"}},
+                    "rewrite": {
+                        "prefix": {"value": "/"},
+                        "hostname": {"defaultTargetHostname": "DISABLED"}
+                    }
+                }
+            }})
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_read_offline_is_noted_with_its_field_path() {
+        let read = fixture();
+        assert_eq!(
+            notes(&read),
+            [
+                "colorapp.tf: module.observability: modules are not followed: import the module's own directory",
+                "colorapp.tf: aws_appmesh_mesh.colorapp: tags: AWS tags are not carried over",
+                "colorapp.tf: aws_appmesh_virtual_node.red: mesh_owner: the AWS account owning a shared mesh is not carried over",
+                "colorapp.tf: aws_appmesh_virtual_node.front: spec.service_discovery.dns.hostname: data.aws_lb.front.dns_name cannot be resolved offline",
+                "colorapp.tf: aws_appmesh_virtual_gateway.ingress: tags: AWS tags are not carried over",
+                "colorapp.tf: aws_appmesh_virtual_gateway.ingress: spec.listener[0].tls.certificate.acm.certificate_arn: unresolved variable gateway_cert_arn (it has no default)",
+                "colorapp.tf: aws_appmesh_virtual_node.extra: for_each: for_each is not expanded offline: the resource is skipped",
+                "colorapp.tf: aws_appmesh_virtual_node.extra: name: each.key cannot be resolved offline; the resource is skipped",
+            ]
+        );
+        // The unresolved field is left out, the rest of its block kept.
+        let front = spec_of(&read, ApiKind::VirtualNode, "front-prod");
+        assert_eq!(front["serviceDiscovery"], json!({"dns": {}}));
+        let gateway = spec_of(&read, ApiKind::VirtualGateway, "colorapp-prod-ingress");
+        assert_eq!(
+            gateway["listeners"][0]["tls"],
+            json!({"mode": "STRICT", "certificate": {"acm": {}}})
+        );
+    }
+
+    #[test]
+    fn locals_and_references_resolve_in_any_order() {
+        // The route comes first, its router's name is a local defined last, built from a
+        // variable and the mesh's name.
+        let read = read_one(
+            r#"
+            resource "aws_appmesh_route" "r" {
+              name                = "r"
+              mesh_name           = aws_appmesh_mesh.m.name
+              virtual_router_name = aws_appmesh_virtual_router.vr.id
+              spec {
+                tcp_route {
+                  action {
+                    weighted_target {
+                      virtual_node = aws_appmesh_virtual_node.n.arn
+                      weight       = 1
+                    }
+                  }
+                }
+              }
+            }
+            resource "aws_appmesh_virtual_router" "vr" {
+              name      = local.router
+              mesh_name = aws_appmesh_mesh.m.id
+            }
+            resource "aws_appmesh_virtual_node" "n" {
+              name      = upper(join("-", [var.prefix, "node"]))
+              mesh_name = aws_appmesh_virtual_router.vr.mesh_name
+            }
+            resource "aws_appmesh_mesh" "m" { name = "${var.prefix}-mesh" }
+            variable "prefix" { default = "shop" }
+            locals { router = format("%s-router-%d", aws_appmesh_mesh.m.name, 2) }
+            "#,
+        );
+        assert!(read.notes.is_empty(), "{:?}", read.notes);
+        let route = &read.resources[0];
+        assert_eq!(
+            (route.mesh.as_str(), route.parent.as_deref()),
+            ("shop-mesh", Some("shop-mesh-router-2"))
+        );
+        assert_eq!(
+            route.spec,
+            json!({"tcpRoute": {"action": {"weightedTargets": [
+                {"virtualNode": "SHOP-NODE", "weight": 1}
+            ]}}})
+        );
+        assert_eq!(read.resources[2].mesh, "shop-mesh");
+    }
+
+    #[test]
+    fn an_unresolvable_name_or_parent_skips_the_resource_with_a_note() {
+        let read = read_one(
+            r#"
+            variable "mesh" {}
+            resource "aws_appmesh_virtual_node" "a" {
+              name      = "a"
+              mesh_name = var.mesh
+            }
+            resource "aws_appmesh_mesh" "m" { name = "m" }
+            resource "aws_appmesh_virtual_node" "b" {
+              name      = md5("b")
+              mesh_name = "m"
+            }
+            resource "aws_appmesh_route" "r" {
+              name                = "r"
+              mesh_name           = "m"
+              virtual_router_name = aws_appmesh_virtual_router.missing.name
+            }
+            resource "aws_appmesh_virtual_service" "s" {
+              name      = "${local.nope}.local"
+              mesh_name = aws_appmesh_mesh.m.created_date
+            }
+            resource "aws_appmesh_gateway_route" "g" {
+              name                 = "g"
+              mesh_name            = "m"
+              virtual_gateway_name = module.edge.gateway
+            }
+            resource "aws_appmesh_virtual_node" "c" {
+              name      = "c"
+              mesh_name = aws_appmesh_mesh.m.name
+              count     = 2
+              spec {
+                listener {
+                  port_mapping {
+                    port     = var.port
+                    protocol = "http"
+                  }
+                }
+              }
+            }
+            "#,
+        );
+        assert_eq!(
+            notes(&read),
+            [
+                "main.tf: aws_appmesh_virtual_node.a: mesh_name: unresolved variable mesh (it has no default); the resource is skipped",
+                "main.tf: aws_appmesh_virtual_node.b: name: function md5() cannot be evaluated offline; the resource is skipped",
+                "main.tf: aws_appmesh_route.r: virtual_router_name: aws_appmesh_virtual_router.missing.name: there is no aws_appmesh_virtual_router \"missing\" in this module; the resource is skipped",
+                "main.tf: aws_appmesh_virtual_service.s: name: unresolved local nope (it is not declared); the resource is skipped",
+                "main.tf: aws_appmesh_gateway_route.g: virtual_gateway_name: module.edge.gateway cannot be resolved offline; the resource is skipped",
+                "main.tf: aws_appmesh_virtual_node.c: count: count is not expanded offline: the resource is read once",
+                "main.tf: aws_appmesh_virtual_node.c: spec.listener[0].port_mapping.port: unresolved variable port (it is not declared)",
+            ]
+        );
+        let names: Vec<&str> = read.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["m", "c"]);
+        assert_eq!(
+            read.resources[1].spec,
+            json!({"listeners": [{"portMapping": {"protocol": "http"}}]})
+        );
+    }
+
+    #[test]
+    fn other_attributes_of_an_app_mesh_resource_cannot_be_resolved() {
+        let read = read_one(
+            r#"
+            resource "aws_appmesh_mesh" "m" { name = "m" }
+            resource "aws_appmesh_virtual_node" "n" {
+              name      = "n"
+              mesh_name = "m"
+              spec {
+                backend {
+                  virtual_service { virtual_service_name = aws_appmesh_mesh.m.resource_owner }
+                }
+              }
+            }
+            "#,
+        );
+        assert_eq!(
+            notes(&read),
+            [
+                "main.tf: aws_appmesh_virtual_node.n: spec.backend[0].virtual_service.virtual_service_name: \
+              aws_appmesh_mesh.m.resource_owner cannot be resolved offline (of an App Mesh resource, \
+              only name, id, arn, mesh_name are)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_local_that_cannot_be_evaluated_says_why() {
+        let read = read_one(
+            r#"
+            locals { host = "${data.aws_lb.x.dns_name}:80" }
+            resource "aws_appmesh_virtual_node" "n" {
+              name      = "n"
+              mesh_name = "m"
+              spec {
+                service_discovery {
+                  dns { hostname = local.host }
+                }
+              }
+            }
+            "#,
+        );
+        assert_eq!(
+            notes(&read),
+            [
+                "main.tf: aws_appmesh_virtual_node.n: spec.service_discovery.dns.hostname: unresolved \
+              local host (data.aws_lb.x.dns_name cannot be resolved offline)"
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_single_blocks_dynamic_blocks_and_unknown_arguments_are_noted() {
+        let read = read_one(
+            r#"
+            resource "aws_appmesh_virtual_node" "n" {
+              name      = "n"
+              mesh_name = "m"
+              colour    = "blue"
+              spec {
+                logging {
+                  access_log {
+                    file { path = "/a" }
+                  }
+                }
+                logging {
+                  access_log {
+                    file { path = "/b" }
+                  }
+                }
+                dynamic "backend" {
+                  for_each = var.backends
+                  content {
+                    virtual_service { virtual_service_name = backend.value }
+                  }
+                }
+              }
+            }
+            "#,
+        );
+        assert_eq!(
+            notes(&read),
+            [
+                "main.tf: aws_appmesh_virtual_node.n: colour: not an argument of aws_appmesh_virtual_node; ignored",
+                "main.tf: aws_appmesh_virtual_node.n: spec.logging: the block appears 2 times where the API holds one: the first is read",
+                "main.tf: aws_appmesh_virtual_node.n: spec.backend: dynamic \"backend\" blocks are not expanded offline; write the blocks out",
+            ]
+        );
+        assert_eq!(
+            read.resources[0].spec,
+            json!({"logging": {"accessLog": {"file": {"path": "/a"}}}})
+        );
+    }
+
+    #[test]
+    fn files_without_app_mesh_resources_read_empty() {
+        let read = read_one(
+            r#"
+            variable "region" { default = "eu-west-1" }
+            provider "aws" { region = var.region }
+            resource "aws_ecs_service" "app" { name = "app" }
+            data "aws_vpc" "main" { default = true }
+            "#,
+        );
+        assert_eq!(read, Read::default());
+        assert_eq!(read_one(""), Read::default());
+    }
+
+    #[test]
+    fn invalid_hcl_is_an_error_naming_the_file() {
+        let files = [
+            ("ok.tf".to_owned(), "locals { a = 1 }".to_owned()),
+            (
+                "broken.tf".to_owned(),
+                "resource \"aws_appmesh_mesh\" \"m\" {\n  name = \n".to_owned(),
+            ),
+        ];
+        let err = read(&files).unwrap_err();
+        assert_eq!(err.source_name, "broken.tf");
+        assert!(err.reason.starts_with("not valid HCL"), "{}", err.reason);
+    }
+
+    #[test]
+    fn names_become_the_apis_keys() {
+        for (tf, api) in [
+            ("port_mapping", "portMapping"),
+            ("aws_cloud_map", "awsCloudMap"),
+            ("http2_route", "http2Route"),
+            ("per_retry_timeout", "perRetryTimeout"),
+            ("certificate_authority_arns", "certificateAuthorityArns"),
+            ("default_target_hostname", "defaultTargetHostname"),
+            ("tls", "tls"),
+        ] {
+            assert_eq!(camel(tf), api, "{tf}");
+        }
+    }
+
+    #[test]
+    fn format_supports_the_plain_verbs() {
+        let mut ctx = Context::new();
+        declare_functions(&mut ctx);
+        let eval = |src: &str| {
+            let body = hcl::parse(&format!("x = {src}")).unwrap();
+            let attr = body.attributes().next().unwrap().clone();
+            attr.expr().evaluate(&ctx)
+        };
+        assert_eq!(
+            eval(r#"format("%s-%d-%v%%", "a", 3, true)"#).unwrap(),
+            Value::from("a-3-true%")
+        );
+        assert!(eval(r#"format("%05d", 3)"#).is_err());
+        assert_eq!(
+            eval(r#"replace(trimspace(" a.b "), ".", "-")"#).unwrap(),
+            Value::from("a-b")
+        );
+        assert!(eval(r#"replace("a", "/a/", "b")"#).is_err());
+        assert_eq!(eval(r#"lower("AB")"#).unwrap(), Value::from("ab"));
+    }
 }
