@@ -17,7 +17,7 @@
 //!
 //! A resource's `spec` block becomes the App Mesh API's `spec` JSON: snake_case becomes
 //! camelCase, and the blocks Terraform repeats for what the API holds as a list take the API's
-//! key ([`LIST_BLOCKS`]). `aws_cloud_map { attributes = { k = "v" } }` becomes the API's
+//! key (`LIST_BLOCKS`). `aws_cloud_map { attributes = { k = "v" } }` becomes the API's
 //! `attributes: [{key, value}]`.
 
 use std::collections::{HashMap, HashSet};
