@@ -385,11 +385,28 @@ fn keep_what_trellis_takes(
         for (path, reason) in problems {
             let (source, field) = route_source(source, &path, routes);
             if reason == "required" {
-                notes.push(Note {
-                    source,
-                    field,
-                    reason: "required by App Mesh's Kubernetes CRD and missing in the input".into(),
-                });
+                // The object that lacks it cannot stand: it goes, with the field named.
+                let Some((parent, _)) = path.rsplit_once('.').filter(|(p, _)| *p != "spec") else {
+                    notes.push(Note {
+                        source,
+                        field,
+                        reason: "required by App Mesh's Kubernetes CRD and missing in the input"
+                            .into(),
+                    });
+                    continue;
+                };
+                if remove(spec, parent) {
+                    dropped = true;
+                    let (_, parent_field) = route_source("", parent, routes);
+                    notes.push(Note {
+                        source,
+                        field: parent_field,
+                        reason: format!(
+                            "not carried over: its {} is required and missing in the input",
+                            path.rsplit('.').next().unwrap_or_default()
+                        ),
+                    });
+                }
                 continue;
             }
             if remove(spec, &path) {
@@ -441,7 +458,7 @@ fn remove(spec: &mut Value, path: &str) -> bool {
     let Some((last, parents)) = steps.split_last() else {
         return false;
     };
-    let mut at = spec;
+    let mut at = &mut *spec;
     for step in parents {
         let next = match step {
             Step::Key(k) => at.get_mut(k.as_str()),
@@ -452,14 +469,43 @@ fn remove(spec: &mut Value, path: &str) -> bool {
             None => return false,
         }
     }
-    match (last, at) {
+    let removed = match (last, at) {
         (Step::Key(k), Value::Object(m)) => m.remove(k.as_str()).is_some(),
         (Step::Index(i), Value::Array(a)) if *i < a.len() => {
             a.remove(*i);
             true
         }
         _ => false,
+    };
+    // An object emptied by the removal (`serviceDiscovery: {}`) goes too: left empty it would
+    // say something else (here: a node discovered by nothing named).
+    if removed {
+        if let Some((parent, _)) = path.rsplit_once('.').filter(|(p, _)| *p != "spec") {
+            let empty =
+                pointer(spec, parent).is_some_and(|v| v.as_object().is_some_and(Map::is_empty));
+            if empty {
+                remove(spec, parent);
+            }
+        }
     }
+    removed
+}
+
+/// The value at `path` (`spec.a.b[2]`), if there is one.
+fn pointer<'a>(spec: &'a Value, path: &str) -> Option<&'a Value> {
+    let rest = path.strip_prefix("spec.")?;
+    let mut at = spec;
+    for segment in rest.split('.') {
+        let (key, indexes) = match segment.find('[') {
+            Some(i) => (&segment[..i], &segment[i..]),
+            None => (segment, ""),
+        };
+        at = at.get(key)?;
+        for index in indexes.split('[').filter(|s| !s.is_empty()) {
+            at = at.get(index.trim_end_matches(']').parse::<usize>().ok()?)?;
+        }
+    }
+    Some(at)
 }
 
 enum Step {
@@ -840,5 +886,36 @@ mod tests {
         assert!(!remove(&mut spec, "spec.a[0].c"));
         assert!(remove(&mut spec, "spec.a[1]"));
         assert_eq!(spec, json!({ "a": [{ "b": 1 }] }));
+        // An object left empty goes too.
+        let mut spec = json!({ "sd": { "dns": { "type": "x" } }, "keep": {} });
+        assert!(remove(&mut spec, "spec.sd.dns"));
+        assert_eq!(spec, json!({ "keep": {} }));
+    }
+
+    /// A required field the input lacks takes its object with it, named in the report: the
+    /// output still validates.
+    #[test]
+    fn an_object_missing_a_required_field_is_dropped_whole() {
+        let read = Read {
+            resources: vec![resource(
+                ApiKind::VirtualNode,
+                "front",
+                None,
+                json!({
+                    "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }],
+                    "serviceDiscovery": { "dns": { "responseType": "LOADBALANCER" } }
+                }),
+            )],
+            ..Read::default()
+        };
+        let c = convert(read, "default", &options());
+        let node = find(&c, "VirtualNode", "front");
+        assert!(node["spec"].get("serviceDiscovery").is_none(), "{node:#}");
+        let note = c
+            .notes
+            .iter()
+            .find(|n| n.field == "spec.serviceDiscovery.dns")
+            .unwrap();
+        assert!(note.reason.contains("its hostname is required"), "{note}");
     }
 }
