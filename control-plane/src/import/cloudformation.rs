@@ -260,9 +260,10 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
-        let mut seen = std::collections::BTreeSet::new();
-        let notes = self.notes.into_iter().chain(self.placeholders);
-        read.notes = notes.filter(|n| seen.insert(n.clone())).collect();
+        read.notes = self.notes;
+        read.notes.extend(self.placeholders);
+        read.notes.sort();
+        read.notes.dedup();
         read
     }
 
@@ -413,28 +414,32 @@ impl<'a> Resolver<'a> {
         name
     }
 
-    fn note(&mut self, field: &str, reason: String) {
-        let note = Note {
-            source: self.source_of(field),
-            field: field.into(),
-            reason,
-        };
+    fn note(&mut self, path: &str, reason: String) {
+        let note = self.located(path, reason);
         self.notes.push(note);
     }
 
-    fn placeholder(&mut self, field: &str, pseudo: &str, placeholder: &str) {
-        let note = Note {
-            source: self.source_of(field),
-            field: field.into(),
-            reason: format!("{pseudo} has no value offline: placeholder \"{placeholder}\" used"),
-        };
+    fn placeholder(&mut self, path: &str, pseudo: &str, placeholder: &str) {
+        let reason = format!("{pseudo} has no value offline: placeholder \"{placeholder}\" used");
+        let note = self.located(path, reason);
         self.placeholders.push(note);
     }
 
-    /// `FILE: Resources.Id` of a field path `Resources.Id.Properties...`.
-    fn source_of(&self, field: &str) -> String {
-        let section: Vec<&str> = field.splitn(3, '.').take(2).collect();
-        format!("{}: {}", self.doc.source_name, section.join("."))
+    /// A note on the field at `path` (`Resources.Id.Properties.Spec...`): its source is the
+    /// resource (`FILE: Resources.Id`, as [`ApiResource::source`]), its field the rest
+    /// (`Properties.Spec...`).
+    fn located(&self, path: &str, reason: String) -> Note {
+        let mut parts = path.splitn(3, '.');
+        let section = [parts.next(), parts.next()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(".");
+        Note {
+            source: format!("{}: {section}", self.doc.source_name),
+            field: parts.next().unwrap_or_default().into(),
+            reason,
+        }
     }
 
     /// `value` with its intrinsic functions resolved; None when it is left out (noted, unless
@@ -941,6 +946,10 @@ fn api_types(value: Value) -> Value {
 /// Keys of ECS task definitions whose values are free-form maps, their keys kept as written.
 const ECS_FREE_MAPS: &[&str] = &["DockerLabels", "Options", "DriverOpts", "Labels"];
 
+/// Lists of `{Name, Value}` pairs whose values the ECS API takes as strings (CloudFormation
+/// takes `Value: 8080` or a `!Ref` of a `Number` parameter there too).
+const ECS_STRING_LISTS: &[&str] = &["Environment", "ProxyConfigurationProperties"];
+
 /// An `AWS::ECS::TaskDefinition`'s properties in the ECS API's shape: keys lowered, but not
 /// those of free-form maps, and `ProxyConfiguration.ProxyConfigurationProperties` is the API's
 /// `proxyConfiguration.properties`.
@@ -952,6 +961,12 @@ fn ecs_keys(value: Value) -> Value {
                     .map(|(key, item)| {
                         let item = if ECS_FREE_MAPS.contains(&key.as_str()) {
                             item
+                        } else if key == "Value" && ECS_STRING_LISTS.contains(&parent) {
+                            match item {
+                                Value::Number(n) => Value::String(n.to_string()),
+                                Value::Bool(b) => Value::String(b.to_string()),
+                                other => other,
+                            }
                         } else {
                             walk(item, &key)
                         };
@@ -982,5 +997,30 @@ fn lower(key: &str) -> String {
     match camel_keys(Value::Object(one)) {
         Value::Object(map) => map.into_iter().next().map_or_else(String::new, |(k, _)| k),
         _ => key.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COLORAPP: &str = include_str!("../../tests/import/colorapp.cfn.yaml");
+    const SHOP: &str = include_str!("../../tests/import/shop.cfn.json");
+
+    #[test]
+    fn dump() {
+        for (t, n) in [(COLORAPP, "colorapp.cfn.yaml"), (SHOP, "shop.cfn.json")] {
+            let read = read(t, n).unwrap();
+            for r in &read.resources {
+                eprintln!("{:?} {} {} {:?} {}\n  {}", r.kind, r.mesh, r.name, r.parent, r.source, r.spec);
+            }
+            for t in &read.tasks {
+                eprintln!("TASK {} {}", t.source, serde_json::to_string_pretty(&t.task).unwrap());
+            }
+            for n in &read.notes {
+                eprintln!("NOTE {n}");
+            }
+        }
+        panic!();
     }
 }
