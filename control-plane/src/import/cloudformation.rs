@@ -65,16 +65,25 @@ pub fn read(text: &str, source_name: &str) -> Result<Read, ReadError> {
 
 /// YAML (with CloudFormation's short-form tags) or JSON, as JSON with the long forms.
 fn parse(text: &str) -> Result<Value, String> {
-    if text.trim_start().starts_with('{') {
-        // JSON templates may be indented with tabs, which YAML refuses.
-        if let Ok(value) = serde_json::from_str(text) {
-            return Ok(value);
+    // JSON templates may be indented with tabs, which YAML refuses: read as JSON first, and
+    // the JSON error is the one to report.
+    let json = if text.trim_start().starts_with('{') {
+        match serde_json::from_str(text) {
+            Ok(value) => return Ok(value),
+            Err(e) => Some(format!("not JSON: {e}")),
         }
+    } else {
+        None
+    };
+    let yaml = || {
+        // Deep flow nesting takes the YAML parser quadratic time: refused before parsing.
+        trellis_proxy::snapshot::check_nesting(text)?;
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text).map_err(|e| e.to_string())
+    };
+    match yaml() {
+        Ok(yaml) => Ok(long_form(yaml)),
+        Err(e) => Err(json.unwrap_or(e)),
     }
-    // Deep flow nesting takes the YAML parser quadratic time: refused before parsing.
-    trellis_proxy::snapshot::check_nesting(text)?;
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-    Ok(long_form(yaml))
 }
 
 /// A YAML value as JSON, short-form tags in their long form: `!Ref X` → `{"Ref": "X"}`,
@@ -612,7 +621,18 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// A list an intrinsic function works on: left out whole when an item is.
     fn list(&mut self, value: &Value, path: &str) -> Option<Vec<Value>> {
+        if let Value::Array(items) = value {
+            let mut out = Vec::new();
+            for item in items {
+                if item.get("Ref").and_then(Value::as_str) == Some("AWS::NoValue") {
+                    continue;
+                }
+                out.push(self.resolve(item, path)?);
+            }
+            return Some(out);
+        }
         match self.resolve(value, path)? {
             Value::Array(items) => Some(items),
             _ => self.unresolved(path, "expected a list".into()).and(None),
@@ -1002,25 +1022,664 @@ fn lower(key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     const COLORAPP: &str = include_str!("../../tests/import/colorapp.cfn.yaml");
     const SHOP: &str = include_str!("../../tests/import/shop.cfn.json");
 
-    #[test]
-    fn dump() {
-        for (t, n) in [(COLORAPP, "colorapp.cfn.yaml"), (SHOP, "shop.cfn.json")] {
-            let read = read(t, n).unwrap();
-            for r in &read.resources {
-                eprintln!("{:?} {} {} {:?} {}\n  {}", r.kind, r.mesh, r.name, r.parent, r.source, r.spec);
-            }
-            for t in &read.tasks {
-                eprintln!("TASK {} {}", t.source, serde_json::to_string_pretty(&t.task).unwrap());
-            }
-            for n in &read.notes {
-                eprintln!("NOTE {n}");
-            }
+    fn resource<'r>(read: &'r Read, kind: ApiKind, name: &str) -> &'r ApiResource {
+        read.resources
+            .iter()
+            .find(|r| r.kind == kind && r.name == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {:#?}", read.resources))
+    }
+
+    /// The value at `pointer` (`/listeners/0/portMapping`) of `spec`.
+    fn at<'v>(spec: &'v Value, pointer: &str) -> &'v Value {
+        spec.pointer(pointer)
+            .unwrap_or_else(|| panic!("no {pointer} in {spec:#}"))
+    }
+
+    fn note(source: &str, field: &str, reason: &str) -> Note {
+        Note {
+            source: source.into(),
+            field: field.into(),
+            reason: reason.into(),
         }
-        panic!();
+    }
+
+    /// A one-resource template around `resources` (indented YAML), with `parameters`.
+    fn template(parameters: &str, resources: &str) -> Read {
+        let text = format!("Parameters:\n{parameters}\nResources:\n{resources}");
+        read(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn colorapp_reads_every_kind_with_its_mesh_and_parent() {
+        let read = read(COLORAPP, "colorapp.cfn.yaml").unwrap();
+        let mut found: Vec<_> = read
+            .resources
+            .iter()
+            .map(|r| {
+                (
+                    r.kind,
+                    r.mesh.as_str(),
+                    r.name.as_str(),
+                    r.parent.as_deref(),
+                    r.source.as_str(),
+                )
+            })
+            .collect();
+        found.sort();
+        let source = |id: &str| format!("colorapp.cfn.yaml: Resources.{id}");
+        let expected = [
+            (ApiKind::Mesh, "colorapp", None, "Mesh"),
+            (
+                ApiKind::VirtualService,
+                "colorteller.colorapp.local",
+                None,
+                "ColorTellerService",
+            ),
+            (ApiKind::VirtualService, "front.colorapp.local", None, "FrontService"),
+            (ApiKind::VirtualRouter, "colorteller-router", None, "ColorTellerRouter"),
+            (ApiKind::Route, "color-grpc", Some("colorteller-router"), "ColorGrpcRoute"),
+            (ApiKind::Route, "color-http", Some("colorteller-router"), "ColorHttpRoute"),
+            (ApiKind::VirtualNode, "colorteller-blue", None, "BlueNode"),
+            (ApiKind::VirtualNode, "colorteller-red", None, "RedNode"),
+            (ApiKind::VirtualNode, "front", None, "FrontNode"),
+            (ApiKind::VirtualGateway, "ingress", None, "Gateway"),
+            (ApiKind::GatewayRoute, "front-route", Some("ingress"), "FrontGatewayRoute"),
+        ];
+        let sources: Vec<String> = expected.iter().map(|e| source(e.3)).collect();
+        let expected: Vec<_> = expected
+            .iter()
+            .zip(&sources)
+            .map(|((kind, name, parent, _), source)| {
+                (*kind, "colorapp", *name, *parent, source.as_str())
+            })
+            .collect();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn colorapp_specs_are_in_the_api_shape() {
+        let read = read(COLORAPP, "colorapp.cfn.yaml").unwrap();
+        let mesh = &resource(&read, ApiKind::Mesh, "colorapp").spec;
+        assert_eq!(
+            mesh,
+            &json!({
+                "egressFilter": { "type": "DROP_ALL" },
+                "serviceDiscovery": { "ipPreference": "IPv4_PREFERRED" },
+            })
+        );
+
+        let front = &resource(&read, ApiKind::VirtualNode, "front").spec;
+        // `Port: !Ref FrontPort`, a Number parameter.
+        assert_eq!(
+            at(front, "/listeners/0/portMapping"),
+            &json!({ "port": 8080, "protocol": "http" })
+        );
+        assert_eq!(at(front, "/listeners/0/healthCheck/path"), "/ping");
+        assert_eq!(at(front, "/listeners/0/healthCheck/unhealthyThreshold"), 3);
+        assert_eq!(
+            at(front, "/listeners/0/timeout/http/perRequest"),
+            &json!({ "unit": "s", "value": 15 })
+        );
+        assert_eq!(at(front, "/listeners/0/timeout/http/idle/value"), 300);
+        assert_eq!(
+            at(front, "/listeners/0/connectionPool/http"),
+            &json!({ "maxConnections": 100, "maxPendingRequests": 50 })
+        );
+        assert_eq!(
+            at(front, "/listeners/0/outlierDetection"),
+            &json!({
+                "maxServerErrors": 5,
+                "interval": { "unit": "s", "value": 10 },
+                "baseEjectionDuration": { "unit": "s", "value": 30 },
+                "maxEjectionPercent": 50,
+            })
+        );
+        assert_eq!(
+            at(front, "/serviceDiscovery/dns"),
+            &json!({ "hostname": "front.colorapp.local", "responseType": "LOADBALANCER" })
+        );
+        assert_eq!(
+            at(front, "/backends/0/virtualService/virtualServiceName"),
+            "colorteller.colorapp.local"
+        );
+        // `Ports: [!Ref ColorTellerPort]`, whose Default is the string "9080".
+        assert_eq!(
+            at(front, "/backendDefaults/clientPolicy/tls"),
+            &json!({
+                "enforce": true,
+                "ports": [9080],
+                "validation": { "trust": { "file": { "certificateChain": "/certs/ca.pem" } } },
+            })
+        );
+        assert_eq!(
+            at(front, "/logging/accessLog/file/format/json/1"),
+            &json!({ "key": "status", "value": "%RESPONSE_CODE%" })
+        );
+
+        let blue = &resource(&read, ApiKind::VirtualNode, "colorteller-blue").spec;
+        assert_eq!(
+            at(blue, "/serviceDiscovery/awsCloudMap"),
+            &json!({
+                "namespaceName": "colorapp.local",
+                "serviceName": "colorteller",
+                "attributes": [{ "key": "color", "value": "blue" }],
+            })
+        );
+        assert_eq!(at(blue, "/serviceDiscovery/awsCloudMap/attributes/0/key"), "color");
+        assert_eq!(at(blue, "/listeners/0/portMapping/port"), 9080);
+        assert_eq!(
+            at(blue, "/listeners/0/tls"),
+            &json!({
+                "mode": "STRICT",
+                "certificate": {
+                    "file": { "certificateChain": "/certs/blue.pem", "privateKey": "/certs/blue.key" },
+                },
+            })
+        );
+        let red = &resource(&read, ApiKind::VirtualNode, "colorteller-red").spec;
+        assert_eq!(at(red, "/listeners/1/connectionPool/grpc/maxRequests"), 200);
+        assert_eq!(at(red, "/listeners/1/healthCheck/protocol"), "grpc");
+
+        let router = &resource(&read, ApiKind::VirtualRouter, "colorteller-router").spec;
+        assert_eq!(
+            router,
+            &json!({ "listeners": [
+                { "portMapping": { "port": 9080, "protocol": "http" } },
+                { "portMapping": { "port": 9090, "protocol": "grpc" } },
+            ]})
+        );
+        let http = &resource(&read, ApiKind::Route, "color-http").spec;
+        assert_eq!(at(http, "/priority"), 10);
+        assert_eq!(
+            at(http, "/httpRoute/action/weightedTargets"),
+            &json!([
+                { "virtualNode": "colorteller-blue", "weight": 3, "port": 9080 },
+                { "virtualNode": "colorteller-red", "weight": 1, "port": 9080 },
+            ])
+        );
+        assert_eq!(
+            at(http, "/httpRoute/action/weightedTargets/0/virtualNode"),
+            "colorteller-blue"
+        );
+        assert_eq!(
+            at(http, "/httpRoute/match"),
+            &json!({
+                "prefix": "/",
+                "port": 9080,
+                "headers": [{ "name": "x-color-debug", "invert": false, "match": { "exact": "on" } }],
+            })
+        );
+        assert_eq!(
+            at(http, "/httpRoute/retryPolicy"),
+            &json!({
+                "maxRetries": 3,
+                "perRetryTimeout": { "unit": "ms", "value": 2000 },
+                "httpRetryEvents": ["server-error", "gateway-error"],
+                "tcpRetryEvents": ["connection-error"],
+            })
+        );
+        assert_eq!(at(http, "/httpRoute/retryPolicy/perRetryTimeout/unit"), "ms");
+        assert_eq!(
+            at(http, "/httpRoute/timeout/perRequest"),
+            &json!({ "unit": "s", "value": 10 })
+        );
+        let grpc = &resource(&read, ApiKind::Route, "color-grpc").spec;
+        assert_eq!(
+            at(grpc, "/grpcRoute/match"),
+            &json!({
+                "serviceName": "color.ColorTeller",
+                "methodName": "GetColor",
+                "port": 9090,
+                "metadata": [{ "name": "x-canary", "match": { "prefix": "1" } }],
+            })
+        );
+        // `VirtualNode: !Ref RedNode`: the node's name where the API expects one.
+        assert_eq!(
+            at(grpc, "/grpcRoute/action/weightedTargets/0"),
+            &json!({ "virtualNode": "colorteller-red", "weight": 1, "port": 9090 })
+        );
+        assert_eq!(
+            at(grpc, "/grpcRoute/retryPolicy/grpcRetryEvents"),
+            &json!(["unavailable", "resource-exhausted"])
+        );
+
+        let colorteller = &resource(&read, ApiKind::VirtualService, "colorteller.colorapp.local");
+        assert_eq!(
+            colorteller.spec,
+            json!({ "provider": { "virtualRouter": { "virtualRouterName": "colorteller-router" } } })
+        );
+        let front_service = &resource(&read, ApiKind::VirtualService, "front.colorapp.local");
+        assert_eq!(
+            front_service.spec,
+            json!({ "provider": { "virtualNode": { "virtualNodeName": "front" } } })
+        );
+        let gateway = &resource(&read, ApiKind::VirtualGateway, "ingress").spec;
+        assert_eq!(
+            at(gateway, "/listeners/0"),
+            &json!({
+                "portMapping": { "port": 8088, "protocol": "http" },
+                "healthCheck": {
+                    "protocol": "http", "path": "/health", "healthyThreshold": 2,
+                    "unhealthyThreshold": 2, "timeoutMillis": 2000, "intervalMillis": 5000,
+                },
+            })
+        );
+        let gateway_route = &resource(&read, ApiKind::GatewayRoute, "front-route").spec;
+        assert_eq!(
+            gateway_route,
+            &json!({ "httpRoute": {
+                "match": { "prefix": "/color/" },
+                "action": {
+                    "target": { "virtualService": { "virtualServiceName": "front.colorapp.local" } },
+                    "rewrite": { "prefix": { "defaultPrefix": "DISABLED", "value": "/" } },
+                },
+            }})
+        );
+    }
+
+    #[test]
+    fn colorapp_task_definition_is_in_the_ecs_api_shape() {
+        let read = read(COLORAPP, "colorapp.cfn.yaml").unwrap();
+        let [task] = read.tasks.as_slice() else {
+            panic!("one task expected: {:#?}", read.tasks)
+        };
+        assert_eq!(task.source, "colorapp.cfn.yaml: Resources.FrontTaskDefinition");
+        let envoy = at(&task.task, "/containerDefinitions/1");
+        assert_eq!(at(envoy, "/name"), "envoy");
+        assert_eq!(at(envoy, "/user"), "1337");
+        assert_eq!(
+            at(envoy, "/image"),
+            "840364872350.dkr.ecr.us-west-2.amazonaws.com/aws-appmesh-envoy:v1.29.4.0-prod"
+        );
+        assert_eq!(
+            at(envoy, "/environment/0"),
+            &json!({
+                "name": "APPMESH_RESOURCE_ARN",
+                "value": "arn:aws:appmesh:aws-region:aws-account-id:mesh/colorapp/virtualNode/front",
+            })
+        );
+        let ports: Vec<&Value> = at(envoy, "/portMappings")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| at(p, "/containerPort"))
+            .collect();
+        assert_eq!(ports, [9901, 15000, 15001]);
+        // A free-form map keeps its keys as written.
+        assert_eq!(at(envoy, "/dockerLabels"), &json!({ "Com.Example.Team": "colors" }));
+        let app = at(&task.task, "/containerDefinitions/0");
+        // ECS takes environment values as strings, `!Ref FrontPort` a number.
+        assert_eq!(
+            at(app, "/environment"),
+            &json!([
+                { "name": "COLOR_TELLER_ENDPOINT", "value": "colorteller.colorapp.local:9080" },
+                { "name": "PORT", "value": "8080" },
+            ])
+        );
+        assert_eq!(
+            at(app, "/logConfiguration"),
+            &json!({
+                "logDriver": "awslogs",
+                "options": { "awslogs-region": "aws-region", "awslogs-stream-prefix": "front" },
+            })
+        );
+        assert_eq!(at(app, "/dependsOn/0/condition"), "HEALTHY");
+        // CloudFormation's `ProxyConfigurationProperties` is the API's `properties`.
+        assert_eq!(at(&task.task, "/proxyConfiguration/type"), "APPMESH");
+        assert_eq!(
+            at(&task.task, "/proxyConfiguration/properties/0"),
+            &json!({ "name": "IgnoredUID", "value": "1337" })
+        );
+        assert_eq!(
+            at(&task.task, "/proxyConfiguration/properties/3"),
+            &json!({ "name": "AppPorts", "value": "8080" })
+        );
+        assert_eq!(at(&task.task, "/requiresCompatibilities"), &json!(["FARGATE"]));
+    }
+
+    #[test]
+    fn colorapp_notes_what_it_does_not_carry_over() {
+        let read = read(COLORAPP, "colorapp.cfn.yaml").unwrap();
+        let task = "colorapp.cfn.yaml: Resources.FrontTaskDefinition";
+        assert_eq!(
+            read.notes,
+            [
+                note(
+                    task,
+                    "Properties.ContainerDefinitions[0].LogConfiguration.Options.awslogs-group",
+                    "Ref LogGroup (AWS::Logs::LogGroup) is known only once deployed, it cannot \
+                     be resolved offline: left out",
+                ),
+                note(
+                    task,
+                    "Properties.ContainerDefinitions[0].LogConfiguration.Options.awslogs-region",
+                    "AWS::Region has no value offline: placeholder \"aws-region\" used",
+                ),
+                note(
+                    task,
+                    "Properties.ContainerDefinitions[1].Environment[0].Value",
+                    "AWS::AccountId has no value offline: placeholder \"aws-account-id\" used",
+                ),
+                note(
+                    task,
+                    "Properties.ContainerDefinitions[1].Environment[0].Value",
+                    "AWS::Region has no value offline: placeholder \"aws-region\" used",
+                ),
+                note(
+                    "colorapp.cfn.yaml: Resources.Mesh",
+                    "Properties.Tags",
+                    "AWS resource tags are AWS metadata: not carried over",
+                ),
+            ]
+        );
+        assert_eq!(
+            read.notes[0].to_string(),
+            "colorapp.cfn.yaml: Resources.FrontTaskDefinition: \
+             Properties.ContainerDefinitions[0].LogConfiguration.Options.awslogs-group: Ref \
+             LogGroup (AWS::Logs::LogGroup) is known only once deployed, it cannot be resolved \
+             offline: left out"
+        );
+    }
+
+    #[test]
+    fn json_template_resolves_what_it_can_and_notes_the_rest() {
+        let read = read(SHOP, "shop.cfn.json").unwrap();
+        let source = |id: &str| format!("shop.cfn.json: Resources.{id}");
+        let names: Vec<_> = read
+            .resources
+            .iter()
+            .map(|r| (r.kind, r.name.as_str(), r.parent.as_deref()))
+            .collect();
+        // The VirtualService named by a parameter without a default is skipped, the one of a
+        // condition false with the defaults is not created; AWS::SNS::Topic is not App Mesh's.
+        assert_eq!(
+            names,
+            [
+                (ApiKind::VirtualNode, "CartNode", None),
+                (ApiKind::Route, "CartRoute", Some("shop-router")),
+                (ApiKind::Mesh, "shop", None),
+                (ApiKind::VirtualRouter, "shop-router", None),
+            ]
+        );
+        assert!(read.resources.iter().all(|r| r.mesh == "shop"));
+        let node = &resource(&read, ApiKind::VirtualNode, "CartNode").spec;
+        // Fn::Select of a CommaDelimitedList parameter, "8080" as the API's integer.
+        assert_eq!(
+            at(node, "/listeners/0/portMapping"),
+            &json!({ "port": 8080, "protocol": "http" })
+        );
+        assert_eq!(at(node, "/serviceDiscovery/dns"), &json!({}));
+        assert_eq!(
+            at(node, "/backends"),
+            &json!([
+                { "virtualService": {} },
+                { "virtualService": { "virtualServiceName": "catalog.shop.internal" } },
+            ])
+        );
+        assert_eq!(
+            at(node, "/backendDefaults/clientPolicy/tls"),
+            &json!({ "validation": { "trust": { "file": { "certificateChain": "/certs/ca.pem" } } } })
+        );
+        let route = &resource(&read, ApiKind::Route, "CartRoute").spec;
+        // Fn::If on a condition of defaults (Stage = dev), Fn::FindInMap, a Ref of a VirtualNode.
+        assert_eq!(
+            route,
+            &json!({ "httpRoute": {
+                "match": { "prefix": "/cart-dev" },
+                "action": { "weightedTargets": [{ "virtualNode": "CartNode", "weight": 1 }] },
+                "retryPolicy": {
+                    "maxRetries": 1,
+                    "perRetryTimeout": { "unit": "s", "value": 2 },
+                    "httpRetryEvents": ["server-error"],
+                },
+            }})
+        );
+        assert_eq!(resource(&read, ApiKind::Mesh, "shop").spec, Value::Null);
+        let generated = |id: &str| {
+            format!(
+                "not set: CloudFormation generates a name at deployment; the logical id {id} is \
+                 used"
+            )
+        };
+        assert_eq!(
+            read.notes,
+            [
+                note(
+                    &source("CartNode"),
+                    "Properties.MeshOwner",
+                    "the AWS account owning a shared mesh is AWS identity: not carried over",
+                ),
+                note(
+                    &source("CartNode"),
+                    "Properties.Spec.BackendDefaults.ClientPolicy.TLS.Enforce",
+                    "Fn::If on condition InUsEast1 cannot be decided offline: left out",
+                ),
+                note(
+                    &source("CartNode"),
+                    "Properties.Spec.Backends[0].VirtualService.VirtualServiceName",
+                    "Fn::ImportValue cannot be resolved offline: left out",
+                ),
+                note(
+                    &source("CartNode"),
+                    "Properties.Spec.ServiceDiscovery.DNS.Hostname",
+                    "unresolved parameter CartHost (no Default): left out",
+                ),
+                note(
+                    &source("CartNode"),
+                    "Properties.VirtualNodeName",
+                    &generated("CartNode"),
+                ),
+                note(
+                    &source("CartRoute"),
+                    "Properties.RouteName",
+                    &generated("CartRoute"),
+                ),
+                note(
+                    &source("CartService"),
+                    "",
+                    "VirtualService skipped: its name is not known",
+                ),
+                note(
+                    &source("CartService"),
+                    "Properties.VirtualServiceName",
+                    "unresolved parameter CartHost (no Default): left out",
+                ),
+                note(
+                    &source("ProdOnlyService"),
+                    "Condition",
+                    "condition IsProd is false with the parameters' defaults: the resource is \
+                     not created, skipped",
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn ref_of_an_app_mesh_resource_is_its_name_in_mesh_resources_and_its_arn_in_tasks() {
+        let read = template(
+            "  Unused: { Type: String }",
+            "  M: { Type: AWS::AppMesh::Mesh, Properties: { MeshName: m } }
+  R: { Type: AWS::AppMesh::VirtualRouter, Properties: { MeshName: !Ref M, VirtualRouterName: r } }
+  Rt:
+    Type: AWS::AppMesh::Route
+    Properties: { MeshName: !Ref M, VirtualRouterName: !Ref R, RouteName: rt }
+  N:
+    Type: AWS::AppMesh::VirtualNode
+    Properties: { MeshName: !Ref M, VirtualNodeName: n }
+  T:
+    Type: AWS::ECS::TaskDefinition
+    Properties:
+      ContainerDefinitions:
+        - Environment:
+            - { Name: APPMESH_RESOURCE_ARN, Value: !Ref N }
+            - { Name: ROUTE, Value: !GetAtt Rt.Arn }
+            - { Name: ROUTER, Value: !GetAtt Rt.VirtualRouterName }
+            - { Name: SUB, Value: !Sub '${N}' }
+            - { Name: UID, Value: !GetAtt N.Uid }",
+        );
+        let route = resource(&read, ApiKind::Route, "rt");
+        assert_eq!((route.mesh.as_str(), route.parent.as_deref()), ("m", Some("r")));
+        let node_arn = "arn:aws:appmesh:aws-region:aws-account-id:mesh/m/virtualNode/n";
+        assert_eq!(
+            at(&read.tasks[0].task, "/containerDefinitions/0/environment"),
+            &json!([
+                { "name": "APPMESH_RESOURCE_ARN", "value": node_arn },
+                {
+                    "name": "ROUTE",
+                    "value": "arn:aws:appmesh:aws-region:aws-account-id:mesh/m/virtualRouter/r/route/rt",
+                },
+                { "name": "ROUTER", "value": "r" },
+                { "name": "SUB", "value": node_arn },
+                // The value is left out, with a note.
+                { "name": "UID" },
+            ])
+        );
+        let uid = read
+            .notes
+            .iter()
+            .find(|n| n.field == "Properties.ContainerDefinitions[0].Environment[4].Value")
+            .unwrap();
+        assert_eq!(
+            uid.reason,
+            "Fn::GetAtt N.Uid (AWS::AppMesh::VirtualNode) is known only once deployed, it \
+             cannot be resolved offline: left out"
+        );
+    }
+
+    #[test]
+    fn sub_join_select_and_split() {
+        let read = template(
+            "  Domain: { Type: String, Default: example.local }
+  Zones: { Type: CommaDelimitedList, Default: 'a, b, c' }",
+            r#"  M:
+    Type: AWS::AppMesh::Mesh
+    Properties:
+      MeshName: !Sub '${AWS::StackName}-mesh'
+      Spec:
+        Literal: !Sub '${!Domain} ${Domain}'
+        Own: !Sub ['${Host}.${Domain}', { Host: !Select [1, !Ref Zones] }]
+        Joined: !Join ['/', [x, !Ref Domain, 7]]
+        Split: !Select [2, !Split [',', 'p,q,r']]
+        Mapping: { 'Fn::Sub': 'long ${Domain}' }"#,
+        );
+        let mesh = resource(&read, ApiKind::Mesh, "aws-stack-name-mesh");
+        assert_eq!(
+            mesh.spec,
+            json!({
+                "literal": "${Domain} example.local",
+                "own": "b.example.local",
+                "joined": "x/example.local/7",
+                "split": "r",
+                "mapping": "long example.local",
+            })
+        );
+        assert_eq!(
+            read.notes,
+            [note(
+                "t.yaml: Resources.M",
+                "Properties.MeshName",
+                "AWS::StackName has no value offline: placeholder \"aws-stack-name\" used",
+            )]
+        );
+    }
+
+    #[test]
+    fn a_placeholder_is_noted_only_in_a_value_kept() {
+        let read = template(
+            "  Unused: { Type: String }",
+            "  M:
+    Type: AWS::AppMesh::Mesh
+    Properties:
+      MeshName: m
+      Spec:
+        Dropped: !Join ['', [!Ref AWS::Region, !ImportValue shared-name]]
+        Kept: !Sub '${AWS::AccountId}'
+        Gone: !Ref AWS::NoValue",
+        );
+        assert_eq!(
+            resource(&read, ApiKind::Mesh, "m").spec,
+            json!({ "kept": "aws-account-id" })
+        );
+        assert_eq!(
+            read.notes,
+            [
+                note(
+                    "t.yaml: Resources.M",
+                    "Properties.Spec.Dropped",
+                    "Fn::ImportValue cannot be resolved offline: left out",
+                ),
+                note(
+                    "t.yaml: Resources.M",
+                    "Properties.Spec.Kept",
+                    "AWS::AccountId has no value offline: placeholder \"aws-account-id\" used",
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn unresolvable_names_skip_the_resource() {
+        let read = template(
+            "  NoDefault: { Type: String }",
+            "  M: { Type: AWS::AppMesh::Mesh, Properties: { MeshName: m } }
+  N:
+    Type: AWS::AppMesh::VirtualNode
+    Properties: { MeshName: !Ref M, VirtualNodeName: !Ref NoDefault }
+  Self:
+    Type: AWS::AppMesh::VirtualRouter
+    Properties: { MeshName: !Ref M, VirtualRouterName: !Ref Self }
+  Orphan:
+    Type: AWS::AppMesh::GatewayRoute
+    Properties: { MeshName: m, GatewayRouteName: g, VirtualGatewayName: !Base64 gw }",
+        );
+        let names: Vec<_> = read.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["m"]);
+        let notes: Vec<String> = read.notes.iter().map(Note::to_string).collect();
+        assert_eq!(
+            notes,
+            [
+                "t.yaml: Resources.N: VirtualNode skipped: its name is not known",
+                "t.yaml: Resources.N: Properties.VirtualNodeName: unresolved parameter \
+                 NoDefault (no Default): left out",
+                "t.yaml: Resources.Orphan: GatewayRoute skipped: its name is not known",
+                "t.yaml: Resources.Orphan: Properties.VirtualGatewayName: Fn::Base64 cannot be \
+                 resolved offline: left out",
+                "t.yaml: Resources.Self: VirtualRouter skipped: its name is not known",
+                "t.yaml: Resources.Self: Properties.VirtualRouterName: refers to itself (a \
+                 cycle of references)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_template_without_app_mesh_resources_reads_empty() {
+        let text = "AWSTemplateFormatVersion: '2010-09-09'
+Resources:
+  Bucket: { Type: AWS::S3::Bucket, Properties: { BucketName: !Sub '${AWS::StackName}-logs' } }
+  Queue: { Type: AWS::SQS::Queue }";
+        assert_eq!(read(text, "t.yaml").unwrap(), Read::default());
+        assert_eq!(read("Resources: {}", "t.yaml").unwrap(), Read::default());
+    }
+
+    #[test]
+    fn what_is_not_a_template_is_an_error() {
+        for (text, reason) in [
+            ("Resources: [unclosed", "line 2"),
+            ("{ \"Resources\": ", "not JSON: EOF while parsing a value at line 1"),
+            ("just words", "not a CloudFormation template"),
+            ("apiVersion: v1\nkind: Namespace", "no Resources section"),
+            ("Resources: [a, b]", "Resources: expected a mapping"),
+        ] {
+            let error = read(text, "in.yaml").unwrap_err();
+            assert_eq!(error.source_name, "in.yaml");
+            assert!(error.reason.contains(reason), "{text}: {}", error.reason);
+        }
     }
 }
