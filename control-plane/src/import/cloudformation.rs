@@ -502,7 +502,9 @@ impl<'a> Resolver<'a> {
                 let (id, attribute) = match arg {
                     Value::String(s) => match s.split_once('.') {
                         Some((id, attr)) => (id.to_string(), attr.to_string()),
-                        None => return self.unresolved(path, format!("Fn::GetAtt {s}: no attribute")),
+                        None => {
+                            return self.unresolved(path, format!("Fn::GetAtt {s}: no attribute"));
+                        }
                     },
                     Value::Array(items) if items.len() == 2 => {
                         let id = items[0].as_str().unwrap_or_default().to_string();
@@ -510,10 +512,8 @@ impl<'a> Resolver<'a> {
                         (id, attribute)
                     }
                     _ => {
-                        return self.unresolved(
-                            path,
-                            "Fn::GetAtt: expected [resource, attribute]".into(),
-                        );
+                        return self
+                            .unresolved(path, "Fn::GetAtt: expected [resource, attribute]".into());
                     }
                 };
                 self.attribute(&id, &attribute, path)
@@ -541,7 +541,10 @@ impl<'a> Resolver<'a> {
                     Some(item) => Some(item.clone()),
                     None => self.unresolved(
                         path,
-                        format!("Fn::Select: index {index} is not in a list of {}", items.len()),
+                        format!(
+                            "Fn::Select: index {index} is not in a list of {}",
+                            items.len()
+                        ),
                     ),
                 }
             }
@@ -579,7 +582,10 @@ impl<'a> Resolver<'a> {
                     Some(value) => self.resolve(value, path),
                     None => self.unresolved(
                         path,
-                        format!("Fn::FindInMap: no {}.{}.{} in Mappings", keys[0], keys[1], keys[2]),
+                        format!(
+                            "Fn::FindInMap: no {}.{}.{} in Mappings",
+                            keys[0], keys[1], keys[2]
+                        ),
                     ),
                 }
             }
@@ -615,9 +621,7 @@ impl<'a> Resolver<'a> {
             Value::String(s) => Some(s),
             Value::Number(n) => Some(n.to_string()),
             Value::Bool(b) => Some(b.to_string()),
-            _ => self
-                .unresolved(path, "expected a string".into())
-                .and(None),
+            _ => self.unresolved(path, "expected a string".into()).and(None),
         }
     }
 
@@ -1082,15 +1086,40 @@ mod tests {
                 None,
                 "ColorTellerService",
             ),
-            (ApiKind::VirtualService, "front.colorapp.local", None, "FrontService"),
-            (ApiKind::VirtualRouter, "colorteller-router", None, "ColorTellerRouter"),
-            (ApiKind::Route, "color-grpc", Some("colorteller-router"), "ColorGrpcRoute"),
-            (ApiKind::Route, "color-http", Some("colorteller-router"), "ColorHttpRoute"),
+            (
+                ApiKind::VirtualService,
+                "front.colorapp.local",
+                None,
+                "FrontService",
+            ),
+            (
+                ApiKind::VirtualRouter,
+                "colorteller-router",
+                None,
+                "ColorTellerRouter",
+            ),
+            (
+                ApiKind::Route,
+                "color-grpc",
+                Some("colorteller-router"),
+                "ColorGrpcRoute",
+            ),
+            (
+                ApiKind::Route,
+                "color-http",
+                Some("colorteller-router"),
+                "ColorHttpRoute",
+            ),
             (ApiKind::VirtualNode, "colorteller-blue", None, "BlueNode"),
             (ApiKind::VirtualNode, "colorteller-red", None, "RedNode"),
             (ApiKind::VirtualNode, "front", None, "FrontNode"),
             (ApiKind::VirtualGateway, "ingress", None, "Gateway"),
-            (ApiKind::GatewayRoute, "front-route", Some("ingress"), "FrontGatewayRoute"),
+            (
+                ApiKind::GatewayRoute,
+                "front-route",
+                Some("ingress"),
+                "FrontGatewayRoute",
+            ),
         ];
         let sources: Vec<String> = expected.iter().map(|e| source(e.3)).collect();
         let expected: Vec<_> = expected
@@ -1172,7 +1201,10 @@ mod tests {
                 "attributes": [{ "key": "color", "value": "blue" }],
             })
         );
-        assert_eq!(at(blue, "/serviceDiscovery/awsCloudMap/attributes/0/key"), "color");
+        assert_eq!(
+            at(blue, "/serviceDiscovery/awsCloudMap/attributes/0/key"),
+            "color"
+        );
         assert_eq!(at(blue, "/listeners/0/portMapping/port"), 9080);
         assert_eq!(
             at(blue, "/listeners/0/tls"),
@@ -1225,7 +1257,10 @@ mod tests {
                 "tcpRetryEvents": ["connection-error"],
             })
         );
-        assert_eq!(at(http, "/httpRoute/retryPolicy/perRetryTimeout/unit"), "ms");
+        assert_eq!(
+            at(http, "/httpRoute/retryPolicy/perRetryTimeout/unit"),
+            "ms"
+        );
         assert_eq!(
             at(http, "/httpRoute/timeout/perRequest"),
             &json!({ "unit": "s", "value": 10 })
@@ -1290,7 +1325,10 @@ mod tests {
         let [task] = read.tasks.as_slice() else {
             panic!("one task expected: {:#?}", read.tasks)
         };
-        assert_eq!(task.source, "colorapp.cfn.yaml: Resources.FrontTaskDefinition");
+        assert_eq!(
+            task.source,
+            "colorapp.cfn.yaml: Resources.FrontTaskDefinition"
+        );
         let envoy = at(&task.task, "/containerDefinitions/1");
         assert_eq!(at(envoy, "/name"), "envoy");
         assert_eq!(at(envoy, "/user"), "1337");
@@ -1313,7 +1351,10 @@ mod tests {
             .collect();
         assert_eq!(ports, [9901, 15000, 15001]);
         // A free-form map keeps its keys as written.
-        assert_eq!(at(envoy, "/dockerLabels"), &json!({ "Com.Example.Team": "colors" }));
+        assert_eq!(
+            at(envoy, "/dockerLabels"),
+            &json!({ "Com.Example.Team": "colors" })
+        );
         let app = at(&task.task, "/containerDefinitions/0");
         // ECS takes environment values as strings, `!Ref FrontPort` a number.
         assert_eq!(
@@ -1341,7 +1382,10 @@ mod tests {
             at(&task.task, "/proxyConfiguration/properties/3"),
             &json!({ "name": "AppPorts", "value": "8080" })
         );
-        assert_eq!(at(&task.task, "/requiresCompatibilities"), &json!(["FARGATE"]));
+        assert_eq!(
+            at(&task.task, "/requiresCompatibilities"),
+            &json!(["FARGATE"])
+        );
     }
 
     #[test]
@@ -1525,7 +1569,10 @@ mod tests {
             - { Name: UID, Value: !GetAtt N.Uid }",
         );
         let route = resource(&read, ApiKind::Route, "rt");
-        assert_eq!((route.mesh.as_str(), route.parent.as_deref()), ("m", Some("r")));
+        assert_eq!(
+            (route.mesh.as_str(), route.parent.as_deref()),
+            ("m", Some("r"))
+        );
         let node_arn = "arn:aws:appmesh:aws-region:aws-account-id:mesh/m/virtualNode/n";
         assert_eq!(
             at(&read.tasks[0].task, "/containerDefinitions/0/environment"),
@@ -1672,7 +1719,10 @@ Resources:
     fn what_is_not_a_template_is_an_error() {
         for (text, reason) in [
             ("Resources: [unclosed", "line 2"),
-            ("{ \"Resources\": ", "not JSON: EOF while parsing a value at line 1"),
+            (
+                "{ \"Resources\": ",
+                "not JSON: EOF while parsing a value at line 1",
+            ),
             ("just words", "not a CloudFormation template"),
             ("apiVersion: v1\nkind: Namespace", "no Resources section"),
             ("Resources: [a, b]", "Resources: expected a mapping"),
