@@ -191,6 +191,10 @@ fn arn_segment(kind: ApiKind) -> &'static str {
     }
 }
 
+/// How many names (or conditions) naming others the reader follows: CloudFormation allows 500
+/// resources, and a chain of them is followed by recursion.
+const MAX_REFERENCE_DEPTH: usize = 32;
+
 /// What a `Ref` of an App Mesh resource stands for where it is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refs {
@@ -398,10 +402,17 @@ impl<'a> Resolver<'a> {
         }
         let path = format!("Resources.{id}.Properties");
         let key = name_property(kind);
+        if self.naming.len() >= MAX_REFERENCE_DEPTH {
+            self.note(
+                &format!("{path}.{key}"),
+                format!("names refer to names more than {MAX_REFERENCE_DEPTH} deep"),
+            );
+            return None;
+        }
         if !self.naming.insert(id.to_string()) {
             self.note(
                 &format!("{path}.{key}"),
-                "refers to itself (a cycle of references)".into(),
+                "refers back to itself (a cycle of references)".into(),
             );
             return None;
         }
@@ -506,9 +517,9 @@ impl<'a> Resolver<'a> {
                             return self.unresolved(path, format!("Fn::GetAtt {s}: no attribute"));
                         }
                     },
-                    Value::Array(items) if items.len() == 2 => {
-                        let id = items[0].as_str().unwrap_or_default().to_string();
-                        let attribute = self.text(&items[1], path)?;
+                    Value::Array(items) if let [id, attribute] = items.as_slice() => {
+                        let id = id.as_str().unwrap_or_default().to_string();
+                        let attribute = self.text(attribute, path)?;
                         (id, attribute)
                     }
                     _ => {
@@ -851,7 +862,8 @@ impl<'a> Resolver<'a> {
             self.note(path, format!("no condition {name} in Conditions"));
             return None;
         };
-        if !self.deciding.insert(name.to_string()) {
+        // A cycle, or a chain too long to follow, decides nothing.
+        if self.deciding.len() >= MAX_REFERENCE_DEPTH || !self.deciding.insert(name.to_string()) {
             return None;
         }
         let decided = self.decide(definition, &format!("Conditions.{name}"));
@@ -1699,10 +1711,136 @@ mod tests {
                 "t.yaml: Resources.Orphan: Properties.VirtualGatewayName: Fn::Base64 cannot be \
                  resolved offline: left out",
                 "t.yaml: Resources.Self: VirtualRouter skipped: its name is not known",
-                "t.yaml: Resources.Self: Properties.VirtualRouterName: refers to itself (a \
+                "t.yaml: Resources.Self: Properties.VirtualRouterName: refers back to itself (a \
                  cycle of references)",
             ]
         );
+    }
+
+    #[test]
+    fn a_long_chain_of_names_is_cut_not_followed_down_the_stack() {
+        let mut resources =
+            String::from("  M: { Type: AWS::AppMesh::Mesh, Properties: { MeshName: m } }\n");
+        for i in 0..100 {
+            resources.push_str(&format!(
+                "  R{i}: {{ Type: AWS::AppMesh::VirtualRouter, Properties: {{ MeshName: m, \
+                 VirtualRouterName: !Sub '${{R{}}}-x' }} }}\n",
+                i + 1
+            ));
+        }
+        resources.push_str(
+            "  R100: { Type: AWS::AppMesh::VirtualRouter, Properties: { MeshName: m, \
+             VirtualRouterName: end } }",
+        );
+        let read = template("  Unused: { Type: String }", &resources);
+        let deep = read
+            .notes
+            .iter()
+            .filter(|n| n.reason == "names refer to names more than 32 deep")
+            .count();
+        assert!(deep > 0, "{:#?}", read.notes);
+        let end = resource(&read, ApiKind::VirtualRouter, "end-x-x-x");
+        assert_eq!(end.source, "t.yaml: Resources.R97");
+    }
+
+    #[test]
+    fn a_resource_condition_is_decided_with_the_defaults_where_it_can_be() {
+        let read = template(
+            "  Stage: { Type: String, Default: prod }",
+            "  M: { Type: AWS::AppMesh::Mesh, Properties: { MeshName: m } }
+  Prod:
+    Type: AWS::AppMesh::VirtualRouter
+    Condition: IsProd
+    Properties: { MeshName: m, VirtualRouterName: prod }
+  Dev:
+    Type: AWS::AppMesh::VirtualRouter
+    Condition: NotProd
+    Properties: { MeshName: m, VirtualRouterName: dev }
+  East:
+    Type: AWS::AppMesh::VirtualRouter
+    Condition: ProdInEast
+    Properties: { MeshName: m, VirtualRouterName: east }
+Conditions:
+  IsProd: !Equals [!Ref Stage, prod]
+  NotProd: !Not [!Condition IsProd]
+  ProdInEast: !And [!Condition IsProd, !Equals [!Ref 'AWS::Region', us-east-1]]",
+        );
+        let mut names: Vec<_> = read.resources.iter().map(|r| r.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["east", "m", "prod"]);
+        let notes: Vec<String> = read.notes.iter().map(Note::to_string).collect();
+        assert_eq!(
+            notes,
+            [
+                "t.yaml: Resources.Dev: Condition: condition NotProd is false with the \
+                 parameters' defaults: the resource is not created, skipped",
+                "t.yaml: Resources.East: Condition: created only when condition ProdInEast \
+                 holds, which cannot be decided offline: imported as if it does",
+            ]
+        );
+    }
+
+    /// Mutants of the fixtures (bytes deleted, repeated, replaced with template syntax) never
+    /// panic the reader, and what it notes names a source and a reason.
+    #[test]
+    fn mutated_templates_do_not_panic() {
+        const TOKENS: &[&str] = &[
+            "!Ref ",
+            "!Sub ",
+            "!GetAtt ",
+            "!If ",
+            "!Select [",
+            "${",
+            "}",
+            "{",
+            "[",
+            "\"",
+            ":",
+            "\n  ",
+            "Fn::Sub",
+            "Ref",
+            "AWS::NoValue",
+            "!Condition ",
+            "-",
+            "'",
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |bound: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % bound.max(1) as u64) as usize
+        };
+        for seed in [COLORAPP, SHOP] {
+            for _ in 0..300 {
+                let mut text = seed.as_bytes().to_vec();
+                for _ in 0..=next(4) {
+                    let at = next(text.len());
+                    match next(3) {
+                        0 => {
+                            let end = (at + next(40)).min(text.len());
+                            text.drain(at..end);
+                        }
+                        1 => {
+                            let end = (at + next(40)).min(text.len());
+                            let copy = text[at..end].to_vec();
+                            text.splice(at..at, copy);
+                        }
+                        _ => {
+                            let token = TOKENS[next(TOKENS.len())].as_bytes();
+                            text.splice(at..at, token.iter().copied());
+                        }
+                    }
+                }
+                let text = String::from_utf8_lossy(&text);
+                if let Ok(read) = read(&text, "m.yaml") {
+                    for note in &read.notes {
+                        assert!(note.source.starts_with("m.yaml: "), "{note}\n{text}");
+                        assert!(!note.reason.is_empty(), "{note}\n{text}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
