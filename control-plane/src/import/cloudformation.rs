@@ -6,8 +6,15 @@
 //! resource, `Fn::GetAtt` of a name, `Fn::Sub`, `Fn::Join`, `Fn::Select`, `Fn::Split`,
 //! `Fn::FindInMap`, `Fn::If` on a condition of defaults), pseudo parameters known only in an
 //! account become [placeholders](REGION_PLACEHOLDER) with a note, and anything else is left out
-//! with a note naming the field (`Resources.ColorNode.Properties.Spec.ServiceDiscovery.DNS.
-//! Hostname: Fn::ImportValue cannot be resolved offline`).
+//! with a note on the resource naming the field:
+//!
+//! ```text
+//! app.yaml: Resources.ColorNode: Properties.Spec.ServiceDiscovery.DNS.Hostname: Fn::ImportValue cannot be resolved offline: left out
+//! ```
+//!
+//! A note's source is the resource's, as in [`ApiResource::source`]; its field is the path
+//! below it in the template's spelling. A resource whose name, mesh or parent cannot be resolved
+//! is skipped, with a note; other resource types are ignored.
 //!
 //! CloudFormation's `Spec` is the App Mesh API's `spec` with PascalCase keys; [`camel_keys`]
 //! lowers them, and string values in the API's integer fields (a `!Ref` of a `Number`
@@ -1841,6 +1848,24 @@ Conditions:
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_property_app_mesh_does_not_have_is_noted() {
+        let read = template(
+            "  Unused: { Type: String }",
+            "  M: { Type: AWS::AppMesh::Mesh, Properties: { MeshName: m, MeshOwner: '1', Color: blue } }",
+        );
+        let notes: Vec<String> = read.notes.iter().map(Note::to_string).collect();
+        assert_eq!(
+            notes,
+            [
+                "t.yaml: Resources.M: Properties.Color: not a property of AWS::AppMesh::Mesh: \
+                 ignored",
+                "t.yaml: Resources.M: Properties.MeshOwner: the AWS account owning a shared mesh \
+                 is AWS identity: not carried over",
+            ]
+        );
     }
 
     #[test]
