@@ -153,6 +153,12 @@ impl Names {
         Self { map }
     }
 
+    /// Whether App Mesh resource `name` of `kind` in `mesh` is in the input.
+    fn has(&self, mesh: &str, kind: ApiKind, name: &str) -> bool {
+        self.map
+            .contains_key(&(mesh.to_string(), kind, name.to_string()))
+    }
+
     /// The Kubernetes name of App Mesh resource `name` of `kind` in `mesh`; one not in the
     /// input keeps its name, made valid.
     fn get(&self, mesh: &str, kind: ApiKind, name: &str) -> String {
@@ -196,45 +202,90 @@ fn kind_of(kind: ApiKind) -> Kind {
 struct Refs<'a> {
     names: &'a Names,
     mesh: &'a str,
+    /// Names referred to that are not in the input, as found by the last `rename`s.
+    missing: std::cell::RefCell<Vec<String>>,
 }
 
 impl Refs<'_> {
-    /// In the object at `pointer` under `map`, replaces `field` (a name of `kind`) by `to`.
-    fn rename(
-        &self,
-        map: &mut Map<String, Value>,
-        pointer: &str,
-        field: &str,
-        kind: ApiKind,
-        to: &str,
-    ) {
+    /// In the object at `pointer` under `map`, replaces `field` (a name of `kind`) by `to`;
+    /// false when the object is there without the name (the source could not give it).
+    fn rename(&self, map: &mut Map<String, Value>, reference: Reference) -> bool {
+        let (pointer, field, kind, to) = reference;
         let mut at = Some(map);
         for segment in pointer.split('/').filter(|s| !s.is_empty()) {
             at = at
                 .and_then(|m| m.get_mut(segment))
                 .and_then(Value::as_object_mut);
         }
-        let Some(obj) = at else { return };
-        if let Some(Value::String(name)) = obj.remove(field) {
-            let name = self.names.get(self.mesh, kind, &name);
-            obj.insert(to.into(), json!({ "name": name }));
+        let Some(obj) = at else { return true };
+        match obj.remove(field) {
+            Some(Value::String(name)) if self.names.has(self.mesh, kind, &name) => {
+                let name = self.names.get(self.mesh, kind, &name);
+                obj.insert(to.into(), json!({ "name": name }));
+                true
+            }
+            Some(Value::String(name)) => {
+                self.missing.borrow_mut().push(name);
+                false
+            }
+            _ => false,
         }
     }
 
+    /// A list's entries with their reference rewritten; an entry without the name is dropped
+    /// and noted as (`list[i]`, why).
+    fn rename_all(
+        &self,
+        items: &mut Vec<Value>,
+        reference: Reference,
+        list: &str,
+        notes: &mut Vec<(String, String)>,
+    ) {
+        let mut i = 0;
+        items.retain_mut(|item| {
+            let keep = item
+                .as_object_mut()
+                .is_some_and(|m| self.rename(m, reference));
+            if !keep {
+                notes.push((format!("{list}[{i}]"), self.why(reference)));
+            }
+            i += 1;
+            keep
+        });
+    }
+
     /// A route's weighted targets: `virtualNode: NAME` → `virtualNodeRef: { name }`.
-    fn targets(&self, route: &mut Map<String, Value>) {
+    fn targets(&self, route: &mut Map<String, Value>, notes: &mut Vec<(String, String)>) {
         for protocol in ["httpRoute", "http2Route", "grpcRoute", "tcpRoute"] {
             let targets = route
                 .get_mut(protocol)
                 .and_then(|r| r.pointer_mut("/action/weightedTargets"))
                 .and_then(Value::as_array_mut);
-            for t in targets
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_object_mut)
-            {
-                self.rename(t, "", "virtualNode", ApiKind::VirtualNode, "virtualNodeRef");
+            if let Some(targets) = targets {
+                let list = format!("spec.{protocol}.action.weightedTargets");
+                let reference = ("", "virtualNode", ApiKind::VirtualNode, "virtualNodeRef");
+                self.rename_all(targets, reference, &list, notes);
             }
+        }
+    }
+}
+
+/// A reference: (where its object is, the API's name field, what it names, the CRDs' field).
+type Reference = (&'static str, &'static str, ApiKind, &'static str);
+
+fn unnamed((_, field, kind, _): Reference) -> String {
+    format!("not carried over: it names no {kind} ({field} missing in the input)")
+}
+
+impl Refs<'_> {
+    /// Why the last reference found unusable is: a name not in the input, or none.
+    fn why(&self, reference: Reference) -> String {
+        match self.missing.borrow_mut().pop() {
+            Some(name) => format!(
+                "not carried over: {} {name:?} is not in the input (import the files that define it together)",
+                reference.2
+            ),
+            None => unnamed(reference),
         }
     }
 }
@@ -264,7 +315,11 @@ fn manifest(
     let refs = Refs {
         names,
         mesh: &r.mesh,
+        missing: Default::default(),
     };
+    // (field, why) of references the source could not name; a route's by its index.
+    let mut lost: Vec<(String, String)> = Vec::new();
+    let mut route_lost: Vec<(usize, String, String)> = Vec::new();
     match r.kind {
         ApiKind::Mesh => {
             if let Some(sd) = spec.remove("serviceDiscovery") {
@@ -272,46 +327,81 @@ fn manifest(
             }
         }
         ApiKind::VirtualService => {
-            refs.rename(
-                &mut spec,
-                "/provider/virtualNode",
-                "virtualNodeName",
-                ApiKind::VirtualNode,
-                "virtualNodeRef",
-            );
-            refs.rename(
-                &mut spec,
-                "/provider/virtualRouter",
-                "virtualRouterName",
-                ApiKind::VirtualRouter,
-                "virtualRouterRef",
-            );
+            for (key, reference) in [
+                (
+                    "virtualNode",
+                    (
+                        "/provider/virtualNode",
+                        "virtualNodeName",
+                        ApiKind::VirtualNode,
+                        "virtualNodeRef",
+                    ),
+                ),
+                (
+                    "virtualRouter",
+                    (
+                        "/provider/virtualRouter",
+                        "virtualRouterName",
+                        ApiKind::VirtualRouter,
+                        "virtualRouterRef",
+                    ),
+                ),
+            ] {
+                if !refs.rename(&mut spec, reference) {
+                    if let Some(p) = spec.get_mut("provider").and_then(Value::as_object_mut) {
+                        p.remove(key);
+                    }
+                    lost.push((format!("spec.provider.{key}"), refs.why(reference)));
+                }
+            }
         }
         ApiKind::VirtualNode => {
-            let backends = spec.get_mut("backends").and_then(Value::as_array_mut);
-            for b in backends
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_object_mut)
-            {
-                refs.rename(
-                    b,
+            if let Some(backends) = spec.get_mut("backends").and_then(Value::as_array_mut) {
+                let reference = (
                     "/virtualService",
                     "virtualServiceName",
                     ApiKind::VirtualService,
                     "virtualServiceRef",
                 );
+                refs.rename_all(backends, reference, "spec.backends", &mut lost);
             }
         }
         ApiKind::VirtualRouter => {
             let mut entries = Vec::new();
-            for route in routes {
+            for (i, route) in routes.iter().enumerate() {
                 let mut entry = match &route.spec {
                     Value::Object(m) => m.clone(),
                     _ => Map::new(),
                 };
-                entry.insert("name".into(), json!(route.name));
-                refs.targets(&mut entry);
+                let name = k8s_name(&route.name);
+                if name != route.name {
+                    route_lost.push((
+                        i,
+                        "routeName".into(),
+                        format!("renamed {name:?}: a route's name is a Kubernetes name"),
+                    ));
+                }
+                entry.insert("name".into(), json!(name));
+                let mut why = Vec::new();
+                refs.targets(&mut entry, &mut why);
+                route_lost.extend(why.into_iter().map(|(f, w)| (i, f, w)));
+                let targets_left = ["httpRoute", "http2Route", "grpcRoute", "tcpRoute"]
+                    .iter()
+                    .filter_map(|p| {
+                        entry
+                            .get(*p)?
+                            .pointer("/action/weightedTargets")?
+                            .as_array()
+                    })
+                    .all(|t| !t.is_empty());
+                if !targets_left {
+                    route_lost.push((
+                        i,
+                        String::new(),
+                        "not carried over: none of its weighted targets is in the input".into(),
+                    ));
+                    continue;
+                }
                 entries.push(Value::Object(entry));
             }
             if !entries.is_empty() {
@@ -324,18 +414,39 @@ fn manifest(
                 spec.insert("virtualGatewayRef".into(), json!({ "name": gateway }));
             }
             for protocol in ["httpRoute", "http2Route", "grpcRoute"] {
-                if let Some(route) = spec.get_mut(protocol).and_then(Value::as_object_mut) {
-                    refs.rename(
-                        route,
-                        "/action/target/virtualService",
-                        "virtualServiceName",
-                        ApiKind::VirtualService,
-                        "virtualServiceRef",
-                    );
+                let reference = (
+                    "/action/target/virtualService",
+                    "virtualServiceName",
+                    ApiKind::VirtualService,
+                    "virtualServiceRef",
+                );
+                let named = match spec.get_mut(protocol).and_then(Value::as_object_mut) {
+                    Some(route) => refs.rename(route, reference),
+                    None => true,
+                };
+                if !named {
+                    spec.remove(protocol);
+                    lost.push((format!("spec.{protocol}"), refs.why(reference)));
                 }
             }
         }
         ApiKind::VirtualGateway | ApiKind::Route => {}
+    }
+    for (field, reason) in lost {
+        notes.push(Note {
+            source: r.source.clone(),
+            field,
+            reason,
+        });
+    }
+    for (i, field, reason) in route_lost {
+        notes.push(Note {
+            source: routes
+                .get(i)
+                .map_or_else(|| r.source.clone(), |x| x.source.clone()),
+            field,
+            reason,
+        });
     }
     // A VirtualService's App Mesh name is the hostname its clients call; other renamed
     // resources keep their App Mesh name too.
