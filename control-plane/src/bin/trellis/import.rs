@@ -75,7 +75,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     match args.output {
         Format::Yaml => {
             for m in &converted.manifests {
-                print!("---\n{}", serde_yaml_ng::to_string(m)?);
+                print!("---\n{}", yaml11_safe(&serde_yaml_ng::to_string(m)?));
             }
         }
         Format::Json => println!("{}", serde_json::to_string_pretty(&converted.manifests)?),
@@ -128,4 +128,48 @@ fn collect(paths: &[String], extensions: &[&str]) -> anyhow::Result<Vec<(String,
         }
     }
     Ok(out)
+}
+
+/// YAML 1.2 (what `trellis apply` reads) writes `on`, `yes`, `n` as plain strings; YAML 1.1
+/// readers (kubectl's among them) take them for booleans. Such values are quoted.
+fn yaml11_safe(yaml: &str) -> String {
+    const BOOLEANS: [&str; 16] = [
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.lines() {
+        let value_at = line.find(": ").map(|i| i + 2).or_else(|| {
+            let trimmed = line.trim_start();
+            trimmed
+                .starts_with("- ")
+                .then(|| line.len() - trimmed.len() + 2)
+        });
+        match value_at {
+            Some(i) if BOOLEANS.contains(&&line[i..]) => {
+                out.push_str(&line[..i]);
+                out.push('\'');
+                out.push_str(&line[i..]);
+                out.push('\'');
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn yaml_1_1_booleans_are_quoted() {
+        let yaml = "a: on\nb:\n- no\n- maybe\nc: 'off'\nkey: yes please\n";
+        let safe = super::yaml11_safe(yaml);
+        assert_eq!(
+            safe,
+            "a: 'on'\nb:\n- 'no'\n- maybe\nc: 'off'\nkey: yes please\n"
+        );
+        let back: serde_json::Value = serde_yaml_ng::from_str(&safe).unwrap();
+        assert_eq!(back["a"], "on");
+    }
 }
