@@ -1,6 +1,6 @@
 //! Fuzz targets for the parsers that take untrusted bytes: the proxy's HTTP/1.1 response-head
 //! parser and chunked body decoder, its snapshot compiler, and the control plane's manifest
-//! validator.
+//! validator, and `trellis import`'s readers.
 //!
 //! Each target is a plain `fn(&[u8])` that must not panic on any input and asserts properties
 //! that are cheap to check. They run two ways: a short seeded pass in the test suite
@@ -8,6 +8,7 @@
 //! `afl` feature; see `fuzz/README.md`).
 
 pub mod h1;
+pub mod import;
 pub mod manifest;
 pub mod mutator;
 pub mod snapshot;
@@ -26,7 +27,7 @@ pub struct Target {
 }
 
 /// Every target.
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [Target; 5] = [
     Target {
         name: "h1_head",
         run: h1::head,
@@ -46,6 +47,11 @@ pub const TARGETS: [Target; 4] = [
         name: "manifest",
         run: manifest::target,
         dictionary: manifest::DICTIONARY,
+    },
+    Target {
+        name: "import",
+        run: import::target,
+        dictionary: import::DICTIONARY,
     },
 ];
 

@@ -4,11 +4,12 @@
 
 /// Mutants per target when `TRELLIS_FUZZ_MUTANTS` is not set: a few seconds each in a debug
 /// build.
-const MUTANTS: [(&str, usize); 4] = [
+const MUTANTS: [(&str, usize); 5] = [
     ("h1_head", 30_000),
     ("h1_chunked", 80_000),
     ("snapshot", 40_000),
     ("manifest", 25_000),
+    ("import", 20_000),
 ];
 
 fn short_pass(name: &str) {
@@ -55,4 +56,9 @@ fn snapshot() {
 #[test]
 fn manifest() {
     short_pass("manifest");
+}
+
+#[test]
+fn import() {
+    short_pass("import");
 }

@@ -21,6 +21,8 @@ pub struct Converted {
     pub manifests: Vec<Value>,
     pub notes: Vec<Note>,
     pub ecs: Vec<EcsReplacement>,
+    /// Each manifest's source, while converting.
+    sources: Vec<String>,
 }
 
 /// An ECS task's App Mesh Envoy container and the trellis-proxy container that replaces it.
@@ -74,7 +76,7 @@ pub fn convert(read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
                 spec: Value::Null,
                 source,
             };
-            out.push(manifest(&empty, namespace, &names, &[]));
+            out.push(manifest(&empty, namespace, &names, &[]), &empty.source);
         }
     }
     let mut ordered: Vec<&ApiResource> = read
@@ -94,7 +96,7 @@ pub fn convert(read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
                     && x.parent.as_deref() == Some(r.name.as_str())
             })
             .collect();
-        out.push(manifest(r, namespace, &names, &routes));
+        out.push(manifest(r, namespace, &names, &routes), &r.source);
     }
     for route in read.resources.iter().filter(|r| r.kind == ApiKind::Route) {
         let has_router = read.resources.iter().any(|x| {
@@ -113,18 +115,101 @@ pub fn convert(read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
             });
         }
     }
+    out.validate();
     for task in &read.tasks {
         out.ecs_task(task, namespace, &names, ecs);
     }
     out.notes.sort();
     out.notes.dedup();
+    out.sources.clear();
     out
 }
 
 impl Converted {
-    fn push(&mut self, (manifest, notes): (Value, Vec<Note>)) {
+    fn push(&mut self, (manifest, notes): (Value, Vec<Note>), source: &str) {
         self.manifests.push(manifest);
+        self.sources.push(source.to_string());
         self.notes.extend(notes);
+    }
+
+    /// Validates the manifests as a set, as `trellis apply` would, and mends what it refuses:
+    /// the field a problem names is dropped; a resource whose problem no drop mends (a router
+    /// without a listener, an invalid name) is dropped whole — each noted with the problem. The
+    /// output then applies.
+    fn validate(&mut self) {
+        for _ in 0..32 {
+            let problems = self.problems();
+            if problems.is_empty() {
+                return;
+            }
+            let mut whole = std::collections::BTreeSet::new();
+            for (i, path, reason) in problems {
+                let source = self.sources.get(i).cloned().unwrap_or_default();
+                let dropped = path.starts_with("spec.")
+                    && self
+                        .manifests
+                        .get_mut(i)
+                        .is_some_and(|m| m.get_mut("spec").is_some_and(|spec| remove(spec, &path)));
+                if dropped {
+                    self.notes.push(Note {
+                        source,
+                        field: path,
+                        reason: format!("not carried over: {reason}"),
+                    });
+                } else {
+                    whole.insert(i);
+                    self.notes.push(Note {
+                        source,
+                        field: String::new(),
+                        reason: format!("not carried over: {path}: {reason}"),
+                    });
+                }
+            }
+            for i in whole.into_iter().rev() {
+                self.manifests.remove(i);
+                self.sources.remove(i);
+            }
+        }
+        // Not mended in as many passes: nothing is written rather than manifests that fail.
+        if !self.problems().is_empty() {
+            self.notes.push(Note {
+                source: "import".into(),
+                field: String::new(),
+                reason: "the manifests could not be made to validate: none written".into(),
+            });
+            self.manifests.clear();
+        }
+    }
+
+    /// What validating the manifests as a set finds: (manifest index, field path, reason).
+    fn problems(&self) -> Vec<(usize, String, String)> {
+        let mut state = crate::validate::State::new();
+        let mut origin = HashMap::new();
+        let mut out = Vec::new();
+        for (i, m) in self.manifests.iter().enumerate() {
+            let manifest = match serde_json::from_value::<crate::model::Manifest>(m.clone()) {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    out.push((i, String::new(), e.to_string()));
+                    continue;
+                }
+            };
+            match crate::validate::admit(manifest, Some(i)) {
+                Ok(r) => {
+                    origin.insert(r.key.clone(), i);
+                    state.insert(r.key.clone(), std::sync::Arc::new(r));
+                }
+                Err(problems) => {
+                    out.extend(problems.into_iter().map(|p| (i, p.path, p.reason)));
+                }
+            }
+        }
+        for p in crate::validate::check(&state, &origin) {
+            if let Some(i) = p.document {
+                out.push((i, p.path, p.reason));
+            }
+        }
+        out
     }
 }
 
