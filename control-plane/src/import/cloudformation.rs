@@ -201,6 +201,8 @@ fn arn_segment(kind: ApiKind) -> &'static str {
 /// How many names (or conditions) naming others the reader follows: CloudFormation allows 500
 /// resources, and a chain of them is followed by recursion.
 const MAX_REFERENCE_DEPTH: usize = 32;
+/// The deepest nesting of resolutions (functions, attributes, mappings, names) followed.
+const MAX_RESOLUTION_DEPTH: usize = 128;
 
 /// What a `Ref` of an App Mesh resource stands for where it is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +223,9 @@ struct Resolver<'a> {
     notes: Vec<Note>,
     /// Notes of placeholders in values, dropped again when the value holding one is left out.
     placeholders: Vec<Note>,
+    /// How many resolutions are under way: functions whose arguments resolve through other
+    /// functions, attributes and mappings. Bounded, so a cycle anywhere ends with a note.
+    depth: usize,
 }
 
 impl<'a> Resolver<'a> {
@@ -234,6 +239,7 @@ impl<'a> Resolver<'a> {
             deciding: HashSet::new(),
             notes: Vec::new(),
             placeholders: Vec::new(),
+            depth: 0,
         }
     }
 
@@ -338,7 +344,7 @@ impl<'a> Resolver<'a> {
         let spec = match properties.get("Spec") {
             Some(spec) => self
                 .resolve(spec, &format!("{path}.Spec"))
-                .map(|spec| api_types(camel_keys(spec)))
+                .map(|spec| super::api_types(camel_keys(spec)))
                 .unwrap_or(Value::Null),
             None => Value::Null,
         };
@@ -472,8 +478,19 @@ impl<'a> Resolver<'a> {
     /// `value` with its intrinsic functions resolved; None when it is left out (noted, unless
     /// it is `AWS::NoValue`). Placeholders noted inside a value left out are forgotten.
     fn resolve(&mut self, value: &Value, path: &str) -> Option<Value> {
+        if self.depth >= MAX_RESOLUTION_DEPTH {
+            self.note(
+                path,
+                format!(
+                    "resolving it takes more than {MAX_RESOLUTION_DEPTH} nested steps (a cycle of references?): left out"
+                ),
+            );
+            return None;
+        }
+        self.depth += 1;
         let mark = self.placeholders.len();
         let resolved = self.resolve_inner(value, path);
+        self.depth -= 1;
         if resolved.is_none() {
             self.placeholders.truncate(mark);
         }
@@ -916,73 +933,6 @@ impl<'a> Resolver<'a> {
             }
             _ => None,
         }
-    }
-}
-
-/// Keys of the App Mesh API's spec whose values are integers.
-const INTEGER_KEYS: &[&str] = &[
-    "port",
-    "ports",
-    "weight",
-    "priority",
-    "maxRetries",
-    "healthyThreshold",
-    "unhealthyThreshold",
-    "intervalMillis",
-    "timeoutMillis",
-    "maxConnections",
-    "maxPendingRequests",
-    "maxRequests",
-    "maxServerErrors",
-    "maxEjectionPercent",
-    "start",
-    "end",
-];
-
-/// Keys of the App Mesh API's spec whose values are booleans.
-const BOOLEAN_KEYS: &[&str] = &["enforce", "invert"];
-
-/// CloudFormation takes a string where the API has a number or a boolean (`Port: "8080"`, a
-/// `!Ref` of a `Number` parameter): the API's types, where the string is one.
-fn api_types(value: Value) -> Value {
-    fn integer(value: Value) -> Value {
-        match value {
-            Value::String(s) => s
-                .trim()
-                .parse::<i64>()
-                .map_or(Value::String(s), Value::from),
-            Value::Array(items) => Value::Array(items.into_iter().map(integer).collect()),
-            other => other,
-        }
-    }
-    match value {
-        Value::Object(map) => {
-            // A duration: {unit, value}.
-            let duration = map.contains_key("unit");
-            Value::Object(
-                map.into_iter()
-                    .map(|(key, item)| {
-                        let item = if INTEGER_KEYS.contains(&key.as_str())
-                            || (duration && key == "value")
-                        {
-                            integer(item)
-                        } else if BOOLEAN_KEYS.contains(&key.as_str()) {
-                            match item {
-                                Value::String(s) if s == "true" || s == "false" => {
-                                    Value::Bool(s == "true")
-                                }
-                                other => other,
-                            }
-                        } else {
-                            api_types(item)
-                        };
-                        (key, item)
-                    })
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(api_types).collect()),
-        other => other,
     }
 }
 

@@ -47,11 +47,32 @@ pub struct EcsOptions {
 }
 
 /// Converts what was read into manifests of `namespace`.
-pub fn convert(read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
+pub fn convert(mut read: Read, namespace: &str, ecs: &EcsOptions) -> Converted {
     let mut out = Converted {
-        notes: read.notes,
+        notes: std::mem::take(&mut read.notes),
         ..Converted::default()
     };
+    // A resource defined twice (two exports, overlapping paths): the last definition is kept.
+    let mut last: HashMap<(String, ApiKind, String, Option<String>), usize> = HashMap::new();
+    for (i, r) in read.resources.iter().enumerate() {
+        let key = (r.mesh.clone(), r.kind, r.name.clone(), r.parent.clone());
+        if let Some(earlier) = last.insert(key, i) {
+            out.notes.push(Note {
+                source: read.resources[earlier].source.clone(),
+                field: String::new(),
+                reason: format!(
+                    "{} {} is defined again in {}: the later definition is kept",
+                    r.kind, r.name, r.source
+                ),
+            });
+        }
+    }
+    let kept: std::collections::HashSet<usize> = last.into_values().collect();
+    let mut i = 0;
+    read.resources.retain(|_| {
+        i += 1;
+        kept.contains(&(i - 1))
+    });
     let names = Names::new(&read.resources);
     let mut meshes: Vec<&str> = read.resources.iter().map(|r| r.mesh.as_str()).collect();
     meshes.sort_unstable();
@@ -222,17 +243,18 @@ struct Names {
 impl Names {
     fn new(resources: &[ApiResource]) -> Self {
         let mut map = HashMap::new();
-        let mut taken: HashMap<(ApiKind, String), usize> = HashMap::new();
+        let mut taken: std::collections::HashSet<(ApiKind, String)> =
+            std::collections::HashSet::new();
         for r in resources {
-            // Routes are entries of their router, named as they are.
+            // Routes are entries of their router, named there.
             let key = (r.mesh.clone(), r.kind, r.name.clone());
             if r.kind == ApiKind::Route || map.contains_key(&key) {
                 continue;
             }
-            let base = k8s_name(&r.name);
-            let n = taken.entry((r.kind, base.clone())).or_default();
-            *n += 1;
-            let name = if *n == 1 { base } else { format!("{base}-{n}") };
+            let name = unique(&k8s_name(&r.name), |n| {
+                taken.contains(&(r.kind, n.to_string()))
+            });
+            taken.insert((r.kind, name.clone()));
             map.insert(key, name);
         }
         Self { map }
@@ -254,22 +276,45 @@ impl Names {
     }
 }
 
-/// A valid Kubernetes resource name for `name`.
+/// A valid Kubernetes resource name for `name` (RFC 1123 subdomain): labels of lowercase
+/// letters, digits and '-', starting and ending with a letter or digit, joined by '.'.
 fn k8s_name(name: &str) -> String {
-    let lowered: String = name
-        .chars()
-        .map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9' | '-' | '.') => c,
-            _ => '-',
+    let labels: Vec<String> = name
+        .split('.')
+        .map(|label| {
+            let lowered: String = label
+                .chars()
+                .map(|c| match c.to_ascii_lowercase() {
+                    c @ ('a'..='z' | '0'..='9' | '-') => c,
+                    _ => '-',
+                })
+                .collect();
+            lowered
+                .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
         })
+        .filter(|l| !l.is_empty())
         .collect();
-    let trimmed = lowered.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    let out: String = trimmed.chars().take(253).collect();
+    let mut out = labels.join(".");
+    // Room for a `-N` that makes it unique.
+    out.truncate(240);
+    let out = out.trim_end_matches(['-', '.']).to_string();
     if out.is_empty() {
         "unnamed".into()
     } else {
         out
     }
+}
+
+/// `base`, or `base-2`, `base-3`, ... : the first that `taken` does not hold.
+fn unique(base: &str, taken: impl Fn(&str) -> bool) -> String {
+    if !taken(base) {
+        return base.to_string();
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .unwrap_or_else(|| base.to_string())
 }
 
 fn kind_of(kind: ApiKind) -> Kind {
@@ -458,7 +503,9 @@ fn manifest(
                     Value::Object(m) => m.clone(),
                     _ => Map::new(),
                 };
-                let name = k8s_name(&route.name);
+                let name = unique(&k8s_name(&route.name), |n| {
+                    entries.iter().any(|e: &Value| e["name"] == n)
+                });
                 if name != route.name {
                     route_lost.push((
                         i,
@@ -535,7 +582,7 @@ fn manifest(
     }
     // A VirtualService's App Mesh name is the hostname its clients call; other renamed
     // resources keep their App Mesh name too.
-    if r.kind == ApiKind::VirtualService || (name != r.name && r.kind != ApiKind::Mesh) {
+    if r.kind == ApiKind::VirtualService || name != r.name {
         spec.insert("awsName".into(), json!(r.name));
     }
     if r.kind != ApiKind::Mesh {
@@ -607,6 +654,12 @@ fn keep_what_trellis_takes(
             }
             if remove(spec, &path) {
                 dropped = true;
+                let reason = if reason == "unknown field" {
+                    "App Mesh's Kubernetes CRDs (the shape Trellis reads) have no such field"
+                        .to_string()
+                } else {
+                    reason
+                };
                 notes.push(Note {
                     source,
                     field,
@@ -810,6 +863,23 @@ impl Converted {
                     });
                 }
             }
+            // The ports the task's APPMESH proxy configuration captures traffic to.
+            let property = |name: &str| {
+                task.task
+                    .pointer("/proxyConfiguration/properties")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+                    .and_then(|p| p.get("value"))
+                    .and_then(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .or_else(|| v.as_u64().map(|n| n.to_string()))
+                    })
+            };
+            let ingress = property("ProxyIngressPort").unwrap_or_else(|| "15000".into());
+            let egress = property("ProxyEgressPort").unwrap_or_else(|| "15001".into());
             let mut def = Map::new();
             def.insert("name".into(), json!(container));
             def.insert("image".into(), json!(ecs.image));
@@ -821,16 +891,31 @@ impl Converted {
                     "--control-plane",
                     ecs.control_plane,
                     "--ingress-addr",
-                    "0.0.0.0:15000",
+                    format!("0.0.0.0:{ingress}"),
                     "--egress-addr",
-                    "0.0.0.0:15001",
+                    format!("0.0.0.0:{egress}"),
                     "--admin-addr",
                     "0.0.0.0:9901"
                 ]),
             );
             // Kept as Envoy had them: the user App Mesh's proxyConfiguration ignores (so the
-            // proxy's own traffic is not captured), ports, resources, essential, limits.
-            for key in [
+            // proxy's own traffic is not captured), ports, resources, mounts, secrets, labels,
+            // limits, logging, ordering; the environment without Envoy's own settings.
+            let env_kept: Vec<&Value> = c
+                .get("environment")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    e.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| envoy_variable(n).is_none())
+                })
+                .collect();
+            if !env_kept.is_empty() {
+                def.insert("environment".into(), json!(env_kept));
+            }
+            const KEPT: [&str; 18] = [
                 "user",
                 "essential",
                 "portMappings",
@@ -839,9 +924,55 @@ impl Converted {
                 "memoryReservation",
                 "ulimits",
                 "logConfiguration",
-            ] {
-                if let Some(v) = c.get(key) {
-                    def.insert(key.into(), v.clone());
+                "secrets",
+                "mountPoints",
+                "volumesFrom",
+                "dockerLabels",
+                "readonlyRootFilesystem",
+                "dependsOn",
+                "linuxParameters",
+                "startTimeout",
+                "stopTimeout",
+                "systemControls",
+            ];
+            const REPLACED: [&str; 6] = [
+                "name",
+                "image",
+                "environment",
+                "healthCheck",
+                "command",
+                "entryPoint",
+            ];
+            for (key, v) in c.as_object().into_iter().flatten() {
+                if KEPT.contains(&key.as_str()) {
+                    def.insert(key.clone(), v.clone());
+                } else if !REPLACED.contains(&key.as_str())
+                    || matches!(key.as_str(), "healthCheck" | "command" | "entryPoint")
+                {
+                    let why = match key.as_str() {
+                        "healthCheck" => "replaced by a check of trellis-proxy's /ready",
+                        "command" | "entryPoint" => "replaced by trellis-proxy's command",
+                        _ => {
+                            "no equivalent for trellis-proxy is written: add it by hand if it still applies"
+                        }
+                    };
+                    self.notes.push(Note {
+                        source: source.clone(),
+                        field: key.clone(),
+                        reason: format!("not carried over: {why}"),
+                    });
+                }
+            }
+            if let (Some(ignored), Some(user)) = (
+                property("IgnoredUID"),
+                c.get("user").and_then(Value::as_str),
+            ) {
+                if ignored != user {
+                    self.notes.push(Note {
+                        source: source.clone(),
+                        field: "user".into(),
+                        reason: format!("the proxy configuration ignores UID {ignored} but the container runs as {user}: the proxy's own traffic would be captured"),
+                    });
                 }
             }
             def.insert(
@@ -1044,12 +1175,15 @@ mod tests {
             resources: vec![resource(ApiKind::VirtualNode, "Front", None, json!({}))],
             tasks: vec![EcsTask {
                 source: "task.json".into(),
-                task: json!({ "containerDefinitions": [
+                task: json!({ "proxyConfiguration": { "type": "APPMESH", "properties": [{ "name": "ProxyIngressPort", "value": "16000" }] },
+                  "containerDefinitions": [
                     { "name": "app", "image": "app:1" },
                     { "name": "envoy", "image": "public.ecr.aws/appmesh/aws-appmesh-envoy:v1.27", "user": "1337", "essential": true,
                       "portMappings": [{ "containerPort": 9901 }, { "containerPort": 15000 }, { "containerPort": 15001 }],
                       "environment": [{ "name": "APPMESH_RESOURCE_ARN", "value": "arn:aws:appmesh:us-west-2:111122223333:mesh/shop/virtualNode/Front" },
-                                      { "name": "ENABLE_ENVOY_XRAY_TRACING", "value": "1" }] }
+                                      { "name": "ENABLE_ENVOY_XRAY_TRACING", "value": "1" }, { "name": "MY_SETTING", "value": "x" }],
+                      "mountPoints": [{ "sourceVolume": "certs", "containerPath": "/certs" }],
+                      "healthCheck": { "command": ["CMD-SHELL", "curl -s http://localhost:9901/server_info"] } }
                 ] }),
             }],
             ..Read::default()
@@ -1073,6 +1207,95 @@ mod tests {
             "{:#?}",
             c.notes
         );
+        assert_eq!(
+            def["command"][5], "0.0.0.0:16000",
+            "the task's ProxyIngressPort"
+        );
+        assert_eq!(
+            def["environment"],
+            json!([{ "name": "MY_SETTING", "value": "x" }])
+        );
+        assert_eq!(def["mountPoints"][0]["containerPath"], "/certs");
+        assert!(
+            c.notes.iter().any(|n| n.field == "healthCheck"),
+            "{:#?}",
+            c.notes
+        );
+    }
+
+    /// Names that collide once made Kubernetes names stay apart; a resource defined twice is
+    /// written once (the later), noted; a renamed Mesh keeps its name as awsName; routes of
+    /// one router get distinct names.
+    #[test]
+    fn names_stay_distinct_and_duplicates_are_one() {
+        let node = |name: &str| resource(ApiKind::VirtualNode, name, None, json!({}));
+        let route = |name: &str| {
+            resource(
+                ApiKind::Route,
+                name,
+                Some("r"),
+                json!({ "httpRoute": {
+                "match": { "prefix": "/" },
+                "action": { "weightedTargets": [{ "virtualNode": "blue", "weight": 1 }] } } }),
+            )
+        };
+        let mut again = node("blue");
+        again.source = "again".into();
+        let mut read = Read {
+            resources: vec![
+                node("Blue"),
+                node("blue"),
+                node("blue-2"),
+                resource(
+                    ApiKind::VirtualRouter,
+                    "r",
+                    None,
+                    json!({ "listeners": [{ "portMapping": { "port": 80, "protocol": "http" } }] }),
+                ),
+                route("Route_A"),
+                route("route-a"),
+                again,
+                resource(ApiKind::Mesh, "Shop_1", None, json!({})),
+            ],
+            ..Read::default()
+        };
+        for r in &mut read.resources {
+            r.mesh = "Shop_1".into();
+        }
+        let c = convert(read, "default", &options());
+        let mut nodes: Vec<&str> = c
+            .manifests
+            .iter()
+            .filter(|m| m["kind"] == "VirtualNode")
+            .map(|m| m["metadata"]["name"].as_str().unwrap())
+            .collect();
+        nodes.sort_unstable();
+        assert_eq!(nodes, ["blue", "blue-2", "blue-3"], "{:#?}", c.manifests);
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.reason.contains("is defined again in again")),
+            "{:#?}",
+            c.notes
+        );
+        let mesh = find(&c, "Mesh", "shop-1");
+        assert_eq!(mesh["spec"]["awsName"], "Shop_1");
+        let router = find(&c, "VirtualRouter", "r");
+        let routes: Vec<&str> = router["spec"]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(routes, ["route-a", "route-a-2"]);
+    }
+
+    #[test]
+    fn kubernetes_names_are_rfc_1123() {
+        assert_eq!(k8s_name("A..B"), "a.b");
+        assert_eq!(k8s_name("x.-y_"), "x.y");
+        assert_eq!(k8s_name("__"), "unnamed");
+        assert_eq!(k8s_name(&"a".repeat(300)).len(), 240);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod terraform;
 
 use std::fmt;
 
+use serde_json::Value;
+
 pub use convert::{Converted, EcsOptions, EcsReplacement, convert};
 
 /// The App Mesh API's resource kinds. A `Route` is a resource of its own there, folded into its
@@ -142,6 +144,74 @@ pub fn camel_keys(value: serde_json::Value) -> serde_json::Value {
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.into_iter().map(camel_keys).collect()),
+        other => other,
+    }
+}
+
+/// Keys of the App Mesh API's spec whose values are integers.
+const INTEGER_KEYS: &[&str] = &[
+    "port",
+    "ports",
+    "weight",
+    "priority",
+    "maxRetries",
+    "healthyThreshold",
+    "unhealthyThreshold",
+    "intervalMillis",
+    "timeoutMillis",
+    "maxConnections",
+    "maxPendingRequests",
+    "maxRequests",
+    "maxServerErrors",
+    "maxEjectionPercent",
+    "start",
+    "end",
+];
+
+/// Keys of the App Mesh API's spec whose values are booleans.
+const BOOLEAN_KEYS: &[&str] = &["enforce", "invert"];
+
+/// CloudFormation and Terraform take a string where the API has a number or a boolean
+/// (`Port: "8080"`, a `!Ref` of a `Number` parameter, `port = "8080"`): the API's types, where
+/// the string is one.
+pub(crate) fn api_types(value: Value) -> Value {
+    fn integer(value: Value) -> Value {
+        match value {
+            Value::String(s) => s
+                .trim()
+                .parse::<i64>()
+                .map_or(Value::String(s), Value::from),
+            Value::Array(items) => Value::Array(items.into_iter().map(integer).collect()),
+            other => other,
+        }
+    }
+    match value {
+        Value::Object(map) => {
+            // A duration: {unit, value}.
+            let duration = map.contains_key("unit");
+            Value::Object(
+                map.into_iter()
+                    .map(|(key, item)| {
+                        let item = if INTEGER_KEYS.contains(&key.as_str())
+                            || (duration && key == "value")
+                        {
+                            integer(item)
+                        } else if BOOLEAN_KEYS.contains(&key.as_str()) {
+                            match item {
+                                Value::String(s) if s == "true" || s == "false" => {
+                                    Value::Bool(s == "true")
+                                }
+                                other => other,
+                            }
+                        } else {
+                            api_types(item)
+                        };
+                        (key, item)
+                    })
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(api_types).collect()),
         other => other,
     }
 }

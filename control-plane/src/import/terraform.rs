@@ -342,7 +342,8 @@ impl<'a> Module<'a> {
             mesh: names.mesh.clone(),
             name: names.name.clone(),
             parent,
-            spec,
+            // Terraform takes `port = "8080"` as readily as `port = 8080`.
+            spec: super::api_types(spec),
             source,
         })
     }

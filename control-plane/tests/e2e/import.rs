@@ -183,7 +183,7 @@ async fn an_app_mesh_api_export_round_trips() {
     let (yaml, report) = import("appmesh-json", &[fixture("colorapp.appmesh.json")]);
     for expected in [
         "spec.listeners[0].tls: not carried over: not supported by Trellis: TLS",
-        "spec.serviceDiscovery.dns.ipPreference: not carried over: unknown field",
+        "spec.serviceDiscovery.dns.ipPreference: not carried over: App Mesh's Kubernetes CRDs (the shape Trellis reads) have no such field",
         "environment.ENVOY_LOG_LEVEL: not carried over",
         "replace container \"envoy\"",
         "it runs as --node colorapp/front",

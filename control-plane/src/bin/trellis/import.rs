@@ -52,33 +52,51 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let files = collect(&args.paths, extensions)?;
     let mut read = Read::default();
     match args.from {
-        From::Terraform => read.extend(import::terraform::read(&files)?),
-        From::Cloudformation => {
-            for (name, text) in &files {
-                read.extend(import::cloudformation::read(text, name)?);
-            }
+        From::Terraform => {
+            let texts: Vec<(String, String)> =
+                files.into_iter().map(|f| (f.name, f.text)).collect();
+            read.extend(import::terraform::read(&texts)?);
         }
-        From::AppmeshJson => {
-            for (name, text) in &files {
-                read.extend(import::api_json::read(text, name)?);
+        From::Cloudformation | From::AppmeshJson => {
+            for f in files {
+                let result = match args.from {
+                    From::Cloudformation => import::cloudformation::read(&f.text, &f.name),
+                    _ => import::api_json::read(&f.text, &f.name),
+                };
+                match result {
+                    Ok(r) => read.extend(r),
+                    // A file a directory holds besides its templates (a parameters file, say)
+                    // is reported, not fatal; a file named on the command line is.
+                    Err(e) if f.in_directory => read.notes.push(import::Note {
+                        source: f.name.clone(),
+                        field: String::new(),
+                        reason: format!("skipped: {}", e.reason),
+                    }),
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }
-    if read.resources.is_empty() && read.tasks.is_empty() {
-        anyhow::bail!("no App Mesh resource or ECS task definition found in the input");
-    }
+    let nothing = read.resources.is_empty() && read.tasks.is_empty();
     let ecs = EcsOptions {
         image: args.proxy_image.clone(),
         control_plane: args.control_plane.clone(),
     };
     let converted = import::convert(read, &args.namespace, &ecs);
-    match args.output {
-        Format::Yaml => {
-            for m in &converted.manifests {
-                print!("---\n{}", yaml11_safe(&serde_yaml_ng::to_string(m)?));
+    if !nothing {
+        match args.output {
+            Format::Yaml => {
+                for m in &converted.manifests {
+                    print!("---\n{}", yaml11_safe(&serde_yaml_ng::to_string(m)?));
+                }
+            }
+            // One JSON document each, in a YAML stream (what `trellis apply` and kubectl read).
+            Format::Json => {
+                for m in &converted.manifests {
+                    println!("---\n{}", serde_json::to_string_pretty(m)?);
+                }
             }
         }
-        Format::Json => println!("{}", serde_json::to_string_pretty(&converted.manifests)?),
     }
     eprintln!(
         "# {} resources written; {} fields or resources not carried over{}",
@@ -91,22 +109,33 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     for r in &converted.ecs {
         eprintln!(
-            "# ECS {}: replace container {:?} (App Mesh's Envoy) with this trellis-proxy container; it runs as {} and keeps the task's proxyConfiguration (ports 15000/15001, user) working:\n{}",
+            "# ECS {}: replace container {:?} (App Mesh's Envoy) with this trellis-proxy container; it runs as {} and keeps the task's proxyConfiguration (ports, user) working:\n{}",
             r.source,
             r.container,
             r.runs_as,
             serde_json::to_string_pretty(&r.container_definition)?
         );
     }
+    if nothing {
+        anyhow::bail!("no App Mesh resource or ECS task definition could be read from the input");
+    }
     Ok(())
 }
 
-/// (name, text) of each file: given ones as they are, directories' by extension, sorted.
-fn collect(paths: &[String], extensions: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
+/// An input file.
+struct File {
+    name: String,
+    text: String,
+    /// Found in a directory given, rather than named.
+    in_directory: bool,
+}
+
+/// Each file: given ones as they are, directories' by extension, sorted.
+fn collect(paths: &[String], extensions: &[&str]) -> anyhow::Result<Vec<File>> {
     let mut out = Vec::new();
     for p in paths {
         let path = Path::new(p);
-        let files: Vec<PathBuf> = if path.is_dir() {
+        let (files, in_directory): (Vec<PathBuf>, bool) = if path.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
                 .with_context(|| format!("cannot read {p}"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -117,14 +146,18 @@ fn collect(paths: &[String], extensions: &[&str]) -> anyhow::Result<Vec<(String,
                 })
                 .collect();
             entries.sort();
-            entries
+            (entries, true)
         } else {
-            vec![path.to_path_buf()]
+            (vec![path.to_path_buf()], false)
         };
         for f in files {
             let text = std::fs::read_to_string(&f)
                 .with_context(|| format!("cannot read {}", f.display()))?;
-            out.push((f.display().to_string(), text));
+            out.push(File {
+                name: f.display().to_string(),
+                text,
+                in_directory,
+            });
         }
     }
     Ok(out)
@@ -137,19 +170,32 @@ fn yaml11_safe(yaml: &str) -> String {
         "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
         "OFF",
     ];
+    let indent = |line: &str| line.len() - line.trim_start().len();
     let mut out = String::with_capacity(yaml.len());
+    // The indentation a block scalar's (`|`, `>`) lines are deeper than, while in one.
+    let mut block: Option<usize> = None;
     for line in yaml.lines() {
+        if let Some(at) = block {
+            if line.trim().is_empty() || indent(line) > at {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+            block = None;
+        }
         let value_at = line.find(": ").map(|i| i + 2).or_else(|| {
             let trimmed = line.trim_start();
-            trimmed
-                .starts_with("- ")
-                .then(|| line.len() - trimmed.len() + 2)
+            trimmed.starts_with("- ").then(|| indent(line) + 2)
         });
-        match value_at {
-            Some(i) if BOOLEANS.contains(&&line[i..]) => {
+        let value = value_at.map(|i| &line[i..]);
+        if value.is_some_and(|v| v.starts_with('|') || v.starts_with('>')) {
+            block = Some(indent(line));
+        }
+        match (value_at, value) {
+            (Some(i), Some(v)) if BOOLEANS.contains(&v) => {
                 out.push_str(&line[..i]);
                 out.push('\'');
-                out.push_str(&line[i..]);
+                out.push_str(v);
                 out.push('\'');
             }
             _ => out.push_str(line),
@@ -171,5 +217,10 @@ mod tests {
         );
         let back: serde_json::Value = serde_yaml_ng::from_str(&safe).unwrap();
         assert_eq!(back["a"], "on");
+        // Block scalars' lines are text, kept as they are.
+        let value = serde_json::json!({ "text": "start\nmode: on\n- no\n", "after": "on" });
+        let yaml = serde_yaml_ng::to_string(&value).unwrap();
+        let back: serde_json::Value = serde_yaml_ng::from_str(&super::yaml11_safe(&yaml)).unwrap();
+        assert_eq!(back, value, "{yaml}");
     }
 }
