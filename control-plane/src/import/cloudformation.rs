@@ -35,8 +35,19 @@ pub const ACCOUNT_PLACEHOLDER: &str = "aws-account-id";
 /// What `AWS::StackName` reads as.
 pub const STACK_NAME_PLACEHOLDER: &str = "aws-stack-name";
 
-/// Reads the template `text`, named `source_name` in the report.
+/// Reads the template `text`, named `source_name` in the report, with its parameters'
+/// defaults.
 pub fn read(text: &str, source_name: &str) -> Result<Read, ReadError> {
+    read_with(text, source_name, &[])
+}
+
+/// [`read`], with `parameters` (name, value) given as a deployment would (`--parameter`): they
+/// take the place of the template's defaults.
+pub fn read_with(
+    text: &str,
+    source_name: &str,
+    parameters: &[(String, String)],
+) -> Result<Read, ReadError> {
     let error = |reason: String| ReadError {
         source_name: source_name.into(),
         reason,
@@ -60,9 +71,18 @@ pub fn read(text: &str, source_name: &str) -> Result<Read, ReadError> {
         Some(Value::Object(map)) => map,
         _ => Map::new(),
     };
+    let mut declared = section(&mut template, "Parameters");
+    for (name, value) in parameters {
+        let parameter = declared
+            .entry(name.clone())
+            .or_insert_with(|| serde_json::json!({ "Type": "String" }));
+        if let Value::Object(p) = parameter {
+            p.insert("Default".into(), Value::String(value.clone()));
+        }
+    }
     let doc = Doc {
         source_name,
-        parameters: section(&mut template, "Parameters"),
+        parameters: declared,
         mappings: section(&mut template, "Mappings"),
         conditions: section(&mut template, "Conditions"),
         resources,
@@ -706,7 +726,7 @@ impl<'a> Resolver<'a> {
         let doc = self.doc;
         if let Some(parameter) = doc.parameters.get(name) {
             let Some(default) = parameter.get("Default") else {
-                return self.unresolved(path, format!("unresolved parameter {name} (no Default)"));
+                return self.unresolved(path, format!("unresolved parameter {name} (no Default; give it with --parameter {name}=VALUE)"));
             };
             let list = parameter
                 .get("Type")
@@ -1482,7 +1502,7 @@ mod tests {
                 note(
                     &source("CartNode"),
                     "Properties.Spec.ServiceDiscovery.DNS.Hostname",
-                    "unresolved parameter CartHost (no Default): left out",
+                    "unresolved parameter CartHost (no Default; give it with --parameter CartHost=VALUE): left out",
                 ),
                 note(
                     &source("CartNode"),
@@ -1502,7 +1522,7 @@ mod tests {
                 note(
                     &source("CartService"),
                     "Properties.VirtualServiceName",
-                    "unresolved parameter CartHost (no Default): left out",
+                    "unresolved parameter CartHost (no Default; give it with --parameter CartHost=VALUE): left out",
                 ),
                 note(
                     &source("ProdOnlyService"),
@@ -1663,7 +1683,7 @@ mod tests {
             [
                 "t.yaml: Resources.N: VirtualNode skipped: its name is not known",
                 "t.yaml: Resources.N: Properties.VirtualNodeName: unresolved parameter \
-                 NoDefault (no Default): left out",
+                 NoDefault (no Default; give it with --parameter NoDefault=VALUE): left out",
                 "t.yaml: Resources.Orphan: GatewayRoute skipped: its name is not known",
                 "t.yaml: Resources.Orphan: Properties.VirtualGatewayName: Fn::Base64 cannot be \
                  resolved offline: left out",

@@ -589,6 +589,22 @@ fn manifest(
         let mesh = names.get(&r.mesh, ApiKind::Mesh, &r.mesh);
         spec.insert("meshRef".into(), json!({ "name": mesh }));
     }
+    // Client policies that say nothing (`ClientPolicy: {}`) hold no TLS to refuse.
+    if spec.get("backendDefaults").is_some_and(empty_tree) {
+        spec.remove("backendDefaults");
+    }
+    for b in spec
+        .get_mut("backends")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(vs) = b.get_mut("virtualService").and_then(Value::as_object_mut) {
+            if vs.get("clientPolicy").is_some_and(empty_tree) {
+                vs.remove("clientPolicy");
+            }
+        }
+    }
     let mut spec = Value::Object(spec);
     notes.extend(keep_what_trellis_takes(
         kind_of(r.kind),
@@ -608,6 +624,16 @@ fn manifest(
         "spec": spec,
     });
     (manifest, notes)
+}
+
+/// Whether `v` holds nothing: null, or objects and lists of nothing.
+fn empty_tree(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.values().all(empty_tree),
+        Value::Array(a) => a.iter().all(empty_tree),
+        _ => false,
+    }
 }
 
 /// Drops from `spec` what the field table refuses or the CRDs do not have (an enum value or
@@ -818,10 +844,14 @@ impl Converted {
                 })
                 .collect();
             let resource = env.iter().find_map(|(k, v)| match k.as_str() {
-                "APPMESH_RESOURCE_ARN" | "APPMESH_VIRTUAL_NODE_NAME" => Some(v.clone()),
+                "APPMESH_RESOURCE_ARN" | "APPMESH_VIRTUAL_NODE_NAME" => {
+                    Some((k.clone(), v.clone()))
+                }
                 _ => None,
             });
-            let Some(resource) = resource else { continue };
+            let Some((variable, resource)) = resource else {
+                continue;
+            };
             let container = c
                 .get("name")
                 .and_then(Value::as_str)
@@ -845,9 +875,9 @@ impl Converted {
                 _ => {
                     self.notes.push(Note {
                         source,
-                        field: "environment".into(),
+                        field: format!("environment.{variable}"),
                         reason: format!(
-                            "{resource:?} names no virtual node or gateway: no replacement written"
+                            "{resource:?} names no virtual node or gateway (a value that could not be resolved is left empty): no replacement written"
                         ),
                     });
                     continue;

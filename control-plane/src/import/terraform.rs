@@ -20,7 +20,7 @@
 //! key (`LIST_BLOCKS`). `aws_cloud_map { attributes = { k = "v" } }` becomes the API's
 //! `attributes: [{key, value}]`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hcl::eval::{Context, Evaluate, FuncArgs, FuncDef, ParamType};
 use hcl::expr::{Expression, Operation, TraversalOperator};
@@ -70,6 +70,15 @@ const FUNCTIONS: [&str; 6] = ["format", "lower", "upper", "join", "replace", "tr
 
 /// Reads the `.tf` files of one module together (references cross files): (name, text) pairs.
 pub fn read(files: &[(String, String)]) -> Result<Read, ReadError> {
+    read_with(files, &[])
+}
+
+/// [`read`], with `variables` (name, value) given as `-var` would: they take the place of the
+/// variables' defaults.
+pub fn read_with(
+    files: &[(String, String)],
+    variables: &[(String, String)],
+) -> Result<Read, ReadError> {
     let mut bodies = Vec::with_capacity(files.len());
     for (name, text) in files {
         let body = hcl::parse(text).map_err(|err| ReadError {
@@ -82,6 +91,12 @@ pub fn read(files: &[(String, String)]) -> Result<Read, ReadError> {
     let mut module = Module::default();
     for (file, body) in &bodies {
         module.collect(file, body, &mut read.notes);
+    }
+    for (name, value) in variables {
+        module.declared.insert(name.clone());
+        module
+            .variables
+            .insert(name.clone(), hcl::Value::String(value.clone()));
     }
     module.resolve();
     let ctx = module.context();
@@ -136,6 +151,10 @@ struct Module<'a> {
     resources: Vec<Resource<'a>>,
     /// The resources whose names resolved, by (type, label).
     names: HashMap<(&'static str, String), Names>,
+    /// Other resources' `name` arguments (a Cloud Map namespace's, say), by (type, label), and
+    /// their values once evaluated: App Mesh resources refer to them.
+    other_names: Vec<((String, String), &'a Expression)>,
+    other_values: HashMap<(String, String), Value>,
 }
 
 impl<'a> Module<'a> {
@@ -170,6 +189,17 @@ impl<'a> Module<'a> {
                             kind: *kind,
                             body: block.body(),
                         });
+                    } else if let Some(name) = block.body().attributes().find(|a| a.key() == "name")
+                    {
+                        self.other_names
+                            .push((((*rtype).to_owned(), (*label).to_owned()), name.expr()));
+                    }
+                    if *rtype == "aws_ecs_task_definition" {
+                        notes.push(Note {
+                            source: format!("{file}: {rtype}.{label}"),
+                            field: String::new(),
+                            reason: "ECS task definitions are not read from Terraform: export the registered one (aws ecs describe-task-definition) and import it with --from appmesh-json for its trellis-proxy container".into(),
+                        });
                     }
                 }
                 ("module", [name]) => notes.push(Note {
@@ -199,11 +229,18 @@ impl<'a> Module<'a> {
                 .filter(|r| !self.names.contains_key(&(r.rtype, r.label.clone())))
                 .filter_map(|r| Some(((r.rtype, r.label.clone()), resource_names(r, &ctx)?)))
                 .collect();
-            if locals.is_empty() && names.is_empty() {
+            let others: Vec<((String, String), Value)> = self
+                .other_names
+                .iter()
+                .filter(|(key, _)| !self.other_values.contains_key(key))
+                .filter_map(|(key, expr)| Some((key.clone(), expr.evaluate(&ctx).ok()?)))
+                .collect();
+            if locals.is_empty() && names.is_empty() && others.is_empty() {
                 break;
             }
             self.local_values.extend(locals);
             self.names.extend(names);
+            self.other_values.extend(others);
         }
         let ctx = self.context();
         let reasons: HashMap<String, String> = self
@@ -236,6 +273,19 @@ impl<'a> Module<'a> {
                 by_label.insert(label.clone(), Value::Object(attrs));
             }
             ctx.declare_var(rtype, Value::Object(by_label));
+        }
+        // Other resources' names (`aws_service_discovery_private_dns_namespace.main.name`).
+        let mut others: BTreeMap<&str, hcl::Map<String, Value>> = BTreeMap::new();
+        for ((rtype, label), value) in &self.other_values {
+            let mut attrs = hcl::Map::new();
+            attrs.insert("name".to_owned(), value.clone());
+            others
+                .entry(rtype.as_str())
+                .or_default()
+                .insert(label.clone(), Value::Object(attrs));
+        }
+        for (rtype, by_label) in others {
+            ctx.declare_var(rtype.to_owned(), Value::Object(by_label));
         }
         declare_functions(&mut ctx);
         ctx
@@ -548,7 +598,9 @@ impl<'a> Module<'a> {
         };
         match (root, first) {
             ("var", Some(name)) if self.declared.contains(name) => {
-                format!("unresolved variable {name} (it has no default)")
+                format!(
+                    "unresolved variable {name} (it has no default; give it with --var {name}=VALUE)"
+                )
             }
             ("var", Some(name)) => format!("unresolved variable {name} (it is not declared)"),
             ("local", Some(name)) => match self.local_reasons.get(name) {
@@ -1079,7 +1131,7 @@ mod tests {
                 "colorapp.tf: aws_appmesh_virtual_node.red: mesh_owner: the AWS account owning a shared mesh is not carried over",
                 "colorapp.tf: aws_appmesh_virtual_node.front: spec.service_discovery.dns.hostname: data.aws_lb.front.dns_name cannot be resolved offline",
                 "colorapp.tf: aws_appmesh_virtual_gateway.ingress: tags: AWS tags are not carried over",
-                "colorapp.tf: aws_appmesh_virtual_gateway.ingress: spec.listener[0].tls.certificate.acm.certificate_arn: unresolved variable gateway_cert_arn (it has no default)",
+                "colorapp.tf: aws_appmesh_virtual_gateway.ingress: spec.listener[0].tls.certificate.acm.certificate_arn: unresolved variable gateway_cert_arn (it has no default; give it with --var gateway_cert_arn=VALUE)",
                 "colorapp.tf: aws_appmesh_virtual_node.extra: for_each: for_each is not expanded offline: the resource is skipped",
                 "colorapp.tf: aws_appmesh_virtual_node.extra: name: each.key cannot be resolved offline; the resource is skipped",
             ]
@@ -1189,7 +1241,7 @@ mod tests {
         assert_eq!(
             notes(&read),
             [
-                "main.tf: aws_appmesh_virtual_node.a: mesh_name: unresolved variable mesh (it has no default); the resource is skipped",
+                "main.tf: aws_appmesh_virtual_node.a: mesh_name: unresolved variable mesh (it has no default; give it with --var mesh=VALUE); the resource is skipped",
                 "main.tf: aws_appmesh_virtual_node.b: name: function md5() cannot be evaluated offline; the resource is skipped",
                 "main.tf: aws_appmesh_route.r: virtual_router_name: aws_appmesh_virtual_router.missing.name: there is no aws_appmesh_virtual_router \"missing\" in this module; the resource is skipped",
                 "main.tf: aws_appmesh_virtual_service.s: name: unresolved local nope (it is not declared); the resource is skipped",

@@ -297,3 +297,33 @@ async fn a_terraform_module_round_trips() {
     )
     .await;
 }
+
+/// `--parameter` and `--var` stand in for the defaults a template or module lacks (the public
+/// App Mesh templates take their mesh name so), and override those it has.
+#[tokio::test]
+async fn parameters_and_variables_given_on_the_command_line() {
+    let (_, report) = import("cloudformation", &[fixture("shop.cfn.json")]);
+    assert!(report.contains("unresolved parameter CartHost"), "{report}");
+    let (yaml, report) = import(
+        "cloudformation",
+        &[
+            fixture("shop.cfn.json"),
+            "--parameter".into(),
+            "CartHost=cart.shop.internal".into(),
+        ],
+    );
+    assert!(
+        !report.contains("unresolved parameter CartHost"),
+        "{report}"
+    );
+    assert!(yaml.contains("hostname: cart.shop.internal"), "{yaml}");
+    validates(&yaml);
+
+    let (yaml, _) = import(
+        "terraform",
+        &[fixture("terraform"), "--var".into(), "env=staging".into()],
+    );
+    assert!(yaml.contains("name: colorteller-blue-staging"), "{yaml}");
+    assert!(!yaml.contains("colorteller-blue-prod"), "{yaml}");
+    validates(&yaml);
+}

@@ -30,6 +30,12 @@ pub(crate) struct Args {
     /// files, read together as one Terraform module).
     #[arg(required = true)]
     paths: Vec<String>,
+    /// A CloudFormation parameter's value, in place of its default (repeatable).
+    #[arg(long = "parameter", value_name = "NAME=VALUE", value_parser = pair)]
+    parameters: Vec<(String, String)>,
+    /// A Terraform variable's value, in place of its default (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = pair)]
+    vars: Vec<(String, String)>,
     /// The namespace of the resources written.
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
@@ -55,12 +61,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         From::Terraform => {
             let texts: Vec<(String, String)> =
                 files.into_iter().map(|f| (f.name, f.text)).collect();
-            read.extend(import::terraform::read(&texts)?);
+            read.extend(import::terraform::read_with(&texts, &args.vars)?);
         }
         From::Cloudformation | From::AppmeshJson => {
             for f in files {
                 let result = match args.from {
-                    From::Cloudformation => import::cloudformation::read(&f.text, &f.name),
+                    From::Cloudformation => {
+                        import::cloudformation::read_with(&f.text, &f.name, &args.parameters)
+                    }
                     _ => import::api_json::read(&f.text, &f.name),
                 };
                 match result {
@@ -77,12 +85,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let nothing = read.resources.is_empty() && read.tasks.is_empty();
+    if !args.parameters.is_empty() && !matches!(args.from, From::Cloudformation) {
+        anyhow::bail!("--parameter is for CloudFormation templates (Terraform takes --var)");
+    }
+    if !args.vars.is_empty() && !matches!(args.from, From::Terraform) {
+        anyhow::bail!("--var is for Terraform (CloudFormation takes --parameter)");
+    }
     let ecs = EcsOptions {
         image: args.proxy_image.clone(),
         control_plane: args.control_plane.clone(),
     };
     let converted = import::convert(read, &args.namespace, &ecs);
+    let nothing = converted.manifests.is_empty() && converted.ecs.is_empty();
     if !nothing {
         match args.output {
             Format::Yaml => {
@@ -117,7 +131,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     if nothing {
-        anyhow::bail!("no App Mesh resource or ECS task definition could be read from the input");
+        anyhow::bail!(
+            "nothing could be carried over from the input (see the report above: an unresolved parameter or variable is given with --parameter or --var)"
+        );
     }
     Ok(())
 }
@@ -203,6 +219,14 @@ fn yaml11_safe(yaml: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `NAME=VALUE`.
+fn pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))
 }
 
 #[cfg(test)]
