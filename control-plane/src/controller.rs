@@ -97,6 +97,9 @@ pub struct Controller {
     proxies: Proxies,
     cache: Mutex<SnapshotCache>,
     metrics: ControlMetrics,
+    /// The CA issuing workload certificates, once set, and whether a proxy must present a join
+    /// token to get its snapshot.
+    identity: std::sync::OnceLock<(Arc<crate::identity::Ca>, bool)>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -122,6 +125,7 @@ impl Controller {
             proxies: Proxies::default(),
             cache: Mutex::new((0, HashMap::new())),
             metrics,
+            identity: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -129,6 +133,17 @@ impl Controller {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Issues workload certificates with `ca` from now on; with `required`, a proxy without an
+    /// admitted join token gets nothing.
+    pub fn set_identity(&self, ca: Arc<crate::identity::Ca>, required: bool) {
+        let _ = self.identity.set((ca, required));
+    }
+
+    /// The CA, and whether identity is required.
+    pub fn identity(&self) -> Option<(&Arc<crate::identity::Ca>, bool)> {
+        self.identity.get().map(|(ca, required)| (ca, *required))
     }
 
     pub fn view(&self) -> Arc<View> {

@@ -3,6 +3,7 @@
 
 pub mod compat;
 pub mod controller;
+pub mod identity;
 pub mod import;
 pub mod metrics;
 pub mod model;

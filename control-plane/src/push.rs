@@ -39,6 +39,41 @@ impl ConfigService {
 
 type PushStream = Pin<Box<dyn Stream<Item = Result<SnapshotPush, Status>> + Send>>;
 
+/// What the hello proved: whether a join token admitted the proxy, and its first CSR.
+struct Admission {
+    admitted: bool,
+    csr: Option<String>,
+}
+
+impl ConfigService {
+    /// Checks the hello's join token: an admitted proxy may get certificates; without one, the
+    /// proxy gets its snapshot only where identity is not required.
+    async fn admit(&self, token: &str, node: &ResourceKey) -> Result<bool, Status> {
+        let identity = self.controller.identity();
+        if token.is_empty() {
+            return match identity {
+                Some((_, true)) => Err(Status::unauthenticated(
+                    "this control plane requires a join token (trellis token create)",
+                )),
+                _ => Ok(false),
+            };
+        }
+        if identity.is_none() {
+            return Err(Status::failed_precondition(
+                "this control plane issues no identities",
+            ));
+        }
+        match crate::identity::admit(self.controller.store().as_ref(), token, node).await {
+            Ok(()) => Ok(true),
+            Err(crate::identity::IdentityError::Denied(why)) => Err(Status::permission_denied(why)),
+            Err(crate::identity::IdentityError::Unauthenticated(why)) => {
+                Err(Status::unauthenticated(why))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
 fn parse_node(node: &str, kind: Kind) -> Result<ResourceKey, Status> {
     match node.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -79,6 +114,7 @@ impl ConfigStream for ConfigService {
                 Kind::VirtualNode
             },
         )?;
+        let admitted = self.admit(&hello.token, &node).await?;
         let id = self.controller.proxies().connected(ProxyStatus {
             node: hello.node.clone(),
             kind: if gateway { "gateway" } else { "sidecar" }.into(),
@@ -92,13 +128,26 @@ impl ConfigStream for ConfigService {
             nack_reason: None,
             problems: Vec::new(),
             withheld: None,
+            identity: None,
+            certificate_expires: None,
             uses: Default::default(),
         });
         tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
         let (tx, rx) = mpsc::channel(4);
         let controller = self.controller.clone();
+        let csr = Some(hello.csr).filter(|c| admitted && !c.is_empty());
         tokio::spawn(async move {
-            serve_proxy(&controller, id, &node, hello.applied_version, inbound, tx).await;
+            let admission = Admission { admitted, csr };
+            serve_proxy(
+                &controller,
+                id,
+                &node,
+                hello.applied_version,
+                admission,
+                inbound,
+                tx,
+            )
+            .await;
             controller.proxies().disconnected(id);
             tracing::info!(node = %node, "proxy disconnected");
         });
@@ -133,6 +182,7 @@ async fn serve_proxy(
     id: u64,
     node: &ResourceKey,
     applied: String,
+    admission: Admission,
     mut inbound: Streaming<ProxyMessage>,
     tx: mpsc::Sender<Result<SnapshotPush, Status>>,
 ) {
@@ -152,6 +202,12 @@ async fn serve_proxy(
         pushed_at: std::time::Instant::now(),
         tx,
     };
+    // The certificate first: the snapshot's mTLS needs it.
+    if let Some(csr) = admission.csr {
+        if session.certify(&csr).await.is_err() {
+            return;
+        }
+    }
     loop {
         let view = views.borrow_and_update().clone();
         let Some(desired) = session.desired(view).await else {
@@ -163,6 +219,13 @@ async fn serve_proxy(
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },
             msg = inbound.message() => match msg {
+                Ok(Some(ProxyMessage { kind: Some(Msg::Renew(renew)) })) => {
+                    if !admission.admitted {
+                        tracing::warn!(node = %node, "renewal on a stream no join token admitted: ignored");
+                    } else if session.certify(&renew.csr).await.is_err() {
+                        return;
+                    }
+                }
                 Ok(Some(ProxyMessage { kind: Some(kind) })) => session.answer(kind),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
@@ -230,6 +293,7 @@ impl Session<'_> {
         let push = SnapshotPush {
             nonce: self.nonce.to_string(),
             snapshot: Some(t.snapshot.clone()),
+            identity: None,
         };
         self.tx.send(Ok(push)).await.map_err(|_| Gone)?;
         let metrics = self.controller.metrics();
@@ -238,6 +302,43 @@ impl Session<'_> {
         self.sent = Some(version.clone());
         proxies.update(self.id, |p| p.sent_version = Some(version.clone()));
         Ok(())
+    }
+
+    /// Issues a workload certificate for `csr` and pushes it; a CSR the CA refuses is logged
+    /// and answered with nothing (the proxy keeps what it has).
+    async fn certify(&mut self, csr: &str) -> Result<(), Gone> {
+        let Some((ca, _)) = self.controller.identity() else {
+            return Ok(());
+        };
+        let issued = match ca.issue(csr, self.node) {
+            Ok(issued) => issued,
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %e, "certificate not issued");
+                return Ok(());
+            }
+        };
+        let not_after = issued
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let expires = humantime::format_rfc3339_seconds(issued.not_after).to_string();
+        tracing::info!(node = %self.node, identity = %issued.spiffe_id, %expires, "certificate issued");
+        self.controller.proxies().update(self.id, |p| {
+            p.identity = Some(issued.spiffe_id.clone());
+            p.certificate_expires = Some(expires);
+        });
+        self.nonce += 1;
+        let push = SnapshotPush {
+            nonce: self.nonce.to_string(),
+            snapshot: None,
+            identity: Some(trellis_proto::v1::Identity {
+                certificate_chain: issued.chain_pem,
+                trust_bundle: ca.trust_bundle().to_string(),
+                spiffe_id: issued.spiffe_id,
+                not_after,
+            }),
+        };
+        self.tx.send(Ok(push)).await.map_err(|_| Gone)
     }
 
     /// Records the proxy's ACK or NACK.

@@ -248,11 +248,111 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
             }
         }
         (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
+        (&Method::POST, ["v1", "tokens"]) => create_token(controller, req).await,
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no API path {method} {path}"),
         ),
+    }
+}
+
+/// A join token asked for: the node (or gateway) it admits, how long, how many times.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    pub node: String,
+    #[serde(default)]
+    pub gateway: bool,
+    pub ttl_seconds: u64,
+    /// Admissions; unset: any number until it expires.
+    #[serde(default)]
+    pub uses: Option<u32>,
+}
+
+/// The token, shown once.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenCreated {
+    pub token: String,
+    pub node: String,
+    pub gateway: bool,
+    pub expires: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+}
+
+/// `POST /v1/tokens`: a join token for a proxy of one node.
+async fn create_token(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let text = match body_text(req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let request = match serde_path_to_error::deserialize::<_, TokenRequest>(&mut de) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid token request: {}: {}", e.path(), e.inner()),
+            );
+        }
+    };
+    let valid_node = request
+        .node
+        .split_once('/')
+        .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'));
+    if !valid_node {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid token request: node: {:?} must be NAMESPACE/NAME",
+                request.node
+            ),
+        );
+    }
+    if request.ttl_seconds == 0 || request.ttl_seconds > 365 * 24 * 3600 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid token request: ttlSeconds: must be 1 second to 365 days",
+        );
+    }
+    if request.uses == Some(0) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid token request: uses: must be at least 1",
+        );
+    }
+    if controller.identity().is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            "this control plane issues no identities",
+        );
+    }
+    let ttl = std::time::Duration::from_secs(request.ttl_seconds);
+    match crate::identity::create_token(
+        controller.store().as_ref(),
+        &request.node,
+        request.gateway,
+        ttl,
+        request.uses,
+    )
+    .await
+    {
+        Ok((token, stored)) => reply(
+            StatusCode::OK,
+            &TokenCreated {
+                token,
+                node: stored.node,
+                gateway: stored.gateway,
+                expires: humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(stored.expires),
+                )
+                .to_string(),
+                uses: stored.uses_left,
+            },
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -34,6 +34,11 @@ pub struct ProxyStatus {
     /// Why no snapshot is sent to this proxy, when one cannot be made valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld: Option<String>,
+    /// The SPIFFE ID of the workload certificate last issued to it, and when that expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expires: Option<String>,
     #[serde(skip)]
     pub uses: BTreeSet<ResourceKey>,
 }

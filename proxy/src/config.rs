@@ -24,6 +24,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE", value_delimiter = ',')]
     pub control_plane: Vec<String>,
 
+    /// A join token (`trellis token create --node ...`): the proxy proves who it is with it and
+    /// gets its workload certificate (its key is made and kept in --data-dir).
+    #[arg(long, env = "TRELLIS_PROXY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// The VirtualNode this sidecar serves, NAMESPACE/NAME.
     #[arg(long, env = "TRELLIS_PROXY_NODE", conflicts_with = "gateway", required_unless_present_any = ["gateway", "snapshot"])]
     pub node: Option<String>,

@@ -10,7 +10,7 @@ use trellis_proto::v1::{
     config_stream_client::ConfigStreamClient, hello::Kind as HelloKind, proxy_message::Kind as Msg,
 };
 
-use crate::{BoxError, app::App, retry};
+use crate::{BoxError, app::App, identity::Identity, retry};
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -23,6 +23,8 @@ pub struct ControlConfig {
     pub node: String,
     pub gateway: bool,
     pub data_dir: PathBuf,
+    /// A join token: with it the proxy asks for its workload certificate.
+    pub token: Option<String>,
 }
 
 impl ControlConfig {
@@ -105,6 +107,12 @@ async fn session(
         .max_encoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
     let applied = app.services.store.load().version.to_string();
+    // With a join token: the key (made once, kept in the data dir) and a CSR for it.
+    let identity = match &config.token {
+        Some(_) => Some(Identity::load_or_create(&config.data_dir, &config.node)?),
+        None => None,
+    };
+    let csr = identity.as_ref().map(Identity::csr).transpose()?;
     tx.send(ProxyMessage {
         kind: Some(Msg::Hello(Hello {
             node: config.node.clone(),
@@ -116,15 +124,38 @@ async fn session(
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             applied_version: applied,
             instance: instance.to_string(),
+            token: config.token.clone().unwrap_or_default(),
+            csr: csr.unwrap_or_default(),
         })),
     })
     .await?;
+    let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut inbound = client.stream(outbound).await?.into_inner();
     tracing::info!(control_plane = %url, node = %config.node, "config stream open");
     while let Some(push) = inbound.message().await? {
-        let snapshot = push.snapshot.unwrap_or_default();
+        if let (Some(issued), Some(identity)) = (&push.identity, &identity) {
+            let renew_in = identity.store(issued)?;
+            tracing::info!(identity = %issued.spiffe_id, renew_in = ?renew_in, "workload certificate received");
+            // Renewed at half-life, on this stream.
+            if let Some(previous) = renewal.take() {
+                previous.abort();
+            }
+            let csr = identity.csr()?;
+            let tx = tx.clone();
+            renewal = Some(tokio::spawn(async move {
+                tokio::time::sleep(renew_in).await;
+                let _ = tx
+                    .send(ProxyMessage {
+                        kind: Some(Msg::Renew(pb::Renew { csr })),
+                    })
+                    .await;
+            }));
+        }
+        let Some(snapshot) = push.snapshot else {
+            continue;
+        };
         let version = snapshot.version.clone();
         // Compiling runs on a blocking thread, never on one serving requests.
         let applying = Arc::clone(app);
@@ -157,6 +188,9 @@ async fn session(
             }),
         };
         tx.send(ProxyMessage { kind: Some(reply) }).await?;
+    }
+    if let Some(renewal) = renewal {
+        renewal.abort();
     }
     Ok(())
 }

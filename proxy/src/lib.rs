@@ -16,6 +16,7 @@ pub mod dial;
 pub mod error;
 pub mod h1;
 pub mod health_check;
+pub mod identity;
 pub mod limit;
 pub mod listener;
 pub mod metrics;
@@ -112,6 +113,7 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
                     .unwrap_or_default(),
                 gateway: config.gateway.is_some(),
                 data_dir: config.data_dir.clone(),
+                token: config.token.clone(),
             };
             control::restore(&app, &control);
             Some(control)

@@ -120,6 +120,11 @@ impl ControlProcess {
 
     /// Starts on a given address (to come back on the same one after a restart).
     pub async fn start_on(bin: &str, data_dir: &Path, listen: &str) -> Self {
+        Self::start_with(bin, data_dir, listen, &[]).await
+    }
+
+    /// [`start_on`](Self::start_on) with more flags (`--require-identity`, say).
+    pub async fn start_with(bin: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(bin)
             .args([
                 "--data-dir",
@@ -127,6 +132,7 @@ impl ControlProcess {
                 "--listen",
                 listen,
             ])
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -191,19 +197,37 @@ impl ProxyProcess {
     /// A sidecar for `node` (NAMESPACE/NAME) following the control plane(s) `urls`, keeping its
     /// snapshot in `data_dir`.
     pub async fn sidecar(bin: &str, urls: &str, node: &str, data_dir: &Path) -> Self {
-        Self::follow(bin, urls, "--node", node, data_dir).await
+        Self::follow(bin, urls, "--node", node, data_dir, &[]).await
+    }
+
+    /// [`sidecar`](Self::sidecar) with more flags (`--token T`, say).
+    pub async fn sidecar_with(
+        bin: &str,
+        urls: &str,
+        node: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::follow(bin, urls, "--node", node, data_dir, extra).await
     }
 
     /// A gateway for VirtualGateway `gateway` (NAMESPACE/NAME); see [`sidecar`](Self::sidecar).
     /// A gateway binds no ingress socket (`ingress` is `0.0.0.0:0`): it serves its listeners'
     /// ports on 127.0.0.1, named `gateway:PORT` (see [`listener_addr`](Self::listener_addr)).
     pub async fn gateway(bin: &str, urls: &str, gateway: &str, data_dir: &Path) -> Self {
-        Self::follow(bin, urls, "--gateway", gateway, data_dir).await
+        Self::follow(bin, urls, "--gateway", gateway, data_dir, &[]).await
     }
 
-    async fn follow(bin: &str, urls: &str, flag: &str, name: &str, data_dir: &Path) -> Self {
+    async fn follow(
+        bin: &str,
+        urls: &str,
+        flag: &str,
+        name: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let args = vec![
+        let mut args = vec![
             "--control-plane".to_string(),
             urls.to_string(),
             flag.into(),
@@ -211,6 +235,7 @@ impl ProxyProcess {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         match Self::spawn(bin, args, data_dir.join("snapshot.json"), dir).await {
             Ok(p) => p,
             Err(f) => panic!(

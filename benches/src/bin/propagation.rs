@@ -64,6 +64,7 @@ async fn proxy(
             proxy_version: "bench".into(),
             applied_version: String::new(),
             instance: format!("bench-{i}"),
+            ..Default::default()
         })),
     })
     .await?;

@@ -19,6 +19,22 @@ struct Args {
     /// Address of the HTTP API and the gRPC config stream.
     #[arg(long, env = "TRELLIS_CONTROL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(long, env = "TRELLIS_CONTROL_TRUST_DOMAIN", default_value = trellis_control::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The root CA's certificate (PEM) to issue with; without it (and --ca-key) a root is
+    /// created at first start and kept in the store.
+    #[arg(long, env = "TRELLIS_CONTROL_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The root CA's private key (PEM).
+    #[arg(long, env = "TRELLIS_CONTROL_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// How long workload certificates live (proxies renew them at half-life).
+    #[arg(long, env = "TRELLIS_CONTROL_WORKLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    workload_ttl: std::time::Duration,
+    /// Proxies must present a join token naming their node to get its snapshot.
+    #[arg(long, env = "TRELLIS_CONTROL_REQUIRE_IDENTITY")]
+    require_identity: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_CONTROL_LOG", default_value = "info")]
     log: String,
@@ -54,6 +70,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         let controller = Controller::start(Arc::new(store))
             .await
             .context("cannot load the store")?;
+        let supplied = match (&args.ca_cert, &args.ca_key) {
+            (Some(cert), Some(key)) => Some((
+                std::fs::read_to_string(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?,
+                std::fs::read_to_string(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?,
+            )),
+            _ => None,
+        };
+        let ca = trellis_control::identity::Ca::load_or_create(
+            controller.store().as_ref(),
+            &args.trust_domain,
+            supplied,
+            args.workload_ttl,
+        )
+        .await
+        .context("cannot set up the certificate authority")?;
+        controller.set_identity(Arc::new(ca), args.require_identity);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -5,6 +5,7 @@
 
 mod appmesh;
 mod gateway;
+mod identity;
 mod import;
 mod mesh;
 mod ports;

@@ -805,6 +805,7 @@ async fn a_proxy_nack_shows_in_status_with_its_reasons() {
             proxy_version: "0.0.1".into(),
             applied_version: String::new(),
             instance: "scripted".into(),
+            ..Default::default()
         })),
     })
     .await

@@ -95,6 +95,11 @@ enum Command {
         #[command(subcommand)]
         command: InstancesCommand,
     },
+    /// Join tokens proxies prove who they are with, to get their workload certificates.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence.
     Status {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -145,6 +150,24 @@ impl std::fmt::Display for InstanceRef {
             self.namespace, self.service, self.id
         )
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// A token for the proxies of one node (or gateway): printed once, kept only as a hash.
+    Create {
+        /// NAMESPACE/NAME of the VirtualNode (or, with --gateway, the VirtualGateway).
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        gateway: bool,
+        /// How long it admits proxies.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many proxies it admits (each stream's hello); unset: any number until it expires.
+        #[arg(long)]
+        uses: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +379,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => describe(&api, kind, name, namespace).await?,
         Command::Instances { command } => instances(&api, command).await?,
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    node,
+                    gateway,
+                    ttl,
+                    uses,
+                },
+        } => {
+            let body = serde_json::json!({
+                "node": node,
+                "gateway": gateway,
+                "ttlSeconds": ttl.as_secs().max(1),
+                "uses": uses,
+            });
+            let created = api
+                .post("/v1/tokens", serde_json::to_vec(&body)?)
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            let created: trellis_control::server::TokenCreated = typed(created)?;
+            eprintln!(
+                "token for {} {} until {}{} (shown once):",
+                if created.gateway { "gateway" } else { "node" },
+                created.node,
+                created.expires,
+                created
+                    .uses
+                    .map(|n| format!(", {n} use{}", if n == 1 { "" } else { "s" }))
+                    .unwrap_or_default()
+            );
+            println!("{}", created.token);
+        }
         Command::Status { output } => status(&api, output).await?,
         Command::Validate { .. } | Command::Demo { .. } | Command::Import(_) => {}
     }

@@ -1,0 +1,218 @@
+//! Workload identity: join tokens, certificates issued from the proxies' CSRs, renewal.
+
+use std::{path::Path, time::Duration};
+
+use trellis_testkit::{ProxyProcess, eventually, process::ControlProcess};
+
+use crate::{CONTROL, apply, cli, proxy_bin, status, stderr, stdout, wait_synced};
+
+const MESH: &str = "apiVersion: mesh.trellis.dev/v1beta1\nkind: Mesh\nmetadata: { name: m }\n---\n\
+    apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualNode\nmetadata: { name: front }\nspec:\n  \
+    listeners: [{ portMapping: { port: 8080, protocol: http } }]\n---\n\
+    apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualNode\nmetadata: { name: other }\nspec:\n  \
+    listeners: [{ portMapping: { port: 8080, protocol: http } }]\n";
+
+/// `trellis token create` with `args`: the token.
+fn token(server: &str, args: &[&str]) -> String {
+    let mut all = vec!["token", "create"];
+    all.extend(args);
+    let out = cli(server, &all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// The certificates of a proxy's `cert.pem` (leaf first) and its trust bundle's root, DER.
+fn issued(data_dir: &Path) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+    let der = |text: &str| -> Vec<Vec<u8>> {
+        x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
+            .filter_map(Result::ok)
+            .map(|p| p.contents)
+            .collect()
+    };
+    let chain = der(&std::fs::read_to_string(data_dir.join("identity/cert.pem")).ok()?);
+    let bundle = der(&std::fs::read_to_string(data_dir.join("identity/bundle.pem")).ok()?);
+    Some((chain, bundle.into_iter().next()?))
+}
+
+/// The leaf's URI SANs, after checking it is signed by `root`.
+fn spiffe_ids(leaf: &[u8], root: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let (_, leaf) = X509Certificate::from_der(leaf).unwrap();
+    let (_, root) = X509Certificate::from_der(root).unwrap();
+    leaf.verify_signature(Some(root.public_key()))
+        .expect("the leaf is signed by the trust bundle's root");
+    assert!(!leaf.is_ca());
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => u.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// A proxy presenting a join token for its node gets a certificate for that node's SPIFFE ID
+/// (signed by the mesh's root, for its own key: the key stays in its data dir), and status
+/// shows the identity and its expiry.
+#[tokio::test]
+async fn a_join_token_gets_the_proxy_its_nodes_certificate() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    apply(&control.url, MESH);
+    let token = token(&control.url, &["--node", "default/front", "--ttl", "10m"]);
+    assert!(token.starts_with("trellis-join-"), "{token}");
+    let dir = tempfile::tempdir().unwrap();
+    let _front = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/front",
+        dir.path(),
+        &["--token", &token],
+    )
+    .await;
+    wait_synced(&control.url, 1).await;
+    let (chain, root) = eventually(Duration::from_secs(10), "a certificate", || async {
+        issued(dir.path()).ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    assert_eq!(chain.len(), 2, "the leaf, then the root");
+    assert_eq!(chain[1], root);
+    assert_eq!(
+        spiffe_ids(&chain[0], &root),
+        ["spiffe://trellis.local/ns/default/vn/front"]
+    );
+    let key = std::fs::read_to_string(dir.path().join("identity/key.pem")).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    let s = status(&control.url);
+    let proxy = &s["proxies"][0];
+    assert_eq!(
+        proxy["identity"],
+        "spiffe://trellis.local/ns/default/vn/front"
+    );
+    assert!(
+        proxy["certificateExpires"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z')),
+        "{proxy}"
+    );
+}
+
+/// A token admits only the node it names, and only as often as it says; with
+/// `--require-identity` a proxy without one gets nothing.
+#[tokio::test]
+async fn tokens_admit_their_node_as_often_as_they_say() {
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--require-identity"])
+            .await;
+    apply(&control.url, MESH);
+    let once = token(&control.url, &["--node", "default/front", "--uses", "1"]);
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/other",
+        other_dir.path(),
+        &["--token", &once],
+    )
+    .await;
+    let logged = |p: &ProxyProcess, what: &'static str| {
+        let logs = p.logs();
+        if logs.contains(what) {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "another node's token refused",
+        || async {
+            logged(
+                &other,
+                "the join token is for node default/front, not default/other",
+            )
+        },
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let _front = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/front",
+        dir.path(),
+        &["--token", &once],
+    )
+    .await;
+    wait_synced(&control.url, 1).await;
+    assert!(issued(dir.path()).is_some());
+
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/front",
+        again_dir.path(),
+        &["--token", &once],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "a used-up token refused",
+        || async { logged(&again, "unknown or used-up join token") },
+    )
+    .await;
+
+    let bare_dir = tempfile::tempdir().unwrap();
+    let bare =
+        ProxyProcess::sidecar(proxy_bin(), &control.url, "default/other", bare_dir.path()).await;
+    eventually(Duration::from_secs(10), "no token, no snapshot", || async {
+        logged(&bare, "requires a join token")
+    })
+    .await;
+    // Only the admitted proxy is connected.
+    assert_eq!(status(&control.url)["proxies"].as_array().unwrap().len(), 1);
+}
+
+/// A certificate is renewed at half its life on the open stream, for the same identity.
+#[tokio::test]
+async fn certificates_are_renewed_at_half_life() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start_with(
+        CONTROL,
+        data.path(),
+        "127.0.0.1:0",
+        &["--workload-ttl", "4s"],
+    )
+    .await;
+    apply(&control.url, MESH);
+    let token = token(&control.url, &["--node", "default/front"]);
+    let dir = tempfile::tempdir().unwrap();
+    let _front = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/front",
+        dir.path(),
+        &["--token", &token],
+    )
+    .await;
+    let (first, root) = eventually(Duration::from_secs(10), "a certificate", || async {
+        issued(dir.path()).ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    let renewed = eventually(Duration::from_secs(10), "a renewed certificate", || async {
+        match issued(dir.path()) {
+            Some((chain, _)) if chain[0] != first[0] => Ok(chain),
+            _ => Err("not renewed yet".to_string()),
+        }
+    })
+    .await;
+    assert_eq!(
+        spiffe_ids(&renewed[0], &root),
+        ["spiffe://trellis.local/ns/default/vn/front"]
+    );
+}

@@ -1,0 +1,115 @@
+//! The proxy's workload identity: its own key (generated here, kept in the data dir, never sent),
+//! the certificate signing requests it sends over the config stream, and the certificate and
+//! trust bundle the control plane's CA answers with.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use trellis_proto::v1 as pb;
+
+const DIR: &str = "identity";
+const KEY: &str = "key.pem";
+const CHAIN: &str = "cert.pem";
+const BUNDLE: &str = "bundle.pem";
+
+/// The proxy's key and what was issued for it.
+#[derive(Debug)]
+pub struct Identity {
+    dir: PathBuf,
+    key: KeyPair,
+    node: String,
+}
+
+impl Identity {
+    /// The key kept in `data_dir`, or a new one written there (readable by the proxy's user
+    /// only).
+    pub fn load_or_create(data_dir: &Path, node: &str) -> std::io::Result<Self> {
+        let dir = data_dir.join(DIR);
+        let path = dir.join(KEY);
+        let key = match std::fs::read_to_string(&path) {
+            Ok(pem) => KeyPair::from_pem(&pem).map_err(std::io::Error::other)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = KeyPair::generate().map_err(std::io::Error::other)?;
+                std::fs::create_dir_all(&dir)?;
+                write_private(&path, key.serialize_pem().as_bytes())?;
+                key
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            dir,
+            key,
+            node: node.to_string(),
+        })
+    }
+
+    /// A certificate signing request for the key (PEM); the CA decides the names.
+    pub fn csr(&self) -> Result<String, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, self.node.clone());
+        params.distinguished_name = name;
+        params.serialize_request(&self.key)?.pem()
+    }
+
+    /// Keeps what the CA issued; returns when to renew it (half its life from now).
+    pub fn store(&self, issued: &pb::Identity) -> std::io::Result<Duration> {
+        std::fs::create_dir_all(&self.dir)?;
+        write_atomic(&self.dir.join(CHAIN), issued.certificate_chain.as_bytes())?;
+        write_atomic(&self.dir.join(BUNDLE), issued.trust_bundle.as_bytes())?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = u64::try_from(issued.not_after)
+            .unwrap_or(0)
+            .saturating_sub(now);
+        Ok(Duration::from_secs(left / 2))
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_kept_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path(), "default/front").unwrap();
+        let mode = std::fs::metadata(dir.path().join(DIR).join(KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = Identity::load_or_create(dir.path(), "default/front").unwrap();
+        assert_eq!(a.key.serialize_pem(), b.key.serialize_pem());
+        assert!(
+            a.csr()
+                .unwrap()
+                .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+        );
+    }
+}
