@@ -100,6 +100,8 @@ pub struct Controller {
     /// The CA issuing workload certificates, once set, and whether a proxy must present a join
     /// token to get its snapshot.
     identity: std::sync::OnceLock<(Arc<crate::identity::Ca>, bool)>,
+    /// Whether the API requires an operator's bearer token.
+    auth: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -126,6 +128,7 @@ impl Controller {
             cache: Mutex::new((0, HashMap::new())),
             metrics,
             identity: std::sync::OnceLock::new(),
+            auth: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -139,6 +142,15 @@ impl Controller {
     /// admitted join token gets nothing.
     pub fn set_identity(&self, ca: Arc<crate::identity::Ca>, required: bool) {
         let _ = self.identity.set((ca, required));
+    }
+
+    /// Requires an operator's token on the API from now on.
+    pub fn require_auth(&self) {
+        let _ = self.auth.set(true);
+    }
+
+    pub fn auth_required(&self) -> bool {
+        self.auth.get().copied().unwrap_or(false)
     }
 
     /// The CA, and whether identity is required.

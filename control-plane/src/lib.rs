@@ -1,6 +1,7 @@
 //! trellis-control: the registry, the mesh API, validation, translation to per-proxy snapshots
 //! and the config stream that pushes them.
 
+pub mod auth;
 pub mod compat;
 pub mod controller;
 pub mod identity;

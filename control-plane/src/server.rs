@@ -202,8 +202,174 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Routes an API request to its endpoint.
+/// Who calls: with authentication on, the operator its bearer token names (401 without one,
+/// 403 for a viewer's write); every write is recorded in the audit log.
 async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let open = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    let who = if controller.auth_required() && !open {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(token) = bearer else {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "an operator token is required (trellis login, or TRELLIS_TOKEN)",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        };
+        match crate::auth::authenticate(controller.store().as_ref(), token).await {
+            Ok(Some(op)) if write && op.role == crate::auth::Role::Viewer => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    format!("operator {} is a viewer: writes need an admin", op.name),
+                );
+            }
+            Ok(Some(op)) => op.name,
+            Ok(None) => return error(StatusCode::UNAUTHORIZED, "unknown operator token"),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    } else {
+        "anonymous".to_string()
+    };
+    if !write || open {
+        return route(controller, req, &who).await;
+    }
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let response = route(controller, req, &who).await;
+    audited(controller, response, who, action).await
+}
+
+/// Records a write with what the answer says changed, and returns the answer.
+async fn audited(
+    controller: &Controller,
+    response: Response<Body>,
+    who: String,
+    action: String,
+) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let what = match serde_json::from_slice::<Results>(&bytes) {
+        Ok(r) => r
+            .results
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} {}/{}/{}",
+                    a.action.as_str(),
+                    a.kind,
+                    a.namespace,
+                    a.name
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        // Never the tokens themselves: what they are for.
+        Err(_) => {
+            if let Ok(o) = serde_json::from_slice::<OperatorCreated>(&bytes) {
+                format!("operator {} ({:?})", o.name, o.role).to_lowercase()
+            } else if let Ok(t) = serde_json::from_slice::<TokenCreated>(&bytes) {
+                let kind = if t.gateway { "gateway" } else { "node" };
+                format!("join token for {kind} {} until {}", t.node, t.expires)
+            } else if let Ok(e) = serde_json::from_slice::<ErrorBody>(&bytes) {
+                format!("refused: {}", e.error)
+            } else {
+                String::new()
+            }
+        }
+    };
+    let entry = crate::auth::AuditEntry {
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        who,
+        action,
+        what,
+        status: parts.status.as_u16(),
+    };
+    if let Err(e) = crate::auth::record(controller.store().as_ref(), entry).await {
+        tracing::warn!(error = %e, "a write could not be recorded in the audit log");
+    }
+    Response::from_parts(
+        parts,
+        Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
+    )
+}
+
+/// An operator asked for: a name and a role.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorRequest {
+    pub name: String,
+    pub role: crate::auth::Role,
+}
+
+/// The operator's token, shown once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OperatorCreated {
+    pub token: String,
+    pub name: String,
+    pub role: crate::auth::Role,
+}
+
+/// `POST /v1/operators`: a new operator token (admins only, as every write).
+async fn create_operator(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let text = match body_text(req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let request: OperatorRequest = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid operator request: {e}"),
+            );
+        }
+    };
+    if request.name.is_empty() || request.name.len() > 253 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid operator request: name: 1 to 253 characters",
+        );
+    }
+    match crate::auth::create_operator(controller.store().as_ref(), &request.name, request.role)
+        .await
+    {
+        Ok((token, op)) => reply(
+            StatusCode::OK,
+            &OperatorCreated {
+                token,
+                name: op.name,
+                role: op.role,
+            },
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `GET /v1/audit?limit=N`: the last writes (default 100).
+async fn audit_log(controller: &Controller, req: &Request<Incoming>) -> Response<Body> {
+    let limit = query(req)
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100);
+    match crate::auth::audit(controller.store().as_ref(), limit).await {
+        Ok(entries) => reply(StatusCode::OK, &entries),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Routes an API request to its endpoint.
+async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -249,6 +415,8 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
         }
         (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
         (&Method::POST, ["v1", "tokens"]) => create_token(controller, req).await,
+        (&Method::POST, ["v1", "operators"]) => create_operator(controller, req).await,
+        (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
             StatusCode::NOT_FOUND,

@@ -32,6 +32,13 @@ struct Args {
     /// How long workload certificates live (proxies renew them at half-life).
     #[arg(long, env = "TRELLIS_CONTROL_WORKLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     workload_ttl: std::time::Duration,
+    /// Operators authenticate with a bearer token (admins write, viewers read); at first start
+    /// the first admin's token is written to DATA_DIR/admin-token.
+    #[arg(long, env = "TRELLIS_CONTROL_AUTH")]
+    auth: bool,
+    /// Listen on a non-loopback address although the API is not yet served over TLS.
+    #[arg(long, env = "TRELLIS_CONTROL_INSECURE")]
+    insecure: bool,
     /// Proxies must present a join token naming their node to get its snapshot.
     #[arg(long, env = "TRELLIS_CONTROL_REQUIRE_IDENTITY")]
     require_identity: bool,
@@ -60,6 +67,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Until the API is served over TLS, a non-loopback address carries tokens and mesh config
+    // in the clear: only when the operator says so.
+    if !args.listen.ip().is_loopback() && !args.insecure {
+        anyhow::bail!(
+            "--listen {} is not a loopback address: the API and config stream are not served over TLS yet (issue 12), so this needs --insecure (and --auth, --require-identity)",
+            args.listen
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,6 +103,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("cannot set up the certificate authority")?;
         controller.set_identity(Arc::new(ca), args.require_identity);
+        if args.auth {
+            controller.require_auth();
+            match trellis_control::auth::bootstrap(controller.store().as_ref(), &args.data_dir).await {
+                Ok(Some(path)) => tracing::info!(path = %path.display(), "the first admin's token is in this file: trellis login --with-token \"$(cat FILE)\""),
+                Ok(None) => {}
+                Err(e) => anyhow::bail!("cannot create the first admin: {e}"),
+            }
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod appmesh;
+mod auth;
 mod gateway;
 mod identity;
 mod import;

@@ -29,6 +29,8 @@ pub(crate) enum ClientError {
 pub(crate) struct ApiClient {
     server: String,
     authority: String,
+    /// The operator's bearer token, when the control plane requires one.
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -46,7 +48,15 @@ impl ApiClient {
         Ok(Self {
             server: server.trim_end_matches('/').to_string(),
             authority,
+            token: None,
         })
+    }
+
+    /// Sends `token` as the operator's bearer token.
+    #[allow(dead_code)]
+    pub(crate) fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     /// Sends a request; a non-2xx answer becomes [`ClientError::Api`] with the server's message.
@@ -69,11 +79,15 @@ impl ApiClient {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.authority)
-            .header("content-type", "application/yaml")
+            .header("content-type", "application/yaml");
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender

@@ -36,14 +36,12 @@ fn typed<T: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<T> {
 #[derive(Debug, Parser)]
 #[command(name = "trellis", version, about = "Trellis service mesh CLI")]
 struct Cli {
-    /// Control plane URL.
-    #[arg(
-        long,
-        global = true,
-        env = "TRELLIS_SERVER",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    server: String,
+    /// Control plane URL (default: `trellis login`'s, else http://127.0.0.1:7070).
+    #[arg(long, global = true, env = "TRELLIS_SERVER")]
+    server: Option<String>,
+    /// An operator token (default: `trellis login`'s), for a control plane run with --auth.
+    #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +92,25 @@ enum Command {
     Instances {
         #[command(subcommand)]
         command: InstancesCommand,
+    },
+    /// Remember a control plane and an operator token (in ~/.config/trellis/config.json).
+    Login {
+        /// The operator token (`trellis operator create`, or the control plane's first
+        /// admin token in its data dir's admin-token).
+        #[arg(long = "with-token")]
+        with_token: String,
+    },
+    /// Operators of the API (with --auth): admins write, viewers read.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// The writes made through the API: who, what, when.
+    Audit {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Join tokens proxies prove who they are with, to get their workload certificates.
     Token {
@@ -150,6 +167,17 @@ impl std::fmt::Display for InstanceRef {
             self.namespace, self.service, self.id
         )
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// A token for a new operator: printed once, kept only as a hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: trellis_control::auth::Role,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,7 +385,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { step_seconds } = &cli.command {
         return demo::run(std::time::Duration::from_secs(*step_seconds)).await;
     }
-    let api = ApiClient::new(&cli.server)?;
+    let login = Login::read();
+    let server = cli
+        .server
+        .clone()
+        .or_else(|| login.server.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+    if let Command::Login { with_token } = &cli.command {
+        ApiClient::new(&server)?;
+        let path = Login {
+            server: Some(server.clone()),
+            token: Some(with_token.clone()),
+        }
+        .write()?;
+        eprintln!("logged in to {server} (saved in {})", path.display());
+        return Ok(());
+    }
+    let api = ApiClient::new(&server)?.with_token(cli.token.clone().or(login.token));
     match cli.command {
         Command::Apply { files } => apply(&api, files).await?,
         Command::Delete {
@@ -412,7 +456,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", created.token);
         }
         Command::Status { output } => status(&api, output).await?,
-        Command::Validate { .. } | Command::Demo { .. } | Command::Import(_) => {}
+        Command::Operator {
+            command: OperatorCommand::Create { name, role },
+        } => {
+            let body = serde_json::json!({ "name": name, "role": role });
+            let created = api
+                .post("/v1/operators", serde_json::to_vec(&body)?)
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            let created: trellis_control::server::OperatorCreated = typed(created)?;
+            eprintln!(
+                "token for operator {} ({:?}, shown once):",
+                created.name, created.role
+            );
+            println!("{}", created.token);
+        }
+        Command::Audit { limit, output } => {
+            let entries = api
+                .get(&format!("/v1/audit?limit={limit}"))
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            match output {
+                Output::Table => {
+                    let entries: Vec<trellis_control::auth::AuditEntry> = typed(entries)?;
+                    println!(
+                        "{:<21} {:<16} {:<28} {:<6} WHAT",
+                        "TIME", "WHO", "ACTION", "STATUS"
+                    );
+                    for e in entries {
+                        println!(
+                            "{:<21} {:<16} {:<28} {:<6} {}",
+                            e.time, e.who, e.action, e.status, e.what
+                        );
+                    }
+                }
+                Output::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+                Output::Yaml => print!("{}", serde_yaml_ng::to_string(&entries)?),
+            }
+        }
+        Command::Validate { .. }
+        | Command::Demo { .. }
+        | Command::Import(_)
+        | Command::Login { .. } => {}
     }
     Ok(())
 }
@@ -821,4 +906,52 @@ fn problem_lines(problems: &[validate::Problem], origin: &[(String, usize)]) -> 
             format!("{place}{resource}{}: {}", p.path, p.reason)
         })
         .collect()
+}
+
+/// What `trellis login` remembers.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct Login {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+impl Login {
+    /// `$TRELLIS_CONFIG`, else `$XDG_CONFIG_HOME/trellis/config.json`, else
+    /// `~/.config/trellis/config.json`.
+    fn path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("TRELLIS_CONFIG") {
+            return Some(PathBuf::from(p));
+        }
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+        Some(base.join("trellis").join("config.json"))
+    }
+
+    fn read() -> Self {
+        Self::path()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Saves it, readable by its owner only.
+    fn write(&self) -> anyhow::Result<PathBuf> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let path = Self::path().context("no config directory: set TRELLIS_CONFIG or HOME")?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        Ok(path)
+    }
 }

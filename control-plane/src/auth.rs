@@ -1,0 +1,144 @@
+//! Operators of the API: bearer tokens with a role (`admin` writes, `viewer` reads), kept in the
+//! store as SHA-256 hashes, and the audit log of every write (who, what, when).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Expect, Op, Store, StoreError};
+
+pub const OPERATOR_PREFIX: &str = "operators/";
+pub const AUDIT_PREFIX: &str = "audit/";
+/// The file the first admin token is written to, in the data dir.
+pub const BOOTSTRAP_FILE: &str = "admin-token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads and writes.
+    Admin,
+    /// Reads.
+    Viewer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+}
+
+/// One write, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    pub time: String,
+    /// The operator's name (`anonymous` while authentication is off).
+    pub who: String,
+    /// `METHOD /path`.
+    pub action: String,
+    /// What changed (the resources an apply created or configured, ...), or the outcome.
+    pub what: String,
+    pub status: u16,
+}
+
+fn sha256(token: &str) -> String {
+    let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// A new operator token: the token (shown once) and the operator.
+pub async fn create_operator(
+    store: &dyn Store,
+    name: &str,
+    role: Role,
+) -> Result<(String, Operator), StoreError> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| StoreError::Backend("no randomness".into()))?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = format!("trellis-op-{secret}");
+    let operator = Operator {
+        name: name.to_string(),
+        role,
+        created: now(),
+    };
+    let value = serde_json::to_vec(&operator).map_err(|e| StoreError::Backend(e.to_string()))?;
+    store
+        .apply(vec![Op::Put {
+            key: format!("{OPERATOR_PREFIX}{}", sha256(&token)),
+            value,
+            expect: Expect::Absent,
+            lease: None,
+        }])
+        .await?;
+    Ok((token, operator))
+}
+
+/// The operator a bearer token belongs to.
+pub async fn authenticate(store: &dyn Store, token: &str) -> Result<Option<Operator>, StoreError> {
+    let Some(kv) = store
+        .get(&format!("{OPERATOR_PREFIX}{}", sha256(token)))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice(&kv.value).ok())
+}
+
+/// With no operator yet, creates the first admin and writes its token to `data_dir` (mode
+/// 0600): the path, or None when operators exist.
+pub async fn bootstrap(
+    store: &dyn Store,
+    data_dir: &std::path::Path,
+) -> Result<Option<std::path::PathBuf>, Box<dyn std::error::Error + Send + Sync>> {
+    if !store.list(OPERATOR_PREFIX).await?.items.is_empty() {
+        return Ok(None);
+    }
+    let (token, _) = create_operator(store, "admin", Role::Admin).await?;
+    let path = data_dir.join(BOOTSTRAP_FILE);
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(format!("{token}\n").as_bytes())?;
+    Ok(Some(path))
+}
+
+/// Records a write.
+pub async fn record(store: &dyn Store, entry: AuditEntry) -> Result<(), StoreError> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let value = serde_json::to_vec(&entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+    store
+        .apply(vec![Op::Put {
+            // Ordered by time; the random part keeps two writes of one nanosecond apart.
+            key: format!("{AUDIT_PREFIX}{nanos:039}-{:08x}", fastrand::u32(..)),
+            value,
+            expect: Expect::Absent,
+            lease: None,
+        }])
+        .await
+        .map(drop)
+}
+
+/// The last `limit` writes, oldest first.
+pub async fn audit(store: &dyn Store, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    let listing = store.list(AUDIT_PREFIX).await?;
+    let mut entries: Vec<AuditEntry> = listing
+        .items
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    let skip = entries.len().saturating_sub(limit);
+    Ok(entries.split_off(skip))
+}
