@@ -102,6 +102,8 @@ fn config_dump(app: &App) -> Response<ResponseBody> {
             "version": &*rt.version,
             "snapshot": serde_json::to_value(&*rt.source).unwrap_or_default(),
             "lastRejection": rejection,
+            // The SPIFFE ID of the workload certificate in use (its TLS credentials).
+            "identity": app.credentials.spiffe_id(),
         }),
     )
 }

@@ -43,6 +43,8 @@ pub struct App {
     /// The IP that listeners given only a port bind (a gateway's listeners): the one of
     /// `--ingress-addr`.
     listener_ip: IpAddr,
+    /// The workload certificate, key and trust bundle, once issued (for mTLS).
+    pub credentials: Arc<crate::tls::Credentials>,
 }
 
 impl std::fmt::Debug for App {
@@ -81,6 +83,7 @@ impl App {
             last_rejection: Mutex::new(None),
             named: Mutex::new(HashMap::new()),
             listener_ip,
+            credentials: Arc::default(),
         })
     }
 

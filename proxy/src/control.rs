@@ -113,6 +113,11 @@ async fn session(
         None => None,
     };
     let csr = identity.as_ref().map(Identity::csr).transpose()?;
+    if let Some(identity) = &identity {
+        if app.credentials.spiffe_id().is_none() && identity.restore(&app.credentials) {
+            tracing::info!(identity = ?app.credentials.spiffe_id(), "workload certificate restored from the data dir");
+        }
+    }
     tx.send(ProxyMessage {
         kind: Some(Msg::Hello(Hello {
             node: config.node.clone(),
@@ -137,6 +142,13 @@ async fn session(
     while let Some(push) = inbound.message().await? {
         if let (Some(issued), Some(identity)) = (&push.identity, &identity) {
             let renew_in = identity.store(issued)?;
+            if let Err(e) = app.credentials.set(
+                &issued.certificate_chain,
+                &identity.key_pem(),
+                &issued.trust_bundle,
+            ) {
+                tracing::warn!(error = %e, "the workload certificate cannot be used");
+            }
             tracing::info!(identity = %issued.spiffe_id, renew_in = ?renew_in, "workload certificate received");
             // Renewed at half-life, on this stream.
             if let Some(previous) = renewal.take() {

@@ -55,6 +55,22 @@ impl Identity {
         params.serialize_request(&self.key)?.pem()
     }
 
+    /// The key, PEM (for the proxy's own TLS; it is never sent).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Loads a certificate kept from an earlier run into `credentials`, if there is one.
+    pub fn restore(&self, credentials: &crate::tls::Credentials) -> bool {
+        let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).ok();
+        match (read(CHAIN), read(BUNDLE)) {
+            (Some(chain), Some(bundle)) => {
+                credentials.set(&chain, &self.key_pem(), &bundle).is_ok()
+            }
+            _ => false,
+        }
+    }
+
     /// Keeps what the CA issued; returns when to renew it (half its life from now).
     pub fn store(&self, issued: &pb::Identity) -> std::io::Result<Duration> {
         std::fs::create_dir_all(&self.dir)?;

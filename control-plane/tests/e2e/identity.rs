@@ -64,7 +64,7 @@ async fn a_join_token_gets_the_proxy_its_nodes_certificate() {
     let token = token(&control.url, &["--node", "default/front", "--ttl", "10m"]);
     assert!(token.starts_with("trellis-join-"), "{token}");
     let dir = tempfile::tempdir().unwrap();
-    let _front = ProxyProcess::sidecar_with(
+    let front = ProxyProcess::sidecar_with(
         proxy_bin(),
         &control.url,
         "default/front",
@@ -85,6 +85,21 @@ async fn a_join_token_gets_the_proxy_its_nodes_certificate() {
     );
     let key = std::fs::read_to_string(dir.path().join("identity/key.pem")).unwrap();
     assert!(key.contains("PRIVATE KEY"));
+    // The proxy holds it as its TLS credentials.
+    eventually(
+        Duration::from_secs(10),
+        "the proxy's TLS identity",
+        || async {
+            let (_, dump) = front.admin("/config_dump").await;
+            let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+            if dump["identity"] == "spiffe://trellis.local/ns/default/vn/front" {
+                Ok(())
+            } else {
+                Err(format!("{}\n{}", dump["identity"], front.logs()))
+            }
+        },
+    )
+    .await;
     let s = status(&control.url);
     let proxy = &s["proxies"][0];
     assert_eq!(

@@ -1,0 +1,449 @@
+//! mTLS between sidecars (issue 12): the proxy's credentials — its workload certificate and key
+//! and the trust bundle, swapped whole when renewed or rotated —, the server side (a client
+//! certificate is required and verified against the bundle) and the client side (the server's
+//! certificate verified against the bundle and held to the SPIFFE IDs the cluster expects), and
+//! the SPIFFE ID of a verified peer. Handshakes read the credentials in use when they start, so
+//! a renewal fails no connection.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+
+/// ALPN: HTTP/2 first, HTTP/1.1 else.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// What a handshake uses: the certificate and key, the roots, and a client verifier for them.
+struct Loaded {
+    certified: Arc<CertifiedKey>,
+    roots: Vec<CertificateDer<'static>>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    spiffe_id: String,
+}
+
+/// The proxy's credentials, once it has a certificate.
+#[derive(Default)]
+pub struct Credentials {
+    current: ArcSwapOption<Loaded>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("spiffe_id", &self.spiffe_id())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Takes a certificate chain (leaf first), its key and the trust bundle, all PEM.
+    pub fn set(&self, chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<(), String> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("certificate chain: {e}"))?;
+        let leaf = chain.first().ok_or("certificate chain: empty")?;
+        let spiffe_id = spiffe_id(leaf).ok_or("certificate: no SPIFFE ID")?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("key: {e}"))?;
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("trust bundle: {e}"))?;
+        let mut store = RootCertStore::empty();
+        for root in &roots {
+            store
+                .add(root.clone())
+                .map_err(|e| format!("trust bundle: {e}"))?;
+        }
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+                .build()
+                .map_err(|e| format!("trust bundle: {e}"))?;
+        self.current.store(Some(Arc::new(Loaded {
+            certified: Arc::new(CertifiedKey::new(chain, signing)),
+            roots,
+            client_verifier,
+            spiffe_id,
+        })));
+        Ok(())
+    }
+
+    /// The SPIFFE ID of the certificate in use.
+    pub fn spiffe_id(&self) -> Option<String> {
+        self.current.load().as_ref().map(|l| l.spiffe_id.clone())
+    }
+
+    /// The server side of an mTLS listener: a client certificate from the bundle's roots is
+    /// required.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, Error> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(OwnCertificate(self.clone())));
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// The client side toward servers that must prove one of `expected` SPIFFE IDs.
+    pub fn client_config(
+        self: &Arc<Self>,
+        expected: Vec<String>,
+    ) -> Result<Arc<ClientConfig>, Error> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                credentials: self.clone(),
+                expected,
+            }))
+            .with_client_cert_resolver(Arc::new(OwnCertificate(self.clone())));
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The SPIFFE ID (the `spiffe://` URI SAN) of a certificate.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_string()),
+        _ => None,
+    })
+}
+
+/// The proxy's own certificate, for both sides.
+#[derive(Debug)]
+struct OwnCertificate(Arc<Credentials>);
+
+impl ResolvesServerCert for OwnCertificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current.load().as_ref().map(|l| l.certified.clone())
+    }
+}
+
+impl ResolvesClientCert for OwnCertificate {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.current.load().as_ref().map(|l| l.certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.current.load().is_some()
+    }
+}
+
+/// Clients' certificates, verified against the roots in use.
+#[derive(Debug)]
+struct PeerVerifier(Arc<Credentials>);
+
+impl PeerVerifier {
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        self.0
+            .current
+            .load()
+            .as_ref()
+            .map(|l| l.client_verifier.clone())
+            .ok_or_else(|| Error::General("no workload certificate yet".into()))
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.current()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// A server's certificate: chained to the roots in use, for TLS servers, and naming one of the
+/// SPIFFE IDs the cluster expects (DNS names play no part).
+#[derive(Debug)]
+struct ServerVerifier {
+    credentials: Arc<Credentials>,
+    expected: Vec<String>,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let loaded = self
+            .credentials
+            .current
+            .load_full()
+            .ok_or_else(|| Error::General("no workload certificate yet".into()))?;
+        let anchors: Vec<_> = loaded
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| Error::General(format!("server certificate: {e}")))?;
+        cert.verify_for_usage(
+            algorithms().all,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| Error::General(format!("server certificate: {e}")))?;
+        match spiffe_id(end_entity) {
+            Some(id) if self.expected.contains(&id) => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(Error::General(format!(
+                "server identity {id} is not one of {}",
+                self.expected.join(", ")
+            ))),
+            None => Err(Error::General("server certificate: no SPIFFE ID".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A root: its PEM and issuer.
+    fn root() -> (String, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let cert = params.self_signed(&key).unwrap();
+        let pem = cert.pem();
+        (pem.clone(), Issuer::from_ca_cert_pem(&pem, key).unwrap())
+    }
+
+    /// Credentials for `id` from `root`, valid from `from` to `to` (seconds from now).
+    fn credentials(
+        id: &str,
+        root: &(String, Issuer<'static, KeyPair>),
+        validity: (i64, i64),
+    ) -> Arc<Credentials> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(validity.0);
+        params.not_after = now + time::Duration::seconds(validity.1);
+        let cert = params.signed_by(&key, &root.1).unwrap();
+        let c = Arc::new(Credentials::default());
+        c.set(
+            &format!("{}{}", cert.pem(), root.0),
+            &key.serialize_pem(),
+            &root.0,
+        )
+        .unwrap();
+        c
+    }
+
+    /// A handshake of `client` (expecting `expected`) with `server`, then one byte each way:
+    /// each side's view of the other's SPIFFE ID, or the first error.
+    async fn handshake(
+        client: &Arc<Credentials>,
+        expected: &str,
+        server: &Arc<Credentials>,
+    ) -> Result<(String, String), String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+        let connector =
+            tokio_rustls::TlsConnector::from(client.client_config(vec![expected.into()]).unwrap());
+        let serving = tokio::spawn(async move {
+            let mut tls = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| spiffe_id(&c[0]));
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            tls.write_all(&byte).await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(peer.unwrap_or_default())
+        });
+        let name = ServerName::try_from("mesh.invalid").unwrap();
+        let client_side = async {
+            let mut tls = connector
+                .connect(name, a)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| spiffe_id(&c[0]));
+            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(peer.unwrap_or_default())
+        };
+        let client_result = tokio::time::timeout(Duration::from_secs(5), client_side)
+            .await
+            .map_err(|_| "timed out".to_string())?;
+        let server_result = serving.await.map_err(|e| e.to_string())?;
+        Ok((client_result?, server_result?))
+    }
+
+    const A: &str = "spiffe://trellis.local/ns/default/vn/a";
+    const B: &str = "spiffe://trellis.local/ns/default/vn/b";
+
+    #[tokio::test]
+    async fn peers_of_one_root_see_each_others_identity() {
+        let root = root();
+        let a = credentials(A, &root, (-60, 3600));
+        let b = credentials(B, &root, (-60, 3600));
+        assert_eq!(
+            handshake(&b, A, &a).await,
+            Ok((A.to_string(), B.to_string()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_identity_is_refused() {
+        let root = root();
+        let a = credentials(A, &root, (-60, 3600));
+        let b = credentials(B, &root, (-60, 3600));
+        let err = handshake(&b, B, &a).await.unwrap_err();
+        assert!(err.contains("is not one of"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn another_root_or_an_expired_certificate_is_refused() {
+        let root = root();
+        let a = credentials(A, &root, (-60, 3600));
+        let stranger = credentials(B, &super::tests::root(), (-60, 3600));
+        assert!(
+            handshake(&stranger, A, &a).await.is_err(),
+            "a client of another root"
+        );
+        assert!(
+            handshake(&a, B, &stranger).await.is_err(),
+            "a server of another root"
+        );
+        let expired = credentials(B, &root, (-7200, -3600));
+        assert!(
+            handshake(&expired, A, &a).await.is_err(),
+            "an expired client"
+        );
+        assert!(
+            handshake(&a, B, &expired).await.is_err(),
+            "an expired server"
+        );
+    }
+
+    /// Renewed credentials are used from the next handshake on.
+    #[tokio::test]
+    async fn renewed_credentials_take_the_next_handshake() {
+        let root = root();
+        let a = credentials(A, &root, (-60, 3600));
+        let b = credentials(B, &root, (-60, 3600));
+        let renewed = credentials(A, &root, (-60, 7200));
+        let loaded = renewed.current.load_full().unwrap();
+        a.current.store(Some(loaded));
+        assert_eq!(
+            handshake(&b, A, &a).await,
+            Ok((A.to_string(), B.to_string()))
+        );
+        // A client with no certificate yet is refused by the server.
+        let empty = Arc::new(Credentials::default());
+        assert!(handshake(&empty, A, &a).await.is_err());
+    }
+}
