@@ -100,6 +100,8 @@ pub struct Controller {
     /// The CA issuing workload certificates, once set, and whether a proxy must present a join
     /// token to get its snapshot.
     identity: std::sync::OnceLock<(Arc<crate::identity::Ca>, bool)>,
+    /// Which addresses instances may be registered at, once set; unset, the rule as it is.
+    registration_policy: std::sync::OnceLock<registry::AddressPolicy>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -126,6 +128,7 @@ impl Controller {
             cache: Mutex::new((0, HashMap::new())),
             metrics,
             identity: std::sync::OnceLock::new(),
+            registration_policy: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -139,6 +142,19 @@ impl Controller {
     /// admitted join token gets nothing.
     pub fn set_identity(&self, ca: Arc<crate::identity::Ca>, required: bool) {
         let _ = self.identity.set((ca, required));
+    }
+
+    /// Checks the addresses of registrations with `policy` from now on (once; later calls are
+    /// ignored).
+    pub fn set_registration_policy(&self, policy: registry::AddressPolicy) {
+        let _ = self.registration_policy.set(policy);
+    }
+
+    /// The policy registrations' addresses are checked with: the one set, else the rule with
+    /// nothing allowed despite it.
+    pub fn registration_policy(&self) -> &registry::AddressPolicy {
+        static RULE: registry::AddressPolicy = registry::AddressPolicy::RULE;
+        self.registration_policy.get().unwrap_or(&RULE)
     }
 
     /// The CA, and whether identity is required.
