@@ -102,6 +102,8 @@ pub struct Controller {
     identity: std::sync::OnceLock<(Arc<crate::identity::Ca>, bool)>,
     /// Whether the API requires an operator's bearer token.
     auth: std::sync::OnceLock<bool>,
+    /// Which addresses instances may be registered at, once set; unset, the rule as it is.
+    registration_policy: std::sync::OnceLock<registry::AddressPolicy>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -129,6 +131,7 @@ impl Controller {
             metrics,
             identity: std::sync::OnceLock::new(),
             auth: std::sync::OnceLock::new(),
+            registration_policy: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -151,6 +154,19 @@ impl Controller {
 
     pub fn auth_required(&self) -> bool {
         self.auth.get().copied().unwrap_or(false)
+    }
+
+    /// Checks the addresses of registrations with `policy` from now on (once; later calls are
+    /// ignored).
+    pub fn set_registration_policy(&self, policy: registry::AddressPolicy) {
+        let _ = self.registration_policy.set(policy);
+    }
+
+    /// The policy registrations' addresses are checked with: the one set, else the rule with
+    /// nothing allowed despite it.
+    pub fn registration_policy(&self) -> &registry::AddressPolicy {
+        static RULE: registry::AddressPolicy = registry::AddressPolicy::RULE;
+        self.registration_policy.get().unwrap_or(&RULE)
     }
 
     /// The CA, and whether identity is required.

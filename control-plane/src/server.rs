@@ -595,7 +595,8 @@ fn get_resource(controller: &Controller, kind: Kind, ns: &str, name: &str) -> Re
     }
 }
 
-/// `POST /v1/instances`: a registration, checked like the endpoint it becomes.
+/// `POST /v1/instances`: a registration, checked like the endpoint it becomes and its address
+/// with the controller's registration policy.
 async fn register(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
     let text = match body_text(req).await {
         Ok(t) => t,
@@ -612,7 +613,7 @@ async fn register(controller: &Controller, req: Request<Incoming>) -> Response<B
         Ok(r) => r,
         Err(e) => return invalid(&e.path().to_string(), e.inner()),
     };
-    let instance = match registration.into_instance() {
+    let instance = match registration.into_instance(controller.registration_policy()) {
         Ok(i) => i,
         Err((path, reason)) => return invalid(&path, &reason),
     };

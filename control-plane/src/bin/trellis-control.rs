@@ -4,7 +4,12 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use trellis_control::{controller::Controller, server, store::embedded::EmbeddedStore};
+use trellis_control::{
+    controller::Controller,
+    registry::{AddressPolicy, Cidr},
+    server,
+    store::embedded::EmbeddedStore,
+};
 
 #[derive(Debug, clap::Parser)]
 #[command(name = "trellis-control", version, about = "Trellis control plane")]
@@ -42,6 +47,16 @@ struct Args {
     /// Proxies must present a join token naming their node to get its snapshot.
     #[arg(long, env = "TRELLIS_CONTROL_REQUIRE_IDENTITY")]
     require_identity: bool,
+    /// Permits registering instances at addresses in this range (CIDR, or one address) that are
+    /// otherwise refused: link-local, multicast, unspecified, broadcast, metadata services.
+    /// Repeatable; the environment variable takes a comma-separated list.
+    #[arg(
+        long = "allow-registration-cidr",
+        value_name = "CIDR",
+        env = "TRELLIS_CONTROL_ALLOW_REGISTRATION_CIDR",
+        value_delimiter = ','
+    )]
+    allow_registration_cidr: Vec<Cidr>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_CONTROL_LOG", default_value = "info")]
     log: String,
@@ -111,6 +126,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Err(e) => anyhow::bail!("cannot create the first admin: {e}"),
             }
         }
+        if !args.allow_registration_cidr.is_empty() {
+            let ranges: Vec<String> = args
+                .allow_registration_cidr
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(ranges = %ranges.join(","), "registrations allowed in refused ranges");
+        }
+        controller.set_registration_policy(AddressPolicy::allowing(args.allow_registration_cidr));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -10,6 +10,7 @@ mod identity;
 mod import;
 mod mesh;
 mod ports;
+mod registration;
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, process::Output, sync::OnceLock,
