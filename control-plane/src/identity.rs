@@ -198,6 +198,38 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A certificate and key (PEM) for the control plane's own TLS listener, for `names` (DNS
+    /// names or IP addresses); valid 90 days, made anew at each start.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), IdentityError> {
+        let ca = |e: rcgen::Error| IdentityError::Ca(e.to_string());
+        let key = KeyPair::generate().map_err(ca)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(ca)?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(ca),
+            })
+            .collect::<Result<_, _>>()?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "trellis-control");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now();
+        params.not_before = offset(now - SKEW);
+        params.not_after = offset(now + Duration::from_secs(90 * 24 * 3600));
+        params.use_authority_key_identifier_extension = true;
+        let certificate = params.signed_by(&key, &self.issuer).map_err(ca)?;
+        Ok((
+            format!("{}{}", certificate.pem(), self.root_pem),
+            key.serialize_pem(),
+        ))
+    }
+}
+
 /// A new root: (certificate, key), PEM.
 fn new_root(trust_domain: &str) -> Result<(String, String), IdentityError> {
     let ca = |e: rcgen::Error| IdentityError::Ca(e.to_string());

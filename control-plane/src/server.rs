@@ -65,6 +65,37 @@ pub async fn serve(
     controller: Arc<Controller>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_tls(listener, controller, None, shutdown).await;
+}
+
+/// A TLS server config for the API and config stream: the certificate chain and key (PEM),
+/// ALPN h2 (gRPC) and http/1.1 (the API).
+pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves until `shutdown` resolves, over TLS with `tls`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    controller: Arc<Controller>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let grpc = ConfigStreamServer::new(ConfigService::new(controller.clone()))
         .max_decoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES)
         .max_encoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES);
@@ -86,6 +117,7 @@ pub async fn serve(
         let controller = controller.clone();
         let grpc = grpc.clone();
         let builder = builder.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let controller = controller.clone();
@@ -107,10 +139,28 @@ pub async fn serve(
                     Ok(api(&controller, req).await)
                 }
             });
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = match acceptor {
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "API connection ended");
             }
         });

@@ -29,6 +29,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "TRELLIS_PROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// The CA certificate (PEM file) an `https://` control plane's certificate chains to
+    /// (trellis-control --tls writes it to its DATA_DIR/ca.pem).
+    #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+
     /// The VirtualNode this sidecar serves, NAMESPACE/NAME.
     #[arg(long, env = "TRELLIS_PROXY_NODE", conflicts_with = "gateway", required_unless_present_any = ["gateway", "snapshot"])]
     pub node: Option<String>,

@@ -25,6 +25,8 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// A join token: with it the proxy asks for its workload certificate.
     pub token: Option<String>,
+    /// The CA (PEM) an `https://` control plane's certificate must chain to.
+    pub control_plane_ca: Option<String>,
 }
 
 impl ControlConfig {
@@ -95,7 +97,21 @@ async fn session(
     config: &ControlConfig,
     instance: &str,
 ) -> Result<(), BoxError> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    if url.starts_with("https://") {
+        // The CA given, else the mesh's trust bundle the proxy keeps (issued over TLS before).
+        let ca = config.control_plane_ca.clone().or_else(|| {
+            std::fs::read_to_string(config.data_dir.join("identity").join("bundle.pem")).ok()
+        });
+        let Some(ca) = ca else {
+            return Err("an https control plane needs --control-plane-ca".into());
+        };
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

@@ -115,6 +115,12 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
                 gateway: config.gateway.is_some(),
                 data_dir: config.data_dir.clone(),
                 token: config.token.clone(),
+                control_plane_ca: match &config.control_plane_ca {
+                    Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+                        format!("cannot read --control-plane-ca {}", path.display())
+                    })?),
+                    None => None,
+                },
             };
             control::restore(&app, &control);
             Some(control)

@@ -41,7 +41,19 @@ struct Args {
     /// the first admin's token is written to DATA_DIR/admin-token.
     #[arg(long, env = "TRELLIS_CONTROL_AUTH")]
     auth: bool,
-    /// Listen on a non-loopback address although the API is not yet served over TLS.
+    /// Serve the API and the config stream over TLS, with a certificate from the mesh's CA
+    /// for --tls-name (the CA's certificate is written to DATA_DIR/ca.pem for clients to trust).
+    #[arg(long, env = "TRELLIS_CONTROL_TLS")]
+    tls: bool,
+    /// A name (DNS or IP) clients reach this control plane by, for its TLS certificate
+    /// (repeatable; default: localhost, 127.0.0.1, ::1 and the --listen IP).
+    #[arg(
+        long = "tls-name",
+        env = "TRELLIS_CONTROL_TLS_NAMES",
+        value_delimiter = ','
+    )]
+    tls_names: Vec<String>,
+    /// Listen on a non-loopback address without both --tls and --auth.
     #[arg(long, env = "TRELLIS_CONTROL_INSECURE")]
     insecure: bool,
     /// Proxies must present a join token naming their node to get its snapshot.
@@ -84,9 +96,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .init();
     // Until the API is served over TLS, a non-loopback address carries tokens and mesh config
     // in the clear: only when the operator says so.
-    if !args.listen.ip().is_loopback() && !args.insecure {
+    let guarded = args.tls && args.auth;
+    if !(args.listen.ip().is_loopback() || guarded || args.insecure) {
         anyhow::bail!(
-            "--listen {} is not a loopback address: the API and config stream are not served over TLS yet (issue 12), so this needs --insecure (and --auth, --require-identity)",
+            "--listen {} is not a loopback address: it needs --tls and --auth (or --insecure to serve in the clear)",
             args.listen
         );
     }
@@ -117,6 +130,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
         .await
         .context("cannot set up the certificate authority")?;
+        let tls = if args.tls {
+            let mut names = args.tls_names.clone();
+            if names.is_empty() {
+                names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+                if !args.listen.ip().is_unspecified() && !args.listen.ip().is_loopback() {
+                    names.push(args.listen.ip().to_string());
+                }
+            }
+            let (chain, key) = ca.issue_server(&names).context("cannot issue the control plane's certificate")?;
+            let ca_file = args.data_dir.join("ca.pem");
+            std::fs::write(&ca_file, ca.trust_bundle())
+                .with_context(|| format!("cannot write {}", ca_file.display()))?;
+            tracing::info!(names = %names.join(","), ca = %ca_file.display(), "serving over TLS; clients trust the CA in this file");
+            Some(trellis_control::server::tls_config(&chain, &key).map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         controller.set_identity(Arc::new(ca), args.require_identity);
         if args.auth {
             controller.require_auth();
@@ -151,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 _ => std::future::pending::<()>().await,
             }
         };
-        server::serve(listener, controller, shutdown).await;
+        server::serve_tls(listener, controller, tls, shutdown).await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -95,9 +95,9 @@ async fn operators_authenticate_and_every_write_is_audited() {
     );
 }
 
-/// A non-loopback address is refused while the API has no TLS, unless `--insecure`.
+/// A non-loopback address is refused without --tls and --auth, unless `--insecure`.
 #[test]
-fn listening_beyond_loopback_needs_insecure() {
+fn listening_beyond_loopback_needs_tls_and_auth() {
     let data = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(CONTROL)
         .args([
@@ -110,7 +110,7 @@ fn listening_beyond_loopback_needs_insecure() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("needs --insecure"),
+        stderr(&out).contains("needs --tls and --auth (or --insecure"),
         "{}",
         stderr(&out)
     );

@@ -11,6 +11,7 @@ mod import;
 mod mesh;
 mod ports;
 mod registration;
+mod tls;
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, process::Output, sync::OnceLock,
@@ -44,6 +45,8 @@ pub fn cli(server: &str, args: &[&str]) -> Output {
         .args(["--server", server])
         .args(args)
         .env("NO_COLOR", "1")
+        // Never a developer's `trellis login`.
+        .env("TRELLIS_CONFIG", "/nonexistent/trellis-config.json")
         .output()
         .unwrap()
 }

@@ -15,8 +15,10 @@ use tokio::net::TcpStream;
 pub(crate) enum ClientError {
     #[error("cannot reach the control plane at {server}: {reason}")]
     Unreachable { server: String, reason: String },
-    #[error("invalid server URL {0:?}: give http://HOST:PORT")]
+    #[error("invalid server URL {0:?}: give http://HOST:PORT or https://HOST:PORT")]
     BadUrl(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("the control plane answered {status}: {message}")]
     Api {
         status: StatusCode,
@@ -25,12 +27,26 @@ pub(crate) enum ClientError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ApiClient {
     server: String,
     authority: String,
     /// The operator's bearer token, when the control plane requires one.
     token: Option<String>,
+    /// For an `https://` server: the connector trusting its CA, and the name it is reached by.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    https: bool,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiClient {
@@ -38,9 +54,11 @@ impl ApiClient {
         let uri: Uri = server
             .parse()
             .map_err(|_| ClientError::BadUrl(server.into()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(ClientError::BadUrl(server.into()));
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(ClientError::BadUrl(server.into())),
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| ClientError::BadUrl(server.into()))?
@@ -49,7 +67,46 @@ impl ApiClient {
             server: server.trim_end_matches('/').to_string(),
             authority,
             token: None,
+            tls: None,
+            https,
         })
+    }
+
+    /// Trusts the CA certificates in `ca_pem` for an `https://` server.
+    #[allow(dead_code)]
+    pub(crate) fn with_ca(mut self, ca_pem: Option<&str>) -> Result<Self, ClientError> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+        let Some(ca_pem) = ca_pem.filter(|_| self.https) else {
+            return Ok(self);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| ClientError::Tls(format!("CA file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(format!("CA file: {e}")))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let name = ServerName::try_from(host)
+            .map_err(|e| ClientError::Tls(format!("server name: {e}")))?;
+        self.tls = Some((
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            name,
+        ));
+        Ok(self)
     }
 
     /// Sends `token` as the operator's bearer token.
@@ -75,10 +132,31 @@ impl ApiClient {
                 .await
                 .map_err(|_| unreachable("connect timed out".into()))?
                 .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut sender = match (&self.tls, self.https) {
+            (None, false) => {
+                let (sender, conn) = http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                tokio::spawn(conn);
+                sender
+            }
+            (Some((connector, name)), _) => {
+                let tls = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                let (sender, conn) = http1::handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                tokio::spawn(conn);
+                sender
+            }
+            (None, true) => {
+                return Err(ClientError::Tls(
+                    "an https control plane needs its CA: --ca-file (trellis-control --tls writes DATA_DIR/ca.pem)".into(),
+                ));
+            }
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(path)

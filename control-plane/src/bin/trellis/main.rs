@@ -39,6 +39,9 @@ struct Cli {
     /// Control plane URL (default: `trellis login`'s, else http://127.0.0.1:7070).
     #[arg(long, global = true, env = "TRELLIS_SERVER")]
     server: Option<String>,
+    /// The CA certificate (PEM file) of an https control plane (default: `trellis login`'s).
+    #[arg(long, global = true, env = "TRELLIS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// An operator token (default: `trellis login`'s), for a control plane run with --auth.
     #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -391,17 +394,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or_else(|| login.server.clone())
         .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+    let ca_file = cli.ca_file.clone().or(login.ca_file.clone());
+    let ca = ca_file
+        .as_ref()
+        .map(|f| std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display())))
+        .transpose()?;
     if let Command::Login { with_token } = &cli.command {
-        ApiClient::new(&server)?;
+        ApiClient::new(&server)?.with_ca(ca.as_deref())?;
         let path = Login {
             server: Some(server.clone()),
             token: Some(with_token.clone()),
+            ca_file: ca_file.map(|f| std::fs::canonicalize(&f).unwrap_or(f)),
         }
         .write()?;
         eprintln!("logged in to {server} (saved in {})", path.display());
         return Ok(());
     }
-    let api = ApiClient::new(&server)?.with_token(cli.token.clone().or(login.token));
+    let api = ApiClient::new(&server)?
+        .with_token(cli.token.clone().or(login.token))
+        .with_ca(ca.as_deref())?;
     match cli.command {
         Command::Apply { files } => apply(&api, files).await?,
         Command::Delete {
@@ -915,6 +926,9 @@ struct Login {
     server: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token: Option<String>,
+    /// The server's CA (its certificate pinned for https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
 }
 
 impl Login {
