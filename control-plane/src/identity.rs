@@ -31,6 +31,11 @@ const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Clock skew allowed between the control plane and proxies.
 const SKEW: Duration = Duration::from_secs(5 * 60);
 
+/// The SPIFFE ID of the workload certificate a TLS client of the control plane presented
+/// (verified against the mesh's roots), in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub std::sync::Arc<str>);
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("{0}")]

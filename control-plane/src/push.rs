@@ -48,8 +48,23 @@ struct Admission {
 impl ConfigService {
     /// Checks the hello's join token: an admitted proxy may get certificates; without one, the
     /// proxy gets its snapshot only where identity is not required.
-    async fn admit(&self, token: &str, node: &ResourceKey) -> Result<bool, Status> {
+    async fn admit(
+        &self,
+        token: &str,
+        certificate: Option<&str>,
+        node: &ResourceKey,
+    ) -> Result<bool, Status> {
         let identity = self.controller.identity();
+        // A workload certificate (verified in the TLS handshake) proves the node it names.
+        if let (Some(id), Some((ca, _))) = (certificate, identity) {
+            let wanted = ca.spiffe_id(node);
+            if id == wanted {
+                return Ok(true);
+            }
+            return Err(Status::permission_denied(format!(
+                "the client certificate is for {id}, not {wanted}"
+            )));
+        }
         if token.is_empty() {
             return match identity {
                 Some((_, true)) => Err(Status::unauthenticated(
@@ -93,6 +108,10 @@ impl ConfigStream for ConfigService {
         &self,
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<crate::identity::PeerIdentity>()
+            .map(|p| p.0.clone());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -114,7 +133,7 @@ impl ConfigStream for ConfigService {
                 Kind::VirtualNode
             },
         )?;
-        let admitted = self.admit(&hello.token, &node).await?;
+        let admitted = self.admit(&hello.token, peer.as_deref(), &node).await?;
         let id = self.controller.proxies().connected(ProxyStatus {
             node: hello.node.clone(),
             kind: if gateway { "gateway" } else { "sidecar" }.into(),

@@ -18,6 +18,7 @@ use trellis_proto::v1::config_stream_server::ConfigStreamServer;
 
 use crate::{
     controller::{Applied, ControlError, Controller},
+    identity::PeerIdentity,
     model::{Kind, ResourceKey},
     push::ConfigService,
     registry::{Instance, Registration},
@@ -69,8 +70,13 @@ pub async fn serve(
 }
 
 /// A TLS server config for the API and config stream: the certificate chain and key (PEM),
-/// ALPN h2 (gRPC) and http/1.1 (the API).
-pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+/// ALPN h2 (gRPC) and http/1.1 (the API). Clients may present a workload certificate issued
+/// by `client_roots` (PEM): proxies do, to be admitted without a join token.
+pub fn tls_config(
+    chain_pem: &str,
+    key_pem: &str,
+    client_roots: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -81,7 +87,21 @@ pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerCo
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
-    .with_no_client_auth()
+    .with_client_cert_verifier({
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(client_roots.as_bytes()) {
+            roots
+                .add(cert.map_err(|e| format!("roots: {e}"))?)
+                .map_err(|e| format!("roots: {e}"))?;
+        }
+        rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())?
+    })
     .with_single_cert(chain, key)
     .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -119,30 +139,36 @@ pub async fn serve_tls(
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let controller = controller.clone();
-                let grpc = grpc.clone();
-                async move {
-                    let is_grpc = req
-                        .headers()
-                        .get(header::CONTENT_TYPE)
-                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                    if is_grpc {
-                        let resp = match grpc.oneshot(req).await {
-                            Ok(r) => r,
-                            Err(never) => match never {},
-                        };
-                        return Ok::<_, Infallible>(
-                            resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
-                        );
+            // The SPIFFE ID of the client certificate the connection presented, if any.
+            let make = move |peer: Option<PeerIdentity>| {
+                hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let controller = controller.clone();
+                    let grpc = grpc.clone();
+                    if let Some(peer) = &peer {
+                        req.extensions_mut().insert(peer.clone());
                     }
-                    Ok(api(&controller, req).await)
-                }
-            });
+                    async move {
+                        let is_grpc = req
+                            .headers()
+                            .get(header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        if is_grpc {
+                            let resp = match grpc.oneshot(req).await {
+                                Ok(r) => r,
+                                Err(never) => match never {},
+                            };
+                            return Ok::<_, Infallible>(
+                                resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                            );
+                        }
+                        Ok(api(&controller, req).await)
+                    }
+                })
+            };
             let served = match acceptor {
                 None => {
                     builder
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(stream), make(None))
                         .await
                 }
                 Some(acceptor) => {
@@ -151,7 +177,18 @@ pub async fn serve_tls(
                         acceptor.accept(stream),
                     );
                     match handshake.await {
-                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Ok(Ok(tls)) => {
+                            let peer = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(trellis_proxy::tls::spiffe_id)
+                                .map(|id| PeerIdentity(id.into()));
+                            builder
+                                .serve_connection(TokioIo::new(tls), make(peer))
+                                .await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
                             return;

@@ -106,10 +106,15 @@ async fn session(
         let Some(ca) = ca else {
             return Err("an https control plane needs --control-plane-ca".into());
         };
-        endpoint = endpoint.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        // With a workload certificate, the proxy proves its node with it (no token needed).
+        let dir = config.data_dir.join("identity");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        if let (Some(chain), Some(key)) = (read("cert.pem"), read("key.pem")) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
+        endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
@@ -123,10 +128,14 @@ async fn session(
         .max_encoding_message_size(crate::snapshot::MAX_SNAPSHOT_BYTES);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
     let applied = app.services.store.load().version.to_string();
-    // With a join token: the key (made once, kept in the data dir) and a CSR for it.
-    let identity = match &config.token {
-        Some(_) => Some(Identity::load_or_create(&config.data_dir, &config.node)?),
-        None => None,
+    // With a join token, or a key from an earlier admission (a certificate admits the proxy
+    // over TLS): the key (made once, kept in the data dir) and a CSR for it, so the certificate
+    // is renewed however the proxy was admitted.
+    let has_key = config.data_dir.join("identity").join("key.pem").exists();
+    let identity = if config.token.is_some() || has_key {
+        Some(Identity::load_or_create(&config.data_dir, &config.node)?)
+    } else {
+        None
     };
     let csr = identity.as_ref().map(Identity::csr).transpose()?;
     if let Some(identity) = &identity {

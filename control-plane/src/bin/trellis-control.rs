@@ -143,7 +143,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::fs::write(&ca_file, ca.trust_bundle())
                 .with_context(|| format!("cannot write {}", ca_file.display()))?;
             tracing::info!(names = %names.join(","), ca = %ca_file.display(), "serving over TLS; clients trust the CA in this file");
-            Some(trellis_control::server::tls_config(&chain, &key).map_err(anyhow::Error::msg)?)
+            Some(
+                trellis_control::server::tls_config(&chain, &key, ca.trust_bundle())
+                    .map_err(anyhow::Error::msg)?,
+            )
         } else {
             None
         };
