@@ -142,3 +142,80 @@ pub async fn audit(store: &dyn Store, limit: usize) -> Result<Vec<AuditEntry>, S
     let skip = entries.len().saturating_sub(limit);
     Ok(entries.split_off(skip))
 }
+
+/// An operator as listed: its id (the first 12 hex digits of its token's hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedOperator {
+    pub id: String,
+    #[serde(flatten)]
+    pub operator: Operator,
+}
+
+pub async fn list_operators(store: &dyn Store) -> Result<Vec<ListedOperator>, StoreError> {
+    let listing = store.list(OPERATOR_PREFIX).await?;
+    Ok(listing
+        .items
+        .iter()
+        .filter_map(|kv| {
+            let hash = kv.key.strip_prefix(OPERATOR_PREFIX)?;
+            Some(ListedOperator {
+                id: hash.chars().take(12).collect(),
+                operator: serde_json::from_slice(&kv.value).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Why an operator cannot be revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("give at least 8 hex digits of the operator's id (trellis operator list)")]
+    BadId,
+    #[error("no operator has id {0}")]
+    NotFound(String),
+    #[error("{0} names several operators: give more of it")]
+    Ambiguous(String),
+    #[error("{0} is the last admin: create another admin first")]
+    LastAdmin(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// Revokes the operator whose id starts with `id`; never the last admin.
+pub async fn revoke_operator(store: &dyn Store, id: &str) -> Result<Operator, RevokeError> {
+    if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RevokeError::BadId);
+    }
+    let id = id.to_ascii_lowercase();
+    let all = store.list(OPERATOR_PREFIX).await?;
+    let matching: Vec<_> = all
+        .items
+        .iter()
+        .filter(|kv| kv.key[OPERATOR_PREFIX.len()..].starts_with(&id))
+        .collect();
+    let kv = match matching.as_slice() {
+        [] => return Err(RevokeError::NotFound(id)),
+        [kv] => *kv,
+        _ => return Err(RevokeError::Ambiguous(id)),
+    };
+    let operator: Operator =
+        serde_json::from_slice(&kv.value).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let admins = all
+        .items
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Operator>(&kv.value).ok())
+        .filter(|o| o.role == Role::Admin)
+        .count();
+    if operator.role == Role::Admin && admins <= 1 {
+        return Err(RevokeError::LastAdmin(operator.name));
+    }
+    // Revoked at the revision it was read at: a concurrent change is a conflict, not a miss.
+    store
+        .apply(vec![Op::Delete {
+            key: kv.key.clone(),
+            expect: Expect::Revision(kv.mod_revision),
+        }])
+        .await?;
+    Ok(operator)
+}

@@ -372,3 +372,59 @@ pub async fn admit(
         "the join token is being used concurrently; try again".into(),
     ))
 }
+
+/// A join token as listed: its id (the first 12 hex digits of its hash) and what it admits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedToken {
+    pub id: String,
+    #[serde(flatten)]
+    pub token: Token,
+}
+
+/// The join tokens kept (never the tokens themselves).
+pub async fn list_tokens(store: &dyn Store) -> Result<Vec<ListedToken>, StoreError> {
+    let listing = store.list(TOKEN_PREFIX).await?;
+    Ok(listing
+        .items
+        .iter()
+        .filter_map(|kv| {
+            let hash = kv.key.strip_prefix(TOKEN_PREFIX)?;
+            Some(ListedToken {
+                id: hash.chars().take(12).collect(),
+                token: serde_json::from_slice(&kv.value).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Revokes the join token whose id starts with `id` (at least 8 hex digits, naming one token):
+/// the node it named, or None when none matches.
+pub async fn revoke_token(store: &dyn Store, id: &str) -> Result<Option<String>, IdentityError> {
+    if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(IdentityError::Denied(
+            "give at least 8 hex digits of the token's id (trellis token list)".into(),
+        ));
+    }
+    let listing = store
+        .list(&format!("{TOKEN_PREFIX}{}", id.to_ascii_lowercase()))
+        .await?;
+    match listing.items.as_slice() {
+        [] => Ok(None),
+        [kv] => {
+            let node = serde_json::from_slice::<Token>(&kv.value)
+                .map(|t| t.node)
+                .unwrap_or_default();
+            store
+                .apply(vec![Op::Delete {
+                    key: kv.key.clone(),
+                    expect: Expect::Any,
+                }])
+                .await?;
+            Ok(Some(node))
+        }
+        _ => Err(IdentityError::Denied(format!(
+            "{id} names several tokens: give more of it"
+        ))),
+    }
+}

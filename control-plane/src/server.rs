@@ -368,6 +368,11 @@ async fn audited(
             } else if let Ok(t) = serde_json::from_slice::<TokenCreated>(&bytes) {
                 let kind = if t.gateway { "gateway" } else { "node" };
                 format!("join token for {kind} {} until {}", t.node, t.expires)
+            } else if let Some(revoked) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["revoked"].as_str().map(str::to_string))
+            {
+                format!("revoked {revoked}")
             } else if let Ok(e) = serde_json::from_slice::<ErrorBody>(&bytes) {
                 format!("refused: {}", e.error)
             } else {
@@ -503,6 +508,43 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
         (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
         (&Method::POST, ["v1", "tokens"]) => create_token(controller, req).await,
         (&Method::POST, ["v1", "operators"]) => create_operator(controller, req).await,
+        (&Method::GET, ["v1", "operators"]) => {
+            match crate::auth::list_operators(controller.store().as_ref()).await {
+                Ok(list) => reply(StatusCode::OK, &list),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        (&Method::DELETE, ["v1", "operators", id]) => {
+            match crate::auth::revoke_operator(controller.store().as_ref(), id).await {
+                Ok(op) => reply(StatusCode::OK, &serde_json::json!({ "revoked": op.name })),
+                Err(e @ crate::auth::RevokeError::NotFound(_)) => {
+                    error(StatusCode::NOT_FOUND, e.to_string())
+                }
+                Err(e @ crate::auth::RevokeError::LastAdmin(_)) => {
+                    error(StatusCode::CONFLICT, e.to_string())
+                }
+                Err(e @ crate::auth::RevokeError::Store(_)) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            }
+        }
+        (&Method::GET, ["v1", "tokens"]) => {
+            match crate::identity::list_tokens(controller.store().as_ref()).await {
+                Ok(list) => reply(StatusCode::OK, &list),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        (&Method::DELETE, ["v1", "tokens", id]) => {
+            match crate::identity::revoke_token(controller.store().as_ref(), id).await {
+                Ok(Some(node)) => reply(StatusCode::OK, &serde_json::json!({ "revoked": node })),
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("no join token has id {id}")),
+                Err(crate::identity::IdentityError::Denied(why)) => {
+                    error(StatusCode::BAD_REQUEST, why)
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
         (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(

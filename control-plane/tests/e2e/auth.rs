@@ -115,3 +115,54 @@ fn listening_beyond_loopback_needs_tls_and_auth() {
         stderr(&out)
     );
 }
+
+/// Operators are listed without their tokens and revoked by id; the last admin cannot be.
+#[tokio::test]
+async fn operators_are_listed_and_revoked() {
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--auth"]).await;
+    let admin = std::fs::read_to_string(data.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = as_operator(
+        &control.url,
+        Some(&admin),
+        &["operator", "create", "--name", "vera", "--role", "viewer"],
+    );
+    let viewer = stdout(&out).trim().to_string();
+    let out = as_operator(&control.url, Some(&admin), &["operator", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list = stdout(&out);
+    assert!(
+        !list.contains(&viewer) && !list.contains(&admin),
+        "tokens are never listed: {list}"
+    );
+    let id_of = |name: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string()
+    };
+    let out = as_operator(
+        &control.url,
+        Some(&admin),
+        &["operator", "revoke", &id_of("vera")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_operator(&control.url, Some(&viewer), &["get", "meshes"]);
+    assert!(
+        stderr(&out).contains("unknown operator token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = as_operator(
+        &control.url,
+        Some(&admin),
+        &["operator", "revoke", &id_of("admin")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("last admin"), "{}", stderr(&out));
+}

@@ -231,3 +231,44 @@ async fn certificates_are_renewed_at_half_life() {
         ["spiffe://trellis.local/ns/default/vn/front"]
     );
 }
+
+/// Join tokens are listed without their secret and revoked by id: a revoked token admits no
+/// proxy.
+#[tokio::test]
+async fn join_tokens_are_listed_and_revoked() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    apply(&control.url, MESH);
+    let secret = token(&control.url, &["--node", "default/front", "--uses", "3"]);
+    let out = cli(&control.url, &["token", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list = stdout(&out);
+    assert!(!list.contains(&secret), "{list}");
+    let row = list.lines().find(|l| l.contains("default/front")).unwrap();
+    assert!(row.ends_with(" 3"), "{row}");
+    let id = row.split_whitespace().next().unwrap();
+    let out = cli(&control.url, &["token", "revoke", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &control.url,
+        "default/front",
+        dir.path(),
+        &["--token", &secret],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "a revoked token refused",
+        || async {
+            let logs = proxy.logs();
+            if logs.contains("unknown or used-up join token") {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        },
+    )
+    .await;
+}

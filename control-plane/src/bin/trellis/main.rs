@@ -181,6 +181,10 @@ enum OperatorCommand {
         #[arg(long, value_enum)]
         role: trellis_control::auth::Role,
     },
+    /// The operators, by id (the start of their token's hash).
+    List,
+    /// Revokes an operator's token (never the last admin's).
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +203,10 @@ enum TokenCommand {
         #[arg(long)]
         uses: Option<u32>,
     },
+    /// The join tokens kept, by id (the start of their hash; the tokens are not kept).
+    List,
+    /// Revokes a join token: proxies it has not admitted yet are refused.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -481,6 +489,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 created.name, created.role
             );
             println!("{}", created.token);
+        }
+        Command::Operator {
+            command: OperatorCommand::List,
+        } => {
+            let list = api
+                .get("/v1/operators")
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            let list: Vec<trellis_control::auth::ListedOperator> = typed(list)?;
+            println!("{:<14} {:<20} {:<8} CREATED", "ID", "NAME", "ROLE");
+            for o in list {
+                let role = if o.operator.role == trellis_control::auth::Role::Admin {
+                    "admin"
+                } else {
+                    "viewer"
+                };
+                println!(
+                    "{:<14} {:<20} {:<8} {}",
+                    o.id, o.operator.name, role, o.operator.created
+                );
+            }
+        }
+        Command::Operator {
+            command: OperatorCommand::Revoke { id },
+        } => {
+            let out = api
+                .delete(&format!("/v1/operators/{id}"))
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            println!(
+                "revoked operator {}",
+                out["revoked"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Token {
+            command: TokenCommand::List,
+        } => {
+            let list = api.get("/v1/tokens").await.map_err(|e| explain(e, &[]))?;
+            let list: Vec<trellis_control::identity::ListedToken> = typed(list)?;
+            println!(
+                "{:<14} {:<8} {:<32} {:<21} USES LEFT",
+                "ID", "KIND", "NODE", "EXPIRES"
+            );
+            for t in list {
+                let expires = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.token.expires),
+                );
+                let kind = if t.token.gateway { "gateway" } else { "node" };
+                let uses = t
+                    .token
+                    .uses_left
+                    .map_or("any".to_string(), |n| n.to_string());
+                println!(
+                    "{:<14} {:<8} {:<32} {:<21} {uses}",
+                    t.id,
+                    kind,
+                    t.token.node,
+                    expires.to_string()
+                );
+            }
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { id },
+        } => {
+            let out = api
+                .delete(&format!("/v1/tokens/{id}"))
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            println!(
+                "revoked the join token for {}",
+                out["revoked"].as_str().unwrap_or("?")
+            );
         }
         Command::Audit { limit, output } => {
             let entries = api
