@@ -36,6 +36,8 @@ pub(crate) struct ConnActivity {
     /// The client's address and the one it connected to, for the access log.
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
+    /// The SPIFFE ID of the client's verified certificate (mTLS).
+    pub(crate) identity: Option<Arc<str>>,
 }
 
 impl ConnActivity {
@@ -43,10 +45,12 @@ impl ConnActivity {
         span: tracing::Span,
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
+        identity: Option<Arc<str>>,
     ) -> Self {
         Self {
             peer,
             local,
+            identity,
             opened: Instant::now(),
             span,
             last_end: AtomicU64::new(0),
@@ -87,6 +91,11 @@ impl ActiveRequest {
     /// The client's address and the one it connected to.
     pub(crate) fn addresses(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
         (self.0.peer, self.0.local)
+    }
+
+    /// The SPIFFE ID of the client's verified certificate (mTLS).
+    pub(crate) fn identity(&self) -> Option<&Arc<str>> {
+        self.0.identity.as_ref()
     }
 
     /// The span of the request's connection.

@@ -74,6 +74,7 @@ impl App {
         listener_ip: IpAddr,
     ) -> Arc<Self> {
         let services = Arc::new(Services::new(metrics, access_log, idle_timeout));
+        let credentials = services.store.credentials().clone();
         Arc::new(Self {
             listeners: Listeners::new(services.clone()),
             services,
@@ -83,7 +84,7 @@ impl App {
             last_rejection: Mutex::new(None),
             named: Mutex::new(HashMap::new()),
             listener_ip,
-            credentials: Arc::default(),
+            credentials,
         })
     }
 

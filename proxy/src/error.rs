@@ -17,6 +17,9 @@ pub enum UpstreamFailure {
     Connect,
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The TLS handshake failed (mTLS: the peer's certificate, or this proxy's, was refused).
+    #[error("TLS handshake failed")]
+    Tls,
     #[error("connection or stream reset")]
     Reset,
     #[error("stream refused")]
@@ -81,6 +84,10 @@ pub enum ProxyError {
     /// The mesh allows no egress to the request's authority (its egressFilter is DROP_ALL).
     #[error("egress to this destination is not allowed by the mesh")]
     EgressDenied,
+    /// Under mTLS: the caller's identity may not call this listener (the mesh graph declares no
+    /// such backend).
+    #[error("the caller is not authorized")]
+    Unauthorized,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
     /// The client's request body failed: malformed framing, or the client went away mid-body.
@@ -107,6 +114,7 @@ impl ProxyError {
             Self::NotReady => "not_ready",
             Self::NoRoute => "no_route",
             Self::EgressDenied => "egress_denied",
+            Self::Unauthorized => "unauthorized",
             Self::BadRequest(_) => "bad_request",
             Self::ClientBody(e) => match e {
                 ClientBodyError::Malformed(_) => "bad_request",
@@ -118,6 +126,7 @@ impl ProxyError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect => "connect_failure",
+                UpstreamFailure::Tls => "tls_failure",
                 UpstreamFailure::ConnectTimeout => "connect_timeout",
                 UpstreamFailure::Reset => "upstream_reset",
                 UpstreamFailure::RefusedStream => "refused_stream",
@@ -131,7 +140,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::EgressDenied => StatusCode::FORBIDDEN,
+            Self::EgressDenied | Self::Unauthorized => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ClientBody(e) => match e {
                 ClientBodyError::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -145,6 +154,7 @@ impl ProxyError {
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect
                 | UpstreamFailure::ConnectTimeout
+                | UpstreamFailure::Tls
                 | UpstreamFailure::RefusedStream
                 | UpstreamFailure::Overflow => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamFailure::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,

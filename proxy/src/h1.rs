@@ -26,12 +26,13 @@ use http::{
     request::Parts,
 };
 use http_body::{Body, Frame, SizeHint};
-use tokio::{io::AsyncWrite, net::TcpStream};
+use tokio::io::AsyncWrite;
 
 use crate::{
     BoxError,
     error::{AttemptError, UpstreamFailure},
     outbound::{Outbound, RequestBody},
+    tls::Stream,
 };
 
 /// Read buffer grown by this much when it runs low.
@@ -48,7 +49,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// An open connection to an endpoint, between exchanges.
 #[derive(Debug)]
 pub struct Conn {
-    io: TcpStream,
+    io: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Counts the connection against its cluster's connection limit while it is open.
@@ -68,7 +69,7 @@ fn closed() -> io::Error {
 }
 
 impl Conn {
-    pub fn new(io: TcpStream) -> Self {
+    pub fn new(io: Stream) -> Self {
         Self {
             io,
             rbuf: BytesMut::new(),
@@ -89,16 +90,8 @@ impl Conn {
 
     /// True when the connection can take another exchange: the upstream has neither closed it
     /// nor sent anything unasked. Costs no system call unless the socket has become readable.
-    pub fn is_reusable(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+    pub fn is_reusable(&mut self) -> bool {
+        self.io.is_idle_open()
     }
 
     /// Reads more of the response into the read buffer; `Ok(0)` at end of stream.

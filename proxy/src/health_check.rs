@@ -31,9 +31,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use tokio::{net::TcpStream, task::AbortHandle, time::Instant};
+use tokio::{task::AbortHandle, time::Instant};
 
-use crate::{dial::IpFamily, metrics::HealthCheckMetrics};
+use crate::{dial::IpFamily, metrics::HealthCheckMetrics, tls::Stream};
 
 /// Largest probe response body read (a longer one fails the probe).
 const MAX_BODY: usize = 64 * 1024;
@@ -161,6 +161,7 @@ impl Checker {
         cluster: &Arc<str>,
         addr: &str,
         family: IpFamily,
+        tls: Option<Arc<rustls::ClientConfig>>,
         config: Arc<HealthCheck>,
         health: Arc<EndpointHealth>,
         metrics: HealthCheckMetrics,
@@ -168,7 +169,7 @@ impl Checker {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         health.claim(id);
-        let target = Target::new(addr, config.port, family);
+        let target = Target::new(addr, config.port, family, tls);
         let task = runtime.spawn(run(
             cluster.clone(),
             target,
@@ -193,10 +194,17 @@ struct Target {
     /// HOST:PORT to connect to, and the authority of HTTP probes.
     addr: Arc<str>,
     family: IpFamily,
+    /// mTLS, as the cluster's requests use it.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
-    fn new(addr: &str, port: Option<u16>, family: IpFamily) -> Self {
+    fn new(
+        addr: &str,
+        port: Option<u16>,
+        family: IpFamily,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let addr = match (port, addr.rsplit_once(':')) {
             (Some(port), Some((host, _))) => format!("{host}:{port}"),
             _ => addr.to_owned(),
@@ -204,6 +212,7 @@ impl Target {
         Self {
             addr: addr.into(),
             family,
+            tls,
         }
     }
 }
@@ -432,12 +441,18 @@ fn expect_ok(status: StatusCode) -> Result<(), String> {
     }
 }
 
-async fn connect(target: &Target) -> Result<TcpStream, String> {
+/// A probe connection (with its TLS handshake under mTLS: a TCP probe then also checks that).
+async fn connect(target: &Target) -> Result<Stream, String> {
     let stream = crate::dial::connect(&target.addr, target.family)
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    Ok(stream)
+    match &target.tls {
+        None => Ok(Stream::Plain(stream)),
+        Some(config) => crate::tls::connect(config, &target.addr, stream)
+            .await
+            .map_err(|e| format!("TLS: {e}")),
+    }
 }
 
 async fn connect_h1(target: &Target) -> Result<http1::SendRequest<Full<Bytes>>, String> {
@@ -581,15 +596,15 @@ mod tests {
     #[test]
     fn the_probed_port_replaces_the_endpoints() {
         assert_eq!(
-            &*Target::new("10.0.0.1:80", Some(9), IpFamily::Any).addr,
+            &*Target::new("10.0.0.1:80", Some(9), IpFamily::Any, None).addr,
             "10.0.0.1:9"
         );
         assert_eq!(
-            &*Target::new("[::1]:80", Some(9), IpFamily::Any).addr,
+            &*Target::new("[::1]:80", Some(9), IpFamily::Any, None).addr,
             "[::1]:9"
         );
         assert_eq!(
-            &*Target::new("a.example:80", None, IpFamily::Any).addr,
+            &*Target::new("a.example:80", None, IpFamily::Any, None).addr,
             "a.example:80"
         );
     }

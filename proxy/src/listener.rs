@@ -32,6 +32,7 @@ use crate::{
     activity::{ActiveRequest, ConnActivity},
     proxy::Services,
     snapshot::{ListenerKind, Slot},
+    tls::Stream,
 };
 
 /// Accepts and serves the connections of every socket, with one hyper server configuration and
@@ -122,15 +123,42 @@ impl Listeners {
         };
         let gauge = self.services.metrics.active_connections(&listener.name);
         gauge.inc();
+        let stream = match listener.tls {
+            None => Stream::Plain(stream),
+            Some(mode) => {
+                let credentials = self.services.store.credentials();
+                let timeout = self.services.idle_timeout;
+                match crate::tls::accept(credentials, mode, stream, timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Plaintext under STRICT, an unknown or expired certificate, none.
+                        tracing::debug!(error = %e, "TLS handshake refused");
+                        self.services.metrics.tls_refused(&listener.name);
+                        gauge.dec();
+                        return;
+                    }
+                }
+            }
+        };
+        let identity: Option<Arc<str>> = stream.peer_identity().map(Into::into);
         match &listener.kind {
             ListenerKind::Tcp(route) => {
+                if !listener.admits(identity.as_deref()) {
+                    // TCP has no way to say why: the connection is closed.
+                    tracing::debug!(caller = ?identity, "caller not authorized");
+                    self.services
+                        .metrics
+                        .unauthorized(&listener.name, identity.as_deref());
+                    gauge.dec();
+                    return;
+                }
                 let log = self
                     .services
                     .access_log
                     .sink(runtime.access_log.as_ref())
                     .map(|sink| {
                         let mut log = LogRecord::tcp(sink.clone(), slot.name());
-                        (log.peer, log.local) = (Some(peer), stream.local_addr().ok());
+                        (log.peer, log.local) = (Some(peer), stream.tcp().local_addr().ok());
                         log
                     });
                 let start = tokio::time::Instant::now();
@@ -147,17 +175,24 @@ impl Listeners {
             }
             ListenerKind::Http(_) => {
                 drop(runtime);
-                self.serve_http(stream, peer, slot).await;
+                self.serve_http(stream, peer, identity, slot).await;
             }
         }
         gauge.dec();
     }
 
-    async fn serve_http(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: Slot) {
+    async fn serve_http(
+        self: &Arc<Self>,
+        stream: Stream,
+        peer: SocketAddr,
+        identity: Option<Arc<str>>,
+        slot: Slot,
+    ) {
         let activity = Arc::new(ConnActivity::new(
             tracing::Span::current(),
             Some(peer),
-            stream.local_addr().ok(),
+            stream.tcp().local_addr().ok(),
+            identity,
         ));
         let services = self.services.clone();
         let requests = activity.clone();
@@ -334,7 +369,7 @@ impl<F: Future> Future for WokenOnly<F> {
 /// length check.
 #[derive(Debug)]
 struct ClientIo {
-    stream: TcpStream,
+    stream: Stream,
     activity: Arc<ConnActivity>,
     kind: IoKind,
     held: bool,

@@ -38,6 +38,8 @@ struct Vecs {
     timeouts: IntCounterVec,
     errors: IntCounterVec,
     active_connections: IntGaugeVec,
+    tls_refused: IntCounterVec,
+    unauthorized: IntCounterVec,
     snapshot_info: IntGaugeVec,
     snapshot_applied: IntCounter,
     snapshot_rejected: IntCounter,
@@ -177,6 +179,28 @@ impl ProxyMetrics {
                     &["listener"],
                 )?,
             )?,
+            tls_refused: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_tls_handshake_failures_total",
+                        "Downstream connections closed because their TLS handshake failed \
+                         (plaintext under STRICT, a certificate refused), by listener",
+                    ),
+                    &["listener"],
+                )?,
+            )?,
+            unauthorized: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_unauthorized_total",
+                        "Requests and TCP connections refused because the caller may not call \
+                         the listener, by listener and caller identity (\"\" without one)",
+                    ),
+                    &["listener", "source"],
+                )?,
+            )?,
             snapshot_info: register(
                 r,
                 IntGaugeVec::new(
@@ -252,6 +276,17 @@ impl ProxyMetrics {
 
     pub fn error(&self, kind: &str) {
         self.inner.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn tls_refused(&self, listener: &str) {
+        self.inner.tls_refused.with_label_values(&[listener]).inc();
+    }
+
+    pub fn unauthorized(&self, listener: &str, source: Option<&str>) {
+        self.inner
+            .unauthorized
+            .with_label_values(&[listener, source.unwrap_or("")])
+            .inc();
     }
 
     pub fn active_connections(&self, listener: &str) -> IntGauge {

@@ -177,10 +177,13 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 pub(crate) async fn serve(
     services: Arc<Services>,
     slot: &Slot,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     active: ActiveRequest,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
+    if matches!(slot, Slot::Ingress) {
+        client_cert_header(&services, &mut req, active.identity());
+    }
     let runtime = services.store.load();
     let log = services
         .access_log
@@ -302,6 +305,18 @@ enum Routing<'r> {
 
 /// Finds the request's route and target; records them on the completion.
 /// A passthrough route (made per destination, not the snapshot's) is held in `passthrough`.
+/// At a sidecar's ingress: `x-forwarded-client-cert` names the caller's verified identity (as
+/// Envoy's does: `By=<this proxy>;URI=<caller>`), and only then — a client cannot set it.
+fn client_cert_header(services: &Services, req: &mut Request<Incoming>, caller: Option<&Arc<str>>) {
+    const XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
+    req.headers_mut().remove(XFCC);
+    let Some(caller) = caller else { return };
+    let by = services.store.credentials().spiffe_id().unwrap_or_default();
+    if let Ok(v) = HeaderValue::from_str(&format!("By={by};URI={caller}")) {
+        req.headers_mut().insert(XFCC, v);
+    }
+}
+
 fn route_request<'r>(
     runtime: &'r Runtime,
     slot: &Slot,
@@ -318,6 +333,16 @@ fn route_request<'r>(
     let Some(listener) = runtime.listener(slot) else {
         return Err(ProxyError::NoRoute);
     };
+    if listener.authorized.is_some() {
+        let c = completion.as_ref();
+        let identity = c.and_then(|c| c.active.identity()).map(|i| &**i);
+        if !listener.admits(identity) {
+            if let Some(c) = c {
+                c.services.metrics.unauthorized(&listener.name, identity);
+            }
+            return Err(ProxyError::Unauthorized);
+        }
+    }
     let ListenerKind::Http(table) = &listener.kind else {
         return Err(ProxyError::NoRoute);
     };
@@ -814,7 +839,7 @@ fn attempt_error(
 fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: UpstreamFailure) {
     match failure {
         UpstreamFailure::Overflow => cluster.metrics.overflows.inc(),
-        UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout => {
+        UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout | UpstreamFailure::Tls => {
             cluster.metrics.connect_errors.inc()
         }
         UpstreamFailure::PerTryTimeout => {

@@ -115,7 +115,7 @@ impl RetryPolicy {
         // As in Envoy, server-error and gateway-error include failures with no response at all.
         let any_5xx = self.on.server_error || self.on.gateway_error;
         match failure {
-            UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout => {
+            UpstreamFailure::Connect | UpstreamFailure::ConnectTimeout | UpstreamFailure::Tls => {
                 self.on.connect_failure || any_5xx
             }
             UpstreamFailure::RefusedStream => self.on.refused_stream || self.on.reset || any_5xx,

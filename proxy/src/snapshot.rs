@@ -4,7 +4,7 @@
 mod compile;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     net::SocketAddr,
     sync::{
@@ -26,6 +26,7 @@ use crate::{
     metrics::ProxyMetrics,
     passthrough::Passthrough,
     route::RouteTable,
+    tls::{Credentials, ServerMode},
     upstream::{Cluster, Upstreams},
 };
 
@@ -411,6 +412,21 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// HTTP: what a request gets whose authority no virtual host serves.
     pub unmatched: Unmatched,
+    /// TLS on its connections (mTLS), if set.
+    pub tls: Option<ServerMode>,
+    /// Under mTLS: the SPIFFE IDs of the callers it admits; None: every caller.
+    pub authorized: Option<HashSet<Arc<str>>>,
+}
+
+impl Listener {
+    /// Whether a caller of `identity` (None: no verified certificate) may call.
+    pub fn admits(&self, identity: Option<&str>) -> bool {
+        match (&self.authorized, identity) {
+            (None, _) => true,
+            (Some(ids), Some(id)) => ids.contains(id),
+            (Some(_), None) => false,
+        }
+    }
 }
 
 /// What a request gets whose authority no virtual host serves.
@@ -452,6 +468,11 @@ pub struct SnapshotStore {
 pub type Resolved = HashMap<(String, IpFamily), Vec<SocketAddr>>;
 
 impl SnapshotStore {
+    /// The proxy's workload certificate, key and trust bundle (mTLS on both sides).
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.upstreams.credentials
+    }
+
     pub fn new(metrics: ProxyMetrics) -> Self {
         Self {
             current: ArcSwap::from_pointee(Runtime::empty()),

@@ -3,21 +3,19 @@
 
 use std::{io, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
     error::ProxyError,
     limit::ConnPermit,
     snapshot::TcpRoute,
+    tls::Stream,
     upstream::{Cluster, EndpointState, Protocol},
 };
 
 /// A TCP connection to an endpoint, counted against a TCP cluster's connection limit while the
 /// permit lives.
-pub(crate) type Connected = (Arc<EndpointState>, TcpStream, Option<ConnPermit>);
+pub(crate) type Connected = (Arc<EndpointState>, Stream, Option<ConnPermit>);
 
 /// Connects to an endpoint of `cluster`, trying the others (up to three in all) when a connect
 /// fails. A TCP cluster at its connection limit refuses at once (overflow).
@@ -68,7 +66,7 @@ pub(crate) struct TcpOutcome {
 }
 
 /// Forwards one accepted connection of a TCP listener.
-pub(crate) async fn forward(route: &TcpRoute, client: TcpStream) -> TcpOutcome {
+pub(crate) async fn forward(route: &TcpRoute, client: Stream) -> TcpOutcome {
     let mut outcome = TcpOutcome::default();
     let Some(target) = route.targets.pick() else {
         outcome.error = Some("no_route");

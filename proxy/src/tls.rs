@@ -5,7 +5,11 @@
 //! the SPIFFE ID of a verified peer. Handshakes read the credentials in use when they start, so
 //! a renewal fails no connection.
 
-use std::sync::Arc;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use arc_swap::ArcSwapOption;
 use rustls::{
@@ -23,9 +27,20 @@ use rustls::{
     },
     sign::CertifiedKey,
 };
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 /// ALPN: HTTP/2 first, HTTP/1.1 else.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// What a client offers for one protocol (its listener's server tells HTTP/1.1 and HTTP/2
+/// apart by the preface anyway).
+pub const ALPN_H2: &[&[u8]] = &[b"h2"];
+pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+pub const ALPN_NONE: &[&[u8]] = &[];
+/// A TLS handshake's first byte: a handshake record.
+const HANDSHAKE_RECORD: u8 = 0x16;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -47,6 +62,8 @@ struct Loaded {
 #[derive(Default)]
 pub struct Credentials {
     current: ArcSwapOption<Loaded>,
+    /// The server side, built once so its session cache lasts (resumed handshakes).
+    server: std::sync::OnceLock<Arc<ServerConfig>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -100,9 +117,22 @@ impl Credentials {
         self.current.load().as_ref().map(|l| l.spiffe_id.clone())
     }
 
-    /// The server side of an mTLS listener: a client certificate from the bundle's roots is
-    /// required.
+    /// Whether a certificate is in use.
+    pub fn is_set(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// The server side of mTLS listeners (one for all, with one session cache): a client
+    /// certificate from the bundle's roots is required.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, Error> {
+        if let Some(config) = self.server.get() {
+            return Ok(config.clone());
+        }
+        let config = self.new_server_config()?;
+        Ok(self.server.get_or_init(|| config).clone())
+    }
+
+    fn new_server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, Error> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
@@ -111,10 +141,12 @@ impl Credentials {
         Ok(Arc::new(config))
     }
 
-    /// The client side toward servers that must prove one of `expected` SPIFFE IDs.
+    /// The client side toward servers that must prove one of `expected` SPIFFE IDs, offering
+    /// `alpn`.
     pub fn client_config(
         self: &Arc<Self>,
         expected: Vec<String>,
+        alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, Error> {
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -124,9 +156,186 @@ impl Credentials {
                 expected,
             }))
             .with_client_cert_resolver(Arc::new(OwnCertificate(self.clone())));
-        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+}
+
+/// How a listener takes connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerMode {
+    /// TLS only.
+    Strict,
+    /// TLS, or plaintext, told apart by the first byte.
+    Permissive,
+}
+
+/// A connection, in plaintext or TLS (boxed: a TLS session's state is large and rare next to
+/// plaintext's).
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The SPIFFE ID of the verified peer, on TLS.
+    pub fn peer_identity(&self) -> Option<String> {
+        let Self::Tls(s) = self else { return None };
+        let certs = match &**s {
+            tokio_rustls::TlsStream::Client(c) => c.get_ref().1.peer_certificates(),
+            tokio_rustls::TlsStream::Server(c) => c.get_ref().1.peer_certificates(),
+        }?;
+        spiffe_id(certs.first()?)
+    }
+
+    /// Whether the session was resumed (a handshake without certificates), on TLS.
+    pub fn resumed(&self) -> bool {
+        let Self::Tls(s) = self else { return false };
+        let kind = match &**s {
+            tokio_rustls::TlsStream::Client(c) => c.get_ref().1.handshake_kind(),
+            tokio_rustls::TlsStream::Server(c) => c.get_ref().1.handshake_kind(),
+        };
+        kind == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    /// True when an idle connection can take another exchange: the peer has neither closed it
+    /// nor sent anything unasked (TLS records that carry no data, such as session tickets, are
+    /// taken in passing). Costs no system call unless the socket has become readable.
+    pub fn is_idle_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self {
+            Self::Plain(s) => match s.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                Poll::Ready(Ok(())) => {
+                    let mut probe = [0u8; 1];
+                    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                }
+            },
+            Self::Tls(s) => {
+                if s.get_ref().0.poll_read_ready(&mut cx).is_pending() {
+                    return true;
+                }
+                let mut probe = [0u8; 1];
+                let mut buf = tokio::io::ReadBuf::new(&mut probe);
+                matches!(
+                    Pin::new(&mut **s).poll_read(&mut cx, &mut buf),
+                    Poll::Pending
+                )
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Takes an accepted connection's TLS handshake (under `Permissive`, only when the client's
+/// first byte starts one), within `timeout`.
+pub async fn accept(
+    credentials: &Arc<Credentials>,
+    mode: ServerMode,
+    stream: TcpStream,
+    timeout: std::time::Duration,
+) -> std::io::Result<Stream> {
+    let handshake = async {
+        if mode == ServerMode::Permissive {
+            let mut first = [0u8; 1];
+            let n = stream.peek(&mut first).await?;
+            if n == 0 || first[0] != HANDSHAKE_RECORD {
+                return Ok(Stream::Plain(stream));
+            }
+        }
+        let config = credentials.server_config().map_err(std::io::Error::other)?;
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(stream)
+            .await?;
+        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))))
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// Opens TLS on a connection to `addr` (`HOST:PORT`; the name only travels as SNI).
+pub async fn connect(
+    config: &Arc<ClientConfig>,
+    addr: &str,
+    stream: TcpStream,
+) -> std::io::Result<Stream> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string()).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+    })?;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, stream)
+        .await?;
+    Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
 }
 
 /// The SPIFFE ID (the `spiffe://` URI SAN) of a certificate.
@@ -343,8 +552,9 @@ mod tests {
     ) -> Result<(String, String), String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
-        let connector =
-            tokio_rustls::TlsConnector::from(client.client_config(vec![expected.into()]).unwrap());
+        let connector = tokio_rustls::TlsConnector::from(
+            client.client_config(vec![expected.into()], &ALPN).unwrap(),
+        );
         let serving = tokio::spawn(async move {
             let mut tls = acceptor.accept(b).await.map_err(|e| e.to_string())?;
             let peer = tls

@@ -27,7 +27,6 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use crate::{
     BoxError,
@@ -39,6 +38,7 @@ use crate::{
     metrics::{ClusterMetrics, HealthCheckMetrics},
     outbound::{Outbound, RequestBody},
     outlier::{EndpointOutlier, OutlierDetection},
+    tls::Stream,
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -156,6 +156,9 @@ pub struct EndpointState {
     /// An [`IpFamily`]: which addresses of its name it may be dialled at (part of the
     /// endpoint's key: fixed for its life).
     family: AtomicU8,
+    /// mTLS toward it, if its cluster asks for it (the identities expected are part of the
+    /// endpoint's key: fixed for its life).
+    pub(crate) tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug)]
@@ -217,6 +220,7 @@ impl EndpointState {
             outlier: EndpointOutlier::default(),
             health: Arc::default(),
             family: AtomicU8::new(0),
+            tls: None,
         }
     }
 
@@ -251,22 +255,29 @@ impl EndpointState {
         IpFamily::from_u8(self.family.load(Ordering::Relaxed))
     }
 
-    /// Opens a TCP connection to the endpoint.
-    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, AttemptError> {
-        let connect = crate::dial::connect(&self.addr, self.family());
-        let stream = match tokio::time::timeout(timeout, connect).await {
-            Err(_) => {
-                return Err(AttemptError::new(
-                    UpstreamFailure::ConnectTimeout,
-                    format!("no connection within {timeout:?}"),
-                ));
+    /// Opens a connection to the endpoint (with its TLS handshake, under mTLS) within
+    /// `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<Stream, AttemptError> {
+        let connect = async {
+            let stream = crate::dial::connect(&self.addr, self.family())
+                .await
+                .map_err(|e| AttemptError::new(UpstreamFailure::Connect, e))?;
+            // Small writes (headers, gRPC messages) must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok(Stream::Plain(stream)),
+                Some((_, config)) => crate::tls::connect(config, &self.addr, stream)
+                    .await
+                    .map_err(|e| AttemptError::new(UpstreamFailure::Tls, e)),
             }
-            Ok(Err(e)) => return Err(AttemptError::new(UpstreamFailure::Connect, e)),
-            Ok(Ok(s)) => s,
         };
-        // Small writes (headers, gRPC messages) must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        match tokio::time::timeout(timeout, connect).await {
+            Err(_) => Err(AttemptError::new(
+                UpstreamFailure::ConnectTimeout,
+                format!("no connection within {timeout:?}"),
+            )),
+            Ok(result) => result,
+        }
     }
 
     /// Sends a request over a pooled connection of the endpoint's protocol (a new one when none
@@ -471,6 +482,7 @@ impl EndpointState {
         let now = Instant::now();
         loop {
             let Idle { conn, expires } = idle.lock().pop()?;
+            let mut conn = conn;
             if expires > now && conn.is_reusable() {
                 return Some(conn);
             }
@@ -625,6 +637,8 @@ pub type Sent = Result<Response<UpstreamIncoming>, AttemptError>;
 /// Endpoint state that outlives snapshots, keyed by (cluster, protocol, address).
 #[derive(Debug, Default)]
 pub struct Upstreams {
+    /// The proxy's workload certificate, for the mTLS clusters' client side.
+    pub(crate) credentials: Arc<crate::tls::Credentials>,
     live: Mutex<EndpointMap>,
     limits: Mutex<LimitMap>,
     /// The running health checkers, one per endpoint of a cluster with a health check.
@@ -634,8 +648,13 @@ pub struct Upstreams {
     checker_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
-/// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in).
-pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>, IpFamily);
+/// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
+/// identities it must prove under mTLS).
+pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>, IpFamily, Option<Arc<str>>);
+
+/// mTLS toward a cluster's endpoints: the identities expected (joined, as in the endpoint key)
+/// and the client side.
+pub(crate) type UpstreamTls = (Arc<str>, Arc<rustls::ClientConfig>);
 pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 /// Connection pool limit state, keyed by (cluster, protocol).
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
@@ -666,7 +685,13 @@ impl Upstreams {
                     let mut idle = idle.lock();
                     let (keep, closing) = std::mem::take(&mut *idle)
                         .into_iter()
-                        .partition(|i| i.expires > now && i.conn.is_reusable());
+                        .map(|mut i| {
+                            let open = i.expires > now && i.conn.is_reusable();
+                            (open, i)
+                        })
+                        .partition::<Vec<_>, _>(|(open, _)| *open);
+                    let keep = keep.into_iter().map(|(_, i)| i).collect();
+                    let closing: Vec<Idle> = closing.into_iter().map(|(_, i)| i).collect();
                     *idle = keep;
                     closing
                 };
@@ -698,8 +723,15 @@ impl Generation<'_> {
         protocol: Protocol,
         addr: &str,
         family: IpFamily,
+        tls: Option<&UpstreamTls>,
     ) -> Arc<EndpointState> {
-        let key = (cluster.clone(), protocol, Arc::<str>::from(addr), family);
+        let key = (
+            cluster.clone(),
+            protocol,
+            Arc::<str>::from(addr),
+            family,
+            tls.map(|(ids, _)| ids.clone()),
+        );
         if let Some(ep) = self.next.get(&key) {
             return ep.clone();
         }
@@ -710,12 +742,31 @@ impl Generation<'_> {
             .get(&key)
             .cloned()
             .unwrap_or_else(|| {
-                let ep = EndpointState::new(addr, protocol);
+                let mut ep = EndpointState::new(addr, protocol);
                 ep.family.store(family as u8, Ordering::Relaxed);
+                ep.tls = tls.cloned();
                 Arc::new(ep)
             });
         self.next.insert(key, ep.clone());
         ep
+    }
+
+    /// The client side of mTLS toward servers proving one of `identities`, for `protocol`.
+    pub(crate) fn upstream_tls(
+        &self,
+        identities: &[String],
+        protocol: Protocol,
+    ) -> Result<UpstreamTls, rustls::Error> {
+        let alpn = match protocol {
+            Protocol::Http1 => crate::tls::ALPN_HTTP1,
+            Protocol::Http2 => crate::tls::ALPN_H2,
+            Protocol::Tcp => crate::tls::ALPN_NONE,
+        };
+        let config = self
+            .upstreams
+            .credentials
+            .client_config(identities.to_vec(), alpn)?;
+        Ok((identities.join(",").into(), config))
     }
 
     /// A cluster's connection pool limit state: the live one when its limits are unchanged
@@ -750,6 +801,7 @@ impl Generation<'_> {
             endpoint.protocol(),
             endpoint.addr.clone(),
             endpoint.family(),
+            endpoint.tls.as_ref().map(|(ids, _)| ids.clone()),
         );
         self.next_checks
             .push((key, endpoint.clone(), config.clone(), metrics.clone()));
@@ -784,6 +836,7 @@ impl Generation<'_> {
                             &key.0,
                             &endpoint.addr,
                             key.3,
+                            endpoint.tls.as_ref().map(|(_, c)| c.clone()),
                             config,
                             endpoint.health.clone(),
                             metrics,
@@ -832,26 +885,26 @@ mod tests {
         let ups = Upstreams::default();
         let c: Arc<str> = "c".into();
         let mut g = ups.generation();
-        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
+        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
         assert!(Arc::ptr_eq(
             &a,
-            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any)
+            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None)
         ));
         let _busy = a.begin_request();
         g.commit();
 
         let mut g = ups.generation();
-        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
+        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
         assert!(Arc::ptr_eq(&a, &again), "state survives a new snapshot");
         assert_eq!(again.in_flight(), 1);
-        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1", IpFamily::Any);
+        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1", IpFamily::Any, None);
         assert!(!Arc::ptr_eq(&a, &h2), "a protocol change gets a new pool");
         drop(g); // not committed: live state unchanged
 
         let g = ups.generation();
         g.commit();
         let mut g = ups.generation();
-        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any);
+        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
         assert!(!Arc::ptr_eq(&a, &fresh), "removed endpoints are forgotten");
     }
 }

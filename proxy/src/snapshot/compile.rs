@@ -29,6 +29,7 @@ use crate::{
         RouteTable, Timeouts, ValueRule, VirtualHost,
     },
     steps::{PathRewrite, RequestStep, Steps},
+    tls::ServerMode,
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
 };
 
@@ -247,6 +248,25 @@ fn compile_cluster(
         return None;
     };
     let name: Arc<str> = cluster.name.as_str().into();
+    let tls = cluster.tls.as_ref().and_then(|t| {
+        let tpath = format!("{path}.tls.identities");
+        if t.identities.is_empty() {
+            c.err(&tpath, "must name at least one SPIFFE ID");
+            return None;
+        }
+        for (k, id) in t.identities.iter().enumerate() {
+            if !id.starts_with("spiffe://") {
+                c.err(
+                    format!("{tpath}[{k}]"),
+                    format!("{id:?} is not a spiffe:// URI"),
+                );
+            }
+        }
+        generation
+            .upstream_tls(&t.identities, protocol)
+            .map_err(|e| c.err(format!("{path}.tls"), e.to_string()))
+            .ok()
+    });
     let mut seen = HashSet::new();
     // Addresses the cluster's names resolved to: one address given, or shared by two names, is
     // one endpoint.
@@ -293,7 +313,7 @@ fn compile_cluster(
         };
         for address in addresses {
             endpoints.push((
-                generation.endpoint(&name, protocol, &address, family),
+                generation.endpoint(&name, protocol, &address, family, tls.as_ref()),
                 health,
             ));
         }
@@ -616,12 +636,45 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
             Unmatched::NotFound
         }
     };
+    let tls = listener
+        .tls
+        .as_ref()
+        .and_then(|t| match pb::server_tls::Mode::try_from(t.mode) {
+            Ok(pb::server_tls::Mode::Strict) => Some(ServerMode::Strict),
+            Ok(pb::server_tls::Mode::Permissive) => Some(ServerMode::Permissive),
+            Err(_) => {
+                c.err(format!("{path}.tls.mode"), "unknown mode");
+                None
+            }
+        });
+    let authorized = listener.authorization.as_ref().map(|a| {
+        if listener.tls.is_none() {
+            c.err(
+                format!("{path}.authorization"),
+                "needs tls: callers are known by their certificates",
+            );
+        }
+        for (k, id) in a.identities.iter().enumerate() {
+            if !id.starts_with("spiffe://") {
+                c.err(
+                    format!("{path}.authorization.identities[{k}]"),
+                    format!("{id:?} is not a spiffe:// URI"),
+                );
+            }
+        }
+        a.identities
+            .iter()
+            .map(|id| Arc::from(id.as_str()))
+            .collect()
+    });
     (c.errors.len() == before).then(|| Listener {
         name: listener.name.as_str().into(),
         address,
         port,
         kind,
         unmatched,
+        tls,
+        authorized,
     })
 }
 
