@@ -512,9 +512,18 @@ impl Controller {
         if let Some(cached) = self.cached_snapshot(view, node) {
             return cached;
         }
+        let security = crate::policy::Security {
+            ca: self.identity().map(|(ca, _)| &**ca),
+            default_mode: match self.identity() {
+                Some((_, true)) => crate::model::Mtls::Strict,
+                _ => crate::model::Mtls::Disabled,
+            },
+        };
         let translated = match node.kind {
-            Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node),
-            Kind::VirtualGateway => translate::gateway(&view.state, &view.instances, node),
+            Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node, security),
+            Kind::VirtualGateway => {
+                translate::gateway(&view.state, &view.instances, node, security)
+            }
             _ => None,
         }
         .map(|t| Arc::new(verify::verify(t, node)));

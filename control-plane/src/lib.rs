@@ -8,6 +8,7 @@ pub mod identity;
 pub mod import;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod push;
 pub mod registry;
 pub mod server;

@@ -240,6 +240,45 @@ pub struct MeshSpec {
     pub app_mesh_defaults: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_service_discovery: Option<MeshServiceDiscovery>,
+    /// Trellis addition: mTLS between the mesh's sidecars — `STRICT`, `PERMISSIVE` or
+    /// `DISABLED`. Unset: STRICT when the control plane requires every proxy to have an
+    /// identity, else DISABLED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<String>,
+}
+
+/// A mesh's `spec.mtls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mtls {
+    /// Plaintext between sidecars (App Mesh's behaviour).
+    #[default]
+    Disabled,
+    /// Sidecars call each other with mTLS; their ingresses also take plaintext (callers
+    /// without a sidecar, during a migration), and authorize nobody by identity.
+    Permissive,
+    /// mTLS only; an ingress admits only the callers the mesh graph declares.
+    Strict,
+}
+
+impl Mtls {
+    pub const VALUES: [&str; 3] = ["STRICT", "PERMISSIVE", "DISABLED"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "STRICT" => Some(Self::Strict),
+            "PERMISSIVE" => Some(Self::Permissive),
+            "DISABLED" => Some(Self::Disabled),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "STRICT",
+            Self::Permissive => "PERMISSIVE",
+            Self::Disabled => "DISABLED",
+        }
+    }
 }
 
 /// How the mesh's proxies reach its nodes' instances.

@@ -12,9 +12,10 @@ use trellis_proto::{Duration as PbDuration, v1 as pb};
 
 use crate::{
     model::{
-        self, HeaderMatch, HttpMatch, Kind, ResourceKey, RetryPolicy, Spec, Timeouts,
+        self, HeaderMatch, HttpMatch, Kind, Mtls, ResourceKey, RetryPolicy, Spec, Timeouts,
         VirtualNodeSpec,
     },
+    policy::Security,
     registry::{Instance, InstanceStatus},
     validate::State,
 };
@@ -244,6 +245,10 @@ struct Builder<'a> {
     /// clusters its routes use take instead of their node listener's (those clusters are its
     /// own: `CLUSTER@LISTENER`).
     gateway_pool: Option<(String, pb::ConnectionPool)>,
+    security: Security<'a>,
+    /// Why the snapshot cannot be made (a mesh asks for mTLS and there is no CA to name
+    /// identities): it is withheld rather than sent in plaintext.
+    withheld: Option<String>,
 }
 
 impl Builder<'_> {
@@ -265,8 +270,39 @@ impl Builder<'_> {
             uses: self.uses,
             sources: self.sources,
             problems: Vec::new(),
-            withheld: None,
+            withheld: self.withheld,
         }
+    }
+
+    /// The mTLS mode of the mesh `key` belongs to.
+    fn mtls(&self, key: &ResourceKey) -> Mtls {
+        self.security.mode(self.mesh(key))
+    }
+
+    /// The SPIFFE ID of a node or gateway; None (and the snapshot withheld) without a CA.
+    fn spiffe_id(&mut self, key: &ResourceKey) -> Option<String> {
+        match self.security.ca {
+            Some(ca) => Some(ca.spiffe_id(key)),
+            None => {
+                self.withheld = Some(format!(
+                    "the mesh of {key} asks for mTLS (spec.mtls) and the control plane has no CA"
+                ));
+                None
+            }
+        }
+    }
+
+    /// mTLS toward `node`'s sidecars, under its mesh's mode.
+    fn upstream_tls(&mut self, node: &ResourceKey) -> Option<pb::UpstreamTls> {
+        let mode = self.mtls(node);
+        if mode == Mtls::Disabled {
+            return None;
+        }
+        let id = self.spiffe_id(node)?;
+        Some(pb::UpstreamTls {
+            identities: vec![id],
+            plaintext_without_identity: mode == Mtls::Permissive,
+        })
     }
 
     fn node(&mut self, key: &ResourceKey) -> Option<&VirtualNodeSpec> {
@@ -392,6 +428,7 @@ impl Builder<'_> {
             connection_pool = Some(*pool);
         }
         let health_check = listener.and_then(listener_health_check);
+        let tls = self.upstream_tls(key);
         self.clusters.insert(
             name.clone(),
             pb::Cluster {
@@ -405,6 +442,7 @@ impl Builder<'_> {
                 authority_port,
                 ip_family: family as i32,
                 dns: dns_mode as i32,
+                tls,
                 ..Default::default()
             },
         );
@@ -726,7 +764,12 @@ fn to_local(port: i64) -> Vec<pb::WeightedTarget> {
 }
 
 /// The snapshot for the sidecar of VirtualNode `node`, or None if the node does not exist.
-pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Option<Translated> {
+pub fn sidecar(
+    state: &State,
+    instances: &[Instance],
+    node: &ResourceKey,
+    security: Security<'_>,
+) -> Option<Translated> {
     let mut b = Builder {
         state,
         instances,
@@ -734,20 +777,27 @@ pub fn sidecar(state: &State, instances: &[Instance], node: &ResourceKey) -> Opt
         clusters: BTreeMap::new(),
         sources: Sources::default(),
         gateway_pool: None,
+        security,
+        withheld: None,
     };
     let spec = b.node(node)?.clone();
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
         b.uses.insert(mesh.clone());
     }
     let mut listeners = Vec::new();
-    listeners.extend(ingress(&mut b, &spec));
+    listeners.extend(ingress(&mut b, &spec, node));
     listeners.push(egress(&mut b, &spec, node));
     Some(b.finish(listeners, spec.logging.as_ref()))
 }
 
 /// Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did (one
 /// `local:<port>` cluster each); None for a node without listeners.
-fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> {
+fn ingress(
+    b: &mut Builder<'_>,
+    spec: &VirtualNodeSpec,
+    node: &ResourceKey,
+) -> Option<pb::Listener> {
+    let (tls, authorization) = ingress_security(b, node);
     let locals: Vec<(i64, &str)> = spec
         .listeners
         .iter()
@@ -786,6 +836,8 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
                 weighted_targets: to_local(*port),
                 idle: inbound(*port).and_then(|t| app_duration(t.idle.as_ref())),
             }),
+            tls,
+            authorization,
             ..Default::default()
         });
     }
@@ -828,38 +880,40 @@ fn ingress(b: &mut Builder<'_>, spec: &VirtualNodeSpec) -> Option<pb::Listener> 
             domains: vec!["*".into()],
             routes,
         }],
+        tls,
+        authorization,
         ..Default::default()
     })
 }
 
+/// A sidecar ingress's TLS under its mesh's mode, and under STRICT who may call it: the nodes and
+/// gateways the mesh graph sends to it.
+fn ingress_security(
+    b: &mut Builder<'_>,
+    node: &ResourceKey,
+) -> (Option<pb::ServerTls>, Option<pb::Authorization>) {
+    let mode = match b.mtls(node) {
+        Mtls::Disabled => return (None, None),
+        Mtls::Permissive => pb::server_tls::Mode::Permissive,
+        Mtls::Strict => pb::server_tls::Mode::Strict,
+    };
+    let tls = Some(pb::ServerTls { mode: mode as i32 });
+    if mode != pb::server_tls::Mode::Strict {
+        return (tls, None);
+    }
+    let mut identities = Vec::new();
+    for caller in crate::policy::callers(b.state, node) {
+        let Some(id) = b.spiffe_id(&caller) else {
+            return (tls, None);
+        };
+        identities.push(id);
+    }
+    (tls, Some(pb::Authorization { identities }))
+}
+
 /// Egress: the backends the node declares, and only those.
 fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb::Listener {
-    let mut keys: Vec<ResourceKey> = spec
-        .backends
-        .iter()
-        .map(|backend| {
-            let r = &backend.virtual_service.virtual_service_ref;
-            r.key(Kind::VirtualService, &node.namespace)
-        })
-        .collect();
-    // Backend groups `*` (validation refuses other names): every VirtualService of the
-    // namespace that belongs to the node's mesh.
-    let mesh = b
-        .state
-        .get(node)
-        .and_then(|r| crate::validate::mesh_of(b.state, r));
-    for group in &spec.backend_groups {
-        let namespace = group.namespace.as_deref().unwrap_or(&node.namespace);
-        for (key, r) in b.state.iter() {
-            if key.kind == Kind::VirtualService
-                && key.namespace == namespace
-                && crate::validate::mesh_of(b.state, r) == mesh
-                && !keys.contains(key)
-            {
-                keys.push(key.clone());
-            }
-        }
-    }
+    let keys = crate::policy::backend_services(b.state, node, spec);
     let mut hosts = Vec::new();
     for key in &keys {
         if let Some(vh) = b.virtual_service(key) {
@@ -1041,7 +1095,12 @@ fn combine(
 /// name it (or, without `virtualGatewayRef`, those of its namespace) to their virtual services,
 /// through the services' routers, with App Mesh's default rewrites (matched prefix → "/", Host →
 /// the service's hostname).
-pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Option<Translated> {
+pub fn gateway(
+    state: &State,
+    instances: &[Instance],
+    key: &ResourceKey,
+    security: Security<'_>,
+) -> Option<Translated> {
     let Some(Spec::VirtualGateway(gw)) = state.get(key).map(|r| &r.spec) else {
         return None;
     };
@@ -1052,6 +1111,8 @@ pub fn gateway(state: &State, instances: &[Instance], key: &ResourceKey) -> Opti
         clusters: BTreeMap::new(),
         sources: Sources::default(),
         gateway_pool: None,
+        security,
+        withheld: None,
     };
     b.uses.insert(key.clone());
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
@@ -1531,7 +1592,7 @@ mod tests {
         assert_ne!(mesh, MESH);
         let instances = [instance("b1", "blue", 20001, InstanceStatus::Healthy)];
         let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        let t = sidecar(&state(&mesh), &instances, &front).unwrap();
+        let t = sidecar(&state(&mesh), &instances, &front, Security::default()).unwrap();
         let blue = cluster(&t.snapshot, "default/blue").clone();
         (blue, t.snapshot)
     }
@@ -1626,7 +1687,7 @@ mod tests {
                 instance("b1", "blue", 20001, statuses[0]),
                 instance("b2", "blue", 20001, statuses[1]),
             ];
-            let t = sidecar(&state, &instances, &front).unwrap();
+            let t = sidecar(&state, &instances, &front, Security::default()).unwrap();
             let blue = t
                 .snapshot
                 .clusters
@@ -1658,7 +1719,7 @@ mod tests {
             instance("x1", "other", 20004, InstanceStatus::Healthy),
         ];
         let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        let t = sidecar(&state, &instances, &front).unwrap();
+        let t = sidecar(&state, &instances, &front, Security::default()).unwrap();
         let s = &t.snapshot;
         let egress = s.listeners.iter().find(|l| l.name == "egress").unwrap();
         let vh = &egress.virtual_hosts[0];
@@ -1689,9 +1750,9 @@ mod tests {
             "colorteller"
         )));
         // Deterministic, and the version follows the content.
-        let again = sidecar(&state, &instances, &front).unwrap();
+        let again = sidecar(&state, &instances, &front, Security::default()).unwrap();
         assert_eq!(again.snapshot, t.snapshot);
-        let fewer = sidecar(&state, &instances[..1], &front).unwrap();
+        let fewer = sidecar(&state, &instances[..1], &front, Security::default()).unwrap();
         assert_ne!(fewer.snapshot.version, t.snapshot.version);
         // The proxy's own compiler accepts it.
         let json = serde_json::to_string(s).unwrap();
@@ -1705,7 +1766,7 @@ mod tests {
     fn app_mesh_routes_get_app_mesh_default_retries() {
         let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
         let policy = |yaml: &str| {
-            let t = sidecar(&state(yaml), &[], &front).unwrap();
+            let t = sidecar(&state(yaml), &[], &front, Security::default()).unwrap();
             let egress = t
                 .snapshot
                 .listeners
@@ -1738,7 +1799,7 @@ mod tests {
         assert_ne!(off, appmesh);
         assert_eq!(policy(&off), None, "turned off for the mesh");
         // The proxy compiles it.
-        let t = sidecar(&state(&appmesh), &[], &front).unwrap();
+        let t = sidecar(&state(&appmesh), &[], &front, Security::default()).unwrap();
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 
@@ -1752,7 +1813,7 @@ mod tests {
         );
         assert_ne!(yaml, MESH);
         let blue = ResourceKey::new(Kind::VirtualNode, "default", "blue");
-        let t = sidecar(&state(&yaml), &[], &blue).unwrap();
+        let t = sidecar(&state(&yaml), &[], &blue, Security::default()).unwrap();
         let ingress = t
             .snapshot
             .listeners
@@ -1764,7 +1825,7 @@ mod tests {
         assert_eq!(timeout.idle.unwrap().seconds, 30);
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
         // Without one, none.
-        let t = sidecar(&state(MESH), &[], &blue).unwrap();
+        let t = sidecar(&state(MESH), &[], &blue, Security::default()).unwrap();
         let ingress = t
             .snapshot
             .listeners
@@ -1777,7 +1838,7 @@ mod tests {
             "port: 9081, protocol: http }\n      timeout: { http: { perRequest: { unit: ms, value: 1500 }, idle: { unit: s, value: 30 } } }",
             "port: 9081, protocol: tcp }\n      timeout: { tcp: { idle: { unit: s, value: 7 } } }",
         );
-        let t = sidecar(&state(&tcp), &[], &blue).unwrap();
+        let t = sidecar(&state(&tcp), &[], &blue, Security::default()).unwrap();
         let ingress = t
             .snapshot
             .listeners
@@ -1822,7 +1883,7 @@ mod tests {
             )
         };
         let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        let t = sidecar(&state(&yaml), &[], &front).unwrap();
+        let t = sidecar(&state(&yaml), &[], &front, Security::default()).unwrap();
         let egress = t
             .snapshot
             .listeners
@@ -1868,7 +1929,7 @@ spec:
         );
         let state = state(&yaml);
         let gw = ResourceKey::new(Kind::VirtualGateway, "default", "ingress-gw");
-        let t = gateway(&state, &[], &gw).unwrap();
+        let t = gateway(&state, &[], &gw, Security::default()).unwrap();
         let l = &t.snapshot.listeners[0];
         let hosts: Vec<&str> = l
             .virtual_hosts
@@ -1917,7 +1978,8 @@ spec:
             gateway(
                 &state,
                 &[],
-                &ResourceKey::new(Kind::VirtualGateway, "default", "nope")
+                &ResourceKey::new(Kind::VirtualGateway, "default", "nope"),
+                Security::default(),
             )
             .is_none()
         );
@@ -1981,6 +2043,7 @@ spec:
             &state,
             &[],
             &ResourceKey::new(Kind::VirtualGateway, "default", "gw"),
+            Security::default(),
         )
         .unwrap();
         let pool = |name: &str| cluster(&t.snapshot, name).connection_pool;
@@ -2099,7 +2162,7 @@ spec:
             ..instance("m1", "x", 20001, InstanceStatus::Healthy)
         }];
         let gw = ResourceKey::new(Kind::VirtualGateway, "default", "gw2");
-        let t = gateway(&state, &instances, &gw).unwrap();
+        let t = gateway(&state, &instances, &gw, Security::default()).unwrap();
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
         let served: Vec<(&str, u32, i32, Vec<&str>)> = t
             .snapshot
@@ -2180,6 +2243,7 @@ spec:
             &state,
             &[],
             &ResourceKey::new(Kind::VirtualGateway, "default", "gw"),
+            Security::default(),
         )
         .unwrap();
         let r = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
@@ -2284,7 +2348,7 @@ spec:
     fn nodes_without_backends_get_no_egress_routes_and_unknown_nodes_none() {
         let state = state(MESH);
         let blue = ResourceKey::new(Kind::VirtualNode, "default", "blue");
-        let t = sidecar(&state, &[], &blue).unwrap();
+        let t = sidecar(&state, &[], &blue, Security::default()).unwrap();
         let egress = t
             .snapshot
             .listeners
@@ -2296,7 +2360,8 @@ spec:
             sidecar(
                 &state,
                 &[],
-                &ResourceKey::new(Kind::VirtualNode, "default", "nope")
+                &ResourceKey::new(Kind::VirtualNode, "default", "nope"),
+                Security::default(),
             )
             .is_none()
         );

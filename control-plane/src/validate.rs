@@ -715,6 +715,17 @@ impl Checker<'_> {
                         );
                     }
                 }
+                if let Some(v) = &m.mtls {
+                    if crate::model::Mtls::parse(v).is_none() {
+                        self.err(
+                            "spec.mtls",
+                            format!(
+                                "must be one of {}, not {v:?}",
+                                crate::model::Mtls::VALUES.join(", ")
+                            ),
+                        );
+                    }
+                }
                 if let Some(v) = &m.app_mesh_defaults {
                     if v != "ENABLED" && v != "DISABLED" {
                         self.err(

@@ -283,7 +283,7 @@ mod tests {
             state.insert(r.key.clone(), r.into());
         }
         let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
-        translate::sidecar(&state, instances, &node).unwrap()
+        translate::sidecar(&state, instances, &node, Default::default()).unwrap()
     }
 
     #[test]

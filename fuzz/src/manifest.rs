@@ -138,8 +138,8 @@ pub fn target(data: &[u8]) {
 fn translate_all(state: &State) {
     for key in state.keys() {
         let translated = match key.kind {
-            Kind::VirtualNode => translate::sidecar(state, &[], key),
-            Kind::VirtualGateway => translate::gateway(state, &[], key),
+            Kind::VirtualNode => translate::sidecar(state, &[], key, Default::default()),
+            Kind::VirtualGateway => translate::gateway(state, &[], key, Default::default()),
             _ => continue,
         };
         let Some(t) = translated else {

@@ -33,7 +33,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::{task::AbortHandle, time::Instant};
 
-use crate::{dial::IpFamily, metrics::HealthCheckMetrics, tls::Stream};
+use crate::{
+    dial::IpFamily,
+    metrics::HealthCheckMetrics,
+    tls::{Stream, UpstreamTls},
+};
 
 /// Largest probe response body read (a longer one fails the probe).
 const MAX_BODY: usize = 64 * 1024;
@@ -154,14 +158,12 @@ impl Drop for Checker {
 }
 
 impl Checker {
-    /// Starts probing `addr` (the endpoint's HOST:PORT) on `runtime`; the first probe runs at
-    /// once.
+    /// Starts probing an endpoint on `runtime` (`dial`: its HOST:PORT, the IP family it is
+    /// dialled in, its mTLS); the first probe runs at once.
     pub fn start(
         runtime: &tokio::runtime::Handle,
         cluster: &Arc<str>,
-        addr: &str,
-        family: IpFamily,
-        tls: Option<Arc<rustls::ClientConfig>>,
+        (addr, family, tls): (&str, IpFamily, Option<UpstreamTls>),
         config: Arc<HealthCheck>,
         health: Arc<EndpointHealth>,
         metrics: HealthCheckMetrics,
@@ -195,16 +197,11 @@ struct Target {
     addr: Arc<str>,
     family: IpFamily,
     /// mTLS, as the cluster's requests use it.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<UpstreamTls>,
 }
 
 impl Target {
-    fn new(
-        addr: &str,
-        port: Option<u16>,
-        family: IpFamily,
-        tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Self {
+    fn new(addr: &str, port: Option<u16>, family: IpFamily, tls: Option<UpstreamTls>) -> Self {
         let addr = match (port, addr.rsplit_once(':')) {
             (Some(port), Some((host, _))) => format!("{host}:{port}"),
             _ => addr.to_owned(),
@@ -447,7 +444,7 @@ async fn connect(target: &Target) -> Result<Stream, String> {
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    match &target.tls {
+    match target.tls.as_ref().and_then(UpstreamTls::client) {
         None => Ok(Stream::Plain(stream)),
         Some(config) => crate::tls::connect(config, &target.addr, stream)
             .await

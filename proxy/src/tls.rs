@@ -161,6 +161,43 @@ impl Credentials {
     }
 }
 
+/// mTLS toward a cluster's endpoints.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// The identities expected (joined) and whether plaintext is used without a certificate:
+    /// part of the endpoint key.
+    pub(crate) key: Arc<str>,
+    pub(crate) config: Arc<ClientConfig>,
+    credentials: Arc<Credentials>,
+    plaintext_without_identity: bool,
+}
+
+impl UpstreamTls {
+    pub(crate) fn new(
+        identities: &[String],
+        config: Arc<ClientConfig>,
+        credentials: Arc<Credentials>,
+        plaintext_without_identity: bool,
+    ) -> Self {
+        let mut key = identities.join(",");
+        if plaintext_without_identity {
+            key.push_str(";optional");
+        }
+        Self {
+            key: key.into(),
+            config,
+            credentials,
+            plaintext_without_identity,
+        }
+    }
+
+    /// The client side to open connections with; None: plaintext (this proxy has no
+    /// certificate and the cluster allows that).
+    pub(crate) fn client(&self) -> Option<&Arc<ClientConfig>> {
+        (!self.plaintext_without_identity || self.credentials.is_set()).then_some(&self.config)
+    }
+}
+
 /// How a listener takes connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerMode {

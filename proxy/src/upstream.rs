@@ -38,7 +38,7 @@ use crate::{
     metrics::{ClusterMetrics, HealthCheckMetrics},
     outbound::{Outbound, RequestBody},
     outlier::{EndpointOutlier, OutlierDetection},
-    tls::Stream,
+    tls::{Stream, UpstreamTls},
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -264,9 +264,9 @@ impl EndpointState {
                 .map_err(|e| AttemptError::new(UpstreamFailure::Connect, e))?;
             // Small writes (headers, gRPC messages) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            match &self.tls {
+            match self.tls.as_ref().and_then(UpstreamTls::client) {
                 None => Ok(Stream::Plain(stream)),
-                Some((_, config)) => crate::tls::connect(config, &self.addr, stream)
+                Some(config) => crate::tls::connect(config, &self.addr, stream)
                     .await
                     .map_err(|e| AttemptError::new(UpstreamFailure::Tls, e)),
             }
@@ -651,10 +651,6 @@ pub struct Upstreams {
 /// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
 /// identities it must prove under mTLS).
 pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>, IpFamily, Option<Arc<str>>);
-
-/// mTLS toward a cluster's endpoints: the identities expected (joined, as in the endpoint key)
-/// and the client side.
-pub(crate) type UpstreamTls = (Arc<str>, Arc<rustls::ClientConfig>);
 pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 /// Connection pool limit state, keyed by (cluster, protocol).
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
@@ -730,7 +726,7 @@ impl Generation<'_> {
             protocol,
             Arc::<str>::from(addr),
             family,
-            tls.map(|(ids, _)| ids.clone()),
+            tls.map(|t| t.key.clone()),
         );
         if let Some(ep) = self.next.get(&key) {
             return ep.clone();
@@ -755,6 +751,7 @@ impl Generation<'_> {
     pub(crate) fn upstream_tls(
         &self,
         identities: &[String],
+        plaintext_without_identity: bool,
         protocol: Protocol,
     ) -> Result<UpstreamTls, rustls::Error> {
         let alpn = match protocol {
@@ -766,7 +763,12 @@ impl Generation<'_> {
             .upstreams
             .credentials
             .client_config(identities.to_vec(), alpn)?;
-        Ok((identities.join(",").into(), config))
+        Ok(UpstreamTls::new(
+            identities,
+            config,
+            self.upstreams.credentials.clone(),
+            plaintext_without_identity,
+        ))
     }
 
     /// A cluster's connection pool limit state: the live one when its limits are unchanged
@@ -801,7 +803,7 @@ impl Generation<'_> {
             endpoint.protocol(),
             endpoint.addr.clone(),
             endpoint.family(),
-            endpoint.tls.as_ref().map(|(ids, _)| ids.clone()),
+            endpoint.tls.as_ref().map(|t| t.key.clone()),
         );
         self.next_checks
             .push((key, endpoint.clone(), config.clone(), metrics.clone()));
@@ -834,9 +836,7 @@ impl Generation<'_> {
                         let checker = Checker::start(
                             runtime,
                             &key.0,
-                            &endpoint.addr,
-                            key.3,
-                            endpoint.tls.as_ref().map(|(_, c)| c.clone()),
+                            (&endpoint.addr, key.3, endpoint.tls.clone()),
                             config,
                             endpoint.health.clone(),
                             metrics,

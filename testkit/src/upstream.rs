@@ -2,7 +2,9 @@
 //!
 //! [`TestServer`] answers HTTP/1.1 and h2c with its name in the body and the `x-server` header.
 //! Requests steer it: `x-status: CODE` sets the status, `x-delay-ms: N` waits first, path
-//! `/echo` echoes the body, `/stream?chunks=N&gap_ms=M` sends N chunks M ms apart.
+//! `/echo` echoes the body, `/stream?chunks=N&gap_ms=M` sends N chunks M ms apart. The `Host`,
+//! path and `x-forwarded-client-cert` it saw come back as `x-seen-host`, `x-seen-path` and
+//! `x-seen-client-cert`.
 //! Every server counts the requests it received.
 
 use std::{
@@ -177,6 +179,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .unwrap_or_default();
     let query = req.uri().query().unwrap_or_default().to_owned();
     let host = header("host").or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let client_cert = header("x-forwarded-client-cert");
     let body = if path == "/echo" {
         match req.into_body().collect().await {
             Ok(b) => full(b.to_bytes()),
@@ -214,6 +217,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     if let Ok(p) = seen_path.parse() {
         resp.headers_mut().insert("x-seen-path", p);
+    }
+    if let Some(c) = client_cert.and_then(|c| c.parse().ok()) {
+        resp.headers_mut().insert("x-seen-client-cert", c);
     }
     Ok(resp)
 }

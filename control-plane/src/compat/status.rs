@@ -1419,4 +1419,11 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "Trellis addition: ENABLED (default) or DISABLED; whether App Mesh's hidden defaults (its default retry policy) apply to the mesh's resources applied with appmesh.k8s.aws/v1beta2",
         ),
     ),
+    (
+        Mesh,
+        "spec.mtls",
+        Honoured(
+            "Trellis addition: STRICT, PERMISSIVE or DISABLED; mTLS between the mesh's sidecars with Trellis-issued identities, and under STRICT only the callers the mesh graph declares (unset: STRICT when the control plane requires identities, else DISABLED)",
+        ),
+    ),
 ];

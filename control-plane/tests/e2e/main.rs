@@ -9,6 +9,7 @@ mod gateway;
 mod identity;
 mod import;
 mod mesh;
+mod mtls;
 mod ports;
 mod registration;
 mod tls;

@@ -263,7 +263,7 @@ fn compile_cluster(
             }
         }
         generation
-            .upstream_tls(&t.identities, protocol)
+            .upstream_tls(&t.identities, t.plaintext_without_identity, protocol)
             .map_err(|e| c.err(format!("{path}.tls"), e.to_string()))
             .ok()
     });

@@ -1,0 +1,498 @@
+//! mTLS between sidecars (issue 12): a mesh's `spec.mtls`, the identities the mesh's CA issues,
+//! and the mesh graph as authorization — real proxies, real TLS, and certificates the test mints
+//! from the root it gave the control plane (for callers the mesh does not declare, and expired
+//! ones).
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use http_body_util::BodyExt as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use trellis_testkit::{
+    ProxyProcess, TcpEchoServer, TestServer, client::Client, eventually, process::ControlProcess,
+};
+
+use crate::{CONTROL, apply, cli, proxy_bin, stderr, stdout, wait_synced};
+
+fn id(node: &str) -> String {
+    format!("spiffe://trellis.local/ns/default/vn/{node}")
+}
+
+/// A root CA whose key the test holds: given to the control plane, and used to mint
+/// certificates of the test's own.
+struct Root {
+    pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Root {
+    fn new() -> Self {
+        let key = KeyPair::generate().unwrap();
+        let key_pem = key.serialize_pem();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let pem = params.self_signed(&key).unwrap().pem();
+        let issuer = Issuer::from_ca_cert_pem(&pem, key).unwrap();
+        Self {
+            pem,
+            key_pem,
+            issuer,
+        }
+    }
+
+    /// Writes the root's certificate and key into `dir`: the control plane's flags for them.
+    fn flags(&self, dir: &Path) -> [String; 4] {
+        let (cert, key) = (dir.join("root.pem"), dir.join("root-key.pem"));
+        std::fs::write(&cert, &self.pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        [
+            "--ca-cert".into(),
+            cert.display().to_string(),
+            "--ca-key".into(),
+            key.display().to_string(),
+        ]
+    }
+
+    /// A certificate naming `spiffe_id`, valid from `from` to `to` seconds from now.
+    fn leaf(
+        &self,
+        spiffe_id: &str,
+        (from, to): (i64, i64),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(to);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (vec![cert.der().clone()], key)
+    }
+}
+
+/// Takes whatever certificate the server shows: these tests look at what the server does with
+/// the client's.
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS connection to `addr` presenting `cert` (none: no client certificate).
+async fn tls_connect(
+    addr: SocketAddr,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    if !alpn.is_empty() {
+        config.alpn_protocols = vec![alpn.to_vec()];
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("mesh.invalid").unwrap(), tcp)
+        .await?;
+    // TLS 1.3: the server judges the client's certificate after the client's side of the
+    // handshake is done; a refusal arrives with the first read.
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// A GET over TLS to a sidecar's ingress presenting `cert`: status, `x-trellis-error` and the
+/// `x-forwarded-client-cert` the app saw; an error when the connection is refused.
+async fn tls_get(
+    addr: SocketAddr,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<(u16, Option<String>, Option<String>), String> {
+    let tls = tls_connect(addr, cert, b"http/1.1")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "blue.default")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let out = (
+        resp.status().as_u16(),
+        header("x-trellis-error"),
+        header("x-seen-client-cert"),
+    );
+    let _ = resp.into_body().collect().await;
+    Ok(out)
+}
+
+/// A mesh of `mode` (flow YAML for the Mesh's spec): node `blue` (HTTP/1.1), `h2` (HTTP/2) and
+/// `db` (TCP), each with a VirtualService of its name, found in the registry; `front` declares
+/// the three as backends, `stranger` declares none.
+fn mesh(mesh_spec: &str, blue: u16, h2: u16, db: u16) -> String {
+    let api = "apiVersion: mesh.trellis.dev/v1beta1";
+    let node = |name: &str, port: u16, protocol: &str| {
+        format!(
+            "{api}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: {protocol} }} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: {name} }} }}\n---\n\
+             {api}\nkind: VirtualService\nmetadata: {{ name: {name} }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n"
+        )
+    };
+    format!(
+        "{api}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {mesh_spec}\n---\n{}{}{}\
+         {api}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  backends:\n{}---\n\
+         {api}\nkind: VirtualNode\nmetadata: {{ name: stranger }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n",
+        node("blue", blue, "http"),
+        node("h2", h2, "http2"),
+        node("db", db, "tcp"),
+        ["blue", "h2", "db"]
+            .map(|b| format!("    - virtualService: {{ virtualServiceRef: {{ name: {b} }} }}\n"))
+            .concat(),
+    )
+}
+
+fn register(server: &str, service: &str, id: &str, addr: SocketAddr) {
+    let port = addr.port().to_string();
+    let out = cli(
+        server,
+        &[
+            "instances",
+            "register",
+            "--namespace",
+            "test",
+            "--service",
+            service,
+            "--id",
+            id,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A sidecar for `default/NODE` with a join token (`token: false`: without one).
+async fn sidecar(server: &str, node: &str, dir: &Path, token: bool) -> ProxyProcess {
+    let node = format!("default/{node}");
+    if !token {
+        return ProxyProcess::sidecar(proxy_bin(), server, &node, dir).await;
+    }
+    let out = cli(server, &["token", "create", "--node", &node]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    ProxyProcess::sidecar_with(proxy_bin(), server, &node, dir, &["--token", &token]).await
+}
+
+/// Waits until the proxy holds its workload certificate.
+async fn wait_identity(proxy: &ProxyProcess) {
+    eventually(
+        Duration::from_secs(10),
+        "a workload certificate",
+        || async {
+            let (_, dump) = proxy.admin("/config_dump").await;
+            let dump: serde_json::Value = serde_json::from_str(&dump).map_err(|e| e.to_string())?;
+            if dump["identity"].is_string() {
+                Ok(())
+            } else {
+                Err(proxy.logs())
+            }
+        },
+    )
+    .await;
+}
+
+/// Reads a CONNECT response head and the first line after it.
+async fn connect_through(egress: SocketAddr, authority: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(egress).await.unwrap();
+    let connect = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(connect.as_bytes()).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        head.push_str(&line);
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut first = String::new();
+    let _ = reader.read_line(&mut first).await;
+    (head, first)
+}
+
+/// Under STRICT every hop between sidecars is mTLS — HTTP/1.1, HTTP/2 and TCP —, the app sees its
+/// caller's verified identity (never one a client wrote), and an ingress refuses plaintext,
+/// callers the mesh graph does not declare (403 `unauthorized`; TCP: closed), expired
+/// certificates, and a client refuses a server proving another node's identity.
+#[tokio::test]
+async fn strict_mtls_carries_identities_and_the_mesh_graph_authorizes() {
+    let root = Root::new();
+    let data = tempfile::tempdir().unwrap();
+    let flags = root.flags(data.path());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &flags).await;
+    let url = control.url.clone();
+    let (blue_app, h2_app, db_app) = (
+        TestServer::start("blue").await,
+        TestServer::start("h2").await,
+        TcpEchoServer::start("db").await,
+    );
+    let yaml = mesh(
+        "{ mtls: STRICT }",
+        blue_app.addr.port(),
+        h2_app.addr.port(),
+        db_app.addr.port(),
+    );
+    apply(&url, &yaml);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), true).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), true).await;
+    let h2 = sidecar(&url, "h2", dirs[2].path(), true).await;
+    let db = sidecar(&url, "db", dirs[3].path(), true).await;
+    register(&url, "blue", "blue-1", blue.ingress);
+    register(&url, "h2", "h2-1", h2.ingress);
+    register(&url, "db", "db-1", db.ingress);
+    wait_synced(&url, 4).await;
+    for p in [&front, &blue, &h2, &db] {
+        wait_identity(p).await;
+    }
+
+    // HTTP/1.1: the app sees who called, as its sidecar verified it; a header the client
+    // wrote is replaced.
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let req = http::Request::get("http://blue.default/")
+        .header("host", "blue.default")
+        .header("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
+    let seen = format!("By={};URI={}", id("blue"), id("front"));
+    assert_eq!(r.header("x-seen-client-cert"), Some(seen.as_str()));
+    // HTTP/2 to the app of an http2 listener, over mTLS (ALPN h2).
+    let r = c.get("h2.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "h2".to_string()));
+    let seen_h2 = format!("By={};URI={}", id("h2"), id("front"));
+    assert_eq!(r.header("x-seen-client-cert"), Some(seen_h2.as_str()));
+    // TCP (CONNECT to the tcp node's service), over mTLS.
+    let (head, greeting) =
+        connect_through(front.egress, &format!("db.default:{}", db_app.addr.port())).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(greeting, "db\n");
+
+    // Plaintext to a STRICT ingress: closed before any HTTP.
+    let plain = async {
+        let mut c = Client::h1(blue.ingress).await?;
+        c.get("blue.default", "/").await
+    };
+    assert!(plain.await.is_err(), "plaintext answered");
+    assert!(
+        blue.metric(
+            "trellis_proxy_tls_handshake_failures_total",
+            &[("listener", "ingress")]
+        )
+        .await
+            >= 1.0
+    );
+    // No client certificate: refused.
+    assert!(tls_get(blue.ingress, None).await.is_err());
+
+    // Certificates the test mints from the mesh's root: front's identity is admitted (the
+    // mesh graph declares it), a node that declares no backend reaching blue gets 403, an
+    // expired certificate is refused at the handshake.
+    let (status, _, seen_by_app) = tls_get(blue.ingress, Some(root.leaf(&id("front"), (-60, 600))))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(seen_by_app.as_deref(), Some(seen.as_str()));
+    let stranger = tls_get(blue.ingress, Some(root.leaf(&id("stranger"), (-60, 600))))
+        .await
+        .unwrap();
+    assert_eq!(stranger, (403, Some("unauthorized".into()), None));
+    assert_eq!(
+        blue.metric(
+            "trellis_proxy_unauthorized_total",
+            &[("listener", "ingress"), ("source", &id("stranger"))]
+        )
+        .await,
+        1.0
+    );
+    let expired = tls_get(blue.ingress, Some(root.leaf(&id("front"), (-7200, -3600)))).await;
+    assert!(expired.is_err(), "an expired certificate: {expired:?}");
+    // TCP: a caller the graph does not declare is closed without a byte of the app's.
+    let mut tls = tls_connect(
+        db.ingress,
+        Some(root.leaf(&id("stranger"), (-60, 600))),
+        b"",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let read = tls.read_to_end(&mut buf).await;
+    assert!(
+        buf.is_empty(),
+        "the app answered: {:?} {read:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // The only instance of blue's service now is h2's sidecar: it proves h2's identity, not
+    // blue's, and the caller refuses it.
+    let out = cli(
+        &url,
+        &[
+            "instances",
+            "deregister",
+            "--namespace",
+            "test",
+            "--service",
+            "blue",
+            "--id",
+            "blue-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    register(&url, "blue", "impostor", h2.ingress);
+    eventually(
+        Duration::from_secs(10),
+        "another node's certificate refused",
+        || async {
+            let mut c = Client::h1(front.egress).await.map_err(|e| e.to_string())?;
+            let r = c
+                .get("blue.default", "/")
+                .await
+                .map_err(|e| e.to_string())?;
+            match (r.status.as_u16(), r.header("x-trellis-error")) {
+                (503, Some("tls_failure")) => Ok(()),
+                other => Err(format!("{other:?} {}", r.text())),
+            }
+        },
+    )
+    .await;
+    assert_eq!(h2_app.requests(), 1, "the impostor's app was never reached");
+}
+
+/// PERMISSIVE: sidecars with identities call each other over mTLS, a sidecar without one calls
+/// in plaintext, and the ingress takes both (and callers without a sidecar), authorizing nobody
+/// by identity.
+#[tokio::test]
+async fn permissive_takes_mtls_and_plaintext() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let blue_app = TestServer::start("blue").await;
+    apply(
+        &url,
+        &mesh("{ mtls: PERMISSIVE }", blue_app.addr.port(), 1, 2),
+    );
+    let (d1, d2, d3) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let front = sidecar(&url, "front", d1.path(), true).await;
+    let blue = sidecar(&url, "blue", d2.path(), true).await;
+    register(&url, "blue", "blue-1", blue.ingress);
+    wait_synced(&url, 2).await;
+    wait_identity(&front).await;
+    wait_identity(&blue).await;
+
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let r = c.get("blue.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
+    let seen = format!("By={};URI={}", id("blue"), id("front"));
+    assert_eq!(r.header("x-seen-client-cert"), Some(seen.as_str()), "mTLS");
+
+    // A caller without a sidecar, in plaintext.
+    let mut c = Client::h1(blue.ingress).await.unwrap();
+    let r = c.get("blue.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
+    assert_eq!(r.header("x-seen-client-cert"), None);
+
+    // A sidecar without an identity (no token) calls in plaintext rather than not at all.
+    let mut front = front;
+    front.kill().await;
+    let plain_front = sidecar(&url, "front", d3.path(), false).await;
+    wait_synced(&url, 2).await;
+    let mut c = Client::h1(plain_front.egress).await.unwrap();
+    let r = c.get("blue.default", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
+    assert_eq!(r.header("x-seen-client-cert"), None, "plaintext");
+}
