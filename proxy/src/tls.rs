@@ -351,6 +351,20 @@ pub async fn accept(
         let tls = tokio_rustls::TlsAcceptor::from(config)
             .accept(stream)
             .await?;
+        let conn = tls.get_ref().1;
+        // A resumed session skips the certificate checks: the certificate it was made with must
+        // still be in its validity period.
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+            && !conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .is_some_and(valid_now)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "a resumed session's certificate has expired",
+            ));
+        }
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))))
     };
     tokio::time::timeout(timeout, handshake)
@@ -372,7 +386,25 @@ pub async fn connect(
     let tls = tokio_rustls::TlsConnector::from(config.clone())
         .connect(name, stream)
         .await?;
+    let conn = tls.get_ref().1;
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && !conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .is_some_and(valid_now)
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "a resumed session's certificate has expired",
+        ));
+    }
     Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+}
+
+/// Whether a certificate is within its validity period now.
+fn valid_now(cert: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    X509Certificate::from_der(cert).is_ok_and(|(_, c)| c.validity().is_valid())
 }
 
 /// The SPIFFE ID (the `spiffe://` URI SAN) of a certificate.
@@ -674,6 +706,46 @@ mod tests {
             handshake(&a, B, &expired).await.is_err(),
             "an expired server"
         );
+    }
+
+    /// A client's second connection to a server resumes the session of its first (no
+    /// certificates exchanged again); both sides keep knowing who the other is.
+    #[tokio::test]
+    async fn a_second_connection_resumes_the_session() {
+        let root = root();
+        let a = credentials(A, &root, (-60, 3600));
+        let b = credentials(B, &root, (-60, 3600));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let config = b.client_config(vec![A.into()], ALPN_H2).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let a = a.clone();
+            let serving = async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = accept(&a, ServerMode::Strict, tcp, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await.unwrap();
+                tls.write_all(&byte).await.unwrap();
+                tls.flush().await.unwrap();
+                (tls.resumed(), tls.peer_identity())
+            };
+            let calling = async {
+                let tcp = TcpStream::connect(&addr).await.unwrap();
+                let mut tls = connect(&config, &addr, tcp).await.unwrap();
+                tls.write_all(b"x").await.unwrap();
+                let mut byte = [0u8; 1];
+                // Reading takes the session tickets that came with the answer.
+                tls.read_exact(&mut byte).await.unwrap();
+                (tls.resumed(), tls.peer_identity())
+            };
+            seen.push(tokio::join!(serving, calling));
+        }
+        let full = ((false, Some(B.into())), (false, Some(A.into())));
+        let resumed = ((true, Some(B.into())), (true, Some(A.into())));
+        assert_eq!(seen, [full, resumed]);
     }
 
     /// Renewed credentials are used from the next handshake on.

@@ -218,6 +218,17 @@ impl ProxyProcess {
         Self::follow(bin, urls, "--gateway", gateway, data_dir, &[]).await
     }
 
+    /// [`gateway`](Self::gateway) with more flags.
+    pub async fn gateway_with(
+        bin: &str,
+        urls: &str,
+        gateway: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::follow(bin, urls, "--gateway", gateway, data_dir, extra).await
+    }
+
     async fn follow(
         bin: &str,
         urls: &str,

@@ -496,3 +496,135 @@ async fn permissive_takes_mtls_and_plaintext() {
     assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
     assert_eq!(r.header("x-seen-client-cert"), None, "plaintext");
 }
+
+/// Under STRICT, gRPC (with the node's gRPC health check probing through the sidecar over mTLS),
+/// WebSocket and a gateway's traffic work, each caller known by its identity: the gateway's is
+/// `/vg/`, admitted because it routes to the node.
+#[tokio::test]
+async fn grpc_websocket_health_checks_and_gateways_over_strict_mtls() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use trellis_testkit::{WsEchoServer, grpc};
+
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let (rpc_app, ws_app, web_app) = (
+        grpc::GrpcServer::start("rpc").await,
+        WsEchoServer::start("ws").await,
+        TestServer::start("web").await,
+    );
+    let edge = trellis_testkit::free_port();
+    let api = "apiVersion: mesh.trellis.dev/v1beta1";
+    let node = |name: &str, port: u16, protocol: &str, extra: &str| {
+        format!(
+            "{api}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: {protocol} }}{extra} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: {name} }} }}\n---\n\
+             {api}\nkind: VirtualService\nmetadata: {{ name: {name} }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "{api}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{ mtls: STRICT }}\n---\n{}{}{}\
+         {api}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  backends:\n    \
+         - virtualService: {{ virtualServiceRef: {{ name: rpc }} }}\n    \
+         - virtualService: {{ virtualServiceRef: {{ name: ws }} }}\n---\n\
+         {api}\nkind: VirtualGateway\nmetadata: {{ name: gw }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: {edge}, protocol: http }} }}]\n---\n\
+         {api}\nkind: GatewayRoute\nmetadata: {{ name: to-web }}\nspec:\n  \
+         httpRoute:\n    match: {{ prefix: / }}\n    \
+         action: {{ target: {{ virtualService: {{ virtualServiceRef: {{ name: web }} }} }} }}\n",
+        node(
+            "rpc",
+            rpc_app.addr.port(),
+            "grpc",
+            ", healthCheck: { protocol: grpc, healthyThreshold: 2, unhealthyThreshold: 2, \
+             intervalMillis: 5000, timeoutMillis: 2000 }"
+        ),
+        node("ws", ws_app.addr.port(), "http", ""),
+        node("web", web_app.addr.port(), "http", ""),
+    );
+    apply(&url, &yaml);
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), true).await;
+    let rpc = sidecar(&url, "rpc", dirs[1].path(), true).await;
+    let ws = sidecar(&url, "ws", dirs[2].path(), true).await;
+    let web = sidecar(&url, "web", dirs[3].path(), true).await;
+    let out = cli(
+        &url,
+        &["token", "create", "--node", "default/gw", "--gateway"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gw_token = stdout(&out).trim().to_string();
+    let gw = ProxyProcess::gateway_with(
+        proxy_bin(),
+        &url,
+        "default/gw",
+        dirs[4].path(),
+        &["--token", &gw_token],
+    )
+    .await;
+    register(&url, "rpc", "rpc-1", rpc.ingress);
+    register(&url, "ws", "ws-1", ws.ingress);
+    register(&url, "web", "web-1", web.ingress);
+    wait_synced(&url, 5).await;
+    for p in [&front, &rpc, &ws, &web, &gw] {
+        wait_identity(p).await;
+    }
+
+    // The health check probes reach the app through its sidecar, over mTLS.
+    eventually(
+        Duration::from_secs(10),
+        "health probes answered",
+        || async {
+            let ok = front
+                .metric(
+                    "trellis_proxy_health_checks_total",
+                    &[("cluster", "default/rpc"), ("result", "success")],
+                )
+                .await;
+            if ok >= 1.0 && rpc_app.health_checks() >= 1 {
+                Ok(())
+            } else {
+                Err(format!("{ok} successes\n{}", front.logs()))
+            }
+        },
+    )
+    .await;
+    let mut client = grpc::client_via(front.egress, "rpc.default").await.unwrap();
+    let reply = client
+        .unary(grpc::EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .unwrap();
+    let reply = reply.into_inner();
+    assert_eq!(
+        (reply.message.as_str(), reply.server.as_str()),
+        ("hi", "rpc")
+    );
+
+    let stream = tokio::net::TcpStream::connect(front.egress).await.unwrap();
+    let (mut socket, resp) = tokio_tungstenite::client_async("ws://ws.default/chat", stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    socket.send(Message::text("hello")).await.unwrap();
+    assert_eq!(
+        socket.next().await.unwrap().unwrap(),
+        Message::text("ws:hello")
+    );
+    socket.close(None).await.unwrap();
+
+    let edge_addr = gw.listener_addr(&format!("gateway:{edge}")).await;
+    let mut c = Client::h1(edge_addr).await.unwrap();
+    let r = c.get("anything.example", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "web".to_string()));
+    let seen = format!(
+        "By={};URI=spiffe://trellis.local/ns/default/vg/gw",
+        id("web")
+    );
+    assert_eq!(r.header("x-seen-client-cert"), Some(seen.as_str()));
+}
