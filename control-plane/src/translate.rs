@@ -1793,8 +1793,8 @@ mod tests {
         }
         assert!(!p.http_retry_events.iter().any(|e| e == "gateway-error"));
         let off = appmesh.replace(
-            "kind: Mesh\nmetadata:\n  name: colorapp\n",
-            "kind: Mesh\nmetadata:\n  name: colorapp\nspec:\n  appMeshDefaults: DISABLED\n",
+            "  mtls: STRICT\n",
+            "  mtls: STRICT\n  appMeshDefaults: DISABLED\n",
         );
         assert_ne!(off, appmesh);
         assert_eq!(policy(&off), None, "turned off for the mesh");

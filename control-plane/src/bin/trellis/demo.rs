@@ -1,7 +1,9 @@
 //! `trellis demo`: App Mesh's colorapp on 127.0.0.1 — a control plane on the embedded store, a
-//! front app and blue/green/red colortellers each with a trellis-proxy sidecar, the files in
-//! `examples/colorapp/` applied, then the router's weights shifted step by step while the live
-//! split is shown. Everything it starts is stopped when it ends.
+//! front app and blue/green/red colortellers each with a trellis-proxy sidecar, and the colorapp
+//! gateway, every proxy with a workload identity from a join token; the files in
+//! `examples/colorapp/` applied (the mesh in mTLS STRICT), then the router's weights shifted step
+//! by step while the live split of requests sent to the gateway is shown, with the identities
+//! the apps saw. Everything it starts is stopped when it ends.
 
 use std::{
     collections::BTreeMap,
@@ -40,6 +42,12 @@ const STEPS: [(u32, u32, u32); 5] = [
 ];
 const COLORS: [(&str, u16); 3] = [("blue", 9081), ("green", 9082), ("red", 9083)];
 const FRONT_PORT: u16 = 8080;
+/// The colorapp gateway's listener (examples/colorapp/gateway.yaml).
+const GATEWAY_PORT: u16 = 8088;
+
+/// The caller identity each app saw last (`x-forwarded-client-cert`, set by its sidecar from the
+/// verified certificate), by app.
+type Seen = Arc<parking_lot::Mutex<BTreeMap<&'static str, String>>>;
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("cannot find the trellis binary")?;
@@ -76,6 +84,8 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
 
 async fn serve(
     addr: SocketAddr,
+    app: &'static str,
+    seen: Seen,
     handler: Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, String> + Send + Sync>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -89,16 +99,22 @@ async fn serve(
                 continue;
             };
             let handler = handler.clone();
+            let seen = seen.clone();
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let handler = handler.clone();
-                        async move {
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
-                                handler().await,
-                            ))))
-                        }
-                    });
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let handler = handler.clone();
+                    let caller = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
+                        .unwrap_or("(none: plaintext)")
+                        .to_string();
+                    seen.lock().insert(app, caller);
+                    async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(handler().await))))
+                    }
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -159,18 +175,24 @@ pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let mut children = Vec::new();
     let (server, api) = start_control_plane(&dir, &mut children).await?;
-    let sidecars = start_sidecars(&server, &dir, &mut children)?;
-    start_apps(&sidecars).await?;
+    let sidecars = start_sidecars(&server, &api, &dir, &mut children).await?;
+    start_gateway(&server, &api, &dir, &mut children).await?;
+    let proxies = sidecars.len() + 1;
+    let seen = Seen::default();
+    start_apps(&sidecars, &seen).await?;
     apply_and_register(&api, &sidecars).await?;
-    println!("==> registered instances; waiting for every sidecar to apply its config");
-    wait_synced(&api, sidecars.len()).await?;
+    println!("==> registered instances; waiting for every proxy to apply its config");
+    wait_synced(&api, proxies).await?;
 
-    let front_ingress = SocketAddr::from(([127, 0, 0, 1], sidecars["front"].0));
-    for weights in STEPS {
+    let gateway = SocketAddr::from(([127, 0, 0, 1], GATEWAY_PORT));
+    for (i, weights) in STEPS.into_iter().enumerate() {
         api.post("/v1/apply", router_manifest(weights).into_bytes())
             .await?;
-        wait_synced(&api, sidecars.len()).await?;
-        show_split(front_ingress, weights, step).await;
+        wait_synced(&api, proxies).await?;
+        show_split(gateway, weights, step).await;
+        if i == 0 {
+            show_identities(&seen, sidecars["blue"].0).await;
+        }
     }
     let status: Status = serde_json::from_value(api.get("/v1/status").await?)
         .context("unexpected status from the control plane")?;
@@ -221,17 +243,39 @@ async fn start_control_plane(
     Ok((server, api))
 }
 
-/// Sidecars: one per node, each with its own ports.
-fn start_sidecars(server: &str, dir: &Path, children: &mut Vec<Child>) -> anyhow::Result<Sidecars> {
+/// A single-use join token for `node` (`gateway`: a VirtualGateway's).
+async fn join_token(api: &ApiClient, node: &str, gateway: bool) -> anyhow::Result<String> {
+    let request = serde_json::json!({
+        "node": node, "gateway": gateway, "ttlSeconds": 600, "uses": 1,
+    });
+    let created = api
+        .post("/v1/tokens", serde_json::to_vec(&request)?)
+        .await?;
+    created["token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("unexpected token answer from the control plane")
+}
+
+/// Sidecars: one per node, each with its own ports and a join token for its identity.
+async fn start_sidecars(
+    server: &str,
+    api: &ApiClient,
+    dir: &Path,
+    children: &mut Vec<Child>,
+) -> anyhow::Result<Sidecars> {
     let proxy_bin = sibling("trellis-proxy")?;
     let mut sidecars = BTreeMap::new();
     for node in ["front", "blue", "green", "red"] {
         let (ingress, egress) = (free_port()?, free_port()?);
+        let token = join_token(api, &format!("default/{node}"), false).await?;
         children.push(spawn(
             &proxy_bin,
             &[
                 "--control-plane".into(),
                 server.to_string(),
+                "--token".into(),
+                token,
                 "--node".into(),
                 format!("default/{node}"),
                 "--data-dir".into(),
@@ -260,11 +304,47 @@ fn start_sidecars(server: &str, dir: &Path, children: &mut Vec<Child>) -> anyhow
     Ok(sidecars)
 }
 
+/// The colorapp gateway, with its own identity, answering on GATEWAY_PORT.
+async fn start_gateway(
+    server: &str,
+    api: &ApiClient,
+    dir: &Path,
+    children: &mut Vec<Child>,
+) -> anyhow::Result<()> {
+    let token = join_token(api, "default/colorapp-gateway", true).await?;
+    children.push(spawn(
+        &sibling("trellis-proxy")?,
+        &[
+            "--control-plane".into(),
+            server.to_string(),
+            "--token".into(),
+            token,
+            "--gateway".into(),
+            "default/colorapp-gateway".into(),
+            "--data-dir".into(),
+            dir.join("gateway").display().to_string(),
+            "--ingress-addr".into(),
+            "127.0.0.1:0".into(),
+            "--egress-addr".into(),
+            "127.0.0.1:0".into(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--workers".into(),
+            "1".into(),
+        ],
+        &dir.join("gateway-proxy.log"),
+    )?);
+    println!("==> gateway colorapp-gateway on 127.0.0.1:{GATEWAY_PORT}");
+    Ok(())
+}
+
 /// Apps: colortellers answer their color; front asks colorteller through its sidecar.
-async fn start_apps(sidecars: &Sidecars) -> anyhow::Result<()> {
+async fn start_apps(sidecars: &Sidecars, seen: &Seen) -> anyhow::Result<()> {
     for (color, port) in COLORS {
         serve(
             SocketAddr::from(([127, 0, 0, 1], port)),
+            color,
+            seen.clone(),
             Arc::new(move || Box::pin(async move { color.to_string() })),
         )
         .await?;
@@ -272,9 +352,29 @@ async fn start_apps(sidecars: &Sidecars) -> anyhow::Result<()> {
     let front_egress = SocketAddr::from(([127, 0, 0, 1], sidecars["front"].1));
     serve(
         SocketAddr::from(([127, 0, 0, 1], FRONT_PORT)),
+        "front",
+        seen.clone(),
         Arc::new(move || Box::pin(get(front_egress, "colorteller.default:9080"))),
     )
     .await
+}
+
+/// What mTLS STRICT did: the callers each app saw, as their sidecars verified them, and a
+/// plaintext request straight to a sidecar's ingress refused.
+async fn show_identities(seen: &Seen, blue_ingress: u16) {
+    println!("==> mTLS STRICT: each app's last caller, as its sidecar verified it");
+    for (app, caller) in seen.lock().iter() {
+        println!("    {app:<6} <- {caller}");
+    }
+    let plain = get(SocketAddr::from(([127, 0, 0, 1], blue_ingress)), "blue").await;
+    println!(
+        "    plaintext straight to blue's sidecar: {}",
+        if plain.starts_with("error:") {
+            "refused".to_string()
+        } else {
+            format!("answered {plain:?} (unexpected)")
+        }
+    );
 }
 
 /// Applies the files in examples/colorapp/ (from the working tree when run from the
@@ -318,15 +418,14 @@ async fn apply_and_register(api: &ApiClient, sidecars: &Sidecars) -> anyhow::Res
     Ok(())
 }
 
-/// Sends requests through front for `step` and prints which color answered them.
-async fn show_split(front_ingress: SocketAddr, weights: (u32, u32, u32), step: Duration) {
+/// Sends requests through the gateway (to front) for `step` and prints which color answered them.
+async fn show_split(gateway: SocketAddr, weights: (u32, u32, u32), step: Duration) {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let end = tokio::time::Instant::now() + step;
     let mut total = 0usize;
     while tokio::time::Instant::now() < end {
         let answers =
-            futures_util::future::join_all((0..8).map(|_| get(front_ingress, "front.demo:8080")))
-                .await;
+            futures_util::future::join_all((0..8).map(|_| get(gateway, "colorapp.example"))).await;
         for a in answers {
             *counts.entry(a).or_default() += 1;
             total += 1;
