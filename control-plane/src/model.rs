@@ -403,7 +403,122 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<Value>,
+    pub tls: Option<ListenerTls>,
+}
+
+/// App Mesh's TLS on a listener: its mode, the certificate it serves, and whether (and how)
+/// clients' certificates are validated. The shapes are App Mesh's; `acm` sources are refused by
+/// the compatibility check before these are read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerTls {
+    /// `STRICT`, `PERMISSIVE` or `DISABLED`.
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<TlsCertificate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<TlsValidation>,
+}
+
+/// A certificate and its key: PEM files on the proxy's machine, or (`sds`) the proxy's
+/// Trellis-issued workload certificate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsCertificate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acm: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<TlsFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sds: Option<TlsSds>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsFile {
+    pub certificate_chain: String,
+    /// Set for a certificate; a trust file has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsSds {
+    pub secret_name: String,
+}
+
+/// How a peer's certificate is validated: the roots it must chain to, and the names it must
+/// carry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsValidation {
+    pub trust: TlsTrust,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_alternative_names: Option<SubjectAlternativeNames>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsTrust {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acm: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<TlsFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sds: Option<TlsSds>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubjectAlternativeNames {
+    #[serde(rename = "match")]
+    pub matcher: SanMatch,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SanMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exact: Vec<String>,
+}
+
+impl TlsValidation {
+    /// The SANs a peer's certificate must carry one of (empty: any).
+    pub fn names(&self) -> &[String] {
+        self.subject_alternative_names
+            .as_ref()
+            .map_or(&[], |s| &s.matcher.exact)
+    }
+}
+
+/// App Mesh's backend defaults (a node's or a gateway's): the client policy toward backends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_policy: Option<ClientPolicy>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS toward backends: whether it is used (`enforce`, default true) and toward which ports
+/// (unset: all), the client certificate for mTLS, and how the server is validated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<TlsCertificate>,
+    pub validation: TlsValidation,
 }
 
 /// A VirtualNode listener's inbound timeouts: the one of its protocol applies.
@@ -768,7 +883,7 @@ pub struct VirtualNodeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_groups: Vec<BackendGroupRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_defaults: Option<Value>,
+    pub backend_defaults: Option<BackendDefaults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Logging>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -954,7 +1069,7 @@ pub struct Backend {
 pub struct VirtualServiceBackend {
     pub virtual_service_ref: Ref,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_policy: Option<Value>,
+    pub client_policy: Option<ClientPolicy>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -967,7 +1082,7 @@ pub struct VirtualGatewaySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_defaults: Option<Value>,
+    pub backend_defaults: Option<BackendDefaults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Logging>,
     /// The namespaces whose GatewayRoutes (without a virtualGatewayRef) the gateway serves;

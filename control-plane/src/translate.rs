@@ -246,6 +246,10 @@ struct Builder<'a> {
     /// own: `CLUSTER@LISTENER`).
     gateway_pool: Option<(String, pb::ConnectionPool)>,
     security: Security<'a>,
+    /// While the clusters of one backend are built: the App Mesh client policy in effect (the
+    /// backend's own, else the backend defaults), and the backend's name when the policy is its
+    /// own (its clusters are then its own: `CLUSTER@BACKEND`).
+    client_policy: Option<(model::ClientTls, Option<String>)>,
     /// Why the snapshot cannot be made (a mesh asks for mTLS and there is no CA to name
     /// identities): it is withheld rather than sent in plaintext.
     withheld: Option<String>,
@@ -292,8 +296,23 @@ impl Builder<'_> {
         }
     }
 
-    /// mTLS toward `node`'s sidecars, under its mesh's mode.
-    fn upstream_tls(&mut self, node: &ResourceKey) -> Option<pb::UpstreamTls> {
+    /// TLS toward `node`'s listener on `port`: an App Mesh client policy in effect that applies
+    /// to the port, else mTLS under the mesh's mode unless the node's listeners have TLS
+    /// settings of their own (App Mesh's: callers then need a client policy).
+    fn upstream_tls(&mut self, node: &ResourceKey, port: Option<i64>) -> Option<pb::UpstreamTls> {
+        if let Some((policy, _)) = &self.client_policy {
+            let applies = policy.enforce != Some(false)
+                && (policy.ports.is_empty() || port.is_some_and(|p| policy.ports.contains(&p)));
+            if applies {
+                return Some(client_policy_tls(policy));
+            }
+        }
+        if self
+            .node(node)
+            .is_some_and(|n| n.listeners.iter().any(|l| l.tls.is_some()))
+        {
+            return None;
+        }
         let mode = self.mtls(node);
         if mode == Mtls::Disabled {
             return None;
@@ -302,6 +321,7 @@ impl Builder<'_> {
         Some(pb::UpstreamTls {
             identities: vec![id],
             plaintext_without_identity: mode == Mtls::Permissive,
+            ..Default::default()
         })
     }
 
@@ -327,6 +347,9 @@ impl Builder<'_> {
         };
         if let Some((listener, _)) = &self.gateway_pool {
             name = format!("{name}@{listener}");
+        }
+        if let Some((_, Some(backend))) = &self.client_policy {
+            name = format!("{name}@{backend}");
         }
         if self.clusters.contains_key(&name) {
             return name;
@@ -428,7 +451,7 @@ impl Builder<'_> {
             connection_pool = Some(*pool);
         }
         let health_check = listener.and_then(listener_health_check);
-        let tls = self.upstream_tls(key);
+        let tls = self.upstream_tls(key, listener.map(|l| l.port_mapping.port));
         self.clusters.insert(
             name.clone(),
             pb::Cluster {
@@ -778,6 +801,7 @@ pub fn sidecar(
         sources: Sources::default(),
         gateway_pool: None,
         security,
+        client_policy: None,
         withheld: None,
     };
     let spec = b.node(node)?.clone();
@@ -797,7 +821,7 @@ fn ingress(
     spec: &VirtualNodeSpec,
     node: &ResourceKey,
 ) -> Option<pb::Listener> {
-    let (tls, authorization) = ingress_security(b, node);
+    let (tls, authorization) = ingress_security(b, node, spec);
     let locals: Vec<(i64, &str)> = spec
         .listeners
         .iter()
@@ -886,18 +910,27 @@ fn ingress(
     })
 }
 
-/// A sidecar ingress's TLS under its mesh's mode, and under STRICT who may call it: the nodes and
-/// gateways the mesh graph sends to it.
+/// A sidecar ingress's TLS: its listeners' own (App Mesh's `tls`; validation has made them one),
+/// else its mesh's mode — and under STRICT who may call it: the nodes and gateways the mesh graph
+/// sends to it.
 fn ingress_security(
     b: &mut Builder<'_>,
     node: &ResourceKey,
+    spec: &VirtualNodeSpec,
 ) -> (Option<pb::ServerTls>, Option<pb::Authorization>) {
+    if let Some(t) = spec.listeners.iter().find_map(|l| l.tls.as_ref()) {
+        return (listener_tls(t), None);
+    }
     let mode = match b.mtls(node) {
         Mtls::Disabled => return (None, None),
         Mtls::Permissive => pb::server_tls::Mode::Permissive,
         Mtls::Strict => pb::server_tls::Mode::Strict,
     };
-    let tls = Some(pb::ServerTls { mode: mode as i32 });
+    let tls = Some(pb::ServerTls {
+        mode: mode as i32,
+        client_validation: Some(pb::PeerValidation::default()),
+        ..Default::default()
+    });
     if mode != pb::server_tls::Mode::Strict {
         return (tls, None);
     }
@@ -914,11 +947,30 @@ fn ingress_security(
 /// Egress: the backends the node declares, and only those.
 fn egress(b: &mut Builder<'_>, spec: &VirtualNodeSpec, node: &ResourceKey) -> pb::Listener {
     let keys = crate::policy::backend_services(b.state, node, spec);
+    let defaults = spec
+        .backend_defaults
+        .as_ref()
+        .and_then(|d| d.client_policy.as_ref())
+        .and_then(|p| p.tls.clone());
     let mut hosts = Vec::new();
     for key in &keys {
+        // The backend's own client policy, else the defaults.
+        let own = spec.backends.iter().find_map(|backend| {
+            let vs = &backend.virtual_service;
+            (vs.virtual_service_ref
+                .key(Kind::VirtualService, &node.namespace)
+                == *key)
+                .then(|| vs.client_policy.as_ref()?.tls.clone())
+                .flatten()
+        });
+        b.client_policy = match own {
+            Some(policy) => Some((policy, Some(format!("{}/{}", key.namespace, key.name)))),
+            None => defaults.clone().map(|p| (p, None)),
+        };
         if let Some(vh) = b.virtual_service(key) {
             hosts.push(vh);
         }
+        b.client_policy = None;
     }
     // The mesh's egressFilter: DROP_ALL (App Mesh's default, also when unset) refuses what the
     // node does not declare as egress the mesh does not allow; ALLOW_ALL forwards it to the host
@@ -1112,12 +1164,20 @@ pub fn gateway(
         sources: Sources::default(),
         gateway_pool: None,
         security,
+        client_policy: None,
         withheld: None,
     };
     b.uses.insert(key.clone());
     for mesh in state.keys().filter(|k| k.kind == Kind::Mesh) {
         b.uses.insert(mesh.clone());
     }
+    // Its backend defaults' client policy, toward every target.
+    b.client_policy = gw
+        .backend_defaults
+        .as_ref()
+        .and_then(|d| d.client_policy.as_ref())
+        .and_then(|p| p.tls.clone())
+        .map(|p| (p, None));
     // The gateway routes it serves: those naming it, else those its selectors (or, without a
     // namespaceSelector, its namespace) take.
     let mut routes: Vec<(&ResourceKey, &model::GatewayRouteSpec)> = state
@@ -1241,7 +1301,62 @@ fn gateway_listener<'r>(
         name,
         port: u32::try_from(port).unwrap_or(0),
         virtual_hosts: hosts,
+        tls: l.tls.as_ref().and_then(listener_tls),
         ..Default::default()
+    }
+}
+
+/// App Mesh's listener `tls` as the proxy's: None for DISABLED; `file` certificates and trust
+/// by path, `sds` ones the workload certificate and the mesh's trust bundle.
+fn listener_tls(t: &model::ListenerTls) -> Option<pb::ServerTls> {
+    let mode = match t.mode.as_str() {
+        "STRICT" => pb::server_tls::Mode::Strict,
+        "PERMISSIVE" => pb::server_tls::Mode::Permissive,
+        _ => return None,
+    };
+    Some(pb::ServerTls {
+        mode: mode as i32,
+        certificate: t
+            .certificate
+            .as_ref()
+            .and_then(|c| c.file.as_ref())
+            .map(certificate_files),
+        client_validation: t.validation.as_ref().map(|v| pb::PeerValidation {
+            trust_files: trust_files(v),
+            subject_alt_names: v.names().to_vec(),
+        }),
+    })
+}
+
+fn certificate_files(f: &model::TlsFile) -> pb::CertificateFiles {
+    pb::CertificateFiles {
+        certificate_chain: f.certificate_chain.clone(),
+        private_key: f.private_key.clone().unwrap_or_default(),
+    }
+}
+
+fn trust_files(v: &model::TlsValidation) -> Vec<String> {
+    v.trust
+        .file
+        .iter()
+        .map(|f| f.certificate_chain.clone())
+        .collect()
+}
+
+/// An App Mesh client policy's TLS as the proxy's: the client certificate (`file`, `sds`: the
+/// workload certificate, none: no client certificate), the trust (`file`, `sds`: the mesh's
+/// bundle) and the names the server must carry.
+fn client_policy_tls(p: &model::ClientTls) -> pb::UpstreamTls {
+    pb::UpstreamTls {
+        identities: p.validation.names().to_vec(),
+        plaintext_without_identity: false,
+        certificate: p
+            .certificate
+            .as_ref()
+            .and_then(|c| c.file.as_ref())
+            .map(certificate_files),
+        no_certificate: p.certificate.is_none(),
+        trust_files: trust_files(&p.validation),
     }
 }
 

@@ -172,10 +172,6 @@ pub fn is_mesh(manifest: &Manifest) -> bool {
     ) || Kind::parse(&manifest.kind).is_some()
 }
 
-/// Until mTLS lands, a manifest asking for TLS is refused rather than run in plaintext.
-const TLS_NOT_SUPPORTED: &str = "TLS is not supported yet: Trellis refuses it rather than run \
-                                 this traffic in plaintext";
-
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -596,13 +592,16 @@ impl Checker<'_> {
                     format!("port {} is listed twice", l.port_mapping.port),
                 );
             }
-            // `mode: DISABLED` asks for plaintext, which is what runs.
-            let disabled = l
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.get("mode").and_then(|m| m.as_str()) == Some("DISABLED"));
-            if l.tls.is_some() && !disabled {
-                self.err(format!("{path}[{i}].tls"), TLS_NOT_SUPPORTED.into());
+            if let Some(t) = &l.tls {
+                let tp = format!("{path}[{i}].tls");
+                if let Some(c) = &t.certificate {
+                    self.certificate(&format!("{tp}.certificate"), c);
+                } else if t.mode != "DISABLED" {
+                    self.err(format!("{tp}.certificate"), "required".into());
+                }
+                if let Some(v) = &t.validation {
+                    self.tls_validation(&format!("{tp}.validation"), v);
+                }
             }
             if let Some(t) = &l.timeout {
                 let protocol = l.port_mapping.protocol.as_str();
@@ -961,8 +960,27 @@ impl Checker<'_> {
             "spec.backendDefaults.clientPolicy",
             n.backend_defaults
                 .as_ref()
-                .and_then(|d| d.get("clientPolicy")),
+                .and_then(|d| d.client_policy.as_ref()),
         );
+        // One ingress socket serves every listener of the node: one TLS for all.
+        if let Some((first, t)) = n
+            .listeners
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| Some((i, l.tls.as_ref()?)))
+        {
+            for (i, l) in n.listeners.iter().enumerate().skip(first + 1) {
+                if l.tls.as_ref() != Some(t) {
+                    self.err(
+                        format!("spec.listeners[{i}].tls"),
+                        format!(
+                            "differs from spec.listeners[{first}].tls: not supported by Trellis: \
+                             a node's listeners share its sidecar's ingress, give them the same tls"
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(lb) = &n.load_balancer {
             if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
                 self.err(
@@ -1065,7 +1083,7 @@ impl Checker<'_> {
             "spec.backendDefaults.clientPolicy",
             g.backend_defaults
                 .as_ref()
-                .and_then(|d| d.get("clientPolicy")),
+                .and_then(|d| d.client_policy.as_ref()),
         );
     }
 
@@ -1280,11 +1298,49 @@ impl Checker<'_> {
         }
     }
 
-    /// A client policy asking for TLS is refused until TLS is implemented: it must never
-    /// silently run in plaintext.
-    fn client_policy_tls(&mut self, path: &str, policy: Option<&serde_json::Value>) {
-        if policy.and_then(|p| p.get("tls")).is_some() {
-            self.err(format!("{path}.tls"), TLS_NOT_SUPPORTED.into());
+    /// A client policy's TLS: one source for its certificate and its trust, ports in range.
+    fn client_policy_tls(&mut self, path: &str, policy: Option<&crate::model::ClientPolicy>) {
+        let Some(t) = policy.and_then(|p| p.tls.as_ref()) else {
+            return;
+        };
+        if let Some(c) = &t.certificate {
+            self.certificate(&format!("{path}.tls.certificate"), c);
+        }
+        for (i, port) in t.ports.iter().enumerate() {
+            if !(1..=65535).contains(port) {
+                self.err(format!("{path}.tls.ports[{i}]"), "must be 1..=65535".into());
+            }
+        }
+        self.tls_validation(&format!("{path}.tls.validation"), &t.validation);
+    }
+
+    /// A certificate names one source: `file` or `sds` (`acm` is refused by the compatibility
+    /// check).
+    fn certificate(&mut self, path: &str, c: &crate::model::TlsCertificate) {
+        match (&c.acm, &c.file, &c.sds) {
+            (None, Some(f), None) if f.private_key.is_none() => {
+                self.err(format!("{path}.file.privateKey"), "required".into())
+            }
+            (None, Some(_), None) | (None, None, Some(_)) | (Some(_), None, None) => {}
+            _ => self.err(path, "give exactly one of file or sds".into()),
+        }
+    }
+
+    fn tls_validation(&mut self, path: &str, v: &crate::model::TlsValidation) {
+        match (&v.trust.acm, &v.trust.file, &v.trust.sds) {
+            (None, Some(_), None) | (None, None, Some(_)) | (Some(_), None, None) => {}
+            _ => self.err(
+                format!("{path}.trust"),
+                "give exactly one of file or sds".into(),
+            ),
+        }
+        for (i, name) in v.names().iter().enumerate() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                self.err(
+                    format!("{path}.subjectAlternativeNames.match.exact[{i}]"),
+                    format!("{name:?} is not a name"),
+                );
+            }
         }
     }
 
@@ -1679,7 +1735,7 @@ spec:
     fn a_refused_resource_is_not_also_missing() {
         let tls = GOOD.replace(
             "protocol: http } }]\n  serviceDiscovery",
-            "protocol: http }, tls: { mode: STRICT, certificate: { file: { certificateChain: /c, privateKey: /k } } } }]\n  serviceDiscovery",
+            "protocol: http }, tls: { mode: STRICT, certificate: { acm: { certificateARN: x } } } }]\n  serviceDiscovery",
         );
         let problems = state_of(&tls).unwrap_err();
         assert!(
@@ -1890,13 +1946,25 @@ spec:
                 "protocol: http } }]\n  serviceDiscovery",
                 "protocol: http }, tls: { mode: PERMISSIVE } }]\n  serviceDiscovery",
             ),
-            "spec.listeners[0].tls: not supported by Trellis: TLS is not supported yet",
+            "spec.listeners[0].tls.certificate: required",
+        ), (
+            GOOD.replace(
+                "protocol: http } }]\n  serviceDiscovery",
+                "protocol: http }, tls: { mode: STRICT, certificate: { file: { certificateChain: /c, privateKey: /k }, sds: { secretName: x } } } }]\n  serviceDiscovery",
+            ),
+            "spec.listeners[0].tls.certificate: give exactly one of file or sds",
         ), (
             GOOD.replace(
                 "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
                 "serviceDiscovery: { dns: { hostname: 'red_svc!.local' } }\n  backends: [{ virtualService: { virtualServiceRef: { name: colorteller }, clientPolicy: { tls: { enforce: true } } } }]",
             ),
-            "spec.backends[0].virtualService.clientPolicy: not supported by Trellis: TLS is not supported yet",
+            "spec.backends[0].virtualService.clientPolicy.tls.validation: required",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { dns: { hostname: blue.local } }\n  backends: [{ virtualService: { virtualServiceRef: { name: colorteller }, clientPolicy: { tls: { ports: [0], validation: { trust: { sds: { secretName: x } } } } } } }]",
+            ),
+            "spec.backends[0].virtualService.clientPolicy.tls.ports[0]: must be 1..=65535",
         ), (
             GOOD.replace(
                 "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",

@@ -123,12 +123,12 @@ impl Listeners {
         };
         let gauge = self.services.metrics.active_connections(&listener.name);
         gauge.inc();
-        let stream = match listener.tls {
+        let stream = match &listener.tls {
             None => Stream::Plain(stream),
-            Some(mode) => {
+            Some(side) => {
                 let credentials = self.services.store.credentials();
                 let timeout = self.services.idle_timeout;
-                match crate::tls::accept(credentials, mode, stream, timeout).await {
+                match crate::tls::accept(credentials, side, stream, timeout).await {
                     Ok(s) => s,
                     Err(e) => {
                         // Plaintext under STRICT, an unknown or expired certificate, none.

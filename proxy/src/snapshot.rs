@@ -26,7 +26,7 @@ use crate::{
     metrics::ProxyMetrics,
     passthrough::Passthrough,
     route::RouteTable,
-    tls::{Credentials, ServerMode},
+    tls::{Credentials, ServerSide},
     upstream::{Cluster, Upstreams},
 };
 
@@ -302,7 +302,8 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
                 reason: e.clone(),
             }])
         })?;
-    let upstreams = Upstreams::default();
+    // Certificate and trust files are the proxy's machine's: not read here.
+    let upstreams = Upstreams::offline();
     let mut generation = upstreams.generation();
     compile::compile(snapshot, &mut generation, metrics, &Resolved::new()).map(drop)
 }
@@ -412,8 +413,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// HTTP: what a request gets whose authority no virtual host serves.
     pub unmatched: Unmatched,
-    /// TLS on its connections (mTLS), if set.
-    pub tls: Option<ServerMode>,
+    /// TLS on its connections, if set.
+    pub tls: Option<ServerSide>,
     /// Under mTLS: the SPIFFE IDs of the callers it admits; None: every caller.
     pub authorized: Option<HashSet<Arc<str>>>,
 }

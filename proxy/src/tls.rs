@@ -142,23 +142,222 @@ impl Credentials {
     }
 
     /// The client side toward servers that must prove one of `expected` SPIFFE IDs, offering
-    /// `alpn`.
+    /// `alpn`: mesh mTLS, with the workload certificate and the trust bundle.
     pub fn client_config(
         self: &Arc<Self>,
         expected: Vec<String>,
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, Error> {
-        let mut config = ClientConfig::builder_with_provider(provider())
+        self.client_config_for(Roots::Bundle, expected, ClientCert::Workload, alpn)
+    }
+
+    /// The client side: servers' certificates chain to `roots` and carry one of `expected`
+    /// (empty: any), this proxy presents `cert`, offering `alpn`.
+    pub fn client_config_for(
+        self: &Arc<Self>,
+        roots: Roots,
+        expected: Vec<String>,
+        cert: ClientCert,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, Error> {
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ServerVerifier {
                 credentials: self.clone(),
+                roots,
                 expected,
-            }))
-            .with_client_cert_resolver(Arc::new(OwnCertificate(self.clone())));
+            }));
+        let mut config = match cert {
+            ClientCert::Workload => {
+                builder.with_client_cert_resolver(Arc::new(OwnCertificate(self.clone())))
+            }
+            ClientCert::Fixed(key) => builder.with_client_cert_resolver(Arc::new(Fixed(key))),
+            ClientCert::None => builder.with_no_client_auth(),
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+
+    /// The server side of a listener with its own TLS settings: it serves `cert` (None: the
+    /// workload certificate) and, with `clients`, requires client certificates chaining to its
+    /// roots and carrying one of its names (empty: any).
+    pub fn server_config_for(
+        self: &Arc<Self>,
+        cert: Option<Arc<CertifiedKey>>,
+        clients: Option<(Roots, Vec<String>)>,
+    ) -> Result<Arc<ServerConfig>, Error> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some((roots, names)) => {
+                let inner: Arc<dyn ClientCertVerifier> = match roots {
+                    Roots::Bundle => Arc::new(PeerVerifier(self.clone())),
+                    Roots::Fixed(roots) => {
+                        let mut store = RootCertStore::empty();
+                        for root in roots.iter() {
+                            store.add(root.clone())?;
+                        }
+                        WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+                            .build()
+                            .map_err(|e| Error::General(e.to_string()))?
+                    }
+                };
+                builder.with_client_cert_verifier(Arc::new(NamedClients { inner, names }))
+            }
+        };
+        let mut config = match cert {
+            Some(key) => builder.with_cert_resolver(Arc::new(Fixed(key))),
+            None => builder.with_cert_resolver(Arc::new(OwnCertificate(self.clone()))),
+        };
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The roots a peer's certificate must chain to.
+#[derive(Debug, Clone)]
+pub enum Roots {
+    /// The mesh's trust bundle in use (it follows rotations).
+    Bundle,
+    /// Fixed roots (App Mesh's `trust.file`).
+    Fixed(Arc<[CertificateDer<'static>]>),
+}
+
+/// The certificate a client presents.
+#[derive(Debug, Clone)]
+pub enum ClientCert {
+    /// The workload certificate in use.
+    Workload,
+    /// A fixed one (App Mesh's `certificate.file`).
+    Fixed(Arc<CertifiedKey>),
+    None,
+}
+
+/// Reads a certificate chain and its key from PEM files.
+pub fn load_certified_key(chain: &str, key: &str) -> Result<Arc<CertifiedKey>, String> {
+    let chain_pem = std::fs::read(chain).map_err(|e| format!("{chain}: {e}"))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{chain}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{chain}: no certificate"));
+    }
+    let key_pem = std::fs::read(key).map_err(|e| format!("{key}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("{key}: {e}"))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("private key: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+}
+
+/// Reads roots from PEM files.
+pub fn load_roots(files: &[String]) -> Result<Arc<[CertificateDer<'static>]>, String> {
+    let mut roots = Vec::new();
+    for file in files {
+        let pem = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+        let before = roots.len();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            roots.push(cert.map_err(|e| format!("{file}: {e}"))?);
+        }
+        if roots.len() == before {
+            return Err(format!("{file}: no certificate"));
+        }
+    }
+    Ok(roots.into())
+}
+
+/// A fixed certificate, for either side.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for Fixed {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Clients' certificates verified by `inner`, then held to carrying one of `names` (empty: any).
+#[derive(Debug)]
+struct NamedClients {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<String>,
+}
+
+impl ClientCertVerifier for NamedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.names.is_empty() || carries_one_of(end_entity, &self.names) {
+            Ok(verified)
+        } else {
+            Err(Error::General(format!(
+                "client certificate names none of {}",
+                self.names.join(", ")
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether a certificate carries one of `names` among its subject alternative names (URIs and
+/// DNS names, exact).
+fn carries_one_of(cert: &CertificateDer<'_>, names: &[String]) -> bool {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value.general_names.iter().any(|n| match n {
+        GeneralName::URI(u) => names.iter().any(|x| x == u),
+        GeneralName::DNSName(d) => names.iter().any(|x| x.eq_ignore_ascii_case(d)),
+        _ => false,
+    })
 }
 
 /// mTLS toward a cluster's endpoints.
@@ -173,16 +372,14 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
+    /// `key` says everything that makes the client side what it is (an endpoint keeps its
+    /// client side for its life: a change of any of it is another endpoint).
     pub(crate) fn new(
-        identities: &[String],
+        key: String,
         config: Arc<ClientConfig>,
         credentials: Arc<Credentials>,
         plaintext_without_identity: bool,
     ) -> Self {
-        let mut key = identities.join(",");
-        if plaintext_without_identity {
-            key.push_str(";optional");
-        }
         Self {
             key: key.into(),
             config,
@@ -196,6 +393,16 @@ impl UpstreamTls {
     pub(crate) fn client(&self) -> Option<&Arc<ClientConfig>> {
         (!self.plaintext_without_identity || self.credentials.is_set()).then_some(&self.config)
     }
+}
+
+/// A listener's TLS.
+#[derive(Debug, Clone)]
+pub struct ServerSide {
+    pub mode: ServerMode,
+    /// Its own settings (App Mesh's listener `tls`); None: the mesh's — the workload
+    /// certificate, client certificates from the trust bundle required — with one session cache
+    /// for every such listener.
+    pub config: Option<Arc<ServerConfig>>,
 }
 
 /// How a listener takes connections.
@@ -335,19 +542,22 @@ impl AsyncWrite for Stream {
 /// first byte starts one), within `timeout`.
 pub async fn accept(
     credentials: &Arc<Credentials>,
-    mode: ServerMode,
+    side: &ServerSide,
     stream: TcpStream,
     timeout: std::time::Duration,
 ) -> std::io::Result<Stream> {
     let handshake = async {
-        if mode == ServerMode::Permissive {
+        if side.mode == ServerMode::Permissive {
             let mut first = [0u8; 1];
             let n = stream.peek(&mut first).await?;
             if n == 0 || first[0] != HANDSHAKE_RECORD {
                 return Ok(Stream::Plain(stream));
             }
         }
-        let config = credentials.server_config().map_err(std::io::Error::other)?;
+        let config = match &side.config {
+            Some(config) => config.clone(),
+            None => credentials.server_config().map_err(std::io::Error::other)?,
+        };
         let tls = tokio_rustls::TlsAcceptor::from(config)
             .accept(stream)
             .await?;
@@ -355,10 +565,10 @@ pub async fn accept(
         // A resumed session skips the certificate checks: the certificate it was made with must
         // still be in its validity period.
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-            && !conn
+            && conn
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .is_some_and(valid_now)
+                .is_some_and(|c| !valid_now(c))
         {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
@@ -388,10 +598,10 @@ pub async fn connect(
         .await?;
     let conn = tls.get_ref().1;
     if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-        && !conn
+        && conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .is_some_and(valid_now)
+            .is_some_and(|c| !valid_now(c))
     {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
@@ -496,6 +706,8 @@ impl ClientCertVerifier for PeerVerifier {
 #[derive(Debug)]
 struct ServerVerifier {
     credentials: Arc<Credentials>,
+    roots: Roots,
+    /// Names the certificate must carry one of (empty: any).
     expected: Vec<String>,
 }
 
@@ -508,13 +720,19 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let loaded = self
-            .credentials
-            .current
-            .load_full()
-            .ok_or_else(|| Error::General("no workload certificate yet".into()))?;
-        let anchors: Vec<_> = loaded
-            .roots
+        let loaded;
+        let roots: &[CertificateDer<'static>] = match &self.roots {
+            Roots::Bundle => {
+                loaded = self
+                    .credentials
+                    .current
+                    .load_full()
+                    .ok_or_else(|| Error::General("no workload certificate yet".into()))?;
+                &loaded.roots
+            }
+            Roots::Fixed(roots) => roots,
+        };
+        let anchors: Vec<_> = roots
             .iter()
             .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
             .collect();
@@ -530,14 +748,19 @@ impl ServerCertVerifier for ServerVerifier {
             None,
         )
         .map_err(|e| Error::General(format!("server certificate: {e}")))?;
-        match spiffe_id(end_entity) {
-            Some(id) if self.expected.contains(&id) => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(Error::General(format!(
+        if self.expected.is_empty() || carries_one_of(end_entity, &self.expected) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(Error::General(match spiffe_id(end_entity) {
+            Some(id) => format!(
                 "server identity {id} is not one of {}",
                 self.expected.join(", ")
-            ))),
-            None => Err(Error::General("server certificate: no SPIFFE ID".into())),
-        }
+            ),
+            None => format!(
+                "server certificate names none of {}",
+                self.expected.join(", ")
+            ),
+        }))
     }
 
     fn verify_tls12_signature(
@@ -723,7 +946,11 @@ mod tests {
             let a = a.clone();
             let serving = async {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let mut tls = accept(&a, ServerMode::Strict, tcp, Duration::from_secs(5))
+                let side = ServerSide {
+                    mode: ServerMode::Strict,
+                    config: None,
+                };
+                let mut tls = accept(&a, &side, tcp, Duration::from_secs(5))
                     .await
                     .unwrap();
                 let mut byte = [0u8; 1];

@@ -639,6 +639,9 @@ pub type Sent = Result<Response<UpstreamIncoming>, AttemptError>;
 pub struct Upstreams {
     /// The proxy's workload certificate, for the mTLS clusters' client side.
     pub(crate) credentials: Arc<crate::tls::Credentials>,
+    /// Compiling to check a snapshot elsewhere (the control plane): certificate and trust
+    /// files, which are the proxy's machine's, are not read.
+    pub(crate) offline: bool,
     live: Mutex<EndpointMap>,
     limits: Mutex<LimitMap>,
     /// The running health checkers, one per endpoint of a cluster with a health check.
@@ -656,6 +659,14 @@ pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
 
 impl Upstreams {
+    /// For checking snapshots elsewhere: files are not read.
+    pub(crate) fn offline() -> Self {
+        Self {
+            offline: true,
+            ..Self::default()
+        }
+    }
+
     /// Starts a new generation: endpoints looked up in it reuse live state where it exists.
     pub(crate) fn generation(&self) -> Generation<'_> {
         Generation {
@@ -748,26 +759,76 @@ impl Generation<'_> {
     }
 
     /// The client side of mTLS toward servers proving one of `identities`, for `protocol`.
+    /// The workload certificate in use.
+    pub(crate) fn credentials(&self) -> &Arc<crate::tls::Credentials> {
+        &self.upstreams.credentials
+    }
+
+    /// Whether certificate and trust files are read (not when checking a snapshot elsewhere).
+    pub(crate) fn reads_files(&self) -> bool {
+        !self.upstreams.offline
+    }
+
     pub(crate) fn upstream_tls(
         &self,
-        identities: &[String],
-        plaintext_without_identity: bool,
+        spec: &trellis_proto::v1::UpstreamTls,
         protocol: Protocol,
-    ) -> Result<UpstreamTls, rustls::Error> {
+    ) -> Result<UpstreamTls, String> {
+        use crate::tls::{ClientCert, Roots};
+        use std::hash::{Hash as _, Hasher as _};
         let alpn = match protocol {
             Protocol::Http1 => crate::tls::ALPN_HTTP1,
             Protocol::Http2 => crate::tls::ALPN_H2,
             Protocol::Tcp => crate::tls::ALPN_NONE,
         };
-        let config = self
-            .upstreams
-            .credentials
-            .client_config(identities.to_vec(), alpn)?;
+        // The files' contents are part of the key: new contents, new connections.
+        let mut contents = std::collections::hash_map::DefaultHasher::new();
+        let cert = match (&spec.certificate, spec.no_certificate) {
+            (Some(_), true) => return Err("certificate and noCertificate both set".into()),
+            (Some(_), false) if self.upstreams.offline => ClientCert::None,
+            (Some(files), false) => {
+                for f in [&files.certificate_chain, &files.private_key] {
+                    std::fs::read(f)
+                        .map_err(|e| format!("{f}: {e}"))?
+                        .hash(&mut contents);
+                }
+                ClientCert::Fixed(crate::tls::load_certified_key(
+                    &files.certificate_chain,
+                    &files.private_key,
+                )?)
+            }
+            (None, true) => ClientCert::None,
+            (None, false) => ClientCert::Workload,
+        };
+        let roots = if spec.trust_files.is_empty() || self.upstreams.offline {
+            Roots::Bundle
+        } else {
+            let roots = crate::tls::load_roots(&spec.trust_files)?;
+            for r in roots.iter() {
+                r.as_ref().hash(&mut contents);
+            }
+            Roots::Fixed(roots)
+        };
+        let credentials = &self.upstreams.credentials;
+        let config = credentials
+            .client_config_for(roots, spec.identities.clone(), cert, alpn)
+            .map_err(|e| e.to_string())?;
+        let key = format!(
+            "{:?};{}",
+            (
+                &spec.identities,
+                spec.plaintext_without_identity,
+                &spec.certificate,
+                spec.no_certificate,
+                &spec.trust_files,
+            ),
+            contents.finish()
+        );
         Ok(UpstreamTls::new(
-            identities,
+            key,
             config,
-            self.upstreams.credentials.clone(),
-            plaintext_without_identity,
+            credentials.clone(),
+            spec.plaintext_without_identity,
         ))
     }
 

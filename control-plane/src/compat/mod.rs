@@ -201,7 +201,13 @@ impl Walk {
     fn object(&mut self, norm: &str, actual: &str, map: &mut Map<String, Value>) {
         self.resolve_arns(norm, actual, map);
         if let Some(schema) = schema(self.kind, norm) {
+            // `tls: { mode: DISABLED }` asks for plaintext: no certificate is needed for it.
+            let disabled = norm.ends_with(".tls")
+                && map.get("mode").and_then(Value::as_str) == Some("DISABLED");
             for required in &schema.requires {
+                if disabled && *required == "certificate" {
+                    continue;
+                }
                 if !map.contains_key(*required) && !self.identity_only(norm, required) {
                     self.problem(&format!("{actual}.{required}"), "required");
                 }
@@ -238,10 +244,7 @@ impl Walk {
             return;
         };
         if let Status::Refused(reason) = status {
-            if !tls_disabled(norm, value) {
-                self.problem(actual, format!("not supported by Trellis: {reason}"));
-            }
-            // TLS turned off is what runs: nothing else of it (a certificate) is needed.
+            self.problem(actual, format!("not supported by Trellis: {reason}"));
             return;
         }
         let Some(schema) = schema else {
@@ -451,14 +454,6 @@ fn parse_arn<'a>(arn: &'a str, kind: &str) -> Option<(&'a str, &'a str)> {
         }
         _ => None,
     }
-}
-
-/// `tls: { mode: DISABLED }` asks for what runs without TLS: accepted where TLS is refused.
-fn tls_disabled(norm: &str, value: &Value) -> bool {
-    norm.ends_with(".tls")
-        && value.as_object().is_some_and(|m| {
-            m.len() == 1 && m.get("mode").and_then(Value::as_str) == Some("DISABLED")
-        })
 }
 
 /// The compatibility table: per kind, each App Mesh field with its status and what it means.
@@ -686,11 +681,34 @@ mod tests {
             "backendDefaults": { "clientPolicy": { "tls": { "validation": { "trust": { "file": { "certificateChain": "/ca.pem" } } } } } },
         });
         let problems = check(Kind::VirtualGateway, &mut gateway).problems;
+        assert_eq!(problems, [], "a client policy's TLS is honoured");
+        let mut acm = serde_json::json!({
+            "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" } }],
+            "backendDefaults": { "clientPolicy": { "tls": { "validation": { "trust": { "acm": { "certificateAuthorityARNs": ["arn:aws:acm-pca:us-west-2:1:certificate-authority/x"] } } } } } },
+        });
+        let problems = check(Kind::VirtualGateway, &mut acm).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].0, "spec.backendDefaults");
+        assert_eq!(
+            problems[0].0,
+            "spec.backendDefaults.clientPolicy.tls.validation.trust.acm"
+        );
         assert!(
-            problems[0].1.starts_with("not supported by Trellis: "),
+            problems[0]
+                .1
+                .starts_with("not supported by Trellis: AWS Certificate Manager"),
             "{problems:?}"
+        );
+        // TLS asked for without a certificate to serve.
+        let mut strict = serde_json::json!({
+            "listeners": [{ "portMapping": { "port": 8080, "protocol": "http" }, "tls": { "mode": "STRICT" } }],
+        });
+        let problems = check(Kind::VirtualNode, &mut strict).problems;
+        assert_eq!(
+            problems,
+            [(
+                "spec.listeners[0].tls.certificate".to_string(),
+                "required".to_string()
+            )]
         );
     }
 

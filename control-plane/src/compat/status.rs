@@ -29,10 +29,24 @@ const TARGET_PORT: &str = "the target node's listener the traffic goes to (one o
 const GATEWAY_MATCH_PORT: &str = "the gateway listener the route is served on (required when the gateway has several); that listener's protocol must be the route's";
 /// A GatewayRoute's `action.target.port`.
 const GATEWAY_TARGET_PORT: &str = "the target service's provider listener: with a router, the router listener whose routes apply (required when it has several); with a node, the node listener the traffic goes to (unset: its first)";
-/// `compat` accepts `tls: { mode: DISABLED }` (plaintext, which is what runs) despite this.
-const TLS_LISTENER: &str = "TLS is not supported yet (issue 12); only mode DISABLED is accepted";
-const TLS_CLIENT: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (a client policy holds only TLS)";
-const TLS_BACKEND_DEFAULTS: &str = "TLS is not supported yet (issue 12): refused rather than run in plaintext (backend defaults hold only a TLS client policy)";
+const TLS_LISTENER: &str = "TLS on the listener (a VirtualNode's: its sidecar's ingress, which serves all of the node's listeners, so they must agree; a VirtualGateway's: that listener's socket); it replaces the mesh's spec.mtls there (no mesh-graph authorization then: the validation's names decide)";
+const TLS_MODE: &str = "STRICT: TLS only (plaintext closed at once); PERMISSIVE: TLS and plaintext, told apart by the first byte; DISABLED: plaintext (then no certificate is needed)";
+const TLS_CERT_FILE: &str = "PEM files on the proxy's machine (chain, then key), read when a snapshot is applied: an unreadable file NACKs the snapshot, naming the field; new contents take effect with the next snapshot";
+const TLS_CERT_SDS: &str = "the proxy's workload certificate, issued and renewed by trellis-control's CA (SPIFFE ID spiffe://TRUST-DOMAIN/ns/NAMESPACE/vn/NAME): Trellis is the SDS";
+const TLS_SDS_NAME: &str = "accepted, not used: the SPIRE secret App Mesh's Envoy asked for; Trellis's CA issues the certificate itself";
+const TLS_ACM: &str = "AWS Certificate Manager is not available outside AWS: use file (PEM files) or sds (Trellis-issued)";
+const TLS_VALIDATION: &str = "the peer's certificate is required and validated: on a listener, clients must present one (mTLS); in a client policy, the server's";
+const TLS_TRUST_FILE: &str =
+    "PEM file of the roots the peer's certificate must chain to, read when a snapshot is applied";
+const TLS_TRUST_SDS: &str =
+    "the mesh's trust bundle (trellis-control's CA roots, rotations included)";
+const TLS_SANS: &str = "the peer's certificate must carry one of these subject alternative names, exact (DNS names or URIs such as SPIFFE IDs; with sds, Trellis's IDs: spiffe://TRUST-DOMAIN/ns/NAMESPACE/vn/NAME); unset: any";
+const TLS_CLIENT: &str = "TLS from the caller's proxy to the backend's listeners: with it, mesh mTLS (spec.mtls) does not apply toward them";
+const TLS_ENFORCE: &str =
+    "false: the policy is not applied (the mesh's spec.mtls decides); default true";
+const TLS_PORTS: &str = "the target listener ports the policy applies to; unset: all";
+const TLS_CLIENT_CERT: &str = "the client certificate for mTLS; unset: none is presented";
+const TLS_BACKEND_DEFAULTS: &str = "the client policy toward every backend without one of its own";
 const LOGGING: &str = "the proxy's access log: one line per request (and per TCP connection) on every listener, appended to file.path (/dev/stdout and /dev/stderr are the proxy's own), in Envoy's default format or format.text / format.json with Envoy's command operators (those Trellis renders are listed in the README; others are refused); replaces the --access-log flag's while set";
 const BACKEND_GROUPS: &str = "name \"*\" (the App Mesh controller's wildcard): every VirtualService of the group's namespace (unset: the node's) in the node's mesh is a backend, as they come and go; a named BackendGroup resource (an experimental controller feature) is refused";
 /// A VirtualGateway health check's prober settings.
@@ -661,7 +675,77 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.backendDefaults",
-        Refused(TLS_BACKEND_DEFAULTS),
+        Honoured(TLS_BACKEND_DEFAULTS),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls",
+        Honoured(TLS_CLIENT),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.enforce",
+        Honoured(TLS_ENFORCE),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.ports",
+        Honoured(TLS_PORTS),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.certificate",
+        Honoured(TLS_CLIENT_CERT),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.certificate.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.certificate.file",
+        Honoured(TLS_CERT_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.certificate.sds",
+        Honoured(TLS_CERT_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.certificate.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation",
+        Honoured(TLS_VALIDATION),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.file",
+        Honoured(TLS_TRUST_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.sds",
+        Honoured(TLS_TRUST_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.backendDefaults.clientPolicy.tls.validation.subjectAlternativeNames",
+        Honoured(TLS_SANS),
     ),
     (VirtualNode, "spec.backendGroups", Honoured(BACKEND_GROUPS)),
     (
@@ -687,7 +771,77 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualNode,
         "spec.backends[].virtualService.clientPolicy",
-        Refused(TLS_CLIENT),
+        Honoured("the backend's own client policy (instead of backendDefaults')"),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls",
+        Honoured(TLS_CLIENT),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.enforce",
+        Honoured(TLS_ENFORCE),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.ports",
+        Honoured(TLS_PORTS),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.certificate",
+        Honoured(TLS_CLIENT_CERT),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.certificate.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.certificate.file",
+        Honoured(TLS_CERT_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.certificate.sds",
+        Honoured(TLS_CERT_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.certificate.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation",
+        Honoured(TLS_VALIDATION),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation.trust.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation.trust.file",
+        Honoured(TLS_TRUST_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation.trust.sds",
+        Honoured(TLS_TRUST_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation.trust.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.backends[].virtualService.clientPolicy.tls.validation.subjectAlternativeNames",
+        Honoured(TLS_SANS),
     ),
     (
         VirtualNode,
@@ -751,13 +905,62 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "inbound timeouts toward the app: the one of the listener's protocol (http, http2, grpc: perRequest and idle; tcp: idle) on the sidecar's ingress route; another protocol's is refused",
         ),
     ),
-    (VirtualNode, "spec.listeners[].tls", Refused(TLS_LISTENER)),
+    (VirtualNode, "spec.listeners[].tls", Honoured(TLS_LISTENER)),
+    (VirtualNode, "spec.listeners[].tls.mode", Honoured(TLS_MODE)),
     (
         VirtualNode,
-        "spec.listeners[].tls.mode",
-        Honoured(
-            "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
-        ),
+        "spec.listeners[].tls.certificate",
+        Honoured("the certificate the listener serves: file or sds"),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.certificate.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.certificate.file",
+        Honoured(TLS_CERT_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.certificate.sds",
+        Honoured(TLS_CERT_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.certificate.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation",
+        Honoured(TLS_VALIDATION),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation.trust.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation.trust.file",
+        Honoured(TLS_TRUST_FILE),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation.trust.sds",
+        Honoured(TLS_TRUST_SDS),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation.trust.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualNode,
+        "spec.listeners[].tls.validation.subjectAlternativeNames",
+        Honoured(TLS_SANS),
     ),
     (VirtualNode, "spec.logging", Honoured(LOGGING)),
     (VirtualNode, "spec.meshRef", Honoured(MESH_REF)),
@@ -818,7 +1021,77 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.backendDefaults",
-        Refused(TLS_BACKEND_DEFAULTS),
+        Honoured(TLS_BACKEND_DEFAULTS),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls",
+        Honoured(TLS_CLIENT),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.enforce",
+        Honoured(TLS_ENFORCE),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.ports",
+        Honoured(TLS_PORTS),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.certificate",
+        Honoured(TLS_CLIENT_CERT),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.certificate.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.certificate.file",
+        Honoured(TLS_CERT_FILE),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.certificate.sds",
+        Honoured(TLS_CERT_SDS),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.certificate.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation",
+        Honoured(TLS_VALIDATION),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.file",
+        Honoured(TLS_TRUST_FILE),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.sds",
+        Honoured(TLS_TRUST_SDS),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation.trust.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualGateway,
+        "spec.backendDefaults.clientPolicy.tls.validation.subjectAlternativeNames",
+        Honoured(TLS_SANS),
     ),
     (
         VirtualGateway,
@@ -911,14 +1184,67 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     (
         VirtualGateway,
         "spec.listeners[].tls",
-        Refused(TLS_LISTENER),
+        Honoured(TLS_LISTENER),
     ),
     (
         VirtualGateway,
         "spec.listeners[].tls.mode",
-        Honoured(
-            "DISABLED only: plaintext, which is what runs (any other mode needs TLS and is refused with tls)",
-        ),
+        Honoured(TLS_MODE),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.certificate",
+        Honoured("the certificate the listener serves: file or sds"),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.certificate.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.certificate.file",
+        Honoured(TLS_CERT_FILE),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.certificate.sds",
+        Honoured(TLS_CERT_SDS),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.certificate.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation",
+        Honoured(TLS_VALIDATION),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation.trust.acm",
+        Refused(TLS_ACM),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation.trust.file",
+        Honoured(TLS_TRUST_FILE),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation.trust.sds",
+        Honoured(TLS_TRUST_SDS),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation.trust.sds.secretName",
+        Identity(TLS_SDS_NAME),
+    ),
+    (
+        VirtualGateway,
+        "spec.listeners[].tls.validation.subjectAlternativeNames",
+        Honoured(TLS_SANS),
     ),
     (VirtualGateway, "spec.logging", Honoured(LOGGING)),
     (VirtualGateway, "spec.meshRef", Honoured(MESH_REF)),

@@ -1173,7 +1173,7 @@ mod tests {
             &json!({
                 "enforce": true,
                 "ports": [9080],
-                "validation": { "trust": { "file": { "certificateChain": "/certs/ca.pem" } } },
+                "validation": { "trust": { "acm": { "certificateAuthorityArns": ["arn:aws:acm-pca:us-west-2:111122223333:certificate-authority/colorapp"] } } },
             })
         );
         assert_eq!(
@@ -1200,7 +1200,7 @@ mod tests {
             &json!({
                 "mode": "STRICT",
                 "certificate": {
-                    "file": { "certificateChain": "/certs/blue.pem", "privateKey": "/certs/blue.key" },
+                    "acm": { "certificateArn": "arn:aws:acm:us-west-2:111122223333:certificate/blue" },
                 },
             })
         );

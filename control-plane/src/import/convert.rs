@@ -1154,7 +1154,7 @@ mod tests {
                     json!({
                         "listeners": [{
                             "portMapping": { "port": 8080, "protocol": "http" },
-                            "tls": { "mode": "STRICT", "certificate": { "file": { "certificateChain": "/c", "privateKey": "/k" } } }
+                            "tls": { "mode": "STRICT", "certificate": { "acm": { "certificateARN": "arn:aws:acm:us-west-2:1:certificate/x" } } }
                         }],
                         "serviceDiscovery": { "dns": { "hostname": "blue.shop", "ipPreference": "IPv4_ONLY" } }
                     }),
@@ -1191,12 +1191,14 @@ mod tests {
             "{:#?}",
             c.notes
         );
-        let tls = c
-            .notes
-            .iter()
-            .find(|n| n.field == "spec.listeners[0].tls")
-            .unwrap();
-        assert!(tls.reason.contains("TLS is not supported yet"), "{tls}");
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.field.starts_with("spec.listeners[0].tls")
+                    && n.reason.contains("AWS Certificate Manager")),
+            "{:#?}",
+            c.notes
+        );
     }
 
     #[test]

@@ -177,12 +177,13 @@ async fn runs_as_configured(yaml: &str, e: &Expect) {
 }
 
 /// The App Mesh API export (`describe-*` answers): every kind, Routes folded into their router,
-/// TLS and a node's ipPreference reported, the ECS task's Envoy replaced.
+/// ACM certificates and a node's ipPreference reported, the ECS task's Envoy replaced.
 #[tokio::test]
 async fn an_app_mesh_api_export_round_trips() {
     let (yaml, report) = import("appmesh-json", &[fixture("colorapp.appmesh.json")]);
     for expected in [
-        "spec.listeners[0].tls: not carried over: not supported by Trellis: TLS",
+        "spec.listeners[0].tls.certificate.acm: not carried over: not supported by Trellis: AWS Certificate Manager",
+        "spec.listeners[0].tls: not carried over: its certificate is required and missing in the input",
         "spec.serviceDiscovery.dns.ipPreference: not carried over: App Mesh's Kubernetes CRDs (the shape Trellis reads) have no such field",
         "environment.ENVOY_LOG_LEVEL: not carried over",
         "replace container \"envoy\"",
@@ -217,12 +218,13 @@ async fn an_app_mesh_api_export_round_trips() {
 }
 
 /// A CloudFormation template: parameters, !Sub/!GetAtt/!Ref resolved, Routes as resources of
-/// their own, TLS and tags reported, the ECS task definition's Envoy replaced.
+/// their own, ACM certificates and trust and tags reported, the ECS task definition's Envoy replaced.
 #[tokio::test]
 async fn a_cloudformation_template_round_trips() {
     let (yaml, report) = import("cloudformation", &[fixture("colorapp.cfn.yaml")]);
     for expected in [
-        "Resources.BlueNode: spec.listeners[0].tls: not carried over: not supported by Trellis: TLS",
+        "Resources.BlueNode: spec.listeners[0].tls.certificate.acm: not carried over: not supported by Trellis: AWS Certificate Manager",
+        "Resources.FrontNode: spec.backendDefaults.clientPolicy.tls.validation.trust.acm: not carried over: not supported by Trellis: AWS Certificate Manager",
         "Resources.Mesh: Properties.Tags",
         "it runs as --node colorapp/front",
     ] {

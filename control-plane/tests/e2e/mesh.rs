@@ -556,8 +556,8 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
         "nothing was registered"
     );
 
-    // A VirtualNode whose DNS name the proxy could not dial, and TLS that would run in
-    // plaintext, are refused at apply.
+    // A VirtualNode whose DNS name the proxy could not dial, TLS without a certificate and TLS
+    // from AWS Certificate Manager are refused at apply.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.yaml");
     let dns = mesh_yaml(
@@ -573,14 +573,14 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
         "{}",
         stderr(&out)
     );
-    for (tls, path) in [
+    for (tls, problem) in [
         (
             "  listeners: [{ portMapping: { port: 8080, protocol: http }, tls: { mode: STRICT } }]\n",
-            "spec.listeners[0].tls",
+            "spec.listeners[0].tls.certificate: required",
         ),
         (
-            "  listeners: [{ portMapping: { port: 8080, protocol: http } }]\n  backendDefaults: { clientPolicy: { tls: { validation: { trust: { file: { certificateChain: /ca.pem } } } } } }\n",
-            "spec.backendDefaults",
+            "  listeners: [{ portMapping: { port: 8080, protocol: http } }]\n  backendDefaults: { clientPolicy: { tls: { validation: { trust: { acm: { certificateAuthorityARNs: [arn] } } } } } }\n",
+            "spec.backendDefaults.clientPolicy.tls.validation.trust.acm: not supported by Trellis: AWS Certificate Manager",
         ),
     ] {
         let yaml = format!(
@@ -589,13 +589,7 @@ async fn registrations_and_manifests_a_proxy_would_reject_are_refused_naming_the
         std::fs::write(&file, yaml).unwrap();
         let out = cli(&env.control.url, &["apply", "-f", file.to_str().unwrap()]);
         assert!(!out.status.success());
-        assert!(
-            stderr(&out).contains(&format!(
-                "{path}: not supported by Trellis: TLS is not supported yet"
-            )),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(problem), "{}", stderr(&out));
     }
     let out = cli(&env.control.url, &["get", "virtualnodes", "-o", "json"]);
     let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();

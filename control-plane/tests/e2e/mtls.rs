@@ -628,3 +628,183 @@ async fn grpc_websocket_health_checks_and_gateways_over_strict_mtls() {
     );
     assert_eq!(r.header("x-seen-client-cert"), Some(seen.as_str()));
 }
+
+/// A certificate for `names` (DNS SANs) from `root`, written as `NAME_cert_chain.pem` and
+/// `NAME_key.pem` in `dir`: App Mesh's walkthrough layout.
+fn write_cert(root: &Root, dir: &Path, file: &str, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &root.issuer).unwrap();
+    let chain = dir.join(format!("{file}_cert_chain.pem"));
+    let key_file = dir.join(format!("{file}_key.pem"));
+    std::fs::write(&chain, format!("{}{}", cert.pem(), root.pem)).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (chain.display().to_string(), key_file.display().to_string())
+}
+
+/// App Mesh's TLS fields, as its mutual-TLS walkthrough writes them (file certificates, a CA
+/// file, SAN matches), applied with App Mesh's API group: the colorteller's listener serves its
+/// certificate and requires front's, front's client policy presents it and checks the server's
+/// name; plaintext, another CA's or another name's certificates are refused, and a client
+/// policy expecting another name fails the calls.
+#[tokio::test]
+async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, other_ca) = (Root::new(), Root::new());
+    let ca_file = certs.path().join("ca_1_cert.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let ca_file = ca_file.display().to_string();
+    let (blue_chain, blue_key) = write_cert(
+        &ca,
+        certs.path(),
+        "colorteller",
+        &["colorteller.howto.svc.cluster.local"],
+    );
+    let (front_chain, front_key) = write_cert(
+        &ca,
+        certs.path(),
+        "front",
+        &["front.howto.svc.cluster.local"],
+    );
+    let api = "apiVersion: appmesh.k8s.aws/v1beta2";
+    let yaml = |server_name: &str| {
+        format!(
+            "{api}\nkind: Mesh\nmetadata: {{ name: howto }}\nspec: {{}}\n---\n\
+             {api}\nkind: VirtualNode\nmetadata: {{ name: blue, namespace: howto }}\nspec:\n  \
+             listeners:\n    - portMapping: {{ port: {port}, protocol: http }}\n      tls:\n        \
+             mode: STRICT\n        certificate:\n          file:\n            \
+             certificateChain: {blue_chain}\n            privateKey: {blue_key}\n        \
+             validation:\n          trust:\n            file:\n              \
+             certificateChain: {ca_file}\n          subjectAlternativeNames:\n            \
+             match:\n              exact: [front.howto.svc.cluster.local]\n  \
+             serviceDiscovery:\n    awsCloudMap: {{ namespaceName: howto, serviceName: color }}\n---\n\
+             {api}\nkind: VirtualService\nmetadata: {{ name: color, namespace: howto }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: blue }} }} }}\n---\n\
+             {api}\nkind: VirtualNode\nmetadata: {{ name: front, namespace: howto }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n  \
+             backendDefaults:\n    clientPolicy:\n      tls:\n        enforce: true\n        \
+             certificate:\n          file:\n            certificateChain: {front_chain}\n            \
+             privateKey: {front_key}\n        validation:\n          trust:\n            \
+             file: {{ certificateChain: {ca_file} }}\n          subjectAlternativeNames:\n            \
+             match: {{ exact: [{server_name}] }}\n",
+            port = app.addr.port(),
+        )
+    };
+    apply(&url, &yaml("colorteller.howto.svc.cluster.local"));
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let front = ProxyProcess::sidecar(proxy_bin(), &url, "howto/front", d1.path()).await;
+    let blue = ProxyProcess::sidecar(proxy_bin(), &url, "howto/blue", d2.path()).await;
+    let out = cli(
+        &url,
+        &[
+            "instances",
+            "register",
+            "--namespace",
+            "howto",
+            "--service",
+            "color",
+            "--id",
+            "blue-1",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &blue.ingress.port().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_synced(&url, 2).await;
+
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let r = c.get("color.howto", "/").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (200, "blue".to_string()),
+        "{:?}\n{}",
+        r.header("x-trellis-error"),
+        front.logs()
+    );
+
+    // The listener: plaintext, no certificate, another CA's, another name's: refused.
+    let plain = async {
+        let mut c = Client::h1(blue.ingress).await?;
+        c.get("color.howto", "/").await
+    };
+    assert!(plain.await.is_err(), "plaintext answered");
+    assert!(tls_get(blue.ingress, None).await.is_err());
+    let pem_pair = |chain: &str, key: &str| {
+        use rustls::pki_types::pem::PemObject as _;
+        let chain = CertificateDer::pem_file_iter(chain)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        (chain, PrivateKeyDer::from_pem_file(key).unwrap())
+    };
+    let (ok, _, _) = tls_get(blue.ingress, Some(pem_pair(&front_chain, &front_key)))
+        .await
+        .unwrap();
+    assert_eq!(ok, 200, "front's certificate is admitted");
+    let (c2, k2) = write_cert(
+        &other_ca,
+        certs.path(),
+        "intruder",
+        &["front.howto.svc.cluster.local"],
+    );
+    assert!(
+        tls_get(blue.ingress, Some(pem_pair(&c2, &k2)))
+            .await
+            .is_err()
+    );
+    let (c3, k3) = write_cert(
+        &ca,
+        certs.path(),
+        "other",
+        &["other.howto.svc.cluster.local"],
+    );
+    assert!(
+        tls_get(blue.ingress, Some(pem_pair(&c3, &k3)))
+            .await
+            .is_err()
+    );
+
+    // A client policy expecting another server name: the caller refuses blue's certificate.
+    apply(&url, &yaml("teal.howto.svc.cluster.local"));
+    eventually(
+        Duration::from_secs(10),
+        "the server's name checked",
+        || async {
+            let mut c = Client::h1(front.egress).await.map_err(|e| e.to_string())?;
+            let r = c.get("color.howto", "/").await.map_err(|e| e.to_string())?;
+            match (r.status.as_u16(), r.header("x-trellis-error")) {
+                (503, Some("tls_failure")) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // A certificate file the proxy cannot read: its snapshot is refused with the field named,
+    // and it keeps running the one it has.
+    let missing = yaml("colorteller.howto.svc.cluster.local")
+        .replace(&front_chain, "/nonexistent/front_cert_chain.pem");
+    apply(&url, &missing);
+    eventually(Duration::from_secs(10), "the NACK", || async {
+        let out = cli(&url, &["status", "-o", "json"]);
+        let text = stdout(&out);
+        if text.contains("/nonexistent/front_cert_chain.pem") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+}

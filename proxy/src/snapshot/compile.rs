@@ -29,7 +29,7 @@ use crate::{
         RouteTable, Timeouts, ValueRule, VirtualHost,
     },
     steps::{PathRewrite, RequestStep, Steps},
-    tls::ServerMode,
+    tls::{ServerMode, ServerSide},
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
 };
 
@@ -42,6 +42,10 @@ struct Compiler<'a> {
     clusters: HashMap<&'a str, Arc<Cluster>>,
     /// The addresses of names in `Dns::Endpoints` clusters, as last resolved.
     resolved: &'a Resolved,
+    /// The workload certificate, for listeners with TLS settings of their own.
+    credentials: Arc<crate::tls::Credentials>,
+    /// Whether certificate and trust files are read (not when checking elsewhere).
+    read_files: bool,
 }
 
 impl Compiler<'_> {
@@ -115,6 +119,8 @@ pub(crate) fn compile(
         metrics,
         clusters: HashMap::new(),
         resolved,
+        credentials: generation.credentials().clone(),
+        read_files: generation.reads_files(),
     };
     let mut clusters = Vec::with_capacity(snapshot.clusters.len());
     for (i, cluster) in snapshot.clusters.iter().enumerate() {
@@ -249,22 +255,10 @@ fn compile_cluster(
     };
     let name: Arc<str> = cluster.name.as_str().into();
     let tls = cluster.tls.as_ref().and_then(|t| {
-        let tpath = format!("{path}.tls.identities");
-        if t.identities.is_empty() {
-            c.err(&tpath, "must name at least one SPIFFE ID");
-            return None;
-        }
-        for (k, id) in t.identities.iter().enumerate() {
-            if !id.starts_with("spiffe://") {
-                c.err(
-                    format!("{tpath}[{k}]"),
-                    format!("{id:?} is not a spiffe:// URI"),
-                );
-            }
-        }
+        let tpath = format!("{path}.tls");
         generation
-            .upstream_tls(&t.identities, t.plaintext_without_identity, protocol)
-            .map_err(|e| c.err(format!("{path}.tls"), e.to_string()))
+            .upstream_tls(t, protocol)
+            .map_err(|e| c.err(&tpath, e))
             .ok()
     });
     let mut seen = HashSet::new();
@@ -639,14 +633,7 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
     let tls = listener
         .tls
         .as_ref()
-        .and_then(|t| match pb::server_tls::Mode::try_from(t.mode) {
-            Ok(pb::server_tls::Mode::Strict) => Some(ServerMode::Strict),
-            Ok(pb::server_tls::Mode::Permissive) => Some(ServerMode::Permissive),
-            Err(_) => {
-                c.err(format!("{path}.tls.mode"), "unknown mode");
-                None
-            }
-        });
+        .and_then(|t| compile_server_tls(c, &format!("{path}.tls"), t));
     let authorized = listener.authorization.as_ref().map(|a| {
         if listener.tls.is_none() {
             c.err(
@@ -676,6 +663,60 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
         tls,
         authorized,
     })
+}
+
+/// A listener's TLS: the mesh's (the workload certificate, client certificates from the trust
+/// bundle) or settings of its own (certificate files, optional or validated clients).
+fn compile_server_tls(c: &mut Compiler<'_>, path: &str, t: &pb::ServerTls) -> Option<ServerSide> {
+    let mode = match pb::server_tls::Mode::try_from(t.mode) {
+        Ok(pb::server_tls::Mode::Strict) => ServerMode::Strict,
+        Ok(pb::server_tls::Mode::Permissive) => ServerMode::Permissive,
+        Err(_) => {
+            c.err(format!("{path}.mode"), "unknown mode");
+            return None;
+        }
+    };
+    let meshes = t.certificate.is_none()
+        && t.client_validation
+            .as_ref()
+            .is_some_and(|v| v.trust_files.is_empty() && v.subject_alt_names.is_empty());
+    if meshes || !c.read_files {
+        // (Checking elsewhere: the files are the proxy's machine's.)
+        return Some(ServerSide { mode, config: None });
+    }
+    let cert = match &t.certificate {
+        None => None,
+        Some(f) => match crate::tls::load_certified_key(&f.certificate_chain, &f.private_key) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                c.err(format!("{path}.certificate"), e);
+                return None;
+            }
+        },
+    };
+    let clients = match &t.client_validation {
+        None => None,
+        Some(v) if v.trust_files.is_empty() => {
+            Some((crate::tls::Roots::Bundle, v.subject_alt_names.clone()))
+        }
+        Some(v) => match crate::tls::load_roots(&v.trust_files) {
+            Ok(roots) => Some((crate::tls::Roots::Fixed(roots), v.subject_alt_names.clone())),
+            Err(e) => {
+                c.err(format!("{path}.clientValidation.trustFiles"), e);
+                return None;
+            }
+        },
+    };
+    match c.credentials.server_config_for(cert, clients) {
+        Ok(config) => Some(ServerSide {
+            mode,
+            config: Some(config),
+        }),
+        Err(e) => {
+            c.err(path, e.to_string());
+            None
+        }
+    }
 }
 
 fn compile_hosts(c: &mut Compiler<'_>, path: &str, hosts: &[pb::VirtualHost]) -> RouteTable {
