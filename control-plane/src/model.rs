@@ -891,6 +891,23 @@ pub struct VirtualNodeSpec {
     /// Trellis: how callers balance over this node's instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// Trellis: callers admitted under mTLS STRICT besides those the mesh graph declares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_callers: Vec<AllowedCaller>,
+}
+
+/// A caller a node admits outside the mesh graph: a VirtualNode, a VirtualGateway, or a SPIFFE
+/// ID (a workload with a certificate from the mesh's CA that is not a mesh resource). One of the
+/// three.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowedCaller {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_node_ref: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_gateway_ref: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
 }
 
 /// A VirtualNode's or VirtualGateway's `logging`: its proxy's access log.

@@ -935,12 +935,25 @@ fn ingress_security(
         return (tls, None);
     }
     let mut identities = Vec::new();
-    for caller in crate::policy::callers(b.state, node) {
+    let mut callers = crate::policy::callers(b.state, node);
+    // And the ones the node allows outside the graph.
+    for a in &spec.allowed_callers {
+        if let Some(r) = &a.virtual_node_ref {
+            callers.insert(r.key(Kind::VirtualNode, &node.namespace));
+        } else if let Some(r) = &a.virtual_gateway_ref {
+            callers.insert(r.key(Kind::VirtualGateway, &node.namespace));
+        } else if let Some(id) = &a.spiffe_id {
+            identities.push(id.clone());
+        }
+    }
+    for caller in callers {
         let Some(id) = b.spiffe_id(&caller) else {
             return (tls, None);
         };
         identities.push(id);
     }
+    identities.sort();
+    identities.dedup();
     (tls, Some(pb::Authorization { identities }))
 }
 

@@ -872,6 +872,39 @@ impl Checker<'_> {
         if let Some(selector) = &n.pod_selector {
             self.selector("spec.podSelector", selector);
         }
+        for (i, a) in n.allowed_callers.iter().enumerate() {
+            let path = format!("spec.allowedCallers[{i}]");
+            match (&a.virtual_node_ref, &a.virtual_gateway_ref, &a.spiffe_id) {
+                (Some(r), None, None) => {
+                    self.exists(&format!("{path}.virtualNodeRef"), Kind::VirtualNode, r)
+                }
+                (None, Some(r), None) => self.exists(
+                    &format!("{path}.virtualGatewayRef"),
+                    Kind::VirtualGateway,
+                    r,
+                ),
+                (None, None, Some(id)) => {
+                    let valid = id
+                        .strip_prefix("spiffe://")
+                        .and_then(|rest| rest.split_once('/'))
+                        .is_some_and(|(domain, p)| {
+                            !domain.is_empty()
+                                && !p.is_empty()
+                                && !id.contains(|c: char| c.is_whitespace() || c == ',')
+                        });
+                    if !valid {
+                        self.err(
+                            format!("{path}.spiffeId"),
+                            format!("{id:?} is not a SPIFFE ID (spiffe://TRUST-DOMAIN/PATH)"),
+                        );
+                    }
+                }
+                _ => self.err(
+                    &path,
+                    "give exactly one of virtualNodeRef, virtualGatewayRef or spiffeId".into(),
+                ),
+            }
+        }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
         self.logging(n.logging.as_ref());
@@ -1965,6 +1998,24 @@ spec:
                 "serviceDiscovery: { dns: { hostname: blue.local } }\n  backends: [{ virtualService: { virtualServiceRef: { name: colorteller }, clientPolicy: { tls: { ports: [0], validation: { trust: { sds: { secretName: x } } } } } } }]",
             ),
             "spec.backends[0].virtualService.clientPolicy.tls.ports[0]: must be 1..=65535",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { dns: { hostname: blue.local } }\n  allowedCallers: [{ spiffeId: 'spiffe://x' }]",
+            ),
+            "spec.allowedCallers[0].spiffeId: \"spiffe://x\" is not a SPIFFE ID",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { dns: { hostname: blue.local } }\n  allowedCallers: [{ virtualNodeRef: { name: teal } }]",
+            ),
+            "spec.allowedCallers[0].virtualNodeRef: VirtualNode default/teal not found",
+        ), (
+            GOOD.replace(
+                "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",
+                "serviceDiscovery: { dns: { hostname: blue.local } }\n  allowedCallers: [{ spiffeId: 'spiffe://td/a', virtualGatewayRef: { name: gw } }]",
+            ),
+            "spec.allowedCallers[0]: give exactly one of virtualNodeRef, virtualGatewayRef or spiffeId",
         ), (
             GOOD.replace(
                 "serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: blue } } }",

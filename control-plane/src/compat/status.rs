@@ -1746,6 +1746,13 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         ),
     ),
     (
+        VirtualNode,
+        "spec.allowedCallers",
+        Honoured(
+            "Trellis addition: callers the node's sidecar admits under mTLS STRICT besides those the mesh graph declares: virtualNodeRef, virtualGatewayRef (their identities) or spiffeId (a workload outside the mesh's resources with a certificate from its CA)",
+        ),
+    ),
+    (
         Mesh,
         "spec.mtls",
         Honoured(

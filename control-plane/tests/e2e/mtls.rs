@@ -397,6 +397,41 @@ async fn strict_mtls_carries_identities_and_the_mesh_graph_authorizes() {
     );
     let expired = tls_get(blue.ingress, Some(root.leaf(&id("front"), (-7200, -3600)))).await;
     assert!(expired.is_err(), "an expired certificate: {expired:?}");
+
+    // Callers outside the graph the node allows itself: a node, and a workload that is no mesh
+    // resource, by its SPIFFE ID.
+    let ops = "spiffe://trellis.local/ns/ops/vn/debug";
+    let allowing = yaml.replace(
+        "serviceName: blue } }\n",
+        &format!(
+            "serviceName: blue }} }}\n  allowedCallers: [{{ virtualNodeRef: {{ name: stranger }} }}, {{ spiffeId: \"{ops}\" }}]\n"
+        ),
+    );
+    assert_ne!(allowing, yaml);
+    apply(&url, &allowing);
+    eventually(
+        Duration::from_secs(10),
+        "the allowed caller admitted",
+        || async {
+            match tls_get(blue.ingress, Some(root.leaf(&id("stranger"), (-60, 600)))).await {
+                Ok((200, _, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (status, _, _) = tls_get(blue.ingress, Some(root.leaf(ops, (-60, 600))))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = tls_get(
+        blue.ingress,
+        Some(root.leaf("spiffe://trellis.local/ns/ops/vn/other", (-60, 600))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "only the allowed ones");
+    apply(&url, &yaml);
     // TCP: a caller the graph does not declare is closed without a byte of the app's.
     let mut tls = tls_connect(
         db.ingress,
