@@ -272,3 +272,36 @@ async fn join_tokens_are_listed_and_revoked() {
     )
     .await;
 }
+
+/// The store holds the CA's key: its directory is the control plane user's only (0700) and its
+/// file too (0600), on a fresh data dir and on one found with looser modes (tightened).
+#[tokio::test]
+async fn the_store_holding_the_ca_key_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("fresh");
+    let control = ControlProcess::start(CONTROL, &fresh).await;
+    apply(&control.url, MESH);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("registry.redb")), 0o600);
+
+    let loose = tmp.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(loose.join("registry.redb"), b"").unwrap();
+    std::fs::set_permissions(
+        loose.join("registry.redb"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let control = ControlProcess::start(CONTROL, &loose).await;
+    apply(&control.url, MESH);
+    assert_eq!(mode(&loose), 0o700);
+    assert_eq!(mode(&loose.join("registry.redb")), 0o600);
+    assert!(
+        control.logs().contains("tightened the permissions"),
+        "{}",
+        control.logs()
+    );
+}
