@@ -494,10 +494,7 @@ fn revocation_key(node: &ResourceKey) -> String {
     } else {
         "vn"
     };
-    format!(
-        "{REVOKED_PREFIX}{}/{segment}/{}",
-        node.namespace, node.name
-    )
+    format!("{REVOKED_PREFIX}{}/{segment}/{}", node.namespace, node.name)
 }
 
 /// A node's revocation as kept.
@@ -612,7 +609,10 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let first = ca.issue(&csr(&key), &node, None).unwrap();
         let peer = PeerIdentity::from_der(&leaf_der(&first)).unwrap();
-        assert_eq!(&*peer.spiffe_id, "spiffe://trellis.local/ns/default/vn/front");
+        assert_eq!(
+            &*peer.spiffe_id,
+            "spiffe://trellis.local/ns/default/vn/front"
+        );
         assert_eq!(&*peer.public_key, first.public_key.as_slice());
         let now = unix_now();
         assert!(peer.issued.abs_diff(now) <= 1, "{} {now}", peer.issued);

@@ -273,9 +273,7 @@ async fn serve_proxy(
         Admitted::Token | Admitted::Certificate(_) => {
             let store = controller.store().as_ref();
             let watched = match crate::identity::revocation(store, node).await {
-                Ok((_, revision)) => {
-                    crate::identity::watch_revocation(store, node, revision).await
-                }
+                Ok((_, revision)) => crate::identity::watch_revocation(store, node, revision).await,
                 Err(e) => Err(e),
             };
             match watched {
@@ -451,10 +449,9 @@ impl Session<'_> {
                 )));
             }
         }
-        let (revoked, _) =
-            crate::identity::revocation(self.controller.store().as_ref(), self.node)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (revoked, _) = crate::identity::revocation(self.controller.store().as_ref(), self.node)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         if revoked.is_some_and(|r| r.revoked_ms >= admitted_ms) {
             return Err(Status::permission_denied(format!(
                 "renewal refused: the identity of {} was revoked (trellis identity revoke): a new join token is needed",

@@ -560,10 +560,10 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
                 Err(e @ crate::auth::RevokeError::NotFound(_)) => {
                     error(StatusCode::NOT_FOUND, e.to_string())
                 }
-                Err(e @ (crate::auth::RevokeError::LastAdmin(_)
-                | crate::auth::RevokeError::Concurrent)) => {
-                    error(StatusCode::CONFLICT, e.to_string())
-                }
+                Err(
+                    e @ (crate::auth::RevokeError::LastAdmin(_)
+                    | crate::auth::RevokeError::Concurrent),
+                ) => error(StatusCode::CONFLICT, e.to_string()),
                 Err(e @ crate::auth::RevokeError::Store(_)) => {
                     error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                 }

@@ -153,7 +153,14 @@ async fn concurrent_revocations_leave_an_admin() {
         let out = as_operator(
             &control.url,
             Some(&first),
-            &["operator", "create", "--name", &format!("admin{i}"), "--role", "admin"],
+            &[
+                "operator",
+                "create",
+                "--name",
+                &format!("admin{i}"),
+                "--role",
+                "admin",
+            ],
         );
         assert!(out.status.success(), "{}", stderr(&out));
         tokens.push(stdout(&out).trim().to_string());
@@ -270,12 +277,20 @@ async fn the_saved_token_goes_to_its_server_only() {
     for args in [
         vec!["audit"],
         vec!["--server", "http://192.0.2.1:7070", "--token", "t", "audit"],
-        vec!["--server", "http://192.0.2.1:7070", "login", "--with-token", "t"],
+        vec![
+            "--server",
+            "http://192.0.2.1:7070",
+            "login",
+            "--with-token",
+            "t",
+        ],
     ] {
         let out = run(&args);
         assert!(!out.status.success(), "{args:?}");
         assert!(
-            stderr(&out).contains("refusing to send an operator token to http://192.0.2.1:7070 in the clear"),
+            stderr(&out).contains(
+                "refusing to send an operator token to http://192.0.2.1:7070 in the clear"
+            ),
             "{args:?}: {}",
             stderr(&out)
         );

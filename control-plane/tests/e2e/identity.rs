@@ -283,7 +283,10 @@ async fn renewals_keep_their_key_and_come_at_most_every_30s() {
     let first = next_certificate(&mut inbound).await.unwrap();
     tx.send(renew(&key)).await.unwrap();
     let renewed = next_certificate(&mut inbound).await.unwrap();
-    assert_ne!(first, renewed, "a new certificate, with its own serial number");
+    assert_ne!(
+        first, renewed,
+        "a new certificate, with its own serial number"
+    );
     tx.send(renew(&key)).await.unwrap();
     let refused = next_certificate(&mut inbound).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
@@ -303,10 +306,11 @@ async fn renewals_keep_their_key_and_come_at_most_every_30s() {
 }
 
 /// Certificates shorter-lived than 10 minutes are refused at start, with the flag named.
-#[test]
-fn a_workload_ttl_under_10_minutes_is_refused() {
+#[tokio::test]
+async fn a_workload_ttl_under_10_minutes_is_refused() {
     let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(CONTROL)
+    let run = tokio::process::Command::new(CONTROL)
+        .kill_on_drop(true)
         .args([
             "--data-dir",
             data.path().to_str().unwrap(),
@@ -315,7 +319,10 @@ fn a_workload_ttl_under_10_minutes_is_refused() {
             "--workload-ttl",
             "4s",
         ])
-        .output()
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("trellis-control started with --workload-ttl 4s")
         .unwrap();
     assert!(!out.status.success());
     assert!(

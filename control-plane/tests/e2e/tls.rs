@@ -261,8 +261,7 @@ fn as_admin(url: &str, ca: &str, token: &str, args: &[&str]) -> std::process::Ou
 async fn a_revoked_identity_needs_a_new_join_token() {
     let data = tempfile::tempdir().unwrap();
     let control =
-        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--tls", "--auth"])
-            .await;
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--tls", "--auth"]).await;
     let url = format!("https://{}", control.addr);
     let ca = data.path().join("ca.pem");
     let ca = ca.to_str().unwrap();
@@ -280,8 +279,7 @@ async fn a_revoked_identity_needs_a_new_join_token() {
     std::fs::write(&file, MESH).unwrap();
     run(&["apply", "-f", file.to_str().unwrap()]);
     let proxies = || -> Vec<serde_json::Value> {
-        let s: serde_json::Value =
-            serde_json::from_str(&run(&["status", "-o", "json"])).unwrap();
+        let s: serde_json::Value = serde_json::from_str(&run(&["status", "-o", "json"])).unwrap();
         s["proxies"].as_array().cloned().unwrap_or_default()
     };
     let synced = |want: usize| {
@@ -289,11 +287,19 @@ async fn a_revoked_identity_needs_a_new_join_token() {
             .iter()
             .filter(|p| p["desiredVersion"].is_string() && p["desiredVersion"] == p["ackedVersion"])
             .count();
-        if n == want { Ok(()) } else { Err(format!("{n} in sync, want {want}")) }
+        if n == want {
+            Ok(())
+        } else {
+            Err(format!("{n} in sync, want {want}"))
+        }
     };
     let logged = |p: &ProxyProcess, what: &str| {
         let logs = p.logs();
-        if logs.contains(what) { Ok(()) } else { Err(logs) }
+        if logs.contains(what) {
+            Ok(())
+        } else {
+            Err(logs)
+        }
     };
 
     let token = run(&["token", "create", "--node", "default/front", "--uses", "1"]);
@@ -306,7 +312,10 @@ async fn a_revoked_identity_needs_a_new_join_token() {
         &["--token", token.trim(), "--control-plane-ca", ca],
     )
     .await;
-    eventually(Duration::from_secs(10), "front in sync", || async { synced(1) }).await;
+    eventually(Duration::from_secs(10), "front in sync", || async {
+        synced(1)
+    })
+    .await;
 
     let anonymous_dir = tempfile::tempdir().unwrap();
     let anonymous = ProxyProcess::sidecar_with(
@@ -317,22 +326,42 @@ async fn a_revoked_identity_needs_a_new_join_token() {
         &["--control-plane-ca", ca],
     )
     .await;
-    eventually(Duration::from_secs(10), "an anonymous proxy refused", || async {
-        logged(&anonymous, "requires a join token")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "an anonymous proxy refused",
+        || async { logged(&anonymous, "requires a join token") },
+    )
     .await;
     assert_eq!(proxies().len(), 1, "only the admitted proxy is in status");
     drop(anonymous);
 
     let out = run(&["identity", "revoke", "--node", "default/front"]);
-    assert!(out.contains("revoked the identity of node default/front"), "{out}");
+    assert!(
+        out.contains("revoked the identity of node default/front"),
+        "{out}"
+    );
     // Its stream is closed; its certificate (the token is spent) no longer admits it.
-    eventually(Duration::from_secs(10), "the revoked proxy refused", || async {
-        logged(&front, "the client certificate of VirtualNode default/front was revoked")?;
-        if proxies().is_empty() { Ok(()) } else { Err("still connected".into()) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the revoked proxy refused",
+        || async {
+            logged(
+                &front,
+                "the client certificate of VirtualNode default/front was revoked",
+            )?;
+            if proxies().is_empty() {
+                Ok(())
+            } else {
+                Err("still connected".into())
+            }
+        },
+    )
     .await;
-    logged(&front, "the identity of VirtualNode default/front was revoked").unwrap();
+    logged(
+        &front,
+        "the identity of VirtualNode default/front was revoked",
+    )
+    .unwrap();
     drop(front);
 
     let token = run(&["token", "create", "--node", "default/front", "--uses", "1"]);
@@ -344,11 +373,14 @@ async fn a_revoked_identity_needs_a_new_join_token() {
         &["--token", token.trim(), "--control-plane-ca", ca],
     )
     .await;
-    eventually(Duration::from_secs(10), "admitted by the new token", || async { synced(1) })
-        .await;
+    eventually(
+        Duration::from_secs(10),
+        "admitted by the new token",
+        || async { synced(1) },
+    )
+    .await;
 
-    let log: serde_json::Value =
-        serde_json::from_str(&run(&["audit", "-o", "json"])).unwrap();
+    let log: serde_json::Value = serde_json::from_str(&run(&["audit", "-o", "json"])).unwrap();
     assert!(
         log.as_array().unwrap().iter().any(|e| e["who"] == "admin"
             && e["action"] == "POST /v1/revocations"

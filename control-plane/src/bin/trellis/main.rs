@@ -439,9 +439,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     // The token saved at login goes to the server it was saved for, and to no other.
-    let saved = login
-        .token
-        .filter(|_| login.server.as_deref().is_some_and(|s| same_server(s, &server)));
+    let saved = login.token.filter(|_| {
+        login
+            .server
+            .as_deref()
+            .is_some_and(|s| same_server(s, &server))
+    });
     let token = cli.token.clone().or(saved);
     if token.is_some() {
         refuse_token_in_clear(&server)?;
