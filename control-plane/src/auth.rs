@@ -34,8 +34,12 @@ pub struct Operator {
 #[serde(rename_all = "camelCase")]
 pub struct AuditEntry {
     pub time: String,
-    /// The operator's name (`anonymous` while authentication is off).
+    /// The operator's name (`anonymous` while authentication is off, or for a write refused
+    /// for want of a known token).
     pub who: String,
+    /// The operator's id (as `trellis operator list` shows it), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_id: Option<String>,
     /// `METHOD /path`.
     pub action: String,
     /// What changed (the resources an apply created or configured, ...), or the outcome.
@@ -80,15 +84,21 @@ pub async fn create_operator(
     Ok((token, operator))
 }
 
-/// The operator a bearer token belongs to.
-pub async fn authenticate(store: &dyn Store, token: &str) -> Result<Option<Operator>, StoreError> {
-    let Some(kv) = store
-        .get(&format!("{OPERATOR_PREFIX}{}", sha256(token)))
-        .await?
-    else {
+/// The operator a bearer token belongs to, with its id.
+pub async fn authenticate(
+    store: &dyn Store,
+    token: &str,
+) -> Result<Option<ListedOperator>, StoreError> {
+    let hash = sha256(token);
+    let Some(kv) = store.get(&format!("{OPERATOR_PREFIX}{hash}")).await? else {
         return Ok(None);
     };
-    Ok(serde_json::from_slice(&kv.value).ok())
+    Ok(serde_json::from_slice(&kv.value)
+        .ok()
+        .map(|operator| ListedOperator {
+            id: hash.chars().take(12).collect(),
+            operator,
+        }))
 }
 
 /// With no operator yet, creates the first admin and writes its token to `data_dir` (mode
@@ -102,13 +112,19 @@ pub async fn bootstrap(
     }
     let (token, _) = create_operator(store, "admin", Role::Admin).await?;
     let path = data_dir.join(BOOTSTRAP_FILE);
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    use std::{
+        io::Write as _,
+        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    };
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(0o600)
         .open(&path)?;
+    // The mode above applies only to a file created now: a file left there is made private
+    // before the token is written in it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(format!("{token}\n").as_bytes())?;
     Ok(Some(path))
 }
@@ -178,6 +194,8 @@ pub enum RevokeError {
     Ambiguous(String),
     #[error("{0} is the last admin: create another admin first")]
     LastAdmin(String),
+    #[error("the operators changed while revoking (another revocation?): list them and try again")]
+    Concurrent,
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -211,11 +229,33 @@ pub async fn revoke_operator(store: &dyn Store, id: &str) -> Result<Operator, Re
         return Err(RevokeError::LastAdmin(operator.name));
     }
     // Revoked at the revision it was read at: a concurrent change is a conflict, not a miss.
-    store
-        .apply(vec![Op::Delete {
-            key: kv.key.clone(),
-            expect: Expect::Revision(kv.mod_revision),
-        }])
-        .await?;
-    Ok(operator)
+    let mut ops = vec![Op::Delete {
+        key: kv.key.clone(),
+        expect: Expect::Revision(kv.mod_revision),
+    }];
+    // Revoking an admin, the admins that remain are those counted above, in the same
+    // transaction: two admins revoked at once each guard the other, so one of the two fails
+    // and an admin always remains.
+    if operator.role == Role::Admin {
+        ops.extend(
+            all.items
+                .iter()
+                .filter(|other| other.key != kv.key)
+                .filter(|other| {
+                    serde_json::from_slice::<Operator>(&other.value)
+                        .is_ok_and(|o| o.role == Role::Admin)
+                })
+                .map(|other| Op::Put {
+                    key: other.key.clone(),
+                    value: other.value.clone(),
+                    expect: Expect::Revision(other.mod_revision),
+                    lease: other.lease,
+                }),
+        );
+    }
+    match store.apply(ops).await {
+        Ok(_) => Ok(operator),
+        Err(StoreError::Conflict { .. }) => Err(RevokeError::Concurrent),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -26,15 +26,51 @@ pub const TOKEN_PREFIX: &str = "tokens/";
 pub const DEFAULT_TRUST_DOMAIN: &str = "trellis.local";
 /// How long a workload certificate lives (proxies renew it at half-life).
 pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The shortest workload certificate life trellis-control accepts: renewals at half-life stay
+/// well apart from the proxies' and the control plane's 30 s floor.
+pub const MIN_WORKLOAD_TTL: Duration = Duration::from_secs(10 * 60);
+/// The least time between two renewals on one config stream (the control plane refuses more
+/// frequent ones; proxies never ask sooner).
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a root created here lives.
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Clock skew allowed between the control plane and proxies.
 const SKEW: Duration = Duration::from_secs(5 * 60);
 
-/// The SPIFFE ID of the workload certificate a TLS client of the control plane presented
-/// (verified against the mesh's roots), in the request's extensions.
+/// Where node revocations are kept: `meta/revoked/NAMESPACE/vn|vg/NAME`, the time (Unix
+/// milliseconds) before which that node's certificates no longer count.
+pub const REVOKED_PREFIX: &str = "meta/revoked/";
+
+/// The workload certificate a TLS client of the control plane presented (verified against the
+/// mesh's roots in the handshake), in the request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerIdentity(pub std::sync::Arc<str>);
+pub struct PeerIdentity {
+    /// Its SPIFFE ID.
+    pub spiffe_id: std::sync::Arc<str>,
+    /// Its public key (the subject public key's bits).
+    pub public_key: std::sync::Arc<[u8]>,
+    /// When it was issued (Unix seconds: its notBefore plus the skew the CA allows).
+    pub issued: u64,
+}
+
+impl PeerIdentity {
+    /// What a client certificate (DER) says; None without a SPIFFE ID.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        let spiffe_id = san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+            _ => None,
+        })?;
+        let not_before = u64::try_from(cert.validity().not_before.timestamp()).unwrap_or(0);
+        Some(Self {
+            spiffe_id: spiffe_id.into(),
+            public_key: cert.public_key().subject_public_key.data.as_ref().into(),
+            issued: not_before.saturating_add(SKEW.as_secs()),
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -81,6 +117,8 @@ pub struct Issued {
     pub chain_pem: String,
     pub spiffe_id: String,
     pub not_after: SystemTime,
+    /// The certified public key (the subject public key's bits).
+    pub public_key: Vec<u8>,
 }
 
 fn offset(t: SystemTime) -> time::OffsetDateTime {
@@ -169,10 +207,29 @@ impl Ca {
     }
 
     /// Signs `csr_pem` for `node`: whatever names the request asks for, the certificate's only
-    /// name is the node's SPIFFE ID; it is for TLS clients and servers, not a CA.
-    pub fn issue(&self, csr_pem: &str, node: &ResourceKey) -> Result<Issued, IdentityError> {
+    /// name is the node's SPIFFE ID; it is for TLS clients and servers, not a CA. With
+    /// `same_key`, the request must be for that public key (a renewal keeps its key: a new key
+    /// needs a join token). Each certificate has a random serial number.
+    pub fn issue(
+        &self,
+        csr_pem: &str,
+        node: &ResourceKey,
+        same_key: Option<&[u8]>,
+    ) -> Result<Issued, IdentityError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| IdentityError::Csr(e.to_string()))?;
+        let public_key = rcgen::PublicKeyData::der_bytes(&csr.public_key).to_vec();
+        if same_key.is_some_and(|k| k != public_key.as_slice()) {
+            return Err(IdentityError::Denied(format!(
+                "the certificate signing request for {node} is for another key than its certificate's: a renewal keeps the key, a new key needs a join token"
+            )));
+        }
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+            .map_err(|_| IdentityError::Ca("no randomness".into()))?;
+        // Positive and 16 bytes long (RFC 5280: at most 20 octets, positive).
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        csr.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let spiffe_id = self.spiffe_id(node);
         let now = SystemTime::now();
         let not_after = now + self.workload_ttl;
@@ -199,6 +256,7 @@ impl Ca {
             chain_pem: format!("{}{}", certificate.pem(), self.root_pem),
             spiffe_id,
             not_after,
+            public_key,
         })
     }
 }
@@ -426,5 +484,173 @@ pub async fn revoke_token(store: &dyn Store, id: &str) -> Result<Option<String>,
         _ => Err(IdentityError::Denied(format!(
             "{id} names several tokens: give more of it"
         ))),
+    }
+}
+
+/// Where the revocation of `node` is kept.
+fn revocation_key(node: &ResourceKey) -> String {
+    let segment = if node.kind == Kind::VirtualGateway {
+        "vg"
+    } else {
+        "vn"
+    };
+    format!("{REVOKED_PREFIX}{}/{segment}/{}", node.namespace, node.name)
+}
+
+/// A node's revocation as kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocation {
+    /// Unix milliseconds: certificates of the node issued up to this time's second, and config
+    /// streams admitted before it, no longer count.
+    pub revoked_ms: u64,
+}
+
+impl Revocation {
+    /// Whether a certificate issued at `issued` (Unix seconds) is revoked: issued up to the
+    /// second of the revocation (certificates carry seconds; one issued in that same second
+    /// after the revocation is refused too, the safe side).
+    pub fn covers_certificate(&self, issued: u64) -> bool {
+        issued <= self.revoked_ms / 1000
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Revokes `node`'s identity now: its certificates issued until now are refused when they
+/// try to admit a proxy or be renewed, and its open config streams are closed. A proxy of
+/// the node then needs a new join token.
+pub async fn revoke_node(
+    store: &dyn Store,
+    node: &ResourceKey,
+) -> Result<Revocation, IdentityError> {
+    let revocation = Revocation {
+        revoked_ms: unix_ms(),
+    };
+    let value = serde_json::to_vec(&revocation).map_err(|e| IdentityError::Ca(e.to_string()))?;
+    store
+        .apply(vec![Op::Put {
+            key: revocation_key(node),
+            value,
+            expect: Expect::Any,
+            lease: None,
+        }])
+        .await?;
+    Ok(revocation)
+}
+
+/// `node`'s revocation, if it was revoked, and the store's revision (to watch from).
+pub async fn revocation(
+    store: &dyn Store,
+    node: &ResourceKey,
+) -> Result<(Option<Revocation>, u64), IdentityError> {
+    let listing = store.list(&revocation_key(node)).await?;
+    let key = revocation_key(node);
+    let found = listing
+        .items
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+    Ok((found, listing.revision))
+}
+
+/// Changes to `node`'s revocation after `revision`.
+pub async fn watch_revocation(
+    store: &dyn Store,
+    node: &ResourceKey,
+    revision: u64,
+) -> Result<crate::store::Watch, IdentityError> {
+    Ok(store.watch(&revocation_key(node), revision).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> Ca {
+        let (certificate, key) = new_root(DEFAULT_TRUST_DOMAIN).unwrap();
+        Ca::from_pem(
+            DEFAULT_TRUST_DOMAIN,
+            &certificate,
+            &key,
+            DEFAULT_WORKLOAD_TTL,
+        )
+        .unwrap()
+    }
+
+    fn csr(key: &KeyPair) -> String {
+        CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    fn leaf_der(issued: &Issued) -> Vec<u8> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
+
+    /// A renewal bound to a key signs that key only; the certificate says which key it
+    /// certifies, and when it was issued.
+    #[test]
+    fn a_renewal_keeps_the_certificates_key() {
+        let ca = ca();
+        let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let key = KeyPair::generate().unwrap();
+        let first = ca.issue(&csr(&key), &node, None).unwrap();
+        let peer = PeerIdentity::from_der(&leaf_der(&first)).unwrap();
+        assert_eq!(
+            &*peer.spiffe_id,
+            "spiffe://trellis.local/ns/default/vn/front"
+        );
+        assert_eq!(&*peer.public_key, first.public_key.as_slice());
+        let now = unix_now();
+        assert!(peer.issued.abs_diff(now) <= 1, "{} {now}", peer.issued);
+
+        ca.issue(&csr(&key), &node, Some(&peer.public_key)).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let refused = ca.issue(&csr(&other), &node, Some(&peer.public_key));
+        assert!(
+            matches!(&refused, Err(IdentityError::Denied(why)) if why.contains("another key")),
+            "{refused:?}"
+        );
+    }
+
+    /// Renewals of one key get distinct serial numbers.
+    #[test]
+    fn serial_numbers_are_random() {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        let ca = ca();
+        let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let key = KeyPair::generate().unwrap();
+        let serial = |issued: &Issued| {
+            let der = leaf_der(issued);
+            let (_, cert) = X509Certificate::from_der(&der).unwrap();
+            cert.raw_serial().to_vec()
+        };
+        let a = serial(&ca.issue(&csr(&key), &node, None).unwrap());
+        let b = serial(&ca.issue(&csr(&key), &node, None).unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn a_revocation_covers_certificates_issued_up_to_its_second() {
+        let r = Revocation {
+            revoked_ms: 1_000_500,
+        };
+        assert!(r.covers_certificate(999));
+        assert!(r.covers_certificate(1000));
+        assert!(!r.covers_certificate(1001));
     }
 }

@@ -17,6 +17,7 @@ use trellis_proto::v1::{
 
 use crate::{
     controller::Controller,
+    identity::{MIN_RENEWAL_INTERVAL, PeerIdentity},
     model::{Kind, ResourceKey},
     status::ProxyStatus,
     translate::Translated,
@@ -39,53 +40,106 @@ impl ConfigService {
 
 type PushStream = Pin<Box<dyn Stream<Item = Result<SnapshotPush, Status>> + Send>>;
 
-/// What the hello proved: whether a join token admitted the proxy, and its first CSR.
+/// How the hello proved who the proxy is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Admitted {
+    /// It did not (identity is not required here): a snapshot, no certificate.
+    Anonymous,
+    /// By a join token: its first CSR may bring any key.
+    Token,
+    /// By its workload certificate: renewals keep that certificate's key.
+    Certificate(PeerIdentity),
+}
+
+/// What the hello proved, and its first CSR.
 struct Admission {
-    admitted: bool,
+    admitted: Admitted,
     csr: Option<String>,
 }
 
 impl ConfigService {
-    /// Checks the hello's join token: an admitted proxy may get certificates; without one, the
-    /// proxy gets its snapshot only where identity is not required.
+    /// Checks the hello: a workload certificate (verified in the TLS handshake) for the node,
+    /// not revoked, of a node the mesh still has, admits it; else a join token does. Without
+    /// either, the proxy gets its snapshot only where identity is not required.
     async fn admit(
         &self,
         token: &str,
-        certificate: Option<&str>,
+        certificate: Option<&PeerIdentity>,
         node: &ResourceKey,
-    ) -> Result<bool, Status> {
+    ) -> Result<Admitted, Status> {
         let identity = self.controller.identity();
-        // A workload certificate (verified in the TLS handshake) proves the node it names.
-        if let (Some(id), Some((ca, _))) = (certificate, identity) {
-            let wanted = ca.spiffe_id(node);
-            if id == wanted {
-                return Ok(true);
+        if let (Some(peer), Some((ca, _))) = (certificate, identity) {
+            match self.admit_certificate(ca, peer, node).await {
+                Ok(()) => return Ok(Admitted::Certificate(peer.clone())),
+                // A join token still admits a proxy whose certificate no longer does.
+                Err(refused) if token.is_empty() => return Err(refused),
+                Err(refused) => {
+                    return self.admit_token(token, node).await.map_err(|e| {
+                        Status::new(
+                            e.code(),
+                            format!("{}; the join token: {}", refused.message(), e.message()),
+                        )
+                    });
+                }
             }
-            return Err(Status::permission_denied(format!(
-                "the client certificate is for {id}, not {wanted}"
-            )));
         }
         if token.is_empty() {
             return match identity {
                 Some((_, true)) => Err(Status::unauthenticated(
-                    "this control plane requires a join token (trellis token create)",
+                    "this control plane requires a join token (trellis token create) or a workload certificate",
                 )),
-                _ => Ok(false),
+                _ => Ok(Admitted::Anonymous),
             };
         }
-        if identity.is_none() {
+        self.admit_token(token, node).await
+    }
+
+    /// A join token admits the proxy of the node it names.
+    async fn admit_token(&self, token: &str, node: &ResourceKey) -> Result<Admitted, Status> {
+        if self.controller.identity().is_none() {
             return Err(Status::failed_precondition(
                 "this control plane issues no identities",
             ));
         }
         match crate::identity::admit(self.controller.store().as_ref(), token, node).await {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Admitted::Token),
             Err(crate::identity::IdentityError::Denied(why)) => Err(Status::permission_denied(why)),
             Err(crate::identity::IdentityError::Unauthenticated(why)) => {
                 Err(Status::unauthenticated(why))
             }
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
+    }
+
+    /// A certificate admits its node's proxy while the node is in the mesh and its identity
+    /// was not revoked after the certificate was issued.
+    async fn admit_certificate(
+        &self,
+        ca: &crate::identity::Ca,
+        peer: &PeerIdentity,
+        node: &ResourceKey,
+    ) -> Result<(), Status> {
+        let wanted = ca.spiffe_id(node);
+        if *peer.spiffe_id != *wanted {
+            return Err(Status::permission_denied(format!(
+                "the client certificate is for {}, not {wanted}",
+                peer.spiffe_id
+            )));
+        }
+        if self.controller.view().state.get(node).is_none() {
+            return Err(Status::permission_denied(format!(
+                "the client certificate is for {node}, which the mesh no longer has: a new join token is needed"
+            )));
+        }
+        let (revoked, _) = crate::identity::revocation(self.controller.store().as_ref(), node)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if revoked.is_some_and(|r| r.covers_certificate(peer.issued)) {
+            return Err(Status::permission_denied(format!(
+                "the client certificate of {node} was revoked (trellis identity revoke): a new join token is needed"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -108,10 +162,7 @@ impl ConfigStream for ConfigService {
         &self,
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = request
-            .extensions()
-            .get::<crate::identity::PeerIdentity>()
-            .map(|p| p.0.clone());
+        let peer = request.extensions().get::<PeerIdentity>().cloned();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -133,7 +184,7 @@ impl ConfigStream for ConfigService {
                 Kind::VirtualNode
             },
         )?;
-        let admitted = self.admit(&hello.token, peer.as_deref(), &node).await?;
+        let admitted = self.admit(&hello.token, peer.as_ref(), &node).await?;
         let id = self.controller.proxies().connected(ProxyStatus {
             node: hello.node.clone(),
             kind: if gateway { "gateway" } else { "sidecar" }.into(),
@@ -154,7 +205,7 @@ impl ConfigStream for ConfigService {
         tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
         let (tx, rx) = mpsc::channel(4);
         let controller = self.controller.clone();
-        let csr = Some(hello.csr).filter(|c| admitted && !c.is_empty());
+        let csr = Some(hello.csr).filter(|c| admitted != Admitted::Anonymous && !c.is_empty());
         tokio::spawn(async move {
             let admission = Admission { admitted, csr };
             serve_proxy(
@@ -193,7 +244,17 @@ struct Session<'a> {
     sent: Option<String>,
     /// When the last push left, for the ACK latency.
     pushed_at: std::time::Instant,
+    /// The key certificates on this stream are for: the admitting certificate's, else the
+    /// first one issued here (a renewal keeps its key).
+    key: Option<Vec<u8>>,
+    /// When the last renewal was answered (at most one per [`MIN_RENEWAL_INTERVAL`]).
+    renewed_at: Option<tokio::time::Instant>,
     tx: mpsc::Sender<Result<SnapshotPush, Status>>,
+}
+
+/// Why a proxy's stream ends, told to the proxy.
+fn ended(why: Status) -> Result<SnapshotPush, Status> {
+    Err(why)
 }
 
 async fn serve_proxy(
@@ -206,6 +267,27 @@ async fn serve_proxy(
     tx: mpsc::Sender<Result<SnapshotPush, Status>>,
 ) {
     let mut views = controller.subscribe();
+    // An admitted stream ends when its node's identity is revoked (on any control plane).
+    let mut revocations = match &admission.admitted {
+        Admitted::Anonymous => None,
+        Admitted::Token | Admitted::Certificate(_) => {
+            let store = controller.store().as_ref();
+            let watched = match crate::identity::revocation(store, node).await {
+                Ok((_, revision)) => crate::identity::watch_revocation(store, node, revision).await,
+                Err(e) => Err(e),
+            };
+            match watched {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    let _ = tx.send(ended(Status::unavailable(e.to_string()))).await;
+                    return;
+                }
+            }
+        }
+    };
+    let admitted_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut session = Session {
         controller,
         id,
@@ -219,6 +301,11 @@ async fn serve_proxy(
         running: Some(applied).filter(|v| !v.is_empty()),
         sent: None,
         pushed_at: std::time::Instant::now(),
+        key: match &admission.admitted {
+            Admitted::Certificate(peer) => Some(peer.public_key.to_vec()),
+            Admitted::Token | Admitted::Anonymous => None,
+        },
+        renewed_at: None,
         tx,
     };
     // The certificate first: the snapshot's mTLS needs it.
@@ -237,10 +324,36 @@ async fn serve_proxy(
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },
+            revoked = async {
+                match revocations.as_mut() {
+                    Some(w) => w.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let revoked = match revoked {
+                    Some(Ok(change)) => change
+                        .events
+                        .iter()
+                        .any(|e| e.kind == crate::store::EventKind::Put),
+                    // The store's watch ended or failed: the proxy reconnects and is checked.
+                    Some(Err(_)) | None => true,
+                };
+                if revoked {
+                    tracing::info!(node = %node, "identity revoked: stream closed");
+                    let _ = session.tx.send(ended(Status::permission_denied(format!(
+                        "the identity of {node} was revoked (trellis identity revoke): a new join token is needed"
+                    )))).await;
+                    return;
+                }
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(ProxyMessage { kind: Some(Msg::Renew(renew)) })) => {
-                    if !admission.admitted {
-                        tracing::warn!(node = %node, "renewal on a stream no join token admitted: ignored");
+                    if admission.admitted == Admitted::Anonymous {
+                        tracing::warn!(node = %node, "renewal on a stream no join token or certificate admitted: ignored");
+                    } else if let Err(why) = session.renewable(admitted_ms).await {
+                        tracing::warn!(node = %node, reason = %why.message(), "renewal refused");
+                        let _ = session.tx.send(ended(why)).await;
+                        return;
                     } else if session.certify(&renew.csr).await.is_err() {
                         return;
                     }
@@ -323,19 +436,52 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Whether a renewal may be answered now: not sooner than [`MIN_RENEWAL_INTERVAL`] after
+    /// the last one, and not when the node's identity was revoked since the stream was admitted
+    /// (at `admitted_ms`, Unix milliseconds).
+    async fn renewable(&mut self, admitted_ms: u64) -> Result<(), Status> {
+        let now = tokio::time::Instant::now();
+        if let Some(last) = self.renewed_at {
+            if now.duration_since(last) < MIN_RENEWAL_INTERVAL {
+                return Err(Status::resource_exhausted(format!(
+                    "renewal refused: at most one every {}s on a config stream",
+                    MIN_RENEWAL_INTERVAL.as_secs()
+                )));
+            }
+        }
+        let (revoked, _) = crate::identity::revocation(self.controller.store().as_ref(), self.node)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if revoked.is_some_and(|r| r.revoked_ms >= admitted_ms) {
+            return Err(Status::permission_denied(format!(
+                "renewal refused: the identity of {} was revoked (trellis identity revoke): a new join token is needed",
+                self.node
+            )));
+        }
+        self.renewed_at = Some(now);
+        Ok(())
+    }
+
     /// Issues a workload certificate for `csr` and pushes it; a CSR the CA refuses is logged
-    /// and answered with nothing (the proxy keeps what it has).
+    /// and answered with nothing (the proxy keeps what it has), one for another key than the
+    /// stream's ends the stream with the reason.
     async fn certify(&mut self, csr: &str) -> Result<(), Gone> {
         let Some((ca, _)) = self.controller.identity() else {
             return Ok(());
         };
-        let issued = match ca.issue(csr, self.node) {
+        let issued = match ca.issue(csr, self.node, self.key.as_deref()) {
             Ok(issued) => issued,
+            Err(crate::identity::IdentityError::Denied(why)) => {
+                tracing::warn!(node = %self.node, reason = %why, "certificate refused");
+                let _ = self.tx.send(ended(Status::permission_denied(why))).await;
+                return Err(Gone);
+            }
             Err(e) => {
                 tracing::warn!(node = %self.node, error = %e, "certificate not issued");
                 return Ok(());
             }
         };
+        self.key = Some(issued.public_key.clone());
         let not_after = issued
             .not_after
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -183,8 +183,7 @@ pub async fn serve_tls(
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(trellis_proxy::tls::spiffe_id)
-                                .map(|id| PeerIdentity(id.into()));
+                                .and_then(|c| PeerIdentity::from_der(c));
                             builder
                                 .serve_connection(TokioIo::new(tls), make(peer))
                                 .await
@@ -294,6 +293,11 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
     let open = matches!(req.uri().path(), "/healthz" | "/metrics");
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let anonymous = Who {
+        name: "anonymous".into(),
+        id: None,
+    };
     let who = if controller.auth_required() && !open {
         let bearer = req
             .headers()
@@ -301,6 +305,17 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
+        // Refused writes are recorded too: who tried (as far as the token tells), and why.
+        let refused = |response: Response<Body>, who: Who| {
+            let action = action.clone();
+            async move {
+                if write {
+                    audited(controller, response, who, action).await
+                } else {
+                    response
+                }
+            }
+        };
         let Some(token) = bearer else {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
@@ -310,35 +325,59 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
-            return r;
+            return refused(r, anonymous).await;
         };
         match crate::auth::authenticate(controller.store().as_ref(), token).await {
-            Ok(Some(op)) if write && op.role == crate::auth::Role::Viewer => {
-                return error(
+            Ok(Some(op)) if write && op.operator.role == crate::auth::Role::Viewer => {
+                let r = error(
                     StatusCode::FORBIDDEN,
-                    format!("operator {} is a viewer: writes need an admin", op.name),
+                    format!(
+                        "operator {} is a viewer: writes need an admin",
+                        op.operator.name
+                    ),
                 );
+                return refused(
+                    r,
+                    Who {
+                        name: op.operator.name,
+                        id: Some(op.id),
+                    },
+                )
+                .await;
             }
-            Ok(Some(op)) => op.name,
-            Ok(None) => return error(StatusCode::UNAUTHORIZED, "unknown operator token"),
+            Ok(Some(op)) => Who {
+                name: op.operator.name,
+                id: Some(op.id),
+            },
+            Ok(None) => {
+                let r = error(StatusCode::UNAUTHORIZED, "unknown operator token");
+                return refused(r, anonymous).await;
+            }
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     } else {
-        "anonymous".to_string()
+        anonymous
     };
     if !write || open {
-        return route(controller, req, &who).await;
+        return route(controller, req, &who.name).await;
     }
-    let action = format!("{} {}", req.method(), req.uri().path());
-    let response = route(controller, req, &who).await;
+    let response = route(controller, req, &who.name).await;
     audited(controller, response, who, action).await
 }
 
-/// Records a write with what the answer says changed, and returns the answer.
+/// Who calls the API: the operator's name and id (`anonymous` and none without one).
+#[derive(Debug, Clone)]
+struct Who {
+    name: String,
+    id: Option<String>,
+}
+
+/// Records a write (done or refused) with what the answer says changed, and returns the
+/// answer.
 async fn audited(
     controller: &Controller,
     response: Response<Body>,
-    who: String,
+    who: Who,
     action: String,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
@@ -382,7 +421,8 @@ async fn audited(
     };
     let entry = crate::auth::AuditEntry {
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        who,
+        who: who.name,
+        operator_id: who.id,
         action,
         what,
         status: parts.status.as_u16(),
@@ -520,9 +560,10 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
                 Err(e @ crate::auth::RevokeError::NotFound(_)) => {
                     error(StatusCode::NOT_FOUND, e.to_string())
                 }
-                Err(e @ crate::auth::RevokeError::LastAdmin(_)) => {
-                    error(StatusCode::CONFLICT, e.to_string())
-                }
+                Err(
+                    e @ (crate::auth::RevokeError::LastAdmin(_)
+                    | crate::auth::RevokeError::Concurrent),
+                ) => error(StatusCode::CONFLICT, e.to_string()),
                 Err(e @ crate::auth::RevokeError::Store(_)) => {
                     error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                 }
@@ -545,6 +586,7 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         }
+        (&Method::POST, ["v1", "revocations"]) => revoke_identity(controller, req).await,
         (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
@@ -647,6 +689,78 @@ async fn create_token(controller: &Controller, req: Request<Incoming>) -> Respon
                 )
                 .to_string(),
                 uses: stored.uses_left,
+            },
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// A node (or gateway) whose identity is revoked.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevocationRequest {
+    /// `NAMESPACE/NAME`.
+    pub node: String,
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+/// What a revocation did.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    /// `node NS/NAME` or `gateway NS/NAME`.
+    pub revoked: String,
+    /// Certificates of it issued until then (RFC 3339) no longer count.
+    pub revoked_at: String,
+}
+
+/// `POST /v1/revocations`: revokes a node's identity (admins only, as every write): its
+/// certificates issued until now no longer admit a proxy nor renew, its open config streams
+/// close; its proxies need a new join token.
+async fn revoke_identity(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let text = match body_text(req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let request = match serde_path_to_error::deserialize::<_, RevocationRequest>(&mut de) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid revocation: {}: {}", e.path(), e.inner()),
+            );
+        }
+    };
+    let Some((ns, name)) = request
+        .node
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid revocation: node: {:?} must be NAMESPACE/NAME",
+                request.node
+            ),
+        );
+    };
+    let (kind, label) = if request.gateway {
+        (Kind::VirtualGateway, "gateway")
+    } else {
+        (Kind::VirtualNode, "node")
+    };
+    let node = ResourceKey::new(kind, ns, name);
+    match crate::identity::revoke_node(controller.store().as_ref(), &node).await {
+        Ok(r) => reply(
+            StatusCode::OK,
+            &Revoked {
+                revoked: format!("{label} {ns}/{name}"),
+                revoked_at: humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.revoked_ms),
+                )
+                .to_string(),
             },
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

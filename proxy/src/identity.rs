@@ -14,6 +14,9 @@ const DIR: &str = "identity";
 const KEY: &str = "key.pem";
 const CHAIN: &str = "cert.pem";
 const BUNDLE: &str = "bundle.pem";
+/// The least time between renewals: however short the certificate's life (or skewed the
+/// clocks), the proxy never asks again sooner (the control plane refuses sooner ones too).
+pub const MIN_RENEWAL_DELAY: Duration = Duration::from_secs(30);
 
 /// The proxy's key and what was issued for it.
 #[derive(Debug)]
@@ -71,7 +74,8 @@ impl Identity {
         }
     }
 
-    /// Keeps what the CA issued; returns when to renew it (half its life from now).
+    /// Keeps what the CA issued; returns when to renew it (half its life from now, never
+    /// sooner than [`MIN_RENEWAL_DELAY`]).
     pub fn store(&self, issued: &pb::Identity) -> std::io::Result<Duration> {
         std::fs::create_dir_all(&self.dir)?;
         write_atomic(&self.dir.join(CHAIN), issued.certificate_chain.as_bytes())?;
@@ -79,11 +83,15 @@ impl Identity {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let left = u64::try_from(issued.not_after)
-            .unwrap_or(0)
-            .saturating_sub(now);
-        Ok(Duration::from_secs(left / 2))
+        Ok(renewal_delay(issued.not_after, now))
     }
+}
+
+/// When to renew a certificate valid until `not_after` at `now` (Unix seconds): at half its
+/// remaining life, and at least [`MIN_RENEWAL_DELAY`] from now.
+fn renewal_delay(not_after: i64, now: u64) -> Duration {
+    let left = u64::try_from(not_after).unwrap_or(0).saturating_sub(now);
+    Duration::from_secs(left / 2).max(MIN_RENEWAL_DELAY)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -93,7 +101,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    use std::{
+        io::Write as _,
+        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    };
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -101,6 +112,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
+    // The mode applies only to a file created now: one left by an earlier run is made private
+    // before the key is written in it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -109,6 +123,38 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Half the remaining life, never sooner than 30 s, never 0 (a past or 1-second
+    /// certificate does not make the proxy and the control plane loop).
+    #[test]
+    fn renewals_wait_half_the_life_and_at_least_30s() {
+        let now = 1_000_000;
+        assert_eq!(
+            renewal_delay(now as i64 + 3600, now),
+            Duration::from_secs(1800)
+        );
+        assert_eq!(renewal_delay(now as i64 + 1, now), MIN_RENEWAL_DELAY);
+        assert_eq!(renewal_delay(now as i64 - 10, now), MIN_RENEWAL_DELAY);
+        assert_eq!(renewal_delay(-1, now), MIN_RENEWAL_DELAY);
+    }
+
+    /// A key.tmp left (world-readable) by an interrupted run does not leave the key readable.
+    #[test]
+    fn a_leftover_temporary_key_file_is_made_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ident = dir.path().join(DIR);
+        std::fs::create_dir_all(&ident).unwrap();
+        let tmp = ident.join(KEY).with_extension("tmp");
+        std::fs::write(&tmp, b"old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Identity::load_or_create(dir.path(), "default/front").unwrap();
+        let mode = std::fs::metadata(ident.join(KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn the_key_is_kept_private_and_reused() {

@@ -34,11 +34,13 @@ struct Args {
     /// The root CA's private key (PEM).
     #[arg(long, env = "TRELLIS_CONTROL_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
-    /// How long workload certificates live (proxies renew them at half-life).
+    /// How long workload certificates live (proxies renew them at half-life); at least 10
+    /// minutes.
     #[arg(long, env = "TRELLIS_CONTROL_WORKLOAD_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     workload_ttl: std::time::Duration,
     /// Operators authenticate with a bearer token (admins write, viewers read); at first start
-    /// the first admin's token is written to DATA_DIR/admin-token.
+    /// the first admin's token is written to DATA_DIR/admin-token. Implies --require-identity:
+    /// proxies bring a join token or a workload certificate.
     #[arg(long, env = "TRELLIS_CONTROL_AUTH")]
     auth: bool,
     /// Serve the API and the config stream over TLS, with a certificate from the mesh's CA
@@ -56,7 +58,8 @@ struct Args {
     /// Listen on a non-loopback address without both --tls and --auth.
     #[arg(long, env = "TRELLIS_CONTROL_INSECURE")]
     insecure: bool,
-    /// Proxies must present a join token naming their node to get its snapshot.
+    /// Proxies must present a join token or a workload certificate naming their node to get
+    /// its snapshot (always so with --auth).
     #[arg(long, env = "TRELLIS_CONTROL_REQUIRE_IDENTITY")]
     require_identity: bool,
     /// Permits registering instances at addresses in this range (CIDR, or one address) that are
@@ -94,6 +97,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if args.workload_ttl < trellis_control::identity::MIN_WORKLOAD_TTL {
+        anyhow::bail!(
+            "--workload-ttl {}: must be at least {} (proxies renew at half-life, at most every 30s)",
+            humantime::format_duration(args.workload_ttl),
+            humantime::format_duration(trellis_control::identity::MIN_WORKLOAD_TTL)
+        );
+    }
     // Until the API is served over TLS, a non-loopback address carries tokens and mesh config
     // in the clear: only when the operator says so.
     let guarded = args.tls && args.auth;
@@ -150,7 +160,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             None
         };
-        controller.set_identity(Arc::new(ca), args.require_identity);
+        // With operators authenticated, the config stream is not left open to anyone: a
+        // proxy proves its node with a join token or a workload certificate.
+        let require_identity = args.require_identity || args.auth;
+        if args.auth && !args.require_identity {
+            tracing::info!("--auth: proxies need a join token or a workload certificate");
+        }
+        controller.set_identity(Arc::new(ca), require_identity);
         if args.auth {
             controller.require_auth();
             match trellis_control::auth::bootstrap(controller.store().as_ref(), &args.data_dir).await {

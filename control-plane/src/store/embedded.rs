@@ -135,11 +135,16 @@ fn decode_change(revision: u64, mut raw: &[u8]) -> Result<Change, StoreError> {
 impl EmbeddedStore {
     /// Opens (or creates) `DIR/registry.redb`. Must be called inside a tokio runtime: a task
     /// expires leases.
+    ///
+    /// The directory is made readable by this user only (0700) and the file too (0600): it
+    /// holds the mesh's CA key, tokens' hashes and the audit log. Looser modes found on an
+    /// existing directory or file are tightened, and said so in the log.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(backend)?;
+        let file = dir.join("registry.redb");
+        private(dir, &file).map_err(backend)?;
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
-            .create(dir.join("registry.redb"))
+            .create(&file)
             .map_err(backend)?;
         // Make sure every table exists, and give persisted leases a fresh TTL.
         let txn = db.begin_write().map_err(backend)?;
@@ -167,6 +172,29 @@ impl EmbeddedStore {
         tokio::spawn(reap(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
+}
+
+/// Creates `dir` (0700) and `file` (0600, empty: redb initialises an empty file) unless they
+/// exist, and tightens them when they do with looser modes.
+fn private(dir: &Path, file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)?;
+    for (path, mode) in [(dir, 0o700), (file, 0o600)] {
+        let found = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if found & !mode != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            tracing::warn!(path = %path.display(), from = %format!("{found:o}"), to = %format!("{mode:o}"), "tightened the permissions of the store: it holds the CA's key");
+        }
+    }
+    Ok(())
 }
 
 /// Revokes expired leases until the store is dropped.

@@ -193,42 +193,142 @@ async fn tokens_admit_their_node_as_often_as_they_say() {
     assert_eq!(status(&control.url)["proxies"].as_array().unwrap().len(), 1);
 }
 
-/// A certificate is renewed at half its life on the open stream, for the same identity.
+/// A scripted proxy's config stream, admitted by `token` with a CSR for `key`: the sender of
+/// its messages and its pushes.
+async fn scripted_stream(
+    url: &str,
+    token: &str,
+    key: &rcgen::KeyPair,
+) -> (
+    tokio::sync::mpsc::Sender<trellis_proto::v1::ProxyMessage>,
+    tonic::Streaming<trellis_proto::v1::SnapshotPush>,
+) {
+    use trellis_proto::v1::{
+        Hello, ProxyMessage, config_stream_client::ConfigStreamClient, hello::Kind as HelloKind,
+        proxy_message::Kind as Msg,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<ProxyMessage>(4);
+    tx.send(ProxyMessage {
+        kind: Some(Msg::Hello(Hello {
+            node: "default/front".into(),
+            kind: HelloKind::Sidecar as i32,
+            proxy_version: "0.0.1".into(),
+            instance: "scripted".into(),
+            token: token.into(),
+            csr: csr(key),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let inbound = ConfigStreamClient::new(channel)
+        .stream(outbound)
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
+fn csr(key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+/// The next certificate pushed on `inbound` (snapshots skipped), or the status that ended it.
+async fn next_certificate(
+    inbound: &mut tonic::Streaming<trellis_proto::v1::SnapshotPush>,
+) -> Result<String, tonic::Status> {
+    loop {
+        let push = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("a push within 10s")?
+            .expect("the stream ended without a status");
+        if let Some(identity) = push.identity {
+            return Ok(identity.certificate_chain);
+        }
+    }
+}
+
+fn renew(key: &rcgen::KeyPair) -> trellis_proto::v1::ProxyMessage {
+    trellis_proto::v1::ProxyMessage {
+        kind: Some(trellis_proto::v1::proxy_message::Kind::Renew(
+            trellis_proto::v1::Renew { csr: csr(key) },
+        )),
+    }
+}
+
+/// A certificate is renewed on the open stream for the key it certifies, with a new serial
+/// number; a renewal for another key, or one sooner than 30 s after the last, ends the stream
+/// with the reason (so a proxy and a control plane never loop issuing certificates).
 #[tokio::test]
-async fn certificates_are_renewed_at_half_life() {
+async fn renewals_keep_their_key_and_come_at_most_every_30s() {
     let data = tempfile::tempdir().unwrap();
-    let control = ControlProcess::start_with(
-        CONTROL,
-        data.path(),
-        "127.0.0.1:0",
-        &["--workload-ttl", "4s"],
-    )
-    .await;
+    let control = ControlProcess::start(CONTROL, data.path()).await;
     apply(&control.url, MESH);
     let token = token(&control.url, &["--node", "default/front"]);
-    let dir = tempfile::tempdir().unwrap();
-    let _front = ProxyProcess::sidecar_with(
-        proxy_bin(),
-        &control.url,
-        "default/front",
-        dir.path(),
-        &["--token", &token],
-    )
-    .await;
-    let (first, root) = eventually(Duration::from_secs(10), "a certificate", || async {
-        issued(dir.path()).ok_or_else(|| "none yet".to_string())
-    })
-    .await;
-    let renewed = eventually(Duration::from_secs(10), "a renewed certificate", || async {
-        match issued(dir.path()) {
-            Some((chain, _)) if chain[0] != first[0] => Ok(chain),
-            _ => Err("not renewed yet".to_string()),
-        }
-    })
-    .await;
-    assert_eq!(
-        spiffe_ids(&renewed[0], &root),
-        ["spiffe://trellis.local/ns/default/vn/front"]
+    let key = rcgen::KeyPair::generate().unwrap();
+
+    let (tx, mut inbound) = scripted_stream(&control.url, &token, &key).await;
+    let first = next_certificate(&mut inbound).await.unwrap();
+    tx.send(renew(&key)).await.unwrap();
+    let renewed = next_certificate(&mut inbound).await.unwrap();
+    assert_ne!(
+        first, renewed,
+        "a new certificate, with its own serial number"
+    );
+    tx.send(renew(&key)).await.unwrap();
+    let refused = next_certificate(&mut inbound).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("at most one every 30s"),
+        "{refused}"
+    );
+
+    let (tx, mut inbound) = scripted_stream(&control.url, &token, &key).await;
+    next_certificate(&mut inbound).await.unwrap();
+    tx.send(renew(&rcgen::KeyPair::generate().unwrap()))
+        .await
+        .unwrap();
+    let refused = next_certificate(&mut inbound).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("another key"), "{refused}");
+}
+
+/// Certificates shorter-lived than 10 minutes are refused at start, with the flag named.
+#[tokio::test]
+async fn a_workload_ttl_under_10_minutes_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(CONTROL)
+        .kill_on_drop(true)
+        .args([
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--workload-ttl",
+            "4s",
+        ])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("trellis-control started with --workload-ttl 4s")
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--workload-ttl 4s: must be at least 10m"),
+        "{}",
+        stderr(&out)
     );
 }
 
@@ -271,4 +371,37 @@ async fn join_tokens_are_listed_and_revoked() {
         },
     )
     .await;
+}
+
+/// The store holds the CA's key: its directory is the control plane user's only (0700) and its
+/// file too (0600), on a fresh data dir and on one found with looser modes (tightened).
+#[tokio::test]
+async fn the_store_holding_the_ca_key_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("fresh");
+    let control = ControlProcess::start(CONTROL, &fresh).await;
+    apply(&control.url, MESH);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&fresh.join("registry.redb")), 0o600);
+
+    let loose = tmp.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(loose.join("registry.redb"), b"").unwrap();
+    std::fs::set_permissions(
+        loose.join("registry.redb"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let control = ControlProcess::start(CONTROL, &loose).await;
+    apply(&control.url, MESH);
+    assert_eq!(mode(&loose), 0o700);
+    assert_eq!(mode(&loose.join("registry.redb")), 0o600);
+    assert!(
+        control.logs().contains("tightened the permissions"),
+        "{}",
+        control.logs()
+    );
 }

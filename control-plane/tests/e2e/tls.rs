@@ -241,3 +241,150 @@ async fn a_workload_certificate_admits_its_proxy_after_the_token() {
     .await;
     drop(restarted);
 }
+
+/// The CLI against the TLS control plane `url` (trusting `ca`) as the operator of `token`.
+fn as_admin(url: &str, ca: &str, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::CLI)
+        .args(["--server", url, "--ca-file", ca])
+        .args(args)
+        .env("TRELLIS_CONFIG", "/nonexistent/trellis-config.json")
+        .env("TRELLIS_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+/// With `--auth` (and `--tls`, as beyond loopback) the config stream wants a join token or a
+/// certificate: an anonymous proxy gets no snapshot and is not in status. `trellis identity
+/// revoke` closes the node's streams and its certificates no longer admit it; a new join token
+/// does; the revocation is audited.
+#[tokio::test]
+async fn a_revoked_identity_needs_a_new_join_token() {
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--tls", "--auth"]).await;
+    let url = format!("https://{}", control.addr);
+    let ca = data.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let admin = std::fs::read_to_string(data.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let run = |args: &[&str]| {
+        let out = as_admin(&url, ca, &admin, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    run(&["apply", "-f", file.to_str().unwrap()]);
+    let proxies = || -> Vec<serde_json::Value> {
+        let s: serde_json::Value = serde_json::from_str(&run(&["status", "-o", "json"])).unwrap();
+        s["proxies"].as_array().cloned().unwrap_or_default()
+    };
+    let synced = |want: usize| {
+        let n = proxies()
+            .iter()
+            .filter(|p| p["desiredVersion"].is_string() && p["desiredVersion"] == p["ackedVersion"])
+            .count();
+        if n == want {
+            Ok(())
+        } else {
+            Err(format!("{n} in sync, want {want}"))
+        }
+    };
+    let logged = |p: &ProxyProcess, what: &str| {
+        let logs = p.logs();
+        if logs.contains(what) {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    };
+
+    let token = run(&["token", "create", "--node", "default/front", "--uses", "1"]);
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let front = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/front",
+        proxy_dir.path(),
+        &["--token", token.trim(), "--control-plane-ca", ca],
+    )
+    .await;
+    eventually(Duration::from_secs(10), "front in sync", || async {
+        synced(1)
+    })
+    .await;
+
+    let anonymous_dir = tempfile::tempdir().unwrap();
+    let anonymous = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/front",
+        anonymous_dir.path(),
+        &["--control-plane-ca", ca],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "an anonymous proxy refused",
+        || async { logged(&anonymous, "requires a join token") },
+    )
+    .await;
+    assert_eq!(proxies().len(), 1, "only the admitted proxy is in status");
+    drop(anonymous);
+
+    let out = run(&["identity", "revoke", "--node", "default/front"]);
+    assert!(
+        out.contains("revoked the identity of node default/front"),
+        "{out}"
+    );
+    // Its stream is closed; its certificate (the token is spent) no longer admits it.
+    eventually(
+        Duration::from_secs(10),
+        "the revoked proxy refused",
+        || async {
+            logged(
+                &front,
+                "the client certificate of VirtualNode default/front was revoked",
+            )?;
+            if proxies().is_empty() {
+                Ok(())
+            } else {
+                Err("still connected".into())
+            }
+        },
+    )
+    .await;
+    logged(
+        &front,
+        "the identity of VirtualNode default/front was revoked",
+    )
+    .unwrap();
+    drop(front);
+
+    let token = run(&["token", "create", "--node", "default/front", "--uses", "1"]);
+    let _again = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/front",
+        proxy_dir.path(),
+        &["--token", token.trim(), "--control-plane-ca", ca],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "admitted by the new token",
+        || async { synced(1) },
+    )
+    .await;
+
+    let log: serde_json::Value = serde_json::from_str(&run(&["audit", "-o", "json"])).unwrap();
+    assert!(
+        log.as_array().unwrap().iter().any(|e| e["who"] == "admin"
+            && e["action"] == "POST /v1/revocations"
+            && e["what"] == "revoked node default/front"),
+        "{log:#}"
+    );
+}

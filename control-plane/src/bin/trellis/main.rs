@@ -120,6 +120,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Workload identities of nodes: revoke one when its key may be in other hands.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence.
     Status {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -207,6 +212,20 @@ enum TokenCommand {
     List,
     /// Revokes a join token: proxies it has not admitted yet are refused.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Revokes a node's (or gateway's) identity: its certificates issued until now no longer
+    /// admit a proxy nor renew, its proxies' open config streams close; they need a new join
+    /// token (trellis token create).
+    Revoke {
+        /// NAMESPACE/NAME of the VirtualNode (or, with --gateway, the VirtualGateway).
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        gateway: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .transpose()?;
     if let Command::Login { with_token } = &cli.command {
         ApiClient::new(&server)?.with_ca(ca.as_deref())?;
+        refuse_token_in_clear(&server)?;
         let path = Login {
             server: Some(server.clone()),
             token: Some(with_token.clone()),
@@ -418,8 +438,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("logged in to {server} (saved in {})", path.display());
         return Ok(());
     }
+    // The token saved at login goes to the server it was saved for, and to no other.
+    let saved = login.token.filter(|_| {
+        login
+            .server
+            .as_deref()
+            .is_some_and(|s| same_server(s, &server))
+    });
+    let token = cli.token.clone().or(saved);
+    if token.is_some() {
+        refuse_token_in_clear(&server)?;
+    }
     let api = ApiClient::new(&server)?
-        .with_token(cli.token.clone().or(login.token))
+        .with_token(token)
         .with_ca(ca.as_deref())?;
     match cli.command {
         Command::Apply { files } => apply(&api, files).await?,
@@ -549,6 +580,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     expires.to_string()
                 );
             }
+        }
+        Command::Identity {
+            command: IdentityCommand::Revoke { node, gateway },
+        } => {
+            let body = trellis_control::server::RevocationRequest { node, gateway };
+            let out = api
+                .post("/v1/revocations", serde_json::to_vec(&body)?)
+                .await
+                .map_err(|e| explain(e, &[]))?;
+            let out: trellis_control::server::Revoked = typed(out)?;
+            println!(
+                "revoked the identity of {} at {}: its proxies need a new join token",
+                out.revoked, out.revoked_at
+            );
         }
         Command::Token {
             command: TokenCommand::Revoke { id },
@@ -999,6 +1044,34 @@ fn problem_lines(problems: &[validate::Problem], origin: &[(String, usize)]) -> 
         .collect()
 }
 
+/// Whether two control plane URLs are the same server (a trailing `/` aside).
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// An operator token is never sent in the clear beyond this machine: `http://` only to a
+/// loopback address.
+fn refuse_token_in_clear(server: &str) -> anyhow::Result<()> {
+    let Ok(uri) = server.parse::<http::Uri>() else {
+        return Ok(()); // The client names the bad URL.
+    };
+    if uri.scheme_str() != Some("http") {
+        return Ok(());
+    }
+    let host = uri.host().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to send an operator token to {server} in the clear: http:// is for a loopback address; use https:// (trellis-control --tls, with --ca-file)"
+    )
+}
+
 /// What `trellis login` remembers.
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
 struct Login {
@@ -1031,9 +1104,12 @@ impl Login {
             .unwrap_or_default()
     }
 
-    /// Saves it, readable by its owner only.
+    /// Saves it, readable by its owner only (a file there already is made so first).
     fn write(&self) -> anyhow::Result<PathBuf> {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        use std::{
+            io::Write as _,
+            os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+        };
         let path = Self::path().context("no config directory: set TRELLIS_CONFIG or HOME")?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -1045,6 +1121,8 @@ impl Login {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
         f.write_all(&serde_json::to_vec_pretty(self)?)?;
         Ok(path)
     }
