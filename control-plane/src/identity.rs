@@ -6,7 +6,10 @@
 //! certificate whose only name is the node's SPIFFE ID,
 //! `spiffe://TRUST-DOMAIN/ns/NAMESPACE/vn/NAME` (`/vg/` for a gateway).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -92,14 +95,112 @@ pub enum IdentityError {
 struct StoredCa {
     certificate: String,
     key: String,
+    /// A rotation begun: the next root, in the trust bundle, not issuing yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<StoredRoot>,
+    /// A rotation promoted: the roots before the current one, still in the trust bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous: Vec<String>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredRoot {
+    certificate: String,
+    key: String,
 }
 
 /// The mesh's certificate authority.
 pub struct Ca {
     trust_domain: String,
-    root_pem: String,
-    issuer: Issuer<'static, KeyPair>,
     workload_ttl: Duration,
+    /// The roots: swapped whole by a rotation's steps.
+    roots: parking_lot::RwLock<Arc<Roots>>,
+    /// The root is the operator's (`--ca-cert`): not rotated here.
+    supplied: bool,
+    /// Counts the rotation's steps: streams and TLS listeners follow it.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// A file kept holding the trust bundle (the control plane's `DATA_DIR/ca.pem`).
+    bundle_file: parking_lot::Mutex<Option<std::path::PathBuf>>,
+}
+
+/// The roots at one step of a rotation.
+struct Roots {
+    /// The root that signs.
+    current: String,
+    issuer: Issuer<'static, KeyPair>,
+    stored: StoredCa,
+    /// Every root proxies trust (PEM): the current one, the next, the previous ones.
+    bundle: String,
+}
+
+impl Roots {
+    fn new(stored: StoredCa) -> Result<Self, IdentityError> {
+        let key =
+            KeyPair::from_pem(&stored.key).map_err(|e| IdentityError::Ca(format!("key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&stored.certificate, key)
+            .map_err(|e| IdentityError::Ca(format!("certificate: {e}")))?;
+        let mut bundle = stored.certificate.clone();
+        for pem in stored
+            .next
+            .iter()
+            .map(|n| &n.certificate)
+            .chain(&stored.previous)
+        {
+            if !bundle.ends_with('\n') {
+                bundle.push('\n');
+            }
+            bundle.push_str(pem);
+        }
+        Ok(Self {
+            current: stored.certificate.clone(),
+            issuer,
+            stored,
+            bundle,
+        })
+    }
+}
+
+/// Where a root rotation stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotation {
+    /// `none`, `begun` (the next root is trusted, not issuing), `promoted` (the new root issues,
+    /// the previous ones are still trusted).
+    pub stage: String,
+    /// Fingerprint of the root that signs.
+    pub current: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<String>,
+}
+
+/// A root's fingerprint: the start of the SHA-256 of its DER, hex.
+pub fn fingerprint(pem: &str) -> String {
+    let der = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .map(|p| p.contents)
+        .unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &der);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The fingerprint of the root a chain (leaf first, root last) ends with.
+pub fn chain_root(chain_pem: &str) -> Option<String> {
+    let last = x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes())
+        .filter_map(Result::ok)
+        .last()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &last.contents);
+    Some(
+        digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 impl std::fmt::Debug for Ca {
@@ -138,23 +239,29 @@ impl Ca {
         workload_ttl: Duration,
     ) -> Result<Self, IdentityError> {
         if let Some((certificate, key)) = supplied {
-            return Self::from_pem(trust_domain, &certificate, &key, workload_ttl);
+            let stored = StoredCa {
+                certificate,
+                key,
+                next: None,
+                previous: Vec::new(),
+            };
+            return Self::new(trust_domain, stored, workload_ttl, true);
         }
         for _ in 0..3 {
             if let Some(kv) = store.get(CA_KEY).await? {
                 let stored: StoredCa = serde_json::from_slice(&kv.value).map_err(|e| {
                     IdentityError::Ca(format!("the stored root is unreadable: {e}"))
                 })?;
-                return Self::from_pem(
-                    trust_domain,
-                    &stored.certificate,
-                    &stored.key,
-                    workload_ttl,
-                );
+                return Self::new(trust_domain, stored, workload_ttl, false);
             }
             let (certificate, key) = new_root(trust_domain)?;
-            let value = serde_json::to_vec(&StoredCa { certificate, key })
-                .map_err(|e| IdentityError::Ca(e.to_string()))?;
+            let value = serde_json::to_vec(&StoredCa {
+                certificate,
+                key,
+                next: None,
+                previous: Vec::new(),
+            })
+            .map_err(|e| IdentityError::Ca(e.to_string()))?;
             let put = Op::Put {
                 key: CA_KEY.into(),
                 value,
@@ -171,26 +278,170 @@ impl Ca {
         Err(IdentityError::Ca("cannot create or read the root".into()))
     }
 
-    fn from_pem(
+    fn new(
         trust_domain: &str,
-        certificate: &str,
-        key: &str,
+        stored: StoredCa,
         workload_ttl: Duration,
+        supplied: bool,
     ) -> Result<Self, IdentityError> {
-        let key = KeyPair::from_pem(key).map_err(|e| IdentityError::Ca(format!("key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(certificate, key)
-            .map_err(|e| IdentityError::Ca(format!("certificate: {e}")))?;
         Ok(Self {
             trust_domain: trust_domain.to_string(),
-            root_pem: certificate.to_string(),
-            issuer,
             workload_ttl,
+            roots: parking_lot::RwLock::new(Arc::new(Roots::new(stored)?)),
+            supplied,
+            changes: tokio::sync::watch::Sender::new(0),
+            bundle_file: parking_lot::Mutex::new(None),
         })
     }
 
+    fn roots(&self) -> Arc<Roots> {
+        self.roots.read().clone()
+    }
+
     /// The roots proxies trust (PEM).
-    pub fn trust_bundle(&self) -> &str {
-        &self.root_pem
+    pub fn trust_bundle(&self) -> String {
+        self.roots().bundle.clone()
+    }
+
+    /// Keeps `path` holding the trust bundle, now and after each step of a rotation.
+    pub fn keep_bundle_file(&self, path: std::path::PathBuf) -> std::io::Result<()> {
+        std::fs::write(&path, self.trust_bundle())?;
+        *self.bundle_file.lock() = Some(path);
+        Ok(())
+    }
+
+    /// Changes with each step of a rotation.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether `chain_pem` ends with the root that signs now.
+    pub fn issued_by_current(&self, chain_pem: &str) -> bool {
+        chain_root(chain_pem) == Some(fingerprint(&self.roots().current))
+    }
+
+    /// The fingerprints of the roots in the trust bundle.
+    pub fn bundle_roots(&self) -> Vec<String> {
+        let r = self.roots();
+        let mut out = vec![fingerprint(&r.stored.certificate)];
+        out.extend(r.stored.next.iter().map(|n| fingerprint(&n.certificate)));
+        out.extend(r.stored.previous.iter().map(|p| fingerprint(p)));
+        out
+    }
+
+    /// Where a rotation stands.
+    pub fn rotation(&self) -> Rotation {
+        let r = self.roots();
+        let stage = if r.stored.next.is_some() {
+            "begun"
+        } else if !r.stored.previous.is_empty() {
+            "promoted"
+        } else {
+            "none"
+        };
+        Rotation {
+            stage: stage.into(),
+            current: fingerprint(&r.stored.certificate),
+            next: r.stored.next.as_ref().map(|n| fingerprint(&n.certificate)),
+            previous: r.stored.previous.iter().map(|p| fingerprint(p)).collect(),
+        }
+    }
+
+    /// Begins a root rotation: a new root joins the trust bundle (it issues nothing yet).
+    pub async fn begin_rotation(&self, store: &dyn Store) -> Result<Rotation, IdentityError> {
+        self.step(store, |stored, trust_domain| {
+            if stored.next.is_some() || !stored.previous.is_empty() {
+                return Err(IdentityError::Denied(
+                    "a rotation is in progress: promote it, then finish it".into(),
+                ));
+            }
+            let (certificate, key) = new_root(trust_domain)?;
+            stored.next = Some(StoredRoot { certificate, key });
+            Ok(())
+        })
+        .await
+    }
+
+    /// Promotes the next root: it signs from now on; the current one stays trusted.
+    pub async fn promote_rotation(&self, store: &dyn Store) -> Result<Rotation, IdentityError> {
+        self.step(store, |stored, _| {
+            let Some(next) = stored.next.take() else {
+                return Err(IdentityError::Denied("no rotation was begun".into()));
+            };
+            stored
+                .previous
+                .push(std::mem::replace(&mut stored.certificate, next.certificate));
+            stored.key = next.key;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Finishes a promoted rotation: the previous roots leave the trust bundle.
+    pub async fn finish_rotation(&self, store: &dyn Store) -> Result<Rotation, IdentityError> {
+        self.step(store, |stored, _| {
+            if stored.next.is_some() || stored.previous.is_empty() {
+                return Err(IdentityError::Denied(
+                    "no promoted rotation to finish".into(),
+                ));
+            }
+            stored.previous.clear();
+            Ok(())
+        })
+        .await
+    }
+
+    /// One step of a rotation: kept in the store (only if the stored roots are the ones in
+    /// use), then used here and announced.
+    async fn step(
+        &self,
+        store: &dyn Store,
+        change: impl FnOnce(&mut StoredCa, &str) -> Result<(), IdentityError>,
+    ) -> Result<Rotation, IdentityError> {
+        if self.supplied {
+            return Err(IdentityError::Denied(
+                "the root is the operator's (--ca-cert): rotate it by giving the new one".into(),
+            ));
+        }
+        let old = self.roots();
+        let mut stored = StoredCa {
+            certificate: old.stored.certificate.clone(),
+            key: old.stored.key.clone(),
+            next: old.stored.next.clone(),
+            previous: old.stored.previous.clone(),
+        };
+        change(&mut stored, &self.trust_domain)?;
+        let current = store.get(CA_KEY).await?;
+        let in_use = current.as_ref().is_some_and(|kv| {
+            serde_json::from_slice::<StoredCa>(&kv.value).is_ok_and(|s| {
+                s.certificate == old.stored.certificate
+                    && s.next.is_some() == old.stored.next.is_some()
+            })
+        });
+        let Some(kv) = current.filter(|_| in_use) else {
+            return Err(IdentityError::Denied(
+                "the stored roots changed under this control plane: restart it first".into(),
+            ));
+        };
+        let value = serde_json::to_vec(&stored).map_err(|e| IdentityError::Ca(e.to_string()))?;
+        store
+            .apply(vec![Op::Put {
+                key: CA_KEY.into(),
+                value,
+                expect: Expect::Revision(kv.mod_revision),
+                lease: None,
+            }])
+            .await?;
+        *self.roots.write() = Arc::new(Roots::new(stored)?);
+        if let Some(path) = self.bundle_file.lock().as_ref() {
+            if let Err(e) = std::fs::write(path, self.trust_bundle()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle");
+            }
+        }
+        self.changes.send_modify(|n| *n += 1);
+        let rotation = self.rotation();
+        tracing::info!(stage = %rotation.stage, current = %rotation.current, "root rotation step");
+        Ok(rotation)
     }
 
     /// The SPIFFE ID of a node or gateway.
@@ -249,11 +500,12 @@ impl Ca {
         params.not_before = offset(now - SKEW);
         params.not_after = offset(not_after);
         params.use_authority_key_identifier_extension = true;
+        let roots = self.roots();
         let certificate = csr
-            .signed_by(&self.issuer)
+            .signed_by(&roots.issuer)
             .map_err(|e| IdentityError::Csr(e.to_string()))?;
         Ok(Issued {
-            chain_pem: format!("{}{}", certificate.pem(), self.root_pem),
+            chain_pem: format!("{}{}", certificate.pem(), roots.current),
             spiffe_id,
             not_after,
             public_key,
@@ -285,9 +537,10 @@ impl Ca {
         params.not_before = offset(now - SKEW);
         params.not_after = offset(now + Duration::from_secs(90 * 24 * 3600));
         params.use_authority_key_identifier_extension = true;
-        let certificate = params.signed_by(&key, &self.issuer).map_err(ca)?;
+        let roots = self.roots();
+        let certificate = params.signed_by(&key, &roots.issuer).map_err(ca)?;
         Ok((
-            format!("{}{}", certificate.pem(), self.root_pem),
+            format!("{}{}", certificate.pem(), roots.current),
             key.serialize_pem(),
         ))
     }
@@ -573,13 +826,66 @@ mod tests {
 
     fn ca() -> Ca {
         let (certificate, key) = new_root(DEFAULT_TRUST_DOMAIN).unwrap();
-        Ca::from_pem(
-            DEFAULT_TRUST_DOMAIN,
-            &certificate,
-            &key,
-            DEFAULT_WORKLOAD_TTL,
-        )
-        .unwrap()
+        let stored = StoredCa {
+            certificate,
+            key,
+            next: None,
+            previous: Vec::new(),
+        };
+        Ca::new(DEFAULT_TRUST_DOMAIN, stored, DEFAULT_WORKLOAD_TTL, false).unwrap()
+    }
+
+    /// A rotation's steps: the next root joins the bundle without signing, then signs with the
+    /// old one still trusted, then the old one leaves; each step is kept in the store (a
+    /// restart resumes it) and out-of-order steps are refused.
+    #[tokio::test]
+    async fn a_rotation_steps_through_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let ca = Ca::load_or_create(&store, DEFAULT_TRUST_DOMAIN, None, DEFAULT_WORKLOAD_TTL)
+            .await
+            .unwrap();
+        let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let key = KeyPair::generate().unwrap();
+        let old = ca.rotation().current;
+        assert!(matches!(
+            ca.promote_rotation(&store).await,
+            Err(IdentityError::Denied(_))
+        ));
+        let begun = ca.begin_rotation(&store).await.unwrap();
+        let next = begun.next.clone().unwrap();
+        assert_eq!(
+            (begun.stage.as_str(), begun.current.as_str()),
+            ("begun", old.as_str())
+        );
+        assert_eq!(ca.bundle_roots(), [old.clone(), next.clone()]);
+        let issued = ca.issue(&csr(&key), &node, None).unwrap();
+        assert_eq!(chain_root(&issued.chain_pem).as_deref(), Some(old.as_str()));
+        assert!(ca.issued_by_current(&issued.chain_pem));
+        assert!(matches!(
+            ca.begin_rotation(&store).await,
+            Err(IdentityError::Denied(_))
+        ));
+
+        let promoted = ca.promote_rotation(&store).await.unwrap();
+        assert_eq!(promoted.current, next);
+        assert_eq!(promoted.previous, std::slice::from_ref(&old));
+        assert!(!ca.issued_by_current(&issued.chain_pem), "the old root's");
+        let renewed = ca.issue(&csr(&key), &node, None).unwrap();
+        assert_eq!(
+            chain_root(&renewed.chain_pem).as_deref(),
+            Some(next.as_str())
+        );
+        // A restart resumes where the rotation stands.
+        let again = Ca::load_or_create(&store, DEFAULT_TRUST_DOMAIN, None, DEFAULT_WORKLOAD_TTL)
+            .await
+            .unwrap();
+        assert_eq!(again.rotation(), promoted);
+
+        let finished = ca.finish_rotation(&store).await.unwrap();
+        assert_eq!(finished.stage, "none");
+        assert_eq!(ca.bundle_roots(), [next]);
+        assert_eq!(ca.trust_bundle().matches("BEGIN CERTIFICATE").count(), 1);
     }
 
     fn csr(key: &KeyPair) -> String {

@@ -200,6 +200,8 @@ impl ConfigStream for ConfigService {
             withheld: None,
             identity: None,
             certificate_expires: None,
+            certificate_root: None,
+            trust_roots: Vec::new(),
             uses: Default::default(),
         });
         tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
@@ -249,6 +251,14 @@ struct Session<'a> {
     key: Option<Vec<u8>>,
     /// When the last renewal was answered (at most one per [`MIN_RENEWAL_INTERVAL`]).
     renewed_at: Option<tokio::time::Instant>,
+    /// The identity last sent (the certificate and the bundle), to send again with a rotated
+    /// bundle.
+    issued: Option<trellis_proto::v1::Identity>,
+    /// The push that carried the last bundle, and that bundle's roots: its ACK records them.
+    bundle_sent: Option<(String, Vec<String>)>,
+    /// The CA asked this proxy to renew (a promoted rotation): its next renewal is not held to
+    /// the interval.
+    renew_asked: bool,
     tx: mpsc::Sender<Result<SnapshotPush, Status>>,
 }
 
@@ -306,8 +316,16 @@ async fn serve_proxy(
             Admitted::Token | Admitted::Anonymous => None,
         },
         renewed_at: None,
+        issued: None,
+        bundle_sent: None,
+        renew_asked: false,
         tx,
     };
+    let mut rotations = match controller.identity() {
+        Some((ca, _)) => ca.subscribe(),
+        None => tokio::sync::watch::Sender::new(0).subscribe(),
+    };
+    rotations.borrow_and_update();
     // The certificate first: the snapshot's mTLS needs it.
     if let Some(csr) = admission.csr {
         if session.certify(&csr).await.is_err() {
@@ -324,6 +342,14 @@ async fn serve_proxy(
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },
+            rotated = rotations.changed() => {
+                if rotated.is_err() {
+                    // No CA: nothing rotates.
+                    rotations = tokio::sync::watch::Sender::new(0).subscribe();
+                } else if session.rotated().await.is_err() {
+                    return;
+                }
+            }
             revoked = async {
                 match revocations.as_mut() {
                     Some(w) => w.recv().await,
@@ -441,7 +467,7 @@ impl Session<'_> {
     /// (at `admitted_ms`, Unix milliseconds).
     async fn renewable(&mut self, admitted_ms: u64) -> Result<(), Status> {
         let now = tokio::time::Instant::now();
-        if let Some(last) = self.renewed_at {
+        if let Some(last) = self.renewed_at.filter(|_| !self.renew_asked) {
             if now.duration_since(last) < MIN_RENEWAL_INTERVAL {
                 return Err(Status::resource_exhausted(format!(
                     "renewal refused: at most one every {}s on a config stream",
@@ -459,7 +485,39 @@ impl Session<'_> {
             )));
         }
         self.renewed_at = Some(now);
+        self.renew_asked = false;
         Ok(())
+    }
+
+    /// A step of a root rotation: the proxy gets the new trust bundle (with the certificate it
+    /// has), and, when its certificate is not from the root that signs now, is asked to renew.
+    async fn rotated(&mut self) -> Result<(), Gone> {
+        let (Some((ca, _)), Some(mut identity)) = (self.controller.identity(), self.issued.clone())
+        else {
+            return Ok(());
+        };
+        identity.trust_bundle = ca.trust_bundle();
+        identity.renew = !ca.issued_by_current(&identity.certificate_chain);
+        self.renew_asked |= identity.renew;
+        self.send_identity(ca, identity).await
+    }
+
+    /// Sends an identity (certificate and bundle); the proxy's ACK of it records the bundle's
+    /// roots.
+    async fn send_identity(
+        &mut self,
+        ca: &crate::identity::Ca,
+        identity: trellis_proto::v1::Identity,
+    ) -> Result<(), Gone> {
+        self.nonce += 1;
+        self.bundle_sent = Some((self.nonce.to_string(), ca.bundle_roots()));
+        self.issued = Some(identity.clone());
+        let push = SnapshotPush {
+            nonce: self.nonce.to_string(),
+            snapshot: None,
+            identity: Some(identity),
+        };
+        self.tx.send(Ok(push)).await.map_err(|_| Gone)
     }
 
     /// Issues a workload certificate for `csr` and pushes it; a CSR the CA refuses is logged
@@ -488,22 +546,20 @@ impl Session<'_> {
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let expires = humantime::format_rfc3339_seconds(issued.not_after).to_string();
         tracing::info!(node = %self.node, identity = %issued.spiffe_id, %expires, "certificate issued");
+        let root = crate::identity::chain_root(&issued.chain_pem);
         self.controller.proxies().update(self.id, |p| {
             p.identity = Some(issued.spiffe_id.clone());
             p.certificate_expires = Some(expires);
+            p.certificate_root = root;
         });
-        self.nonce += 1;
-        let push = SnapshotPush {
-            nonce: self.nonce.to_string(),
-            snapshot: None,
-            identity: Some(trellis_proto::v1::Identity {
-                certificate_chain: issued.chain_pem,
-                trust_bundle: ca.trust_bundle().to_string(),
-                spiffe_id: issued.spiffe_id,
-                not_after,
-            }),
+        let identity = trellis_proto::v1::Identity {
+            certificate_chain: issued.chain_pem,
+            trust_bundle: ca.trust_bundle(),
+            spiffe_id: issued.spiffe_id,
+            not_after,
+            renew: false,
         };
-        self.tx.send(Ok(push)).await.map_err(|_| Gone)
+        self.send_identity(ca, identity).await
     }
 
     /// Records the proxy's ACK or NACK.
@@ -511,6 +567,17 @@ impl Session<'_> {
         let metrics = self.controller.metrics();
         let proxies = self.controller.proxies();
         match message {
+            Msg::Ack(ack)
+                if self
+                    .bundle_sent
+                    .as_ref()
+                    .is_some_and(|(n, _)| *n == ack.nonce) =>
+            {
+                // The proxy holds the identity and bundle of that push.
+                if let Some((_, roots)) = self.bundle_sent.take() {
+                    proxies.update(self.id, |p| p.trust_roots = roots);
+                }
+            }
             Msg::Ack(ack) => {
                 metrics.answers.with_label_values(&["ack"]).inc();
                 if self.sent.as_ref() == Some(&ack.version) {

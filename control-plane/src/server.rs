@@ -69,43 +69,164 @@ pub async fn serve(
     serve_tls(listener, controller, None, shutdown).await;
 }
 
-/// A TLS server config for the API and config stream: the certificate chain and key (PEM),
-/// ALPN h2 (gRPC) and http/1.1 (the API). Clients may present a workload certificate issued
-/// by `client_roots` (PEM): proxies do, to be admitted without a join token.
+/// The TLS side of the control plane's listener: a certificate from the mesh's CA for `names`,
+/// and client certificates (optional: the CLI and bootstrapping proxies have none) verified
+/// against the mesh's roots. Both follow a root rotation: the roots trusted are the bundle in
+/// use, and the certificate is issued anew by the root that signs when it changes.
 pub fn tls_config(
-    chain_pem: &str,
-    key_pem: &str,
-    client_roots: &str,
+    ca: Arc<crate::identity::Ca>,
+    names: Vec<String>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_client_cert_verifier({
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(client_roots.as_bytes()) {
-            roots
-                .add(cert.map_err(|e| format!("roots: {e}"))?)
-                .map_err(|e| format!("roots: {e}"))?;
+    let following = Arc::new(FollowingCa {
+        current: parking_lot::Mutex::new(None),
+        ca,
+        names,
+    });
+    following.current().map_err(|e| e.to_string())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(following.clone())
+        .with_cert_resolver(following);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The listener's certificate and client verifier for one step of the CA's rotation.
+struct Following {
+    step: u64,
+    certified: Arc<rustls::sign::CertifiedKey>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+#[derive(Debug)]
+struct FollowingCa {
+    ca: Arc<crate::identity::Ca>,
+    names: Vec<String>,
+    current: parking_lot::Mutex<Option<Arc<Following>>>,
+}
+
+impl std::fmt::Debug for Following {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Following")
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl FollowingCa {
+    /// What the CA's current step gives, made once per step.
+    fn current(&self) -> Result<Arc<Following>, rustls::Error> {
+        let step = *self.ca.subscribe().borrow();
+        let mut current = self.current.lock();
+        if let Some(c) = current.as_ref().filter(|c| c.step == step) {
+            return Ok(c.clone());
         }
-        rustls::server::WebPkiClientVerifier::builder_with_provider(
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let general = |e: String| rustls::Error::General(e);
+        let (chain_pem, key_pem) = self
+            .ca
+            .issue_server(&self.names)
+            .map_err(|e| general(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| general(format!("certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| general(format!("key: {e}")))?;
+        let signing = provider().key_provider.load_private_key(key)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca.trust_bundle().as_bytes()) {
+            roots.add(cert.map_err(|e| general(format!("roots: {e}")))?)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
+            provider(),
         )
         .allow_unauthenticated()
         .build()
-        .map_err(|e| e.to_string())?
-    })
-    .with_single_cert(chain, key)
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+        .map_err(|e| general(e.to_string()))?;
+        let following = Arc::new(Following {
+            step,
+            certified: Arc::new(rustls::sign::CertifiedKey::new(chain, signing)),
+            verifier,
+        });
+        *current = Some(following.clone());
+        Ok(following)
+    }
+
+    fn verifier(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::Error> {
+        self.current().map(|c| c.verifier.clone())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for FollowingCa {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match self.current() {
+            Ok(c) => Some(c.certified.clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no certificate for the control plane's listener");
+                None
+            }
+        }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for FollowingCa {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.verifier()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Serves until `shutdown` resolves, over TLS with `tls`.
@@ -587,6 +708,13 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
             }
         }
         (&Method::POST, ["v1", "revocations"]) => revoke_identity(controller, req).await,
+        (&Method::GET, ["v1", "ca"]) => ca_status(controller),
+        (&Method::POST, ["v1", "ca", step]) => {
+            let force = req.uri().query().is_some_and(|q| {
+                form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && v == "true")
+            });
+            rotate(controller, step, force).await
+        }
         (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
@@ -718,6 +846,125 @@ pub struct Revoked {
 /// `POST /v1/revocations`: revokes a node's identity (admins only, as every write): its
 /// certificates issued until now no longer admit a proxy nor renew, its open config streams
 /// close; its proxies need a new join token.
+/// Where a root rotation stands, and each connected proxy's part in it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    pub rotation: crate::identity::Rotation,
+    pub proxies: Vec<CaProxy>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaProxy {
+    pub node: String,
+    pub instance: String,
+    /// The root its certificate chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_root: Option<String>,
+    /// The roots of the bundle it acknowledged.
+    #[serde(default)]
+    pub trust_roots: Vec<String>,
+}
+
+fn ca_report(controller: &Controller) -> Option<CaStatus> {
+    let (ca, _) = controller.identity()?;
+    let proxies = controller
+        .status()
+        .proxies
+        .into_iter()
+        .filter(|p| p.identity.is_some())
+        .map(|p| CaProxy {
+            node: p.node,
+            instance: p.instance,
+            certificate_root: p.certificate_root,
+            trust_roots: p.trust_roots,
+        })
+        .collect();
+    Some(CaStatus {
+        rotation: ca.rotation(),
+        proxies,
+    })
+}
+
+fn ca_status(controller: &Controller) -> Response<Body> {
+    match ca_report(controller) {
+        Some(report) => reply(StatusCode::OK, &report),
+        None => error(
+            StatusCode::CONFLICT,
+            "this control plane issues no identities",
+        ),
+    }
+}
+
+/// A step of a root rotation: `rotate` (a new root joins the bundle), `promote` (it signs;
+/// only once every connected proxy with an identity acknowledged a bundle holding it), `finish`
+/// (the previous roots leave the bundle; only once every such proxy has a certificate from
+/// the new root). `force` skips the wait.
+async fn rotate(controller: &Controller, step: &str, force: bool) -> Response<Body> {
+    let Some((ca, _)) = controller.identity() else {
+        return error(
+            StatusCode::CONFLICT,
+            "this control plane issues no identities",
+        );
+    };
+    let Some(report) = ca_report(controller) else {
+        return error(
+            StatusCode::CONFLICT,
+            "this control plane issues no identities",
+        );
+    };
+    let lagging: Vec<String> = match step {
+        "promote" => {
+            let next = report.rotation.next.clone().unwrap_or_default();
+            report
+                .proxies
+                .iter()
+                .filter(|p| !p.trust_roots.contains(&next))
+                .map(|p| format!("{} ({})", p.node, p.instance))
+                .collect()
+        }
+        "finish" => report
+            .proxies
+            .iter()
+            .filter(|p| p.certificate_root.as_ref() != Some(&report.rotation.current))
+            .map(|p| format!("{} ({})", p.node, p.instance))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !force && !lagging.is_empty() && report.rotation.stage != "none" {
+        let what = if step == "promote" {
+            "trust the next root yet"
+        } else {
+            "have a certificate from the new root yet"
+        };
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "not every proxy does {what}: {} (retry, or force)",
+                lagging.join(", ")
+            ),
+        );
+    }
+    let store = controller.store().as_ref();
+    let result = match step {
+        "rotate" => ca.begin_rotation(store).await,
+        "promote" => ca.promote_rotation(store).await,
+        "finish" => ca.finish_rotation(store).await,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no rotation step {other:?}: rotate, promote or finish"),
+            );
+        }
+    };
+    match result {
+        Ok(rotation) => reply(StatusCode::OK, &rotation),
+        Err(crate::identity::IdentityError::Denied(why)) => error(StatusCode::CONFLICT, why),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 async fn revoke_identity(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
     let text = match body_text(req).await {
         Ok(t) => t,

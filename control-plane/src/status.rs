@@ -39,6 +39,12 @@ pub struct ProxyStatus {
     pub identity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_expires: Option<String>,
+    /// The fingerprint of the root its certificate chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_root: Option<String>,
+    /// The roots of the trust bundle it acknowledged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_roots: Vec<String>,
     #[serde(skip)]
     pub uses: BTreeSet<ResourceKey>,
 }

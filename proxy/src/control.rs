@@ -99,10 +99,15 @@ async fn session(
 ) -> Result<(), BoxError> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
     if url.starts_with("https://") {
-        // The CA given, else the mesh's trust bundle the proxy keeps (issued over TLS before).
-        let ca = config.control_plane_ca.clone().or_else(|| {
-            std::fs::read_to_string(config.data_dir.join("identity").join("bundle.pem")).ok()
-        });
+        // The CA given and the mesh's trust bundle the proxy keeps (issued over TLS before,
+        // and following root rotations, so the control plane's certificate from a new root is
+        // trusted after the old root is gone).
+        let kept =
+            std::fs::read_to_string(config.data_dir.join("identity").join("bundle.pem")).ok();
+        let ca = match (config.control_plane_ca.clone(), kept) {
+            (Some(given), Some(kept)) => Some(format!("{given}\n{kept}")),
+            (given, kept) => given.or(kept),
+        };
         let Some(ca) = ca else {
             return Err("an https control plane needs --control-plane-ca".into());
         };
@@ -166,7 +171,11 @@ async fn session(
     tracing::info!(control_plane = %url, node = %config.node, "config stream open");
     while let Some(push) = inbound.message().await? {
         if let (Some(issued), Some(identity)) = (&push.identity, &identity) {
-            let renew_in = identity.store(issued)?;
+            let mut renew_in = identity.store(issued)?;
+            // A root rotation asks for a certificate from the new root now.
+            if issued.renew {
+                renew_in = Duration::ZERO;
+            }
             if let Err(e) = app.credentials.set(
                 &issued.certificate_chain,
                 &identity.key_pem(),
@@ -191,6 +200,18 @@ async fn session(
             }));
         }
         let Some(snapshot) = push.snapshot else {
+            if push.identity.is_some() {
+                // The identity and trust bundle are in use: said, so the control plane knows
+                // which roots this proxy trusts (a root rotation waits for it).
+                let version = app.services.store.load().version.to_string();
+                tx.send(ProxyMessage {
+                    kind: Some(Msg::Ack(Ack {
+                        nonce: push.nonce,
+                        version,
+                    })),
+                })
+                .await?;
+            }
             continue;
         };
         let version = snapshot.version.clone();

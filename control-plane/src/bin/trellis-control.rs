@@ -140,6 +140,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
         .await
         .context("cannot set up the certificate authority")?;
+        let ca = Arc::new(ca);
         let tls = if args.tls {
             let mut names = args.tls_names.clone();
             if names.is_empty() {
@@ -148,13 +149,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                     names.push(args.listen.ip().to_string());
                 }
             }
-            let (chain, key) = ca.issue_server(&names).context("cannot issue the control plane's certificate")?;
             let ca_file = args.data_dir.join("ca.pem");
-            std::fs::write(&ca_file, ca.trust_bundle())
+            ca.keep_bundle_file(ca_file.clone())
                 .with_context(|| format!("cannot write {}", ca_file.display()))?;
             tracing::info!(names = %names.join(","), ca = %ca_file.display(), "serving over TLS; clients trust the CA in this file");
             Some(
-                trellis_control::server::tls_config(&chain, &key, ca.trust_bundle())
+                trellis_control::server::tls_config(ca.clone(), names)
                     .map_err(anyhow::Error::msg)?,
             )
         } else {
@@ -166,7 +166,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if args.auth && !args.require_identity {
             tracing::info!("--auth: proxies need a join token or a workload certificate");
         }
-        controller.set_identity(Arc::new(ca), require_identity);
+        controller.set_identity(ca, require_identity);
         if args.auth {
             controller.require_auth();
             match trellis_control::auth::bootstrap(controller.store().as_ref(), &args.data_dir).await {

@@ -843,3 +843,171 @@ async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
     })
     .await;
 }
+
+/// A root rotation under continuous load fails no request: the new root joins every proxy's
+/// trust bundle first, signs only once every proxy trusts it (its certificates renewed then,
+/// under load), and the old root leaves once every proxy has a certificate from the new one.
+/// Blue's sidecar closes idle connections quickly, so new mTLS handshakes keep happening.
+#[tokio::test]
+async fn a_root_rotation_under_load_fails_no_request() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let blue_app = TestServer::start("blue").await;
+    apply(&url, &mesh("{ mtls: STRICT }", blue_app.addr.port(), 1, 2));
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let front = sidecar(&url, "front", d1.path(), true).await;
+    let token = {
+        let out = cli(&url, &["token", "create", "--node", "default/blue"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    let blue = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/blue",
+        d2.path(),
+        &["--token", &token, "--idle-timeout", "50ms"],
+    )
+    .await;
+    register(&url, "blue", "blue-1", blue.ingress);
+    wait_synced(&url, 2).await;
+    wait_identity(&front).await;
+    wait_identity(&blue).await;
+    let ca = |args: &[&str]| {
+        let mut all = vec!["ca"];
+        all.extend(args);
+        cli(&url, &all)
+    };
+    let status = || -> serde_json::Value {
+        let out = ca(&["status", "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let old_root = status()["rotation"]["current"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Load: one request after another, with pauses past blue's idle timeout now and then.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let egress = front.egress;
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let answer = async {
+                    let mut c = Client::h1(egress).await?;
+                    c.get("blue.default", "/").await
+                };
+                match answer.await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(format!("{} {:?}", r.status, r.header("x-trellis-error"))),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                if i % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            (ok, failed)
+        }
+    });
+
+    let out = ca(&["rotate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let next = status()["rotation"]["next"].as_str().unwrap().to_string();
+    assert_ne!(next, old_root);
+    // Every proxy trusts both roots before the new one signs anything.
+    eventually(
+        Duration::from_secs(15),
+        "both roots in every bundle",
+        || async {
+            for dir in [d1.path(), d2.path()] {
+                let bundle =
+                    std::fs::read_to_string(dir.join("identity/bundle.pem")).unwrap_or_default();
+                if bundle.matches("BEGIN CERTIFICATE").count() != 2 {
+                    return Err(bundle);
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    // Promoting waits for every proxy to trust the new root.
+    eventually(Duration::from_secs(15), "the new root promoted", || async {
+        let out = ca(&["promote"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(stderr(&out))
+        }
+    })
+    .await;
+    // Every proxy gets a certificate from it, under load.
+    eventually(
+        Duration::from_secs(15),
+        "certificates from the new root",
+        || async {
+            let s = status();
+            let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+            if proxies.len() == 2
+                && proxies
+                    .iter()
+                    .all(|p| p["certificateRoot"] == next.as_str())
+            {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    let out = ca(&["finish"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually(
+        Duration::from_secs(15),
+        "bundles without the old root",
+        || async {
+            let s = status();
+            let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+            let only_new = serde_json::json!([next]);
+            if proxies.len() == 2 && proxies.iter().all(|p| p["trustRoots"] == only_new) {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    // More handshakes after the old root is gone.
+    let before = blue_app.requests();
+    eventually(
+        Duration::from_secs(10),
+        "more requests after the rotation",
+        || async {
+            if blue_app.requests() >= before + 20 {
+                Ok(())
+            } else {
+                Err(format!("{}", blue_app.requests()))
+            }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok >= 20, "only {ok} requests");
+    // And the proxies keep only the new root.
+    for dir in [d1.path(), d2.path()] {
+        let bundle = std::fs::read_to_string(dir.join("identity/bundle.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
+    }
+}

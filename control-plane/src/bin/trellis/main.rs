@@ -125,6 +125,11 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// The mesh's root certificates: where a rotation stands, and its steps.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence.
     Status {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -225,6 +230,31 @@ enum IdentityCommand {
         node: String,
         #[arg(long)]
         gateway: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// The roots (current, next, previous) and, per proxy with an identity, the root of its
+    /// certificate and the roots it trusts.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Begins a root rotation: a new root joins every proxy's trust bundle (it signs nothing
+    /// yet).
+    Rotate,
+    /// Makes the new root sign, and asks every proxy for a certificate from it; refused until
+    /// every connected proxy trusts it (--force skips the wait).
+    Promote {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ends the rotation: the previous root leaves the trust bundle; refused until every
+    /// connected proxy has a certificate from the new root (--force skips the wait).
+    Finish {
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -581,6 +611,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Ca { command } => ca_command(&api, command).await?,
         Command::Identity {
             command: IdentityCommand::Revoke { node, gateway },
         } => {
@@ -1126,4 +1157,75 @@ impl Login {
         f.write_all(&serde_json::to_vec_pretty(self)?)?;
         Ok(path)
     }
+}
+
+/// `trellis ca ...`.
+async fn ca_command(api: &client::ApiClient, command: CaCommand) -> anyhow::Result<()> {
+    let (step, force) = match command {
+        CaCommand::Status { output } => {
+            let out = api.get("/v1/ca").await.map_err(|e| explain(e, &[]))?;
+            match output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    return Ok(());
+                }
+                Output::Yaml => {
+                    print!("{}", serde_yaml_ng::to_string(&out)?);
+                    return Ok(());
+                }
+                Output::Table => {}
+            }
+            let status: trellis_control::server::CaStatus = typed(out)?;
+            let r = &status.rotation;
+            println!("rotation: {}", r.stage);
+            println!("current root: {}", r.current);
+            if let Some(next) = &r.next {
+                println!("next root:    {next} (trusted, not signing)");
+            }
+            for p in &r.previous {
+                println!("previous root: {p} (trusted)");
+            }
+            println!(
+                "{:<32} {:<20} {:<18} TRUSTS",
+                "PROXY", "INSTANCE", "CERTIFICATE ROOT"
+            );
+            for p in &status.proxies {
+                println!(
+                    "{:<32} {:<20} {:<18} {}",
+                    p.node,
+                    p.instance,
+                    p.certificate_root.as_deref().unwrap_or("-"),
+                    p.trust_roots.join(",")
+                );
+            }
+            return Ok(());
+        }
+        CaCommand::Rotate => ("rotate", false),
+        CaCommand::Promote { force } => ("promote", force),
+        CaCommand::Finish { force } => ("finish", force),
+    };
+    let path = if force {
+        format!("/v1/ca/{step}?force=true")
+    } else {
+        format!("/v1/ca/{step}")
+    };
+    let out = api
+        .post(&path, Vec::new())
+        .await
+        .map_err(|e| explain(e, &[]))?;
+    let rotation: trellis_control::identity::Rotation = typed(out)?;
+    println!(
+        "rotation {}: root {} signs{}",
+        rotation.stage,
+        rotation.current,
+        match (&rotation.next, rotation.previous.is_empty()) {
+            (Some(next), _) => format!("; {next} is trusted and will sign once promoted"),
+            (None, false) => format!(
+                "; {} still trusted until finished",
+                rotation.previous.join(", ")
+            ),
+            (None, true) => String::new(),
+        }
+    );
+    Ok(())
 }
