@@ -388,3 +388,141 @@ async fn a_revoked_identity_needs_a_new_join_token() {
         "{log:#}"
     );
 }
+
+/// Over TLS, the control plane follows a root rotation: after it finishes (the old root gone
+/// from every bundle), the CLI trusting the rewritten `DATA_DIR/ca.pem` reaches it, and a
+/// restarted proxy given the old CA file is admitted by its certificate from the new root —
+/// the control plane's certificate now comes from the new root, which the proxy's kept bundle
+/// trusts.
+#[tokio::test]
+async fn the_control_planes_tls_follows_a_root_rotation() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start_with(
+        CONTROL,
+        data.path(),
+        "127.0.0.1:0",
+        &["--tls", "--require-identity"],
+    )
+    .await;
+    let url = format!("https://{}", control.addr);
+    let ca_path = data.path().join("ca.pem");
+    let ca = ca_path.to_str().unwrap();
+    let old_ca_copy = data.path().join("old-ca.pem");
+    std::fs::copy(&ca_path, &old_ca_copy).unwrap();
+    let old_ca = old_ca_copy.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--ca-file", ca];
+        all.extend(args);
+        cli(&url, &all)
+    };
+    let out = run(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["token", "create", "--node", "default/front", "--uses", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let first = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/front",
+        proxy_dir.path(),
+        &["--token", &token, "--control-plane-ca", old_ca],
+    )
+    .await;
+    let step = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            eventually(Duration::from_secs(15), name, || async {
+                let out = cli(&url, &["--ca-file", ca, "ca", name]);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(stderr(&out))
+                }
+            })
+            .await;
+        }
+    };
+    let root = |what: &str| {
+        let out = run(&["ca", "status", "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["rotation"][what].as_str().map(str::to_string)
+    };
+    eventually(Duration::from_secs(10), "a certificate", || async {
+        let out = run(&["ca", "status", "-o", "json"]);
+        let s: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if s["proxies"][0]["certificateRoot"].is_string() {
+            Ok(())
+        } else {
+            Err(format!("{s}\n{}", first.logs()))
+        }
+    })
+    .await;
+    let old = root("current").unwrap();
+    step("rotate").await;
+    let next = root("next").unwrap();
+    step("promote").await;
+    step("finish").await;
+    assert_eq!(root("current").as_deref(), Some(next.as_str()));
+    assert_ne!(old, next);
+    // The CLI with the rewritten CA file (the new root only) reaches the control plane, whose
+    // certificate comes from the new root; with the old file it does not.
+    let bundle = std::fs::read_to_string(&ca_path).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    let out = run(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["--ca-file", old_ca, "status"]);
+    assert!(
+        !out.status.success(),
+        "the old root still verifies the control plane"
+    );
+
+    // Restarted without a token, with the old CA file: its kept bundle trusts the control
+    // plane, and its certificate from the new root admits it.
+    let cert = proxy_dir.path().join("identity/cert.pem");
+    eventually(
+        Duration::from_secs(10),
+        "the proxy's certificate from the new root",
+        || async {
+            let out = run(&["ca", "status", "-o", "json"]);
+            let s: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            if s["proxies"][0]["certificateRoot"] == next.as_str() && cert.exists() {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    drop(first);
+    let restarted = ProxyProcess::sidecar_with(
+        proxy_bin(),
+        &url,
+        "default/front",
+        proxy_dir.path(),
+        &["--control-plane-ca", old_ca],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "readmitted by certificate",
+        || async {
+            let out = run(&["status", "-o", "json"]);
+            let s: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let p = &s["proxies"][0];
+            if p["desiredVersion"].is_string() && p["desiredVersion"] == p["ackedVersion"] {
+                Ok(())
+            } else {
+                Err(format!("{s}\n{}", restarted.logs()))
+            }
+        },
+    )
+    .await;
+}
