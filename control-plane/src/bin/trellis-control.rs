@@ -58,6 +58,16 @@ struct Args {
     /// Listen on a non-loopback address without both --tls and --auth.
     #[arg(long, env = "TRELLIS_CONTROL_INSECURE")]
     insecure: bool,
+    /// Audit entries older than this are forgotten (checked at start and hourly).
+    #[arg(long, env = "TRELLIS_CONTROL_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    audit_retention: std::time::Duration,
+    /// At most this many audit entries are kept (the oldest go first).
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_AUDIT_MAX_ENTRIES",
+        default_value_t = 100_000
+    )]
+    audit_max_entries: usize,
     /// Proxies must present a join token or a workload certificate naming their node to get
     /// its snapshot (always so with --auth).
     #[arg(long, env = "TRELLIS_CONTROL_REQUIRE_IDENTITY")]
@@ -174,6 +184,23 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Ok(None) => {}
                 Err(e) => anyhow::bail!("cannot create the first admin: {e}"),
             }
+        }
+        {
+            // The audit log's retention.
+            let store = controller.store().clone();
+            let (retention, keep) = (args.audit_retention, args.audit_max_entries);
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+                loop {
+                    every.tick().await;
+                    let before = std::time::SystemTime::now() - retention;
+                    match trellis_control::auth::prune_audit(store.as_ref(), before, keep).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "audit entries past their retention forgotten"),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+                    }
+                }
+            });
         }
         if !args.allow_registration_cidr.is_empty() {
             let ranges: Vec<String> = args
