@@ -518,6 +518,7 @@ impl Controller {
                 Some((_, true)) => crate::model::Mtls::Strict,
                 _ => crate::model::Mtls::Disabled,
             },
+            revoked: Some(&view.revocations),
         };
         let translated = match node.kind {
             Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node, security),

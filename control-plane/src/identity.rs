@@ -38,7 +38,7 @@ pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a root created here lives.
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Clock skew allowed between the control plane and proxies.
-const SKEW: Duration = Duration::from_secs(5 * 60);
+pub const SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Where node revocations are kept: `meta/revoked/NAMESPACE/vn|vg/NAME`, the time (Unix
 /// milliseconds) before which that node's certificates no longer count.

@@ -18,6 +18,9 @@ pub struct Security<'a> {
     /// The mode of a mesh without `spec.mtls`: STRICT when every proxy must have an identity
     /// (`--require-identity`), else DISABLED.
     pub default_mode: Mtls,
+    /// Revoked identities: the node or gateway, and until when its certificates were issued
+    /// (Unix seconds).
+    pub revoked: Option<&'a std::collections::BTreeMap<ResourceKey, u64>>,
 }
 
 impl Security<'_> {

@@ -259,8 +259,23 @@ impl Builder<'_> {
     /// The snapshot of `listeners`, the clusters they use and the proxy's access log (from the
     /// node's or gateway's `logging`), versioned by its content.
     fn finish(self, listeners: Vec<pb::Listener>, logging: Option<&model::Logging>) -> Translated {
+        // Certificates issued before `SKEW` ahead of their notBefore (the CA backdates them).
+        let revoked = match (self.security.ca, self.security.revoked) {
+            (Some(ca), Some(revoked)) => revoked
+                .iter()
+                .map(|(key, until)| pb::RevokedIdentity {
+                    identity: ca.spiffe_id(key),
+                    not_before_until: i64::try_from(
+                        until.saturating_sub(crate::identity::SKEW.as_secs()),
+                    )
+                    .unwrap_or(i64::MAX),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut snapshot = pb::Snapshot {
             version: String::new(),
+            revoked,
             listeners,
             clusters: self.clusters.into_values().collect(),
             access_log: logging

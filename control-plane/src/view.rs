@@ -30,6 +30,9 @@ pub struct View {
     pub instances: Arc<Vec<Instance>>,
     /// The revision of [`GUARD_KEY`]; none before the first resource write.
     pub guard: Option<u64>,
+    /// Revoked identities (`trellis identity revoke`): the node or gateway, and until when
+    /// (Unix seconds) its certificates were issued.
+    pub revocations: Arc<std::collections::BTreeMap<ResourceKey, u64>>,
 }
 
 /// One key's change, decoded.
@@ -41,6 +44,8 @@ pub enum Update {
     Instance(String, Option<Instance>),
     /// The guard key's new revision, or its removal.
     Guard(Option<u64>),
+    /// A node's identity revoked (until when its certificates were issued), or no longer.
+    Revocation(ResourceKey, Option<u64>),
 }
 
 impl View {
@@ -88,6 +93,12 @@ impl View {
                 }
             }
             Update::Guard(revision) => self.guard = revision,
+            Update::Revocation(key, Some(until)) => {
+                Arc::make_mut(&mut self.revocations).insert(key, until);
+            }
+            Update::Revocation(key, None) => {
+                Arc::make_mut(&mut self.revocations).remove(&key);
+            }
         }
     }
 }
@@ -113,6 +124,23 @@ fn decode(kv: KeyValue, kind: EventKind) -> Option<Update> {
         let key = ResourceKey::from_store_key(&kv.key)?;
         let resource = put.then(|| decode_resource(&kv)).flatten();
         return Some(Update::Resource(key, resource.map(Arc::new)));
+    }
+    if let Some(rest) = kv.key.strip_prefix(crate::identity::REVOKED_PREFIX) {
+        let mut parts = rest.split('/');
+        let (Some(ns), Some(segment), Some(name), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let kind = match segment {
+            "vg" => crate::model::Kind::VirtualGateway,
+            _ => crate::model::Kind::VirtualNode,
+        };
+        let until = put
+            .then(|| serde_json::from_slice::<crate::identity::Revocation>(&kv.value).ok())
+            .flatten()
+            .map(|r| r.revoked_ms / 1000);
+        return Some(Update::Revocation(ResourceKey::new(kind, ns, name), until));
     }
     if kv.key.starts_with(registry::PREFIX) {
         let instance = put.then(|| decode_instance(&kv)).flatten();

@@ -133,6 +133,13 @@ impl App {
         match &result {
             Ok(rt) => {
                 *self.last_rejection.lock() = None;
+                self.credentials.set_revoked(
+                    snapshot
+                        .revoked
+                        .iter()
+                        .map(|r| (r.identity.clone(), r.not_before_until))
+                        .collect(),
+                );
                 let mut named = self.named.lock();
                 named.retain(|name, _| rt.named.contains_key(name));
                 for (name, requested, listener) in bound {

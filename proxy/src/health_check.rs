@@ -444,9 +444,9 @@ async fn connect(target: &Target) -> Result<Stream, String> {
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    match target.tls.as_ref().and_then(UpstreamTls::client) {
+    match target.tls.as_ref().and_then(|t| Some((t, t.client()?))) {
         None => Ok(Stream::Plain(stream)),
-        Some(config) => crate::tls::connect(config, &target.addr, stream)
+        Some((tls, config)) => crate::tls::connect(tls.credentials(), config, &target.addr, stream)
             .await
             .map_err(|e| format!("TLS: {e}")),
     }

@@ -64,6 +64,9 @@ pub struct Credentials {
     current: ArcSwapOption<Loaded>,
     /// The server side, built once so its session cache lasts (resumed handshakes).
     server: std::sync::OnceLock<Arc<ServerConfig>>,
+    /// Revoked identities: certificates naming one with a notBefore at or before this (Unix
+    /// seconds) are refused, on either side of a handshake.
+    revoked: arc_swap::ArcSwap<std::collections::HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -115,6 +118,33 @@ impl Credentials {
     /// The SPIFFE ID of the certificate in use.
     pub fn spiffe_id(&self) -> Option<String> {
         self.current.load().as_ref().map(|l| l.spiffe_id.clone())
+    }
+
+    /// The identities revoked now (a snapshot's list).
+    pub fn set_revoked(&self, revoked: std::collections::HashMap<String, i64>) {
+        self.revoked.store(Arc::new(revoked));
+    }
+
+    /// Refuses a peer certificate of a revoked identity.
+    fn check_revoked(&self, cert: &CertificateDer<'_>) -> Result<(), Error> {
+        let revoked = self.revoked.load();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        let Some(id) = spiffe_id(cert) else {
+            return Ok(());
+        };
+        let Some(until) = revoked.get(&id) else {
+            return Ok(());
+        };
+        let not_before = X509Certificate::from_der(cert)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .unwrap_or(i64::MIN);
+        if not_before <= *until {
+            return Err(Error::General(format!("the certificate of {id} is revoked")));
+        }
+        Ok(())
     }
 
     /// Whether a certificate is in use.
@@ -204,7 +234,11 @@ impl Credentials {
                             .map_err(|e| Error::General(e.to_string()))?
                     }
                 };
-                builder.with_client_cert_verifier(Arc::new(NamedClients { inner, names }))
+                builder.with_client_cert_verifier(Arc::new(NamedClients {
+                    inner,
+                    names,
+                    credentials: self.clone(),
+                }))
             }
         };
         let mut config = match cert {
@@ -294,6 +328,7 @@ impl ResolvesClientCert for Fixed {
 struct NamedClients {
     inner: Arc<dyn ClientCertVerifier>,
     names: Vec<String>,
+    credentials: Arc<Credentials>,
 }
 
 impl ClientCertVerifier for NamedClients {
@@ -310,6 +345,7 @@ impl ClientCertVerifier for NamedClients {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        self.credentials.check_revoked(end_entity)?;
         if self.names.is_empty() || carries_one_of(end_entity, &self.names) {
             Ok(verified)
         } else {
@@ -390,6 +426,11 @@ impl UpstreamTls {
 
     /// The client side to open connections with; None: plaintext (this proxy has no
     /// certificate and the cluster allows that).
+    /// The proxy's credentials (for the checks of a resumed session).
+    pub(crate) fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
     pub(crate) fn client(&self) -> Option<&Arc<ClientConfig>> {
         (!self.plaintext_without_identity || self.credentials.is_set()).then_some(&self.config)
     }
@@ -564,16 +605,8 @@ pub async fn accept(
         let conn = tls.get_ref().1;
         // A resumed session skips the certificate checks: the certificate it was made with must
         // still be in its validity period.
-        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-            && conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .is_some_and(|c| !valid_now(c))
-        {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                "a resumed session's certificate has expired",
-            ));
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            resumed_still_valid(credentials, conn.peer_certificates())?;
         }
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))))
     };
@@ -584,6 +617,7 @@ pub async fn accept(
 
 /// Opens TLS on a connection to `addr` (`HOST:PORT`; the name only travels as SNI).
 pub async fn connect(
+    credentials: &Credentials,
     config: &Arc<ClientConfig>,
     addr: &str,
     stream: TcpStream,
@@ -597,18 +631,26 @@ pub async fn connect(
         .connect(name, stream)
         .await?;
     let conn = tls.get_ref().1;
-    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
-        && conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .is_some_and(|c| !valid_now(c))
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "a resumed session's certificate has expired",
-        ));
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        resumed_still_valid(credentials, conn.peer_certificates())?;
     }
     Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+}
+
+/// A resumed session skips the certificate checks: the peer certificate it was made with must
+/// still be in its validity period and not revoked since.
+fn resumed_still_valid(
+    credentials: &Credentials,
+    peer: Option<&[CertificateDer<'static>]>,
+) -> std::io::Result<()> {
+    let Some(cert) = peer.and_then(|c| c.first()) else {
+        return Ok(());
+    };
+    let denied = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    if !valid_now(cert) {
+        return Err(denied("a resumed session's certificate has expired".into()));
+    }
+    credentials.check_revoked(cert).map_err(|e| denied(e.to_string()))
 }
 
 /// Whether a certificate is within its validity period now.
@@ -674,8 +716,11 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.current()?
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .current()?
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.0.check_revoked(end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -748,6 +793,7 @@ impl ServerCertVerifier for ServerVerifier {
             None,
         )
         .map_err(|e| Error::General(format!("server certificate: {e}")))?;
+        self.credentials.check_revoked(end_entity)?;
         if self.expected.is_empty() || carries_one_of(end_entity, &self.expected) {
             return Ok(ServerCertVerified::assertion());
         }
@@ -961,7 +1007,7 @@ mod tests {
             };
             let calling = async {
                 let tcp = TcpStream::connect(&addr).await.unwrap();
-                let mut tls = connect(&config, &addr, tcp).await.unwrap();
+                let mut tls = connect(&b, &config, &addr, tcp).await.unwrap();
                 tls.write_all(b"x").await.unwrap();
                 let mut byte = [0u8; 1];
                 // Reading takes the session tickets that came with the answer.

@@ -264,9 +264,9 @@ impl EndpointState {
                 .map_err(|e| AttemptError::new(UpstreamFailure::Connect, e))?;
             // Small writes (headers, gRPC messages) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            match self.tls.as_ref().and_then(UpstreamTls::client) {
+            match self.tls.as_ref().and_then(|t| Some((t, t.client()?))) {
                 None => Ok(Stream::Plain(stream)),
-                Some(config) => crate::tls::connect(config, &self.addr, stream)
+                Some((tls, config)) => crate::tls::connect(tls.credentials(), config, &self.addr, stream)
                     .await
                     .map_err(|e| AttemptError::new(UpstreamFailure::Tls, e)),
             }

@@ -482,6 +482,29 @@ async fn strict_mtls_carries_identities_and_the_mesh_graph_authorizes() {
     )
     .await;
     assert_eq!(h2_app.requests(), 1, "the impostor's app was never reached");
+
+    // A revoked identity (`trellis identity revoke`): sidecars refuse its certificates issued
+    // before the revocation (the CA backdates notBefore by 5 minutes: one from 10 minutes ago
+    // was issued before), not one issued after.
+    let (status, _, _) = tls_get(blue.ingress, Some(root.leaf(&id("front"), (-600, 600))))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "not revoked yet");
+    let out = cli(&url, &["identity", "revoke", "--node", "default/front"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually(Duration::from_secs(10), "the revocation reaches blue", || async {
+        match tls_get(blue.ingress, Some(root.leaf(&id("front"), (-600, 600)))).await {
+            Err(_) => Ok(()),
+            Ok(answer) => Err(format!("{answer:?}")),
+        }
+    })
+    .await;
+    // One issued after the revocation (notBefore a minute ago: issued 4 minutes from now, as
+    // the CA counts) is not revoked.
+    let (status, _, _) = tls_get(blue.ingress, Some(root.leaf(&id("front"), (-60, 600))))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "a certificate issued after the revocation");
 }
 
 /// PERMISSIVE: sidecars with identities call each other over mTLS, a sidecar without one calls
