@@ -305,7 +305,7 @@ impl Ca {
 
     /// Keeps `path` holding the trust bundle, now and after each step of a rotation.
     pub fn keep_bundle_file(&self, path: std::path::PathBuf) -> std::io::Result<()> {
-        std::fs::write(&path, self.trust_bundle())?;
+        write_replacing(&path, &self.trust_bundle())?;
         *self.bundle_file.lock() = Some(path);
         Ok(())
     }
@@ -434,7 +434,7 @@ impl Ca {
             .await?;
         *self.roots.write() = Arc::new(Roots::new(stored)?);
         if let Some(path) = self.bundle_file.lock().as_ref() {
-            if let Err(e) = std::fs::write(path, self.trust_bundle()) {
+            if let Err(e) = write_replacing(path, &self.trust_bundle()) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle");
             }
         }
@@ -544,6 +544,13 @@ impl Ca {
             key.serialize_pem(),
         ))
     }
+}
+
+/// Writes a file whole or not at all (a reader never sees half of it).
+fn write_replacing(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A new root: (certificate, key), PEM.

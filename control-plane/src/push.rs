@@ -254,8 +254,9 @@ struct Session<'a> {
     /// The identity last sent (the certificate and the bundle), to send again with a rotated
     /// bundle.
     issued: Option<trellis_proto::v1::Identity>,
-    /// The push that carried the last bundle, and that bundle's roots: its ACK records them.
-    bundle_sent: Option<(String, Vec<String>)>,
+    /// The push that carried the last identity, that bundle's roots and the certificate's
+    /// root: its ACK records them (the proxy uses them from then on).
+    bundle_sent: Option<(String, Vec<String>, Option<String>)>,
     /// The CA asked this proxy to renew (a promoted rotation): its next renewal is not held to
     /// the interval.
     renew_asked: bool,
@@ -510,7 +511,8 @@ impl Session<'_> {
         identity: trellis_proto::v1::Identity,
     ) -> Result<(), Gone> {
         self.nonce += 1;
-        self.bundle_sent = Some((self.nonce.to_string(), ca.bundle_roots()));
+        let root = crate::identity::chain_root(&identity.certificate_chain);
+        self.bundle_sent = Some((self.nonce.to_string(), ca.bundle_roots(), root));
         self.issued = Some(identity.clone());
         let push = SnapshotPush {
             nonce: self.nonce.to_string(),
@@ -546,11 +548,9 @@ impl Session<'_> {
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let expires = humantime::format_rfc3339_seconds(issued.not_after).to_string();
         tracing::info!(node = %self.node, identity = %issued.spiffe_id, %expires, "certificate issued");
-        let root = crate::identity::chain_root(&issued.chain_pem);
         self.controller.proxies().update(self.id, |p| {
             p.identity = Some(issued.spiffe_id.clone());
             p.certificate_expires = Some(expires);
-            p.certificate_root = root;
         });
         let identity = trellis_proto::v1::Identity {
             certificate_chain: issued.chain_pem,
@@ -571,12 +571,30 @@ impl Session<'_> {
                 if self
                     .bundle_sent
                     .as_ref()
-                    .is_some_and(|(n, _)| *n == ack.nonce) =>
+                    .is_some_and(|(n, ..)| *n == ack.nonce) =>
             {
-                // The proxy holds the identity and bundle of that push.
-                if let Some((_, roots)) = self.bundle_sent.take() {
-                    proxies.update(self.id, |p| p.trust_roots = roots);
+                // The proxy uses the identity and bundle of that push.
+                if let Some((_, roots, root)) = self.bundle_sent.take() {
+                    proxies.update(self.id, |p| {
+                        p.trust_roots = roots;
+                        p.certificate_root = root;
+                    });
                 }
+            }
+            Msg::Nack(nack)
+                if self
+                    .bundle_sent
+                    .as_ref()
+                    .is_some_and(|(n, ..)| *n == nack.nonce) =>
+            {
+                self.bundle_sent = None;
+                let reason = nack
+                    .errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(node = %self.node, reason = %reason, "proxy cannot use its identity");
             }
             Msg::Ack(ack) => {
                 metrics.answers.with_label_values(&["ack"]).inc();

@@ -1696,6 +1696,7 @@ mod tests {
             ..Default::default()
         };
         let snapshot = pb::Snapshot {
+            revoked: Vec::new(),
             access_log: None,
             version: "v".into(),
             listeners: vec![pb::Listener {

@@ -381,6 +381,7 @@ mod tests {
         let mut duplicate = host("dup", vec![route("x", "c", None)]);
         duplicate.domains = vec!["a".into()];
         let snapshot = pb::Snapshot {
+            revoked: Vec::new(),
             access_log: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
@@ -458,6 +459,7 @@ mod tests {
         let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
         let t = Translated {
             snapshot: pb::Snapshot {
+                revoked: Vec::new(),
                 access_log: None,
                 version: "v".into(),
                 listeners: vec![pb::Listener {

@@ -170,18 +170,24 @@ async fn session(
     let mut inbound = client.stream(outbound).await?.into_inner();
     tracing::info!(control_plane = %url, node = %config.node, "config stream open");
     while let Some(push) = inbound.message().await? {
+        let mut refused_identity = None;
         if let (Some(issued), Some(identity)) = (&push.identity, &identity) {
-            let mut renew_in = identity.store(issued)?;
-            // A root rotation asks for a certificate from the new root now.
-            if issued.renew {
-                renew_in = Duration::ZERO;
-            }
+            // Used first, kept only if usable: a restart must not load what does not work.
             if let Err(e) = app.credentials.set(
                 &issued.certificate_chain,
                 &identity.key_pem(),
                 &issued.trust_bundle,
             ) {
                 tracing::warn!(error = %e, "the workload certificate cannot be used");
+                refused_identity = Some(e);
+            }
+        }
+        if let (Some(issued), Some(identity), None) = (&push.identity, &identity, &refused_identity)
+        {
+            let mut renew_in = identity.store(issued)?;
+            // A root rotation asks for a certificate from the new root now.
+            if issued.renew {
+                renew_in = Duration::ZERO;
             }
             tracing::info!(identity = %issued.spiffe_id, renew_in = ?renew_in, "workload certificate received");
             // Renewed at half-life, on this stream.
@@ -201,16 +207,25 @@ async fn session(
         }
         let Some(snapshot) = push.snapshot else {
             if push.identity.is_some() {
-                // The identity and trust bundle are in use: said, so the control plane knows
-                // which roots this proxy trusts (a root rotation waits for it).
+                // Whether the identity and trust bundle are in use: said, so the control plane
+                // knows which roots this proxy trusts and which certificate it serves (a root
+                // rotation waits for them).
                 let version = app.services.store.load().version.to_string();
-                tx.send(ProxyMessage {
-                    kind: Some(Msg::Ack(Ack {
+                let reply = match refused_identity {
+                    None => Msg::Ack(Ack {
                         nonce: push.nonce,
                         version,
-                    })),
-                })
-                .await?;
+                    }),
+                    Some(reason) => Msg::Nack(Nack {
+                        nonce: push.nonce,
+                        version,
+                        errors: vec![SnapshotFieldError {
+                            path: "identity".into(),
+                            reason,
+                        }],
+                    }),
+                };
+                tx.send(ProxyMessage { kind: Some(reply) }).await?;
             }
             continue;
         };

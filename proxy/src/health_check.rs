@@ -446,9 +446,15 @@ async fn connect(target: &Target) -> Result<Stream, String> {
     let _ = stream.set_nodelay(true);
     match target.tls.as_ref().and_then(|t| Some((t, t.client()?))) {
         None => Ok(Stream::Plain(stream)),
-        Some((tls, config)) => crate::tls::connect(tls.credentials(), config, &target.addr, stream)
-            .await
-            .map_err(|e| format!("TLS: {e}")),
+        Some((tls, config)) => crate::tls::connect(
+            tls.credentials(),
+            tls.mesh_trust,
+            config,
+            &target.addr,
+            stream,
+        )
+        .await
+        .map_err(|e| format!("TLS: {e}")),
     }
 }
 

@@ -140,7 +140,14 @@ impl Listeners {
                 }
             }
         };
-        let identity: Option<Arc<str>> = stream.peer_identity().map(Into::into);
+        // A caller's identity is a mesh identity only when its certificate was verified against
+        // the mesh's trust bundle (not a listener's own roots, which may name anything).
+        let identity: Option<Arc<str>> = listener
+            .tls
+            .as_ref()
+            .filter(|t| t.mesh_trust)
+            .and_then(|_| stream.peer_identity())
+            .map(Into::into);
         match &listener.kind {
             ListenerKind::Tcp(route) => {
                 if !listener.admits(identity.as_deref()) {

@@ -41,6 +41,9 @@ pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 pub const ALPN_NONE: &[&[u8]] = &[];
 /// A TLS handshake's first byte: a handshake record.
 const HANDSHAKE_RECORD: u8 = 0x16;
+/// How long a PERMISSIVE listener waits for a client's first byte before taking it for a
+/// plaintext one (whose protocol has the server speak first).
+const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -142,9 +145,44 @@ impl Credentials {
             .map(|(_, c)| c.validity().not_before.timestamp())
             .unwrap_or(i64::MIN);
         if not_before <= *until {
-            return Err(Error::General(format!("the certificate of {id} is revoked")));
+            return Err(Error::General(format!(
+                "the certificate of {id} is revoked"
+            )));
         }
         Ok(())
+    }
+
+    /// Verifies a peer's chain (leaf first) against the trust bundle in use, for `usage`.
+    fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        usage: webpki::KeyUsage,
+    ) -> Result<(), Error> {
+        let loaded = self
+            .current
+            .load_full()
+            .ok_or_else(|| Error::General("no workload certificate yet".into()))?;
+        let anchors: Vec<_> = loaded
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| Error::General("no certificate".into()))?;
+        let cert = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| Error::General(format!("certificate: {e}")))?;
+        cert.verify_for_usage(
+            algorithms().all,
+            &anchors,
+            intermediates,
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .map(drop)
+        .map_err(|e| Error::General(format!("certificate: {e}")))
     }
 
     /// Whether a certificate is in use.
@@ -389,9 +427,12 @@ fn carries_one_of(cert: &CertificateDer<'_>, names: &[String]) -> bool {
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return false;
     };
+    // URIs against names with a scheme, DNS names against the others.
     san.value.general_names.iter().any(|n| match n {
-        GeneralName::URI(u) => names.iter().any(|x| x == u),
-        GeneralName::DNSName(d) => names.iter().any(|x| x.eq_ignore_ascii_case(d)),
+        GeneralName::URI(u) => names.iter().any(|x| x.contains("://") && x == u),
+        GeneralName::DNSName(d) => names
+            .iter()
+            .any(|x| !x.contains("://") && x.eq_ignore_ascii_case(d)),
         _ => false,
     })
 }
@@ -405,6 +446,8 @@ pub struct UpstreamTls {
     pub(crate) config: Arc<ClientConfig>,
     credentials: Arc<Credentials>,
     plaintext_without_identity: bool,
+    /// Servers are verified against the mesh's trust bundle.
+    pub(crate) mesh_trust: bool,
 }
 
 impl UpstreamTls {
@@ -415,12 +458,14 @@ impl UpstreamTls {
         config: Arc<ClientConfig>,
         credentials: Arc<Credentials>,
         plaintext_without_identity: bool,
+        mesh_trust: bool,
     ) -> Self {
         Self {
             key: key.into(),
             config,
             credentials,
             plaintext_without_identity,
+            mesh_trust,
         }
     }
 
@@ -440,6 +485,9 @@ impl UpstreamTls {
 #[derive(Debug, Clone)]
 pub struct ServerSide {
     pub mode: ServerMode,
+    /// Clients are verified against the mesh's trust bundle: their SPIFFE IDs are the mesh's
+    /// identities (not so with roots of the listener's own).
+    pub mesh_trust: bool,
     /// Its own settings (App Mesh's listener `tls`); None: the mesh's — the workload
     /// certificate, client certificates from the trust bundle required — with one session cache
     /// for every such listener.
@@ -589,10 +637,14 @@ pub async fn accept(
 ) -> std::io::Result<Stream> {
     let handshake = async {
         if side.mode == ServerMode::Permissive {
+            // A client that says nothing first (a protocol whose server speaks first) is a
+            // plaintext one.
             let mut first = [0u8; 1];
-            let n = stream.peek(&mut first).await?;
-            if n == 0 || first[0] != HANDSHAKE_RECORD {
-                return Ok(Stream::Plain(stream));
+            let peeked = tokio::time::timeout(PEEK_TIMEOUT, stream.peek(&mut first)).await;
+            match peeked {
+                Ok(Ok(1..)) if first[0] == HANDSHAKE_RECORD => {}
+                Ok(Err(e)) => return Err(e),
+                _ => return Ok(Stream::Plain(stream)),
             }
         }
         let config = match &side.config {
@@ -606,7 +658,8 @@ pub async fn accept(
         // A resumed session skips the certificate checks: the certificate it was made with must
         // still be in its validity period.
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            resumed_still_valid(credentials, conn.peer_certificates())?;
+            let usage = side.mesh_trust.then(webpki::KeyUsage::client_auth);
+            resumed_still_valid(credentials, conn.peer_certificates(), usage)?;
         }
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))))
     };
@@ -618,6 +671,7 @@ pub async fn accept(
 /// Opens TLS on a connection to `addr` (`HOST:PORT`; the name only travels as SNI).
 pub async fn connect(
     credentials: &Credentials,
+    mesh_trust: bool,
     config: &Arc<ClientConfig>,
     addr: &str,
     stream: TcpStream,
@@ -632,25 +686,36 @@ pub async fn connect(
         .await?;
     let conn = tls.get_ref().1;
     if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-        resumed_still_valid(credentials, conn.peer_certificates())?;
+        let usage = mesh_trust.then(webpki::KeyUsage::server_auth);
+        resumed_still_valid(credentials, conn.peer_certificates(), usage)?;
     }
     Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
 }
 
-/// A resumed session skips the certificate checks: the peer certificate it was made with must
-/// still be in its validity period and not revoked since.
+/// A resumed session skips the certificate checks: the peer chain it was made with must still
+/// be in its validity period, not revoked since and — verified against the mesh's trust bundle
+/// (`mesh_usage`) — still chain to a root of the bundle in use (a rotation may have removed
+/// its root).
 fn resumed_still_valid(
     credentials: &Credentials,
     peer: Option<&[CertificateDer<'static>]>,
+    mesh_usage: Option<webpki::KeyUsage>,
 ) -> std::io::Result<()> {
-    let Some(cert) = peer.and_then(|c| c.first()) else {
+    let Some(chain) = peer.filter(|c| !c.is_empty()) else {
         return Ok(());
     };
     let denied = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
-    if !valid_now(cert) {
+    if !valid_now(&chain[0]) {
         return Err(denied("a resumed session's certificate has expired".into()));
     }
-    credentials.check_revoked(cert).map_err(|e| denied(e.to_string()))
+    if let Some(usage) = mesh_usage {
+        credentials
+            .verify_chain(chain, usage)
+            .map_err(|e| denied(format!("a resumed session's {e}")))?;
+    }
+    credentials
+        .check_revoked(&chain[0])
+        .map_err(|e| denied(e.to_string()))
 }
 
 /// Whether a certificate is within its validity period now.
@@ -994,6 +1059,7 @@ mod tests {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let side = ServerSide {
                     mode: ServerMode::Strict,
+                    mesh_trust: true,
                     config: None,
                 };
                 let mut tls = accept(&a, &side, tcp, Duration::from_secs(5))
@@ -1007,7 +1073,7 @@ mod tests {
             };
             let calling = async {
                 let tcp = TcpStream::connect(&addr).await.unwrap();
-                let mut tls = connect(&b, &config, &addr, tcp).await.unwrap();
+                let mut tls = connect(&b, true, &config, &addr, tcp).await.unwrap();
                 tls.write_all(b"x").await.unwrap();
                 let mut byte = [0u8; 1];
                 // Reading takes the session tickets that came with the answer.

@@ -266,9 +266,15 @@ impl EndpointState {
             let _ = stream.set_nodelay(true);
             match self.tls.as_ref().and_then(|t| Some((t, t.client()?))) {
                 None => Ok(Stream::Plain(stream)),
-                Some((tls, config)) => crate::tls::connect(tls.credentials(), config, &self.addr, stream)
-                    .await
-                    .map_err(|e| AttemptError::new(UpstreamFailure::Tls, e)),
+                Some((tls, config)) => crate::tls::connect(
+                    tls.credentials(),
+                    tls.mesh_trust,
+                    config,
+                    &self.addr,
+                    stream,
+                )
+                .await
+                .map_err(|e| AttemptError::new(UpstreamFailure::Tls, e)),
             }
         };
         match tokio::time::timeout(timeout, connect).await {
@@ -800,7 +806,8 @@ impl Generation<'_> {
             (None, true) => ClientCert::None,
             (None, false) => ClientCert::Workload,
         };
-        let roots = if spec.trust_files.is_empty() || self.upstreams.offline {
+        let mesh_trust = spec.trust_files.is_empty();
+        let roots = if mesh_trust || self.upstreams.offline {
             Roots::Bundle
         } else {
             let roots = crate::tls::load_roots(&spec.trust_files)?;
@@ -829,6 +836,7 @@ impl Generation<'_> {
             config,
             credentials.clone(),
             spec.plaintext_without_identity,
+            mesh_trust,
         ))
     }
 

@@ -492,12 +492,16 @@ async fn strict_mtls_carries_identities_and_the_mesh_graph_authorizes() {
     assert_eq!(status, 200, "not revoked yet");
     let out = cli(&url, &["identity", "revoke", "--node", "default/front"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    eventually(Duration::from_secs(10), "the revocation reaches blue", || async {
-        match tls_get(blue.ingress, Some(root.leaf(&id("front"), (-600, 600)))).await {
-            Err(_) => Ok(()),
-            Ok(answer) => Err(format!("{answer:?}")),
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the revocation reaches blue",
+        || async {
+            match tls_get(blue.ingress, Some(root.leaf(&id("front"), (-600, 600)))).await {
+                Err(_) => Ok(()),
+                Ok(answer) => Err(format!("{answer:?}")),
+            }
+        },
+    )
     .await;
     // One issued after the revocation (notBefore a minute ago: issued 4 minutes from now, as
     // the CA counts) is not revoked.
@@ -516,19 +520,38 @@ async fn permissive_takes_mtls_and_plaintext() {
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let url = control.url.clone();
     let blue_app = TestServer::start("blue").await;
+    let db_app = TcpEchoServer::start("db").await;
     apply(
         &url,
-        &mesh("{ mtls: PERMISSIVE }", blue_app.addr.port(), 1, 2),
+        &mesh(
+            "{ mtls: PERMISSIVE }",
+            blue_app.addr.port(),
+            1,
+            db_app.addr.port(),
+        ),
     );
-    let (d1, d2, d3) = (
+    let (d1, d2, d3, d4) = (
+        tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
     let front = sidecar(&url, "front", d1.path(), true).await;
     let blue = sidecar(&url, "blue", d2.path(), true).await;
+    let db = sidecar(&url, "db", d4.path(), true).await;
     register(&url, "blue", "blue-1", blue.ingress);
-    wait_synced(&url, 2).await;
+    wait_synced(&url, 3).await;
+
+    // A plaintext client of a protocol whose server speaks first (it sends nothing): taken for
+    // plaintext after a short wait, and greeted.
+    let plain = tokio::net::TcpStream::connect(db.ingress).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(plain);
+    let mut greeting = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut greeting))
+        .await
+        .expect("the server's greeting")
+        .unwrap();
+    assert_eq!(greeting, "db\n");
     wait_identity(&front).await;
     wait_identity(&blue).await;
 
@@ -548,7 +571,7 @@ async fn permissive_takes_mtls_and_plaintext() {
     let mut front = front;
     front.kill().await;
     let plain_front = sidecar(&url, "front", d3.path(), false).await;
-    wait_synced(&url, 2).await;
+    wait_synced(&url, 3).await;
     let mut c = Client::h1(plain_front.egress).await.unwrap();
     let r = c.get("blue.default", "/").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));

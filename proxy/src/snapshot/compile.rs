@@ -682,8 +682,16 @@ fn compile_server_tls(c: &mut Compiler<'_>, path: &str, t: &pb::ServerTls) -> Op
             .is_some_and(|v| v.trust_files.is_empty() && v.subject_alt_names.is_empty());
     if meshes || !c.read_files {
         // (Checking elsewhere: the files are the proxy's machine's.)
-        return Some(ServerSide { mode, config: None });
+        return Some(ServerSide {
+            mode,
+            mesh_trust: true,
+            config: None,
+        });
     }
+    let mesh_trust = t
+        .client_validation
+        .as_ref()
+        .is_some_and(|v| v.trust_files.is_empty());
     let cert = match &t.certificate {
         None => None,
         Some(f) => match crate::tls::load_certified_key(&f.certificate_chain, &f.private_key) {
@@ -710,6 +718,7 @@ fn compile_server_tls(c: &mut Compiler<'_>, path: &str, t: &pb::ServerTls) -> Op
     match c.credentials.server_config_for(cert, clients) {
         Ok(config) => Some(ServerSide {
             mode,
+            mesh_trust,
             config: Some(config),
         }),
         Err(e) => {
