@@ -112,6 +112,15 @@ async fn a_join_token_gets_the_proxy_its_nodes_certificate() {
             .is_some_and(|e| e.ends_with('Z')),
         "{proxy}"
     );
+    // The table shows it too.
+    let expires = proxy["certificateExpires"].as_str().unwrap();
+    let out = cli(&control.url, &["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("CERT EXPIRES") && table.contains(expires),
+        "{table}"
+    );
 }
 
 /// A token admits only the node it names, and only as often as it says; with

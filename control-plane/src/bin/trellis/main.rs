@@ -866,6 +866,7 @@ async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
                 state.to_string(),
                 dash(&p.desired_version),
                 dash(&p.acked_version),
+                dash(&p.certificate_expires),
                 p.nack_reason
                     .clone()
                     .or_else(|| p.withheld.clone())
@@ -877,7 +878,15 @@ async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
         println!("No proxies connected.");
     } else {
         print_table(
-            &["NODE", "KIND", "STATE", "DESIRED", "ACKED", "REASON"],
+            &[
+                "NODE",
+                "KIND",
+                "STATE",
+                "DESIRED",
+                "ACKED",
+                "CERT EXPIRES",
+                "REASON",
+            ],
             &rows,
         );
     }
