@@ -162,27 +162,10 @@ impl Credentials {
             .current
             .load_full()
             .ok_or_else(|| Error::General("no workload certificate yet".into()))?;
-        let anchors: Vec<_> = loaded
-            .roots
-            .iter()
-            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-            .collect();
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or_else(|| Error::General("no certificate".into()))?;
-        let cert = webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| Error::General(format!("certificate: {e}")))?;
-        cert.verify_for_usage(
-            algorithms().all,
-            &anchors,
-            intermediates,
-            UnixTime::now(),
-            usage,
-            None,
-            None,
-        )
-        .map(drop)
-        .map_err(|e| Error::General(format!("certificate: {e}")))
+        chains_to(&loaded.roots, leaf, intermediates, UnixTime::now(), usage)
     }
 
     /// Whether a certificate is in use.
@@ -718,6 +701,33 @@ fn resumed_still_valid(
         .map_err(|e| denied(e.to_string()))
 }
 
+/// Verifies that `leaf` (with `intermediates`) chains to one of `roots` for `usage` at `now`.
+fn chains_to(
+    roots: &[CertificateDer<'_>],
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), Error> {
+    let anchors: Vec<_> = roots
+        .iter()
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+        .collect();
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| Error::General(format!("certificate: {e}")))?;
+    cert.verify_for_usage(
+        algorithms().all,
+        &anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map(drop)
+    .map_err(|e| Error::General(format!("certificate: {e}")))
+}
+
 /// Whether a certificate is within its validity period now.
 fn valid_now(cert: &CertificateDer<'_>) -> bool {
     use x509_parser::prelude::{FromDer as _, X509Certificate};
@@ -842,22 +852,13 @@ impl ServerCertVerifier for ServerVerifier {
             }
             Roots::Fixed(roots) => roots,
         };
-        let anchors: Vec<_> = roots
-            .iter()
-            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-            .collect();
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| Error::General(format!("server certificate: {e}")))?;
-        cert.verify_for_usage(
-            algorithms().all,
-            &anchors,
+        chains_to(
+            roots,
+            end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| Error::General(format!("server certificate: {e}")))?;
+        )?;
         self.credentials.check_revoked(end_entity)?;
         if self.expected.is_empty() || carries_one_of(end_entity, &self.expected) {
             return Ok(ServerCertVerified::assertion());

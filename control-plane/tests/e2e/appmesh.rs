@@ -103,27 +103,13 @@ async fn a_walkthrough_file_applies_unchanged_and_runs() {
     let bad = TestServer::start("blue-bad").await;
     bad.fail_with(503);
     for (id, server) in [("good", &good), ("bad", &bad)] {
-        let port = server.addr.port().to_string();
-        let out = cli(
+        crate::register_instance(
             &control.url,
-            &[
-                "instances",
-                "register",
-                "--namespace",
-                "howto.pvt.aws.local",
-                "--service",
-                "color",
-                "--id",
-                id,
-                "--address",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--attr",
-                "version=blue",
-            ],
+            ("howto.pvt.aws.local", "color"),
+            id,
+            server.addr,
+            &["version=blue"],
         );
-        assert!(out.status.success(), "{}", stderr(&out));
     }
     let front_dir = tempfile::tempdir().unwrap();
     let front =

@@ -110,6 +110,37 @@ pub async fn wait_synced(server: &str, n: usize) -> Value {
     .await
 }
 
+/// `trellis instances register` of instance `id` of registry service `namespace/service` at
+/// 127.0.0.1 on `addr`'s port, with `attrs` (`KEY=VALUE`); it must succeed.
+pub fn register_instance(
+    server: &str,
+    (namespace, service): (&str, &str),
+    id: &str,
+    addr: SocketAddr,
+    attrs: &[&str],
+) {
+    let port = addr.port().to_string();
+    let mut args = vec![
+        "instances",
+        "register",
+        "--namespace",
+        namespace,
+        "--service",
+        service,
+        "--id",
+        id,
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port,
+    ];
+    for attr in attrs {
+        args.extend(["--attr", attr]);
+    }
+    let out = cli(server, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// Sends `n` GETs for `host` through `via`; counts answers by body (errors by kind).
 pub async fn split(via: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
     let mut c = Client::h1(via).await.unwrap();

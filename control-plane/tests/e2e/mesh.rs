@@ -97,28 +97,8 @@ const RED_REGISTRY: &str =
     "{ registry: { namespaceName: test, serviceName: colorteller, attributes: { version: red } } }";
 
 fn register(server: &str, id: &str, version: &str, addr: std::net::SocketAddr) {
-    let port = addr.port().to_string();
     let attr = format!("version={version}");
-    let out = cli(
-        server,
-        &[
-            "instances",
-            "register",
-            "--namespace",
-            "test",
-            "--service",
-            "colorteller",
-            "--id",
-            id,
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--attr",
-            &attr,
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::register_instance(server, ("test", "colorteller"), id, addr, &[&attr]);
 }
 
 async fn setup(weights: (u32, u32, u32)) -> Env {

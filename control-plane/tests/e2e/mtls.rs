@@ -227,25 +227,7 @@ fn mesh(mesh_spec: &str, blue: u16, h2: u16, db: u16) -> String {
 }
 
 fn register(server: &str, service: &str, id: &str, addr: SocketAddr) {
-    let port = addr.port().to_string();
-    let out = cli(
-        server,
-        &[
-            "instances",
-            "register",
-            "--namespace",
-            "test",
-            "--service",
-            service,
-            "--id",
-            id,
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::register_instance(server, ("test", service), id, addr, &[]);
 }
 
 /// A sidecar for `default/NODE` with a join token (`token: false`: without one).
@@ -785,24 +767,7 @@ async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let front = ProxyProcess::sidecar(proxy_bin(), &url, "howto/front", d1.path()).await;
     let blue = ProxyProcess::sidecar(proxy_bin(), &url, "howto/blue", d2.path()).await;
-    let out = cli(
-        &url,
-        &[
-            "instances",
-            "register",
-            "--namespace",
-            "howto",
-            "--service",
-            "color",
-            "--id",
-            "blue-1",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &blue.ingress.port().to_string(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::register_instance(&url, ("howto", "color"), "blue-1", blue.ingress, &[]);
     wait_synced(&url, 2).await;
 
     let mut c = Client::h1(front.egress).await.unwrap();

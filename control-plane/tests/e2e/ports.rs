@@ -5,29 +5,11 @@ use http::Request;
 use http_body_util::Full;
 use trellis_testkit::{ProxyProcess, TestServer, client::Client, process::ControlProcess};
 
-use crate::{CONTROL, apply, apply_refused, cli, proxy_bin, stderr, wait_synced};
+use crate::{CONTROL, apply, apply_refused, proxy_bin, wait_synced};
 
 /// Registers `addr` as instance `id` of registry service `demo/service`.
 fn register(server: &str, service: &str, id: &str, addr: std::net::SocketAddr) {
-    let port = addr.port().to_string();
-    let out = cli(
-        server,
-        &[
-            "instances",
-            "register",
-            "--namespace",
-            "demo",
-            "--service",
-            service,
-            "--id",
-            id,
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::register_instance(server, ("demo", service), id, addr, &[]);
 }
 
 /// A node `multi` with two listeners, `api` (first) and `admin`, reached through its sidecar
