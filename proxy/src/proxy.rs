@@ -303,8 +303,6 @@ enum Routing<'r> {
     Direct(&'r DirectResponse),
 }
 
-/// Finds the request's route and target; records them on the completion.
-/// A passthrough route (made per destination, not the snapshot's) is held in `passthrough`.
 /// At a sidecar's ingress: `x-forwarded-client-cert` names the caller's verified identity (as
 /// Envoy's does: `By=<this proxy>;URI=<caller>`), and only then — a client cannot set it.
 fn client_cert_header(services: &Services, req: &mut Request<Incoming>, caller: Option<&Arc<str>>) {
@@ -317,6 +315,8 @@ fn client_cert_header(services: &Services, req: &mut Request<Incoming>, caller: 
     }
 }
 
+/// Finds the request's route and target; records them on the completion.
+/// A passthrough route (made per destination, not the snapshot's) is held in `passthrough`.
 fn route_request<'r>(
     runtime: &'r Runtime,
     slot: &Slot,
