@@ -7,6 +7,7 @@
 //! App Mesh ARN references are turned into the references they name. The README's compatibility
 //! table is generated from the same table ([`compatibility_table`]).
 
+pub mod crd;
 mod status;
 
 use std::{collections::HashMap, sync::LazyLock};

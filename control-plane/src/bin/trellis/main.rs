@@ -50,6 +50,12 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CrdGroup {
+    Trellis,
+    Appmesh,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Output {
     Table,
     Yaml,
@@ -143,6 +149,12 @@ enum Command {
     /// Turn App Mesh configuration from CloudFormation, Terraform or App Mesh API exports into
     /// Trellis manifests (stdout), reporting what could not be carried over (stderr).
     Import(import::Args),
+    /// Print the CustomResourceDefinitions of the mesh kinds for Kubernetes (offline).
+    Crds {
+        /// `trellis` (mesh.trellis.dev/v1beta1) or `appmesh` (appmesh.k8s.aws/v1beta2).
+        #[arg(long, value_enum, default_value = "trellis")]
+        group: CrdGroup,
+    },
     /// Run the colorapp demo on 127.0.0.1: control plane, sidecars, apps, a live traffic split.
     Demo {
         /// Seconds to hold each weight step.
@@ -442,6 +454,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Import(args) = &cli.command {
         return import::run(args);
     }
+    if let Command::Crds { group } = &cli.command {
+        use trellis_control::compat::crd::{Group, crds_yaml};
+        print!(
+            "{}",
+            crds_yaml(match group {
+                CrdGroup::Trellis => Group::Trellis,
+                CrdGroup::Appmesh => Group::AppMesh,
+            })
+        );
+        return Ok(());
+    }
     if let Command::Demo { step_seconds } = &cli.command {
         return demo::run(std::time::Duration::from_secs(*step_seconds)).await;
     }
@@ -664,6 +687,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate { .. }
         | Command::Demo { .. }
         | Command::Import(_)
+        | Command::Crds { .. }
         | Command::Login { .. } => {}
     }
     Ok(())
