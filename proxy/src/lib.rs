@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dial;

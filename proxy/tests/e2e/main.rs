@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod capture;
 mod circuit;
 mod config_input;
 mod hardening;
