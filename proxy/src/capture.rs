@@ -105,8 +105,14 @@ pub fn rules(c: &InitConfig) -> Result<String, String> {
         "-A {OUTPUT} -p tcp -j REDIRECT --to-ports {}\n",
         c.egress_port
     ));
-    r.push_str(&format!("-A PREROUTING -p tcp -j {INBOUND}\n"));
-    r.push_str(&format!("-A OUTPUT -p tcp -j {OUTPUT}\n"));
+    // As App Mesh's: inbound from other hosts, outbound to other hosts (not to the pod's own
+    // addresses).
+    r.push_str(&format!(
+        "-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL -j {INBOUND}\n"
+    ));
+    r.push_str(&format!(
+        "-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j {OUTPUT}\n"
+    ));
     r.push_str("COMMIT\n");
     Ok(r)
 }
@@ -121,9 +127,15 @@ pub fn main(args: impl IntoIterator<Item = String>) -> Result<(), String> {
             .map_err(|e| e.to_string());
     }
     // The jumps from an earlier run go first, so that running again leaves one of each.
-    for (chain, target) in [("PREROUTING", INBOUND), ("OUTPUT", OUTPUT)] {
+    for (chain, local, target) in [
+        ("PREROUTING", "--src-type", INBOUND),
+        ("OUTPUT", "--dst-type", OUTPUT),
+    ] {
         while Command::new("iptables")
-            .args(["-w", "-t", "nat", "-D", chain, "-p", "tcp", "-j", target])
+            .args([
+                "-w", "-t", "nat", "-D", chain, "-p", "tcp", "-m", "addrtype", "!", local,
+            ])
+            .args(["LOCAL", "-j", target])
             .stderr(Stdio::null())
             .status()
             .map_err(|e| format!("cannot run iptables: {e}"))?
