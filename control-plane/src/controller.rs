@@ -100,6 +100,8 @@ pub struct Controller {
     /// The CA issuing workload certificates, once set, and whether a proxy must present a join
     /// token to get its snapshot.
     identity: std::sync::OnceLock<(Arc<crate::identity::Ca>, bool)>,
+    /// The sidecar injector's settings, when this control plane serves the webhook.
+    injector: std::sync::OnceLock<crate::inject::Injector>,
     /// Whether the API requires an operator's bearer token.
     auth: std::sync::OnceLock<bool>,
     /// Which addresses instances may be registered at, once set; unset, the rule as it is.
@@ -130,6 +132,7 @@ impl Controller {
             cache: Mutex::new((0, HashMap::new())),
             metrics,
             identity: std::sync::OnceLock::new(),
+            injector: std::sync::OnceLock::new(),
             auth: std::sync::OnceLock::new(),
             registration_policy: std::sync::OnceLock::new(),
         });
@@ -143,6 +146,15 @@ impl Controller {
 
     /// Issues workload certificates with `ca` from now on; with `required`, a proxy without an
     /// admitted join token gets nothing.
+    /// Serves the sidecar injection webhook with these settings.
+    pub fn set_injector(&self, injector: crate::inject::Injector) {
+        let _ = self.injector.set(injector);
+    }
+
+    pub fn injector(&self) -> Option<&crate::inject::Injector> {
+        self.injector.get()
+    }
+
     pub fn set_identity(&self, ca: Arc<crate::identity::Ca>, required: bool) {
         let _ = self.identity.set((ca, required));
     }

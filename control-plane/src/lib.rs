@@ -6,6 +6,7 @@ pub mod compat;
 pub mod controller;
 pub mod identity;
 pub mod import;
+pub mod inject;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -412,7 +412,12 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 /// Who calls: with authentication on, the operator its bearer token names (401 without one,
 /// 403 for a viewer's write); every write is recorded in the audit log.
 async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
-    let open = matches!(req.uri().path(), "/healthz" | "/metrics");
+    // The API server calls the webhook with no operator token (it authenticates the control
+    // plane by its certificate instead); it reads nothing but the pod it is sent.
+    let open = matches!(
+        req.uri().path(),
+        "/healthz" | "/metrics" | "/v1/webhooks/inject"
+    );
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
     let action = format!("{} {}", req.method(), req.uri().path());
     let anonymous = Who {
@@ -709,6 +714,7 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
         }
         (&Method::POST, ["v1", "revocations"]) => revoke_identity(controller, req).await,
         (&Method::GET, ["v1", "ca"]) => ca_status(controller),
+        (&Method::POST, ["v1", "webhooks", "inject"]) => inject(controller, req).await,
         (&Method::POST, ["v1", "ca", step]) => {
             let force = req.uri().query().is_some_and(|q| {
                 form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && v == "true")
@@ -846,6 +852,40 @@ pub struct Revoked {
 /// `POST /v1/revocations`: revokes a node's identity (admins only, as every write): its
 /// certificates issued until now no longer admit a proxy nor renew, its open config streams
 /// close; its proxies need a new join token.
+/// The sidecar injection webhook: an AdmissionReview in, its answer out.
+async fn inject(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+    let Some(injector) = controller.injector() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "sidecar injection is not configured (trellis-control --inject-image)",
+        );
+    };
+    let text = match body_text(req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let review: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid AdmissionReview: {e}"),
+            );
+        }
+    };
+    if review["kind"] != "AdmissionReview" || review["request"]["uid"].as_str().is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid AdmissionReview: kind AdmissionReview with request.uid expected",
+        );
+    }
+    let view = controller.view();
+    reply(
+        StatusCode::OK,
+        &crate::inject::review(&view.state, injector, &review),
+    )
+}
+
 /// Where a root rotation stands, and each connected proxy's part in it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -58,6 +58,17 @@ struct Args {
     /// Listen on a non-loopback address without both --tls and --auth.
     #[arg(long, env = "TRELLIS_CONTROL_INSECURE")]
     insecure: bool,
+    /// Serve the sidecar injection webhook (POST /v1/webhooks/inject, AdmissionReview v1),
+    /// injecting this trellis-proxy image.
+    #[arg(long, env = "TRELLIS_CONTROL_INJECT_IMAGE")]
+    inject_image: Option<String>,
+    /// The control plane URL injected proxies follow (default: this one's, by --tls-name).
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_INJECT_CONTROL_PLANE",
+        requires = "inject_image"
+    )]
+    inject_control_plane: Option<String>,
     /// Audit entries older than this are forgotten (checked at start and hourly).
     #[arg(long, env = "TRELLIS_CONTROL_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
     audit_retention: std::time::Duration,
@@ -177,6 +188,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("--auth: proxies need a join token or a workload certificate");
         }
         controller.set_identity(ca, require_identity);
+        if let Some(image) = &args.inject_image {
+            let scheme = if args.tls { "https" } else { "http" };
+            let host = args
+                .tls_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| args.listen.ip().to_string());
+            let control_plane = args.inject_control_plane.clone().unwrap_or_else(|| {
+                format!("{scheme}://{host}:{}", args.listen.port())
+            });
+            tracing::info!(%image, %control_plane, "serving the sidecar injection webhook");
+            controller.set_injector(trellis_control::inject::Injector {
+                image: image.clone(),
+                control_plane,
+            });
+        }
         if args.auth {
             controller.require_auth();
             match trellis_control::auth::bootstrap(controller.store().as_ref(), &args.data_dir).await {

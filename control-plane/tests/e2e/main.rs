@@ -8,6 +8,7 @@ mod auth;
 mod gateway;
 mod identity;
 mod import;
+mod inject;
 mod mesh;
 mod mtls;
 mod ports;
