@@ -38,6 +38,8 @@ pub(crate) struct ConnActivity {
     local: Option<SocketAddr>,
     /// The SPIFFE ID of the client's verified certificate (mTLS).
     pub(crate) identity: Option<Arc<str>>,
+    /// Where the client meant to connect, when traffic capture redirected it to the proxy.
+    original_dst: Option<SocketAddr>,
 }
 
 impl ConnActivity {
@@ -51,6 +53,7 @@ impl ConnActivity {
             peer,
             local,
             identity,
+            original_dst: None,
             opened: Instant::now(),
             span,
             last_end: AtomicU64::new(0),
@@ -60,6 +63,16 @@ impl ConnActivity {
             upgraded: AtomicBool::new(false),
             reader: AtomicWaker::new(),
         }
+    }
+
+    /// A captured connection: `original` is where the client meant to connect (the access log's
+    /// local address, as with Envoy's original destination filter).
+    pub(crate) fn captured(mut self, original: Option<SocketAddr>) -> Self {
+        if original.is_some() {
+            self.local = original;
+        }
+        self.original_dst = original;
+        self
     }
 
     /// Since when the connection has had nothing to do, if it has nothing now: the end of its
@@ -91,6 +104,11 @@ impl ActiveRequest {
     /// The client's address and the one it connected to.
     pub(crate) fn addresses(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
         (self.0.peer, self.0.local)
+    }
+
+    /// Where the client meant to connect, when its connection was captured.
+    pub(crate) fn original_dst(&self) -> Option<SocketAddr> {
+        self.0.original_dst
     }
 
     /// The SPIFFE ID of the client's verified certificate (mTLS).

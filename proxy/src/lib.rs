@@ -31,6 +31,7 @@ pub mod snapshot;
 pub mod steps;
 pub mod tcp;
 pub mod tls;
+pub mod transparent;
 pub mod upstream;
 
 /// The parsers of untrusted bytes as pure functions, for the fuzz targets in `fuzz/`: not an API.

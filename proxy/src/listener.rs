@@ -123,6 +123,21 @@ impl Listeners {
         };
         let gauge = self.services.metrics.active_connections(&listener.name);
         gauge.inc();
+        // Captured by `trellis-proxy init`'s rules: HTTP is served below, other bytes go by
+        // where the client meant to connect.
+        let original = match slot {
+            Slot::Egress if listener.tls.is_none() => crate::transparent::original_dst(&stream),
+            _ => None,
+        };
+        if let Some(original) = original {
+            if crate::transparent::detect(&stream).await == crate::transparent::Detected::Opaque {
+                let services = &self.services;
+                crate::transparent::forward_opaque(services, &runtime, stream, peer, original)
+                    .await;
+                gauge.dec();
+                return;
+            }
+        }
         let stream = match &listener.tls {
             None => Stream::Plain(stream),
             Some(side) => {
@@ -182,7 +197,8 @@ impl Listeners {
             }
             ListenerKind::Http(_) => {
                 drop(runtime);
-                self.serve_http(stream, peer, identity, slot).await;
+                self.serve_http(stream, peer, identity, original, slot)
+                    .await;
             }
         }
         gauge.dec();
@@ -193,14 +209,18 @@ impl Listeners {
         stream: Stream,
         peer: SocketAddr,
         identity: Option<Arc<str>>,
+        original: Option<SocketAddr>,
         slot: Slot,
     ) {
-        let activity = Arc::new(ConnActivity::new(
-            tracing::Span::current(),
-            Some(peer),
-            stream.tcp().local_addr().ok(),
-            identity,
-        ));
+        let activity = Arc::new(
+            ConnActivity::new(
+                tracing::Span::current(),
+                Some(peer),
+                stream.tcp().local_addr().ok(),
+                identity,
+            )
+            .captured(original),
+        );
         let services = self.services.clone();
         let requests = activity.clone();
         let service = hyper::service::service_fn(move |req| {

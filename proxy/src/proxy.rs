@@ -347,7 +347,12 @@ fn route_request<'r>(
         return Err(ProxyError::NoRoute);
     };
     let (authority, authority_in) = request_authority(req)?;
-    let route = match table.host(authority) {
+    let original = completion.as_ref().and_then(|c| c.active.original_dst());
+    let host = match original {
+        None => table.host(authority),
+        Some(original) => table.host_captured(authority, original),
+    };
+    let route = match host {
         Some(host) => {
             let input = MatchInput {
                 method: req.method(),
@@ -362,7 +367,11 @@ fn route_request<'r>(
         None => match &listener.unmatched {
             Unmatched::NotFound => return Err(ProxyError::NoRoute),
             Unmatched::Deny => return Err(ProxyError::EgressDenied),
-            Unmatched::Passthrough(p) => &**passthrough.insert(p.route(authority)?),
+            // A captured connection goes where the client connected, whatever it names.
+            Unmatched::Passthrough(p) => match original {
+                None => &**passthrough.insert(p.route(authority)?),
+                Some(original) => &**passthrough.insert(p.route(&original.to_string())?),
+            },
         },
     };
     if let Some(direct) = &route.direct {

@@ -2,7 +2,7 @@
 //!
 //! Everything here is built once per snapshot by `compile` and read-only afterwards.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use http::{HeaderMap, Method, uri::Scheme};
 use regex::Regex;
@@ -41,6 +41,34 @@ impl RouteTable {
     pub fn host(&self, authority: &str) -> Option<&VirtualHost> {
         let index = self.lookup(authority).or(self.any)?;
         self.hosts.get(index)
+    }
+
+    /// For a captured connection (`original` is where the client meant to connect): the virtual
+    /// host serving `authority`, else the one whose domains name the original destination
+    /// (`ip:port`, then `ip`: a virtual service's cluster IP), else the `*` host.
+    pub fn host_captured(&self, authority: &str, original: SocketAddr) -> Option<&VirtualHost> {
+        let index = self
+            .lookup(authority)
+            .or_else(|| self.lookup_address(original))
+            .or(self.any)?;
+        self.hosts.get(index)
+    }
+
+    /// The virtual host whose domains name `addr` exactly (`ip:port`, then `ip`), without the `*`
+    /// host: what a captured connection that carries no authority (not HTTP) reaches.
+    pub fn host_at(&self, addr: SocketAddr) -> Option<&VirtualHost> {
+        self.hosts.get(self.lookup_address(addr)?)
+    }
+
+    fn lookup_address(&self, addr: SocketAddr) -> Option<usize> {
+        if self.exact.is_empty() {
+            return None;
+        }
+        let with_port = addr.to_string();
+        self.exact.get(with_port.as_str()).copied().or_else(|| {
+            let ip = strip_port(&with_port);
+            self.exact.get(ip).copied()
+        })
     }
 
     fn lookup(&self, authority: &str) -> Option<usize> {

@@ -6,6 +6,7 @@ use std::{io, sync::Arc, time::Duration};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
+    balance::WeightedTargets,
     error::ProxyError,
     limit::ConnPermit,
     snapshot::TcpRoute,
@@ -67,8 +68,17 @@ pub(crate) struct TcpOutcome {
 
 /// Forwards one accepted connection of a TCP listener.
 pub(crate) async fn forward(route: &TcpRoute, client: Stream) -> TcpOutcome {
+    forward_to(&route.targets, route.idle, client).await
+}
+
+/// Forwards a client connection to one of `targets`, ended after `idle` without a byte.
+pub(crate) async fn forward_to(
+    targets: &WeightedTargets,
+    idle: Option<Duration>,
+    client: Stream,
+) -> TcpOutcome {
     let mut outcome = TcpOutcome::default();
-    let Some(target) = route.targets.pick() else {
+    let Some(target) = targets.pick() else {
         outcome.error = Some("no_route");
         return outcome;
     };
@@ -79,7 +89,7 @@ pub(crate) async fn forward(route: &TcpRoute, client: Stream) -> TcpOutcome {
             let _in_flight = endpoint.begin_request();
             outcome.endpoint = Some(endpoint.addr.clone());
             let mut counts = (0, 0);
-            let result = splice(client, upstream, route.idle, &mut counts).await;
+            let result = splice(client, upstream, idle, &mut counts).await;
             (outcome.received, outcome.sent) = counts;
             if let Err(e) = result {
                 tracing::debug!(cluster = %cluster.name, error = %e, "tcp connection ended");

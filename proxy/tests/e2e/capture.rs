@@ -106,6 +106,70 @@ impl Netns {
         Ok((status.trim().parse().unwrap_or(0), body.to_string()))
     }
 
+    /// Runs a Python script in namespace `ns` (as root: the app's traffic); its output or error.
+    fn python(&self, ns: &str, script: &str) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", script])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `trellis-proxy init` in the app's namespace and the proxy there as UID 1337.
+    fn start_proxy(&mut self, dir: &std::path::Path, snapshot: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("snapshot.yaml");
+        std::fs::write(&path, snapshot).unwrap();
+        let log = dir.join("access.log");
+        std::fs::write(&log, "").unwrap();
+        for (p, mode) in [(dir, 0o777), (&*log, 0o666), (&*path, 0o666)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let app = self.app.clone();
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &app,
+            BIN,
+            "init",
+            "--app-ports",
+            "8080",
+            "--proxy-uid",
+            "1337",
+        ]);
+        let (path, log_arg) = (path.display().to_string(), log.display().to_string());
+        self.spawn(
+            &app,
+            &[
+                "setpriv",
+                "--reuid",
+                "1337",
+                "--regid",
+                "1337",
+                "--clear-groups",
+                "--",
+                BIN,
+                "--snapshot",
+                &path,
+                "--ingress-addr",
+                "0.0.0.0:15000",
+                "--egress-addr",
+                "0.0.0.0:15001",
+                "--admin-addr",
+                "127.0.0.1:9901",
+                "--access-log",
+                &log_arg,
+            ],
+        );
+        log
+    }
+
     fn nat_rules(&self) -> String {
         let out = run(&[
             "ip", "netns", "exec", &self.app, "iptables", "-t", "nat", "-S",
@@ -270,4 +334,144 @@ async fn init_captures_inbound_and_outbound_traffic_through_the_proxy() {
         logged.contains("\"ingress\""),
         "the ingress saw the inbound call: {logged}"
     );
+}
+
+const ORIGINAL_DST: &str = r#"version: original-dst
+listeners:
+  - name: egress
+    role: EGRESS
+    unmatched: DENY
+    virtualHosts:
+      - name: reviews
+        domains: ["reviews.shop.svc.cluster.local", "10.96.0.10:80"]
+        routes:
+          - name: reviews
+            action: { weightedTargets: [{ cluster: reviews, weight: 1 }] }
+      - name: db
+        domains: ["10.96.0.11:7000"]
+        routes:
+          - name: db
+            action: { weightedTargets: [{ cluster: db, weight: 1 }] }
+clusters:
+  - name: reviews
+    endpoints: [{ address: "10.77.0.1:9090" }]
+  - name: db
+    protocol: TCP_ONLY
+    endpoints: [{ address: "10.77.0.1:7070" }]
+"#;
+
+/// A TCP server that speaks first (`220 db ready`), then echoes lines.
+const DB_SERVER: &str = r#"
+import socketserver
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"220 db ready\n")
+        for line in self.rfile:
+            self.wfile.write(b"echo " + line)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("10.77.0.1", 7070), H).serve_forever()
+"#;
+
+/// The app's connections keep where they were going (`SO_ORIGINAL_DST`): HTTP naming a host the
+/// egress does not know is routed by the address it was sent to (a virtual service's cluster
+/// IP, which exists nowhere), bytes that are not HTTP go to the TCP route of the virtual host
+/// that address names — also when the server speaks first and the client waits — and with the
+/// mesh's DROP_ALL a destination the mesh does not name is refused, HTTP or not.
+#[tokio::test]
+async fn captured_connections_go_by_their_original_destination() {
+    let mut ns = Netns::new();
+    let (app, peer) = (ns.app.clone(), ns.peer.clone());
+    // Cluster IPs are routed out of the app's namespace (as a node routes them); capture
+    // redirects them before they leave.
+    run(&[
+        "ip",
+        "-n",
+        &app,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.77.0.1",
+    ]);
+    ns.spawn(
+        &peer,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "9090",
+            "--bind",
+            "10.77.0.1",
+            "--directory",
+            "/",
+        ],
+    );
+    ns.spawn(&peer, &["python3", "-c", DB_SERVER]);
+    eventually(Duration::from_secs(10), "the peer's servers", || async {
+        ns.python(
+            &peer,
+            "import socket, urllib.request as u\nu.urlopen('http://10.77.0.1:9090/', timeout=5)\nsocket.create_connection(('10.77.0.1', 7070), timeout=5)",
+        )
+        .map(drop)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = ns.start_proxy(dir.path(), ORIGINAL_DST);
+    eventually(Duration::from_secs(10), "the proxy", || async {
+        ns.get(&app, "http://127.0.0.1:9901/ready").map(drop)
+    })
+    .await;
+
+    // HTTP: `Host: reviews` (a short name the egress does not list) sent to the cluster IP.
+    let http = |url: &str, host: &str| {
+        format!(
+            "import urllib.request as u, urllib.error as e\ntry:\n    r = u.urlopen(u.Request({url:?}, headers={{'Host': {host:?}}}), timeout=5)\n    print(r.status)\nexcept e.HTTPError as x:\n    print(x.code, x.headers.get('x-trellis-error'))"
+        )
+    };
+    let out = ns
+        .python(&app, &http("http://10.96.0.10/", "reviews"))
+        .unwrap();
+    assert_eq!(out.trim(), "200", "routed by the original destination");
+    let out = ns
+        .python(&app, &http("http://10.77.0.1:9090/", "10.77.0.1:9090"))
+        .unwrap();
+    assert_eq!(
+        out.trim(),
+        "403 egress_denied",
+        "DROP_ALL holds for captured HTTP"
+    );
+
+    // Not HTTP: the server speaks first (the client waits), then a client that speaks first.
+    let tcp = |addr: &str| {
+        format!(
+            "import socket\ns = socket.create_connection(({addr}), timeout=5)\nf = s.makefile('rb')\nprint(f.readline().decode().strip() or 'closed')\ns.sendall(b'ping\\n')\nprint(f.readline().decode().strip() or 'closed')\nt = socket.create_connection(({addr}), timeout=5)\nt.sendall(b'hello\\n')\ng = t.makefile('rb')\nprint(g.readline().decode().strip(), '/', g.readline().decode().strip())"
+        )
+    };
+    let out = ns.python(&app, &tcp("'10.96.0.11', 7000")).unwrap();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["220 db ready", "echo ping", "220 db ready / echo hello"],
+        "{out}"
+    );
+    // The same server at an address the mesh does not name: closed without a byte.
+    let out = ns
+        .python(
+            &app,
+            "import socket\ns = socket.create_connection(('10.77.0.1', 7070), timeout=5)\ns.sendall(b'hello\\n')\ntry:\n    print(s.recv(100) or b'closed')\nexcept ConnectionResetError:\n    print(b'closed')",
+        )
+        .unwrap();
+    assert_eq!(out.trim(), "b'closed'");
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let tcp: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("\"protocol\":\"TCP\""))
+        .collect();
+    assert_eq!(tcp.len(), 3, "{logged}");
+    assert!(
+        tcp[..2]
+            .iter()
+            .all(|l| l.contains("\"endpoint\":\"10.77.0.1:7070\""))
+    );
+    assert!(tcp[2].contains("\"error\":\"egress_denied\""), "{logged}");
 }
