@@ -3,7 +3,7 @@
 //! status (`status.rs`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -39,6 +39,11 @@ pub enum ControlError {
     Invalid(Vec<Problem>),
     #[error("{0} not found")]
     NotFound(String),
+    /// The resources and the registry come from a source that owns them (Kubernetes).
+    #[error(
+        "the mesh comes from {0} (trellis-control --source {0}): change it there, e.g. with kubectl apply"
+    )]
+    ReadOnly(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -106,6 +111,8 @@ pub struct Controller {
     auth: std::sync::OnceLock<bool>,
     /// Which addresses instances may be registered at, once set; unset, the rule as it is.
     registration_policy: std::sync::OnceLock<registry::AddressPolicy>,
+    /// The source that owns resources and instances, when it is not the API (Kubernetes).
+    external_source: std::sync::OnceLock<&'static str>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -135,9 +142,27 @@ impl Controller {
             injector: std::sync::OnceLock::new(),
             auth: std::sync::OnceLock::new(),
             registration_policy: std::sync::OnceLock::new(),
+            external_source: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
+    }
+
+    /// From now on, resources and instances come from `source` only: API writes are refused.
+    pub fn set_external_source(&self, source: &'static str) {
+        let _ = self.external_source.set(source);
+    }
+
+    /// The source that owns resources and instances, when it is not the API.
+    pub fn external_source(&self) -> Option<&'static str> {
+        self.external_source.get().copied()
+    }
+
+    fn writable(&self) -> Result<(), ControlError> {
+        match self.external_source() {
+            Some(source) => Err(ControlError::ReadOnly(source)),
+            None => Ok(()),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -319,6 +344,7 @@ impl Controller {
     /// They are checked against the view at the store's current revision and written only if
     /// no other resource write came in between (else checked again on the newer view).
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
+        self.writable()?;
         let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
         let admitted = Admitted::new(manifests);
@@ -361,6 +387,7 @@ impl Controller {
 
     /// Deletes resources if what remains is still valid (nothing else refers to them).
     pub async fn delete(&self, keys: Vec<ResourceKey>) -> Result<Vec<Applied>, ControlError> {
+        self.writable()?;
         let _writer = self.writer.lock().await;
         let mut attempt = 1;
         loop {
@@ -404,8 +431,162 @@ impl Controller {
         }
     }
 
+    /// Replaces every resource with `manifests`, for a source that owns them all (Kubernetes).
+    /// Each manifest is admitted on its own; those refused, and then every resource that does
+    /// not check with the rest (repeatedly, as leaving one out may break those that refer to
+    /// it), are left out and their problems returned by resource; the others are stored in one
+    /// transaction, in place of what the store held. One bad resource degrades itself only.
+    pub async fn sync_resources(
+        &self,
+        manifests: Vec<Manifest>,
+    ) -> Result<BTreeMap<ResourceKey, Vec<Problem>>, ControlError> {
+        let mut problems: BTreeMap<ResourceKey, Vec<Problem>> = BTreeMap::new();
+        let mut next = State::new();
+        for m in manifests {
+            let key = validate::manifest_key(&m);
+            match validate::admit(m, None) {
+                Ok(r) => {
+                    next.insert(r.key.clone(), Arc::new(r));
+                }
+                Err(p) => {
+                    if let Some(key) = key {
+                        problems.entry(key).or_default().extend(p);
+                    }
+                }
+            }
+        }
+        loop {
+            let found = validate::check(&next, &HashMap::new());
+            if found.is_empty() {
+                break;
+            }
+            let names: HashMap<String, ResourceKey> =
+                next.keys().map(|k| (k.to_string(), k.clone())).collect();
+            for p in found {
+                let Some(key) = p.resource.as_ref().and_then(|r| names.get(r)) else {
+                    continue;
+                };
+                next.remove(key);
+                problems.entry(key.clone()).or_default().push(p);
+            }
+        }
+        let _writer = self.writer.lock().await;
+        let mut attempt = 1;
+        loop {
+            let view = self.current().await?;
+            let mut ops = Vec::new();
+            let mut updates = Vec::new();
+            for (key, r) in next.iter() {
+                let existing = view.state.get(key);
+                if existing.is_some_and(|old| old.same(r)) {
+                    continue;
+                }
+                let mut r = Resource::clone(r);
+                r.metadata.resource_version = None;
+                r.metadata.creation_timestamp = existing
+                    .and_then(|old| old.metadata.creation_timestamp.clone())
+                    .or(r.metadata.creation_timestamp.take())
+                    .or_else(|| {
+                        Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string())
+                    });
+                ops.push(Op::Put {
+                    key: key.store_key(),
+                    value: serde_json::to_vec(&r)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?,
+                    expect: existing.map_or(Expect::Absent, |old| Expect::Revision(old.revision)),
+                    lease: None,
+                });
+                updates.push((key.clone(), Some(r)));
+            }
+            for (key, old) in view.state.iter().filter(|(k, _)| !next.contains_key(*k)) {
+                ops.push(Op::Delete {
+                    key: key.store_key(),
+                    expect: Expect::Revision(old.revision),
+                });
+                updates.push((key.clone(), None));
+            }
+            if ops.is_empty() {
+                return Ok(problems);
+            }
+            ops.push(guard_op(&view));
+            match self.store.apply(ops).await {
+                Ok(revision) => {
+                    let updates = updates
+                        .into_iter()
+                        .map(|(k, r)| {
+                            let r = r.map(|mut r| {
+                                r.revision = revision;
+                                Arc::new(r)
+                            });
+                            Update::Resource(k, r)
+                        })
+                        .chain([Update::Guard(Some(revision))])
+                        .collect();
+                    self.publish_committed(revision, updates).await;
+                    return Ok(problems);
+                }
+                Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(%key, %reason, attempt, "sync raced another write; again");
+                    Self::after_conflict(attempt).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Replaces every registered instance with `instances`, for a source that owns the registry
+    /// (Kubernetes: pods). Invalid ones are left out and returned with their problem.
+    pub async fn sync_instances(
+        &self,
+        instances: Vec<Instance>,
+    ) -> Result<Vec<(Instance, String)>, ControlError> {
+        let mut refused = Vec::new();
+        let mut wanted: BTreeMap<String, Instance> = BTreeMap::new();
+        for i in instances {
+            match i.validate() {
+                Ok(()) => {
+                    wanted.insert(i.store_key(), i);
+                }
+                Err((path, reason)) => refused.push((i, format!("{path}: {reason}"))),
+            }
+        }
+        let listing = self.store.list(registry::PREFIX).await?;
+        let mut ops = Vec::new();
+        let mut updates = Vec::new();
+        for kv in &listing.items {
+            if !wanted.contains_key(&kv.key) {
+                ops.push(Op::Delete {
+                    key: kv.key.clone(),
+                    expect: Expect::Revision(kv.mod_revision),
+                });
+                updates.push(Update::Instance(kv.key.clone(), None));
+            }
+        }
+        for (key, i) in wanted {
+            let value = serde_json::to_vec(&i).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let existing = listing.items.iter().find(|kv| kv.key == key);
+            if existing.is_some_and(|kv| kv.value == value && kv.lease.is_none()) {
+                continue;
+            }
+            ops.push(Op::Put {
+                key: key.clone(),
+                value,
+                expect: existing.map_or(Expect::Absent, |kv| Expect::Revision(kv.mod_revision)),
+                lease: None,
+            });
+            updates.push(Update::Instance(key, Some(i)));
+        }
+        if !ops.is_empty() {
+            let revision = self.store.apply(ops).await?;
+            self.publish_committed(revision, updates).await;
+        }
+        Ok(refused)
+    }
+
     /// Registers (or replaces) an instance; with a TTL it lives while heartbeats come.
     pub async fn register(&self, mut instance: Instance) -> Result<Instance, ControlError> {
+        self.writable()?;
         instance.validate().map_err(|(path, reason)| {
             ControlError::Invalid(vec![Problem {
                 document: None,
@@ -462,6 +643,7 @@ impl Controller {
         service: &str,
         id: &str,
     ) -> Result<(), ControlError> {
+        self.writable()?;
         let (i, _) = self.instance(namespace, service, id).await?;
         match i.lease {
             Some(lease) => Ok(self.store.keep_alive(lease).await?),
@@ -476,6 +658,7 @@ impl Controller {
         service: &str,
         id: &str,
     ) -> Result<Instance, ControlError> {
+        self.writable()?;
         let (mut i, revision) = self.instance(namespace, service, id).await?;
         i.status = InstanceStatus::Draining;
         let lease = i.lease.take();
@@ -502,6 +685,7 @@ impl Controller {
         service: &str,
         id: &str,
     ) -> Result<(), ControlError> {
+        self.writable()?;
         let (i, revision) = self.instance(namespace, service, id).await?;
         let key = i.store_key();
         let revision = self

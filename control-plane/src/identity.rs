@@ -433,10 +433,10 @@ impl Ca {
             }])
             .await?;
         *self.roots.write() = Arc::new(Roots::new(stored)?);
-        if let Some(path) = self.bundle_file.lock().as_ref() {
-            if let Err(e) = write_replacing(path, &self.trust_bundle()) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle");
-            }
+        if let Some(path) = self.bundle_file.lock().as_ref()
+            && let Err(e) = write_replacing(path, &self.trust_bundle())
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle");
         }
         self.changes.send_modify(|n| *n += 1);
         let rotation = self.rotation();

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod identity;
 pub mod import;
 pub mod inject;
+pub mod kubernetes;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -47,6 +47,30 @@ impl ApiVersion {
 }
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// A VirtualService annotation (Trellis addition): more `ip:port` addresses its callers reach it
+/// at, comma-separated — on Kubernetes, set by the control plane to its Service's cluster IPs and
+/// ports. A sidecar routes a captured connection sent there (whatever its `Host`, or not HTTP)
+/// to the virtual service.
+pub const ADDRESSES_ANNOTATION: &str = "trellis.dev/addresses";
+
+/// The addresses of [`ADDRESSES_ANNOTATION`], or why they are not addresses.
+pub fn annotated_addresses(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Vec<std::net::SocketAddr>, String> {
+    let Some(value) = annotations.get(ADDRESSES_ANNOTATION) else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse()
+                .map_err(|_| format!("{a:?} is not an ip:port address (IPv6 in brackets)"))
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
     Mesh,

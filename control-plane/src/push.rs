@@ -328,10 +328,10 @@ async fn serve_proxy(
     };
     rotations.borrow_and_update();
     // The certificate first: the snapshot's mTLS needs it.
-    if let Some(csr) = admission.csr {
-        if session.certify(&csr).await.is_err() {
-            return;
-        }
+    if let Some(csr) = admission.csr
+        && session.certify(&csr).await.is_err()
+    {
+        return;
     }
     loop {
         let view = views.borrow_and_update().clone();
@@ -468,13 +468,13 @@ impl Session<'_> {
     /// (at `admitted_ms`, Unix milliseconds).
     async fn renewable(&mut self, admitted_ms: u64) -> Result<(), Status> {
         let now = tokio::time::Instant::now();
-        if let Some(last) = self.renewed_at.filter(|_| !self.renew_asked) {
-            if now.duration_since(last) < MIN_RENEWAL_INTERVAL {
-                return Err(Status::resource_exhausted(format!(
-                    "renewal refused: at most one every {}s on a config stream",
-                    MIN_RENEWAL_INTERVAL.as_secs()
-                )));
-            }
+        if let Some(last) = self.renewed_at.filter(|_| !self.renew_asked)
+            && now.duration_since(last) < MIN_RENEWAL_INTERVAL
+        {
+            return Err(Status::resource_exhausted(format!(
+                "renewal refused: at most one every {}s on a config stream",
+                MIN_RENEWAL_INTERVAL.as_secs()
+            )));
         }
         let (revoked, _) = crate::identity::revocation(self.controller.store().as_ref(), self.node)
             .await

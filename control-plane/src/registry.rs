@@ -121,13 +121,13 @@ impl Instance {
                 ));
             }
         }
-        if let Some(ttl) = self.ttl_seconds {
-            if !(1..=MAX_TTL_SECONDS).contains(&ttl) {
-                return Err((
-                    "ttlSeconds".into(),
-                    format!("{ttl} is out of range: must be 1..={MAX_TTL_SECONDS}"),
-                ));
-            }
+        if let Some(ttl) = self.ttl_seconds
+            && !(1..=MAX_TTL_SECONDS).contains(&ttl)
+        {
+            return Err((
+                "ttlSeconds".into(),
+                format!("{ttl} is out of range: must be 1..={MAX_TTL_SECONDS}"),
+            ));
         }
         Ok(())
     }

@@ -368,6 +368,7 @@ fn control_error(e: ControlError) -> Response<Body> {
     match e {
         ControlError::Invalid(problems) => invalid(problems),
         ControlError::NotFound(what) => error(StatusCode::NOT_FOUND, format!("{what} not found")),
+        e @ ControlError::ReadOnly(_) => error(StatusCode::CONFLICT, e.to_string()),
         ControlError::Store(StoreError::Conflict { key, reason }) => error(
             StatusCode::CONFLICT,
             format!("conflict on {key}: {reason}; try again"),

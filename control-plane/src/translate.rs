@@ -571,6 +571,16 @@ impl Builder<'_> {
         }
         let mut domains: Vec<String> = ports.iter().map(|p| format!("{host}:{p}")).collect();
         domains.push(host.clone());
+        // Where captured connections to it were sent (its cluster IPs on Kubernetes).
+        if let Some(r) = self.state.get(key) {
+            let addresses = model::annotated_addresses(&r.metadata.annotations);
+            domains.extend(
+                addresses
+                    .unwrap_or_default()
+                    .iter()
+                    .map(ToString::to_string),
+            );
+        }
         Some(pb::VirtualHost {
             name: host,
             domains,

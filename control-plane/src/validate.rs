@@ -351,6 +351,26 @@ pub fn check_apply(
             }
         }
         c.spec(&resource.spec);
+        if let Err(reason) = crate::model::annotated_addresses(&resource.metadata.annotations) {
+            let path = format!(
+                "metadata.annotations.{}",
+                crate::model::ADDRESSES_ANNOTATION
+            );
+            if key.kind == Kind::VirtualService {
+                c.err(path, reason);
+            }
+        } else if key.kind != Kind::VirtualService
+            && resource
+                .metadata
+                .annotations
+                .contains_key(crate::model::ADDRESSES_ANNOTATION)
+        {
+            let path = format!(
+                "metadata.annotations.{}",
+                crate::model::ADDRESSES_ANNOTATION
+            );
+            c.err(path, "only a VirtualService has addresses".into());
+        }
         let document = origin.get(key).copied();
         problems.extend(c.problems.into_iter().map(|(path, reason)| Problem {
             document,
@@ -550,13 +570,13 @@ impl Checker<'_> {
             .get(self.key)
             .and_then(|r| self.meshes.of(self.key, &r.spec).ok().flatten());
         let there = self.meshes.of(&target, &found.spec).ok().flatten();
-        if let (Some(here), Some(there)) = (here, there) {
-            if here != there {
-                self.err(
-                    path,
-                    format!("{target} belongs to mesh {there:?}, not {here:?}"),
-                );
-            }
+        if let (Some(here), Some(there)) = (here, there)
+            && here != there
+        {
+            self.err(
+                path,
+                format!("{target} belongs to mesh {there:?}, not {here:?}"),
+            );
         }
     }
 
@@ -706,32 +726,34 @@ impl Checker<'_> {
                 if let Some(selector) = &m.namespace_selector {
                     self.selector("spec.namespaceSelector", selector);
                 }
-                if let Some(p) = m.ip_preference() {
-                    if p != "IPv4_ONLY" && p != "IPv6_ONLY" {
-                        self.err(
-                            "spec.meshServiceDiscovery.ipPreference",
-                            format!("must be IPv4_ONLY or IPv6_ONLY, not {p:?}"),
-                        );
-                    }
+                if let Some(p) = m.ip_preference()
+                    && p != "IPv4_ONLY"
+                    && p != "IPv6_ONLY"
+                {
+                    self.err(
+                        "spec.meshServiceDiscovery.ipPreference",
+                        format!("must be IPv4_ONLY or IPv6_ONLY, not {p:?}"),
+                    );
                 }
-                if let Some(v) = &m.mtls {
-                    if crate::model::Mtls::parse(v).is_none() {
-                        self.err(
-                            "spec.mtls",
-                            format!(
-                                "must be one of {}, not {v:?}",
-                                crate::model::Mtls::VALUES.join(", ")
-                            ),
-                        );
-                    }
+                if let Some(v) = &m.mtls
+                    && crate::model::Mtls::parse(v).is_none()
+                {
+                    self.err(
+                        "spec.mtls",
+                        format!(
+                            "must be one of {}, not {v:?}",
+                            crate::model::Mtls::VALUES.join(", ")
+                        ),
+                    );
                 }
-                if let Some(v) = &m.app_mesh_defaults {
-                    if v != "ENABLED" && v != "DISABLED" {
-                        self.err(
-                            "spec.appMeshDefaults",
-                            format!("must be ENABLED or DISABLED, not {v:?}"),
-                        );
-                    }
+                if let Some(v) = &m.app_mesh_defaults
+                    && v != "ENABLED"
+                    && v != "DISABLED"
+                {
+                    self.err(
+                        "spec.appMeshDefaults",
+                        format!("must be ENABLED or DISABLED, not {v:?}"),
+                    );
                 }
             }
             Spec::VirtualService(s) => self.virtual_service(s),
@@ -822,10 +844,10 @@ impl Checker<'_> {
                     format!("duplicate route name {:?}", route.name),
                 );
             }
-            if let Some(p) = route.priority {
-                if !(0..=1000).contains(&p) {
-                    self.err(format!("{rp}.priority"), "must be 0..=1000".into());
-                }
+            if let Some(p) = route.priority
+                && !(0..=1000).contains(&p)
+            {
+                self.err(format!("{rp}.priority"), "must be 0..=1000".into());
             }
             let kinds = [
                 route.http_route.is_some(),
@@ -918,13 +940,13 @@ impl Checker<'_> {
                     ),
                 );
             }
-            if let Some(ns) = &g.namespace {
-                if !valid_name(ns) {
-                    self.err(
-                        format!("spec.backendGroups[{i}].namespace"),
-                        format!("{ns:?} is not a namespace name"),
-                    );
-                }
+            if let Some(ns) = &g.namespace
+                && !valid_name(ns)
+            {
+                self.err(
+                    format!("spec.backendGroups[{i}].namespace"),
+                    format!("{ns:?} is not a namespace name"),
+                );
             }
         }
         if let Some(sd) = &n.service_discovery {
@@ -1014,16 +1036,16 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Some(lb) = &n.load_balancer {
-            if !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str()) {
-                self.err(
-                    "spec.loadBalancer.policy",
-                    format!(
-                        "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
-                        lb.policy
-                    ),
-                );
-            }
+        if let Some(lb) = &n.load_balancer
+            && !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str())
+        {
+            self.err(
+                "spec.loadBalancer.policy",
+                format!(
+                    "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
+                    lb.policy
+                ),
+            );
         }
     }
 
@@ -1036,14 +1058,14 @@ impl Checker<'_> {
             return;
         };
         let path = "spec.logging.accessLog.file";
-        if let Some(f) = &file.format {
-            if f.json.is_some() == f.text.is_some() {
-                self.err(
-                    format!("{path}.format"),
-                    "give exactly one of json, text".into(),
-                );
-                return;
-            }
+        if let Some(f) = &file.format
+            && f.json.is_some() == f.text.is_some()
+        {
+            self.err(
+                format!("{path}.format"),
+                "give exactly one of json, text".into(),
+            );
+            return;
         }
         let snapshot = trellis_proto::v1::Snapshot {
             access_log: Some(file.to_proto()),
@@ -1395,15 +1417,14 @@ impl Checker<'_> {
             _ => {}
         }
         self.headers(&format!("{path}.headers"), &m.headers);
-        if let Some(method) = &m.method {
-            if http::Method::from_bytes(method.as_bytes()).is_err()
-                || method.to_ascii_uppercase() != *method
-            {
-                self.err(
-                    format!("{path}.method"),
-                    format!("{method:?} is not an HTTP method"),
-                );
-            }
+        if let Some(method) = &m.method
+            && (http::Method::from_bytes(method.as_bytes()).is_err()
+                || method.to_ascii_uppercase() != *method)
+        {
+            self.err(
+                format!("{path}.method"),
+                format!("{method:?} is not an HTTP method"),
+            );
         }
         for (i, q) in m.query_parameters.iter().enumerate() {
             if q.name.is_empty() {
@@ -1413,10 +1434,10 @@ impl Checker<'_> {
                 );
             }
         }
-        if let Some(port) = m.port {
-            if !(1..=65535).contains(&port) {
-                self.err(format!("{path}.port"), "must be 1..=65535".into());
-            }
+        if let Some(port) = m.port
+            && !(1..=65535).contains(&port)
+        {
+            self.err(format!("{path}.port"), "must be 1..=65535".into());
         }
     }
 
@@ -1446,13 +1467,13 @@ impl Checker<'_> {
                 if let Some(re) = &m.regex {
                     self.regex(&format!("{hp}.match.regex"), re);
                 }
-                if let Some(r) = &m.range {
-                    if r.start >= r.end {
-                        self.err(
-                            format!("{hp}.match.range"),
-                            "start must be less than end".into(),
-                        );
-                    }
+                if let Some(r) = &m.range
+                    && r.start >= r.end
+                {
+                    self.err(
+                        format!("{hp}.match.range"),
+                        "start must be less than end".into(),
+                    );
                 }
             }
         }

@@ -207,10 +207,10 @@ fn apply(s: &mut pb::Snapshot, cuts: &BTreeSet<Cut>) {
     for cut in cuts.iter().rev() {
         match *cut {
             Cut::Endpoint { cluster, endpoint } if !emptied.contains(&cluster) => {
-                if let Some(c) = s.clusters.get_mut(cluster) {
-                    if endpoint < c.endpoints.len() {
-                        c.endpoints.remove(endpoint);
-                    }
+                if let Some(c) = s.clusters.get_mut(cluster)
+                    && endpoint < c.endpoints.len()
+                {
+                    c.endpoints.remove(endpoint);
                 }
             }
             Cut::Endpoint { .. } => {}
@@ -233,17 +233,16 @@ fn apply(s: &mut pb::Snapshot, cuts: &BTreeSet<Cut>) {
                     .get_mut(listener)
                     .and_then(|l| l.virtual_hosts.get_mut(host))
                     .filter(|_| !removed_host)
+                    && route < h.routes.len()
                 {
-                    if route < h.routes.len() {
-                        h.routes.remove(route);
-                    }
+                    h.routes.remove(route);
                 }
             }
             Cut::Host { listener, host } => {
-                if let Some(l) = s.listeners.get_mut(listener) {
-                    if host < l.virtual_hosts.len() {
-                        l.virtual_hosts.remove(host);
-                    }
+                if let Some(l) = s.listeners.get_mut(listener)
+                    && host < l.virtual_hosts.len()
+                {
+                    l.virtual_hosts.remove(host);
                 }
             }
         }

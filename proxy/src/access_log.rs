@@ -771,16 +771,14 @@ async fn writer(mut rx: mpsc::Receiver<Box<LogRecord>>) {
         while let Some(record) = next {
             let destination = &record.sink.destination;
             if !outputs.contains_key(destination) {
-                if outputs.len() >= MAX_FILES {
-                    if let Some(oldest) = outputs
+                if outputs.len() >= MAX_FILES
+                    && let Some(oldest) = outputs
                         .iter()
                         .min_by_key(|(_, (_, used))| *used)
                         .map(|(d, _)| d.clone())
-                    {
-                        if let Some((mut out, _)) = outputs.remove(&oldest) {
-                            let _ = out.shutdown().await;
-                        }
-                    }
+                    && let Some((mut out, _)) = outputs.remove(&oldest)
+                {
+                    let _ = out.shutdown().await;
                 }
                 outputs.insert(destination.clone(), (open(destination).await, batch));
             }

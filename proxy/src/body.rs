@@ -165,12 +165,12 @@ where
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
-                if let Some((d, sleep)) = &mut this.idle {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        let d = *d;
-                        this.finish(Some("idle_timeout"));
-                        return Poll::Ready(Some(Err(format!("no data for {d:?}").into())));
-                    }
+                if let Some((d, sleep)) = &mut this.idle
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    let d = *d;
+                    this.finish(Some("idle_timeout"));
+                    return Poll::Ready(Some(Err(format!("no data for {d:?}").into())));
                 }
                 Poll::Pending
             }
@@ -213,13 +213,13 @@ impl ClientBodyError {
     pub fn from_incoming(e: hyper::Error) -> Self {
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                if matches!(
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && matches!(
                     io.kind(),
                     std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-                ) {
-                    return Self::Malformed(e.into());
-                }
+                )
+            {
+                return Self::Malformed(e.into());
             }
             source = s.source();
         }

@@ -143,10 +143,11 @@ async fn session(
         None
     };
     let csr = identity.as_ref().map(Identity::csr).transpose()?;
-    if let Some(identity) = &identity {
-        if app.credentials.spiffe_id().is_none() && identity.restore(&app.credentials) {
-            tracing::info!(identity = ?app.credentials.spiffe_id(), "workload certificate restored from the data dir");
-        }
+    if let Some(identity) = &identity
+        && app.credentials.spiffe_id().is_none()
+        && identity.restore(&app.credentials)
+    {
+        tracing::info!(identity = ?app.credentials.spiffe_id(), "workload certificate restored from the data dir");
     }
     tx.send(ProxyMessage {
         kind: Some(Msg::Hello(Hello {

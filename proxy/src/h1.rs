@@ -830,13 +830,15 @@ impl IncomingBody {
             w.poll(&mut conn, &mut cx);
             w.finished()
         });
-        if self.keep_alive && written && conn.rbuf.is_empty() {
-            if let Some((pool, idle)) = self.pool.take() {
-                if conn.wbuf.capacity() > WRITE_BATCH {
-                    conn.wbuf = BytesMut::new();
-                }
-                pool.release(conn, idle);
+        if self.keep_alive
+            && written
+            && conn.rbuf.is_empty()
+            && let Some((pool, idle)) = self.pool.take()
+        {
+            if conn.wbuf.capacity() > WRITE_BATCH {
+                conn.wbuf = BytesMut::new();
             }
+            pool.release(conn, idle);
         }
     }
 
@@ -878,10 +880,10 @@ impl Body for IncomingBody {
                     return Poll::Ready(None);
                 }
                 Framing::Length(n) => {
-                    if conn.rbuf.is_empty() {
-                        if let Err(e) = ready!(conn.poll_more(cx)) {
-                            return this.read_error(e);
-                        }
+                    if conn.rbuf.is_empty()
+                        && let Err(e) = ready!(conn.poll_more(cx))
+                    {
+                        return this.read_error(e);
                     }
                     let take = conn
                         .rbuf

@@ -129,14 +129,13 @@ impl Listeners {
             Slot::Egress if listener.tls.is_none() => crate::transparent::original_dst(&stream),
             _ => None,
         };
-        if let Some(original) = original {
-            if crate::transparent::detect(&stream).await == crate::transparent::Detected::Opaque {
-                let services = &self.services;
-                crate::transparent::forward_opaque(services, &runtime, stream, peer, original)
-                    .await;
-                gauge.dec();
-                return;
-            }
+        if let Some(original) = original
+            && crate::transparent::detect(&stream).await == crate::transparent::Detected::Opaque
+        {
+            let services = &self.services;
+            crate::transparent::forward_opaque(services, &runtime, stream, peer, original).await;
+            gauge.dec();
+            return;
         }
         let stream = match &listener.tls {
             None => Stream::Plain(stream),

@@ -86,10 +86,10 @@ impl RouteTable {
             return Some(i);
         }
         let host = strip_port(authority);
-        if host.len() != authority.len() {
-            if let Some(&i) = self.exact.get(host) {
-                return Some(i);
-            }
+        if host.len() != authority.len()
+            && let Some(&i) = self.exact.get(host)
+        {
+            return Some(i);
         }
         self.suffixes
             .iter()

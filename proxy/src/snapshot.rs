@@ -870,10 +870,10 @@ clusters:
             let text: String = (0..rng.usize(1..300))
                 .map(|_| PIECES[rng.usize(..PIECES.len())])
                 .collect();
-            if check_nesting(&text).is_ok() {
-                if let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) {
-                    assert!(depth(&v) <= MAX_NESTING, "{text:?}");
-                }
+            if check_nesting(&text).is_ok()
+                && let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text)
+            {
+                assert!(depth(&v) <= MAX_NESTING, "{text:?}");
             }
         }
     }

@@ -66,8 +66,15 @@ fn full(b: impl Into<Bytes>) -> Body {
 
 impl TestServer {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// A server on `addr` (another loopback address, a port shared with other servers).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let state = Arc::new(State {
             name: name.into(),
             requests: AtomicUsize::new(0),
@@ -92,7 +99,7 @@ impl TestServer {
                 });
             }
         });
-        Self { addr, state, task }
+        Ok(Self { addr, state, task })
     }
 
     pub fn name(&self) -> &str {

@@ -130,10 +130,10 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         let url = url.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = proxy(url, f, i).await {
-                if !stopping.load(Ordering::SeqCst) {
-                    eprintln!("proxy {i}: {e}");
-                }
+            if let Err(e) = proxy(url, f, i).await
+                && !stopping.load(Ordering::SeqCst)
+            {
+                eprintln!("proxy {i}: {e}");
             }
         });
     }

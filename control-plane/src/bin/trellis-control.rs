@@ -11,6 +11,12 @@ use trellis_control::{
     store::embedded::EmbeddedStore,
 };
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    Embedded,
+    Kubernetes,
+}
+
 #[derive(Debug, clap::Parser)]
 #[command(name = "trellis-control", version, about = "Trellis control plane")]
 struct Args {
@@ -93,6 +99,28 @@ struct Args {
         value_delimiter = ','
     )]
     allow_registration_cidr: Vec<Cidr>,
+    /// Where the mesh resources and the registry come from: `embedded` (the API writes them to
+    /// the store) or `kubernetes` (the cluster's custom resources, Namespaces, Pods and
+    /// Services; the API is read-only for them). The store under --data-dir keeps identities
+    /// either way.
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_SOURCE",
+        value_enum,
+        default_value = "embedded"
+    )]
+    source: Source,
+    /// With `--source kubernetes`: the kubeconfig to use (default: in-cluster configuration,
+    /// else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "TRELLIS_CONTROL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// With `--source kubernetes`: the namespace of the leader-election Lease (replicas of one
+    /// control plane share it; only the holder writes statuses).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "trellis-system")]
+    lease_namespace: String,
+    /// With `--source kubernetes`: this replica's name in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    lease_identity: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_CONTROL_LOG", default_value = "info")]
     log: String,
@@ -238,6 +266,26 @@ fn run(args: Args) -> anyhow::Result<()> {
             tracing::warn!(ranges = %ranges.join(","), "registrations allowed in refused ranges");
         }
         controller.set_registration_policy(AddressPolicy::allowing(args.allow_registration_cidr));
+        if args.source == Source::Kubernetes {
+            let client = trellis_control::kubernetes::client(args.kubeconfig.as_deref())
+                .await
+                .context("cannot reach Kubernetes")?;
+            let identity = args.lease_identity.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default();
+                format!("{host}-{}", std::process::id())
+            });
+            tracing::info!(lease_namespace = %args.lease_namespace, %identity, "mesh resources and the registry come from Kubernetes");
+            trellis_control::kubernetes::spawn(
+                client,
+                controller.clone(),
+                trellis_control::kubernetes::Options {
+                    lease_namespace: args.lease_namespace.clone(),
+                    identity,
+                },
+            );
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

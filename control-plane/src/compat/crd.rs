@@ -44,7 +44,7 @@ const KINDS: [Kind; 6] = [
     Kind::GatewayRoute,
 ];
 
-fn plural(kind: Kind) -> String {
+pub fn plural(kind: Kind) -> String {
     match kind {
         Kind::Mesh => "meshes".into(),
         k => format!("{}s", k.lower()),
@@ -144,11 +144,11 @@ fn status_schema() -> Value {
 fn spec_schema(kind: Kind) -> Value {
     let mut root = json!({ "type": "object" });
     for (k, path, schema) in SCHEMA.iter() {
-        if *k == kind {
-            if let Some(rest) = path.strip_prefix("spec.") {
-                let node = at(&mut root, rest);
-                fill(node, schema, path, kind);
-            }
+        if *k == kind
+            && let Some(rest) = path.strip_prefix("spec.")
+        {
+            let node = at(&mut root, rest);
+            fill(node, schema, path, kind);
         }
     }
     // Trellis's additions: fields with a status and no App Mesh schema; typed where they are

@@ -599,10 +599,10 @@ fn manifest(
         .into_iter()
         .flatten()
     {
-        if let Some(vs) = b.get_mut("virtualService").and_then(Value::as_object_mut) {
-            if vs.get("clientPolicy").is_some_and(empty_tree) {
-                vs.remove("clientPolicy");
-            }
+        if let Some(vs) = b.get_mut("virtualService").and_then(Value::as_object_mut)
+            && vs.get("clientPolicy").is_some_and(empty_tree)
+        {
+            vs.remove("clientPolicy");
         }
     }
     let mut spec = Value::Object(spec);
@@ -754,13 +754,10 @@ fn remove(spec: &mut Value, path: &str) -> bool {
     };
     // An object emptied by the removal (`serviceDiscovery: {}`) goes too: left empty it would
     // say something else (here: a node discovered by nothing named).
-    if removed {
-        if let Some((parent, _)) = path.rsplit_once('.').filter(|(p, _)| *p != "spec") {
-            let empty =
-                pointer(spec, parent).is_some_and(|v| v.as_object().is_some_and(Map::is_empty));
-            if empty {
-                remove(spec, parent);
-            }
+    if removed && let Some((parent, _)) = path.rsplit_once('.').filter(|(p, _)| *p != "spec") {
+        let empty = pointer(spec, parent).is_some_and(|v| v.as_object().is_some_and(Map::is_empty));
+        if empty {
+            remove(spec, parent);
         }
     }
     removed
@@ -996,14 +993,13 @@ impl Converted {
             if let (Some(ignored), Some(user)) = (
                 property("IgnoredUID"),
                 c.get("user").and_then(Value::as_str),
-            ) {
-                if ignored != user {
-                    self.notes.push(Note {
+            ) && ignored != user
+            {
+                self.notes.push(Note {
                         source: source.clone(),
                         field: "user".into(),
                         reason: format!("the proxy configuration ignores UID {ignored} but the container runs as {user}: the proxy's own traffic would be captured"),
                     });
-                }
             }
             def.insert(
                 "healthCheck".into(),

@@ -394,10 +394,10 @@ fn check(kv: &KvTable<'_>, leases: &redb::Table<'_, u64, u64>, op: &Op) -> Resul
     let key = op.key();
     let expect = match op {
         Op::Put { expect, lease, .. } => {
-            if let Some(l) = lease {
-                if leases.get(*l).map_err(backend)?.is_none() {
-                    return Err(StoreError::LeaseNotFound(*l));
-                }
+            if let Some(l) = lease
+                && leases.get(*l).map_err(backend)?.is_none()
+            {
+                return Err(StoreError::LeaseNotFound(*l));
             }
             *expect
         }

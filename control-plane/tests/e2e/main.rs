@@ -9,6 +9,7 @@ mod gateway;
 mod identity;
 mod import;
 mod inject;
+mod kubernetes;
 mod mesh;
 mod mtls;
 mod ports;

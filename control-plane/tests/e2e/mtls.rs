@@ -919,7 +919,7 @@ async fn a_root_rotation_under_load_fails_no_request() {
                     Ok(r) => failed.push(format!("{} {:?}", r.status, r.header("x-trellis-error"))),
                     Err(e) => failed.push(e.to_string()),
                 }
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -1,0 +1,837 @@
+//! The Kubernetes source (`trellis-control --source kubernetes`): the mesh resources come from
+//! the cluster's custom resources (both API groups), Namespaces give `namespaceSelector`s their
+//! labels, the registry comes from the Pods each VirtualNode's `podSelector` selects, and a
+//! VirtualService reached at a Service's cluster IP gets those addresses. The control plane's
+//! store is then a copy the source keeps equal to the cluster (relisted whole after any gap),
+//! so nothing else writes it: the API refuses writes (`kubectl apply` is how).
+//!
+//! Each resource's `status` says whether it was accepted (condition `Valid`, with the problems
+//! found) and how far it has converged (`convergence: N/M`, condition `Converged` with NACK
+//! reasons) — what `trellis status` shows. With several replicas, only the holder of a Lease
+//! writes statuses.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{StreamExt as _, stream::BoxStream};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    controller::Controller,
+    model::{self, ApiVersion, Kind, Manifest, Metadata, ResourceKey, Spec},
+    registry::{Instance, InstanceStatus},
+    validate::Problem,
+};
+
+/// How long changes are gathered before the store is brought in line (a `kubectl apply` of a
+/// file arrives as one event per object).
+const SETTLE: Duration = Duration::from_millis(100);
+/// How often statuses are compared with what the cluster shows (they change with proxies'
+/// acknowledgements, not only with resources).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// The Lease: held for this long after each renewal, renewed this often.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// An annotation too large and too private to copy into the store.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Where the source runs and who it is.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The namespace of the leader-election Lease (the control plane's own).
+    pub lease_namespace: String,
+    /// This replica's name in the Lease (its pod's name).
+    pub identity: String,
+}
+
+/// A client from `kubeconfig`, else in-cluster configuration (or the usual kubeconfig).
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// One of the two API groups the mesh kinds are served in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Group {
+    Trellis,
+    AppMesh,
+}
+
+impl Group {
+    fn api_version(self) -> ApiVersion {
+        match self {
+            Self::Trellis => ApiVersion::Trellis,
+            Self::AppMesh => ApiVersion::AppMesh,
+        }
+    }
+}
+
+/// What the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Watched {
+    Mesh(Group, Kind),
+    Namespaces,
+    Pods,
+    Services,
+}
+
+impl Watched {
+    fn all() -> Vec<Self> {
+        let mut all = vec![Self::Namespaces, Self::Pods, Self::Services];
+        for group in [Group::Trellis, Group::AppMesh] {
+            for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::Namespace) {
+                all.push(Self::Mesh(group, kind));
+            }
+        }
+        all
+    }
+
+    fn resource(self) -> ApiResource {
+        let core = |kind: &str, plural: &str| ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        match self {
+            Self::Namespaces => core("Namespace", "namespaces"),
+            Self::Pods => core("Pod", "pods"),
+            Self::Services => core("Service", "services"),
+            Self::Mesh(group, kind) => {
+                let api_version = group.api_version().as_str();
+                let (g, v) = api_version.split_once('/').unwrap_or(("", api_version));
+                ApiResource {
+                    group: g.into(),
+                    version: v.into(),
+                    api_version: api_version.into(),
+                    kind: kind.as_str().into(),
+                    plural: crate::compat::crd::plural(kind),
+                }
+            }
+        }
+    }
+}
+
+/// What a Pod contributes: where it is and whether it takes requests.
+#[derive(Debug, Clone, PartialEq)]
+struct PodInfo {
+    labels: BTreeMap<String, String>,
+    ip: Option<String>,
+    ready: bool,
+    terminating: bool,
+}
+
+/// What a Service contributes: its cluster IPs and ports.
+#[derive(Debug, Clone, PartialEq)]
+struct ServiceInfo {
+    addresses: Vec<String>,
+}
+
+/// The objects seen, per watch: mesh objects whole, pods and services by what matters.
+#[derive(Debug, Default)]
+struct Cache {
+    objects: HashMap<Watched, BTreeMap<(String, String), DynamicObject>>,
+    pods: BTreeMap<(String, String), PodInfo>,
+    services: BTreeMap<(String, String), ServiceInfo>,
+    /// Watches whose first listing is complete (or whose kind the cluster does not serve).
+    listed: HashSet<Watched>,
+    /// Objects of a listing in progress, replacing the watch's when it completes.
+    listing: HashMap<Watched, Vec<DynamicObject>>,
+}
+
+fn object_key(o: &DynamicObject) -> (String, String) {
+    (
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Cache {
+    fn apply(&mut self, w: Watched, event: watcher::Event<DynamicObject>) {
+        match event {
+            watcher::Event::Init => {
+                self.listing.insert(w, Vec::new());
+            }
+            watcher::Event::InitApply(o) => self.listing.entry(w).or_default().push(o),
+            watcher::Event::InitDone => {
+                let objects = self.listing.remove(&w).unwrap_or_default();
+                self.replace(w, objects);
+                self.listed.insert(w);
+            }
+            watcher::Event::Apply(o) => self.put(w, o),
+            watcher::Event::Delete(o) => self.remove(w, &object_key(&o)),
+        }
+    }
+
+    /// The kind is not served (its CRDs are not installed): none of it, and the watch retries.
+    fn absent(&mut self, w: Watched) {
+        self.replace(w, Vec::new());
+        self.listed.insert(w);
+    }
+
+    fn replace(&mut self, w: Watched, objects: Vec<DynamicObject>) {
+        match w {
+            Watched::Pods => self.pods.clear(),
+            Watched::Services => self.services.clear(),
+            _ => {
+                self.objects.remove(&w);
+            }
+        }
+        for o in objects {
+            self.put(w, o);
+        }
+    }
+
+    fn put(&mut self, w: Watched, o: DynamicObject) {
+        let key = object_key(&o);
+        match w {
+            Watched::Pods => {
+                self.pods.insert(key, pod_info(&o));
+            }
+            Watched::Services => {
+                self.services.insert(key, service_info(&o));
+            }
+            _ => {
+                self.objects.entry(w).or_default().insert(key, o);
+            }
+        }
+    }
+
+    fn remove(&mut self, w: Watched, key: &(String, String)) {
+        match w {
+            Watched::Pods => {
+                self.pods.remove(key);
+            }
+            Watched::Services => {
+                self.services.remove(key);
+            }
+            _ => {
+                if let Some(objects) = self.objects.get_mut(&w) {
+                    objects.remove(key);
+                }
+            }
+        }
+    }
+
+    fn mesh_objects(&self) -> impl Iterator<Item = (Group, Kind, &DynamicObject)> {
+        self.objects.iter().flat_map(|(w, objects)| {
+            let (group, kind) = match w {
+                Watched::Mesh(g, k) => (Some(*g), Some(*k)),
+                _ => (None, None),
+            };
+            objects
+                .values()
+                .filter_map(move |o| Some((group?, kind?, o)))
+        })
+    }
+}
+
+fn pod_info(o: &DynamicObject) -> PodInfo {
+    let status = o.data.get("status");
+    let ready = status
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+    PodInfo {
+        labels: o.metadata.labels.clone().unwrap_or_default(),
+        ip: status
+            .and_then(|s| s.get("podIP"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        ready,
+        terminating: o.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+fn service_info(o: &DynamicObject) -> ServiceInfo {
+    let spec = o.data.get("spec");
+    let mut ips: Vec<&str> = spec
+        .and_then(|s| s.get("clusterIPs"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(
+            spec.and_then(|s| s.get("clusterIP"))
+                .and_then(Value::as_str),
+        );
+    }
+    let ports: Vec<u64> = spec
+        .and_then(|s| s.get("ports"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|p| p["port"].as_u64()).collect())
+        .unwrap_or_default();
+    let mut addresses = Vec::new();
+    for ip in ips
+        .into_iter()
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+    {
+        for port in &ports {
+            if let Ok(port) = u16::try_from(*port) {
+                addresses.push(std::net::SocketAddr::new(ip, port).to_string());
+            }
+        }
+    }
+    ServiceInfo { addresses }
+}
+
+/// The Kubernetes Service a virtual service's hostname names (`svc.ns.svc.<domain>`,
+/// `svc.ns.svc`, `svc.ns`), as (namespace, name).
+fn service_of(hostname: &str) -> Option<(String, String)> {
+    let mut labels = hostname.split('.');
+    let (name, namespace) = (labels.next()?, labels.next()?);
+    match labels.next() {
+        None | Some("svc") => Some((namespace.to_string(), name.to_string())),
+        Some(_) => None,
+    }
+}
+
+/// What the cluster says, as the control plane's store should hold it.
+struct Desired {
+    manifests: Vec<Manifest>,
+    instances: Vec<Instance>,
+    /// Objects left out before validation (another group holds the same resource), with why.
+    shadowed: BTreeMap<(Group, ResourceKey), String>,
+}
+
+fn desired(cache: &Cache) -> Desired {
+    let mut manifests = Vec::new();
+    let mut shadowed = BTreeMap::new();
+    let mut seen: HashMap<ResourceKey, Group> = HashMap::new();
+    let mut objects: Vec<(Group, Kind, &DynamicObject)> = cache.mesh_objects().collect();
+    // Trellis's group first: where both groups hold a resource, Trellis's is the one run.
+    objects.sort_by_key(|(g, k, o)| (*g, *k, object_key(o)));
+    for (group, kind, o) in &objects {
+        let (namespace, name) = object_key(o);
+        let key = ResourceKey::new(*kind, &namespace, &name);
+        if let Some(first) = seen.get(&key) {
+            shadowed.insert(
+                (*group, key.clone()),
+                format!(
+                    "the same {kind} exists in API group {}: that one is run",
+                    first.api_version().as_str()
+                ),
+            );
+            continue;
+        }
+        seen.insert(key.clone(), *group);
+        let mut annotations = o.metadata.annotations.clone().unwrap_or_default();
+        annotations.remove(LAST_APPLIED);
+        let spec = o.data.get("spec").cloned().unwrap_or(Value::Null);
+        if *kind == Kind::VirtualService {
+            add_service_addresses(cache, &key, &spec, &mut annotations);
+        }
+        manifests.push(Manifest {
+            api_version: group.api_version().as_str().into(),
+            kind: kind.as_str().into(),
+            metadata: Metadata {
+                name,
+                namespace: kind.namespaced().then_some(namespace),
+                labels: o.metadata.labels.clone().unwrap_or_default(),
+                annotations,
+                generation: o.metadata.generation.and_then(|g| u64::try_from(g).ok()),
+                uid: o.metadata.uid.clone(),
+                ..Metadata::default()
+            },
+            spec,
+            status: None,
+        });
+    }
+    if let Some(namespaces) = cache.objects.get(&Watched::Namespaces) {
+        for o in namespaces.values() {
+            manifests.push(Manifest {
+                api_version: "v1".into(),
+                kind: "Namespace".into(),
+                metadata: Metadata {
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                    labels: o.metadata.labels.clone().unwrap_or_default(),
+                    ..Metadata::default()
+                },
+                spec: Value::Null,
+                status: None,
+            });
+        }
+    }
+    let instances = instances(cache, &manifests);
+    Desired {
+        manifests,
+        instances,
+        shadowed,
+    }
+}
+
+/// A VirtualService whose hostname names a Service is reached at its cluster IPs as well.
+fn add_service_addresses(
+    cache: &Cache,
+    key: &ResourceKey,
+    spec: &Value,
+    annotations: &mut BTreeMap<String, String>,
+) {
+    let Ok(Spec::VirtualService(vs)) = model::parse_spec(Kind::VirtualService, spec.clone()) else {
+        return;
+    };
+    let hostname = crate::translate::hostname(key, &vs);
+    let Some(service) = service_of(&hostname).and_then(|s| cache.services.get(&s)) else {
+        return;
+    };
+    if service.addresses.is_empty() {
+        return;
+    }
+    let mut all: Vec<String> = annotations
+        .get(model::ADDRESSES_ANNOTATION)
+        .map(|a| a.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    all.retain(|a| !a.is_empty());
+    all.extend(service.addresses.iter().cloned());
+    annotations.insert(model::ADDRESSES_ANNOTATION.into(), all.join(","));
+}
+
+/// The registry from Pods: each VirtualNode with a `podSelector` and a registry (or Cloud Map)
+/// service discovery has its namespace's matching pods as instances at their pod IP and the
+/// node's listener port — ready ones healthy, terminating ones draining, others left out.
+fn instances(cache: &Cache, manifests: &[Manifest]) -> Vec<Instance> {
+    let mut out = Vec::new();
+    for m in manifests.iter().filter(|m| m.kind == "VirtualNode") {
+        let Ok(Spec::VirtualNode(node)) = model::parse_spec(Kind::VirtualNode, m.spec.clone())
+        else {
+            continue;
+        };
+        let (Some(selector), Some(sd)) = (&node.pod_selector, &node.service_discovery) else {
+            continue;
+        };
+        let Some(reg) = sd.registry.as_ref().or(sd.aws_cloud_map.as_ref()) else {
+            continue;
+        };
+        let Some(port) = node
+            .listeners
+            .first()
+            .and_then(|l| u16::try_from(l.port_mapping.port).ok())
+        else {
+            continue;
+        };
+        let namespace = m.metadata.namespace.clone().unwrap_or_default();
+        for ((pod_ns, pod), info) in &cache.pods {
+            if *pod_ns != namespace || !selector.matches(&info.labels) {
+                continue;
+            }
+            let (Some(ip), true) = (&info.ip, info.ready || info.terminating) else {
+                continue;
+            };
+            let mut attributes: BTreeMap<String, String> = info
+                .labels
+                .iter()
+                .take(crate::registry::MAX_ATTRIBUTES - 2)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            attributes.insert("k8s.io/namespace".into(), pod_ns.clone());
+            attributes.insert("k8s.io/pod".into(), pod.clone());
+            out.push(Instance {
+                namespace: reg.namespace_name.clone(),
+                service: reg.service_name.clone(),
+                id: pod.clone(),
+                address: ip.clone(),
+                port,
+                attributes,
+                status: if info.terminating {
+                    InstanceStatus::Draining
+                } else {
+                    InstanceStatus::Healthy
+                },
+                ttl_seconds: None,
+                lease: None,
+            });
+        }
+    }
+    out
+}
+
+/// One event of one watch.
+type WatchEvent = (
+    Watched,
+    Result<watcher::Event<DynamicObject>, watcher::Error>,
+);
+
+/// Starts the source: watches, keeps the store equal to the cluster, writes statuses while it
+/// holds the Lease.
+pub fn spawn(
+    client: Client,
+    controller: Arc<Controller>,
+    options: Options,
+) -> tokio::task::JoinHandle<()> {
+    controller.set_external_source("kubernetes");
+    let leader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(lead(client.clone(), options, leader.clone()));
+    tokio::spawn(run(client, controller, leader))
+}
+
+async fn run(
+    client: Client,
+    controller: Arc<Controller>,
+    leader: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let watched = Watched::all();
+    let streams: Vec<BoxStream<'static, WatchEvent>> = watched
+        .iter()
+        .map(|&w| {
+            let resource = w.resource();
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .map(move |e| (w, e))
+                .boxed()
+        })
+        .collect();
+    let mut events = futures_util::stream::select_all(streams);
+    let mut cache = Cache::default();
+    let mut problems: BTreeMap<ResourceKey, Vec<Problem>> = BTreeMap::new();
+    let mut shadowed = BTreeMap::new();
+    let mut dirty = false;
+    let mut statuses = tokio::time::interval(STATUS_EVERY);
+    statuses.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: HashMap<(Group, ResourceKey), Value> = HashMap::new();
+    loop {
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::select! {
+            event = events.next() => {
+                let Some((w, event)) = event else { break };
+                match event {
+                    Ok(e) => {
+                        cache.apply(w, e);
+                        dirty = true;
+                    }
+                    Err(e) if not_served(&e) => {
+                        if !cache.listed.contains(&w) {
+                            tracing::info!(kind = ?w, "not served by this cluster (its CRD is not installed)");
+                            cache.absent(w);
+                            dirty = true;
+                        }
+                    }
+                    Err(e) => tracing::warn!(kind = ?w, error = %e, "watch failed; retrying"),
+                }
+            }
+            () = settle, if dirty && cache.listed.len() == watched.len() => {
+                dirty = false;
+                let d = desired(&cache);
+                match controller.sync_resources(d.manifests).await {
+                    Ok(p) => problems = p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot bring the store in line with the cluster; retrying");
+                        dirty = true;
+                        continue;
+                    }
+                }
+                shadowed = d.shadowed;
+                match controller.sync_instances(d.instances).await {
+                    Ok(refused) => {
+                        for (i, why) in refused {
+                            tracing::warn!(pod = %i.id, namespace = %i.namespace, reason = %why, "pod left out of the registry");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot bring the registry in line with the pods; retrying");
+                        dirty = true;
+                    }
+                }
+            }
+            _ = statuses.tick(), if cache.listed.len() == watched.len() => {
+                if leader.load(std::sync::atomic::Ordering::Relaxed) {
+                    write_statuses(&client, &controller, &cache, &problems, &shadowed, &mut written).await;
+                } else {
+                    written.clear();
+                }
+            }
+        }
+    }
+}
+
+/// Whether a watch failed because the cluster does not serve the kind (404).
+fn not_served(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// The status each mesh object should show, written where it differs from what it shows.
+async fn write_statuses(
+    client: &Client,
+    controller: &Controller,
+    cache: &Cache,
+    problems: &BTreeMap<ResourceKey, Vec<Problem>>,
+    shadowed: &BTreeMap<(Group, ResourceKey), String>,
+    written: &mut HashMap<(Group, ResourceKey), Value>,
+) {
+    let status = controller.status();
+    let usage: HashMap<(String, String, String), (usize, usize)> = status
+        .resources
+        .iter()
+        .map(|r| {
+            (
+                (r.kind.clone(), r.namespace.clone(), r.name.clone()),
+                (r.proxies, r.applied),
+            )
+        })
+        .collect();
+    let view = controller.view();
+    for (group, kind, o) in cache.mesh_objects() {
+        let (namespace, name) = object_key(o);
+        let key = ResourceKey::new(kind, &namespace, &name);
+        let invalid: Option<(&str, String)> = if let Some(why) = shadowed.get(&(group, key.clone()))
+        {
+            Some(("Shadowed", why.clone()))
+        } else if let Some(p) = problems.get(&key) {
+            let text = p
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            Some(("Invalid", text))
+        } else if !view.state.contains_key(&key) {
+            // Not in the store yet (a sync is due): nothing to say until it is.
+            continue;
+        } else {
+            None
+        };
+        let mut conditions = Vec::new();
+        let mut convergence = None;
+        match &invalid {
+            Some((reason, message)) => {
+                conditions.push(condition("Valid", "False", reason, message))
+            }
+            None => {
+                conditions.push(condition(
+                    "Valid",
+                    "True",
+                    "Accepted",
+                    "accepted by the control plane",
+                ));
+                let (proxies, applied) = usage
+                    .get(&(
+                        kind.as_str().to_string(),
+                        key.namespace.clone(),
+                        name.clone(),
+                    ))
+                    .copied()
+                    .unwrap_or((0, 0));
+                convergence = Some(format!("{applied}/{proxies}"));
+                let nacks: Vec<String> = status
+                    .proxies
+                    .iter()
+                    .filter(|p| p.uses.contains(&key))
+                    .filter_map(|p| Some(format!("{}: {}", p.instance, p.nack_reason.as_ref()?)))
+                    .collect();
+                conditions.push(if proxies == 0 {
+                    condition(
+                        "Converged",
+                        "Unknown",
+                        "NoProxies",
+                        "no connected proxy uses it",
+                    )
+                } else if applied == proxies {
+                    condition(
+                        "Converged",
+                        "True",
+                        "Applied",
+                        &format!("applied by {applied} of {proxies} proxies"),
+                    )
+                } else if !nacks.is_empty() {
+                    condition("Converged", "False", "Rejected", &nacks.join("; "))
+                } else {
+                    condition(
+                        "Converged",
+                        "False",
+                        "Pending",
+                        &format!("applied by {applied} of {proxies} proxies"),
+                    )
+                });
+            }
+        }
+        let mut desired = json!({ "conditions": conditions });
+        if let Some(c) = convergence {
+            desired["convergence"] = json!(c);
+        }
+        if let Some(g) = o.metadata.generation {
+            desired["observedGeneration"] = json!(g);
+        }
+        let current = o.data.get("status");
+        if same_status(current, &desired) || written.get(&(group, key.clone())) == Some(&desired) {
+            continue;
+        }
+        // A condition whose status stays keeps the time it last changed.
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        if let Some(conds) = desired["conditions"].as_array_mut() {
+            for c in conds {
+                let before = current
+                    .and_then(|s| s["conditions"].as_array())
+                    .and_then(|cs| cs.iter().find(|b| b["type"] == c["type"]));
+                c["lastTransitionTime"] = match before {
+                    Some(b) if b["status"] == c["status"] => b["lastTransitionTime"].clone(),
+                    _ => json!(now),
+                };
+            }
+        }
+        let resource = Watched::Mesh(group, kind).resource();
+        let api: Api<DynamicObject> = if kind.namespaced() {
+            Api::namespaced_with(client.clone(), &namespace, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        let patch = Patch::Merge(json!({ "status": desired.clone() }));
+        match api
+            .patch_status(&name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                strip_times(&mut desired);
+                written.insert((group, key), desired);
+            }
+            Err(e) => tracing::debug!(resource = %key, error = %e, "status not written"),
+        }
+    }
+}
+
+fn condition(kind: &str, status: &str, reason: &str, message: &str) -> Value {
+    json!({ "type": kind, "status": status, "reason": reason, "message": message })
+}
+
+fn strip_times(status: &mut Value) {
+    if let Some(conds) = status["conditions"].as_array_mut() {
+        for c in conds {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+    }
+}
+
+/// Whether the object already shows `desired` (times aside).
+fn same_status(current: Option<&Value>, desired: &Value) -> bool {
+    let Some(current) = current else { return false };
+    let mut current = current.clone();
+    strip_times(&mut current);
+    current == *desired
+}
+
+/// Leader election on a `coordination.k8s.io/v1` Lease named `trellis-control`: taken when
+/// free or expired, renewed while held; `leader` says whether this replica holds it.
+async fn lead(client: Client, options: Options, leader: Arc<std::sync::atomic::AtomicBool>) {
+    let resource = ApiResource {
+        group: "coordination.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        plural: "leases".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &options.lease_namespace, &resource);
+    loop {
+        let held = match try_lease(&api, &resource, &options.identity).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election: the Lease cannot be read or written");
+                false
+            }
+        };
+        let was = leader.swap(held, std::sync::atomic::Ordering::Relaxed);
+        if held != was {
+            tracing::info!(identity = %options.identity, leader = held, "leader election");
+        }
+        tokio::time::sleep(LEASE_RENEW).await;
+    }
+}
+
+const LEASE_NAME: &str = "trellis-control";
+
+async fn try_lease(
+    api: &Api<DynamicObject>,
+    resource: &ApiResource,
+    me: &str,
+) -> Result<bool, kube::Error> {
+    let now = SystemTime::now();
+    let stamp = humantime::format_rfc3339_micros(now).to_string();
+    let duration = LEASE_DURATION.as_secs();
+    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+        let mut lease = DynamicObject::new(LEASE_NAME, resource);
+        lease.data = json!({ "spec": {
+            "holderIdentity": me, "leaseDurationSeconds": duration,
+            "acquireTime": stamp, "renewTime": stamp, "leaseTransitions": 0,
+        }});
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.data.get("spec").cloned().unwrap_or(Value::Null);
+    let holder = spec["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let held_for = Duration::from_secs(spec["leaseDurationSeconds"].as_u64().unwrap_or(duration));
+    let renewed = spec["renewTime"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    let expired = renewed.is_none_or(|r| r + held_for < now);
+    if holder != me && !holder.is_empty() && !expired {
+        return Ok(false);
+    }
+    let mut spec = spec;
+    if holder != me {
+        spec["acquireTime"] = json!(stamp);
+        spec["leaseTransitions"] = json!(spec["leaseTransitions"].as_u64().unwrap_or(0) + 1);
+    }
+    spec["holderIdentity"] = json!(me);
+    spec["leaseDurationSeconds"] = json!(duration);
+    spec["renewTime"] = json!(stamp);
+    lease.data["spec"] = spec;
+    // The resourceVersion read makes the replace conditional: two replicas cannot both win.
+    match api
+        .replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_are_found_from_hostnames() {
+        assert_eq!(
+            service_of("reviews.shop.svc.cluster.local"),
+            Some(("shop".into(), "reviews".into()))
+        );
+        assert_eq!(
+            service_of("reviews.shop"),
+            Some(("shop".into(), "reviews".into()))
+        );
+        assert_eq!(service_of("reviews.example.com"), None);
+        assert_eq!(service_of("reviews"), None);
+    }
+}
