@@ -39,9 +39,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// How often statuses are compared with what the cluster shows (they change with proxies'
 /// acknowledgements, not only with resources).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
-/// The Lease: held for this long after each renewal, renewed this often.
-const LEASE_DURATION: Duration = Duration::from_secs(15);
-const LEASE_RENEW: Duration = Duration::from_secs(5);
 /// An annotation too large and too private to copy into the store.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -52,6 +49,9 @@ pub struct Options {
     pub lease_namespace: String,
     /// This replica's name in the Lease (its pod's name).
     pub identity: String,
+    /// How long the Lease is held after each renewal (renewed three times as often): how long
+    /// statuses may go unwritten after the leader dies.
+    pub lease_duration: Duration,
 }
 
 /// A client from `kubeconfig`, else in-cluster configuration (or the usual kubeconfig).
@@ -747,7 +747,7 @@ async fn lead(client: Client, options: Options, leader: Arc<std::sync::atomic::A
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client, &options.lease_namespace, &resource);
     loop {
-        let held = match try_lease(&api, &resource, &options.identity).await {
+        let held = match try_lease(&api, &resource, &options).await {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(error = %e, "leader election: the Lease cannot be read or written");
@@ -758,7 +758,7 @@ async fn lead(client: Client, options: Options, leader: Arc<std::sync::atomic::A
         if held != was {
             tracing::info!(identity = %options.identity, leader = held, "leader election");
         }
-        tokio::time::sleep(LEASE_RENEW).await;
+        tokio::time::sleep(options.lease_duration / 3).await;
     }
 }
 
@@ -767,11 +767,12 @@ const LEASE_NAME: &str = "trellis-control";
 async fn try_lease(
     api: &Api<DynamicObject>,
     resource: &ApiResource,
-    me: &str,
+    options: &Options,
 ) -> Result<bool, kube::Error> {
+    let me = options.identity.as_str();
     let now = SystemTime::now();
     let stamp = humantime::format_rfc3339_micros(now).to_string();
-    let duration = LEASE_DURATION.as_secs();
+    let duration = options.lease_duration.as_secs().max(1);
     let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
         let mut lease = DynamicObject::new(LEASE_NAME, resource);
         lease.data = json!({ "spec": {

@@ -118,6 +118,10 @@ struct Args {
     /// control plane share it; only the holder writes statuses).
     #[arg(long, env = "POD_NAMESPACE", default_value = "trellis-system")]
     lease_namespace: String,
+    /// With `--source kubernetes`: how long the Lease is held after each renewal (how long
+    /// statuses may go unwritten when the leader dies).
+    #[arg(long, env = "TRELLIS_CONTROL_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: std::time::Duration,
     /// With `--source kubernetes`: this replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     lease_identity: Option<String>,
@@ -283,6 +287,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 trellis_control::kubernetes::Options {
                     lease_namespace: args.lease_namespace.clone(),
                     identity,
+                    lease_duration: args.lease_duration,
                 },
             );
         }

@@ -420,3 +420,210 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
     assert_eq!(lease["spec"]["holderIdentity"], "control-1");
     drop((a, b));
 }
+
+/// The `Valid` condition of the stand-in object at `path`, once it has one.
+async fn valid_condition(api: &Standin, path: &str) -> Value {
+    eventually(Duration::from_secs(20), "a Valid condition", || async {
+        let (_, o) = api.call("GET", path, None).await;
+        o["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Valid"))
+            .cloned()
+            .ok_or_else(|| o.to_string())
+    })
+    .await
+}
+
+/// Two replicas: one holds the Lease and writes statuses; when it dies, the other takes the
+/// Lease once it expires and writes them from then on.
+#[tokio::test]
+async fn a_second_replica_takes_over_status_writes() {
+    let api = Standin::start();
+    let dir = tempfile::tempdir().unwrap();
+    api.create(
+        "/api/v1/namespaces",
+        json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop" } }),
+    )
+    .await;
+    api.create(&format!("{APPMESH}/meshes"), json!({ "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": { "name": "shop" }, "spec": {} })).await;
+    let kubeconfig = api.kubeconfig(dir.path()).display().to_string();
+    let start = |name: &'static str| {
+        let (dir, kubeconfig) = (dir.path().join(name), kubeconfig.clone());
+        async move {
+            ControlProcess::start_with(
+                CONTROL,
+                &dir,
+                "127.0.0.1:0",
+                &[
+                    "--source",
+                    "kubernetes",
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--lease-namespace",
+                    "trellis-system",
+                    "--lease-identity",
+                    name,
+                    "--lease-duration",
+                    "2s",
+                ],
+            )
+            .await
+        }
+    };
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases/trellis-control";
+    let api = &api;
+    let holder = move |want: &'static str| async move {
+        let (_, l) = api.call("GET", lease, None).await;
+        if l["spec"]["holderIdentity"] == want {
+            Ok(l)
+        } else {
+            Err(l.to_string())
+        }
+    };
+    let mut first = start("control-1").await;
+    eventually(Duration::from_secs(10), "control-1 leads", || {
+        holder("control-1")
+    })
+    .await;
+    let second = start("control-2").await;
+    let vs = |name: &str| {
+        json!({
+            "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "VirtualService", "metadata": { "name": name, "namespace": "shop" },
+            "spec": { "provider": { "virtualNode": { "virtualNodeRef": { "name": "missing" } } } },
+        })
+    };
+    let ns = format!("{APPMESH}/namespaces/shop/virtualservices");
+    api.create(&ns, vs("before")).await;
+    assert_eq!(
+        valid_condition(api, &format!("{ns}/before")).await["status"],
+        "False"
+    );
+
+    first.kill().await;
+    let l = eventually(Duration::from_secs(20), "control-2 leads", || {
+        holder("control-2")
+    })
+    .await;
+    assert!(l["spec"]["leaseTransitions"].as_u64() >= Some(1), "{l}");
+    api.create(&ns, vs("after")).await;
+    let valid = valid_condition(api, &format!("{ns}/after")).await;
+    assert_eq!(valid["status"], "False", "{valid}");
+    assert!(
+        valid["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("missing"),
+        "{valid}"
+    );
+    drop(second);
+}
+
+/// The same source against a real cluster (kind, k3s, EKS): run with
+/// `TRELLIS_TEST_KUBECONFIG=PATH cargo nextest run -p trellis-control --run-ignored all live_cluster`
+/// (`kubectl` on PATH; it installs the CRDs and makes a namespace and a mesh of its own, removed
+/// afterwards). Not run in CI: no API server can run on our machines.
+#[tokio::test]
+#[ignore = "needs a real cluster: TRELLIS_TEST_KUBECONFIG"]
+async fn live_cluster() {
+    let kubeconfig = std::env::var("TRELLIS_TEST_KUBECONFIG")
+        .expect("TRELLIS_TEST_KUBECONFIG names the kubeconfig of a cluster to test against");
+    let kubectl = |args: &[&str], input: Option<&str>| {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl on PATH");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.unwrap_or_default().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let crds = Command::new(crate::CLI)
+        .args(["crds", "--group", "appmesh"])
+        .output()
+        .unwrap();
+    let (ok, out) = kubectl(
+        &["apply", "-f", "-"],
+        Some(&String::from_utf8_lossy(&crds.stdout)),
+    );
+    assert!(ok, "{out}");
+    let name = format!("trellis-live-{}", std::process::id());
+    let manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {name}, labels: {{ mesh: {name} }} }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {{ name: {name} }}\nspec: {{ namespaceSelector: {{ matchLabels: {{ mesh: {name} }} }} }}\n---\n\
+         apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{ name: app, namespace: {name} }}\n\
+         spec: {{ podSelector: {{ matchLabels: {{ app: app }} }}, listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}], serviceDiscovery: {{ dns: {{ hostname: app.{name}.svc.cluster.local }} }} }}\n"
+    );
+    let (ok, out) = kubectl(&["apply", "-f", "-"], Some(&manifests));
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start_with(
+        CONTROL,
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &[
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--lease-namespace",
+            &name,
+            "--lease-duration",
+            "5s",
+        ],
+    )
+    .await;
+    let server = control.url.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the VirtualNode in the control plane",
+        || async {
+            let out = stdout(&cli(&server, &["get", "virtualnodes", "-n", &name]));
+            if out.contains("app") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "its status in the cluster",
+        || async {
+            let (_, out) = kubectl(
+                &[
+                    "get",
+                    "virtualnode",
+                    "app",
+                    "-n",
+                    &name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Valid\")].status}",
+                ],
+                None,
+            );
+            if out.trim() == "True" {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await;
+    let _ = kubectl(&["delete", "mesh", &name, "--wait=false"], None);
+    let _ = kubectl(&["delete", "namespace", &name, "--wait=false"], None);
+}
