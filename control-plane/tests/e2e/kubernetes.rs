@@ -253,6 +253,7 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
         &dir.path().join("proxy"),
     )
     .await;
+    crate::wait_synced(&server, 1).await;
     let host = format!("reviews.shop.svc.cluster.local:{port}");
     let counts = eventually(Duration::from_secs(10), "both pods", || async {
         let c = split(proxy.egress, &host, 20).await;
