@@ -8,7 +8,8 @@ finalizers, /status) for trellis-control's Kubernetes source (kube-rs and
 `kube::runtime::watcher` over plain HTTP).  No schema, validation, admission,
 auth or pagination.  Test-only endpoints: POST /standin/compact (drop watch
 history and end all watches), GET /standin/requests (recent non-GET
-requests), GET /standin/watches ({"open": N}).
+requests), GET /standin/watches ({"open": N}), POST /standin/tokens (a token
+TokenReviews at /apis/authentication.k8s.io/v1/tokenreviews then accept).
 
 Usage: python3 testkit/kube-standin.py [--port 0] [--history N] [--verbose]
 prints `listening http://127.0.0.1:PORT`, then serves until killed.
@@ -154,6 +155,7 @@ class Store:
         self.rv = 0
         self.history = collections.deque(maxlen=history)
         self.epoch = 0     # bumped by /standin/compact to end every watch
+        self.tokens = {}   # token -> what TokenReviews answer (POST /standin/tokens)
         self.open_watches = 0
         self.requests = collections.deque(maxlen=1000)
 
@@ -394,6 +396,25 @@ class Handler(BaseHTTPRequestHandler):
                  ("GET", "/version"): lambda: {"major": "1", "minor": "33", "gitVersion": "v1.33.0"},
                  ("GET", "/api"): lambda: {"kind": "APIVersions", "versions": ["v1"]},
                  ("GET", "/apis"): lambda: {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}}
+        if method == "POST" and path.rstrip("/") == "/standin/tokens":
+            # Registers a token TokenReviews accept: {"token": ..., "user": {...}, "audiences": [...]}.
+            with store.cond:
+                store.tokens[body["token"]] = body
+            return self.send_json(200, {})
+        if method == "POST" and path.rstrip("/") == "/apis/authentication.k8s.io/v1/tokenreviews":
+            # What an API server's authenticator answers: the user a token names, for the
+            # audiences asked for; an unknown token (or another audience) is not authenticated.
+            spec = (body or {}).get("spec") or {}
+            with store.cond:
+                known = store.tokens.get(spec.get("token"))
+            wanted = spec.get("audiences") or []
+            if known and (not wanted or set(wanted) & set(known.get("audiences") or [])):
+                status = {"authenticated": True, "user": known["user"],
+                          "audiences": known.get("audiences") or []}
+            else:
+                status = {"authenticated": False, "error": "invalid bearer token"}
+            return self.send_json(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                        "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
         if (method, path.rstrip("/")) in fixed:
             with store.cond:
                 return self.send_json(200, fixed[(method, path.rstrip("/"))]())

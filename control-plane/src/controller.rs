@@ -113,6 +113,34 @@ pub struct Controller {
     registration_policy: std::sync::OnceLock<registry::AddressPolicy>,
     /// The source that owns resources and instances, when it is not the API (Kubernetes).
     external_source: std::sync::OnceLock<&'static str>,
+    /// Checks the platform tokens proxies present (Kubernetes service-account tokens).
+    token_reviewer: std::sync::OnceLock<Arc<dyn TokenReviewer>>,
+}
+
+/// Checks a platform's token that a proxy presents for its node in place of a join token (on
+/// Kubernetes: its pod's service-account token, reviewed by the API server and bound to the
+/// pod, whose labels must select the node).
+pub trait TokenReviewer: Send + Sync + std::fmt::Debug {
+    /// Whether `token` is one this reviewer judges (else it is taken for a join token).
+    fn recognizes(&self, token: &str) -> bool;
+
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        node: &'a ResourceKey,
+        view: Arc<View>,
+    ) -> crate::store::BoxFuture<'a, Result<(), TokenRefused>>;
+}
+
+/// Why a platform token did not admit a proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRefused {
+    /// The platform does not vouch for it.
+    Unauthenticated(String),
+    /// It does, for a workload that is not this node's.
+    Denied(String),
+    /// The platform could not be asked.
+    Unavailable(String),
 }
 
 impl std::fmt::Debug for Controller {
@@ -143,6 +171,7 @@ impl Controller {
             auth: std::sync::OnceLock::new(),
             registration_policy: std::sync::OnceLock::new(),
             external_source: std::sync::OnceLock::new(),
+            token_reviewer: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -156,6 +185,15 @@ impl Controller {
     /// The source that owns resources and instances, when it is not the API.
     pub fn external_source(&self) -> Option<&'static str> {
         self.external_source.get().copied()
+    }
+
+    /// Proxies may present tokens `reviewer` checks in place of join tokens.
+    pub fn set_token_reviewer(&self, reviewer: Arc<dyn TokenReviewer>) {
+        let _ = self.token_reviewer.set(reviewer);
+    }
+
+    pub fn token_reviewer(&self) -> Option<&Arc<dyn TokenReviewer>> {
+        self.token_reviewer.get()
     }
 
     fn writable(&self) -> Result<(), ControlError> {

@@ -25,7 +25,19 @@ use crate::{
 pub struct Injector {
     pub image: String,
     pub control_plane: String,
+    /// The trust bundle an `https://` control plane's certificate chains to, given to the
+    /// proxy as PEM (`TRELLIS_PROXY_CONTROL_PLANE_CA_PEM`); set per review, as it rotates.
+    pub control_plane_ca: Option<String>,
 }
+
+/// The audience of the proxy's projected service-account token: the control plane asks the API
+/// server to review it for this audience, so a token for the API server or another service
+/// admits nothing.
+pub const TOKEN_AUDIENCE: &str = "trellis";
+
+/// Where the proxy's projected service-account token is mounted: it proves the pod's node to
+/// the control plane.
+const TOKEN_DIR: &str = "/var/run/secrets/trellis";
 
 const PROXY: &str = "trellis-proxy";
 const INIT: &str = "trellis-init";
@@ -186,7 +198,11 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
             "--ingress-addr", "0.0.0.0:15000",
             "--egress-addr", "127.0.0.1:15001",
             "--admin-addr", "0.0.0.0:9901",
+            "--token-file", format!("{TOKEN_DIR}/token"),
         ],
+        "env": injector.control_plane_ca.as_ref().map(|pem| json!([
+            { "name": "TRELLIS_PROXY_CONTROL_PLANE_CA_PEM", "value": pem },
+        ])).unwrap_or_else(|| json!([])),
         "ports": [{ "name": "trellis-admin", "containerPort": 9901, "protocol": "TCP" }],
         "startupProbe": {
             "httpGet": { "path": "/ready", "port": 9901 },
@@ -203,9 +219,20 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
             "readOnlyRootFilesystem": true,
             "capabilities": { "drop": ["ALL"] },
         },
-        "volumeMounts": [{ "name": "trellis-data", "mountPath": "/var/run/trellis" }],
+        "volumeMounts": [
+            { "name": "trellis-data", "mountPath": "/var/run/trellis" },
+            { "name": "trellis-token", "mountPath": TOKEN_DIR, "readOnly": true },
+        ],
     });
-    let volume = json!({ "name": "trellis-data", "emptyDir": {} });
+    let volumes = [
+        json!({ "name": "trellis-data", "emptyDir": {} }),
+        // The pod's service-account token for the control plane only, rotated by the kubelet.
+        json!({ "name": "trellis-token", "projected": { "sources": [{ "serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE,
+            "expirationSeconds": 3600,
+            "path": "token",
+        } }] } }),
+    ];
     let mut patch = Vec::new();
     // The capture rules first, then the proxy, both ahead of the pod's own init containers.
     if pod["spec"]["initContainers"].as_array().is_some() {
@@ -215,9 +242,11 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
         patch.push(json!({ "op": "add", "path": "/spec/initContainers", "value": [init, proxy] }));
     }
     if pod["spec"]["volumes"].as_array().is_some() {
-        patch.push(json!({ "op": "add", "path": "/spec/volumes/-", "value": volume }));
+        for volume in volumes {
+            patch.push(json!({ "op": "add", "path": "/spec/volumes/-", "value": volume }));
+        }
     } else {
-        patch.push(json!({ "op": "add", "path": "/spec/volumes", "value": [volume] }));
+        patch.push(json!({ "op": "add", "path": "/spec/volumes", "value": volumes }));
     }
     Ok(Some(Value::Array(patch)))
 }

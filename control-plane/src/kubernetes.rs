@@ -481,6 +481,9 @@ pub fn spawn(
     options: Options,
 ) -> tokio::task::JoinHandle<()> {
     controller.set_external_source("kubernetes");
+    controller.set_token_reviewer(Arc::new(Reviewer {
+        client: client.clone(),
+    }));
     let leader = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(lead(client.clone(), options, leader.clone()));
     tokio::spawn(run(client, controller, leader))
@@ -815,6 +818,120 @@ async fn try_lease(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// Service-account tokens, reviewed by the API server (TokenReview, audience `trellis`): the
+/// token must be bound to a pod (projected tokens are) of the node's namespace, still there
+/// with the token's uid, whose labels the node's `podSelector` selects.
+struct Reviewer {
+    client: Client,
+}
+
+impl std::fmt::Debug for Reviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reviewer").finish_non_exhaustive()
+    }
+}
+
+impl crate::controller::TokenReviewer for Reviewer {
+    fn recognizes(&self, token: &str) -> bool {
+        // A JWT: three base64url parts, a JSON header.
+        token.starts_with("eyJ") && token.split('.').count() == 3
+    }
+
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        node: &'a ResourceKey,
+        view: Arc<crate::view::View>,
+    ) -> crate::store::BoxFuture<'a, Result<(), crate::controller::TokenRefused>> {
+        Box::pin(self.check(token, node, view))
+    }
+}
+
+impl Reviewer {
+    async fn check(
+        &self,
+        token: &str,
+        node: &ResourceKey,
+        view: Arc<crate::view::View>,
+    ) -> Result<(), crate::controller::TokenRefused> {
+        use crate::controller::TokenRefused::{Denied, Unauthenticated, Unavailable};
+        let resource = ApiResource {
+            group: "authentication.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "authentication.k8s.io/v1".into(),
+            kind: "TokenReview".into(),
+            plural: "tokenreviews".into(),
+        };
+        let mut review = DynamicObject::new("", &resource);
+        review.metadata.name = None;
+        review.data =
+            json!({ "spec": { "token": token, "audiences": [crate::inject::TOKEN_AUDIENCE] } });
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        let reviewed = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Unavailable(format!("the Kubernetes API cannot review the token: {e}")))?;
+        let status = reviewed.data.get("status").cloned().unwrap_or(Value::Null);
+        if status["authenticated"] != true {
+            let why = status["error"].as_str().unwrap_or("not authenticated");
+            return Err(Unauthenticated(format!(
+                "the Kubernetes API does not accept the service-account token: {why}"
+            )));
+        }
+        let user = &status["user"];
+        let username = user["username"].as_str().unwrap_or_default();
+        let Some(account) = username.strip_prefix("system:serviceaccount:") else {
+            return Err(Denied(format!("{username:?} is not a service account")));
+        };
+        let (namespace, _) = account.split_once(':').unwrap_or((account, ""));
+        let first = |k: &str| user["extra"][k][0].as_str().map(str::to_string);
+        let (Some(pod), pod_uid) = (
+            first("authentication.kubernetes.io/pod-name"),
+            first("authentication.kubernetes.io/pod-uid"),
+        ) else {
+            return Err(Denied(
+                "the token is not bound to a pod: mount a projected service-account token (audience trellis)".into(),
+            ));
+        };
+        if namespace != node.namespace {
+            return Err(Denied(format!(
+                "the token is for pod {namespace}/{pod}, not of {node}'s namespace"
+            )));
+        }
+        let Some(Spec::VirtualNode(spec)) = view.state.get(node).map(|r| &r.spec) else {
+            return Err(Denied(format!("{node} is not in the mesh")));
+        };
+        let Some(selector) = &spec.pod_selector else {
+            return Err(Denied(format!(
+                "{node} has no podSelector: no pod's token names it"
+            )));
+        };
+        let pods: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &Watched::Pods.resource());
+        let found = pods
+            .get_opt(&pod)
+            .await
+            .map_err(|e| {
+                Unavailable(format!(
+                    "the Kubernetes API cannot say where pod {pod} is: {e}"
+                ))
+            })?
+            .ok_or_else(|| Denied(format!("pod {namespace}/{pod} of the token is gone")))?;
+        if pod_uid.is_some() && found.metadata.uid != pod_uid {
+            return Err(Denied(format!(
+                "pod {namespace}/{pod} of the token is gone (another has its name)"
+            )));
+        }
+        let labels = found.metadata.labels.unwrap_or_default();
+        if !selector.matches(&labels) {
+            return Err(Denied(format!(
+                "pod {namespace}/{pod} is not selected by {node}'s podSelector"
+            )));
+        }
+        Ok(())
     }
 }
 

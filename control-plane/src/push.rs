@@ -101,6 +101,17 @@ impl ConfigService {
                 "this control plane issues no identities",
             ));
         }
+        if let Some(reviewer) = self.controller.token_reviewer()
+            && reviewer.recognizes(token)
+        {
+            use crate::controller::TokenRefused;
+            return match reviewer.review(token, node, self.controller.view()).await {
+                Ok(()) => Ok(Admitted::Token),
+                Err(TokenRefused::Unauthenticated(why)) => Err(Status::unauthenticated(why)),
+                Err(TokenRefused::Denied(why)) => Err(Status::permission_denied(why)),
+                Err(TokenRefused::Unavailable(why)) => Err(Status::unavailable(why)),
+            };
+        }
         match crate::identity::admit(self.controller.store().as_ref(), token, node).await {
             Ok(()) => Ok(Admitted::Token),
             Err(crate::identity::IdentityError::Denied(why)) => Err(Status::permission_denied(why)),

@@ -881,9 +881,13 @@ async fn inject(controller: &Controller, req: Request<Incoming>) -> Response<Bod
         );
     }
     let view = controller.view();
+    let mut injector = injector.clone();
+    if injector.control_plane.starts_with("https://") {
+        injector.control_plane_ca = controller.identity().map(|(ca, _)| ca.trust_bundle());
+    }
     reply(
         StatusCode::OK,
-        &crate::inject::review(&view.state, injector, &review),
+        &crate::inject::review(&view.state, &injector, &review),
     )
 }
 

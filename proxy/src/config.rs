@@ -29,10 +29,26 @@ pub struct ProxyConfig {
     #[arg(long, env = "TRELLIS_PROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// A file holding the join token, read again at each connection to the control plane: on
+    /// Kubernetes, the pod's projected service-account token (audience `trellis`), which the
+    /// control plane checks with the API server (TokenReview) and binds to the pod's node.
+    #[arg(long, env = "TRELLIS_PROXY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
     /// The CA certificate (PEM file) an `https://` control plane's certificate chains to
     /// (trellis-control --tls writes it to its DATA_DIR/ca.pem).
     #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE_CA")]
     pub control_plane_ca: Option<PathBuf>,
+
+    /// The same CA as PEM text (what the sidecar injector sets, from the control plane's
+    /// current trust bundle).
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_CONTROL_PLANE_CA_PEM",
+        conflicts_with = "control_plane_ca",
+        hide_env_values = true
+    )]
+    pub control_plane_ca_pem: Option<String>,
 
     /// The VirtualNode this sidecar serves, NAMESPACE/NAME.
     #[arg(long, env = "TRELLIS_PROXY_NODE", conflicts_with = "gateway", required_unless_present_any = ["gateway", "snapshot"])]

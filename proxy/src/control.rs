@@ -25,6 +25,8 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// A join token: with it the proxy asks for its workload certificate.
     pub token: Option<String>,
+    /// Or a file holding it, read at each connection (a projected token rotates).
+    pub token_file: Option<PathBuf>,
     /// The CA (PEM) an `https://` control plane's certificate must chain to.
     pub control_plane_ca: Option<String>,
 }
@@ -32,6 +34,22 @@ pub struct ControlConfig {
 impl ControlConfig {
     fn snapshot_path(&self) -> PathBuf {
         self.data_dir.join(SNAPSHOT_FILE)
+    }
+
+    /// The token to present now: the one given, else the token file's current content.
+    fn token(&self) -> Option<String> {
+        if let Some(token) = &self.token {
+            return Some(token.clone());
+        }
+        let path = self.token_file.as_ref()?;
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the token file");
+                None
+            }
+        }
     }
 }
 
@@ -137,7 +155,8 @@ async fn session(
     // over TLS): the key (made once, kept in the data dir) and a CSR for it, so the certificate
     // is renewed however the proxy was admitted.
     let has_key = config.data_dir.join("identity").join("key.pem").exists();
-    let identity = if config.token.is_some() || has_key {
+    let token = config.token();
+    let identity = if token.is_some() || has_key {
         Some(Identity::load_or_create(&config.data_dir, &config.node)?)
     } else {
         None
@@ -160,7 +179,7 @@ async fn session(
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             applied_version: applied,
             instance: instance.to_string(),
-            token: config.token.clone().unwrap_or_default(),
+            token: token.unwrap_or_default(),
             csr: csr.unwrap_or_default(),
         })),
     })

@@ -117,11 +117,12 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
                 gateway: config.gateway.is_some(),
                 data_dir: config.data_dir.clone(),
                 token: config.token.clone(),
+                token_file: config.token_file.clone(),
                 control_plane_ca: match &config.control_plane_ca {
                     Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
                         format!("cannot read --control-plane-ca {}", path.display())
                     })?),
-                    None => None,
+                    None => config.control_plane_ca_pem.clone(),
                 },
             };
             control::restore(&app, &control);

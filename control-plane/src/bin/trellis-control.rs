@@ -234,6 +234,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             controller.set_injector(trellis_control::inject::Injector {
                 image: image.clone(),
                 control_plane,
+                control_plane_ca: None,
             });
         }
         if args.auth {

@@ -193,6 +193,30 @@ async fn the_webhook_injects_the_walkthroughs_pods() {
         args.contains("https://trellis-control.trellis:7070"),
         "{args}"
     );
+    // It proves its node with the pod's projected service-account token, and trusts the
+    // control plane's CA (the bundle it serves with).
+    assert!(
+        args.contains("\"--token-file\",\"/var/run/secrets/trellis/token\""),
+        "{args}"
+    );
+    let token = injected["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "trellis-token")
+        .unwrap_or_else(|| panic!("no token volume: {injected}"));
+    let source = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], "trellis", "{token}");
+    let ca_pem = proxy["env"][0]["value"].as_str().unwrap_or_default();
+    assert_eq!(
+        proxy["env"][0]["name"],
+        "TRELLIS_PROXY_CONTROL_PLANE_CA_PEM"
+    );
+    let served = std::fs::read_to_string(data.path().join("ca.pem")).unwrap_or_default();
+    assert!(
+        ca_pem.contains("BEGIN CERTIFICATE") && ca_pem.trim() == served.trim(),
+        "the CA given is the control plane's: {ca_pem}"
+    );
     assert_eq!(
         injected["spec"]["containers"], blue["spec"]["containers"],
         "the app untouched"

@@ -628,3 +628,142 @@ async fn live_cluster() {
     let _ = kubectl(&["delete", "mesh", &name, "--wait=false"], None);
     let _ = kubectl(&["delete", "namespace", &name, "--wait=false"], None);
 }
+
+/// With identities required, a sidecar proves its node with its pod's service-account token:
+/// the API server reviews it (audience `trellis`), the pod it is bound to must be in the node's
+/// namespace and selected by its podSelector. Another pod's token, or one for another audience,
+/// admits nothing.
+#[tokio::test]
+async fn a_pod_proves_its_node_with_its_service_account_token() {
+    let api = Standin::start();
+    let dir = tempfile::tempdir().unwrap();
+    api.create(
+        "/api/v1/namespaces",
+        json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop" } }),
+    )
+    .await;
+    api.create(&format!("{APPMESH}/meshes"), json!({ "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": { "name": "shop" }, "spec": {} })).await;
+    let node = |name: &str, app: &str| {
+        json!({
+            "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "VirtualNode", "metadata": { "name": name, "namespace": "shop" },
+            "spec": {
+                "podSelector": { "matchLabels": { "app": app } },
+                "listeners": [{ "portMapping": { "port": 9080, "protocol": "http" } }],
+                "serviceDiscovery": { "dns": { "hostname": format!("{name}.shop.svc.cluster.local") } },
+            },
+        })
+    };
+    let nodes = format!("{APPMESH}/namespaces/shop/virtualnodes");
+    api.create(&nodes, node("productpage", "productpage")).await;
+    api.create(&nodes, node("reviews", "reviews")).await;
+    let mut uids = std::collections::HashMap::new();
+    for (pod, app) in [("productpage-1", "productpage"), ("reviews-1", "reviews")] {
+        let (status, o) = api
+            .call("POST", "/api/v1/namespaces/shop/pods", Some(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": pod, "namespace": "shop", "labels": { "app": app } } })))
+            .await;
+        assert_eq!(status, 201, "{o}");
+        uids.insert(pod, o["metadata"]["uid"].as_str().unwrap().to_string());
+    }
+    let token = |name: &str, pod: &str, audience: &str| {
+        let token = format!("eyJhbGciOiJSUzI1NiJ9.{name}.signature");
+        let body = json!({
+            "token": token, "audiences": [audience],
+            "user": { "username": "system:serviceaccount:shop:default", "extra": {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [uids[pod]],
+            } },
+        });
+        let path = dir.path().join(name);
+        std::fs::write(&path, &token).unwrap();
+        (path.display().to_string(), body)
+    };
+    let mut files = std::collections::HashMap::new();
+    for (name, pod, audience) in [
+        ("productpage", "productpage-1", "trellis"),
+        ("reviews", "reviews-1", "trellis"),
+        (
+            "apiserver",
+            "productpage-1",
+            "https://kubernetes.default.svc",
+        ),
+    ] {
+        let (file, body) = token(name, pod, audience);
+        let (status, _) = api.call("POST", "/standin/tokens", Some(body)).await;
+        assert_eq!(status, 200);
+        files.insert(name, file);
+    }
+    let kubeconfig = api.kubeconfig(dir.path()).display().to_string();
+    let control = ControlProcess::start_with(
+        CONTROL,
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &[
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--lease-namespace",
+            "trellis-system",
+            "--require-identity",
+        ],
+    )
+    .await;
+    let server = control.url.clone();
+    eventually(Duration::from_secs(10), "the nodes", || async {
+        let out = stdout(&cli(&server, &["get", "virtualnodes", "-n", "shop"]));
+        if out.contains("reviews") && out.contains("productpage") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+
+    let sidecar = |token: &'static str| {
+        let (server, file, data) = (
+            server.clone(),
+            files[token].clone(),
+            dir.path().join(format!("proxy-{token}")),
+        );
+        async move {
+            ProxyProcess::sidecar_with(
+                proxy_bin(),
+                &server,
+                "shop/productpage",
+                &data,
+                &["--token-file", &file],
+            )
+            .await
+        }
+    };
+    let admitted = sidecar("productpage").await;
+    let status = crate::wait_synced(&server, 1).await;
+    assert!(
+        status["proxies"][0]["identity"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/ns/shop/vn/productpage"),
+        "a workload certificate was issued: {}",
+        status["proxies"]
+    );
+    for (token, why) in [("reviews", "podSelector"), ("apiserver", "does not accept")] {
+        let refused = sidecar(token).await;
+        eventually(Duration::from_secs(10), "the refusal", || async {
+            let logs = refused.logs();
+            if logs.contains(why) {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        })
+        .await;
+    }
+    let status = crate::status(&server);
+    assert_eq!(
+        status["proxies"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        status["proxies"]
+    );
+    drop(admitted);
+}
