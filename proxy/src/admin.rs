@@ -214,3 +214,36 @@ fn set_logging(app: &App, query: Option<&str>) -> Response<ResponseBody> {
         ),
     }
 }
+
+/// `trellis-proxy ready [--admin-addr ADDR]` (default 127.0.0.1:9901): whether the proxy at that
+/// admin address answers `GET /ready` with 200, within two seconds.
+pub fn probe_ready(mut args: impl Iterator<Item = String>) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let mut addr = String::from("127.0.0.1:9901");
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--admin-addr" => addr = args.next().ok_or("--admin-addr needs an address")?,
+            other => match other.strip_prefix("--admin-addr=") {
+                Some(a) => addr = a.to_string(),
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        }
+    }
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an ip:port address"))?;
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    match &head[9..12] {
+        b"200" => Ok(()),
+        status => Err(format!("not ready ({})", String::from_utf8_lossy(status))),
+    }
+}

@@ -5,6 +5,7 @@
 
 mod appmesh;
 mod auth;
+mod ecs;
 mod gateway;
 mod identity;
 mod import;

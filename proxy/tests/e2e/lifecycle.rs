@@ -489,3 +489,38 @@ async fn debug_logs_carry_connection_and_request_spans() {
     })
     .await;
 }
+
+/// `trellis-proxy ready` (an ECS or Docker health check command) exits 0 for a proxy that
+/// serves, and fails for one without a config yet or with nothing at the address.
+#[tokio::test]
+async fn the_ready_command_tells_a_serving_proxy() {
+    let a = TestServer::start("a").await;
+    let b = TestServer::start("b").await;
+    let serving = ProxyProcess::start(BIN, &two_way("v0", 1, 0, &[&a, &b]), &[]).await;
+    let ready = |admin: String| {
+        std::process::Command::new(BIN)
+            .args(["ready", "--admin-addr", &admin])
+            .output()
+            .unwrap()
+    };
+    let out = ready(serving.admin.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let waiting = ProxyProcess::sidecar(BIN, "http://127.0.0.1:9", "default/app", dir.path()).await;
+    let out = ready(waiting.admin.to_string());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not ready (503)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = nothing.local_addr().unwrap();
+    drop(nothing);
+    assert!(!ready(addr.to_string()).status.success());
+}
