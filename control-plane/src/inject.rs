@@ -197,6 +197,8 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
             "--data-dir", "/var/run/trellis",
             "--ingress-addr", "0.0.0.0:15000",
             "--egress-addr", "127.0.0.1:15001",
+            "--ipv6-ingress-addr", "[::]:15000",
+            "--ipv6-egress-addr", "[::1]:15001",
             "--admin-addr", "0.0.0.0:9901",
             "--token-file", format!("{TOKEN_DIR}/token"),
         ],

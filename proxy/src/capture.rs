@@ -42,45 +42,89 @@ pub struct InitConfig {
     /// e.g. the cloud's metadata service).
     #[arg(long, env = "TRELLIS_PROXY_EGRESS_IGNORED_IPS", value_delimiter = ',')]
     pub egress_ignored_ips: Vec<String>,
-    /// Print the rules (iptables-restore input) instead of installing them.
+    /// IPv6 capture (ip6tables): `auto` installs it where IPv6 is enabled in the network
+    /// namespace (and fails if it cannot: IPv6 traffic would bypass the proxy), `on` always,
+    /// `off` never (only where nothing speaks IPv6). The proxy serves IPv6 captured traffic on
+    /// --ipv6-ingress-addr `[::]:15000` and --ipv6-egress-addr `[::1]:15001`.
+    #[arg(long, env = "TRELLIS_PROXY_IPV6", value_enum, default_value = "auto")]
+    pub ipv6: Ipv6Mode,
+    /// Print the rules (iptables-restore and ip6tables-restore input) instead of installing
+    /// them.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ipv6Mode {
+    Auto,
+    On,
+    Off,
+}
+
+/// An address family's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn tool(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Self::V4 => "127.0.0.0/8",
+            Self::V6 => "::1/128",
+        }
+    }
 }
 
 const INBOUND: &str = "TRELLIS_INBOUND";
 const OUTPUT: &str = "TRELLIS_OUTPUT";
 
-/// A CIDR or an address, checked (the rules take nothing else).
-fn cidr(s: &str) -> Result<String, String> {
+/// A CIDR or an address, checked (the rules take nothing else), with its family.
+fn cidr(s: &str) -> Result<(Family, String), String> {
     let (addr, len) = s.split_once('/').unwrap_or((s, ""));
     let ip: IpAddr = addr
         .parse()
         .map_err(|_| format!("--egress-ignored-ips: {s:?} is not an address or CIDR"))?;
-    if !ip.is_ipv4() {
-        return Err(format!(
-            "--egress-ignored-ips: {s:?}: IPv6 is not captured (iptables, not ip6tables)"
-        ));
-    }
+    let (family, max) = if ip.is_ipv4() {
+        (Family::V4, 32)
+    } else {
+        (Family::V6, 128)
+    };
     match len {
-        "" => Ok(format!("{ip}/32")),
+        "" => Ok((family, format!("{ip}/{max}"))),
         n => match n.parse::<u8>() {
-            Ok(n) if n <= 32 => Ok(format!("{ip}/{n}")),
+            Ok(n) if n <= max => Ok((family, format!("{ip}/{n}"))),
             _ => Err(format!("--egress-ignored-ips: {s:?}: bad prefix length")),
         },
     }
 }
 
-/// The rules, as `iptables-restore --noflush` input: the chains (declared, so emptied), their
-/// rules, and the jumps into them.
+/// The IPv4 rules, as `iptables-restore --noflush` input: the chains (declared, so emptied),
+/// their rules, and the jumps into them.
 pub fn rules(c: &InitConfig) -> Result<String, String> {
+    rules_for(c, Family::V4)
+}
+
+/// The rules of `family` (`ip6tables-restore` input for IPv6).
+pub fn rules_for(c: &InitConfig, family: Family) -> Result<String, String> {
     if c.ingress_port == 0 || c.egress_port == 0 {
         return Err("--ingress-port and --egress-port must not be 0".into());
     }
-    let ignored_ips: Vec<String> = c
-        .egress_ignored_ips
-        .iter()
-        .map(|s| cidr(s))
-        .collect::<Result<_, _>>()?;
+    let mut ignored_ips = Vec::new();
+    for s in &c.egress_ignored_ips {
+        let (f, cidr) = cidr(s)?;
+        if f == family {
+            ignored_ips.push(cidr);
+        }
+    }
     let mut r = String::from("*nat\n");
     r.push_str(&format!(":{INBOUND} - [0:0]\n:{OUTPUT} - [0:0]\n"));
     for port in &c.app_ports {
@@ -94,7 +138,7 @@ pub fn rules(c: &InitConfig) -> Result<String, String> {
         "-A {OUTPUT} -m owner --uid-owner {} -j RETURN\n",
         c.proxy_uid
     ));
-    r.push_str(&format!("-A {OUTPUT} -d 127.0.0.0/8 -j RETURN\n"));
+    r.push_str(&format!("-A {OUTPUT} -d {} -j RETURN\n", family.loopback()));
     for port in &c.egress_ignored_ports {
         r.push_str(&format!("-A {OUTPUT} -p tcp --dport {port} -j RETURN\n"));
     }
@@ -120,48 +164,73 @@ pub fn rules(c: &InitConfig) -> Result<String, String> {
 /// Runs `trellis-proxy init` with `args` (after `init`).
 pub fn main(args: impl IntoIterator<Item = String>) -> Result<(), String> {
     let c = <InitConfig as clap::Parser>::try_parse_from(args).map_err(|e| e.to_string())?;
-    let rules = rules(&c)?;
+    let v4 = rules_for(&c, Family::V4)?;
+    let v6 = rules_for(&c, Family::V6)?;
+    let with_v6 = match c.ipv6 {
+        Ipv6Mode::On => true,
+        Ipv6Mode::Off => false,
+        // /proc/sys/net is the network namespace's own.
+        Ipv6Mode::Auto => std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+            .is_ok_and(|v| v.trim() == "0"),
+    };
     if c.dry_run {
+        let mut out = format!("# iptables-restore --noflush\n{v4}");
+        if with_v6 {
+            out.push_str(&format!("# ip6tables-restore --noflush\n{v6}"));
+        }
         return std::io::stdout()
-            .write_all(rules.as_bytes())
+            .write_all(out.as_bytes())
             .map_err(|e| e.to_string());
     }
+    install(Family::V4, &v4)?;
+    if with_v6 {
+        install(Family::V6, &v6)?;
+    }
+    let _ = std::io::stderr().write_all(if with_v6 {
+        b"trellis-proxy init: traffic capture installed (IPv4, IPv6)\n"
+    } else {
+        b"trellis-proxy init: traffic capture installed (IPv4)\n"
+    });
+    Ok(())
+}
+
+/// Replaces `family`'s capture rules with `rules`.
+fn install(family: Family, rules: &str) -> Result<(), String> {
+    let tool = family.tool();
     // The jumps from an earlier run go first, so that running again leaves one of each.
     for (chain, local, target) in [
         ("PREROUTING", "--src-type", INBOUND),
         ("OUTPUT", "--dst-type", OUTPUT),
     ] {
-        while Command::new("iptables")
+        while Command::new(tool)
             .args([
                 "-w", "-t", "nat", "-D", chain, "-p", "tcp", "-m", "addrtype", "!", local,
             ])
             .args(["LOCAL", "-j", target])
             .stderr(Stdio::null())
             .status()
-            .map_err(|e| format!("cannot run iptables: {e}"))?
+            .map_err(|e| format!("cannot run {tool}: {e}"))?
             .success()
         {}
     }
-    let mut restore = Command::new("iptables-restore")
+    let restore_tool = format!("{tool}-restore");
+    let mut restore = Command::new(&restore_tool)
         .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run iptables-restore: {e}"))?;
+        .map_err(|e| format!("cannot run {restore_tool}: {e}"))?;
     restore
         .stdin
         .take()
-        .ok_or("iptables-restore has no stdin")?
+        .ok_or_else(|| format!("{restore_tool} has no stdin"))?
         .write_all(rules.as_bytes())
-        .map_err(|e| format!("iptables-restore: {e}"))?;
-    let status = restore
-        .wait()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
+        .map_err(|e| format!("{restore_tool}: {e}"))?;
+    let status = restore.wait().map_err(|e| format!("{restore_tool}: {e}"))?;
     if !status.success() {
         return Err(format!(
-            "iptables-restore failed ({status}); the rules were:\n{rules}"
+            "{restore_tool} failed ({status}); the rules were:\n{rules}"
         ));
     }
-    let _ = std::io::stderr().write_all(b"trellis-proxy init: traffic capture installed\n");
     Ok(())
 }
 
@@ -206,5 +275,24 @@ mod tests {
                 .contains("not-an-ip")
         );
         assert!(rules(&config(&["--egress-ignored-ips", "10.0.0.0/40"])).is_err());
+    }
+
+    #[test]
+    fn each_family_gets_its_own_loopback_and_ignored_addresses() {
+        let c = config(&[
+            "--egress-ignored-ips",
+            "169.254.169.254,fd00:ec2::254,10.0.0.0/8",
+        ]);
+        let v4 = rules_for(&c, Family::V4).unwrap();
+        let v6 = rules_for(&c, Family::V6).unwrap();
+        assert!(
+            v4.contains("-d 127.0.0.0/8 -j RETURN") && !v4.contains("::"),
+            "{v4}"
+        );
+        assert!(v6.contains("-d ::1/128 -j RETURN"), "{v6}");
+        assert!(v6.contains("-d fd00:ec2::254/128 -j RETURN"), "{v6}");
+        assert!(!v6.contains("10.0.0.0") && !v6.contains("169.254"), "{v6}");
+        assert!(v6.contains("-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001"));
+        assert!(rules_for(&config(&["--egress-ignored-ips", "fd00::/129"]), Family::V6).is_err());
     }
 }

@@ -83,6 +83,17 @@ pub struct ProxyConfig {
     )]
     pub egress_addr: SocketAddr,
 
+    /// Also serve the ingress on this IPv6 address (IPv6-only socket, beside --ingress-addr):
+    /// where `trellis-proxy init`'s IPv6 rules send inbound IPv6. Skipped, with a log line, on
+    /// a host without IPv6 (where no IPv6 traffic can come).
+    #[arg(long, env = "TRELLIS_PROXY_IPV6_INGRESS_ADDR")]
+    pub ipv6_ingress_addr: Option<SocketAddr>,
+
+    /// Also serve the egress on this IPv6 address (e.g. `[::1]:15001`, where captured IPv6
+    /// connections are redirected); skipped likewise on a host without IPv6.
+    #[arg(long, env = "TRELLIS_PROXY_IPV6_EGRESS_ADDR")]
+    pub ipv6_egress_addr: Option<SocketAddr>,
+
     /// Admin socket: /metrics, /ready, /live, /config_dump, /clusters, /logging.
     #[arg(
         long,

@@ -142,6 +142,14 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         None => Some(bind(config.ingress_addr, "ingress").await?),
     };
     let egress = bind(config.egress_addr, "egress").await?;
+    let ingress_v6 = match (&config.gateway, config.ipv6_ingress_addr) {
+        (None, Some(addr)) => bind_ipv6(addr, "ingress")?,
+        _ => None,
+    };
+    let egress_v6 = match config.ipv6_egress_addr {
+        Some(addr) => bind_ipv6(addr, "egress")?,
+        None => None,
+    };
     start_admin(&app, config.admin_addr)?;
     let sweeper = Arc::clone(&app);
     tokio::spawn(async move {
@@ -156,6 +164,12 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         app.serve(ingress, snapshot::Slot::Ingress);
     }
     app.serve(egress, snapshot::Slot::Egress);
+    if let Some(ingress) = ingress_v6 {
+        app.serve(ingress, snapshot::Slot::Ingress);
+    }
+    if let Some(egress) = egress_v6 {
+        app.serve(egress, snapshot::Slot::Egress);
+    }
     match (control, &config.snapshot) {
         (Some(control), _) => {
             tokio::spawn(control::run(Arc::clone(&app), control));
@@ -246,4 +260,49 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// An IPv6-only listening socket on `addr` (so it can share its port with an IPv4 one), or
+/// None on a host without IPv6 — where no IPv6 traffic can reach the proxy either.
+fn bind_ipv6(
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if !addr.is_ipv6() {
+        anyhow::bail!("the IPv6 {what} address {addr} is not an IPv6 address");
+    }
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc_eafnosupport()) => {
+            tracing::info!(listener = what, %addr, "no IPv6 on this host: not listening there");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open the {what} socket {addr}")),
+    };
+    let bound = socket
+        .set_only_v6(true)
+        .and_then(|()| socket.set_reuse_address(true))
+        .and_then(|()| socket.set_nonblocking(true))
+        .and_then(|()| socket.bind(&addr.into()));
+    match bound {
+        Ok(()) => {}
+        // IPv6 disabled on the host or the interface: the address cannot be there.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            tracing::info!(listener = what, %addr, "no IPv6 on this host: not listening there");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot bind the {what} address {addr}")),
+    }
+    socket
+        .listen(1024)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = tokio::net::TcpListener::from_std(socket.into())
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(Some(listener))
+}
+
+/// EAFNOSUPPORT on Linux: the kernel was built or booted without IPv6.
+const fn libc_eafnosupport() -> i32 {
+    97
 }

@@ -60,11 +60,12 @@ impl Netns {
             "ip", "link", "add", &a, "netns", &ns.app, "type", "veth", "peer", "name", &p, "netns",
             &ns.peer,
         ]);
-        for (n, dev, ip) in [
-            (&ns.app, &a, "10.77.0.2/24"),
-            (&ns.peer, &p, "10.77.0.1/24"),
+        for (n, dev, ip, ip6) in [
+            (&ns.app, &a, "10.77.0.2/24", "fd77::2/64"),
+            (&ns.peer, &p, "10.77.0.1/24", "fd77::1/64"),
         ] {
             run(&["ip", "-n", n, "addr", "add", ip, "dev", dev]);
+            run(&["ip", "-n", n, "-6", "addr", "add", ip6, "dev", dev, "nodad"]);
             run(&["ip", "-n", n, "link", "set", dev, "up"]);
             run(&["ip", "-n", n, "link", "set", "lo", "up"]);
         }
@@ -161,6 +162,10 @@ impl Netns {
                 "0.0.0.0:15000",
                 "--egress-addr",
                 "0.0.0.0:15001",
+                "--ipv6-ingress-addr",
+                "[::]:15000",
+                "--ipv6-egress-addr",
+                "[::1]:15001",
                 "--admin-addr",
                 "127.0.0.1:9901",
                 "--access-log",
@@ -474,4 +479,62 @@ async fn captured_connections_go_by_their_original_destination() {
             .all(|l| l.contains("\"endpoint\":\"10.77.0.1:7070\""))
     );
     assert!(tcp[2].contains("\"error\":\"egress_denied\""), "{logged}");
+}
+
+/// IPv6 as well: `init`'s ip6tables rules send inbound IPv6 to the proxy's IPv6 ingress and the
+/// app's IPv6 calls to its IPv6 egress, which finds their original destination.
+#[tokio::test]
+async fn ipv6_is_captured_as_well() {
+    let mut ns = Netns::new();
+    let (app, peer) = (ns.app.clone(), ns.peer.clone());
+    ns.spawn(
+        &app,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            "/",
+        ],
+    );
+    ns.spawn(
+        &peer,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "9090",
+            "--bind",
+            "fd77::1",
+            "--directory",
+            "/",
+        ],
+    );
+    eventually(Duration::from_secs(10), "the peer's server", || async {
+        ns.get(&peer, "http://[fd77::1]:9090/").map(drop)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = ns.start_proxy(dir.path(), SNAPSHOT);
+    let rules = run(&["ip", "netns", "exec", &app, "ip6tables", "-t", "nat", "-S"]);
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(rules.contains("-d ::1/128 -j RETURN"), "{rules}");
+    eventually(Duration::from_secs(10), "the proxy", || async {
+        ns.get(&app, "http://127.0.0.1:9901/ready").map(drop)
+    })
+    .await;
+
+    let (status, body) = ns.get(&peer, "http://[fd77::2]:8080/").unwrap();
+    assert_eq!(status, 200, "inbound IPv6 through the ingress: {body}");
+    let (status, _) = ns.get(&app, "http://[fd77::1]:9090/").unwrap();
+    assert_eq!(status, 200, "outbound IPv6 through the egress");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("\"endpoint\":\"[fd77::1]:9090\""),
+        "the egress passed the IPv6 call through to its original destination: {logged}"
+    );
+    assert!(logged.contains("\"ingress\""), "{logged}");
 }
