@@ -408,9 +408,10 @@ class Handler(BaseHTTPRequestHandler):
             with store.cond:
                 known = store.tokens.get(spec.get("token"))
             wanted = spec.get("audiences") or []
-            if known and (not wanted or set(wanted) & set(known.get("audiences") or [])):
+            have = known.get("audiences") or [] if known else []
+            if known and (not wanted or set(wanted) & set(have)):
                 status = {"authenticated": True, "user": known["user"],
-                          "audiences": known.get("audiences") or []}
+                          "audiences": [a for a in have if not wanted or a in wanted]}
             else:
                 status = {"authenticated": False, "error": "invalid bearer token"}
             return self.send_json(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",

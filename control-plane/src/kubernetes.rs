@@ -17,6 +17,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio::time::Instant;
+
 use futures_util::{StreamExt as _, stream::BoxStream};
 use kube::{
     Api, Client,
@@ -39,6 +41,10 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// How often statuses are compared with what the cluster shows (they change with proxies'
 /// acknowledgements, not only with resources).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How soon a failed sync is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How long a status the API server refused is left before it is tried again.
+const STATUS_BACKOFF: Duration = Duration::from_secs(30);
 /// An annotation too large and too private to copy into the store.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -324,6 +330,10 @@ fn desired(cache: &Cache) -> Desired {
     // Trellis's group first: where both groups hold a resource, Trellis's is the one run.
     objects.sort_by_key(|(g, k, o)| (*g, *k, object_key(o)));
     for (group, kind, o) in &objects {
+        // Being deleted (held by a finalizer): gone for the mesh already.
+        if o.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
         let (namespace, name) = object_key(o);
         let key = ResourceKey::new(*kind, &namespace, &name);
         if let Some(first) = seen.get(&key) {
@@ -404,7 +414,11 @@ fn add_service_addresses(
         .map(|a| a.split(',').map(|s| s.trim().to_string()).collect())
         .unwrap_or_default();
     all.retain(|a| !a.is_empty());
-    all.extend(service.addresses.iter().cloned());
+    for a in &service.addresses {
+        if !all.contains(a) {
+            all.push(a.clone());
+        }
+    }
     annotations.insert(model::ADDRESSES_ANNOTATION.into(), all.join(","));
 }
 
@@ -439,18 +453,30 @@ fn instances(cache: &Cache, manifests: &[Manifest]) -> Vec<Instance> {
             let (Some(ip), true) = (&info.ip, info.ready || info.terminating) else {
                 continue;
             };
+            let room = crate::registry::MAX_ATTRIBUTES - 2;
+            if info.labels.len() > room {
+                tracing::warn!(pod = %pod, namespace = %pod_ns, labels = info.labels.len(), "more labels than an instance has attributes: the first {room} by name are kept");
+            }
             let mut attributes: BTreeMap<String, String> = info
                 .labels
                 .iter()
-                .take(crate::registry::MAX_ATTRIBUTES - 2)
+                .take(room)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             attributes.insert("k8s.io/namespace".into(), pod_ns.clone());
             attributes.insert("k8s.io/pod".into(), pod.clone());
+            // Unique within a registry service, which nodes of several namespaces may share.
+            let id = format!("{pod}.{pod_ns}");
+            if out.iter().any(|i: &Instance| {
+                i.id == id && i.namespace == reg.namespace_name && i.service == reg.service_name
+            }) {
+                tracing::warn!(pod = %pod, namespace = %pod_ns, node = %m.metadata.name, "the pod is selected by several nodes registering it in one service: registered once");
+                continue;
+            }
             out.push(Instance {
                 namespace: reg.namespace_name.clone(),
                 service: reg.service_name.clone(),
-                id: pod.clone(),
+                id,
                 address: ip.clone(),
                 port,
                 attributes,
@@ -484,16 +510,12 @@ pub fn spawn(
     controller.set_token_reviewer(Arc::new(Reviewer {
         client: client.clone(),
     }));
-    let leader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let leader = Arc::new(Leadership::default());
     tokio::spawn(lead(client.clone(), options, leader.clone()));
     tokio::spawn(run(client, controller, leader))
 }
 
-async fn run(
-    client: Client,
-    controller: Arc<Controller>,
-    leader: Arc<std::sync::atomic::AtomicBool>,
-) {
+async fn run(client: Client, controller: Arc<Controller>, leader: Arc<Leadership>) {
     let watched = Watched::all();
     let streams: Vec<BoxStream<'static, WatchEvent>> = watched
         .iter()
@@ -510,38 +532,46 @@ async fn run(
     let mut cache = Cache::default();
     let mut problems: BTreeMap<ResourceKey, Vec<Problem>> = BTreeMap::new();
     let mut shadowed = BTreeMap::new();
-    let mut dirty = false;
+    // When the store is to be brought in line: set by the first change after a sync, never
+    // pushed back by later ones (a busy cluster's pods change all the time).
+    let mut due: Option<Instant> = None;
     let mut statuses = tokio::time::interval(STATUS_EVERY);
     statuses.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut written: HashMap<(Group, ResourceKey), Value> = HashMap::new();
+    let mut writer = StatusWriter::default();
     loop {
-        let settle = tokio::time::sleep(SETTLE);
+        let settle = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let listed = cache.listed.len() == watched.len();
         tokio::select! {
             event = events.next() => {
                 let Some((w, event)) = event else { break };
                 match event {
                     Ok(e) => {
                         cache.apply(w, e);
-                        dirty = true;
+                        due.get_or_insert_with(|| Instant::now() + SETTLE);
                     }
                     Err(e) if not_served(&e) => {
                         if !cache.listed.contains(&w) {
                             tracing::info!(kind = ?w, "not served by this cluster (its CRD is not installed)");
                             cache.absent(w);
-                            dirty = true;
+                            due.get_or_insert_with(|| Instant::now() + SETTLE);
                         }
                     }
                     Err(e) => tracing::warn!(kind = ?w, error = %e, "watch failed; retrying"),
                 }
             }
-            () = settle, if dirty && cache.listed.len() == watched.len() => {
-                dirty = false;
+            () = settle, if listed => {
+                due = None;
                 let d = desired(&cache);
                 match controller.sync_resources(d.manifests).await {
                     Ok(p) => problems = p,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot bring the store in line with the cluster; retrying");
-                        dirty = true;
+                        due = Some(Instant::now() + RETRY);
                         continue;
                     }
                 }
@@ -554,15 +584,17 @@ async fn run(
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot bring the registry in line with the pods; retrying");
-                        dirty = true;
+                        due = Some(Instant::now() + RETRY);
                     }
                 }
             }
-            _ = statuses.tick(), if cache.listed.len() == watched.len() => {
-                if leader.load(std::sync::atomic::Ordering::Relaxed) {
-                    write_statuses(&client, &controller, &cache, &problems, &shadowed, &mut written).await;
+            // Not while a sync is due: the problems and the store would be older than the
+            // objects.
+            _ = statuses.tick(), if listed && due.is_none() => {
+                if leader.holds() {
+                    writer.write(&client, &controller, &cache, &problems, &shadowed).await;
                 } else {
-                    written.clear();
+                    writer.written.clear();
                 }
             }
         }
@@ -578,140 +610,166 @@ fn not_served(e: &watcher::Error) -> bool {
     }
 }
 
-/// The status each mesh object should show, written where it differs from what it shows.
-async fn write_statuses(
-    client: &Client,
-    controller: &Controller,
-    cache: &Cache,
-    problems: &BTreeMap<ResourceKey, Vec<Problem>>,
-    shadowed: &BTreeMap<(Group, ResourceKey), String>,
-    written: &mut HashMap<(Group, ResourceKey), Value>,
-) {
-    let status = controller.status();
-    let usage: HashMap<(String, String, String), (usize, usize)> = status
-        .resources
-        .iter()
-        .map(|r| {
-            (
-                (r.kind.clone(), r.namespace.clone(), r.name.clone()),
-                (r.proxies, r.applied),
-            )
-        })
-        .collect();
-    let view = controller.view();
-    for (group, kind, o) in cache.mesh_objects() {
-        let (namespace, name) = object_key(o);
-        let key = ResourceKey::new(kind, &namespace, &name);
-        let invalid: Option<(&str, String)> = if let Some(why) = shadowed.get(&(group, key.clone()))
-        {
-            Some(("Shadowed", why.clone()))
-        } else if let Some(p) = problems.get(&key) {
-            let text = p
-                .iter()
-                .map(|p| format!("{}: {}", p.path, p.reason))
-                .collect::<Vec<_>>()
-                .join("; ");
-            Some(("Invalid", text))
-        } else if !view.state.contains_key(&key) {
-            // Not in the store yet (a sync is due): nothing to say until it is.
-            continue;
-        } else {
-            None
-        };
-        let mut conditions = Vec::new();
-        let mut convergence = None;
-        match &invalid {
-            Some((reason, message)) => {
-                conditions.push(condition("Valid", "False", reason, message))
+/// Writes statuses: what was written (so it is not written again), and when a refused one may
+/// be tried again.
+#[derive(Default)]
+struct StatusWriter {
+    written: HashMap<(Group, ResourceKey), Value>,
+    refused: HashMap<(Group, ResourceKey), Instant>,
+}
+
+impl StatusWriter {
+    /// The status each mesh object should show, written where it differs from what it shows.
+    async fn write(
+        &mut self,
+        client: &Client,
+        controller: &Controller,
+        cache: &Cache,
+        problems: &BTreeMap<ResourceKey, Vec<Problem>>,
+        shadowed: &BTreeMap<(Group, ResourceKey), String>,
+    ) {
+        let status = controller.status();
+        let usage: HashMap<(String, String, String), (usize, usize)> = status
+            .resources
+            .iter()
+            .map(|r| {
+                (
+                    (r.kind.clone(), r.namespace.clone(), r.name.clone()),
+                    (r.proxies, r.applied),
+                )
+            })
+            .collect();
+        let view = controller.view();
+        let now = Instant::now();
+        for (group, kind, o) in cache.mesh_objects() {
+            if o.metadata.deletion_timestamp.is_some() {
+                continue;
             }
-            None => {
-                conditions.push(condition(
-                    "Valid",
-                    "True",
-                    "Accepted",
-                    "accepted by the control plane",
-                ));
-                let (proxies, applied) = usage
-                    .get(&(
-                        kind.as_str().to_string(),
-                        key.namespace.clone(),
-                        name.clone(),
-                    ))
-                    .copied()
-                    .unwrap_or((0, 0));
-                convergence = Some(format!("{applied}/{proxies}"));
-                let nacks: Vec<String> = status
-                    .proxies
+            let (namespace, name) = object_key(o);
+            let key = ResourceKey::new(kind, &namespace, &name);
+            let id = (group, key.clone());
+            if self.refused.get(&id).is_some_and(|until| now < *until) {
+                continue;
+            }
+            let stored = view.state.get(&key);
+            let invalid: Option<(&str, String)> = if let Some(why) = shadowed.get(&id) {
+                Some(("Shadowed", why.clone()))
+            } else if let Some(p) = problems.get(&key) {
+                let text = p
                     .iter()
-                    .filter(|p| p.uses.contains(&key))
-                    .filter_map(|p| Some(format!("{}: {}", p.instance, p.nack_reason.as_ref()?)))
-                    .collect();
-                conditions.push(if proxies == 0 {
-                    condition(
-                        "Converged",
-                        "Unknown",
-                        "NoProxies",
-                        "no connected proxy uses it",
-                    )
-                } else if applied == proxies {
-                    condition(
-                        "Converged",
+                    .map(|p| format!("{}: {}", p.path, p.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Some(("Invalid", text))
+            } else if stored.is_none() {
+                // Not in the store yet (a sync is due): nothing to say until it is.
+                continue;
+            } else {
+                None
+            };
+            let mut conditions = Vec::new();
+            // A merge patch leaves out what it does not name: null removes.
+            let mut convergence = Value::Null;
+            match &invalid {
+                Some((reason, message)) => {
+                    conditions.push(condition("Valid", "False", reason, message));
+                }
+                None => {
+                    conditions.push(condition(
+                        "Valid",
                         "True",
-                        "Applied",
-                        &format!("applied by {applied} of {proxies} proxies"),
-                    )
-                } else if !nacks.is_empty() {
-                    condition("Converged", "False", "Rejected", &nacks.join("; "))
-                } else {
-                    condition(
-                        "Converged",
-                        "False",
-                        "Pending",
-                        &format!("applied by {applied} of {proxies} proxies"),
-                    )
-                });
+                        "Accepted",
+                        "accepted by the control plane",
+                    ));
+                    let (proxies, applied) = usage
+                        .get(&(
+                            kind.as_str().to_string(),
+                            key.namespace.clone(),
+                            name.clone(),
+                        ))
+                        .copied()
+                        .unwrap_or((0, 0));
+                    convergence = json!(format!("{applied}/{proxies}"));
+                    let nacks: Vec<String> = status
+                        .proxies
+                        .iter()
+                        .filter(|p| p.uses.contains(&key))
+                        .filter_map(|p| {
+                            Some(format!("{}: {}", p.instance, p.nack_reason.as_ref()?))
+                        })
+                        .collect();
+                    conditions.push(if proxies == 0 {
+                        condition(
+                            "Converged",
+                            "Unknown",
+                            "NoProxies",
+                            "no connected proxy uses it",
+                        )
+                    } else if applied == proxies {
+                        condition(
+                            "Converged",
+                            "True",
+                            "Applied",
+                            &format!("applied by {applied} of {proxies} proxies"),
+                        )
+                    } else if !nacks.is_empty() {
+                        condition("Converged", "False", "Rejected", &nacks.join("; "))
+                    } else {
+                        condition(
+                            "Converged",
+                            "False",
+                            "Pending",
+                            &format!("applied by {applied} of {proxies} proxies"),
+                        )
+                    });
+                }
             }
-        }
-        let mut desired = json!({ "conditions": conditions });
-        if let Some(c) = convergence {
-            desired["convergence"] = json!(c);
-        }
-        if let Some(g) = o.metadata.generation {
-            desired["observedGeneration"] = json!(g);
-        }
-        let current = o.data.get("status");
-        if same_status(current, &desired) || written.get(&(group, key.clone())) == Some(&desired) {
-            continue;
-        }
-        // A condition whose status stays keeps the time it last changed.
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        if let Some(conds) = desired["conditions"].as_array_mut() {
-            for c in conds {
-                let before = current
-                    .and_then(|s| s["conditions"].as_array())
-                    .and_then(|cs| cs.iter().find(|b| b["type"] == c["type"]));
-                c["lastTransitionTime"] = match before {
-                    Some(b) if b["status"] == c["status"] => b["lastTransitionTime"].clone(),
-                    _ => json!(now),
-                };
+            // The generation the store runs (checked, when it is invalid).
+            let generation = stored
+                .and_then(|r| r.metadata.generation)
+                .or_else(|| o.metadata.generation.and_then(|g| u64::try_from(g).ok()));
+            let mut desired = json!({ "conditions": conditions, "convergence": convergence });
+            if let Some(g) = generation {
+                desired["observedGeneration"] = json!(g);
             }
-        }
-        let resource = Watched::Mesh(group, kind).resource();
-        let api: Api<DynamicObject> = if kind.namespaced() {
-            Api::namespaced_with(client.clone(), &namespace, &resource)
-        } else {
-            Api::all_with(client.clone(), &resource)
-        };
-        let patch = Patch::Merge(json!({ "status": desired.clone() }));
-        match api
-            .patch_status(&name, &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {
-                strip_times(&mut desired);
-                written.insert((group, key), desired);
+            let current = o.data.get("status");
+            if same_status(current, &desired) || self.written.get(&id) == Some(&desired) {
+                continue;
             }
-            Err(e) => tracing::debug!(resource = %key, error = %e, "status not written"),
+            // A condition whose status stays keeps the time it last changed.
+            let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            let mut patch = desired.clone();
+            if let Some(conds) = patch["conditions"].as_array_mut() {
+                for c in conds {
+                    let before = current
+                        .and_then(|s| s["conditions"].as_array())
+                        .and_then(|cs| cs.iter().find(|b| b["type"] == c["type"]));
+                    c["lastTransitionTime"] = match before {
+                        Some(b) if b["status"] == c["status"] => b["lastTransitionTime"].clone(),
+                        _ => json!(stamp),
+                    };
+                }
+            }
+            let resource = Watched::Mesh(group, kind).resource();
+            let api: Api<DynamicObject> = if kind.namespaced() {
+                Api::namespaced_with(client.clone(), &namespace, &resource)
+            } else {
+                Api::all_with(client.clone(), &resource)
+            };
+            let patch = Patch::Merge(json!({ "status": patch }));
+            match api
+                .patch_status(&name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    self.refused.remove(&id);
+                    self.written.insert(id, desired);
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %key, error = %e, retry_in = ?STATUS_BACKOFF, "the API server refused its status");
+                    self.refused.insert(id, now + STATUS_BACKOFF);
+                }
+            }
         }
     }
 }
@@ -730,17 +788,37 @@ fn strip_times(status: &mut Value) {
     }
 }
 
-/// Whether the object already shows `desired` (times aside).
+/// Whether the object already shows `desired` (times aside; a null field is one it lacks).
 fn same_status(current: Option<&Value>, desired: &Value) -> bool {
     let Some(current) = current else { return false };
     let mut current = current.clone();
     strip_times(&mut current);
-    current == *desired
+    let mut desired = desired.clone();
+    if let Some(d) = desired.as_object_mut() {
+        d.retain(|_, v| !v.is_null());
+    }
+    current == desired
+}
+
+/// Whether this replica holds the Lease: until a deadline short of the Lease's end, moved on
+/// by each renewal, so a replica that cannot renew stops writing before another may take over.
+#[derive(Debug, Default)]
+struct Leadership {
+    until: parking_lot::Mutex<Option<Instant>>,
+}
+
+impl Leadership {
+    fn holds(&self) -> bool {
+        self.until
+            .lock()
+            .is_some_and(|until| Instant::now() < until)
+    }
 }
 
 /// Leader election on a `coordination.k8s.io/v1` Lease named `trellis-control`: taken when
-/// free or expired, renewed while held; `leader` says whether this replica holds it.
-async fn lead(client: Client, options: Options, leader: Arc<std::sync::atomic::AtomicBool>) {
+/// free, or when its holder has not renewed it for its duration as this replica observed it
+/// (its own clock, not the holder's timestamps: clocks may differ); renewed while held.
+async fn lead(client: Client, options: Options, leader: Arc<Leadership>) {
     let resource = ApiResource {
         group: "coordination.k8s.io".into(),
         version: "v1".into(),
@@ -749,19 +827,30 @@ async fn lead(client: Client, options: Options, leader: Arc<std::sync::atomic::A
         plural: "leases".into(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client, &options.lease_namespace, &resource);
+    let renew = options.lease_duration / 3;
+    let mut seen: Option<(String, Instant)> = None;
+    let mut held = false;
     loop {
-        let held = match try_lease(&api, &resource, &options).await {
-            Ok(held) => held,
-            Err(e) => {
+        let started = Instant::now();
+        let attempt = try_lease(&api, &resource, &options, &mut seen);
+        let now_held = match tokio::time::timeout(renew, attempt).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "leader election: the Lease cannot be read or written");
                 false
             }
+            Err(_) => {
+                tracing::warn!("leader election: the API server did not answer in time");
+                false
+            }
         };
-        let was = leader.swap(held, std::sync::atomic::Ordering::Relaxed);
-        if held != was {
-            tracing::info!(identity = %options.identity, leader = held, "leader election");
+        // Held until two thirds of the duration from when the renewal was sent.
+        *leader.until.lock() = now_held.then(|| started + options.lease_duration * 2 / 3);
+        if now_held != held {
+            tracing::info!(identity = %options.identity, leader = now_held, "leader election");
+            held = now_held;
         }
-        tokio::time::sleep(options.lease_duration / 3).await;
+        tokio::time::sleep_until(started + renew).await;
     }
 }
 
@@ -771,10 +860,10 @@ async fn try_lease(
     api: &Api<DynamicObject>,
     resource: &ApiResource,
     options: &Options,
+    seen: &mut Option<(String, Instant)>,
 ) -> Result<bool, kube::Error> {
     let me = options.identity.as_str();
-    let now = SystemTime::now();
-    let stamp = humantime::format_rfc3339_micros(now).to_string();
+    let stamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let duration = options.lease_duration.as_secs().max(1);
     let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
         let mut lease = DynamicObject::new(LEASE_NAME, resource);
@@ -794,10 +883,18 @@ async fn try_lease(
         .unwrap_or_default()
         .to_string();
     let held_for = Duration::from_secs(spec["leaseDurationSeconds"].as_u64().unwrap_or(duration));
-    let renewed = spec["renewTime"]
-        .as_str()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-    let expired = renewed.is_none_or(|r| r + held_for < now);
+    // Expired when the Lease has not changed for its duration since this replica first saw
+    // it as it is.
+    let version = lease.metadata.resource_version.clone().unwrap_or_default();
+    let now = Instant::now();
+    let since = match seen {
+        Some((v, at)) if *v == version => *at,
+        _ => {
+            *seen = Some((version, now));
+            now
+        }
+    };
+    let expired = now.duration_since(since) >= held_for;
     if holder != me && !holder.is_empty() && !expired {
         return Ok(false);
     }
@@ -881,6 +978,15 @@ impl Reviewer {
                 "the Kubernetes API does not accept the service-account token: {why}"
             )));
         }
+        // The audiences the review vouches for must include ours (an API server that ignores
+        // the requested ones answers with its own).
+        let audiences = status["audiences"].as_array();
+        if !audiences.is_some_and(|a| a.iter().any(|a| a == crate::inject::TOKEN_AUDIENCE)) {
+            return Err(Unauthenticated(format!(
+                "the service-account token is not for audience {:?}",
+                crate::inject::TOKEN_AUDIENCE
+            )));
+        }
         let user = &status["user"];
         let username = user["username"].as_str().unwrap_or_default();
         let Some(account) = username.strip_prefix("system:serviceaccount:") else {
@@ -888,7 +994,7 @@ impl Reviewer {
         };
         let (namespace, _) = account.split_once(':').unwrap_or((account, ""));
         let first = |k: &str| user["extra"][k][0].as_str().map(str::to_string);
-        let (Some(pod), pod_uid) = (
+        let (Some(pod), Some(pod_uid)) = (
             first("authentication.kubernetes.io/pod-name"),
             first("authentication.kubernetes.io/pod-uid"),
         ) else {
@@ -902,7 +1008,9 @@ impl Reviewer {
             )));
         }
         let Some(Spec::VirtualNode(spec)) = view.state.get(node).map(|r| &r.spec) else {
-            return Err(Denied(format!("{node} is not in the mesh")));
+            return Err(Denied(format!(
+                "{node} is not a VirtualNode of the mesh (gateways join with a join token)"
+            )));
         };
         let Some(selector) = &spec.pod_selector else {
             return Err(Denied(format!(
@@ -920,7 +1028,7 @@ impl Reviewer {
                 ))
             })?
             .ok_or_else(|| Denied(format!("pod {namespace}/{pod} of the token is gone")))?;
-        if pod_uid.is_some() && found.metadata.uid != pod_uid {
+        if found.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
             return Err(Denied(format!(
                 "pod {namespace}/{pod} of the token is gone (another has its name)"
             )));

@@ -319,6 +319,15 @@ pub fn check_apply(
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     let meshes = Meshes::new(state);
+    // Each `trellis.dev/addresses` address is one VirtualService's (the first one's, in key
+    // order): a sidecar serves each address with one virtual host.
+    let mut addressed: HashMap<std::net::SocketAddr, &ResourceKey> = HashMap::new();
+    for (key, resource) in state.iter().filter(|(k, _)| k.kind == Kind::VirtualService) {
+        let addresses = crate::model::annotated_addresses(&resource.metadata.annotations);
+        for a in addresses.unwrap_or_default() {
+            addressed.entry(a).or_insert(key);
+        }
+    }
     for (key, resource) in state {
         let mut c = Checker {
             state,
@@ -351,25 +360,30 @@ pub fn check_apply(
             }
         }
         c.spec(&resource.spec);
-        if let Err(reason) = crate::model::annotated_addresses(&resource.metadata.annotations) {
-            let path = format!(
-                "metadata.annotations.{}",
-                crate::model::ADDRESSES_ANNOTATION
-            );
-            if key.kind == Kind::VirtualService {
-                c.err(path, reason);
+        let path = format!(
+            "metadata.annotations.{}",
+            crate::model::ADDRESSES_ANNOTATION
+        );
+        match crate::model::annotated_addresses(&resource.metadata.annotations) {
+            Err(reason) if key.kind == Kind::VirtualService => c.err(path, reason),
+            Ok(addresses) if key.kind == Kind::VirtualService => {
+                let mut seen = HashSet::new();
+                for a in addresses {
+                    if !seen.insert(a) {
+                        c.err(path.clone(), format!("{a} is listed twice"));
+                    } else if let Some(other) = addressed.get(&a).filter(|o| **o != key) {
+                        c.err(path.clone(), format!("{a} is already {other}'s address"));
+                    }
+                }
             }
-        } else if key.kind != Kind::VirtualService
-            && resource
+            _ if resource
                 .metadata
                 .annotations
-                .contains_key(crate::model::ADDRESSES_ANNOTATION)
-        {
-            let path = format!(
-                "metadata.annotations.{}",
-                crate::model::ADDRESSES_ANNOTATION
-            );
-            c.err(path, "only a VirtualService has addresses".into());
+                .contains_key(crate::model::ADDRESSES_ANNOTATION) =>
+            {
+                c.err(path, "only a VirtualService has addresses".into());
+            }
+            _ => {}
         }
         let document = origin.get(key).copied();
         problems.extend(c.problems.into_iter().map(|(path, reason)| Problem {
@@ -1829,6 +1843,53 @@ spec:
 
     /// Mesh membership by namespace labels: a resource without a meshRef belongs to the mesh
     /// whose namespaceSelector selects its namespace, and references stay inside a mesh.
+    #[test]
+    fn virtual_service_addresses_are_checked_and_unique() {
+        let with = |annotation: &str, more: &str| {
+            GOOD.replace(
+                "metadata: { name: colorteller }",
+                &format!("metadata: {{ name: colorteller, annotations: {{ trellis.dev/addresses: {annotation:?} }} }}"),
+            ) + more
+        };
+        assert!(state_of(&with("10.96.0.10:80, [fd00::a]:80", "")).is_ok());
+        let twin = "---\napiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualService\nmetadata: { name: twin, annotations: { trellis.dev/addresses: '10.96.0.10:80' } }\nspec:\n  provider: { virtualRouter: { virtualRouterRef: { name: ct } } }\n";
+        let problems = state_of(&with("10.96.0.10:80", twin)).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("VirtualService default/twin")
+                    && p.contains(
+                        "10.96.0.10:80 is already VirtualService default/colorteller's address"
+                    )),
+            "{problems:?}"
+        );
+        let problems = state_of(&with("10.96.0.10:80,10.96.0.10:80", "")).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("listed twice")),
+            "{problems:?}"
+        );
+        let problems = state_of(&with("10.96.0.10", "")).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("metadata.annotations.trellis.dev/addresses")
+                    && p.contains("not an ip:port")),
+            "{problems:?}"
+        );
+        let on_node = GOOD.replacen(
+            "metadata: { name: blue",
+            "metadata: { annotations: { trellis.dev/addresses: '10.0.0.1:80' }, name: blue",
+            1,
+        );
+        let problems = state_of(&on_node).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("only a VirtualService has addresses")),
+            "{problems:?}"
+        );
+    }
+
     #[test]
     fn namespace_selectors_decide_mesh_membership() {
         let two_meshes = |sel_a: &str, sel_b: &str, labels: &str| {

@@ -359,7 +359,8 @@ fn route_request<'r>(
                 path: req.uri().path(),
                 query: req.uri().query(),
                 headers: req.headers(),
-                port: authority_port(authority),
+                // A captured request naming no port was sent to the original one.
+                port: authority_port(authority).or(original.map(|o| o.port())),
                 scheme: req.uri().scheme(),
             };
             host.route(&input).ok_or(ProxyError::NoRoute)?

@@ -127,7 +127,11 @@ pub(crate) async fn forward_opaque(
                 passthrough = route;
                 (&passthrough.targets, None)
             }
-            Err(_) => return,
+            Err(e) => {
+                tracing::debug!(%original, error = %e, "no passthrough route to the original destination");
+                services.metrics.error(e.kind());
+                return;
+            }
         },
         (None, Unmatched::Deny | Unmatched::NotFound) => {
             tracing::debug!(%original, "captured connection to a destination the mesh does not allow");

@@ -409,6 +409,26 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
     );
     assert!(refused.contains("kubectl"), "{refused}");
 
+    // A resource being deleted is gone for the mesh, also while a finalizer (App Mesh's, whose
+    // controller is no longer there to remove it) holds it in the cluster.
+    let (status, _) = api.call("PATCH", &vs_path, Some(json!({ "metadata": { "finalizers": ["finalizers.appmesh.k8s.aws/aws-resources"] } }))).await;
+    assert_eq!(status, 200);
+    let (status, _) = api.call("DELETE", &vs_path, None).await;
+    assert_eq!(status, 200);
+    eventually(
+        Duration::from_secs(15),
+        "the deleted VirtualService gone",
+        || async {
+            let out = stdout(&cli(&server, &["get", "virtualservices", "-n", "shop"]));
+            if out.contains("reviews") {
+                Err(out)
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+
     // The status writer holds the Lease.
     let (status, lease) = api
         .call(
@@ -666,12 +686,18 @@ async fn a_pod_proves_its_node_with_its_service_account_token() {
     }
     let token = |name: &str, pod: &str, audience: &str| {
         let token = format!("eyJhbGciOiJSUzI1NiJ9.{name}.signature");
-        let body = json!({
-            "token": token, "audiences": [audience],
-            "user": { "username": "system:serviceaccount:shop:default", "extra": {
+        // A legacy (secret) token is bound to no pod.
+        let extra = if name == "unbound" {
+            json!({})
+        } else {
+            json!({
                 "authentication.kubernetes.io/pod-name": [pod],
                 "authentication.kubernetes.io/pod-uid": [uids[pod]],
-            } },
+            })
+        };
+        let body = json!({
+            "token": token, "audiences": [audience],
+            "user": { "username": "system:serviceaccount:shop:default", "extra": extra },
         });
         let path = dir.path().join(name);
         std::fs::write(&path, &token).unwrap();
@@ -686,6 +712,7 @@ async fn a_pod_proves_its_node_with_its_service_account_token() {
             "productpage-1",
             "https://kubernetes.default.svc",
         ),
+        ("unbound", "productpage-1", "trellis"),
     ] {
         let (file, body) = token(name, pod, audience);
         let (status, _) = api.call("POST", "/standin/tokens", Some(body)).await;
@@ -746,7 +773,11 @@ async fn a_pod_proves_its_node_with_its_service_account_token() {
         "a workload certificate was issued: {}",
         status["proxies"]
     );
-    for (token, why) in [("reviews", "podSelector"), ("apiserver", "does not accept")] {
+    for (token, why) in [
+        ("reviews", "podSelector"),
+        ("apiserver", "does not accept"),
+        ("unbound", "not bound to a pod"),
+    ] {
         let refused = sidecar(token).await;
         eventually(Duration::from_secs(10), "the refusal", || async {
             let logs = refused.logs();

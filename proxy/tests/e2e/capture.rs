@@ -351,6 +351,7 @@ listeners:
         domains: ["reviews.shop.svc.cluster.local", "10.96.0.10:80"]
         routes:
           - name: reviews
+            match: { prefix: /, port: 80 }
             action: { weightedTargets: [{ cluster: reviews, weight: 1 }] }
       - name: db
         domains: ["10.96.0.11:7000"]
@@ -379,7 +380,7 @@ socketserver.ThreadingTCPServer(("10.77.0.1", 7070), H).serve_forever()
 
 /// The app's connections keep where they were going (`SO_ORIGINAL_DST`): HTTP naming a host the
 /// egress does not know is routed by the address it was sent to (a virtual service's cluster
-/// IP, which exists nowhere), bytes that are not HTTP go to the TCP route of the virtual host
+/// IP, which exists nowhere; its port is the one routes match when the `Host` names none), bytes that are not HTTP go to the TCP route of the virtual host
 /// that address names — also when the server speaks first and the client waits — and with the
 /// mesh's DROP_ALL a destination the mesh does not name is refused, HTTP or not.
 #[tokio::test]
