@@ -184,15 +184,7 @@ impl Listeners {
                     });
                 let start = tokio::time::Instant::now();
                 let outcome = crate::tcp::forward(route, stream).await;
-                if let Some(mut log) = log {
-                    log.duration = start.elapsed();
-                    log.cluster = outcome.cluster;
-                    log.endpoint = outcome.endpoint;
-                    log.bytes_received = outcome.received;
-                    log.bytes_sent = outcome.sent;
-                    log.error = outcome.error;
-                    self.services.access_log.write(Box::new(log));
-                }
+                outcome.log(&self.services.access_log, log, start.elapsed());
             }
             ListenerKind::Http(_) => {
                 drop(runtime);

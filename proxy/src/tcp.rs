@@ -66,6 +66,26 @@ pub(crate) struct TcpOutcome {
     pub error: Option<&'static str>,
 }
 
+impl TcpOutcome {
+    /// Fills `log` with how the connection went (it took `duration`) and writes it.
+    pub(crate) fn log(
+        self,
+        access_log: &crate::access_log::AccessLog,
+        log: Option<crate::access_log::LogRecord>,
+        duration: Duration,
+    ) {
+        if let Some(mut log) = log {
+            log.duration = duration;
+            log.cluster = self.cluster;
+            log.endpoint = self.endpoint;
+            log.bytes_received = self.received;
+            log.bytes_sent = self.sent;
+            log.error = self.error;
+            access_log.write(Box::new(log));
+        }
+    }
+}
+
 /// Forwards one accepted connection of a TCP listener.
 pub(crate) async fn forward(route: &TcpRoute, client: Stream) -> TcpOutcome {
     forward_to(&route.targets, route.idle, client).await

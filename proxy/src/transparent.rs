@@ -144,15 +144,7 @@ pub(crate) async fn forward_opaque(
         }
     };
     let outcome = crate::tcp::forward_to(targets, idle, Stream::Plain(stream)).await;
-    if let Some(mut log) = log {
-        log.duration = start.elapsed();
-        log.cluster = outcome.cluster;
-        log.endpoint = outcome.endpoint;
-        log.bytes_received = outcome.received;
-        log.bytes_sent = outcome.sent;
-        log.error = outcome.error;
-        services.access_log.write(Box::new(log));
-    }
+    outcome.log(&services.access_log, log, start.elapsed());
 }
 
 #[cfg(test)]

@@ -221,15 +221,6 @@ clusters:
 async fn init_captures_inbound_and_outbound_traffic_through_the_proxy() {
     let mut ns = Netns::new();
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = dir.path().join("snapshot.yaml");
-    std::fs::write(&snapshot, SNAPSHOT).unwrap();
-    let log = dir.path().join("access.log");
-    std::fs::write(&log, "").unwrap();
-    for p in [dir.path(), &log, &snapshot] {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = if p.is_dir() { 0o777 } else { 0o666 };
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
 
     // Without capture, the app (on loopback) is out of reach.
     let (app, peer) = (ns.app.clone(), ns.peer.clone());
@@ -293,31 +284,9 @@ async fn init_captures_inbound_and_outbound_traffic_through_the_proxy() {
     assert_eq!(rules.matches("-j TRELLIS_OUTPUT").count(), 1, "{rules}");
     assert_eq!(rules.matches("--to-ports 15001").count(), 1, "{rules}");
 
-    let snapshot = snapshot.display().to_string();
-    let log_arg = log.display().to_string();
-    ns.spawn(
-        &app,
-        &[
-            "setpriv",
-            "--reuid",
-            "1337",
-            "--regid",
-            "1337",
-            "--clear-groups",
-            "--",
-            BIN,
-            "--snapshot",
-            &snapshot,
-            "--ingress-addr",
-            "0.0.0.0:15000",
-            "--egress-addr",
-            "0.0.0.0:15001",
-            "--admin-addr",
-            "127.0.0.1:9901",
-            "--access-log",
-            &log_arg,
-        ],
-    );
+    // (Once more, as the proxy starts: still one set.)
+    let log = ns.start_proxy(dir.path(), SNAPSHOT);
+    assert_eq!(ns.nat_rules(), rules);
     eventually(Duration::from_secs(10), "the proxy", || async {
         ns.get(&app, "http://127.0.0.1:9901/ready").map(drop)
     })
