@@ -420,6 +420,8 @@ class Handler(BaseHTTPRequestHandler):
             with store.cond:
                 return self.send_json(200, fixed[(method, path.rstrip("/"))]())
         ref = parse_path(path)
+        if ref is not None and ref.group in self.server.unserved:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
         if ref is None or ref.sub not in (None, "status"):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
         allowed = {"GET"} if ref.plural is None else {"GET", "POST"} if ref.name is None \
@@ -512,11 +514,14 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = ephemeral)")
     parser.add_argument("--history", type=int, default=10000, help="watch events retained")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--unserved", action="append", default=[],
+                        help="an API group served as absent (404), as when its CRDs are not installed")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.store = Store(args.history)
     server.verbose = args.verbose
+    server.unserved = set(args.unserved)
     print(f"listening http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -38,9 +38,15 @@ impl Drop for Standin {
 
 impl Standin {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With `args` (`--unserved GROUP`: a group whose CRDs are not installed).
+    fn start_with(args: &[&str]) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../testkit/kube-standin.py");
         let mut child = Command::new("python3")
             .args([script, "--port", "0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -132,7 +138,9 @@ async fn pods_at(ips: [&str; 2]) -> (TestServer, TestServer) {
 /// watch gap (compaction: 410) is recovered by relisting, and the API refuses writes.
 #[tokio::test]
 async fn the_mesh_and_the_registry_come_from_the_cluster() {
-    let api = Standin::start();
+    // A cluster with App Mesh's CRDs only (Trellis's group is not served), as during a
+    // migration.
+    let api = Standin::start_with(&["--unserved", "mesh.trellis.dev"]);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = pods_at(["127.0.0.2", "127.0.0.3"]).await;
     let port = a.addr.port();
