@@ -17,7 +17,10 @@ case "${2:-h1}" in
 esac
 command -v valgrind >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq valgrind; }
 command -v h2load >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq nghttp2-client; }
-cargo build --profile dist -q -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
+# The proxy is built on its own: built with the benches (which use trellis-control), it would
+# take the features the control plane's dependencies turn on (kube-client's tracing/log).
+cargo build --profile dist -q -p trellis-benches --bin bench-upstream
+cargo build --profile dist -q -p trellis-proxy --bin trellis-proxy
 bin="${CARGO_TARGET_DIR:-target}/dist"
 work=$(mktemp -d)
 pids=()

@@ -6,7 +6,7 @@ run at once when the endpoints appear; later ones are spread over the interval),
 time (user + system, from /proc/PID/stat) is read over WINDOW seconds (default 60), with the
 probes the proxy counted in that window. No request traffic: the cost is the checkers'.
 
-    cargo build --profile dist -p trellis-proxy -p trellis-benches --bin trellis-proxy --bin bench-upstream
+    cargo build --profile dist -p trellis-benches --bin bench-upstream && cargo build --profile dist -p trellis-proxy
     python3 benches/health_check_cpu.py [N] [WINDOW] [PROTOCOL]
 
 PROTOCOL: HTTP (default), HTTP2, TCP, or NONE (the same proxy without a health check: the
