@@ -42,6 +42,36 @@ const TOKEN_DIR: &str = "/var/run/secrets/trellis";
 const PROXY: &str = "trellis-proxy";
 const INIT: &str = "trellis-init";
 const PROXY_UID: i64 = 1337;
+
+/// App Mesh's pod annotations that configured Envoy, its X-Ray daemon or App Mesh's CNI mode,
+/// and why Trellis has none of them.
+const UNSUPPORTED: [(&str, &str); 13] = [
+    (
+        "appmeshCNI",
+        "capture is the trellis-init container's; ECS and Fargate tasks use ECS's proxyConfiguration",
+    ),
+    ("proxyIngressPort", "the ingress is always 15000"),
+    ("proxyEgressPort", "the egress is always 15001"),
+    ("ignoredUID", "the proxy always runs as 1337"),
+    (
+        "ignoredGID",
+        "the proxy's UID, not its group, is left out of capture",
+    ),
+    ("preview", "App Mesh preview features"),
+    (
+        "sds",
+        "workload certificates come from the control plane, not an SDS socket",
+    ),
+    ("secretMounts", "the proxy reads no files of the pod's"),
+    ("volumeMounts", "the proxy reads no files of the pod's"),
+    ("sidecarEnv", "Envoy's environment"),
+    ("sidecarEnvJson", "Envoy's environment"),
+    ("xrayAgentConfigMount", "X-Ray: tracing is issue 16's"),
+    (
+        "virtualGatewaySkipImageOverride",
+        "gateway pods are not injected",
+    ),
+];
 const ANNOTATIONS: [&str; 2] = [
     "appmesh.k8s.aws/sidecarInjectorWebhook",
     "trellis.dev/inject",
@@ -151,6 +181,38 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
             ));
         }
     };
+    // App Mesh's annotations Trellis has no counterpart for: refused by name, never ignored
+    // (a pod would run without what it asked for).
+    for (name, why) in UNSUPPORTED {
+        if annotation(&format!("appmesh.k8s.aws/{name}")).is_some() {
+            return Err(format!(
+                "the pod's annotation appmesh.k8s.aws/{name} is not supported by Trellis ({why}): remove it"
+            ));
+        }
+    }
+    // App Mesh's annotations naming the node and its mesh: the node is found by podSelector,
+    // and a pod that names another is refused rather than meshed as what it did not ask for.
+    if let Some(named) = annotation("appmesh.k8s.aws/virtualNode") {
+        let name = named.rsplit('/').next().unwrap_or(named);
+        if name != key.name {
+            return Err(format!(
+                "the pod's annotation appmesh.k8s.aws/virtualNode names {named:?}, but its labels select VirtualNode {}/{}",
+                key.namespace, key.name
+            ));
+        }
+    }
+    if let Some(mesh) = annotation("appmesh.k8s.aws/mesh") {
+        let of = state
+            .get(key)
+            .and_then(|r| crate::validate::mesh_of(state, r))
+            .unwrap_or_default();
+        if mesh != of {
+            return Err(format!(
+                "the pod's annotation appmesh.k8s.aws/mesh names {mesh:?}, but VirtualNode {}/{} is of mesh {of:?}",
+                key.namespace, key.name
+            ));
+        }
+    }
     let ports = annotation("appmesh.k8s.aws/ports").map_or_else(
         || {
             node.listeners
@@ -163,6 +225,21 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
     );
     let ignored_ports = annotation("appmesh.k8s.aws/egressIgnoredPorts").unwrap_or("22");
     let ignored_ips = annotation("appmesh.k8s.aws/egressIgnoredIPs").unwrap_or("169.254.169.254");
+    // appmesh.k8s.aws/ipv6: only `disabled` meant anything to App Mesh.
+    let ipv6 =
+        !annotation("appmesh.k8s.aws/ipv6").is_some_and(|v| v.eq_ignore_ascii_case("disabled"));
+    // The proxy's resources: App Mesh's annotations, else 10m / 32Mi requested, no limits.
+    let mut resources = json!({ "requests": { "cpu": "10m", "memory": "32Mi" } });
+    for (name, kind, resource) in [
+        ("cpuRequest", "requests", "cpu"),
+        ("memoryRequest", "requests", "memory"),
+        ("cpuLimit", "limits", "cpu"),
+        ("memoryLimit", "limits", "memory"),
+    ] {
+        if let Some(v) = annotation(&format!("appmesh.k8s.aws/{name}")) {
+            resources[kind][resource] = json!(v);
+        }
+    }
     let mut init_args = vec![
         json!("init"),
         json!("--proxy-uid"),
@@ -174,6 +251,33 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
     ];
     if !ports.is_empty() {
         init_args.extend([json!("--app-ports"), json!(ports)]);
+    }
+    if !ipv6 {
+        init_args.extend([json!("--ipv6"), json!("off")]);
+    }
+    let mut proxy_args = vec![
+        json!("--control-plane"),
+        json!(injector.control_plane),
+        json!("--node"),
+        json!(format!("{}/{}", key.namespace, key.name)),
+        json!("--data-dir"),
+        json!("/var/run/trellis"),
+        json!("--ingress-addr"),
+        json!("0.0.0.0:15000"),
+        json!("--egress-addr"),
+        json!("127.0.0.1:15001"),
+        json!("--admin-addr"),
+        json!("0.0.0.0:9901"),
+        json!("--token-file"),
+        json!(format!("{TOKEN_DIR}/token")),
+    ];
+    if ipv6 {
+        proxy_args.extend([
+            json!("--ipv6-ingress-addr"),
+            json!("[::]:15000"),
+            json!("--ipv6-egress-addr"),
+            json!("[::1]:15001"),
+        ]);
     }
     let init = json!({
         "name": INIT,
@@ -191,17 +295,7 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
         "image": injector.image,
         "restartPolicy": "Always",
         "command": ["trellis-proxy"],
-        "args": [
-            "--control-plane", injector.control_plane,
-            "--node", format!("{}/{}", key.namespace, key.name),
-            "--data-dir", "/var/run/trellis",
-            "--ingress-addr", "0.0.0.0:15000",
-            "--egress-addr", "127.0.0.1:15001",
-            "--ipv6-ingress-addr", "[::]:15000",
-            "--ipv6-egress-addr", "[::1]:15001",
-            "--admin-addr", "0.0.0.0:9901",
-            "--token-file", format!("{TOKEN_DIR}/token"),
-        ],
+        "args": proxy_args,
         "env": injector.control_plane_ca.as_ref().map(|pem| json!([
             { "name": "TRELLIS_PROXY_CONTROL_PLANE_CA_PEM", "value": pem },
         ])).unwrap_or_else(|| json!([])),
@@ -212,7 +306,7 @@ fn decide(state: &State, injector: &Injector, request: &Value) -> Result<Option<
             "failureThreshold": 120,
         },
         "readinessProbe": { "httpGet": { "path": "/ready", "port": 9901 }, "periodSeconds": 5 },
-        "resources": { "requests": { "cpu": "10m", "memory": "32Mi" } },
+        "resources": resources,
         "securityContext": {
             "runAsUser": PROXY_UID,
             "runAsGroup": PROXY_UID,

@@ -258,7 +258,12 @@ fn pod_info(o: &DynamicObject) -> PodInfo {
         .is_some_and(|conditions| {
             conditions
                 .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                // ContainersReady, as App Mesh's controller (a readiness gate waiting for the
+                // registration would otherwise never open); Ready implies it.
+                .any(|c| {
+                    (c["type"] == "ContainersReady" || c["type"] == "Ready")
+                        && c["status"] == "True"
+                })
         });
     PodInfo {
         labels: o.metadata.labels.clone().unwrap_or_default(),
@@ -317,7 +322,6 @@ fn service_of(hostname: &str) -> Option<(String, String)> {
 /// What the cluster says, as the control plane's store should hold it.
 struct Desired {
     manifests: Vec<Manifest>,
-    instances: Vec<Instance>,
     /// Objects left out before validation (another group holds the same resource), with why.
     shadowed: BTreeMap<(Group, ResourceKey), String>,
 }
@@ -384,10 +388,8 @@ fn desired(cache: &Cache) -> Desired {
             });
         }
     }
-    let instances = instances(cache, &manifests);
     Desired {
         manifests,
-        instances,
         shadowed,
     }
 }
@@ -425,7 +427,11 @@ fn add_service_addresses(
 /// The registry from Pods: each VirtualNode with a `podSelector` and a registry (or Cloud Map)
 /// service discovery has its namespace's matching pods as instances at their pod IP and the
 /// node's listener port — ready ones healthy, terminating ones draining, others left out.
-fn instances(cache: &Cache, manifests: &[Manifest]) -> Vec<Instance> {
+fn instances(
+    cache: &Cache,
+    manifests: &[Manifest],
+    state: &crate::validate::State,
+) -> Vec<Instance> {
     let mut out = Vec::new();
     for m in manifests.iter().filter(|m| m.kind == "VirtualNode") {
         let Ok(Spec::VirtualNode(node)) = model::parse_spec(Kind::VirtualNode, m.spec.clone())
@@ -453,18 +459,50 @@ fn instances(cache: &Cache, manifests: &[Manifest]) -> Vec<Instance> {
             let (Some(ip), true) = (&info.ip, info.ready || info.terminating) else {
                 continue;
             };
-            let room = crate::registry::MAX_ATTRIBUTES - 2;
-            if info.labels.len() > room {
-                tracing::warn!(pod = %pod, namespace = %pod_ns, labels = info.labels.len(), "more labels than an instance has attributes: the first {room} by name are kept");
+            // As App Mesh's controller registered them (later ones win): the pod's labels, the
+            // node's own attributes (so its selection finds them), the address and port, where
+            // the pod is, and the mesh and node.
+            let mut fixed: Vec<(String, String)> = reg
+                .attributes
+                .pairs()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let family = if ip.contains(':') {
+                "AWS_INSTANCE_IPV6"
+            } else {
+                "AWS_INSTANCE_IPV4"
+            };
+            fixed.extend([
+                (family.to_string(), ip.clone()),
+                ("AWS_INSTANCE_PORT".into(), port.to_string()),
+                ("k8s.io/pod".into(), pod.clone()),
+                ("k8s.io/namespace".into(), pod_ns.clone()),
+                (
+                    "appmesh.k8s.aws/virtualNode".into(),
+                    m.metadata.name.clone(),
+                ),
+            ]);
+            let key = ResourceKey::new(Kind::VirtualNode, &namespace, &m.metadata.name);
+            if let Some(mesh) = state
+                .get(&key)
+                .and_then(|r| crate::validate::mesh_of(state, r))
+            {
+                fixed.push(("appmesh.k8s.aws/mesh".into(), mesh.to_string()));
             }
-            let mut attributes: BTreeMap<String, String> = info
+            let room = crate::registry::MAX_ATTRIBUTES.saturating_sub(fixed.len());
+            let labels = info
                 .labels
                 .iter()
+                .filter(|(k, _)| !fixed.iter().any(|(f, _)| f == *k));
+            if labels.clone().count() > room {
+                tracing::warn!(pod = %pod, namespace = %pod_ns, labels = info.labels.len(), "more labels than an instance has attributes: the first {room} by name are kept");
+            }
+            let mut attributes: BTreeMap<String, String> = labels
                 .take(room)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            attributes.insert("k8s.io/namespace".into(), pod_ns.clone());
-            attributes.insert("k8s.io/pod".into(), pod.clone());
+            attributes.extend(fixed);
             // Unique within a registry service, which nodes of several namespaces may share.
             let id = format!("{pod}.{pod_ns}");
             if out.iter().any(|i: &Instance| {
@@ -567,7 +605,10 @@ async fn run(client: Client, controller: Arc<Controller>, leader: Arc<Leadership
             () = settle, if listed => {
                 due = None;
                 let d = desired(&cache);
-                match controller.sync_resources(d.manifests).await {
+                // The registry from the manifests (the nodes' selectors and attributes, valid or
+                // not: other nodes may call their pods) and the stored state (their meshes).
+                let registry = |state: &crate::validate::State| instances(&cache, &d.manifests, state);
+                match controller.sync_resources(d.manifests.clone()).await {
                     Ok(p) => problems = p,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot bring the store in line with the cluster; retrying");
@@ -576,7 +617,8 @@ async fn run(client: Client, controller: Arc<Controller>, leader: Arc<Leadership
                     }
                 }
                 shadowed = d.shadowed;
-                match controller.sync_instances(d.instances).await {
+                let wanted = registry(&controller.view().state);
+                match controller.sync_instances(wanted).await {
                     Ok(refused) => {
                         for (i, why) in refused {
                             tracing::warn!(pod = %i.id, namespace = %i.namespace, reason = %why, "pod left out of the registry");

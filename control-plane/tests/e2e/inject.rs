@@ -292,4 +292,80 @@ async fn the_webhook_injects_the_walkthroughs_pods() {
             .contains("no VirtualNode"),
         "{answer}"
     );
+
+    // App Mesh's annotations naming another node or mesh than the pod's: refused, saying why;
+    // naming its own: injected.
+    for (uid, annotations, refused) in [
+        (
+            "u6",
+            json!({ "appmesh.k8s.aws/virtualNode": "red" }),
+            Some("names \"red\""),
+        ),
+        (
+            "u7",
+            json!({ "appmesh.k8s.aws/mesh": "other-mesh" }),
+            Some("names \"other-mesh\""),
+        ),
+        (
+            "u8",
+            json!({ "appmesh.k8s.aws/virtualNode": "blue", "appmesh.k8s.aws/mesh": "howto-mesh" }),
+            None,
+        ),
+        (
+            "u9",
+            json!({ "appmesh.k8s.aws/sidecarEnv": "DEBUG=1" }),
+            Some("appmesh.k8s.aws/sidecarEnv is not supported by Trellis"),
+        ),
+    ] {
+        let named = pod("blue", annotations);
+        let answer = post_tls(
+            control.addr,
+            &ca,
+            "/v1/webhooks/inject",
+            &review(uid, &named),
+        )
+        .await;
+        match refused {
+            Some(why) => {
+                assert_eq!(answer["response"]["allowed"], false, "{answer}");
+                let message = answer["response"]["status"]["message"].as_str().unwrap();
+                assert!(message.contains(why), "{message}");
+            }
+            None => assert_eq!(answer["response"]["patchType"], "JSONPatch", "{answer}"),
+        }
+    }
+
+    // The proxy's resources and IPv6 from App Mesh's annotations.
+    let tuned = pod(
+        "blue",
+        json!({
+            "appmesh.k8s.aws/cpuRequest": "50m", "appmesh.k8s.aws/memoryLimit": "128Mi",
+            "appmesh.k8s.aws/ipv6": "disabled",
+        }),
+    );
+    let answer = post_tls(
+        control.addr,
+        &ca,
+        "/v1/webhooks/inject",
+        &review("u10", &tuned),
+    )
+    .await;
+    let injected = patched(&answer, &tuned);
+    let inits = injected["spec"]["initContainers"].as_array().unwrap();
+    let proxy = inits.iter().find(|c| c["name"] == "trellis-proxy").unwrap();
+    assert_eq!(
+        proxy["resources"],
+        json!({ "requests": { "cpu": "50m", "memory": "32Mi" }, "limits": { "memory": "128Mi" } })
+    );
+    assert!(
+        !proxy["args"].to_string().contains("--ipv6-egress-addr"),
+        "{}",
+        proxy["args"]
+    );
+    let init = inits.iter().find(|c| c["name"] == "trellis-init").unwrap();
+    assert!(
+        init["args"].to_string().contains("\"--ipv6\",\"off\""),
+        "{}",
+        init["args"]
+    );
 }

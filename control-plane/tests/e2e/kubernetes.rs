@@ -160,7 +160,9 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
         "spec": {
             "podSelector": { "matchLabels": { "app": "reviews", "version": "v1" } },
             "listeners": [{ "portMapping": { "port": port, "protocol": "http" } }],
-            "serviceDiscovery": { "awsCloudMap": { "namespaceName": "shop.local", "serviceName": "reviews" } },
+            // Attributes the pods do not carry as labels: their instances get them (as App Mesh
+            // registered them), so the node's own selection finds them.
+            "serviceDiscovery": { "awsCloudMap": { "namespaceName": "shop.local", "serviceName": "reviews", "attributes": [{ "key": "track", "value": "stable" }] } },
         },
     })).await;
     api.create(&format!("{ns}/virtualservices"), json!({
@@ -248,10 +250,15 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
             && i["service"] == "reviews"
             && i["port"] == port)
     );
-    assert!(
-        list.iter()
-            .all(|i| i["attributes"]["k8s.io/namespace"] == "shop")
-    );
+    for i in &list {
+        let a = &i["attributes"];
+        assert_eq!(a["k8s.io/namespace"], "shop", "{i}");
+        assert_eq!(a["track"], "stable", "{i}");
+        assert_eq!(a["AWS_INSTANCE_IPV4"], i["address"], "{i}");
+        assert_eq!(a["AWS_INSTANCE_PORT"], port.to_string(), "{i}");
+        assert_eq!(a["appmesh.k8s.aws/mesh"], "shop", "{i}");
+        assert_eq!(a["appmesh.k8s.aws/virtualNode"], "reviews-v1", "{i}");
+    }
 
     // The caller's sidecar reaches both pods, by name and by the Service's cluster IP.
     let proxy = ProxyProcess::sidecar(
