@@ -6,6 +6,7 @@
 #[cfg(test)]
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 use std::{future::Future, pin::Pin, time::Duration};
 

@@ -10,6 +10,7 @@
 )]
 
 pub mod client;
+pub mod etcd;
 pub mod grpc;
 pub mod h2raw;
 pub mod process;

@@ -27,6 +27,23 @@ struct Args {
         default_value = "./trellis-data"
     )]
     data_dir: PathBuf,
+    /// Where the mesh and the registry are kept: the embedded store in --data-dir (default), or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://` for TLS), which several control planes
+    /// share. --data-dir keeps local files either way (the CA bundle file, the first admin's
+    /// token).
+    #[arg(long, env = "TRELLIS_CONTROL_STORE")]
+    store: Option<String>,
+    /// The prefix of every key in etcd (several meshes may share one cluster).
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_PREFIX", default_value = "/trellis/")]
+    etcd_prefix: String,
+    /// The CA (PEM file) etcd's certificates chain to.
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// This control plane's client certificate and key (PEM files) for etcd.
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Address of the HTTP API and the gRPC config stream.
     #[arg(long, env = "TRELLIS_CONTROL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -171,9 +188,32 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let store = EmbeddedStore::open(&args.data_dir)
-            .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
-        let controller = Controller::start(Arc::new(store))
+        let store: Arc<dyn trellis_control::store::Store> = match &args.store {
+            None => Arc::new(EmbeddedStore::open(&args.data_dir).with_context(|| {
+                format!("cannot open the store in {}", args.data_dir.display())
+            })?),
+            Some(url) => {
+                use trellis_control::store::etcd::{EtcdOptions, EtcdStore};
+                let mut options = EtcdOptions::from_url(url).map_err(anyhow::Error::msg)?;
+                options.prefix = args.etcd_prefix.clone();
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+                };
+                options.ca = args.etcd_ca.as_ref().map(read).transpose()?;
+                if let (Some(cert), Some(key)) = (&args.etcd_cert, &args.etcd_key) {
+                    options.identity = Some((read(cert)?, read(key)?));
+                }
+                std::fs::create_dir_all(&args.data_dir)
+                    .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+                tracing::info!(endpoints = %options.endpoints.join(","), prefix = %options.prefix, "the store is etcd");
+                Arc::new(
+                    EtcdStore::connect(&options)
+                        .await
+                        .with_context(|| format!("cannot reach etcd at {url}"))?,
+                )
+            }
+        };
+        let controller = Controller::start(store)
             .await
             .context("cannot load the store")?;
         let supplied = match (&args.ca_cert, &args.ca_key) {

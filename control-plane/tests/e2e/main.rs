@@ -6,6 +6,7 @@
 mod appmesh;
 mod auth;
 mod ecs;
+mod etcd;
 mod gateway;
 mod identity;
 mod import;
