@@ -82,7 +82,9 @@ fn persist(config: &ControlConfig, snapshot: &pb::Snapshot) -> std::io::Result<(
 pub async fn run(app: Arc<App>, config: ControlConfig) {
     let instance = format!("{}-{}", std::process::id(), fastrand::u32(..));
     let mut failures = 0u32;
-    let mut index = 0usize;
+    // Proxies spread over the control planes they list: each starts at a random one, and moves
+    // to the next when its stream fails.
+    let mut index = fastrand::usize(..config.urls.len().max(1));
     loop {
         let Some(url) = config.urls.get(index % config.urls.len().max(1)) else {
             return;

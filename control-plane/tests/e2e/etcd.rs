@@ -80,7 +80,7 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let mut a = control_on(&etcd, da.path()).await;
+    let a = control_on(&etcd, da.path()).await;
     let b = control_on(&etcd, db.path()).await;
     let blue = TestServer::start("blue").await;
     let green = TestServer::start("green").await;
@@ -106,7 +106,7 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
         "{listed}"
     );
 
-    // The proxy follows A first (then B, the next in its list).
+    // The proxy follows one of them (proxies spread over the control planes they list).
     let front = ProxyProcess::sidecar(
         proxy_bin(),
         &format!("{},{}", a.url, b.url),
@@ -114,15 +114,30 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
         dp.path(),
     )
     .await;
-    wait_synced(&a.url, 1).await;
+    let on_a = eventually(
+        Duration::from_secs(10),
+        "the proxy on one of them",
+        || async {
+            let connected =
+                |url: &str| crate::status(url)["proxies"].as_array().map_or(0, Vec::len);
+            match (connected(&a.url), connected(&b.url)) {
+                (1, 0) => Ok(true),
+                (0, 1) => Ok(false),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (mut holder, other) = if on_a { (a, b) } else { (b, a) };
+    wait_synced(&holder.url, 1).await;
     let counts = split(front.egress, HOST, 20).await;
     assert_eq!(counts.get("blue"), Some(&20), "{counts:?}");
 
-    // A change through B reaches the proxy connected to A.
-    apply(&b.url, &mesh(0, 100));
+    // A change through the other reaches the proxy.
+    apply(&other.url, &mesh(0, 100));
     eventually(
         Duration::from_secs(10),
-        "green through A's proxy",
+        "green through the other's change",
         || async {
             let c = split(front.egress, HOST, 10).await;
             if c.get("green") == Some(&10) {
@@ -134,20 +149,25 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
     )
     .await;
 
-    // A dies under load: the proxy keeps serving, moves to B, and follows B's changes.
+    // Its control plane dies under load: the proxy keeps serving, moves to the other, and
+    // follows its changes.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(front.egress, stop.clone());
-    a.kill().await;
-    wait_synced(&b.url, 1).await;
-    apply(&b.url, &mesh(100, 0));
-    eventually(Duration::from_secs(10), "blue again, through B", || async {
-        let c = split(front.egress, HOST, 10).await;
-        if c.get("blue") == Some(&10) {
-            Ok(())
-        } else {
-            Err(format!("{c:?}"))
-        }
-    })
+    holder.kill().await;
+    wait_synced(&other.url, 1).await;
+    apply(&other.url, &mesh(100, 0));
+    eventually(
+        Duration::from_secs(10),
+        "blue again, through the survivor",
+        || async {
+            let c = split(front.egress, HOST, 10).await;
+            if c.get("blue") == Some(&10) {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failures) = traffic.await.unwrap();

@@ -440,7 +440,7 @@ async fn a_sidecar_fails_over_to_the_next_control_plane() {
     let red = TestServer::start("red").await;
     // Two control planes with their own stores; B sends everything to red.
     let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = ControlProcess::start(CONTROL, data_a.path()).await;
+    let a = ControlProcess::start(CONTROL, data_a.path()).await;
     let b = ControlProcess::start(CONTROL, data_b.path()).await;
     for (cp, weights) in [(&a, (100, 0, 0)), (&b, (0, 0, 100))] {
         apply(&cp.url, &mesh_yaml(blue.addr.port(), weights, RED_REGISTRY));
@@ -451,16 +451,35 @@ async fn a_sidecar_fails_over_to_the_next_control_plane() {
     let dir = tempfile::tempdir().unwrap();
     let urls = format!("{},{}", a.url, b.url);
     let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dir.path()).await;
-    wait_synced(&a.url, 1).await;
+    // It starts at either (proxies spread over the control planes they list).
+    let on_a = eventually(
+        Duration::from_secs(10),
+        "the proxy on one of them",
+        || async {
+            let connected = |url: &str| status(url)["proxies"].as_array().map_or(0, Vec::len);
+            match (connected(&a.url), connected(&b.url)) {
+                (1, 0) => Ok(true),
+                (0, 1) => Ok(false),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let (mut first, second, colors) = if on_a {
+        (a, b, ["blue", "red"])
+    } else {
+        (b, a, ["red", "blue"])
+    };
+    wait_synced(&first.url, 1).await;
     assert_eq!(
-        split(front.egress, HOST, 10).await.get("blue"),
+        split(front.egress, HOST, 10).await.get(colors[0]),
         Some(&10),
-        "first control plane first"
+        "the control plane it started with"
     );
-    a.kill().await;
-    wait_synced(&b.url, 1).await;
+    first.kill().await;
+    wait_synced(&second.url, 1).await;
     assert_eq!(
-        split(front.egress, HOST, 10).await.get("red"),
+        split(front.egress, HOST, 10).await.get(colors[1]),
         Some(&10),
         "then the next one"
     );
