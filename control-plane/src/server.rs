@@ -417,7 +417,7 @@ async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> 
     // plane by its certificate instead); it reads nothing but the pod it is sent.
     let open = matches!(
         req.uri().path(),
-        "/healthz" | "/metrics" | "/v1/webhooks/inject"
+        "/healthz" | "/readyz" | "/metrics" | "/v1/webhooks/inject"
     );
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
     let action = format!("{} {}", req.method(), req.uri().path());
@@ -634,6 +634,22 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, &DONE),
+        // Whether the store answers: a control plane that cannot read it serves its proxies
+        // their last snapshots but can change nothing.
+        (&Method::GET, ["readyz"]) => {
+            let probe = controller.store().list(crate::view::GUARD_KEY);
+            match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+                Ok(Ok(_)) => reply(StatusCode::OK, &DONE),
+                Ok(Err(e)) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the store is unavailable: {e}"),
+                ),
+                Err(_) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the store is unavailable: no answer within 3s",
+                ),
+            }
+        }
         (&Method::POST, ["v1", "apply"]) => apply(controller, req).await,
         (&Method::POST, ["v1", "delete"]) => delete(controller, req).await,
         (_, ["v1", "resources", kind, rest @ ..]) => {

@@ -27,8 +27,21 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members forming one cluster, and waits until it answers.
+    /// Starts `n` members forming one cluster, and waits until it answers. A port the OS gave
+    /// may be taken by another test between the pick and etcd's bind: the cluster is then
+    /// started again on other ports.
     pub async fn start(n: usize) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(n).await {
+                Ok(cluster) => return cluster,
+                Err(why) => last = why,
+            }
+        }
+        panic!("etcd did not start: {last}");
+    }
+
+    async fn try_start(n: usize) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -54,9 +67,10 @@ impl EtcdCluster {
                     format!("--initial-cluster={}", initial.join(",")),
                     "--initial-cluster-state=new".into(),
                     "--initial-cluster-token=trellis-test".into(),
-                    // Fast elections, so fault tests do not wait long for a new leader.
-                    "--heartbeat-interval=50".into(),
-                    "--election-timeout=500".into(),
+                    // Elections quicker than the defaults (100 ms / 1 s), not so quick that a
+                    // busy test machine makes them churn.
+                    "--heartbeat-interval=100".into(),
+                    "--election-timeout=1000".into(),
                     "--logger=zap".into(),
                     "--log-level=error".into(),
                 ];
@@ -70,15 +84,24 @@ impl EtcdCluster {
                 m
             })
             .collect();
-        let cluster = Self { members, _dir: dir };
+        let mut cluster = Self { members, _dir: dir };
         let endpoints = cluster.endpoints();
-        eventually(Duration::from_secs(20), "etcd answering", || async {
-            healthy(&endpoints)
-                .then_some(())
-                .ok_or_else(|| "not yet".to_string())
-        })
-        .await;
-        cluster
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if healthy(&endpoints) {
+                return Ok(cluster);
+            }
+            // A member that exited could not bind its ports.
+            for m in &mut cluster.members {
+                if m.exited() {
+                    return Err(format!("member {} exited", m.name));
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err("not healthy within 30s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `host:port` of every member, comma-separated (for `etcd://...`).
@@ -94,6 +117,46 @@ impl EtcdCluster {
     pub fn url(&self) -> String {
         format!("etcd://{}", self.endpoints())
     }
+}
+
+impl EtcdCluster {
+    /// The index of the member that leads now (asked through etcd's JSON gateway), once one
+    /// does.
+    pub async fn leader(&self) -> usize {
+        eventually(Duration::from_secs(20), "an etcd leader", || async {
+            for (i, m) in self.members.iter().enumerate() {
+                let Some(status) = post_json(&m.client_url, "/v3/maintenance/status") else {
+                    continue;
+                };
+                let me = &status["header"]["member_id"];
+                if !me.is_null() && *me == status["leader"] {
+                    return Ok(i);
+                }
+            }
+            Err("no member says it leads".to_string())
+        })
+        .await
+    }
+
+    /// Whether `index` answers (its `/health`).
+    pub fn answers(&self, index: usize) -> bool {
+        healthy(self.members[index].client_url.trim_start_matches("http://"))
+    }
+}
+
+/// POSTs `{}` to `path` of the member at `url`; the JSON answer.
+fn post_json(url: &str, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(url.trim_start_matches("http://")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    s.write_all(request.as_bytes()).ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let body = reply.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
 }
 
 /// Whether every endpoint's `/health` says `true` (etcd serves it on the client port).
@@ -121,6 +184,12 @@ impl Member {
             .spawn()
             .expect("etcd on PATH (Debian: apt-get install etcd-server)");
         self.child = Some(child);
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// SIGKILL, no clean shutdown.

@@ -77,6 +77,23 @@ fn backend(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
 
+/// How long one request may take: with no member answering (a quorum lost, all down), an
+/// apply fails with a clear error instead of hanging. Watches are not bounded.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn timed<T>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Backend(format!(
+                "etcd: no answer to {what} within {REQUEST_TIMEOUT:?} (are a majority of members up?)"
+            )))
+        })
+}
+
 /// etcd's "requested lease not found" (a put, a revoke), or the client's "lease not found" (a
 /// keep-alive answered with TTL 0).
 fn lease_missing(e: &etcd_client::Error) -> bool {
@@ -162,7 +179,7 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a list", async move {
             let mut kv = self.client.kv_client();
             let r = kv
                 .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
@@ -171,19 +188,19 @@ impl Store for EtcdStore {
             let revision = r.header().map_or(0, |h| h.revision().cast_unsigned());
             let items = r.kvs().iter().filter_map(|kv| self.key_value(kv)).collect();
             Ok(Listing { revision, items })
-        })
+        }))
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a read", async move {
             let mut kv = self.client.kv_client();
             let r = kv.get(self.full(key), None).await.map_err(backend)?;
             Ok(r.kvs().first().and_then(|kv| self.key_value(kv)))
-        })
+        }))
     }
 
     fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a transaction", async move {
             let mut compares = Vec::new();
             let mut reads = Vec::new();
             let mut writes = Vec::new();
@@ -236,7 +253,7 @@ impl Store for EtcdStore {
             Ok(response
                 .header()
                 .map_or(0, |h| h.revision().cast_unsigned()))
-        })
+        }))
     }
 
     fn watch<'a>(
@@ -322,7 +339,7 @@ impl Store for EtcdStore {
     }
 
     fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a lease grant", async move {
             // Whole seconds, rounded up (etcd raises it to its minimum, about 2 s, itself).
             let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
             let mut lease = self.client.lease_client();
@@ -331,11 +348,11 @@ impl Store for EtcdStore {
                 .await
                 .map_err(backend)?;
             Ok(r.id().cast_unsigned())
-        })
+        }))
     }
 
     fn keep_alive(&self, id: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a lease keep-alive", async move {
             let err = |e: etcd_client::Error| {
                 if lease_missing(&e) {
                     StoreError::LeaseNotFound(id)
@@ -351,18 +368,18 @@ impl Store for EtcdStore {
                 Some(r) if r.ttl() > 0 => Ok(()),
                 _ => Err(StoreError::LeaseNotFound(id)),
             }
-        })
+        }))
     }
 
     fn revoke(&self, id: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
+        Box::pin(timed("a lease revocation", async move {
             let mut lease = self.client.lease_client();
             match lease.revoke(id.cast_signed()).await {
                 Ok(_) => Ok(()),
                 Err(e) if lease_missing(&e) => Err(StoreError::LeaseNotFound(id)),
                 Err(e) => Err(backend(e)),
             }
-        })
+        }))
     }
 }
 

@@ -35,6 +35,38 @@ fn mesh(blue: u32, green: u32) -> String {
     )
 }
 
+/// `n` GETs through `via`, counted by answer; an error (the proxy has no config yet and closes
+/// connections) is an `Err`, for `eventually`.
+async fn answers(
+    via: std::net::SocketAddr,
+    n: usize,
+) -> Result<std::collections::HashMap<String, usize>, String> {
+    let mut c = Client::h1(via).await.map_err(|e| e.to_string())?;
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..n {
+        let r = c.get(HOST, "/").await.map_err(|e| e.to_string())?;
+        let key = match r.header("x-trellis-error") {
+            Some(kind) => format!("error:{kind}"),
+            None => r.text(),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// Waits until every one of 10 requests through `via` is answered by `colour`.
+async fn all(via: std::net::SocketAddr, colour: &str) {
+    eventually(Duration::from_secs(20), colour, || async {
+        let c = answers(via, 10).await?;
+        if c.get(colour) == Some(&10) {
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .await;
+}
+
 async fn control_on(etcd: &EtcdCluster, dir: &std::path::Path) -> ControlProcess {
     let url = etcd.url();
     ControlProcess::start_with(
@@ -130,24 +162,11 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
     .await;
     let (mut holder, other) = if on_a { (a, b) } else { (b, a) };
     wait_synced(&holder.url, 1).await;
-    let counts = split(front.egress, HOST, 20).await;
-    assert_eq!(counts.get("blue"), Some(&20), "{counts:?}");
+    all(front.egress, "blue").await;
 
     // A change through the other reaches the proxy.
     apply(&other.url, &mesh(0, 100));
-    eventually(
-        Duration::from_secs(10),
-        "green through the other's change",
-        || async {
-            let c = split(front.egress, HOST, 10).await;
-            if c.get("green") == Some(&10) {
-                Ok(())
-            } else {
-                Err(format!("{c:?}"))
-            }
-        },
-    )
-    .await;
+    all(front.egress, "green").await;
 
     // Its control plane dies under load: the proxy keeps serving, moves to the other, and
     // follows its changes.
@@ -156,22 +175,244 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
     holder.kill().await;
     wait_synced(&other.url, 1).await;
     apply(&other.url, &mesh(100, 0));
+    all(front.egress, "blue").await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = traffic.await.unwrap();
+    assert!(ok > 20, "the load ran ({ok})");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// Whether `control`'s `/readyz` says its store answers.
+fn ready(control: &ControlProcess) -> bool {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, urllib.request as u\ntry:\n    u.urlopen(sys.argv[1] + '/readyz', timeout=10)\nexcept Exception:\n    sys.exit(1)",
+            &control.url,
+        ])
+        .status()
+        .unwrap();
+    out.success()
+}
+
+/// Faults of etcd under continuous traffic, no failed request: the leader killed (an apply
+/// through a control plane lands whole once a new leader is elected, or fails saying why);
+/// every member down (control planes say they are not ready, applies fail clearly, proxies keep
+/// serving their snapshot); the members back (everything resumes).
+#[tokio::test]
+async fn etcd_faults_fail_no_request() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let (da, db, dp) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = control_on(&etcd, da.path()).await;
+    let b = control_on(&etcd, db.path()).await;
+    let blue = TestServer::start("blue").await;
+    let green = TestServer::start("green").await;
+    apply(&a.url, &mesh(100, 0));
+    register_instance(
+        &a.url,
+        ("test", "colorteller"),
+        "blue-1",
+        blue.addr,
+        &["version=blue"],
+    );
+    register_instance(
+        &a.url,
+        ("test", "colorteller"),
+        "green-1",
+        green.addr,
+        &["version=green"],
+    );
+    let urls = format!("{},{}", a.url, b.url);
+    let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dp.path()).await;
+    all(front.egress, "blue").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(front.egress, stop.clone());
+
+    // The leader dies: an apply lands (or says why it cannot) once another leads.
+    let leader = etcd.leader().await;
+    etcd.members[leader].kill();
     eventually(
-        Duration::from_secs(10),
-        "blue again, through the survivor",
+        Duration::from_secs(30),
+        "an apply through a survivor",
         || async {
-            let c = split(front.egress, HOST, 10).await;
-            if c.get("blue") == Some(&10) {
+            let out = crate::apply_result(&b.url, &mesh(0, 100));
+            if out.status.success() {
                 Ok(())
             } else {
-                Err(format!("{c:?}"))
+                let why = crate::stderr(&out);
+                assert!(
+                    why.contains("store") || why.contains("etcd"),
+                    "a clear error: {why}"
+                );
+                Err(why)
             }
         },
     )
     .await;
+    all(front.egress, "green").await;
+    etcd.members[leader].restart();
+
+    // Every member down: not ready, applies refused saying why, the proxy serves on.
+    for m in &mut etcd.members {
+        m.kill();
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the control planes not ready",
+        || async {
+            if !ready(&a) && !ready(&b) {
+                Ok(())
+            } else {
+                Err("still ready".to_string())
+            }
+        },
+    )
+    .await;
+    let out = crate::apply_result(&a.url, &mesh(100, 0));
+    assert!(!out.status.success(), "applied with etcd down");
+    let why = crate::stderr(&out);
+    assert!(why.contains("store") || why.contains("etcd"), "{why}");
+    let c = split(front.egress, HOST, 20).await;
+    assert_eq!(
+        c.get("green"),
+        Some(&20),
+        "the last snapshot serves on: {c:?}"
+    );
+
+    // Back: ready again, and a change goes through to the proxy.
+    for m in &mut etcd.members {
+        m.restart();
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the control planes ready",
+        || async {
+            if ready(&a) && ready(&b) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "an apply after the outage",
+        || async {
+            let out = crate::apply_result(&a.url, &mesh(100, 0));
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(crate::stderr(&out))
+            }
+        },
+    )
+    .await;
+    all(front.egress, "blue").await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failures) = traffic.await.unwrap();
     assert!(ok > 20, "the load ran ({ok})");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// The etcd leader paused (SIGSTOP) for 30 s, then resumed, under continuous traffic: applies
+/// land once another member leads, the resumed member rejoins, and no request fails.
+#[tokio::test]
+async fn a_paused_etcd_leader_fails_no_request() {
+    let etcd = EtcdCluster::start(3).await;
+    let (da, db, dp) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = control_on(&etcd, da.path()).await;
+    let b = control_on(&etcd, db.path()).await;
+    let blue = TestServer::start("blue").await;
+    let green = TestServer::start("green").await;
+    apply(&a.url, &mesh(100, 0));
+    register_instance(
+        &a.url,
+        ("test", "colorteller"),
+        "blue-1",
+        blue.addr,
+        &["version=blue"],
+    );
+    register_instance(
+        &b.url,
+        ("test", "colorteller"),
+        "green-1",
+        green.addr,
+        &["version=green"],
+    );
+    let urls = format!("{},{}", a.url, b.url);
+    let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dp.path()).await;
+    all(front.egress, "blue").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(front.egress, stop.clone());
+
+    let leader = etcd.leader().await;
+    let paused_at = tokio::time::Instant::now();
+    etcd.members[leader].pause(true);
+    eventually(
+        Duration::from_secs(30),
+        "an apply while the leader is paused",
+        || async {
+            let out = crate::apply_result(&a.url, &mesh(0, 100));
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(crate::stderr(&out))
+            }
+        },
+    )
+    .await;
+    all(front.egress, "green").await;
+    // The fault lasts 30 s (its definition, not a wait for something to happen).
+    tokio::time::sleep_until(paused_at + Duration::from_secs(30)).await;
+    etcd.members[leader].pause(false);
+    eventually(
+        Duration::from_secs(20),
+        "the resumed member answering",
+        || async {
+            if etcd.answers(leader) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "an apply after it resumed",
+        || async {
+            let out = crate::apply_result(&b.url, &mesh(100, 0));
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(crate::stderr(&out))
+            }
+        },
+    )
+    .await;
+    all(front.egress, "blue").await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = traffic.await.unwrap();
+    assert!(ok > 100, "the load ran ({ok})");
     assert!(
         failures.is_empty(),
         "{} failed: {:?}",

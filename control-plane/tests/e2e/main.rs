@@ -70,6 +70,11 @@ pub fn apply_refused(server: &str, yaml: &str) -> String {
     stderr(&out)
 }
 
+/// `trellis apply -f` of `yaml`, whatever it answers.
+pub fn apply_result(server: &str, yaml: &str) -> Output {
+    apply_file(server, yaml)
+}
+
 fn apply_file(server: &str, yaml: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mesh.yaml");
