@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod migrate;
 
 use std::{future::Future, pin::Pin, time::Duration};
 

@@ -33,17 +33,8 @@ struct Args {
     /// token).
     #[arg(long, env = "TRELLIS_CONTROL_STORE")]
     store: Option<String>,
-    /// The prefix of every key in etcd (several meshes may share one cluster).
-    #[arg(long, env = "TRELLIS_CONTROL_ETCD_PREFIX", default_value = "/trellis/")]
-    etcd_prefix: String,
-    /// The CA (PEM file) etcd's certificates chain to.
-    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// This control plane's client certificate and key (PEM files) for etcd.
-    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CERT", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "TRELLIS_CONTROL_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Address of the HTTP API and the gRPC config stream.
     #[arg(long, env = "TRELLIS_CONTROL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -147,7 +138,98 @@ struct Args {
     log: String,
 }
 
+/// `trellis-control migrate`: copies a mesh from one store to an empty other one.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "trellis-control migrate",
+    about = "Copy every key of one store into an empty other one (embedded directory or etcd://), checked by a content hash; the control planes of both must be stopped"
+)]
+struct MigrateArgs {
+    /// The source: an embedded store's directory, or etcd://HOST:PORT[,...].
+    #[arg(long)]
+    from: String,
+    /// The target, empty: a directory, or etcd://HOST:PORT[,...].
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+/// How to reach etcd (for --store, or a migration's etcd side).
+#[derive(Debug, Clone, clap::Args)]
+struct EtcdArgs {
+    /// The prefix of every key in etcd (several meshes may share one cluster).
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_PREFIX", default_value = "/trellis/")]
+    etcd_prefix: String,
+    /// The CA (PEM file) etcd's certificates chain to.
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// This control plane's client certificate and key (PEM files) for etcd.
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TRELLIS_CONTROL_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+/// The store `spec` names: etcd (`etcd://`, `etcds://`) or the embedded one in a directory.
+async fn open_store(
+    spec: &str,
+    etcd: &EtcdArgs,
+) -> anyhow::Result<Arc<dyn trellis_control::store::Store>> {
+    use trellis_control::store::etcd::{EtcdOptions, EtcdStore};
+    if !(spec.starts_with("etcd://") || spec.starts_with("etcds://")) {
+        let dir = std::path::Path::new(spec);
+        return Ok(Arc::new(EmbeddedStore::open(dir).with_context(|| {
+            format!("cannot open the store in {}", dir.display())
+        })?));
+    }
+    let mut options = EtcdOptions::from_url(spec).map_err(anyhow::Error::msg)?;
+    options.prefix = etcd.etcd_prefix.clone();
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    options.ca = etcd.etcd_ca.as_ref().map(read).transpose()?;
+    if let (Some(cert), Some(key)) = (&etcd.etcd_cert, &etcd.etcd_key) {
+        options.identity = Some((read(cert)?, read(key)?));
+    }
+    tracing::info!(endpoints = %options.endpoints.join(","), prefix = %options.prefix, "the store is etcd");
+    Ok(Arc::new(
+        EtcdStore::connect(&options)
+            .await
+            .with_context(|| format!("cannot reach etcd at {spec}"))?,
+    ))
+}
+
+fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let from = open_store(&args.from, &args.etcd).await?;
+        let to = open_store(&args.to, &args.etcd).await?;
+        let done = trellis_control::store::migrate::migrate(from.as_ref(), to.as_ref())
+            .await
+            .context("migration failed")?;
+        println!(
+            "migrated {} keys ({} held by leases, given new ones) from {} to {}; content hash {:016x} on both",
+            done.keys, done.leased, args.from, args.to, done.hash
+        );
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("migrate") {
+        let args = MigrateArgs::parse_from(std::env::args().skip(1));
+        return match migrate(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-control migrate: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -188,29 +270,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let store: Arc<dyn trellis_control::store::Store> = match &args.store {
-            None => Arc::new(EmbeddedStore::open(&args.data_dir).with_context(|| {
-                format!("cannot open the store in {}", args.data_dir.display())
-            })?),
+        let store = match &args.store {
+            None => open_store(&args.data_dir.display().to_string(), &args.etcd).await?,
             Some(url) => {
-                use trellis_control::store::etcd::{EtcdOptions, EtcdStore};
-                let mut options = EtcdOptions::from_url(url).map_err(anyhow::Error::msg)?;
-                options.prefix = args.etcd_prefix.clone();
-                let read = |p: &PathBuf| {
-                    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
-                };
-                options.ca = args.etcd_ca.as_ref().map(read).transpose()?;
-                if let (Some(cert), Some(key)) = (&args.etcd_cert, &args.etcd_key) {
-                    options.identity = Some((read(cert)?, read(key)?));
-                }
                 std::fs::create_dir_all(&args.data_dir)
                     .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-                tracing::info!(endpoints = %options.endpoints.join(","), prefix = %options.prefix, "the store is etcd");
-                Arc::new(
-                    EtcdStore::connect(&options)
-                        .await
-                        .with_context(|| format!("cannot reach etcd at {url}"))?,
-                )
+                if !(url.starts_with("etcd://") || url.starts_with("etcds://")) {
+                    anyhow::bail!("--store {url}: etcd://HOST:PORT[,HOST:PORT...] (without --store: the embedded store in --data-dir)");
+                }
+                open_store(url, &args.etcd).await?
             }
         };
         let controller = Controller::start(store)

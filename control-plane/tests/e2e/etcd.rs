@@ -420,3 +420,70 @@ async fn a_paused_etcd_leader_fails_no_request() {
         &failures[..failures.len().min(5)]
     );
 }
+
+/// `trellis-control migrate` moves an embedded store's mesh to etcd: a control plane on etcd
+/// then serves the same resources and instances, and its proxies route as before.
+#[tokio::test]
+async fn an_embedded_mesh_migrates_to_etcd() {
+    let etcd = EtcdCluster::start(1).await;
+    let (data, de, dp) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let green = TestServer::start("green").await;
+    let mut embedded = ControlProcess::start(CONTROL, data.path()).await;
+    apply(&embedded.url, &mesh(0, 100));
+    register_instance(
+        &embedded.url,
+        ("test", "colorteller"),
+        "green-1",
+        green.addr,
+        &["version=green"],
+    );
+    let before = stdout(&cli(&embedded.url, &["get", "virtualnodes"]));
+    embedded.kill().await;
+
+    let out = std::process::Command::new(CONTROL)
+        .args([
+            "migrate",
+            "--from",
+            data.path().to_str().unwrap(),
+            "--to",
+            &etcd.url(),
+            "--etcd-prefix",
+            "/e2e/",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("content hash") && said.starts_with("migrated "),
+        "{said}"
+    );
+    // Into a store that is not empty: refused.
+    let again = std::process::Command::new(CONTROL)
+        .args([
+            "migrate",
+            "--from",
+            data.path().to_str().unwrap(),
+            "--to",
+            &etcd.url(),
+            "--etcd-prefix",
+            "/e2e/",
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        crate::stderr(&again).contains("not empty"),
+        "{}",
+        crate::stderr(&again)
+    );
+
+    let on_etcd = control_on(&etcd, de.path()).await;
+    assert_eq!(stdout(&cli(&on_etcd.url, &["get", "virtualnodes"])), before);
+    let front = ProxyProcess::sidecar(proxy_bin(), &on_etcd.url, "default/front", dp.path()).await;
+    all(front.egress, "green").await;
+}
