@@ -211,10 +211,11 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         let done = trellis_control::store::migrate::migrate(from.as_ref(), to.as_ref())
             .await
             .context("migration failed")?;
-        println!(
-            "migrated {} keys ({} held by leases, given new ones) from {} to {}; content hash {:016x} on both",
+        let said = format!(
+            "migrated {} keys ({} held by leases, given new ones) from {} to {}; content hash {:016x} on both\n",
             done.keys, done.leased, args.from, args.to, done.hash
         );
+        std::io::Write::write_all(&mut std::io::stdout(), said.as_bytes())?;
         Ok(())
     })
 }
