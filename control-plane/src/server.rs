@@ -1091,12 +1091,96 @@ fn results(result: Result<Vec<Applied>, ControlError>) -> Response<Body> {
     }
 }
 
-/// `POST /v1/apply`: the body's manifests, all or nothing.
+/// `POST /v1/apply`: the body's manifests, all or nothing; then its `Instance` documents
+/// (what `trellis export --instances` writes), each registered as `POST /v1/instances` would,
+/// once the resources are in. Every document is checked before anything is written.
 async fn apply(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
-    match manifests(req).await {
-        Ok(manifests) => results(controller.apply(manifests).await),
-        Err(r) => r,
+    let manifests = match manifests(req).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let (instances, manifests): (Vec<_>, Vec<_>) = manifests
+        .into_iter()
+        .enumerate()
+        .partition(|(_, m)| m.kind == "Instance" && m.api_version == crate::model::API_VERSION);
+    let mut registrations = Vec::new();
+    for (document, m) in instances {
+        match instance_of(&m) {
+            Ok(i) => registrations.push(i),
+            Err((path, reason)) => {
+                return invalid(vec![Problem {
+                    document: Some(document),
+                    resource: Some(format!("Instance {}", m.metadata.name)),
+                    path,
+                    reason,
+                }]);
+            }
+        }
     }
+    let manifests = manifests.into_iter().map(|(_, m)| m).collect::<Vec<_>>();
+    let mut applied = if manifests.is_empty() {
+        Vec::new()
+    } else {
+        match controller.apply(manifests).await {
+            Ok(a) => a,
+            Err(e) => return control_error(e),
+        }
+    };
+    for i in registrations {
+        let name = format!("{}/{}", i.service, i.id);
+        let namespace = i.namespace.clone();
+        if let Err(e) = controller.register(i).await {
+            return control_error(e);
+        }
+        applied.push(Applied {
+            kind: "Instance".into(),
+            namespace,
+            name,
+            action: crate::controller::Action::Configured,
+        });
+    }
+    reply(StatusCode::OK, &Results { results: applied })
+}
+
+/// An `Instance` document: `metadata.namespace` and `.name` are the registry namespace and the
+/// instance id; `spec` has the registration's other fields.
+fn instance_of(m: &crate::model::Manifest) -> Result<Instance, (String, String)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Spec {
+        service: String,
+        address: String,
+        port: u16,
+        #[serde(default)]
+        attributes: BTreeMap<String, String>,
+        #[serde(default)]
+        status: crate::registry::InstanceStatus,
+        #[serde(default)]
+        ttl_seconds: Option<u64>,
+    }
+    let namespace = m.metadata.namespace.clone().ok_or_else(|| {
+        (
+            "metadata.namespace".to_string(),
+            "the registry namespace is required".to_string(),
+        )
+    })?;
+    let spec: Spec = serde_path_to_error::deserialize(m.spec.clone())
+        .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))?;
+    let instance = Instance {
+        namespace,
+        service: spec.service,
+        id: m.metadata.name.clone(),
+        address: spec.address,
+        port: spec.port,
+        attributes: spec.attributes,
+        status: spec.status,
+        ttl_seconds: spec.ttl_seconds,
+        lease: None,
+    };
+    instance
+        .validate()
+        .map_err(|(path, reason)| (format!("spec.{path}"), reason))?;
+    Ok(instance)
 }
 
 /// `POST /v1/delete`: the resources the body's manifests name.

@@ -487,3 +487,71 @@ async fn an_embedded_mesh_migrates_to_etcd() {
     let front = ProxyProcess::sidecar(proxy_bin(), &on_etcd.url, "default/front", dp.path()).await;
     all(front.egress, "green").await;
 }
+
+/// `trellis export --instances` of a mesh, applied to an empty control plane (on etcd here),
+/// restores it: the same resources, the same instances, the same routing.
+#[tokio::test]
+async fn an_export_restores_the_mesh() {
+    let etcd = EtcdCluster::start(1).await;
+    let (data, de, dp) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let green = TestServer::start("green").await;
+    let source = ControlProcess::start(CONTROL, data.path()).await;
+    apply(
+        &source.url,
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: default, labels: {{ team: colors }} }}\n---\n{}",
+            mesh(0, 100)
+        ),
+    );
+    register_instance(
+        &source.url,
+        ("test", "colorteller"),
+        "green-1",
+        green.addr,
+        &["version=green"],
+    );
+    let out = cli(&source.url, &["export", "--instances"]);
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let exported = stdout(&out);
+    assert!(
+        exported.contains("kind: Instance") && exported.contains("kind: Namespace"),
+        "{exported}"
+    );
+    assert!(
+        !exported.contains("resourceVersion") && !exported.contains("status:\n  proxies"),
+        "{exported}"
+    );
+
+    let target = control_on(&etcd, de.path()).await;
+    let applied = apply(&target.url, &exported);
+    assert!(
+        applied.contains("instance/test/colorteller/green-1"),
+        "{applied}"
+    );
+    // The same names (the creation times are the target's own).
+    let names = |url: &str, what: &[&str]| -> Vec<String> {
+        stdout(&cli(url, what))
+            .lines()
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    for what in [&["get", "virtualnodes"][..], &["get", "namespaces"]] {
+        assert_eq!(
+            names(&target.url, what),
+            names(&source.url, what),
+            "{what:?}"
+        );
+    }
+    assert_eq!(
+        stdout(&cli(&target.url, &["instances", "list"])),
+        stdout(&cli(&source.url, &["instances", "list"]))
+    );
+    // Applying it again changes nothing.
+    assert!(!apply(&target.url, &exported).contains("created"));
+    let front = ProxyProcess::sidecar(proxy_bin(), &target.url, "default/front", dp.path()).await;
+    all(front.egress, "green").await;
+}

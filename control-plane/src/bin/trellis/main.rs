@@ -69,6 +69,14 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
     },
+    /// Every resource (Namespaces too), as manifests `trellis apply -f` restores: a backup, or
+    /// a mesh to move. With --instances, the registry too (`Instance` documents).
+    Export {
+        /// Also the registered instances (those with a TTL expire again unless their
+        /// heartbeats resume).
+        #[arg(long)]
+        instances: bool,
+    },
     /// Delete the resources in a file, or one resource by kind and name.
     Delete {
         #[arg(short = 'f', long = "filename")]
@@ -507,6 +515,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ca(ca.as_deref())?;
     match cli.command {
         Command::Apply { files } => apply(&api, files).await?,
+        Command::Export { instances } => export(&api, instances).await?,
         Command::Delete {
             files,
             kind,
@@ -713,6 +722,54 @@ async fn apply(api: &ApiClient, files: Vec<String>) -> anyhow::Result<()> {
             r.name,
             r.action.as_str()
         );
+    }
+    Ok(())
+}
+
+/// `trellis export`: every resource as the manifest it was applied as (server-set metadata
+/// and status left out), as YAML documents, Namespaces and Meshes first; then, with
+/// `instances`, the registry.
+async fn export(api: &ApiClient, instances: bool) -> anyhow::Result<()> {
+    use trellis_control::model::Kind;
+    let mut docs: Vec<serde_json::Value> = Vec::new();
+    for kind in [
+        Kind::Namespace,
+        Kind::Mesh,
+        Kind::VirtualNode,
+        Kind::VirtualRouter,
+        Kind::VirtualService,
+        Kind::VirtualGateway,
+        Kind::GatewayRoute,
+    ] {
+        let path = format!("/v1/resources/{}?namespace=", kind.lower());
+        for mut m in typed::<Items<Manifest>>(api.get(&path).await?)?.items {
+            m.status = None;
+            m.metadata.resource_version = None;
+            m.metadata.generation = None;
+            m.metadata.uid = None;
+            m.metadata.creation_timestamp = None;
+            docs.push(serde_json::to_value(&m)?);
+        }
+    }
+    if instances {
+        for i in typed::<Items<Instance>>(api.get("/v1/instances").await?)?.items {
+            let mut spec = serde_json::json!({
+                "service": i.service, "address": i.address, "port": i.port,
+                "attributes": i.attributes, "status": i.status,
+            });
+            if let Some(ttl) = i.ttl_seconds {
+                spec["ttlSeconds"] = serde_json::json!(ttl);
+            }
+            docs.push(serde_json::json!({
+                "apiVersion": trellis_control::model::API_VERSION,
+                "kind": "Instance",
+                "metadata": { "name": i.id, "namespace": i.namespace },
+                "spec": spec,
+            }));
+        }
+    }
+    for d in &docs {
+        print!("---\n{}", serde_yaml_ng::to_string(d)?);
     }
     Ok(())
 }
