@@ -4,6 +4,7 @@
 //!
 //! cargo build --release -p trellis-control -p trellis-benches
 //! target/release/propagation 100 1000
+//! target/release/propagation --etcd 1000 10000   # 3 replicas on a 3-member etcd
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
@@ -86,9 +87,18 @@ async fn proxy(
     Ok(())
 }
 
-async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
-    let data = std::env::temp_dir().join(format!("trellis-propagation-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+/// A running trellis-control: its pid and URL.
+struct Replica {
+    child: tokio::process::Child,
+    pid: u32,
+    url: String,
+}
+
+async fn start_control(
+    control_bin: &PathBuf,
+    data: &std::path::Path,
+    store: &[String],
+) -> anyhow::Result<Replica> {
     let mut child = tokio::process::Command::new(control_bin)
         .args([
             "--data-dir",
@@ -98,6 +108,7 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
             "--log",
             "warn,trellis_control=info",
         ])
+        .args(store)
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -111,15 +122,61 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let url = format!("http://{addr}");
-    let api = ApiClient::new(&url)?;
+    Ok(Replica {
+        child,
+        pid,
+        url: format!("http://{addr}"),
+    })
+}
+
+/// Every replica's connected proxies, and how many are in sync.
+async fn fleet_status(apis: &[ApiClient]) -> anyhow::Result<(usize, usize)> {
+    let (mut connected, mut synced) = (0, 0);
+    for api in apis {
+        let s = api.get("/v1/status").await?;
+        let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
+        connected += proxies.len();
+        synced += proxies
+            .iter()
+            .filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"])
+            .count();
+    }
+    Ok((connected, synced))
+}
+
+async fn run(
+    n: usize,
+    control_bin: &PathBuf,
+    etcd: Option<&trellis_testkit::etcd::EtcdCluster>,
+) -> anyhow::Result<()> {
+    let data = std::env::temp_dir().join(format!("trellis-propagation-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let store = match etcd {
+        Some(e) => vec![
+            "--store".to_string(),
+            e.url(),
+            "--etcd-prefix".into(),
+            format!("/bench-{}-{n}/", std::process::id()),
+        ],
+        None => Vec::new(),
+    };
+    let mut replicas = Vec::new();
+    for r in 0..if etcd.is_some() { 3 } else { 1 } {
+        replicas.push(start_control(control_bin, &data.join(r.to_string()), &store).await?);
+    }
+    let apis: Vec<ApiClient> = replicas
+        .iter()
+        .map(|r| ApiClient::new(&r.url))
+        .collect::<Result<_, _>>()?;
+    let api = &apis[0];
     api.post("/v1/apply", MESH.as_bytes().to_vec()).await?;
     for (i, v) in ["blue", "green", "red"].iter().enumerate() {
         let body = serde_json::json!({"namespace": "demo", "service": "colorteller", "id": v, "address": "127.0.0.1", "port": 20000 + i, "attributes": {"version": v}});
         api.post("/v1/instances", serde_json::to_vec(&body)?)
             .await?;
     }
-    let idle_rss = rss_kib(pid);
+    let rss = |rs: &[Replica]| rs.iter().map(|r| rss_kib(r.pid)).sum::<u64>();
+    let idle_rss = rss(&replicas);
 
     // Pushes received (and ACKed) by all proxies since the last reset.
     let received = Arc::new(AtomicUsize::new(0));
@@ -127,25 +184,26 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
     let notify = Arc::new(Notify::new());
     for i in 0..n {
         let f = (received.clone(), notify.clone());
-        let url = url.clone();
+        // Spread over the replicas.
+        let url = replicas[i % replicas.len()].url.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = proxy(url, f, i).await
-                && !stopping.load(Ordering::SeqCst)
-            {
-                eprintln!("proxy {i}: {e}");
+            // As a real proxy does: a stream that fails (a reset in the connection storm of
+            // thousands) is opened again after a pause.
+            for attempt in 0..20u64 {
+                match proxy(url.clone(), f.clone(), i).await {
+                    Ok(()) => return,
+                    Err(_) if stopping.load(Ordering::SeqCst) => return,
+                    Err(e) if attempt == 19 => eprintln!("proxy {i}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 + 100 * attempt)).await,
+                }
             }
         });
     }
     // Wait for every proxy to be connected and in sync.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = api.get("/v1/status").await?;
-        let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
-        let synced = proxies
-            .iter()
-            .filter(|p| !p["desiredVersion"].is_null() && p["desiredVersion"] == p["ackedVersion"])
-            .count();
+        let (_, synced) = fleet_status(&apis).await?;
         if synced == n {
             break;
         }
@@ -154,7 +212,7 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let connected_rss = rss_kib(pid);
+    let connected_rss = rss(&replicas);
 
     let mut acks = Vec::new();
     for round in 0..ROUNDS {
@@ -186,13 +244,8 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         acks.push(start.elapsed());
         // Server view (not timed): the control plane recorded every ACK.
         loop {
-            let s = api.get("/v1/status").await?;
-            let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
-            if proxies.len() == n
-                && proxies
-                    .iter()
-                    .all(|p| p["ackedVersion"] == p["desiredVersion"])
-            {
+            let (connected, synced) = fleet_status(&apis).await?;
+            if connected == n && synced == n {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -211,13 +264,16 @@ async fn run(n: usize, control_bin: &PathBuf) -> anyhow::Result<()> {
         per_proxy
     );
     stopping.store(true, Ordering::SeqCst);
-    let _ = child.kill().await;
+    for mut r in replicas {
+        let _ = r.child.kill().await;
+    }
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let through_etcd = std::env::args().any(|a| a == "--etcd");
     let counts: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -240,8 +296,17 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| proxies | median | max | RSS before | RSS connected | RSS per proxy |");
     println!("|---|---|---|---|---|---|");
+    let etcd = if through_etcd {
+        println!(
+            "(3 trellis-control replicas on a 3-member etcd; proxies spread over them; RSS summed over the replicas)"
+        );
+        println!();
+        Some(trellis_testkit::etcd::EtcdCluster::start(3).await)
+    } else {
+        None
+    };
     for n in counts {
-        run(n, &control_bin).await?;
+        run(n, &control_bin, etcd.as_ref()).await?;
     }
     Ok(())
 }
