@@ -184,19 +184,28 @@ async fn run(
     let notify = Arc::new(Notify::new());
     for i in 0..n {
         let f = (received.clone(), notify.clone());
-        // Spread over the replicas.
-        let url = replicas[i % replicas.len()].url.clone();
+        // Spread over the replicas; on a failed or ended stream, the next one after a pause
+        // (200 ms, growing, jittered: as real proxies), as long as the benchmark runs.
+        let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
         let stopping = stopping.clone();
         tokio::spawn(async move {
-            // As a real proxy does: a stream that fails (a reset in the connection storm of
-            // thousands) is opened again after a pause.
-            for attempt in 0..20u64 {
-                match proxy(url.clone(), f.clone(), i).await {
-                    Ok(()) => return,
-                    Err(_) if stopping.load(Ordering::SeqCst) => return,
-                    Err(e) if attempt == 19 => eprintln!("proxy {i}: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200 + 100 * attempt)).await,
+            let mut failures = 0u64;
+            loop {
+                let url = urls[(i + failures as usize) % urls.len()].clone();
+                let result = proxy(url, f.clone(), i).await;
+                if stopping.load(Ordering::SeqCst) {
+                    return;
                 }
+                failures += 1;
+                if failures == 50 {
+                    eprintln!("proxy {i}: gave up: {result:?}");
+                    return;
+                }
+                let pause = 200 * failures.min(10);
+                tokio::time::sleep(Duration::from_millis(
+                    pause / 2 + fastrand::u64(..=pause / 2),
+                ))
+                .await;
             }
         });
     }
@@ -251,12 +260,33 @@ async fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Through etcd: a replica (a third of the proxies) dies; the time until every proxy is
+    // connected to a survivor and in sync again.
+    let failover = if replicas.len() > 1 {
+        let mut victim = replicas.pop().context("a replica")?;
+        let _ = victim.child.kill().await;
+        let start = Instant::now();
+        let survivors = &apis[..replicas.len()];
+        loop {
+            let (connected, synced) = fleet_status(survivors).await?;
+            if connected == n && synced == n {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!("after a replica died, only {synced}/{n} proxies synced again");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        format!(" {:.2} s |", start.elapsed().as_secs_f64())
+    } else {
+        String::new()
+    };
     acks.sort();
     let median = acks[acks.len() / 2];
     let max = acks[acks.len() - 1];
     let per_proxy = (connected_rss.saturating_sub(idle_rss)) as f64 / n as f64;
     println!(
-        "| {n} | {:.1} ms | {:.1} ms | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+        "| {n} | {:.1} ms | {:.1} ms | {:.1} MiB | {:.1} MiB | {:.1} KiB |{failover}",
         median.as_secs_f64() * 1e3,
         max.as_secs_f64() * 1e3,
         idle_rss as f64 / 1024.0,
@@ -298,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|");
     let etcd = if through_etcd {
         println!(
-            "(3 trellis-control replicas on a 3-member etcd; proxies spread over them; RSS summed over the replicas)"
+            "(3 trellis-control replicas on a 3-member etcd; proxies spread over them; RSS summed over the replicas; last column: one replica killed, until every proxy is synced on the survivors)"
         );
         println!();
         Some(trellis_testkit::etcd::EtcdCluster::start(3).await)
