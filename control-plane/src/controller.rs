@@ -115,7 +115,14 @@ pub struct Controller {
     external_source: std::sync::OnceLock<&'static str>,
     /// Checks the platform tokens proxies present (Kubernetes service-account tokens).
     token_reviewer: std::sync::OnceLock<Arc<dyn TokenReviewer>>,
+    /// This control plane among those sharing the store (random, per process).
+    replica: String,
 }
+
+/// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
+const REPLICAS: &str = "replicas/";
+/// Proxies per published key (etcd takes values up to 1.5 MiB).
+const PUBLISHED_CHUNK: usize = 500;
 
 /// Checks a platform's token that a proxy presents for its node in place of a join token (on
 /// Kubernetes: its pod's service-account token, reviewed by the API server and bound to the
@@ -172,6 +179,7 @@ impl Controller {
             registration_policy: std::sync::OnceLock::new(),
             external_source: std::sync::OnceLock::new(),
             token_reviewer: std::sync::OnceLock::new(),
+            replica: format!("{:016x}", fastrand::u64(..)),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -808,6 +816,106 @@ impl Controller {
     pub fn status(&self) -> Status {
         let view = self.view();
         self.proxies.status(view.revision, view.state.keys())
+    }
+
+    /// [`Self::status`] with the proxies of the other control planes sharing the store (what
+    /// they published; a control plane gone stops counting when its lease ends).
+    pub async fn status_all(&self) -> Status {
+        let view = self.view();
+        let mut others = Vec::new();
+        match self.store.list(REPLICAS).await {
+            Ok(listing) => {
+                let own = format!("{REPLICAS}{}/", self.replica);
+                for kv in listing.items.iter().filter(|kv| !kv.key.starts_with(&own)) {
+                    match serde_json::from_slice::<Vec<crate::status::Published>>(&kv.value) {
+                        Ok(p) => others.extend(p),
+                        Err(e) => {
+                            tracing::warn!(key = %kv.key, error = %e, "unreadable published status")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "other control planes' proxies not counted: the store does not answer")
+            }
+        }
+        self.proxies
+            .status_with(view.revision, view.state.keys(), others)
+    }
+
+    /// Publishes this control plane's proxies in the store every `every` (when they changed),
+    /// under a lease, for the other control planes sharing it (`status_all`).
+    pub fn publish_status(self: &Arc<Self>, every: Duration) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let ttl = every * 5;
+            let mut lease: Option<crate::store::LeaseId> = None;
+            let mut written: Option<(u64, usize)> = None;
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(c) = this.upgrade() else { return };
+                if let Err(e) = c.publish_once(ttl, &mut lease, &mut written).await {
+                    tracing::warn!(error = %e, "cannot publish this control plane's proxies");
+                    lease = None;
+                    written = None;
+                }
+            }
+        });
+    }
+
+    async fn publish_once(
+        &self,
+        ttl: Duration,
+        lease: &mut Option<crate::store::LeaseId>,
+        written: &mut Option<(u64, usize)>,
+    ) -> Result<(), StoreError> {
+        let id = match *lease {
+            Some(id) => match self.store.keep_alive(id).await {
+                Ok(()) => id,
+                Err(StoreError::LeaseNotFound(_)) => {
+                    *written = None;
+                    self.store.grant_lease(ttl).await?
+                }
+                Err(e) => return Err(e),
+            },
+            None => self.store.grant_lease(ttl).await?,
+        };
+        *lease = Some(id);
+        let mut published = self.proxies.published();
+        published.sort_by(|a, b| a.status.instance.cmp(&b.status.instance));
+        let chunks: Vec<Vec<u8>> = published
+            .chunks(PUBLISHED_CHUNK)
+            .map(serde_json::to_vec)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let hash = chunks.iter().fold(0u64, |h, c| {
+            h.rotate_left(7) ^ xxhash_rust::xxh3::xxh3_64(c)
+        });
+        if written.is_some_and(|(h, n)| h == hash && n == chunks.len()) {
+            return Ok(());
+        }
+        let key = |i: usize| format!("{REPLICAS}{}/{i:06}", self.replica);
+        let mut ops: Vec<Op> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, value)| Op::Put {
+                key: key(i),
+                value: value.clone(),
+                expect: Expect::Any,
+                lease: Some(id),
+            })
+            .collect();
+        let before = written.map_or(0, |(_, n)| n);
+        ops.extend((chunks.len()..before).map(|i| Op::Delete {
+            key: key(i),
+            expect: Expect::Any,
+        }));
+        if !ops.is_empty() {
+            self.store.apply(ops).await?;
+        }
+        *written = Some((hash, chunks.len()));
+        Ok(())
     }
 
     /// One resource, with status.

@@ -688,7 +688,13 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
                 Err(e) => control_error(e),
             }
         }
-        (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status()),
+        // `?local=true`: only this control plane's own proxies.
+        (&Method::GET, ["v1", "status"])
+            if query(&req).get("local").is_some_and(|v| v == "true") =>
+        {
+            reply(StatusCode::OK, &controller.status())
+        }
+        (&Method::GET, ["v1", "status"]) => reply(StatusCode::OK, &controller.status_all().await),
         (&Method::POST, ["v1", "tokens"]) => create_token(controller, req).await,
         (&Method::POST, ["v1", "operators"]) => create_operator(controller, req).await,
         (&Method::GET, ["v1", "operators"]) => {

@@ -71,6 +71,14 @@ pub struct ResourceStatus {
     pub problems: Vec<String>,
 }
 
+/// A proxy's status as its control plane publishes it in a shared store, with the resources
+/// it uses (not part of the API's JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    pub status: ProxyStatus,
+    pub uses: Vec<ResourceKey>,
+}
+
 /// A resource or instance that degraded itself: what was left out, why, and on which proxies.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SourceProblem {
@@ -128,7 +136,43 @@ impl Proxies {
         revision: u64,
         keys: impl IntoIterator<Item = &'a ResourceKey>,
     ) -> Status {
-        let proxies: Vec<ProxyStatus> = self.connected.lock().values().cloned().collect();
+        self.status_with(revision, keys, Vec::new())
+    }
+
+    /// The connected proxies as other control planes see them: each with what it uses.
+    pub fn published(&self) -> Vec<Published> {
+        self.connected
+            .lock()
+            .values()
+            .map(|p| Published {
+                uses: p.uses.iter().cloned().collect(),
+                status: p.clone(),
+            })
+            .collect()
+    }
+
+    /// [`Self::status`] counting `others` (proxies of other control planes on the same store)
+    /// as well.
+    pub fn status_with<'a>(
+        &self,
+        revision: u64,
+        keys: impl IntoIterator<Item = &'a ResourceKey>,
+        others: Vec<Published>,
+    ) -> Status {
+        let mut proxies: Vec<ProxyStatus> = self.connected.lock().values().cloned().collect();
+        // A proxy that moved here from a control plane that died is still in what that one
+        // published until its lease ends: each proxy (its instance) counts once, here first.
+        let mut seen: BTreeSet<String> = proxies.iter().map(|p| p.instance.clone()).collect();
+        proxies.extend(
+            others
+                .into_iter()
+                .filter(|p| seen.insert(p.status.instance.clone()))
+                .map(|p| {
+                    let mut status = p.status;
+                    status.uses = p.uses.into_iter().collect();
+                    status
+                }),
+        );
         let mut problems: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
         for p in &proxies {
             for d in &p.problems {

@@ -133,7 +133,8 @@ async fn start_control(
 async fn fleet_status(apis: &[ApiClient]) -> anyhow::Result<(usize, usize)> {
     let (mut connected, mut synced) = (0, 0);
     for api in apis {
-        let s = api.get("/v1/status").await?;
+        // Each replica's own proxies (its plain status counts the others' too).
+        let s = api.get("/v1/status?local=true").await?;
         let proxies = s["proxies"].as_array().cloned().unwrap_or_default();
         connected += proxies.len();
         synced += proxies

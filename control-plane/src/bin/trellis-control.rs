@@ -285,6 +285,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         let controller = Controller::start(store)
             .await
             .context("cannot load the store")?;
+        if args.store.is_some() {
+            // Several control planes share the store: each publishes its proxies for the
+            // others' `trellis status`.
+            controller.publish_status(std::time::Duration::from_secs(2));
+        }
         let supplied = match (&args.ca_cert, &args.ca_key) {
             (Some(cert), Some(key)) => Some((
                 std::fs::read_to_string(cert)

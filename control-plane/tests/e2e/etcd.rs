@@ -67,6 +67,13 @@ async fn all(via: std::net::SocketAddr, colour: &str) {
     .await;
 }
 
+/// `trellis status --local`: the proxies connected to that control plane only.
+fn local(url: &str) -> serde_json::Value {
+    let out = cli(url, &["status", "--local", "-o", "json"]);
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 async fn control_on(etcd: &EtcdCluster, dir: &std::path::Path) -> ControlProcess {
     let url = etcd.url();
     ControlProcess::start_with(
@@ -150,8 +157,7 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
         Duration::from_secs(10),
         "the proxy on one of them",
         || async {
-            let connected =
-                |url: &str| crate::status(url)["proxies"].as_array().map_or(0, Vec::len);
+            let connected = |url: &str| local(url)["proxies"].as_array().map_or(0, Vec::len);
             match (connected(&a.url), connected(&b.url)) {
                 (1, 0) => Ok(true),
                 (0, 1) => Ok(false),
@@ -162,6 +168,12 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
     .await;
     let (mut holder, other) = if on_a { (a, b) } else { (b, a) };
     wait_synced(&holder.url, 1).await;
+    // `trellis status` through the other shows it too (published through etcd).
+    wait_synced(&other.url, 1).await;
+    assert_eq!(
+        local(&other.url)["proxies"].as_array().map(Vec::len),
+        Some(0)
+    );
     all(front.egress, "blue").await;
 
     // A change through the other reaches the proxy.

@@ -144,10 +144,14 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence.
+    /// Connected proxies with their config versions and ACK/NACK, and per-resource convergence
+    /// (of every control plane sharing the store).
     Status {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
+        /// Only the proxies connected to this control plane.
+        #[arg(long)]
+        local: bool,
     },
     /// Check manifests offline (schema, ranges, references among the given files).
     Validate {
@@ -567,7 +571,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{}", created.token);
         }
-        Command::Status { output } => status(&api, output).await?,
+        Command::Status { output, local } => status(&api, output, local).await?,
         Command::Operator {
             command: OperatorCommand::Create { name, role },
         } => {
@@ -920,8 +924,13 @@ async fn describe(
     Ok(())
 }
 
-async fn status(api: &ApiClient, output: Output) -> anyhow::Result<()> {
-    let status: Status = typed(api.get("/v1/status").await?)?;
+async fn status(api: &ApiClient, output: Output, local: bool) -> anyhow::Result<()> {
+    let path = if local {
+        "/v1/status?local=true"
+    } else {
+        "/v1/status"
+    };
+    let status: Status = typed(api.get(path).await?)?;
     if !matches!(output, Output::Table) {
         return print_value(output, &status);
     }
