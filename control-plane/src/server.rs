@@ -736,7 +736,7 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
             }
         }
         (&Method::POST, ["v1", "revocations"]) => revoke_identity(controller, req).await,
-        (&Method::GET, ["v1", "ca"]) => ca_status(controller),
+        (&Method::GET, ["v1", "ca"]) => ca_status(controller).await,
         (&Method::POST, ["v1", "webhooks", "inject"]) => inject(controller, req).await,
         (&Method::POST, ["v1", "ca", step]) => {
             let force = req.uri().query().is_some_and(|q| {
@@ -934,10 +934,13 @@ pub struct CaProxy {
     pub trust_roots: Vec<String>,
 }
 
-fn ca_report(controller: &Controller) -> Option<CaStatus> {
+/// The rotation and the proxies with an identity — of every control plane sharing the store,
+/// so that a step run on one waits for the proxies of all.
+async fn ca_report(controller: &Controller) -> Option<CaStatus> {
     let (ca, _) = controller.identity()?;
     let proxies = controller
-        .status()
+        .status_all()
+        .await
         .proxies
         .into_iter()
         .filter(|p| p.identity.is_some())
@@ -954,8 +957,8 @@ fn ca_report(controller: &Controller) -> Option<CaStatus> {
     })
 }
 
-fn ca_status(controller: &Controller) -> Response<Body> {
-    match ca_report(controller) {
+async fn ca_status(controller: &Controller) -> Response<Body> {
+    match ca_report(controller).await {
         Some(report) => reply(StatusCode::OK, &report),
         None => error(
             StatusCode::CONFLICT,
@@ -975,7 +978,7 @@ async fn rotate(controller: &Controller, step: &str, force: bool) -> Response<Bo
             "this control plane issues no identities",
         );
     };
-    let Some(report) = ca_report(controller) else {
+    let Some(report) = ca_report(controller).await else {
         return error(
             StatusCode::CONFLICT,
             "this control plane issues no identities",
