@@ -444,6 +444,80 @@ impl Ca {
         Ok(rotation)
     }
 
+    /// Follows the roots in the store, for control planes sharing it: a rotation step taken
+    /// through another one is adopted here too (its bundle sent to this one's proxies, its TLS
+    /// following), as if taken here.
+    pub fn follow_store(self: &Arc<Self>, store: Arc<dyn Store>) {
+        let ca = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let revision = match store.get(CA_KEY).await {
+                    Ok(Some(kv)) => {
+                        let Some(this) = ca.upgrade() else { return };
+                        this.adopt(&kv.value);
+                        kv.mod_revision
+                    }
+                    Ok(None) => 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the roots from the store");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                match store.watch(CA_KEY, revision).await {
+                    Ok(mut changes) => {
+                        while let Some(Ok(change)) = changes.recv().await {
+                            let Some(this) = ca.upgrade() else { return };
+                            for e in change.events.iter().filter(|e| e.kv.key == CA_KEY) {
+                                if e.kind == crate::store::EventKind::Put {
+                                    this.adopt(&e.kv.value);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot watch the roots in the store"),
+                }
+                if ca.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Uses the stored roots `value` if they differ from those in use.
+    fn adopt(&self, value: &[u8]) {
+        let stored = match serde_json::from_slice::<StoredCa>(value) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable roots in the store");
+                return;
+            }
+        };
+        let old = self.roots();
+        if stored.certificate == old.stored.certificate
+            && stored.next.as_ref().map(|n| &n.certificate)
+                == old.stored.next.as_ref().map(|n| &n.certificate)
+            && stored.previous == old.stored.previous
+        {
+            return;
+        }
+        match Roots::new(stored) {
+            Ok(roots) => {
+                *self.roots.write() = Arc::new(roots);
+                if let Some(path) = self.bundle_file.lock().as_ref()
+                    && let Err(e) = write_replacing(path, &self.trust_bundle())
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the trust bundle");
+                }
+                self.changes.send_modify(|n| *n += 1);
+                let rotation = self.rotation();
+                tracing::info!(stage = %rotation.stage, current = %rotation.current, "root rotation step taken through another control plane");
+            }
+            Err(e) => tracing::warn!(error = %e, "the roots in the store cannot be used"),
+        }
+    }
+
     /// The SPIFFE ID of a node or gateway.
     pub fn spiffe_id(&self, node: &ResourceKey) -> String {
         let segment = if node.kind == Kind::VirtualGateway {

@@ -308,6 +308,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("cannot set up the certificate authority")?;
         let ca = Arc::new(ca);
+        if args.store.is_some() {
+            // Another control plane on the store may take a rotation's steps.
+            ca.follow_store(controller.store().clone());
+        }
         let tls = if args.tls {
             let mut names = args.tls_names.clone();
             if names.is_empty() {

@@ -567,3 +567,76 @@ async fn an_export_restores_the_mesh() {
     let front = ProxyProcess::sidecar(proxy_bin(), &target.url, "default/front", dp.path()).await;
     all(front.egress, "green").await;
 }
+
+/// A root rotation's steps taken through one control plane are followed by the other on the
+/// same etcd (its roots, its proxies' bundle): the next step can be taken through either.
+#[tokio::test]
+async fn a_root_rotation_is_followed_across_control_planes() {
+    let etcd = EtcdCluster::start(1).await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = etcd.url();
+    let args = [
+        "--store",
+        &url,
+        "--etcd-prefix",
+        "/e2e/",
+        "--require-identity",
+    ];
+    let a = ControlProcess::start_with(CONTROL, da.path(), "127.0.0.1:0", &args).await;
+    let b = ControlProcess::start_with(CONTROL, db.path(), "127.0.0.1:0", &args).await;
+    let rotation = |url: &str| -> serde_json::Value {
+        let out = cli(url, &["ca", "status", "-o", "json"]);
+        assert!(out.status.success(), "{}", crate::stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["rotation"].clone()
+    };
+    assert_eq!(rotation(&a.url), rotation(&b.url), "one CA in the store");
+    let step = |url: &str, step: &str| {
+        let out = cli(url, &["ca", step]);
+        assert!(out.status.success(), "{step}: {}", crate::stderr(&out));
+    };
+    step(&a.url, "rotate");
+    let begun = rotation(&a.url);
+    assert_eq!(begun["stage"], "begun");
+    eventually(
+        Duration::from_secs(10),
+        "B following the rotation",
+        || async {
+            let r = rotation(&b.url);
+            if r == begun {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        },
+    )
+    .await;
+    // The next step through B (it refuses one on roots it does not use).
+    step(&b.url, "promote");
+    eventually(
+        Duration::from_secs(10),
+        "A following the promotion",
+        || async {
+            let r = rotation(&a.url);
+            if r["stage"] == "promoted" && r["current"] == begun["next"] {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        },
+    )
+    .await;
+    step(&a.url, "finish");
+    eventually(
+        Duration::from_secs(10),
+        "B following the finish",
+        || async {
+            let r = rotation(&b.url);
+            if r["stage"] == "none" && r["current"] == begun["next"] {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        },
+    )
+    .await;
+}
