@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .extern_path(".google.protobuf", "::pbjson_types");
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::ConfigCodec")
         .compile_with_config(config, &protos, &["proto"])?;
 
     let set = fs::read(&descriptors)?;
