@@ -121,7 +121,7 @@ pub struct Controller {
 
 /// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
 const REPLICAS: &str = "replicas/";
-/// Proxies per published key (etcd takes values up to 1.5 MiB).
+/// Proxies per published key (each written alone: etcd takes requests up to 1.5 MiB).
 const PUBLISHED_CHUNK: usize = 500;
 
 /// Checks a platform's token that a proxy presents for its node in place of a join token (on
@@ -843,6 +843,13 @@ impl Controller {
             .status_with(view.revision, view.state.keys(), others)
     }
 
+    /// [`Self::status_all`], failing when the store does not answer (what a root rotation's
+    /// steps need: every proxy, or none).
+    pub async fn status_all_checked(&self) -> Result<Status, StoreError> {
+        self.store.list(REPLICAS).await?;
+        Ok(self.status_all().await)
+    }
+
     /// Publishes this control plane's proxies in the store every `every` (when they changed),
     /// under a lease, for the other control planes sharing it (`status_all`).
     pub fn publish_status(self: &Arc<Self>, every: Duration) {
@@ -911,8 +918,9 @@ impl Controller {
             key: key(i),
             expect: Expect::Any,
         }));
-        if !ops.is_empty() {
-            self.store.apply(ops).await?;
+        // One write per chunk: a request stays far below etcd's size limit (1.5 MiB).
+        for op in ops {
+            self.store.apply(vec![op]).await?;
         }
         *written = Some((hash, chunks.len()));
         Ok(())

@@ -448,6 +448,10 @@ impl Ca {
     /// through another one is adopted here too (its bundle sent to this one's proxies, its TLS
     /// following), as if taken here.
     pub fn follow_store(self: &Arc<Self>, store: Arc<dyn Store>) {
+        if self.supplied {
+            // The operator's root (--ca-cert) is the one used, whatever the store holds.
+            return;
+        }
         let ca = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

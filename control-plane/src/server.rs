@@ -938,9 +938,11 @@ pub struct CaProxy {
 /// so that a step run on one waits for the proxies of all.
 async fn ca_report(controller: &Controller) -> Option<CaStatus> {
     let (ca, _) = controller.identity()?;
+    // Without the other control planes' proxies a step could leave some behind: none then.
     let proxies = controller
-        .status_all()
+        .status_all_checked()
         .await
+        .ok()?
         .proxies
         .into_iter()
         .filter(|p| p.identity.is_some())
@@ -960,6 +962,10 @@ async fn ca_report(controller: &Controller) -> Option<CaStatus> {
 async fn ca_status(controller: &Controller) -> Response<Body> {
     match ca_report(controller).await {
         Some(report) => reply(StatusCode::OK, &report),
+        None if controller.identity().is_some() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store does not answer: the proxies of the other control planes cannot be counted",
+        ),
         None => error(
             StatusCode::CONFLICT,
             "this control plane issues no identities",
@@ -980,8 +986,8 @@ async fn rotate(controller: &Controller, step: &str, force: bool) -> Response<Bo
     };
     let Some(report) = ca_report(controller).await else {
         return error(
-            StatusCode::CONFLICT,
-            "this control plane issues no identities",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store does not answer: the proxies of the other control planes cannot be counted",
         );
     };
     let lagging: Vec<String> = match step {
@@ -1114,7 +1120,7 @@ async fn apply(controller: &Controller, req: Request<Incoming>) -> Response<Body
         .partition(|(_, m)| m.kind == "Instance" && m.api_version == crate::model::API_VERSION);
     let mut registrations = Vec::new();
     for (document, m) in instances {
-        match instance_of(&m) {
+        match instance_of(&m, controller.registration_policy()) {
             Ok(i) => registrations.push(i),
             Err((path, reason)) => {
                 return invalid(vec![Problem {
@@ -1152,44 +1158,44 @@ async fn apply(controller: &Controller, req: Request<Incoming>) -> Response<Body
 }
 
 /// An `Instance` document: `metadata.namespace` and `.name` are the registry namespace and the
-/// instance id; `spec` has the registration's other fields.
-fn instance_of(m: &crate::model::Manifest) -> Result<Instance, (String, String)> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase", deny_unknown_fields)]
-    struct Spec {
-        service: String,
-        address: String,
-        port: u16,
-        #[serde(default)]
-        attributes: BTreeMap<String, String>,
-        #[serde(default)]
-        status: crate::registry::InstanceStatus,
-        #[serde(default)]
-        ttl_seconds: Option<u64>,
+/// instance id; `spec` has the registration's other fields. Checked as `POST /v1/instances`
+/// checks a registration (fields, ranges, the address policy).
+fn instance_of(
+    m: &crate::model::Manifest,
+    policy: &crate::registry::AddressPolicy,
+) -> Result<Instance, (String, String)> {
+    let meta = &m.metadata;
+    if !meta.labels.is_empty() || !meta.annotations.is_empty() {
+        return Err((
+            "metadata".into(),
+            "an Instance has only a name and a namespace".into(),
+        ));
     }
-    let namespace = m.metadata.namespace.clone().ok_or_else(|| {
+    let namespace = meta.namespace.clone().ok_or_else(|| {
         (
             "metadata.namespace".to_string(),
             "the registry namespace is required".to_string(),
         )
     })?;
-    let spec: Spec = serde_path_to_error::deserialize(m.spec.clone())
-        .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))?;
-    let instance = Instance {
-        namespace,
-        service: spec.service,
-        id: m.metadata.name.clone(),
-        address: spec.address,
-        port: spec.port,
-        attributes: spec.attributes,
-        status: spec.status,
-        ttl_seconds: spec.ttl_seconds,
-        lease: None,
+    let mut body = m.spec.clone();
+    let Some(fields) = body.as_object_mut() else {
+        return Err(("spec".into(), "must be an object".into()));
     };
-    instance
-        .validate()
-        .map_err(|(path, reason)| (format!("spec.{path}"), reason))?;
-    Ok(instance)
+    for taken in ["namespace", "id"] {
+        if fields.contains_key(taken) {
+            return Err((
+                format!("spec.{taken}"),
+                format!("unknown field `{taken}` (it is metadata's)"),
+            ));
+        }
+    }
+    fields.insert("namespace".into(), namespace.into());
+    fields.insert("id".into(), meta.name.clone().into());
+    let registration: crate::registry::Registration = serde_path_to_error::deserialize(body)
+        .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))?;
+    registration
+        .into_instance(policy)
+        .map_err(|(path, reason)| (format!("spec.{path}"), reason))
 }
 
 /// `POST /v1/delete`: the resources the body's manifests name.

@@ -71,6 +71,9 @@ impl EtcdCluster {
                     // busy test machine makes them churn.
                     "--heartbeat-interval=100".into(),
                     "--election-timeout=1000".into(),
+                    // What the README asks of a production cluster: room for a large apply.
+                    "--max-txn-ops=10000".into(),
+                    "--max-request-bytes=33554432".into(),
                     "--logger=zap".into(),
                     "--log-level=error".into(),
                 ];

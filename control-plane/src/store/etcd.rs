@@ -77,6 +77,10 @@ fn backend(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
 
+/// The largest answer read from etcd (a whole store listed at start, a watch catching up):
+/// tonic's default, 4 MiB, is too small for a large mesh with its registry and audit log.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
 /// How long one request may take: with no member answering (a quorum lost, all down), an
 /// apply fails with a clear error instead of hanging. Watches are not bounded.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,7 +93,7 @@ async fn timed<T>(
         .await
         .unwrap_or_else(|_| {
             Err(StoreError::Backend(format!(
-                "etcd: no answer to {what} within {REQUEST_TIMEOUT:?} (are a majority of members up?)"
+                "etcd: no answer to {what} within {REQUEST_TIMEOUT:?} (are a majority of members up?); a write may have been applied"
             )))
         })
 }
@@ -106,7 +110,9 @@ impl EtcdStore {
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the majority answers with an error, never a stalled watch.
+            .with_require_leader(true);
         if options.ca.is_some() || options.identity.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &options.ca {
@@ -180,7 +186,10 @@ impl EtcdStore {
 impl Store for EtcdStore {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
         Box::pin(timed("a list", async move {
-            let mut kv = self.client.kv_client();
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE);
             let r = kv
                 .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
                 .await
@@ -193,7 +202,10 @@ impl Store for EtcdStore {
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
         Box::pin(timed("a read", async move {
-            let mut kv = self.client.kv_client();
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE);
             let r = kv.get(self.full(key), None).await.map_err(backend)?;
             Ok(r.kvs().first().and_then(|kv| self.key_value(kv)))
         }))
@@ -232,7 +244,10 @@ impl Store for EtcdStore {
                 });
             }
             let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
-            let mut kv = self.client.kv_client();
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE);
             let response = match kv.txn(txn).await {
                 Ok(r) => r,
                 Err(e) if lease_missing(&e) => {
@@ -244,6 +259,12 @@ impl Store for EtcdStore {
                         })
                         .unwrap_or_default();
                     return Err(StoreError::LeaseNotFound(lease));
+                }
+                Err(e) if e.to_string().contains("too many operations in txn request") => {
+                    return Err(StoreError::Backend(format!(
+                        "etcd: this change is {} operations in one transaction, more than the cluster's --max-txn-ops allows (default 128): raise it on every member",
+                        ops.len()
+                    )));
                 }
                 Err(e) => return Err(backend(e)),
             };
@@ -262,7 +283,10 @@ impl Store for EtcdStore {
         after: u64,
     ) -> BoxFuture<'a, Result<Watch, StoreError>> {
         Box::pin(async move {
-            let mut client = self.client.watch_client();
+            let mut client = self
+                .client
+                .watch_client()
+                .max_decoding_message_size(MAX_MESSAGE);
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision((after + 1).cast_signed());

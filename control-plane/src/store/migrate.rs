@@ -57,6 +57,16 @@ pub async fn migrate(from: &dyn Store, to: &dyn Store) -> Result<Migrated, Store
     let mut leases: BTreeMap<u64, u64> = BTreeMap::new();
     let mut leased = 0;
     let mut ops = Vec::with_capacity(BATCH);
+    // What control planes publish of their proxies (`replicas/`) lives with their process, not
+    // the mesh: not copied.
+    let source = Listing {
+        revision: source.revision,
+        items: source
+            .items
+            .into_iter()
+            .filter(|kv| !kv.key.starts_with("replicas/"))
+            .collect(),
+    };
     for kv in &source.items {
         let lease = match (kv.lease, ttl_of(kv)) {
             (Some(old), Some(ttl)) => {
@@ -70,7 +80,13 @@ pub async fn migrate(from: &dyn Store, to: &dyn Store) -> Result<Migrated, Store
                     }
                 })
             }
-            _ => None,
+            (Some(_), None) => {
+                return Err(StoreError::Conflict {
+                    key: kv.key.clone(),
+                    reason: "held by a lease whose TTL is unknown: not copied for good".into(),
+                });
+            }
+            (None, _) => None,
         };
         ops.push(Op::Put {
             key: kv.key.clone(),
@@ -121,6 +137,13 @@ mod tests {
             expect: Expect::Any,
             lease: Some(lease),
         });
+        // What a control plane publishes of its proxies: not part of the mesh.
+        ops.push(Op::Put {
+            key: "replicas/0123/000000".into(),
+            value: b"[]".to_vec(),
+            expect: Expect::Any,
+            lease: Some(lease),
+        });
         for chunk in ops.chunks(BATCH) {
             store.apply(chunk.to_vec()).await.unwrap();
         }
@@ -148,7 +171,25 @@ mod tests {
         assert_eq!(again.hash, there.hash);
         assert_eq!(content_hash(&back.list("").await.unwrap()), there.hash);
 
+        assert!(
+            etcd.get("replicas/0123/000000").await.unwrap().is_none(),
+            "not copied"
+        );
         let err = migrate(&embedded, &etcd).await.unwrap_err();
         assert!(err.to_string().contains("not empty"), "{err}");
+
+        // A leased key whose TTL is unknown is refused, not copied for good.
+        let odd = EmbeddedStore::open(&dir.path().join("c")).unwrap();
+        let lease = odd.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let put = Op::Put {
+            key: "tokens/x".into(),
+            value: b"{}".to_vec(),
+            expect: Expect::Any,
+            lease: Some(lease),
+        };
+        odd.apply(vec![put]).await.unwrap();
+        let empty = EmbeddedStore::open(&dir.path().join("d")).unwrap();
+        let err = migrate(&odd, &empty).await.unwrap_err();
+        assert!(err.to_string().contains("TTL is unknown"), "{err}");
     }
 }

@@ -562,6 +562,15 @@ async fn an_export_restores_the_mesh() {
         stdout(&cli(&target.url, &["instances", "list"])),
         stdout(&cli(&source.url, &["instances", "list"]))
     );
+    // An Instance document is checked as a registration is: the metadata service's address is
+    // refused, naming the field, and nothing of the file is applied.
+    let bad = format!(
+        "{}---\napiVersion: mesh.trellis.dev/v1beta1\nkind: Instance\nmetadata: {{ name: evil, namespace: test }}\nspec: {{ service: colorteller, address: 169.254.169.254, port: 80 }}\n",
+        mesh(100, 0)
+    );
+    let refused = crate::apply_refused(&target.url, &bad);
+    assert!(refused.contains("spec.address"), "{refused}");
+    all_after_refusal(&target.url).await;
     // Applying it again changes nothing.
     assert!(!apply(&target.url, &exported).contains("created"));
     let front = ProxyProcess::sidecar(proxy_bin(), &target.url, "default/front", dp.path()).await;
@@ -639,4 +648,13 @@ async fn a_root_rotation_is_followed_across_control_planes() {
         },
     )
     .await;
+}
+
+/// After a refused apply the router still sends everything to green (the export's weights).
+async fn all_after_refusal(url: &str) {
+    let out = cli(url, &["get", "virtualrouter", "colorteller", "-o", "json"]);
+    let router: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets = router["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"].clone();
+    assert_eq!(targets[0]["weight"], 0, "unchanged: {targets}");
+    assert_eq!(targets[1]["weight"], 100, "unchanged: {targets}");
 }
