@@ -108,6 +108,12 @@ async fn optimistic_concurrency_is_atomic(store: &dyn Store) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }));
+    // No key is at revision 0: expecting it of a missing key is a conflict too.
+    let err = store
+        .apply(vec![put("o/missing", "x", Expect::Revision(0))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
 }
 
 async fn watches_resume_from_a_revision(store: &dyn Store) {
@@ -143,6 +149,18 @@ async fn watches_resume_from_a_revision(store: &dyn Store) {
     assert_eq!(c.revision, r4, "unrelated changes are skipped");
     assert_eq!(c.events[0].kind, EventKind::Delete);
     assert_eq!(c.events[0].kv.key, "w/a");
+    // One transaction is one change, with all its events.
+    let r5 = store
+        .apply(vec![
+            put("w/c", "3", Expect::Any),
+            put("w/d", "4", Expect::Absent),
+        ])
+        .await
+        .unwrap();
+    let c = next(&mut w).await;
+    assert_eq!(c.revision, r5);
+    let keys: Vec<&str> = c.events.iter().map(|e| e.kv.key.as_str()).collect();
+    assert_eq!(keys, ["w/c", "w/d"]);
 }
 
 async fn leases_expire_their_keys(store: &dyn Store) {

@@ -213,6 +213,24 @@ impl Store for EtcdStore {
 
     fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(timed("a transaction", async move {
+            // etcd's compare would take a missing key as at revision 0; no key is.
+            if let Some(op) = ops.iter().find(|o| {
+                matches!(
+                    o,
+                    Op::Put {
+                        expect: Expect::Revision(0),
+                        ..
+                    } | Op::Delete {
+                        expect: Expect::Revision(0),
+                        ..
+                    }
+                )
+            }) {
+                return Err(StoreError::Conflict {
+                    key: op.key().to_string(),
+                    reason: "expected revision 0, which no key has".into(),
+                });
+            }
             let mut compares = Vec::new();
             let mut reads = Vec::new();
             let mut writes = Vec::new();
