@@ -408,7 +408,11 @@ impl Store for EtcdStore {
             // An expired or revoked lease answers with TTL 0.
             match stream.message().await.map_err(err)? {
                 Some(r) if r.ttl() > 0 => Ok(()),
-                _ => Err(StoreError::LeaseNotFound(id)),
+                Some(_) => Err(StoreError::LeaseNotFound(id)),
+                // The connection went, not the lease.
+                None => Err(StoreError::Backend(
+                    "etcd: the keep-alive stream closed before an answer".into(),
+                )),
             }
         }))
     }
