@@ -92,7 +92,9 @@ impl Action {
 }
 
 /// Translated sidecar snapshots of one view revision, by node.
-type SnapshotCache = (u64, HashMap<ResourceKey, Option<Arc<Translated>>>);
+/// Snapshots by node, for one (content revision, CA generation): a write that changes neither
+/// (the audit log, a status publish) keeps them.
+type SnapshotCache = ((u64, u64), HashMap<ResourceKey, Option<Arc<Translated>>>);
 
 pub struct Controller {
     store: Arc<dyn Store>,
@@ -171,7 +173,7 @@ impl Controller {
             view: tx,
             writer: tokio::sync::Mutex::new(()),
             proxies: Proxies::default(),
-            cache: Mutex::new((0, HashMap::new())),
+            cache: Mutex::new(((0, 0), HashMap::new())),
             metrics,
             identity: std::sync::OnceLock::new(),
             injector: std::sync::OnceLock::new(),
@@ -747,7 +749,7 @@ impl Controller {
     }
 
     /// The snapshot the proxy of `node` (a VirtualNode's sidecar or a VirtualGateway's gateway)
-    /// should run now, cached per view revision.
+    /// should run now, cached per content revision and CA generation.
     /// Translating and compiling is CPU work: call it off the async threads, and the cache is
     /// not locked while it runs (two proxies of one node may both compute it once).
     pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
@@ -770,14 +772,21 @@ impl Controller {
             _ => None,
         }
         .map(|t| Arc::new(verify::verify(t, node)));
+        let key = self.cache_key(view);
         let mut cache = self.cache.lock();
-        if cache.0 < view.revision {
-            *cache = (view.revision, HashMap::new());
+        if cache.0 < key {
+            *cache = (key, HashMap::new());
         }
-        if cache.0 == view.revision {
+        if cache.0 == key {
             cache.1.insert(node.clone(), translated.clone());
         }
         translated
+    }
+
+    /// What a cached snapshot was made from: the view's content and the CA's roots.
+    fn cache_key(&self, view: &View) -> (u64, u64) {
+        let ca = self.identity().map_or(0, |(ca, _)| ca.generation());
+        (view.content_revision, ca)
     }
 
     /// The snapshot of `node` at `view`'s revision, if it was already computed (cheap).
@@ -786,8 +795,9 @@ impl Controller {
         view: &View,
         node: &ResourceKey,
     ) -> Option<Option<Arc<Translated>>> {
+        let key = self.cache_key(view);
         let cache = self.cache.lock();
-        (cache.0 == view.revision)
+        (cache.0 == key)
             .then(|| cache.1.get(node).cloned())
             .flatten()
     }
@@ -1306,6 +1316,41 @@ spec:
             .expect("the view in time")
             .unwrap()
             .clone()
+    }
+
+    /// A store write that changes no resource, instance or revocation (the audit log, what a
+    /// control plane publishes of its proxies) keeps the translated snapshots; a resource
+    /// write does not.
+    #[tokio::test]
+    async fn snapshots_are_kept_across_writes_they_are_not_made_of() {
+        let (_dir, store) = open().await;
+        let c = Controller::start(store.clone()).await.unwrap();
+        c.apply(docs(MESH)).await.unwrap();
+        let node = key(Kind::VirtualNode, "blue");
+        let before = c.view();
+        assert!(c.snapshot_for(&before, &node).is_some());
+        let put = |k: &str| Op::Put {
+            key: k.into(),
+            value: b"{}".to_vec(),
+            expect: Expect::Any,
+            lease: None,
+        };
+        let revision = store.apply(vec![put("replicas/x/000000")]).await.unwrap();
+        let after = c.caught_up(revision).await.unwrap();
+        assert!(after.revision > before.revision);
+        assert!(
+            c.cached_snapshot(&after, &node).is_some(),
+            "still cached after a write of something else"
+        );
+        c.apply(docs(&MESH.replace("port: 9080", "port: 9081")))
+            .await
+            .unwrap();
+        let changed = c.view();
+        assert!(changed.content_revision > after.content_revision);
+        assert!(
+            c.cached_snapshot(&changed, &node).is_none(),
+            "a resource write translates again"
+        );
     }
 
     #[tokio::test]

@@ -310,6 +310,11 @@ impl Ca {
         Ok(())
     }
 
+    /// How many steps of a rotation this CA has taken or adopted.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// Changes with each step of a rotation.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

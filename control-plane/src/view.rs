@@ -33,6 +33,10 @@ pub struct View {
     /// Revoked identities (`trellis identity revoke`): the node or gateway, and until when
     /// (Unix seconds) its certificates were issued.
     pub revocations: Arc<std::collections::BTreeMap<ResourceKey, u64>>,
+    /// The revision of the last change to what snapshots are made of (resources, instances,
+    /// revocations): other writes (the audit log, tokens, what control planes publish of
+    /// their proxies) leave snapshots as they are.
+    pub content_revision: u64,
 }
 
 /// One key's change, decoded.
@@ -54,6 +58,7 @@ impl View {
         let listing = store.list("").await?;
         let mut view = View {
             revision: listing.revision,
+            content_revision: listing.revision,
             ..View::default()
         };
         for kv in listing.items {
@@ -66,6 +71,9 @@ impl View {
 
     /// Applies one key's change.
     pub fn update(&mut self, update: Update) {
+        if !matches!(update, Update::Guard(_)) {
+            self.content_revision = self.revision;
+        }
         match update {
             Update::Resource(key, Some(r)) => {
                 Arc::make_mut(&mut self.state).insert(key, r);
