@@ -658,3 +658,71 @@ async fn all_after_refusal(url: &str) {
     assert_eq!(targets[0]["weight"], 0, "unchanged: {targets}");
     assert_eq!(targets[1]["weight"], 100, "unchanged: {targets}");
 }
+
+/// The failover: the replica holding most of the proxies is killed under traffic, an
+/// apply through the survivor lands during the failover, and every proxy moves over and runs it
+/// — no request fails.
+#[tokio::test]
+async fn proxies_of_a_killed_replica_converge_on_a_change_made_during_the_failover() {
+    let etcd = EtcdCluster::start(3).await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = control_on(&etcd, da.path()).await;
+    let b = control_on(&etcd, db.path()).await;
+    let blue = TestServer::start("blue").await;
+    let green = TestServer::start("green").await;
+    apply(&a.url, &mesh(100, 0));
+    register_instance(
+        &a.url,
+        ("test", "colorteller"),
+        "blue-1",
+        blue.addr,
+        &["version=blue"],
+    );
+    register_instance(
+        &b.url,
+        ("test", "colorteller"),
+        "green-1",
+        green.addr,
+        &["version=green"],
+    );
+    let urls = format!("{},{}", a.url, b.url);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut proxies = Vec::new();
+    for d in &dirs {
+        proxies.push(ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", d.path()).await);
+    }
+    wait_synced(&a.url, 4).await;
+    for p in &proxies {
+        all(p.egress, "blue").await;
+    }
+    // Kill the replica holding more of them (at least half).
+    let on_a = local(&a.url)["proxies"].as_array().map_or(0, Vec::len);
+    let (mut victim, survivor) = if on_a >= 2 { (a, b) } else { (b, a) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = proxies
+        .iter()
+        .map(|p| load(p.egress, stop.clone()))
+        .collect();
+    victim.kill().await;
+    apply(&survivor.url, &mesh(0, 100));
+    wait_synced(&survivor.url, 4).await;
+    for p in &proxies {
+        all(p.egress, "green").await;
+    }
+    assert_eq!(
+        local(&survivor.url)["proxies"].as_array().map(Vec::len),
+        Some(4),
+        "all on the survivor"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        let (ok, failures) = t.await.unwrap();
+        assert!(ok > 10, "the load ran ({ok})");
+        assert!(
+            failures.is_empty(),
+            "{} failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+}
