@@ -67,6 +67,41 @@ async fn all(via: std::net::SocketAddr, colour: &str) {
     .await;
 }
 
+/// Applies `yaml` through `url` once it can (a quorum back, a leader elected); other answers
+/// until then must name the store.
+async fn applied(url: &str, yaml: &str, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        let out = crate::apply_result(url, yaml);
+        if out.status.success() {
+            return Ok(());
+        }
+        let why = crate::stderr(&out);
+        assert!(
+            why.contains("store") || why.contains("etcd"),
+            "a clear error: {why}"
+        );
+        Err(why)
+    })
+    .await;
+}
+
+/// Stops the load and checks it ran (more than `min` answers) with no failure.
+async fn no_failures(
+    stop: &AtomicBool,
+    traffic: tokio::task::JoinHandle<(usize, Vec<String>)>,
+    min: usize,
+) {
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = traffic.await.unwrap();
+    assert!(ok > min, "the load ran ({ok})");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
 /// `trellis status --local`: the proxies connected to that control plane only.
 fn local(url: &str) -> serde_json::Value {
     let out = cli(url, &["status", "--local", "-o", "json"]);
@@ -188,15 +223,7 @@ async fn control_planes_on_one_etcd_share_the_mesh() {
     wait_synced(&other.url, 1).await;
     apply(&other.url, &mesh(100, 0));
     all(front.egress, "blue").await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failures) = traffic.await.unwrap();
-    assert!(ok > 20, "the load ran ({ok})");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    no_failures(&stop, traffic, 20).await;
 }
 
 /// Whether `control`'s `/readyz` says its store answers.
@@ -252,24 +279,7 @@ async fn etcd_faults_fail_no_request() {
     // The leader dies: an apply lands (or says why it cannot) once another leads.
     let leader = etcd.leader().await;
     etcd.members[leader].kill();
-    eventually(
-        Duration::from_secs(30),
-        "an apply through a survivor",
-        || async {
-            let out = crate::apply_result(&b.url, &mesh(0, 100));
-            if out.status.success() {
-                Ok(())
-            } else {
-                let why = crate::stderr(&out);
-                assert!(
-                    why.contains("store") || why.contains("etcd"),
-                    "a clear error: {why}"
-                );
-                Err(why)
-            }
-        },
-    )
-    .await;
+    applied(&b.url, &mesh(0, 100), "an apply through a survivor").await;
     all(front.egress, "green").await;
     etcd.members[leader].restart();
 
@@ -316,29 +326,9 @@ async fn etcd_faults_fail_no_request() {
         },
     )
     .await;
-    eventually(
-        Duration::from_secs(20),
-        "an apply after the outage",
-        || async {
-            let out = crate::apply_result(&a.url, &mesh(100, 0));
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(crate::stderr(&out))
-            }
-        },
-    )
-    .await;
+    applied(&a.url, &mesh(100, 0), "an apply after the outage").await;
     all(front.egress, "blue").await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failures) = traffic.await.unwrap();
-    assert!(ok > 20, "the load ran ({ok})");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    no_failures(&stop, traffic, 20).await;
 }
 
 /// The etcd leader paused (SIGSTOP) for 30 s, then resumed, under continuous traffic: applies
@@ -379,19 +369,7 @@ async fn a_paused_etcd_leader_fails_no_request() {
     let leader = etcd.leader().await;
     let paused_at = tokio::time::Instant::now();
     etcd.members[leader].pause(true);
-    eventually(
-        Duration::from_secs(30),
-        "an apply while the leader is paused",
-        || async {
-            let out = crate::apply_result(&a.url, &mesh(0, 100));
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(crate::stderr(&out))
-            }
-        },
-    )
-    .await;
+    applied(&a.url, &mesh(0, 100), "an apply while the leader is paused").await;
     all(front.egress, "green").await;
     // The fault lasts 30 s (its definition, not a wait for something to happen).
     tokio::time::sleep_until(paused_at + Duration::from_secs(30)).await;
@@ -408,29 +386,9 @@ async fn a_paused_etcd_leader_fails_no_request() {
         },
     )
     .await;
-    eventually(
-        Duration::from_secs(20),
-        "an apply after it resumed",
-        || async {
-            let out = crate::apply_result(&b.url, &mesh(100, 0));
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(crate::stderr(&out))
-            }
-        },
-    )
-    .await;
+    applied(&b.url, &mesh(100, 0), "an apply after it resumed").await;
     all(front.egress, "blue").await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failures) = traffic.await.unwrap();
-    assert!(ok > 100, "the load ran ({ok})");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    no_failures(&stop, traffic, 100).await;
 }
 
 /// `trellis-control migrate` moves an embedded store's mesh to etcd: a control plane on etcd
