@@ -670,7 +670,8 @@ impl StatusWriter {
         problems: &BTreeMap<ResourceKey, Vec<Problem>>,
         shadowed: &BTreeMap<(Group, ResourceKey), String>,
     ) {
-        let status = controller.status();
+        // Every control plane's proxies where several share a store (etcd).
+        let status = controller.status_all().await;
         let usage: HashMap<(String, String, String), (usize, usize)> = status
             .resources
             .iter()

@@ -109,7 +109,9 @@ impl EtcdStore {
     pub async fn connect(options: &EtcdOptions) -> Result<Self, StoreError> {
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member that stops answering (paused, cut off) is noticed within seconds and
+            // requests go to the others.
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             // A member cut off from the majority answers with an error, never a stalled watch.
             .with_require_leader(true);
