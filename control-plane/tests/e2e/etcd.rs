@@ -109,6 +109,35 @@ fn local(url: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Two control planes on `etcd`, the mesh (all to blue) applied through A, blue's instance
+/// registered through B and green's through A, with the upstreams and data directories.
+struct Two {
+    a: ControlProcess,
+    b: ControlProcess,
+    _servers: [TestServer; 2],
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl Two {
+    async fn start(etcd: &EtcdCluster) -> Self {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = control_on(etcd, dirs[0].path()).await;
+        let b = control_on(etcd, dirs[1].path()).await;
+        let blue = TestServer::start("blue").await;
+        let green = TestServer::start("green").await;
+        apply(&a.url, &mesh(100, 0));
+        let service = ("test", "colorteller");
+        register_instance(&b.url, service, "blue-1", blue.addr, &["version=blue"]);
+        register_instance(&a.url, service, "green-1", green.addr, &["version=green"]);
+        Self {
+            a,
+            b,
+            _servers: [blue, green],
+            _dirs: dirs,
+        }
+    }
+}
+
 async fn control_on(etcd: &EtcdCluster, dir: &std::path::Path) -> ControlProcess {
     let url = etcd.url();
     ControlProcess::start_with(
@@ -149,31 +178,13 @@ fn load(
 #[tokio::test]
 async fn control_planes_on_one_etcd_share_the_mesh() {
     let etcd = EtcdCluster::start(3).await;
-    let (da, db, dp) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let a = control_on(&etcd, da.path()).await;
-    let b = control_on(&etcd, db.path()).await;
-    let blue = TestServer::start("blue").await;
-    let green = TestServer::start("green").await;
-
-    apply(&a.url, &mesh(100, 0));
-    register_instance(
-        &b.url,
-        ("test", "colorteller"),
-        "blue-1",
-        blue.addr,
-        &["version=blue"],
-    );
-    register_instance(
-        &a.url,
-        ("test", "colorteller"),
-        "green-1",
-        green.addr,
-        &["version=green"],
-    );
+    let Two {
+        a,
+        b,
+        _servers,
+        _dirs,
+    } = Two::start(&etcd).await;
+    let dp = tempfile::tempdir().unwrap();
     let listed = stdout(&cli(&b.url, &["get", "virtualnodes"]));
     assert!(
         listed.contains("front") && listed.contains("green"),
@@ -246,30 +257,13 @@ fn ready(control: &ControlProcess) -> bool {
 #[tokio::test]
 async fn etcd_faults_fail_no_request() {
     let mut etcd = EtcdCluster::start(3).await;
-    let (da, db, dp) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let a = control_on(&etcd, da.path()).await;
-    let b = control_on(&etcd, db.path()).await;
-    let blue = TestServer::start("blue").await;
-    let green = TestServer::start("green").await;
-    apply(&a.url, &mesh(100, 0));
-    register_instance(
-        &a.url,
-        ("test", "colorteller"),
-        "blue-1",
-        blue.addr,
-        &["version=blue"],
-    );
-    register_instance(
-        &a.url,
-        ("test", "colorteller"),
-        "green-1",
-        green.addr,
-        &["version=green"],
-    );
+    let Two {
+        a,
+        b,
+        _servers,
+        _dirs,
+    } = Two::start(&etcd).await;
+    let dp = tempfile::tempdir().unwrap();
     let urls = format!("{},{}", a.url, b.url);
     let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dp.path()).await;
     all(front.egress, "blue").await;
@@ -336,30 +330,13 @@ async fn etcd_faults_fail_no_request() {
 #[tokio::test]
 async fn a_paused_etcd_leader_fails_no_request() {
     let etcd = EtcdCluster::start(3).await;
-    let (da, db, dp) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let a = control_on(&etcd, da.path()).await;
-    let b = control_on(&etcd, db.path()).await;
-    let blue = TestServer::start("blue").await;
-    let green = TestServer::start("green").await;
-    apply(&a.url, &mesh(100, 0));
-    register_instance(
-        &a.url,
-        ("test", "colorteller"),
-        "blue-1",
-        blue.addr,
-        &["version=blue"],
-    );
-    register_instance(
-        &b.url,
-        ("test", "colorteller"),
-        "green-1",
-        green.addr,
-        &["version=green"],
-    );
+    let Two {
+        a,
+        b,
+        _servers,
+        _dirs,
+    } = Two::start(&etcd).await;
+    let dp = tempfile::tempdir().unwrap();
     let urls = format!("{},{}", a.url, b.url);
     let front = ProxyProcess::sidecar(proxy_bin(), &urls, "default/front", dp.path()).await;
     all(front.egress, "blue").await;
@@ -623,26 +600,12 @@ async fn all_after_refusal(url: &str) {
 #[tokio::test]
 async fn proxies_of_a_killed_replica_converge_on_a_change_made_during_the_failover() {
     let etcd = EtcdCluster::start(3).await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = control_on(&etcd, da.path()).await;
-    let b = control_on(&etcd, db.path()).await;
-    let blue = TestServer::start("blue").await;
-    let green = TestServer::start("green").await;
-    apply(&a.url, &mesh(100, 0));
-    register_instance(
-        &a.url,
-        ("test", "colorteller"),
-        "blue-1",
-        blue.addr,
-        &["version=blue"],
-    );
-    register_instance(
-        &b.url,
-        ("test", "colorteller"),
-        "green-1",
-        green.addr,
-        &["version=green"],
-    );
+    let Two {
+        a,
+        b,
+        _servers,
+        _dirs,
+    } = Two::start(&etcd).await;
     let urls = format!("{},{}", a.url, b.url);
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut proxies = Vec::new();

@@ -72,6 +72,21 @@ impl Netns {
         ns
     }
 
+    /// A static HTTP server (Python's) in namespace `ns` on `bind`:`port`.
+    fn http_server(&mut self, ns: &str, bind: &str, port: &str) {
+        let args = [
+            "python3",
+            "-m",
+            "http.server",
+            port,
+            "--bind",
+            bind,
+            "--directory",
+            "/",
+        ];
+        self.spawn(ns, &args);
+    }
+
     /// Starts `args` in namespace `ns`.
     fn spawn(&mut self, ns: &str, args: &[&str]) {
         let child = Command::new("ip")
@@ -224,32 +239,8 @@ async fn init_captures_inbound_and_outbound_traffic_through_the_proxy() {
 
     // Without capture, the app (on loopback) is out of reach.
     let (app, peer) = (ns.app.clone(), ns.peer.clone());
-    ns.spawn(
-        &app,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            "/",
-        ],
-    );
-    ns.spawn(
-        &peer,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "9090",
-            "--bind",
-            "10.77.0.1",
-            "--directory",
-            "/",
-        ],
-    );
+    ns.http_server(&app, "127.0.0.1", "8080");
+    ns.http_server(&peer, "10.77.0.1", "9090");
     eventually(Duration::from_secs(10), "the peer's server", || async {
         ns.get(&peer, "http://10.77.0.1:9090/").map(drop)
     })
@@ -368,19 +359,7 @@ async fn captured_connections_go_by_their_original_destination() {
         "via",
         "10.77.0.1",
     ]);
-    ns.spawn(
-        &peer,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "9090",
-            "--bind",
-            "10.77.0.1",
-            "--directory",
-            "/",
-        ],
-    );
+    ns.http_server(&peer, "10.77.0.1", "9090");
     ns.spawn(&peer, &["python3", "-c", DB_SERVER]);
     eventually(Duration::from_secs(10), "the peer's servers", || async {
         ns.python(
@@ -457,32 +436,8 @@ async fn captured_connections_go_by_their_original_destination() {
 async fn ipv6_is_captured_as_well() {
     let mut ns = Netns::new();
     let (app, peer) = (ns.app.clone(), ns.peer.clone());
-    ns.spawn(
-        &app,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            "/",
-        ],
-    );
-    ns.spawn(
-        &peer,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "9090",
-            "--bind",
-            "fd77::1",
-            "--directory",
-            "/",
-        ],
-    );
+    ns.http_server(&app, "127.0.0.1", "8080");
+    ns.http_server(&peer, "fd77::1", "9090");
     eventually(Duration::from_secs(10), "the peer's server", || async {
         ns.get(&peer, "http://[fd77::1]:9090/").map(drop)
     })
