@@ -40,6 +40,10 @@ impl ConfigService {
 
 type PushStream = Pin<Box<dyn Stream<Item = Result<SnapshotPush, Status>> + Send>>;
 
+/// What the session sends its proxy's response stream, boxed: a channel allocates a block of
+/// 32 slots when made, which at the push's size (~250 bytes) was 8 KiB per connected proxy.
+type Outgoing = Box<Result<SnapshotPush, Status>>;
+
 /// How the hello proved who the proxy is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Admitted {
@@ -234,11 +238,9 @@ impl ConfigStream for ConfigService {
             controller.proxies().disconnected(id);
             tracing::info!(node = %node, "proxy disconnected");
         });
-        let out =
-            futures_util::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-            );
+        let out = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<Outgoing>| async move {
+            rx.recv().await.map(|m| (*m, rx))
+        });
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -271,12 +273,12 @@ struct Session<'a> {
     /// The CA asked this proxy to renew (a promoted rotation): its next renewal is not held to
     /// the interval.
     renew_asked: bool,
-    tx: mpsc::Sender<Result<SnapshotPush, Status>>,
+    tx: mpsc::Sender<Outgoing>,
 }
 
 /// Why a proxy's stream ends, told to the proxy.
-fn ended(why: Status) -> Result<SnapshotPush, Status> {
-    Err(why)
+fn ended(why: Status) -> Outgoing {
+    Box::new(Err(why))
 }
 
 async fn serve_proxy(
@@ -286,7 +288,7 @@ async fn serve_proxy(
     applied: String,
     admission: Admission,
     mut inbound: Streaming<ProxyMessage>,
-    tx: mpsc::Sender<Result<SnapshotPush, Status>>,
+    tx: mpsc::Sender<Outgoing>,
 ) {
     let mut views = controller.subscribe();
     // An admitted stream ends when its node's identity is revoked (on any control plane).
@@ -294,8 +296,12 @@ async fn serve_proxy(
         Admitted::Anonymous => None,
         Admitted::Token | Admitted::Certificate(_) => {
             let store = controller.store().as_ref();
-            let watched = match crate::identity::revocation(store, node).await {
-                Ok((_, revision)) => crate::identity::watch_revocation(store, node, revision).await,
+            // The rare steps' futures are boxed (here and below): the session's task, one
+            // per connected proxy, is as large as its largest inline future.
+            let watched = match Box::pin(crate::identity::revocation(store, node)).await {
+                Ok((_, revision)) => {
+                    Box::pin(crate::identity::watch_revocation(store, node, revision)).await
+                }
                 Err(e) => Err(e),
             };
             match watched {
@@ -340,7 +346,7 @@ async fn serve_proxy(
     rotations.borrow_and_update();
     // The certificate first: the snapshot's mTLS needs it.
     if let Some(csr) = admission.csr
-        && session.certify(&csr).await.is_err()
+        && Box::pin(session.certify(&csr)).await.is_err()
     {
         return;
     }
@@ -358,7 +364,7 @@ async fn serve_proxy(
                 if rotated.is_err() {
                     // No CA: nothing rotates.
                     rotations = tokio::sync::watch::Sender::new(0).subscribe();
-                } else if session.rotated().await.is_err() {
+                } else if Box::pin(session.rotated()).await.is_err() {
                     return;
                 }
             }
@@ -388,11 +394,11 @@ async fn serve_proxy(
                 Ok(Some(ProxyMessage { kind: Some(Msg::Renew(renew)) })) => {
                     if admission.admitted == Admitted::Anonymous {
                         tracing::warn!(node = %node, "renewal on a stream no join token or certificate admitted: ignored");
-                    } else if let Err(why) = session.renewable(admitted_ms).await {
+                    } else if let Err(why) = Box::pin(session.renewable(admitted_ms)).await {
                         tracing::warn!(node = %node, reason = %why.message(), "renewal refused");
                         let _ = session.tx.send(ended(why)).await;
                         return;
-                    } else if session.certify(&renew.csr).await.is_err() {
+                    } else if Box::pin(session.certify(&renew.csr)).await.is_err() {
                         return;
                     }
                 }
@@ -465,7 +471,7 @@ impl Session<'_> {
             snapshot: Some(t.snapshot.clone()),
             identity: None,
         };
-        self.tx.send(Ok(push)).await.map_err(|_| Gone)?;
+        self.tx.send(Box::new(Ok(push))).await.map_err(|_| Gone)?;
         let metrics = self.controller.metrics();
         metrics.pushes.with_label_values(&[self.kind]).inc();
         self.pushed_at = std::time::Instant::now();
@@ -530,7 +536,7 @@ impl Session<'_> {
             snapshot: None,
             identity: Some(identity),
         };
-        self.tx.send(Ok(push)).await.map_err(|_| Gone)
+        self.tx.send(Box::new(Ok(push))).await.map_err(|_| Gone)
     }
 
     /// Issues a workload certificate for `csr` and pushes it; a CSR the CA refuses is logged

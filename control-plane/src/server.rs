@@ -240,7 +240,9 @@ pub async fn serve_tls(
     let grpc = ConfigStreamServer::new(ConfigService::new(controller.clone()))
         .max_decoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES)
         .max_encoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // Shared by the connections (each borrows it for its life: a clone would live in every
+    // connection's task).
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -282,21 +284,22 @@ pub async fn serve_tls(
                                 resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
                             );
                         }
-                        Ok(api(&controller, req).await)
+                        // Boxed: the API's future is larger than a config stream's, and
+                        // every request's task (each proxy's stream) would carry its size.
+                        Ok(Box::pin(api(&controller, req)).await)
                     }
                 })
             };
             let served = match acceptor {
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), make(None))
-                        .await
-                }
+                // Boxed, each: a connection's task holds only the one it serves (a plain
+                // connection does not carry the size of a TLS one).
+                None => Box::pin(builder.serve_connection(TokioIo::new(stream), make(None))).await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
+                    // Boxed too: the handshake holds a TLS session.
+                    let handshake = Box::pin(tokio::time::timeout(
                         std::time::Duration::from_secs(10),
                         acceptor.accept(stream),
-                    );
+                    ));
                     match handshake.await {
                         Ok(Ok(tls)) => {
                             let peer = tls
@@ -305,9 +308,7 @@ pub async fn serve_tls(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(|c| PeerIdentity::from_der(c));
-                            builder
-                                .serve_connection(TokioIo::new(tls), make(peer))
-                                .await
+                            Box::pin(builder.serve_connection(TokioIo::new(tls), make(peer))).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");

@@ -4,7 +4,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use parking_lot::Mutex;
@@ -45,8 +48,9 @@ pub struct ProxyStatus {
     /// The roots of the trust bundle it acknowledged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust_roots: Vec<String>,
+    /// Shared with the snapshot's translation (one set for all proxies of a node).
     #[serde(skip)]
-    pub uses: BTreeSet<ResourceKey>,
+    pub uses: Arc<BTreeSet<ResourceKey>>,
 }
 
 impl ProxyStatus {
@@ -169,7 +173,7 @@ impl Proxies {
                 .filter(|p| seen.insert(p.status.instance.clone()))
                 .map(|p| {
                     let mut status = p.status;
-                    status.uses = p.uses.into_iter().collect();
+                    status.uses = Arc::new(p.uses.into_iter().collect());
                     status
                 }),
         );

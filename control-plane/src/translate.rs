@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -24,7 +25,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq)]
 pub struct Translated {
     pub snapshot: pb::Snapshot,
-    pub uses: BTreeSet<ResourceKey>,
+    /// Shared with the status of every proxy running it.
+    pub uses: Arc<BTreeSet<ResourceKey>>,
     /// Where each piece came from, to blame what the proxy's compiler rejects.
     pub sources: Sources,
     /// Pieces left out because a proxy would reject them (see `verify`).
@@ -286,7 +288,7 @@ impl Builder<'_> {
         snapshot.version = version(&snapshot);
         Translated {
             snapshot,
-            uses: self.uses,
+            uses: Arc::new(self.uses),
             sources: self.sources,
             problems: Vec::new(),
             withheld: self.withheld,

@@ -411,7 +411,7 @@ mod tests {
         let node = ResourceKey::new(Kind::VirtualNode, "default", "front");
         let t = Translated {
             snapshot,
-            uses: BTreeSet::new(),
+            uses: Default::default(),
             sources,
             problems: Vec::new(),
             withheld: None,
@@ -467,7 +467,7 @@ mod tests {
                 }],
                 clusters: Vec::new(),
             },
-            uses: BTreeSet::new(),
+            uses: Default::default(),
             sources: Sources::default(),
             problems: Vec::new(),
             withheld: None,
