@@ -119,6 +119,8 @@ pub struct Controller {
     token_reviewer: std::sync::OnceLock<Arc<dyn TokenReviewer>>,
     /// This control plane among those sharing the store (random, per process).
     replica: String,
+    /// Its part in the election of a leader among them, once started.
+    leadership: std::sync::OnceLock<crate::leader::Leadership>,
 }
 
 /// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
@@ -182,6 +184,7 @@ impl Controller {
             external_source: std::sync::OnceLock::new(),
             token_reviewer: std::sync::OnceLock::new(),
             replica: format!("{:016x}", fastrand::u64(..)),
+            leadership: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -784,7 +787,7 @@ impl Controller {
     }
 
     /// What a cached snapshot was made from: the view's content and the CA's roots.
-    fn cache_key(&self, view: &View) -> (u64, u64) {
+    pub(crate) fn cache_key(&self, view: &View) -> (u64, u64) {
         let ca = self.identity().map_or(0, |(ca, _)| ca.generation());
         (view.content_revision, ca)
     }
@@ -825,7 +828,32 @@ impl Controller {
 
     pub fn status(&self) -> Status {
         let view = self.view();
-        self.proxies.status(view.revision, view.state.keys())
+        self.who(self.proxies.status(view.revision, view.state.keys()))
+    }
+
+    /// The status with this control plane's replica id and the leader it knows of.
+    fn who(&self, mut status: Status) -> Status {
+        status.replica = Some(self.replica.clone());
+        status.leader = self.leadership.get().and_then(|l| l.current().id);
+        status
+    }
+
+    /// Campaigns for leadership of the control planes sharing the store (with a lease of
+    /// `ttl`); the duties only one of them does check [`Self::leads`].
+    pub fn campaign(&self, ttl: Duration) -> crate::leader::Leadership {
+        self.leadership
+            .get_or_init(|| {
+                crate::leader::Leadership::campaign(self.store.clone(), self.replica.clone(), ttl)
+            })
+            .clone()
+    }
+
+    /// Whether this control plane leads those sharing its store (true when it does not
+    /// campaign: it is alone).
+    pub fn leads(&self) -> bool {
+        self.leadership
+            .get()
+            .is_none_or(crate::leader::Leadership::is_leader)
     }
 
     /// [`Self::status`] with the proxies of the other control planes sharing the store (what
@@ -849,8 +877,10 @@ impl Controller {
                 tracing::warn!(error = %e, "other control planes' proxies not counted: the store does not answer")
             }
         }
-        self.proxies
-            .status_with(view.revision, view.state.keys(), others)
+        self.who(
+            self.proxies
+                .status_with(view.revision, view.state.keys(), others),
+        )
     }
 
     /// [`Self::status_all`], failing when the store does not answer (what a root rotation's

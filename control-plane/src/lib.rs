@@ -8,6 +8,7 @@ pub mod identity;
 pub mod import;
 pub mod inject;
 pub mod kubernetes;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -350,13 +350,21 @@ async fn serve_proxy(
     {
         return;
     }
+    // What the last offer was made from: a view that changed elsewhere (the audit log, what
+    // control planes publish of their proxies, the leader key) wakes every stream, and each
+    // goes back to sleep without a lookup.
+    let mut offered = None;
     loop {
         let view = views.borrow_and_update().clone();
-        let Some(desired) = session.desired(view).await else {
-            return;
-        };
-        if session.offer(desired).await.is_err() {
-            return;
+        let made_from = Some(controller.cache_key(&view));
+        if made_from != offered {
+            let Some(desired) = session.desired(view).await else {
+                return;
+            };
+            if session.offer(desired).await.is_err() {
+                return;
+            }
+            offered = made_from;
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },

@@ -100,6 +100,12 @@ pub struct Status {
     pub resources: Vec<ResourceStatus>,
     /// Every problem of every connected proxy's snapshot, by source.
     pub problems: Vec<SourceProblem>,
+    /// The control plane that answered (its replica id), and the one leading those sharing
+    /// its store (see `leader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// The connected proxies, by connection id.
@@ -218,6 +224,8 @@ impl Proxies {
             proxies,
             resources,
             problems,
+            replica: None,
+            leader: None,
         }
     }
 }

@@ -83,7 +83,12 @@ struct Args {
         requires = "inject_image"
     )]
     inject_control_plane: Option<String>,
-    /// Audit entries older than this are forgotten (checked at start and hourly).
+    /// The lease of the leader among the control planes sharing the store (renewed every
+    /// third of it): how long its duties wait when it dies (a clean stop hands over at once).
+    #[arg(long, env = "TRELLIS_CONTROL_LEADER_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    leader_lease: std::time::Duration,
+    /// Audit entries older than this are forgotten (checked hourly by the leader among the
+    /// control planes sharing the store, and when one becomes leader).
     #[arg(long, env = "TRELLIS_CONTROL_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
     audit_retention: std::time::Duration,
     /// At most this many audit entries are kept (the oldest go first).
@@ -363,19 +368,26 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Err(e) => anyhow::bail!("cannot create the first admin: {e}"),
             }
         }
+        let leadership = controller.campaign(args.leader_lease);
         {
-            // The audit log's retention.
+            // The audit log's retention: the leader's duty, when it becomes leader and hourly.
             let store = controller.store().clone();
             let (retention, keep) = (args.audit_retention, args.audit_max_entries);
+            let mut leader = leadership.subscribe();
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
                 loop {
-                    every.tick().await;
+                    if leader.wait_for(|l| l.me).await.is_err() {
+                        return;
+                    }
                     let before = std::time::SystemTime::now() - retention;
                     match trellis_control::auth::prune_audit(store.as_ref(), before, keep).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(entries = n, "audit entries past their retention forgotten"),
                         Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                        _ = leader.wait_for(|l| !l.me) => {}
                     }
                 }
             });
@@ -427,6 +439,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         server::serve_tls(listener, controller, tls, shutdown).await;
+        leadership.resign().await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -57,14 +57,14 @@ pub async fn migrate(from: &dyn Store, to: &dyn Store) -> Result<Migrated, Store
     let mut leases: BTreeMap<u64, u64> = BTreeMap::new();
     let mut leased = 0;
     let mut ops = Vec::with_capacity(BATCH);
-    // What control planes publish of their proxies (`replicas/`) lives with their process, not
-    // the mesh: not copied.
+    // What control planes publish of their proxies (`replicas/`) and who leads them live with
+    // their processes, not the mesh: not copied.
     let source = Listing {
         revision: source.revision,
         items: source
             .items
             .into_iter()
-            .filter(|kv| !kv.key.starts_with("replicas/"))
+            .filter(|kv| !kv.key.starts_with("replicas/") && kv.key != crate::leader::LEADER_KEY)
             .collect(),
     };
     for kv in &source.items {

@@ -1013,6 +1013,15 @@ async fn status(api: &ApiClient, output: Output, local: bool) -> anyhow::Result<
         })
         .collect();
     print_table(&["RESOURCE", "APPLIED/PROXIES"], &rows);
+    if let Some(replica) = &status.replica {
+        let leader = match &status.leader {
+            Some(l) if l == replica => "this one".to_string(),
+            Some(l) => l.clone(),
+            None => "none now".to_string(),
+        };
+        println!();
+        println!("Answered by control plane {replica}; leader: {leader}");
+    }
     Ok(())
 }
 
