@@ -15,10 +15,8 @@ use std::{sync::Arc, time::Duration};
 use parking_lot::Mutex;
 use tokio::{sync::watch, time::Instant};
 
+pub use crate::store::LEADER_KEY;
 use crate::store::{EventKind, Expect, LeaseId, Op, Store, StoreError};
-
-/// The key naming the leader (its value is the leader's replica id).
-pub const LEADER_KEY: &str = "leader";
 
 /// How long to wait before campaigning again after the store failed.
 const RETRY: Duration = Duration::from_secs(1);

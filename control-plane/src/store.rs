@@ -15,6 +15,10 @@ use tokio::sync::mpsc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The key naming the leader of the control planes sharing a store (see `leader`): theirs,
+/// not the mesh's (a migration leaves it).
+pub const LEADER_KEY: &str = "leader";
+
 /// A lease: keys attached to it disappear when it is not kept alive for its TTL.
 pub type LeaseId = u64;
 

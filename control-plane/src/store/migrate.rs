@@ -64,7 +64,7 @@ pub async fn migrate(from: &dyn Store, to: &dyn Store) -> Result<Migrated, Store
         items: source
             .items
             .into_iter()
-            .filter(|kv| !kv.key.starts_with("replicas/") && kv.key != crate::leader::LEADER_KEY)
+            .filter(|kv| !kv.key.starts_with("replicas/") && kv.key != super::LEADER_KEY)
             .collect(),
     };
     for kv in &source.items {
@@ -144,6 +144,13 @@ mod tests {
             expect: Expect::Any,
             lease: Some(lease),
         });
+        // Who leads the control planes: theirs, not the mesh's.
+        ops.push(Op::Put {
+            key: crate::store::LEADER_KEY.into(),
+            value: b"0123".to_vec(),
+            expect: Expect::Any,
+            lease: Some(lease),
+        });
         for chunk in ops.chunks(BATCH) {
             store.apply(chunk.to_vec()).await.unwrap();
         }
@@ -173,6 +180,10 @@ mod tests {
 
         assert!(
             etcd.get("replicas/0123/000000").await.unwrap().is_none(),
+            "not copied"
+        );
+        assert!(
+            etcd.get(crate::store::LEADER_KEY).await.unwrap().is_none(),
             "not copied"
         );
         let err = migrate(&embedded, &etcd).await.unwrap_err();
