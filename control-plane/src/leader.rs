@@ -134,9 +134,16 @@ async fn follow_or_lead(
         publish(tx, Some(id), false);
         return gone(store, listing.revision).await;
     }
-    // Granted before the write: the lease runs from before the key holds it.
+    // The key's watch is open before the key is taken: once this control plane says it leads,
+    // nothing it waits for is unbounded.
+    let watch = tokio::time::timeout(ttl / 3, store.watch(LEADER_KEY, listing.revision))
+        .await
+        .map_err(|_| StoreError::Backend("the store did not open a watch in time".into()))??;
+    // Granted before the write: the lease runs from before the key holds it. Recorded at
+    // once, so a resignation revokes it whatever step the campaign was stopped at.
     let granted = Instant::now();
     let lease = store.grant_lease(ttl).await?;
+    *inner.lease.lock() = Some(lease);
     let took = store
         .apply(vec![Op::Put {
             key: LEADER_KEY.into(),
@@ -145,26 +152,30 @@ async fn follow_or_lead(
             lease: Some(lease),
         }])
         .await;
-    let revision = match took {
-        Ok(revision) => revision,
+    let why = match took {
+        Ok(revision) => {
+            tracing::info!(replica, "leading the control planes sharing the store");
+            publish(tx, Some(replica.to_string()), true);
+            let why = lead(store, lease, watch, revision, granted, ttl).await;
+            publish(tx, None, false);
+            tracing::warn!(replica, reason = %why, "no longer leading");
+            Some(why)
+        }
+        // Another took it first: this lease holds nothing.
+        Err(StoreError::Conflict { .. }) => None,
         Err(e) => {
-            // Another took it first (a conflict) or the store failed: this lease holds nothing.
             let _ = store.revoke(lease).await;
-            return match e {
-                StoreError::Conflict { .. } => Ok(()),
-                e => Err(e),
-            };
+            inner.lease.lock().take();
+            return Err(e);
         }
     };
-    *inner.lease.lock() = Some(lease);
-    tracing::info!(replica, "leading the control planes sharing the store");
-    publish(tx, Some(replica.to_string()), true);
-    let why = lead(store, lease, revision, granted, ttl).await;
-    publish(tx, None, false);
-    inner.lease.lock().take();
-    tracing::warn!(replica, reason = %why, "no longer leading");
     // Best effort: a key this control plane can no longer prove it holds is given up.
     let _ = store.revoke(lease).await;
+    inner.lease.lock().take();
+    if why.is_some() {
+        // Not at once again: whatever ended the leadership may end the next one as fast.
+        tokio::time::sleep(RETRY).await;
+    }
     Ok(())
 }
 
@@ -193,32 +204,33 @@ async fn gone(store: &dyn Store, revision: u64) -> Result<(), StoreError> {
     Err(StoreError::Backend("the store's watch ended".into()))
 }
 
-/// Leads until the key is lost: renewing the lease every third of `ttl`; lost when the store
-/// says the lease is gone, when the key is deleted or given to another, or when two thirds of
-/// `ttl` passed since the last renewal that was answered was sent.
+/// Leads until the key is lost: renewing the lease every third of `ttl` (after a failed
+/// renewal, every tenth, until it is too late); lost when the store says the lease is gone,
+/// when the key changes after `taken` (the revision that took it), or when two thirds of `ttl`
+/// passed since the last renewal that was answered was sent.
 async fn lead(
     store: &dyn Store,
     lease: LeaseId,
-    revision: u64,
+    mut watch: crate::store::Watch,
+    taken: u64,
     granted: Instant,
     ttl: Duration,
 ) -> String {
     let mut valid_until = granted + ttl * 2 / 3;
-    let mut watch = match store.watch(LEADER_KEY, revision).await {
-        Ok(w) => w,
-        Err(e) => return format!("cannot watch the leader key: {e}"),
-    };
-    let mut renew = tokio::time::interval_at(granted + ttl / 3, ttl / 3);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_renewal = granted + ttl / 3;
     loop {
         tokio::select! {
-            _ = renew.tick() => {
+            () = tokio::time::sleep_until(next_renewal) => {
                 let sent = Instant::now();
                 match tokio::time::timeout_at(valid_until, store.keep_alive(lease)).await {
-                    Ok(Ok(())) => valid_until = sent + ttl * 2 / 3,
+                    Ok(Ok(())) => {
+                        valid_until = sent + ttl * 2 / 3;
+                        next_renewal = sent + ttl / 3;
+                    }
                     Ok(Err(StoreError::LeaseNotFound(_))) => return "the lease ended".into(),
                     Ok(Err(e)) if Instant::now() < valid_until => {
                         tracing::warn!(error = %e, "cannot renew leadership: trying again");
+                        next_renewal = Instant::now() + ttl / 10;
                     }
                     Ok(Err(e)) => return format!("not renewed in time: {e}"),
                     Err(_) => return "not renewed in time: the store did not answer".into(),
@@ -229,7 +241,9 @@ async fn lead(
             }
             change = watch.recv() => match change {
                 Some(Ok(change)) => {
-                    if change.events.iter().any(|e| e.kv.key == LEADER_KEY) {
+                    if change.revision > taken
+                        && change.events.iter().any(|e| e.kv.key == LEADER_KEY)
+                    {
                         return "the leader key was changed by someone else".into();
                     }
                 }
@@ -276,12 +290,14 @@ mod tests {
         // The leader dies: its campaign stops, its lease is left to end.
         let lease = leader.inner.lease.lock().expect("the leader's lease");
         leader.inner.stop.send_replace(true);
-        let seen = until(&follower, |l| l.id.is_some()).await;
-        assert_eq!(
-            seen.id.as_deref(),
-            Some(&*first),
-            "its key stands until the lease ends"
-        );
+        // Renewed less than a third of the lease ago: its key stands for a while yet.
+        let held = store
+            .get(LEADER_KEY)
+            .await
+            .unwrap()
+            .expect("the key stands");
+        assert_eq!(held.value, first.as_bytes(), "until the lease ends");
+        assert!(!follower.is_leader());
         let took = until(&follower, |l| l.me).await;
         assert_ne!(took.id.as_deref(), Some(&*first));
         assert!(matches!(

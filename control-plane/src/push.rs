@@ -339,11 +339,11 @@ async fn serve_proxy(
         renew_asked: false,
         tx,
     };
-    let mut rotations = match controller.identity() {
-        Some((ca, _)) => ca.subscribe(),
-        None => tokio::sync::watch::Sender::new(0).subscribe(),
-    };
-    rotations.borrow_and_update();
+    // None without a CA (nothing rotates), or once the CA's channel closed.
+    let mut rotations = controller.identity().map(|(ca, _)| ca.subscribe());
+    if let Some(r) = rotations.as_mut() {
+        r.borrow_and_update();
+    }
     // The certificate first: the snapshot's mTLS needs it.
     if let Some(csr) = admission.csr
         && Box::pin(session.certify(&csr)).await.is_err()
@@ -368,10 +368,14 @@ async fn serve_proxy(
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { return },
-            rotated = rotations.changed() => {
+            rotated = async {
+                match rotations.as_mut() {
+                    Some(r) => r.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 if rotated.is_err() {
-                    // No CA: nothing rotates.
-                    rotations = tokio::sync::watch::Sender::new(0).subscribe();
+                    rotations = None;
                 } else if Box::pin(session.rotated()).await.is_err() {
                     return;
                 }

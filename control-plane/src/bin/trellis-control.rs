@@ -368,30 +368,6 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Err(e) => anyhow::bail!("cannot create the first admin: {e}"),
             }
         }
-        let leadership = controller.campaign(args.leader_lease);
-        {
-            // The audit log's retention: the leader's duty, when it becomes leader and hourly.
-            let store = controller.store().clone();
-            let (retention, keep) = (args.audit_retention, args.audit_max_entries);
-            let mut leader = leadership.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    if leader.wait_for(|l| l.me).await.is_err() {
-                        return;
-                    }
-                    let before = std::time::SystemTime::now() - retention;
-                    match trellis_control::auth::prune_audit(store.as_ref(), before, keep).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(entries = n, "audit entries past their retention forgotten"),
-                        Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
-                        _ = leader.wait_for(|l| !l.me) => {}
-                    }
-                }
-            });
-        }
         if !args.allow_registration_cidr.is_empty() {
             let ranges: Vec<String> = args
                 .allow_registration_cidr
@@ -426,6 +402,32 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listener = %"api", addr = %listener.local_addr()?, "listening");
+        // Campaigning once nothing else can fail to start: a replica that won and then exited
+        // on an error would hold the key for a lease.
+        let leadership = controller.campaign(args.leader_lease);
+        {
+            // The audit log's retention: the leader's duty, when it becomes leader and hourly.
+            let store = controller.store().clone();
+            let (retention, keep) = (args.audit_retention, args.audit_max_entries);
+            let mut leader = leadership.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    if leader.wait_for(|l| l.me).await.is_err() {
+                        return;
+                    }
+                    let before = std::time::SystemTime::now() - retention;
+                    match trellis_control::auth::prune_audit(store.as_ref(), before, keep).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "audit entries past their retention forgotten"),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                        lost = leader.wait_for(|l| !l.me) => if lost.is_err() { return },
+                    }
+                }
+            });
+        }
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};
             match (

@@ -661,7 +661,8 @@ fn who(url: &str) -> (String, Option<String>) {
 
 /// Leadership among control planes on one etcd: both agree on one leader; when it is killed
 /// (its lease left to end) the survivor leads, says so, and does the leader's duty — the audit
-/// log's retention (here: at most one entry), which the survivor did not do while it followed.
+/// log's retention (here: at most one entry) — which it did not do when it started as a
+/// follower.
 #[tokio::test]
 async fn a_new_leader_takes_over_when_the_leader_dies() {
     let etcd = EtcdCluster::start(1).await;
@@ -677,25 +678,6 @@ async fn a_new_leader_takes_over_when_the_leader_dies() {
         "--audit-max-entries",
         "1",
     ];
-    let a = ControlProcess::start_with(CONTROL, dirs[0].path(), "127.0.0.1:0", &flags).await;
-    let b = ControlProcess::start_with(CONTROL, dirs[1].path(), "127.0.0.1:0", &flags).await;
-    let replicas = [who(&a.url).0, who(&b.url).0];
-    assert_ne!(replicas[0], replicas[1]);
-    let leader = eventually(Duration::from_secs(20), "one leader", || async {
-        match (who(&a.url).1, who(&b.url).1) {
-            (Some(x), Some(y)) if x == y && replicas.contains(&x) => Ok(x),
-            seen => Err(format!("{seen:?}")),
-        }
-    })
-    .await;
-    let (mut dead, survivor, survivor_id) = if leader == replicas[0] {
-        (a, b, &replicas[1])
-    } else {
-        (b, a, &replicas[0])
-    };
-    // Writes through the follower: recorded, and not pruned by it.
-    apply(&survivor.url, &mesh(100, 0));
-    apply(&survivor.url, &mesh(0, 100));
     let entries = |url: &str| {
         let out = cli(url, &["audit", "-o", "json"]);
         assert!(out.status.success(), "{}", crate::stderr(&out));
@@ -704,23 +686,45 @@ async fn a_new_leader_takes_over_when_the_leader_dies() {
             .as_array()
             .map_or(0, Vec::len)
     };
-    assert!(
-        entries(&survivor.url) >= 2,
-        "the writes are in the audit log"
-    );
-
-    dead.kill().await;
-    eventually(Duration::from_secs(30), "the survivor leads", || async {
-        match who(&survivor.url).1 {
-            Some(l) if l == *survivor_id => Ok(()),
+    let mut a = ControlProcess::start_with(CONTROL, dirs[0].path(), "127.0.0.1:0", &flags).await;
+    let first = who(&a.url).0;
+    eventually(Duration::from_secs(20), "the first leads", || async {
+        match who(&a.url).1 {
+            Some(l) if l == first => Ok(()),
             seen => Err(format!("{seen:?}")),
         }
     })
     .await;
-    let table = stdout(&cli(&survivor.url, &["status"]));
+    // Writes recorded while it leads (it pruned when it became leader, before them).
+    apply(&a.url, &mesh(100, 0));
+    apply(&a.url, &mesh(0, 100));
+    let b = ControlProcess::start_with(CONTROL, dirs[1].path(), "127.0.0.1:0", &flags).await;
+    let second = who(&b.url).0;
+    assert_ne!(first, second);
+    eventually(Duration::from_secs(20), "both agree", || async {
+        match who(&b.url).1 {
+            Some(l) if l == first => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+    assert!(
+        entries(&b.url) >= 2,
+        "a follower does not prune the audit log"
+    );
+
+    a.kill().await;
+    eventually(Duration::from_secs(30), "the survivor leads", || async {
+        match who(&b.url).1 {
+            Some(l) if l == second => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+    let table = stdout(&cli(&b.url, &["status"]));
     assert!(table.contains("leader: this one"), "{table}");
     eventually(Duration::from_secs(10), "the new leader prunes", || async {
-        match entries(&survivor.url) {
+        match entries(&b.url) {
             1 => Ok(()),
             n => Err(format!("{n} entries")),
         }
