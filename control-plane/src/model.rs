@@ -686,6 +686,46 @@ pub struct HttpRoute {
     pub retry_policy: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Timeouts>,
+    /// Trellis: changes to the request's headers before it goes to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    /// Trellis: changes to the response's headers before it goes back to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
+}
+
+/// Trellis: headers set (every value replaced), added (appended) and removed; values may use
+/// the variables of `trellis_proxy::header_rules::VARIABLES`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderRules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValueRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValueRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderValueRule {
+    pub name: String,
+    pub value: String,
+}
+
+impl HeaderRules {
+    pub fn to_proto(&self) -> trellis_proto::v1::HeaderRules {
+        let rule = |r: &HeaderValueRule| trellis_proto::v1::HeaderValueRule {
+            name: r.name.clone(),
+            value: r.value.clone(),
+        };
+        trellis_proto::v1::HeaderRules {
+            set: self.set.iter().map(rule).collect(),
+            add: self.add.iter().map(rule).collect(),
+            remove: self.remove.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -864,6 +904,12 @@ pub struct GrpcRoute {
     pub retry_policy: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Timeouts>,
+    /// Trellis: changes to the request's headers (metadata) before it goes to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    /// Trellis: changes to the response's headers before it goes back to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -918,6 +964,12 @@ pub struct VirtualNodeSpec {
     /// Trellis: callers admitted under mTLS STRICT besides those the mesh graph declares.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_callers: Vec<AllowedCaller>,
+    /// Trellis: changes to the headers of requests arriving at the node (at its sidecar's
+    /// ingress, before the app), and of its app's responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
 }
 
 /// A caller a node admits outside the mesh graph: a VirtualNode, a VirtualGateway, or a SPIFFE

@@ -654,6 +654,11 @@ impl Builder<'_> {
                 .map(retry)
                 .or_else(|| self.default_retry(router));
             out.timeout = h.timeout.as_ref().map(timeouts);
+            out.request_headers = h.request_headers.as_ref().map(model::HeaderRules::to_proto);
+            out.response_headers = h
+                .response_headers
+                .as_ref()
+                .map(model::HeaderRules::to_proto);
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
                 grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
@@ -678,6 +683,11 @@ impl Builder<'_> {
                 .map(retry)
                 .or_else(|| self.default_retry(router));
             out.timeout = g.timeout.as_ref().map(timeouts);
+            out.request_headers = g.request_headers.as_ref().map(model::HeaderRules::to_proto);
+            out.response_headers = g
+                .response_headers
+                .as_ref()
+                .map(model::HeaderRules::to_proto);
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT; `match.port` against its authority's.
             let port = t
@@ -894,6 +904,15 @@ fn ingress(
     }
     let (first, _) = locals.first()?;
     let many = locals.len() > 1;
+    // The node's header rules, on every route to its app.
+    let request_headers = spec
+        .request_headers
+        .as_ref()
+        .map(model::HeaderRules::to_proto);
+    let response_headers = spec
+        .response_headers
+        .as_ref()
+        .map(model::HeaderRules::to_proto);
     let mut routes: Vec<pb::Route> = locals
         .iter()
         .map(|(port, _)| pb::Route {
@@ -907,6 +926,8 @@ fn ingress(
                 ..Default::default()
             }),
             timeout: inbound(*port).map(timeouts),
+            request_headers: request_headers.clone(),
+            response_headers: response_headers.clone(),
             ..Default::default()
         })
         .collect();
@@ -920,6 +941,8 @@ fn ingress(
                 ..Default::default()
             }),
             timeout: inbound(*first).map(timeouts),
+            request_headers,
+            response_headers,
             ..Default::default()
         });
     }
@@ -1641,6 +1664,8 @@ impl GatewayExpansion<'_> {
                 ),
                 retry_policy: translated.retry_policy,
                 timeout: translated.timeout,
+                request_headers: translated.request_headers,
+                response_headers: translated.response_headers,
             });
         }
         Some(out)

@@ -885,6 +885,11 @@ impl Checker<'_> {
                     self.action(&format!("{hp}.action"), &h.action, false);
                     self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
                     self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
+                    self.header_rules(&format!("{hp}.requestHeaders"), h.request_headers.as_ref());
+                    self.header_rules(
+                        &format!("{hp}.responseHeaders"),
+                        h.response_headers.as_ref(),
+                    );
                 }
             }
             if let Some(g) = &route.grpc_route {
@@ -896,6 +901,11 @@ impl Checker<'_> {
                 self.action(&format!("{gp}.action"), &g.action, false);
                 self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
                 self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
+                self.header_rules(&format!("{gp}.requestHeaders"), g.request_headers.as_ref());
+                self.header_rules(
+                    &format!("{gp}.responseHeaders"),
+                    g.response_headers.as_ref(),
+                );
             }
             if let Some(t) = &route.tcp_route {
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
@@ -943,6 +953,28 @@ impl Checker<'_> {
         }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
+        for (field, rules) in [
+            ("spec.requestHeaders", &n.request_headers),
+            ("spec.responseHeaders", &n.response_headers),
+        ] {
+            let Some(rules) = rules else { continue };
+            self.header_rules(field, Some(rules));
+            // Applied on the routes to the app: a node served only over TCP has none.
+            if let [only] = n.listeners.as_slice()
+                && only.port_mapping.protocol == "tcp"
+            {
+                self.err(
+                    field,
+                    "header rules need an HTTP listener (http, http2 or grpc); this node's only listener is tcp".into(),
+                );
+            }
+            if n.listeners.is_empty() {
+                self.err(
+                    field,
+                    "header rules need a listener: the node has none".into(),
+                );
+            }
+        }
         self.logging(n.logging.as_ref());
         for (i, g) in n.backend_groups.iter().enumerate() {
             if g.name != "*" {
@@ -1644,6 +1676,18 @@ impl Checker<'_> {
                 if let Some(d) = d {
                     self.duration(&format!("{path}.backoff.{field}.value"), d, 1);
                 }
+            }
+        }
+    }
+
+    /// Header rules, checked by the proxy's own compiler (each problem at its field).
+    fn header_rules(&mut self, path: &str, rules: Option<&crate::model::HeaderRules>) {
+        let Some(rules) = rules else { return };
+        if let Err(problems) =
+            trellis_proxy::header_rules::HeaderRules::compile(&rules.to_proto(), "")
+        {
+            for (field, why) in problems {
+                self.err(format!("{path}.{field}"), why);
             }
         }
     }

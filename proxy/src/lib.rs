@@ -16,6 +16,7 @@ pub mod control;
 pub mod dial;
 pub mod error;
 pub mod h1;
+pub mod header_rules;
 pub mod health_check;
 pub mod identity;
 pub mod limit;

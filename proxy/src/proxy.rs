@@ -549,7 +549,9 @@ async fn forward(
     let cluster = &target.cluster;
     let (parts, body) = req.into_parts();
     let mut out = Outbound::new(parts, authority);
-    route.steps.on_request(&mut out);
+    route
+        .steps
+        .on_request(&mut out, completion.as_ref().map(|c| &c.active));
     let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
     // Whether the request is gRPC is found when it is needed: for a request body's idle timeout;
     // before the attempts for an HTTP/2 upstream (its last attempt takes the request head);
@@ -599,7 +601,9 @@ async fn forward(
         endpoint,
     } = exchange;
     let (mut parts, body) = response.into_parts();
-    route.steps.on_response(&mut parts);
+    route
+        .steps
+        .on_response(&mut parts, completion.as_ref().map(|c| &c.active));
     let Some(mut done) = completion.take() else {
         return Err((ProxyError::NotReady, false));
     };
@@ -889,7 +893,9 @@ async fn upgrade(
     let mut out = Outbound::new(parts, authority);
     // The upgrade's own hop-by-hop headers go on; the route's steps apply as to any request.
     let upgrade = out.headers_mut().remove(header::UPGRADE);
-    route.steps.on_request(&mut out);
+    route
+        .steps
+        .on_request(&mut out, completion.as_ref().map(|c| &c.active));
     if let Some(up) = upgrade {
         let headers = out.headers_mut();
         headers.insert(header::UPGRADE, up);
@@ -910,7 +916,9 @@ async fn upgrade(
         })?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = response.into_parts();
-        route.steps.on_response(&mut parts);
+        route
+            .steps
+            .on_response(&mut parts, completion.as_ref().map(|c| &c.active));
         let Some(mut done) = completion.take() else {
             return Err(ProxyError::NotReady);
         };
@@ -934,6 +942,11 @@ async fn upgrade(
         });
     }
     let upstream = hyper::upgrade::on(&mut response);
+    // The switch's own headers stay (the client needs them); the route's rules apply.
+    route.steps.on_switched_response(
+        response.headers_mut(),
+        completion.as_ref().map(|c| &c.active),
+    );
     let idle = route.timeouts.idle;
     let cluster_name = cluster.name.clone();
     let endpoint_addr = endpoint.addr.clone();

@@ -8,13 +8,14 @@ use http::{
     uri::{Authority, PathAndQuery},
 };
 
-use crate::outbound::Outbound;
+use crate::{activity::ActiveRequest, header_rules::HeaderRules, outbound::Outbound};
 
 /// What a route does to its requests and responses, in order. Hop-by-hop headers never cross
 /// the proxy: their removal comes first, for every route, before the configured steps.
 #[derive(Debug, Default)]
 pub struct Steps {
     request: Box<[RequestStep]>,
+    response: Option<Box<HeaderRules>>,
 }
 
 /// A change to a request head before it goes upstream.
@@ -24,20 +25,26 @@ pub enum RequestStep {
     RewritePath(PathRewrite),
     /// Replaces the authority.
     RewriteHost(Authority),
+    /// Sets, adds and removes headers.
+    Headers(Box<HeaderRules>),
 }
 
 impl Steps {
-    /// `request` runs in order after the hop-by-hop headers' removal.
-    pub fn new(request: Vec<RequestStep>) -> Self {
+    /// `request` runs in order after the hop-by-hop headers' removal; `response` (header
+    /// rules) after theirs.
+    pub fn new(request: Vec<RequestStep>, response: Option<HeaderRules>) -> Self {
         Self {
             request: request.into(),
+            response: response.map(Box::new),
         }
     }
 
-    pub fn on_request(&self, out: &mut Outbound) {
+    /// `active` is the request's connection (for the rules' variables), when there is one.
+    pub fn on_request(&self, out: &mut Outbound, active: Option<&ActiveRequest>) {
         strip_hop_by_hop(out.headers_mut());
         for step in &self.request {
             match step {
+                RequestStep::Headers(rules) => rules.apply(out.headers_mut(), active),
                 RequestStep::RewritePath(rw) => {
                     let new = out
                         .parts()
@@ -54,10 +61,21 @@ impl Steps {
         }
     }
 
-    /// The response head's fixed point: only the hop-by-hop headers' removal so far; response
-    /// steps (header rules) get a list of their own here.
-    pub fn on_response(&self, parts: &mut http::response::Parts) {
+    /// The response head's fixed point: the hop-by-hop headers' removal, then the route's
+    /// response header rules.
+    pub fn on_response(&self, parts: &mut http::response::Parts, active: Option<&ActiveRequest>) {
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(rules) = &self.response {
+            rules.apply(&mut parts.headers, active);
+        }
+    }
+
+    /// A `101 Switching Protocols` answer: its upgrade headers stay; the response header rules
+    /// apply (they cannot name those headers).
+    pub fn on_switched_response(&self, headers: &mut HeaderMap, active: Option<&ActiveRequest>) {
+        if let Some(rules) = &self.response {
+            rules.apply(headers, active);
+        }
     }
 }
 
@@ -183,13 +201,16 @@ mod tests {
 
     #[test]
     fn request_steps_run_in_order() {
-        let steps = Steps::new(vec![
-            RequestStep::RewritePath(PathRewrite {
-                prefix: "/old".into(),
-                replacement: "/new".into(),
-            }),
-            RequestStep::RewriteHost("upstream.internal".parse().unwrap()),
-        ]);
+        let steps = Steps::new(
+            vec![
+                RequestStep::RewritePath(PathRewrite {
+                    prefix: "/old".into(),
+                    replacement: "/new".into(),
+                }),
+                RequestStep::RewriteHost("upstream.internal".parse().unwrap()),
+            ],
+            None,
+        );
         let parts = Request::builder()
             .uri("/old/x?q=1")
             .version(Version::HTTP_11)
@@ -201,7 +222,7 @@ mod tests {
             .into_parts()
             .0;
         let mut out = Outbound::new(parts, AuthorityIn::Host);
-        steps.on_request(&mut out);
+        steps.on_request(&mut out, None);
         assert_eq!(out.parts().uri, "/new/x?q=1");
         assert_eq!(out.parts().headers["host"], "upstream.internal");
         assert!(!out.parts().headers.contains_key("x-hop"));

@@ -4,7 +4,9 @@
 //! Requests steer it: `x-status: CODE` sets the status, `x-delay-ms: N` waits first, path
 //! `/echo` echoes the body, `/stream?chunks=N&gap_ms=M` sends N chunks M ms apart. The `Host`,
 //! path and `x-forwarded-client-cert` it saw come back as `x-seen-host`, `x-seen-path` and
-//! `x-seen-client-cert`.
+//! `x-seen-client-cert`; `x-echo-headers: a,b` brings back every value of each named request
+//! header as `x-seen-a` (values joined with `, `; absent when the request had none), and
+//! `x-respond-header: NAME=VALUE` adds that header to the response.
 //! Every server counts the requests it received.
 
 use std::{
@@ -187,6 +189,24 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let query = req.uri().query().unwrap_or_default().to_owned();
     let host = header("host").or_else(|| req.uri().authority().map(|a| a.to_string()));
     let client_cert = header("x-forwarded-client-cert");
+    let echoed: Vec<(String, String)> = header("x-echo-headers")
+        .map(|names| {
+            names
+                .split(',')
+                .map(str::trim)
+                .filter_map(|n| {
+                    let values: Vec<&str> = req
+                        .headers()
+                        .get_all(n)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    (!values.is_empty()).then(|| (format!("x-seen-{n}"), values.join(", ")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let respond_header = header("x-respond-header");
     let body = if path == "/echo" {
         match req.into_body().collect().await {
             Ok(b) => full(b.to_bytes()),
@@ -227,6 +247,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     if let Some(c) = client_cert.and_then(|c| c.parse().ok()) {
         resp.headers_mut().insert("x-seen-client-cert", c);
+    }
+    for (name, value) in echoed {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), value.parse()) {
+            resp.headers_mut().insert(n, v);
+        }
+    }
+    if let Some((n, v)) = respond_header.as_deref().and_then(|h| h.split_once('='))
+        && let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(n.as_bytes()), v.parse())
+    {
+        resp.headers_mut().append(n, v);
     }
     Ok(resp)
 }

@@ -1725,6 +1725,62 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         Honoured("Trellis addition: response status codes retried besides the events"),
     ),
     (
+        VirtualRouter,
+        "spec.routes[].httpRoute.requestHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the request before it goes to the target ({set: [{name, value}], add: [{name, value}], remove: [name]}; values may use %ROUTE_NAME%, %PEER_IDENTITY%, %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%; hop-by-hop, framing, host and x-forwarded-client-cert cannot be named)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].httpRoute.responseHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the response before it goes back to the caller (as requestHeaders)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.requestHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the request before it goes to the target ({set: [{name, value}], add: [{name, value}], remove: [name]}; values may use %ROUTE_NAME%, %PEER_IDENTITY%, %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%; hop-by-hop, framing, host and x-forwarded-client-cert cannot be named)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.responseHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the response before it goes back to the caller (as requestHeaders)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.requestHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the request before it goes to the target ({set: [{name, value}], add: [{name, value}], remove: [name]}; values may use %ROUTE_NAME%, %PEER_IDENTITY%, %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%; hop-by-hop, framing, host and x-forwarded-client-cert cannot be named)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.responseHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the response before it goes back to the caller (as requestHeaders)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.requestHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on requests arriving at the node, at its sidecar before the app (as a route's requestHeaders; needs an HTTP listener)",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.responseHeaders",
+        Honoured(
+            "Trellis addition: headers set, added and removed on the app's responses at its sidecar (e.g. remove: [server])",
+        ),
+    ),
+    (
         VirtualNode,
         "spec.loadBalancer",
         Honoured(

@@ -12,6 +12,7 @@ mod identity;
 mod import;
 mod inject;
 mod kubernetes;
+mod l7;
 mod mesh;
 mod mtls;
 mod ports;

@@ -22,7 +22,7 @@ use trellis_testkit::{
 
 use crate::{CONTROL, apply, cli, proxy_bin, stderr, stdout, wait_synced};
 
-fn id(node: &str) -> String {
+pub(crate) fn id(node: &str) -> String {
     format!("spiffe://trellis.local/ns/default/vn/{node}")
 }
 
@@ -231,7 +231,7 @@ fn register(server: &str, service: &str, id: &str, addr: SocketAddr) {
 }
 
 /// A sidecar for `default/NODE` with a join token (`token: false`: without one).
-async fn sidecar(server: &str, node: &str, dir: &Path, token: bool) -> ProxyProcess {
+pub(crate) async fn sidecar(server: &str, node: &str, dir: &Path, token: bool) -> ProxyProcess {
     let node = format!("default/{node}");
     if !token {
         return ProxyProcess::sidecar(proxy_bin(), server, &node, dir).await;
@@ -243,7 +243,7 @@ async fn sidecar(server: &str, node: &str, dir: &Path, token: bool) -> ProxyProc
 }
 
 /// Waits until the proxy holds its workload certificate.
-async fn wait_identity(proxy: &ProxyProcess) {
+pub(crate) async fn wait_identity(proxy: &ProxyProcess) {
     eventually(
         Duration::from_secs(10),
         "a workload certificate",

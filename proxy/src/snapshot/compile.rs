@@ -18,6 +18,7 @@ use crate::{
     access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
     dial::IpFamily,
+    header_rules::HeaderRules,
     health_check::{HealthCheck, Probe},
     limit::PoolLimits,
     metrics::ProxyMetrics,
@@ -818,13 +819,21 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
             WeightedTargets::new([])
         }
     };
-    let steps = Steps::new(
-        route
-            .action
-            .as_ref()
-            .map(|a| compile_rewrite(c, &apath, a))
-            .unwrap_or_default(),
-    );
+    let mut request_steps = route
+        .action
+        .as_ref()
+        .map(|a| compile_rewrite(c, &apath, a))
+        .unwrap_or_default();
+    let request_rules = route
+        .request_headers
+        .as_ref()
+        .and_then(|r| compile_header_rules(c, &format!("{path}.requestHeaders"), r, &route.name));
+    request_steps.extend(request_rules.map(|r| RequestStep::Headers(Box::new(r))));
+    let response_rules = route
+        .response_headers
+        .as_ref()
+        .and_then(|r| compile_header_rules(c, &format!("{path}.responseHeaders"), r, &route.name));
+    let steps = Steps::new(request_steps, response_rules);
     let retry = route
         .retry_policy
         .as_ref()
@@ -880,6 +889,12 @@ fn compile_direct(
             "a direct response is not forwarded: no retryPolicy",
         );
     }
+    if route.request_headers.is_some() || route.response_headers.is_some() {
+        c.err(
+            format!("{path}.directResponse"),
+            "a direct response is not forwarded: no requestHeaders or responseHeaders",
+        );
+    }
     let body = bytes::Bytes::from(d.body.clone());
     let kind = match Kind::try_from(d.kind) {
         Ok(Kind::Static) => match u16::try_from(d.status)
@@ -906,6 +921,25 @@ fn compile_direct(
             metrics: Arc::new(c.metrics.requests(&route.name, "")),
         })
     })
+}
+
+/// A route's header rules for one direction; None when there are none (or they are refused:
+/// each problem is an error at its field).
+fn compile_header_rules(
+    c: &mut Compiler<'_>,
+    path: &str,
+    rules: &pb::HeaderRules,
+    route: &str,
+) -> Option<HeaderRules> {
+    match HeaderRules::compile(rules, route) {
+        Ok(compiled) => compiled,
+        Err(problems) => {
+            for (field, why) in problems {
+                c.err(format!("{path}.{field}"), why);
+            }
+            None
+        }
+    }
 }
 
 /// The route's rewrite steps: path, then host.
