@@ -7,6 +7,9 @@
 #
 #   benches/callgrind.sh [N] [h1|h2c]     (default 20000 h1)
 #   KEEP_CALLGRIND=FILE keeps the callgrind profile for callgrind_annotate.
+#   FEATURE=headers puts issue 15's feature on the route the requests take (the cost of it
+#   configured); unset, the route has none (the cost of it not configured).
+#   BIN=DIR runs DIR/trellis-proxy (e.g. a build of an earlier commit) instead of building.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
@@ -20,8 +23,9 @@ command -v h2load >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $s
 # The proxy is built on its own: built with the benches (which use trellis-control), it would
 # take the features the control plane's dependencies turn on (kube-client's tracing/log).
 cargo build --profile dist -q -p trellis-benches --bin bench-upstream
-cargo build --profile dist -q -p trellis-proxy --bin trellis-proxy
 bin="${CARGO_TARGET_DIR:-target}/dist"
+proxy_bin="${BIN:-$bin}/trellis-proxy"
+[ -n "${BIN:-}" ] || cargo build --profile dist -q -p trellis-proxy --bin trellis-proxy
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -31,7 +35,7 @@ trap cleanup EXIT 2>/dev/null
 "$bin/bench-upstream" 127.0.0.1:0 > "$work/upstream" & pids+=($!)
 for _ in $(seq 100); do [ -s "$work/upstream" ] && break; sleep 0.05; done
 upstream=$(head -1 "$work/upstream")
-python3 - "$upstream" > "$work/snapshot.yaml" <<'PY'
+python3 - "$upstream" "${FEATURE:-}" > "$work/snapshot.yaml" <<'PY'
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("pb", "benches/proxy_bench.py")
 pb = importlib.util.module_from_spec(spec); spec.loader.exec_module(pb)
@@ -39,11 +43,24 @@ routes = "".join(
     f"          - name: api-v{i}\n            priority: {i}\n"
     f"            match: {{ prefix: /api/v{i}/, headers: [{{ name: x-tenant, prefix: t{i} }}] }}\n"
     f"            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}\n" for i in range(10))
-print(pb.TRELLIS_SNAPSHOT.format(routes=routes, upstream=sys.argv[1]))
+snapshot = pb.TRELLIS_SNAPSHOT.format(routes=routes, upstream=sys.argv[1])
+features = {
+    "": "",
+    "headers": "            requestHeaders:\n"
+               "              set: [{ name: x-env, value: prod }]\n"
+               "              add: [{ name: x-route, value: \"%ROUTE_NAME%\" }]\n"
+               "              remove: [x-debug]\n"
+               "            responseHeaders:\n"
+               "              set: [{ name: cache-control, value: no-store }]\n"
+               "              remove: [x-powered-by]\n",
+}
+timeout = "            timeout: { perRequest: 15s }\n"
+assert timeout in snapshot
+print(snapshot.replace(timeout, timeout + features[sys.argv[2]]))
 PY
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" -q \
-  "$bin/trellis-proxy" --snapshot "$work/snapshot.yaml" --workers 1 --log error \
+  "$proxy_bin" --snapshot "$work/snapshot.yaml" --workers 1 --log error \
   --egress-addr "127.0.0.1:$port" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 & pids+=($!)
 proxy=$!
 for _ in $(seq 600); do
