@@ -53,6 +53,13 @@ features = {
                "            responseHeaders:\n"
                "              set: [{ name: cache-control, value: no-store }]\n"
                "              remove: [x-powered-by]\n",
+    # Faults only for requests with a header the benchmark does not send: the lookup.
+    "fault-header": "            fault:\n"
+                    "              headers: [{ name: x-chaos, exact: \"on\" }]\n"
+                    "              abort: { httpStatus: 503, percentage: 50 }\n",
+    # A draw per request (one in a million aborted).
+    "fault-draw": "            fault:\n"
+                  "              abort: { httpStatus: 503, percentage: 0.0001 }\n",
 }
 timeout = "            timeout: { perRequest: 15s }\n"
 assert timeout in snapshot

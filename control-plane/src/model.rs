@@ -692,6 +692,70 @@ pub struct HttpRoute {
     /// Trellis: changes to the response's headers before it goes back to the caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<HeaderRules>,
+    /// Trellis: delays and errors injected into the route's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Trellis: faults injected into a route's requests at the caller's sidecar, before they are
+/// forwarded (to test how callers take delays and errors).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    /// Only requests matching every one of these (App Mesh's header match) get faults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    /// Percent of the requests, 0 to 100.
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: i64,
+    /// For gRPC requests: the grpc-status answered (with HTTP 200) instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<i64>,
+    /// Percent of the requests, 0 to 100.
+    pub percentage: f64,
+}
+
+impl Fault {
+    /// As the proxy takes it, with `headers` (the matches translated); a duration out of range
+    /// is left unset (the proxy's compiler then says it is required).
+    pub fn to_proto(
+        &self,
+        headers: Vec<trellis_proto::v1::HeaderMatch>,
+    ) -> trellis_proto::v1::Fault {
+        use trellis_proto::v1 as pb;
+        pb::Fault {
+            headers,
+            delay: self.delay.as_ref().map(|d| pb::FaultDelay {
+                fixed_delay: d.fixed_delay.to_std().map(|t| trellis_proto::Duration {
+                    seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+                }),
+                percentage: d.percentage,
+            }),
+            abort: self.abort.as_ref().map(|a| pb::FaultAbort {
+                http_status: u32::try_from(a.http_status).unwrap_or(u32::MAX),
+                grpc_status: a
+                    .grpc_status
+                    .map_or(0, |g| u32::try_from(g).unwrap_or(u32::MAX)),
+                percentage: a.percentage,
+            }),
+        }
+    }
 }
 
 /// Trellis: headers set (every value replaced), added (appended) and removed; values may use
@@ -910,6 +974,9 @@ pub struct GrpcRoute {
     /// Trellis: changes to the response's headers before it goes back to the caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<HeaderRules>,
+    /// Trellis: delays and errors injected into the route's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -127,6 +127,11 @@ fn duration(d: std::time::Duration) -> PbDuration {
     }
 }
 
+/// A route's fault as the proxy takes it.
+fn fault(f: &model::Fault) -> pb::Fault {
+    f.to_proto(f.headers.iter().map(header_match).collect())
+}
+
 fn app_duration(d: Option<&model::Duration>) -> Option<PbDuration> {
     d.and_then(|d| d.to_std()).map(duration)
 }
@@ -659,6 +664,7 @@ impl Builder<'_> {
                 .response_headers
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
+            out.fault = h.fault.as_ref().map(fault);
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
                 grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
@@ -688,6 +694,7 @@ impl Builder<'_> {
                 .response_headers
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
+            out.fault = g.fault.as_ref().map(fault);
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT; `match.port` against its authority's.
             let port = t
@@ -1666,6 +1673,7 @@ impl GatewayExpansion<'_> {
                 timeout: translated.timeout,
                 request_headers: translated.request_headers,
                 response_headers: translated.response_headers,
+                fault: translated.fault,
             });
         }
         Some(out)

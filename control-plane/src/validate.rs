@@ -890,6 +890,7 @@ impl Checker<'_> {
                         &format!("{hp}.responseHeaders"),
                         h.response_headers.as_ref(),
                     );
+                    self.fault(&format!("{hp}.fault"), h.fault.as_ref());
                 }
             }
             if let Some(g) = &route.grpc_route {
@@ -906,6 +907,7 @@ impl Checker<'_> {
                     &format!("{gp}.responseHeaders"),
                     g.response_headers.as_ref(),
                 );
+                self.fault(&format!("{gp}.fault"), g.fault.as_ref());
             }
             if let Some(t) = &route.tcp_route {
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
@@ -1677,6 +1679,15 @@ impl Checker<'_> {
                     self.duration(&format!("{path}.backoff.{field}.value"), d, 1);
                 }
             }
+        }
+    }
+
+    /// A route's fault: its header matches as any route's, the rest by the proxy's compiler.
+    fn fault(&mut self, path: &str, fault: Option<&crate::model::Fault>) {
+        let Some(f) = fault else { return };
+        self.headers(&format!("{path}.headers"), &f.headers);
+        for e in trellis_proxy::snapshot::check_fault(&f.to_proto(Vec::new())) {
+            self.err(format!("{path}{}", e.path), e.reason);
         }
     }
 

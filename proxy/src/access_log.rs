@@ -689,6 +689,7 @@ fn envoy_flag(kind: &str) -> &'static str {
         "downstream_reset" => "DC",
         "bad_request" => "DPE",
         "idle_timeout" | "request_body_timeout" => "SI",
+        "fault_injected" => "FI",
         _ => "-",
     }
 }

@@ -105,6 +105,12 @@ pub enum ProxyError {
         endpoint: Arc<str>,
         failure: UpstreamFailure,
     },
+    /// The route's fault injection answered instead of forwarding.
+    #[error("fault injected")]
+    FaultAbort {
+        status: StatusCode,
+        grpc_status: Option<u8>,
+    },
 }
 
 impl ProxyError {
@@ -124,6 +130,7 @@ impl ProxyError {
             Self::NoHealthyEndpoint(_) => "no_healthy_endpoint",
             Self::Overflow(_) => "overflow",
             Self::RequestTimeout(_) => "request_timeout",
+            Self::FaultAbort { .. } => "fault_injected",
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect => "connect_failure",
                 UpstreamFailure::Tls => "tls_failure",
@@ -151,6 +158,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::FaultAbort { status, .. } => *status,
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect
                 | UpstreamFailure::ConnectTimeout
@@ -165,6 +173,17 @@ impl ProxyError {
 
     /// The gRPC status for a gRPC request.
     fn grpc_status(&self) -> &'static str {
+        const CODES: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
+        if let Self::FaultAbort {
+            grpc_status: Some(code),
+            ..
+        } = self
+        {
+            return CODES.get(usize::from(*code)).copied().unwrap_or("2");
+        }
         match self.status() {
             StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
             StatusCode::FORBIDDEN => "7",    // PERMISSION_DENIED

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod dial;
 pub mod error;
+pub mod fault;
 pub mod h1;
 pub mod header_rules;
 pub mod health_check;

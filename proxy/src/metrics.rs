@@ -37,6 +37,7 @@ struct Vecs {
     health_unhealthy: IntGaugeVec,
     timeouts: IntCounterVec,
     errors: IntCounterVec,
+    faults: IntCounterVec,
     active_connections: IntGaugeVec,
     tls_refused: IntCounterVec,
     unauthorized: IntCounterVec,
@@ -169,6 +170,16 @@ impl ProxyMetrics {
                     &["kind"],
                 )?,
             )?,
+            faults: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_faults_total",
+                        "Faults routes injected, by kind (delay, abort)",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
             active_connections: register(
                 r,
                 IntGaugeVec::new(
@@ -276,6 +287,11 @@ impl ProxyMetrics {
 
     pub fn error(&self, kind: &str) {
         self.inner.errors.with_label_values(&[kind]).inc();
+    }
+
+    /// A fault a route injected: `delay` or `abort`.
+    pub fn fault(&self, kind: &str) {
+        self.inner.faults.with_label_values(&[kind]).inc();
     }
 
     pub fn tls_refused(&self, listener: &str) {

@@ -101,6 +101,7 @@ impl Passthrough {
             timeouts: Timeouts::default(),
             steps: Steps::default(),
             direct: None,
+            fault: None,
         }
     }
 }

@@ -226,6 +226,20 @@ pub(crate) async fn serve(
         ),
         _ => tracing::Span::none(),
     };
+    // The route's faults, before anything is forwarded (a delay's timer boxed: rare).
+    let routed = match routed {
+        Ok(r) => match r.route.fault.as_deref() {
+            Some(fault) => {
+                let drawn = fault.draw(req.headers(), &services.metrics);
+                if let Some(delay) = drawn.delay {
+                    Box::pin(tokio::time::sleep(delay)).await;
+                }
+                drawn.abort.map_or(Ok(r), Err)
+            }
+            None => Ok(r),
+        },
+        failed => failed,
+    };
     // A failure comes with whether the request is gRPC (its error response is then gRPC's),
     // found only when there is a failure.
     let result = match routed {

@@ -137,6 +137,8 @@ pub struct Route {
     pub steps: Steps,
     /// Set when the proxy answers the route's requests itself (then it has no targets).
     pub direct: Option<Box<DirectResponse>>,
+    /// Delays and errors injected into its requests.
+    pub fault: Option<Box<crate::fault::Fault>>,
 }
 
 /// A response the proxy makes itself for a route: compiled from its `directResponse`.
@@ -222,7 +224,7 @@ pub(crate) struct HeaderMatch {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter().peekable();
         let hit = if matches!(self.rule, ValueRule::Present) {
             values.peek().is_some()

@@ -308,6 +308,58 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
     compile::compile(snapshot, &mut generation, metrics, &Resolved::new()).map(drop)
 }
 
+/// The problems this proxy's compiler finds with a route's fault, each at its field under the
+/// fault (`.abort.httpStatus`): what the control plane checks at apply time.
+pub fn check_fault(fault: &pb::Fault) -> Vec<FieldError> {
+    let route = pb::Route {
+        name: "r".into(),
+        action: Some(pb::RouteAction {
+            weighted_targets: vec![pb::WeightedTarget {
+                cluster: "c".into(),
+                weight: 1,
+            }],
+            ..Default::default()
+        }),
+        fault: Some(fault.clone()),
+        ..Default::default()
+    };
+    let snapshot = pb::Snapshot {
+        version: "check".into(),
+        listeners: vec![pb::Listener {
+            name: "l".into(),
+            role: pb::listener::Role::Egress as i32,
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "h".into(),
+                domains: vec!["*".into()],
+                routes: vec![route],
+            }],
+            ..Default::default()
+        }],
+        clusters: vec![pb::Cluster {
+            name: "c".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    match check(&snapshot) {
+        Ok(()) => Vec::new(),
+        Err(SnapshotError::Invalid(errors)) => errors
+            .into_iter()
+            .map(|e| FieldError {
+                path: e
+                    .path
+                    .split_once(".fault")
+                    .map_or_else(String::new, |(_, rest)| rest.to_string()),
+                reason: e.reason,
+            })
+            .collect(),
+        Err(e) => vec![FieldError {
+            path: String::new(),
+            reason: e.to_string(),
+        }],
+    }
+}
+
 /// The compiled, immutable config one proxy runs.
 #[derive(Debug)]
 pub struct Runtime {

@@ -1767,6 +1767,27 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         ),
     ),
     (
+        VirtualRouter,
+        "spec.routes[].httpRoute.fault",
+        Honoured(
+            "Trellis addition: faults injected at the caller's sidecar before forwarding: delay {fixedDelay, percentage} and abort {httpStatus, grpcStatus, percentage}, for requests matching headers (all when empty)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.fault",
+        Honoured(
+            "Trellis addition: faults injected at the caller's sidecar before forwarding: delay {fixedDelay, percentage} and abort {httpStatus, grpcStatus, percentage}, for requests matching headers (all when empty)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.fault",
+        Honoured(
+            "Trellis addition: faults injected at the caller's sidecar before forwarding: delay {fixedDelay, percentage} and abort {httpStatus, grpcStatus, percentage}, for requests matching headers (all when empty)",
+        ),
+    ),
+    (
         VirtualNode,
         "spec.requestHeaders",
         Honoured(

@@ -123,3 +123,155 @@ async fn send_with_headers(c: &mut Client) -> trellis_testkit::client::Reply {
         .unwrap();
     c.send(req).await.unwrap()
 }
+
+/// A plaintext mesh: `front` calls `blue` through the router `blue`, whose route carries
+/// `fault` (YAML under its httpRoute).
+fn fault_mesh(blue_port: u16, fault: &str) -> String {
+    let route_rules = format!("        fault:\n{fault}");
+    rules_mesh(blue_port, &route_rules, "").replace("spec: { mtls: STRICT }", "spec: {}")
+}
+
+/// `n` GETs to blue through `egress` over `parallel` connections, `header` added to each:
+/// how many got each (status, x-trellis-error).
+async fn tally(
+    egress: std::net::SocketAddr,
+    n: usize,
+    parallel: usize,
+    header: Option<(&'static str, &'static str)>,
+) -> std::collections::HashMap<(u16, String), usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..parallel {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::h1(egress).await.unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..n / parallel {
+                let mut req =
+                    http::Request::get("http://blue.default/").header("host", "blue.default");
+                if let Some((k, v)) = header {
+                    req = req.header(k, v);
+                }
+                let req = req
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let r = c.send(req).await.unwrap();
+                seen.push((
+                    r.status.as_u16(),
+                    r.header("x-trellis-error").unwrap_or_default().to_string(),
+                ));
+            }
+            seen
+        }));
+    }
+    let mut counts = std::collections::HashMap::new();
+    for t in tasks {
+        for k in t.await.unwrap() {
+            *counts.entry(k).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Fault injection on a route: an abort of 50% answers 50% ± 5 of 2,000 requests with the
+/// configured status (`fault_injected`); a delay for requests with a header delays those, and
+/// only those, by at least its duration; a gRPC request gets the configured grpc-status. A
+/// share out of range is refused naming its field.
+#[tokio::test]
+async fn faults_abort_and_delay_the_share_of_requests_asked() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let port = app.addr.port();
+    apply(
+        &url,
+        &fault_mesh(
+            port,
+            "          abort: { httpStatus: 503, grpcStatus: 14, percentage: 50 }\n",
+        ),
+    );
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), false).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), false).await;
+    register_instance(&url, ("test", "blue"), "blue-1", blue.ingress, &[]);
+    wait_synced(&url, 2).await;
+
+    let counts = tally(front.egress, 2000, 4, None).await;
+    let aborted = counts
+        .get(&(503, "fault_injected".to_string()))
+        .copied()
+        .unwrap_or(0);
+    let served = counts.get(&(200, String::new())).copied().unwrap_or(0);
+    assert_eq!(aborted + served, 2000, "{counts:?}");
+    assert!((900..=1100).contains(&aborted), "50% ± 5: {counts:?}");
+    assert_eq!(
+        front
+            .metric("trellis_proxy_faults_total", &[("kind", "abort")])
+            .await,
+        aborted as f64
+    );
+    // A gRPC request aborted: HTTP 200, grpc-status 14 (until one is drawn).
+    let mut h2 = Client::h2(front.egress).await.unwrap();
+    let grpc = loop {
+        let req = http::Request::post("http://blue.default/pkg.Svc/Method")
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = h2.send(req).await.unwrap();
+        if r.header("x-trellis-error") == Some("fault_injected") {
+            break r;
+        }
+    };
+    assert_eq!(grpc.status.as_u16(), 200);
+    assert_eq!(grpc.header("grpc-status"), Some("14"));
+
+    // A delay for requests carrying x-fault: yes, and no abort.
+    apply(
+        &url,
+        &fault_mesh(
+            port,
+            "          headers: [{ name: x-fault, match: { exact: \"yes\" } }]\n          \
+             delay: { fixedDelay: { unit: ms, value: 300 }, percentage: 100 }\n",
+        ),
+    );
+    wait_synced(&url, 2).await;
+    let delays = || front.metric("trellis_proxy_faults_total", &[("kind", "delay")]);
+    let before = delays().await;
+    let counts = tally(front.egress, 20, 2, None).await;
+    assert_eq!(counts.get(&(200, String::new())), Some(&20), "{counts:?}");
+    assert_eq!(
+        delays().await - before,
+        0.0,
+        "requests without the header are not delayed"
+    );
+    let start = std::time::Instant::now();
+    let counts = tally(front.egress, 4, 2, Some(("x-fault", "yes"))).await;
+    assert_eq!(counts.get(&(200, String::new())), Some(&4), "{counts:?}");
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(600),
+        "two in a row on each connection, 300 ms each"
+    );
+    assert_eq!(delays().await - before, 4.0);
+
+    // Refused naming its field; the running config stays.
+    let out = apply_result(
+        &url,
+        &fault_mesh(
+            port,
+            "          abort: { httpStatus: 503, percentage: 150 }\n",
+        ),
+    );
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("spec.routes[0].httpRoute.fault.abort.percentage"),
+        "{why}"
+    );
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/faults.yaml"),
+    );
+}

@@ -18,6 +18,7 @@ use crate::{
     access_log::{FormatSpec, Sink},
     balance::WeightedTargets,
     dial::IpFamily,
+    fault::Fault,
     header_rules::HeaderRules,
     health_check::{HealthCheck, Probe},
     limit::PoolLimits,
@@ -834,6 +835,10 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         .as_ref()
         .and_then(|r| compile_header_rules(c, &format!("{path}.responseHeaders"), r, &route.name));
     let steps = Steps::new(request_steps, response_rules);
+    let fault = route
+        .fault
+        .as_ref()
+        .and_then(|f| compile_fault(c, &format!("{path}.fault"), f));
     let retry = route
         .retry_policy
         .as_ref()
@@ -857,6 +862,7 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         timeouts,
         steps,
         direct: direct.flatten(),
+        fault,
     })
 }
 
@@ -887,6 +893,12 @@ fn compile_direct(
         c.err(
             format!("{path}.directResponse"),
             "a direct response is not forwarded: no retryPolicy",
+        );
+    }
+    if route.fault.is_some() {
+        c.err(
+            format!("{path}.directResponse"),
+            "a direct response is not forwarded: no fault",
         );
     }
     if route.request_headers.is_some() || route.response_headers.is_some() {
@@ -1069,23 +1081,7 @@ fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteM
     } else if m.port > 0 {
         out.port = u16::try_from(m.port).ok();
     }
-    for (i, h) in m.headers.iter().enumerate() {
-        let hpath = format!("{path}.headers[{i}]");
-        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
-            c.err(
-                format!("{hpath}.name"),
-                format!("{:?} is not a header name", h.name),
-            );
-            continue;
-        };
-        if let Some(rule) = compile_header_rule(c, &hpath, h.rule.as_ref()) {
-            out.headers.push(HeaderMatch {
-                name,
-                invert: h.invert,
-                rule,
-            });
-        }
-    }
+    out.headers = compile_header_matches(c, &format!("{path}.headers"), &m.headers);
     for (i, q) in m.query_parameters.iter().enumerate() {
         use pb::query_parameter_match::Rule;
         let qpath = format!("{path}.queryParameters[{i}]");
@@ -1114,6 +1110,95 @@ fn compile_match(c: &mut Compiler<'_>, path: &str, m: &pb::RouteMatch) -> RouteM
         });
     }
     out
+}
+
+/// Header matches (of a route's match, or a fault's).
+fn compile_header_matches(
+    c: &mut Compiler<'_>,
+    path: &str,
+    headers: &[pb::HeaderMatch],
+) -> Vec<HeaderMatch> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (i, h) in headers.iter().enumerate() {
+        let hpath = format!("{path}[{i}]");
+        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
+            c.err(
+                format!("{hpath}.name"),
+                format!("{:?} is not a header name", h.name),
+            );
+            continue;
+        };
+        if let Some(rule) = compile_header_rule(c, &hpath, h.rule.as_ref()) {
+            out.push(HeaderMatch {
+                name,
+                invert: h.invert,
+                rule,
+            });
+        }
+    }
+    out
+}
+
+/// A route's fault injection.
+fn compile_fault(c: &mut Compiler<'_>, path: &str, f: &pb::Fault) -> Option<Box<Fault>> {
+    use crate::fault::{Abort, Delay, Share};
+    let before = c.errors.len();
+    let headers = compile_header_matches(c, &format!("{path}.headers"), &f.headers);
+    let share = |c: &mut Compiler<'_>, field: String, p: f64| {
+        let s = Share::from_percent(p);
+        if s.is_none() {
+            c.err(field, "must be 0..=100 (percent)");
+        }
+        s
+    };
+    let delay = f.delay.as_ref().and_then(|d| {
+        let dpath = format!("{path}.delay");
+        let fpath = format!("{dpath}.fixedDelay");
+        let errors = c.errors.len();
+        let duration = c.timeout(&fpath, d.fixed_delay.as_ref());
+        if duration.is_none() && c.errors.len() == errors {
+            c.err(fpath, "required, more than 0");
+        }
+        let share = share(c, format!("{dpath}.percentage"), d.percentage)?;
+        Some(Delay {
+            duration: duration?,
+            share,
+        })
+    });
+    let abort = f.abort.as_ref().and_then(|a| {
+        let apath = format!("{path}.abort");
+        let status = u16::try_from(a.http_status)
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .and_then(|s| http::StatusCode::from_u16(s).ok());
+        if status.is_none() {
+            c.err(format!("{apath}.httpStatus"), "must be 200..=599");
+        }
+        let grpc_status = match a.grpc_status {
+            0 => None,
+            n @ 1..=16 => u8::try_from(n).ok(),
+            _ => {
+                c.err(format!("{apath}.grpcStatus"), "must be 1..=16 (or 0: none)");
+                None
+            }
+        };
+        let share = share(c, format!("{apath}.percentage"), a.percentage)?;
+        Some(Abort {
+            status: status?,
+            grpc_status,
+            share,
+        })
+    });
+    if f.delay.is_none() && f.abort.is_none() {
+        c.err(path, "give a delay, an abort or both");
+    }
+    (c.errors.len() == before).then(|| {
+        Box::new(Fault {
+            headers: headers.into(),
+            delay,
+            abort,
+        })
+    })
 }
 
 fn compile_header_rule(
