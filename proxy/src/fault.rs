@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
-use crate::{error::ProxyError, metrics::ProxyMetrics, route::HeaderMatch};
+use crate::{error::ProxyError, matching::HeaderMatch, metrics::ProxyMetrics};
 
 #[derive(Debug)]
 pub struct Fault {

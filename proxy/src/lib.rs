@@ -22,6 +22,7 @@ pub mod health_check;
 pub mod identity;
 pub mod limit;
 pub mod listener;
+pub mod matching;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
