@@ -695,6 +695,56 @@ pub struct HttpRoute {
     /// Trellis: delays and errors injected into the route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Trellis: requests admitted at most at a rate, at the caller's sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Trellis: a token bucket at a sidecar: `requests` per `per`, `burst` at once (default
+/// `requests`), one bucket per value of `key` (a header, or the caller's verified identity).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: i64,
+    pub per: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RateLimitKey>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<bool>,
+}
+
+impl RateLimit {
+    /// As the proxy takes it; routes naming the same `bucket` share one.
+    pub fn to_proto(&self, bucket: &str) -> trellis_proto::v1::RateLimit {
+        use trellis_proto::v1::{self as pb, rate_limit::Key};
+        let per = self.per.to_std().map(|t| trellis_proto::Duration {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+        });
+        pb::RateLimit {
+            requests: u32::try_from(self.requests).unwrap_or(0),
+            per,
+            burst: self.burst.map_or(0, |b| u32::try_from(b).unwrap_or(0)),
+            key: self
+                .key
+                .as_ref()
+                .and_then(|k| match (&k.header, k.peer_identity) {
+                    (Some(h), _) => Some(Key::Header(h.clone())),
+                    (None, Some(true)) => Some(Key::PeerIdentity(true)),
+                    _ => None,
+                }),
+            bucket: bucket.to_string(),
+        }
+    }
 }
 
 /// Trellis: faults injected into a route's requests at the caller's sidecar, before they are
@@ -977,6 +1027,9 @@ pub struct GrpcRoute {
     /// Trellis: delays and errors injected into the route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Trellis: requests admitted at most at a rate, at the caller's sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -1037,6 +1090,10 @@ pub struct VirtualNodeSpec {
     pub request_headers: Option<HeaderRules>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<HeaderRules>,
+    /// Trellis: requests to the node admitted at most at a rate, at its sidecar (one bucket
+    /// over all its listeners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A caller a node admits outside the mesh graph: a VirtualNode, a VirtualGateway, or a SPIFFE

@@ -665,6 +665,7 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = h.fault.as_ref().map(fault);
+            out.rate_limit = h.rate_limit.as_ref().map(|r| r.to_proto(""));
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
                 grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
@@ -695,6 +696,7 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = g.fault.as_ref().map(fault);
+            out.rate_limit = g.rate_limit.as_ref().map(|r| r.to_proto(""));
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT; `match.port` against its authority's.
             let port = t
@@ -920,6 +922,8 @@ fn ingress(
         .response_headers
         .as_ref()
         .map(model::HeaderRules::to_proto);
+    // One bucket for the node over every route to its app.
+    let rate_limit = spec.rate_limit.as_ref().map(|r| r.to_proto("node"));
     let mut routes: Vec<pb::Route> = locals
         .iter()
         .map(|(port, _)| pb::Route {
@@ -935,6 +939,7 @@ fn ingress(
             timeout: inbound(*port).map(timeouts),
             request_headers: request_headers.clone(),
             response_headers: response_headers.clone(),
+            rate_limit: rate_limit.clone(),
             ..Default::default()
         })
         .collect();
@@ -950,6 +955,7 @@ fn ingress(
             timeout: inbound(*first).map(timeouts),
             request_headers,
             response_headers,
+            rate_limit,
             ..Default::default()
         });
     }
@@ -1674,6 +1680,7 @@ impl GatewayExpansion<'_> {
                 request_headers: translated.request_headers,
                 response_headers: translated.response_headers,
                 fault: translated.fault,
+                rate_limit: translated.rate_limit,
             });
         }
         Some(out)

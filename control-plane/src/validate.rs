@@ -885,12 +885,16 @@ impl Checker<'_> {
                     self.action(&format!("{hp}.action"), &h.action, false);
                     self.retry(&format!("{hp}.retryPolicy"), h.retry_policy.as_ref());
                     self.timeouts(&format!("{hp}.timeout"), h.timeout.as_ref());
-                    self.header_rules(&format!("{hp}.requestHeaders"), h.request_headers.as_ref());
-                    self.header_rules(
+                    self.route_header_rules(
+                        &format!("{hp}.requestHeaders"),
+                        h.request_headers.as_ref(),
+                    );
+                    self.route_header_rules(
                         &format!("{hp}.responseHeaders"),
                         h.response_headers.as_ref(),
                     );
                     self.fault(&format!("{hp}.fault"), h.fault.as_ref());
+                    self.rate_limit(&format!("{hp}.rateLimit"), h.rate_limit.as_ref());
                 }
             }
             if let Some(g) = &route.grpc_route {
@@ -902,12 +906,16 @@ impl Checker<'_> {
                 self.action(&format!("{gp}.action"), &g.action, false);
                 self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
                 self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
-                self.header_rules(&format!("{gp}.requestHeaders"), g.request_headers.as_ref());
-                self.header_rules(
+                self.route_header_rules(
+                    &format!("{gp}.requestHeaders"),
+                    g.request_headers.as_ref(),
+                );
+                self.route_header_rules(
                     &format!("{gp}.responseHeaders"),
                     g.response_headers.as_ref(),
                 );
                 self.fault(&format!("{gp}.fault"), g.fault.as_ref());
+                self.rate_limit(&format!("{gp}.rateLimit"), g.rate_limit.as_ref());
             }
             if let Some(t) = &route.tcp_route {
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
@@ -955,25 +963,32 @@ impl Checker<'_> {
         }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
-        for (field, rules) in [
-            ("spec.requestHeaders", &n.request_headers),
-            ("spec.responseHeaders", &n.response_headers),
-        ] {
-            let Some(rules) = rules else { continue };
-            self.header_rules(field, Some(rules));
+        self.rate_limit("spec.rateLimit", n.rate_limit.as_ref());
+        let node_parts = [
+            ("spec.requestHeaders", n.request_headers.is_some()),
+            ("spec.responseHeaders", n.response_headers.is_some()),
+            ("spec.rateLimit", n.rate_limit.is_some()),
+        ];
+        self.header_rules("spec.requestHeaders", n.request_headers.as_ref());
+        self.header_rules("spec.responseHeaders", n.response_headers.as_ref());
+        for (field, set) in node_parts {
+            if !set {
+                continue;
+            }
             // Applied on the routes to the app: a node served only over TCP has none.
-            if let [only] = n.listeners.as_slice()
-                && only.port_mapping.protocol == "tcp"
+            if !n.listeners.is_empty()
+                && n.listeners.iter().all(|l| l.port_mapping.protocol == "tcp")
             {
                 self.err(
                     field,
-                    "header rules need an HTTP listener (http, http2 or grpc); this node's only listener is tcp".into(),
+                    "applies to HTTP requests: it needs an HTTP listener (http, http2 or grpc); this node's listeners are tcp".into(),
                 );
             }
             if n.listeners.is_empty() {
                 self.err(
                     field,
-                    "header rules need a listener: the node has none".into(),
+                    "applies at the node's sidecar, before its app: the node has no listener"
+                        .into(),
                 );
             }
         }
@@ -1686,9 +1701,55 @@ impl Checker<'_> {
     fn fault(&mut self, path: &str, fault: Option<&crate::model::Fault>) {
         let Some(f) = fault else { return };
         self.headers(&format!("{path}.headers"), &f.headers);
-        for e in trellis_proxy::snapshot::check_fault(&f.to_proto(Vec::new())) {
-            self.err(format!("{path}{}", e.path), e.reason);
+        let route = trellis_proto::v1::Route {
+            fault: Some(f.to_proto(Vec::new())),
+            ..Default::default()
+        };
+        self.route_part(path, &route, "fault");
+    }
+
+    /// A route's rate limit (or a node's), checked by the proxy's compiler.
+    fn rate_limit(&mut self, path: &str, limit: Option<&crate::model::RateLimit>) {
+        let Some(l) = limit else { return };
+        if let Some(k) = &l.key
+            && usize::from(k.header.is_some()) + usize::from(k.peer_identity == Some(true)) != 1
+        {
+            self.err(
+                format!("{path}.key"),
+                "give exactly one of header or peerIdentity: true".into(),
+            );
         }
+        let route = trellis_proto::v1::Route {
+            rate_limit: Some(l.to_proto("")),
+            ..Default::default()
+        };
+        self.route_part(path, &route, "rateLimit");
+    }
+
+    /// The proxy compiler's problems with `field` of a route holding only it, at `path`.
+    fn route_part(&mut self, path: &str, route: &trellis_proto::v1::Route, field: &str) {
+        for e in trellis_proxy::snapshot::check_route(route) {
+            let under = e.path.strip_prefix(field).unwrap_or(&e.path);
+            self.err(format!("{path}{under}"), e.reason);
+        }
+    }
+
+    /// A router route's header rules: as a node's, but without `%PEER_IDENTITY%` — a route's
+    /// rules run at the caller's own sidecar, whose caller is its app: it would always be
+    /// empty.
+    fn route_header_rules(&mut self, path: &str, rules: Option<&crate::model::HeaderRules>) {
+        let Some(r) = rules else { return };
+        for (list, values) in [("set", &r.set), ("add", &r.add)] {
+            for (i, v) in values.iter().enumerate() {
+                if v.value.contains("%PEER_IDENTITY%") {
+                    self.err(
+                        format!("{path}.{list}[{i}].value"),
+                        "%PEER_IDENTITY% is the caller's identity at the called node's sidecar: a route's rules run at the caller's own sidecar, where it is always empty — use it in the VirtualNode's requestHeaders".into(),
+                    );
+                }
+            }
+        }
+        self.header_rules(path, rules);
     }
 
     /// Header rules, checked by the proxy's own compiler (each problem at its field).

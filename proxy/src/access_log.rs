@@ -690,6 +690,7 @@ fn envoy_flag(kind: &str) -> &'static str {
         "bad_request" => "DPE",
         "idle_timeout" | "request_body_timeout" => "SI",
         "fault_injected" => "FI",
+        "rate_limited" => "RL",
         _ => "-",
     }
 }

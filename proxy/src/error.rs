@@ -105,6 +105,9 @@ pub enum ProxyError {
         endpoint: Arc<str>,
         failure: UpstreamFailure,
     },
+    /// The route's (or the node's) rate limit: admitted again after this long.
+    #[error("rate limited")]
+    RateLimited(Duration),
     /// The route's fault injection answered instead of forwarding.
     #[error("fault injected")]
     FaultAbort {
@@ -131,6 +134,7 @@ impl ProxyError {
             Self::Overflow(_) => "overflow",
             Self::RequestTimeout(_) => "request_timeout",
             Self::FaultAbort { .. } => "fault_injected",
+            Self::RateLimited(_) => "rate_limited",
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect => "connect_failure",
                 UpstreamFailure::Tls => "tls_failure",
@@ -159,6 +163,7 @@ impl ProxyError {
             }
             Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::FaultAbort { status, .. } => *status,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::Connect
                 | UpstreamFailure::ConnectTimeout
@@ -178,19 +183,31 @@ impl ProxyError {
             "16",
         ];
         if let Self::FaultAbort {
-            grpc_status: Some(code),
-            ..
+            grpc_status,
+            status,
         } = self
         {
-            return CODES.get(usize::from(*code)).copied().unwrap_or("2");
+            return match grpc_status {
+                Some(code) => CODES.get(usize::from(*code)).copied().unwrap_or("2"),
+                // The gRPC spec's HTTP-to-gRPC mapping.
+                None => match status.as_u16() {
+                    400 => "13",
+                    401 => "16",
+                    403 => "7",
+                    404 => "12",
+                    429 | 502 | 503 | 504 => "14",
+                    _ => "2",
+                },
+            };
         }
         match self.status() {
-            StatusCode::NOT_FOUND => "12",   // UNIMPLEMENTED
-            StatusCode::FORBIDDEN => "7",    // PERMISSION_DENIED
-            StatusCode::BAD_REQUEST => "13", // INTERNAL
+            StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+            StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
+            StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
+            StatusCode::BAD_REQUEST => "13",      // INTERNAL
             StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4", // DEADLINE_EXCEEDED
-            CLIENT_CLOSED => "1",            // CANCELLED
-            _ => "14",                       // UNAVAILABLE
+            CLIENT_CLOSED => "1",                 // CANCELLED
+            _ => "14",                            // UNAVAILABLE
         }
     }
 
@@ -200,6 +217,11 @@ impl ProxyError {
         let kind = HeaderValue::from_static(self.kind());
         let message = self.to_string();
         let mut builder = Response::builder().header("x-trellis-error", kind);
+        if let Self::RateLimited(wait) = self {
+            // Whole seconds, rounded up: at least 1.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            builder = builder.header(header::RETRY_AFTER, seconds.max(1));
+        }
         if grpc {
             builder = builder
                 .status(StatusCode::OK)

@@ -16,6 +16,10 @@ pub struct HeaderRules {
     set: Box<[(HeaderName, Value)]>,
     add: Box<[(HeaderName, Value)]>,
     remove: Box<[HeaderName]>,
+    /// The names of `set` and `remove` with `_` for `-`: removed too, as servers that read
+    /// `_` and `-` alike (CGI-style `HTTP_X_CALLER`) would take them for the rule's header —
+    /// a client must not get past a rule by spelling it so.
+    lookalikes: Box<[HeaderName]>,
 }
 
 #[derive(Debug)]
@@ -127,17 +131,24 @@ impl HeaderRules {
         if set.is_empty() && add.is_empty() && remove.is_empty() {
             return Ok(None);
         }
+        let lookalikes = set
+            .iter()
+            .map(|(n, _)| n)
+            .chain(&remove)
+            .filter_map(lookalike)
+            .collect::<Vec<_>>();
         Ok(Some(Self {
             set: set.into(),
             add: add.into(),
             remove: remove.into(),
+            lookalikes: lookalikes.into(),
         }))
     }
 
     /// Applies the rules to `headers`; `active` is the request's connection (the caller's
     /// identity and address), when there is one.
     pub fn apply(&self, headers: &mut HeaderMap, active: Option<&ActiveRequest>) {
-        for name in &self.remove {
+        for name in self.remove.iter().chain(&self.lookalikes) {
             headers.remove(name);
         }
         for (name, value) in &self.set {
@@ -194,10 +205,23 @@ impl Value {
     }
 }
 
+/// `name` with `_` for each `-`, when it has one.
+pub fn lookalike(name: &HeaderName) -> Option<HeaderName> {
+    let n = name.as_str();
+    n.contains('-')
+        .then(|| HeaderName::from_bytes(n.replace('-', "_").as_bytes()).ok())
+        .flatten()
+}
+
 /// Parses a value's text: `%NAME%` variables (those of [`VARIABLES`]), `%%` for `%`.
 fn parse_value(text: &str, route: &str) -> Result<Value, String> {
     if text.is_empty() {
         return Err("must not be empty (remove the header with remove)".into());
+    }
+    if text.trim() != text {
+        return Err(format!(
+            "{text:?}: no space at either end (HTTP/2 refuses such values)"
+        ));
     }
     let mut pieces: Vec<Piece> = Vec::new();
     let mut literal = String::new();
@@ -311,6 +335,23 @@ mod tests {
     }
 
     #[test]
+    fn a_lookalike_spelling_does_not_get_past_set_or_remove() {
+        let rules = pb::HeaderRules {
+            set: vec![rule("x-caller", "%PEER_IDENTITY%")],
+            remove: vec!["x-internal-token".into()],
+            ..Default::default()
+        };
+        let compiled = HeaderRules::compile(&rules, "r").unwrap().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x_caller", "spiffe://forged".parse().unwrap());
+        h.insert("x_internal_token", "t".parse().unwrap());
+        h.insert("x_other", "kept".parse().unwrap());
+        compiled.apply(&mut h, None);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x_other"]);
+    }
+
+    #[test]
     fn nothing_configured_compiles_to_nothing() {
         assert!(
             HeaderRules::compile(&pb::HeaderRules::default(), "r")
@@ -329,6 +370,7 @@ mod tests {
                 rule("bad name", "v"),
                 rule("x-c", "line\nbreak"),
                 rule("x-d", ""),
+                rule("x-e", "prod "),
             ],
             add: vec![rule("X-A", "again"), rule("host", "evil")],
             remove: vec!["content-length".into(), "x-forwarded-client-cert".into()],
@@ -344,6 +386,7 @@ mod tests {
                 "set[3].name",
                 "set[4].value",
                 "set[5].value",
+                "set[6].value",
                 "add[0].name",
                 "add[1].name",
                 "remove[0]",
@@ -355,6 +398,6 @@ mod tests {
             problems[1].1.contains("unknown variable %NOPE%"),
             "{problems:?}"
         );
-        assert!(problems[6].1.contains("named twice"), "{problems:?}");
+        assert!(problems[7].1.contains("named twice"), "{problems:?}");
     }
 }

@@ -28,6 +28,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod passthrough;
 pub mod proxy;
+pub mod rate_limit;
 pub mod retry;
 pub mod route;
 pub mod snapshot;

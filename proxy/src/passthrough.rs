@@ -102,6 +102,7 @@ impl Passthrough {
             steps: Steps::default(),
             direct: None,
             fault: None,
+            rate_limit: None,
         }
     }
 }

@@ -226,7 +226,18 @@ pub(crate) async fn serve(
         ),
         _ => tracing::Span::none(),
     };
-    // The route's faults, before anything is forwarded (a delay's timer boxed: rare).
+    // The route's rate limit, then its faults, before anything is forwarded (a delay's timer
+    // boxed: rare).
+    let routed = match routed {
+        Ok(r) => match r.route.rate_limit.as_deref() {
+            Some(limit) => limit
+                .admit(req.headers(), completion.as_ref().map(|c| &c.active))
+                .map(|()| r)
+                .map_err(ProxyError::RateLimited),
+            None => Ok(r),
+        },
+        failed => failed,
+    };
     let routed = match routed {
         Ok(r) => match r.route.fault.as_deref() {
             Some(fault) => {
@@ -240,6 +251,11 @@ pub(crate) async fn serve(
         },
         failed => failed,
     };
+    // The matched route's response rules apply to the proxy's own answers too.
+    let steps = routed.as_ref().ok().map(|r| {
+        let route: &Route = r.route;
+        &route.steps
+    });
     // A failure comes with whether the request is gRPC (its error response is then gRPC's),
     // found only when there is a failure.
     let result = match routed {
@@ -276,7 +292,13 @@ pub(crate) async fn serve(
     match result {
         Ok(response) => response,
         Err((err, grpc)) => {
-            let response = err.to_response(grpc);
+            let mut response = err.to_response(grpc);
+            if let Some(steps) = steps {
+                steps.response_rules(
+                    response.headers_mut(),
+                    completion.as_ref().map(|c| &c.active),
+                );
+            }
             services.metrics.error(err.kind());
             if let ProxyError::ClientBody(ClientBodyError::Timeout(_)) = err {
                 services.metrics.timeout("request_body");
@@ -321,7 +343,11 @@ enum Routing<'r> {
 /// Envoy's does: `By=<this proxy>;URI=<caller>`), and only then — a client cannot set it.
 fn client_cert_header(services: &Services, req: &mut Request<Incoming>, caller: Option<&Arc<str>>) {
     const XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
+    // And its `_` spelling, which CGI-style servers read as the same header.
+    const XFCC_LOOKALIKE: header::HeaderName =
+        header::HeaderName::from_static("x_forwarded_client_cert");
     req.headers_mut().remove(XFCC);
+    req.headers_mut().remove(XFCC_LOOKALIKE);
     let Some(caller) = caller else { return };
     let by = services.store.credentials().spiffe_id().unwrap_or_default();
     if let Ok(v) = HeaderValue::from_str(&format!("By={by};URI={caller}")) {
@@ -957,7 +983,7 @@ async fn upgrade(
     }
     let upstream = hyper::upgrade::on(&mut response);
     // The switch's own headers stay (the client needs them); the route's rules apply.
-    route.steps.on_switched_response(
+    route.steps.response_rules(
         response.headers_mut(),
         completion.as_ref().map(|c| &c.active),
     );

@@ -140,6 +140,8 @@ pub struct Route {
     pub direct: Option<Box<DirectResponse>>,
     /// Delays and errors injected into its requests.
     pub fault: Option<Box<crate::fault::Fault>>,
+    /// The bucket its requests are admitted from, when it has a rate limit.
+    pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 /// A response the proxy makes itself for a route: compiled from its `directResponse`.

@@ -308,21 +308,19 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
     compile::compile(snapshot, &mut generation, metrics, &Resolved::new()).map(drop)
 }
 
-/// The problems this proxy's compiler finds with a route's fault, each at its field under the
-/// fault (`.abort.httpStatus`): what the control plane checks at apply time.
-pub fn check_fault(fault: &pb::Fault) -> Vec<FieldError> {
-    let route = pb::Route {
-        name: "r".into(),
-        action: Some(pb::RouteAction {
-            weighted_targets: vec![pb::WeightedTarget {
-                cluster: "c".into(),
-                weight: 1,
-            }],
-            ..Default::default()
-        }),
-        fault: Some(fault.clone()),
+/// The problems this proxy's compiler finds with a route's own settings (its faults, its rate
+/// limit: give a route with only those set), each at its field under the route
+/// (`fault.abort.httpStatus`): what the control plane checks at apply time.
+pub fn check_route(route: &pb::Route) -> Vec<FieldError> {
+    let mut route = route.clone();
+    route.name = "r".into();
+    route.action = Some(pb::RouteAction {
+        weighted_targets: vec![pb::WeightedTarget {
+            cluster: "c".into(),
+            weight: 1,
+        }],
         ..Default::default()
-    };
+    });
     let snapshot = pb::Snapshot {
         version: "check".into(),
         listeners: vec![pb::Listener {
@@ -341,15 +339,13 @@ pub fn check_fault(fault: &pb::Fault) -> Vec<FieldError> {
         }],
         ..Default::default()
     };
+    const AT: &str = "listeners[0].virtualHosts[0].routes[0].";
     match check(&snapshot) {
         Ok(()) => Vec::new(),
         Err(SnapshotError::Invalid(errors)) => errors
             .into_iter()
             .map(|e| FieldError {
-                path: e
-                    .path
-                    .split_once(".fault")
-                    .map_or_else(String::new, |(_, rest)| rest.to_string()),
+                path: e.path.strip_prefix(AT).unwrap_or(&e.path).to_string(),
                 reason: e.reason,
             })
             .collect(),

@@ -70,9 +70,10 @@ impl Steps {
         }
     }
 
-    /// A `101 Switching Protocols` answer: its upgrade headers stay; the response header rules
-    /// apply (they cannot name those headers).
-    pub fn on_switched_response(&self, headers: &mut HeaderMap, active: Option<&ActiveRequest>) {
+    /// The response header rules alone: for a `101 Switching Protocols` answer (its upgrade
+    /// headers stay; rules cannot name them) and for the responses the proxy makes itself for
+    /// the route's requests (errors, faults, rate limits).
+    pub fn response_rules(&self, headers: &mut HeaderMap, active: Option<&ActiveRequest>) {
         if let Some(rules) = &self.response {
             rules.apply(headers, active);
         }

@@ -650,6 +650,7 @@ pub struct Upstreams {
     pub(crate) offline: bool,
     live: Mutex<EndpointMap>,
     limits: Mutex<LimitMap>,
+    rate_limiters: Mutex<RateLimiterMap>,
     /// The running health checkers, one per endpoint of a cluster with a health check.
     checkers: Mutex<HashMap<EndpointKey, Checker>>,
     /// Where checkers run: set by the binary (a thread of their own), else the runtime that
@@ -663,6 +664,8 @@ pub(crate) type EndpointKey = (Arc<str>, Protocol, Arc<str>, IpFamily, Option<Ar
 pub(crate) type EndpointMap = HashMap<EndpointKey, Arc<EndpointState>>;
 /// Connection pool limit state, keyed by (cluster, protocol).
 pub(crate) type LimitMap = HashMap<(Arc<str>, Protocol), Arc<ClusterLimits>>;
+/// Rate limiters by (listener, bucket), kept across snapshots while their settings hold.
+pub(crate) type RateLimiterMap = HashMap<(Arc<str>, Arc<str>), Arc<crate::rate_limit::RateLimiter>>;
 
 impl Upstreams {
     /// For checking snapshots elsewhere: files are not read.
@@ -679,6 +682,7 @@ impl Upstreams {
             upstreams: self,
             next: EndpointMap::new(),
             next_limits: LimitMap::new(),
+            next_rate_limiters: RateLimiterMap::new(),
             next_checks: Vec::new(),
         }
     }
@@ -721,6 +725,7 @@ pub(crate) struct Generation<'a> {
     upstreams: &'a Upstreams,
     next: EndpointMap,
     next_limits: LimitMap,
+    next_rate_limiters: RateLimiterMap,
     next_checks: Vec<(
         EndpointKey,
         Arc<EndpointState>,
@@ -858,6 +863,16 @@ impl Generation<'_> {
         limits
     }
 
+    /// The live rate limiters (a compile reuses those whose settings are unchanged).
+    pub(crate) fn live_rate_limiters(&self) -> RateLimiterMap {
+        self.upstreams.rate_limiters.lock().clone()
+    }
+
+    /// The rate limiters this generation's snapshot uses.
+    pub(crate) fn set_rate_limiters(&mut self, limiters: RateLimiterMap) {
+        self.next_rate_limiters = limiters;
+    }
+
     /// Asks for `endpoint` of `cluster` to be health checked with `config` once this
     /// generation is committed.
     pub(crate) fn health_check(
@@ -885,6 +900,7 @@ impl Generation<'_> {
     pub(crate) fn commit(self) {
         *self.upstreams.live.lock() = self.next;
         *self.upstreams.limits.lock() = self.next_limits;
+        *self.upstreams.rate_limiters.lock() = self.next_rate_limiters;
         let mut checkers = self.upstreams.checkers.lock();
         let mut old = std::mem::take(&mut *checkers);
         let runtime = self

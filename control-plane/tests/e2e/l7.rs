@@ -173,8 +173,9 @@ async fn tally(
 
 /// Fault injection on a route: an abort of 50% answers 50% ± 5 of 2,000 requests with the
 /// configured status (`fault_injected`); a delay for requests with a header delays those, and
-/// only those, by at least its duration; a gRPC request gets the configured grpc-status. A
-/// share out of range is refused naming its field.
+/// only those, by at least its duration, before the route's timeout starts (as Envoy's); a
+/// gRPC request gets the configured grpc-status. A share out of range is refused naming its
+/// field.
 #[tokio::test]
 async fn faults_abort_and_delay_the_share_of_requests_asked() {
     let data = tempfile::tempdir().unwrap();
@@ -211,7 +212,10 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
     );
     // A gRPC request aborted: HTTP 200, grpc-status 14 (until one is drawn).
     let mut h2 = Client::h2(front.egress).await.unwrap();
+    let mut tries = 0;
     let grpc = loop {
+        tries += 1;
+        assert!(tries < 200, "no gRPC request aborted in 200");
         let req = http::Request::post("http://blue.default/pkg.Svc/Method")
             .header("content-type", "application/grpc")
             .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -230,7 +234,8 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
         &fault_mesh(
             port,
             "          headers: [{ name: x-fault, match: { exact: \"yes\" } }]\n          \
-             delay: { fixedDelay: { unit: ms, value: 300 }, percentage: 100 }\n",
+             delay: { fixedDelay: { unit: ms, value: 300 }, percentage: 100 }\n        \
+             timeout: { perRequest: { unit: ms, value: 200 } }\n",
         ),
     );
     wait_synced(&url, 2).await;
@@ -245,7 +250,11 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
     );
     let start = std::time::Instant::now();
     let counts = tally(front.egress, 4, 2, Some(("x-fault", "yes"))).await;
-    assert_eq!(counts.get(&(200, String::new())), Some(&4), "{counts:?}");
+    assert_eq!(
+        counts.get(&(200, String::new())),
+        Some(&4),
+        "the delay comes before the route's 200 ms timeout starts: {counts:?}"
+    );
     assert!(
         start.elapsed() >= std::time::Duration::from_millis(600),
         "two in a row on each connection, 300 ms each"

@@ -25,6 +25,7 @@ use crate::{
     metrics::ProxyMetrics,
     outlier::OutlierDetection,
     passthrough::Passthrough,
+    rate_limit::{RateLimitConfig, RateLimitKey, RateLimiter},
     retry::{self, RetryOn, RetryPolicy},
     route::{
         DirectKind, DirectResponse, HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch,
@@ -48,6 +49,11 @@ struct Compiler<'a> {
     credentials: Arc<crate::tls::Credentials>,
     /// Whether certificate and trust files are read (not when checking elsewhere).
     read_files: bool,
+    /// Rate limiters of the live snapshot (reused when unchanged) and of this one, by
+    /// (listener, bucket); the listener and virtual host being compiled.
+    live_limiters: crate::upstream::RateLimiterMap,
+    next_limiters: crate::upstream::RateLimiterMap,
+    scope: (Arc<str>, Arc<str>),
 }
 
 impl Compiler<'_> {
@@ -123,6 +129,9 @@ pub(crate) fn compile(
         resolved,
         credentials: generation.credentials().clone(),
         read_files: generation.reads_files(),
+        live_limiters: generation.live_rate_limiters(),
+        next_limiters: HashMap::new(),
+        scope: (Arc::from(""), Arc::from("")),
     };
     let mut clusters = Vec::with_capacity(snapshot.clusters.len());
     for (i, cluster) in snapshot.clusters.iter().enumerate() {
@@ -190,6 +199,7 @@ pub(crate) fn compile(
             Err(_) => c.err(format!("{path}.role"), "unknown role"),
         }
     }
+    generation.set_rate_limiters(std::mem::take(&mut c.next_limiters));
     if c.errors.is_empty() {
         Ok(runtime)
     } else {
@@ -593,6 +603,7 @@ fn compile_listener(c: &mut Compiler<'_>, path: &str, listener: &pb::Listener) -
             if listener.tcp.is_some() {
                 c.err(format!("{path}.tcp"), "only for TCP listeners");
             }
+            c.scope.0 = listener.name.as_str().into();
             ListenerKind::Http(compile_hosts(c, path, &listener.virtual_hosts))
         }
         Ok(PbProtocol::Tcp) => {
@@ -778,6 +789,7 @@ fn compile_hosts(c: &mut Compiler<'_>, path: &str, hosts: &[pb::VirtualHost]) ->
                     format!("duplicate route name {:?}", route.name),
                 );
             }
+            c.scope.1 = host.name.as_str().into();
             if let Some(r) = compile_route(c, &rpath, route) {
                 routes.push(r);
             }
@@ -839,6 +851,10 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         .fault
         .as_ref()
         .and_then(|f| compile_fault(c, &format!("{path}.fault"), f));
+    let rate_limit = route
+        .rate_limit
+        .as_ref()
+        .and_then(|r| compile_rate_limit(c, &format!("{path}.rateLimit"), r, &route.name));
     let retry = route
         .retry_policy
         .as_ref()
@@ -863,6 +879,7 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         steps,
         direct: direct.flatten(),
         fault,
+        rate_limit,
     })
 }
 
@@ -895,10 +912,10 @@ fn compile_direct(
             "a direct response is not forwarded: no retryPolicy",
         );
     }
-    if route.fault.is_some() {
+    if route.fault.is_some() || route.rate_limit.is_some() {
         c.err(
             format!("{path}.directResponse"),
-            "a direct response is not forwarded: no fault",
+            "a direct response is not forwarded: no fault or rateLimit",
         );
     }
     if route.request_headers.is_some() || route.response_headers.is_some() {
@@ -1139,6 +1156,76 @@ fn compile_header_matches(
     out
 }
 
+/// A route's rate limit: its bucket, the live one when the settings are unchanged.
+fn compile_rate_limit(
+    c: &mut Compiler<'_>,
+    path: &str,
+    r: &pb::RateLimit,
+    route: &str,
+) -> Option<Arc<RateLimiter>> {
+    use pb::rate_limit::Key;
+    let before = c.errors.len();
+    if r.requests == 0 {
+        c.err(format!("{path}.requests"), "must be more than 0");
+    }
+    let per = c.timeout(&format!("{path}.per"), r.per.as_ref());
+    if per.is_none() && c.errors.len() == before {
+        c.err(format!("{path}.per"), "required, more than 0");
+    }
+    let key = match &r.key {
+        None | Some(Key::PeerIdentity(false)) => RateLimitKey::None,
+        Some(Key::PeerIdentity(true)) => RateLimitKey::PeerIdentity,
+        Some(Key::Header(h)) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => RateLimitKey::Header(name),
+            Err(_) => {
+                c.err(
+                    format!("{path}.header"),
+                    format!("{h:?} is not a header name"),
+                );
+                RateLimitKey::None
+            }
+        },
+    };
+    if c.errors.len() != before {
+        return None;
+    }
+    let per = per?;
+    let interval = per / r.requests;
+    if interval.is_zero() {
+        c.err(format!("{path}.requests"), "more than one per nanosecond");
+        return None;
+    }
+    let config = RateLimitConfig {
+        interval,
+        burst: if r.burst == 0 { r.requests } else { r.burst },
+        key,
+    };
+    let bucket: Arc<str> = if r.bucket.is_empty() {
+        format!("route:{}/{route}", c.scope.1).into()
+    } else {
+        format!("bucket:{}", r.bucket).into()
+    };
+    let at = (c.scope.0.clone(), bucket);
+    if let Some(shared) = c.next_limiters.get(&at) {
+        if shared.config != config {
+            c.err(
+                format!("{path}.bucket"),
+                format!("{:?} is shared by routes with other settings", r.bucket),
+            );
+            return None;
+        }
+        return Some(shared.clone());
+    }
+    let limiter = c
+        .live_limiters
+        .get(&at)
+        .filter(|l| l.config == config)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(RateLimiter::new(config)));
+    c.next_limiters.insert(at, limiter.clone());
+    Some(limiter)
+}
+
 /// A route's fault injection.
 fn compile_fault(c: &mut Compiler<'_>, path: &str, f: &pb::Fault) -> Option<Box<Fault>> {
     use crate::fault::{Abort, Delay, Share};
@@ -1169,10 +1256,13 @@ fn compile_fault(c: &mut Compiler<'_>, path: &str, f: &pb::Fault) -> Option<Box<
         let apath = format!("{path}.abort");
         let status = u16::try_from(a.http_status)
             .ok()
-            .filter(|s| (200..=599).contains(s))
+            .filter(|s| (200..=599).contains(s) && *s != 204 && *s != 304)
             .and_then(|s| http::StatusCode::from_u16(s).ok());
         if status.is_none() {
-            c.err(format!("{apath}.httpStatus"), "must be 200..=599");
+            c.err(
+                format!("{apath}.httpStatus"),
+                "must be 200..=599, not 204 or 304 (the answer has a body)",
+            );
         }
         let grpc_status = match a.grpc_status {
             0 => None,
