@@ -57,6 +57,8 @@ features = {
     "fault-header": "            fault:\n"
                     "              headers: [{ name: x-chaos, exact: \"on\" }]\n"
                     "              abort: { httpStatus: 503, percentage: 50 }\n",
+    # A bucket far above the load (nothing is limited): the admission's cost.
+    "ratelimit": "            rateLimit: { requests: 1000000, per: 1s }\n",
     # A draw per request (one in a million aborted).
     "fault-draw": "            fault:\n"
                   "              abort: { httpStatus: 503, percentage: 0.0001 }\n",

@@ -1788,6 +1788,34 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         ),
     ),
     (
+        VirtualRouter,
+        "spec.routes[].httpRoute.rateLimit",
+        Honoured(
+            "Trellis addition: requests admitted at most at a rate at the caller's sidecar (a token bucket: {requests, per, burst, key: {header | peerIdentity}}); beyond it 429 rate_limited with retry-after",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.rateLimit",
+        Honoured(
+            "Trellis addition: requests admitted at most at a rate at the caller's sidecar (a token bucket: {requests, per, burst, key: {header | peerIdentity}}); beyond it 429 rate_limited with retry-after",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.rateLimit",
+        Honoured(
+            "Trellis addition: requests admitted at most at a rate at the caller's sidecar (a token bucket: {requests, per, burst, key: {header | peerIdentity}}); beyond it 429 rate_limited with retry-after",
+        ),
+    ),
+    (
+        VirtualNode,
+        "spec.rateLimit",
+        Honoured(
+            "Trellis addition: requests to the node admitted at most at a rate at its sidecar (one bucket over its listeners; key by header or the caller's verified identity); beyond it 429 rate_limited with retry-after",
+        ),
+    ),
+    (
         VirtualNode,
         "spec.requestHeaders",
         Honoured(

@@ -284,3 +284,134 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
         include_str!("../../../examples/l7/faults.yaml"),
     );
 }
+
+/// Rate limiting: a route's limit holds its rate within 5% under a load far above it (the
+/// burst apart), answering the rest 429 `rate_limited` with retry-after; a node's limit keyed
+/// by a header gives each value its own bucket, at the node's sidecar. A limit without a rate is
+/// refused naming its field.
+#[tokio::test]
+async fn rate_limits_hold_their_rate_per_route_and_per_key() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let port = app.addr.port();
+    let plain = |route: &str, node: &str| {
+        rules_mesh(port, route, node).replace("spec: { mtls: STRICT }", "spec: {}")
+    };
+    // 50 per second, a burst of 50 (a second's worth: a stall of the loaded machine below a
+    // second loses no token).
+    apply(
+        &url,
+        &plain(
+            "        rateLimit: { requests: 50, per: { unit: s, value: 1 }, burst: 50 }\n",
+            "",
+        ),
+    );
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), false).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), false).await;
+    register_instance(&url, ("test", "blue"), "blue-1", blue.ingress, &[]);
+    wait_synced(&url, 2).await;
+
+    let start = std::time::Instant::now();
+    let window = std::time::Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let egress = front.egress;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::h1(egress).await.unwrap();
+            let (mut ok, mut limited, mut other) = (0usize, 0usize, Vec::new());
+            while start.elapsed() < window {
+                let r = c.get("blue.default", "/").await.unwrap();
+                match (r.status.as_u16(), r.header("x-trellis-error")) {
+                    (200, None) => ok += 1,
+                    (429, Some("rate_limited"))
+                        if r.header("retry-after")
+                            .is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)) =>
+                    {
+                        limited += 1
+                    }
+                    (s, e) => other.push(format!("{s} {e:?}")),
+                }
+            }
+            (ok, limited, other)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l, other) = t.await.unwrap();
+        assert!(other.is_empty(), "{other:?}");
+        ok += o;
+        limited += l;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = (ok as f64 - 50.0) / elapsed;
+    assert!(
+        limited > ok,
+        "the load was far above the rate: {ok} admitted, {limited} limited"
+    );
+    assert!(
+        (47.5..=52.5).contains(&rate),
+        "{ok} admitted in {elapsed:.2} s: {rate:.1}/s beyond the burst, not 50 ± 5%"
+    );
+
+    // A node's limit keyed by x-user: each user its own bucket of 3 (per minute: none refills
+    // during the test).
+    apply(
+        &url,
+        &plain(
+            "",
+            "  rateLimit: { requests: 3, per: { unit: s, value: 60 }, key: { header: x-user } }\n",
+        ),
+    );
+    wait_synced(&url, 2).await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let mut as_user = async |user: &str| {
+        let req = http::Request::get("http://blue.default/")
+            .header("host", "blue.default")
+            .header("x-user", user)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        (
+            r.status.as_u16(),
+            r.header("x-trellis-error").map(str::to_string),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(as_user("alice").await, (200, None));
+    }
+    assert_eq!(
+        as_user("alice").await,
+        (429, Some("rate_limited".to_string())),
+        "alice's bucket is empty"
+    );
+    for _ in 0..3 {
+        assert_eq!(as_user("bob").await, (200, None), "bob has his own");
+    }
+    assert_eq!(as_user("bob").await.0, 429);
+
+    // Refused naming its field.
+    let out = apply_result(
+        &url,
+        &plain(
+            "        rateLimit: { requests: 0, per: { unit: s, value: 1 } }\n",
+            "",
+        ),
+    );
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("spec.routes[0].httpRoute.rateLimit.requests"),
+        "{why}"
+    );
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/rate-limits.yaml"),
+    );
+}
