@@ -682,6 +682,9 @@ pub struct HttpRoute {
     #[serde(rename = "match")]
     pub matcher: HttpMatch,
     pub action: RouteAction,
+    /// Trellis: the path and host the route's requests are sent with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RouteRewrite>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -698,6 +701,55 @@ pub struct HttpRoute {
     /// Trellis: requests admitted at most at a rate, at the caller's sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+}
+
+/// Trellis: a route's rewrites — one of `prefix` (the route's `match.prefix` replaced by it),
+/// `path` (the whole path) or `regex`; and `hostname` (the authority sent). The query stays.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<RegexRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// Each match of `pattern` in the path replaced by `substitution` ($1, ${name}: its groups).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegexRewrite {
+    pub pattern: String,
+    pub substitution: String,
+}
+
+impl RouteRewrite {
+    /// The path rewrite as the proxy takes it, for a route matching `prefix` (None: the
+    /// rewrite changes only the host, or asks for a prefix the route does not match on).
+    pub fn path_proto(&self, prefix: Option<&str>) -> Option<trellis_proto::v1::PathRewrite> {
+        use trellis_proto::v1::PathRewrite;
+        if let Some(to) = &self.prefix {
+            return prefix.map(|p| PathRewrite {
+                prefix: p.to_string(),
+                replacement: to.clone(),
+                ..Default::default()
+            });
+        }
+        if let Some(path) = &self.path {
+            return Some(PathRewrite {
+                exact: path.clone(),
+                ..Default::default()
+            });
+        }
+        self.regex.as_ref().map(|r| PathRewrite {
+            regex: r.pattern.clone(),
+            substitution: r.substitution.clone(),
+            ..Default::default()
+        })
+    }
 }
 
 /// Trellis: a token bucket at a sidecar: `requests` per `per`, `burst` at once (default

@@ -649,8 +649,11 @@ impl Builder<'_> {
         };
         if let Some(h) = route.http_route.as_ref().or(route.http2_route.as_ref()) {
             out.r#match = Some(http_match(&h.matcher));
+            let rewrite = h.rewrite.as_ref();
             out.action = Some(pb::RouteAction {
                 weighted_targets: self.targets(ns, &h.action),
+                path_rewrite: rewrite.and_then(|r| r.path_proto(h.matcher.prefix.as_deref())),
+                host_rewrite: rewrite.and_then(|r| r.hostname.clone()).unwrap_or_default(),
                 ..Default::default()
             });
             out.retry_policy = h
@@ -1554,9 +1557,11 @@ impl GatewayRewrites {
             path_rewrite: self.prefix.as_ref().map(|(p, r)| pb::PathRewrite {
                 prefix: p.clone(),
                 replacement: r.clone(),
+                ..Default::default()
             }),
             host_rewrite: self.host.clone(),
             direct_response: None,
+            then_path_rewrites: Vec::new(),
         }
     }
 }
@@ -1667,14 +1672,15 @@ impl GatewayExpansion<'_> {
                         .map_or(1001, |p| i32::try_from(p).unwrap_or(1001)),
                 ),
                 r#match: Some(m),
-                action: Some(
-                    self.rewrite.action(
-                        translated
-                            .action
-                            .map(|a| a.weighted_targets)
-                            .unwrap_or_default(),
-                    ),
-                ),
+                action: translated.action.map(|a| {
+                    // The gateway's rewrites, then the router route's.
+                    let mut action = self.rewrite.action(a.weighted_targets);
+                    action.then_path_rewrites.extend(a.path_rewrite);
+                    if !a.host_rewrite.is_empty() {
+                        action.host_rewrite = a.host_rewrite;
+                    }
+                    action
+                }),
                 retry_policy: translated.retry_policy,
                 timeout: translated.timeout,
                 request_headers: translated.request_headers,
@@ -2092,6 +2098,77 @@ mod tests {
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
     }
 
+    /// A router route's rewrite: at a sidecar, the route's own; through a gateway, after the
+    /// gateway route's (its hostname replacing the gateway's).
+    #[test]
+    fn router_route_rewrites_apply_at_sidecars_and_after_a_gateways() {
+        let router_rewrite = "        match: { prefix: / }\n        rewrite: { regex: { pattern: \"^/([a-z]+)$\", substitution: \"/api/$1\" }, hostname: colors.internal }\n";
+        let mesh = MESH.replacen("        match: { prefix: / }\n", router_rewrite, 1);
+        assert_ne!(mesh, MESH);
+        let yaml = format!(
+            "{mesh}\n---\n{}",
+            r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: ingress-gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: colors }
+spec:
+  virtualGatewayRef: { name: ingress-gw }
+  httpRoute:
+    match: { prefix: /colors/ }
+    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
+"#
+        );
+        let state = state(&yaml);
+        let regex = pb::PathRewrite {
+            regex: "^/([a-z]+)$".into(),
+            substitution: "/api/$1".into(),
+            ..Default::default()
+        };
+        let front = ResourceKey::new(Kind::VirtualNode, "default", "front");
+        let t = sidecar(&state, &[], &front, Security::default()).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let egress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "egress")
+            .unwrap();
+        let action = egress
+            .virtual_hosts
+            .iter()
+            .flat_map(|h| &h.routes)
+            .find(|r| r.name == "colorteller/split")
+            .and_then(|r| r.action.as_ref())
+            .unwrap();
+        assert_eq!(action.path_rewrite.as_ref(), Some(&regex));
+        assert_eq!(action.host_rewrite, "colors.internal");
+
+        let gw = ResourceKey::new(Kind::VirtualGateway, "default", "ingress-gw");
+        let t = gateway(&state, &[], &gw, Security::default()).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let r = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
+        let action = r.action.as_ref().unwrap();
+        assert_eq!(
+            action
+                .path_rewrite
+                .as_ref()
+                .map(|p| (&*p.prefix, &*p.replacement)),
+            Some(("/colors/", "/")),
+            "the gateway's first"
+        );
+        assert_eq!(
+            action.then_path_rewrites,
+            [regex],
+            "then the router route's"
+        );
+        assert_eq!(action.host_rewrite, "colors.internal");
+    }
+
     #[test]
     fn gateway_routes_expand_through_the_router_with_rewrites() {
         let yaml = format!(
@@ -2146,9 +2223,11 @@ spec:
             action.path_rewrite,
             Some(pb::PathRewrite {
                 prefix: "/colors/".into(),
-                replacement: "/".into()
+                replacement: "/".into(),
+                ..Default::default()
             })
         );
+        assert!(action.then_path_rewrites.is_empty());
         assert_eq!(action.host_rewrite, "colorteller.default");
         assert_eq!(action.weighted_targets.len(), 3, "the router's targets");
         assert!(

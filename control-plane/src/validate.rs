@@ -894,6 +894,11 @@ impl Checker<'_> {
                         h.response_headers.as_ref(),
                     );
                     self.fault(&format!("{hp}.fault"), h.fault.as_ref());
+                    self.rewrite(
+                        &format!("{hp}.rewrite"),
+                        h.rewrite.as_ref(),
+                        h.matcher.prefix.as_deref(),
+                    );
                     self.rate_limit(&format!("{hp}.rateLimit"), h.rate_limit.as_ref());
                 }
             }
@@ -1706,6 +1711,60 @@ impl Checker<'_> {
             ..Default::default()
         };
         self.route_part(path, &route, "fault");
+    }
+
+    /// A route's rewrite: one path rewrite at most (a prefix one needs the route's
+    /// match.prefix), a hostname that is an authority; the rest by the proxy's compiler.
+    fn rewrite(
+        &mut self,
+        path: &str,
+        r: Option<&crate::model::RouteRewrite>,
+        prefix: Option<&str>,
+    ) {
+        let Some(r) = r else { return };
+        let paths = [r.prefix.is_some(), r.path.is_some(), r.regex.is_some()];
+        match paths.iter().filter(|p| **p).count() {
+            0 if r.hostname.is_none() => {
+                self.err(path, "give prefix, path or regex, and/or hostname".into());
+                return;
+            }
+            0 | 1 => {}
+            _ => {
+                self.err(path, "give at most one of prefix, path or regex".into());
+                return;
+            }
+        }
+        if r.prefix.is_some() && prefix.is_none() {
+            self.err(
+                format!("{path}.prefix"),
+                "replaces the route's match.prefix: the route matches no prefix (use path or regex)".into(),
+            );
+            return;
+        }
+        let route = trellis_proto::v1::Route {
+            action: Some(trellis_proto::v1::RouteAction {
+                path_rewrite: r.path_proto(prefix),
+                host_rewrite: r.hostname.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for e in trellis_proxy::snapshot::check_route(&route) {
+            let field = match e.path.as_str() {
+                "action.pathRewrite.replacement" | "action.pathRewrite.prefix" => "prefix",
+                "action.pathRewrite.exact" => "path",
+                "action.pathRewrite.regex" => "regex.pattern",
+                "action.pathRewrite.substitution" => "regex.substitution",
+                "action.hostRewrite" => "hostname",
+                _ => "",
+            };
+            let at = if field.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            self.err(at, e.reason);
+        }
     }
 
     /// A route's rate limit (or a node's), checked by the proxy's compiler.

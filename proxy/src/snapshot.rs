@@ -309,18 +309,18 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
 }
 
 /// The problems this proxy's compiler finds with a route's own settings (its faults, its rate
-/// limit: give a route with only those set), each at its field under the route
+/// limit, its action's rewrites: give a route with only those set; its targets are made up),
+/// each at its field under the route
 /// (`fault.abort.httpStatus`): what the control plane checks at apply time.
 pub fn check_route(route: &pb::Route) -> Vec<FieldError> {
     let mut route = route.clone();
     route.name = "r".into();
-    route.action = Some(pb::RouteAction {
-        weighted_targets: vec![pb::WeightedTarget {
-            cluster: "c".into(),
-            weight: 1,
-        }],
-        ..Default::default()
-    });
+    let mut action = route.action.take().unwrap_or_default();
+    action.weighted_targets = vec![pb::WeightedTarget {
+        cluster: "c".into(),
+        weight: 1,
+    }];
+    route.action = Some(action);
     let snapshot = pb::Snapshot {
         version: "check".into(),
         listeners: vec![pb::Listener {

@@ -23,6 +23,10 @@ pub struct Steps {
 pub enum RequestStep {
     /// Replaces a path prefix (the query stays).
     RewritePath(PathRewrite),
+    /// Replaces the whole path (the query stays).
+    ReplacePath(Box<str>),
+    /// Replaces each match of a regex in the path (the query stays).
+    RegexPath(Box<RegexRewrite>),
     /// Replaces the authority.
     RewriteHost(Authority),
     /// Sets, adds and removes headers.
@@ -57,6 +61,28 @@ impl Steps {
                     }
                 }
                 RequestStep::RewriteHost(host) => out.set_authority(host),
+                RequestStep::ReplacePath(path) => {
+                    let new = out
+                        .parts()
+                        .uri
+                        .path_and_query()
+                        .map(|pq| with_query(path, pq.query()))
+                        .and_then(|pq| PathAndQuery::try_from(pq).ok());
+                    if let Some(new) = new {
+                        out.set_path_and_query(new);
+                    }
+                }
+                RequestStep::RegexPath(rw) => {
+                    let new = out
+                        .parts()
+                        .uri
+                        .path_and_query()
+                        .and_then(|pq| rw.apply(pq.path(), pq.query()))
+                        .and_then(|pq| PathAndQuery::try_from(pq).ok());
+                    if let Some(new) = new {
+                        out.set_path_and_query(new);
+                    }
+                }
             }
         }
     }
@@ -77,6 +103,37 @@ impl Steps {
         if let Some(rules) = &self.response {
             rules.apply(headers, active);
         }
+    }
+}
+
+/// A path with the request's query, if it had one.
+fn with_query(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    }
+}
+
+/// Each match of a regex in the path, and what replaces it.
+#[derive(Debug)]
+pub struct RegexRewrite {
+    pub regex: regex::Regex,
+    pub substitution: Box<str>,
+}
+
+impl RegexRewrite {
+    /// The rewritten path-and-query; None when the regex does not match.
+    pub fn apply(&self, path: &str, query: Option<&str>) -> Option<String> {
+        let new = match self.regex.replace_all(path, &*self.substitution) {
+            std::borrow::Cow::Borrowed(_) => return None,
+            std::borrow::Cow::Owned(p) => p,
+        };
+        let new = if new.starts_with('/') {
+            new
+        } else {
+            format!("/{new}")
+        };
+        Some(with_query(&new, query))
     }
 }
 
@@ -198,6 +255,24 @@ mod tests {
                 "{prefix} -> {to} on {path}"
             );
         }
+    }
+
+    #[test]
+    fn regex_rewrites_use_groups_and_keep_the_query() {
+        let rw = RegexRewrite {
+            regex: regex::Regex::new(r"^/users/([0-9]+)/orders$").unwrap(),
+            substitution: "/orders/by-user/$1".into(),
+        };
+        assert_eq!(
+            rw.apply("/users/42/orders", Some("page=2")).as_deref(),
+            Some("/orders/by-user/42?page=2")
+        );
+        assert_eq!(rw.apply("/users/x/orders", None), None);
+        let every = RegexRewrite {
+            regex: regex::Regex::new("v1").unwrap(),
+            substitution: "v2".into(),
+        };
+        assert_eq!(every.apply("/v1/a/v1", None).as_deref(), Some("/v2/a/v2"));
     }
 
     #[test]

@@ -1816,6 +1816,20 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         ),
     ),
     (
+        VirtualRouter,
+        "spec.routes[].httpRoute.rewrite",
+        Honoured(
+            "Trellis addition: the path and host the route's requests are sent with: one of prefix (replacing match.prefix), path (the whole path) or regex {pattern, substitution} ($1: groups), and hostname; the query stays; through a gateway, after the gateway route's rewrites",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.rewrite",
+        Honoured(
+            "Trellis addition: the path and host the route's requests are sent with: one of prefix (replacing match.prefix), path (the whole path) or regex {pattern, substitution} ($1: groups), and hostname; the query stays; through a gateway, after the gateway route's rewrites",
+        ),
+    ),
+    (
         VirtualNode,
         "spec.requestHeaders",
         Honoured(

@@ -415,3 +415,85 @@ async fn rate_limits_hold_their_rate_per_route_and_per_key() {
         include_str!("../../../examples/l7/rate-limits.yaml"),
     );
 }
+
+/// Path and host rewrites on router routes, at the caller's sidecar: a prefix replaced, a whole
+/// path replaced, a regex's matches replaced with its groups and the authority sent, the query
+/// kept each time. A prefix rewrite on a route matching no prefix is refused naming its field.
+#[tokio::test]
+async fn router_routes_rewrite_paths_and_hosts() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let port = app.addr.port();
+    let routes = |second: &str| {
+        format!(
+            "    - name: prefix\n      priority: 1\n      httpRoute:\n        match: {{ prefix: /old/ }}\n        \
+             action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: blue }}, weight: 1 }}] }}\n        \
+             rewrite: {{ prefix: /new/ }}\n\
+             {second}\
+             - name: regex\n      priority: 3\n      httpRoute:\n        match: {{ prefix: /users/ }}\n        \
+             action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: blue }}, weight: 1 }}] }}\n        \
+             rewrite: {{ regex: {{ pattern: \"^/users/([0-9]+)$\", substitution: \"/u/$1\" }}, hostname: \"users.internal:8080\" }}\n"
+        )
+    };
+    let exact = "    - name: exact\n      priority: 2\n      httpRoute:\n        match: { path: { exact: /status } }\n        \
+                 action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 1 }] }\n        \
+                 rewrite: { path: /internal/health }\n    ";
+    let mesh = |second: &str| {
+        let one = "    - name: r\n      httpRoute:\n        match: { prefix: / }\n        \
+                   action: { weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 1 }] }\n";
+        rules_mesh(port, "", "")
+            .replace("spec: { mtls: STRICT }", "spec: {}")
+            .replace(one, &routes(second))
+    };
+    let yaml = mesh(exact);
+    assert!(yaml.contains("name: regex"), "{yaml}");
+    apply(&url, &yaml);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), false).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), false).await;
+    register_instance(&url, ("test", "blue"), "blue-1", blue.ingress, &[]);
+    wait_synced(&url, 2).await;
+
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let mut seen = async |path: &str| {
+        let r = c.get("blue.default", path).await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{path}: {}", r.text());
+        (
+            r.header("x-seen-path").unwrap_or_default().to_string(),
+            r.header("x-seen-host").unwrap_or_default().to_string(),
+        )
+    };
+    assert_eq!(seen("/old/a?q=1").await.0, "/new/a?q=1");
+    assert_eq!(seen("/status?verbose").await.0, "/internal/health?verbose");
+    assert_eq!(
+        seen("/users/42?x=y").await,
+        ("/u/42?x=y".to_string(), "users.internal:8080".to_string())
+    );
+    assert_eq!(
+        seen("/users/abc").await.0,
+        "/users/abc",
+        "no match: the path as it was"
+    );
+
+    let bad = mesh(&exact.replace(
+        "rewrite: { path: /internal/health }",
+        "rewrite: { prefix: /x/ }",
+    ));
+    let out = apply_result(&url, &bad);
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("spec.routes[1].httpRoute.rewrite.prefix"),
+        "{why}"
+    );
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/rewrites.yaml"),
+    );
+}

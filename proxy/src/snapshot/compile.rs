@@ -31,7 +31,7 @@ use crate::{
         DirectKind, DirectResponse, HeaderMatch, PathMatch, QueryMatch, Route, RouteMatch,
         RouteTable, Timeouts, ValueRule, VirtualHost,
     },
-    steps::{PathRewrite, RequestStep, Steps},
+    steps::{PathRewrite, RegexRewrite, RequestStep, Steps},
     tls::{ServerMode, ServerSide},
     upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
 };
@@ -899,7 +899,10 @@ fn compile_direct(
                 "must be empty with a directResponse",
             );
         }
-        if a.path_rewrite.is_some() || !a.host_rewrite.is_empty() {
+        if a.path_rewrite.is_some()
+            || !a.then_path_rewrites.is_empty()
+            || !a.host_rewrite.is_empty()
+        {
             c.err(
                 format!("{path}.directResponse"),
                 "a direct response is not forwarded: no pathRewrite or hostRewrite",
@@ -971,25 +974,23 @@ fn compile_header_rules(
     }
 }
 
-/// The route's rewrite steps: path, then host.
+/// The route's rewrite steps: the path (its rewrites in order), then the host.
 fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -> Vec<RequestStep> {
     let mut out = Vec::new();
-    if let Some(r) = &action.path_rewrite {
-        if !r.prefix.starts_with('/') {
-            c.err(
-                format!("{path}.pathRewrite.prefix"),
-                "must start with \"/\"",
-            );
-        } else if !r.replacement.starts_with('/') {
-            c.err(
-                format!("{path}.pathRewrite.replacement"),
-                "must start with \"/\"",
-            );
-        } else {
-            out.push(RequestStep::RewritePath(PathRewrite {
-                prefix: r.prefix.as_str().into(),
-                replacement: r.replacement.as_str().into(),
-            }));
+    let rewrites = action
+        .path_rewrite
+        .iter()
+        .map(|r| (format!("{path}.pathRewrite"), r))
+        .chain(
+            action
+                .then_path_rewrites
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("{path}.thenPathRewrites[{i}]"), r)),
+        );
+    for (rpath, r) in rewrites {
+        if let Some(step) = compile_path_rewrite(c, &rpath, r) {
+            out.push(step);
         }
     }
     if !action.host_rewrite.is_empty() {
@@ -1002,6 +1003,77 @@ fn compile_rewrite(c: &mut Compiler<'_>, path: &str, action: &pb::RouteAction) -
         }
     }
     out
+}
+
+/// One path rewrite: a prefix, the whole path, or a regex's matches.
+fn compile_path_rewrite(
+    c: &mut Compiler<'_>,
+    path: &str,
+    r: &pb::PathRewrite,
+) -> Option<RequestStep> {
+    let given = [
+        !r.prefix.is_empty(),
+        !r.exact.is_empty(),
+        !r.regex.is_empty(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        c.err(path, "give exactly one of prefix, exact or regex");
+        return None;
+    }
+    // What a rewrite may put in a path: no query, fragment, space or control character.
+    let path_text = |t: &str| {
+        !t.contains(['?', '#']) && !t.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+    };
+    if !r.prefix.is_empty() {
+        if !r.prefix.starts_with('/') {
+            c.err(format!("{path}.prefix"), "must start with \"/\"");
+        } else if !r.replacement.starts_with('/') || !path_text(&r.replacement) {
+            c.err(
+                format!("{path}.replacement"),
+                "must start with \"/\" and be a path (no ?, #, spaces)",
+            );
+        } else {
+            return Some(RequestStep::RewritePath(PathRewrite {
+                prefix: r.prefix.as_str().into(),
+                replacement: r.replacement.as_str().into(),
+            }));
+        }
+        return None;
+    }
+    if !r.exact.is_empty() {
+        if !r.exact.starts_with('/')
+            || !path_text(&r.exact)
+            || http::uri::PathAndQuery::try_from(r.exact.as_str()).is_err()
+        {
+            c.err(
+                format!("{path}.exact"),
+                "must start with \"/\" and be a path (no ?, #, spaces)",
+            );
+            return None;
+        }
+        return Some(RequestStep::ReplacePath(r.exact.as_str().into()));
+    }
+    let regex = match Regex::new(&r.regex) {
+        Ok(re) => re,
+        Err(e) => {
+            c.err(
+                format!("{path}.regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+            return None;
+        }
+    };
+    if r.substitution.is_empty() || !path_text(&r.substitution) {
+        c.err(
+            format!("{path}.substitution"),
+            "must be a path (not empty; no ?, #, spaces)",
+        );
+        return None;
+    }
+    Some(RequestStep::RegexPath(Box::new(RegexRewrite {
+        regex,
+        substitution: r.substitution.as_str().into(),
+    })))
 }
 
 fn compile_targets(
