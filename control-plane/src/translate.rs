@@ -668,7 +668,12 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = h.fault.as_ref().map(fault);
-            out.rate_limit = h.rate_limit.as_ref().map(|r| r.to_proto(""));
+            // One bucket per router route at a proxy, whichever virtual hosts (services,
+            // gateway hostnames) carry a copy of it.
+            out.rate_limit = h
+                .rate_limit
+                .as_ref()
+                .map(|r| r.to_proto(&format!("{ns}/{}/{}", router.name, route.name)));
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
                 grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
@@ -699,7 +704,12 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = g.fault.as_ref().map(fault);
-            out.rate_limit = g.rate_limit.as_ref().map(|r| r.to_proto(""));
+            // One bucket per router route at a proxy, whichever virtual hosts (services,
+            // gateway hostnames) carry a copy of it.
+            out.rate_limit = g
+                .rate_limit
+                .as_ref()
+                .map(|r| r.to_proto(&format!("{ns}/{}/{}", router.name, route.name)));
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT; `match.port` against its authority's.
             let port = t
@@ -946,6 +956,40 @@ fn ingress(
             ..Default::default()
         })
         .collect();
+    if rate_limit.is_some() {
+        // Callers' health checks of the node are never rate limited: a probe answered 429
+        // would take a busy node's instances out of every caller's balancer.
+        for l in &spec.listeners {
+            let Some(hc) = &l.health_check else { continue };
+            let path = match hc.protocol.as_str() {
+                "grpc" => "/grpc.health.v1.Health/Check",
+                "http" | "http2" => hc.path.as_deref().unwrap_or("/"),
+                _ => continue,
+            };
+            let port = l.port_mapping.port;
+            routes.push(pb::Route {
+                name: format!("health:{port}"),
+                priority: -1,
+                r#match: Some(pb::RouteMatch {
+                    path: Some(pb::route_match::Path::Exact(path.into())),
+                    port: if many {
+                        u32::try_from(port).unwrap_or(0)
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                }),
+                action: Some(pb::RouteAction {
+                    weighted_targets: to_local(port),
+                    ..Default::default()
+                }),
+                timeout: inbound(port).map(timeouts),
+                request_headers: request_headers.clone(),
+                response_headers: response_headers.clone(),
+                ..Default::default()
+            });
+        }
+    }
     if many {
         // Requests whose authority names no listener port go to the first listener.
         routes.push(pb::Route {
@@ -2096,6 +2140,56 @@ mod tests {
         assert_eq!(r.r#match.as_ref().map(|m| m.port), Some(9080), "{r:?}");
         assert_eq!(r.timeout.unwrap().idle.unwrap().seconds, 9);
         trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+    }
+
+    /// A node's rate limit covers every route to its app but its callers' health checks.
+    #[test]
+    fn a_nodes_rate_limit_spares_its_health_checks() {
+        let limited = MESH.replacen(
+            "kind: VirtualNode\nmetadata:\n  name: blue\nspec:\n",
+            "kind: VirtualNode\nmetadata:\n  name: blue\nspec:\n  rateLimit: { requests: 10, per: { unit: s, value: 1 } }\n",
+            1,
+        )
+        .replacen(
+            "    - portMapping: { port: 9081, protocol: http }\n",
+            "    - portMapping: { port: 9081, protocol: http }\n      healthCheck: { protocol: http, path: /ping, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 2 }\n",
+            1,
+        );
+        assert_ne!(limited, MESH, "the example's blue node");
+        let state = state(&limited);
+        let blue = ResourceKey::new(Kind::VirtualNode, "default", "blue");
+        let t = sidecar(&state, &[], &blue, Security::default()).unwrap();
+        trellis_proxy::snapshot::check(&t.snapshot).unwrap();
+        let ingress = t
+            .snapshot
+            .listeners
+            .iter()
+            .find(|l| l.name == "ingress")
+            .unwrap();
+        let routes = &ingress.virtual_hosts[0].routes;
+        let limited: Vec<&str> = routes
+            .iter()
+            .filter(|r| r.rate_limit.as_ref().is_some_and(|l| l.bucket == "node"))
+            .map(|r| r.name.as_str())
+            .collect();
+        assert!(!limited.is_empty(), "{routes:?}");
+        let health: Vec<&pb::Route> = routes
+            .iter()
+            .filter(|r| r.name.starts_with("health:"))
+            .collect();
+        assert_eq!(health.len(), 1, "{routes:?}");
+        for h in health {
+            assert!(h.rate_limit.is_none());
+            assert!(
+                h.priority
+                    < routes
+                        .iter()
+                        .map(|r| r.priority)
+                        .filter(|p| *p >= 0)
+                        .min()
+                        .unwrap_or(0)
+            );
+        }
     }
 
     /// A router route's rewrite: at a sidecar, the route's own; through a gateway, after the

@@ -899,7 +899,7 @@ impl Checker<'_> {
                         h.rewrite.as_ref(),
                         h.matcher.prefix.as_deref(),
                     );
-                    self.rate_limit(&format!("{hp}.rateLimit"), h.rate_limit.as_ref());
+                    self.rate_limit(&format!("{hp}.rateLimit"), h.rate_limit.as_ref(), false);
                 }
             }
             if let Some(g) = &route.grpc_route {
@@ -920,7 +920,7 @@ impl Checker<'_> {
                     g.response_headers.as_ref(),
                 );
                 self.fault(&format!("{gp}.fault"), g.fault.as_ref());
-                self.rate_limit(&format!("{gp}.rateLimit"), g.rate_limit.as_ref());
+                self.rate_limit(&format!("{gp}.rateLimit"), g.rate_limit.as_ref(), false);
             }
             if let Some(t) = &route.tcp_route {
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
@@ -968,7 +968,7 @@ impl Checker<'_> {
         }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
-        self.rate_limit("spec.rateLimit", n.rate_limit.as_ref());
+        self.rate_limit("spec.rateLimit", n.rate_limit.as_ref(), true);
         let node_parts = [
             ("spec.requestHeaders", n.request_headers.is_some()),
             ("spec.responseHeaders", n.response_headers.is_some()),
@@ -1767,9 +1767,30 @@ impl Checker<'_> {
         }
     }
 
-    /// A route's rate limit (or a node's), checked by the proxy's compiler.
-    fn rate_limit(&mut self, path: &str, limit: Option<&crate::model::RateLimit>) {
+    /// A route's rate limit (or a node's: `at_node`), checked by the proxy's compiler.
+    fn rate_limit(&mut self, path: &str, limit: Option<&crate::model::RateLimit>, at_node: bool) {
         let Some(l) = limit else { return };
+        if !(1..=i64::from(u32::MAX)).contains(&l.requests) {
+            self.err(
+                format!("{path}.requests"),
+                format!("must be 1..={}", u32::MAX),
+            );
+        }
+        if let Some(b) = l.burst
+            && !(1..=i64::from(u32::MAX)).contains(&b)
+        {
+            self.err(format!("{path}.burst"), format!("must be 1..={}", u32::MAX));
+        }
+        if !at_node
+            && l.key
+                .as_ref()
+                .is_some_and(|k| k.peer_identity == Some(true))
+        {
+            self.err(
+                format!("{path}.key.peerIdentity"),
+                "a route's limit is kept at the caller's own sidecar, whose caller is its app (no identity): key by peerIdentity on the called VirtualNode's rateLimit".into(),
+            );
+        }
         if let Some(k) = &l.key
             && usize::from(k.header.is_some()) + usize::from(k.peer_identity == Some(true)) != 1
         {

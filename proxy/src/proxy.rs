@@ -226,6 +226,12 @@ pub(crate) async fn serve(
         ),
         _ => tracing::Span::none(),
     };
+    // The matched route's response rules apply to the proxy's own answers too (a rate limit's,
+    // a fault's, an error's).
+    let steps = routed.as_ref().ok().map(|r| {
+        let route: &Route = r.route;
+        &route.steps
+    });
     // The route's rate limit, then its faults, before anything is forwarded (a delay's timer
     // boxed: rare).
     let routed = match routed {
@@ -251,11 +257,6 @@ pub(crate) async fn serve(
         },
         failed => failed,
     };
-    // The matched route's response rules apply to the proxy's own answers too.
-    let steps = routed.as_ref().ok().map(|r| {
-        let route: &Route = r.route;
-        &route.steps
-    });
     // A failure comes with whether the request is gRPC (its error response is then gRPC's),
     // found only when there is a failure.
     let result = match routed {

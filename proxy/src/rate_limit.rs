@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -40,7 +41,16 @@ pub struct RateLimiter {
     epoch: Instant,
     /// The keyless bucket (and requests without the key).
     shared: AtomicU64,
-    keyed: Mutex<HashMap<Box<[u8]>, u64>>,
+    /// Buckets by a keyed hash of the key's value (a fixed size whatever the value's), and
+    /// when idle ones were last forgotten.
+    keyed: Mutex<Keyed>,
+    hasher: RandomState,
+}
+
+#[derive(Debug, Default)]
+struct Keyed {
+    buckets: HashMap<u64, u64>,
+    swept: u64,
 }
 
 impl RateLimiter {
@@ -49,7 +59,8 @@ impl RateLimiter {
             config,
             epoch: Instant::now(),
             shared: AtomicU64::new(0),
-            keyed: Mutex::new(HashMap::new()),
+            keyed: Mutex::new(Keyed::default()),
+            hasher: RandomState::new(),
         }
     }
 
@@ -98,21 +109,24 @@ impl RateLimiter {
     }
 
     fn admit_keyed(&self, key: &[u8], now: u64) -> Result<(), Duration> {
+        let key = self.hasher.hash_one(key);
         let mut keyed = self.keyed.lock();
-        if let Some(tat) = keyed.get_mut(key) {
+        if let Some(tat) = keyed.buckets.get_mut(&key) {
             *tat = self.next(*tat, now)?;
             return Ok(());
         }
-        if keyed.len() >= MAX_KEYS {
-            // A bucket whose arrival time has passed is full: the same as none.
-            keyed.retain(|_, tat| *tat > now);
-            if keyed.len() >= MAX_KEYS {
-                drop(keyed);
-                return self.admit_shared(now);
-            }
+        // Full: idle buckets (whose arrival time has passed: full again, the same as none) are
+        // forgotten, at most once a second so that new keys cannot make every request sweep.
+        if keyed.buckets.len() >= MAX_KEYS && now.saturating_sub(keyed.swept) >= 1_000_000_000 {
+            keyed.buckets.retain(|_, tat| *tat > now);
+            keyed.swept = now;
+        }
+        if keyed.buckets.len() >= MAX_KEYS {
+            drop(keyed);
+            return self.admit_shared(now);
         }
         let next = self.next(0, now)?;
-        keyed.insert(key.into(), next);
+        keyed.buckets.insert(key, next);
         Ok(())
     }
 
@@ -120,8 +134,13 @@ impl RateLimiter {
     /// one would be.
     fn next(&self, tat: u64, now: u64) -> Result<u64, Duration> {
         let interval = nanos(self.config.interval);
-        let next = tat.max(now).saturating_add(interval);
-        let allowed = now.saturating_add(interval.saturating_mul(u64::from(self.config.burst)));
+        // The compiler bounds interval × burst; past u64 nanoseconds (584 years of uptime) a
+        // request is refused, never admitted by a saturated sum.
+        let next = tat.max(now).checked_add(interval).ok_or(Duration::MAX)?;
+        let allowed = interval
+            .checked_mul(u64::from(self.config.burst))
+            .and_then(|b| now.checked_add(b))
+            .ok_or(Duration::MAX)?;
         if next <= allowed {
             Ok(next)
         } else {
@@ -217,6 +236,6 @@ mod tests {
         // A second later every bucket is full again: forgotten, room for new keys.
         let later = t + Duration::from_secs(2);
         assert!(l.admit_at(&key(MAX_KEYS + 2), None, later).is_ok());
-        assert!(l.keyed.lock().len() < MAX_KEYS);
+        assert!(l.keyed.lock().buckets.len() < MAX_KEYS);
     }
 }

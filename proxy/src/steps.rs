@@ -276,6 +276,34 @@ mod tests {
     }
 
     #[test]
+    fn path_rewrites_apply_one_after_another() {
+        // A gateway's prefix rewrite, then its router route's regex one.
+        let steps = Steps::new(
+            vec![
+                RequestStep::RewritePath(PathRewrite {
+                    prefix: "/colors/".into(),
+                    replacement: "/".into(),
+                }),
+                RequestStep::RegexPath(Box::new(RegexRewrite {
+                    regex: regex::Regex::new("^/([a-z]+)$").unwrap(),
+                    substitution: "/api/$1".into(),
+                })),
+            ],
+            None,
+        );
+        let parts = Request::builder()
+            .uri("/colors/blue?x=1")
+            .header("host", "svc")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut out = Outbound::new(parts, AuthorityIn::Host);
+        steps.on_request(&mut out, None);
+        assert_eq!(out.parts().uri, "/api/blue?x=1");
+    }
+
+    #[test]
     fn request_steps_run_in_order() {
         let steps = Steps::new(
             vec![

@@ -286,7 +286,8 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
 }
 
 /// Rate limiting: a route's limit holds its rate within 5% under a load far above it (the
-/// burst apart), answering the rest 429 `rate_limited` with retry-after; a node's limit keyed
+/// burst apart), answering the rest 429 `rate_limited` with retry-after and the route's
+/// response rules; a node's limit keyed
 /// by a header gives each value its own bucket, at the node's sidecar. A limit without a rate is
 /// refused naming its field.
 #[tokio::test]
@@ -304,7 +305,8 @@ async fn rate_limits_hold_their_rate_per_route_and_per_key() {
     apply(
         &url,
         &plain(
-            "        rateLimit: { requests: 50, per: { unit: s, value: 1 }, burst: 50 }\n",
+            "        rateLimit: { requests: 50, per: { unit: s, value: 1 }, burst: 50 }\n        \
+             responseHeaders: { set: [{ name: x-via, value: trellis }] }\n",
             "",
         ),
     );
@@ -324,6 +326,9 @@ async fn rate_limits_hold_their_rate_per_route_and_per_key() {
             let (mut ok, mut limited, mut other) = (0usize, 0usize, Vec::new());
             while start.elapsed() < window {
                 let r = c.get("blue.default", "/").await.unwrap();
+                if r.header("x-via") != Some("trellis") {
+                    other.push(format!("{} without the route's response rules", r.status));
+                }
                 match (r.status.as_u16(), r.header("x-trellis-error")) {
                     (200, None) => ok += 1,
                     (429, Some("rate_limited"))

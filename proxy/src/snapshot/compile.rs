@@ -1020,9 +1020,10 @@ fn compile_path_rewrite(
         c.err(path, "give exactly one of prefix, exact or regex");
         return None;
     }
-    // What a rewrite may put in a path: no query, fragment, space or control character.
+    // What a rewrite may put in a path: what a path may hold, without a query or fragment.
     let path_text = |t: &str| {
-        !t.contains(['?', '#']) && !t.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+        !t.contains(['?', '#'])
+            && http::uri::PathAndQuery::try_from(format!("/{t}").as_str()).is_ok()
     };
     if !r.prefix.is_empty() {
         if !r.prefix.starts_with('/') {
@@ -1063,11 +1064,15 @@ fn compile_path_rewrite(
             return None;
         }
     };
-    if r.substitution.is_empty() || !path_text(&r.substitution) {
+    if r.substitution.is_empty() || !path_text(&r.substitution.replace(['$', '{', '}'], "")) {
         c.err(
             format!("{path}.substitution"),
             "must be a path (not empty; no ?, #, spaces)",
         );
+        return None;
+    }
+    if let Err(why) = check_substitution(&regex, &r.substitution) {
+        c.err(format!("{path}.substitution"), why);
         return None;
     }
     Some(RequestStep::RegexPath(Box::new(RegexRewrite {
@@ -1228,6 +1233,56 @@ fn compile_header_matches(
     out
 }
 
+/// A regex substitution's group references: `$N` and `$name` (the longest run of letters,
+/// digits and `_`) or `${...}`, `$$` for `$`. Each must name a group of `regex`, and a bare
+/// `$N` must not run into a letter (`$1x` reads as a group named `1x`: write `${1}x`).
+fn check_substitution(regex: &Regex, substitution: &str) -> Result<(), String> {
+    let names: Vec<&str> = regex.capture_names().flatten().collect();
+    let groups = regex.captures_len();
+    let known = |name: &str| match name.parse::<usize>() {
+        Ok(i) => i < groups,
+        Err(_) => names.contains(&name),
+    };
+    let mut rest = substitution;
+    while let Some(at) = rest.find('$') {
+        rest = &rest[at + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+            continue;
+        }
+        let (name, after) = if let Some(braced) = rest.strip_prefix('{') {
+            let end = braced
+                .find('}')
+                .ok_or_else(|| format!("{substitution:?}: a ${{ without its }}"))?;
+            (&braced[..end], &braced[end + 1..])
+        } else {
+            let end = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            if name.is_empty() {
+                return Err(format!(
+                    "{substitution:?}: a $ that names no group (write $$ for a $)"
+                ));
+            }
+            let digits = name.bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 && digits < name.len() {
+                return Err(format!(
+                    "{substitution:?}: ${name} reads as a group named {name:?}: write ${{{}}}{}",
+                    &name[..digits],
+                    &name[digits..]
+                ));
+            }
+            (name, &rest[end..])
+        };
+        if !known(name) {
+            return Err(format!("{substitution:?}: the regex has no group {name:?}"));
+        }
+        rest = after;
+    }
+    Ok(())
+}
+
 /// A route's rate limit: its bucket, the live one when the settings are unchanged.
 fn compile_rate_limit(
     c: &mut Compiler<'_>,
@@ -1251,7 +1306,7 @@ fn compile_rate_limit(
             Ok(name) => RateLimitKey::Header(name),
             Err(_) => {
                 c.err(
-                    format!("{path}.header"),
+                    format!("{path}.key.header"),
                     format!("{h:?} is not a header name"),
                 );
                 RateLimitKey::None
@@ -1272,6 +1327,20 @@ fn compile_rate_limit(
         burst: if r.burst == 0 { r.requests } else { r.burst },
         key,
     };
+    // A full bucket is interval × burst of time: bounded as every duration is.
+    if interval
+        .checked_mul(config.burst)
+        .is_none_or(|full| full > super::MAX_DURATION)
+    {
+        c.err(
+            format!("{path}.burst"),
+            format!(
+                "the bucket would hold more than {}s (365 days) of requests",
+                super::MAX_DURATION.as_secs()
+            ),
+        );
+        return None;
+    }
     let bucket: Arc<str> = if r.bucket.is_empty() {
         format!("route:{}/{route}", c.scope.1).into()
     } else {
@@ -1544,6 +1613,36 @@ fn compile_access_log(c: &mut Compiler<'_>, log: &pb::AccessLog) -> Option<Arc<S
             };
             c.err(path, e.reason);
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutions_name_groups_the_regex_has() {
+        let re = Regex::new(r"^/users/(?P<id>[0-9]+)/(.*)$").unwrap();
+        for ok in [
+            "/u/$1",
+            "/u/${1}x",
+            "/u/$id/$2",
+            "/u/${id}",
+            "/cost/$$5",
+            "/plain",
+        ] {
+            assert!(check_substitution(&re, ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("/u/$1x", "write ${1}x"),
+            ("/u/$3", "no group \"3\""),
+            ("/u/$user", "no group \"user\""),
+            ("/u/${1", "without its }"),
+            ("/u/$", "names no group"),
+        ] {
+            let err = check_substitution(&re, bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 }
