@@ -1232,7 +1232,41 @@ impl FileAccessLog {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     /// ROUND_ROBIN (default), LEAST_REQUEST or RANDOM.
+    #[serde(default = "round_robin")]
     pub policy: String,
+    /// New instances' share ramped up over a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStart>,
+}
+
+fn round_robin() -> String {
+    "ROUND_ROBIN".into()
+}
+
+/// An instance that appeared less than `window` ago at a caller's sidecar weighs
+/// `(age / window)^(1 / aggression)` (default 1: linear), at least `minWeightPercent` (default
+/// 10) percent, as Envoy's slow start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlowStart {
+    pub window: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggression: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_weight_percent: Option<f64>,
+}
+
+impl SlowStart {
+    pub fn to_proto(&self) -> trellis_proto::v1::SlowStart {
+        trellis_proto::v1::SlowStart {
+            window: self.window.to_std().map(|t| trellis_proto::Duration {
+                seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+            }),
+            aggression: self.aggression.unwrap_or(0.0),
+            min_weight_percent: self.min_weight_percent.unwrap_or(0.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

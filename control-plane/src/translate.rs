@@ -480,6 +480,11 @@ impl Builder<'_> {
                 name: name.clone(),
                 protocol: protocol as i32,
                 lb_policy: lb as i32,
+                slow_start: node
+                    .load_balancer
+                    .as_ref()
+                    .and_then(|l| l.slow_start.as_ref())
+                    .map(model::SlowStart::to_proto),
                 endpoints,
                 outlier_detection,
                 connection_pool,

@@ -1104,6 +1104,24 @@ impl Checker<'_> {
                 }
             }
         }
+        if let Some(ss) = n.load_balancer.as_ref().and_then(|l| l.slow_start.as_ref()) {
+            let path = "spec.loadBalancer.slowStart";
+            if ss.window.to_std().is_none_or(|w| w.is_zero()) {
+                self.err(format!("{path}.window"), "must be more than 0".into());
+            }
+            if ss.aggression.is_some_and(|a| !(a.is_finite() && a > 0.0)) {
+                self.err(format!("{path}.aggression"), "must be more than 0".into());
+            }
+            if ss
+                .min_weight_percent
+                .is_some_and(|m| !(m.is_finite() && m > 0.0 && m <= 100.0))
+            {
+                self.err(
+                    format!("{path}.minWeightPercent"),
+                    "must be more than 0, at most 100".into(),
+                );
+            }
+        }
         if let Some(lb) = &n.load_balancer
             && !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str())
         {

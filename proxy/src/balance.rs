@@ -83,15 +83,94 @@ impl Cluster {
                 .filter(|e| !self.is_out(e))
                 .cloned()
                 .collect();
-            return pick(self.lb, &left, &self.cursor, avoid).cloned();
+            return self.pick_from(&left, avoid);
         }
-        pick(self.lb, &self.healthy, &self.cursor, avoid).cloned()
+        self.pick_from(&self.healthy, avoid)
+    }
+
+    fn pick_from(
+        &self,
+        endpoints: &[Arc<EndpointState>],
+        avoid: &[Arc<EndpointState>],
+    ) -> Option<Arc<EndpointState>> {
+        match &self.slow_start {
+            None => pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
+            Some(slow) => slow.pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
+        }
     }
 
     /// Whether an endpoint is out for now: ejected, or failing its health check.
     fn is_out(&self, e: &EndpointState) -> bool {
         (self.outlier.is_some() && e.outlier.is_ejected())
             || (self.health_check.is_some() && e.health.is_unhealthy())
+    }
+}
+
+/// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
+/// that grows with its age — its weight `(age / window)^(1 / aggression)`, at least
+/// `min_weight` — as Envoy's `slow_start_config`. Only endpoints added to a cluster that had
+/// endpoints ramp (a proxy's or a cluster's first ones are established at once).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    pub window: std::time::Duration,
+    pub aggression: f64,
+    /// 0 < min_weight <= 1.
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// An endpoint's weight now, in (0, 1].
+    fn weight(&self, e: &EndpointState, now: std::time::Instant) -> f64 {
+        let Some(added) = e.added else { return 1.0 };
+        let age = now.saturating_duration_since(added);
+        if age >= self.window {
+            return 1.0;
+        }
+        let ramp = (age.as_secs_f64() / self.window.as_secs_f64()).powf(1.0 / self.aggression);
+        ramp.max(self.min_weight)
+    }
+
+    /// As [`pick`], with endpoints in their window taken by weight: round robin and random keep
+    /// a choice with the probability of its weight, else choose again; least request compares
+    /// the requests in flight of two choices drawn so.
+    fn pick<'a>(
+        &self,
+        policy: LbPolicy,
+        endpoints: &'a [Arc<EndpointState>],
+        cursor: &AtomicUsize,
+        avoid: &[Arc<EndpointState>],
+    ) -> Option<&'a Arc<EndpointState>> {
+        let now = std::time::Instant::now();
+        let n = endpoints.len();
+        if n < 2 {
+            return pick(policy, endpoints, cursor, avoid);
+        }
+        if policy == LbPolicy::LeastRequest {
+            // Two choices, each drawn by weight; the one with fewer requests in flight.
+            let a = self.pick(LbPolicy::Random, endpoints, cursor, avoid)?;
+            let b = self.pick(LbPolicy::Random, endpoints, cursor, avoid)?;
+            let avoided = |e: &Arc<EndpointState>| avoid.iter().any(|x| Arc::ptr_eq(x, e));
+            return Some(match (avoided(a), avoided(b)) {
+                (false, true) => a,
+                (true, false) => b,
+                _ if b.in_flight() < a.in_flight() => b,
+                _ => a,
+            });
+        }
+        // A choice kept with the probability of its weight, else another drawn (a few times
+        // per endpoint at most; then the heaviest seen): shares go as the weights.
+        let mut best: Option<(&Arc<EndpointState>, f64)> = None;
+        for _ in 0..4 * n {
+            let e = pick(policy, endpoints, cursor, avoid)?;
+            let w = self.weight(e, now);
+            if w >= 1.0 || fastrand::f64() < w {
+                return Some(e);
+            }
+            if best.is_none_or(|(_, bw)| w > bw) {
+                best = Some((e, w));
+            }
+        }
+        best.map(|(e, _)| e)
     }
 }
 
@@ -148,6 +227,47 @@ mod tests {
     fn target(name: &str, weight: u32) -> (Arc<Cluster>, u32, RequestMetrics) {
         let m = crate::metrics::ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
         (test_cluster(name, &[]), weight, m.requests("r", name))
+    }
+
+    /// A new endpoint's share ramps with its age; an old one's is whole.
+    #[test]
+    fn slow_start_ramps_a_new_endpoints_share() {
+        let now = std::time::Instant::now();
+        let endpoint = |addr: &str, age: u64| {
+            let mut e = EndpointState::new(addr, crate::upstream::Protocol::Http1);
+            e.added = Some(now - std::time::Duration::from_secs(age));
+            Arc::new(e)
+        };
+        let slow = SlowStart {
+            window: std::time::Duration::from_secs(100),
+            aggression: 1.0,
+            min_weight: 0.1,
+        };
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+            LbPolicy::LeastRequest,
+        ] {
+            let share = |new_age: u64| {
+                let old = Arc::new(EndpointState::new("old", crate::upstream::Protocol::Http1));
+                let eps = [old, endpoint("new", new_age)];
+                let cursor = AtomicUsize::new(0);
+                let picks = 20_000;
+                let new = (0..picks)
+                    .filter(|_| &*slow.pick(policy, &eps, &cursor, &[]).unwrap().addr == "new")
+                    .count();
+                new as f64 / f64::from(picks)
+            };
+            // Just added: weight 0.1 (the minimum) against 1.
+            let fresh = share(0);
+            assert!(fresh < 0.2, "{policy:?}: {fresh}");
+            // Half way: weight 0.5.
+            let half = share(50);
+            assert!(half > fresh + 0.1 && half < 0.45, "{policy:?}: {half}");
+            // Past the window: an equal share.
+            let whole = share(100);
+            assert!((0.45..0.55).contains(&whole), "{policy:?}: {whole}");
+        }
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl Passthrough {
             limits: None,
             health_check: None,
             authority_port: None,
+            slow_start: None,
         });
         Route {
             name: NAME.into(),

@@ -141,6 +141,8 @@ pub struct Cluster {
     /// The port requests to it carry in their authority, if set (a target node's listener,
     /// chosen at its sidecar's ingress by it).
     pub authority_port: Option<u16>,
+    /// New endpoints' share ramped up over a window, if configured.
+    pub slow_start: Option<crate::balance::SlowStart>,
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.
@@ -159,6 +161,10 @@ pub struct EndpointState {
     /// mTLS toward it, if its cluster asks for it (the identities expected are part of the
     /// endpoint's key: fixed for its life).
     pub(crate) tls: Option<UpstreamTls>,
+    /// When it appeared in a cluster that had endpoints already (a snapshot that keeps it
+    /// keeps this): where slow start counts from. None: established (a cluster's first
+    /// endpoints, or its cluster has no slow start).
+    pub(crate) added: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -221,6 +227,7 @@ impl EndpointState {
             health: Arc::default(),
             family: AtomicU8::new(0),
             tls: None,
+            added: None,
         }
     }
 
@@ -742,6 +749,7 @@ impl Generation<'_> {
         addr: &str,
         family: IpFamily,
         tls: Option<&UpstreamTls>,
+        ramps: bool,
     ) -> Arc<EndpointState> {
         let key = (
             cluster.clone(),
@@ -763,10 +771,21 @@ impl Generation<'_> {
                 let mut ep = EndpointState::new(addr, protocol);
                 ep.family.store(family as u8, Ordering::Relaxed);
                 ep.tls = tls.cloned();
+                ep.added = ramps.then(std::time::Instant::now);
                 Arc::new(ep)
             });
         self.next.insert(key, ep.clone());
         ep
+    }
+
+    /// Whether the live snapshot's `cluster` has endpoints: new ones then slow-start (a
+    /// cluster's first ones do not — they would all ramp alike).
+    pub(crate) fn had_endpoints(&self, cluster: &str) -> bool {
+        self.upstreams
+            .live
+            .lock()
+            .keys()
+            .any(|(name, ..)| &**name == cluster)
     }
 
     /// The client side of mTLS toward servers proving one of `identities`, for `protocol`.
@@ -958,6 +977,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         limits: None,
         health_check: None,
         authority_port: None,
+        slow_start: None,
     })
 }
 
@@ -970,26 +990,61 @@ mod tests {
         let ups = Upstreams::default();
         let c: Arc<str> = "c".into();
         let mut g = ups.generation();
-        let a = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
+        let a = g.endpoint(
+            &c,
+            Protocol::Http1,
+            "127.0.0.1:1",
+            IpFamily::Any,
+            None,
+            false,
+        );
         assert!(Arc::ptr_eq(
             &a,
-            &g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None)
+            &g.endpoint(
+                &c,
+                Protocol::Http1,
+                "127.0.0.1:1",
+                IpFamily::Any,
+                None,
+                false
+            )
         ));
         let _busy = a.begin_request();
         g.commit();
 
         let mut g = ups.generation();
-        let again = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
+        let again = g.endpoint(
+            &c,
+            Protocol::Http1,
+            "127.0.0.1:1",
+            IpFamily::Any,
+            None,
+            false,
+        );
         assert!(Arc::ptr_eq(&a, &again), "state survives a new snapshot");
         assert_eq!(again.in_flight(), 1);
-        let h2 = g.endpoint(&c, Protocol::Http2, "127.0.0.1:1", IpFamily::Any, None);
+        let h2 = g.endpoint(
+            &c,
+            Protocol::Http2,
+            "127.0.0.1:1",
+            IpFamily::Any,
+            None,
+            false,
+        );
         assert!(!Arc::ptr_eq(&a, &h2), "a protocol change gets a new pool");
         drop(g); // not committed: live state unchanged
 
         let g = ups.generation();
         g.commit();
         let mut g = ups.generation();
-        let fresh = g.endpoint(&c, Protocol::Http1, "127.0.0.1:1", IpFamily::Any, None);
+        let fresh = g.endpoint(
+            &c,
+            Protocol::Http1,
+            "127.0.0.1:1",
+            IpFamily::Any,
+            None,
+            false,
+        );
         assert!(!Arc::ptr_eq(&a, &fresh), "removed endpoints are forgotten");
     }
 }

@@ -1,5 +1,7 @@
 //! The L7 features beyond App Mesh (issue 15), each through real sidecars: header rules, ...
 
+use std::time::Duration;
+
 use trellis_testkit::{TestServer, client::Client, process::ControlProcess};
 
 use crate::{
@@ -501,4 +503,56 @@ async fn router_routes_rewrite_paths_and_hosts() {
         &example.url,
         include_str!("../../../examples/l7/rewrites.yaml"),
     );
+}
+
+/// Slow start: a node's instance registered next to a serving one gets a small share at first
+/// (its weight ramps from the minimum over the window), then an equal one.
+#[tokio::test]
+async fn slow_start_ramps_a_new_instances_share() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let (one, two) = (
+        TestServer::start("one").await,
+        TestServer::start("two").await,
+    );
+    let node = "  loadBalancer: { slowStart: { window: { unit: s, value: 6 } } }\n";
+    let yaml = rules_mesh(one.addr.port(), "", node).replace("spec: { mtls: STRICT }", "spec: {}");
+    apply(&url, &yaml);
+    let dir = tempfile::tempdir().unwrap();
+    let front = sidecar(&url, "front", dir.path(), false).await;
+    register_instance(&url, ("test", "blue"), "one", one.addr, &[]);
+    wait_synced(&url, 1).await;
+    let share_of_two = |n: usize| {
+        let egress = front.egress;
+        async move {
+            let mut c = Client::h1(egress).await.unwrap();
+            let mut got = 0;
+            for _ in 0..n {
+                let r = c.get("blue.default", "/").await.unwrap();
+                assert_eq!(r.status.as_u16(), 200);
+                if r.text() == "two" {
+                    got += 1;
+                }
+            }
+            got as f64 / n as f64
+        }
+    };
+    assert_eq!(share_of_two(20).await, 0.0);
+
+    register_instance(&url, ("test", "blue"), "two", two.addr, &[]);
+    wait_synced(&url, 1).await;
+    // Its first moments: a weight near the minimum (10%) against 1.
+    let early = share_of_two(300).await;
+    assert!(early < 0.3, "a new instance's share at first: {early}");
+    // Past the window: half.
+    trellis_testkit::eventually(Duration::from_secs(20), "an equal share", || async {
+        let later = share_of_two(400).await;
+        if (0.4..=0.6).contains(&later) {
+            Ok(())
+        } else {
+            Err(format!("{later}"))
+        }
+    })
+    .await;
 }

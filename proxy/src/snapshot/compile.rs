@@ -236,6 +236,12 @@ fn compile_cluster(
             LbPolicy::RoundRobin
         }
     };
+    let slow_start = cluster
+        .slow_start
+        .as_ref()
+        .and_then(|s| compile_slow_start(c, &format!("{path}.slowStart"), s));
+    // New endpoints ramp up when the cluster slow-starts and had endpoints already.
+    let ramps = slow_start.is_some() && generation.had_endpoints(&cluster.name);
     let connect_timeout = c
         .duration(
             &format!("{path}.connectTimeout"),
@@ -319,7 +325,7 @@ fn compile_cluster(
         };
         for address in addresses {
             endpoints.push((
-                generation.endpoint(&name, protocol, &address, family, tls.as_ref()),
+                generation.endpoint(&name, protocol, &address, family, tls.as_ref(), ramps),
                 health,
             ));
         }
@@ -386,6 +392,7 @@ fn compile_cluster(
         limits,
         health_check,
         authority_port,
+        slow_start,
     }))
 }
 
@@ -1231,6 +1238,41 @@ fn compile_header_matches(
         }
     }
     out
+}
+
+/// A cluster's slow start.
+fn compile_slow_start(
+    c: &mut Compiler<'_>,
+    path: &str,
+    s: &pb::SlowStart,
+) -> Option<crate::balance::SlowStart> {
+    let before = c.errors.len();
+    let window = c.timeout(&format!("{path}.window"), s.window.as_ref());
+    if window.is_none() && c.errors.len() == before {
+        c.err(format!("{path}.window"), "required, more than 0");
+    }
+    let aggression = if s.aggression == 0.0 {
+        1.0
+    } else {
+        s.aggression
+    };
+    if !(aggression.is_finite() && aggression > 0.0) {
+        c.err(format!("{path}.aggression"), "must be more than 0");
+    }
+    let min = if s.min_weight_percent == 0.0 {
+        10.0
+    } else {
+        s.min_weight_percent
+    };
+    if !(min.is_finite() && min > 0.0 && min <= 100.0) {
+        c.err(format!("{path}.minWeightPercent"), "must be 0..=100");
+    }
+    (c.errors.len() == before).then_some(())?;
+    Some(crate::balance::SlowStart {
+        window: window?,
+        aggression,
+        min_weight: min / 100.0,
+    })
 }
 
 /// A regex substitution's group references: `$N` and `$name` (the longest run of letters,
