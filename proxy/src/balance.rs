@@ -7,7 +7,7 @@ use std::sync::{
 
 use crate::{
     metrics::RequestMetrics,
-    upstream::{Cluster, EndpointState, LbPolicy},
+    upstream::{Cluster, EndpointState, LbPolicy, SlowStart},
 };
 
 /// A route's targets with cumulative weights. Targets of weight 0 are dropped at compile time.
@@ -104,18 +104,6 @@ impl Cluster {
         (self.outlier.is_some() && e.outlier.is_ejected())
             || (self.health_check.is_some() && e.health.is_unhealthy())
     }
-}
-
-/// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
-/// that grows with its age — its weight `(age / window)^(1 / aggression)`, at least
-/// `min_weight` — as Envoy's `slow_start_config`. Only endpoints added to a cluster that had
-/// endpoints ramp (a proxy's or a cluster's first ones are established at once).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SlowStart {
-    pub window: std::time::Duration,
-    pub aggression: f64,
-    /// 0 < min_weight <= 1.
-    pub min_weight: f64,
 }
 
 impl SlowStart {

@@ -142,7 +142,19 @@ pub struct Cluster {
     /// chosen at its sidecar's ingress by it).
     pub authority_port: Option<u16>,
     /// New endpoints' share ramped up over a window, if configured.
-    pub slow_start: Option<crate::balance::SlowStart>,
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
+/// that grows with its age — its weight `(age / window)^(1 / aggression)`, at least
+/// `min_weight` — as Envoy's `slow_start_config`. Only endpoints added to a cluster that had
+/// endpoints ramp (a proxy's or a cluster's first ones are established at once).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    pub window: std::time::Duration,
+    pub aggression: f64,
+    /// 0 < min_weight <= 1.
+    pub min_weight: f64,
 }
 
 /// Long-lived state of one endpoint of one cluster: in-flight requests and pooled connections.

@@ -1245,7 +1245,7 @@ fn compile_slow_start(
     c: &mut Compiler<'_>,
     path: &str,
     s: &pb::SlowStart,
-) -> Option<crate::balance::SlowStart> {
+) -> Option<crate::upstream::SlowStart> {
     let before = c.errors.len();
     let window = c.timeout(&format!("{path}.window"), s.window.as_ref());
     if window.is_none() && c.errors.len() == before {
@@ -1268,7 +1268,7 @@ fn compile_slow_start(
         c.err(format!("{path}.minWeightPercent"), "must be 0..=100");
     }
     (c.errors.len() == before).then_some(())?;
-    Some(crate::balance::SlowStart {
+    Some(crate::upstream::SlowStart {
         window: window?,
         aggression,
         min_weight: min / 100.0,
