@@ -1106,8 +1106,17 @@ impl Checker<'_> {
         }
         if let Some(ss) = n.load_balancer.as_ref().and_then(|l| l.slow_start.as_ref()) {
             let path = "spec.loadBalancer.slowStart";
-            if ss.window.to_std().is_none_or(|w| w.is_zero()) {
-                self.err(format!("{path}.window"), "must be more than 0".into());
+            self.duration(&format!("{path}.window.value"), &ss.window, 1);
+            let dns_one = n
+                .service_discovery
+                .as_ref()
+                .and_then(|sd| sd.dns.as_ref())
+                .is_some_and(|d| d.response_type.as_deref() != Some("ENDPOINTS"));
+            if dns_one || n.service_discovery.is_none() {
+                self.err(
+                    path.to_string(),
+                    "ramps new instances among others: this node is one endpoint to its callers (no service discovery, or DNS resolved per connection); use the registry, awsCloudMap or DNS responseType ENDPOINTS".into(),
+                );
             }
             if ss.aggression.is_some_and(|a| !(a.is_finite() && a > 0.0)) {
                 self.err(format!("{path}.aggression"), "must be more than 0".into());

@@ -93,9 +93,11 @@ impl Cluster {
         endpoints: &[Arc<EndpointState>],
         avoid: &[Arc<EndpointState>],
     ) -> Option<Arc<EndpointState>> {
-        match &self.slow_start {
-            None => pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
-            Some(slow) => slow.pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
+        match (&self.slow_start, self.ramping_until) {
+            (Some(slow), Some(until)) if std::time::Instant::now() < until => {
+                slow.pick(self.lb, endpoints, &self.cursor, avoid).cloned()
+            }
+            _ => pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
         }
     }
 
@@ -134,9 +136,16 @@ impl SlowStart {
             return pick(policy, endpoints, cursor, avoid);
         }
         if policy == LbPolicy::LeastRequest {
-            // Two choices, each drawn by weight; the one with fewer requests in flight.
+            // Two different choices, each drawn by weight; the one with fewer requests in
+            // flight.
             let a = self.pick(LbPolicy::Random, endpoints, cursor, avoid)?;
-            let b = self.pick(LbPolicy::Random, endpoints, cursor, avoid)?;
+            let mut b = a;
+            for _ in 0..4 * n {
+                b = self.pick(LbPolicy::Random, endpoints, cursor, avoid)?;
+                if !Arc::ptr_eq(a, b) {
+                    break;
+                }
+            }
             let avoided = |e: &Arc<EndpointState>| avoid.iter().any(|x| Arc::ptr_eq(x, e));
             return Some(match (avoided(a), avoided(b)) {
                 (false, true) => a,

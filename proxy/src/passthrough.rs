@@ -92,6 +92,7 @@ impl Passthrough {
             health_check: None,
             authority_port: None,
             slow_start: None,
+            ramping_until: None,
         });
         Route {
             name: NAME.into(),

@@ -141,8 +141,10 @@ pub struct Cluster {
     /// The port requests to it carry in their authority, if set (a target node's listener,
     /// chosen at its sidecar's ingress by it).
     pub authority_port: Option<u16>,
-    /// New endpoints' share ramped up over a window, if configured.
+    /// New endpoints' share ramped up over a window, if configured, and until when one of
+    /// its endpoints is in its window (after, picks are as without).
     pub slow_start: Option<SlowStart>,
+    pub ramping_until: Option<std::time::Instant>,
 }
 
 /// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
@@ -990,6 +992,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         health_check: None,
         authority_port: None,
         slow_start: None,
+        ramping_until: None,
     })
 }
 

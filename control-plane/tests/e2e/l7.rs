@@ -516,7 +516,7 @@ async fn slow_start_ramps_a_new_instances_share() {
         TestServer::start("one").await,
         TestServer::start("two").await,
     );
-    let node = "  loadBalancer: { slowStart: { window: { unit: s, value: 6 } } }\n";
+    let node = "  loadBalancer: { slowStart: { window: { unit: s, value: 10 } } }\n";
     let yaml = rules_mesh(one.addr.port(), "", node).replace("spec: { mtls: STRICT }", "spec: {}");
     apply(&url, &yaml);
     let dir = tempfile::tempdir().unwrap();
@@ -541,12 +541,29 @@ async fn slow_start_ramps_a_new_instances_share() {
     assert_eq!(share_of_two(20).await, 0.0);
 
     register_instance(&url, ("test", "blue"), "two", two.addr, &[]);
-    wait_synced(&url, 1).await;
-    // Its first moments: a weight near the minimum (10%) against 1.
+    // Measured once the caller's proxy has both endpoints.
+    trellis_testkit::eventually(
+        Duration::from_secs(10),
+        "two endpoints at front",
+        || async {
+            let (_, clusters) = front.admin("/clusters").await;
+            if clusters.contains(&two.addr.to_string()) {
+                Ok(())
+            } else {
+                Err(clusters)
+            }
+        },
+    )
+    .await;
+    // Its first moments: a weight from the minimum (10%) against 1 (a second into a 10 s
+    // window, 20%: a share of at most 17%).
     let early = share_of_two(300).await;
-    assert!(early < 0.3, "a new instance's share at first: {early}");
-    // Past the window: half.
-    trellis_testkit::eventually(Duration::from_secs(20), "an equal share", || async {
+    assert!(
+        early > 0.0 && early < 0.3,
+        "a new instance's share at first: {early}"
+    );
+    // As it ages: about half (equal past the window).
+    trellis_testkit::eventually(Duration::from_secs(30), "an equal share", || async {
         let later = share_of_two(400).await;
         if (0.4..=0.6).contains(&later) {
             Ok(())

@@ -378,6 +378,13 @@ fn compile_cluster(
         .filter(|(_, h)| *h == Health::Healthy)
         .map(|(e, _)| e.clone())
         .collect();
+    let ramping_until = slow_start.and_then(|s| {
+        endpoints
+            .iter()
+            .filter_map(|(e, _)| e.added)
+            .max()
+            .map(|newest| newest + s.window)
+    });
     Some(Arc::new(Cluster {
         metrics: c.metrics.cluster(&name),
         name,
@@ -392,6 +399,7 @@ fn compile_cluster(
         limits,
         health_check,
         authority_port,
+        ramping_until,
         slow_start,
     }))
 }
