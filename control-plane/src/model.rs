@@ -778,10 +778,7 @@ impl RateLimit {
     /// As the proxy takes it; routes naming the same `bucket` share one.
     pub fn to_proto(&self, bucket: &str) -> trellis_proto::v1::RateLimit {
         use trellis_proto::v1::{self as pb, rate_limit::Key};
-        let per = self.per.to_std().map(|t| trellis_proto::Duration {
-            seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-        });
+        let per = self.per.to_proto();
         pb::RateLimit {
             requests: u32::try_from(self.requests).unwrap_or(0),
             per,
@@ -843,10 +840,7 @@ impl Fault {
         pb::Fault {
             headers,
             delay: self.delay.as_ref().map(|d| pb::FaultDelay {
-                fixed_delay: d.fixed_delay.to_std().map(|t| trellis_proto::Duration {
-                    seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-                }),
+                fixed_delay: d.fixed_delay.to_proto(),
                 percentage: d.percentage,
             }),
             abort: self.abort.as_ref().map(|a| pb::FaultAbort {
@@ -1001,6 +995,14 @@ pub enum DurationUnit {
 }
 
 impl Duration {
+    /// As the proxy takes it; None when negative.
+    pub fn to_proto(self) -> Option<trellis_proto::Duration> {
+        self.to_std().map(|t| trellis_proto::Duration {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+        })
+    }
+
     pub fn to_std(self) -> Option<std::time::Duration> {
         let v = u64::try_from(self.value).ok()?;
         Some(match self.unit {
@@ -1259,10 +1261,7 @@ pub struct SlowStart {
 impl SlowStart {
     pub fn to_proto(&self) -> trellis_proto::v1::SlowStart {
         trellis_proto::v1::SlowStart {
-            window: self.window.to_std().map(|t| trellis_proto::Duration {
-                seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-            }),
+            window: self.window.to_proto(),
             aggression: self.aggression.unwrap_or(0.0),
             min_weight_percent: self.min_weight_percent.unwrap_or(0.0),
         }

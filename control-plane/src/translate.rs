@@ -133,7 +133,7 @@ fn fault(f: &model::Fault) -> pb::Fault {
 }
 
 fn app_duration(d: Option<&model::Duration>) -> Option<PbDuration> {
-    d.and_then(|d| d.to_std()).map(duration)
+    d.and_then(|d| d.to_proto())
 }
 
 fn cluster_protocol(protocol: &str) -> pb::cluster::Protocol {
