@@ -1233,7 +1233,7 @@ impl FileAccessLog {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
-    /// ROUND_ROBIN (default), LEAST_REQUEST or RANDOM.
+    /// ROUND_ROBIN (default), LEAST_REQUEST, RANDOM or PEAK_EWMA.
     #[serde(default = "round_robin")]
     pub policy: String,
     /// New instances' share ramped up over a window.

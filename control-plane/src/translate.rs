@@ -403,6 +403,7 @@ impl Builder<'_> {
         let lb = match node.load_balancer.as_ref().map(|l| l.policy.as_str()) {
             Some("LEAST_REQUEST") => pb::cluster::LbPolicy::LeastRequest,
             Some("RANDOM") => pb::cluster::LbPolicy::Random,
+            Some("PEAK_EWMA") => pb::cluster::LbPolicy::PeakEwma,
             _ => pb::cluster::LbPolicy::RoundRobin,
         };
         // The mesh's ipPreference.

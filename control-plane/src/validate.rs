@@ -1132,12 +1132,13 @@ impl Checker<'_> {
             }
         }
         if let Some(lb) = &n.load_balancer
-            && !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"].contains(&lb.policy.as_str())
+            && !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PEAK_EWMA"]
+                .contains(&lb.policy.as_str())
         {
             self.err(
                 "spec.loadBalancer.policy",
                 format!(
-                    "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM",
+                    "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, PEAK_EWMA",
                     lb.policy
                 ),
             );

@@ -203,6 +203,24 @@ pub(crate) fn pick<'a>(
                     _ => a,
                 }
             }
+            LbPolicy::PeakEwma => {
+                let a = fastrand::usize(0..n);
+                let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
+                let now = std::time::Instant::now();
+                // Latency × (requests in flight + 1): the expected wait of one more.
+                #[allow(clippy::cast_precision_loss)]
+                let cost = |i: usize| {
+                    endpoints.get(i).map_or(f64::INFINITY, |e| {
+                        e.latency.estimate(now) * (e.in_flight() as f64 + 1.0)
+                    })
+                };
+                match (avoided(a), avoided(b)) {
+                    (false, true) => a,
+                    (true, false) => b,
+                    _ if cost(b) < cost(a) => b,
+                    _ => a,
+                }
+            }
         },
     };
     if avoid.is_empty() || !avoided(i) {
@@ -224,6 +242,34 @@ mod tests {
     fn target(name: &str, weight: u32) -> (Arc<Cluster>, u32, RequestMetrics) {
         let m = crate::metrics::ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
         (test_cluster(name, &[]), weight, m.requests("r", name))
+    }
+
+    /// Peak EWMA sends most requests to the endpoint that answers faster, and still some to
+    /// the slower one.
+    #[test]
+    fn peak_ewma_prefers_the_faster_endpoint() {
+        let now = std::time::Instant::now();
+        let fast = Arc::new(EndpointState::new("fast", crate::upstream::Protocol::Http1));
+        let slow = Arc::new(EndpointState::new("slow", crate::upstream::Protocol::Http1));
+        fast.latency
+            .sample(std::time::Duration::from_millis(5), now);
+        slow.latency
+            .sample(std::time::Duration::from_millis(50), now);
+        let eps = [fast, slow];
+        let cursor = AtomicUsize::new(0);
+        let to_fast = (0..1000)
+            .filter(|_| &*pick(LbPolicy::PeakEwma, &eps, &cursor, &[]).unwrap().addr == "fast")
+            .count();
+        // Two choices of two: always both, the cheaper wins while nothing is in flight.
+        assert_eq!(to_fast, 1000);
+        // Loaded with 20 requests in flight, the fast one costs more (5 × 21 > 50 × 1).
+        for _ in 0..20 {
+            std::mem::forget(eps[0].begin_request());
+        }
+        assert_eq!(
+            &*pick(LbPolicy::PeakEwma, &eps, &cursor, &[]).unwrap().addr,
+            "slow"
+        );
     }
 
     /// A new endpoint's share ramps with its age; an old one's is whole.

@@ -20,6 +20,7 @@ pub mod h1;
 pub mod header_rules;
 pub mod health_check;
 pub mod identity;
+pub mod latency;
 pub mod limit;
 pub mod listener;
 pub mod matching;

@@ -703,11 +703,15 @@ async fn attempt_once(
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
     let in_flight = cluster.begin_request(&endpoint)?;
     let body = (!body.is_end_stream()).then(|| body.boxed());
+    let started = cluster.times_responses().then(Instant::now);
     let sent = within(
         deadline.map(|(at, _)| at),
         endpoint.send(cluster, out, body, true),
     )
     .await;
+    if let (Some(t), Some(Ok(_))) = (started, &sent) {
+        endpoint.observe_latency(t);
+    }
     let Some(sent) = sent else {
         return Err(timed_out(
             deadline.map_or_else(Default::default, |(_, l)| l),
@@ -771,7 +775,12 @@ async fn retrying(
         };
         // The head is borrowed: a retry sends the same one; the last attempt may take it.
         let last = retries >= policy.max_retries;
+        let started = cluster.times_responses().then(Instant::now);
         let sent = within(limit_at, endpoint.send(cluster, out, body, last)).await;
+        // A response's latency, or an attempt that ran out of time (it took at least that).
+        if let (Some(t), Some(Ok(_)) | None) = (started, &sent) {
+            endpoint.observe_latency(t);
+        }
         let sent = match sent {
             Some(sent) => sent,
             None => match deadline {

@@ -116,6 +116,8 @@ pub enum LbPolicy {
     /// Power of two random choices on in-flight requests.
     LeastRequest,
     Random,
+    /// Power of two random choices on peak-EWMA latency × (in-flight requests + 1).
+    PeakEwma,
 }
 
 /// One cluster of one snapshot.
@@ -175,6 +177,8 @@ pub struct EndpointState {
     /// mTLS toward it, if its cluster asks for it (the identities expected are part of the
     /// endpoint's key: fixed for its life).
     pub(crate) tls: Option<UpstreamTls>,
+    /// Its response latency's peak EWMA (kept only for PEAK_EWMA clusters).
+    pub(crate) latency: crate::latency::Ewma,
     /// When it appeared in a cluster that had endpoints already (a snapshot that keeps it
     /// keeps this): where slow start counts from. None: established (a cluster's first
     /// endpoints, or its cluster has no slow start).
@@ -236,6 +240,7 @@ impl EndpointState {
         Self {
             addr: addr.into(),
             in_flight: AtomicUsize::new(0),
+            latency: crate::latency::Ewma::default(),
             pool,
             outlier: EndpointOutlier::default(),
             health: Arc::default(),
@@ -255,6 +260,12 @@ impl EndpointState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Records the latency of an attempt sent at `sent` (PEAK_EWMA clusters).
+    pub fn observe_latency(&self, sent: tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        self.latency.sample(now - sent, now.into_std());
     }
 
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
@@ -574,6 +585,11 @@ impl Cluster {
 
     /// Records an attempt's outcome for outlier detection: `server_error` for a 5xx response
     /// or an attempt with no response. Nothing without outlier detection.
+    /// Whether its endpoints' response latencies are kept (for PEAK_EWMA).
+    pub fn times_responses(&self) -> bool {
+        self.lb == LbPolicy::PeakEwma
+    }
+
     pub fn observe(&self, endpoint: &Arc<EndpointState>, server_error: bool) {
         if let Some(od) = &self.outlier
             && endpoint.outlier.record(server_error, od.max_server_errors)

@@ -1847,7 +1847,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.loadBalancer",
         Honoured(
-            "Trellis addition: how callers balance over the node's endpoints: policy ROUND_ROBIN (default), LEAST_REQUEST (power of two choices) or RANDOM; slowStart {window, aggression, minWeightPercent} ramps a new instance's share over the window",
+            "Trellis addition: how callers balance over the node's endpoints: policy ROUND_ROBIN (default), LEAST_REQUEST (power of two choices), RANDOM or PEAK_EWMA (power of two choices on latency × load); slowStart {window, aggression, minWeightPercent} ramps a new instance's share over the window",
         ),
     ),
     (

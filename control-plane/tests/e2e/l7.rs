@@ -573,3 +573,52 @@ async fn slow_start_ramps_a_new_instances_share() {
     })
     .await;
 }
+
+/// Peak EWMA: of two instances, the one that answers 50 ms later gets few requests (round
+/// robin would give it half).
+#[tokio::test]
+async fn peak_ewma_sends_most_requests_to_the_faster_instance() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let (fast, slow) = (
+        TestServer::start("fast").await,
+        TestServer::start("slow").await,
+    );
+    slow.delay(50);
+    let node = "  loadBalancer: { policy: PEAK_EWMA }\n";
+    let yaml = rules_mesh(fast.addr.port(), "", node).replace("spec: { mtls: STRICT }", "spec: {}");
+    apply(&url, &yaml);
+    let dir = tempfile::tempdir().unwrap();
+    let front = sidecar(&url, "front", dir.path(), false).await;
+    register_instance(&url, ("test", "blue"), "fast", fast.addr, &[]);
+    register_instance(&url, ("test", "blue"), "slow", slow.addr, &[]);
+    wait_synced(&url, 1).await;
+    trellis_testkit::eventually(
+        Duration::from_secs(10),
+        "both endpoints at front",
+        || async {
+            let (_, clusters) = front.admin("/clusters").await;
+            if clusters.contains(&slow.addr.to_string())
+                && clusters.contains(&fast.addr.to_string())
+            {
+                Ok(())
+            } else {
+                Err(clusters)
+            }
+        },
+    )
+    .await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    let mut to_fast = 0;
+    for _ in 0..200 {
+        let r = c.get("blue.default", "/").await.unwrap();
+        assert_eq!(r.status.as_u16(), 200);
+        if r.text() == "fast" {
+            to_fast += 1;
+        }
+    }
+    // Round robin would send it 100; peak EWMA tries the slower one at most until it has
+    // answered once (a fast answer costs less than the 30 ms a fresh endpoint is assumed at).
+    assert!(to_fast > 160, "{to_fast} of 200 to the faster instance");
+}

@@ -231,6 +231,7 @@ fn compile_cluster(
         Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
         Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
         Ok(PbLb::Random) => LbPolicy::Random,
+        Ok(PbLb::PeakEwma) => LbPolicy::PeakEwma,
         Err(_) => {
             c.err(format!("{path}.lbPolicy"), "unknown load-balancing policy");
             LbPolicy::RoundRobin
