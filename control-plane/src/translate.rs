@@ -1786,6 +1786,23 @@ mod tests {
 
     const MESH: &str = include_str!("../../examples/colorapp/mesh.yaml");
 
+    /// A gateway whose route `colors` sends /colors/ to the colorteller service.
+    const GATEWAY: &str = r#"apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualGateway
+metadata: { name: ingress-gw }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: GatewayRoute
+metadata: { name: colors }
+spec:
+  virtualGatewayRef: { name: ingress-gw }
+  httpRoute:
+    match: { prefix: /colors/ }
+    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
+"#;
+
     /// The control plane's retry vocabulary and limits cannot drift from the proxy's: every
     /// event it accepts, at the largest count, translates into a policy the proxy compiles.
     #[test]
@@ -2205,24 +2222,7 @@ mod tests {
         let router_rewrite = "        match: { prefix: / }\n        rewrite: { regex: { pattern: \"^/([a-z]+)$\", substitution: \"/api/$1\" }, hostname: colors.internal }\n";
         let mesh = MESH.replacen("        match: { prefix: / }\n", router_rewrite, 1);
         assert_ne!(mesh, MESH);
-        let yaml = format!(
-            "{mesh}\n---\n{}",
-            r#"apiVersion: mesh.trellis.dev/v1beta1
-kind: VirtualGateway
-metadata: { name: ingress-gw }
-spec:
-  listeners: [{ portMapping: { port: 8088, protocol: http } }]
----
-apiVersion: mesh.trellis.dev/v1beta1
-kind: GatewayRoute
-metadata: { name: colors }
-spec:
-  virtualGatewayRef: { name: ingress-gw }
-  httpRoute:
-    match: { prefix: /colors/ }
-    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
-"#
-        );
+        let yaml = format!("{mesh}\n---\n{GATEWAY}");
         let state = state(&yaml);
         let regex = pb::PathRewrite {
             regex: "^/([a-z]+)$".into(),
@@ -2272,22 +2272,8 @@ spec:
     #[test]
     fn gateway_routes_expand_through_the_router_with_rewrites() {
         let yaml = format!(
-            "{MESH}\n---\n{}",
-            r#"apiVersion: mesh.trellis.dev/v1beta1
-kind: VirtualGateway
-metadata: { name: ingress-gw }
-spec:
-  listeners: [{ portMapping: { port: 8088, protocol: http } }]
----
-apiVersion: mesh.trellis.dev/v1beta1
-kind: GatewayRoute
-metadata: { name: colors }
-spec:
-  virtualGatewayRef: { name: ingress-gw }
-  httpRoute:
-    match: { prefix: /colors/ }
-    action: { target: { virtualService: { virtualServiceRef: { name: colorteller } } } }
----
+            "{MESH}\n---\n{GATEWAY}---{}",
+            r#"
 apiVersion: mesh.trellis.dev/v1beta1
 kind: GatewayRoute
 metadata: { name: front }

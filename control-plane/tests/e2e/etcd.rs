@@ -659,6 +659,17 @@ fn who(url: &str) -> (String, Option<String>) {
     )
 }
 
+/// Waits until the control plane at `url` names `leader` as the leader.
+async fn says_leader(url: &str, leader: &str, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        match who(url).1 {
+            Some(l) if l == leader => Ok(()),
+            seen => Err(format!("{seen:?}")),
+        }
+    })
+    .await;
+}
+
 /// Leadership among control planes on one etcd: both agree on one leader; when it is killed
 /// (its lease left to end) the survivor leads, says so, and does the leader's duty — the audit
 /// log's retention (here: at most one entry) — which it did not do when it started as a
@@ -688,39 +699,21 @@ async fn a_new_leader_takes_over_when_the_leader_dies() {
     };
     let mut a = ControlProcess::start_with(CONTROL, dirs[0].path(), "127.0.0.1:0", &flags).await;
     let first = who(&a.url).0;
-    eventually(Duration::from_secs(20), "the first leads", || async {
-        match who(&a.url).1 {
-            Some(l) if l == first => Ok(()),
-            seen => Err(format!("{seen:?}")),
-        }
-    })
-    .await;
+    says_leader(&a.url, &first, "the first leads").await;
     // Writes recorded while it leads (it pruned when it became leader, before them).
     apply(&a.url, &mesh(100, 0));
     apply(&a.url, &mesh(0, 100));
     let b = ControlProcess::start_with(CONTROL, dirs[1].path(), "127.0.0.1:0", &flags).await;
     let second = who(&b.url).0;
     assert_ne!(first, second);
-    eventually(Duration::from_secs(20), "both agree", || async {
-        match who(&b.url).1 {
-            Some(l) if l == first => Ok(()),
-            seen => Err(format!("{seen:?}")),
-        }
-    })
-    .await;
+    says_leader(&b.url, &first, "both agree").await;
     assert!(
         entries(&b.url) >= 2,
         "a follower does not prune the audit log"
     );
 
     a.kill().await;
-    eventually(Duration::from_secs(30), "the survivor leads", || async {
-        match who(&b.url).1 {
-            Some(l) if l == second => Ok(()),
-            seen => Err(format!("{seen:?}")),
-        }
-    })
-    .await;
+    says_leader(&b.url, &second, "the survivor leads").await;
     let table = stdout(&cli(&b.url, &["status"]));
     assert!(table.contains("leader: this one"), "{table}");
     eventually(Duration::from_secs(10), "the new leader prunes", || async {
