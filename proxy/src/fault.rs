@@ -46,7 +46,7 @@ impl Share {
     }
 
     /// Drawn for one request.
-    fn hit(self) -> bool {
+    pub(crate) fn hit(self) -> bool {
         self.0 >= Self::WHOLE || (self.0 > 0 && fastrand::u32(..Self::WHOLE) < self.0)
     }
 }

@@ -25,6 +25,7 @@ pub mod limit;
 pub mod listener;
 pub mod matching;
 pub mod metrics;
+pub mod mirror;
 pub mod outbound;
 pub mod outlier;
 pub mod passthrough;

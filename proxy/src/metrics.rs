@@ -38,6 +38,7 @@ struct Vecs {
     timeouts: IntCounterVec,
     errors: IntCounterVec,
     faults: IntCounterVec,
+    mirrored: IntCounterVec,
     active_connections: IntGaugeVec,
     tls_refused: IntCounterVec,
     unauthorized: IntCounterVec,
@@ -180,6 +181,16 @@ impl ProxyMetrics {
                     &["kind"],
                 )?,
             )?,
+            mirrored: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "trellis_proxy_mirrored_requests_total",
+                        "Requests routes' mirrors drew, by outcome (sent, failed; not copied: body_too_large, incomplete, busy)",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
             active_connections: register(
                 r,
                 IntGaugeVec::new(
@@ -292,6 +303,13 @@ impl ProxyMetrics {
     /// A fault a route injected: `delay` or `abort`.
     pub fn fault(&self, kind: &str) {
         self.inner.faults.with_label_values(&[kind]).inc();
+    }
+
+    /// A request a route's mirror drew: `sent` (the copy was answered), `failed` (it was
+    /// not), or not copied: `body_too_large`, `incomplete` (the body did not arrive whole),
+    /// `busy` (too many copies in flight).
+    pub fn mirror(&self, outcome: &str) {
+        self.inner.mirrored.with_label_values(&[outcome]).inc();
     }
 
     pub fn tls_refused(&self, listener: &str) {

@@ -89,6 +89,36 @@ impl Outbound {
         }
     }
 
+    /// A copy of the head for a route's mirror: `-shadow` appended to its host, before the
+    /// port (`api:8080` → `api-shadow:8080`, as Envoy's shadows), so the copy's receiver can
+    /// tell it from a real request. A request without an authority is copied as it is.
+    pub fn shadow(&self) -> Self {
+        let mut shadow = Self {
+            parts: copy(&self.parts),
+            authority: self.authority,
+        };
+        let current = match self.authority {
+            AuthorityIn::Target => self.parts.uri.authority().cloned(),
+            AuthorityIn::Host => self
+                .parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            AuthorityIn::Missing => None,
+        };
+        if let Some(current) = current {
+            let host = current.host();
+            let renamed = match current.port_u16() {
+                Some(port) => format!("{host}-shadow:{port}"),
+                None => format!("{host}-shadow"),
+            };
+            if let Ok(to) = Authority::try_from(renamed) {
+                shadow.set_authority(&to);
+            }
+        }
+        shadow
+    }
+
     /// Replaces the path and query (a route's path rewrite).
     pub fn set_path_and_query(&mut self, pq: PathAndQuery) {
         let mut uri = std::mem::take(&mut self.parts.uri).into_parts();
@@ -240,6 +270,29 @@ mod tests {
         let mut out = Outbound::new(head("/", Version::HTTP_10, None), AuthorityIn::Missing);
         out.set_authority(&to);
         assert_eq!(out.host_line("e"), None);
+    }
+
+    /// A mirror's copy names its host with `-shadow`, before the port, where the request
+    /// carries it; the original stays as it was.
+    #[test]
+    fn shadow_copies_rename_the_host() {
+        let out = Outbound::new(
+            head("/x?q", Version::HTTP_11, Some("svc.ns:9080")),
+            AuthorityIn::Host,
+        );
+        let shadow = out.shadow();
+        assert_eq!(shadow.parts().headers["host"], "svc.ns-shadow:9080");
+        assert_eq!(shadow.parts().uri, "/x?q");
+        assert_eq!(out.parts().headers["host"], "svc.ns:9080");
+
+        let out = Outbound::new(
+            head("http://svc.ns/x", Version::HTTP_2, None),
+            AuthorityIn::Target,
+        );
+        assert_eq!(out.shadow().host_line("e"), Some("svc.ns-shadow"));
+
+        let out = Outbound::new(head("/", Version::HTTP_10, None), AuthorityIn::Missing);
+        assert_eq!(out.shadow().host_line("10.0.0.1:80"), Some("10.0.0.1:80"));
     }
 
     /// A cluster's authority port replaces the port where the authority is (or adds one), and

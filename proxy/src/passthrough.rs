@@ -105,6 +105,7 @@ impl Passthrough {
             direct: None,
             fault: None,
             rate_limit: None,
+            mirror: None,
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::{
     body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
     error::{AttemptError, CLIENT_CLOSED, ProxyError, UpstreamFailure},
     metrics::{ProxyMetrics, RequestMetrics},
+    mirror::{Tee, TeeSink},
     outbound::{AuthorityIn, Outbound, RequestBody as OutboundBody},
     retry::{Replay, RetryPolicy},
     route::{DirectKind, DirectResponse, MatchInput, Route, authority_port},
@@ -622,7 +623,16 @@ async fn forward(
     if grpc.is_none() && cluster.protocol != Protocol::Http1 {
         grpc = Some(is_grpc(&out.parts().headers));
     }
-    let body = RequestBody { body, tracking };
+    // A copy for the route's mirror, drawn here: with its rewrites and header rules.
+    let tee = match (route.mirror.as_deref(), &metrics) {
+        (Some(mirror), Some(m)) => mirror.start(&out, !body.is_end_stream(), m),
+        _ => None,
+    };
+    let body = RequestBody {
+        body,
+        tracking,
+        tee,
+    };
 
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
@@ -665,6 +675,8 @@ async fn forward(
 struct RequestBody {
     body: Incoming,
     tracking: Option<BodyTracking<BodyOpen>>,
+    /// Where a mirror's copy takes the body as it is read.
+    tee: Option<Box<TeeSink>>,
 }
 
 impl RequestBody {
@@ -678,7 +690,11 @@ impl RequestBody {
     }
 
     fn boxed(self) -> OutboundBody {
-        ClientBody::new(self.body, self.tracking).boxed()
+        let body = ClientBody::new(self.body, self.tracking);
+        match self.tee {
+            None => body.boxed(),
+            Some(sink) => Tee::new(body, sink).boxed(),
+        }
     }
 }
 

@@ -142,6 +142,8 @@ pub struct Route {
     pub fault: Option<Box<crate::fault::Fault>>,
     /// The bucket its requests are admitted from, when it has a rate limit.
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// Where a share of its requests is copied.
+    pub mirror: Option<Box<crate::mirror::Mirror>>,
 }
 
 /// A response the proxy makes itself for a route: compiled from its `directResponse`.

@@ -309,8 +309,8 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
 }
 
 /// The problems this proxy's compiler finds with a route's own settings (its faults, its rate
-/// limit, its action's rewrites: give a route with only those set; its targets are made up),
-/// each at its field under the route
+/// limit, its mirror, its action's rewrites: give a route with only those set; its targets and
+/// its mirror's cluster are made up), each at its field under the route
 /// (`fault.abort.httpStatus`): what the control plane checks at apply time.
 pub fn check_route(route: &pb::Route) -> Vec<FieldError> {
     let mut route = route.clone();
@@ -321,6 +321,9 @@ pub fn check_route(route: &pb::Route) -> Vec<FieldError> {
         weight: 1,
     }];
     route.action = Some(action);
+    if let Some(m) = &mut route.mirror {
+        m.cluster = "c".into();
+    }
     let snapshot = pb::Snapshot {
         version: "check".into(),
         listeners: vec![pb::Listener {

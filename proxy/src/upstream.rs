@@ -583,13 +583,13 @@ impl Cluster {
         Ok(in_flight)
     }
 
-    /// Records an attempt's outcome for outlier detection: `server_error` for a 5xx response
-    /// or an attempt with no response. Nothing without outlier detection.
     /// Whether its endpoints' response latencies are kept (for PEAK_EWMA).
     pub fn times_responses(&self) -> bool {
         self.lb == LbPolicy::PeakEwma
     }
 
+    /// Records an attempt's outcome for outlier detection: `server_error` for a 5xx response
+    /// or an attempt with no response. Nothing without outlier detection.
     pub fn observe(&self, endpoint: &Arc<EndpointState>, server_error: bool) {
         if let Some(od) = &self.outlier
             && endpoint.outlier.record(server_error, od.max_server_errors)

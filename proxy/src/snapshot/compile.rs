@@ -885,6 +885,12 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         },
         None => Timeouts::default(),
     };
+    let mirror = route.mirror.as_ref().and_then(|m| {
+        let timeout = timeouts
+            .per_request
+            .unwrap_or(crate::mirror::DEFAULT_TIMEOUT);
+        compile_mirror(c, &format!("{path}.mirror"), m, timeout)
+    });
     (c.errors.len() == before).then(|| Route {
         name: route.name.as_str().into(),
         priority: route.priority,
@@ -896,6 +902,7 @@ fn compile_route(c: &mut Compiler<'_>, path: &str, route: &pb::Route) -> Option<
         direct: direct.flatten(),
         fault,
         rate_limit,
+        mirror,
     })
 }
 
@@ -931,10 +938,10 @@ fn compile_direct(
             "a direct response is not forwarded: no retryPolicy",
         );
     }
-    if route.fault.is_some() || route.rate_limit.is_some() {
+    if route.fault.is_some() || route.rate_limit.is_some() || route.mirror.is_some() {
         c.err(
             format!("{path}.directResponse"),
-            "a direct response is not forwarded: no fault or rateLimit",
+            "a direct response is not forwarded: no fault, rateLimit or mirror",
         );
     }
     if route.request_headers.is_some() || route.response_headers.is_some() {
@@ -1416,6 +1423,53 @@ fn compile_rate_limit(
         .unwrap_or_else(|| Arc::new(RateLimiter::new(config)));
     c.next_limiters.insert(at, limiter.clone());
     Some(limiter)
+}
+
+/// A route's mirror: an HTTP cluster of the snapshot, a share, a body bound.
+fn compile_mirror(
+    c: &mut Compiler<'_>,
+    path: &str,
+    m: &pb::Mirror,
+    timeout: std::time::Duration,
+) -> Option<Box<crate::mirror::Mirror>> {
+    use crate::mirror::{DEFAULT_MAX_BODY, MAX_BODY_LIMIT, Mirror};
+    let before = c.errors.len();
+    let cluster = match c.clusters.get(m.cluster.as_str()) {
+        Some(cluster) if cluster.protocol == crate::upstream::Protocol::Tcp => {
+            c.err(
+                format!("{path}.cluster"),
+                format!("{:?} is TCP_ONLY: it takes no HTTP requests", m.cluster),
+            );
+            None
+        }
+        Some(cluster) => Some(cluster.clone()),
+        None => {
+            c.err(
+                format!("{path}.cluster"),
+                format!("unknown cluster {:?}", m.cluster),
+            );
+            None
+        }
+    };
+    let share = crate::fault::Share::from_percent(m.percentage);
+    if share.is_none() {
+        c.err(format!("{path}.percentage"), "must be 0..=100 (percent)");
+    }
+    let max_body = match m.max_body_bytes {
+        0 => DEFAULT_MAX_BODY,
+        n if n > MAX_BODY_LIMIT => {
+            c.err(
+                format!("{path}.maxBodyBytes"),
+                format!("must be at most {MAX_BODY_LIMIT} (16 MiB)"),
+            );
+            0
+        }
+        n => n,
+    };
+    if c.errors.len() != before {
+        return None;
+    }
+    Some(Box::new(Mirror::new(cluster?, share?, max_body, timeout)))
 }
 
 /// A route's fault injection.

@@ -12,6 +12,7 @@ mod hardening;
 mod health;
 mod inprocess;
 mod lifecycle;
+mod mirror;
 mod protocols;
 mod resilience;
 mod routing;
