@@ -59,6 +59,10 @@ features = {
                     "              abort: { httpStatus: 503, percentage: 50 }\n",
     # A bucket far above the load (nothing is limited): the admission's cost.
     "ratelimit": "            rateLimit: { requests: 1000000, per: 1s }\n",
+    # A mirror's draw per request (one in a million copied).
+    "mirror-draw": "            mirror: { cluster: app, percentage: 0.0001 }\n",
+    # Every request copied (to the same upstream): the cost of a copy.
+    "mirror": "            mirror: { cluster: app, percentage: 100 }\n",
     # A draw per request (one in a million aborted).
     "fault-draw": "            fault:\n"
                   "              abort: { httpStatus: 503, percentage: 0.0001 }\n",

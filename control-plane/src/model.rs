@@ -701,6 +701,9 @@ pub struct HttpRoute {
     /// Trellis: requests admitted at most at a rate, at the caller's sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Trellis: a share of the route's requests copied to a VirtualNode, fire and forget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 /// Trellis: a route's rewrites — one of `prefix` (the route's `match.prefix` replaced by it),
@@ -792,6 +795,35 @@ impl RateLimit {
                     _ => None,
                 }),
             bucket: bucket.to_string(),
+        }
+    }
+}
+
+/// Trellis: a share of a route's requests copied, at the caller's sidecar, to a VirtualNode
+/// (its `port`, as a weighted target's), fire and forget: bodies up to `maxBodyBytes` (default
+/// 64 KiB), responses discarded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub virtual_node_ref: Ref,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// Percent of the requests, 0 to 100.
+    pub percentage: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<i64>,
+}
+
+impl Mirror {
+    /// As the proxy takes it, copying to `cluster`; a bound out of range is made one the
+    /// proxy's compiler refuses.
+    pub fn to_proto(&self, cluster: String) -> trellis_proto::v1::Mirror {
+        trellis_proto::v1::Mirror {
+            cluster,
+            percentage: self.percentage,
+            max_body_bytes: self
+                .max_body_bytes
+                .map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -1084,6 +1116,9 @@ pub struct GrpcRoute {
     /// Trellis: requests admitted at most at a rate, at the caller's sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Trellis: a share of the route's requests copied to a VirtualNode, fire and forget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

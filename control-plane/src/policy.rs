@@ -83,15 +83,20 @@ fn service_nodes(state: &State, service: &ResourceKey) -> BTreeSet<ResourceKey> 
         let router = p.virtual_router_ref.key(Kind::VirtualRouter, ns);
         if let Some(Spec::VirtualRouter(r)) = state.get(&router).map(|r| &r.spec) {
             for route in &r.routes {
-                let action = route
-                    .http_route
-                    .as_ref()
-                    .or(route.http2_route.as_ref())
+                let http = route.http_route.as_ref().or(route.http2_route.as_ref());
+                let action = http
                     .map(|h| &h.action)
                     .or(route.grpc_route.as_ref().map(|g| &g.action))
                     .or(route.tcp_route.as_ref().map(|t| &t.action));
                 for t in action.iter().flat_map(|a| &a.weighted_targets) {
                     out.insert(t.virtual_node_ref.key(Kind::VirtualNode, &router.namespace));
+                }
+                // A mirror's target is called too.
+                let mirror = http
+                    .and_then(|h| h.mirror.as_ref())
+                    .or(route.grpc_route.as_ref().and_then(|g| g.mirror.as_ref()));
+                if let Some(m) = mirror {
+                    out.insert(m.virtual_node_ref.key(Kind::VirtualNode, &router.namespace));
                 }
             }
         }

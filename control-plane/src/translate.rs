@@ -674,6 +674,10 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = h.fault.as_ref().map(fault);
+            out.mirror = h.mirror.as_ref().map(|m| {
+                let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
+                m.to_proto(self.cluster(&key, m.port))
+            });
             // One bucket per router route at a proxy, whichever virtual hosts (services,
             // gateway hostnames) carry a copy of it.
             out.rate_limit = h
@@ -710,6 +714,10 @@ impl Builder<'_> {
                 .as_ref()
                 .map(model::HeaderRules::to_proto);
             out.fault = g.fault.as_ref().map(fault);
+            out.mirror = g.mirror.as_ref().map(|m| {
+                let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
+                m.to_proto(self.cluster(&key, m.port))
+            });
             // One bucket per router route at a proxy, whichever virtual hosts (services,
             // gateway hostnames) carry a copy of it.
             out.rate_limit = g
@@ -1737,6 +1745,7 @@ impl GatewayExpansion<'_> {
                 response_headers: translated.response_headers,
                 fault: translated.fault,
                 rate_limit: translated.rate_limit,
+                mirror: translated.mirror,
             });
         }
         Some(out)

@@ -900,6 +900,7 @@ impl Checker<'_> {
                         h.matcher.prefix.as_deref(),
                     );
                     self.rate_limit(&format!("{hp}.rateLimit"), h.rate_limit.as_ref(), false);
+                    self.mirror(&format!("{hp}.mirror"), h.mirror.as_ref());
                 }
             }
             if let Some(g) = &route.grpc_route {
@@ -921,6 +922,7 @@ impl Checker<'_> {
                 );
                 self.fault(&format!("{gp}.fault"), g.fault.as_ref());
                 self.rate_limit(&format!("{gp}.rateLimit"), g.rate_limit.as_ref(), false);
+                self.mirror(&format!("{gp}.mirror"), g.mirror.as_ref());
             }
             if let Some(t) = &route.tcp_route {
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
@@ -1739,6 +1741,25 @@ impl Checker<'_> {
             ..Default::default()
         };
         self.route_part(path, &route, "fault");
+    }
+
+    /// A route's mirror: a VirtualNode of the mesh (and one of its listener ports), the share
+    /// and the body bound as the proxy's compiler takes them.
+    fn mirror(&mut self, path: &str, mirror: Option<&crate::model::Mirror>) {
+        let Some(m) = mirror else { return };
+        self.exists(
+            &format!("{path}.virtualNodeRef"),
+            Kind::VirtualNode,
+            &m.virtual_node_ref,
+        );
+        if let Some(port) = m.port {
+            self.target_port(&format!("{path}.port"), &m.virtual_node_ref, port, false);
+        }
+        let route = trellis_proto::v1::Route {
+            mirror: Some(m.to_proto(String::new())),
+            ..Default::default()
+        };
+        self.route_part(path, &route, "mirror");
     }
 
     /// A route's rewrite: one path rewrite at most (a prefix one needs the route's

@@ -1809,6 +1809,27 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         ),
     ),
     (
+        VirtualRouter,
+        "spec.routes[].httpRoute.mirror",
+        Honoured(
+            "Trellis addition: a share of the route's requests copied at the caller's sidecar to a VirtualNode ({virtualNodeRef, port, percentage, maxBodyBytes}), fire and forget: a copy goes once its body has arrived whole (bodies up to maxBodyBytes, default 64 KiB, at most 16 MiB), with -shadow appended to its host, its response discarded; the route's requests never wait for a copy",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.mirror",
+        Honoured(
+            "Trellis addition: a share of the route's requests copied at the caller's sidecar to a VirtualNode ({virtualNodeRef, port, percentage, maxBodyBytes}), fire and forget: a copy goes once its body has arrived whole (bodies up to maxBodyBytes, default 64 KiB, at most 16 MiB), with -shadow appended to its host, its response discarded; the route's requests never wait for a copy",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.mirror",
+        Honoured(
+            "Trellis addition: a share of the route's requests copied at the caller's sidecar to a VirtualNode ({virtualNodeRef, port, percentage, maxBodyBytes}), fire and forget: a copy goes once its body has arrived whole (bodies up to maxBodyBytes, default 64 KiB, at most 16 MiB), with -shadow appended to its host, its response discarded; the route's requests never wait for a copy",
+        ),
+    ),
+    (
         VirtualNode,
         "spec.rateLimit",
         Honoured(

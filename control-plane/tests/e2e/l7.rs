@@ -622,3 +622,117 @@ async fn peak_ewma_sends_most_requests_to_the_faster_instance() {
     // answered once (a fast answer costs less than the 30 ms a fresh endpoint is assumed at).
     assert!(to_fast > 160, "{to_fast} of 200 to the faster instance");
 }
+
+/// Mirroring: a route's 10% copied to another node (through its own sidecar, under mTLS
+/// STRICT: the mirror makes the caller one its sidecar admits) is 10% ± 3 points of 2,000
+/// requests; the copies' target holds each 2 s and no primary request waits for it. A mirror
+/// to a node that does not exist, or of more than 100%, is refused naming its field.
+#[tokio::test]
+async fn mirrors_copy_their_share_without_holding_the_primary() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let (app, copies) = (
+        TestServer::start("blue").await,
+        TestServer::start("shadow").await,
+    );
+    const HOLD: Duration = Duration::from_secs(2);
+    copies.delay(HOLD.as_millis() as u64);
+    let mesh = |mirror: &str| {
+        rules_mesh(
+            app.addr.port(),
+            &format!("        mirror: {{ {mirror} }}\n"),
+            "",
+        ) + &format!(
+            "---\n{API}\nkind: VirtualNode\nmetadata: {{ name: shadow }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: shadow }} }}\n",
+            copies.addr.port()
+        )
+    };
+    apply(
+        &url,
+        &mesh("virtualNodeRef: { name: shadow }, percentage: 10"),
+    );
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), true).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), true).await;
+    let shadow = sidecar(&url, "shadow", dirs[2].path(), true).await;
+    register_instance(&url, ("test", "blue"), "blue-1", blue.ingress, &[]);
+    register_instance(&url, ("test", "shadow"), "shadow-1", shadow.ingress, &[]);
+    wait_synced(&url, 3).await;
+    for p in [&front, &blue, &shadow] {
+        wait_identity(p).await;
+    }
+
+    const TOTAL: usize = 2000;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let egress = front.egress;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::h1(egress).await.unwrap();
+            let mut slowest = Duration::ZERO;
+            for _ in 0..TOTAL / 4 {
+                let start = std::time::Instant::now();
+                let r = c.get("blue.default", "/").await.unwrap();
+                slowest = slowest.max(start.elapsed());
+                assert_eq!((r.status.as_u16(), r.text()), (200, "blue".to_string()));
+            }
+            slowest
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await.unwrap());
+    }
+    assert!(slowest < HOLD, "a request waited for its copy: {slowest:?}");
+    let sent = trellis_testkit::eventually(Duration::from_secs(15), "copies answered", || async {
+        let sent = front
+            .metric(
+                "trellis_proxy_mirrored_requests_total",
+                &[("outcome", "sent")],
+            )
+            .await as usize;
+        if sent > 0 && sent == copies.requests() {
+            Ok(sent)
+        } else {
+            Err(format!("{sent} answered, {} received", copies.requests()))
+        }
+    })
+    .await;
+    assert!((140..=260).contains(&sent), "10% ± 3 of {TOTAL}: {sent}");
+
+    // Refused naming the field; the running config stays.
+    for (mirror, field) in [
+        (
+            "virtualNodeRef: { name: nowhere }, percentage: 10",
+            "spec.routes[0].httpRoute.mirror.virtualNodeRef",
+        ),
+        (
+            "virtualNodeRef: { name: shadow }, percentage: 150",
+            "spec.routes[0].httpRoute.mirror.percentage",
+        ),
+    ] {
+        let out = apply_result(&url, &mesh(mirror));
+        assert!(!out.status.success());
+        let why = stderr(&out);
+        assert!(why.contains(field), "{why}");
+    }
+    let version = front.version().await;
+    let r = Client::h1(front.egress)
+        .await
+        .unwrap()
+        .get("blue.default", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status.as_u16(), 200);
+    assert_eq!(front.version().await, version);
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/mirroring.yaml"),
+    );
+}
