@@ -1268,12 +1268,56 @@ impl FileAccessLog {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
-    /// ROUND_ROBIN (default), LEAST_REQUEST, RANDOM or PEAK_EWMA.
+    /// ROUND_ROBIN (default), LEAST_REQUEST, RANDOM, PEAK_EWMA, RING_HASH or MAGLEV.
     #[serde(default = "round_robin")]
     pub policy: String,
     /// New instances' share ramped up over a window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<SlowStart>,
+    /// RING_HASH and MAGLEV: what a request is hashed by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_key: Option<HashKey>,
+}
+
+/// What consistent hashing places a request by: one of a header's value, a cookie's, or the
+/// client connection's IP address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HashKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
+}
+
+impl LoadBalancer {
+    /// The policy, as the proxy takes it (an unknown one: round robin; validation refuses it).
+    pub fn policy_proto(&self) -> trellis_proto::v1::cluster::LbPolicy {
+        use trellis_proto::v1::cluster::LbPolicy;
+        match self.policy.as_str() {
+            "LEAST_REQUEST" => LbPolicy::LeastRequest,
+            "RANDOM" => LbPolicy::Random,
+            "PEAK_EWMA" => LbPolicy::PeakEwma,
+            "RING_HASH" => LbPolicy::RingHash,
+            "MAGLEV" => LbPolicy::Maglev,
+            _ => LbPolicy::RoundRobin,
+        }
+    }
+
+    /// The hash key, as the proxy takes it (several given: the first; validation refuses it).
+    pub fn hash_key_proto(&self) -> Option<trellis_proto::v1::HashKey> {
+        use trellis_proto::v1::hash_key::Key;
+        self.hash_key.as_ref().map(|k| trellis_proto::v1::HashKey {
+            key: match (&k.header, &k.cookie, k.source_ip) {
+                (Some(h), _, _) => Some(Key::Header(h.clone())),
+                (None, Some(c), _) => Some(Key::Cookie(c.clone())),
+                (None, None, Some(s)) => Some(Key::SourceIp(s)),
+                (None, None, None) => None,
+            },
+        })
+    }
 }
 
 fn round_robin() -> String {

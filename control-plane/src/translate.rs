@@ -400,12 +400,10 @@ impl Builder<'_> {
         let protocol = listener.map_or(pb::cluster::Protocol::Http1, |l| {
             cluster_protocol(&l.port_mapping.protocol)
         });
-        let lb = match node.load_balancer.as_ref().map(|l| l.policy.as_str()) {
-            Some("LEAST_REQUEST") => pb::cluster::LbPolicy::LeastRequest,
-            Some("RANDOM") => pb::cluster::LbPolicy::Random,
-            Some("PEAK_EWMA") => pb::cluster::LbPolicy::PeakEwma,
-            _ => pb::cluster::LbPolicy::RoundRobin,
-        };
+        let lb = node.load_balancer.as_ref().map_or(
+            pb::cluster::LbPolicy::RoundRobin,
+            model::LoadBalancer::policy_proto,
+        );
         // The mesh's ipPreference.
         let family = match self.mesh(key).and_then(model::MeshSpec::ip_preference) {
             Some("IPv4_ONLY") => pb::cluster::IpFamily::V4Only,
@@ -486,6 +484,10 @@ impl Builder<'_> {
                     .as_ref()
                     .and_then(|l| l.slow_start.as_ref())
                     .map(model::SlowStart::to_proto),
+                hash_key: node
+                    .load_balancer
+                    .as_ref()
+                    .and_then(model::LoadBalancer::hash_key_proto),
                 endpoints,
                 outlier_detection,
                 connection_pool,

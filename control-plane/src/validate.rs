@@ -1133,17 +1133,63 @@ impl Checker<'_> {
                 );
             }
         }
-        if let Some(lb) = &n.load_balancer
-            && !["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PEAK_EWMA"]
-                .contains(&lb.policy.as_str())
-        {
+        if let Some(lb) = &n.load_balancer {
+            self.load_balancer(lb);
+        }
+    }
+
+    /// A node's `loadBalancer`: a known policy, and its hash key and slow start as the proxy's
+    /// compiler takes them together (a key only with RING_HASH or MAGLEV, and required there;
+    /// no slow start with them).
+    fn load_balancer(&mut self, lb: &crate::model::LoadBalancer) {
+        const POLICIES: [&str; 6] = [
+            "ROUND_ROBIN",
+            "LEAST_REQUEST",
+            "RANDOM",
+            "PEAK_EWMA",
+            "RING_HASH",
+            "MAGLEV",
+        ];
+        let path = "spec.loadBalancer";
+        if !POLICIES.contains(&lb.policy.as_str()) {
             self.err(
-                "spec.loadBalancer.policy",
-                format!(
-                    "{:?} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, PEAK_EWMA",
-                    lb.policy
-                ),
+                format!("{path}.policy"),
+                format!("{:?} is not one of {}", lb.policy, POLICIES.join(", ")),
             );
+            return;
+        }
+        if let Some(k) = &lb.hash_key {
+            let given = [
+                k.header.is_some(),
+                k.cookie.is_some(),
+                k.source_ip.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() > 1 {
+                self.err(
+                    format!("{path}.hashKey"),
+                    "give one of header, cookie or sourceIp".into(),
+                );
+                return;
+            }
+        }
+        let cluster = trellis_proto::v1::Cluster {
+            lb_policy: lb.policy_proto() as i32,
+            hash_key: lb.hash_key_proto(),
+            // Its own fields are checked above; here only whether it goes with the policy.
+            slow_start: lb
+                .slow_start
+                .as_ref()
+                .map(|_| trellis_proto::v1::SlowStart {
+                    window: Some(trellis_proto::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            ..Default::default()
+        };
+        for e in trellis_proxy::snapshot::check_cluster(&cluster) {
+            self.err(format!("{path}.{}", e.path), e.reason);
         }
     }
 

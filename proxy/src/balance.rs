@@ -73,7 +73,17 @@ impl Cluster {
     /// An endpoint for a new attempt, avoiding those in `avoid` while another is healthy.
     /// Endpoints ejected by outlier detection or failing their active health check are skipped
     /// like unhealthy ones (only clusters with outlier detection or a health check look).
-    pub fn pick(&self, avoid: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
+    /// `key`: the request's hash on a RING_HASH or MAGLEV cluster (then its place decides).
+    pub fn pick(
+        &self,
+        avoid: &[Arc<EndpointState>],
+        key: Option<u64>,
+    ) -> Option<Arc<EndpointState>> {
+        if let (Some(hashing), Some(key)) = (&self.hashing, key)
+            && let Some(e) = self.pick_hashed(hashing, key, avoid)
+        {
+            return Some(e);
+        }
         if (self.outlier.is_some() || self.health_check.is_some())
             && self.healthy.iter().any(|e| self.is_out(e))
         {
@@ -99,6 +109,23 @@ impl Cluster {
             }
             _ => pick(self.lb, endpoints, &self.cursor, avoid).cloned(),
         }
+    }
+
+    /// The first of the key's candidates that is in and not avoided; none among them: as
+    /// without a key.
+    fn pick_hashed(
+        &self,
+        hashing: &crate::hash_lb::Hashing,
+        key: u64,
+        avoid: &[Arc<EndpointState>],
+    ) -> Option<Arc<EndpointState>> {
+        let checks = self.outlier.is_some() || self.health_check.is_some();
+        hashing
+            .table
+            .candidates(key)
+            .filter_map(|i| self.healthy.get(i))
+            .find(|e| !(checks && self.is_out(e)) && !avoid.iter().any(|a| Arc::ptr_eq(a, e)))
+            .cloned()
     }
 
     /// Whether an endpoint is out for now: ejected, or failing its health check.
@@ -191,7 +218,8 @@ pub(crate) fn pick<'a>(
         1 => 0,
         _ => match policy {
             LbPolicy::RoundRobin => cursor.fetch_add(1, Ordering::Relaxed) % n,
-            LbPolicy::Random => fastrand::usize(0..n),
+            // A hashing cluster's request without its key: at random.
+            LbPolicy::Random | LbPolicy::RingHash | LbPolicy::Maglev => fastrand::usize(0..n),
             LbPolicy::LeastRequest => {
                 let a = fastrand::usize(0..n);
                 // A second, different index.

@@ -17,6 +17,7 @@ pub mod dial;
 pub mod error;
 pub mod fault;
 pub mod h1;
+pub mod hash_lb;
 pub mod header_rules;
 pub mod health_check;
 pub mod identity;

@@ -105,8 +105,14 @@ impl Mirror {
             metrics.mirror("busy");
             return None;
         };
+        let key = self
+            .cluster
+            .hashing
+            .as_deref()
+            .and_then(|h| h.key.hash(&out.parts().headers, None));
         let copy = Copy {
             cluster: self.cluster.clone(),
+            key,
             out: out.shadow(),
             timeout: self.timeout,
             metrics: metrics.clone(),
@@ -157,6 +163,8 @@ impl Drop for Slot {
 /// A copy on its way: sent to one of the cluster's endpoints, its response read and discarded.
 struct Copy {
     cluster: Arc<Cluster>,
+    /// Its key on a hashing cluster (a header's or a cookie's).
+    key: Option<u64>,
     out: Outbound,
     timeout: Duration,
     metrics: ProxyMetrics,
@@ -180,7 +188,7 @@ impl Copy {
     /// any request to the cluster.
     async fn exchange(&mut self, body: Option<OutboundBody>) -> Result<(), BoxError> {
         let cluster = &*self.cluster;
-        let endpoint = cluster.pick(&[]).ok_or("no healthy endpoint")?;
+        let endpoint = cluster.pick(&[], self.key).ok_or("no healthy endpoint")?;
         let _in_flight = cluster.begin_request(&endpoint)?;
         let response = match endpoint.send(cluster, &mut self.out, body, true).await {
             Ok(response) => response,

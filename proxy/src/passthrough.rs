@@ -93,6 +93,7 @@ impl Passthrough {
             authority_port: None,
             slow_start: None,
             ramping_until: None,
+            hashing: None,
         });
         Route {
             name: NAME.into(),

@@ -590,6 +590,7 @@ async fn forward(
     } = routed;
     let cluster = &target.cluster;
     let (parts, body) = req.into_parts();
+    let key = hash_key(cluster, &parts.headers, completion);
     let mut out = Outbound::new(parts, authority);
     route
         .steps
@@ -637,8 +638,8 @@ async fn forward(
     // One deadline for the whole request, retries and backoff included.
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
     let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
-        None => attempt_once(cluster, &mut out, body, completion, deadline).await,
-        Some(policy) => retrying(cluster, policy, &mut out, body, completion, deadline).await,
+        None => attempt_once(cluster, &mut out, body, key, completion, deadline).await,
+        Some(policy) => retrying(cluster, policy, &mut out, body, key, completion, deadline).await,
     };
     if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
         m.timeout("request");
@@ -669,6 +670,18 @@ async fn forward(
     };
     let body = UpstreamBody::new(body, route.timeouts.idle, done);
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+}
+
+/// The request's key hash on a RING_HASH or MAGLEV cluster (by the client's request as it
+/// arrived): none on other clusters, or when the request lacks the key.
+fn hash_key(
+    cluster: &Cluster,
+    headers: &HeaderMap,
+    completion: &Option<Completion>,
+) -> Option<u64> {
+    let hashing = cluster.hashing.as_deref()?;
+    let peer = completion.as_ref().and_then(|c| c.active.addresses().0);
+    hashing.key.hash(headers, peer)
 }
 
 /// The client's request body, and for one that has a body, what tracks it.
@@ -708,6 +721,7 @@ async fn attempt_once(
     cluster: &Cluster,
     out: &mut Outbound,
     body: RequestBody,
+    key: Option<u64>,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -715,7 +729,7 @@ async fn attempt_once(
     // No retries: the request goes out as it is, once.
     let state = body.state();
     let endpoint = cluster
-        .pick(&[])
+        .pick(&[], key)
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
     let in_flight = cluster.begin_request(&endpoint)?;
     let body = (!body.is_end_stream()).then(|| body.boxed());
@@ -769,6 +783,7 @@ async fn retrying(
     policy: &RetryPolicy,
     out: &mut Outbound,
     body: RequestBody,
+    key: Option<u64>,
     completion: &mut Option<Completion>,
     deadline: Option<(Instant, std::time::Duration)>,
 ) -> Result<Exchange, ProxyError> {
@@ -780,7 +795,7 @@ async fn retrying(
     let mut retries = 0u32;
     loop {
         let endpoint = cluster
-            .pick(&tried)
+            .pick(&tried, key)
             .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
         let in_flight = cluster.begin_request(&endpoint)?;
         let body = replay.as_ref().map(|r| r.attempt().boxed());
@@ -951,8 +966,9 @@ async fn upgrade(
             failure: UpstreamFailure::Protocol,
         });
     }
+    let key = hash_key(cluster, req.headers(), completion);
     let endpoint = cluster
-        .pick(&[])
+        .pick(&[], key)
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
     let downstream = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
@@ -1053,7 +1069,9 @@ async fn tunnel(
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cluster = target.cluster.clone();
-    let (endpoint, stream, permit) = crate::tcp::connect_any(&cluster).await.inspect_err(|e| {
+    let key = hash_key(&cluster, req.headers(), completion);
+    let connected = crate::tcp::connect_any(&cluster, key).await;
+    let (endpoint, stream, permit) = connected.inspect_err(|e| {
         if let ProxyError::Upstream { failure, .. } = e {
             note_failure(&cluster, completion, *failure);
         }

@@ -308,6 +308,38 @@ pub fn check(snapshot: &pb::Snapshot) -> Result<(), SnapshotError> {
     compile::compile(snapshot, &mut generation, metrics, &Resolved::new()).map(drop)
 }
 
+/// The problems this proxy's compiler finds with a cluster's own settings (its balancing, hash
+/// key, slow start...: give a cluster without endpoints), each at its field under the cluster
+/// (`hashKey.header`): what the control plane checks at apply time.
+pub fn check_cluster(cluster: &pb::Cluster) -> Vec<FieldError> {
+    let mut cluster = cluster.clone();
+    cluster.name = "c".into();
+    let snapshot = pb::Snapshot {
+        version: "check".into(),
+        clusters: vec![cluster],
+        ..Default::default()
+    };
+    check_under(&snapshot, "clusters[0].")
+}
+
+/// `snapshot`'s problems, with their paths under `at` (the one part being checked).
+fn check_under(snapshot: &pb::Snapshot, at: &str) -> Vec<FieldError> {
+    match check(snapshot) {
+        Ok(()) => Vec::new(),
+        Err(SnapshotError::Invalid(errors)) => errors
+            .into_iter()
+            .map(|e| FieldError {
+                path: e.path.strip_prefix(at).unwrap_or(&e.path).to_string(),
+                reason: e.reason,
+            })
+            .collect(),
+        Err(e) => vec![FieldError {
+            path: String::new(),
+            reason: e.to_string(),
+        }],
+    }
+}
+
 /// The problems this proxy's compiler finds with a route's own settings (its faults, its rate
 /// limit, its mirror, its action's rewrites: give a route with only those set; its targets and
 /// its mirror's cluster are made up), each at its field under the route
@@ -342,21 +374,7 @@ pub fn check_route(route: &pb::Route) -> Vec<FieldError> {
         }],
         ..Default::default()
     };
-    const AT: &str = "listeners[0].virtualHosts[0].routes[0].";
-    match check(&snapshot) {
-        Ok(()) => Vec::new(),
-        Err(SnapshotError::Invalid(errors)) => errors
-            .into_iter()
-            .map(|e| FieldError {
-                path: e.path.strip_prefix(AT).unwrap_or(&e.path).to_string(),
-                reason: e.reason,
-            })
-            .collect(),
-        Err(e) => vec![FieldError {
-            path: String::new(),
-            reason: e.to_string(),
-        }],
-    }
+    check_under(&snapshot, "listeners[0].virtualHosts[0].routes[0].")
 }
 
 /// The compiled, immutable config one proxy runs.

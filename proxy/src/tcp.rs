@@ -19,8 +19,12 @@ use crate::{
 pub(crate) type Connected = (Arc<EndpointState>, Stream, Option<ConnPermit>);
 
 /// Connects to an endpoint of `cluster`, trying the others (up to three in all) when a connect
-/// fails. A TCP cluster at its connection limit refuses at once (overflow).
-pub(crate) async fn connect_any(cluster: &Cluster) -> Result<Connected, ProxyError> {
+/// fails. A TCP cluster at its connection limit refuses at once (overflow). `key`: the
+/// connection's hash on a RING_HASH or MAGLEV cluster.
+pub(crate) async fn connect_any(
+    cluster: &Cluster,
+    key: Option<u64>,
+) -> Result<Connected, ProxyError> {
     let permit = match (&cluster.limits, cluster.protocol) {
         (Some(limits), Protocol::Tcp) => limits.try_connection().map_err(|_| {
             cluster.metrics.overflows.inc();
@@ -32,7 +36,7 @@ pub(crate) async fn connect_any(cluster: &Cluster) -> Result<Connected, ProxyErr
     let tries = cluster.healthy.len().clamp(1, 3);
     let mut last = None;
     for _ in 0..tries {
-        let Some(endpoint) = cluster.pick(&tried) else {
+        let Some(endpoint) = cluster.pick(&tried, key) else {
             break;
         };
         match endpoint.connect(cluster.connect_timeout).await {
@@ -104,7 +108,12 @@ pub(crate) async fn forward_to(
     };
     let cluster = &target.cluster;
     outcome.cluster = Some(cluster.name.clone());
-    match connect_any(cluster).await {
+    // A hashing cluster's key here can only be the client's address.
+    let key = cluster.hashing.as_deref().and_then(|h| {
+        h.key
+            .hash(&http::HeaderMap::new(), client.tcp().peer_addr().ok())
+    });
+    match connect_any(cluster, key).await {
         Ok((endpoint, upstream, _permit)) => {
             let _in_flight = endpoint.begin_request();
             outcome.endpoint = Some(endpoint.addr.clone());

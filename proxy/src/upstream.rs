@@ -118,6 +118,10 @@ pub enum LbPolicy {
     Random,
     /// Power of two random choices on peak-EWMA latency × (in-flight requests + 1).
     PeakEwma,
+    /// Consistent hashing on the cluster's key: a ring, or Maglev's table (random without a
+    /// key).
+    RingHash,
+    Maglev,
 }
 
 /// One cluster of one snapshot.
@@ -147,6 +151,8 @@ pub struct Cluster {
     /// its endpoints is in its window (after, picks are as without).
     pub slow_start: Option<SlowStart>,
     pub ramping_until: Option<std::time::Instant>,
+    /// RING_HASH and MAGLEV: the request's key and the table it is placed by.
+    pub hashing: Option<Box<crate::hash_lb::Hashing>>,
 }
 
 /// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
@@ -1009,6 +1015,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         authority_port: None,
         slow_start: None,
         ramping_until: None,
+        hashing: None,
     })
 }
 

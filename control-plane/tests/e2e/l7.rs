@@ -736,3 +736,142 @@ async fn mirrors_copy_their_share_without_holding_the_primary() {
         include_str!("../../../examples/l7/mirroring.yaml"),
     );
 }
+
+/// Consistent hashing: with RING_HASH (keyed by a header) and MAGLEV (by a cookie), each of 200
+/// users keeps its instance of four; when an instance leaves, only its users move (Maglev: at
+/// most a few others), about a quarter of them. A hash key without a hashing policy is refused
+/// naming its field.
+#[tokio::test]
+async fn hashing_keeps_each_key_on_its_instance_and_moves_only_the_leavers_keys() {
+    for (policy, key, send_key) in [
+        ("RING_HASH", "{ header: x-user }", "x-user"),
+        ("MAGLEV", "{ cookie: session }", "cookie"),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let control = ControlProcess::start(CONTROL, data.path()).await;
+        let url = control.url.clone();
+        let apps = [
+            TestServer::start("s0").await,
+            TestServer::start("s1").await,
+            TestServer::start("s2").await,
+            TestServer::start("s3").await,
+        ];
+        let node = format!("  loadBalancer: {{ policy: {policy}, hashKey: {key} }}\n");
+        let yaml = rules_mesh(apps[0].addr.port(), "", &node)
+            .replace("spec: { mtls: STRICT }", "spec: {}");
+        apply(&url, &yaml);
+        let dir = tempfile::tempdir().unwrap();
+        let front = sidecar(&url, "front", dir.path(), false).await;
+        for app in &apps {
+            register_instance(&url, ("test", "blue"), app.name(), app.addr, &[]);
+        }
+        wait_synced(&url, 1).await;
+        let endpoints_at_front = |n: usize| {
+            let front = &front;
+            let apps = &apps;
+            async move {
+                trellis_testkit::eventually(
+                    Duration::from_secs(10),
+                    "front's endpoints",
+                    || async {
+                        let (_, clusters) = front.admin("/clusters").await;
+                        let held = apps
+                            .iter()
+                            .filter(|a| clusters.contains(&a.addr.to_string()))
+                            .count();
+                        if held == n { Ok(()) } else { Err(clusters) }
+                    },
+                )
+                .await;
+            }
+        };
+        endpoints_at_front(4).await;
+        let placement = || {
+            let egress = front.egress;
+            async move {
+                let mut c = Client::h1(egress).await.unwrap();
+                let mut placed = Vec::new();
+                for user in 0..200 {
+                    let value = match send_key {
+                        "cookie" => format!("theme=dark; session=user-{user}"),
+                        _ => format!("user-{user}"),
+                    };
+                    let req = http::Request::get("http://blue.default/")
+                        .header("host", "blue.default")
+                        .header(send_key, value)
+                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                        .unwrap();
+                    let r = c.send(req).await.unwrap();
+                    assert_eq!(r.status.as_u16(), 200);
+                    placed.push(r.text());
+                }
+                placed
+            }
+        };
+        let before = placement().await;
+        assert_eq!(
+            placement().await,
+            before,
+            "{policy}: every user kept its instance"
+        );
+        for app in &apps {
+            let users = before.iter().filter(|p| *p == app.name()).count();
+            assert!(
+                (20..=90).contains(&users),
+                "{policy}: {} has {users} of 200",
+                app.name()
+            );
+        }
+
+        // s2 leaves.
+        let out = crate::cli(
+            &url,
+            &[
+                "instances",
+                "deregister",
+                "--namespace",
+                "test",
+                "--service",
+                "blue",
+                "--id",
+                "s2",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        endpoints_at_front(3).await;
+        let after = placement().await;
+        let others_moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b != a && *b != "s2")
+            .count();
+        let allowed = if policy == "RING_HASH" { 0 } else { 4 };
+        assert!(
+            others_moved <= allowed,
+            "{policy}: {others_moved} users of others moved"
+        );
+        assert!(after.iter().all(|p| p != "s2"));
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert!(moved <= 200 / 4 + 25, "{policy}: {moved} of 200 moved");
+
+        // A key without a hashing policy: refused, naming the field.
+        let bad = rules_mesh(
+            apps[0].addr.port(),
+            "",
+            "  loadBalancer: { policy: ROUND_ROBIN, hashKey: { header: x-user } }\n",
+        )
+        .replace("spec: { mtls: STRICT }", "spec: {}");
+        let out = apply_result(&url, &bad);
+        assert!(!out.status.success());
+        let why = stderr(&out);
+        assert!(why.contains("spec.loadBalancer.hashKey"), "{why}");
+    }
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/hashing.yaml"),
+    );
+}

@@ -19,6 +19,7 @@ use crate::{
     balance::WeightedTargets,
     dial::IpFamily,
     fault::Fault,
+    hash_lb::{HashKey, HashTable, Hashing},
     header_rules::HeaderRules,
     health_check::{HealthCheck, Probe},
     limit::PoolLimits,
@@ -33,7 +34,7 @@ use crate::{
     },
     steps::{PathRewrite, RegexRewrite, RequestStep, Steps},
     tls::{ServerMode, ServerSide},
-    upstream::{self, Cluster, Generation, Health, LbPolicy, Protocol},
+    upstream::{self, Cluster, EndpointState, Generation, Health, LbPolicy, Protocol},
 };
 
 const MAX_WEIGHT: u32 = 1_000_000;
@@ -232,6 +233,8 @@ fn compile_cluster(
         Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
         Ok(PbLb::Random) => LbPolicy::Random,
         Ok(PbLb::PeakEwma) => LbPolicy::PeakEwma,
+        Ok(PbLb::RingHash) => LbPolicy::RingHash,
+        Ok(PbLb::Maglev) => LbPolicy::Maglev,
         Err(_) => {
             c.err(format!("{path}.lbPolicy"), "unknown load-balancing policy");
             LbPolicy::RoundRobin
@@ -241,6 +244,13 @@ fn compile_cluster(
         .slow_start
         .as_ref()
         .and_then(|s| compile_slow_start(c, &format!("{path}.slowStart"), s));
+    let hash_key = compile_hash_key(c, path, cluster, lb);
+    if slow_start.is_some() && matches!(lb, LbPolicy::RingHash | LbPolicy::Maglev) {
+        c.err(
+            format!("{path}.slowStart"),
+            "ramps shares that are drawn: not with RING_HASH or MAGLEV, where a key decides",
+        );
+    }
     // New endpoints ramp up when the cluster slow-starts and had endpoints already.
     let ramps = slow_start.is_some() && generation.had_endpoints(&cluster.name);
     let connect_timeout = c
@@ -374,11 +384,19 @@ fn compile_cluster(
     let limits = limits
         .filter(|l| *l != PoolLimits::default())
         .map(|l| generation.limits(&name, protocol, l));
-    let healthy = endpoints
+    let healthy: Vec<Arc<EndpointState>> = endpoints
         .iter()
         .filter(|(_, h)| *h == Health::Healthy)
         .map(|(e, _)| e.clone())
         .collect();
+    let hashing = hash_key.map(|key| {
+        let addrs = healthy.iter().map(|e| &*e.addr);
+        let table = match lb {
+            LbPolicy::Maglev => HashTable::maglev(addrs),
+            _ => HashTable::ring(addrs),
+        };
+        Box::new(Hashing { key, table })
+    });
     let ramping_until = slow_start.and_then(|s| {
         endpoints
             .iter()
@@ -402,7 +420,70 @@ fn compile_cluster(
         authority_port,
         ramping_until,
         slow_start,
+        hashing,
     }))
+}
+
+/// A RING_HASH or MAGLEV cluster's key (required there, refused elsewhere).
+fn compile_hash_key(
+    c: &mut Compiler<'_>,
+    path: &str,
+    cluster: &pb::Cluster,
+    lb: LbPolicy,
+) -> Option<HashKey> {
+    use pb::hash_key::Key;
+    let kpath = format!("{path}.hashKey");
+    let hashing = matches!(lb, LbPolicy::RingHash | LbPolicy::Maglev);
+    let key = match (&cluster.hash_key, hashing) {
+        (None, false) => return None,
+        (Some(_), false) => {
+            c.err(kpath, "only with RING_HASH or MAGLEV balancing");
+            return None;
+        }
+        (None, true) | (Some(pb::HashKey { key: None }), true) => {
+            c.err(
+                kpath,
+                "required with RING_HASH and MAGLEV: header, cookie or sourceIp",
+            );
+            return None;
+        }
+        (Some(pb::HashKey { key: Some(key) }), true) => key,
+    };
+    match key {
+        Key::Header(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => Some(HashKey::Header(name)),
+            Err(_) => {
+                c.err(
+                    format!("{kpath}.header"),
+                    format!("{name:?} is not a header name"),
+                );
+                None
+            }
+        },
+        Key::Cookie(name)
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)) =>
+        {
+            Some(HashKey::Cookie(name.as_str().into()))
+        }
+        Key::Cookie(name) => {
+            c.err(
+                format!("{kpath}.cookie"),
+                format!("{name:?} is not a cookie name"),
+            );
+            None
+        }
+        Key::SourceIp(true) => Some(HashKey::SourceIp),
+        Key::SourceIp(false) => {
+            c.err(
+                format!("{kpath}.sourceIp"),
+                "true, or give header or cookie",
+            );
+            None
+        }
+    }
 }
 
 /// A duration that must be given and greater than 0.
