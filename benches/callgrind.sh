@@ -7,8 +7,9 @@
 #
 #   benches/callgrind.sh [N] [h1|h2c]     (default 20000 h1)
 #   KEEP_CALLGRIND=FILE keeps the callgrind profile for callgrind_annotate.
-#   FEATURE=headers puts issue 15's feature on the route the requests take (the cost of it
-#   configured); unset, the route has none (the cost of it not configured).
+#   FEATURE=headers puts issue 15's feature (a name of proxy_bench.py's FEATURES or
+#   CLUSTER_FEATURES) on the route or cluster the requests take (the cost of it configured);
+#   unset, they have none (the cost of it not configured).
 #   BIN=DIR runs DIR/trellis-proxy (e.g. a build of an earlier commit) instead of building.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,37 +40,7 @@ python3 - "$upstream" "${FEATURE:-}" > "$work/snapshot.yaml" <<'PY'
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("pb", "benches/proxy_bench.py")
 pb = importlib.util.module_from_spec(spec); spec.loader.exec_module(pb)
-routes = "".join(
-    f"          - name: api-v{i}\n            priority: {i}\n"
-    f"            match: {{ prefix: /api/v{i}/, headers: [{{ name: x-tenant, prefix: t{i} }}] }}\n"
-    f"            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}\n" for i in range(10))
-snapshot = pb.TRELLIS_SNAPSHOT.format(routes=routes, upstream=sys.argv[1])
-features = {
-    "": "",
-    "headers": "            requestHeaders:\n"
-               "              set: [{ name: x-env, value: prod }]\n"
-               "              add: [{ name: x-route, value: \"%ROUTE_NAME%\" }]\n"
-               "              remove: [x-debug]\n"
-               "            responseHeaders:\n"
-               "              set: [{ name: cache-control, value: no-store }]\n"
-               "              remove: [x-powered-by]\n",
-    # Faults only for requests with a header the benchmark does not send: the lookup.
-    "fault-header": "            fault:\n"
-                    "              headers: [{ name: x-chaos, exact: \"on\" }]\n"
-                    "              abort: { httpStatus: 503, percentage: 50 }\n",
-    # A bucket far above the load (nothing is limited): the admission's cost.
-    "ratelimit": "            rateLimit: { requests: 1000000, per: 1s }\n",
-    # A mirror's draw per request (one in a million copied).
-    "mirror-draw": "            mirror: { cluster: app, percentage: 0.0001 }\n",
-    # Every request copied (to the same upstream): the cost of a copy.
-    "mirror": "            mirror: { cluster: app, percentage: 100 }\n",
-    # A draw per request (one in a million aborted).
-    "fault-draw": "            fault:\n"
-                  "              abort: { httpStatus: 503, percentage: 0.0001 }\n",
-}
-timeout = "            timeout: { perRequest: 15s }\n"
-assert timeout in snapshot
-print(snapshot.replace(timeout, timeout + features[sys.argv[2]]))
+print(pb.trellis_snapshot(sys.argv[1], sys.argv[2]))
 PY
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" -q \

@@ -18,9 +18,13 @@ kills every process tree it started, by PID. trellis-proxy is built with the `di
 we ship (fat LTO, one codegen unit).
 
     benches/proxy_bench.py [--rounds 3] [--duration 10] [--rate 2000] [--only trellis,envoy]
+
+Issue 15's features, each on the route the load takes, run when named (not by default):
+`--only trellis,trellis+mirror,...` (see FEATURES; `benches/callgrind.sh` counts the same).
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -176,16 +180,60 @@ clusters:
 """
 
 
-def trellis(upstream, port, h2_port, tmp):
+# Issue 15's features as route fields of the benchmark's default route (YAML under it).
+FEATURES = {
+    "headers": "            requestHeaders:\n"
+               "              set: [{ name: x-env, value: prod }]\n"
+               "              add: [{ name: x-route, value: \"%ROUTE_NAME%\" }]\n"
+               "              remove: [x-debug]\n"
+               "            responseHeaders:\n"
+               "              set: [{ name: cache-control, value: no-store }]\n"
+               "              remove: [x-powered-by]\n",
+    # Faults only for requests with a header the benchmark does not send: the lookup.
+    "fault-header": "            fault:\n"
+                    "              headers: [{ name: x-chaos, exact: \"on\" }]\n"
+                    "              abort: { httpStatus: 503, percentage: 50 }\n",
+    # A bucket far above the load (nothing is limited): the admission's cost.
+    "ratelimit": "            rateLimit: { requests: 1000000, per: 1s }\n",
+    # A draw per request (one in a million aborted).
+    "fault-draw": "            fault:\n"
+                  "              abort: { httpStatus: 503, percentage: 0.0001 }\n",
+    # A mirror's draw per request (one in a million copied).
+    "mirror-draw": "            mirror: { cluster: app, percentage: 0.0001 }\n",
+    # 10% of the requests copied (to the same upstream).
+    "mirror10": "            mirror: { cluster: app, percentage: 10 }\n",
+    # Every request copied (to the same upstream): the cost of a copy.
+    "mirror": "            mirror: { cluster: app, percentage: 100 }\n",
+}
+# Cluster fields (YAML under the cluster `app`).
+CLUSTER_FEATURES = {
+    # Consistent hashing on a header (the load sends none: a random pick) and by the client's
+    # address (a hash per request).
+    "ringhash": "    lbPolicy: RING_HASH\n    hashKey: { sourceIp: true }\n",
+    "maglev": "    lbPolicy: MAGLEV\n    hashKey: { sourceIp: true }\n",
+}
+
+
+def trellis_snapshot(upstream, feature=""):
+    """The benchmark's snapshot, with `feature` (a FEATURES or CLUSTER_FEATURES name) set."""
     # A real route table: ten API routes ahead of the default one.
     routes = "".join(
         f"          - name: api-v{i}\n            priority: {i}\n"
         f"            match: {{ prefix: /api/v{i}/, headers: [{{ name: x-tenant, prefix: t{i} }}] }}\n"
         f"            action: {{ weightedTargets: [{{ cluster: app, weight: 100 }}] }}\n"
         for i in range(10))
-    path = os.path.join(tmp, "trellis.yaml")
+    snapshot = TRELLIS_SNAPSHOT.format(routes=routes, upstream=upstream)
+    timeout = "            timeout: { perRequest: 15s }\n"
+    cluster = "  - name: app\n"
+    assert timeout in snapshot and cluster in snapshot
+    snapshot = snapshot.replace(timeout, timeout + FEATURES.get(feature, ""))
+    return snapshot.replace(cluster, cluster + CLUSTER_FEATURES.get(feature, ""))
+
+
+def trellis(upstream, port, h2_port, tmp, feature=""):
+    path = os.path.join(tmp, f"trellis{feature}.yaml")
     with open(path, "w") as f:
-        f.write(TRELLIS_SNAPSHOT.format(routes=routes, upstream=upstream))
+        f.write(trellis_snapshot(upstream, feature))
     return spawn([os.path.join(TARGET, "dist", "trellis-proxy"), "--snapshot", path, "--workers", "1",
                   "--egress-addr", f"127.0.0.1:{port}", "--ingress-addr", f"127.0.0.1:{free_port()}",
                   "--admin-addr", f"127.0.0.1:{free_port()}", "--log", "warn"], PROXY_CPU), port
@@ -300,6 +348,10 @@ def none(upstream, port, h2_port, tmp):
 
 
 CONFIGS = {"none": none, "trellis": trellis, "envoy": envoy, "haproxy": haproxy, "nginx": nginx}
+# Run only when named in --only.
+FEATURE_CONFIGS = {
+    f"trellis+{f}": functools.partial(trellis, feature=f) for f in [*FEATURES, *CLUSTER_FEATURES]
+}
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -382,7 +434,12 @@ def main():
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--only", default=",".join(CONFIGS))
     args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n in CONFIGS]
+    known = {**CONFIGS, **FEATURE_CONFIGS}
+    unknown = [n for n in args.only.split(",") if n not in known]
+    if unknown:
+        ap.error(f"unknown configurations {unknown}: {', '.join(known)}")
+    CONFIGS.update(FEATURE_CONFIGS)
+    names = args.only.split(",")
     setup()
     tmp = tempfile.mkdtemp(prefix="trellis-bench-")
     up = spawn([os.path.join(TARGET, "dist", "bench-upstream"), "127.0.0.1:0"], LOAD_CPU, stdout=subprocess.PIPE)
