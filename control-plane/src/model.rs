@@ -1277,6 +1277,19 @@ pub struct LoadBalancer {
     /// RING_HASH and MAGLEV: what a request is hashed by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_key: Option<HashKey>,
+    /// Callers prefer the instances in their own zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_aware: Option<ZoneAware>,
+}
+
+/// A caller that knows its zone (its proxy's `--zone`) sends to the instances in that zone
+/// (by their `AVAILABILITY_ZONE` attribute) while at least `minEndpoints` (default 1) of them
+/// are in service, else to all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneAware {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_endpoints: Option<i64>,
 }
 
 /// What consistent hashing places a request by: one of a header's value, a cookie's, or the
@@ -1304,6 +1317,17 @@ impl LoadBalancer {
             "MAGLEV" => LbPolicy::Maglev,
             _ => LbPolicy::RoundRobin,
         }
+    }
+
+    /// Zone awareness, as the proxy takes it (a minimum out of range: one it refuses).
+    pub fn zone_aware_proto(&self) -> Option<trellis_proto::v1::ZoneAware> {
+        self.zone_aware
+            .as_ref()
+            .map(|z| trellis_proto::v1::ZoneAware {
+                min_endpoints: z
+                    .min_endpoints
+                    .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
+            })
     }
 
     /// The hash key, as the proxy takes it (several given: the first; validation refuses it).

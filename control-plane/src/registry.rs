@@ -49,7 +49,20 @@ impl InstanceStatus {
 
 pub const PREFIX: &str = "instances/";
 
+/// The instance attributes naming its zone, first found wins: App Mesh's controller's
+/// (`AVAILABILITY_ZONE`, from the node's topology), then Kubernetes' well-known label.
+pub const ZONE_ATTRIBUTES: [&str; 2] = ["AVAILABILITY_ZONE", "topology.kubernetes.io/zone"];
+
 impl Instance {
+    /// The zone it runs in, if an attribute names one.
+    pub fn zone(&self) -> Option<&str> {
+        ZONE_ATTRIBUTES
+            .iter()
+            .find_map(|k| self.attributes.get(*k))
+            .map(String::as_str)
+            .filter(|z| !z.is_empty())
+    }
+
     pub fn store_key(&self) -> String {
         key(&self.namespace, &self.service, &self.id)
     }

@@ -432,17 +432,20 @@ impl Builder<'_> {
                 // Registrations of one address are one endpoint (a restarted instance may
                 // re-register under a new id before its old lease ends): healthy while any of
                 // them is, draining only when all are.
-                let mut merged: BTreeMap<String, (bool, Vec<String>)> = BTreeMap::new();
+                let mut merged: BTreeMap<String, (bool, Vec<String>, String)> = BTreeMap::new();
                 for (i, address) in instances
                     .iter()
                     .filter(|i| i.matches(&reg.namespace_name, &reg.service_name, &selector))
                     .filter_map(|i| Some((i, instance_address(i, family)?)))
                 {
-                    let (healthy, ids) = merged.entry(address).or_default();
+                    let (healthy, ids, zone) = merged.entry(address).or_default();
                     *healthy |= i.status == InstanceStatus::Healthy;
                     ids.push(i.store_key());
+                    if zone.is_empty() {
+                        zone.push_str(i.zone().unwrap_or_default());
+                    }
                 }
-                for (address, (healthy, ids)) in merged {
+                for (address, (healthy, ids, zone)) in merged {
                     self.sources
                         .endpoint(&name, &address, ids.into_iter().map(Source::Instance));
                     endpoints.push(pb::Endpoint {
@@ -452,6 +455,7 @@ impl Builder<'_> {
                         } else {
                             pb::endpoint::Health::Draining
                         } as i32,
+                        zone,
                     });
                 }
             } else if let (Some(dns), Some(l)) = (&sd.dns, listener) {
@@ -462,6 +466,7 @@ impl Builder<'_> {
                 endpoints.push(pb::Endpoint {
                     address,
                     health: pb::endpoint::Health::Healthy as i32,
+                    ..Default::default()
                 });
             }
         }
@@ -488,6 +493,10 @@ impl Builder<'_> {
                     .load_balancer
                     .as_ref()
                     .and_then(model::LoadBalancer::hash_key_proto),
+                zone_aware: node
+                    .load_balancer
+                    .as_ref()
+                    .and_then(model::LoadBalancer::zone_aware_proto),
                 endpoints,
                 outlier_detection,
                 connection_pool,
@@ -921,6 +930,7 @@ fn ingress(
                 endpoints: vec![pb::Endpoint {
                     address: format!("127.0.0.1:{port}"),
                     health: pb::endpoint::Health::Healthy as i32,
+                    ..Default::default()
                 }],
                 ..Default::default()
             },

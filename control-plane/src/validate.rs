@@ -1172,9 +1172,18 @@ impl Checker<'_> {
                 return;
             }
         }
+        if let Some(m) = lb.zone_aware.as_ref().and_then(|z| z.min_endpoints)
+            && !(1..=10_000).contains(&m)
+        {
+            self.err(
+                format!("{path}.zoneAware.minEndpoints"),
+                "must be 1..=10000".into(),
+            );
+        }
         let cluster = trellis_proto::v1::Cluster {
             lb_policy: lb.policy_proto() as i32,
             hash_key: lb.hash_key_proto(),
+            zone_aware: lb.zone_aware_proto(),
             // Its own fields are checked above; here only whether it goes with the policy.
             slow_start: lb
                 .slow_start

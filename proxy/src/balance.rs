@@ -84,18 +84,38 @@ impl Cluster {
         {
             return Some(e);
         }
+        if let Some(local) = &self.local_zone {
+            let checks = self.outlier.is_some() || self.health_check.is_some();
+            let in_service = if checks {
+                local.endpoints.iter().filter(|e| !self.is_out(e)).count()
+            } else {
+                local.endpoints.len()
+            };
+            if in_service >= local.min {
+                return self.pick_among(&local.endpoints, avoid);
+            }
+        }
+        self.pick_among(&self.healthy, avoid)
+    }
+
+    /// An endpoint of `endpoints` that is in service, avoiding those in `avoid` while another
+    /// is left.
+    fn pick_among(
+        &self,
+        endpoints: &[Arc<EndpointState>],
+        avoid: &[Arc<EndpointState>],
+    ) -> Option<Arc<EndpointState>> {
         if (self.outlier.is_some() || self.health_check.is_some())
-            && self.healthy.iter().any(|e| self.is_out(e))
+            && endpoints.iter().any(|e| self.is_out(e))
         {
-            let left: Vec<Arc<EndpointState>> = self
-                .healthy
+            let left: Vec<Arc<EndpointState>> = endpoints
                 .iter()
                 .filter(|e| !self.is_out(e))
                 .cloned()
                 .collect();
             return self.pick_from(&left, avoid);
         }
-        self.pick_from(&self.healthy, avoid)
+        self.pick_from(endpoints, avoid)
     }
 
     fn pick_from(

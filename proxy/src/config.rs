@@ -110,6 +110,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// The zone (availability zone) this proxy runs in: zone-aware clusters prefer their
+    /// endpoints in it.
+    #[arg(long, env = "TRELLIS_PROXY_ZONE")]
+    pub zone: Option<String>,
+
     /// Client connections that start no request for this long, with none in flight, are closed
     /// (an HTTP/1.1 connection that has not sent a whole request head by then too). Also the
     /// request-body idle timeout of routes without `timeout.idle`, except for gRPC requests.

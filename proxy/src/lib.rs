@@ -106,6 +106,9 @@ async fn serve(config: config::ProxyConfig, log_control: app::LogControl) -> any
         config.ingress_addr.ip(),
     );
 
+    if let Some(zone) = &config.zone {
+        app.services.store.set_zone(zone);
+    }
     start_health_checks(&app)?;
     let control = match &config.snapshot {
         Some(path) => {

@@ -94,6 +94,7 @@ impl Passthrough {
             slow_start: None,
             ramping_until: None,
             hashing: None,
+            local_zone: None,
         });
         Route {
             name: NAME.into(),

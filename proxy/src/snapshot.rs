@@ -557,6 +557,11 @@ impl SnapshotStore {
         self.current.load_full()
     }
 
+    /// Sets the proxy's zone (`--zone`), before the first snapshot.
+    pub fn set_zone(&self, zone: &str) {
+        self.upstreams.set_zone(zone);
+    }
+
     /// Runs active health checks on `runtime` (the binary gives them a thread of their own);
     /// without it they run on the runtime that applies snapshots.
     pub fn run_health_checks_on(&self, runtime: tokio::runtime::Handle) {

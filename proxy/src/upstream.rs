@@ -153,6 +153,16 @@ pub struct Cluster {
     pub ramping_until: Option<std::time::Instant>,
     /// RING_HASH and MAGLEV: the request's key and the table it is placed by.
     pub hashing: Option<Box<crate::hash_lb::Hashing>>,
+    /// Zone-aware: the healthy endpoints in the proxy's zone, taken while enough are in.
+    pub local_zone: Option<Box<LocalZone>>,
+}
+
+/// A zone-aware cluster's endpoints in the proxy's zone.
+#[derive(Debug)]
+pub struct LocalZone {
+    pub endpoints: Vec<Arc<EndpointState>>,
+    /// In service at least, for them to be taken alone.
+    pub min: usize,
 }
 
 /// Slow start: an endpoint that appeared less than `window` ago takes a share of the traffic
@@ -699,6 +709,9 @@ pub struct Upstreams {
     /// Where checkers run: set by the binary (a thread of their own), else the runtime that
     /// applies the snapshot (in-process tests, on their paused clock).
     checker_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// The proxy's zone (`--zone`), set once at start: zone-aware clusters prefer endpoints in
+    /// it.
+    zone: std::sync::OnceLock<Box<str>>,
 }
 
 /// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
@@ -728,6 +741,11 @@ impl Upstreams {
             next_rate_limiters: RateLimiterMap::new(),
             next_checks: Vec::new(),
         }
+    }
+
+    /// Sets the proxy's zone (once; later calls change nothing).
+    pub(crate) fn set_zone(&self, zone: &str) {
+        let _ = self.zone.set(zone.into());
     }
 
     /// Runs health checkers on `runtime` from now on (once; later calls change nothing).
@@ -828,6 +846,11 @@ impl Generation<'_> {
     /// The workload certificate in use.
     pub(crate) fn credentials(&self) -> &Arc<crate::tls::Credentials> {
         &self.upstreams.credentials
+    }
+
+    /// The proxy's zone, if it was given one.
+    pub(crate) fn zone(&self) -> Option<&str> {
+        self.upstreams.zone.get().map(|z| &**z)
     }
 
     /// Whether certificate and trust files are read (not when checking a snapshot elsewhere).
@@ -1016,6 +1039,7 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
         slow_start: None,
         ramping_until: None,
         hashing: None,
+        local_zone: None,
     })
 }
 

@@ -1868,7 +1868,7 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
         VirtualNode,
         "spec.loadBalancer",
         Honoured(
-            "Trellis addition: how callers balance over the node's endpoints: policy ROUND_ROBIN (default), LEAST_REQUEST (power of two choices), RANDOM, PEAK_EWMA (power of two choices on latency × load), RING_HASH or MAGLEV (consistent hashing on hashKey {header | cookie | sourceIp}: a key keeps its instance, an instance leaving moves only its keys); slowStart {window, aggression, minWeightPercent} ramps a new instance's share over the window (not with RING_HASH or MAGLEV)",
+            "Trellis addition: how callers balance over the node's endpoints: policy ROUND_ROBIN (default), LEAST_REQUEST (power of two choices), RANDOM, PEAK_EWMA (power of two choices on latency × load), RING_HASH or MAGLEV (consistent hashing on hashKey {header | cookie | sourceIp}: a key keeps its instance, an instance leaving moves only its keys); slowStart {window, aggression, minWeightPercent} ramps a new instance's share over the window (not with RING_HASH or MAGLEV); zoneAware {minEndpoints} keeps a caller that knows its zone (trellis-proxy --zone) to the instances of that zone (AVAILABILITY_ZONE attribute) while at least minEndpoints (default 1) are in service",
         ),
     ),
     (

@@ -875,3 +875,107 @@ async fn hashing_keeps_each_key_on_its_instance_and_moves_only_the_leavers_keys(
         include_str!("../../../examples/l7/hashing.yaml"),
     );
 }
+
+/// Zone-aware balancing: a caller in zone-a sends only to the instances in zone-a (by their
+/// AVAILABILITY_ZONE attribute), one in zone-b only to zone-b's; when zone-a has fewer in
+/// service than `minEndpoints`, its caller sends to every zone. A minimum of 0 is refused naming
+/// its field.
+#[tokio::test]
+async fn zone_aware_callers_keep_to_their_zone_while_it_has_enough() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let apps = [
+        TestServer::start("a1").await,
+        TestServer::start("a2").await,
+        TestServer::start("b1").await,
+        TestServer::start("b2").await,
+    ];
+    let node = "  loadBalancer: { zoneAware: { minEndpoints: 2 } }\n";
+    let yaml =
+        rules_mesh(apps[0].addr.port(), "", node).replace("spec: { mtls: STRICT }", "spec: {}");
+    apply(&url, &yaml);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let in_zone = |dir: &std::path::Path, zone: &'static str| {
+        let url = url.clone();
+        let dir = dir.to_path_buf();
+        async move {
+            trellis_testkit::ProxyProcess::sidecar_with(
+                crate::proxy_bin(),
+                &url,
+                "default/front",
+                &dir,
+                &["--zone", zone],
+            )
+            .await
+        }
+    };
+    let front_a = in_zone(dirs[0].path(), "zone-a").await;
+    let front_b = in_zone(dirs[1].path(), "zone-b").await;
+    for app in &apps {
+        let zone = format!("AVAILABILITY_ZONE=zone-{}", &app.name()[..1]);
+        register_instance(&url, ("test", "blue"), app.name(), app.addr, &[&zone]);
+    }
+    wait_synced(&url, 2).await;
+    let spread =
+        |via: std::net::SocketAddr| async move { crate::split(via, "blue.default", 200).await };
+    trellis_testkit::eventually(
+        Duration::from_secs(10),
+        "zone-a's caller in zone-a",
+        || async {
+            let got = spread(front_a.egress).await;
+            let mut seen: Vec<_> = got.keys().cloned().collect();
+            seen.sort();
+            if seen == ["a1", "a2"] {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let got = spread(front_b.egress).await;
+    let mut seen: Vec<_> = got.keys().cloned().collect();
+    seen.sort();
+    assert_eq!(seen, ["b1", "b2"], "zone-b's caller: {got:?}");
+
+    // a2 leaves: zone-a has one instance, fewer than minEndpoints: its caller uses every zone.
+    let out = crate::cli(
+        &url,
+        &[
+            "instances",
+            "deregister",
+            "--namespace",
+            "test",
+            "--service",
+            "blue",
+            "--id",
+            "a2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    trellis_testkit::eventually(
+        Duration::from_secs(10),
+        "zone-a's caller in every zone",
+        || async {
+            let got = spread(front_a.egress).await;
+            let mut seen: Vec<_> = got.keys().cloned().collect();
+            seen.sort();
+            if seen == ["a1", "b1", "b2"] {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+
+    let bad = yaml.replace("minEndpoints: 2", "minEndpoints: 0");
+    let out = apply_result(&url, &bad);
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("spec.loadBalancer.zoneAware.minEndpoints"),
+        "{why}"
+    );
+}

@@ -34,7 +34,7 @@ use crate::{
     },
     steps::{PathRewrite, RegexRewrite, RequestStep, Steps},
     tls::{ServerMode, ServerSide},
-    upstream::{self, Cluster, EndpointState, Generation, Health, LbPolicy, Protocol},
+    upstream::{self, Cluster, EndpointState, Generation, Health, LbPolicy, LocalZone, Protocol},
 };
 
 const MAX_WEIGHT: u32 = 1_000_000;
@@ -251,6 +251,12 @@ fn compile_cluster(
             "ramps shares that are drawn: not with RING_HASH or MAGLEV, where a key decides",
         );
     }
+    if cluster.zone_aware.is_some() && matches!(lb, LbPolicy::RingHash | LbPolicy::Maglev) {
+        c.err(
+            format!("{path}.zoneAware"),
+            "not with RING_HASH or MAGLEV, where a key decides",
+        );
+    }
     // New endpoints ramp up when the cluster slow-starts and had endpoints already.
     let ramps = slow_start.is_some() && generation.had_endpoints(&cluster.name);
     let connect_timeout = c
@@ -300,6 +306,13 @@ fn compile_cluster(
         .collect();
     let mut resolved_seen = HashSet::new();
     let mut endpoints = Vec::with_capacity(cluster.endpoints.len());
+    // Zone-aware: which endpoints are in the proxy's zone (by index in `endpoints`).
+    let zone: Option<Box<str>> = cluster
+        .zone_aware
+        .as_ref()
+        .and(generation.zone())
+        .map(Into::into);
+    let mut local = HashSet::new();
     for (j, ep) in cluster.endpoints.iter().enumerate() {
         let epath = format!("{path}.endpoints[{j}]");
         if !valid_host_port(&ep.address) {
@@ -335,6 +348,9 @@ fn compile_cluster(
             _ => vec![ep.address.clone()],
         };
         for address in addresses {
+            if zone.as_deref().is_some_and(|z| z == ep.zone) {
+                local.insert(endpoints.len());
+            }
             endpoints.push((
                 generation.endpoint(&name, protocol, &address, family, tls.as_ref(), ramps),
                 health,
@@ -389,6 +405,20 @@ fn compile_cluster(
         .filter(|(_, h)| *h == Health::Healthy)
         .map(|(e, _)| e.clone())
         .collect();
+    let local_zone = cluster
+        .zone_aware
+        .as_ref()
+        .filter(|_| !local.is_empty())
+        .map(|z| {
+            let endpoints = endpoints
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, h))| *h == Health::Healthy && local.contains(i))
+                .map(|(_, (e, _))| e.clone())
+                .collect();
+            let min = usize::try_from(z.min_endpoints.max(1)).unwrap_or(usize::MAX);
+            Box::new(LocalZone { endpoints, min })
+        });
     let hashing = hash_key.map(|key| {
         let addrs = healthy.iter().map(|e| &*e.addr);
         let table = match lb {
@@ -421,6 +451,7 @@ fn compile_cluster(
         ramping_until,
         slow_start,
         hashing,
+        local_zone,
     }))
 }
 
