@@ -40,6 +40,7 @@ pub mod tcp;
 pub mod tls;
 pub mod transparent;
 pub mod upstream;
+pub mod websocket;
 
 /// The parsers of untrusted bytes as pure functions, for the fuzz targets in `fuzz/`: not an API.
 #[doc(hidden)]

@@ -56,7 +56,11 @@ impl Listeners {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .writev(false);
-        server.http2().timer(TokioTimer::new());
+        // WebSockets over HTTP/2: extended CONNECT (RFC 8441) is announced to clients.
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .enable_connect_protocol();
         Arc::new(Self {
             drain: Drain::new(services.draining.clone()),
             services,

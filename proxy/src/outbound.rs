@@ -119,6 +119,16 @@ impl Outbound {
         shadow
     }
 
+    /// Replaces the method (a WebSocket handshake translated between HTTP versions).
+    pub fn set_method(&mut self, method: http::Method) {
+        self.parts.method = method;
+    }
+
+    /// The head's extensions (HTTP/2's `:protocol` is one).
+    pub fn extensions_mut(&mut self) -> &mut http::Extensions {
+        &mut self.parts.extensions
+    }
+
     /// Replaces the path and query (a route's path rewrite).
     pub fn set_path_and_query(&mut self, pq: PathAndQuery) {
         let mut uri = std::mem::take(&mut self.parts.uri).into_parts();

@@ -25,6 +25,7 @@ use crate::{
     route::{DirectKind, DirectResponse, MatchInput, Route, authority_port},
     snapshot::{ListenerKind, Runtime, Slot, SnapshotStore, Unmatched},
     upstream::{Cluster, EndpointState, InFlight, Protocol, UpstreamIncoming},
+    websocket,
 };
 
 /// The shared services the request path uses, passed in by the listener (not the whole
@@ -435,7 +436,16 @@ fn route_request<'r>(
         }
     }
     let dispatch = if req.method() == Method::CONNECT {
-        Dispatch::Tunnel
+        // HTTP/2's extended CONNECT (RFC 8441) names the protocol the stream carries.
+        match req.extensions().get::<hyper::ext::Protocol>() {
+            None => Dispatch::Tunnel,
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => Dispatch::Upgrade,
+            Some(_) => {
+                return Err(ProxyError::BadRequest(
+                    "extended CONNECT for another protocol than websocket",
+                ));
+            }
+        }
     } else if is_websocket_upgrade(req) {
         Dispatch::Upgrade
     } else {
@@ -946,8 +956,11 @@ fn note_failure(cluster: &Cluster, completion: &Option<Completion>, failure: Ups
     }
 }
 
-/// HTTP/1.1 upgrade (WebSocket): the handshake goes to the endpoint on a connection of its own;
-/// after `101 Switching Protocols` both sides are spliced together.
+/// A WebSocket: an HTTP/1.1 upgrade or an HTTP/2 extended CONNECT (RFC 8441) from the client,
+/// sent as its cluster speaks — an HTTP/1.1 upgrade on a connection of its own, or an extended
+/// CONNECT stream on the pooled HTTP/2 connection — the handshake translated between the two
+/// (`websocket`); once the endpoint accepts (`101`, or `200` over HTTP/2), both sides are
+/// spliced together.
 async fn upgrade(
     routed: Routed<'_>,
     mut req: Request<Incoming>,
@@ -960,43 +973,71 @@ async fn upgrade(
         ..
     } = routed;
     let cluster = &target.cluster;
-    if cluster.protocol != Protocol::Http1 {
+    if cluster.protocol == Protocol::Tcp {
         return Err(ProxyError::Upstream {
             endpoint: cluster.name.clone(),
             failure: UpstreamFailure::Protocol,
         });
     }
+    // Over HTTP/2 on either side: extended CONNECT.
+    let h2_client = req.method() == Method::CONNECT;
+    let h2_upstream = cluster.protocol == Protocol::Http2;
     let key = hash_key(cluster, req.headers(), completion);
     let endpoint = cluster
         .pick(&[], key)
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
     let downstream = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
+    // An HTTP/1.1 client's key, answered by the proxy when its endpoint speaks HTTP/2.
+    let client_key = parts.headers.get(websocket::SEC_WEBSOCKET_KEY).cloned();
     let mut out = Outbound::new(parts, authority);
     // The upgrade's own hop-by-hop headers go on; the route's steps apply as to any request.
     let upgrade = out.headers_mut().remove(header::UPGRADE);
     route
         .steps
         .on_request(&mut out, completion.as_ref().map(|c| &c.active));
-    if let Some(up) = upgrade {
-        let headers = out.headers_mut();
-        headers.insert(header::UPGRADE, up);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    let parts = out.into_http1_parts(&endpoint.addr);
     let in_flight = endpoint.begin_request();
-    let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    let mut response = endpoint
-        .send_upgrade(cluster, upstream_req)
-        .await
-        .map_err(|e| {
-            note_failure(cluster, completion, e.failure);
-            ProxyError::Upstream {
-                endpoint: endpoint.addr.clone(),
-                failure: e.failure,
-            }
-        })?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+    let failed = |e: AttemptError, completion: &mut Option<Completion>| {
+        note_failure(cluster, completion, e.failure);
+        ProxyError::Upstream {
+            endpoint: endpoint.addr.clone(),
+            failure: e.failure,
+        }
+    };
+    // The key the proxy sent, when it made an HTTP/1.1 handshake of an HTTP/2 one.
+    let mut sent_key = None;
+    let mut response = if h2_upstream {
+        websocket::request_to_h2(out.headers_mut());
+        out.set_method(Method::CONNECT);
+        out.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        endpoint
+            .send(cluster, &mut out, None, true)
+            .await
+            .map_err(|e| failed(e, completion))?
+    } else {
+        if h2_client {
+            out.set_method(Method::GET);
+            sent_key = Some(websocket::request_to_h1(out.headers_mut()));
+        } else if let Some(up) = upgrade {
+            let headers = out.headers_mut();
+            headers.insert(header::UPGRADE, up);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let parts = out.into_http1_parts(&endpoint.addr);
+        let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        endpoint
+            .send_upgrade(cluster, upstream_req)
+            .await
+            .map_err(|e| failed(e, completion))?
+            .map(UpstreamIncoming::Hyper)
+    };
+    let accepted = if h2_upstream {
+        response.status().is_success()
+    } else {
+        response.status() == StatusCode::SWITCHING_PROTOCOLS
+    };
+    if !accepted {
         let (mut parts, body) = response.into_parts();
         route
             .steps
@@ -1009,22 +1050,40 @@ async fn upgrade(
             in_flight,
             completion: done,
         };
-        let body = UpstreamBody::new(UpstreamIncoming::Hyper(body), route.timeouts.idle, done);
+        let body = UpstreamBody::new(body, route.timeouts.idle, done);
         return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
     }
-    if !response
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(is_websocket)
-    {
-        // A switch to another protocol than the one asked for opens no tunnel.
+    // A switch to another protocol than the one asked for, or an answer to another key than
+    // the one the proxy sent, opens no tunnel.
+    let switched = h2_upstream
+        || (response
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(is_websocket)
+            && sent_key.as_ref().is_none_or(|k| {
+                response.headers().get(websocket::SEC_WEBSOCKET_ACCEPT)
+                    == Some(&websocket::accept(k.as_bytes()))
+            }));
+    if !switched {
         return Err(ProxyError::Upstream {
             endpoint: endpoint.addr.clone(),
             failure: UpstreamFailure::Protocol,
         });
     }
     let upstream = hyper::upgrade::on(&mut response);
-    // The switch's own headers stay (the client needs them); the route's rules apply.
+    // The switch's own headers stay (the client needs them, in its version's terms); the
+    // route's rules apply.
+    match (h2_client, h2_upstream) {
+        (false, true) => {
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            websocket::response_to_h1(response.headers_mut(), client_key.as_ref());
+        }
+        (true, false) => {
+            *response.status_mut() = StatusCode::OK;
+            websocket::response_to_h2(response.headers_mut());
+        }
+        _ => {}
+    }
     route.steps.response_rules(
         response.headers_mut(),
         completion.as_ref().map(|c| &c.active),
@@ -1032,6 +1091,7 @@ async fn upgrade(
     let idle = route.timeouts.idle;
     let cluster_name = cluster.name.clone();
     let endpoint_addr = endpoint.addr.clone();
+    let status = response.status();
     let done = completion.take();
     tokio::spawn(async move {
         let _in_flight = in_flight;
@@ -1051,7 +1111,7 @@ async fn upgrade(
             Err(e) => tracing::debug!(cluster = %cluster_name, error = %e, "upgrade failed"),
         }
         if let Some(mut done) = done {
-            done.status = StatusCode::SWITCHING_PROTOCOLS;
+            done.status = status;
             done.tunnelled(endpoint_addr, counts);
             done.finish(None);
         }

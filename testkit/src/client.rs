@@ -12,6 +12,52 @@ use tokio::net::TcpStream;
 
 use crate::BoxError;
 
+/// A WebSocket over HTTP/2 (RFC 8441): a prior-knowledge HTTP/2 connection to `addr`, an
+/// extended CONNECT for `uri` (`http://authority/path`) with `headers`; the `200` response's
+/// head, and the WebSocket on the stream.
+pub async fn websocket_h2(
+    addr: SocketAddr,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        http::response::Parts,
+        tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    ),
+    BoxError,
+> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut req = Request::connect(uri)
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut req = req.body(http_body_util::Empty::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    sender.ready().await?;
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("extended CONNECT answered {}", resp.status()).into());
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await?;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    Ok((resp.into_parts().0, ws))
+}
+
 /// A response read to the end.
 #[derive(Debug)]
 pub struct Reply {

@@ -274,7 +274,79 @@ impl Drop for WsEchoServer {
     }
 }
 
+/// Echoes each message of one WebSocket back, prefixed with `name`, until it closes.
+async fn echo<S>(mut ws: tokio_tungstenite::WebSocketStream<S>, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::Message;
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(t) => Message::text(format!("{name}:{t}")),
+            Message::Binary(b) => Message::Binary(b),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
 impl WsEchoServer {
+    /// Over HTTP/2 only (prior knowledge): WebSockets by extended CONNECT (RFC 8441), which its
+    /// SETTINGS announce; the request's `sec-websocket-protocol` comes back on the `200`.
+    pub async fn start_h2(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name: Arc<str> = name.into();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            let websocket = req.method() == http::Method::CONNECT
+                                && req
+                                    .extensions()
+                                    .get::<hyper::ext::Protocol>()
+                                    .is_some_and(|p| p.as_str() == "websocket");
+                            let mut resp = Response::new(full(Bytes::new()));
+                            if !websocket {
+                                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            if let Some(p) = req.headers().get("sec-websocket-protocol").cloned() {
+                                resp.headers_mut().insert("sec-websocket-protocol", p);
+                            }
+                            let upgrade = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let Ok(io) = upgrade.await else { return };
+                                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                                    TokioIo::new(io),
+                                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                                    None,
+                                )
+                                .await;
+                                echo(ws, &name).await;
+                            });
+                            Ok(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .enable_connect_protocol()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
     pub async fn start(name: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -286,21 +358,10 @@ impl WsEchoServer {
                 };
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
                         return;
                     };
-                    while let Some(Ok(msg)) = ws.next().await {
-                        use tokio_tungstenite::tungstenite::Message;
-                        let reply = match msg {
-                            Message::Text(t) => Message::text(format!("{name}:{t}")),
-                            Message::Binary(b) => Message::Binary(b),
-                            Message::Close(_) => break,
-                            _ => continue,
-                        };
-                        if ws.send(reply).await.is_err() {
-                            break;
-                        }
-                    }
+                    echo(ws, &name).await;
                 });
             }
         });

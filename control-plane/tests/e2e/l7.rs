@@ -979,3 +979,57 @@ async fn zone_aware_callers_keep_to_their_zone_while_it_has_enough() {
         "{why}"
     );
 }
+
+/// WebSockets through an HTTP/2 hop: a node whose listener is `http2` (its app speaks
+/// WebSocket over HTTP/2, RFC 8441) reached through two sidecars under mTLS STRICT — from an
+/// HTTP/1.1 WebSocket client (its caller's sidecar makes the upgrade an extended CONNECT and
+/// answers the client's key) and from an HTTP/2 one.
+#[tokio::test]
+async fn websockets_cross_an_http2_hop_between_sidecars() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = trellis_testkit::WsEchoServer::start_h2("chat").await;
+    let yaml = rules_mesh(app.addr.port(), "", "")
+        .replace(
+            &format!("port: {}, protocol: http }}", app.addr.port()),
+            &format!("port: {}, protocol: http2 }}", app.addr.port()),
+        )
+        .replace("      httpRoute:\n", "      http2Route:\n");
+    assert_eq!(yaml.matches("protocol: http2").count(), 2, "{yaml}");
+    apply(&url, &yaml);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let front = sidecar(&url, "front", dirs[0].path(), true).await;
+    let blue = sidecar(&url, "blue", dirs[1].path(), true).await;
+    register_instance(&url, ("test", "blue"), "blue-1", blue.ingress, &[]);
+    wait_synced(&url, 2).await;
+    for p in [&front, &blue] {
+        wait_identity(p).await;
+    }
+
+    let stream = tokio::net::TcpStream::connect(front.egress).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://blue.default/chat", stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("chat:hello")
+    );
+    ws.close(None).await.unwrap();
+
+    let (head, mut ws) =
+        trellis_testkit::client::websocket_h2(front.egress, "http://blue.default/chat", &[])
+            .await
+            .unwrap();
+    assert_eq!(head.status, 200);
+    ws.send(Message::text("over h2")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("chat:over h2")
+    );
+    ws.close(None).await.unwrap();
+}

@@ -385,6 +385,79 @@ async fn websocket_upgrade_passes_through() {
     socket.close(None).await.unwrap();
 }
 
+/// WebSockets over HTTP/2 (RFC 8441) on either side: an extended CONNECT from the client to an
+/// HTTP/1.1 endpoint (made an upgrade with the proxy's own key, whose accept it checks), an
+/// HTTP/1.1 upgrade to an HTTP/2 endpoint (made an extended CONNECT; the client's key answered
+/// by the proxy, which the client's library checks), and HTTP/2 on both; the subprotocol asked
+/// for comes back. An extended CONNECT for another protocol is refused.
+#[tokio::test]
+async fn websockets_cross_http_versions() {
+    use tokio_tungstenite::tungstenite::Message;
+    let h1 = WsEchoServer::start("ws-h1").await;
+    let h2 = WsEchoServer::start_h2("ws-h2").await;
+    let hosts = host_to("h1.test", "h1", "") + &host_to("h2.test", "h2", "");
+    let clusters = cluster("h1", "HTTP1", &[h1.addr]) + &cluster("h2", "HTTP2", &[h2.addr]);
+    let proxy = proxy_with("v1", &hosts, &clusters, &[]).await;
+
+    async fn chat<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, server: &str)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        for i in 0..3 {
+            ws.send(Message::text(format!("hello{i}"))).await.unwrap();
+            let got = ws.next().await.unwrap().unwrap();
+            assert_eq!(got, Message::text(format!("{server}:hello{i}")));
+        }
+        ws.close(None).await.unwrap();
+    }
+
+    for (host, server) in [("h1.test", "ws-h1"), ("h2.test", "ws-h2")] {
+        // An HTTP/2 client.
+        let (head, mut ws) = trellis_testkit::client::websocket_h2(
+            proxy.egress,
+            &format!("http://{host}/chat"),
+            &[("sec-websocket-protocol", "chat")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(head.status, 200, "{host}: {head:?}");
+        assert!(
+            !head.headers.contains_key("sec-websocket-accept"),
+            "{head:?}"
+        );
+        if server == "ws-h2" {
+            assert_eq!(head.headers["sec-websocket-protocol"], "chat");
+        }
+        chat(&mut ws, server).await;
+
+        // An HTTP/1.1 client (its library checks Sec-WebSocket-Accept).
+        let stream = TcpStream::connect(proxy.egress).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{host}/chat"), stream)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 101, "{host}");
+        chat(&mut ws, server).await;
+    }
+
+    // Another protocol over extended CONNECT: refused.
+    let stream = TcpStream::connect(proxy.egress).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::connect("http://h2.test/udp")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
 /// Reads the echo server's greeting, then checks bytes come back. `reader` may already hold
 /// bytes read past an HTTP response head.
 async fn greet_and_echo(mut reader: BufReader<TcpStream>, want_greeting: &str) {
