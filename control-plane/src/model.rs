@@ -1064,6 +1064,10 @@ pub struct RetryPolicy {
     /// Trellis: a retry budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudget>,
+    /// Trellis: hedging — an attempt past the per-retry timeout goes on beside the next, the
+    /// first usable response wins (idempotent requests without a body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge_on_per_retry_timeout: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -511,6 +511,44 @@ impl Builder<'_> {
         name
     }
 
+    /// The cluster a route's mirror copies go to: the node's, under a name of its own
+    /// (`…#mirror`), so that at the caller copies have their own connections, request limits
+    /// and outlier state and never queue or eject for the node's real traffic. Without its
+    /// health check (the node's cluster probes the same endpoints already).
+    fn mirror_cluster(&mut self, key: &ResourceKey, port: Option<i64>) -> String {
+        let name = self.cluster(key, port);
+        let mirror = format!("{name}#mirror");
+        if self.clusters.contains_key(&mirror) {
+            return mirror;
+        }
+        let Some(mut cluster) = self.clusters.get(&name).cloned() else {
+            return name;
+        };
+        cluster.name.clone_from(&mirror);
+        cluster.health_check = None;
+        self.clusters.insert(mirror.clone(), cluster);
+        let sources = self
+            .sources
+            .clusters
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        for s in sources {
+            self.sources.cluster(&mirror, s);
+        }
+        let endpoints: Vec<_> = self
+            .sources
+            .endpoints
+            .iter()
+            .filter(|((c, _), _)| *c == name)
+            .map(|((_, a), s)| (a.clone(), s.clone()))
+            .collect();
+        for (address, sources) in endpoints {
+            self.sources.endpoint(&mirror, &address, sources);
+        }
+        mirror
+    }
+
     fn targets(&mut self, ns: &str, action: &model::RouteAction) -> Vec<pb::WeightedTarget> {
         action
             .weighted_targets
@@ -687,7 +725,7 @@ impl Builder<'_> {
             out.fault = h.fault.as_ref().map(fault);
             out.mirror = h.mirror.as_ref().map(|m| {
                 let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
-                m.to_proto(self.cluster(&key, m.port))
+                m.to_proto(self.mirror_cluster(&key, m.port))
             });
             // One bucket per router route at a proxy, whichever virtual hosts (services,
             // gateway hostnames) carry a copy of it.
@@ -727,7 +765,7 @@ impl Builder<'_> {
             out.fault = g.fault.as_ref().map(fault);
             out.mirror = g.mirror.as_ref().map(|m| {
                 let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
-                m.to_proto(self.cluster(&key, m.port))
+                m.to_proto(self.mirror_cluster(&key, m.port))
             });
             // One bucket per router route at a proxy, whichever virtual hosts (services,
             // gateway hostnames) carry a copy of it.
@@ -852,6 +890,7 @@ fn retry(r: &RetryPolicy) -> pb::RetryPolicy {
             min_retries_per_second: b.min_retries_per_second.and_then(|m| u32::try_from(m).ok()),
         }),
         buffer_limit_bytes: 0,
+        hedge_on_per_try_timeout: r.hedge_on_per_retry_timeout.unwrap_or(false),
     }
 }
 

@@ -911,6 +911,15 @@ impl Checker<'_> {
                 self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
                 self.action(&format!("{gp}.action"), &g.action, false);
                 self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
+                if g.retry_policy
+                    .as_ref()
+                    .is_some_and(|r| r.hedge_on_per_retry_timeout == Some(true))
+                {
+                    self.err(
+                        format!("{gp}.retryPolicy.hedgeOnPerRetryTimeout"),
+                        "not supported by Trellis on gRPC routes: hedging sends idempotent requests without a body again, and a gRPC call is a POST with one".into(),
+                    );
+                }
                 self.timeouts(&format!("{gp}.timeout"), g.timeout.as_ref());
                 self.route_header_rules(
                     &format!("{gp}.requestHeaders"),
@@ -1809,6 +1818,25 @@ impl Checker<'_> {
         );
         if let Some(port) = m.port {
             self.target_port(&format!("{path}.port"), &m.virtual_node_ref, port, false);
+        }
+        // Copies are HTTP requests: the listener they reach must take them.
+        let key = m
+            .virtual_node_ref
+            .key(Kind::VirtualNode, &self.key.namespace);
+        if let Some(Spec::VirtualNode(n)) = self.state.get(&key).map(|r| &r.spec) {
+            let listener = match m.port {
+                Some(p) => n.listeners.iter().find(|l| l.port_mapping.port == p),
+                None => n.listeners.first(),
+            };
+            if let Some(l) = listener.filter(|l| l.port_mapping.protocol == "tcp") {
+                self.err(
+                    format!("{path}.virtualNodeRef"),
+                    format!(
+                        "{key}'s listener {} is tcp: a mirror copies HTTP requests",
+                        l.port_mapping.port
+                    ),
+                );
+            }
         }
         let route = trellis_proto::v1::Route {
             mirror: Some(m.to_proto(String::new())),

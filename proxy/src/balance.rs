@@ -86,12 +86,20 @@ impl Cluster {
         }
         if let Some(local) = &self.local_zone {
             let checks = self.outlier.is_some() || self.health_check.is_some();
-            let in_service = if checks {
-                local.endpoints.iter().filter(|e| !self.is_out(e)).count()
-            } else {
-                local.endpoints.len()
-            };
-            if in_service >= local.min {
+            let in_service = local
+                .endpoints
+                .iter()
+                .filter(|e| !(checks && self.is_out(e)));
+            let (mut count, mut untried) = (0, 0);
+            for e in in_service {
+                count += 1;
+                if !avoid.iter().any(|a| Arc::ptr_eq(a, e)) {
+                    untried += 1;
+                }
+            }
+            // Enough in the zone, and one this request has not tried (else a retry or a
+            // connect attempt goes to another zone).
+            if count >= local.min && untried > 0 {
                 return self.pick_among(&local.endpoints, avoid);
             }
         }
@@ -381,6 +389,40 @@ mod tests {
         let one = WeightedTargets::new([target("a", 3)]);
         assert_eq!(&*one.pick().unwrap().cluster.name, "a");
         assert!(WeightedTargets::new([target("a", 0)]).pick().is_none());
+    }
+
+    /// A zone-aware cluster keeps to its zone's endpoints while enough are in, goes to every
+    /// zone when fewer are, and when the request tried every one of its zone.
+    #[test]
+    fn zone_aware_picks_keep_to_the_zone_while_it_has_enough() {
+        let mut c = Arc::try_unwrap(test_cluster(
+            "c",
+            &["10.0.0.1:1", "10.0.0.2:1", "10.0.1.1:1"],
+        ))
+        .unwrap();
+        let local: Vec<_> = c.healthy[..2].to_vec();
+        c.local_zone = Some(Box::new(crate::upstream::LocalZone {
+            endpoints: local.clone(),
+            min: 2,
+        }));
+        let picks: std::collections::HashSet<String> = (0..30)
+            .map(|_| c.pick(&[], None).unwrap().addr.to_string())
+            .collect();
+        assert_eq!(picks.len(), 2, "{picks:?}");
+        assert!(!picks.contains("10.0.1.1:1"));
+        // The request tried both: another zone.
+        assert_eq!(&*c.pick(&local, None).unwrap().addr, "10.0.1.1:1");
+        // Tried one: the other of the zone.
+        assert_eq!(&*c.pick(&local[..1], None).unwrap().addr, "10.0.0.2:1");
+        // Fewer than the minimum: every zone.
+        c.local_zone = Some(Box::new(crate::upstream::LocalZone {
+            endpoints: local[..1].to_vec(),
+            min: 2,
+        }));
+        let picks: std::collections::HashSet<String> = (0..30)
+            .map(|_| c.pick(&[], None).unwrap().addr.to_string())
+            .collect();
+        assert_eq!(picks.len(), 3, "{picks:?}");
     }
 
     #[test]

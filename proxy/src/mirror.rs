@@ -9,11 +9,13 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header;
@@ -26,9 +28,22 @@ use crate::{
     outbound::RequestBody as OutboundBody, upstream::Cluster,
 };
 
-/// Copies of one route's requests in flight at most; beyond, requests are not copied (`busy`):
-/// a slow mirror target holds memory and tasks, never the route's requests.
+/// Copies in flight at a proxy at most (every route's, across snapshots); beyond, requests are
+/// not copied (`busy`): a slow mirror target holds memory and tasks, never the route's
+/// requests.
 pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Body bytes copies hold at a proxy at most; a body that would go beyond is not copied
+/// (`busy`).
+pub const MAX_HELD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What every mirror of a proxy shares, across snapshots: the copies in flight and the body
+/// bytes they hold.
+#[derive(Debug, Default)]
+pub struct MirrorBudget {
+    copies: AtomicUsize,
+    bytes: AtomicU64,
+}
 
 /// The body bound when the route names none.
 pub const DEFAULT_MAX_BODY: u64 = 64 * 1024;
@@ -45,9 +60,10 @@ pub struct Mirror {
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) share: Share,
     pub(crate) max_body: u64,
-    /// The route's request timeout, else [`DEFAULT_TIMEOUT`].
+    /// The route's request timeout, else [`DEFAULT_TIMEOUT`]: from the request's start to the
+    /// end of the copy's response.
     pub(crate) timeout: Duration,
-    in_flight: Arc<AtomicUsize>,
+    budget: Arc<MirrorBudget>,
 }
 
 /// Where a copied request's body goes while the primary reads it: handed to the copy's task
@@ -56,9 +72,40 @@ pub struct Mirror {
 pub struct TeeSink {
     tx: Option<oneshot::Sender<Frames>>,
     frames: VecDeque<Frame<Bytes>>,
-    size: u64,
+    /// The frames' bytes, reserved from the proxy's budget.
+    held: Held,
     limit: u64,
     metrics: ProxyMetrics,
+}
+
+/// Body bytes reserved from the budget, given back when dropped.
+#[derive(Debug)]
+struct Held {
+    budget: Arc<MirrorBudget>,
+    bytes: u64,
+}
+
+impl Held {
+    /// Reserves `n` more; false (nothing reserved) beyond the budget.
+    fn reserve(&mut self, n: u64) -> bool {
+        let ok = self
+            .budget
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(n).filter(|t| *t <= MAX_HELD_BYTES)
+            })
+            .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Mirror {
@@ -67,13 +114,14 @@ impl Mirror {
         share: Share,
         max_body: u64,
         timeout: Duration,
+        budget: Arc<MirrorBudget>,
     ) -> Self {
         Self {
             cluster,
             share,
             max_body,
             timeout,
-            in_flight: Arc::default(),
+            budget,
         }
     }
 
@@ -101,7 +149,7 @@ impl Mirror {
                 return None;
             }
         }
-        let Some(slot) = Slot::take(&self.in_flight) else {
+        let Some(slot) = Slot::take(&self.budget) else {
             metrics.mirror("busy");
             return None;
         };
@@ -110,11 +158,12 @@ impl Mirror {
             .hashing
             .as_deref()
             .and_then(|h| h.key.hash(&out.parts().headers, None));
+        let deadline = Instant::now() + self.timeout;
         let copy = Copy {
             cluster: self.cluster.clone(),
             key,
             out: out.shadow(),
-            timeout: self.timeout,
+            deadline,
             metrics: metrics.clone(),
             _slot: slot,
         };
@@ -124,39 +173,46 @@ impl Mirror {
         }
         let (tx, rx) = oneshot::channel::<Frames>();
         tokio::spawn(async move {
-            // The sink dropped without sending: it said why.
-            if let Ok(frames) = rx.await {
-                copy.send(Some(frames.boxed())).await;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(frames)) => copy.send(Some(frames.boxed())).await,
+                // The sink dropped without sending: it said why.
+                Ok(Err(_)) => {}
+                // The body did not arrive whole in time; the sink sees the channel closed.
+                Err(_) => copy.metrics.mirror("incomplete"),
             }
         });
         Some(Box::new(TeeSink {
             tx: Some(tx),
             frames: VecDeque::new(),
-            size: 0,
+            held: Held {
+                budget: self.budget.clone(),
+                bytes: 0,
+            },
             limit: self.max_body,
             metrics: metrics.clone(),
         }))
     }
 }
 
-/// One of the route's [`MAX_IN_FLIGHT`] copies, given back when the copy is over.
+/// One of the proxy's [`MAX_IN_FLIGHT`] copies, given back when the copy is over.
 #[derive(Debug)]
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<MirrorBudget>);
 
 impl Slot {
-    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
-        count
+    fn take(budget: &Arc<MirrorBudget>) -> Option<Self> {
+        budget
+            .copies
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < MAX_IN_FLIGHT).then_some(n + 1)
             })
             .ok()
-            .map(|_| Self(count.clone()))
+            .map(|_| Self(budget.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.copies.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -166,14 +222,15 @@ struct Copy {
     /// Its key on a hashing cluster (a header's or a cookie's).
     key: Option<u64>,
     out: Outbound,
-    timeout: Duration,
+    /// The request's start + the timeout: to the end of the copy's response.
+    deadline: Instant,
     metrics: ProxyMetrics,
     _slot: Slot,
 }
 
 impl Copy {
     async fn send(mut self, body: Option<OutboundBody>) {
-        let outcome = tokio::time::timeout(self.timeout, self.exchange(body)).await;
+        let outcome = tokio::time::timeout_at(self.deadline, self.exchange(body)).await;
         let outcome = outcome.unwrap_or_else(|_| Err("no response within the timeout".into()));
         match outcome {
             Ok(()) => self.metrics.mirror("sent"),
@@ -212,13 +269,21 @@ impl TeeSink {
     /// A frame the primary read: kept (shared, not copied) while the body stays within the
     /// bound.
     fn keep(&mut self, frame: &Frame<Bytes>) {
-        if self.tx.is_none() {
+        let Some(tx) = &self.tx else { return };
+        if tx.is_closed() {
+            // The copy's time ran out while the body came (its task said so).
+            self.tx = None;
+            self.release();
             return;
         }
         if let Some(data) = frame.data_ref() {
-            self.size += data.len() as u64;
-            if self.size > self.limit {
+            let n = data.len() as u64;
+            if self.held.bytes + n > self.limit {
                 self.give_up("body_too_large");
+                return;
+            }
+            if !self.held.reserve(n) {
+                self.give_up("busy");
                 return;
             }
             self.frames.push_back(Frame::data(data.clone()));
@@ -227,10 +292,14 @@ impl TeeSink {
         }
     }
 
-    /// The body arrived whole: the copy goes.
+    /// The body arrived whole: the copy goes (with the bytes it holds).
     fn complete(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let frames = Frames(std::mem::take(&mut self.frames));
+            let held = Held {
+                budget: self.held.budget.clone(),
+                bytes: std::mem::take(&mut self.held.bytes),
+            };
+            let frames = Frames(std::mem::take(&mut self.frames), held);
             // The copy's task is gone only if the runtime is shutting down.
             let _ = tx.send(frames);
         }
@@ -239,8 +308,15 @@ impl TeeSink {
     fn give_up(&mut self, why: &'static str) {
         if self.tx.take().is_some() {
             self.metrics.mirror(why);
-            self.frames.clear();
+            self.release();
         }
+    }
+
+    /// The frames kept go, and their bytes back to the budget.
+    fn release(&mut self) {
+        self.frames.clear();
+        let held = std::mem::take(&mut self.held.bytes);
+        self.held.budget.bytes.fetch_sub(held, Ordering::AcqRel);
     }
 }
 
@@ -306,9 +382,10 @@ where
     }
 }
 
-/// A copied body: the frames the primary read, in order.
+/// A copied body: the frames the primary read, in order, and the budget they hold (given back
+/// when the body is dropped).
 #[derive(Debug)]
-struct Frames(VecDeque<Frame<Bytes>>);
+struct Frames(VecDeque<Frame<Bytes>>, #[allow(dead_code)] Held);
 
 impl Body for Frames {
     type Data = Bytes;

@@ -89,6 +89,14 @@ impl Outbound {
         }
     }
 
+    /// A copy of the head (a hedged request's next attempt).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            parts: copy(&self.parts),
+            authority: self.authority,
+        }
+    }
+
     /// A copy of the head for a route's mirror: `-shadow` appended to its host, before the
     /// port (`api:8080` → `api-shadow:8080`, as Envoy's shadows), so the copy's receiver can
     /// tell it from a real request. A request without an authority is copied as it is.

@@ -649,6 +649,10 @@ async fn forward(
     let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
     let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
         None => attempt_once(cluster, &mut out, body, key, completion, deadline).await,
+        // Boxed: rare, and its state would grow every request's future.
+        Some(policy) if policy.hedge && body.is_end_stream() && idempotent(&out) => {
+            Box::pin(hedging(cluster, policy, &out, key, completion, deadline)).await
+        }
         Some(policy) => retrying(cluster, policy, &mut out, body, key, completion, deadline).await,
     };
     if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
@@ -891,6 +895,136 @@ async fn retrying(
     }
 }
 
+/// RFC 9110 §9.2.2's idempotent methods: what hedging may send twice.
+fn idempotent(out: &Outbound) -> bool {
+    matches!(
+        out.parts().method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// An attempt of a hedged request: where it went, its in-flight count, when it started, what
+/// it got.
+type Hedged = (Arc<EndpointState>, InFlight, Instant, crate::upstream::Sent);
+
+/// Hedging (a retry policy's `hedge`, for an idempotent request without a body): an attempt
+/// that reaches the per-try timeout is not cancelled; the next one starts beside it, on another
+/// endpoint, and the first usable response wins (the attempts still in flight are dropped,
+/// which cancels them). A failure or a retriable response is retried after the backoff as by
+/// `retrying`, the other attempts kept; a retriable response is the answer only when no attempt
+/// is left to wait for. Each attempt sends a copy of `out`. Within `deadline` as `retrying`.
+async fn hedging(
+    cluster: &Cluster,
+    policy: &RetryPolicy,
+    out: &Outbound,
+    key: Option<u64>,
+    completion: &mut Option<Completion>,
+    deadline: Option<(Instant, std::time::Duration)>,
+) -> Result<Exchange, ProxyError> {
+    use futures_util::stream::{FuturesUnordered, StreamExt as _};
+    policy.deposit();
+    let per_try = policy.per_try_timeout.unwrap_or(std::time::Duration::MAX);
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+    let mut attempts = FuturesUnordered::new();
+    let mut retries = 0u32;
+    // When the next attempt starts: now, then at the per-try timeout or after a backoff.
+    let mut next_at = Some(Instant::now());
+    // A retriable response or a failure, kept in case nothing better comes.
+    let mut fallback: Option<Result<Exchange, ProxyError>> = None;
+    loop {
+        let now = Instant::now();
+        if let Some((d, limit)) = deadline
+            && now >= d
+        {
+            return Err(ProxyError::RequestTimeout(limit));
+        }
+        if next_at.is_some_and(|at| at <= now) {
+            next_at = None;
+            let first = tried.is_empty();
+            if first || (retries < policy.max_retries && policy.withdraw()) {
+                if !first {
+                    retries += 1;
+                    cluster.metrics.retries.inc();
+                }
+                let endpoint = cluster
+                    .pick(&tried, key)
+                    .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
+                let in_flight = cluster.begin_request(&endpoint)?;
+                tried.push(endpoint.clone());
+                let copy = out.duplicate();
+                attempts.push(Box::pin(async move {
+                    let mut copy = copy;
+                    let started = Instant::now();
+                    let sent = endpoint.send(cluster, &mut copy, None, true).await;
+                    (endpoint, in_flight, started, sent)
+                }));
+                if retries < policy.max_retries {
+                    next_at = Some(Instant::now() + per_try);
+                }
+            }
+        }
+        if attempts.is_empty() && next_at.is_none() {
+            return fallback
+                .unwrap_or_else(|| Err(ProxyError::NoHealthyEndpoint(cluster.name.clone())));
+        }
+        let wake = match (next_at, deadline) {
+            (Some(a), Some((d, _))) => Some(a.min(d)),
+            (a, d) => a.or(d.map(|(d, _)| d)),
+        };
+        let done: Option<Hedged> = match wake {
+            Some(at) => tokio::select! {
+                done = attempts.next(), if !attempts.is_empty() => done,
+                () = tokio::time::sleep_until(at) => None,
+            },
+            None => attempts.next().await,
+        };
+        let Some((endpoint, in_flight, started, sent)) = done else {
+            continue;
+        };
+        let may_retry = retries < policy.max_retries;
+        match sent {
+            Ok(response) => {
+                if cluster.times_responses() {
+                    endpoint.observe_latency(started);
+                }
+                cluster.observe(&endpoint, response.status().is_server_error());
+                let retriable = policy.retry_response(response.status(), response.headers());
+                let exchange = Exchange {
+                    response,
+                    in_flight,
+                    endpoint,
+                };
+                if !retriable {
+                    if let Some(c) = completion.as_mut() {
+                        c.retries = retries;
+                    }
+                    return Ok(exchange);
+                }
+                tracing::debug!(cluster = %cluster.name, status = %exchange.response.status(), "hedged attempt answered a retriable status");
+                fallback = Some(Ok(exchange));
+            }
+            Err(e) => {
+                note_failure(cluster, completion, e.failure);
+                if e.failure == UpstreamFailure::Overflow {
+                    return Err(attempt_error(cluster, &endpoint, e.failure));
+                }
+                cluster.observe(&endpoint, true);
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "hedged attempt failed");
+                let retry = may_retry && policy.retry_failure(&e.failure);
+                fallback = Some(Err(attempt_error(cluster, &endpoint, e.failure)));
+                if !retry {
+                    continue;
+                }
+            }
+        }
+        // A retry after the backoff, unless one is due sooner.
+        if may_retry {
+            let after = Instant::now() + policy.backoff(retries + 1);
+            next_at = Some(next_at.map_or(after, |at| at.min(after)));
+        }
+    }
+}
+
 /// Runs `f` until `at`; `None` when the time ran out first. One timer, and none without a limit.
 /// A plain struct, not an `async fn`: the future it wraps is stored once, not both as an
 /// argument and inside the timeout (the request future is moved whole on every spawn).
@@ -1032,8 +1166,9 @@ async fn upgrade(
             .map_err(|e| failed(e, completion))?
             .map(UpstreamIncoming::Hyper)
     };
+    // hyper opens an HTTP/2 stream's tunnel on exactly 200.
     let accepted = if h2_upstream {
-        response.status().is_success()
+        response.status() == StatusCode::OK
     } else {
         response.status() == StatusCode::SWITCHING_PROTOCOLS
     };

@@ -90,6 +90,9 @@ pub struct RetryPolicy {
     pub buffer_limit: usize,
     /// None: retries are limited by `max_retries` only.
     pub budget: Option<TpsBudget>,
+    /// Idempotent requests without a body: attempts past the per-try timeout go on beside the
+    /// next (hedging).
+    pub hedge: bool,
 }
 
 impl RetryPolicy {
@@ -354,6 +357,7 @@ mod tests {
             backoff_max: Duration::from_millis(250),
             buffer_limit: 16,
             budget: None,
+            hedge: false,
         }
     }
 

@@ -712,6 +712,8 @@ pub struct Upstreams {
     /// The proxy's zone (`--zone`), set once at start: zone-aware clusters prefer endpoints in
     /// it.
     zone: std::sync::OnceLock<Box<str>>,
+    /// What the routes' mirrors share across snapshots: copies in flight, bytes held.
+    mirrors: Arc<crate::mirror::MirrorBudget>,
 }
 
 /// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
@@ -743,9 +745,11 @@ impl Upstreams {
         }
     }
 
-    /// Sets the proxy's zone (once; later calls change nothing).
+    /// Sets the proxy's zone (once; later calls change nothing). An empty one is none.
     pub(crate) fn set_zone(&self, zone: &str) {
-        let _ = self.zone.set(zone.into());
+        if !zone.is_empty() {
+            let _ = self.zone.set(zone.into());
+        }
     }
 
     /// Runs health checkers on `runtime` from now on (once; later calls change nothing).
@@ -851,6 +855,11 @@ impl Generation<'_> {
     /// The proxy's zone, if it was given one.
     pub(crate) fn zone(&self) -> Option<&str> {
         self.upstreams.zone.get().map(|z| &**z)
+    }
+
+    /// What the routes' mirrors share.
+    pub(crate) fn mirror_budget(&self) -> Arc<crate::mirror::MirrorBudget> {
+        self.upstreams.mirrors.clone()
     }
 
     /// Whether certificate and trust files are read (not when checking a snapshot elsewhere).

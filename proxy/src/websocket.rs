@@ -54,6 +54,8 @@ pub fn request_to_h1(headers: &mut HeaderMap) -> HeaderValue {
 
 /// An HTTP/2 `200`'s headers made an HTTP/1.1 `101`'s, for a client that sent `key`.
 pub fn response_to_h1(headers: &mut HeaderMap, key: Option<&HeaderValue>) {
+    // A 1xx has no content (RFC 9110 §8.6).
+    headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     if let Some(key) = key {
@@ -63,7 +65,13 @@ pub fn response_to_h1(headers: &mut HeaderMap, key: Option<&HeaderValue>) {
 
 /// An HTTP/1.1 `101`'s headers made an HTTP/2 `200`'s.
 pub fn response_to_h2(headers: &mut HeaderMap) {
-    for name in [header::UPGRADE, header::CONNECTION, SEC_WEBSOCKET_ACCEPT] {
+    let names = [
+        header::UPGRADE,
+        header::CONNECTION,
+        SEC_WEBSOCKET_ACCEPT,
+        header::CONTENT_LENGTH,
+    ];
+    for name in names {
         headers.remove(name);
     }
 }
@@ -102,11 +110,17 @@ mod tests {
         assert_eq!(h["sec-websocket-protocol"], "chat");
 
         let mut r = HeaderMap::new();
+        r.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         response_to_h1(
             &mut r,
             Some(&HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==")),
         );
         assert_eq!(r[SEC_WEBSOCKET_ACCEPT], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(
+            !r.contains_key(header::CONTENT_LENGTH),
+            "a 1xx has no content"
+        );
+        r.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         response_to_h2(&mut r);
         assert!(r.is_empty());
     }

@@ -1810,6 +1810,27 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     ),
     (
         VirtualRouter,
+        "spec.routes[].httpRoute.retryPolicy.hedgeOnPerRetryTimeout",
+        Honoured(
+            "Trellis addition: hedging — an attempt that reaches perRetryTimeout is not cancelled; the next starts beside it on another instance and the first usable response wins (idempotent requests without a body: GET, HEAD, OPTIONS, TRACE, PUT, DELETE; others are retried as without it)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].http2Route.retryPolicy.hedgeOnPerRetryTimeout",
+        Honoured(
+            "Trellis addition: hedging — an attempt that reaches perRetryTimeout is not cancelled; the next starts beside it on another instance and the first usable response wins (idempotent requests without a body: GET, HEAD, OPTIONS, TRACE, PUT, DELETE; others are retried as without it)",
+        ),
+    ),
+    (
+        VirtualRouter,
+        "spec.routes[].grpcRoute.retryPolicy.hedgeOnPerRetryTimeout",
+        Refused(
+            "Trellis addition on httpRoute and http2Route only: a gRPC call is a POST with a body, which hedging never sends twice",
+        ),
+    ),
+    (
+        VirtualRouter,
         "spec.routes[].httpRoute.mirror",
         Honoured(
             "Trellis addition: a share of the route's requests copied at the caller's sidecar to a VirtualNode ({virtualNodeRef, port, percentage, maxBodyBytes}), fire and forget: a copy goes once its body has arrived whole (bodies up to maxBodyBytes, default 64 KiB, at most 16 MiB), with -shadow appended to its host, its response discarded; the route's requests never wait for a copy",

@@ -718,6 +718,26 @@ async fn mirrors_copy_their_share_without_holding_the_primary() {
         let why = stderr(&out);
         assert!(why.contains(field), "{why}");
     }
+    // A node whose listener is tcp takes no copies.
+    let raw = format!(
+        "---\n{API}\nkind: VirtualNode\nmetadata: {{ name: raw }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 9, protocol: tcp }} }}]\n  \
+         serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: raw }} }}\n"
+    );
+    let out = apply_result(
+        &url,
+        &(mesh("virtualNodeRef: { name: raw }, percentage: 10") + &raw),
+    );
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("spec.routes[0].httpRoute.mirror.virtualNodeRef") && why.contains("tcp"),
+        "{why}"
+    );
+    // The copies' cluster is the node's under a name of its own (its own connections and
+    // limits at the caller).
+    let (_, clusters) = front.admin("/clusters").await;
+    assert!(clusters.contains("default/shadow#mirror"), "{clusters}");
     let version = front.version().await;
     let r = Client::h1(front.egress)
         .await
@@ -1032,4 +1052,57 @@ async fn websockets_cross_an_http2_hop_between_sidecars() {
         Message::text("chat:over h2")
     );
     ws.close(None).await.unwrap();
+}
+
+/// Hedging through sidecars: both instances answer in 300 ms, the per-retry timeout is 200 ms;
+/// with `hedgeOnPerRetryTimeout` a GET is answered (the first attempt goes on beside the
+/// hedge), without it every attempt is cut and the caller gets 504. On a grpcRoute it is
+/// refused naming its field.
+#[tokio::test]
+async fn hedged_requests_outlast_the_per_retry_timeout() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let apps = [TestServer::start("a").await, TestServer::start("b").await];
+    for a in &apps {
+        a.delay(300);
+    }
+    let mesh = |hedge: bool| {
+        let retry = format!(
+            "        retryPolicy:\n          maxRetries: 1\n          \
+             perRetryTimeout: {{ unit: ms, value: 200 }}\n          \
+             httpRetryEvents: [gateway-error]\n          hedgeOnPerRetryTimeout: {hedge}\n"
+        );
+        rules_mesh(apps[0].addr.port(), &retry, "").replace("spec: { mtls: STRICT }", "spec: {}")
+    };
+    apply(&url, &mesh(true));
+    let dir = tempfile::tempdir().unwrap();
+    let front = sidecar(&url, "front", dir.path(), false).await;
+    for a in &apps {
+        register_instance(&url, ("test", "blue"), a.name(), a.addr, &[]);
+    }
+    wait_synced(&url, 1).await;
+    let mut c = Client::h1(front.egress).await.unwrap();
+    for _ in 0..4 {
+        let r = c.get("blue.default", "/").await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+    }
+
+    apply(&url, &mesh(false));
+    wait_synced(&url, 1).await;
+    let r = c.get("blue.default", "/").await.unwrap();
+    assert_eq!(r.status.as_u16(), 504, "each attempt cut at 200 ms");
+
+    let grpc = mesh(true).replace(
+        "      httpRoute:\n        match: { prefix: / }\n",
+        "      grpcRoute:\n        match: {}\n",
+    );
+    assert!(grpc.contains("grpcRoute"), "{grpc}");
+    let out = apply_result(&url, &grpc);
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(
+        why.contains("grpcRoute.retryPolicy.hedgeOnPerRetryTimeout"),
+        "{why}"
+    );
 }

@@ -55,6 +55,8 @@ struct Compiler<'a> {
     live_limiters: crate::upstream::RateLimiterMap,
     next_limiters: crate::upstream::RateLimiterMap,
     scope: (Arc<str>, Arc<str>),
+    /// What the routes' mirrors share, across snapshots.
+    mirror_budget: Arc<crate::mirror::MirrorBudget>,
 }
 
 impl Compiler<'_> {
@@ -133,6 +135,7 @@ pub(crate) fn compile(
         live_limiters: generation.live_rate_limiters(),
         next_limiters: HashMap::new(),
         scope: (Arc::from(""), Arc::from("")),
+        mirror_budget: generation.mirror_budget(),
     };
     let mut clusters = Vec::with_capacity(snapshot.clusters.len());
     for (i, cluster) in snapshot.clusters.iter().enumerate() {
@@ -1581,7 +1584,10 @@ fn compile_mirror(
     if c.errors.len() != before {
         return None;
     }
-    Some(Box::new(Mirror::new(cluster?, share?, max_body, timeout)))
+    let budget = c.mirror_budget.clone();
+    Some(Box::new(Mirror::new(
+        cluster?, share?, max_body, timeout, budget,
+    )))
 }
 
 /// A route's fault injection.
@@ -1709,6 +1715,12 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
             format!("must be at most {MAX_BUFFER_LIMIT}"),
         );
     }
+    if p.hedge_on_per_try_timeout && per_try_timeout.is_none() {
+        c.err(
+            format!("{path}.hedgeOnPerTryTimeout"),
+            "hedges when an attempt reaches the per-try timeout: give perTryTimeout",
+        );
+    }
     if c.errors.len() > before {
         return None;
     }
@@ -1730,6 +1742,7 @@ fn compile_retry(c: &mut Compiler<'_>, path: &str, p: &pb::RetryPolicy) -> Optio
         backoff_max: max,
         buffer_limit,
         budget: budget.map(|(ratio, min)| retry::budget(ratio, min)),
+        hedge: p.hedge_on_per_try_timeout,
     })
 }
 

@@ -239,3 +239,62 @@ async fn no_healthy_endpoint_is_503() {
     assert_eq!(r.header("x-trellis-error"), Some("no_healthy_endpoint"));
     assert_eq!(app.requests(), 0, "draining endpoints get no new requests");
 }
+
+/// Hedging: with both endpoints answering in 300 ms and a per-try timeout of 200 ms, a GET is
+/// answered (its first attempt goes on while the hedge starts beside it on the other endpoint),
+/// where plain retries cancel each attempt at 200 ms and fail; a POST with a body is not hedged.
+#[tokio::test(start_paused = true)]
+async fn hedging_keeps_the_first_attempt_past_the_per_try_timeout() {
+    let servers = [TestServer::start("a").await, TestServer::start("b").await];
+    for s in &servers {
+        s.delay(300);
+    }
+    let policy = |hedge: bool| {
+        format!(
+            "            retryPolicy:\n              maxRetries: 1\n              perTryTimeout: 0.2s\n              \
+             httpRetryEvents: [gateway-error]\n              hedgeOnPerTryTimeout: {hedge}\n            \
+             timeout: {{ perRequest: 2s }}\n"
+        )
+    };
+    let hosts =
+        host_to("hedge.test", "svc", &policy(true)) + &host_to("plain.test", "svc", &policy(false));
+    let addrs = [servers[0].addr, servers[1].addr];
+    let proxy = proxy_with("v1", &hosts, &cluster("svc", "HTTP1", &addrs), &[]).await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+
+    let r = c.get("hedge.test", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    let first = r.text();
+    trellis_testkit::eventually(
+        std::time::Duration::from_secs(5),
+        "the hedge sent",
+        || async {
+            let got = [servers[0].requests(), servers[1].requests()];
+            if got == [1, 1] {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let retries = proxy
+        .metric("trellis_proxy_retries_total", &[("cluster", "svc")])
+        .await;
+    assert_eq!(retries, 1.0, "the hedge counts as a retry");
+    assert!(["a", "b"].contains(&first.as_str()));
+
+    // Without hedging, each attempt is cut at 200 ms.
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c.get("plain.test", "/").await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+
+    // A request with a body is retried as without hedging.
+    let req = Request::post("/")
+        .header("host", "hedge.test")
+        .body(Full::new(Bytes::from_static(b"once")))
+        .unwrap();
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 504);
+}
