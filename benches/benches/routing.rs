@@ -103,16 +103,16 @@ fn routing(c: &mut Criterion) {
     let small = compile(1, 1, 3);
     let cluster3 = &small.clusters[0];
     g.bench_function("least_request_of_3", |b| {
-        b.iter(|| black_box(cluster3.pick(&[])))
+        b.iter(|| black_box(cluster3.pick(&[], None)))
     });
     let big = compile(1, 1, 100);
     let cluster100 = &big.clusters[0];
     g.bench_function("least_request_of_100", |b| {
-        b.iter(|| black_box(cluster100.pick(&[])))
+        b.iter(|| black_box(cluster100.pick(&[], None)))
     });
     let avoid = [cluster3.healthy[0].clone(), cluster3.healthy[1].clone()];
     g.bench_function("least_request_of_3_avoiding_2", |b| {
-        b.iter(|| black_box(cluster3.pick(&avoid)))
+        b.iter(|| black_box(cluster3.pick(&avoid, None)))
     });
     g.finish();
 

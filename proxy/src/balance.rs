@@ -152,7 +152,11 @@ impl Cluster {
             .table
             .candidates(key)
             .filter_map(|i| self.healthy.get(i))
-            .find(|e| !(checks && self.is_out(e)) && !avoid.iter().any(|a| Arc::ptr_eq(a, e)))
+            .find(|e| {
+                let out = checks && self.is_out(e);
+                let tried = avoid.iter().any(|a| Arc::ptr_eq(a, e));
+                !out && !tried
+            })
             .cloned()
     }
 

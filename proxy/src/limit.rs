@@ -4,7 +4,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -153,6 +153,77 @@ impl ClusterLimits {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+// ---- Request mirroring's budget (a proxy's, across snapshots) ----
+
+/// Copies in flight at a proxy at most (every route's, across snapshots); beyond, requests are
+/// not copied (`busy`): a slow mirror target holds memory and tasks, never the route's
+/// requests.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Body bytes copies hold at a proxy at most; a body that would go beyond is not copied
+/// (`busy`).
+pub const MAX_HELD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// What every mirror of a proxy shares, across snapshots: the copies in flight and the body
+/// bytes they hold.
+#[derive(Debug, Default)]
+pub struct MirrorBudget {
+    copies: AtomicUsize,
+    pub(crate) bytes: AtomicU64,
+}
+
+/// Body bytes reserved from the budget, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) budget: Arc<MirrorBudget>,
+    pub(crate) bytes: u64,
+}
+
+impl Held {
+    /// Reserves `n` more; false (nothing reserved) beyond the budget.
+    pub(crate) fn reserve(&mut self, n: u64) -> bool {
+        let ok = self
+            .budget
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_add(n).filter(|t| *t <= MAX_HELD_BYTES)
+            })
+            .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// One of the proxy's [`MAX_IN_FLIGHT`] copies, given back when the copy is over.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<MirrorBudget>);
+
+impl Slot {
+    pub(crate) fn take(budget: &Arc<MirrorBudget>) -> Option<Self> {
+        budget
+            .copies
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(budget.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.copies.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

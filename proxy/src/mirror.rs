@@ -7,10 +7,7 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -24,26 +21,14 @@ use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
 
 use crate::{
-    BoxError, fault::Share, metrics::ProxyMetrics, outbound::Outbound,
-    outbound::RequestBody as OutboundBody, upstream::Cluster,
+    BoxError,
+    fault::Share,
+    limit::{Held, MirrorBudget, Slot},
+    metrics::ProxyMetrics,
+    outbound::Outbound,
+    outbound::RequestBody as OutboundBody,
+    upstream::Cluster,
 };
-
-/// Copies in flight at a proxy at most (every route's, across snapshots); beyond, requests are
-/// not copied (`busy`): a slow mirror target holds memory and tasks, never the route's
-/// requests.
-pub const MAX_IN_FLIGHT: usize = 1024;
-
-/// Body bytes copies hold at a proxy at most; a body that would go beyond is not copied
-/// (`busy`).
-pub const MAX_HELD_BYTES: u64 = 64 * 1024 * 1024;
-
-/// What every mirror of a proxy shares, across snapshots: the copies in flight and the body
-/// bytes they hold.
-#[derive(Debug, Default)]
-pub struct MirrorBudget {
-    copies: AtomicUsize,
-    bytes: AtomicU64,
-}
 
 /// The body bound when the route names none.
 pub const DEFAULT_MAX_BODY: u64 = 64 * 1024;
@@ -76,36 +61,6 @@ pub struct TeeSink {
     held: Held,
     limit: u64,
     metrics: ProxyMetrics,
-}
-
-/// Body bytes reserved from the budget, given back when dropped.
-#[derive(Debug)]
-struct Held {
-    budget: Arc<MirrorBudget>,
-    bytes: u64,
-}
-
-impl Held {
-    /// Reserves `n` more; false (nothing reserved) beyond the budget.
-    fn reserve(&mut self, n: u64) -> bool {
-        let ok = self
-            .budget
-            .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                b.checked_add(n).filter(|t| *t <= MAX_HELD_BYTES)
-            })
-            .is_ok();
-        if ok {
-            self.bytes += n;
-        }
-        ok
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
 }
 
 impl Mirror {
@@ -191,28 +146,6 @@ impl Mirror {
             limit: self.max_body,
             metrics: metrics.clone(),
         }))
-    }
-}
-
-/// One of the proxy's [`MAX_IN_FLIGHT`] copies, given back when the copy is over.
-#[derive(Debug)]
-struct Slot(Arc<MirrorBudget>);
-
-impl Slot {
-    fn take(budget: &Arc<MirrorBudget>) -> Option<Self> {
-        budget
-            .copies
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_IN_FLIGHT).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(budget.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.copies.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -713,7 +713,7 @@ pub struct Upstreams {
     /// it.
     zone: std::sync::OnceLock<Box<str>>,
     /// What the routes' mirrors share across snapshots: copies in flight, bytes held.
-    mirrors: Arc<crate::mirror::MirrorBudget>,
+    mirrors: Arc<crate::limit::MirrorBudget>,
 }
 
 /// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
@@ -858,7 +858,7 @@ impl Generation<'_> {
     }
 
     /// What the routes' mirrors share.
-    pub(crate) fn mirror_budget(&self) -> Arc<crate::mirror::MirrorBudget> {
+    pub(crate) fn mirror_budget(&self) -> Arc<crate::limit::MirrorBudget> {
         self.upstreams.mirrors.clone()
     }
 

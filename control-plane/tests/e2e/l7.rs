@@ -1105,4 +1105,12 @@ async fn hedged_requests_outlast_the_per_retry_timeout() {
         why.contains("grpcRoute.retryPolicy.hedgeOnPerRetryTimeout"),
         "{why}"
     );
+
+    // The README's example applies as written (on a control plane of its own).
+    let other = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, other.path()).await;
+    apply(
+        &example.url,
+        include_str!("../../../examples/l7/balancing.yaml"),
+    );
 }

@@ -56,7 +56,7 @@ struct Compiler<'a> {
     next_limiters: crate::upstream::RateLimiterMap,
     scope: (Arc<str>, Arc<str>),
     /// What the routes' mirrors share, across snapshots.
-    mirror_budget: Arc<crate::mirror::MirrorBudget>,
+    mirror_budget: Arc<crate::limit::MirrorBudget>,
 }
 
 impl Compiler<'_> {
