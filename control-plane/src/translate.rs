@@ -513,8 +513,9 @@ impl Builder<'_> {
 
     /// The cluster a route's mirror copies go to: the node's, under a name of its own
     /// (`…#mirror`), so that at the caller copies have their own connections, request limits
-    /// and outlier state and never queue or eject for the node's real traffic. Without its
-    /// health check (the node's cluster probes the same endpoints already).
+    /// and outlier state and never queue or eject for the node's real traffic. Without a
+    /// health check (it would probe the instances a second time from every caller): a copy may
+    /// reach an instance failing the node's checks, and fail alone.
     fn mirror_cluster(&mut self, key: &ResourceKey, port: Option<i64>) -> String {
         let name = self.cluster(key, port);
         let mirror = format!("{name}#mirror");

@@ -931,12 +931,29 @@ async fn hedging(
     let mut next_at = Some(Instant::now());
     // A retriable response or a failure, kept in case nothing better comes.
     let mut fallback: Option<Result<Exchange, ProxyError>> = None;
+    // The latest attempt's per-try limit: once no other may start, the attempts in flight get
+    // until then (without a request timeout, nothing else would end the wait).
+    let mut last_limit = Instant::now() + per_try;
     loop {
         let now = Instant::now();
         if let Some((d, limit)) = deadline
             && now >= d
         {
             return Err(ProxyError::RequestTimeout(limit));
+        }
+        if next_at.is_none() && now >= last_limit {
+            if let Some(c) = completion.as_mut() {
+                c.retries = retries;
+            }
+            return fallback.unwrap_or_else(|| {
+                note_failure(cluster, completion, UpstreamFailure::PerTryTimeout);
+                Err(ProxyError::Upstream {
+                    endpoint: tried
+                        .last()
+                        .map_or_else(|| cluster.name.clone(), |e| e.addr.clone()),
+                    failure: UpstreamFailure::PerTryTimeout,
+                })
+            });
         }
         if next_at.is_some_and(|at| at <= now) {
             next_at = None;
@@ -946,10 +963,20 @@ async fn hedging(
                     retries += 1;
                     cluster.metrics.retries.inc();
                 }
-                let endpoint = cluster
+                // A new attempt that cannot start leaves those in flight running.
+                let started = cluster
                     .pick(&tried, key)
-                    .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
-                let in_flight = cluster.begin_request(&endpoint)?;
+                    .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))
+                    .and_then(|e| cluster.begin_request(&e).map(|f| (e, f)));
+                let (endpoint, in_flight) = match started {
+                    Ok(started) => started,
+                    Err(e) if attempts.is_empty() => return fallback.unwrap_or(Err(e)),
+                    Err(e) => {
+                        fallback.get_or_insert(Err(e));
+                        continue;
+                    }
+                };
+                last_limit = Instant::now() + per_try;
                 tried.push(endpoint.clone());
                 let copy = out.duplicate();
                 attempts.push(Box::pin(async move {
@@ -964,19 +991,18 @@ async fn hedging(
             }
         }
         if attempts.is_empty() && next_at.is_none() {
+            if let Some(c) = completion.as_mut() {
+                c.retries = retries;
+            }
             return fallback
                 .unwrap_or_else(|| Err(ProxyError::NoHealthyEndpoint(cluster.name.clone())));
         }
-        let wake = match (next_at, deadline) {
-            (Some(a), Some((d, _))) => Some(a.min(d)),
-            (a, d) => a.or(d.map(|(d, _)| d)),
-        };
-        let done: Option<Hedged> = match wake {
-            Some(at) => tokio::select! {
-                done = attempts.next(), if !attempts.is_empty() => done,
-                () = tokio::time::sleep_until(at) => None,
-            },
-            None => attempts.next().await,
+        // The next start, else the latest attempt's limit; the request's deadline if sooner.
+        let at = next_at.unwrap_or(last_limit);
+        let at = deadline.map_or(at, |(d, _)| at.min(d));
+        let done: Option<Hedged> = tokio::select! {
+            done = attempts.next(), if !attempts.is_empty() => done,
+            () = tokio::time::sleep_until(at) => None,
         };
         let Some((endpoint, in_flight, started, sent)) = done else {
             continue;
@@ -1006,7 +1032,10 @@ async fn hedging(
             Err(e) => {
                 note_failure(cluster, completion, e.failure);
                 if e.failure == UpstreamFailure::Overflow {
-                    return Err(attempt_error(cluster, &endpoint, e.failure));
+                    // The proxy's own limit: no retry, but those in flight may still answer.
+                    fallback = Some(Err(attempt_error(cluster, &endpoint, e.failure)));
+                    next_at = None;
+                    continue;
                 }
                 cluster.observe(&endpoint, true);
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e.source, "hedged attempt failed");

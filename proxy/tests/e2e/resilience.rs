@@ -298,3 +298,27 @@ async fn hedging_keeps_the_first_attempt_past_the_per_try_timeout() {
     let r = c.send(req).await.unwrap();
     assert_eq!(r.status, 504);
 }
+
+/// A hedged request whose every attempt hangs ends when the last attempt's per-try timeout
+/// does, also without a request timeout (nothing else would end it).
+#[tokio::test(start_paused = true)]
+async fn hedged_attempts_that_all_hang_end_at_the_last_per_try_timeout() {
+    let servers = [TestServer::start("a").await, TestServer::start("b").await];
+    for s in &servers {
+        s.delay(600_000);
+    }
+    let policy = "            retryPolicy:\n              maxRetries: 1\n              perTryTimeout: 0.2s\n              \
+                  httpRetryEvents: [gateway-error]\n              hedgeOnPerTryTimeout: true\n";
+    let hosts = host_to("hedge.test", "svc", policy);
+    let addrs = [servers[0].addr, servers[1].addr];
+    let proxy = proxy_with("v1", &hosts, &cluster("svc", "HTTP1", &addrs), &[]).await;
+    let mut c = Client::h1(proxy.egress).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let r = c.get("hedge.test", "/").await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(400) && took < std::time::Duration::from_secs(60),
+        "ended at the second attempt's per-try timeout: {took:?}"
+    );
+}
