@@ -46,6 +46,27 @@ pub enum ControlError {
     ReadOnly(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What an apply would do (`trellis diff`, `trellis apply --dry-run`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Preview {
+    /// Each document's action.
+    pub results: Vec<Applied>,
+    /// The VirtualNodes and VirtualGateways whose proxies' snapshot would change, by name.
+    pub proxies: Vec<ProxyPreview>,
+}
+
+/// How one node's (or gateway's) proxies' snapshot would change.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProxyPreview {
+    /// `VirtualNode NAMESPACE/NAME` or `VirtualGateway NAMESPACE/NAME`.
+    pub node: String,
+    /// Its proxies connected to the control planes now.
+    pub connected: usize,
+    pub changes: Vec<crate::diff::Change>,
 }
 
 /// What `apply` or `delete` did to one resource.
@@ -751,14 +772,73 @@ impl Controller {
         Ok(())
     }
 
-    /// The snapshot the proxy of `node` (a VirtualNode's sidecar or a VirtualGateway's gateway)
-    /// should run now, cached per content revision and CA generation.
-    /// Translating and compiling is CPU work: call it off the async threads, and the cache is
-    /// not locked while it runs (two proxies of one node may both compute it once).
-    pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
-        if let Some(cached) = self.cached_snapshot(view, node) {
-            return cached;
+    /// What applying `manifests` would do, storing nothing: each document's action (or every
+    /// problem, as an apply), and for each VirtualNode and VirtualGateway whose proxies'
+    /// snapshot it would change, how — through the same validation, translation and
+    /// proxy-compiler check as an apply and its pushes. The translations run off the async
+    /// threads.
+    pub async fn preview(
+        self: &Arc<Self>,
+        manifests: Vec<Manifest>,
+    ) -> Result<Preview, ControlError> {
+        let view = self.current().await?;
+        let admitted = Admitted::new(manifests);
+        let plan = admitted.plan(&view)?;
+        let mut results = plan.results;
+        results.extend(admitted.skipped.iter().cloned());
+        let mut next = State::clone(&view.state);
+        for (r, _) in &plan.writes {
+            next.insert(r.key.clone(), r.clone());
         }
+        let after = View {
+            state: Arc::new(next),
+            ..View::clone(&view)
+        };
+        let status = self.status_all().await;
+        let this = self.clone();
+        let proxies = tokio::task::spawn_blocking(move || {
+            let mut keys: Vec<ResourceKey> = view
+                .state
+                .keys()
+                .chain(after.state.keys())
+                .filter(|k| matches!(k.kind, Kind::VirtualNode | Kind::VirtualGateway))
+                .cloned()
+                .collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .filter_map(|key| {
+                    let before = this.translate(&view, &key);
+                    let next = this.translate(&after, &key);
+                    let changes = crate::diff::snapshots(
+                        before.as_ref().map(|t| &t.snapshot),
+                        next.as_ref().map(|t| &t.snapshot),
+                    );
+                    let name = format!("{}/{}", key.namespace, key.name);
+                    let kind = match key.kind {
+                        Kind::VirtualGateway => "gateway",
+                        _ => "sidecar",
+                    };
+                    let connected = status
+                        .proxies
+                        .iter()
+                        .filter(|p| p.node == name && p.kind == kind)
+                        .count();
+                    (!changes.is_empty()).then_some(ProxyPreview {
+                        node: key.to_string(),
+                        connected,
+                        changes,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("the preview failed: {e}")))?;
+        Ok(Preview { results, proxies })
+    }
+
+    /// The snapshot the proxy of `node` would run at `view`, computed (not cached): CPU work.
+    fn translate(&self, view: &View, node: &ResourceKey) -> Option<Translated> {
         let security = crate::policy::Security {
             ca: self.identity().map(|(ca, _)| &**ca),
             default_mode: match self.identity() {
@@ -767,14 +847,25 @@ impl Controller {
             },
             revoked: Some(&view.revocations),
         };
-        let translated = match node.kind {
+        match node.kind {
             Kind::VirtualNode => translate::sidecar(&view.state, &view.instances, node, security),
             Kind::VirtualGateway => {
                 translate::gateway(&view.state, &view.instances, node, security)
             }
             _ => None,
         }
-        .map(|t| Arc::new(verify::verify(t, node)));
+        .map(|t| verify::verify(t, node))
+    }
+
+    /// The snapshot the proxy of `node` (a VirtualNode's sidecar or a VirtualGateway's gateway)
+    /// should run now, cached per content revision and CA generation.
+    /// Translating and compiling is CPU work: call it off the async threads, and the cache is
+    /// not locked while it runs (two proxies of one node may both compute it once).
+    pub fn snapshot_for(&self, view: &View, node: &ResourceKey) -> Option<Arc<Translated>> {
+        if let Some(cached) = self.cached_snapshot(view, node) {
+            return cached;
+        }
+        let translated = self.translate(view, node).map(Arc::new);
         let key = self.cache_key(view);
         let mut cache = self.cache.lock();
         if cache.0 < key {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod compat;
 pub mod controller;
+pub mod diff;
 pub mod identity;
 pub mod import;
 pub mod inject;

@@ -375,6 +375,7 @@ fn control_error(e: ControlError) -> Response<Body> {
             format!("conflict on {key}: {reason}; try again"),
         ),
         ControlError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        ControlError::Internal(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -413,14 +414,14 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 /// Who calls: with authentication on, the operator its bearer token names (401 without one,
 /// 403 for a viewer's write); every write is recorded in the audit log.
-async fn api(controller: &Controller, req: Request<Incoming>) -> Response<Body> {
+async fn api(controller: &Arc<Controller>, req: Request<Incoming>) -> Response<Body> {
     // The API server calls the webhook with no operator token (it authenticates the control
     // plane by its certificate instead); it reads nothing but the pod it is sent.
     let open = matches!(
         req.uri().path(),
         "/healthz" | "/readyz" | "/metrics" | "/v1/webhooks/inject"
     );
-    let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    let write = req.method() != Method::GET && req.method() != Method::HEAD && !previews(&req);
     let action = format!("{} {}", req.method(), req.uri().path());
     let anonymous = Who {
         name: "anonymous".into(),
@@ -629,7 +630,7 @@ async fn audit_log(controller: &Controller, req: &Request<Incoming>) -> Response
 }
 
 /// Routes an API request to its endpoint.
-async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> Response<Body> {
+async fn route(controller: &Arc<Controller>, req: Request<Incoming>, _who: &str) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -650,6 +651,9 @@ async fn route(controller: &Controller, req: Request<Incoming>, _who: &str) -> R
                     "the store is unavailable: no answer within 3s",
                 ),
             }
+        }
+        (&Method::POST, ["v1", "apply"] | ["v1", "diff"]) if previews(&req) => {
+            preview(controller, req).await
         }
         (&Method::POST, ["v1", "apply"]) => apply(controller, req).await,
         (&Method::POST, ["v1", "delete"]) => delete(controller, req).await,
@@ -1103,6 +1107,43 @@ fn metrics(controller: &Controller) -> Response<Body> {
 fn results(result: Result<Vec<Applied>, ControlError>) -> Response<Body> {
     match result {
         Ok(results) => reply(StatusCode::OK, &Results { results }),
+        Err(e) => control_error(e),
+    }
+}
+
+/// Whether a request only previews an apply (`POST /v1/diff`, `POST /v1/apply?dryRun=true`):
+/// it writes nothing, so a viewer may send it and the audit log does not record it.
+fn previews(req: &Request<Incoming>) -> bool {
+    req.method() == Method::POST
+        && match req.uri().path().trim_matches('/') {
+            "v1/diff" => true,
+            "v1/apply" => query(req).get("dryRun").is_some_and(|v| v == "true"),
+            _ => false,
+        }
+}
+
+/// `POST /v1/diff` and `POST /v1/apply?dryRun=true`: what applying the body's manifests would
+/// do, storing nothing (see [`Controller::preview`]); invalid manifests get the problems an
+/// apply would. `Instance` documents are refused: a preview covers mesh resources.
+async fn preview(controller: &Arc<Controller>, req: Request<Incoming>) -> Response<Body> {
+    let manifests = match manifests(req).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    if let Some((document, m)) = manifests
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.kind == "Instance" && m.api_version == crate::model::API_VERSION)
+    {
+        return invalid(vec![Problem {
+            document: Some(document),
+            resource: Some(format!("Instance {}", m.metadata.name)),
+            path: "kind".into(),
+            reason: "not supported by a preview: it covers mesh resources, not instances".into(),
+        }]);
+    }
+    match controller.preview(manifests).await {
+        Ok(p) => reply(StatusCode::OK, &p),
         Err(e) => control_error(e),
     }
 }

@@ -16,6 +16,7 @@ mod l7;
 mod mesh;
 mod mtls;
 mod ports;
+mod preview;
 mod registration;
 mod tls;
 

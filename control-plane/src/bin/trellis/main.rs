@@ -68,6 +68,17 @@ enum Command {
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
+        /// Check the files as an apply would and say what it would do, storing nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What applying the files would change, storing nothing: each resource's action, and for
+    /// each VirtualNode and VirtualGateway whose proxies' config would change, every changed
+    /// field (routes, weights, clusters, endpoints, policies), through the same validation and
+    /// translation as an apply. Exits 1 when something would change.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
     },
     /// Every resource (Namespaces too), as manifests `trellis apply -f` restores: a backup, or
     /// a mesh to move. With --instances, the registry too (`Instance` documents).
@@ -518,7 +529,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_token(token)
         .with_ca(ca.as_deref())?;
     match cli.command {
-        Command::Apply { files } => apply(&api, files).await?,
+        Command::Apply { files, dry_run } => apply(&api, files, dry_run).await?,
+        Command::Diff { files } => {
+            if diff(&api, files).await? {
+                std::process::exit(1);
+            }
+        }
         Command::Export { instances } => export(&api, instances).await?,
         Command::Delete {
             files,
@@ -706,28 +722,89 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn apply(api: &ApiClient, files: Vec<String>) -> anyhow::Result<()> {
+async fn apply(api: &ApiClient, files: Vec<String>, dry_run: bool) -> anyhow::Result<()> {
     let (text, origin) = join(&read_sources(&files)?)?;
     if origin.is_empty() {
         bail!("no manifests in {}", files.join(", "));
     }
+    let path = if dry_run {
+        "/v1/apply?dryRun=true"
+    } else {
+        "/v1/apply"
+    };
     let result = api
-        .post("/v1/apply", text.into_bytes())
+        .post(path, text.into_bytes())
         .await
         .map_err(|e| explain(e, &origin))?;
-    for r in typed::<Results>(result)?.results {
+    let results = if dry_run {
+        typed::<trellis_control::controller::Preview>(result)?.results
+    } else {
+        typed::<Results>(result)?.results
+    };
+    print_results(&results, if dry_run { " (dry run)" } else { "" });
+    Ok(())
+}
+
+fn print_results(results: &[trellis_control::controller::Applied], suffix: &str) {
+    for r in results {
         let ns = Some(r.namespace.as_str())
             .filter(|n| !n.is_empty())
             .map(|n| format!("{n}/"))
             .unwrap_or_default();
         println!(
-            "{}/{ns}{} {}",
+            "{}/{ns}{} {}{suffix}",
             r.kind.to_ascii_lowercase(),
             r.name,
             r.action.as_str()
         );
     }
-    Ok(())
+}
+
+/// `trellis diff -f`: what the files would change, per resource and per proxy; whether
+/// anything would.
+async fn diff(api: &ApiClient, files: Vec<String>) -> anyhow::Result<bool> {
+    let (text, origin) = join(&read_sources(&files)?)?;
+    if origin.is_empty() {
+        bail!("no manifests in {}", files.join(", "));
+    }
+    let result = api
+        .post("/v1/diff", text.into_bytes())
+        .await
+        .map_err(|e| explain(e, &origin))?;
+    let preview = typed::<trellis_control::controller::Preview>(result)?;
+    print_results(&preview.results, "");
+    if preview.proxies.is_empty() {
+        println!("no proxy's config changes");
+    }
+    let value = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    for p in &preview.proxies {
+        let proxies = match p.connected {
+            1 => "1 proxy connected".to_string(),
+            n => format!("{n} proxies connected"),
+        };
+        println!("\n{} ({proxies}):", p.node);
+        for c in &p.changes {
+            let path = if c.path.is_empty() {
+                "snapshot"
+            } else {
+                &c.path
+            };
+            match (&c.before, &c.after) {
+                (None, Some(a)) => println!("  + {path}: {}", value(a)),
+                (Some(b), None) => println!("  - {path}: {}", value(b)),
+                (Some(b), Some(a)) => println!("  ~ {path}: {} -> {}", value(b), value(a)),
+                (None, None) => {}
+            }
+        }
+    }
+    let changes = preview
+        .results
+        .iter()
+        .any(|r| r.action != trellis_control::controller::Action::Unchanged);
+    Ok(changes || !preview.proxies.is_empty())
 }
 
 /// `trellis export`: every resource as the manifest it was applied as (server-set metadata
