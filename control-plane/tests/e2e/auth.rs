@@ -67,6 +67,20 @@ async fn operators_authenticate_and_every_write_is_audited() {
     );
     let out = as_operator(&control.url, Some(&viewer), &["get", "meshes"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Previews store nothing: a viewer may run them, and they are not audited.
+    let out = as_operator(
+        &control.url,
+        Some(&viewer),
+        &["diff", "-f", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).contains("mesh/m created"), "{}", stdout(&out));
+    let out = as_operator(
+        &control.url,
+        Some(&viewer),
+        &["apply", "--dry-run", "-f", file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 
     let out = as_operator(&control.url, Some(&admin), &apply);
     assert!(out.status.success(), "{}", stderr(&out));
