@@ -191,6 +191,11 @@ impl Controller {
         let (tx, _) = watch::channel(Arc::new(view));
         let metrics = ControlMetrics::new()
             .map_err(|e| StoreError::Backend(format!("cannot register metrics: {e}")))?;
+        let store: Arc<dyn Store> = Arc::new(crate::store::Timed::new(
+            store,
+            metrics.store_latency.clone(),
+            metrics.store_errors.clone(),
+        ));
         let this = Arc::new(Self {
             store,
             view: tx,
@@ -914,6 +919,8 @@ impl Controller {
         self.metrics
             .out_of_sync
             .set(i64::try_from(out_of_sync).unwrap_or(i64::MAX));
+        let expiry = self.identity().and_then(|(ca, _)| ca.root_not_after());
+        self.metrics.ca_expiry.set(expiry.unwrap_or(0));
         self.metrics.encode()
     }
 

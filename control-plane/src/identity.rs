@@ -310,6 +310,17 @@ impl Ca {
         Ok(())
     }
 
+    /// When the signing root expires (Unix seconds).
+    pub fn root_not_after(&self) -> Option<i64> {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        let pem = self.roots().current.clone();
+        let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+            .next()?
+            .ok()?;
+        let (_, cert) = X509Certificate::from_der(&block.contents).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     /// How many steps of a rotation this CA has taken or adopted.
     pub fn generation(&self) -> u64 {
         *self.changes.borrow()

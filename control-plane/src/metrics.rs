@@ -3,7 +3,7 @@
 //! proxies run something else than they should, and how long an apply takes. Labels are bounded
 //! (proxy kind, outcome); node names are not labels.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -22,6 +22,13 @@ pub struct ControlMetrics {
     pub ack_latency: Histogram,
     /// From an apply request to its store write (validation included).
     pub apply_latency: Histogram,
+    /// Each store call, by operation (list, get, apply, watch, grant_lease, keep_alive,
+    /// revoke).
+    pub store_latency: HistogramVec,
+    /// Store calls that failed, by operation.
+    pub store_errors: IntCounterVec,
+    /// When the mesh CA's signing root expires (Unix seconds); 0 without a CA.
+    pub ca_expiry: IntGauge,
 }
 
 impl ControlMetrics {
@@ -60,6 +67,28 @@ impl ControlMetrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
+        let store_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "trellis_control_store_seconds",
+                "Time of each call to the store (embedded or etcd), by operation",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "trellis_control_store_errors_total",
+                "Store calls that failed, by operation",
+            ),
+            &["op"],
+        )?;
+        let ca_expiry = IntGauge::new(
+            "trellis_control_ca_root_expiry_timestamp_seconds",
+            "When the mesh CA's signing root certificate expires (Unix seconds; 0 without a CA)",
+        )?;
+        registry.register(Box::new(store_latency.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(ca_expiry.clone()))?;
         registry.register(Box::new(connected.clone()))?;
         registry.register(Box::new(out_of_sync.clone()))?;
         registry.register(Box::new(pushes.clone()))?;
@@ -74,6 +103,9 @@ impl ControlMetrics {
             answers,
             ack_latency,
             apply_latency,
+            store_latency,
+            store_errors,
+            ca_expiry,
         })
     }
 

@@ -127,3 +127,78 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Ends the lease now, deleting its keys.
     fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>>;
 }
+
+/// A store whose every call is timed, and counted when it fails, by operation (the control
+/// plane's `trellis_control_store_seconds` and `trellis_control_store_errors_total`).
+#[derive(Debug)]
+pub struct Timed {
+    inner: std::sync::Arc<dyn Store>,
+    latency: prometheus::HistogramVec,
+    errors: prometheus::IntCounterVec,
+}
+
+impl Timed {
+    pub fn new(
+        inner: std::sync::Arc<dyn Store>,
+        latency: prometheus::HistogramVec,
+        errors: prometheus::IntCounterVec,
+    ) -> Self {
+        Self {
+            inner,
+            latency,
+            errors,
+        }
+    }
+
+    fn timed<'a, T: Send + 'a>(
+        &'a self,
+        op: &'static str,
+        call: BoxFuture<'a, Result<T, StoreError>>,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let result = call.await;
+            self.latency
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                self.errors.with_label_values(&[op]).inc();
+            }
+            result
+        })
+    }
+}
+
+impl Store for Timed {
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
+        self.timed("list", self.inner.list(prefix))
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
+        self.timed("get", self.inner.get(key))
+    }
+
+    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.timed("apply", self.inner.apply(ops))
+    }
+
+    fn watch<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        self.timed("watch", self.inner.watch(prefix, after))
+    }
+
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+        self.timed("grant_lease", self.inner.grant_lease(ttl))
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.timed("keep_alive", self.inner.keep_alive(lease))
+    }
+
+    fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.timed("revoke", self.inner.revoke(lease))
+    }
+}

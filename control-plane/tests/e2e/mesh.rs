@@ -767,6 +767,17 @@ async fn control_plane_metrics_count_proxies_pushes_and_answers() {
     );
     assert!(value("trellis_control_push_ack_seconds_count", &[]) >= 2.0);
     assert!(value("trellis_control_apply_seconds_count", &[]) >= 1.0);
+    // Every store call timed, by operation.
+    assert!(value("trellis_control_store_seconds_count", &[("op", "apply")]) >= 1.0);
+    assert!(value("trellis_control_store_seconds_count", &[("op", "list")]) >= 1.0);
+    assert_eq!(value("trellis_control_store_errors_total", &[]), 0.0);
+    // The mesh CA's root expires in the future (10 years from its creation).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = value("trellis_control_ca_root_expiry_timestamp_seconds", &[]);
+    assert!(expiry > now + 86_400.0 * 365.0, "{expiry} vs {now}");
 
     // The exposition format passes promtool.
     trellis_testkit::process::promtool_check(&text);
