@@ -1013,3 +1013,82 @@ async fn every_example_validates_and_applies() {
         assert!(stdout(&out).contains("created"), "{}", stdout(&out));
     }
 }
+
+/// The shipped observability files (charts/trellis/observability): the Prometheus rules pass
+/// `promtool check rules` and their unit tests (`promtool test rules`: recorded values and
+/// alerts on made-up series), and every series the Grafana dashboard queries is a metric the
+/// proxy or the control plane exports (a histogram's `_bucket` too) or one the rules record.
+#[test]
+fn the_observability_rules_and_dashboard_hold_together() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/trellis/observability");
+    for args in [
+        ["check", "rules", "prometheus-rules.yaml"],
+        ["test", "rules", "prometheus-rules.test.yaml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian package prometheus) must be installed; the test command installs it");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    // What exists: the metrics the code registers, and the rules' records.
+    let name = regex::Regex::new(r"trellis(?:_[a-z0-9_]+|:[a-z0-9_:]+)").unwrap();
+    let sources = [
+        include_str!("../../../proxy/src/metrics.rs"),
+        include_str!("../../src/metrics.rs"),
+    ];
+    let mut known: std::collections::BTreeSet<String> = sources
+        .iter()
+        .flat_map(|s| name.find_iter(s).map(|m| m.as_str().to_string()))
+        .collect();
+    for n in known.clone() {
+        for suffix in ["_bucket", "_sum", "_count"] {
+            known.insert(format!("{n}{suffix}"));
+        }
+    }
+    let rules = std::fs::read_to_string(dir.join("prometheus-rules.yaml")).unwrap();
+    let record = regex::Regex::new(r"(?m)^\s*- record: (\S+)").unwrap();
+    known.extend(record.captures_iter(&rules).map(|c| c[1].to_string()));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap())
+            .unwrap();
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(e)) => exprs.push(e.clone()),
+                        _ => stack.push(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let mut used = 0;
+    for e in &exprs {
+        for m in name.find_iter(e) {
+            used += 1;
+            assert!(
+                known.contains(m.as_str()),
+                "{:?} in {e:?} is no metric or record",
+                m.as_str()
+            );
+        }
+    }
+    assert!(
+        used >= exprs.len() - 1,
+        "every query names a Trellis series"
+    );
+}
