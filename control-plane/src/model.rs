@@ -269,6 +269,31 @@ pub struct MeshSpec {
     /// identity, else DISABLED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<String>,
+    /// Trellis addition: distributed tracing by the mesh's proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<MeshTracing>,
+}
+
+/// A mesh's tracing: spans exported over OTLP/gRPC to `collector` (HOST:PORT), and the share of
+/// new traces sampled (requests that carry a trace keep its decision).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshTracing {
+    pub collector: String,
+    /// Percent, 0 to 100; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_percent: Option<f64>,
+}
+
+impl MeshTracing {
+    /// As the proxy of `node` takes it (its service.name: NAMESPACE/NAME).
+    pub fn to_proto(&self, node: &ResourceKey) -> trellis_proto::v1::Tracing {
+        trellis_proto::v1::Tracing {
+            collector: self.collector.clone(),
+            sampling_percent: self.sampling_percent.unwrap_or(1.0),
+            service_name: format!("{}/{}", node.namespace, node.name),
+        }
+    }
 }
 
 /// A mesh's `spec.mtls`.

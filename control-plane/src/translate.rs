@@ -265,7 +265,16 @@ struct Builder<'a> {
 impl Builder<'_> {
     /// The snapshot of `listeners`, the clusters they use and the proxy's access log (from the
     /// node's or gateway's `logging`), versioned by its content.
-    fn finish(self, listeners: Vec<pb::Listener>, logging: Option<&model::Logging>) -> Translated {
+    fn finish(
+        self,
+        listeners: Vec<pb::Listener>,
+        logging: Option<&model::Logging>,
+        node: &ResourceKey,
+    ) -> Translated {
+        let tracing = self
+            .mesh(node)
+            .and_then(|m| m.tracing.as_ref())
+            .map(|t| t.to_proto(node));
         // Certificates issued before `SKEW` ahead of their notBefore (the CA backdates them).
         let revoked = match (self.security.ca, self.security.revoked) {
             (Some(ca), Some(revoked)) => revoked
@@ -289,6 +298,7 @@ impl Builder<'_> {
                 .and_then(|l| l.access_log.as_ref())
                 .and_then(|a| a.file.as_ref())
                 .map(model::FileAccessLog::to_proto),
+            tracing,
         };
         snapshot.version = version(&snapshot);
         Translated {
@@ -935,7 +945,7 @@ pub fn sidecar(
     let mut listeners = Vec::new();
     listeners.extend(ingress(&mut b, &spec, node));
     listeners.push(egress(&mut b, &spec, node));
-    Some(b.finish(listeners, spec.logging.as_ref()))
+    Some(b.finish(listeners, spec.logging.as_ref(), node))
 }
 
 /// Ingress: to the local app on 127.0.0.1:<port> of each listener, as App Mesh's Envoy did (one
@@ -1405,7 +1415,7 @@ pub fn gateway(
         listeners.push(gateway_listener(&mut b, l, on_listener));
         b.gateway_pool = None;
     }
-    Some(b.finish(listeners, gw.logging.as_ref()))
+    Some(b.finish(listeners, gw.logging.as_ref(), key))
 }
 
 /// The route answering a gateway listener's `healthCheck` (an external load balancer's probe):
@@ -1884,6 +1894,7 @@ spec:
         let snapshot = pb::Snapshot {
             revoked: Vec::new(),
             access_log: None,
+            tracing: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),

@@ -769,6 +769,21 @@ impl Checker<'_> {
                         format!("must be ENABLED or DISABLED, not {v:?}"),
                     );
                 }
+                if let Some(t) = &m.tracing {
+                    // Checked by the proxy's compiler, as the proxies will take it.
+                    let snapshot = trellis_proto::v1::Snapshot {
+                        version: "check".into(),
+                        tracing: Some(t.to_proto(self.key)),
+                        ..Default::default()
+                    };
+                    if let Err(trellis_proxy::snapshot::SnapshotError::Invalid(errors)) =
+                        trellis_proxy::snapshot::check(&snapshot)
+                    {
+                        for e in errors {
+                            self.err(format!("spec.{}", e.path), e.reason);
+                        }
+                    }
+                }
             }
             Spec::VirtualService(s) => self.virtual_service(s),
             Spec::VirtualRouter(r) => self.virtual_router(r),

@@ -382,6 +382,7 @@ mod tests {
         let snapshot = pb::Snapshot {
             revoked: Vec::new(),
             access_log: None,
+            tracing: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),
@@ -460,6 +461,7 @@ mod tests {
             snapshot: pb::Snapshot {
                 revoked: Vec::new(),
                 access_log: None,
+                tracing: None,
                 version: "v".into(),
                 listeners: vec![pb::Listener {
                     name: "x".into(),

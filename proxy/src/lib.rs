@@ -38,6 +38,7 @@ pub mod snapshot;
 pub mod steps;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod transparent;
 pub mod upstream;
 pub mod websocket;

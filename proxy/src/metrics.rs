@@ -38,6 +38,7 @@ struct Vecs {
     timeouts: IntCounterVec,
     errors: IntCounterVec,
     faults: IntCounterVec,
+    spans_dropped: prometheus::IntCounter,
     mirrored: IntCounterVec,
     active_connections: IntGaugeVec,
     tls_refused: IntCounterVec,
@@ -181,6 +182,13 @@ impl ProxyMetrics {
                     &["kind"],
                 )?,
             )?,
+            spans_dropped: register(
+                r,
+                prometheus::IntCounter::new(
+                    "trellis_proxy_spans_dropped_total",
+                    "Trace spans dropped because the export queue was full",
+                )?,
+            )?,
             mirrored: register(
                 r,
                 IntCounterVec::new(
@@ -298,6 +306,11 @@ impl ProxyMetrics {
 
     pub fn error(&self, kind: &str) {
         self.inner.errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Trace spans dropped (the export queue full).
+    pub fn spans_dropped(&self) -> prometheus::IntCounter {
+        self.inner.spans_dropped.clone()
     }
 
     /// A fault a route injected: `delay` or `abort`.

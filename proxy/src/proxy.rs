@@ -114,6 +114,8 @@ pub struct Completion {
     recorded: bool,
     /// Keeps the client connection from counting as idle.
     active: ActiveRequest,
+    /// The request's span, when its trace is sampled.
+    trace: Option<Box<crate::trace::ActiveSpan>>,
 }
 
 impl Completion {
@@ -145,6 +147,9 @@ impl Completion {
             if kind == "idle_timeout" {
                 self.services.metrics.timeout("idle");
             }
+        }
+        if let Some(span) = self.trace.take() {
+            span.end(self.status, body_error.or(self.error));
         }
         if let Some(mut log) = self.log.take() {
             log.status = self.status.as_u16();
@@ -206,6 +211,7 @@ pub(crate) async fn serve(
         body: None,
         recorded: false,
         active,
+        trace: None,
     });
     // Routing is synchronous; only the chosen path's future is awaited here, so the request
     // future holds it directly (each async layer would store the request again).
@@ -215,6 +221,25 @@ pub(crate) async fn serve(
         Ok(Routing::Forward(routed)) => Ok(routed),
         Err(e) => Err(e),
     };
+    // The request joins its trace, or starts one (after routing: its span is named by its
+    // route), before anything is forwarded.
+    if let (Some(tracer), Ok(r)) = (&runtime.tracer, &routed) {
+        let route: &Route = r.route;
+        let method = req.method().clone();
+        let span = tracer.start(
+            req.headers_mut(),
+            format!("{method} {}", route.name),
+            matches!(slot, Slot::Ingress),
+            &[
+                ("http.request.method", method.as_str()),
+                ("trellis.route", &route.name),
+                ("trellis.cluster", &r.target.cluster.name),
+            ],
+        );
+        if let Some(c) = completion.as_mut() {
+            c.trace = span;
+        }
+    }
     // Debug level: a routed request's span, under its connection's.
     let span = match (&routed, &completion) {
         (Ok(r), Some(c)) => tracing::debug_span!(

@@ -390,6 +390,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<Cluster>>,
     /// The snapshot's access log; None: the `--access-log` flag's.
     pub access_log: Option<Arc<Sink>>,
+    /// Distributed tracing, if the snapshot asks for it.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl Runtime {
@@ -402,6 +404,7 @@ impl Runtime {
             named: HashMap::new(),
             clusters: Vec::new(),
             access_log: None,
+            tracer: None,
         }
     }
 

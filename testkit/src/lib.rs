@@ -13,6 +13,7 @@ pub mod client;
 pub mod etcd;
 pub mod grpc;
 pub mod h2raw;
+pub mod otlp;
 pub mod process;
 pub mod raw;
 pub mod upstream;

@@ -1901,6 +1901,13 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
     ),
     (
         Mesh,
+        "spec.tracing",
+        Honoured(
+            "Trellis addition: distributed tracing by the mesh's proxies — {collector: HOST:PORT (OTLP/gRPC), samplingPercent (new traces sampled, default 1)}; W3C traceparent and B3 propagated, a span per request at each proxy",
+        ),
+    ),
+    (
+        Mesh,
         "spec.appMeshDefaults",
         Honoured(
             "Trellis addition: ENABLED (default) or DISABLED; whether App Mesh's hidden defaults (its default retry policy) apply to the mesh's resources applied with appmesh.k8s.aws/v1beta2",

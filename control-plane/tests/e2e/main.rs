@@ -19,6 +19,7 @@ mod ports;
 mod preview;
 mod registration;
 mod tls;
+mod tracing;
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, process::Output, sync::OnceLock,

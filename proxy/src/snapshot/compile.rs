@@ -164,6 +164,10 @@ pub(crate) fn compile(
             .access_log
             .as_ref()
             .and_then(|log| compile_access_log(&mut c, log)),
+        tracer: snapshot
+            .tracing
+            .as_ref()
+            .and_then(|t| compile_tracing(&mut c, t)),
     };
     let mut names = HashSet::new();
     for (i, listener) in snapshot.listeners.iter().enumerate() {
@@ -1813,6 +1817,31 @@ fn compile_backoff(
         );
     }
     (base, max)
+}
+
+/// The snapshot's tracing: a collector address, a share, a service name.
+fn compile_tracing(c: &mut Compiler<'_>, t: &pb::Tracing) -> Option<Arc<crate::trace::Tracer>> {
+    let before = c.errors.len();
+    let address = t.collector.strip_prefix("http://").unwrap_or(&t.collector);
+    if !valid_host_port(address) {
+        c.err(
+            "tracing.collector",
+            format!("{:?} is not HOST:PORT or http://HOST:PORT", t.collector),
+        );
+    }
+    let share = crate::fault::Share::from_percent(t.sampling_percent);
+    if share.is_none() {
+        c.err("tracing.samplingPercent", "must be 0..=100 (percent)");
+    }
+    if c.errors.len() != before {
+        return None;
+    }
+    Some(Arc::new(crate::trace::Tracer::new(
+        t.collector.clone(),
+        share?,
+        t.service_name.clone(),
+        c.metrics.spans_dropped(),
+    )))
 }
 
 fn compile_access_log(c: &mut Compiler<'_>, log: &pb::AccessLog) -> Option<Arc<Sink>> {
