@@ -67,6 +67,13 @@ pub struct ProxyPreview {
     /// Its proxies connected to the control planes now.
     pub connected: usize,
     pub changes: Vec<crate::diff::Change>,
+    /// Set when the new snapshot could not be made valid: it would not be pushed (the
+    /// proxies keep theirs), for this reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
+    /// Pieces the new snapshot would leave out, because the proxies would reject them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 /// What `apply` or `delete` did to one resource.
@@ -142,6 +149,8 @@ pub struct Controller {
     replica: String,
     /// Its part in the election of a leader among them, once started.
     leadership: std::sync::OnceLock<crate::leader::Leadership>,
+    /// Previews (`trellis diff`) run one at a time.
+    previews: tokio::sync::Semaphore,
 }
 
 /// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
@@ -210,6 +219,7 @@ impl Controller {
             external_source: std::sync::OnceLock::new(),
             token_reviewer: std::sync::OnceLock::new(),
             replica: format!("{:016x}", fastrand::u64(..)),
+            previews: tokio::sync::Semaphore::new(1),
             leadership: std::sync::OnceLock::new(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
@@ -786,6 +796,8 @@ impl Controller {
         self: &Arc<Self>,
         manifests: Vec<Manifest>,
     ) -> Result<Preview, ControlError> {
+        // One preview at a time: each translates every node twice, uncached.
+        let _one = self.previews.acquire().await;
         let view = self.current().await?;
         let admitted = Admitted::new(manifests);
         let plan = admitted.plan(&view)?;
@@ -829,10 +841,22 @@ impl Controller {
                         .iter()
                         .filter(|p| p.node == name && p.kind == kind)
                         .count();
-                    (!changes.is_empty()).then_some(ProxyPreview {
+                    let withheld = next.as_ref().and_then(|t| t.withheld.clone());
+                    let left_out: Vec<String> = next
+                        .as_ref()
+                        .map(|t| {
+                            t.problems
+                                .iter()
+                                .map(|p| format!("{} ({}): {}", p.effect, p.source, p.reason))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (!changes.is_empty() || withheld.is_some()).then_some(ProxyPreview {
                         node: key.to_string(),
                         connected,
                         changes,
+                        withheld,
+                        left_out,
                     })
                 })
                 .collect()

@@ -3,6 +3,8 @@
 //! endpoints, weighted targets) matched by name rather than by position, so a change reads as
 //! `clusters[default/blue].endpoints[10.0.0.7:8080]: added`, not as a shifted list.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::Value;
 use trellis_proto::v1 as pb;
@@ -72,20 +74,37 @@ fn values(path: &str, a: &Value, b: &Value, out: &mut Vec<Change>) {
             }
         }
         (Value::Array(a), Value::Array(b)) => match (keyed(a), keyed(b)) {
-            (Some(ka), Some(kb)) => {
-                let mut keys: Vec<&String> = ka.iter().chain(&kb).map(|(k, _)| k).collect();
+            (Some((oa, ka)), Some((ob, kb))) => {
+                let mut keys: Vec<&String> = ka.keys().chain(kb.keys()).collect();
                 keys.sort();
                 keys.dedup();
                 for k in keys {
                     let p = format!("{path}[{k}]");
-                    match (find(&ka, k), find(&kb, k)) {
+                    match (ka.get(k), kb.get(k)) {
                         (Some(x), Some(y)) => values(&p, x, y, out),
                         (x, y) => out.push(Change {
                             path: p,
-                            before: x.cloned(),
-                            after: y.cloned(),
+                            before: x.map(|v| (*v).clone()),
+                            after: y.map(|v| (*v).clone()),
                         }),
                     }
+                }
+                // Order matters where items are tried in turn (routes of one priority): the
+                // items both sides have, in another order, are a change too.
+                let common = |order: &[String], other: &HashMap<String, &Value>| -> Vec<Value> {
+                    order
+                        .iter()
+                        .filter(|k| other.contains_key(*k))
+                        .map(|k| Value::String(k.clone()))
+                        .collect()
+                };
+                let (before, after) = (common(&oa, &kb), common(&ob, &ka));
+                if before != after {
+                    out.push(Change {
+                        path: format!("{path} (order)"),
+                        before: Some(Value::Array(before)),
+                        after: Some(Value::Array(after)),
+                    });
                 }
             }
             _ if a != b => out.push(Change {
@@ -104,25 +123,22 @@ fn values(path: &str, a: &Value, b: &Value, out: &mut Vec<Change>) {
     }
 }
 
-/// The item of `items` under `key`.
-fn find<'a>(items: &[(String, &'a Value)], key: &str) -> Option<&'a Value> {
-    items.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
-}
-
-/// A list's items by their key field, when every item is an object with one and no key repeats.
-fn keyed(items: &[Value]) -> Option<Vec<(String, &Value)>> {
+/// A list's items by their key field, and the keys in order, when every item is an object
+/// with one and no key repeats.
+fn keyed(items: &[Value]) -> Option<(Vec<String>, HashMap<String, &Value>)> {
     let field = KEYS
         .iter()
         .find(|k| items.first().and_then(|i| i.get(**k)).is_some())?;
-    let mut out: Vec<(String, &Value)> = Vec::with_capacity(items.len());
+    let mut order = Vec::with_capacity(items.len());
+    let mut by_key = HashMap::with_capacity(items.len());
     for item in items {
         let key = item.get(*field)?.as_str()?.to_string();
-        if out.iter().any(|(k, _)| *k == key) {
+        if by_key.insert(key.clone(), item).is_some() {
             return None;
         }
-        out.push((key, item));
+        order.push(key);
     }
-    Some(out)
+    Some((order, by_key))
 }
 
 #[cfg(test)]
@@ -218,6 +234,14 @@ mod tests {
         );
         assert_eq!(changes.len(), 4, "{changes:#?}");
         assert!(snapshots(Some(&a), Some(&a)).is_empty());
+        // The same targets in another order: an order change.
+        let swapped = snapshot(
+            &[("default/green", 10), ("default/blue", 90)],
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        );
+        let changes = snapshots(Some(&a), Some(&swapped));
+        assert_eq!(changes.len(), 1, "{changes:#?}");
+        assert_eq!(changes[0].path, format!("{route} (order)"));
         let gone = snapshots(Some(&a), None);
         assert_eq!(gone.len(), 1);
         assert!(gone[0].after.is_none());

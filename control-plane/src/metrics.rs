@@ -5,6 +5,17 @@
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
+/// The store's operations, as `op` labels.
+pub const STORE_OPS: [&str; 7] = [
+    "list",
+    "get",
+    "apply",
+    "watch",
+    "grant_lease",
+    "keep_alive",
+    "revoke",
+];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -86,6 +97,14 @@ impl ControlMetrics {
             "trellis_control_ca_root_expiry_timestamp_seconds",
             "When the mesh CA's signing root certificate expires (Unix seconds; 0 without a CA)",
         )?;
+        // Every series an alert watches exists from the start at 0: `increase()` sees the first
+        // NACK or store failure (a series born at 1 shows no increase).
+        for outcome in ["ack", "nack"] {
+            answers.with_label_values(&[outcome]);
+        }
+        for op in STORE_OPS {
+            store_errors.with_label_values(&[op]);
+        }
         registry.register(Box::new(store_latency.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(ca_expiry.clone()))?;

@@ -655,6 +655,11 @@ async fn route(controller: &Arc<Controller>, req: Request<Incoming>, _who: &str)
         (&Method::POST, ["v1", "apply"] | ["v1", "diff"]) if previews(&req) => {
             preview(controller, req).await
         }
+        (&Method::POST, ["v1", "apply"])
+            if query(&req).get("dryRun").is_some_and(|v| v != "false") =>
+        {
+            error(StatusCode::BAD_REQUEST, "dryRun must be true or false")
+        }
         (&Method::POST, ["v1", "apply"]) => apply(controller, req).await,
         (&Method::POST, ["v1", "delete"]) => delete(controller, req).await,
         (_, ["v1", "resources", kind, rest @ ..]) => {

@@ -128,7 +128,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
-/// A store whose every call is timed, and counted when it fails, by operation (the control
+/// A store whose every call is timed, and counted when the store fails (a backend error), by
+/// operation (the control
 /// plane's `trellis_control_store_seconds` and `trellis_control_store_errors_total`).
 #[derive(Debug)]
 pub struct Timed {
@@ -161,7 +162,9 @@ impl Timed {
             self.latency
                 .with_label_values(&[op])
                 .observe(started.elapsed().as_secs_f64());
-            if result.is_err() {
+            // Failures of the store itself; a conflict, a lease gone or a compacted revision
+            // is an answer the caller handles.
+            if let Err(StoreError::Backend(_)) = &result {
                 self.errors.with_label_values(&[op]).inc();
             }
             result

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::fault::Share;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const B3: HeaderName = HeaderName::from_static("b3");
 const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
@@ -89,12 +90,36 @@ impl Tracer {
         attributes: &[(&str, &str)],
     ) -> Option<Box<ActiveSpan>> {
         let cx = match extract(headers) {
-            Some(cx) => cx,
-            None => Context {
+            Some(Found::Context(cx)) => cx,
+            // A caller's decision without a trace (B3's lone `0`, `1` or `d`): a new trace, as
+            // decided.
+            Some(Found::Decision(sampled)) => Context {
                 trace_id: random_trace_id(),
                 parent: None,
-                sampled: self.share.hit(),
+                sampled,
             },
+            None => {
+                // A new trace (a malformed context's state goes with it), decided here once:
+                // an unsampled one goes on marked so (`-00`), so that the proxies after this
+                // one do not draw again.
+                headers.remove(TRACESTATE);
+                let cx = Context {
+                    trace_id: random_trace_id(),
+                    parent: None,
+                    sampled: self.share.hit(),
+                };
+                if !cx.sampled {
+                    let unsampled = format!(
+                        "00-{}-{}-00",
+                        to_hex(&cx.trace_id),
+                        to_hex(&random_span_id())
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&unsampled) {
+                        headers.insert(TRACEPARENT, v);
+                    }
+                }
+                cx
+            }
         };
         if !cx.sampled {
             return None;
@@ -195,28 +220,43 @@ fn random_span_id() -> [u8; 8] {
     }
 }
 
+/// What a request's trace headers say: its place in a trace, or only a sampling decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Context(Context),
+    Decision(bool),
+}
+
 /// The request's trace context: W3C `traceparent` first, else B3 (single `b3` header, or the
-/// `x-b3-*` headers). Malformed headers are no context (the request starts a trace).
-pub fn extract(headers: &HeaderMap) -> Option<Context> {
-    if let Some(v) = headers.get(TRACEPARENT) {
-        return traceparent(v.as_bytes());
+/// `x-b3-*` headers). Malformed headers are none (the request starts a trace).
+pub fn extract(headers: &HeaderMap) -> Option<Found> {
+    if let Some(cx) = headers
+        .get(TRACEPARENT)
+        .and_then(|v| traceparent(v.as_bytes()))
+    {
+        return Some(Found::Context(cx));
     }
     if let Some(v) = headers.get(B3) {
         return b3_single(v.to_str().ok()?);
     }
-    let trace = headers.get(B3_TRACE)?.to_str().ok()?;
-    let span = headers.get(B3_SPAN)?.to_str().ok()?;
     let sampled = match (headers.get(B3_SAMPLED), headers.get(B3_FLAGS)) {
-        (_, Some(f)) if f == "1" => true,
-        (Some(s), _) => s == "1" || s == "true",
-        // No decision: ours (B3 defers it downstream); treated as sampled, as Envoy does.
-        (None, _) => true,
+        (_, Some(f)) if f == "1" => Some(true),
+        (Some(s), _) => Some(s == "1" || s == "true"),
+        (None, _) => None,
     };
-    Some(Context {
+    let ids = headers
+        .get(B3_TRACE)
+        .zip(headers.get(B3_SPAN))
+        .and_then(|(t, s)| Some((t.to_str().ok()?, s.to_str().ok()?)));
+    let Some((trace, span)) = ids else {
+        return sampled.map(Found::Decision);
+    };
+    Some(Found::Context(Context {
         trace_id: b3_trace_id(trace)?,
         parent: Some(hex::<8>(span)?),
-        sampled,
-    })
+        // No decision: B3 defers it downstream; taken as sampled, as Envoy does.
+        sampled: sampled.unwrap_or(true),
+    }))
 }
 
 /// `00-{32 hex trace}-{16 hex parent}-{2 hex flags}` (version 00; a later version's first four
@@ -243,16 +283,21 @@ fn traceparent(v: &[u8]) -> Option<Context> {
 }
 
 /// `{trace}-{span}[-{sampled}[-{parent}]]`, or a lone sampling decision (`0`, `1`, `d`).
-fn b3_single(v: &str) -> Option<Context> {
+fn b3_single(v: &str) -> Option<Found> {
+    match v {
+        "0" => return Some(Found::Decision(false)),
+        "1" | "d" => return Some(Found::Decision(true)),
+        _ => {}
+    }
     let mut parts = v.split('-');
     let trace = parts.next()?;
     let span = parts.next()?;
     let sampled = !matches!(parts.next(), Some("0"));
-    Some(Context {
+    Some(Found::Context(Context {
         trace_id: b3_trace_id(trace)?,
         parent: Some(hex::<8>(span)?),
         sampled,
-    })
+    }))
 }
 
 /// A B3 trace id: 32 hex digits, or 16 (the high half zero).
@@ -335,7 +380,11 @@ async fn export(collector: String, service: String, mut rx: mpsc::Receiver<Span>
     } else {
         format!("http://{collector}")
     };
-    let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint) else {
+    let endpoint = tonic::transport::Endpoint::from_shared(endpoint).map(|e| {
+        e.connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+    });
+    let Ok(channel) = endpoint else {
         tracing::warn!(%collector, "tracing collector address invalid; spans are dropped");
         return;
     };
@@ -381,6 +430,60 @@ async fn export(collector: String, service: String, mut rx: mpsc::Receiver<Span>
 mod tests {
     use super::*;
 
+    fn context(h: &HeaderMap) -> Context {
+        match extract(h) {
+            Some(Found::Context(cx)) => cx,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A new trace the proxy does not sample goes on marked unsampled, its tracestate gone,
+    /// so the proxies after it keep the decision; a caller's "do not sample" is kept; B3
+    /// decisions without ids are read; a malformed traceparent does not hide valid B3.
+    #[test]
+    fn decisions_are_kept_downstream() {
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::ProxyMetrics::new(&registry).unwrap();
+        let tracer = |p: f64| {
+            Arc::new(Tracer::new(
+                "127.0.0.1:1".into(),
+                Share::from_percent(p).unwrap(),
+                "s".into(),
+                metrics.spans_dropped(),
+            ))
+        };
+        let (never, always) = (tracer(0.0), tracer(100.0));
+        let mut h = HeaderMap::new();
+        h.insert(TRACESTATE, "vendor=x".parse().unwrap());
+        assert!(never.start(&mut h, "n".into(), true, &[]).is_none());
+        assert!(!h.contains_key(TRACESTATE));
+        assert!(!context(&h).sampled);
+        assert!(
+            always.start(&mut h, "n".into(), true, &[]).is_none(),
+            "kept downstream"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(B3, "0".parse().unwrap());
+        assert_eq!(extract(&h), Some(Found::Decision(false)));
+        assert!(always.start(&mut h, "n".into(), true, &[]).is_none());
+        assert_eq!(h[B3], "0");
+        let mut h = HeaderMap::new();
+        h.insert(B3_SAMPLED, "1".parse().unwrap());
+        assert_eq!(extract(&h), Some(Found::Decision(true)));
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, "garbage".parse().unwrap());
+        h.insert(
+            B3,
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            to_hex(&context(&h).trace_id),
+            "80f198ee56343ba864fe8b2a57d3eff7"
+        );
+    }
+
     #[test]
     fn traceparent_is_read_and_malformed_ones_are_none() {
         let cx = traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
@@ -411,14 +514,14 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let cx = extract(&h).unwrap();
+        let cx = context(&h);
         assert_eq!(to_hex(&cx.trace_id), "80f198ee56343ba864fe8b2a57d3eff7");
         assert_eq!(to_hex(&cx.parent.unwrap()), "e457b5a2e4d86bd1");
         let mut h = HeaderMap::new();
         h.insert(B3_TRACE, "463ac35c9f6413ad".parse().unwrap());
         h.insert(B3_SPAN, "a2fb4a1d1a96d312".parse().unwrap());
         h.insert(B3_SAMPLED, "0".parse().unwrap());
-        let cx = extract(&h).unwrap();
+        let cx = context(&h);
         assert_eq!(to_hex(&cx.trace_id), "0000000000000000463ac35c9f6413ad");
         assert!(!cx.sampled);
     }
@@ -433,7 +536,7 @@ mod tests {
             "463ac35c9f6413ad463ac35c9f6413ad".parse().unwrap(),
         );
         h.insert(B3_SPAN, "a2fb4a1d1a96d312".parse().unwrap());
-        let cx = extract(&h).unwrap();
+        let cx = context(&h);
         inject(&mut h, &cx, [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(
             h[TRACEPARENT],
@@ -442,7 +545,7 @@ mod tests {
         assert_eq!(h[B3_SPAN], "0102030405060708");
         assert_eq!(h[B3_PARENT], "a2fb4a1d1a96d312");
         assert_eq!(h[B3_SAMPLED], "1");
-        let next = extract(&h).unwrap();
+        let next = context(&h);
         assert_eq!(next.trace_id, cx.trace_id);
         assert_eq!(next.parent, Some([1, 2, 3, 4, 5, 6, 7, 8]));
     }

@@ -330,6 +330,11 @@ enum InstancesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `diff` says "changes" with 1, so its failures are 2 (as `kubectl diff`).
+    let failure = match cli.command {
+        Command::Diff { .. } => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -344,7 +349,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("trellis: {e:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -786,6 +791,12 @@ async fn diff(api: &ApiClient, files: Vec<String>) -> anyhow::Result<bool> {
             n => format!("{n} proxies connected"),
         };
         println!("\n{} ({proxies}):", p.node);
+        if let Some(why) = &p.withheld {
+            println!("  ! withheld: its proxies would keep their config: {why}");
+        }
+        for l in &p.left_out {
+            println!("  ! left out: {l}");
+        }
         for c in &p.changes {
             let path = if c.path.is_empty() {
                 "snapshot"
