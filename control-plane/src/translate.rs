@@ -703,6 +703,34 @@ impl Builder<'_> {
         })
     }
 
+    /// The fields an httpRoute (or http2Route) and a grpcRoute share, set on `out`.
+    fn shared_fields(
+        &mut self,
+        out: &mut pb::Route,
+        router: &ResourceKey,
+        route: &str,
+        shared: Shared<'_>,
+    ) {
+        let ns = router.namespace.as_str();
+        out.retry_policy = shared
+            .retry_policy
+            .map(retry)
+            .or_else(|| self.default_retry(router));
+        out.timeout = shared.timeout.map(timeouts);
+        out.request_headers = shared.request_headers.map(model::HeaderRules::to_proto);
+        out.response_headers = shared.response_headers.map(model::HeaderRules::to_proto);
+        out.fault = shared.fault.map(fault);
+        out.mirror = shared.mirror.map(|m| {
+            let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
+            m.to_proto(self.mirror_cluster(&key, m.port))
+        });
+        // One bucket per router route at a proxy, whichever virtual hosts (services, gateway
+        // hostnames) carry a copy of it.
+        out.rate_limit = shared
+            .rate_limit
+            .map(|r| r.to_proto(&format!("{ns}/{}/{route}", router.name)));
+    }
+
     fn route(&mut self, router: &ResourceKey, route: &model::Route) -> pb::Route {
         let ns = router.namespace.as_str();
         let mut out = pb::Route {
@@ -722,28 +750,16 @@ impl Builder<'_> {
                 host_rewrite: rewrite.and_then(|r| r.hostname.clone()).unwrap_or_default(),
                 ..Default::default()
             });
-            out.retry_policy = h
-                .retry_policy
-                .as_ref()
-                .map(retry)
-                .or_else(|| self.default_retry(router));
-            out.timeout = h.timeout.as_ref().map(timeouts);
-            out.request_headers = h.request_headers.as_ref().map(model::HeaderRules::to_proto);
-            out.response_headers = h
-                .response_headers
-                .as_ref()
-                .map(model::HeaderRules::to_proto);
-            out.fault = h.fault.as_ref().map(fault);
-            out.mirror = h.mirror.as_ref().map(|m| {
-                let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
-                m.to_proto(self.mirror_cluster(&key, m.port))
-            });
-            // One bucket per router route at a proxy, whichever virtual hosts (services,
-            // gateway hostnames) carry a copy of it.
-            out.rate_limit = h
-                .rate_limit
-                .as_ref()
-                .map(|r| r.to_proto(&format!("{ns}/{}/{}", router.name, route.name)));
+            let shared = Shared {
+                retry_policy: h.retry_policy.as_ref(),
+                timeout: h.timeout.as_ref(),
+                request_headers: h.request_headers.as_ref(),
+                response_headers: h.response_headers.as_ref(),
+                fault: h.fault.as_ref(),
+                mirror: h.mirror.as_ref(),
+                rate_limit: h.rate_limit.as_ref(),
+            };
+            self.shared_fields(&mut out, router, &route.name, shared);
         } else if let Some(g) = &route.grpc_route {
             out.r#match = Some(pb::RouteMatch {
                 grpc: g.matcher.service_name.as_ref().map(|s| pb::GrpcMatch {
@@ -762,28 +778,16 @@ impl Builder<'_> {
                 weighted_targets: self.targets(ns, &g.action),
                 ..Default::default()
             });
-            out.retry_policy = g
-                .retry_policy
-                .as_ref()
-                .map(retry)
-                .or_else(|| self.default_retry(router));
-            out.timeout = g.timeout.as_ref().map(timeouts);
-            out.request_headers = g.request_headers.as_ref().map(model::HeaderRules::to_proto);
-            out.response_headers = g
-                .response_headers
-                .as_ref()
-                .map(model::HeaderRules::to_proto);
-            out.fault = g.fault.as_ref().map(fault);
-            out.mirror = g.mirror.as_ref().map(|m| {
-                let key = m.virtual_node_ref.key(Kind::VirtualNode, ns);
-                m.to_proto(self.mirror_cluster(&key, m.port))
-            });
-            // One bucket per router route at a proxy, whichever virtual hosts (services,
-            // gateway hostnames) carry a copy of it.
-            out.rate_limit = g
-                .rate_limit
-                .as_ref()
-                .map(|r| r.to_proto(&format!("{ns}/{}/{}", router.name, route.name)));
+            let shared = Shared {
+                retry_policy: g.retry_policy.as_ref(),
+                timeout: g.timeout.as_ref(),
+                request_headers: g.request_headers.as_ref(),
+                response_headers: g.response_headers.as_ref(),
+                fault: g.fault.as_ref(),
+                mirror: g.mirror.as_ref(),
+                rate_limit: g.rate_limit.as_ref(),
+            };
+            self.shared_fields(&mut out, router, &route.name, shared);
         } else if let Some(t) = &route.tcp_route {
             // Reached through the egress with CONNECT; `match.port` against its authority's.
             let port = t
@@ -804,6 +808,17 @@ impl Builder<'_> {
         }
         out
     }
+}
+
+/// What an httpRoute and a grpcRoute have alike (their own fields, borrowed).
+struct Shared<'a> {
+    retry_policy: Option<&'a RetryPolicy>,
+    timeout: Option<&'a Timeouts>,
+    request_headers: Option<&'a model::HeaderRules>,
+    response_headers: Option<&'a model::HeaderRules>,
+    fault: Option<&'a model::Fault>,
+    mirror: Option<&'a model::Mirror>,
+    rate_limit: Option<&'a model::RateLimit>,
 }
 
 fn http_match(m: &HttpMatch) -> pb::RouteMatch {

@@ -24,6 +24,27 @@ fn mesh(blue_port: u16, collector: std::net::SocketAddr, percent: f64) -> String
     )
 }
 
+/// The two spans of `trace` (one per sidecar), once the collector has both.
+async fn two_spans(rotel: &Rotel, trace: &str) -> Vec<trellis_testkit::otlp::ReceivedSpan> {
+    trellis_testkit::eventually(
+        Duration::from_secs(15),
+        "both spans of the trace",
+        || async {
+            let spans: Vec<_> = rotel
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace)
+                .collect();
+            if spans.len() == 2 {
+                Ok(spans)
+            } else {
+                Err(format!("{spans:#?}"))
+            }
+        },
+    )
+    .await
+}
+
 async fn get(
     egress: std::net::SocketAddr,
     headers: &[(&str, &str)],
@@ -71,19 +92,7 @@ async fn traces_join_across_sidecars_in_a_real_collector() {
     let parts: Vec<&str> = seen.split('-').collect();
     assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{seen}");
     let (trace, app_parent) = (parts[1].to_string(), parts[2].to_string());
-    let spans = trellis_testkit::eventually(Duration::from_secs(15), "both spans", || async {
-        let spans: Vec<_> = rotel
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == trace)
-            .collect();
-        if spans.len() == 2 {
-            Ok(spans)
-        } else {
-            Err(format!("{spans:#?}"))
-        }
-    })
-    .await;
+    let spans = two_spans(&rotel, &trace).await;
     let client = spans.iter().find(|s| s.service == "default/front").unwrap();
     let server = spans.iter().find(|s| s.service == "default/blue").unwrap();
     assert_eq!(client.kind, "SPAN_KIND_CLIENT", "{spans:#?}");
@@ -110,19 +119,7 @@ async fn traces_join_across_sidecars_in_a_real_collector() {
     )
     .await;
     assert_eq!(r.header("x-seen-x-b3-traceid"), Some(b3_trace));
-    let spans = trellis_testkit::eventually(Duration::from_secs(15), "the B3 trace", || async {
-        let spans: Vec<_> = rotel
-            .spans()
-            .into_iter()
-            .filter(|s| s.trace_id == b3_trace)
-            .collect();
-        if spans.len() == 2 {
-            Ok(spans)
-        } else {
-            Err(format!("{spans:#?}"))
-        }
-    })
-    .await;
+    let spans = two_spans(&rotel, b3_trace).await;
     let client = spans.iter().find(|s| s.service == "default/front").unwrap();
     assert_eq!(client.parent_id, "a2fb4a1d1a96d312", "{spans:#?}");
     let server = spans.iter().find(|s| s.service == "default/blue").unwrap();
