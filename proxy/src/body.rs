@@ -98,12 +98,23 @@ pub trait Finish {
     fn finish(self, error: Option<&'static str>, bytes_sent: u64);
 }
 
+pin_project_lite::pin_project! {
+    /// A response body's idle timeout: its limit and its timer, in one allocation (the body,
+    /// which every response carries, stays small).
+    #[derive(Debug)]
+    struct IdleTimer {
+        limit: Duration,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
 /// An upstream response body `B` on its way to the client, with its idle timeout and `F`, what
 /// ends the exchange.
 #[derive(Debug)]
 pub struct UpstreamBody<B, F: Finish> {
     inner: B,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<Pin<Box<IdleTimer>>>,
     done: Option<F>,
     /// Data bytes passed on so far.
     sent: u64,
@@ -113,7 +124,12 @@ impl<B: Body, F: Finish> UpstreamBody<B, F> {
     pub fn new(inner: B, idle: Option<Duration>, done: F) -> Self {
         let mut body = Self {
             inner,
-            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            idle: idle.map(|limit| {
+                Box::pin(IdleTimer {
+                    limit,
+                    sleep: tokio::time::sleep(limit),
+                })
+            }),
             done: Some(done),
             sent: 0,
         };
@@ -148,8 +164,9 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
-                if let Some((d, sleep)) = &mut this.idle {
-                    sleep.as_mut().reset(Instant::now() + *d);
+                if let Some(timer) = &mut this.idle {
+                    let timer = timer.as_mut().project();
+                    timer.sleep.reset(Instant::now() + *timer.limit);
                 }
                 if this.inner.is_end_stream() {
                     this.finish(None);
@@ -165,10 +182,11 @@ where
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
-                if let Some((d, sleep)) = &mut this.idle
-                    && sleep.as_mut().poll(cx).is_ready()
-                {
-                    let d = *d;
+                let expired = this.idle.as_mut().and_then(|timer| {
+                    let timer = timer.as_mut().project();
+                    timer.sleep.poll(cx).is_ready().then_some(*timer.limit)
+                });
+                if let Some(d) = expired {
                     this.finish(Some("idle_timeout"));
                     return Poll::Ready(Some(Err(format!("no data for {d:?}").into())));
                 }
