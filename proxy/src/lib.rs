@@ -35,6 +35,7 @@ pub mod rate_limit;
 pub mod retry;
 pub mod route;
 pub mod snapshot;
+pub mod span_export;
 pub mod steps;
 pub mod tcp;
 pub mod tls;

@@ -4,21 +4,18 @@
 //! forwarded as the parent of what comes next, and exported over OTLP/gRPC to the snapshot's
 //! collector in batches. Without tracing in the snapshot a request pays one `Option` test.
 
-use std::{
-    sync::{Arc, OnceLock},
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value::Value},
-    resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
+    common::v1::{AnyValue, KeyValue, any_value::Value},
+    trace::v1::{Span, Status, span::SpanKind, status::StatusCode},
 };
-use tokio::sync::mpsc;
 
-use crate::fault::Share;
+use crate::{
+    fault::Share,
+    span_export::{SpanQueue, string},
+};
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -29,21 +26,14 @@ const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-/// Spans waiting for export at most; beyond, new ones are dropped (counted).
-const QUEUE: usize = 4096;
-/// Spans sent per export at most, and how long a span waits for a batch at most.
-const BATCH: usize = 512;
-const FLUSH: Duration = Duration::from_secs(1);
-
 /// A snapshot's tracing: where spans go, what share of new traces is sampled, and the name
 /// this proxy reports as (`service.name`).
 #[derive(Debug)]
 pub struct Tracer {
-    collector: String,
     share: Share,
-    service: String,
-    /// The exporter's queue, started with the first span (not when a snapshot is only checked).
-    queue: OnceLock<mpsc::Sender<Span>>,
+    /// Where its spans go: shared with the tracers of the snapshots before and after it while
+    /// they export to the same collector as the same service (one connection across pushes).
+    queue: Arc<SpanQueue>,
     dropped: prometheus::IntCounter,
 }
 
@@ -64,17 +54,10 @@ pub struct ActiveSpan {
 }
 
 impl Tracer {
-    pub fn new(
-        collector: String,
-        share: Share,
-        service: String,
-        dropped: prometheus::IntCounter,
-    ) -> Self {
+    pub fn new(queue: Arc<SpanQueue>, share: Share, dropped: prometheus::IntCounter) -> Self {
         Self {
-            collector,
             share,
-            service,
-            queue: OnceLock::new(),
+            queue,
             dropped,
         }
     }
@@ -151,12 +134,7 @@ impl Tracer {
     }
 
     fn send(&self, span: Span) {
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(export(self.collector.clone(), self.service.clone(), rx));
-            tx
-        });
-        if queue.try_send(span).is_err() {
+        if !self.queue.send(span) {
             self.dropped.inc();
         }
     }
@@ -185,15 +163,6 @@ impl ActiveSpan {
         }
         let Self { tracer, span } = *self;
         tracer.send(span);
-    }
-}
-
-fn string(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(value.into())),
-        }),
     }
 }
 
@@ -371,61 +340,6 @@ fn inject(headers: &mut HeaderMap, cx: &Context, span: [u8; 8]) {
     }
 }
 
-/// Sends the queue's spans to `collector` (OTLP/gRPC, plaintext) in batches, until the queue
-/// closes (the snapshot's tracer is gone) and what it held is sent. A failed export is logged
-/// and its spans dropped: tracing never holds requests.
-async fn export(collector: String, service: String, mut rx: mpsc::Receiver<Span>) {
-    let endpoint = if collector.contains("://") {
-        collector.clone()
-    } else {
-        format!("http://{collector}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(endpoint).map(|e| {
-        e.connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-    });
-    let Ok(channel) = endpoint else {
-        tracing::warn!(%collector, "tracing collector address invalid; spans are dropped");
-        return;
-    };
-    let mut client = TraceServiceClient::new(channel.connect_lazy());
-    let resource = Resource {
-        attributes: vec![string("service.name", &service)],
-        ..Default::default()
-    };
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let first = rx.recv().await;
-        let Some(first) = first else { break };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + FLUSH;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "trellis-proxy".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans: std::mem::take(&mut batch),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        if let Err(e) = client.export(request).await {
-            tracing::warn!(%collector, error = %e, "span export failed; those spans are dropped");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,9 +360,8 @@ mod tests {
         let metrics = crate::metrics::ProxyMetrics::new(&registry).unwrap();
         let tracer = |p: f64| {
             Arc::new(Tracer::new(
-                "127.0.0.1:1".into(),
+                Arc::new(SpanQueue::new("127.0.0.1:1".into(), "s".into())),
                 Share::from_percent(p).unwrap(),
-                "s".into(),
                 metrics.spans_dropped(),
             ))
         };

@@ -714,6 +714,9 @@ pub struct Upstreams {
     zone: std::sync::OnceLock<Box<str>>,
     /// What the routes' mirrors share across snapshots: copies in flight, bytes held.
     mirrors: Arc<crate::limit::MirrorBudget>,
+    /// The span queues of live tracers, by (collector, service): a snapshot's tracer takes the
+    /// one its predecessor used, so a push keeps the exporter and its connection.
+    span_queues: Mutex<HashMap<(String, String), std::sync::Weak<crate::span_export::SpanQueue>>>,
 }
 
 /// An endpoint of a cluster: (cluster, protocol, address, the IP family it is dialled in, the
@@ -860,6 +863,26 @@ impl Generation<'_> {
     /// What the routes' mirrors share.
     pub(crate) fn mirror_budget(&self) -> Arc<crate::limit::MirrorBudget> {
         self.upstreams.mirrors.clone()
+    }
+
+    /// The span queue for `collector` and `service`: a live tracer's, else a new one.
+    pub(crate) fn span_queue(
+        &self,
+        collector: &str,
+        service: &str,
+    ) -> Arc<crate::span_export::SpanQueue> {
+        let mut queues = self.upstreams.span_queues.lock();
+        queues.retain(|_, q| q.strong_count() > 0);
+        let key = (collector.to_string(), service.to_string());
+        if let Some(live) = queues.get(&key).and_then(std::sync::Weak::upgrade) {
+            return live;
+        }
+        let queue = Arc::new(crate::span_export::SpanQueue::new(
+            collector.to_string(),
+            service.to_string(),
+        ));
+        queues.insert(key, Arc::downgrade(&queue));
+        queue
     }
 
     /// Whether certificate and trust files are read (not when checking a snapshot elsewhere).
@@ -1055,6 +1078,23 @@ pub(crate) fn test_cluster(name: &str, addrs: &[&str]) -> Arc<Cluster> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot's tracer takes the span queue (and its exporter) of the one before while
+    /// they export alike; another collector or service gets its own.
+    #[test]
+    fn span_queues_are_shared_while_alive() {
+        let ups = Upstreams::default();
+        let first = ups.generation().span_queue("127.0.0.1:4317", "default/front");
+        let next = ups.generation().span_queue("127.0.0.1:4317", "default/front");
+        assert!(Arc::ptr_eq(&first, &next));
+        let other = ups.generation().span_queue("127.0.0.1:4318", "default/front");
+        assert!(!Arc::ptr_eq(&first, &other));
+        let weak = Arc::downgrade(&first);
+        drop((first, next));
+        assert!(weak.upgrade().is_none(), "gone with its last tracer");
+        let fresh = ups.generation().span_queue("127.0.0.1:4317", "default/front");
+        assert_eq!(Arc::strong_count(&fresh), 1);
+    }
 
     #[test]
     fn generations_reuse_live_endpoint_state() {

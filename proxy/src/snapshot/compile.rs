@@ -167,7 +167,7 @@ pub(crate) fn compile(
         tracer: snapshot
             .tracing
             .as_ref()
-            .and_then(|t| compile_tracing(&mut c, t)),
+            .and_then(|t| compile_tracing(&mut c, t, generation)),
     };
     let mut names = HashSet::new();
     for (i, listener) in snapshot.listeners.iter().enumerate() {
@@ -1820,7 +1820,11 @@ fn compile_backoff(
 }
 
 /// The snapshot's tracing: a collector address, a share, a service name.
-fn compile_tracing(c: &mut Compiler<'_>, t: &pb::Tracing) -> Option<Arc<crate::trace::Tracer>> {
+fn compile_tracing(
+    c: &mut Compiler<'_>,
+    t: &pb::Tracing,
+    generation: &Generation<'_>,
+) -> Option<Arc<crate::trace::Tracer>> {
     let before = c.errors.len();
     let address = t.collector.strip_prefix("http://").unwrap_or(&t.collector);
     if !valid_host_port(address) {
@@ -1837,9 +1841,8 @@ fn compile_tracing(c: &mut Compiler<'_>, t: &pb::Tracing) -> Option<Arc<crate::t
         return None;
     }
     Some(Arc::new(crate::trace::Tracer::new(
-        t.collector.clone(),
+        generation.span_queue(&t.collector, &t.service_name),
         share?,
-        t.service_name.clone(),
         c.metrics.spans_dropped(),
     )))
 }
