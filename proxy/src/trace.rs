@@ -235,7 +235,8 @@ fn traceparent(v: &[u8]) -> Option<Context> {
     let mut parts = v.split('-');
     let version = parts.next()?;
     let (trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+    if hex::<1>(version).is_none() || version == "ff" || (version == "00" && parts.next().is_some())
+    {
         return None;
     }
     let trace_id = hex::<16>(trace)?;
@@ -413,6 +414,7 @@ mod tests {
             b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
             b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
             b"garbage",
+            b"0g-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
             assert_eq!(traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
         }

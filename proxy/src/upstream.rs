@@ -1084,15 +1084,23 @@ mod tests {
     #[test]
     fn span_queues_are_shared_while_alive() {
         let ups = Upstreams::default();
-        let first = ups.generation().span_queue("127.0.0.1:4317", "default/front");
-        let next = ups.generation().span_queue("127.0.0.1:4317", "default/front");
+        let first = ups
+            .generation()
+            .span_queue("127.0.0.1:4317", "default/front");
+        let next = ups
+            .generation()
+            .span_queue("127.0.0.1:4317", "default/front");
         assert!(Arc::ptr_eq(&first, &next));
-        let other = ups.generation().span_queue("127.0.0.1:4318", "default/front");
+        let other = ups
+            .generation()
+            .span_queue("127.0.0.1:4318", "default/front");
         assert!(!Arc::ptr_eq(&first, &other));
         let weak = Arc::downgrade(&first);
         drop((first, next));
         assert!(weak.upgrade().is_none(), "gone with its last tracer");
-        let fresh = ups.generation().span_queue("127.0.0.1:4317", "default/front");
+        let fresh = ups
+            .generation()
+            .span_queue("127.0.0.1:4317", "default/front");
         assert_eq!(Arc::strong_count(&fresh), 1);
     }
 
