@@ -12,6 +12,22 @@ use crate::{
 
 const API: &str = "apiVersion: mesh.trellis.dev/v1beta1";
 
+/// The README's example applies as written (on a control plane of its own: its mesh would make
+/// a test's resources ambiguous).
+async fn example_applies(yaml: &str) {
+    let data = tempfile::tempdir().unwrap();
+    let example = ControlProcess::start(CONTROL, data.path()).await;
+    apply(&example.url, yaml);
+}
+
+/// Applying `yaml` is refused, naming `field`.
+fn refused_naming(url: &str, yaml: &str, field: &str) {
+    let out = apply_result(url, yaml);
+    assert!(!out.status.success());
+    let why = stderr(&out);
+    assert!(why.contains(field), "{why}");
+}
+
 /// A mesh under mTLS STRICT: `front` calls `blue` through the router `blue` (route `r`, with
 /// `route_rules` under its httpRoute); `blue`'s own rules (`node_rules`, under its spec) apply at
 /// its sidecar.
@@ -264,27 +280,16 @@ async fn faults_abort_and_delay_the_share_of_requests_asked() {
     assert_eq!(delays().await - before, 4.0);
 
     // Refused naming its field; the running config stays.
-    let out = apply_result(
+    refused_naming(
         &url,
         &fault_mesh(
             port,
             "          abort: { httpStatus: 503, percentage: 150 }\n",
         ),
-    );
-    assert!(!out.status.success());
-    let why = stderr(&out);
-    assert!(
-        why.contains("spec.routes[0].httpRoute.fault.abort.percentage"),
-        "{why}"
+        "spec.routes[0].httpRoute.fault.abort.percentage",
     );
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/faults.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/faults.yaml")).await;
 }
 
 /// Rate limiting: a route's limit holds its rate within 5% under a load far above it (the
@@ -400,27 +405,16 @@ async fn rate_limits_hold_their_rate_per_route_and_per_key() {
     assert_eq!(as_user("bob").await.0, 429);
 
     // Refused naming its field.
-    let out = apply_result(
+    refused_naming(
         &url,
         &plain(
             "        rateLimit: { requests: 0, per: { unit: s, value: 1 } }\n",
             "",
         ),
-    );
-    assert!(!out.status.success());
-    let why = stderr(&out);
-    assert!(
-        why.contains("spec.routes[0].httpRoute.rateLimit.requests"),
-        "{why}"
+        "spec.routes[0].httpRoute.rateLimit.requests",
     );
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/rate-limits.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/rate-limits.yaml")).await;
 }
 
 /// Path and host rewrites on router routes, at the caller's sidecar: a prefix replaced, a whole
@@ -488,21 +482,9 @@ async fn router_routes_rewrite_paths_and_hosts() {
         "rewrite: { path: /internal/health }",
         "rewrite: { prefix: /x/ }",
     ));
-    let out = apply_result(&url, &bad);
-    assert!(!out.status.success());
-    let why = stderr(&out);
-    assert!(
-        why.contains("spec.routes[1].httpRoute.rewrite.prefix"),
-        "{why}"
-    );
+    refused_naming(&url, &bad, "spec.routes[1].httpRoute.rewrite.prefix");
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/rewrites.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/rewrites.yaml")).await;
 }
 
 /// Slow start: a node's instance registered next to a serving one gets a small share at first
@@ -748,13 +730,7 @@ async fn mirrors_copy_their_share_without_holding_the_primary() {
     assert_eq!(r.status.as_u16(), 200);
     assert_eq!(front.version().await, version);
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/mirroring.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/mirroring.yaml")).await;
 }
 
 /// Consistent hashing: with RING_HASH (keyed by a header) and MAGLEV (by a cookie), each of 200
@@ -887,13 +863,7 @@ async fn hashing_keeps_each_key_on_its_instance_and_moves_only_the_leavers_keys(
         assert!(why.contains("spec.loadBalancer.hashKey"), "{why}");
     }
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/hashing.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/hashing.yaml")).await;
 }
 
 /// Zone-aware balancing: a caller in zone-a sends only to the instances in zone-a (by their
@@ -991,13 +961,7 @@ async fn zone_aware_callers_keep_to_their_zone_while_it_has_enough() {
     .await;
 
     let bad = yaml.replace("minEndpoints: 2", "minEndpoints: 0");
-    let out = apply_result(&url, &bad);
-    assert!(!out.status.success());
-    let why = stderr(&out);
-    assert!(
-        why.contains("spec.loadBalancer.zoneAware.minEndpoints"),
-        "{why}"
-    );
+    refused_naming(&url, &bad, "spec.loadBalancer.zoneAware.minEndpoints");
 }
 
 /// WebSockets through an HTTP/2 hop: a node whose listener is `http2` (its app speaks
@@ -1098,19 +1062,7 @@ async fn hedged_requests_outlast_the_per_retry_timeout() {
         "      grpcRoute:\n        match: {}\n",
     );
     assert!(grpc.contains("grpcRoute"), "{grpc}");
-    let out = apply_result(&url, &grpc);
-    assert!(!out.status.success());
-    let why = stderr(&out);
-    assert!(
-        why.contains("grpcRoute.retryPolicy.hedgeOnPerRetryTimeout"),
-        "{why}"
-    );
+    refused_naming(&url, &grpc, "grpcRoute.retryPolicy.hedgeOnPerRetryTimeout");
 
-    // The README's example applies as written (on a control plane of its own).
-    let other = tempfile::tempdir().unwrap();
-    let example = ControlProcess::start(CONTROL, other.path()).await;
-    apply(
-        &example.url,
-        include_str!("../../../examples/l7/balancing.yaml"),
-    );
+    example_applies(include_str!("../../../examples/l7/balancing.yaml")).await;
 }
