@@ -50,6 +50,19 @@ impl Outbound {
         &mut self.parts.headers
     }
 
+    /// The authority the request carries, where it carries it.
+    fn authority(&self) -> Option<Authority> {
+        match self.authority {
+            AuthorityIn::Target => self.parts.uri.authority().cloned(),
+            AuthorityIn::Host => self
+                .parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            AuthorityIn::Missing => None,
+        }
+    }
+
     /// Replaces the authority (a route's host rewrite), where the request carries it.
     pub fn set_authority(&mut self, authority: &Authority) {
         match self.authority {
@@ -71,15 +84,7 @@ impl Outbound {
     /// `authority_port`: the target sidecar's ingress chooses its listener by it). Nothing to do
     /// when it already names that port, as on a retry.
     pub fn set_authority_port(&mut self, port: u16) {
-        let current = match self.authority {
-            AuthorityIn::Target => self.parts.uri.authority().cloned(),
-            AuthorityIn::Host => self
-                .parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
-            AuthorityIn::Missing => None,
-        };
+        let current = self.authority();
         let Some(current) = current else { return };
         if current.port_u16() == Some(port) {
             return;
@@ -105,15 +110,7 @@ impl Outbound {
             parts: copy(&self.parts),
             authority: self.authority,
         };
-        let current = match self.authority {
-            AuthorityIn::Target => self.parts.uri.authority().cloned(),
-            AuthorityIn::Host => self
-                .parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
-            AuthorityIn::Missing => None,
-        };
+        let current = self.authority();
         if let Some(current) = current {
             let host = current.host();
             let renamed = match current.port_u16() {
