@@ -46,6 +46,9 @@ pub enum ControlError {
     ReadOnly(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The write raced another one it cannot be checked again against (a canary's state).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -151,6 +154,8 @@ pub struct Controller {
     leadership: std::sync::OnceLock<crate::leader::Leadership>,
     /// Previews (`trellis diff`) run one at a time.
     previews: tokio::sync::Semaphore,
+    /// What this control plane's proxies measured of the routes canaries judge.
+    measurements: crate::canary::Measurements,
 }
 
 /// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
@@ -221,6 +226,7 @@ impl Controller {
             replica: format!("{:016x}", fastrand::u64(..)),
             previews: tokio::sync::Semaphore::new(1),
             leadership: std::sync::OnceLock::new(),
+            measurements: crate::canary::Measurements::default(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -254,6 +260,16 @@ impl Controller {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// This control plane among those sharing the store.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// What its proxies measured of the routes canaries judge.
+    pub fn measurements(&self) -> &crate::canary::Measurements {
+        &self.measurements
     }
 
     /// Issues workload certificates with `ca` from now on; with `required`, a proxy without an
@@ -431,6 +447,16 @@ impl Controller {
     /// They are checked against the view at the store's current revision and written only if
     /// no other resource write came in between (else checked again on the newer view).
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
+        self.apply_with(manifests, Vec::new()).await
+    }
+
+    /// [`Self::apply`] with more writes in the same transaction (a canary's state). A conflict
+    /// on one of those is not checked again: it fails the apply.
+    pub(crate) async fn apply_with(
+        &self,
+        manifests: Vec<Manifest>,
+        extra: Vec<Op>,
+    ) -> Result<Vec<Applied>, ControlError> {
         self.writable()?;
         let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
@@ -439,10 +465,16 @@ impl Controller {
         let results = loop {
             let view = self.current().await?;
             let plan = admitted.plan(&view)?;
-            if plan.writes.is_empty() {
+            if plan.writes.is_empty() && extra.is_empty() {
                 break plan.results;
             }
-            let (ops, mut stored) = plan.ops(&view)?;
+            let (mut ops, mut stored) = plan.ops(&view)?;
+            if plan.writes.is_empty() {
+                // Only the extra writes: resources (and so the guard) stay as they are.
+                ops.clear();
+            }
+            ops.extend(extra.iter().cloned());
+            let guarded = !plan.writes.is_empty();
             match self.store.apply(ops).await {
                 Ok(revision) => {
                     for r in &mut stored {
@@ -451,10 +483,17 @@ impl Controller {
                     let updates = stored
                         .into_iter()
                         .map(|r| Update::Resource(r.key.clone(), Some(Arc::new(r))))
-                        .chain([Update::Guard(Some(revision))])
+                        .chain(guarded.then_some(Update::Guard(Some(revision))))
                         .collect();
                     self.publish_committed(revision, updates).await;
                     break plan.results;
+                }
+                Err(StoreError::Conflict { key, reason })
+                    if extra.iter().any(|o| o.key() == key) =>
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "{key} changed meanwhile ({reason}): try again"
+                    )));
                 }
                 Err(StoreError::Conflict { key, reason }) if attempt < WRITE_ATTEMPTS => {
                     tracing::debug!(%key, %reason, attempt, "apply raced another write; checking again");

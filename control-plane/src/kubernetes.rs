@@ -102,7 +102,9 @@ impl Watched {
     fn all() -> Vec<Self> {
         let mut all = vec![Self::Namespaces, Self::Pods, Self::Services];
         for group in [Group::Trellis, Group::AppMesh] {
-            for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::Namespace) {
+            // App Mesh's kinds: a Canary rewrites its router's weights in the store, which
+            // on Kubernetes is the API server's (not supported there yet: no CRD is served).
+            for kind in Kind::ALL.into_iter().filter(|k| k.is_appmesh()) {
                 all.push(Self::Mesh(group, kind));
             }
         }

@@ -2,6 +2,7 @@
 //! and the config stream that pushes them.
 
 pub mod auth;
+pub mod canary;
 pub mod compat;
 pub mod controller;
 pub mod diff;

@@ -42,7 +42,12 @@ impl ApiVersion {
 
     /// Whether `kind` is of this group: Namespaces of Kubernetes's, mesh kinds of the others.
     pub fn has(self, kind: Kind) -> bool {
-        (self == Self::Kubernetes) == (kind == Kind::Namespace)
+        match kind {
+            Kind::Namespace => self == Self::Kubernetes,
+            // Trellis's own kind.
+            Kind::Canary => self == Self::Trellis,
+            _ => self != Self::Kubernetes,
+        }
     }
 }
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -81,10 +86,12 @@ pub enum Kind {
     GatewayRoute,
     /// A Kubernetes `v1` Namespace: only its labels, which meshes' `namespaceSelector`s select.
     Namespace,
+    /// A progressive delivery of a VirtualRouter route (Trellis's own kind).
+    Canary,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Mesh,
         Kind::VirtualService,
         Kind::VirtualRouter,
@@ -92,6 +99,7 @@ impl Kind {
         Kind::VirtualGateway,
         Kind::GatewayRoute,
         Kind::Namespace,
+        Kind::Canary,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +111,7 @@ impl Kind {
             Self::VirtualGateway => "VirtualGateway",
             Self::GatewayRoute => "GatewayRoute",
             Self::Namespace => "Namespace",
+            Self::Canary => "Canary",
         }
     }
 
@@ -123,6 +132,12 @@ impl Kind {
         Self::ALL
             .into_iter()
             .find(|k| k.lower() == lower || k.lower() == singular)
+    }
+
+    /// Whether the kind is App Mesh's (checked against its field table): not Trellis's own
+    /// Canary, nor Kubernetes's Namespace.
+    pub fn is_appmesh(self) -> bool {
+        !matches!(self, Self::Namespace | Self::Canary)
     }
 
     /// Meshes and namespaces are cluster-scoped; everything else lives in a namespace.
@@ -1687,6 +1702,54 @@ pub enum Spec {
     GatewayRoute(Box<GatewayRouteSpec>),
     /// A Namespace has nothing but its metadata (labels).
     Namespace,
+    Canary(Box<CanarySpec>),
+}
+
+/// A canary (Trellis addition, `mesh.trellis.dev/v1beta1` only): the control plane moves a
+/// VirtualRouter route's traffic from `stable` to `canary` step by step, judging each step by
+/// the callers' proxies' own measurements of the canary's requests on that route, and rolls
+/// back (the canary's weight to 0) when a gate fails.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CanarySpec {
+    /// The router (in the canary's namespace unless it names one).
+    pub virtual_router_ref: Ref,
+    /// The name of one of its http, http2 or grpc routes.
+    pub route: String,
+    /// The VirtualNode serving the route now: a target of the route.
+    pub stable_ref: Ref,
+    /// The new version's VirtualNode: added to the route's targets if it is not one.
+    pub canary_ref: Ref,
+    /// The canary's weight (percent of the route's traffic, 1 to 100, rising) at each step,
+    /// and for how long at least the step lasts.
+    pub steps: Vec<CanaryStep>,
+    pub gates: CanaryGates,
+    /// How often the gates are checked: 1 s to 1 h (default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CanaryStep {
+    pub weight: i64,
+    pub duration: Duration,
+}
+
+/// What a step's canary requests must show before the next step (all of them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CanaryGates {
+    /// The canary's requests in the step before it is judged at all (at least 1): a step with
+    /// fewer never advances.
+    pub min_requests: i64,
+    /// Percent of non-5xx responses, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_success_rate: Option<f64>,
+    /// The step's 99th percentile of request durations, estimated from the proxies' latency
+    /// buckets as Prometheus's `histogram_quantile` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_p99: Option<Duration>,
 }
 
 impl Spec {
@@ -1699,7 +1762,7 @@ impl Spec {
             Self::VirtualNode(s) => s.mesh_ref.as_ref(),
             Self::VirtualGateway(s) => s.mesh_ref.as_ref(),
             Self::GatewayRoute(s) => s.mesh_ref.as_ref(),
-            Self::Namespace => None,
+            Self::Namespace | Self::Canary(_) => None,
         }
     }
 }
@@ -1731,6 +1794,7 @@ pub fn parse_spec(kind: Kind, spec: Value) -> Result<Spec, (String, String)> {
         Kind::VirtualNode => Spec::VirtualNode(parse(spec)?),
         Kind::VirtualGateway => Spec::VirtualGateway(parse(spec)?),
         Kind::GatewayRoute => Spec::GatewayRoute(parse(spec)?),
+        Kind::Canary => Spec::Canary(parse(spec)?),
         Kind::Namespace => {
             if !spec.is_null() && spec != Value::Object(Default::default()) {
                 return Err((

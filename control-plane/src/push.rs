@@ -57,6 +57,9 @@ enum Admitted {
 
 /// What the hello proved, and its first CSR.
 struct Admission {
+    /// The proxy process (its node and hello's instance), whose measurement reports are
+    /// counted from one to the next.
+    process: String,
     admitted: Admitted,
     csr: Option<String>,
 }
@@ -224,7 +227,12 @@ impl ConfigStream for ConfigService {
         let controller = self.controller.clone();
         let csr = Some(hello.csr).filter(|c| admitted != Admitted::Anonymous && !c.is_empty());
         tokio::spawn(async move {
-            let admission = Admission { admitted, csr };
+            let process = format!("{}#{}", hello.node, hello.instance);
+            let admission = Admission {
+                process,
+                admitted,
+                csr,
+            };
             serve_proxy(
                 &controller,
                 id,
@@ -413,6 +421,9 @@ async fn serve_proxy(
                     } else if Box::pin(session.certify(&renew.csr)).await.is_err() {
                         return;
                     }
+                }
+                Ok(Some(ProxyMessage { kind: Some(Msg::Report(report)) })) => {
+                    session.controller.measurements().record(&admission.process, &report);
                 }
                 Ok(Some(ProxyMessage { kind: Some(kind) })) => session.answer(kind),
                 Ok(Some(_)) => {}

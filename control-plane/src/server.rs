@@ -375,6 +375,7 @@ fn control_error(e: ControlError) -> Response<Body> {
             format!("conflict on {key}: {reason}; try again"),
         ),
         ControlError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        ControlError::Conflict(e) => error(StatusCode::CONFLICT, e),
         ControlError::Internal(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
@@ -630,7 +631,7 @@ async fn audit_log(controller: &Controller, req: &Request<Incoming>) -> Response
 }
 
 /// Routes an API request to its endpoint.
-async fn route(controller: &Arc<Controller>, req: Request<Incoming>, _who: &str) -> Response<Body> {
+async fn route(controller: &Arc<Controller>, req: Request<Incoming>, who: &str) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -755,6 +756,35 @@ async fn route(controller: &Arc<Controller>, req: Request<Incoming>, _who: &str)
             rotate(controller, step, force).await
         }
         (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
+        // Every canary (`?namespace=NS`: one namespace's), and one.
+        (&Method::GET, ["v1", "canaries"]) => {
+            let namespace = query(&req).get("namespace").cloned();
+            match controller.canaries(namespace.as_deref()).await {
+                Ok(list) => reply(StatusCode::OK, &serde_json::json!({ "items": list })),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        (&Method::GET, ["v1", "canaries", ns, name]) => {
+            let key = ResourceKey::new(Kind::Canary, ns, name);
+            match controller.canary(&key).await {
+                Ok(status) => reply(StatusCode::OK, &status),
+                Err(e) => control_error(e),
+            }
+        }
+        // promote, abort, pause, resume.
+        (&Method::POST, ["v1", "canaries", ns, name, command]) => {
+            let Some(command) = crate::canary::Command::parse(command) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no canary command {command:?} (promote, abort, pause, resume)"),
+                );
+            };
+            let key = ResourceKey::new(Kind::Canary, ns, name);
+            match controller.canary_command(&key, command, who).await {
+                Ok(status) => reply(StatusCode::OK, &status),
+                Err(e) => control_error(e),
+            }
+        }
         (&Method::GET, ["metrics"]) => metrics(controller),
         _ => error(
             StatusCode::NOT_FOUND,

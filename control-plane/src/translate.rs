@@ -299,7 +299,18 @@ impl Builder<'_> {
                 .and_then(|a| a.file.as_ref())
                 .map(model::FileAccessLog::to_proto),
             tracing,
+            measure: None,
         };
+        let measured = crate::canary::measured_routes(self.state, &snapshot);
+        if !measured.is_empty() {
+            snapshot.measure = Some(pb::Measure {
+                routes: measured,
+                interval: Some(trellis_proto::Duration {
+                    seconds: i64::try_from(crate::canary::MEASURE_INTERVAL.as_secs()).unwrap_or(1),
+                    nanos: 0,
+                }),
+            });
+        }
         snapshot.version = version(&snapshot);
         Translated {
             snapshot,
@@ -1910,6 +1921,7 @@ spec:
             revoked: Vec::new(),
             access_log: None,
             tracing: None,
+            measure: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),

@@ -243,6 +243,11 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
             "apiVersion",
             if kind == Kind::Namespace {
                 format!("a Namespace is \"v1\", not {:?}", v.as_str())
+            } else if kind == Kind::Canary {
+                format!(
+                    "a Canary is Trellis's own kind: {API_VERSION:?}, not {:?}",
+                    v.as_str()
+                )
             } else {
                 format!(
                     "\"v1\" is only for Namespace documents; a {kind} is {API_VERSION:?} or {APPMESH_API_VERSION:?}"
@@ -263,7 +268,11 @@ pub fn admit(mut manifest: Manifest, document: Option<usize>) -> Result<Resource
     }
     // App Mesh's schema and Trellis's status of every field first (it also turns ARN
     // references into references); the typed model then parses what passed.
-    let compat = crate::compat::check(kind, &mut manifest.spec);
+    let compat = if kind.is_appmesh() {
+        crate::compat::check(kind, &mut manifest.spec)
+    } else {
+        crate::compat::Checked::default()
+    };
     let arn_meshes = compat.arn_meshes;
     let spec = if !compat.problems.is_empty() {
         for (path, reason) in compat.problems {
@@ -336,7 +345,8 @@ pub fn check_apply(
             refused,
             problems: Vec::new(),
         };
-        if key.kind.namespaced() {
+        // A Canary belongs to its router's mesh.
+        if key.kind.namespaced() && key.kind != Kind::Canary {
             match resource.spec.mesh_ref() {
                 Some(m) if !meshes.names().any(|n| n == m.name) => {
                     c.err("spec.meshRef.name", format!("mesh {:?} not found", m.name));
@@ -570,6 +580,145 @@ impl Checker<'_> {
         self.problems.push((path.into(), reason));
     }
 
+    /// A Canary: its router's route (http, http2 or grpc), whose targets are the stable node
+    /// and the canary (any other at weight 0); rising steps; gates with a minimum of requests;
+    /// one canary per route.
+    fn canary(&mut self, c: &crate::model::CanarySpec) {
+        self.exists(
+            "spec.virtualRouterRef",
+            Kind::VirtualRouter,
+            &c.virtual_router_ref,
+        );
+        self.exists("spec.stableRef", Kind::VirtualNode, &c.stable_ref);
+        self.exists("spec.canaryRef", Kind::VirtualNode, &c.canary_ref);
+        let ns = self.key.namespace.as_str();
+        let router = c.virtual_router_ref.key(Kind::VirtualRouter, ns);
+        let stable = c.stable_ref.key(Kind::VirtualNode, ns);
+        let canary = c.canary_ref.key(Kind::VirtualNode, ns);
+        if stable == canary {
+            self.err("spec.canaryRef", format!("{canary} is also the stableRef"));
+        }
+        if let Some(Spec::VirtualRouter(vr)) = self.state.get(&router).map(|r| &r.spec) {
+            match vr.routes.iter().find(|r| r.name == c.route) {
+                None => {
+                    let names: Vec<&str> = vr.routes.iter().map(|r| r.name.as_str()).collect();
+                    self.err(
+                        "spec.route",
+                        format!(
+                            "{router} has no route {:?} (its routes: {})",
+                            c.route,
+                            names.join(", ")
+                        ),
+                    );
+                }
+                Some(route) => match crate::canary::route_action(route) {
+                    None => self.err(
+                        "spec.route",
+                        format!(
+                            "not supported by Trellis: {:?} is a tcpRoute; a canary judges HTTP and gRPC requests",
+                            c.route
+                        ),
+                    ),
+                    Some(action) => {
+                        let mut has_stable = false;
+                        for t in &action.weighted_targets {
+                            let node = t.virtual_node_ref.key(Kind::VirtualNode, &router.namespace);
+                            has_stable |= node == stable;
+                            if node != stable && node != canary && t.weight != 0 {
+                                self.err(
+                                    "spec.route",
+                                    format!(
+                                        "the route sends weight {} to {node}: a canary's route may only send traffic to its stableRef and canaryRef (give other targets weight 0)",
+                                        t.weight
+                                    ),
+                                );
+                            }
+                        }
+                        if !has_stable {
+                            self.err(
+                                "spec.stableRef",
+                                format!("{stable} is not a target of route {:?}", c.route),
+                            );
+                        }
+                    }
+                },
+            }
+        }
+        let canaries = self
+            .state
+            .range(ResourceKey::new(Kind::Canary, "", "")..)
+            .take_while(|(k, _)| k.kind == Kind::Canary);
+        for (key, other) in canaries {
+            let Spec::Canary(o) = &other.spec else {
+                continue;
+            };
+            if key < self.key
+                && o.route == c.route
+                && o.virtual_router_ref
+                    .key(Kind::VirtualRouter, &key.namespace)
+                    == router
+            {
+                self.err(
+                    "spec.route",
+                    format!("{key} already runs route {:?} of {router}", c.route),
+                );
+            }
+        }
+        if c.steps.is_empty() {
+            self.err("spec.steps", "at least one step".into());
+        }
+        if c.steps.len() > 100 {
+            self.err("spec.steps", "at most 100 steps".into());
+        }
+        let mut previous = 0;
+        for (i, step) in c.steps.iter().enumerate() {
+            if !(1..=100).contains(&step.weight) || step.weight <= previous {
+                self.err(
+                    format!("spec.steps[{i}].weight"),
+                    format!(
+                        "must be 1..=100 and more than the step before's ({previous}), not {}",
+                        step.weight
+                    ),
+                );
+            }
+            previous = step.weight;
+            if step.duration.to_std().is_none() {
+                self.err(
+                    format!("spec.steps[{i}].duration.value"),
+                    "must not be negative".into(),
+                );
+            }
+        }
+        if c.gates.min_requests < 1 {
+            self.err(
+                "spec.gates.minRequests",
+                "must be at least 1: a step is never judged on no requests".into(),
+            );
+        }
+        if let Some(rate) = c.gates.min_success_rate
+            && !(0.0..=100.0).contains(&rate)
+        {
+            self.err(
+                "spec.gates.minSuccessRate",
+                format!("must be 0..=100 (percent), not {rate}"),
+            );
+        }
+        if let Some(p99) = c.gates.max_latency_p99
+            && p99.to_std().is_none_or(|d| d.is_zero())
+        {
+            self.err(
+                "spec.gates.maxLatencyP99.value",
+                "must be more than 0".into(),
+            );
+        }
+        if let Some(interval) = c.interval {
+            let allowed = std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+            if !interval.to_std().is_some_and(|i| allowed.contains(&i)) {
+                self.err("spec.interval", "must be 1s..=1h".into());
+            }
+        }
+    }
+
     fn exists(&mut self, path: &str, kind: Kind, r: &Ref) {
         let target = r.key(kind, &self.key.namespace);
         let Some(found) = self.state.get(&target) else {
@@ -787,6 +936,7 @@ impl Checker<'_> {
             }
             Spec::VirtualService(s) => self.virtual_service(s),
             Spec::VirtualRouter(r) => self.virtual_router(r),
+            Spec::Canary(c) => self.canary(c),
             Spec::VirtualNode(n) => self.virtual_node(n),
             Spec::VirtualGateway(g) => self.virtual_gateway(g),
             Spec::GatewayRoute(r) => self.gateway_route(r),

@@ -383,6 +383,7 @@ mod tests {
             revoked: Vec::new(),
             access_log: None,
             tracing: None,
+            measure: None,
             version: "v".into(),
             listeners: vec![pb::Listener {
                 name: "egress".into(),
@@ -462,6 +463,7 @@ mod tests {
                 revoked: Vec::new(),
                 access_log: None,
                 tracing: None,
+                measure: None,
                 version: "v".into(),
                 listeners: vec![pb::Listener {
                     name: "x".into(),

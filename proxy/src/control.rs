@@ -187,6 +187,8 @@ async fn session(
     })
     .await?;
     let mut renewal: Option<tokio::task::JoinHandle<()>> = None;
+    // Measurements the running snapshot asks for, on this stream while it lasts.
+    let reporter = AbortOnDrop(tokio::spawn(report(app.clone(), tx.clone())));
     let outbound =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut inbound = client.stream(outbound).await?.into_inner();
@@ -287,5 +289,48 @@ async fn session(
     if let Some(renewal) = renewal {
         renewal.abort();
     }
+    drop(reporter);
     Ok(())
+}
+
+/// A task that ends with its handle (the session's helpers end with the session, however it
+/// ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the running snapshot's `measure` routes' counts every interval, when they changed
+/// (the first report at once: the control plane's baseline for this process).
+async fn report(app: Arc<App>, tx: mpsc::Sender<ProxyMessage>) {
+    let mut last: Option<pb::Report> = None;
+    loop {
+        let source = app.services.store.load().source.clone();
+        let Some(measure) = source.measure.as_ref() else {
+            last = None;
+            tokio::time::sleep(crate::report::IDLE_CHECK).await;
+            continue;
+        };
+        let registry = app.registry.clone();
+        let routes = measure.routes.clone();
+        // Reading every metric family is not for a thread serving requests.
+        let Ok(report) =
+            tokio::task::spawn_blocking(move || crate::report::measure(&registry, &routes)).await
+        else {
+            return;
+        };
+        if last.as_ref() != Some(&report) {
+            last = Some(report.clone());
+            let message = ProxyMessage {
+                kind: Some(Msg::Report(report)),
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(crate::report::interval(measure)).await;
+    }
 }

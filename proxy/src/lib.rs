@@ -32,6 +32,7 @@ pub mod outlier;
 pub mod passthrough;
 pub mod proxy;
 pub mod rate_limit;
+pub mod report;
 pub mod retry;
 pub mod route;
 pub mod snapshot;

@@ -294,6 +294,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             // Several control planes share the store: each publishes its proxies for the
             // others' `trellis status`.
             controller.publish_status(std::time::Duration::from_secs(2));
+            // And what their proxies measured, for the leader's canaries.
+            controller.publish_measurements(trellis_control::canary::MEASURE_INTERVAL);
         }
         let supplied = match (&args.ca_cert, &args.ca_key) {
             (Some(cert), Some(key)) => Some((
@@ -405,6 +407,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Campaigning once nothing else can fail to start: a replica that won and then exited
         // on an error would hold the key for a lease.
         let leadership = controller.campaign(args.leader_lease);
+        // Canaries: the leader's duty.
+        controller.run_canaries();
         {
             // The audit log's retention: the leader's duty, when it becomes leader and hourly.
             let store = controller.store().clone();

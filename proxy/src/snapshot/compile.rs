@@ -169,6 +169,9 @@ pub(crate) fn compile(
             .as_ref()
             .and_then(|t| compile_tracing(&mut c, t, generation)),
     };
+    if let Some(measure) = &snapshot.measure {
+        check_measure(&mut c, measure);
+    }
     let mut names = HashSet::new();
     for (i, listener) in snapshot.listeners.iter().enumerate() {
         let path = format!("listeners[{i}]");
@@ -1817,6 +1820,22 @@ fn compile_backoff(
         );
     }
     (base, max)
+}
+
+/// The routes the control plane asks measurements of (read from the snapshot by the config
+/// stream's reporter), and how often.
+fn check_measure(c: &mut Compiler<'_>, m: &pb::Measure) {
+    let before = c.errors.len();
+    let interval = c.timeout("measure.interval", m.interval.as_ref());
+    let allowed = Duration::from_millis(100)..=Duration::from_secs(60);
+    if c.errors.len() == before && !interval.is_some_and(|i| allowed.contains(&i)) {
+        c.err("measure.interval", "must be 100ms..=60s");
+    }
+    for (i, route) in m.routes.iter().enumerate() {
+        if route.is_empty() {
+            c.err(format!("measure.routes[{i}]"), "must not be empty");
+        }
+    }
 }
 
 /// The snapshot's tracing: a collector address, a share, a service name.

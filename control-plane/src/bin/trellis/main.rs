@@ -832,6 +832,7 @@ async fn export(api: &ApiClient, instances: bool) -> anyhow::Result<()> {
         Kind::VirtualService,
         Kind::VirtualGateway,
         Kind::GatewayRoute,
+        Kind::Canary,
     ] {
         let path = format!("/v1/resources/{}?namespace=", kind.lower());
         for mut m in typed::<Items<Manifest>>(api.get(&path).await?)?.items {
