@@ -5,6 +5,7 @@
 
 mod appmesh;
 mod auth;
+mod canary;
 mod ecs;
 mod etcd;
 mod gateway;

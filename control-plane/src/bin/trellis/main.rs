@@ -150,6 +150,12 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Canaries: where each stands (step, weight, the step's measurements against its gates,
+    /// every decision), and an operator's say over one.
+    Canary {
+        #[command(subcommand)]
+        command: CanaryCommand,
+    },
     /// The mesh's root certificates: where a rotation stands, and its steps.
     Ca {
         #[command(subcommand)]
@@ -266,6 +272,35 @@ enum IdentityCommand {
         #[arg(long)]
         gateway: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CanaryCommand {
+    /// Every canary (of a namespace, or all), or one with its history.
+    Status {
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// All traffic to the canary now, whatever the gates say.
+    Promote(CanaryName),
+    /// All traffic back to the stable node now.
+    Abort(CanaryName),
+    /// Hold the weights where they are; the gates are not checked.
+    Pause(CanaryName),
+    /// Judge the paused step again from now (its weights set again).
+    Resume(CanaryName),
+}
+
+#[derive(Debug, clap::Args)]
+struct CanaryName {
+    name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -669,6 +704,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Ca { command } => ca_command(&api, command).await?,
+        Command::Canary { command } => canary_command(&api, command).await?,
         Command::Identity {
             command: IdentityCommand::Revoke { node, gateway },
         } => {
@@ -1357,6 +1393,127 @@ impl Login {
 }
 
 /// `trellis ca ...`.
+/// `trellis canary ...`.
+async fn canary_command(api: &client::ApiClient, command: CanaryCommand) -> anyhow::Result<()> {
+    use trellis_control::canary::Status;
+    let (name, verb) = match command {
+        CanaryCommand::Status {
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let out = match &name {
+                Some(name) => api.get(&format!("/v1/canaries/{namespace}/{name}")).await,
+                None if all_namespaces => api.get("/v1/canaries").await,
+                None => {
+                    api.get(&format!("/v1/canaries?namespace={namespace}"))
+                        .await
+                }
+            }
+            .map_err(|e| explain(e, &[]))?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                Output::Yaml => print!("{}", serde_yaml_ng::to_string(&out)?),
+                Output::Table if name.is_some() => print_canary(&typed::<Status>(out)?),
+                Output::Table => {
+                    let list: Items<Status> = typed(out)?;
+                    println!(
+                        "{:<28} {:<28} {:<12} {:<6} {:<7} {:<10} {:<8} P99",
+                        "CANARY", "ROUTE", "PHASE", "STEP", "WEIGHT", "REQUESTS", "SUCCESS"
+                    );
+                    for c in list.items {
+                        let w = c.window.clone().unwrap_or_default();
+                        println!(
+                            "{:<28} {:<28} {:<12} {:<6} {:<7} {:<10} {:<8} {}",
+                            format!("{}/{}", c.namespace, c.name),
+                            format!("{}/{}", c.router, c.route),
+                            c.phase,
+                            format!("{}/{}", c.step + 1, c.steps),
+                            format!("{}%", c.weight),
+                            w.requests,
+                            w.success_rate.map_or("-".into(), |r| format!("{r:.2}%")),
+                            w.p99_ms.map_or("-".into(), |p| format!("{p:.1}ms")),
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
+        CanaryCommand::Promote(n) => (n, "promote"),
+        CanaryCommand::Abort(n) => (n, "abort"),
+        CanaryCommand::Pause(n) => (n, "pause"),
+        CanaryCommand::Resume(n) => (n, "resume"),
+    };
+    let path = format!("/v1/canaries/{}/{}/{verb}", name.namespace, name.name);
+    let out = api
+        .post(&path, Vec::new())
+        .await
+        .map_err(|e| explain(e, &[]))?;
+    let status: Status = typed(out)?;
+    println!(
+        "canary {}/{}: {} at {}% to {}",
+        status.namespace, status.name, status.phase, status.weight, status.canary
+    );
+    Ok(())
+}
+
+fn print_canary(c: &trellis_control::canary::Status) {
+    println!("canary:  {}/{}", c.namespace, c.name);
+    println!("route:   {} {:?}", c.router, c.route);
+    println!("stable:  {} ({}%)", c.stable, 100 - c.weight);
+    println!("canary:  {} ({}%)", c.canary, c.weight);
+    println!("phase:   {} (step {} of {})", c.phase, c.step + 1, c.steps);
+    if !c.message.is_empty() {
+        println!("message: {}", c.message);
+    }
+    let g = &c.gates;
+    let mut gates = vec![format!("at least {} requests", g.min_requests)];
+    if let Some(r) = g.min_success_rate {
+        gates.push(format!("success rate >= {r}%"));
+    }
+    if let Some(p) = g.max_latency_p99.and_then(|d| d.to_std()) {
+        gates.push(format!("p99 <= {} ms", p.as_millis()));
+    }
+    println!("gates:   {}", gates.join(", "));
+    let show = |w: &trellis_control::canary::Window| {
+        format!(
+            "{} requests, {} failed, success {}, p99 {}",
+            w.requests,
+            w.failures,
+            w.success_rate.map_or("-".into(), |r| format!("{r:.2}%")),
+            w.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms"))
+        )
+    };
+    if let Some(w) = &c.window {
+        println!("this step, canary: {}", show(w));
+    }
+    if let Some(w) = &c.stable_window {
+        println!("this step, stable: {}", show(w));
+    }
+    println!(
+        "{:<21} {:<9} {:<7} {:<12} REASON",
+        "TIME", "ACTION", "WEIGHT", "BY"
+    );
+    for d in &c.history {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.at_ms);
+        let measured = d
+            .window
+            .as_ref()
+            .map(|w| format!(" [{}]", show(w)))
+            .unwrap_or_default();
+        println!(
+            "{:<21} {:<9} {:<7} {:<12} {}{}",
+            humantime::format_rfc3339_seconds(at).to_string(),
+            d.action,
+            format!("{}%", d.weight),
+            d.by,
+            d.reason,
+            measured
+        );
+    }
+}
+
 async fn ca_command(api: &client::ApiClient, command: CaCommand) -> anyhow::Result<()> {
     let (step, force) = match command {
         CaCommand::Status { output } => {

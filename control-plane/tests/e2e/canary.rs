@@ -1,0 +1,420 @@
+//! Canaries (issue 16) with a real control plane, a real caller sidecar and real apps: the
+//! caller's proxy measures the canary's requests and reports them on its config stream; the
+//! control plane advances, promotes or rolls back the router's weights.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::Value;
+use trellis_testkit::{TestServer, client::Client, eventually, process::ControlProcess};
+
+use crate::{CONTROL, apply, cli, mtls::sidecar, register_instance, stderr, wait_synced};
+
+const API: &str = "apiVersion: mesh.trellis.dev/v1beta1";
+
+/// `front` calls virtual service `color`, whose router's route `main` sends everything to
+/// `color-v1`; `color-v2` is the new version. Instances are the apps themselves (no sidecars
+/// of their own: the caller's proxy is the one that measures).
+fn mesh() -> String {
+    let node = |name: &str, version: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: color, attributes: {{ version: {version} }} }} }}\n---\n"
+        )
+    };
+    format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
+         {API}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+         backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n\
+         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n{}",
+        node("color-v1", "v1"),
+        node("color-v2", "v2"),
+        router(100, None),
+    )
+}
+
+/// The router with `v1`'s weight and, if given, `v2`'s.
+fn router(v1: i64, v2: Option<i64>) -> String {
+    let v2 = v2
+        .map(|w| format!(", {{ virtualNodeRef: {{ name: color-v2 }}, weight: {w} }}"))
+        .unwrap_or_default();
+    format!(
+        "{API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
+         routes:\n  - name: main\n    httpRoute:\n      match: {{ prefix: / }}\n      \
+         action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: color-v1 }}, weight: {v1} }}{v2}] }}\n"
+    )
+}
+
+/// A canary of route `main` from v1 to v2: `steps` as (weight, seconds); gates of 30 requests,
+/// 99% success and a p99 of 200 ms; judged every second.
+fn canary(steps: &[(i64, u64)]) -> String {
+    let steps: Vec<String> = steps
+        .iter()
+        .map(|(w, s)| format!("{{ weight: {w}, duration: {{ unit: s, value: {s} }} }}"))
+        .collect();
+    format!(
+        "{API}\nkind: Canary\nmetadata: {{ name: color }}\nspec:\n  \
+         virtualRouterRef: {{ name: color }}\n  route: main\n  \
+         stableRef: {{ name: color-v1 }}\n  canaryRef: {{ name: color-v2 }}\n  \
+         steps: [{}]\n  \
+         gates: {{ minRequests: 30, minSuccessRate: 99, maxLatencyP99: {{ unit: ms, value: 200 }} }}\n  \
+         interval: {{ unit: s, value: 1 }}\n",
+        steps.join(", ")
+    )
+}
+
+/// Requests through the caller's sidecar, from a few concurrent loops, until stopped: answers
+/// counted by the app that sent them (`x-server`) and status.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    counts: Arc<Mutex<HashMap<(String, u16), usize>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(egress: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<Mutex<HashMap<(String, u16), usize>>> = Arc::default();
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, counts) = (stop.clone(), counts.clone());
+                tokio::spawn(async move {
+                    let mut client = Client::h1(egress).await.unwrap();
+                    // A steady load (not a wait for anything): about 400 requests a second.
+                    let mut pace = tokio::time::interval(Duration::from_millis(10));
+                    while !stop.load(Ordering::SeqCst) {
+                        pace.tick().await;
+                        let reply = match client.get("color.default:8080", "/").await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                client = Client::h1(egress).await.unwrap();
+                                continue;
+                            }
+                        };
+                        let server = reply.header("x-server").unwrap_or("proxy").to_string();
+                        *counts
+                            .lock()
+                            .unwrap()
+                            .entry((server, reply.status.as_u16()))
+                            .or_default() += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            counts,
+            tasks,
+        }
+    }
+
+    fn counts(&self) -> HashMap<(String, u16), usize> {
+        self.counts.lock().unwrap().clone()
+    }
+
+    fn total(&self) -> usize {
+        self.counts().values().sum()
+    }
+
+    /// Answers from `server` with a status other than 200.
+    fn failed(&self, server: &str) -> usize {
+        self.counts()
+            .iter()
+            .filter(|((s, status), _)| s == server && *status != 200)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    async fn stop(self) -> HashMap<(String, u16), usize> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.counts.lock().unwrap().clone()
+    }
+}
+
+fn canary_status(url: &str) -> Value {
+    let out = cli(url, &["canary", "status", "color", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The canary's status once `phase` is reached (at most `within`).
+async fn wait_phase(url: &str, phase: &str, within: Duration) -> Value {
+    eventually(within, &format!("the canary {phase}"), || async {
+        let s = canary_status(url);
+        if s["phase"] == phase {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+}
+
+/// The stored route's (v1, v2) weights.
+fn weights(url: &str) -> (i64, i64) {
+    let out = cli(url, &["get", "virtualrouter", "color", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let router: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets = router["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let weight = |name: &str| {
+        targets
+            .iter()
+            .find(|t| t["virtualNodeRef"]["name"] == name)
+            .and_then(|t| t["weight"].as_i64())
+            .unwrap_or(0)
+    };
+    (weight("color-v1"), weight("color-v2"))
+}
+
+fn actions(status: &Value) -> Vec<String> {
+    status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+struct Setup {
+    _data: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    control: ControlProcess,
+    front: trellis_testkit::process::ProxyProcess,
+    v1: TestServer,
+    v2: TestServer,
+}
+
+async fn setup() -> Setup {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    apply(&url, &mesh());
+    register_instance(&url, ("test", "color"), "v1", v1.addr, &["version=v1"]);
+    register_instance(&url, ("test", "color"), "v2", v2.addr, &["version=v2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let front = sidecar(&url, "front", dir.path(), false).await;
+    wait_synced(&url, 1).await;
+    Setup {
+        _data: data,
+        _dir: dir,
+        control,
+        front,
+        v1,
+        v2,
+    }
+}
+
+/// A healthy new version goes from 0 to 100% step by step, each step judged on the caller's
+/// own measurements of the canary (enough requests, every gate passing), with no failed
+/// request; a control-plane restart in the middle resumes it at the step it was in.
+#[tokio::test]
+async fn a_healthy_canary_is_promoted_step_by_step_and_resumes_after_a_restart() {
+    let mut s = setup().await;
+    let url = s.control.url.clone();
+    let listen = url.trim_start_matches("http://").to_string();
+    let traffic = Traffic::start(s.front.egress);
+    apply(&url, &canary(&[(20, 2), (50, 2), (80, 1)]));
+
+    // Past the first step: the control plane restarts on its data dir and address.
+    let before = eventually(Duration::from_secs(30), "the second step", || async {
+        let st = canary_status(&url);
+        if st["step"].as_u64() >= Some(1) {
+            Ok(st)
+        } else {
+            Err(st.to_string())
+        }
+    })
+    .await;
+    assert_eq!(before["phase"], "Progressing", "{before:#}");
+    s.control.kill().await;
+    s.control = ControlProcess::start_on(CONTROL, s._data.path(), &listen).await;
+
+    let done = wait_phase(&url, "Succeeded", Duration::from_secs(60)).await;
+    assert_eq!(
+        actions(&done),
+        ["start", "advance", "advance", "promote"],
+        "resumed, not started over: {done:#}"
+    );
+    for d in done["history"].as_array().unwrap().iter().skip(1) {
+        let w = &d["window"];
+        assert!(w["requests"].as_u64().unwrap() >= 30, "{d}");
+        assert_eq!(w["successRate"].as_f64(), Some(100.0), "{d}");
+        assert!(w["p99Ms"].as_f64().unwrap() <= 200.0, "{d}");
+        assert_eq!(d["by"], "controller");
+    }
+    assert_eq!(done["weight"], 100);
+    assert_eq!(weights(&url), (0, 100));
+
+    // The caller runs the final weights: everything to v2.
+    wait_synced(&url, 1).await;
+    let after = crate::split(s.front.egress, "color.default:8080", 50).await;
+    assert_eq!(after.get("color-v2"), Some(&50), "{after:?}");
+    let counts = traffic.stop().await;
+    let failed: usize = counts
+        .iter()
+        .filter(|((_, status), _)| *status != 200)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, 0, "{counts:?}");
+    assert!(s.v1.requests() > 0 && s.v2.requests() > 0);
+}
+
+/// A new version that answers 500 is rolled back during its first step, as soon as the minimum
+/// of requests is in: every failed request the caller saw was one v2 served, none after the
+/// rollback; the route is back at 100/0.
+#[tokio::test]
+async fn a_failing_canary_is_rolled_back_in_its_first_step() {
+    let s = setup().await;
+    let url = s.control.url.clone();
+    s.v2.fail_with(500);
+    let traffic = Traffic::start(s.front.egress);
+    apply(&url, &canary(&[(20, 30), (50, 30)]));
+    let done = wait_phase(&url, "RolledBack", Duration::from_secs(30)).await;
+    assert_eq!(actions(&done), ["start", "rollback"], "{done:#}");
+    let rollback = &done["history"][1];
+    let reason = rollback["reason"].as_str().unwrap();
+    assert!(reason.contains("success rate"), "{reason}");
+    assert!(rollback["window"]["failures"].as_u64().unwrap() > 0);
+    assert_eq!(rollback["weight"], 0);
+    assert_eq!(weights(&url), (100, 0));
+
+    wait_synced(&url, 1).await;
+    let after = crate::split(s.front.egress, "color.default:8080", 50).await;
+    assert_eq!(after.get("color-v1"), Some(&50), "{after:?}");
+    // Well after the caller took the rollback, 200 more requests: none fails.
+    let failed_at_rollback = traffic.failed("color-v2");
+    let answered = traffic.total();
+    eventually(Duration::from_secs(20), "200 more requests", || async {
+        let now = traffic.total();
+        if now >= answered + 200 {
+            Ok(())
+        } else {
+            Err(format!("{now}"))
+        }
+    })
+    .await;
+    let counts = traffic.stop().await;
+    let failed: usize = counts
+        .iter()
+        .filter(|((_, status), _)| *status != 200)
+        .map(|(_, n)| n)
+        .sum();
+    // Every failure is one v2 served (none from the proxy, none from v1), and none came after
+    // the rollback reached the caller.
+    assert_eq!(
+        failed,
+        counts.get(&("color-v2".into(), 500)).copied().unwrap_or(0)
+    );
+    assert_eq!(failed, failed_at_rollback, "{counts:?}");
+    assert!(failed > 0 && failed <= s.v2.requests());
+}
+
+/// A new version slower than the p99 gate is rolled back, with the p99 it was measured at.
+#[tokio::test]
+async fn a_slow_canary_is_rolled_back() {
+    let s = setup().await;
+    let url = s.control.url.clone();
+    s.v2.delay(400);
+    let traffic = Traffic::start(s.front.egress);
+    apply(&url, &canary(&[(20, 30), (50, 30)]));
+    let done = wait_phase(&url, "RolledBack", Duration::from_secs(40)).await;
+    let rollback = &done["history"][1];
+    let reason = rollback["reason"].as_str().unwrap();
+    assert!(reason.contains("p99"), "{reason}");
+    assert!(
+        rollback["window"]["p99Ms"].as_f64().unwrap() > 200.0,
+        "{rollback}"
+    );
+    assert_eq!(weights(&url), (100, 0));
+    let counts = traffic.stop().await;
+    assert!(
+        counts.keys().all(|(_, status)| *status == 200),
+        "{counts:?}"
+    );
+}
+
+/// An operator's say: pause holds the weights; a change to the route under a running canary
+/// pauses it (and is left as made) until resume sets the canary's weights again; promote sends
+/// everything to the canary; a finished canary takes no more commands.
+#[tokio::test]
+async fn an_operator_pauses_resumes_and_promotes_a_canary() {
+    let s = setup().await;
+    let url = s.control.url.clone();
+    // Steps too long to end by themselves.
+    apply(&url, &canary(&[(10, 3600), (50, 3600)]));
+    let started = wait_phase(&url, "Progressing", Duration::from_secs(10)).await;
+    assert_eq!(started["weight"], 10);
+    eventually(
+        Duration::from_secs(10),
+        "the start's weights stored",
+        || async {
+            match weights(&url) {
+                (90, 10) => Ok(()),
+                w => Err(format!("{w:?}")),
+            }
+        },
+    )
+    .await;
+
+    let out = cli(&url, &["canary", "pause", "color"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(canary_status(&url)["phase"], "Paused");
+    let out = cli(&url, &["canary", "resume", "color"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(canary_status(&url)["phase"], "Progressing");
+
+    // Someone applies the router with other weights: the canary pauses and says why.
+    apply(&url, &router(70, Some(30)));
+    let paused = wait_phase(&url, "Paused", Duration::from_secs(10)).await;
+    let message = paused["message"].as_str().unwrap();
+    assert!(message.contains("changed outside the canary"), "{message}");
+    assert_eq!(weights(&url), (70, 30));
+    let out = cli(&url, &["canary", "resume", "color"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(weights(&url), (90, 10));
+
+    let out = cli(&url, &["canary", "promote", "color"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done = canary_status(&url);
+    assert_eq!(done["phase"], "Succeeded");
+    assert_eq!(weights(&url), (0, 100));
+    let last = done["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["action"].as_str(), last["by"].as_str()),
+        (Some("promote"), Some("anonymous"))
+    );
+    wait_synced(&url, 1).await;
+    let after = crate::split(s.front.egress, "color.default:8080", 20).await;
+    assert_eq!(after.get("color-v2"), Some(&20), "{after:?}");
+
+    let out = cli(&url, &["canary", "abort", "color"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is over"), "{}", stderr(&out));
+    assert_eq!(weights(&url), (0, 100));
+    let table = cli(&url, &["canary", "status", "color"]);
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(
+        table.contains("promote") && table.contains("Succeeded"),
+        "{table}"
+    );
+    drop(s.v1);
+}
