@@ -2465,6 +2465,153 @@ spec:
         );
     }
 
+    /// A Canary of GOOD's route `r` from blue to green, with `spec` lines replaced.
+    fn canary(change: &[(&str, &str)]) -> String {
+        let mut canary = "---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: green }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: green } } }
+---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: Canary
+metadata: { name: c }
+spec:
+  virtualRouterRef: { name: ct }
+  route: r
+  stableRef: { name: blue }
+  canaryRef: { name: green }
+  steps: [{ weight: 10, duration: { unit: s, value: 60 } }, { weight: 50, duration: { unit: s, value: 60 } }]
+  gates: { minRequests: 100, minSuccessRate: 99, maxLatencyP99: { unit: ms, value: 250 } }
+"
+        .to_string();
+        for (from, to) in change {
+            assert!(canary.contains(from), "{from}");
+            canary = canary.replace(from, to);
+        }
+        format!("{GOOD}{canary}")
+    }
+
+    #[test]
+    fn a_canary_names_a_route_its_nodes_rising_steps_and_gates() {
+        assert!(
+            state_of(&canary(&[])).is_ok(),
+            "{:?}",
+            state_of(&canary(&[])).err()
+        );
+        let cases: [(&[(&str, &str)], &str); 10] = [
+            (
+                &[("route: r", "route: x")],
+                "spec.route: VirtualRouter default/ct has no route \"x\" (its routes: r)",
+            ),
+            (
+                &[("canaryRef: { name: green }", "canaryRef: { name: blue }")],
+                "spec.canaryRef: VirtualNode default/blue is also the stableRef",
+            ),
+            (
+                &[
+                    ("stableRef: { name: blue }", "stableRef: { name: green }"),
+                    ("canaryRef: { name: green }", "canaryRef: { name: blue }"),
+                ],
+                "spec.stableRef: VirtualNode default/green is not a target of route \"r\"",
+            ),
+            (
+                &[(
+                    "virtualRouterRef: { name: ct }",
+                    "virtualRouterRef: { name: nope }",
+                )],
+                "spec.virtualRouterRef: VirtualRouter default/nope not found",
+            ),
+            (
+                &[("weight: 50,", "weight: 10,")],
+                "spec.steps[1].weight: must be 1..=100 and more than the step before's (10), not 10",
+            ),
+            (
+                &[(
+                    "steps: [",
+                    "steps: [{ weight: 0, duration: { unit: s, value: 1 } }, ",
+                )],
+                "spec.steps[0].weight: must be 1..=100",
+            ),
+            (
+                &[("minRequests: 100", "minRequests: 0")],
+                "spec.gates.minRequests: must be at least 1",
+            ),
+            (
+                &[("minSuccessRate: 99", "minSuccessRate: 101")],
+                "spec.gates.minSuccessRate: must be 0..=100 (percent), not 101",
+            ),
+            (
+                &[("minRequests: 100,", "minRequests: 100, maxErrors: 3,")],
+                "spec.gates.maxErrors: unknown field",
+            ),
+            (
+                &[(
+                    "apiVersion: mesh.trellis.dev/v1beta1\nkind: Canary",
+                    "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Canary",
+                )],
+                "apiVersion: a Canary is Trellis's own kind",
+            ),
+        ];
+        for (change, want) in cases {
+            let problems = state_of(&canary(change)).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.contains(want)),
+                "want {want:?} in {problems:?}"
+            );
+        }
+        // Other targets of the route must be at weight 0.
+        let three = canary(&[]).replace(
+            "weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 100 }]",
+            "weightedTargets: [{ virtualNodeRef: { name: blue }, weight: 90 }, { virtualNodeRef: { name: red }, weight: 10 }]",
+        ) + "---
+apiVersion: mesh.trellis.dev/v1beta1
+kind: VirtualNode
+metadata: { name: red }
+spec:
+  listeners: [{ portMapping: { port: 9080, protocol: http } }]
+  serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: red } } }
+";
+        let problems = state_of(&three).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("sends weight 10 to VirtualNode default/red")),
+            "{problems:?}"
+        );
+        assert!(state_of(&three.replace("weight: 10 }]", "weight: 0 }]")).is_ok());
+        // One canary per route.
+        let twice = canary(&[])
+            + &canary(&[])
+                .split("kind: Canary")
+                .nth(1)
+                .map(|c| {
+                    format!(
+                        "---\napiVersion: mesh.trellis.dev/v1beta1\nkind: Canary{}",
+                        c.replace("name: c }", "name: d }")
+                    )
+                })
+                .unwrap();
+        let problems = state_of(&twice).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("Canary default/c already runs route \"r\"")),
+            "{problems:?}"
+        );
+        // A router change that removes the canary's route is refused while the canary exists.
+        let gone = canary(&[]).replace("- name: r\n", "- name: other\n");
+        let problems = state_of(&gone).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("(Canary default/c): spec.route")),
+            "{problems:?}"
+        );
+    }
+
     #[test]
     fn problems_name_document_resource_and_field() {
         let cases = [
