@@ -196,9 +196,29 @@ pub struct Measurements {
 struct Inner {
     /// By proxy process (its hello's `instance`).
     processes: HashMap<String, Process>,
-    /// By (route, node).
-    totals: BTreeMap<(String, String), Counts>,
+    /// By (caller node, route, target node).
+    totals: BTreeMap<(String, String, String), Counts>,
     pruned: Option<Instant>,
+    /// Requests and failures of every pair at a few past moments (every [`RATE_SAMPLE`]), for
+    /// rates.
+    samples: std::collections::VecDeque<(Instant, BTreeMap<(String, String, String), (u64, u64)>)>,
+}
+
+/// How often totals are sampled for rates, and how many samples are kept (rates are over the
+/// oldest kept, 10 to 12 s back).
+pub const RATE_SAMPLE: Duration = Duration::from_secs(2);
+const RATE_SAMPLES: usize = 6;
+
+/// A pair's live rate: requests per second and the share that succeeded (percent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rate {
+    pub caller: String,
+    pub route: String,
+    pub node: String,
+    pub requests_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -214,7 +234,7 @@ impl Measurements {
     /// Adds what a proxy process counted since its last report. A route's first report from a
     /// process is its baseline (what it counted before is not in any step); a pair that appears
     /// later on a covered route is new since (its series start at its first request).
-    pub fn record(&self, instance: &str, report: &pb::Report) {
+    pub fn record(&self, instance: &str, caller: &str, report: &pb::Report) {
         let now = Instant::now();
         let Ok(mut inner) = self.inner.lock() else {
             return;
@@ -248,7 +268,11 @@ impl Measurements {
                 };
                 inner
                     .totals
-                    .entry((m.route.clone(), node_of(&m.cluster).to_string()))
+                    .entry((
+                        caller.to_string(),
+                        m.route.clone(),
+                        node_of(&m.cluster).to_string(),
+                    ))
                     .or_default()
                     .add(&delta);
             }
@@ -259,24 +283,79 @@ impl Measurements {
             .extend(report.measured_routes.iter().cloned());
     }
 
-    /// The totals of one (route, node) pair.
+    /// The totals of one (route, node) pair, every caller's.
     pub fn total(&self, route: &str, node: &str) -> Option<Counts> {
         let inner = self.inner.lock().ok()?;
-        inner
-            .totals
-            .get(&(route.to_string(), node.to_string()))
-            .cloned()
+        let mut sum: Option<Counts> = None;
+        for ((_, r, n), c) in &inner.totals {
+            if r == route && n == node {
+                sum.get_or_insert_with(Counts::default).add(c);
+            }
+        }
+        sum
     }
 
-    /// Every total, as published for the other control planes: `ROUTE\tNODE` -> counts.
-    pub fn published(&self) -> BTreeMap<String, Counts> {
+    /// The totals of `routes` (the canaries'), every caller's, as published for the other
+    /// control planes: `ROUTE\tNODE` -> counts.
+    pub fn published(&self, routes: &HashSet<String>) -> BTreeMap<String, Counts> {
         let Ok(inner) = self.inner.lock() else {
             return BTreeMap::new();
         };
-        inner
+        let mut out: BTreeMap<String, Counts> = BTreeMap::new();
+        for ((_, route, node), c) in &inner.totals {
+            if routes.contains(route) {
+                out.entry(format!("{route}\t{node}")).or_default().add(c);
+            }
+        }
+        out
+    }
+
+    /// Keeps the totals of now for [`Self::rates`] (called every [`RATE_SAMPLE`]).
+    pub fn sample(&self) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let now: BTreeMap<_, _> = inner
             .totals
             .iter()
-            .map(|((route, node), c)| (format!("{route}\t{node}"), c.clone()))
+            .map(|(k, c)| (k.clone(), (c.requests, c.failures)))
+            .collect();
+        inner.samples.push_back((Instant::now(), now));
+        while inner.samples.len() > RATE_SAMPLES {
+            inner.samples.pop_front();
+        }
+    }
+
+    /// Every pair's rate since the oldest sample (none before two samples).
+    pub fn rates(&self) -> Vec<Rate> {
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let (Some((then, old)), Some((last, _))) = (inner.samples.front(), inner.samples.back())
+        else {
+            return Vec::new();
+        };
+        let seconds = last.duration_since(*then).as_secs_f64();
+        if seconds <= 0.0 {
+            return Vec::new();
+        }
+        let Some((_, newest)) = inner.samples.back() else {
+            return Vec::new();
+        };
+        newest
+            .iter()
+            .map(|(key, &(requests, failures))| {
+                let (r0, f0) = old.get(key).copied().unwrap_or((0, 0));
+                let done = requests.saturating_sub(r0);
+                let failed = failures.saturating_sub(f0).min(done);
+                Rate {
+                    caller: key.0.clone(),
+                    route: key.1.clone(),
+                    node: key.2.clone(),
+                    requests_per_second: done as f64 / seconds,
+                    success_rate: (done > 0).then(|| 100.0 * (done - failed) as f64 / done as f64),
+                }
+            })
             .collect()
     }
 }
@@ -838,7 +917,17 @@ impl Controller {
     }
 
     /// The leader's duty: starts, judges and finishes every canary, every `interval` each.
+    /// (Every control plane samples its totals for the dashboard's rates.)
     pub fn run_canaries(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RATE_SAMPLE);
+            loop {
+                tick.tick().await;
+                let Some(c) = this.upgrade() else { return };
+                c.measurements().sample();
+            }
+        });
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut judged: HashMap<ResourceKey, Instant> = HashMap::new();
@@ -1081,7 +1170,8 @@ impl Controller {
             loop {
                 tick.tick().await;
                 let Some(c) = this.upgrade() else { return };
-                let published = c.measurements().published();
+                let routes = canary_routes(&c.view().state);
+                let published = c.measurements().published(&routes);
                 if published.is_empty() {
                     continue;
                 }
@@ -1124,30 +1214,51 @@ impl Controller {
     }
 }
 
-/// The routes of `snapshot` a canary judges (`ROUTER/ROUTE` names), for its `measure`.
-pub fn measured_routes(state: &crate::validate::State, snapshot: &pb::Snapshot) -> Vec<String> {
-    let judged: HashSet<String> = state
+/// The routes canaries judge (`ROUTER/ROUTE` names).
+pub fn canary_routes(state: &crate::validate::State) -> HashSet<String> {
+    state
         .range(ResourceKey::new(Kind::Canary, "", "")..)
         .take_while(|(k, _)| k.kind == Kind::Canary)
         .filter_map(|(_, r)| match &r.spec {
             Spec::Canary(c) => Some(route_name(c)),
             _ => None,
         })
-        .collect();
-    if judged.is_empty() {
-        return Vec::new();
-    }
+        .collect()
+}
+
+/// How often a proxy reports routes no canary judges (the dashboard's rates).
+pub const MEASURE_INTERVAL_IDLE: Duration = Duration::from_secs(5);
+
+/// What a snapshot's proxy measures: every named route of its virtual hosts (the dashboard's
+/// rates), every [`MEASURE_INTERVAL`] when a canary judges one of them, else every
+/// [`MEASURE_INTERVAL_IDLE`]. None when it has no routes.
+pub fn measure(state: &crate::validate::State, snapshot: &pb::Snapshot) -> Option<pb::Measure> {
     let mut routes: Vec<String> = snapshot
         .listeners
         .iter()
         .flat_map(|l| &l.virtual_hosts)
         .flat_map(|h| &h.routes)
-        .filter(|r| judged.contains(&r.name))
+        .filter(|r| !r.name.is_empty())
         .map(|r| r.name.clone())
         .collect();
+    if routes.is_empty() {
+        return None;
+    }
     routes.sort();
     routes.dedup();
-    routes
+    let judged = canary_routes(state);
+    let interval = if routes.iter().any(|r| judged.contains(r)) {
+        MEASURE_INTERVAL
+    } else {
+        MEASURE_INTERVAL_IDLE
+    };
+    Some(pb::Measure {
+        routes,
+        interval: Some(trellis_proto::Duration {
+            seconds: i64::try_from(interval.as_secs()).unwrap_or(1),
+            nanos: 0,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -1256,17 +1367,24 @@ mod tests {
         // A process's first report on a route is its baseline: what came before is no step's.
         m.record(
             "a",
+            "VirtualNode/default/front",
             &report(&["r/main"], &[("r/main", "default/v2", 500, 5)]),
         );
         assert_eq!(m.total("r/main", "default/v2").map_or(0, |c| c.requests), 0);
         m.record(
             "a",
+            "VirtualNode/default/front",
             &report(&["r/main"], &[("r/main", "default/v2", 520, 6)]),
         );
         // Another process, and a pair new on a covered route (a port's cluster of the node).
-        m.record("b", &report(&["r/main"], &[("r/main", "default/v2", 7, 0)]));
         m.record(
             "b",
+            "VirtualNode/default/front",
+            &report(&["r/main"], &[("r/main", "default/v2", 7, 0)]),
+        );
+        m.record(
+            "b",
+            "VirtualNode/default/front",
             &report(
                 &["r/main"],
                 &[
@@ -1278,7 +1396,11 @@ mod tests {
         let total = m.total("r/main", "default/v2").unwrap();
         assert_eq!((total.requests, total.failures), (20 + 3 + 4, 1 + 1 + 4));
         // A counter that went back (a series dropped and made again) counts from zero.
-        m.record("a", &report(&["r/main"], &[("r/main", "default/v2", 2, 0)]));
+        m.record(
+            "a",
+            "VirtualNode/default/front",
+            &report(&["r/main"], &[("r/main", "default/v2", 2, 0)]),
+        );
         assert_eq!(m.total("r/main", "default/v2").unwrap().requests, 29);
         assert!(m.total("r/main", "default/v1").is_none());
     }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod canary;
 pub mod compat;
 pub mod controller;
+pub mod dashboard;
 pub mod diff;
 pub mod identity;
 pub mod import;

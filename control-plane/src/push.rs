@@ -423,7 +423,8 @@ async fn serve_proxy(
                     }
                 }
                 Ok(Some(ProxyMessage { kind: Some(Msg::Report(report)) })) => {
-                    session.controller.measurements().record(&admission.process, &report);
+                    let caller = format!("{}/{}/{}", node.kind, node.namespace, node.name);
+                    session.controller.measurements().record(&admission.process, &caller, &report);
                 }
                 Ok(Some(ProxyMessage { kind: Some(kind) })) => session.answer(kind),
                 Ok(Some(_)) => {}

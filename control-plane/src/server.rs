@@ -420,7 +420,8 @@ async fn api(controller: &Arc<Controller>, req: Request<Incoming>) -> Response<B
     // plane by its certificate instead); it reads nothing but the pod it is sent.
     let open = matches!(
         req.uri().path(),
-        "/healthz" | "/readyz" | "/metrics" | "/v1/webhooks/inject"
+        // The dashboard's page holds no data: what it shows comes from the API, with a token.
+        "/healthz" | "/readyz" | "/metrics" | "/v1/webhooks/inject" | "/ui"
     );
     let write = req.method() != Method::GET && req.method() != Method::HEAD && !previews(&req);
     let action = format!("{} {}", req.method(), req.uri().path());
@@ -756,6 +757,19 @@ async fn route(controller: &Arc<Controller>, req: Request<Incoming>, who: &str) 
             rotate(controller, step, force).await
         }
         (&Method::GET, ["v1", "audit"]) => audit_log(controller, &req).await,
+        (&Method::GET, ["ui"]) => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::dashboard::PAGE.as_bytes().to_vec(),
+        ),
+        (&Method::GET, ["v1", "graph"]) => {
+            let view = controller.view();
+            let rates = controller.measurements().rates();
+            reply(
+                StatusCode::OK,
+                &crate::dashboard::graph(&view.state, &rates),
+            )
+        }
         // Every canary (`?namespace=NS`: one namespace's), and one.
         (&Method::GET, ["v1", "canaries"]) => {
             let namespace = query(&req).get("namespace").cloned();

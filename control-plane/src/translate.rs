@@ -301,16 +301,7 @@ impl Builder<'_> {
             tracing,
             measure: None,
         };
-        let measured = crate::canary::measured_routes(self.state, &snapshot);
-        if !measured.is_empty() {
-            snapshot.measure = Some(pb::Measure {
-                routes: measured,
-                interval: Some(trellis_proto::Duration {
-                    seconds: i64::try_from(crate::canary::MEASURE_INTERVAL.as_secs()).unwrap_or(1),
-                    nanos: 0,
-                }),
-            });
-        }
+        snapshot.measure = crate::canary::measure(self.state, &snapshot);
         snapshot.version = version(&snapshot);
         Translated {
             snapshot,

@@ -418,3 +418,111 @@ async fn an_operator_pauses_resumes_and_promotes_a_canary() {
     );
     drop(s.v1);
 }
+
+/// Runs headless Chromium (Debian's `chromium`) on `page`: its DOM once the page's scripts have
+/// run, and a screenshot in the test's output directory.
+async fn chromium(page: &str, screenshot: &str) -> String {
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(screenshot);
+    let profile = tempfile::tempdir().unwrap();
+    let run = |extra: Vec<String>| {
+        let profile = profile.path().display().to_string();
+        let page = page.to_string();
+        async move {
+            tokio::process::Command::new("chromium")
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--window-size=1400,1100",
+                    "--virtual-time-budget=8000",
+                    &format!("--user-data-dir={profile}"),
+                ])
+                .args(extra)
+                .arg(page)
+                .output()
+                .await
+                .expect("chromium (Debian package chromium) must be installed; the test command installs it")
+        }
+    };
+    let dom = run(vec!["--dump-dom".into()]).await;
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let out = run(vec![format!("--screenshot={}", shot.display())]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        shot.display()
+    );
+    String::from_utf8(dom.stdout).unwrap()
+}
+
+/// The control plane's dashboard in a real headless browser, from the API the CLI uses: the
+/// mesh graph with the live split on the router's edges (weights, rates, success), the caller's
+/// proxy SYNCED, and the running canary with its gates and decisions.
+#[tokio::test]
+async fn the_dashboard_shows_the_live_split_convergence_and_a_canary() {
+    let s = setup().await;
+    let url = s.control.url.clone();
+    let traffic = Traffic::start(s.front.egress);
+    apply(&url, &canary(&[(30, 3600)]));
+    wait_phase(&url, "Progressing", Duration::from_secs(10)).await;
+    // Both versions' edges carry traffic in the graph the page reads.
+    let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "live rates on both edges",
+        || async {
+            let mut c = Client::h1(addr).await.map_err(|e| e.to_string())?;
+            let g: Value = serde_json::from_str(
+                &c.get("x", "/v1/graph")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text(),
+            )
+            .map_err(|e| e.to_string())?;
+            let live = |node: &str| {
+                g["edges"].as_array().unwrap().iter().any(|e| {
+                    e["kind"] == "route"
+                        && e["to"] == format!("VirtualNode/default/{node}")
+                        && e["requestsPerSecond"].as_f64().unwrap_or(0.0) > 1.0
+                })
+            };
+            if live("color-v1") && live("color-v2") {
+                Ok(())
+            } else {
+                Err(g.to_string())
+            }
+        },
+    )
+    .await;
+
+    let dom = chromium(&format!("{url}/ui"), "dashboard.png").await;
+    for want in [
+        "front",
+        "color-v1",
+        "color-v2",
+        "VirtualRouter",
+        "req/s",
+        "70%",
+        "30%",
+        "SYNCED",
+        "Progressing",
+        "step 1 of 1",
+        "start",
+    ] {
+        assert!(dom.contains(want), "{want:?} not on the page: {dom}");
+    }
+    assert!(dom.contains(r#"class="ok proxy-state">SYNCED"#), "{dom}");
+    assert!(!dom.contains(r#"class="bad proxy-state""#), "{dom}");
+    traffic.stop().await;
+}
