@@ -1,13 +1,13 @@
 //! Canaries: a `Canary` resource moves a VirtualRouter route's traffic from its stable
 //! VirtualNode to a canary one step by step, judged by the callers' own proxies.
 //!
-//! **Measurements travel on the config stream.** A snapshot whose routes include a canary's
-//! lists them in `measure`; every second the proxy sends the cumulative count, 5xx count and
-//! latency buckets of each (route, cluster) pair of them (read from the request metrics it
-//! keeps for Prometheus anyway). Each control plane sums the changes between a proxy process's
-//! reports into totals per (route, node) ([`Measurements`]); control planes sharing a store
-//! publish their totals under their lease (`measurements/<replica>`), and the leader adds them
-//! up. Scraping was the other way: it needs every proxy's admin port reachable from the control
+//! **Measurements travel on the config stream** (see `measure`): the callers' proxies report
+//! the canary's route every second; each control plane adds up what each proxy stream counted;
+//! control planes sharing a store publish their totals of the canaries' routes
+//! (`measurements/<replica>`, not under a lease: a control plane that is gone still counts in
+//! the step it was part of; the leader forgets it an hour later), and the leader adds them up,
+//! each control plane's change since the step started (an older reading counts as none).
+//! Scraping was the other way: it needs every proxy's admin port reachable from the control
 //! plane (a sidecar's is on loopback) and a second connection per proxy, where the stream is
 //! already open, authenticated and names its node.
 //!
@@ -20,16 +20,17 @@
 //! control plane (each write expects the state it read).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
-use trellis_proto::v1 as pb;
 
+pub use crate::measure::{Counts, MEASURE_INTERVAL, Rate, Window, route_name};
 use crate::{
     controller::{ControlError, Controller},
+    measure::{RATE_SAMPLE, canary_routes},
     model::{self, CanarySpec, Kind, Ref, ResourceKey, Spec},
     store::{Expect, Op, StoreError},
     validate::Resource,
@@ -39,326 +40,12 @@ use crate::{
 pub const STATE_PREFIX: &str = "canaries/";
 /// Where control planes sharing a store publish their measurement totals.
 pub const MEASUREMENTS_PREFIX: &str = "measurements/";
-/// How often proxies report the measured routes.
-pub const MEASURE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the leader looks at the canaries (each is judged every `spec.interval`).
 const TICK: Duration = Duration::from_secs(1);
 /// The default `spec.interval`.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-/// A proxy process not heard from for this long is forgotten (its counts stay in the totals).
-const FORGET_PROCESS: Duration = Duration::from_secs(600);
 /// At most this many decisions are kept in a canary's history (the first and the latest).
 const HISTORY: usize = 200;
-
-/// The action of an http, http2 or grpc route (a canary judges requests; not a tcp route's).
-pub fn route_action(route: &model::Route) -> Option<&model::RouteAction> {
-    if let Some(h) = route.http_route.as_ref().or(route.http2_route.as_ref()) {
-        return Some(&h.action);
-    }
-    route.grpc_route.as_ref().map(|g| &g.action)
-}
-
-fn route_action_mut(route: &mut model::Route) -> Option<&mut model::RouteAction> {
-    if let Some(h) = route.http_route.as_mut() {
-        return Some(&mut h.action);
-    }
-    if let Some(h) = route.http2_route.as_mut() {
-        return Some(&mut h.action);
-    }
-    route.grpc_route.as_mut().map(|g| &mut g.action)
-}
-
-/// The name a proxy knows a canary's route by (`ROUTER/ROUTE`, as translated).
-pub fn route_name(spec: &CanarySpec) -> String {
-    format!("{}/{}", spec.virtual_router_ref.name, spec.route)
-}
-
-/// The node a cluster reaches: `NAMESPACE/NAME` of `NAMESPACE/NAME[:PORT][@...][#mirror]`.
-fn node_of(cluster: &str) -> &str {
-    cluster.split([':', '@', '#']).next().unwrap_or(cluster)
-}
-
-/// Request counts of one (route, node) pair: cumulative, or the change over a window.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counts {
-    pub requests: u64,
-    pub failures: u64,
-    /// Latency bucket bounds (seconds) and the requests at most each.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bounds: Vec<f64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub buckets: Vec<u64>,
-}
-
-impl Counts {
-    fn from_report(m: &pb::RouteMeasurement) -> Self {
-        Self {
-            requests: m.requests,
-            failures: m.failures,
-            bounds: m.bounds_seconds.clone(),
-            buckets: m.counts.clone(),
-        }
-    }
-
-    fn add(&mut self, other: &Counts) {
-        self.requests += other.requests;
-        self.failures += other.failures;
-        if self.bounds.is_empty() && self.buckets.is_empty() {
-            self.bounds = other.bounds.clone();
-            self.buckets = vec![0; other.buckets.len()];
-        }
-        // Buckets of other bounds (another proxy version) are left out; counts are not.
-        if self.bounds == other.bounds {
-            for (sum, n) in self.buckets.iter_mut().zip(&other.buckets) {
-                *sum += n;
-            }
-        }
-    }
-
-    /// What was counted since `before` (a reset counter counts from zero).
-    fn since(&self, before: &Counts) -> Counts {
-        if self.requests < before.requests || self.failures < before.failures {
-            return self.clone();
-        }
-        let buckets = if self.bounds == before.bounds {
-            self.buckets
-                .iter()
-                .zip(before.buckets.iter().chain(std::iter::repeat(&0)))
-                .map(|(now, then)| now.saturating_sub(*then))
-                .collect()
-        } else {
-            self.buckets.clone()
-        };
-        Counts {
-            requests: self.requests - before.requests,
-            failures: self.failures - before.failures,
-            bounds: self.bounds.clone(),
-            buckets,
-        }
-    }
-
-    /// The `q` quantile of the durations (seconds), estimated within its bucket by linear
-    /// interpolation, as Prometheus's `histogram_quantile`; beyond the last bound, the last
-    /// bound. None without requests or buckets.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.requests == 0 || self.bounds.is_empty() || self.bounds.len() != self.buckets.len() {
-            return None;
-        }
-        let rank = q * self.requests as f64;
-        let mut below = (0.0, 0u64);
-        for (&bound, &count) in self.bounds.iter().zip(&self.buckets) {
-            if count as f64 >= rank {
-                let (lower, before) = below;
-                let within = count.saturating_sub(before);
-                if within == 0 {
-                    return Some(bound);
-                }
-                return Some(lower + (bound - lower) * (rank - before as f64) / within as f64);
-            }
-            below = (bound, count);
-        }
-        self.bounds.last().copied()
-    }
-
-    /// The window as shown and judged.
-    pub fn window(&self) -> Window {
-        Window {
-            requests: self.requests,
-            failures: self.failures,
-            success_rate: (self.requests > 0).then(|| {
-                100.0 * (self.requests - self.failures.min(self.requests)) as f64
-                    / self.requests as f64
-            }),
-            p99_ms: self.quantile(0.99).map(|s| s * 1000.0),
-        }
-    }
-}
-
-/// A step's measurements: requests, 5xx, success rate (percent) and p99 (milliseconds).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Window {
-    pub requests: u64,
-    pub failures: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub success_rate: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub p99_ms: Option<f64>,
-}
-
-/// This control plane's totals of the measured pairs, from its proxies' reports.
-#[derive(Debug, Default)]
-pub struct Measurements {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// By proxy process (its hello's `instance`).
-    processes: HashMap<String, Process>,
-    /// By (caller node, route, target node).
-    totals: BTreeMap<(String, String, String), Counts>,
-    pruned: Option<Instant>,
-    /// Requests and failures of every pair at a few past moments (every [`RATE_SAMPLE`]), for
-    /// rates.
-    samples: std::collections::VecDeque<(Instant, BTreeMap<(String, String, String), (u64, u64)>)>,
-}
-
-/// How often totals are sampled for rates, and how many samples are kept (rates are over the
-/// oldest kept, 10 to 12 s back).
-pub const RATE_SAMPLE: Duration = Duration::from_secs(2);
-const RATE_SAMPLES: usize = 6;
-
-/// A pair's live rate: requests per second and the share that succeeded (percent).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Rate {
-    pub caller: String,
-    pub route: String,
-    pub node: String,
-    pub requests_per_second: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub success_rate: Option<f64>,
-}
-
-#[derive(Debug)]
-struct Process {
-    /// The routes an earlier report of this process covered.
-    covered: HashSet<String>,
-    /// The last report's counts by (route, cluster).
-    last: HashMap<(String, String), Counts>,
-    seen: Instant,
-}
-
-impl Measurements {
-    /// Adds what a proxy process counted since its last report. A route's first report from a
-    /// process is its baseline (what it counted before is not in any step); a pair that appears
-    /// later on a covered route is new since (its series start at its first request).
-    pub fn record(&self, instance: &str, caller: &str, report: &pb::Report) {
-        let now = Instant::now();
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let inner = &mut *inner;
-        if inner
-            .pruned
-            .is_none_or(|p| now.duration_since(p) > Duration::from_secs(60))
-        {
-            inner
-                .processes
-                .retain(|_, p| now.duration_since(p.seen) < FORGET_PROCESS);
-            inner.pruned = Some(now);
-        }
-        let process = inner
-            .processes
-            .entry(instance.to_string())
-            .or_insert_with(|| Process {
-                covered: HashSet::new(),
-                last: HashMap::new(),
-                seen: now,
-            });
-        process.seen = now;
-        for m in &report.routes {
-            let counts = Counts::from_report(m);
-            let pair = (m.route.clone(), m.cluster.clone());
-            if process.covered.contains(&m.route) {
-                let delta = match process.last.get(&pair) {
-                    Some(before) => counts.since(before),
-                    None => counts.clone(),
-                };
-                inner
-                    .totals
-                    .entry((
-                        caller.to_string(),
-                        m.route.clone(),
-                        node_of(&m.cluster).to_string(),
-                    ))
-                    .or_default()
-                    .add(&delta);
-            }
-            process.last.insert(pair, counts);
-        }
-        process
-            .covered
-            .extend(report.measured_routes.iter().cloned());
-    }
-
-    /// The totals of one (route, node) pair, every caller's.
-    pub fn total(&self, route: &str, node: &str) -> Option<Counts> {
-        let inner = self.inner.lock().ok()?;
-        let mut sum: Option<Counts> = None;
-        for ((_, r, n), c) in &inner.totals {
-            if r == route && n == node {
-                sum.get_or_insert_with(Counts::default).add(c);
-            }
-        }
-        sum
-    }
-
-    /// The totals of `routes` (the canaries'), every caller's, as published for the other
-    /// control planes: `ROUTE\tNODE` -> counts.
-    pub fn published(&self, routes: &HashSet<String>) -> BTreeMap<String, Counts> {
-        let Ok(inner) = self.inner.lock() else {
-            return BTreeMap::new();
-        };
-        let mut out: BTreeMap<String, Counts> = BTreeMap::new();
-        for ((_, route, node), c) in &inner.totals {
-            if routes.contains(route) {
-                out.entry(format!("{route}\t{node}")).or_default().add(c);
-            }
-        }
-        out
-    }
-
-    /// Keeps the totals of now for [`Self::rates`] (called every [`RATE_SAMPLE`]).
-    pub fn sample(&self) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let now: BTreeMap<_, _> = inner
-            .totals
-            .iter()
-            .map(|(k, c)| (k.clone(), (c.requests, c.failures)))
-            .collect();
-        inner.samples.push_back((Instant::now(), now));
-        while inner.samples.len() > RATE_SAMPLES {
-            inner.samples.pop_front();
-        }
-    }
-
-    /// Every pair's rate since the oldest sample (none before two samples).
-    pub fn rates(&self) -> Vec<Rate> {
-        let Ok(inner) = self.inner.lock() else {
-            return Vec::new();
-        };
-        let (Some((then, old)), Some((last, _))) = (inner.samples.front(), inner.samples.back())
-        else {
-            return Vec::new();
-        };
-        let seconds = last.duration_since(*then).as_secs_f64();
-        if seconds <= 0.0 {
-            return Vec::new();
-        }
-        let Some((_, newest)) = inner.samples.back() else {
-            return Vec::new();
-        };
-        newest
-            .iter()
-            .map(|(key, &(requests, failures))| {
-                let (r0, f0) = old.get(key).copied().unwrap_or((0, 0));
-                let done = requests.saturating_sub(r0);
-                let failed = failures.saturating_sub(f0).min(done);
-                Rate {
-                    caller: key.0.clone(),
-                    route: key.1.clone(),
-                    node: key.2.clone(),
-                    requests_per_second: done as f64 / seconds,
-                    success_rate: (done > 0).then(|| 100.0 * (done - failed) as f64 / done as f64),
-                }
-            })
-            .collect()
-    }
-}
 
 /// Where a canary is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -454,6 +141,11 @@ pub fn judge(spec: &CanarySpec, step: usize, elapsed: Duration, window: &Window)
     if let Some(max) = gates.max_latency_p99.and_then(model::Duration::to_std) {
         let max_ms = max.as_secs_f64() * 1000.0;
         match window.p99_ms {
+            Some(p99) if window.p99_over_last_bucket => {
+                return Verdict::RollBack(format!(
+                    "p99 latency is above {p99:.0} ms (the largest latency bucket), over {max_ms} ms"
+                ));
+            }
             Some(p99) if p99 > max_ms => {
                 return Verdict::RollBack(format!("p99 latency {p99:.1} ms is above {max_ms} ms"));
             }
@@ -521,7 +213,7 @@ fn route_weights(router: &Resource, parts: &Parts, spec: &CanarySpec) -> Option<
         return None;
     };
     let route = vr.routes.iter().find(|r| r.name == spec.route)?;
-    let action = route_action(route)?;
+    let action = route.action()?;
     let (mut stable, mut canary) = (0, 0);
     for t in &action.weighted_targets {
         let node = t
@@ -554,7 +246,8 @@ fn with_weight(
         .iter_mut()
         .find(|r| r.name == spec.route)
         .ok_or_else(|| format!("{} has no route {:?}", parts.router, spec.route))?;
-    let action = route_action_mut(route)
+    let action = route
+        .action_mut()
         .ok_or_else(|| format!("route {:?} is not an http, http2 or grpc route", spec.route))?;
     let ns = parts.router.namespace.clone();
     let mut port = None;
@@ -655,9 +348,9 @@ impl Controller {
             if replica == self.replica() {
                 continue;
             }
-            match serde_json::from_slice::<BTreeMap<String, Counts>>(&kv.value) {
+            match serde_json::from_slice::<Published>(&kv.value) {
                 Ok(mut published) => {
-                    if let Some(c) = published.remove(&pair) {
+                    if let Some(c) = published.totals.remove(&pair) {
                         totals.insert(replica.to_string(), c);
                     }
                 }
@@ -816,9 +509,14 @@ impl Controller {
             (Command::Resume, _) => {
                 next.phase = Phase::Progressing;
                 next.message.clear();
-                // The step is judged again from now: its requests and its duration.
+                // The step is judged again from now (its requests and its duration), at its
+                // weight (set again if the route was changed under it).
                 self.restart_step(&mut next, &parts).await?;
-                ("resume", state.weight)
+                let weight = spec
+                    .steps
+                    .get(state.step)
+                    .map_or(state.weight, |s| s.weight);
+                ("resume", weight)
             }
         };
         self.canary_transition(
@@ -852,6 +550,25 @@ impl Controller {
             }
         };
         Ok((state, Some(kv.mod_revision)))
+    }
+
+    /// Writes a canary's state alone, expecting it at `revision` (absent if none).
+    async fn write_state(
+        &self,
+        key: &ResourceKey,
+        revision: Option<u64>,
+        state: &State,
+    ) -> Result<(), ControlError> {
+        let value = serde_json::to_vec(state).map_err(|e| ControlError::Internal(e.to_string()))?;
+        self.store()
+            .apply(vec![Op::Put {
+                key: state_key(key),
+                value,
+                expect: revision.map_or(Expect::Absent, Expect::Revision),
+                lease: None,
+            }])
+            .await?;
+        Ok(())
     }
 
     /// Starts the state's step now: its baselines the totals now.
@@ -901,19 +618,22 @@ impl Controller {
             expect: state_revision.map_or(Expect::Absent, Expect::Revision),
             lease: None,
         };
-        let view = self.view();
-        let router = view
-            .state
-            .get(&parts.router)
-            .ok_or_else(|| ControlError::NotFound(parts.router.to_string()))?;
-        let current = route_weights(router, parts, spec);
-        let manifests = if current == Some((100 - weight, weight)) {
-            Vec::new()
-        } else {
-            vec![with_weight(router, parts, spec, weight).map_err(ControlError::Internal)?]
+        // The weights are set on the router as it is when the write is checked (each attempt):
+        // nothing else of it is changed, and a write racing ours is not overwritten.
+        let make = |view: &crate::view::View| {
+            let router = view
+                .state
+                .get(&parts.router)
+                .ok_or_else(|| ControlError::NotFound(parts.router.to_string()))?;
+            if route_weights(router, parts, spec) == Some((100 - weight, weight)) {
+                return Ok(Some(Vec::new()));
+            }
+            let manifest =
+                with_weight(router, parts, spec, weight).map_err(ControlError::Internal)?;
+            Ok(Some(vec![manifest]))
         };
         tracing::info!(canary = %key, action, weight, by, "canary decision");
-        self.apply_with(manifests, vec![op]).await.map(drop)
+        self.apply_with(make, None, vec![op]).await.map(drop)
     }
 
     /// The leader's duty: starts, judges and finishes every canary, every `interval` each.
@@ -931,6 +651,7 @@ impl Controller {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut judged: HashMap<ResourceKey, Instant> = HashMap::new();
+            let mut housekeeping: Option<Instant> = None;
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -940,7 +661,7 @@ impl Controller {
                     judged.clear();
                     continue;
                 }
-                if let Err(e) = c.canaries_once(&mut judged).await {
+                if let Err(e) = c.canaries_once(&mut judged, &mut housekeeping).await {
                     tracing::warn!(error = %e, "canaries not judged this time");
                 }
             }
@@ -950,6 +671,7 @@ impl Controller {
     async fn canaries_once(
         &self,
         judged: &mut HashMap<ResourceKey, Instant>,
+        housekeeping: &mut Option<Instant>,
     ) -> Result<(), ControlError> {
         let view = self.view();
         let canaries: Vec<(ResourceKey, u64, Arc<Resource>)> = view
@@ -958,28 +680,12 @@ impl Controller {
             .take_while(|(k, _)| k.kind == Kind::Canary)
             .map(|(k, r)| (k.clone(), r.revision, r.clone()))
             .collect();
-        // States of canaries that are gone.
-        let stored = self.store().list(STATE_PREFIX).await?;
-        for kv in stored.items {
-            let Some((ns, name)) = kv
-                .key
-                .strip_prefix(STATE_PREFIX)
-                .and_then(|k| k.split_once('/'))
-            else {
-                continue;
-            };
-            if !view
-                .state
-                .contains_key(&ResourceKey::new(Kind::Canary, ns, name))
-            {
-                let _ = self
-                    .store()
-                    .apply(vec![Op::Delete {
-                        key: kv.key.clone(),
-                        expect: Expect::Revision(kv.mod_revision),
-                    }])
-                    .await;
-            }
+        // Every minute: the states of canaries that are gone, the totals of control planes
+        // that are.
+        if housekeeping.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *housekeeping = Some(Instant::now());
+            self.forget_gone_canaries(&view).await?;
+            self.forget_gone_replicas().await?;
         }
         judged.retain(|k, _| view.state.contains_key(k));
         for (key, revision, resource) in canaries {
@@ -1013,7 +719,11 @@ impl Controller {
     ) -> Result<bool, ControlError> {
         let parts = Parts::of(key, spec);
         let (state, state_revision) = self.canary_state(key).await?;
-        let view = self.view();
+        // The view holds at least what the state was written with (the weights it set).
+        let view = match state_revision {
+            Some(revision) => self.caught_up(revision).await?,
+            None => self.view(),
+        };
         let Some(router) = view.state.get(&parts.router) else {
             return Ok(false);
         };
@@ -1033,19 +743,42 @@ impl Controller {
             };
             self.restart_step(&mut state, &parts).await?;
             let reason = format!("step 1 of {}", spec.steps.len());
-            self.canary_transition(
-                key,
-                spec,
-                &parts,
-                state_revision,
-                state,
-                "start",
-                first,
-                "controller",
-                reason,
-                None,
-            )
-            .await?;
+            let started = self
+                .canary_transition(
+                    key,
+                    spec,
+                    &parts,
+                    state_revision,
+                    state.clone(),
+                    "start",
+                    first,
+                    "controller",
+                    reason,
+                    None,
+                )
+                .await;
+            if let Err(ControlError::Invalid(problems)) = started {
+                // The router refuses the first step's weights: said in the canary's status
+                // (held, nothing changed) until it is resumed or its spec changes.
+                let why = problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                state.phase = Phase::Paused;
+                state.message = format!("cannot start: {why}");
+                state.history.push(Decision {
+                    at_ms: now_ms(),
+                    action: "pause".into(),
+                    weight: 0,
+                    by: "controller".into(),
+                    reason: state.message.clone(),
+                    window: None,
+                });
+                self.write_state(key, state_revision, &state).await?;
+                return Ok(true);
+            }
+            started?;
             return Ok(true);
         };
         if state.phase != Phase::Progressing {
@@ -1071,16 +804,7 @@ impl Controller {
                 window: None,
             });
             // The route is left as it was found: the write is the state's alone.
-            let value =
-                serde_json::to_vec(&state).map_err(|e| ControlError::Internal(e.to_string()))?;
-            self.store()
-                .apply(vec![Op::Put {
-                    key: state_key(key),
-                    value,
-                    expect: state_revision.map_or(Expect::Absent, Expect::Revision),
-                    lease: None,
-                }])
-                .await?;
+            self.write_state(key, state_revision, &state).await?;
             return Ok(true);
         }
         let totals = self
@@ -1163,102 +887,111 @@ impl Controller {
     pub fn publish_measurements(self: &Arc<Self>, every: Duration) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            let ttl = (every * 10).max(Duration::from_secs(5));
-            let mut lease: Option<crate::store::LeaseId> = None;
-            let mut written: Option<Vec<u8>> = None;
+            let mut written: Option<BTreeMap<String, Counts>> = None;
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let Some(c) = this.upgrade() else { return };
                 let routes = canary_routes(&c.view().state);
-                let published = c.measurements().published(&routes);
-                if published.is_empty() {
+                let totals = c.measurements().published(&routes);
+                if totals.is_empty() || written.as_ref() == Some(&totals) {
                     continue;
                 }
-                let result = async {
-                    let id = match lease {
-                        Some(id) => match c.store().keep_alive(id).await {
-                            Ok(()) => id,
-                            Err(StoreError::LeaseNotFound(_)) => {
-                                written = None;
-                                c.store().grant_lease(ttl).await?
-                            }
-                            Err(e) => return Err(e),
-                        },
-                        None => c.store().grant_lease(ttl).await?,
-                    };
-                    lease = Some(id);
+                // Not under a lease: the totals of a control plane that is gone still count in
+                // the steps they were part of (the leader forgets them an hour after).
+                let published = Published {
+                    published_ms: now_ms(),
+                    totals,
+                };
+                let write = async {
                     let value = serde_json::to_vec(&published)
                         .map_err(|e| StoreError::Backend(e.to_string()))?;
-                    if written.as_ref() != Some(&value) {
-                        c.store()
-                            .apply(vec![Op::Put {
-                                key: format!("{MEASUREMENTS_PREFIX}{}", c.replica()),
-                                value: value.clone(),
-                                expect: Expect::Any,
-                                lease: Some(id),
-                            }])
-                            .await?;
-                        written = Some(value);
+                    c.store()
+                        .apply(vec![Op::Put {
+                            key: format!("{MEASUREMENTS_PREFIX}{}", c.replica()),
+                            value,
+                            expect: Expect::Any,
+                            lease: None,
+                        }])
+                        .await
+                };
+                match write.await {
+                    Ok(_) => written = Some(published.totals),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot publish this control plane's measurements")
                     }
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "cannot publish this control plane's measurements");
-                    lease = None;
-                    written = None;
                 }
             }
         });
     }
-}
 
-/// The routes canaries judge (`ROUTER/ROUTE` names).
-pub fn canary_routes(state: &crate::validate::State) -> HashSet<String> {
-    state
-        .range(ResourceKey::new(Kind::Canary, "", "")..)
-        .take_while(|(k, _)| k.kind == Kind::Canary)
-        .filter_map(|(_, r)| match &r.spec {
-            Spec::Canary(c) => Some(route_name(c)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// How often a proxy reports routes no canary judges (the dashboard's rates).
-pub const MEASURE_INTERVAL_IDLE: Duration = Duration::from_secs(5);
-
-/// What a snapshot's proxy measures: every named route of its virtual hosts (the dashboard's
-/// rates), every [`MEASURE_INTERVAL`] when a canary judges one of them, else every
-/// [`MEASURE_INTERVAL_IDLE`]. None when it has no routes.
-pub fn measure(state: &crate::validate::State, snapshot: &pb::Snapshot) -> Option<pb::Measure> {
-    let mut routes: Vec<String> = snapshot
-        .listeners
-        .iter()
-        .flat_map(|l| &l.virtual_hosts)
-        .flat_map(|h| &h.routes)
-        .filter(|r| !r.name.is_empty())
-        .map(|r| r.name.clone())
-        .collect();
-    if routes.is_empty() {
-        return None;
+    /// Deletes the states of canaries that are gone.
+    async fn forget_gone_canaries(&self, view: &crate::view::View) -> Result<(), StoreError> {
+        let stored = self.store().list(STATE_PREFIX).await?;
+        for kv in stored.items {
+            let Some((ns, name)) = kv
+                .key
+                .strip_prefix(STATE_PREFIX)
+                .and_then(|k| k.split_once('/'))
+            else {
+                continue;
+            };
+            if !view
+                .state
+                .contains_key(&ResourceKey::new(Kind::Canary, ns, name))
+            {
+                let _ = self
+                    .store()
+                    .apply(vec![Op::Delete {
+                        key: kv.key.clone(),
+                        expect: Expect::Revision(kv.mod_revision),
+                    }])
+                    .await;
+            }
+        }
+        Ok(())
     }
-    routes.sort();
-    routes.dedup();
-    let judged = canary_routes(state);
-    let interval = if routes.iter().any(|r| judged.contains(r)) {
-        MEASURE_INTERVAL
-    } else {
-        MEASURE_INTERVAL_IDLE
-    };
-    Some(pb::Measure {
-        routes,
-        interval: Some(trellis_proto::Duration {
-            seconds: i64::try_from(interval.as_secs()).unwrap_or(1),
-            nanos: 0,
-        }),
-    })
+
+    /// Forgets the published totals of control planes gone for an hour (no longer publishing
+    /// their proxies).
+    async fn forget_gone_replicas(&self) -> Result<(), StoreError> {
+        let published = self.store().list(MEASUREMENTS_PREFIX).await?;
+        if published.items.is_empty() {
+            return Ok(());
+        }
+        let alive = self.store().list(crate::controller::REPLICAS).await?;
+        for kv in published.items {
+            let Some(replica) = kv.key.strip_prefix(MEASUREMENTS_PREFIX) else {
+                continue;
+            };
+            let live = replica == self.replica()
+                || alive.items.iter().any(|a| {
+                    a.key
+                        .starts_with(&format!("{}{replica}/", crate::controller::REPLICAS))
+                });
+            let old = serde_json::from_slice::<Published>(&kv.value).map_or(true, |p| {
+                now_ms().saturating_sub(p.published_ms) > 3_600_000
+            });
+            if !live && old {
+                self.store()
+                    .apply(vec![Op::Delete {
+                        key: kv.key.clone(),
+                        expect: Expect::Revision(kv.mod_revision),
+                    }])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a control plane publishes of its totals (`measurements/<replica>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Published {
+    published_ms: u64,
+    /// `ROUTE\tNODE` -> counts.
+    totals: BTreeMap<String, Counts>,
 }
 
 #[cfg(test)]
@@ -1271,6 +1004,7 @@ mod tests {
             failures,
             bounds: vec![0.01, 0.1, 1.0],
             buckets: buckets.to_vec(),
+            bucketed: requests,
         }
     }
 
@@ -1296,20 +1030,6 @@ mod tests {
             },
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn the_p99_is_interpolated_within_its_bucket_and_capped_at_the_last_bound() {
-        // 100 requests: 50 by 10 ms, 98 by 100 ms, all by 1 s.
-        let c = counts(100, 0, &[50, 98, 100]);
-        // Rank 99 is the first of the two in (0.1, 1]: halfway.
-        let p99 = c.quantile(0.99).unwrap();
-        assert!((p99 - 0.55).abs() < 1e-9, "{p99}");
-        let p50 = c.quantile(0.5).unwrap();
-        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
-        // Beyond the last bound: the last bound.
-        assert_eq!(counts(10, 0, &[0, 0, 5]).quantile(0.99), Some(1.0));
-        assert_eq!(counts(0, 0, &[0, 0, 0]).quantile(0.99), None);
     }
 
     #[test]
@@ -1342,69 +1062,6 @@ mod tests {
         assert!(matches!(judge(&spec, 0, long, &early), Verdict::Wait(_)));
     }
 
-    fn report(routes: &[&str], pairs: &[(&str, &str, u64, u64)]) -> pb::Report {
-        pb::Report {
-            routes: pairs
-                .iter()
-                .map(
-                    |&(route, cluster, requests, failures)| pb::RouteMeasurement {
-                        route: route.into(),
-                        cluster: cluster.into(),
-                        requests,
-                        failures,
-                        bounds_seconds: vec![0.1],
-                        counts: vec![requests],
-                    },
-                )
-                .collect(),
-            measured_routes: routes.iter().map(|r| r.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn totals_count_what_each_process_counted_after_its_first_report() {
-        let m = Measurements::default();
-        // A process's first report on a route is its baseline: what came before is no step's.
-        m.record(
-            "a",
-            "VirtualNode/default/front",
-            &report(&["r/main"], &[("r/main", "default/v2", 500, 5)]),
-        );
-        assert_eq!(m.total("r/main", "default/v2").map_or(0, |c| c.requests), 0);
-        m.record(
-            "a",
-            "VirtualNode/default/front",
-            &report(&["r/main"], &[("r/main", "default/v2", 520, 6)]),
-        );
-        // Another process, and a pair new on a covered route (a port's cluster of the node).
-        m.record(
-            "b",
-            "VirtualNode/default/front",
-            &report(&["r/main"], &[("r/main", "default/v2", 7, 0)]),
-        );
-        m.record(
-            "b",
-            "VirtualNode/default/front",
-            &report(
-                &["r/main"],
-                &[
-                    ("r/main", "default/v2", 10, 1),
-                    ("r/main", "default/v2:8080", 4, 4),
-                ],
-            ),
-        );
-        let total = m.total("r/main", "default/v2").unwrap();
-        assert_eq!((total.requests, total.failures), (20 + 3 + 4, 1 + 1 + 4));
-        // A counter that went back (a series dropped and made again) counts from zero.
-        m.record(
-            "a",
-            "VirtualNode/default/front",
-            &report(&["r/main"], &[("r/main", "default/v2", 2, 0)]),
-        );
-        assert_eq!(m.total("r/main", "default/v2").unwrap().requests, 29);
-        assert!(m.total("r/main", "default/v1").is_none());
-    }
-
     #[test]
     fn a_window_adds_each_control_planes_change_since_the_step_started() {
         let mut baseline = BTreeMap::new();
@@ -1413,6 +1070,9 @@ mod tests {
         now.insert("a".to_string(), counts(150, 3, &[150, 150, 150]));
         // A control plane that came up after the step started: all of it is in the step.
         now.insert("b".to_string(), counts(10, 0, &[0, 10, 10]));
+        // One whose reading is older than the baseline: nothing yet, not its whole history.
+        baseline.insert("c".to_string(), counts(1000, 500, &[1000, 1000, 1000]));
+        now.insert("c".to_string(), counts(990, 495, &[990, 990, 990]));
         let w = Controller::window_since(&now, &baseline);
         assert_eq!((w.requests, w.failures), (60, 2));
         assert_eq!(w.buckets, vec![50, 60, 60]);

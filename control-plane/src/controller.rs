@@ -155,11 +155,11 @@ pub struct Controller {
     /// Previews (`trellis diff`) run one at a time.
     previews: tokio::sync::Semaphore,
     /// What this control plane's proxies measured of the routes canaries judge.
-    measurements: crate::canary::Measurements,
+    measurements: crate::measure::Measurements,
 }
 
 /// Where control planes sharing a store publish their proxies: `replicas/<replica>/<chunk>`.
-const REPLICAS: &str = "replicas/";
+pub(crate) const REPLICAS: &str = "replicas/";
 /// Proxies per published key (each written alone: etcd takes requests up to 1.5 MiB).
 const PUBLISHED_CHUNK: usize = 500;
 
@@ -226,7 +226,7 @@ impl Controller {
             replica: format!("{:016x}", fastrand::u64(..)),
             previews: tokio::sync::Semaphore::new(1),
             leadership: std::sync::OnceLock::new(),
-            measurements: crate::canary::Measurements::default(),
+            measurements: crate::measure::Measurements::default(),
         });
         tokio::spawn(follow(Arc::downgrade(&this), revision));
         Ok(this)
@@ -268,7 +268,7 @@ impl Controller {
     }
 
     /// What its proxies measured of the routes canaries judge.
-    pub fn measurements(&self) -> &crate::canary::Measurements {
+    pub fn measurements(&self) -> &crate::measure::Measurements {
         &self.measurements
     }
 
@@ -365,7 +365,7 @@ impl Controller {
 
     /// The view once its revision is `revision` or later: what the watch brings in within
     /// [`CATCH_UP`], else the store read again.
-    async fn caught_up(&self, revision: u64) -> Result<Arc<View>, StoreError> {
+    pub(crate) async fn caught_up(&self, revision: u64) -> Result<Arc<View>, StoreError> {
         let mut views = self.view.subscribe();
         let waited = tokio::time::timeout(CATCH_UP, views.wait_for(|v| v.revision >= revision))
             .await
@@ -447,23 +447,33 @@ impl Controller {
     /// They are checked against the view at the store's current revision and written only if
     /// no other resource write came in between (else checked again on the newer view).
     pub async fn apply(&self, manifests: Vec<Manifest>) -> Result<Vec<Applied>, ControlError> {
-        self.apply_with(manifests, Vec::new()).await
+        let admitted = Admitted::new(manifests);
+        self.apply_with(|_| Ok(None), Some(admitted), Vec::new())
+            .await
     }
 
-    /// [`Self::apply`] with more writes in the same transaction (a canary's state). A conflict
-    /// on one of those is not checked again: it fails the apply.
+    /// [`Self::apply`] of the manifests `make` derives from the view each attempt is checked
+    /// against (a canary's change to a router: made on the router as it is then), with more
+    /// writes in the same transaction (the canary's state). A conflict on one of those is not
+    /// checked again: it fails the apply.
     pub(crate) async fn apply_with(
         &self,
-        manifests: Vec<Manifest>,
+        make: impl Fn(&View) -> Result<Option<Vec<Manifest>>, ControlError>,
+        mut admitted: Option<Admitted>,
         extra: Vec<Op>,
     ) -> Result<Vec<Applied>, ControlError> {
         self.writable()?;
         let started = std::time::Instant::now();
         let _writer = self.writer.lock().await;
-        let admitted = Admitted::new(manifests);
         let mut attempt = 1;
         let results = loop {
             let view = self.current().await?;
+            if let Some(manifests) = make(&view)? {
+                admitted = Some(Admitted::new(manifests));
+            }
+            let Some(admitted) = admitted.as_ref() else {
+                return Err(ControlError::Internal("nothing to apply".into()));
+            };
             let plan = admitted.plan(&view)?;
             if plan.writes.is_empty() && extra.is_empty() {
                 break plan.results;
@@ -507,7 +517,9 @@ impl Controller {
             .apply_latency
             .observe(started.elapsed().as_secs_f64());
         let mut results = results;
-        results.extend(admitted.skipped.iter().cloned());
+        if let Some(admitted) = &admitted {
+            results.extend(admitted.skipped.iter().cloned());
+        }
         Ok(results)
     }
 
@@ -1203,7 +1215,7 @@ impl Serialize for Listed {
 }
 
 /// An apply's manifests, each checked on its own (once, however often the write is retried).
-struct Admitted {
+pub(crate) struct Admitted {
     resources: Vec<Arc<Resource>>,
     /// The document each resource came from.
     origin: HashMap<ResourceKey, usize>,

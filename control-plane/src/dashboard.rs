@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    canary::Rate,
+    measure::Rate,
     model::{Kind, ResourceKey, Spec},
     validate::State,
 };
@@ -162,7 +162,7 @@ pub fn graph(state: &State, rates: &[Rate]) -> Graph {
             }
             Spec::VirtualRouter(vr) => {
                 for route in &vr.routes {
-                    let Some(action) = crate::canary::route_action(route) else {
+                    let Some(action) = route.action() else {
                         continue;
                     };
                     let total: i64 = action.weighted_targets.iter().map(|t| t.weight).sum();
@@ -204,10 +204,18 @@ pub fn graph(state: &State, rates: &[Rate]) -> Graph {
             }
         }
     }
+    // A gateway's rates are its requests whatever its route (its routes are named after its
+    // GatewayRoutes): shown on its edge when it has one.
+    let mut targets_of: BTreeMap<String, usize> = BTreeMap::new();
+    for (gw, _) in gateway_targets.keys() {
+        *targets_of.entry(gw.clone()).or_default() += 1;
+    }
     for (gw, vs) in gateway_targets.into_values() {
         let caller = id(&gw);
         let mut e = edge(&gw, &vs, "gatewayRoute");
-        (e.requests_per_second, e.success_rate) = sum(rates, |r| r.caller == caller);
+        if targets_of.get(&caller) == Some(&1) {
+            (e.requests_per_second, e.success_rate) = sum(rates, |r| r.caller == caller);
+        }
         edges.push(e);
     }
     g.edges = edges;

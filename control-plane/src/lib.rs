@@ -12,6 +12,7 @@ pub mod import;
 pub mod inject;
 pub mod kubernetes;
 pub mod leader;
+pub mod measure;
 pub mod metrics;
 pub mod model;
 pub mod policy;

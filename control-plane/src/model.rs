@@ -716,6 +716,26 @@ pub struct Route {
     pub tcp_route: Option<Box<TcpRoute>>,
 }
 
+impl Route {
+    /// The action of an http, http2 or grpc route (not a tcp route's).
+    pub fn action(&self) -> Option<&RouteAction> {
+        if let Some(h) = self.http_route.as_ref().or(self.http2_route.as_ref()) {
+            return Some(&h.action);
+        }
+        self.grpc_route.as_ref().map(|g| &g.action)
+    }
+
+    pub fn action_mut(&mut self) -> Option<&mut RouteAction> {
+        if let Some(h) = self.http_route.as_mut() {
+            return Some(&mut h.action);
+        }
+        if let Some(h) = self.http2_route.as_mut() {
+            return Some(&mut h.action);
+        }
+        self.grpc_route.as_mut().map(|g| &mut g.action)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {

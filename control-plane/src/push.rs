@@ -57,8 +57,8 @@ enum Admitted {
 
 /// What the hello proved, and its first CSR.
 struct Admission {
-    /// The proxy process (its node and hello's instance), whose measurement reports are
-    /// counted from one to the next.
+    /// The proxy's stream (its node, hello's instance and the stream's id), whose
+    /// measurement reports are counted from one to the next.
     process: String,
     admitted: Admitted,
     csr: Option<String>,
@@ -227,9 +227,9 @@ impl ConfigStream for ConfigService {
         let controller = self.controller.clone();
         let csr = Some(hello.csr).filter(|c| admitted != Admitted::Anonymous && !c.is_empty());
         tokio::spawn(async move {
-            let process = format!("{}#{}", hello.node, hello.instance);
+            let process = format!("{}#{}#{id}", hello.node, hello.instance);
             let admission = Admission {
-                process,
+                process: process.clone(),
                 admitted,
                 csr,
             };
@@ -244,6 +244,7 @@ impl ConfigStream for ConfigService {
             )
             .await;
             controller.proxies().disconnected(id);
+            controller.measurements().forget(&process);
             tracing::info!(node = %node, "proxy disconnected");
         });
         let out = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<Outgoing>| async move {
@@ -267,6 +268,8 @@ struct Session<'a> {
     sent: Option<String>,
     /// When the last push left, for the ACK latency.
     pushed_at: std::time::Instant,
+    /// The routes its snapshot asks measurements of (reports of others are dropped).
+    measured: std::collections::HashSet<String>,
     /// The key certificates on this stream are for: the admitting certificate's, else the
     /// first one issued here (a renewal keeps its key).
     key: Option<Vec<u8>>,
@@ -336,6 +339,7 @@ async fn serve_proxy(
         nonce: 0,
         running: Some(applied).filter(|v| !v.is_empty()),
         sent: None,
+        measured: Default::default(),
         pushed_at: std::time::Instant::now(),
         key: match &admission.admitted {
             Admitted::Certificate(peer) => Some(peer.public_key.to_vec()),
@@ -422,7 +426,10 @@ async fn serve_proxy(
                         return;
                     }
                 }
-                Ok(Some(ProxyMessage { kind: Some(Msg::Report(report)) })) => {
+                Ok(Some(ProxyMessage { kind: Some(Msg::Report(mut report)) })) => {
+                    // Only the routes its snapshot asked for.
+                    report.routes.retain(|m| session.measured.contains(&m.route));
+                    report.measured_routes.retain(|r| session.measured.contains(r));
                     let caller = format!("{}/{}/{}", node.kind, node.namespace, node.name);
                     session.controller.measurements().record(&admission.process, &caller, &report);
                 }
@@ -476,6 +483,12 @@ impl Session<'_> {
             });
             return Ok(());
         }
+        self.measured = t
+            .snapshot
+            .measure
+            .iter()
+            .flat_map(|m| m.routes.iter().cloned())
+            .collect();
         let version = &t.snapshot.version;
         proxies.update(self.id, |p| {
             p.desired_version = Some(version.clone());

@@ -301,7 +301,7 @@ impl Builder<'_> {
             tracing,
             measure: None,
         };
-        snapshot.measure = crate::canary::measure(self.state, &snapshot);
+        snapshot.measure = crate::measure::measure(self.state, &snapshot);
         snapshot.version = version(&snapshot);
         Translated {
             snapshot,

@@ -611,7 +611,14 @@ impl Checker<'_> {
                         ),
                     );
                 }
-                Some(route) => match crate::canary::route_action(route) {
+                Some(route) if route.grpc_route.is_some() => self.err(
+                    "spec.route",
+                    format!(
+                        "not supported by Trellis: {:?} is a grpcRoute; a canary judges HTTP status codes, and a gRPC error travels in a 200 response's grpc-status",
+                        c.route
+                    ),
+                ),
+                Some(route) => match route.action() {
                     None => self.err(
                         "spec.route",
                         format!(
@@ -660,7 +667,10 @@ impl Checker<'_> {
             {
                 self.err(
                     "spec.route",
-                    format!("{key} already runs route {:?} of {router}", c.route),
+                    format!(
+                        "{key} runs route {:?} of {router} too: one canary per route",
+                        c.route
+                    ),
                 );
             }
         }
@@ -680,8 +690,9 @@ impl Checker<'_> {
                         step.weight
                     ),
                 );
+            } else {
+                previous = step.weight;
             }
-            previous = step.weight;
             if step.duration.to_std().is_none() {
                 self.err(
                     format!("spec.steps[{i}].duration.value"),
@@ -703,19 +714,65 @@ impl Checker<'_> {
                 format!("must be 0..=100 (percent), not {rate}"),
             );
         }
+        // The proxies' latency buckets end at 10 s: a p99 beyond is known to be beyond, no more.
         if let Some(p99) = c.gates.max_latency_p99
-            && p99.to_std().is_none_or(|d| d.is_zero())
+            && p99
+                .to_std()
+                .is_none_or(|d| d.is_zero() || d >= std::time::Duration::from_secs(10))
         {
             self.err(
                 "spec.gates.maxLatencyP99.value",
-                "must be more than 0".into(),
+                format!(
+                    "must be more than 0 and less than 10 s (the proxies' largest latency bucket), not {} {}",
+                    p99.value,
+                    if p99.unit == crate::model::DurationUnit::S { "s" } else { "ms" }
+                ),
             );
         }
         if let Some(interval) = c.interval {
             let allowed = std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
             if !interval.to_std().is_some_and(|i| allowed.contains(&i)) {
-                self.err("spec.interval", "must be 1s..=1h".into());
+                self.err(
+                    "spec.interval",
+                    format!(
+                        "must be 1 s to 1 h, not {} {}",
+                        interval.value,
+                        if interval.unit == crate::model::DurationUnit::S {
+                            "s"
+                        } else {
+                            "ms"
+                        }
+                    ),
+                );
             }
+        }
+        for (path, r) in [
+            ("spec.virtualRouterRef.uid", &c.virtual_router_ref),
+            ("spec.stableRef.uid", &c.stable_ref),
+            ("spec.canaryRef.uid", &c.canary_ref),
+        ] {
+            if r.uid.is_some() {
+                self.err(
+                    path,
+                    "unknown field: a canary's references are by name".into(),
+                );
+            }
+        }
+        // The canary is added on the stable target's port: it must listen there.
+        if let Some(Spec::VirtualRouter(vr)) = self.state.get(&router).map(|r| &r.spec)
+            && let Some(port) = vr
+                .routes
+                .iter()
+                .find(|r| r.name == c.route)
+                .and_then(crate::model::Route::action)
+                .and_then(|a| {
+                    a.weighted_targets.iter().find(|t| {
+                        t.virtual_node_ref.key(Kind::VirtualNode, &router.namespace) == stable
+                    })
+                })
+                .and_then(|t| t.port)
+        {
+            self.target_port("spec.canaryRef", &c.canary_ref, port, false);
         }
     }
 
@@ -2501,7 +2558,25 @@ spec:
             "{:?}",
             state_of(&canary(&[])).err()
         );
-        let cases: [(&[(&str, &str)], &str); 10] = [
+        let cases: [(&[(&str, &str)], &str); 13] = [
+            (
+                &[("unit: ms, value: 250", "unit: s, value: 10")],
+                "spec.gates.maxLatencyP99.value: must be more than 0 and less than 10 s",
+            ),
+            (
+                &[(
+                    "stableRef: { name: blue }",
+                    "stableRef: { name: blue, uid: x }",
+                )],
+                "spec.stableRef.uid: unknown field",
+            ),
+            (
+                &[(
+                    "canaryRef: { name: green }\n",
+                    "canaryRef: { name: green }\n  interval: { unit: ms, value: 10 }\n",
+                )],
+                "spec.interval: must be 1 s to 1 h, not 10 ms",
+            ),
             (
                 &[("route: r", "route: x")],
                 "spec.route: VirtualRouter default/ct has no route \"x\" (its routes: r)",
@@ -2598,7 +2673,33 @@ spec:
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("Canary default/c already runs route \"r\"")),
+                .any(|p| p.contains("Canary default/c runs route \"r\" of VirtualRouter default/ct too: one canary per route")),
+            "{problems:?}"
+        );
+        // gRPC routes: their errors travel in 200 responses, which the gates cannot see yet.
+        let grpc = canary(&[]).replace(
+            "httpRoute:\n        match: { prefix: / }",
+            "grpcRoute:\n        match: { serviceName: s }",
+        );
+        let problems = state_of(&grpc).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("spec.route: not supported by Trellis: \"r\" is a grpcRoute")),
+            "{problems:?}"
+        );
+        // The canary is added on the stable target's port: it must listen there.
+        let ported = canary(&[]).replace(
+            "{ virtualNodeRef: { name: blue }, weight: 100 }",
+            "{ virtualNodeRef: { name: blue }, weight: 100, port: 9080 }",
+        );
+        assert!(state_of(&ported).is_ok(), "{:?}", state_of(&ported).err());
+        let elsewhere = ported.replacen("portMapping: { port: 9080, protocol: http } }]\n  serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: green", "portMapping: { port: 9090, protocol: http } }]\n  serviceDiscovery: { registry: { namespaceName: default, serviceName: colorteller, attributes: { version: green", 1);
+        let problems = state_of(&elsewhere).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains(
+                "spec.canaryRef: 9080 is not a listener port of VirtualNode default/green"
+            )),
             "{problems:?}"
         );
         // A router change that removes the canary's route is refused while the canary exists.

@@ -204,6 +204,11 @@ struct Setup {
 async fn setup() -> Setup {
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
+    setup_on(data, control).await
+}
+
+/// The mesh applied through `control`, the apps registered, the caller's sidecar connected.
+async fn setup_on(data: tempfile::TempDir, control: ControlProcess) -> Setup {
     let url = control.url.clone();
     let v1 = TestServer::start("color-v1").await;
     let v2 = TestServer::start("color-v2").await;
@@ -232,7 +237,8 @@ async fn a_healthy_canary_is_promoted_step_by_step_and_resumes_after_a_restart()
     let url = s.control.url.clone();
     let listen = url.trim_start_matches("http://").to_string();
     let traffic = Traffic::start(s.front.egress);
-    apply(&url, &canary(&[(20, 2), (50, 2), (80, 1)]));
+    // The second step is long enough to be in it when the control plane is killed.
+    apply(&url, &canary(&[(20, 2), (50, 6), (80, 1)]));
 
     // Past the first step: the control plane restarts on its data dir and address.
     let before = eventually(Duration::from_secs(30), "the second step", || async {
@@ -254,15 +260,23 @@ async fn a_healthy_canary_is_promoted_step_by_step_and_resumes_after_a_restart()
         ["start", "advance", "advance", "promote"],
         "resumed, not started over: {done:#}"
     );
+    let mut judged = 0;
     for d in done["history"].as_array().unwrap().iter().skip(1) {
         let w = &d["window"];
         assert!(w["requests"].as_u64().unwrap() >= 30, "{d}");
+        judged += w["requests"].as_u64().unwrap();
         assert_eq!(w["successRate"].as_f64(), Some(100.0), "{d}");
         assert!(w["p99Ms"].as_f64().unwrap() <= 200.0, "{d}");
         assert_eq!(d["by"], "controller");
     }
     assert_eq!(done["weight"], 100);
     assert_eq!(weights(&url), (0, 100));
+    // Nothing counted twice: the steps' requests are some of those v2 served.
+    assert!(
+        judged <= s.v2.requests() as u64,
+        "{judged} > {}",
+        s.v2.requests()
+    );
 
     // The caller runs the final weights: everything to v2.
     wait_synced(&url, 1).await;
@@ -337,6 +351,7 @@ async fn a_slow_canary_is_rolled_back() {
     let traffic = Traffic::start(s.front.egress);
     apply(&url, &canary(&[(20, 30), (50, 30)]));
     let done = wait_phase(&url, "RolledBack", Duration::from_secs(40)).await;
+    assert_eq!(actions(&done), ["start", "rollback"], "{done:#}");
     let rollback = &done["history"][1];
     let reason = rollback["reason"].as_str().unwrap();
     assert!(reason.contains("p99"), "{reason}");
@@ -525,4 +540,64 @@ async fn the_dashboard_shows_the_live_split_convergence_and_a_canary() {
     assert!(dom.contains(r#"class="ok proxy-state">SYNCED"#), "{dom}");
     assert!(!dom.contains(r#"class="bad proxy-state""#), "{dom}");
     traffic.stop().await;
+}
+
+/// Two control planes on one etcd: the caller's sidecar is connected to the one that does not
+/// lead; the leader judges the canary on the totals the other one publishes, and promotes it.
+#[tokio::test]
+async fn the_leader_judges_on_the_measurements_another_control_plane_publishes() {
+    let etcd = trellis_testkit::etcd::EtcdCluster::start(1).await;
+    let store = etcd.url();
+    let flags = ["--store", &store, "--etcd-prefix", "/canary/"];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = ControlProcess::start_with(CONTROL, da.path(), "127.0.0.1:0", &flags).await;
+    let b = ControlProcess::start_with(CONTROL, db.path(), "127.0.0.1:0", &flags).await;
+    let who = |url: &str| {
+        let out = cli(url, &["status", "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            s["replica"].as_str().unwrap().to_string(),
+            s["leader"].as_str().map(str::to_string),
+        )
+    };
+    let leader = eventually(Duration::from_secs(30), "a leader", || async {
+        match who(&a.url).1 {
+            Some(l) => Ok(l),
+            None => Err("none yet".to_string()),
+        }
+    })
+    .await;
+    // The follower serves the caller.
+    let (follower, leading) = if who(&a.url).0 == leader {
+        (b, a)
+    } else {
+        (a, b)
+    };
+    assert_ne!(who(&follower.url).0, leader);
+    let s = setup_on(db, follower).await;
+    let url = s.control.url.clone();
+    let traffic = Traffic::start(s.front.egress);
+    apply(&url, &canary(&[(20, 1), (60, 1)]));
+    let done = wait_phase(&url, "Succeeded", Duration::from_secs(60)).await;
+    assert_eq!(actions(&done), ["start", "advance", "promote"], "{done:#}");
+    let judged: u64 = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|d| d["window"]["requests"].as_u64().unwrap())
+        .sum();
+    assert!(
+        judged >= 60 && judged <= s.v2.requests() as u64,
+        "{judged} of {}",
+        s.v2.requests()
+    );
+    assert_eq!(weights(&leading.url), (0, 100));
+    let counts = traffic.stop().await;
+    assert!(
+        counts.keys().all(|(_, status)| *status == 200),
+        "{counts:?}"
+    );
+    drop((da, leading));
 }

@@ -1392,7 +1392,6 @@ impl Login {
     }
 }
 
-/// `trellis ca ...`.
 /// `trellis canary ...`.
 async fn canary_command(api: &client::ApiClient, command: CanaryCommand) -> anyhow::Result<()> {
     use trellis_control::canary::Status;
@@ -1514,6 +1513,7 @@ fn print_canary(c: &trellis_control::canary::Status) {
     }
 }
 
+/// `trellis ca ...`.
 async fn ca_command(api: &client::ApiClient, command: CaCommand) -> anyhow::Result<()> {
     let (step, force) = match command {
         CaCommand::Status { output } => {
