@@ -3,7 +3,9 @@
 //! gateway, every proxy with a workload identity from a join token; the files in
 //! `examples/colorapp/` applied (the mesh in mTLS STRICT), then the router's weights shifted step
 //! by step while the live split of requests sent to the gateway is shown, with the identities
-//! the apps saw. Everything it starts is stopped when it ends.
+//! the apps saw. With `--canary`, a Canary moves the route from blue to green step by step on
+//! the sidecars' own measurements (promoted), then from green to a red that answers 500 (rolled
+//! back by itself in its first step). Everything it starts is stopped when it ends.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +13,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -86,7 +91,7 @@ async fn serve(
     addr: SocketAddr,
     app: &'static str,
     seen: Seen,
-    handler: Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, String> + Send + Sync>,
+    handler: Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, (u16, String)> + Send + Sync>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -112,7 +117,11 @@ async fn serve(
                         .to_string();
                     seen.lock().insert(app, caller);
                     async move {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(handler().await))))
+                        let (status, body) = handler().await;
+                        let mut response = Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() =
+                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        Ok::<_, Infallible>(response)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -124,8 +133,9 @@ async fn serve(
     Ok(())
 }
 
-/// GET through a proxy socket with the given Host; the body, or the error kind.
-async fn get(via: SocketAddr, host: &str) -> String {
+/// GET through a proxy socket with the given Host; the status and body, or the error kind
+/// (status 502).
+async fn get(via: SocketAddr, host: &str) -> (u16, String) {
     let attempt = async {
         let stream = tokio::net::TcpStream::connect(via).await.ok()?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -137,22 +147,26 @@ async fn get(via: SocketAddr, host: &str) -> String {
             .body(Full::<Bytes>::default())
             .ok()?;
         let resp = sender.send_request(req).await.ok()?;
+        let status = resp.status().as_u16();
         let error = resp
             .headers()
             .get("x-trellis-error")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some(error.map_or_else(
-            || String::from_utf8_lossy(&body).trim().to_string(),
-            |e| format!("error:{e}"),
+        Some((
+            status,
+            error.map_or_else(
+                || String::from_utf8_lossy(&body).trim().to_string(),
+                |e| format!("error:{e}"),
+            ),
         ))
     };
     tokio::time::timeout(Duration::from_secs(5), attempt)
         .await
         .ok()
         .flatten()
-        .unwrap_or_else(|| "error:unreachable".into())
+        .unwrap_or_else(|| (502, "error:unreachable".into()))
 }
 
 async fn wait_synced(api: &ApiClient, proxies: usize) -> anyhow::Result<()> {
@@ -171,20 +185,30 @@ async fn wait_synced(api: &ApiClient, proxies: usize) -> anyhow::Result<()> {
 /// Each sidecar's (ingress, egress) ports, by node.
 type Sidecars = BTreeMap<&'static str, (u16, u16)>;
 
-pub(crate) async fn run(step: Duration) -> anyhow::Result<()> {
+pub(crate) async fn run(step: Duration, canary: bool) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let mut children = Vec::new();
     let (server, api) = start_control_plane(&dir, &mut children).await?;
+    println!("==> the dashboard: {server}/ui");
     let sidecars = start_sidecars(&server, &api, &dir, &mut children).await?;
     start_gateway(&server, &api, &dir, &mut children).await?;
     let proxies = sidecars.len() + 1;
     let seen = Seen::default();
-    start_apps(&sidecars, &seen).await?;
+    let red_fails = Arc::new(AtomicBool::new(false));
+    start_apps(&sidecars, &seen, red_fails.clone()).await?;
     apply_and_register(&api, &sidecars).await?;
     println!("==> registered instances; waiting for every proxy to apply its config");
     wait_synced(&api, proxies).await?;
 
     let gateway = SocketAddr::from(([127, 0, 0, 1], GATEWAY_PORT));
+    if canary {
+        run_canaries(&api, gateway, &red_fails).await?;
+        show_identities(&seen, sidecars["blue"].0).await;
+        println!("==> cleaning up");
+        drop(children);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     for (i, weights) in STEPS.into_iter().enumerate() {
         api.post("/v1/apply", router_manifest(weights).into_bytes())
             .await?;
@@ -338,14 +362,23 @@ async fn start_gateway(
     Ok(())
 }
 
-/// Apps: colortellers answer their color; front asks colorteller through its sidecar.
-async fn start_apps(sidecars: &Sidecars, seen: &Seen) -> anyhow::Result<()> {
+/// Apps: colortellers answer their color (red a 500 while `red_fails`); front asks
+/// colorteller through its sidecar and answers as it was answered.
+async fn start_apps(
+    sidecars: &Sidecars,
+    seen: &Seen,
+    red_fails: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     for (color, port) in COLORS {
+        let red_fails = red_fails.clone();
         serve(
             SocketAddr::from(([127, 0, 0, 1], port)),
             color,
             seen.clone(),
-            Arc::new(move || Box::pin(async move { color.to_string() })),
+            Arc::new(move || {
+                let failing = color == "red" && red_fails.load(Ordering::Relaxed);
+                Box::pin(async move { (if failing { 500 } else { 200 }, color.to_string()) })
+            }),
         )
         .await?;
     }
@@ -366,7 +399,7 @@ async fn show_identities(seen: &Seen, blue_ingress: u16) {
     for (app, caller) in seen.lock().iter() {
         println!("    {app:<6} <- {caller}");
     }
-    let plain = get(SocketAddr::from(([127, 0, 0, 1], blue_ingress)), "blue").await;
+    let (_, plain) = get(SocketAddr::from(([127, 0, 0, 1], blue_ingress)), "blue").await;
     println!(
         "    plaintext straight to blue's sidecar: {}",
         if plain.starts_with("error:") {
@@ -426,7 +459,7 @@ async fn show_split(gateway: SocketAddr, weights: (u32, u32, u32), step: Duratio
     while tokio::time::Instant::now() < end {
         let answers =
             futures_util::future::join_all((0..8).map(|_| get(gateway, "colorapp.example"))).await;
-        for a in answers {
+        for (_, a) in answers {
             *counts.entry(a).or_default() += 1;
             total += 1;
         }
@@ -454,4 +487,115 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// The canary of the colorteller router's route (the demo's file), from `stable` to `canary`.
+fn canary_manifest(stable: &str, canary: &str) -> String {
+    format!(
+        "apiVersion: mesh.trellis.dev/v1beta1\nkind: Canary\nmetadata: {{ name: colorteller }}\nspec:\n  \
+         virtualRouterRef: {{ name: colorteller }}\n  route: split\n  \
+         stableRef: {{ name: {stable} }}\n  canaryRef: {{ name: {canary} }}\n  \
+         steps:\n  - {{ weight: 20, duration: {{ unit: s, value: 3 }} }}\n  \
+         - {{ weight: 50, duration: {{ unit: s, value: 3 }} }}\n  \
+         - {{ weight: 80, duration: {{ unit: s, value: 3 }} }}\n  \
+         gates: {{ minRequests: 50, minSuccessRate: 99, maxLatencyP99: {{ unit: ms, value: 250 }} }}\n  \
+         interval: {{ unit: s, value: 1 }}\n"
+    )
+}
+
+/// `--canary`: traffic through the gateway all along; a Canary from blue to green (healthy:
+/// promoted), then the same Canary changed to go from green to red while red answers 500
+/// (rolled back by itself), each shown second by second with its decisions.
+async fn run_canaries(
+    api: &ApiClient,
+    gateway: SocketAddr,
+    red_fails: &AtomicBool,
+) -> anyhow::Result<()> {
+    api.post("/v1/apply", router_manifest((100, 0, 0)).into_bytes())
+        .await?;
+    let answers: Arc<parking_lot::Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..4)
+        .map(|_| {
+            let (answers, stop) = (answers.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, body) = get(gateway, "colorapp.example").await;
+                    let key = if status == 200 {
+                        body
+                    } else {
+                        format!("{body} ({status})")
+                    };
+                    *answers.lock().entry(key).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    println!(
+        "==> a canary: colorteller's route from blue to green, judged by the sidecars' measurements"
+    );
+    api.post("/v1/apply", canary_manifest("blue", "green").into_bytes())
+        .await?;
+    let promoted = follow_canary(api, &answers, "Succeeded").await;
+    println!("==> a bad version: red answers 500; the same canary now from green to red");
+    red_fails.store(true, Ordering::Relaxed);
+    api.post("/v1/apply", canary_manifest("green", "red").into_bytes())
+        .await?;
+    let rolled_back = follow_canary(api, &answers, "RolledBack").await;
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        let _ = t.await;
+    }
+    promoted?;
+    rolled_back?;
+    Ok(())
+}
+
+/// Prints the canary and the live split every second until it reaches `phase` (or another end),
+/// then its decisions.
+async fn follow_canary(
+    api: &ApiClient,
+    answers: &parking_lot::Mutex<BTreeMap<String, usize>>,
+    phase: &str,
+) -> anyhow::Result<()> {
+    use trellis_control::canary::Status as Canary;
+    answers.lock().clear();
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let c: Canary = serde_json::from_value(api.get("/v1/canaries/default/colorteller").await?)
+            .context("unexpected canary status from the control plane")?;
+        let seen = std::mem::take(&mut *answers.lock());
+        let total: usize = seen.values().sum();
+        let split: Vec<String> = seen
+            .iter()
+            .map(|(k, n)| format!("{k} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
+            .collect();
+        let w = c.window.clone().unwrap_or_default();
+        println!(
+            "    {:<11} step {}/{}  {} {}% / {} {}%  | step: {} req, success {}, p99 {} | answered: {}",
+            c.phase,
+            c.step + 1,
+            c.steps,
+            c.stable.trim_start_matches("default/"),
+            100 - c.weight,
+            c.canary.trim_start_matches("default/"),
+            c.weight,
+            w.requests,
+            w.success_rate.map_or("-".into(), |r| format!("{r:.1}%")),
+            w.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
+            split.join(", ")
+        );
+        if ["Succeeded", "RolledBack", "Aborted", "Paused"].contains(&c.phase.as_str()) {
+            println!("    decisions:");
+            for d in &c.history {
+                println!("      {:<8} -> {:>3}%  {}", d.action, d.weight, d.reason);
+            }
+            if c.phase != phase {
+                bail!("the canary ended {}, not {phase}: {}", c.phase, c.message);
+            }
+            return Ok(());
+        }
+    }
+    bail!("the canary did not end within 2 minutes")
 }

@@ -189,6 +189,10 @@ enum Command {
         /// Seconds to hold each weight step.
         #[arg(long, default_value_t = 3)]
         step_seconds: u64,
+        /// Instead of weight steps: a Canary promoted from blue to green on the sidecars'
+        /// measurements, then one to a failing red rolled back by itself.
+        #[arg(long)]
+        canary: bool,
     },
 }
 
@@ -528,8 +532,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if let Command::Demo { step_seconds } = &cli.command {
-        return demo::run(std::time::Duration::from_secs(*step_seconds)).await;
+    if let Command::Demo {
+        step_seconds,
+        canary,
+    } = &cli.command
+    {
+        return demo::run(std::time::Duration::from_secs(*step_seconds), *canary).await;
     }
     let login = Login::read();
     let server = cli
