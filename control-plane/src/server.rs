@@ -543,6 +543,11 @@ async fn audited(
                 .and_then(|v| v["revoked"].as_str().map(str::to_string))
             {
                 format!("revoked {revoked}")
+            } else if let Ok(c) = serde_json::from_slice::<crate::canary::Status>(&bytes) {
+                format!(
+                    "canary {}/{}: {} at {}% to {}",
+                    c.namespace, c.name, c.phase, c.weight, c.canary
+                )
             } else if let Ok(e) = serde_json::from_slice::<ErrorBody>(&bytes) {
                 format!("refused: {}", e.error)
             } else {

@@ -8,7 +8,11 @@ use trellis_testkit::process::ControlProcess;
 use crate::{CLI, CONTROL, stderr, stdout};
 
 /// The CLI against `server` as the operator of `token` (none: anonymous), with no login file.
-fn as_operator(server: &str, token: Option<&str>, args: &[&str]) -> std::process::Output {
+pub(crate) fn as_operator(
+    server: &str,
+    token: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
     let mut cmd = std::process::Command::new(CLI);
     cmd.args(["--server", server])
         .args(args)

@@ -601,3 +601,84 @@ async fn the_leader_judges_on_the_measurements_another_control_plane_publishes()
     );
     drop((da, leading));
 }
+
+/// With `--auth`: a viewer reads canaries and the dashboard (its token given to the page) but
+/// may not steer a canary; an admin may, and the audit log names who did; the page without a
+/// token shows the API's refusal and no data.
+#[tokio::test]
+async fn a_viewer_watches_and_an_admin_steers() {
+    use crate::auth::as_operator;
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--auth"]).await;
+    let url = control.url.clone();
+    let admin = std::fs::read_to_string(data.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, mesh() + "---\n" + &canary(&[(10, 3600), (50, 3600)])).unwrap();
+    let out = as_operator(&url, Some(&admin), &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_operator(
+        &url,
+        Some(&admin),
+        &["operator", "create", "--name", "vera", "--role", "viewer"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let viewer = crate::stdout(&out).trim().to_string();
+    let status = |token: &str| {
+        let out = as_operator(
+            &url,
+            Some(token),
+            &["canary", "status", "color", "-o", "json"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    eventually(Duration::from_secs(10), "the canary started", || async {
+        let s = status(&viewer);
+        if s["phase"] == "Progressing" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+
+    let out = as_operator(&url, Some(&viewer), &["canary", "promote", "color"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    assert_eq!(status(&viewer)["phase"], "Progressing");
+
+    let dom = chromium(&format!("{url}/ui#token={viewer}"), "dashboard-viewer.png").await;
+    for want in ["color-v1", "Progressing", "step 1 of 2", "90%"] {
+        assert!(dom.contains(want), "{want:?} not on the page: {dom}");
+    }
+    let dom = chromium(&format!("{url}/ui"), "dashboard-no-token.png").await;
+    assert!(dom.contains("401"), "{dom}");
+    assert!(!dom.contains("color-v1"), "{dom}");
+
+    let out = as_operator(&url, Some(&admin), &["canary", "abort", "color"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done = status(&viewer);
+    assert_eq!(done["phase"], "Aborted");
+    let last = done["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["by"], "admin", "{last}");
+    let out = as_operator(&url, Some(&admin), &["audit", "-o", "json"]);
+    let audit = crate::stdout(&out);
+    assert!(
+        audit.contains("POST /v1/canaries/default/color/abort")
+            && audit.contains("\"status\": 200"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("canary default/color: Aborted at 0% to default/color-v2"),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("POST /v1/canaries/default/color/promote"),
+        "{audit}"
+    );
+}
