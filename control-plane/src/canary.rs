@@ -90,6 +90,13 @@ pub struct State {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     pub history: Vec<Decision>,
+    /// Whether its weights were ever set (a canary the router refused at its start was not).
+    #[serde(default = "yes")]
+    pub started: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One decision, with the numbers it was taken on.
@@ -491,9 +498,29 @@ impl Controller {
                     "{key} is over ({phase:?}): change its spec to start it again"
                 )));
             }
+            (Command::Promote, _) if !state.started => {
+                return Err(ControlError::Conflict(format!(
+                    "{key} never started ({}): resume it once that is fixed, or abort it",
+                    state.message
+                )));
+            }
             (Command::Promote, _) => {
                 next.phase = Phase::Succeeded;
                 ("promote", 100)
+            }
+            (Command::Abort, _) if !state.started => {
+                // Its weights were never set: nothing to give back.
+                next.phase = Phase::Aborted;
+                next.history.push(Decision {
+                    at_ms: now_ms(),
+                    action: "abort".into(),
+                    weight: 0,
+                    by: by.to_string(),
+                    reason: String::new(),
+                    window: None,
+                });
+                self.write_state(key, state_revision, &next).await?;
+                return self.canary(key).await;
             }
             (Command::Abort, _) => {
                 next.phase = Phase::Aborted;
@@ -512,6 +539,7 @@ impl Controller {
                 // The step is judged again from now (its requests and its duration), at its
                 // weight (set again if the route was changed under it).
                 self.restart_step(&mut next, &parts).await?;
+                next.started = true;
                 let weight = spec
                     .steps
                     .get(state.step)
@@ -642,10 +670,29 @@ impl Controller {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(RATE_SAMPLE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut samples = 0u32;
             loop {
                 tick.tick().await;
                 let Some(c) = this.upgrade() else { return };
                 c.measurements().sample();
+                samples = samples.wrapping_add(1);
+                if samples.is_multiple_of(30) {
+                    // Every minute: totals of routes and callers gone from the mesh (a canary's
+                    // route is kept while the canary is).
+                    let view = c.view();
+                    let routes = crate::measure::route_names(&view.state);
+                    c.measurements().prune(|caller, route| {
+                        routes.contains(route)
+                            && caller
+                                .split_once('/')
+                                .and_then(|(kind, rest)| {
+                                    let (ns, name) = rest.split_once('/')?;
+                                    Some(ResourceKey::new(Kind::parse(kind)?, ns, name))
+                                })
+                                .is_some_and(|k| view.state.contains_key(&k))
+                    });
+                }
             }
         });
         let this = Arc::downgrade(self);
@@ -674,11 +721,11 @@ impl Controller {
         housekeeping: &mut Option<Instant>,
     ) -> Result<(), ControlError> {
         let view = self.view();
-        let canaries: Vec<(ResourceKey, u64, Arc<Resource>)> = view
+        let canaries: Vec<(ResourceKey, Arc<Resource>)> = view
             .state
             .range(ResourceKey::new(Kind::Canary, "", "")..)
             .take_while(|(k, _)| k.kind == Kind::Canary)
-            .map(|(k, r)| (k.clone(), r.revision, r.clone()))
+            .map(|(k, r)| (k.clone(), r.clone()))
             .collect();
         // Every minute: the states of canaries that are gone, the totals of control planes
         // that are.
@@ -688,7 +735,7 @@ impl Controller {
             self.forget_gone_replicas().await?;
         }
         judged.retain(|k, _| view.state.contains_key(k));
-        for (key, revision, resource) in canaries {
+        for (key, resource) in canaries {
             let Spec::Canary(spec) = &resource.spec else {
                 continue;
             };
@@ -699,7 +746,7 @@ impl Controller {
             if judged.get(&key).is_some_and(|at| at.elapsed() < interval) {
                 continue;
             }
-            match self.judge_canary(&key, revision, spec).await {
+            match self.judge_canary(&key).await {
                 Ok(true) => {
                     judged.insert(key, Instant::now());
                 }
@@ -711,19 +758,24 @@ impl Controller {
     }
 
     /// Starts or judges one canary; whether it was judged (a start waits for the next tick).
-    async fn judge_canary(
-        &self,
-        key: &ResourceKey,
-        revision: u64,
-        spec: &CanarySpec,
-    ) -> Result<bool, ControlError> {
-        let parts = Parts::of(key, spec);
+    async fn judge_canary(&self, key: &ResourceKey) -> Result<bool, ControlError> {
         let (state, state_revision) = self.canary_state(key).await?;
         // The view holds at least what the state was written with (the weights it set).
         let view = match state_revision {
             Some(revision) => self.caught_up(revision).await?,
             None => self.view(),
         };
+        // The Canary as that view has it: a new leader's view may have been behind the state.
+        let Some((revision, spec)) = view.state.get(key).and_then(|r| match &r.spec {
+            Spec::Canary(c) => Some((r.revision, c.as_ref())),
+            _ => None,
+        }) else {
+            return Ok(false);
+        };
+        if state.as_ref().is_some_and(|s| s.spec_revision > revision) {
+            return Ok(false);
+        }
+        let parts = Parts::of(key, spec);
         let Some(router) = view.state.get(&parts.router) else {
             return Ok(false);
         };
@@ -740,6 +792,7 @@ impl Controller {
                 stable_baseline: BTreeMap::new(),
                 message: String::new(),
                 history: Vec::new(),
+                started: true,
             };
             self.restart_step(&mut state, &parts).await?;
             let reason = format!("step 1 of {}", spec.steps.len());
@@ -766,6 +819,7 @@ impl Controller {
                     .collect::<Vec<_>>()
                     .join("; ");
                 state.phase = Phase::Paused;
+                state.started = false;
                 state.message = format!("cannot start: {why}");
                 state.history.push(Decision {
                     at_ms: now_ms(),

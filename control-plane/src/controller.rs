@@ -478,13 +478,11 @@ impl Controller {
             if plan.writes.is_empty() && extra.is_empty() {
                 break plan.results;
             }
+            // With only the extra writes, the guard too: they were decided on this view (a
+            // canary's state on the router's weights), which no resource write may have
+            // changed meanwhile.
             let (mut ops, mut stored) = plan.ops(&view)?;
-            if plan.writes.is_empty() {
-                // Only the extra writes: resources (and so the guard) stay as they are.
-                ops.clear();
-            }
             ops.extend(extra.iter().cloned());
-            let guarded = !plan.writes.is_empty();
             match self.store.apply(ops).await {
                 Ok(revision) => {
                     for r in &mut stored {
@@ -493,7 +491,7 @@ impl Controller {
                     let updates = stored
                         .into_iter()
                         .map(|r| Update::Resource(r.key.clone(), Some(Arc::new(r))))
-                        .chain(guarded.then_some(Update::Guard(Some(revision))))
+                        .chain([Update::Guard(Some(revision))])
                         .collect();
                     self.publish_committed(revision, updates).await;
                     break plan.results;

@@ -23,6 +23,15 @@ pub fn route_name(spec: &CanarySpec) -> String {
     format!("{}/{}", spec.virtual_router_ref.name, spec.route)
 }
 
+/// The router route a proxy's route name stands for: a gateway names the routes of a router it
+/// reaches `GATEWAYROUTE/ROUTER/ROUTE`; a sidecar `ROUTER/ROUTE` (names have no `/`).
+pub fn router_route(name: &str) -> &str {
+    match name.match_indices('/').nth(1) {
+        Some(_) => name.split_once('/').map_or(name, |(_, rest)| rest),
+        None => name,
+    }
+}
+
 /// The node a cluster reaches: `NAMESPACE/NAME` of `NAMESPACE/NAME[:PORT][@...][#mirror]`.
 fn node_of(cluster: &str) -> &str {
     cluster.split([':', '@', '#']).next().unwrap_or(cluster)
@@ -258,7 +267,7 @@ impl Measurements {
                     .totals
                     .entry((
                         caller.to_string(),
-                        m.route.clone(),
+                        router_route(&m.route).to_string(),
                         node_of(&m.cluster).to_string(),
                     ))
                     .or_default()
@@ -269,6 +278,15 @@ impl Measurements {
         process
             .covered
             .extend(report.measured_routes.iter().cloned());
+    }
+
+    /// Drops the totals of routes and callers `keep` does not keep (gone from the mesh).
+    pub fn prune(&self, keep: impl Fn(&str, &str) -> bool) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner
+                .totals
+                .retain(|(caller, route, _), _| keep(caller, route));
+        }
     }
 
     /// Forgets a stream that ended.
@@ -367,6 +385,28 @@ pub fn canary_routes(state: &crate::validate::State) -> HashSet<String> {
         .collect()
 }
 
+/// Every route name a proxy may report, as router routes (`ROUTER/ROUTE` of every router,
+/// `SERVICE/default` of every virtual service).
+pub fn route_names(state: &crate::validate::State) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for (key, r) in state {
+        match &r.spec {
+            Spec::VirtualRouter(vr) => {
+                names.extend(
+                    vr.routes
+                        .iter()
+                        .map(|route| format!("{}/{}", key.name, route.name)),
+                );
+            }
+            Spec::VirtualService(_) => {
+                names.insert(format!("{}/default", key.name));
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
 /// How often a proxy reports routes no canary judges (the dashboard's rates).
 pub const MEASURE_INTERVAL_IDLE: Duration = Duration::from_secs(5);
 
@@ -388,7 +428,7 @@ pub fn measure(state: &crate::validate::State, snapshot: &pb::Snapshot) -> Optio
     routes.sort();
     routes.dedup();
     let judged = canary_routes(state);
-    let interval = if routes.iter().any(|r| judged.contains(r)) {
+    let interval = if routes.iter().any(|r| judged.contains(router_route(r))) {
         MEASURE_INTERVAL
     } else {
         MEASURE_INTERVAL_IDLE
@@ -405,6 +445,28 @@ pub fn measure(state: &crate::validate::State, snapshot: &pb::Snapshot) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateways_route_name_stands_for_its_routers() {
+        assert_eq!(router_route("color/main"), "color/main");
+        assert_eq!(router_route("web/color/main"), "color/main");
+        assert_eq!(router_route("front/default"), "front/default");
+        let m = Measurements::default();
+        let gateway = |n| {
+            report(
+                &["web/color/main"],
+                &[("web/color/main", "default/v2", n, 1)],
+            )
+        };
+        m.record("g", "VirtualGateway/default/gw", &gateway(3));
+        m.record("g", "VirtualGateway/default/gw", &gateway(10));
+        assert_eq!(
+            m.total("color/main", "default/v2").map(|c| c.requests),
+            Some(7)
+        );
+        m.prune(|caller, _| caller != "VirtualGateway/default/gw");
+        assert!(m.total("color/main", "default/v2").is_none());
+    }
 
     fn counts(requests: u64, failures: u64, buckets: &[u64]) -> Counts {
         Counts {

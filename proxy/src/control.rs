@@ -314,11 +314,11 @@ async fn report(app: Arc<App>, tx: mpsc::Sender<ProxyMessage>) {
             tokio::time::sleep(crate::report::IDLE_CHECK).await;
             continue;
         };
-        let registry = app.registry.clone();
+        let metrics = app.services.metrics.clone();
         let routes = measure.routes.clone();
-        // Reading every metric family is not for a thread serving requests.
+        // Reading the histograms is not for a thread serving requests.
         let Ok(report) =
-            tokio::task::spawn_blocking(move || crate::report::measure(&registry, &routes)).await
+            tokio::task::spawn_blocking(move || crate::report::measure(&metrics, &routes)).await
         else {
             return;
         };

@@ -275,6 +275,12 @@ impl ProxyMetrics {
         }
     }
 
+    /// The request duration histograms (labels route, cluster, status_class) as they are now:
+    /// what the control plane's measurements are read from, without the other families.
+    pub fn request_durations(&self) -> Vec<prometheus::proto::MetricFamily> {
+        prometheus::core::Collector::collect(&self.inner.duration)
+    }
+
     /// Per-cluster counters; like request metrics, their series appear on first use, so a
     /// snapshot that is only compiled (checked by the control plane, or rejected) leaves none.
     pub fn cluster(&self, name: &str) -> ClusterMetrics {

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use prometheus::Registry;
+use std::collections::HashSet;
+
 use trellis_proto::v1 as pb;
 
-/// The request histogram (labels route, cluster, status_class) the reports are read from.
-const FAMILY: &str = "trellis_proxy_request_duration_seconds";
+use crate::metrics::ProxyMetrics;
 
 /// How often a proxy whose snapshot asks for nothing looks again.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -32,12 +32,10 @@ pub fn interval(measure: &pb::Measure) -> Duration {
 
 /// The cumulative counts of every (route, cluster) pair of `routes` that has served requests,
 /// in (route, cluster) order.
-pub fn measure(registry: &Registry, routes: &[String]) -> pb::Report {
+pub fn measure(metrics: &ProxyMetrics, routes: &[String]) -> pb::Report {
+    let wanted: HashSet<&str> = routes.iter().map(String::as_str).collect();
     let mut out: Vec<pb::RouteMeasurement> = Vec::new();
-    for family in registry.gather() {
-        if family.name() != FAMILY {
-            continue;
-        }
+    for family in metrics.request_durations() {
         for metric in family.get_metric() {
             let label = |name: &str| {
                 metric
@@ -48,7 +46,7 @@ pub fn measure(registry: &Registry, routes: &[String]) -> pb::Report {
                     .unwrap_or_default()
             };
             let route = label("route");
-            if !routes.iter().any(|r| r == route) {
+            if !wanted.contains(route) {
                 continue;
             }
             let cluster = label("cluster");
@@ -100,12 +98,10 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
-    use crate::metrics::ProxyMetrics;
 
     #[test]
     fn a_report_sums_status_classes_and_counts_5xx_as_failures_for_the_listed_routes_only() {
-        let registry = Registry::new();
-        let metrics = ProxyMetrics::new(&registry).unwrap();
+        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
         let canary = metrics.requests("router/main", "default/v2");
         let stable = metrics.requests("router/main", "default/v1");
         let other = metrics.requests("other/main", "default/v1");
@@ -116,7 +112,7 @@ mod tests {
         stable.observe(StatusCode::NOT_FOUND, Duration::from_millis(2));
         other.observe(StatusCode::OK, Duration::from_millis(2));
 
-        let report = measure(&registry, &["router/main".to_string()]);
+        let report = measure(&metrics, &["router/main".to_string()]);
         let pairs: Vec<_> = report
             .routes
             .iter()
@@ -139,6 +135,6 @@ mod tests {
         assert_eq!(at(0.0025), 3);
         assert_eq!(at(0.5), 3);
         assert_eq!(at(1.0), 4);
-        assert!(measure(&registry, &[]).routes.is_empty());
+        assert!(measure(&metrics, &[]).routes.is_empty());
     }
 }

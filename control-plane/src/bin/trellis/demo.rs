@@ -538,6 +538,10 @@ async fn run_canaries(
     api.post("/v1/apply", canary_manifest("blue", "green").into_bytes())
         .await?;
     let promoted = follow_canary(api, &answers, "Succeeded").await;
+    if promoted.is_err() {
+        stop.store(true, Ordering::Relaxed);
+        return promoted;
+    }
     println!("==> a bad version: red answers 500; the same canary now from green to red");
     red_fails.store(true, Ordering::Relaxed);
     api.post("/v1/apply", canary_manifest("green", "red").into_bytes())
@@ -547,9 +551,7 @@ async fn run_canaries(
     for t in traffic {
         let _ = t.await;
     }
-    promoted?;
-    rolled_back?;
-    Ok(())
+    rolled_back
 }
 
 /// Prints the canary and the live split every second until it reaches `phase` (or another end),
