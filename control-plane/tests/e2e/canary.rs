@@ -709,3 +709,59 @@ async fn a_viewer_watches_and_an_admin_steers() {
         "{audit}"
     );
 }
+
+/// Traffic that enters through a gateway is judged too: the gateway reports its routes to
+/// `color`'s router under its own route names (`GATEWAYROUTE/ROUTER/ROUTE`), counted as the
+/// router's; with no other caller, the canary is promoted on the gateway's measurements alone.
+#[tokio::test]
+async fn a_canary_is_judged_on_traffic_through_a_gateway() {
+    let s = setup().await;
+    let url = s.control.url.clone();
+    let port = trellis_testkit::free_port();
+    apply(
+        &url,
+        &format!(
+            "{API}\nkind: VirtualGateway\nmetadata: {{ name: gw }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n---\n\
+             {API}\nkind: GatewayRoute\nmetadata: {{ name: web }}\nspec:\n  \
+             virtualGatewayRef: {{ name: gw }}\n  httpRoute:\n    match: {{ prefix: / }}\n    \
+             action: {{ target: {{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }} }}\n"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let gw = trellis_testkit::process::ProxyProcess::gateway(
+        crate::proxy_bin(),
+        &url,
+        "default/gw",
+        dir.path(),
+    )
+    .await;
+    wait_synced(&url, 2).await;
+    let traffic = Traffic::start(gw.listener_addr(&format!("gateway:{port}")).await);
+    apply(&url, &canary(&[(20, 1), (60, 1)]));
+    let done = wait_phase(&url, "Succeeded", Duration::from_secs(60)).await;
+    assert_eq!(actions(&done), ["start", "advance", "promote"], "{done:#}");
+    let judged: u64 = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|d| d["window"]["requests"].as_u64().unwrap())
+        .sum();
+    assert!(
+        judged >= 60 && judged <= s.v2.requests() as u64,
+        "{judged} of {}",
+        s.v2.requests()
+    );
+    let counts = traffic.stop().await;
+    assert!(
+        counts.keys().all(|(_, status)| *status == 200),
+        "{counts:?}"
+    );
+    assert!(
+        counts
+            .get(&("color-v2".to_string(), 200))
+            .is_some_and(|n| *n > 0),
+        "{counts:?}"
+    );
+}
