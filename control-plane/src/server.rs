@@ -240,6 +240,12 @@ pub async fn serve_tls(
     let grpc = ConfigStreamServer::new(ConfigService::new(controller.clone()))
         .max_decoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES)
         .max_encoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES);
+    // Envoy's ADS, beside it.
+    let ads = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer::new(
+        crate::xds::AdsService::new(controller.clone()),
+    )
+    .max_decoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES)
+    .max_encoding_message_size(trellis_proxy::snapshot::MAX_SNAPSHOT_BYTES);
     // Shared by the connections (each borrows it for its life: a clone would live in every
     // connection's task).
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
@@ -259,6 +265,7 @@ pub async fn serve_tls(
         let _ = stream.set_nodelay(true);
         let controller = controller.clone();
         let grpc = grpc.clone();
+        let ads = ads.clone();
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -267,6 +274,7 @@ pub async fn serve_tls(
                 hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let controller = controller.clone();
                     let grpc = grpc.clone();
+                    let ads = ads.clone();
                     if let Some(peer) = &peer {
                         req.extensions_mut().insert(peer.clone());
                     }
@@ -275,6 +283,15 @@ pub async fn serve_tls(
                             .headers()
                             .get(header::CONTENT_TYPE)
                             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        if is_grpc && req.uri().path().starts_with("/envoy.") {
+                            let resp = match ads.oneshot(req).await {
+                                Ok(r) => r,
+                                Err(never) => match never {},
+                            };
+                            return Ok::<_, Infallible>(
+                                resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                            );
+                        }
                         if is_grpc {
                             let resp = match grpc.oneshot(req).await {
                                 Ok(r) => r,

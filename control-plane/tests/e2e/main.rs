@@ -7,6 +7,7 @@ mod appmesh;
 mod auth;
 mod canary;
 mod ecs;
+mod envoy;
 mod etcd;
 mod gateway;
 mod identity;

@@ -156,6 +156,11 @@ enum Command {
         #[command(subcommand)]
         command: CanaryCommand,
     },
+    /// Bootstraps for proxies driven by the control plane (offline).
+    Bootstrap {
+        #[command(subcommand)]
+        command: BootstrapCommand,
+    },
     /// The mesh's root certificates: where a rotation stands, and its steps.
     Ca {
         #[command(subcommand)]
@@ -275,6 +280,29 @@ enum IdentityCommand {
         node: String,
         #[arg(long)]
         gateway: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BootstrapCommand {
+    /// A stock Envoy's bootstrap: its node, its admin listener, and ADS (xDS v3, state of the
+    /// world) to this control plane (`--server`) for everything else.
+    Envoy {
+        /// NAMESPACE/NAME of its VirtualNode.
+        #[arg(long)]
+        node: String,
+        /// The node is a VirtualGateway.
+        #[arg(long)]
+        gateway: bool,
+        /// Where it serves the node's listeners' callers (App Mesh's 15000).
+        #[arg(long, default_value = "0.0.0.0:15000")]
+        ingress: std::net::SocketAddr,
+        /// Where the local app's requests go (App Mesh's 15001).
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        egress: std::net::SocketAddr,
+        /// Envoy's admin listener (App Mesh's 9901).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
     },
 }
 
@@ -521,6 +549,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Import(args) = &cli.command {
         return import::run(args);
     }
+    if let Command::Bootstrap {
+        command:
+            BootstrapCommand::Envoy {
+                node,
+                gateway,
+                ingress,
+                egress,
+                admin,
+            },
+    } = &cli.command
+    {
+        let server = cli
+            .server
+            .clone()
+            .or_else(|| Login::read().server)
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        let bootstrap = trellis_control::envoy::Bootstrap {
+            node: node.clone(),
+            gateway: *gateway,
+            control_plane: server,
+            control_plane_ca: cli.ca_file.as_ref().map(|p| p.display().to_string()),
+            addresses: trellis_control::envoy::Addresses {
+                ingress: *ingress,
+                egress: *egress,
+            },
+            admin: *admin,
+        };
+        print!("{}", bootstrap.yaml().map_err(anyhow::Error::msg)?);
+        return Ok(());
+    }
     if let Command::Crds { group } = &cli.command {
         use trellis_control::compat::crd::{Group, crds_yaml};
         print!(
@@ -764,6 +822,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate { .. }
         | Command::Demo { .. }
+        | Command::Bootstrap { .. }
         | Command::Import(_)
         | Command::Crds { .. }
         | Command::Login { .. } => {}

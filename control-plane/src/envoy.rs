@@ -1,0 +1,840 @@
+//! A Trellis snapshot as Envoy's xDS resources (LDS, RDS, CDS, EDS), for stock Envoy sidecars
+//! driven over ADS (`xds`). The snapshot is the one trellis-proxy would run, already checked by
+//! its compiler; this maps it field by field to Envoy's API with the same semantics, and refuses
+//! (with the field's path and why) what has no translation yet: such a snapshot is withheld from
+//! the Envoy, never sent with a piece left out.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3 as cluster, core::v3 as core, endpoint::v3 as endpoint,
+            listener::v3 as listener, route::v3 as route,
+        },
+        extensions::{
+            filters::{
+                http::router::v3::Router,
+                network::{http_connection_manager::v3 as hcm, tcp_proxy::v3 as tcp_proxy},
+            },
+            upstreams::http::v3 as upstream_http,
+        },
+        r#type::{matcher::v3 as matcher, v3 as types},
+    },
+    google::protobuf::{Any, Duration, UInt32Value},
+};
+use prost::{Message, Name};
+use trellis_proto::v1 as pb;
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Where an Envoy sidecar listens (its bootstrap's node metadata `TRELLIS_INGRESS` and
+/// `TRELLIS_EGRESS`; App Mesh's ports by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses {
+    pub ingress: std::net::SocketAddr,
+    pub egress: std::net::SocketAddr,
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Self {
+            ingress: ([0, 0, 0, 0], 15000).into(),
+            egress: ([127, 0, 0, 1], 15001).into(),
+        }
+    }
+}
+
+/// One snapshot's resources, by type, each by name.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    pub listeners: BTreeMap<String, Any>,
+    pub routes: BTreeMap<String, Any>,
+    pub clusters: BTreeMap<String, Any>,
+    pub endpoints: BTreeMap<String, Any>,
+}
+
+impl Resources {
+    /// The resources of `type_url`.
+    pub fn of(&self, type_url: &str) -> Option<&BTreeMap<String, Any>> {
+        match type_url {
+            LISTENER => Some(&self.listeners),
+            ROUTE => Some(&self.routes),
+            CLUSTER => Some(&self.clusters),
+            ENDPOINT => Some(&self.endpoints),
+            _ => None,
+        }
+    }
+}
+
+/// What cannot be translated: (field path in the snapshot, why).
+pub type Refused = Vec<(String, String)>;
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn duration(d: Option<&trellis_proto::Duration>) -> Option<Duration> {
+    d.map(|d| Duration {
+        seconds: d.seconds,
+        nanos: d.nanos,
+    })
+}
+
+fn socket(addr: &str) -> Option<core::Address> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u32 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn ads() -> core::ConfigSource {
+    core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+struct Translator {
+    refused: Refused,
+}
+
+impl Translator {
+    fn refuse(&mut self, path: impl Into<String>, what: &str) {
+        self.refused.push((
+            path.into(),
+            format!("not supported for Envoy sidecars yet: {what}"),
+        ));
+    }
+}
+
+/// The Envoy resources of `snapshot` for a sidecar or gateway listening at `addresses`.
+pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resources, Refused> {
+    let mut t = Translator {
+        refused: Vec::new(),
+    };
+    let mut out = Resources::default();
+    if snapshot.access_log.is_some() {
+        t.refuse(
+            "accessLog",
+            "the access log (Envoy's own can be set in its bootstrap)",
+        );
+    }
+    if snapshot.tracing.is_some() {
+        t.refuse("tracing", "tracing");
+    }
+    for (i, l) in snapshot.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        let address = match pb::listener::Role::try_from(l.role) {
+            Ok(pb::listener::Role::Ingress) => Some(addresses.ingress),
+            Ok(pb::listener::Role::Egress) => Some(addresses.egress),
+            _ if !l.address.is_empty() => l.address.parse().ok(),
+            _ if l.port != 0 => u16::try_from(l.port)
+                .ok()
+                .map(|p| (addresses.ingress.ip(), p).into()),
+            _ => None,
+        };
+        let Some(address) = address.and_then(|a| socket(&a.to_string())) else {
+            t.refuse(format!("{path}.address"), "a listener without an address");
+            continue;
+        };
+        if l.tls.is_some() {
+            t.refuse(
+                format!("{path}.tls"),
+                "mTLS (SDS for the workload certificate)",
+            );
+        }
+        if l.authorization.is_some() {
+            t.refuse(
+                format!("{path}.authorization"),
+                "callers' identities (RBAC)",
+            );
+        }
+        let filter = if l.protocol == pb::listener::Protocol::Tcp as i32 {
+            let Some(tcp) = &l.tcp else {
+                t.refuse(format!("{path}.tcp"), "a TCP listener without targets");
+                continue;
+            };
+            let clusters = tcp
+                .weighted_targets
+                .iter()
+                .map(|w| tcp_proxy::tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: w.cluster.clone(),
+                    weight: w.weight,
+                    ..Default::default()
+                })
+                .collect();
+            let proxy = tcp_proxy::TcpProxy {
+                stat_prefix: l.name.clone(),
+                idle_timeout: duration(tcp.idle.as_ref()).or(Some(Duration::default())),
+                cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
+                    tcp_proxy::tcp_proxy::WeightedCluster { clusters },
+                )),
+                ..Default::default()
+            };
+            listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&proxy))),
+            }
+        } else {
+            match pb::listener::Unmatched::try_from(l.unmatched) {
+                Ok(pb::listener::Unmatched::NotFound) => {}
+                Ok(pb::listener::Unmatched::Deny) => {}
+                _ => t.refuse(
+                    format!("{path}.unmatched"),
+                    "requests to hosts outside the mesh (egressFilter ALLOW_ALL)",
+                ),
+            }
+            let routes = route_config(&mut t, &path, l);
+            out.routes.insert(l.name.clone(), any(&routes));
+            let manager = hcm::HttpConnectionManager {
+                stat_prefix: l.name.clone(),
+                codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+                route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                    hcm::Rds {
+                        config_source: Some(ads()),
+                        route_config_name: l.name.clone(),
+                    },
+                )),
+                http_filters: vec![hcm::HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        &Router::default(),
+                    ))),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(&manager))),
+            }
+        };
+        let envoy_listener = listener::Listener {
+            name: l.name.clone(),
+            address: Some(address),
+            filter_chains: vec![listener::FilterChain {
+                filters: vec![filter],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        out.listeners.insert(l.name.clone(), any(&envoy_listener));
+    }
+    for (i, c) in snapshot.clusters.iter().enumerate() {
+        let path = format!("clusters[{i}]");
+        let (resource, assignment) = cluster(&mut t, &path, c);
+        out.clusters.insert(c.name.clone(), any(&resource));
+        if let Some(assignment) = assignment {
+            out.endpoints.insert(c.name.clone(), any(&assignment));
+        }
+    }
+    if t.refused.is_empty() {
+        Ok(out)
+    } else {
+        Err(t.refused)
+    }
+}
+
+fn route_config(t: &mut Translator, path: &str, l: &pb::Listener) -> route::RouteConfiguration {
+    let mut virtual_hosts: Vec<route::VirtualHost> = l
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(h, vh)| {
+            let mut routes: Vec<(i32, route::Route)> = vh
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(r, rt)| {
+                    let p = format!("{path}.virtualHosts[{h}].routes[{r}]");
+                    (rt.priority, http_route(t, &p, rt))
+                })
+                .collect();
+            // Lower priority first, in order (Envoy takes the first match).
+            routes.sort_by_key(|(priority, _)| *priority);
+            route::VirtualHost {
+                name: vh.name.clone(),
+                domains: vh.domains.clone(),
+                routes: routes.into_iter().map(|(_, r)| r).collect(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    if l.unmatched == pb::listener::Unmatched::Deny as i32 {
+        virtual_hosts.push(route::VirtualHost {
+            name: "egress-denied".into(),
+            domains: vec!["*".into()],
+            routes: vec![route::Route {
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::DirectResponse(
+                    route::DirectResponseAction {
+                        status: 403,
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    route::RouteConfiguration {
+        name: l.name.clone(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
+fn string_matcher(p: matcher::string_matcher::MatchPattern) -> matcher::StringMatcher {
+    matcher::StringMatcher {
+        match_pattern: Some(p),
+        ..Default::default()
+    }
+}
+
+fn regex(r: &str) -> matcher::RegexMatcher {
+    matcher::RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}
+
+fn header_exact(name: &str, value: &str) -> route::HeaderMatcher {
+    route::HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(matcher::string_matcher::MatchPattern::Exact(value.into())),
+        )),
+        ..Default::default()
+    }
+}
+
+fn http_route(t: &mut Translator, path: &str, r: &pb::Route) -> route::Route {
+    use route::route_match::PathSpecifier;
+    let mut m = route::RouteMatch {
+        path_specifier: Some(PathSpecifier::Prefix("/".into())),
+        ..Default::default()
+    };
+    if let Some(rm) = &r.r#match {
+        m.path_specifier = Some(match &rm.path {
+            Some(pb::route_match::Path::Prefix(p)) => PathSpecifier::Prefix(p.clone()),
+            Some(pb::route_match::Path::Exact(p)) => PathSpecifier::Path(p.clone()),
+            Some(pb::route_match::Path::Regex(p)) => PathSpecifier::SafeRegex(regex(p)),
+            None => PathSpecifier::Prefix("/".into()),
+        });
+        if let Some(g) = &rm.grpc {
+            m.path_specifier = Some(if g.method_name.is_empty() {
+                PathSpecifier::Prefix(format!("/{}/", g.service_name))
+            } else {
+                PathSpecifier::Path(format!("/{}/{}", g.service_name, g.method_name))
+            });
+        }
+        for (i, h) in rm.headers.iter().enumerate() {
+            use route::header_matcher::HeaderMatchSpecifier as S;
+            let spec = match &h.rule {
+                Some(pb::header_match::Rule::Exact(v)) => S::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::Exact(v.clone()),
+                )),
+                Some(pb::header_match::Rule::Prefix(v)) => S::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::Prefix(v.clone()),
+                )),
+                Some(pb::header_match::Rule::Suffix(v)) => S::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::Suffix(v.clone()),
+                )),
+                Some(pb::header_match::Rule::Regex(v)) => S::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::SafeRegex(regex(v)),
+                )),
+                Some(pb::header_match::Rule::Range(r)) => S::RangeMatch(types::Int64Range {
+                    start: r.start,
+                    end: r.end,
+                }),
+                Some(pb::header_match::Rule::Present(p)) => S::PresentMatch(*p),
+                None => S::PresentMatch(true),
+            };
+            if h.name.is_empty() {
+                t.refuse(
+                    format!("{path}.match.headers[{i}].name"),
+                    "an empty header name",
+                );
+            }
+            m.headers.push(route::HeaderMatcher {
+                name: h.name.clone(),
+                invert_match: h.invert,
+                header_match_specifier: Some(spec),
+                ..Default::default()
+            });
+        }
+        if !rm.method.is_empty() {
+            m.headers.push(header_exact(":method", &rm.method));
+        }
+        if !rm.scheme.is_empty() {
+            m.headers.push(header_exact(":scheme", &rm.scheme));
+        }
+        for q in &rm.query_parameters {
+            use route::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+            let spec = match &q.rule {
+                Some(pb::query_parameter_match::Rule::Exact(v)) => Q::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::Exact(v.clone()),
+                )),
+                Some(pb::query_parameter_match::Rule::Regex(v)) => Q::StringMatch(string_matcher(
+                    matcher::string_matcher::MatchPattern::SafeRegex(regex(v)),
+                )),
+                Some(pb::query_parameter_match::Rule::Present(p)) => Q::PresentMatch(*p),
+                None => Q::PresentMatch(true),
+            };
+            m.query_parameters.push(route::QueryParameterMatcher {
+                name: q.name.clone(),
+                query_parameter_match_specifier: Some(spec),
+            });
+        }
+        if rm.port != 0 {
+            t.refuse(
+                format!("{path}.match.port"),
+                "a match on the authority's port",
+            );
+        }
+    }
+    for (field, set) in [
+        ("requestHeaders", r.request_headers.is_some()),
+        ("responseHeaders", r.response_headers.is_some()),
+        ("fault", r.fault.is_some()),
+        ("rateLimit", r.rate_limit.is_some()),
+        ("mirror", r.mirror.is_some()),
+    ] {
+        if set {
+            t.refuse(format!("{path}.{field}"), field);
+        }
+    }
+    let action = match &r.action {
+        None => None,
+        Some(a) if a.direct_response.is_some() => {
+            let d = a.direct_response.as_ref();
+            match d {
+                Some(d) if d.kind == pb::direct_response::Kind::Static as i32 => Some(
+                    route::route::Action::DirectResponse(route::DirectResponseAction {
+                        status: d.status,
+                        body: (!d.body.is_empty()).then(|| core::DataSource {
+                            specifier: Some(core::data_source::Specifier::InlineString(
+                                d.body.clone(),
+                            )),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                ),
+                _ => {
+                    t.refuse(
+                        format!("{path}.action.directResponse"),
+                        "readiness answers (a gateway's health check)",
+                    );
+                    None
+                }
+            }
+        }
+        Some(a) => Some(route::route::Action::Route(route_action(t, path, r, a))),
+    };
+    route::Route {
+        name: r.name.clone(),
+        r#match: Some(m),
+        action,
+        ..Default::default()
+    }
+}
+
+fn route_action(
+    t: &mut Translator,
+    path: &str,
+    r: &pb::Route,
+    a: &pb::RouteAction,
+) -> route::RouteAction {
+    use route::route_action::ClusterSpecifier;
+    let mut out = route::RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: a
+                .weighted_targets
+                .iter()
+                .filter(|w| w.weight > 0)
+                .map(|w| route::weighted_cluster::ClusterWeight {
+                    name: w.cluster.clone(),
+                    weight: Some(UInt32Value { value: w.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        // Trellis routes have no request timeout unless one is set (Envoy's default is 15 s).
+        timeout: Some(
+            r.timeout
+                .as_ref()
+                .and_then(|t| duration(t.per_request.as_ref()))
+                .unwrap_or_default(),
+        ),
+        idle_timeout: r.timeout.as_ref().and_then(|t| duration(t.idle.as_ref())),
+        ..Default::default()
+    };
+    if let Some(rw) = &a.path_rewrite {
+        if !rw.prefix.is_empty() {
+            out.prefix_rewrite = rw.replacement.clone();
+        } else {
+            t.refuse(
+                format!("{path}.action.pathRewrite"),
+                "exact and regex path rewrites",
+            );
+        }
+    }
+    if !a.then_path_rewrites.is_empty() {
+        t.refuse(
+            format!("{path}.action.thenPathRewrites"),
+            "a gateway's and its router route's path rewrites together",
+        );
+    }
+    if !a.host_rewrite.is_empty() {
+        out.host_rewrite_specifier = Some(
+            route::route_action::HostRewriteSpecifier::HostRewriteLiteral(a.host_rewrite.clone()),
+        );
+    }
+    if let Some(p) = &r.retry_policy {
+        let mut on: Vec<&str> = Vec::new();
+        for (i, e) in p.http_retry_events.iter().enumerate() {
+            on.push(match e.as_str() {
+                "server-error" => "5xx",
+                "gateway-error" => "gateway-error",
+                "connect-failure" => "connect-failure",
+                "reset" => "reset",
+                "refused-stream" => "refused-stream",
+                "retriable-status-codes" => "retriable-status-codes",
+                other => {
+                    t.refuse(format!("{path}.retryPolicy.httpRetryEvents[{i}]"), other);
+                    continue;
+                }
+            });
+        }
+        if !p.retriable_status_codes.is_empty() && !on.contains(&"retriable-status-codes") {
+            on.push("retriable-status-codes");
+        }
+        for e in &p.grpc_retry_events {
+            on.push(match e.as_str() {
+                "cancelled" => "cancelled",
+                "deadline-exceeded" => "deadline-exceeded",
+                "internal" => "internal",
+                "resource-exhausted" => "resource-exhausted",
+                _ => "unavailable",
+            });
+        }
+        if p.budget.is_some() {
+            t.refuse(
+                format!("{path}.retryPolicy.budget"),
+                "a route's retry budget (Envoy's is a cluster's)",
+            );
+        }
+        out.retry_policy = Some(route::RetryPolicy {
+            retry_on: on.join(","),
+            num_retries: Some(UInt32Value {
+                value: p.max_retries,
+            }),
+            per_try_timeout: duration(p.per_try_timeout.as_ref()),
+            retriable_status_codes: p.retriable_status_codes.clone(),
+            retry_back_off: p
+                .backoff
+                .as_ref()
+                .map(|b| route::retry_policy::RetryBackOff {
+                    base_interval: duration(b.base_interval.as_ref()).or(Some(Duration {
+                        seconds: 0,
+                        nanos: 25_000_000,
+                    })),
+                    max_interval: duration(b.max_interval.as_ref()),
+                }),
+            ..Default::default()
+        });
+        if p.hedge_on_per_try_timeout {
+            out.hedge_policy = Some(route::HedgePolicy {
+                hedge_on_per_try_timeout: true,
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+fn cluster(
+    t: &mut Translator,
+    path: &str,
+    c: &pb::Cluster,
+) -> (cluster::Cluster, Option<endpoint::ClusterLoadAssignment>) {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let lb_policy = match pb::cluster::LbPolicy::try_from(c.lb_policy) {
+        Ok(pb::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(pb::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(pb::cluster::LbPolicy::Random) => LbPolicy::Random,
+        _ => {
+            t.refuse(
+                format!("{path}.lbPolicy"),
+                "peak EWMA and consistent hashing",
+            );
+            LbPolicy::RoundRobin
+        }
+    };
+    for (field, set) in [
+        ("slowStart", c.slow_start.is_some()),
+        ("zoneAware", c.zone_aware.is_some()),
+        ("tls", c.tls.is_some()),
+        ("authorityPort", c.authority_port != 0),
+        ("ipFamily", c.ip_family != 0),
+    ] {
+        if set {
+            t.refuse(format!("{path}.{field}"), field);
+        }
+    }
+    let assignment = endpoint::ClusterLoadAssignment {
+        cluster_name: c.name.clone(),
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            lb_endpoints: c
+                .endpoints
+                .iter()
+                .map(|e| endpoint::LbEndpoint {
+                    health_status: match pb::endpoint::Health::try_from(e.health) {
+                        Ok(pb::endpoint::Health::Draining) => core::HealthStatus::Draining,
+                        Ok(pb::endpoint::Health::Unhealthy) => core::HealthStatus::Unhealthy,
+                        _ => core::HealthStatus::Unknown,
+                    } as i32,
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: socket(&e.address),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // Endpoints by IP come over EDS; a DNS name is resolved by Envoy, as the proxy would.
+    let by_ip = c.endpoints.iter().all(|e| {
+        e.address.rsplit_once(':').is_some_and(|(h, _)| {
+            h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+        })
+    });
+    let kind = if by_ip {
+        DiscoveryType::Eds
+    } else if c.dns == pb::cluster::Dns::Endpoints as i32 {
+        DiscoveryType::StrictDns
+    } else {
+        DiscoveryType::LogicalDns
+    };
+    let mut out = cluster::Cluster {
+        name: c.name.clone(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
+        connect_timeout: duration(c.connect_timeout.as_ref()).or(Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        })),
+        lb_policy: lb_policy as i32,
+        ..Default::default()
+    };
+    if by_ip {
+        out.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        });
+    } else {
+        out.load_assignment = Some(assignment.clone());
+    }
+    let mut options = upstream_http::HttpProtocolOptions {
+        common_http_protocol_options: Some(core::HttpProtocolOptions {
+            idle_timeout: duration(c.pool_idle_timeout.as_ref()).or(Some(Duration {
+                seconds: 60,
+                nanos: 0,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
+    let protocol = match pb::cluster::Protocol::try_from(c.protocol) {
+        Ok(pb::cluster::Protocol::Http2 | pb::cluster::Protocol::Grpc) => Some(
+            ProtocolConfig::Http2ProtocolOptions(core::Http2ProtocolOptions::default()),
+        ),
+        Ok(pb::cluster::Protocol::TcpOnly) => None,
+        _ => Some(ProtocolConfig::HttpProtocolOptions(
+            core::Http1ProtocolOptions::default(),
+        )),
+    };
+    if let Some(protocol) = protocol {
+        options.upstream_protocol_options = Some(
+            upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                upstream_http::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(protocol),
+                },
+            ),
+        );
+        out.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            any(&options),
+        );
+    }
+    if let Some(o) = &c.outlier_detection {
+        out.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: Some(UInt32Value {
+                value: o.max_server_errors,
+            }),
+            interval: duration(o.interval.as_ref()),
+            base_ejection_time: duration(o.base_ejection_duration.as_ref()),
+            max_ejection_percent: Some(UInt32Value {
+                value: o.max_ejection_percent,
+            }),
+            // Only consecutive 5xx ejects, as in the proxy.
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        });
+    }
+    // No limits unless set (Envoy's defaults are 1,024).
+    let limit = |v: u32| {
+        Some(UInt32Value {
+            value: if v == 0 { u32::MAX } else { v },
+        })
+    };
+    let pool = c.connection_pool.unwrap_or_default();
+    out.circuit_breakers = Some(cluster::CircuitBreakers {
+        thresholds: vec![cluster::circuit_breakers::Thresholds {
+            max_connections: limit(pool.max_connections),
+            max_pending_requests: limit(pool.max_pending_requests),
+            max_requests: limit(pool.max_requests),
+            max_retries: limit(0),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    if let Some(h) = &c.health_check {
+        use core::health_check::HealthChecker;
+        let checker = match pb::health_check::Protocol::try_from(h.protocol) {
+            Ok(pb::health_check::Protocol::Grpc) => {
+                HealthChecker::GrpcHealthCheck(core::health_check::GrpcHealthCheck::default())
+            }
+            Ok(pb::health_check::Protocol::Tcp) => {
+                HealthChecker::TcpHealthCheck(core::health_check::TcpHealthCheck::default())
+            }
+            Ok(pb::health_check::Protocol::Http2) => {
+                HealthChecker::HttpHealthCheck(core::health_check::HttpHealthCheck {
+                    path: if h.path.is_empty() {
+                        "/".into()
+                    } else {
+                        h.path.clone()
+                    },
+                    codec_client_type: types::CodecClientType::Http2 as i32,
+                    ..Default::default()
+                })
+            }
+            _ => HealthChecker::HttpHealthCheck(core::health_check::HttpHealthCheck {
+                path: if h.path.is_empty() {
+                    "/".into()
+                } else {
+                    h.path.clone()
+                },
+                ..Default::default()
+            }),
+        };
+        out.health_checks.push(core::HealthCheck {
+            timeout: duration(h.timeout.as_ref()),
+            interval: duration(h.interval.as_ref()),
+            healthy_threshold: Some(UInt32Value {
+                value: h.healthy_threshold,
+            }),
+            unhealthy_threshold: Some(UInt32Value {
+                value: h.unhealthy_threshold,
+            }),
+            alt_port: (h.port != 0).then_some(UInt32Value { value: h.port }),
+            health_checker: Some(checker),
+            ..Default::default()
+        });
+    }
+    (out, by_ip.then_some(assignment))
+}
+
+/// How `trellis bootstrap envoy` writes an Envoy's bootstrap.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// `NAMESPACE/NAME` of the VirtualNode (or VirtualGateway).
+    pub node: String,
+    pub gateway: bool,
+    /// The control plane: `http://HOST:PORT` or `https://HOST:PORT`.
+    pub control_plane: String,
+    /// For `https`: the PEM file of the CA its certificate chains to.
+    pub control_plane_ca: Option<String>,
+    pub addresses: Addresses,
+    pub admin: std::net::SocketAddr,
+}
+
+impl Bootstrap {
+    /// The bootstrap (YAML): the node, the admin listener, ADS to the control plane for
+    /// listeners and clusters (state of the world, API v3).
+    pub fn yaml(&self) -> Result<String, String> {
+        let (scheme, rest) = self.control_plane.split_once("://").ok_or_else(|| {
+            format!(
+                "{:?} is not http://HOST:PORT or https://HOST:PORT",
+                self.control_plane
+            )
+        })?;
+        let authority = rest.trim_end_matches('/');
+        let (host, port) = authority
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| format!("{:?} has no port", self.control_plane))?;
+        let by_ip = host.parse::<std::net::IpAddr>().is_ok();
+        let tls = match (scheme, &self.control_plane_ca) {
+            ("http", _) => String::new(),
+            ("https", Some(ca)) => format!(
+                "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {host}\n        common_tls_context:\n          alpn_protocols: [h2]\n          validation_context:\n            trusted_ca: {{ filename: {ca:?} }}\n"
+            ),
+            ("https", None) => {
+                return Err("an https control plane needs its CA (--control-plane-ca)".into());
+            }
+            (other, _) => {
+                return Err(format!(
+                    "{other:?}: the control plane is http:// or https://"
+                ));
+            }
+        };
+        Ok(format!(
+            "# Envoy bootstrap for {node} (trellis bootstrap envoy): its listeners, routes, clusters\n\
+             # and endpoints come from trellis-control over ADS.\n\
+             node:\n  id: {node:?}\n  cluster: {node:?}\n  metadata:\n    TRELLIS_INGRESS: \"{ingress}\"\n    TRELLIS_EGRESS: \"{egress}\"\n    TRELLIS_GATEWAY: {gateway}\n\
+             admin:\n  address: {{ socket_address: {{ address: {admin_ip}, port_value: {admin_port} }} }}\n\
+             dynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    set_node_on_first_message_only: true\n    grpc_services: [{{ envoy_grpc: {{ cluster_name: trellis-control }} }}]\n  \
+             cds_config: {{ ads: {{}}, resource_api_version: V3 }}\n  lds_config: {{ ads: {{}}, resource_api_version: V3 }}\n\
+             static_resources:\n  clusters:\n  - name: trellis-control\n    type: {kind}\n    connect_timeout: 5s\n    \
+             typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
+             explicit_http_config: {{ http2_protocol_options: {{}} }}\n    \
+             load_assignment:\n      cluster_name: trellis-control\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }} }}] }}]\n{tls}",
+            node = self.node,
+            ingress = self.addresses.ingress,
+            egress = self.addresses.egress,
+            gateway = self.gateway,
+            admin_ip = self.admin.ip(),
+            admin_port = self.admin.port(),
+            kind = if by_ip { "STATIC" } else { "STRICT_DNS" },
+        ))
+    }
+}

