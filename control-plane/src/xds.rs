@@ -513,3 +513,123 @@ impl Session<'_> {
 fn short(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind as V};
+
+    use super::*;
+
+    fn view(yaml: &str) -> View {
+        let docs = crate::validate::parse_documents(yaml).unwrap();
+        let mut state = crate::validate::State::new();
+        for m in docs {
+            let r = crate::validate::admit(m, None).unwrap();
+            state.insert(r.key.clone(), Arc::new(r));
+        }
+        View {
+            state: Arc::new(state),
+            ..View::default()
+        }
+    }
+
+    fn node(id: &str, metadata: &[(&str, V)]) -> Node {
+        Node {
+            id: id.into(),
+            metadata: Some(Struct {
+                fields: metadata
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value {
+                                kind: Some(v.clone()),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    const MESH: &str = "
+apiVersion: mesh.trellis.dev/v1beta1
+kind: Mesh
+metadata: { name: shop }
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: { name: cart, namespace: prod }
+spec:
+  listeners: [{ portMapping: { port: 8080, protocol: http } }]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: { name: pay, namespace: prod }
+spec:
+  awsName: payments-v2
+  listeners: [{ portMapping: { port: 8080, protocol: http } }]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: { name: ingress, namespace: prod }
+spec:
+  listeners: [{ portMapping: { port: 8088, protocol: http } }]
+";
+
+    /// An Envoy names its node as Trellis does, or as App Mesh's controller and ECS did.
+    #[test]
+    fn an_envoys_node_is_found_by_trellis_and_app_mesh_names() {
+        let v = view(MESH);
+        let key = |kind, name: &str| ResourceKey::new(kind, "prod", name);
+        let cases = [
+            (node("prod/cart", &[]), key(Kind::VirtualNode, "cart")),
+            (
+                node("prod/ingress", &[("TRELLIS_GATEWAY", V::BoolValue(true))]),
+                key(Kind::VirtualGateway, "ingress"),
+            ),
+            // The controller's short form, with its NAME_NAMESPACE names.
+            (node("mesh/shop/virtualNode/cart_prod", &[]), key(Kind::VirtualNode, "cart")),
+            // awsName, in the full ARN ECS tasks carried, from the metadata.
+            (
+                node(
+                    "whatever",
+                    &[(
+                        "APPMESH_RESOURCE_ARN",
+                        V::StringValue(
+                            "arn:aws:appmesh:eu-west-1:111122223333:mesh/shop/virtualNode/payments-v2".into(),
+                        ),
+                    )],
+                ),
+                key(Kind::VirtualNode, "pay"),
+            ),
+            // A shared mesh's owner is not part of its name.
+            (
+                node("mesh/shop@111122223333/virtualGateway/ingress_prod", &[]),
+                key(Kind::VirtualGateway, "ingress"),
+            ),
+        ];
+        for (n, want) in cases {
+            assert_eq!(identify(&v, &n), Ok(want), "{}", n.id);
+        }
+        for (id, why) in [
+            ("mesh/other/virtualNode/cart_prod", "no VirtualNode"),
+            (
+                "mesh/shop/virtualRouter/cart_prod",
+                "not virtualNode or virtualGateway",
+            ),
+            ("cart", "must be NAMESPACE/NAME"),
+        ] {
+            let err = identify(&v, &node(id, &[])).unwrap_err();
+            assert!(err.contains(why), "{id}: {err}");
+        }
+        let bad = node(
+            "prod/cart",
+            &[("TRELLIS_EGRESS", V::StringValue("nope".into()))],
+        );
+        assert!(addresses(&bad).unwrap_err().contains("TRELLIS_EGRESS"));
+    }
+}
