@@ -415,3 +415,100 @@ async fn envoy_and_trellis_proxy_sidecars_behave_alike() {
         assert_eq!(failed, 0, "{caller}: {failed} of {sent} failed");
     }
 }
+
+/// Health checks and outlier detection alike through an Envoy caller and a trellis-proxy
+/// caller: of two instances of a node, one answers 500 to everything; with the node's health
+/// check, and (another node) with its outlier detection, both callers stop sending it requests.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_avoid_a_failing_instance_alike() {
+    use trellis_testkit::process::ProxyProcess;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let caller = |name: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: checked }} }} }}, {{ virtualService: {{ virtualServiceRef: {{ name: ejecting }} }} }}]\n---\n"
+        )
+    };
+    let service = |name: &str, listener: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners:\n  - portMapping: {{ port: 8080, protocol: http }}\n{listener}  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: {name} }} }}\n---\n\
+             {API}\nkind: VirtualService\nmetadata: {{ name: {name} }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: {name} }} }} }}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}{}{}",
+        caller("front-envoy"),
+        caller("front-trellis"),
+        service(
+            "checked",
+            "    healthCheck: { protocol: http, path: /healthz, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 2, unhealthyThreshold: 2 }\n"
+        ),
+        service(
+            "ejecting",
+            "    outlierDetection: { maxServerErrors: 2, interval: { unit: s, value: 1 }, baseEjectionDuration: { unit: s, value: 60 }, maxEjectionPercent: 50 }\n"
+        ),
+    );
+    apply(&url, &yaml);
+    let mut apps = Vec::new();
+    for service in ["checked", "ejecting"] {
+        let good = TestServer::start(&format!("{service}-good")).await;
+        let bad = TestServer::start(&format!("{service}-bad")).await;
+        bad.fail_with(500);
+        register_instance(&url, ("test", service), "good", good.addr, &[]);
+        register_instance(&url, ("test", service), "bad", bad.addr, &[]);
+        apps.push((good, bad));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dir.path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 2).await;
+    for (caller, via) in [
+        ("envoy", front_envoy.egress),
+        ("trellis-proxy", front_trellis.egress),
+    ] {
+        // Health checks: once the bad instance failed its checks, every request succeeds.
+        eventually(
+            Duration::from_secs(30),
+            "the failing instance out",
+            || async {
+                let answers = crate::split(via, "checked.default:8080", 30).await;
+                if answers.get("checked-good") == Some(&30) {
+                    Ok(())
+                } else {
+                    Err(format!("{caller}: {answers:?}"))
+                }
+            },
+        )
+        .await;
+        // Outlier detection: after the bad instance's second 500 in a row it is ejected.
+        let warm = crate::split(via, "ejecting.default:8080", 20).await;
+        assert!(
+            warm.get("status:500").copied().unwrap_or(0) <= 4,
+            "{caller}: {warm:?}"
+        );
+        let answers = crate::split(via, "ejecting.default:8080", 40).await;
+        assert_eq!(
+            answers.get("ejecting-good"),
+            Some(&40),
+            "{caller}: {answers:?}"
+        );
+    }
+    let (checked_bad, ejecting_bad) = (&apps[0].1, &apps[1].1);
+    assert!(
+        checked_bad.requests_to("/healthz") >= 2,
+        "both callers probed it"
+    );
+    assert!(ejecting_bad.requests() >= 2);
+}
