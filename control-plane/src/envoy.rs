@@ -173,6 +173,7 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
             let clusters = tcp
                 .weighted_targets
                 .iter()
+                .filter(|w| w.weight > 0)
                 .map(|w| tcp_proxy::tcp_proxy::weighted_cluster::ClusterWeight {
                     name: w.cluster.clone(),
                     weight: w.weight,
@@ -200,10 +201,23 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
                     "requests to hosts outside the mesh (egressFilter ALLOW_ALL)",
                 ),
             }
-            let routes = route_config(&mut t, &path, l);
+            let routes = route_config(&mut t, &path, l, snapshot);
             out.routes.insert(l.name.clone(), any(&routes));
+            // A gateway's listeners face clients outside the mesh: Envoy then strips their
+            // x-envoy-* headers (retries, timeouts a client could otherwise set).
+            let edge = pb::listener::Role::try_from(l.role)
+                .is_ok_and(|r| r == pb::listener::Role::Unspecified);
             let manager = hcm::HttpConnectionManager {
                 stat_prefix: l.name.clone(),
+                use_remote_address: Some(envoy_types::pb::google::protobuf::BoolValue {
+                    value: edge,
+                }),
+                // No stream idle limit unless a route sets one (Envoy's default is 300 s).
+                stream_idle_timeout: Some(Duration::default()),
+                upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
+                    upgrade_type: "websocket".into(),
+                    ..Default::default()
+                }],
                 codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
                 route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
                     hcm::Rds {
@@ -251,7 +265,12 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
     }
 }
 
-fn route_config(t: &mut Translator, path: &str, l: &pb::Listener) -> route::RouteConfiguration {
+fn route_config(
+    t: &mut Translator,
+    path: &str,
+    l: &pb::Listener,
+    snapshot: &pb::Snapshot,
+) -> route::RouteConfiguration {
     let mut virtual_hosts: Vec<route::VirtualHost> = l
         .virtual_hosts
         .iter()
@@ -263,20 +282,41 @@ fn route_config(t: &mut Translator, path: &str, l: &pb::Listener) -> route::Rout
                 .enumerate()
                 .map(|(r, rt)| {
                     let p = format!("{path}.virtualHosts[{h}].routes[{r}]");
-                    (rt.priority, http_route(t, &p, rt))
+                    (rt.priority, http_route(t, &p, rt, snapshot))
                 })
                 .collect();
+            // trellis-proxy matches `host` whatever the port: Envoy compares the whole
+            // authority, so `host:*` too. A `*.suffix` would be compared with the port.
+            let mut domains = Vec::new();
+            for (d, domain) in vh.domains.iter().enumerate() {
+                domains.push(domain.clone());
+                if domain.starts_with("*.") {
+                    t.refuse(
+                        format!("{path}.virtualHosts[{h}].domains[{d}]"),
+                        "a wildcard hostname (Envoy would compare it with the request's port)",
+                    );
+                } else if domain != "*" && !domain.contains(':') {
+                    let any_port = format!("{domain}:*");
+                    if !vh.domains.contains(&any_port) {
+                        domains.push(any_port);
+                    }
+                }
+            }
             // Lower priority first, in order (Envoy takes the first match).
             routes.sort_by_key(|(priority, _)| *priority);
             route::VirtualHost {
                 name: vh.name.clone(),
-                domains: vh.domains.clone(),
+                domains,
                 routes: routes.into_iter().map(|(_, r)| r).collect(),
                 ..Default::default()
             }
         })
         .collect();
-    if l.unmatched == pb::listener::Unmatched::Deny as i32 {
+    let catch_all = l
+        .virtual_hosts
+        .iter()
+        .any(|h| h.domains.iter().any(|d| d == "*"));
+    if l.unmatched == pb::listener::Unmatched::Deny as i32 && !catch_all {
         virtual_hosts.push(route::VirtualHost {
             name: "egress-denied".into(),
             domains: vec!["*".into()],
@@ -327,7 +367,12 @@ fn header_exact(name: &str, value: &str) -> route::HeaderMatcher {
     }
 }
 
-fn http_route(t: &mut Translator, path: &str, r: &pb::Route) -> route::Route {
+fn http_route(
+    t: &mut Translator,
+    path: &str,
+    r: &pb::Route,
+    snapshot: &pb::Snapshot,
+) -> route::Route {
     use route::route_match::PathSpecifier;
     let mut m = route::RouteMatch {
         path_specifier: Some(PathSpecifier::Prefix("/".into())),
@@ -340,7 +385,7 @@ fn http_route(t: &mut Translator, path: &str, r: &pb::Route) -> route::Route {
             Some(pb::route_match::Path::Regex(p)) => PathSpecifier::SafeRegex(regex(p)),
             None => PathSpecifier::Prefix("/".into()),
         });
-        if let Some(g) = &rm.grpc {
+        if let Some(g) = rm.grpc.as_ref().filter(|g| !g.service_name.is_empty()) {
             m.path_specifier = Some(if g.method_name.is_empty() {
                 PathSpecifier::Prefix(format!("/{}/", g.service_name))
             } else {
@@ -378,8 +423,10 @@ fn http_route(t: &mut Translator, path: &str, r: &pb::Route) -> route::Route {
             m.headers.push(route::HeaderMatcher {
                 name: h.name.clone(),
                 invert_match: h.invert,
+                // An inverted rule matches a request without the header, as trellis-proxy's.
+                treat_missing_header_as_empty: h.invert
+                    && !matches!(h.rule, Some(pb::header_match::Rule::Present(_)) | None),
                 header_match_specifier: Some(spec),
-                ..Default::default()
             });
         }
         if !rm.method.is_empty() {
@@ -449,12 +496,28 @@ fn http_route(t: &mut Translator, path: &str, r: &pb::Route) -> route::Route {
                 }
             }
         }
-        Some(a) => Some(route::route::Action::Route(route_action(t, path, r, a))),
+        Some(a) => Some(route::route::Action::Route(route_action(
+            t, path, r, a, snapshot,
+        ))),
     };
+    // A request body kept for retries: trellis-proxy's bound (64 KiB by default).
+    let buffer = r
+        .retry_policy
+        .as_ref()
+        .filter(|p| p.max_retries > 0)
+        .map(|p| {
+            let bytes = if p.buffer_limit_bytes == 0 {
+                65_536
+            } else {
+                p.buffer_limit_bytes
+            };
+            envoy_types::pb::google::protobuf::UInt64Value { value: bytes }
+        });
     route::Route {
         name: r.name.clone(),
         r#match: Some(m),
         action,
+        request_body_buffer_limit: buffer,
         ..Default::default()
     }
 }
@@ -464,7 +527,20 @@ fn route_action(
     path: &str,
     r: &pb::Route,
     a: &pb::RouteAction,
+    snapshot: &pb::Snapshot,
 ) -> route::RouteAction {
+    for (i, w) in a.weighted_targets.iter().enumerate() {
+        let tcp = snapshot
+            .clusters
+            .iter()
+            .any(|c| c.name == w.cluster && c.protocol == pb::cluster::Protocol::TcpOnly as i32);
+        if tcp {
+            t.refuse(
+                format!("{path}.action.weightedTargets[{i}]"),
+                "an HTTP route to a tcp node (reached by CONNECT)",
+            );
+        }
+    }
     use route::route_action::ClusterSpecifier;
     let mut out = route::RouteAction {
         cluster_specifier: Some(ClusterSpecifier::WeightedClusters(route::WeightedCluster {
@@ -490,8 +566,21 @@ fn route_action(
         idle_timeout: r.timeout.as_ref().and_then(|t| duration(t.idle.as_ref())),
         ..Default::default()
     };
+    // Envoy replaces whatever prefix the route matched: only right when that is the rewrite's.
+    let grpc = r.r#match.as_ref().is_some_and(|m| m.grpc.is_some());
+    let matched_prefix = match r.r#match.as_ref().and_then(|m| m.path.as_ref()) {
+        _ if grpc => None,
+        Some(pb::route_match::Path::Prefix(p)) => Some(p.as_str()),
+        None => Some("/"),
+        _ => None,
+    };
     if let Some(rw) = &a.path_rewrite {
-        if !rw.prefix.is_empty() {
+        if !rw.prefix.is_empty() && matched_prefix != Some(rw.prefix.as_str()) {
+            t.refuse(
+                format!("{path}.action.pathRewrite.prefix"),
+                "a prefix rewrite of another prefix than the route's match",
+            );
+        } else if !rw.prefix.is_empty() {
             out.prefix_rewrite = rw.replacement.clone();
         } else {
             t.refuse(
@@ -511,7 +600,8 @@ fn route_action(
             route::route_action::HostRewriteSpecifier::HostRewriteLiteral(a.host_rewrite.clone()),
         );
     }
-    if let Some(p) = &r.retry_policy {
+    // Without retries, no policy (its per-try timeout included), as trellis-proxy.
+    if let Some(p) = r.retry_policy.as_ref().filter(|p| p.max_retries > 0) {
         let mut on: Vec<&str> = Vec::new();
         for (i, e) in p.http_retry_events.iter().enumerate() {
             on.push(match e.as_str() {
@@ -530,13 +620,17 @@ fn route_action(
         if !p.retriable_status_codes.is_empty() && !on.contains(&"retriable-status-codes") {
             on.push("retriable-status-codes");
         }
-        for e in &p.grpc_retry_events {
+        for (i, e) in p.grpc_retry_events.iter().enumerate() {
             on.push(match e.as_str() {
                 "cancelled" => "cancelled",
                 "deadline-exceeded" => "deadline-exceeded",
                 "internal" => "internal",
                 "resource-exhausted" => "resource-exhausted",
-                _ => "unavailable",
+                "unavailable" => "unavailable",
+                other => {
+                    t.refuse(format!("{path}.retryPolicy.grpcRetryEvents[{i}]"), other);
+                    continue;
+                }
             });
         }
         if p.budget.is_some() {
@@ -552,6 +646,14 @@ fn route_action(
             }),
             per_try_timeout: duration(p.per_try_timeout.as_ref()),
             retriable_status_codes: p.retriable_status_codes.clone(),
+            // A retry goes to another endpoint than those tried, as trellis-proxy's.
+            retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: Some(route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(any(
+                    &envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+                ))),
+            }],
+            host_selection_retry_max_attempts: 3,
             retry_back_off: p
                 .backoff
                 .as_ref()
@@ -565,10 +667,10 @@ fn route_action(
             ..Default::default()
         });
         if p.hedge_on_per_try_timeout {
-            out.hedge_policy = Some(route::HedgePolicy {
-                hedge_on_per_try_timeout: true,
-                ..Default::default()
-            });
+            t.refuse(
+                format!("{path}.retryPolicy.hedgeOnPerRetryTimeout"),
+                "hedging (Envoy hedges requests that are not idempotent too)",
+            );
         }
     }
     out
@@ -651,8 +753,20 @@ fn cluster(
             nanos: 0,
         })),
         lb_policy: lb_policy as i32,
+        // Never to endpoints that are out (failing health checks, ejected, draining), however
+        // few are left, as trellis-proxy (Envoy's default panics below 50%).
+        common_lb_config: Some(cluster::cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(types::Percent { value: 0.0 }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
+    if kind == DiscoveryType::LogicalDns && c.endpoints.len() > 1 {
+        t.refuse(
+            format!("{path}.endpoints"),
+            "several DNS names resolved per connection (Envoy's LOGICAL_DNS takes one)",
+        );
+    }
     if by_ip {
         out.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
             eds_config: Some(ads()),
@@ -704,8 +818,12 @@ fn cluster(
             max_ejection_percent: Some(UInt32Value {
                 value: o.max_ejection_percent,
             }),
-            // Only consecutive 5xx ejects, as in the proxy.
+            // Only consecutive 5xx ejects, as in the proxy; a passing health check does not
+            // bring an ejected endpoint back early.
             enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            successful_active_health_check_uneject_host: Some(
+                envoy_types::pb::google::protobuf::BoolValue { value: false },
+            ),
             enforcing_consecutive_gateway_failure: Some(UInt32Value { value: 0 }),
             ..Default::default()
         });
@@ -756,9 +874,22 @@ fn cluster(
                 ..Default::default()
             }),
         };
+        if matches!(checker, HealthChecker::GrpcHealthCheck(_))
+            && !matches!(
+                pb::cluster::Protocol::try_from(c.protocol),
+                Ok(pb::cluster::Protocol::Http2 | pb::cluster::Protocol::Grpc)
+            )
+        {
+            t.refuse(
+                format!("{path}.healthCheck.protocol"),
+                "a gRPC health check of an HTTP/1.1 cluster",
+            );
+        }
         out.health_checks.push(core::HealthCheck {
             timeout: duration(h.timeout.as_ref()),
             interval: duration(h.interval.as_ref()),
+            // Probed at the interval whether or not the cluster has traffic.
+            no_traffic_interval: duration(h.interval.as_ref()),
             healthy_threshold: Some(UInt32Value {
                 value: h.healthy_threshold,
             }),

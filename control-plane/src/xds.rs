@@ -354,6 +354,12 @@ impl Session<'_> {
         }
         let version = t.snapshot.version.clone();
         if self.current.as_ref().is_some_and(|(v, _)| *v == version) {
+            // Back to what it was sent (after a withheld version): nothing to send again.
+            proxies.update(self.id, |p| {
+                p.desired_version = Some(version.clone());
+                p.withheld = None;
+                p.problems = t.problems.clone();
+            });
             return false;
         }
         let addresses = self.addresses.clone();
@@ -380,6 +386,7 @@ impl Session<'_> {
                 proxies.update(self.id, |p| {
                     p.desired_version = None;
                     p.withheld = Some(why);
+                    p.problems = t.problems.clone();
                     p.uses = t.uses.clone();
                 });
                 false
