@@ -38,14 +38,26 @@ use crate::{
 
 /// How long a new stream may take to send its first request.
 const FIRST_REQUEST: Duration = Duration::from_secs(10);
-/// The order a new version is sent in: clusters and their endpoints before the listeners and
-/// routes that use them (make before break).
+/// The resource types, in the order a new version is sent (make before break): the clusters
+/// old and new with their endpoints; once Envoy has them, the listeners and routes; once it runs
+/// those, the clusters without the ones no longer used.
 const ORDER: [&str; 4] = [
     envoy::CLUSTER,
     envoy::ENDPOINT,
     envoy::LISTENER,
     envoy::ROUTE,
 ];
+
+/// Where a new version's make-before-break stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Nothing in flight.
+    Idle,
+    /// The old and new clusters (and endpoints) sent: waiting for them to be acknowledged.
+    Clusters,
+    /// The new listeners and routes sent: waiting for them before removing old clusters.
+    Routes,
+}
 
 /// The ADS service.
 #[derive(Debug, Clone)]
@@ -246,6 +258,8 @@ impl AggregatedDiscoveryService for AdsService {
                 addresses,
                 tx,
                 current: None,
+                applied: None,
+                stage: Stage::Idle,
                 subscriptions: HashMap::new(),
                 nonce: 0,
             };
@@ -276,8 +290,9 @@ struct Subscription {
     names: Vec<String>,
     /// The last response: its version and nonce.
     sent: Option<(String, String)>,
-    /// The last version the Envoy acknowledged.
+    /// The last version the Envoy acknowledged, and the last it rejected.
     acked: Option<String>,
+    nacked: Option<String>,
 }
 
 struct Session<'a> {
@@ -288,6 +303,9 @@ struct Session<'a> {
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// The version and resources the Envoy should run.
     current: Option<(String, Arc<Resources>)>,
+    /// The last resources every subscribed type acknowledged (what the Envoy runs).
+    applied: Option<Arc<Resources>>,
+    stage: Stage,
     subscriptions: HashMap<String, Subscription>,
     nonce: u64,
 }
@@ -413,6 +431,9 @@ impl Session<'_> {
         sub.names = request.resource_names.clone();
         if let Some(error) = &request.error_detail {
             let version = sub.sent.as_ref().map(|(v, _)| v.clone());
+            sub.nacked = version.clone();
+            // The whole version is refused: what the Envoy runs stays as it was.
+            let version = version.map(|v| v.trim_end_matches(UNION).to_string());
             let reason = format!("{}: {}", short(&type_url), error.message);
             tracing::warn!(node = %self.node, %reason, "envoy rejected its configuration");
             self.controller
@@ -426,7 +447,6 @@ impl Session<'_> {
             });
             return Ok(());
         }
-        let sent = sub.sent.as_ref().map(|(v, _)| v.clone());
         if !request.response_nonce.is_empty() {
             sub.acked = Some(request.version_info.clone());
             self.controller
@@ -436,15 +456,75 @@ impl Session<'_> {
                 .inc();
             self.record_acks();
         }
-        let current = self.current.as_ref().map(|(v, _)| v.clone());
-        if request.response_nonce.is_empty() || names_changed || sent != current {
-            self.send(&type_url).await?;
+        // A new subscription, or other names asked for: answered at once (while a version is
+        // staged, listeners and routes wait for their stage).
+        let staged = self.stage == Stage::Clusters
+            && (type_url == envoy::LISTENER || type_url == envoy::ROUTE);
+        if (request.response_nonce.is_empty() || names_changed) && !staged {
+            let union = self.stage == Stage::Clusters;
+            self.send(&type_url, union).await?;
+        }
+        self.advance().await
+    }
+
+    /// Moves a staged version on when the Envoy has what the stage sent.
+    async fn advance(&mut self) -> Result<(), Gone> {
+        let Some((version, current)) = self.current.clone() else {
+            return Ok(());
+        };
+        let acked = |s: &HashMap<String, Subscription>, t: &str, v: &str| {
+            s.get(t).is_none_or(|sub| sub.acked.as_deref() == Some(v))
+        };
+        match self.stage {
+            Stage::Idle => {
+                // Types behind the current version (subscribed meanwhile): brought up, unless
+                // the Envoy rejected that version.
+                for type_url in ORDER {
+                    let behind = self.subscriptions.get(type_url).is_some_and(|s| {
+                        s.sent.as_ref().is_some_and(|(v, _)| *v != version)
+                            && s.nacked.as_deref() != Some(version.as_str())
+                    });
+                    if behind {
+                        self.send(type_url, false).await?;
+                    }
+                }
+            }
+            Stage::Clusters => {
+                let union = format!("{version}{UNION}");
+                // The endpoints of every new cluster asked for and acknowledged.
+                let endpoints_ready = self.subscriptions.get(envoy::ENDPOINT).is_none_or(|s| {
+                    current.endpoints.keys().all(|n| s.names.contains(n))
+                        && s.acked.as_deref() == Some(union.as_str())
+                });
+                if acked(&self.subscriptions, envoy::CLUSTER, &union) && endpoints_ready {
+                    self.stage = Stage::Routes;
+                    for type_url in [envoy::LISTENER, envoy::ROUTE] {
+                        if self.subscriptions.contains_key(type_url) {
+                            self.send(type_url, false).await?;
+                        }
+                    }
+                }
+            }
+            Stage::Routes => {
+                let routes_ready = self.subscriptions.get(envoy::ROUTE).is_none_or(|s| {
+                    current.routes.keys().all(|n| s.names.contains(n))
+                        && s.acked.as_deref() == Some(version.as_str())
+                });
+                if acked(&self.subscriptions, envoy::LISTENER, &version) && routes_ready {
+                    // Now the clusters no longer used go.
+                    self.stage = Stage::Idle;
+                    self.send(envoy::CLUSTER, false).await?;
+                    if self.subscriptions.contains_key(envoy::ENDPOINT) {
+                        self.send(envoy::ENDPOINT, false).await?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     /// The Envoy runs the current version once every type it subscribed to acknowledged it.
-    fn record_acks(&self) {
+    fn record_acks(&mut self) {
         let Some((version, _)) = &self.current else {
             return;
         };
@@ -453,6 +533,9 @@ impl Session<'_> {
             .values()
             .all(|s| s.acked.as_ref() == Some(version));
         if all {
+            if let Some((_, resources)) = &self.current {
+                self.applied = Some(resources.clone());
+            }
             let version = version.clone();
             self.controller.proxies().update(self.id, |p| {
                 p.acked_version = Some(version.clone());
@@ -464,23 +547,46 @@ impl Session<'_> {
         }
     }
 
-    /// Sends every subscribed type the current version, clusters first.
+    /// Sends a new version: make before break when the Envoy runs an earlier one (its clusters
+    /// old and new first), else every subscribed type, clusters first.
     async fn push_all(&mut self) -> Result<(), Gone> {
+        if self.applied.is_some() && self.subscriptions.contains_key(envoy::CLUSTER) {
+            self.stage = Stage::Clusters;
+            self.send(envoy::CLUSTER, true).await?;
+            if self.subscriptions.contains_key(envoy::ENDPOINT) {
+                self.send(envoy::ENDPOINT, true).await?;
+            }
+            return self.advance().await;
+        }
+        self.stage = Stage::Idle;
         for type_url in ORDER {
             if self.subscriptions.contains_key(type_url) {
-                self.send(type_url).await?;
+                self.send(type_url, false).await?;
             }
         }
         Ok(())
     }
 
-    async fn send(&mut self, type_url: &str) -> Result<(), Gone> {
+    /// Sends the current resources of `type_url`; with `union`, and the clusters and endpoints
+    /// the Envoy runs now too (versioned `VERSION+`).
+    async fn send(&mut self, type_url: &str, union: bool) -> Result<(), Gone> {
         let Some((version, resources)) = self.current.clone() else {
             return Ok(());
         };
         let Some(all) = resources.of(type_url) else {
             return Ok(());
         };
+        let mut all = all.clone();
+        let mut version = version;
+        let union = union && (type_url == envoy::CLUSTER || type_url == envoy::ENDPOINT);
+        if union {
+            if let Some(before) = self.applied.as_ref().and_then(|a| a.of(type_url)) {
+                for (name, r) in before {
+                    all.entry(name.clone()).or_insert_with(|| r.clone());
+                }
+            }
+            version.push_str(UNION);
+        }
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
@@ -509,12 +615,16 @@ impl Session<'_> {
             .pushes
             .with_label_values(&["envoy"])
             .inc();
+        let version = version.trim_end_matches(UNION).to_string();
         self.controller
             .proxies()
             .update(self.id, |p| p.sent_version = Some(version));
         Ok(())
     }
 }
+
+/// The mark of a version's make-before-break clusters (old and new).
+const UNION: &str = "+";
 
 /// `Cluster` of `type.googleapis.com/envoy.config.cluster.v3.Cluster`.
 fn short(type_url: &str) -> &str {

@@ -37,6 +37,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a process that binds it later (an Envoy's listeners): drawn at random below
+/// the ephemeral range, which outbound connections take ports from — a port picked there may be
+/// taken by one before the process binds it.
+pub fn free_listen_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let from = low.saturating_sub(12_000).max(1024);
+    for _ in 0..1000 {
+        let port = from + fastrand::u16(..low - from);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
 /// Polls `check` until it returns `Ok`, or panics with its last error after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

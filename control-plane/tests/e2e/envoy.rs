@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use trellis_testkit::{TestServer, eventually, free_port, process::ControlProcess};
+use trellis_testkit::{TestServer, eventually, free_listen_port, process::ControlProcess};
 
 use crate::{CONTROL, apply, cli, register_instance, stderr, stdout};
 
@@ -53,7 +53,7 @@ impl Envoy {
     /// An Envoy for `node` with the bootstrap `trellis bootstrap envoy` prints for `server`.
     pub async fn start(server: &str, node: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (ingress, egress, admin) = (free_port(), free_port(), free_port());
+        let (ingress, egress, admin) = (free_listen_port(), free_listen_port(), free_listen_port());
         let out = cli(
             server,
             &[
@@ -511,4 +511,238 @@ async fn envoy_and_trellis_proxy_avoid_a_failing_instance_alike() {
         "both callers probed it"
     );
     assert!(ejecting_bad.requests() >= 2);
+}
+
+/// Make before break: the route moves from a node to another one (a cluster added, the old one
+/// removed) while requests flow through the Envoy: none fails — the new cluster and its
+/// endpoints reach the Envoy before the route that uses it, and the old one goes after.
+#[tokio::test]
+async fn an_envoy_moves_to_a_new_cluster_without_failing_a_request() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    let only = |node: &str| {
+        mesh(1, 1, "").replace(
+            "[{ virtualNodeRef: { name: color-v1 }, weight: 1 }, { virtualNodeRef: { name: color-v2 }, weight: 1 }]",
+            &format!("[{{ virtualNodeRef: {{ name: {node} }}, weight: 1 }}]"),
+        )
+    };
+    apply(&url, &only("color-v1"));
+    register_instance(&url, ("test", "color"), "v1", v1.addr, &["version=v1"]);
+    register_instance(&url, ("test", "color"), "v2", v2.addr, &["version=v2"]);
+    let envoy = Envoy::start(&url, "default/front").await;
+    wait_envoy_synced(&url, &envoy).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let egress = envoy.egress;
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut client = trellis_testkit::client::Client::h1(egress).await.unwrap();
+            let mut answers: std::collections::HashMap<String, usize> = Default::default();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let key = match client.get("color.default:8080", "/").await {
+                    Ok(r) if r.status == 200 => r.text(),
+                    Ok(r) => format!("status:{}", r.status),
+                    Err(e) => {
+                        client = trellis_testkit::client::Client::h1(egress).await.unwrap();
+                        format!("error:{e}")
+                    }
+                };
+                *answers.entry(key).or_default() += 1;
+            }
+            answers
+        })
+    };
+    for node in ["color-v2", "color-v1", "color-v2"] {
+        let before = proxy_status(&url, "default/front").unwrap()["ackedVersion"].clone();
+        apply(&url, &only(node));
+        eventually(Duration::from_secs(30), "the move acknowledged", || async {
+            match proxy_status(&url, "default/front") {
+                Some(p)
+                    if p["ackedVersion"] != before && p["desiredVersion"] == p["ackedVersion"] =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let answers = split(&envoy, 20).await;
+        assert_eq!(answers.get(node), Some(&20), "{answers:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers = load.await.unwrap();
+    let failed: usize = answers
+        .iter()
+        .filter(|(k, _)| !k.starts_with("color-"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, 0, "{answers:?}");
+    assert!(
+        answers.contains_key("color-v1") && answers.contains_key("color-v2"),
+        "{answers:?}"
+    );
+}
+
+/// The order a new version reaches an ADS client (a scripted one, to see each response): when a
+/// route moves to a new node, the first answer is the clusters old and new together (version
+/// `V+`) with their endpoints; the listeners and routes come once those are acknowledged; the
+/// old cluster is removed (clusters at `V`) only once the routes are acknowledged.
+#[tokio::test]
+async fn a_new_version_is_made_before_the_old_is_broken() {
+    use envoy_types::pb::envoy::{
+        config::{cluster::v3::Cluster, core::v3::Node, listener::v3::Listener},
+        service::discovery::v3::{
+            DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    };
+    use prost::Message as _;
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let only = |node: &str| {
+        mesh(1, 1, "").replace(
+            "[{ virtualNodeRef: { name: color-v1 }, weight: 1 }, { virtualNodeRef: { name: color-v2 }, weight: 1 }]",
+            &format!("[{{ virtualNodeRef: {{ name: {node} }}, weight: 1 }}]"),
+        )
+    };
+    apply(&url, &only("color-v1"));
+    register_instance(
+        &url,
+        ("test", "color"),
+        "v1",
+        "127.0.0.1:1".parse().unwrap(),
+        &["version=v1"],
+    );
+    register_instance(
+        &url,
+        ("test", "color"),
+        "v2",
+        "127.0.0.1:2".parse().unwrap(),
+        &["version=v2"],
+    );
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<DiscoveryRequest>();
+    let mut client = AggregatedDiscoveryServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let requests =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let request =
+        |type_url: &str, names: Vec<String>, ack: Option<&DiscoveryResponse>| DiscoveryRequest {
+            node: Some(Node {
+                id: "default/front".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            resource_names: names,
+            version_info: ack.map(|r| r.version_info.clone()).unwrap_or_default(),
+            response_nonce: ack.map(|r| r.nonce.clone()).unwrap_or_default(),
+            ..Default::default()
+        };
+    // Every cluster's name (their endpoints are asked for, as Envoy does), and those of the
+    // mesh's nodes (the node's own ingress cluster aside).
+    let all_clusters = |r: &DiscoveryResponse| -> Vec<String> {
+        let mut names: Vec<String> = r
+            .resources
+            .iter()
+            .map(|a| Cluster::decode(a.value.as_slice()).unwrap().name)
+            .collect();
+        names.sort();
+        names
+    };
+    // The listeners' names: their route configurations' too.
+    let listeners = |r: &DiscoveryResponse| -> Vec<String> {
+        r.resources
+            .iter()
+            .map(|a| Listener::decode(a.value.as_slice()).unwrap().name)
+            .collect()
+    };
+    let clusters = |r: &DiscoveryResponse| -> Vec<String> {
+        all_clusters(r)
+            .into_iter()
+            .filter(|n| !n.starts_with("local:"))
+            .collect()
+    };
+    async fn next(r: &mut tonic::Streaming<DiscoveryResponse>, what: u32) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(20), r.message())
+            .await
+            .unwrap_or_else(|_| panic!("response {what}"))
+            .unwrap()
+            .unwrap()
+    }
+    // Subscribe as Envoy does: clusters, their endpoints, listeners, routes; ACK each.
+    tx.send(request(CDS, vec![], None)).unwrap();
+    // (The first request goes before the call: the server answers once it has it.)
+    let mut responses = client
+        .stream_aggregated_resources(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let cds = next(&mut responses, 1).await;
+    assert_eq!(clusters(&cds), ["default/color-v1"]);
+    tx.send(request(CDS, vec![], Some(&cds))).unwrap();
+    tx.send(request(EDS, all_clusters(&cds), None)).unwrap();
+    let eds = next(&mut responses, 2).await;
+    tx.send(request(EDS, all_clusters(&cds), Some(&eds)))
+        .unwrap();
+    tx.send(request(LDS, vec![], None)).unwrap();
+    let lds = next(&mut responses, 3).await;
+    assert_eq!(lds.type_url, LDS);
+    tx.send(request(LDS, vec![], Some(&lds))).unwrap();
+    tx.send(request(RDS, listeners(&lds), None)).unwrap();
+    let rds = next(&mut responses, 4).await;
+    assert_eq!(rds.type_url, RDS);
+    tx.send(request(RDS, listeners(&lds), Some(&rds))).unwrap();
+    let v1 = cds.version_info.clone();
+    eventually(Duration::from_secs(10), "the client in sync", || async {
+        match proxy_status(&url, "default/front") {
+            Some(p) if p["ackedVersion"] == v1.as_str() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    apply(&url, &only("color-v2"));
+    // First the clusters old and new, with the new one's endpoints.
+    let union = next(&mut responses, 5).await;
+    assert_eq!(union.type_url, CDS, "{union:?}");
+    assert!(union.version_info.ends_with('+'), "{}", union.version_info);
+    assert_eq!(clusters(&union), ["default/color-v1", "default/color-v2"]);
+    let endpoints = next(&mut responses, 6).await;
+    assert_eq!(endpoints.type_url, EDS);
+    tx.send(request(CDS, vec![], Some(&union))).unwrap();
+    let names = all_clusters(&union);
+    tx.send(request(EDS, names.clone(), Some(&endpoints)))
+        .unwrap();
+    let endpoints = next(&mut responses, 7).await;
+    assert_eq!(
+        endpoints.type_url, EDS,
+        "the new cluster's endpoints asked for"
+    );
+    tx.send(request(EDS, names.clone(), Some(&endpoints)))
+        .unwrap();
+    // Then the listeners and routes.
+    let lds = next(&mut responses, 8).await;
+    assert_eq!(lds.type_url, LDS, "{lds:?}");
+    let v2 = lds.version_info.clone();
+    assert_eq!(format!("{v2}+"), union.version_info);
+    tx.send(request(LDS, vec![], Some(&lds))).unwrap();
+    let rds = next(&mut responses, 9).await;
+    assert_eq!(rds.type_url, RDS);
+    tx.send(request(RDS, listeners(&lds), Some(&rds))).unwrap();
+    // Only then the old cluster goes.
+    let last = next(&mut responses, 10).await;
+    assert_eq!(
+        (last.type_url.as_str(), last.version_info.as_str()),
+        (CDS, v2.as_str())
+    );
+    assert_eq!(clusters(&last), ["default/color-v2"]);
 }
