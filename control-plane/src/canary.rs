@@ -116,6 +116,20 @@ pub struct Decision {
     pub window: Option<Window>,
 }
 
+impl Decision {
+    /// A decision taken now.
+    fn new(action: &str, weight: i64, by: &str, reason: String, window: Option<Window>) -> Self {
+        Self {
+            at_ms: now_ms(),
+            action: action.to_string(),
+            weight,
+            by: by.to_string(),
+            reason,
+            window,
+        }
+    }
+}
+
 /// What the gates say about a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -511,14 +525,8 @@ impl Controller {
             (Command::Abort, _) if !state.started => {
                 // Its weights were never set: nothing to give back.
                 next.phase = Phase::Aborted;
-                next.history.push(Decision {
-                    at_ms: now_ms(),
-                    action: "abort".into(),
-                    weight: 0,
-                    by: by.to_string(),
-                    reason: String::new(),
-                    window: None,
-                });
+                next.history
+                    .push(Decision::new("abort", 0, by, String::new(), None));
                 self.write_state(key, state_revision, &next).await?;
                 return self.canary(key).await;
             }
@@ -553,11 +561,7 @@ impl Controller {
             &parts,
             state_revision,
             next,
-            action,
-            weight,
-            by,
-            String::new(),
-            None,
+            Decision::new(action, weight, by, String::new(), None),
         )
         .await?;
         self.canary(key).await
@@ -613,7 +617,6 @@ impl Controller {
 
     /// Writes `next` (expecting the state at `state_revision`) and, when it changes them, the
     /// route's weights, in one transaction; records the decision.
-    #[allow(clippy::too_many_arguments)]
     async fn canary_transition(
         &self,
         key: &ResourceKey,
@@ -621,21 +624,15 @@ impl Controller {
         parts: &Parts,
         state_revision: Option<u64>,
         mut next: State,
-        action: &str,
-        weight: i64,
-        by: &str,
-        reason: String,
-        window: Option<Window>,
+        decision: Decision,
     ) -> Result<(), ControlError> {
+        let (weight, action, by) = (
+            decision.weight,
+            decision.action.clone(),
+            decision.by.clone(),
+        );
         next.weight = weight;
-        next.history.push(Decision {
-            at_ms: now_ms(),
-            action: action.to_string(),
-            weight,
-            by: by.to_string(),
-            reason,
-            window,
-        });
+        next.history.push(decision);
         if next.history.len() > HISTORY {
             next.history.remove(1);
         }
@@ -803,11 +800,7 @@ impl Controller {
                     &parts,
                     state_revision,
                     state.clone(),
-                    "start",
-                    first,
-                    "controller",
-                    reason,
-                    None,
+                    Decision::new("start", first, "controller", reason, None),
                 )
                 .await;
             if let Err(ControlError::Invalid(problems)) = started {
@@ -821,14 +814,13 @@ impl Controller {
                 state.phase = Phase::Paused;
                 state.started = false;
                 state.message = format!("cannot start: {why}");
-                state.history.push(Decision {
-                    at_ms: now_ms(),
-                    action: "pause".into(),
-                    weight: 0,
-                    by: "controller".into(),
-                    reason: state.message.clone(),
-                    window: None,
-                });
+                state.history.push(Decision::new(
+                    "pause",
+                    0,
+                    "controller",
+                    state.message.clone(),
+                    None,
+                ));
                 self.write_state(key, state_revision, &state).await?;
                 return Ok(true);
             }
@@ -849,14 +841,13 @@ impl Controller {
                 100 - state.weight,
                 state.weight
             );
-            state.history.push(Decision {
-                at_ms: now_ms(),
-                action: "pause".into(),
-                weight: state.weight,
-                by: "controller".into(),
-                reason: state.message.clone(),
-                window: None,
-            });
+            state.history.push(Decision::new(
+                "pause",
+                state.weight,
+                "controller",
+                state.message.clone(),
+                None,
+            ));
             // The route is left as it was found: the write is the state's alone.
             self.write_state(key, state_revision, &state).await?;
             return Ok(true);
@@ -880,11 +871,7 @@ impl Controller {
                     &parts,
                     state_revision,
                     next,
-                    "rollback",
-                    0,
-                    "controller",
-                    reason,
-                    Some(window),
+                    Decision::new("rollback", 0, "controller", reason, Some(window)),
                 )
                 .await?;
                 Ok(true)
@@ -905,11 +892,7 @@ impl Controller {
                     &parts,
                     state_revision,
                     next,
-                    "advance",
-                    weight,
-                    "controller",
-                    reason,
-                    Some(window),
+                    Decision::new("advance", weight, "controller", reason, Some(window)),
                 )
                 .await?;
                 Ok(true)
@@ -924,11 +907,7 @@ impl Controller {
                     &parts,
                     state_revision,
                     next,
-                    "promote",
-                    100,
-                    "controller",
-                    reason,
-                    Some(window),
+                    Decision::new("promote", 100, "controller", reason, Some(window)),
                 )
                 .await?;
                 Ok(true)

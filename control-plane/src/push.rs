@@ -203,25 +203,12 @@ impl ConfigStream for ConfigService {
             },
         )?;
         let admitted = self.admit(&hello.token, peer.as_ref(), &node).await?;
-        let id = self.controller.proxies().connected(ProxyStatus {
-            node: hello.node.clone(),
-            kind: if gateway { "gateway" } else { "sidecar" }.into(),
-            instance: hello.instance.clone(),
-            proxy_version: hello.proxy_version.clone(),
-            connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            desired_version: None,
-            sent_version: None,
-            acked_version: None,
-            nacked_version: None,
-            nack_reason: None,
-            problems: Vec::new(),
-            withheld: None,
-            identity: None,
-            certificate_expires: None,
-            certificate_root: None,
-            trust_roots: Vec::new(),
-            uses: Default::default(),
-        });
+        let id = self.controller.proxies().connected(ProxyStatus::connected(
+            hello.node.clone(),
+            if gateway { "gateway" } else { "sidecar" },
+            hello.instance.clone(),
+            hello.proxy_version.clone(),
+        ));
         tracing::info!(node = %hello.node, instance = %hello.instance, applied = %hello.applied_version, "proxy connected");
         let (tx, rx) = mpsc::channel(4);
         let controller = self.controller.clone();

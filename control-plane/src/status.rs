@@ -54,6 +54,30 @@ pub struct ProxyStatus {
 }
 
 impl ProxyStatus {
+    /// A proxy that has just connected: who it is, nothing sent or answered yet.
+    pub fn connected(node: String, kind: &str, instance: String, proxy_version: String) -> Self {
+        Self {
+            node,
+            kind: kind.into(),
+            instance,
+            proxy_version,
+            connected_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string(),
+            desired_version: None,
+            sent_version: None,
+            acked_version: None,
+            nacked_version: None,
+            nack_reason: None,
+            problems: Vec::new(),
+            withheld: None,
+            identity: None,
+            certificate_expires: None,
+            certificate_root: None,
+            trust_roots: Vec::new(),
+            uses: Default::default(),
+        }
+    }
+
     /// In sync: the proxy acknowledged what it should run.
     pub fn in_sync(&self) -> bool {
         self.desired_version.is_some() && self.desired_version == self.acked_version

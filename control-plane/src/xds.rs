@@ -223,31 +223,16 @@ impl AggregatedDiscoveryService for AdsService {
         )
         .trim()
         .to_string();
-        let id = controller.proxies().connected(ProxyStatus {
-            node: format!("{}/{}", node.namespace, node.name),
-            kind: if node.kind == Kind::VirtualGateway {
+        let id = controller.proxies().connected(ProxyStatus::connected(
+            format!("{}/{}", node.namespace, node.name),
+            if node.kind == Kind::VirtualGateway {
                 "envoy-gateway"
             } else {
                 "envoy"
-            }
-            .into(),
-            instance: node_info.id.clone(),
-            proxy_version: build,
-            connected_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                .to_string(),
-            desired_version: None,
-            sent_version: None,
-            acked_version: None,
-            nacked_version: None,
-            nack_reason: None,
-            problems: Vec::new(),
-            withheld: None,
-            identity: None,
-            certificate_expires: None,
-            certificate_root: None,
-            trust_roots: Vec::new(),
-            uses: Default::default(),
-        });
+            },
+            node_info.id.clone(),
+            build,
+        ));
         tracing::info!(node = %node, envoy = %node_info.id, "envoy connected");
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
