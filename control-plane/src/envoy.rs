@@ -33,7 +33,7 @@ pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluster
 
 /// Where an Envoy sidecar listens (its bootstrap's node metadata `TRELLIS_INGRESS` and
 /// `TRELLIS_EGRESS`; App Mesh's ports by default).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Addresses {
     pub ingress: std::net::SocketAddr,
     pub egress: std::net::SocketAddr,

@@ -63,11 +63,22 @@ enum Stage {
 #[derive(Debug, Clone)]
 pub struct AdsService {
     controller: Arc<Controller>,
+    /// Translations by (snapshot version, listener addresses), shared by the streams of a
+    /// node's Envoys (most listen alike): one translation per version, not per Envoy.
+    translations: Arc<std::sync::Mutex<Translations>>,
 }
+
+type Translations = HashMap<(String, Addresses), Arc<Result<Arc<Resources>, envoy::Refused>>>;
+
+/// Translations kept at most (older versions are dropped when more come).
+const TRANSLATIONS: usize = 256;
 
 impl AdsService {
     pub fn new(controller: Arc<Controller>) -> Self {
-        Self { controller }
+        Self {
+            controller,
+            translations: Arc::default(),
+        }
     }
 }
 
@@ -187,6 +198,7 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Responses>, Status> {
         let controller = self.controller.clone();
+        let translations = self.translations.clone();
         if controller.identity().is_some_and(|(_, required)| required) {
             return Err(Status::permission_denied(
                 "this control plane requires proxies' identities (--require-identity or --auth): Envoy sidecars cannot prove theirs yet",
@@ -237,6 +249,7 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut session = Session {
+                translations: &translations,
                 controller: &controller,
                 id,
                 node: &node,
@@ -281,6 +294,7 @@ struct Subscription {
 }
 
 struct Session<'a> {
+    translations: &'a std::sync::Mutex<Translations>,
     controller: &'a Arc<Controller>,
     id: u64,
     node: &'a ResourceKey,
@@ -365,22 +379,45 @@ impl Session<'_> {
             });
             return false;
         }
-        let addresses = self.addresses.clone();
-        let snapshot = t.snapshot.clone();
-        let resources =
-            tokio::task::spawn_blocking(move || envoy::translate(&snapshot, &addresses)).await;
-        match resources {
-            Ok(Ok(resources)) => {
+        let key = (version.clone(), self.addresses.clone());
+        let cached = self
+            .translations
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned());
+        let translated = match cached {
+            Some(t) => t,
+            None => {
+                let addresses = self.addresses.clone();
+                let snapshot = t.snapshot.clone();
+                let Ok(translated) = tokio::task::spawn_blocking(move || {
+                    Arc::new(envoy::translate(&snapshot, &addresses).map(Arc::new))
+                })
+                .await
+                else {
+                    return false;
+                };
+                if let Ok(mut cache) = self.translations.lock() {
+                    if cache.len() >= TRANSLATIONS {
+                        cache.clear();
+                    }
+                    cache.insert(key, translated.clone());
+                }
+                translated
+            }
+        };
+        match translated.as_ref() {
+            Ok(resources) => {
                 proxies.update(self.id, |p| {
                     p.desired_version = Some(version.clone());
                     p.withheld = None;
                     p.problems = t.problems.clone();
                     p.uses = t.uses.clone();
                 });
-                self.current = Some((version, Arc::new(resources)));
+                self.current = Some((version, resources.clone()));
                 true
             }
-            Ok(Err(refused)) => {
+            Err(refused) => {
                 let why = refused
                     .iter()
                     .map(|(path, reason)| format!("{path}: {reason}"))
@@ -394,7 +431,6 @@ impl Session<'_> {
                 });
                 false
             }
-            Err(_) => false,
         }
     }
 
