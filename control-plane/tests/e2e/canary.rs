@@ -183,6 +183,17 @@ fn weights(url: &str) -> (i64, i64) {
     (weight("color-v1"), weight("color-v2"))
 }
 
+/// The canary requests every decision after the start was taken on.
+fn judged_requests(status: &Value) -> u64 {
+    status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|d| d["window"]["requests"].as_u64().unwrap())
+        .sum()
+}
+
 fn actions(status: &Value) -> Vec<String> {
     status["history"]
         .as_array()
@@ -606,13 +617,7 @@ async fn the_leader_judges_on_the_measurements_another_control_plane_publishes()
     apply(&url, &canary(&[(20, 1), (60, 1)]));
     let done = wait_phase(&url, "Succeeded", Duration::from_secs(60)).await;
     assert_eq!(actions(&done), ["start", "advance", "promote"], "{done:#}");
-    let judged: u64 = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .skip(1)
-        .map(|d| d["window"]["requests"].as_u64().unwrap())
-        .sum();
+    let judged = judged_requests(&done);
     assert!(
         judged >= 60 && judged <= s.v2.requests() as u64,
         "{judged} of {}",
@@ -741,13 +746,7 @@ async fn a_canary_is_judged_on_traffic_through_a_gateway() {
     apply(&url, &canary(&[(20, 1), (60, 1)]));
     let done = wait_phase(&url, "Succeeded", Duration::from_secs(60)).await;
     assert_eq!(actions(&done), ["start", "advance", "promote"], "{done:#}");
-    let judged: u64 = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .skip(1)
-        .map(|d| d["window"]["requests"].as_u64().unwrap())
-        .sum();
+    let judged = judged_requests(&done);
     assert!(
         judged >= 60 && judged <= s.v2.requests() as u64,
         "{judged} of {}",

@@ -121,6 +121,26 @@ async fn wait_envoy_synced(url: &str, envoy: &Envoy) -> Value {
     .await
 }
 
+/// Waits until the Envoy of `default/front` acknowledged a version other than `before`, and
+/// runs what it should.
+async fn wait_acked_after(url: &str, before: &Value) {
+    eventually(
+        Duration::from_secs(30),
+        "a new version acknowledged",
+        || async {
+            match proxy_status(url, "default/front") {
+                Some(p)
+                    if p["ackedVersion"] != *before && p["desiredVersion"] == p["ackedVersion"] =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 /// Answers to `n` requests through the Envoy's egress, by app (`x-server`) or status.
 async fn split(envoy: &Envoy, n: usize) -> std::collections::HashMap<String, usize> {
     crate::split(envoy.egress, "color.default:8080", n).await
@@ -158,21 +178,7 @@ async fn an_envoy_sidecar_runs_its_nodes_config_over_ads() {
     // A weight change reaches the Envoy.
     apply(&url, &mesh(100, 0, ""));
     let before = synced["ackedVersion"].clone();
-    eventually(
-        Duration::from_secs(30),
-        "the new version acknowledged",
-        || async {
-            match proxy_status(&url, "default/front") {
-                Some(p)
-                    if p["ackedVersion"] != before && p["desiredVersion"] == p["ackedVersion"] =>
-                {
-                    Ok(())
-                }
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_acked_after(&url, &before).await;
     let answers = split(&envoy, 50).await;
     assert_eq!(answers.get("color-v1"), Some(&50), "{answers:?}");
 
@@ -558,17 +564,7 @@ async fn an_envoy_moves_to_a_new_cluster_without_failing_a_request() {
     for node in ["color-v2", "color-v1", "color-v2"] {
         let before = proxy_status(&url, "default/front").unwrap()["ackedVersion"].clone();
         apply(&url, &only(node));
-        eventually(Duration::from_secs(30), "the move acknowledged", || async {
-            match proxy_status(&url, "default/front") {
-                Some(p)
-                    if p["ackedVersion"] != before && p["desiredVersion"] == p["ackedVersion"] =>
-                {
-                    Ok(())
-                }
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        wait_acked_after(&url, &before).await;
         let answers = split(&envoy, 20).await;
         assert_eq!(answers.get(node), Some(&20), "{answers:?}");
     }
