@@ -19,10 +19,11 @@ use crate::{CONTROL, apply, cli, mtls::sidecar, register_instance, stderr, wait_
 
 const API: &str = "apiVersion: mesh.trellis.dev/v1beta1";
 
-/// `front` calls virtual service `color`, whose router's route `main` sends everything to
-/// `color-v1`; `color-v2` is the new version. Instances are the apps themselves (no sidecars
-/// of their own: the caller's proxy is the one that measures).
-fn mesh() -> String {
+/// `front` calls virtual service `color`, provided by router `color` (not in it: see
+/// [`router`]); `color-v1` and `color-v2` are the two versions, registry service `test/color`
+/// with attribute `version`. Instances are the apps themselves (no sidecars of their own: the
+/// caller's proxy is the one that measures).
+pub(crate) fn color_mesh() -> String {
     let node = |name: &str, version: &str| {
         format!(
             "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
@@ -36,11 +37,15 @@ fn mesh() -> String {
          listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
          backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n\
          {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
-         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n{}",
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n",
         node("color-v1", "v1"),
         node("color-v2", "v2"),
-        router(100, None),
     )
+}
+
+/// [`color_mesh`] with the router's route `main` sending everything to `color-v1`.
+fn mesh() -> String {
+    color_mesh() + &router(100, None)
 }
 
 /// The router with `v1`'s weight and, if given, `v2`'s.
@@ -143,6 +148,15 @@ impl Traffic {
         }
         self.counts.lock().unwrap().clone()
     }
+}
+
+/// Answers with a status other than 200, whoever sent them.
+fn failures(counts: &HashMap<(String, u16), usize>) -> usize {
+    counts
+        .iter()
+        .filter(|((_, status), _)| *status != 200)
+        .map(|(_, n)| n)
+        .sum()
 }
 
 fn canary_status(url: &str) -> Value {
@@ -294,11 +308,7 @@ async fn a_healthy_canary_is_promoted_step_by_step_and_resumes_after_a_restart()
     let after = crate::split(s.front.egress, "color.default:8080", 50).await;
     assert_eq!(after.get("color-v2"), Some(&50), "{after:?}");
     let counts = traffic.stop().await;
-    let failed: usize = counts
-        .iter()
-        .filter(|((_, status), _)| *status != 200)
-        .map(|(_, n)| n)
-        .sum();
+    let failed = failures(&counts);
     assert_eq!(failed, 0, "{counts:?}");
     assert!(s.v1.requests() > 0 && s.v2.requests() > 0);
 }
@@ -338,11 +348,7 @@ async fn a_failing_canary_is_rolled_back_in_its_first_step() {
     })
     .await;
     let counts = traffic.stop().await;
-    let failed: usize = counts
-        .iter()
-        .filter(|((_, status), _)| *status != 200)
-        .map(|(_, n)| n)
-        .sum();
+    let failed = failures(&counts);
     // Every failure is one v2 served (none from the proxy, none from v1), and none came after
     // the rollback reached the caller.
     assert_eq!(

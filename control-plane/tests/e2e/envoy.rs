@@ -10,28 +10,15 @@ use crate::{CONTROL, apply, cli, register_instance, stderr, stdout};
 
 const API: &str = "apiVersion: mesh.trellis.dev/v1beta1";
 
-/// `front` calls `color`, whose router's route `main` splits `v1`/`v2` by the weights given.
+/// `front` calls `color`, whose router's route `main` splits `v1`/`v2` by the weights given
+/// (`route_extra`: more of the route's fields, indented as its `match`).
 fn mesh(v1: u32, v2: u32, route_extra: &str) -> String {
-    let node = |name: &str, version: &str| {
-        format!(
-            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: color, attributes: {{ version: {version} }} }} }}\n---\n"
-        )
-    };
     format!(
-        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
-         {API}\nkind: VirtualNode\nmetadata: {{ name: front }}\nspec:\n  \
-         listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-         backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n\
-         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
-         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
-         {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+        "{}{API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
          listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  \
          routes:\n  - name: main\n    httpRoute:\n      match: {{ prefix: / }}\n{route_extra}      \
          action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: color-v1 }}, weight: {v1} }}, {{ virtualNodeRef: {{ name: color-v2 }}, weight: {v2} }}] }}\n",
-        node("color-v1", "v1"),
-        node("color-v2", "v2"),
+        crate::canary::color_mesh(),
     )
 }
 
