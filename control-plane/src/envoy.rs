@@ -10,13 +10,14 @@ use envoy_types::pb::{
     envoy::{
         config::{
             cluster::v3 as cluster, core::v3 as core, endpoint::v3 as endpoint,
-            listener::v3 as listener, route::v3 as route,
+            listener::v3 as listener, rbac::v3 as rbac, route::v3 as route,
         },
         extensions::{
             filters::{
                 http::router::v3::Router,
                 network::{http_connection_manager::v3 as hcm, tcp_proxy::v3 as tcp_proxy},
             },
+            transport_sockets::tls::v3 as tls,
             upstreams::http::v3 as upstream_http,
         },
         r#type::{matcher::v3 as matcher, v3 as types},
@@ -30,6 +31,29 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The gRPC metadata an Envoy's ADS stream carries its node's join token in.
+pub const JOIN_TOKEN_HEADER: &str = "x-trellis-join-token";
+/// SDS: the two secrets below, served on the same ADS stream.
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The Envoy's workload certificate and key (issued by the mesh's CA for its node).
+pub const IDENTITY_SECRET: &str = "trellis-identity";
+/// The mesh's trust bundle (every root proxies trust).
+pub const BUNDLE_SECRET: &str = "trellis-trust-bundle";
+
+/// What the translation of one Envoy's snapshot depends on besides the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Holder {
+    /// Where it listens.
+    pub addresses: Addresses,
+    /// It holds a workload certificate (a join token admitted its stream): mTLS is served to
+    /// it as the `trellis-identity` secret.
+    pub identity: bool,
+    /// Revoked identities whose certificates issued before their revocation may still be
+    /// valid: Envoy cannot tell those from certificates issued since (it cannot compare a
+    /// certificate's notBefore), so it refuses the identity whatever certificate proves it,
+    /// until the last revoked one has expired (`xds` works out when).
+    pub denied: Vec<String>,
+}
 
 /// Where an Envoy sidecar listens (its bootstrap's node metadata `TRELLIS_INGRESS` and
 /// `TRELLIS_EGRESS`; App Mesh's ports by default).
@@ -123,8 +147,9 @@ impl Translator {
     }
 }
 
-/// The Envoy resources of `snapshot` for a sidecar or gateway listening at `addresses`.
-pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resources, Refused> {
+/// The Envoy resources of `snapshot` for a sidecar or gateway as `holder` says.
+pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, Refused> {
+    let addresses = &holder.addresses;
     let mut t = Translator {
         refused: Vec::new(),
     };
@@ -153,19 +178,31 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
             t.refuse(format!("{path}.address"), "a listener without an address");
             continue;
         };
-        if l.tls.is_some() {
-            t.refuse(
-                format!("{path}.tls"),
-                "mTLS (SDS for the workload certificate)",
-            );
+        let http = l.protocol != pb::listener::Protocol::Tcp as i32;
+        let server = l
+            .tls
+            .as_ref()
+            .map(|tls| server_tls(&mut t, &format!("{path}.tls"), tls, holder, http));
+        // Who may not call (revoked identities) and who alone may (the mesh graph's callers),
+        // by the verified certificate's URI SAN: RBAC, ahead of the proxying filter.
+        let validates = l
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_validation.is_some());
+        let mut rules = Vec::new();
+        if validates && !holder.denied.is_empty() {
+            rules.push((
+                "revoked",
+                rbac_rules(rbac::rbac::Action::Deny, &holder.denied),
+            ));
         }
-        if l.authorization.is_some() {
-            t.refuse(
-                format!("{path}.authorization"),
-                "callers' identities (RBAC)",
-            );
+        if let Some(a) = &l.authorization {
+            rules.push((
+                "callers",
+                rbac_rules(rbac::rbac::Action::Allow, &a.identities),
+            ));
         }
-        let filter = if l.protocol == pb::listener::Protocol::Tcp as i32 {
+        let filter = if !http {
             let Some(tcp) = &l.tcp else {
                 t.refuse(format!("{path}.tcp"), "a TCP listener without targets");
                 continue;
@@ -188,10 +225,24 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
                 )),
                 ..Default::default()
             };
-            listener::Filter {
+            let mut filters: Vec<listener::Filter> = rules
+                .iter()
+                .map(|(prefix, rules)| listener::Filter {
+                    name: "envoy.filters.network.rbac".into(),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(
+                        &envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac {
+                            rules: Some(rules.clone()),
+                            stat_prefix: format!("{}.{prefix}", l.name),
+                            ..Default::default()
+                        },
+                    ))),
+                })
+                .collect();
+            filters.push(listener::Filter {
                 name: "envoy.filters.network.tcp_proxy".into(),
                 config_type: Some(listener::filter::ConfigType::TypedConfig(any(&proxy))),
-            }
+            });
+            filters
         } else {
             match pb::listener::Unmatched::try_from(l.unmatched) {
                 Ok(pb::listener::Unmatched::NotFound) => {}
@@ -205,9 +256,55 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
             out.routes.insert(l.name.clone(), any(&routes));
             // A gateway's listeners face clients outside the mesh: Envoy then strips their
             // x-envoy-* headers (retries, timeouts a client could otherwise set).
-            let edge = pb::listener::Role::try_from(l.role)
-                .is_ok_and(|r| r == pb::listener::Role::Unspecified);
+            let role = pb::listener::Role::try_from(l.role);
+            let edge = role.is_ok_and(|r| r == pb::listener::Role::Unspecified);
+            let mut http_filters: Vec<hcm::HttpFilter> = rules
+                .iter()
+                .map(|(prefix, rules)| hcm::HttpFilter {
+                    name: "envoy.filters.http.rbac".into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        &envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac {
+                            rules: Some(rules.clone()),
+                            rules_stat_prefix: format!("{prefix}."),
+                            ..Default::default()
+                        },
+                    ))),
+                    ..Default::default()
+                })
+                .collect();
+            http_filters.push(hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            });
+            // At a sidecar's ingress the app learns its caller: x-forwarded-client-cert set
+            // from a certificate verified against the mesh's bundle (a client's own removed
+            // first, always).
+            let mesh_verified = l.tls.as_ref().is_some_and(|t| {
+                t.client_validation
+                    .as_ref()
+                    .is_some_and(|v| v.trust_files.is_empty())
+            });
+            let ingress = role.is_ok_and(|r| r == pb::listener::Role::Ingress);
+            let (forward, current) = if ingress && mesh_verified {
+                (
+                    hcm::http_connection_manager::ForwardClientCertDetails::SanitizeSet,
+                    Some(hcm::http_connection_manager::SetCurrentClientCertDetails {
+                        uri: true,
+                        ..Default::default()
+                    }),
+                )
+            } else {
+                (
+                    hcm::http_connection_manager::ForwardClientCertDetails::Sanitize,
+                    None,
+                )
+            };
             let manager = hcm::HttpConnectionManager {
+                forward_client_cert_details: forward as i32,
+                set_current_client_cert_details: current,
                 stat_prefix: l.name.clone(),
                 use_remote_address: Some(envoy_types::pb::google::protobuf::BoolValue {
                     value: edge,
@@ -225,34 +322,72 @@ pub fn translate(snapshot: &pb::Snapshot, addresses: &Addresses) -> Result<Resou
                         route_config_name: l.name.clone(),
                     },
                 )),
-                http_filters: vec![hcm::HttpFilter {
-                    name: "envoy.filters.http.router".into(),
-                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                        &Router::default(),
-                    ))),
-                    ..Default::default()
-                }],
+                http_filters,
                 ..Default::default()
             };
-            listener::Filter {
+            vec![listener::Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
                 config_type: Some(listener::filter::ConfigType::TypedConfig(any(&manager))),
-            }
+            }]
         };
-        let envoy_listener = listener::Listener {
-            name: l.name.clone(),
-            address: Some(address),
-            filter_chains: vec![listener::FilterChain {
-                filters: vec![filter],
-                ..Default::default()
-            }],
+        let plain = listener::FilterChain {
+            filters: filter.clone(),
             ..Default::default()
         };
+        let mut envoy_listener = listener::Listener {
+            name: l.name.clone(),
+            address: Some(address),
+            filter_chains: vec![],
+            ..Default::default()
+        };
+        match server.flatten() {
+            // PERMISSIVE: TLS when the client's first bytes start a handshake, else plaintext
+            // (a client silent for 500 ms too: a protocol whose server speaks first).
+            Some((socket, true)) => {
+                envoy_listener.listener_filters = vec![listener::ListenerFilter {
+                    name: "envoy.filters.listener.tls_inspector".into(),
+                    config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+                        &envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default(),
+                    ))),
+                    ..Default::default()
+                }];
+                envoy_listener.listener_filters_timeout = Some(Duration {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                });
+                envoy_listener.continue_on_listener_filters_timeout = true;
+                let by = |protocol: &str| {
+                    Some(listener::FilterChainMatch {
+                        transport_protocol: protocol.into(),
+                        ..Default::default()
+                    })
+                };
+                envoy_listener.filter_chains = vec![
+                    listener::FilterChain {
+                        filter_chain_match: by("tls"),
+                        filters: filter,
+                        transport_socket: Some(socket),
+                        ..Default::default()
+                    },
+                    listener::FilterChain {
+                        filter_chain_match: by("raw_buffer"),
+                        ..plain
+                    },
+                ];
+            }
+            Some((socket, false)) => {
+                envoy_listener.filter_chains = vec![listener::FilterChain {
+                    transport_socket: Some(socket),
+                    ..plain
+                }];
+            }
+            None => envoy_listener.filter_chains = vec![plain],
+        }
         out.listeners.insert(l.name.clone(), any(&envoy_listener));
     }
     for (i, c) in snapshot.clusters.iter().enumerate() {
         let path = format!("clusters[{i}]");
-        let (resource, assignment) = cluster(&mut t, &path, c);
+        let (resource, assignment) = cluster(&mut t, &path, c, holder);
         out.clusters.insert(c.name.clone(), any(&resource));
         if let Some(assignment) = assignment {
             out.endpoints.insert(c.name.clone(), any(&assignment));
@@ -680,6 +815,7 @@ fn cluster(
     t: &mut Translator,
     path: &str,
     c: &pb::Cluster,
+    holder: &Holder,
 ) -> (cluster::Cluster, Option<endpoint::ClusterLoadAssignment>) {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
     let lb_policy = match pb::cluster::LbPolicy::try_from(c.lb_policy) {
@@ -697,7 +833,6 @@ fn cluster(
     for (field, set) in [
         ("slowStart", c.slow_start.is_some()),
         ("zoneAware", c.zone_aware.is_some()),
-        ("tls", c.tls.is_some()),
         ("authorityPort", c.authority_port != 0),
         ("ipFamily", c.ip_family != 0),
     ] {
@@ -761,6 +896,9 @@ fn cluster(
         }),
         ..Default::default()
     };
+    if let Some(tls) = &c.tls {
+        out.transport_socket = upstream_tls(t, &format!("{path}.tls"), tls, c.protocol, holder);
+    }
     if kind == DiscoveryType::LogicalDns && c.endpoints.len() > 1 {
         t.refuse(
             format!("{path}.endpoints"),
@@ -904,6 +1042,264 @@ fn cluster(
     (out, by_ip.then_some(assignment))
 }
 
+fn tls_socket<M: Message + Name>(context: &M) -> core::TransportSocket {
+    core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+            context,
+        ))),
+    }
+}
+
+fn sds(name: &str) -> tls::SdsSecretConfig {
+    tls::SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    }
+}
+
+fn file(path: &str) -> core::DataSource {
+    core::DataSource {
+        specifier: Some(core::data_source::Specifier::Filename(path.into())),
+        ..Default::default()
+    }
+}
+
+fn inline(pem: &str) -> core::DataSource {
+    core::DataSource {
+        specifier: Some(core::data_source::Specifier::InlineString(pem.into())),
+        ..Default::default()
+    }
+}
+
+fn files(f: &pb::CertificateFiles) -> tls::TlsCertificate {
+    tls::TlsCertificate {
+        certificate_chain: Some(file(&f.certificate_chain)),
+        private_key: Some(file(&f.private_key)),
+        ..Default::default()
+    }
+}
+
+/// The secrets an Envoy's TLS contexts name: its certificate and key, and the trust bundle.
+pub fn identity_secret(chain_pem: &str, key_pem: &str) -> Any {
+    any(&tls::Secret {
+        name: IDENTITY_SECRET.into(),
+        r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+            certificate_chain: Some(inline(chain_pem)),
+            private_key: Some(inline(key_pem)),
+            ..Default::default()
+        })),
+    })
+}
+
+pub fn bundle_secret(bundle_pem: &str) -> Any {
+    any(&tls::Secret {
+        name: BUNDLE_SECRET.into(),
+        r#type: Some(tls::secret::Type::ValidationContext(
+            tls::CertificateValidationContext {
+                trusted_ca: Some(inline(bundle_pem)),
+                ..Default::default()
+            },
+        )),
+    })
+}
+
+/// Exact matches of `names` among a certificate's SANs: URIs (SPIFFE IDs), else DNS names.
+fn san_matchers(names: &[String]) -> Vec<tls::SubjectAltNameMatcher> {
+    use tls::subject_alt_name_matcher::SanType;
+    names
+        .iter()
+        .map(|n| tls::SubjectAltNameMatcher {
+            san_type: if n.contains("://") {
+                SanType::Uri
+            } else {
+                SanType::Dns
+            } as i32,
+            matcher: Some(string_matcher(
+                matcher::string_matcher::MatchPattern::Exact(n.clone()),
+            )),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// How a peer's certificate is checked: against `trust_files` (one file: Envoy takes one
+/// trusted_ca) or the mesh's bundle (SDS), for one of `names` (none: any).
+fn validation(
+    t: &mut Translator,
+    path: &str,
+    trust_files: &[String],
+    names: &[String],
+) -> tls::common_tls_context::ValidationContextType {
+    use tls::common_tls_context::ValidationContextType;
+    let names = san_matchers(names);
+    match trust_files {
+        [] => ValidationContextType::CombinedValidationContext(
+            tls::common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context: Some(tls::CertificateValidationContext {
+                    match_typed_subject_alt_names: names,
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(sds(BUNDLE_SECRET)),
+                ..Default::default()
+            },
+        ),
+        [one] => ValidationContextType::ValidationContext(tls::CertificateValidationContext {
+            trusted_ca: Some(file(one)),
+            match_typed_subject_alt_names: names,
+            ..Default::default()
+        }),
+        _ => {
+            t.refuse(
+                format!("{path}.trustFiles"),
+                "several trust files (Envoy takes one trusted_ca file: join them into one)",
+            );
+            ValidationContextType::ValidationContext(Default::default())
+        }
+    }
+}
+
+/// A listener's TLS, and whether it also takes plaintext (PERMISSIVE); None where it is
+/// plaintext only: PERMISSIVE with the workload certificate on an Envoy that has none (as
+/// trellis-proxy, whose handshakes fail without one).
+fn server_tls(
+    t: &mut Translator,
+    path: &str,
+    server: &pb::ServerTls,
+    holder: &Holder,
+    http: bool,
+) -> Option<(core::TransportSocket, bool)> {
+    let permissive = server.mode == pb::server_tls::Mode::Permissive as i32;
+    let mut common = tls::CommonTlsContext {
+        alpn_protocols: if http {
+            vec!["h2".into(), "http/1.1".into()]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    match &server.certificate {
+        Some(f) => common.tls_certificates = vec![files(f)],
+        None if holder.identity => {
+            common.tls_certificate_sds_secret_configs = vec![sds(IDENTITY_SECRET)];
+        }
+        None if permissive => return None,
+        None => {
+            t.refuse(
+                path,
+                "TLS with the workload certificate on an Envoy that has none: give it a join token (trellis bootstrap envoy --token)",
+            );
+            return None;
+        }
+    }
+    if let Some(v) = &server.client_validation {
+        common.validation_context_type = Some(validation(
+            t,
+            &format!("{path}.clientValidation"),
+            &v.trust_files,
+            &v.subject_alt_names,
+        ));
+    }
+    let context = tls::DownstreamTlsContext {
+        common_tls_context: Some(common),
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue {
+            value: server.client_validation.is_some(),
+        }),
+        ..Default::default()
+    };
+    Some((tls_socket(&context), permissive))
+}
+
+/// TLS toward a cluster's endpoints; None: plaintext (PERMISSIVE while the Envoy has no
+/// certificate, as trellis-proxy).
+fn upstream_tls(
+    t: &mut Translator,
+    path: &str,
+    upstream: &pb::UpstreamTls,
+    protocol: i32,
+    holder: &Holder,
+) -> Option<core::TransportSocket> {
+    let mut common = tls::CommonTlsContext {
+        alpn_protocols: match pb::cluster::Protocol::try_from(protocol) {
+            Ok(pb::cluster::Protocol::Http2 | pb::cluster::Protocol::Grpc) => vec!["h2".into()],
+            Ok(pb::cluster::Protocol::TcpOnly) => Vec::new(),
+            _ => vec!["http/1.1".into()],
+        },
+        ..Default::default()
+    };
+    match &upstream.certificate {
+        Some(f) => common.tls_certificates = vec![files(f)],
+        None if upstream.no_certificate => {}
+        None if holder.identity => {
+            common.tls_certificate_sds_secret_configs = vec![sds(IDENTITY_SECRET)];
+        }
+        None if upstream.plaintext_without_identity => return None,
+        None => {
+            t.refuse(
+                path,
+                "mTLS with the workload certificate on an Envoy that has none: give it a join token (trellis bootstrap envoy --token)",
+            );
+            return None;
+        }
+    }
+    // A revoked identity is not accepted from the server whatever certificate proves it.
+    let mut names: Vec<String> = upstream
+        .identities
+        .iter()
+        .filter(|n| !holder.denied.contains(n))
+        .cloned()
+        .collect();
+    if names.is_empty() && !upstream.identities.is_empty() {
+        // Every name it may carry is revoked: no certificate passes (.invalid is reserved).
+        names.push("revoked.invalid".into());
+    } else if names.is_empty() && !holder.denied.is_empty() {
+        t.refuse(
+            format!("{path}.identities"),
+            "a server certificate with any name while identities are revoked (Envoy cannot refuse only those)",
+        );
+    }
+    common.validation_context_type = Some(validation(t, path, &upstream.trust_files, &names));
+    Some(tls_socket(&tls::UpstreamTlsContext {
+        common_tls_context: Some(common),
+        ..Default::default()
+    }))
+}
+
+/// RBAC rules with one policy: any request of a caller whose verified certificate's URI SAN
+/// is one of `identities` (none: no one).
+fn rbac_rules(action: rbac::rbac::Action, identities: &[String]) -> rbac::Rbac {
+    let principals: Vec<rbac::Principal> = identities
+        .iter()
+        .map(|id| rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::Authenticated(
+                rbac::principal::Authenticated {
+                    principal_name: Some(string_matcher(
+                        matcher::string_matcher::MatchPattern::Exact(id.clone()),
+                    )),
+                },
+            )),
+        })
+        .collect();
+    let mut policies = std::collections::HashMap::new();
+    if !principals.is_empty() {
+        policies.insert(
+            "identities".to_string(),
+            rbac::Policy {
+                permissions: vec![rbac::Permission {
+                    rule: Some(rbac::permission::Rule::Any(true)),
+                }],
+                principals,
+                ..Default::default()
+            },
+        );
+    }
+    rbac::Rbac {
+        action: action as i32,
+        policies,
+        ..Default::default()
+    }
+}
+
 /// How `trellis bootstrap envoy` writes an Envoy's bootstrap.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -916,6 +1312,8 @@ pub struct Bootstrap {
     pub control_plane_ca: Option<String>,
     pub addresses: Addresses,
     pub admin: std::net::SocketAddr,
+    /// A join token for the node, sent on each ADS stream (`x-trellis-join-token`).
+    pub join_token: Option<String>,
 }
 
 impl Bootstrap {
@@ -953,7 +1351,7 @@ impl Bootstrap {
              # and endpoints come from trellis-control over ADS.\n\
              node:\n  id: {node:?}\n  cluster: {node:?}\n  metadata:\n    TRELLIS_INGRESS: \"{ingress}\"\n    TRELLIS_EGRESS: \"{egress}\"\n    TRELLIS_GATEWAY: {gateway}\n\
              admin:\n  address: {{ socket_address: {{ address: {admin_ip}, port_value: {admin_port} }} }}\n\
-             dynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    set_node_on_first_message_only: true\n    grpc_services: [{{ envoy_grpc: {{ cluster_name: trellis-control }} }}]\n  \
+             dynamic_resources:\n  ads_config:\n    api_type: GRPC\n    transport_api_version: V3\n    set_node_on_first_message_only: true\n    grpc_services: [{{ envoy_grpc: {{ cluster_name: trellis-control }}{metadata} }}]\n  \
              cds_config: {{ ads: {{}}, resource_api_version: V3 }}\n  lds_config: {{ ads: {{}}, resource_api_version: V3 }}\n\
              static_resources:\n  clusters:\n  - name: trellis-control\n    type: {kind}\n    connect_timeout: 5s\n    \
              typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        \
@@ -966,6 +1364,12 @@ impl Bootstrap {
             admin_ip = self.admin.ip(),
             admin_port = self.admin.port(),
             kind = if by_ip { "STATIC" } else { "STRICT_DNS" },
+            metadata = match &self.join_token {
+                Some(token) => format!(
+                    ", initial_metadata: [{{ key: {JOIN_TOKEN_HEADER}, value: {token:?} }}]"
+                ),
+                None => String::new(),
+            },
         ))
     }
 }

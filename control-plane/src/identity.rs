@@ -608,6 +608,23 @@ impl Ca {
 }
 
 impl Ca {
+    /// How long workload certificates are valid (`--workload-ttl`).
+    pub fn workload_ttl(&self) -> Duration {
+        self.workload_ttl
+    }
+
+    /// A workload certificate for `node` with a key made here, for a proxy that cannot make
+    /// its own (an Envoy, given both over its authenticated ADS stream, as App Mesh's SDS did):
+    /// the certificate and the key (PEM).
+    pub fn issue_with_key(&self, node: &ResourceKey) -> Result<(Issued, String), IdentityError> {
+        let key = KeyPair::generate().map_err(|e| IdentityError::Ca(e.to_string()))?;
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|r| r.pem())
+            .map_err(|e| IdentityError::Ca(e.to_string()))?;
+        Ok((self.issue(&csr, node, None)?, key.serialize_pem()))
+    }
+
     /// A certificate and key (PEM) for the control plane's own TLS listener, for `names` (DNS
     /// names or IP addresses); valid 90 days, made anew at each start.
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), IdentityError> {
@@ -684,6 +701,10 @@ pub struct Token {
     /// Admissions left; None: any number until it expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses_left: Option<u32>,
+    /// Unix milliseconds (0 for tokens kept before this was): a revocation of the node's
+    /// identity at or after it ends the token too.
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 fn digest(token: &str) -> String {
@@ -715,6 +736,7 @@ pub async fn create_token(
         gateway,
         expires: unix_now().saturating_add(ttl.as_secs()),
         uses_left: uses,
+        created_ms: unix_ms(),
     };
     let value = serde_json::to_vec(&stored).map_err(|e| IdentityError::Ca(e.to_string()))?;
     store
@@ -729,7 +751,8 @@ pub async fn create_token(
 }
 
 /// Admits a proxy presenting `token` for `node`: the token must exist, be unexpired, have a
-/// use left (one is spent) and name that node.
+/// use left (one is spent), name that node and be newer than the node's identity's revocation
+/// (a multi-use token — an Envoy's — is as revoked as the certificates it got).
 pub async fn admit(
     store: &dyn Store,
     token: &str,
@@ -755,6 +778,14 @@ pub async fn admit(
                 "the join token is for {} {}, not {wanted}",
                 if stored.gateway { "gateway" } else { "node" },
                 stored.node
+            )));
+        }
+        if let Some(kv) = store.get(&revocation_key(node)).await?
+            && serde_json::from_slice::<Revocation>(&kv.value)
+                .is_ok_and(|r| r.revoked_ms >= stored.created_ms)
+        {
+            return Err(IdentityError::Denied(format!(
+                "the join token was made before the identity of {wanted} was revoked (trellis identity revoke): a new join token is needed"
             )));
         }
         let op = match stored.uses_left {

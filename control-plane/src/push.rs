@@ -103,30 +103,8 @@ impl ConfigService {
 
     /// A join token admits the proxy of the node it names.
     async fn admit_token(&self, token: &str, node: &ResourceKey) -> Result<Admitted, Status> {
-        if self.controller.identity().is_none() {
-            return Err(Status::failed_precondition(
-                "this control plane issues no identities",
-            ));
-        }
-        if let Some(reviewer) = self.controller.token_reviewer()
-            && reviewer.recognizes(token)
-        {
-            use crate::controller::TokenRefused;
-            return match reviewer.review(token, node, self.controller.view()).await {
-                Ok(()) => Ok(Admitted::Token),
-                Err(TokenRefused::Unauthenticated(why)) => Err(Status::unauthenticated(why)),
-                Err(TokenRefused::Denied(why)) => Err(Status::permission_denied(why)),
-                Err(TokenRefused::Unavailable(why)) => Err(Status::unavailable(why)),
-            };
-        }
-        match crate::identity::admit(self.controller.store().as_ref(), token, node).await {
-            Ok(()) => Ok(Admitted::Token),
-            Err(crate::identity::IdentityError::Denied(why)) => Err(Status::permission_denied(why)),
-            Err(crate::identity::IdentityError::Unauthenticated(why)) => {
-                Err(Status::unauthenticated(why))
-            }
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        }
+        admit_token(&self.controller, token, node).await?;
+        Ok(Admitted::Token)
     }
 
     /// A certificate admits its node's proxy while the node is in the mesh and its identity
@@ -158,6 +136,40 @@ impl ConfigService {
             )));
         }
         Ok(())
+    }
+}
+
+/// Admits the proxy of `node` (a trellis-proxy's hello, an Envoy's ADS stream) by the join
+/// token it presents: one of this control plane's (`trellis token create`), or one its token
+/// reviewer recognizes (a Kubernetes service account's).
+pub(crate) async fn admit_token(
+    controller: &Controller,
+    token: &str,
+    node: &ResourceKey,
+) -> Result<(), Status> {
+    if controller.identity().is_none() {
+        return Err(Status::failed_precondition(
+            "this control plane issues no identities",
+        ));
+    }
+    if let Some(reviewer) = controller.token_reviewer()
+        && reviewer.recognizes(token)
+    {
+        use crate::controller::TokenRefused;
+        return match reviewer.review(token, node, controller.view()).await {
+            Ok(()) => Ok(()),
+            Err(TokenRefused::Unauthenticated(why)) => Err(Status::unauthenticated(why)),
+            Err(TokenRefused::Denied(why)) => Err(Status::permission_denied(why)),
+            Err(TokenRefused::Unavailable(why)) => Err(Status::unavailable(why)),
+        };
+    }
+    match crate::identity::admit(controller.store().as_ref(), token, node).await {
+        Ok(()) => Ok(()),
+        Err(crate::identity::IdentityError::Denied(why)) => Err(Status::permission_denied(why)),
+        Err(crate::identity::IdentityError::Unauthenticated(why)) => {
+            Err(Status::unauthenticated(why))
+        }
+        Err(e) => Err(Status::unavailable(e.to_string())),
     }
 }
 

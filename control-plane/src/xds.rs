@@ -11,8 +11,21 @@
 //! `NAME_NAMESPACE` (App Mesh's controller's name for it), or whose name is `<name>` in that
 //! mesh. Its listeners' addresses come from the metadata `TRELLIS_INGRESS` and
 //! `TRELLIS_EGRESS` (default `0.0.0.0:15000` and `127.0.0.1:15001`, App Mesh's).
+//!
+//! An Envoy proves its node with a join token in its stream's gRPC metadata
+//! (`x-trellis-join-token`, from its bootstrap): the token is checked as a trellis-proxy's, and
+//! the stream then gets the node's workload certificate over SDS on the same stream — with a
+//! key made here, as Envoy cannot send a signing request (App Mesh's SDS gave Envoys theirs
+//! so) — renewed at half its life, re-issued and re-bundled through a root rotation, and the
+//! stream is closed when the node's identity is revoked. Without a token the stream is
+//! anonymous: served only where identities are optional, and never given a certificate.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use envoy_types::pb::{
     envoy::{
@@ -30,7 +43,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     controller::Controller,
-    envoy::{self, Addresses, Resources},
+    envoy::{self, Addresses, Holder, Resources},
     model::{Kind, ResourceKey, Spec},
     status::ProxyStatus,
     view::View,
@@ -63,12 +76,12 @@ enum Stage {
 #[derive(Debug, Clone)]
 pub struct AdsService {
     controller: Arc<Controller>,
-    /// Translations by (snapshot version, listener addresses), shared by the streams of a
+    /// Translations by (version, what else they depend on), shared by the streams of a
     /// node's Envoys (most listen alike): one translation per version, not per Envoy.
     translations: Arc<std::sync::Mutex<Translations>>,
 }
 
-type Translations = HashMap<(String, Addresses), Arc<Result<Arc<Resources>, envoy::Refused>>>;
+type Translations = HashMap<(String, Holder), Arc<Result<Arc<Resources>, envoy::Refused>>>;
 
 /// Translations kept at most (older versions are dropped when more come).
 const TRANSLATIONS: usize = 256;
@@ -199,11 +212,12 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Responses>, Status> {
         let controller = self.controller.clone();
         let translations = self.translations.clone();
-        if controller.identity().is_some_and(|(_, required)| required) {
-            return Err(Status::permission_denied(
-                "this control plane requires proxies' identities (--require-identity or --auth): Envoy sidecars cannot prove theirs yet",
-            ));
-        }
+        let token = request
+            .metadata()
+            .get(envoy::JOIN_TOKEN_HEADER)
+            .map(|v| v.to_str().map(str::to_string))
+            .transpose()
+            .map_err(|_| Status::invalid_argument("the join token is not text"))?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(FIRST_REQUEST, inbound.message())
             .await
@@ -215,6 +229,18 @@ impl AggregatedDiscoveryService for AdsService {
             .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
         let node = identify(&controller.view(), &node_info).map_err(Status::not_found)?;
         let addresses = addresses(&node_info).map_err(Status::invalid_argument)?;
+        let admitted = match token.filter(|t| !t.is_empty()) {
+            Some(token) => {
+                crate::push::admit_token(&controller, &token, &node).await?;
+                true
+            }
+            None if controller.identity().is_some_and(|(_, required)| required) => {
+                return Err(Status::unauthenticated(
+                    "this control plane requires a join token (trellis token create; give it to Envoy with trellis bootstrap envoy --join-token)",
+                ));
+            }
+            None => false,
+        };
         use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
         let build = match &node_info.user_agent_version_type {
             Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
@@ -253,12 +279,20 @@ impl AggregatedDiscoveryService for AdsService {
                 controller: &controller,
                 id,
                 node: &node,
-                addresses,
+                holder: Holder {
+                    addresses,
+                    identity: admitted && controller.identity().is_some(),
+                    denied: Vec::new(),
+                },
+                unrevoke_at: None,
                 tx,
                 current: None,
                 applied: None,
                 stage: Stage::Idle,
                 subscriptions: HashMap::new(),
+                secrets: Subscription::default(),
+                certified: None,
+                secrets_sent: None,
                 nonce: 0,
             };
             session.serve(first, inbound).await;
@@ -293,12 +327,23 @@ struct Subscription {
     nacked: Option<String>,
 }
 
+/// The workload certificate an Envoy holds.
+struct Certified {
+    chain_pem: String,
+    key_pem: String,
+    /// Renewed then: at half its life.
+    renew_at: tokio::time::Instant,
+}
+
 struct Session<'a> {
     translations: &'a std::sync::Mutex<Translations>,
     controller: &'a Arc<Controller>,
     id: u64,
     node: &'a ResourceKey,
-    addresses: Addresses,
+    /// Its addresses, whether it holds a certificate, the identities it must refuse.
+    holder: Holder,
+    /// When the earliest denied identity's certificates have all expired.
+    unrevoke_at: Option<tokio::time::Instant>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// The version and resources the Envoy should run.
     current: Option<(String, Arc<Resources>)>,
@@ -306,6 +351,12 @@ struct Session<'a> {
     applied: Option<Arc<Resources>>,
     stage: Stage,
     subscriptions: HashMap<String, Subscription>,
+    /// SDS, apart: secrets are versioned on their own, not with the snapshot.
+    secrets: Subscription,
+    certified: Option<Certified>,
+    /// The last secrets response's nonce, the bundle's roots and the certificate's root it
+    /// carried: its ACK records them (the Envoy uses them from then on).
+    secrets_sent: Option<(String, Vec<String>, Option<String>)>,
     nonce: u64,
 }
 
@@ -314,12 +365,41 @@ struct Gone;
 impl Session<'_> {
     async fn serve(&mut self, first: DiscoveryRequest, mut inbound: Streaming<DiscoveryRequest>) {
         let mut views = self.controller.subscribe();
+        // An admitted stream ends when its node's identity is revoked (on any control plane).
+        let mut revocations = None;
+        let mut rotations = None;
+        if self.holder.identity
+            && let Some((ca, _)) = self.controller.identity()
+        {
+            let store = self.controller.store().as_ref();
+            let watched = match Box::pin(crate::identity::revocation(store, self.node)).await {
+                Ok((_, revision)) => {
+                    Box::pin(crate::identity::watch_revocation(
+                        store, self.node, revision,
+                    ))
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match watched {
+                Ok(w) => revocations = Some(w),
+                Err(e) => {
+                    let _ = self.tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    return;
+                }
+            }
+            let mut r = ca.subscribe();
+            r.borrow_and_update();
+            rotations = Some(r);
+            self.certify();
+        }
         let view = views.borrow_and_update().clone();
         self.refresh(&view).await;
         if self.request(first).await.is_err() {
             return;
         }
         loop {
+            let renew_at = self.certified.as_ref().map(|c| c.renew_at);
             tokio::select! {
                 changed = views.changed() => {
                     if changed.is_err() {
@@ -327,6 +407,68 @@ impl Session<'_> {
                     }
                     let view = views.borrow_and_update().clone();
                     if self.refresh(&view).await && self.push_all().await.is_err() {
+                        return;
+                    }
+                }
+                () = sleep_until(self.unrevoke_at) => {
+                    // A denied identity's certificates have all expired: it is taken again.
+                    self.unrevoke_at = None;
+                    let view = views.borrow().clone();
+                    if self.refresh(&view).await && self.push_all().await.is_err() {
+                        return;
+                    }
+                }
+                () = sleep_until(renew_at) => {
+                    self.certify();
+                    if self.send_secrets().await.is_err() {
+                        return;
+                    }
+                }
+                rotated = async {
+                    match rotations.as_mut() {
+                        Some(r) => r.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if rotated.is_err() {
+                        rotations = None;
+                        continue;
+                    }
+                    // A step of a root rotation: the new bundle, and a certificate from the
+                    // root that signs now.
+                    let stale = self.certified.as_ref().is_some_and(|c| {
+                        self.controller
+                            .identity()
+                            .is_some_and(|(ca, _)| !ca.issued_by_current(&c.chain_pem))
+                    });
+                    if stale {
+                        self.certify();
+                    }
+                    self.record_unsubscribed_roots();
+                    if self.send_secrets().await.is_err() {
+                        return;
+                    }
+                }
+                revoked = async {
+                    match revocations.as_mut() {
+                        Some(w) => w.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let revoked = match revoked {
+                        Some(Ok(change)) => change
+                            .events
+                            .iter()
+                            .any(|e| e.kind == crate::store::EventKind::Put),
+                        // The store's watch ended or failed: the Envoy reconnects and is checked.
+                        Some(Err(_)) | None => true,
+                    };
+                    if revoked {
+                        tracing::info!(node = %self.node, "identity revoked: envoy stream closed");
+                        let _ = self.tx.send(Err(Status::permission_denied(format!(
+                            "the identity of {} was revoked (trellis identity revoke)",
+                            self.node
+                        )))).await;
                         return;
                     }
                 }
@@ -369,7 +511,23 @@ impl Session<'_> {
             });
             return false;
         }
-        let version = t.snapshot.version.clone();
+        // Revoked identities whose certificates may still be valid are refused (and the
+        // version tells that translation apart).
+        let (denied, until) = self
+            .controller
+            .identity()
+            .map(|(ca, _)| denied(&t.snapshot.revoked, ca.workload_ttl(), SystemTime::now()))
+            .unwrap_or_default();
+        self.unrevoke_at = until;
+        let version = if denied.is_empty() {
+            t.snapshot.version.clone()
+        } else {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            denied.hash(&mut h);
+            format!("{}-r{:08x}", t.snapshot.version, h.finish() as u32)
+        };
+        self.holder.denied = denied;
         if self.current.as_ref().is_some_and(|(v, _)| *v == version) {
             // Back to what it was sent (after a withheld version): nothing to send again.
             proxies.update(self.id, |p| {
@@ -379,7 +537,7 @@ impl Session<'_> {
             });
             return false;
         }
-        let key = (version.clone(), self.addresses.clone());
+        let key = (version.clone(), self.holder.clone());
         let cached = self
             .translations
             .lock()
@@ -388,10 +546,10 @@ impl Session<'_> {
         let translated = match cached {
             Some(t) => t,
             None => {
-                let addresses = self.addresses.clone();
+                let holder = self.holder.clone();
                 let snapshot = t.snapshot.clone();
                 let Ok(translated) = tokio::task::spawn_blocking(move || {
-                    Arc::new(envoy::translate(&snapshot, &addresses).map(Arc::new))
+                    Arc::new(envoy::translate(&snapshot, &holder).map(Arc::new))
                 })
                 .await
                 else {
@@ -437,6 +595,9 @@ impl Session<'_> {
     /// Handles one request: an ACK, a NACK, a new subscription or new names.
     async fn request(&mut self, request: DiscoveryRequest) -> Result<(), Gone> {
         let type_url = request.type_url.clone();
+        if type_url == envoy::SECRET {
+            return self.secret_request(request).await;
+        }
         if !ORDER.contains(&type_url.as_str()) {
             tracing::debug!(%type_url, "a resource type this control plane does not serve");
             return Ok(());
@@ -642,6 +803,177 @@ impl Session<'_> {
             .update(self.id, |p| p.sent_version = Some(version));
         Ok(())
     }
+}
+
+impl Session<'_> {
+    /// Issues the Envoy a new workload certificate (and key); the CA refusing is logged and
+    /// the Envoy keeps what it has.
+    fn certify(&mut self) {
+        let Some((ca, _)) = self.controller.identity() else {
+            return;
+        };
+        let (issued, key_pem) = match ca.issue_with_key(self.node) {
+            Ok(issued) => issued,
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %e, "certificate not issued");
+                return;
+            }
+        };
+        let life = issued
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let expires = humantime::format_rfc3339_seconds(issued.not_after).to_string();
+        tracing::info!(node = %self.node, identity = %issued.spiffe_id, %expires, "envoy certificate issued");
+        self.controller.proxies().update(self.id, |p| {
+            p.identity = Some(issued.spiffe_id.clone());
+            p.certificate_expires = Some(expires);
+        });
+        self.certified = Some(Certified {
+            chain_pem: issued.chain_pem,
+            key_pem,
+            renew_at: tokio::time::Instant::now() + (life / 2).max(Duration::from_secs(30)),
+        });
+        self.record_unsubscribed_roots();
+    }
+
+    /// An Envoy that has not asked for its secrets uses none: whenever it does, it gets the
+    /// bundle and certificate of then, so it holds back no root rotation.
+    fn record_unsubscribed_roots(&self) {
+        if self.secrets.sent.is_some() {
+            return;
+        }
+        let (Some((ca, _)), Some(c)) = (self.controller.identity(), &self.certified) else {
+            return;
+        };
+        let root = crate::identity::chain_root(&c.chain_pem);
+        self.controller.proxies().update(self.id, |p| {
+            p.trust_roots = ca.bundle_roots();
+            p.certificate_root = root;
+        });
+    }
+
+    /// An SDS request: an ACK (recording the roots the Envoy now uses), a NACK, or names asked.
+    async fn secret_request(&mut self, request: DiscoveryRequest) -> Result<(), Gone> {
+        let sub = &mut self.secrets;
+        if !request.response_nonce.is_empty()
+            && sub.sent.as_ref().map(|(_, n)| n) != Some(&request.response_nonce)
+        {
+            return Ok(());
+        }
+        let names_changed = sub.names != request.resource_names;
+        sub.names = request.resource_names.clone();
+        if let Some(error) = &request.error_detail {
+            self.secrets_sent = None;
+            tracing::warn!(node = %self.node, reason = %error.message, "envoy cannot use its secrets");
+            self.controller
+                .metrics()
+                .answers
+                .with_label_values(&["nack"])
+                .inc();
+            return Ok(());
+        }
+        if !request.response_nonce.is_empty() {
+            sub.acked = Some(request.version_info.clone());
+            if let Some((_, roots, root)) = self
+                .secrets_sent
+                .take_if(|(n, ..)| *n == request.response_nonce)
+            {
+                self.controller.proxies().update(self.id, |p| {
+                    p.trust_roots = roots;
+                    if root.is_some() {
+                        p.certificate_root = root;
+                    }
+                });
+            }
+        }
+        if request.response_nonce.is_empty() || names_changed {
+            self.send_secrets().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the secrets the Envoy asked for: its certificate (only to an admitted stream) and
+    /// the mesh's trust bundle.
+    async fn send_secrets(&mut self) -> Result<(), Gone> {
+        let Some((ca, _)) = self.controller.identity() else {
+            return Ok(());
+        };
+        if self.secrets.sent.is_none() && self.secrets.names.is_empty() {
+            // Not subscribed.
+            return Ok(());
+        }
+        let mut resources = Vec::new();
+        let mut root = None;
+        let mut roots = Vec::new();
+        for name in &self.secrets.names {
+            match name.as_str() {
+                envoy::IDENTITY_SECRET => {
+                    if let Some(c) = &self.certified {
+                        resources.push(envoy::identity_secret(&c.chain_pem, &c.key_pem));
+                        root = crate::identity::chain_root(&c.chain_pem);
+                    }
+                }
+                envoy::BUNDLE_SECRET => {
+                    resources.push(envoy::bundle_secret(&ca.trust_bundle()));
+                    roots = ca.bundle_roots();
+                }
+                _ => {}
+            }
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let version = format!("secrets-{nonce}");
+        self.secrets.sent = Some((version.clone(), nonce.clone()));
+        self.secrets_sent = Some((nonce.clone(), roots, root));
+        let response = DiscoveryResponse {
+            version_info: version,
+            resources,
+            type_url: envoy::SECRET.to_string(),
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.map_err(|_| Gone)
+    }
+}
+
+/// Sleeps until `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The revoked identities whose certificates issued up to their revocation may still be valid
+/// at `now` (a workload certificate lives `ttl`; the CA backdates notBefore by
+/// [`crate::identity::SKEW`]), sorted, and when the first of them stops being so.
+fn denied(
+    revoked: &[trellis_proto::v1::RevokedIdentity],
+    ttl: Duration,
+    now: SystemTime,
+) -> (Vec<String>, Option<tokio::time::Instant>) {
+    let now_secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut denied = Vec::new();
+    let mut first_end: Option<u64> = None;
+    for r in revoked {
+        let until = u64::try_from(r.not_before_until).unwrap_or(0);
+        let end = until
+            .saturating_add(crate::identity::SKEW.as_secs())
+            .saturating_add(ttl.as_secs());
+        if end > now_secs {
+            denied.push(r.identity.clone());
+            first_end = Some(first_end.map_or(end, |e| e.min(end)));
+        }
+    }
+    denied.sort();
+    denied.dedup();
+    let at = first_end.map(|end| {
+        tokio::time::Instant::now() + Duration::from_secs(end - now_secs) + Duration::from_secs(1)
+    });
+    (denied, at)
 }
 
 /// The mark of a version's make-before-break clusters (old and new).

@@ -39,6 +39,11 @@ impl Drop for Envoy {
 impl Envoy {
     /// An Envoy for `node` with the bootstrap `trellis bootstrap envoy` prints for `server`.
     pub async fn start(server: &str, node: &str) -> Self {
+        Self::start_with(server, node, &[]).await
+    }
+
+    /// The same with more of `trellis bootstrap envoy`'s arguments.
+    pub async fn start_with(server: &str, node: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (ingress, egress, admin) = (free_listen_port(), free_listen_port(), free_listen_port());
         let out = cli(
@@ -54,7 +59,10 @@ impl Envoy {
                 &format!("127.0.0.1:{egress}"),
                 "--admin",
                 &format!("127.0.0.1:{admin}"),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
         );
         assert!(out.status.success(), "{}", stderr(&out));
         let config = dir.path().join("envoy.yaml");
@@ -728,4 +736,250 @@ async fn a_new_version_is_made_before_the_old_is_broken() {
         (CDS, v2.as_str())
     );
     assert_eq!(clusters(&last), ["default/color-v2"]);
+}
+
+/// A join token for `node` (`default/NAME`) that admits any number of streams.
+fn join_token(url: &str, node: &str) -> String {
+    let out = cli(url, &["token", "create", "--node", node]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// An Envoy admitted by a join token for `node`.
+async fn envoy_with_identity(url: &str, node: &str) -> Envoy {
+    let token = join_token(url, node);
+    Envoy::start_with(url, node, &["--join-token", &token]).await
+}
+
+/// Answers through `via` until one comes from `app` (`x-server`); that answer.
+async fn answer_from(
+    via: SocketAddr,
+    app: &str,
+    headers: &[(&str, &str)],
+) -> trellis_testkit::client::Reply {
+    use trellis_testkit::client::Client;
+    let mut client = Client::h1(via).await.unwrap();
+    for _ in 0..200 {
+        let mut req = http::Request::get("/").header("host", "color.default:8080");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = client.send(req).await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{}", r.text());
+        if r.header("x-server") == Some(app) {
+            return r;
+        }
+    }
+    panic!("no answer from {app} in 200 requests");
+}
+
+/// Envoy sidecars in a STRICT mesh (a control plane that requires identities): an Envoy
+/// proves its node with a join token and gets its workload certificate and the trust bundle
+/// over SDS; Envoy and trellis-proxy call each other over mTLS, in all four pairings, each
+/// presenting its node's identity (the app behind the called sidecar sees the caller's, a
+/// client's own header removed); the Envoy's ingress refuses plaintext, clients without a
+/// certificate and expired ones, answers 403 to a caller the mesh graph does not declare and
+/// to a revoked identity; an Envoy without a token is refused, and one whose node's identity
+/// is revoked is cut off and not admitted again by its old token. Under PERMISSIVE the
+/// Envoy's ingress takes plaintext too.
+#[tokio::test]
+async fn envoy_sidecars_take_part_in_mtls() {
+    use crate::mtls::{Root, id, tls_get};
+    use trellis_testkit::process::ProxyProcess;
+    let root = Root::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut flags: Vec<String> = root.flags(data.path()).to_vec();
+    flags.push("--require-identity".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &flags).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    let (p1, p2) = (v1.addr.port(), v2.addr.port());
+    apply(&url, &parity_mesh(p1, p2, 50, 50));
+
+    // Without a join token an Envoy is refused, saying how to give it one.
+    {
+        use envoy_types::pb::envoy::{
+            config::core::v3::Node,
+            service::discovery::v3::{
+                DiscoveryRequest,
+                aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            },
+        };
+        let mut client = AggregatedDiscoveryServiceClient::connect(url.clone())
+            .await
+            .unwrap();
+        let first = DiscoveryRequest {
+            node: Some(Node {
+                id: "default/front-envoy".into(),
+                ..Default::default()
+            }),
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            ..Default::default()
+        };
+        let refused = match client
+            .stream_aggregated_resources(futures_util::stream::iter([first]))
+            .await
+        {
+            Ok(r) => r.into_inner().message().await.unwrap_err(),
+            Err(status) => status,
+        };
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains("--join-token"), "{refused:?}");
+    }
+
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let v1_sidecar = crate::mtls::sidecar(&url, "color-v1", dirs[0].path(), true).await;
+    let v2_sidecar = envoy_with_identity(&url, "default/color-v2").await;
+    register_instance(&url, ("test", "color-v1"), "v1", v1_sidecar.ingress, &[]);
+    register_instance(&url, ("test", "color-v2"), "v2", v2_sidecar.ingress, &[]);
+    let front_trellis: ProxyProcess =
+        crate::mtls::sidecar(&url, "front-trellis", dirs[1].path(), true).await;
+    let front_envoy = envoy_with_identity(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 4).await;
+    let status = crate::status(&url);
+    for node in ["color-v2", "front-envoy"] {
+        let p = status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == format!("default/{node}"))
+            .unwrap();
+        assert_eq!(p["identity"], id(node), "{p}");
+        assert!(p["certificateExpires"].is_string(), "{p}");
+    }
+
+    // All four pairings over mTLS, each side presenting its node's identity: the app behind
+    // the called sidecar sees the caller's (a client's own header replaced).
+    let forged = [("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y")];
+    for (caller, via) in [
+        ("front-envoy", front_envoy.egress),
+        ("front-trellis", front_trellis.egress),
+    ] {
+        let to_trellis = answer_from(via, "color-v1", &forged).await;
+        assert_eq!(
+            to_trellis.header("x-seen-client-cert"),
+            Some(format!("By={};URI={}", id("color-v1"), id(caller)).as_str()),
+            "{caller} -> trellis-proxy"
+        );
+        let to_envoy = answer_from(via, "color-v2", &forged).await;
+        let seen = to_envoy.header("x-seen-client-cert").unwrap_or_default();
+        assert!(
+            seen.starts_with(&format!("By={};", id("color-v2")))
+                && seen.ends_with(&format!(";URI={}", id(caller)))
+                && !seen.contains("evil"),
+            "{caller} -> Envoy: {seen}"
+        );
+    }
+
+    // The Envoy's ingress: plaintext, no certificate and an expired one are refused at the
+    // handshake; a declared caller's certificate is admitted, a stranger's gets 403.
+    let plain = async {
+        let mut c = trellis_testkit::client::Client::h1(v2_sidecar.ingress).await?;
+        c.get("color.default", "/").await
+    };
+    assert!(plain.await.is_err(), "plaintext answered");
+    assert!(tls_get(v2_sidecar.ingress, None).await.is_err());
+    assert!(
+        tls_get(
+            v2_sidecar.ingress,
+            Some(root.leaf(&id("front-envoy"), (-600, -60)))
+        )
+        .await
+        .is_err()
+    );
+    let (status, _, seen) = tls_get(
+        v2_sidecar.ingress,
+        Some(root.leaf(&id("front-trellis"), (-60, 600))),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", v2_sidecar.logs()));
+    assert_eq!(status, 200);
+    assert!(seen.is_some_and(|s| s.ends_with(&format!("URI={}", id("front-trellis")))));
+    let (status, _, seen) = tls_get(
+        v2_sidecar.ingress,
+        Some(root.leaf(&id("stranger"), (-60, 600))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, seen),
+        (403, None),
+        "a caller outside the mesh graph"
+    );
+
+    // A revoked identity: a certificate of it issued before the revocation gets 403 at the
+    // Envoy's ingress.
+    let revoke = |node: &str| {
+        let out = cli(&url, &["identity", "revoke", "--node", node]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    revoke("default/front-trellis");
+    let root = &root;
+    eventually(
+        Duration::from_secs(30),
+        "the revoked identity refused",
+        || async move {
+            let before = root.leaf(&id("front-trellis"), (-600, 600));
+            match tls_get(v2_sidecar.ingress, Some(before)).await {
+                Ok((403, _, None)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // The Envoy of a revoked node is cut off, and its token does not admit it again.
+    revoke("default/front-envoy");
+    eventually(
+        Duration::from_secs(30),
+        "the revoked Envoy gone",
+        || async {
+            match proxy_status(&url, "default/front-envoy") {
+                None => Ok(()),
+                Some(p) => Err(format!("{p}")),
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "its reconnection refused",
+        || async {
+            let logs = front_envoy.logs();
+            // Envoy logs the gRPC message as it came, percent-encoded.
+            if logs.contains(
+                "made%20before%20the%20identity%20of%20default/front-envoy%20was%20revoked",
+            ) {
+                Ok(())
+            } else {
+                Err(logs)
+            }
+        },
+    )
+    .await;
+    assert!(proxy_status(&url, "default/front-envoy").is_none());
+
+    // PERMISSIVE: the Envoy's ingress takes plaintext as well as mTLS.
+    apply(
+        &url,
+        &parity_mesh(p1, p2, 50, 50).replace(
+            "kind: Mesh\nmetadata: { name: m }\nspec: {}",
+            "kind: Mesh\nmetadata: { name: m }\nspec: { mtls: PERMISSIVE }",
+        ),
+    );
+    eventually(Duration::from_secs(30), "plaintext taken", || async {
+        let mut c = trellis_testkit::client::Client::h1(v2_sidecar.ingress)
+            .await
+            .map_err(|e| e.to_string())?;
+        match c.get("color.default", "/").await {
+            Ok(r) if r.status == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }

@@ -28,14 +28,14 @@ pub(crate) fn id(node: &str) -> String {
 
 /// A root CA whose key the test holds: given to the control plane, and used to mint
 /// certificates of the test's own.
-struct Root {
+pub(crate) struct Root {
     pem: String,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Root {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let key = KeyPair::generate().unwrap();
         let key_pem = key.serialize_pem();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -50,7 +50,7 @@ impl Root {
     }
 
     /// Writes the root's certificate and key into `dir`: the control plane's flags for them.
-    fn flags(&self, dir: &Path) -> [String; 4] {
+    pub(crate) fn flags(&self, dir: &Path) -> [String; 4] {
         let (cert, key) = (dir.join("root.pem"), dir.join("root-key.pem"));
         std::fs::write(&cert, &self.pem).unwrap();
         std::fs::write(&key, &self.key_pem).unwrap();
@@ -63,7 +63,7 @@ impl Root {
     }
 
     /// A certificate naming `spiffe_id`, valid from `from` to `to` seconds from now.
-    fn leaf(
+    pub(crate) fn leaf(
         &self,
         spiffe_id: &str,
         (from, to): (i64, i64),
@@ -71,6 +71,9 @@ impl Root {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        // An empty subject, as the mesh's CA issues: rcgen's default is the root's own name,
+        // which BoringSSL (Envoy) takes for a self-signed certificate.
+        params.distinguished_name = rcgen::DistinguishedName::new();
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -165,7 +168,7 @@ async fn tls_connect(
 
 /// A GET over TLS to a sidecar's ingress presenting `cert`: status, `x-trellis-error` and the
 /// `x-forwarded-client-cert` the app saw; an error when the connection is refused.
-async fn tls_get(
+pub(crate) async fn tls_get(
     addr: SocketAddr,
     cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<(u16, Option<String>, Option<String>), String> {

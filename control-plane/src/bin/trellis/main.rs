@@ -303,6 +303,11 @@ enum BootstrapCommand {
         /// Envoy's admin listener (App Mesh's 9901).
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
+        /// A join token for the node (`trellis token create --node NS/NAME`, without --uses:
+        /// Envoy presents it on every ADS stream) — its workload certificate for mTLS, and
+        /// required where the control plane requires identities. In the bootstrap as written.
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN")]
+        join_token: Option<String>,
     },
 }
 
@@ -557,6 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ingress,
                 egress,
                 admin,
+                join_token,
             },
     } = &cli.command
     {
@@ -575,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 egress: *egress,
             },
             admin: *admin,
+            join_token: join_token.clone(),
         };
         print!("{}", bootstrap.yaml().map_err(anyhow::Error::msg)?);
         return Ok(());
