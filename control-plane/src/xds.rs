@@ -1102,4 +1102,33 @@ spec:
         );
         assert!(addresses(&bad).unwrap_err().contains("TRELLIS_EGRESS"));
     }
+
+    /// A revoked identity is refused while a certificate issued before its revocation may
+    /// still be valid (its notBefore backdated by the CA's skew, its life the workload TTL),
+    /// and taken again once the last has expired.
+    #[tokio::test(start_paused = true)]
+    async fn revoked_identities_are_refused_while_their_certificates_may_live() {
+        use trellis_proto::v1::RevokedIdentity;
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ttl = Duration::from_secs(3600);
+        let skew = crate::identity::SKEW.as_secs();
+        let revoked = |id: &str, ago: u64| RevokedIdentity {
+            identity: id.into(),
+            not_before_until: i64::try_from(1_000_000 - ago - skew).unwrap(),
+        };
+        let list = [
+            revoked("spiffe://t/ns/a/vn/old", 3600),
+            revoked("spiffe://t/ns/a/vn/b", 600),
+            revoked("spiffe://t/ns/a/vn/a", 60),
+            revoked("spiffe://t/ns/a/vn/a", 30),
+        ];
+        let (denied, until) = denied(&list, ttl, now);
+        assert_eq!(denied, ["spiffe://t/ns/a/vn/a", "spiffe://t/ns/a/vn/b"]);
+        // b's certificates live 3000 s more (and a second to be sure).
+        assert_eq!(
+            until.unwrap() - tokio::time::Instant::now(),
+            Duration::from_secs(3001)
+        );
+        assert_eq!(denied(&[], ttl, now), (Vec::<String>::new(), None));
+    }
 }

@@ -983,3 +983,133 @@ async fn envoy_sidecars_take_part_in_mtls() {
     })
     .await;
 }
+
+/// Envoy sidecars go through a root rotation as trellis-proxies do: a rotated root joins the
+/// Envoys' bundles over SDS (promote waits for their acknowledgements), promoted it gives them
+/// certificates from it, and once the old root has left every bundle, new callers that only
+/// know the new root — an Envoy and a trellis-proxy — call both kinds of sidecar over mTLS.
+#[tokio::test]
+async fn envoy_sidecars_follow_a_root_rotation() {
+    let data = tempfile::tempdir().unwrap();
+    let control =
+        ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &["--require-identity"])
+            .await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    apply(&url, &parity_mesh(v1.addr.port(), v2.addr.port(), 50, 50));
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let v1_sidecar = crate::mtls::sidecar(&url, "color-v1", dirs[0].path(), true).await;
+    let v2_sidecar = envoy_with_identity(&url, "default/color-v2").await;
+    register_instance(&url, ("test", "color-v1"), "v1", v1_sidecar.ingress, &[]);
+    register_instance(&url, ("test", "color-v2"), "v2", v2_sidecar.ingress, &[]);
+    let front_envoy = envoy_with_identity(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 3).await;
+    answer_from(front_envoy.egress, "color-v1", &[]).await;
+    answer_from(front_envoy.egress, "color-v2", &[]).await;
+
+    let ca = |args: &[&str]| {
+        let mut all = vec!["ca"];
+        all.extend(args);
+        cli(&url, &all)
+    };
+    let ca_status = || -> Value {
+        let out = ca(&["status", "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let envoys = |s: &Value| -> Vec<Value> {
+        s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["node"] != "default/color-v1")
+            .cloned()
+            .collect()
+    };
+    let out = ca(&["rotate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let next = ca_status()["rotation"]["next"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The Envoys acknowledge bundles with both roots, and only then may the new root sign.
+    eventually(Duration::from_secs(20), "both roots trusted", || async {
+        let s = ca_status();
+        let e = envoys(&s);
+        if e.len() == 2
+            && e.iter().all(|p| {
+                p["trustRoots"]
+                    .as_array()
+                    .is_some_and(|r| r.len() == 2 && r.contains(&Value::from(next.as_str())))
+            })
+        {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the new root promoted", || async {
+        let out = ca(&["promote"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(stderr(&out))
+        }
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "Envoys certified by the new root",
+        || async {
+            let s = ca_status();
+            let e = envoys(&s);
+            if e.len() == 2 && e.iter().all(|p| p["certificateRoot"] == next.as_str()) {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "the rotation finished", || async {
+        let out = ca(&["finish"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(stderr(&out))
+        }
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the old root gone from the Envoys",
+        || async {
+            let s = ca_status();
+            let only_new = serde_json::json!([next]);
+            let e = envoys(&s);
+            if e.len() == 2 && e.iter().all(|p| p["trustRoots"] == only_new) {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    // New callers, which know only the new root, handshake with both kinds of sidecar: an
+    // Envoy (its certificate from the new root) and a trellis-proxy.
+    let new_envoy = envoy_with_identity(&url, "default/front-envoy").await;
+    let front_trellis = crate::mtls::sidecar(&url, "front-trellis", dirs[1].path(), true).await;
+    crate::wait_synced(&url, 5).await;
+    answer_from(new_envoy.egress, "color-v1", &[]).await;
+    answer_from(new_envoy.egress, "color-v2", &[]).await;
+    answer_from(front_envoy.egress, "color-v1", &[]).await;
+    let r = answer_from(front_trellis.egress, "color-v2", &[]).await;
+    assert!(
+        r.header("x-seen-client-cert")
+            .is_some_and(|s| s.ends_with(&format!("URI={}", crate::mtls::id("front-trellis")))),
+        "{:?}",
+        r.header("x-seen-client-cert")
+    );
+}
