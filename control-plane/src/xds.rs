@@ -1129,6 +1129,6 @@ spec:
             until.unwrap() - tokio::time::Instant::now(),
             Duration::from_secs(3001)
         );
-        assert_eq!(denied(&[], ttl, now), (Vec::<String>::new(), None));
+        assert_eq!(super::denied(&[], ttl, now), (Vec::<String>::new(), None));
     }
 }
