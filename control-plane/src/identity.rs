@@ -970,6 +970,45 @@ mod tests {
     /// A rotation's steps: the next root joins the bundle without signing, then signs with the
     /// old one still trusted, then the old one leaves; each step is kept in the store (a
     /// restart resumes it) and out-of-order steps are refused.
+    /// A revocation ends the node's join tokens made up to it (a multi-use one too); one made
+    /// after admits, and other nodes' are untouched.
+    #[tokio::test]
+    async fn a_revocation_ends_the_nodes_earlier_join_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let (front, back) = (
+            ResourceKey::new(Kind::VirtualNode, "default", "front"),
+            ResourceKey::new(Kind::VirtualNode, "default", "back"),
+        );
+        let ttl = Duration::from_secs(3600);
+        let (before, _) = create_token(&store, "default/front", false, ttl, None)
+            .await
+            .unwrap();
+        let (other, _) = create_token(&store, "default/back", false, ttl, None)
+            .await
+            .unwrap();
+        admit(&store, &before, &front).await.unwrap();
+        revoke_node(&store, &front).await.unwrap();
+        let refused = admit(&store, &before, &front).await.unwrap_err();
+        assert!(
+            matches!(&refused, IdentityError::Denied(why) if why.contains("made before the identity of default/front was revoked")),
+            "{refused:?}"
+        );
+        admit(&store, &other, &back).await.unwrap();
+        // Tokens carry milliseconds: one made in the revocation's millisecond is refused too.
+        let after = loop {
+            let (token, stored) = create_token(&store, "default/front", false, ttl, None)
+                .await
+                .unwrap();
+            let (revoked, _) = revocation(&store, &front).await.unwrap();
+            if stored.created_ms > revoked.unwrap().revoked_ms {
+                break token;
+            }
+            tokio::task::yield_now().await;
+        };
+        admit(&store, &after, &front).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_rotation_steps_through_the_bundle() {
         let dir = tempfile::tempdir().unwrap();
