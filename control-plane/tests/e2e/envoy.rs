@@ -1113,3 +1113,81 @@ async fn envoy_sidecars_follow_a_root_rotation() {
         r.header("x-seen-client-cert")
     );
 }
+
+/// App Mesh's mutual-TLS walkthrough's fields (file certificates, a CA file, SAN matches)
+/// through Envoy sidecars, as App Mesh ran them: blue's Envoy serves its certificate and
+/// requires front's, front's Envoy presents it and checks the server's name; at blue's Envoy
+/// plaintext, no certificate, another CA's or another name's are refused; a client policy
+/// expecting another name fails the calls; a certificate file that does not exist is NACKed by
+/// Envoy, the path in `trellis status`.
+#[tokio::test]
+async fn app_mesh_tls_fields_run_through_envoys() {
+    use crate::mtls::{AppMeshTls, tls_get};
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let files = AppMeshTls::new();
+    let yaml = |server_name: &str| files.yaml(app.addr.port(), server_name);
+    apply(&url, &yaml("colorteller.howto.svc.cluster.local"));
+    let front = Envoy::start(&url, "howto/front").await;
+    let blue = Envoy::start(&url, "howto/blue").await;
+    register_instance(&url, ("howto", "color"), "blue-1", blue.ingress, &[]);
+    crate::wait_synced(&url, 2).await;
+    let get = |via: SocketAddr| async move {
+        let mut c = trellis_testkit::client::Client::h1(via)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.get("color.howto", "/").await.map_err(|e| e.to_string())
+    };
+    let r = get(front.egress).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (200, "blue".to_string()),
+        "{}",
+        front.logs()
+    );
+
+    assert!(get(blue.ingress).await.is_err(), "plaintext answered");
+    assert!(tls_get(blue.ingress, None).await.is_err());
+    let (ok, _, _) = tls_get(
+        blue.ingress,
+        Some(AppMeshTls::pem_pair(&files.front.0, &files.front.1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok, 200, "front's certificate is admitted");
+    for intruder in files.intruders() {
+        assert!(tls_get(blue.ingress, Some(intruder)).await.is_err());
+    }
+
+    apply(&url, &yaml("teal.howto.svc.cluster.local"));
+    eventually(
+        Duration::from_secs(20),
+        "the server's name checked",
+        || async {
+            match get(front.egress).await {
+                Ok(r) if r.status == 503 => Ok(()),
+                other => Err(format!("{:?}", other.map(|r| r.status))),
+            }
+        },
+    )
+    .await;
+
+    let missing = yaml("colorteller.howto.svc.cluster.local")
+        .replace(&files.front.0, "/nonexistent/front_cert_chain.pem");
+    apply(&url, &missing);
+    eventually(Duration::from_secs(20), "the NACK", || async {
+        match proxy_status(&url, "howto/front") {
+            Some(p)
+                if p["nackReason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("/nonexistent/front_cert_chain.pem")) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}

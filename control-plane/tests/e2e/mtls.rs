@@ -701,6 +701,8 @@ fn write_cert(root: &Root, dir: &Path, file: &str, names: &[&str]) -> (String, S
     let key = KeyPair::generate().unwrap();
     let mut params =
         CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    // Not rcgen's default subject, the root's own: BoringSSL (Envoy) takes that for self-signed.
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -713,36 +715,53 @@ fn write_cert(root: &Root, dir: &Path, file: &str, names: &[&str]) -> (String, S
     (chain.display().to_string(), key_file.display().to_string())
 }
 
-/// App Mesh's TLS fields, as its mutual-TLS walkthrough writes them (file certificates, a CA
-/// file, SAN matches), applied with App Mesh's API group: the colorteller's listener serves its
-/// certificate and requires front's, front's client policy presents it and checks the server's
-/// name; plaintext, another CA's or another name's certificates are refused, and a client
-/// policy expecting another name fails the calls.
-#[tokio::test]
-async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
-    let data = tempfile::tempdir().unwrap();
-    let control = ControlProcess::start(CONTROL, data.path()).await;
-    let url = control.url.clone();
-    let app = TestServer::start("blue").await;
-    let certs = tempfile::tempdir().unwrap();
-    let (ca, other_ca) = (Root::new(), Root::new());
-    let ca_file = certs.path().join("ca_1_cert.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let ca_file = ca_file.display().to_string();
-    let (blue_chain, blue_key) = write_cert(
-        &ca,
-        certs.path(),
-        "colorteller",
-        &["colorteller.howto.svc.cluster.local"],
-    );
-    let (front_chain, front_key) = write_cert(
-        &ca,
-        certs.path(),
-        "front",
-        &["front.howto.svc.cluster.local"],
-    );
-    let api = "apiVersion: appmesh.k8s.aws/v1beta2";
-    let yaml = |server_name: &str| {
+/// The files of App Mesh's mutual-TLS walkthrough: a CA, the colorteller's (blue's) and front's
+/// certificates from it, and the mesh using them.
+pub(crate) struct AppMeshTls {
+    pub(crate) certs: tempfile::TempDir,
+    pub(crate) ca: Root,
+    pub(crate) other_ca: Root,
+    ca_file: String,
+    pub(crate) blue: (String, String),
+    pub(crate) front: (String, String),
+}
+
+impl AppMeshTls {
+    pub(crate) fn new() -> Self {
+        let certs = tempfile::tempdir().unwrap();
+        let (ca, other_ca) = (Root::new(), Root::new());
+        let ca_file = certs.path().join("ca_1_cert.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let ca_file = ca_file.display().to_string();
+        let blue = write_cert(
+            &ca,
+            certs.path(),
+            "colorteller",
+            &["colorteller.howto.svc.cluster.local"],
+        );
+        let front = write_cert(
+            &ca,
+            certs.path(),
+            "front",
+            &["front.howto.svc.cluster.local"],
+        );
+        Self {
+            certs,
+            ca,
+            other_ca,
+            ca_file,
+            blue,
+            front,
+        }
+    }
+
+    /// The mesh, as App Mesh's API group writes it: blue's listener (the app on `port`) serves
+    /// its certificate and requires front's; front's client policy presents it and expects
+    /// `server_name` on the server's.
+    pub(crate) fn yaml(&self, port: u16, server_name: &str) -> String {
+        let api = "apiVersion: appmesh.k8s.aws/v1beta2";
+        let ((blue_chain, blue_key), (front_chain, front_key)) = (&self.blue, &self.front);
+        let ca_file = &self.ca_file;
         format!(
             "{api}\nkind: Mesh\nmetadata: {{ name: howto }}\nspec: {{}}\n---\n\
              {api}\nkind: VirtualNode\nmetadata: {{ name: blue, namespace: howto }}\nspec:\n  \
@@ -763,9 +782,54 @@ async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
              privateKey: {front_key}\n        validation:\n          trust:\n            \
              file: {{ certificateChain: {ca_file} }}\n          subjectAlternativeNames:\n            \
              match: {{ exact: [{server_name}] }}\n",
-            port = app.addr.port(),
         )
-    };
+    }
+
+    /// A certificate chain and key read from PEM files.
+    pub(crate) fn pem_pair(
+        chain: &str,
+        key: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        use rustls::pki_types::pem::PemObject as _;
+        let chain = CertificateDer::pem_file_iter(chain)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        (chain, PrivateKeyDer::from_pem_file(key).unwrap())
+    }
+
+    /// Certificates blue's listener must refuse: another CA's for front's name, and this CA's
+    /// for another name.
+    pub(crate) fn intruders(&self) -> [(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>); 2] {
+        let (c2, k2) = write_cert(
+            &self.other_ca,
+            self.certs.path(),
+            "intruder",
+            &["front.howto.svc.cluster.local"],
+        );
+        let (c3, k3) = write_cert(
+            &self.ca,
+            self.certs.path(),
+            "other",
+            &["other.howto.svc.cluster.local"],
+        );
+        [Self::pem_pair(&c2, &k2), Self::pem_pair(&c3, &k3)]
+    }
+}
+
+/// App Mesh's TLS fields, as its mutual-TLS walkthrough writes them (file certificates, a CA
+/// file, SAN matches), applied with App Mesh's API group: the colorteller's listener serves its
+/// certificate and requires front's, front's client policy presents it and checks the server's
+/// name; plaintext, another CA's or another name's certificates are refused, and a client
+/// policy expecting another name fails the calls.
+#[tokio::test]
+async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("blue").await;
+    let files = AppMeshTls::new();
+    let yaml = |server_name: &str| files.yaml(app.addr.port(), server_name);
     apply(&url, &yaml("colorteller.howto.svc.cluster.local"));
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let front = ProxyProcess::sidecar(proxy_bin(), &url, "howto/front", d1.path()).await;
@@ -790,40 +854,16 @@ async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
     };
     assert!(plain.await.is_err(), "plaintext answered");
     assert!(tls_get(blue.ingress, None).await.is_err());
-    let pem_pair = |chain: &str, key: &str| {
-        use rustls::pki_types::pem::PemObject as _;
-        let chain = CertificateDer::pem_file_iter(chain)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        (chain, PrivateKeyDer::from_pem_file(key).unwrap())
-    };
-    let (ok, _, _) = tls_get(blue.ingress, Some(pem_pair(&front_chain, &front_key)))
-        .await
-        .unwrap();
+    let (ok, _, _) = tls_get(
+        blue.ingress,
+        Some(AppMeshTls::pem_pair(&files.front.0, &files.front.1)),
+    )
+    .await
+    .unwrap();
     assert_eq!(ok, 200, "front's certificate is admitted");
-    let (c2, k2) = write_cert(
-        &other_ca,
-        certs.path(),
-        "intruder",
-        &["front.howto.svc.cluster.local"],
-    );
-    assert!(
-        tls_get(blue.ingress, Some(pem_pair(&c2, &k2)))
-            .await
-            .is_err()
-    );
-    let (c3, k3) = write_cert(
-        &ca,
-        certs.path(),
-        "other",
-        &["other.howto.svc.cluster.local"],
-    );
-    assert!(
-        tls_get(blue.ingress, Some(pem_pair(&c3, &k3)))
-            .await
-            .is_err()
-    );
+    for intruder in files.intruders() {
+        assert!(tls_get(blue.ingress, Some(intruder)).await.is_err());
+    }
 
     // A client policy expecting another server name: the caller refuses blue's certificate.
     apply(&url, &yaml("teal.howto.svc.cluster.local"));
@@ -844,7 +884,7 @@ async fn app_mesh_tls_fields_run_as_app_mesh_documented() {
     // A certificate file the proxy cannot read: its snapshot is refused with the field named,
     // and it keeps running the one it has.
     let missing = yaml("colorteller.howto.svc.cluster.local")
-        .replace(&front_chain, "/nonexistent/front_cert_chain.pem");
+        .replace(&files.front.0, "/nonexistent/front_cert_chain.pem");
     apply(&url, &missing);
     eventually(Duration::from_secs(10), "the NACK", || async {
         let out = cli(&url, &["status", "-o", "json"]);
