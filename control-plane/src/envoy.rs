@@ -588,10 +588,20 @@ fn http_route(
             });
         }
         if rm.port != 0 {
-            t.refuse(
-                format!("{path}.match.port"),
-                "a match on the authority's port",
-            );
+            // The authority's port (a name or [IPv6]:PORT); none given: no match, as at
+            // trellis-proxy's listeners without traffic capture.
+            m.headers.push(route::HeaderMatcher {
+                name: ":authority".into(),
+                header_match_specifier: Some(
+                    route::header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(
+                        matcher::string_matcher::MatchPattern::SafeRegex(regex(&format!(
+                            "^([^:\\[\\]]*|\\[[^\\]]*\\]):{}$",
+                            rm.port
+                        ))),
+                    )),
+                ),
+                ..Default::default()
+            });
         }
     }
     for (field, set) in [
@@ -657,6 +667,46 @@ fn http_route(
     }
 }
 
+/// A regex rewrite's substitution (the regex crate's: `$1`, `${1}`, `$$`) in RE2's form
+/// (`\1`, literal backslashes doubled); None where there is none: named groups, a `$` the regex
+/// crate reads otherwise, or a result that might not start with `/` (trellis-proxy adds one,
+/// Envoy does not; a substitution starting with `/` keeps every result's).
+fn re2_substitution(s: &str) -> Option<String> {
+    if !s.starts_with('/') {
+        return None;
+    }
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i].replace('\\', "\\\\"));
+        rest = &rest[i + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+            continue;
+        }
+        // `${NAME}`, else `$NAME` with the longest run of [_0-9A-Za-z] (the regex crate's).
+        let (name, after) = match rest.strip_prefix('{') {
+            Some(braced) => {
+                let end = braced.find('}')?;
+                (&braced[..end], &braced[end + 1..])
+            }
+            None => {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                rest.split_at(end)
+            }
+        };
+        let group: u8 = name.parse().ok().filter(|n| *n <= 9)?;
+        out.push('\\');
+        out.push_str(&group.to_string());
+        rest = after;
+    }
+    out.push_str(&rest.replace('\\', "\\\\"));
+    Some(out)
+}
+
 fn route_action(
     t: &mut Translator,
     path: &str,
@@ -717,10 +767,21 @@ fn route_action(
             );
         } else if !rw.prefix.is_empty() {
             out.prefix_rewrite = rw.replacement.clone();
+        } else if !rw.exact.is_empty() {
+            // The whole path (its query kept), as Envoy's regex rewrite of the path does.
+            out.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
+                pattern: Some(regex("^.*$")),
+                substitution: rw.exact.clone(),
+            });
+        } else if let Some(substitution) = re2_substitution(&rw.substitution) {
+            out.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
+                pattern: Some(regex(&rw.regex)),
+                substitution,
+            });
         } else {
             t.refuse(
-                format!("{path}.action.pathRewrite"),
-                "exact and regex path rewrites",
+                format!("{path}.action.pathRewrite.substitution"),
+                "a substitution with named groups or groups above 9, or not starting with / (Envoy adds none)",
             );
         }
     }
@@ -1371,5 +1432,30 @@ impl Bootstrap {
                 None => String::new(),
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::re2_substitution;
+
+    /// The regex crate's group references in RE2's form, and what has none refused.
+    #[test]
+    fn substitutions_in_re2s_form() {
+        for (ours, re2) in [
+            ("/avatars/$1.png", Some(r"/avatars/\1.png")),
+            ("/a/${2}x", Some(r"/a/\2x")),
+            ("/cost/$$5", Some("/cost/$5")),
+            (r"/back\slash", Some(r"/back\\slash")),
+            ("/plain", Some("/plain")),
+            // A group named `1x`, named groups, groups above 9, a result without its `/`.
+            ("/$1x", None),
+            ("/${name}", None),
+            ("/$10", None),
+            ("$1/after", None),
+            ("/${1", None),
+        ] {
+            assert_eq!(re2_substitution(ours).as_deref(), re2, "{ours}");
+        }
     }
 }

@@ -1191,3 +1191,100 @@ async fn app_mesh_tls_fields_run_through_envoys() {
     })
     .await;
 }
+
+/// Path rewrites (the whole path, a regex with a group) and a match on the authority's port
+/// give the same requests through an Envoy caller as through a trellis-proxy caller.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_rewrite_and_match_ports_alike() {
+    use trellis_testkit::process::ProxyProcess;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    let target = |n: &str| {
+        format!("{{ weightedTargets: [{{ virtualNodeRef: {{ name: {n} }}, weight: 1 }}] }}")
+    };
+    let node = |name: &str, port: u16| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ registry: {{ namespaceName: test, serviceName: {name} }} }}\n---\n"
+        )
+    };
+    let caller = |name: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n"
+        )
+    };
+    let yaml = format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}{}{}\
+         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+         provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
+         {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}, {{ portMapping: {{ port: 9090, protocol: http }} }}]\n  \
+         routes:\n  \
+         - name: exact\n    priority: 1\n    httpRoute:\n      match: {{ path: {{ exact: /old }}, port: 8080 }}\n      \
+         action: {v1}\n      rewrite: {{ path: /new }}\n  \
+         - name: regex\n    priority: 2\n    httpRoute:\n      match: {{ prefix: /profile/, port: 8080 }}\n      \
+         action: {v1}\n      rewrite: {{ regex: {{ pattern: \"^/profile/([0-9]+)/avatar\\\\.png$\", substitution: \"/avatars/$1.png\" }} }}\n  \
+         - name: other-port\n    priority: 3\n    httpRoute:\n      match: {{ prefix: /, port: 9090 }}\n      action: {v2}\n  \
+         - name: main\n    priority: 4\n    httpRoute:\n      match: {{ prefix: /, port: 8080 }}\n      action: {v1}\n",
+        caller("front-envoy"),
+        caller("front-trellis"),
+        node("color-v1", v1.addr.port()),
+        node("color-v2", v2.addr.port()),
+        v1 = target("color-v1"),
+        v2 = target("color-v2"),
+    );
+    apply(&url, &yaml);
+    register_instance(&url, ("test", "color-v1"), "v1", v1.addr, &[]);
+    register_instance(&url, ("test", "color-v2"), "v2", v2.addr, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dir.path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 2).await;
+    let cases = [
+        ("color.default:8080", "/old?x=1", "color-v1", "/new?x=1"),
+        (
+            "color.default:8080",
+            "/profile/42/avatar.png",
+            "color-v1",
+            "/avatars/42.png",
+        ),
+        (
+            "color.default:8080",
+            "/profile/me",
+            "color-v1",
+            "/profile/me",
+        ),
+        ("color.default:9090", "/a", "color-v2", "/a"),
+        ("color.default:8080", "/a", "color-v1", "/a"),
+    ];
+    for (caller, via) in [
+        ("envoy", front_envoy.egress),
+        ("trellis-proxy", front_trellis.egress),
+    ] {
+        let mut client = trellis_testkit::client::Client::h1(via).await.unwrap();
+        for (host, path, server, seen) in cases {
+            let r = client.get(host, path).await.unwrap();
+            assert_eq!(
+                (
+                    r.status.as_u16(),
+                    r.header("x-server"),
+                    r.header("x-seen-path")
+                ),
+                (200, Some(server), Some(seen)),
+                "{caller}: {host}{path}"
+            );
+        }
+    }
+}
