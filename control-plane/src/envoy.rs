@@ -179,10 +179,34 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
             continue;
         };
         let http = l.protocol != pb::listener::Protocol::Tcp as i32;
-        let server = l
-            .tls
-            .as_ref()
-            .map(|tls| server_tls(&mut t, &format!("{path}.tls"), tls, holder, http));
+        // A TCP listener's callers are checked in the handshake (the certificate must name one
+        // of them, not revoked): Envoy's network RBAC would only look at the client's first
+        // bytes, after the app's connection is open (and a server-first protocol has spoken).
+        let handshake_callers = match &l.authorization {
+            Some(a) if !http => {
+                let mut ids: Vec<String> = a
+                    .identities
+                    .iter()
+                    .filter(|id| !holder.denied.contains(id))
+                    .cloned()
+                    .collect();
+                if ids.is_empty() {
+                    ids.push(NO_ONE.into());
+                }
+                Some(ids)
+            }
+            _ => None,
+        };
+        let server = l.tls.as_ref().map(|tls| {
+            server_tls(
+                &mut t,
+                &format!("{path}.tls"),
+                tls,
+                holder,
+                http,
+                handshake_callers.as_deref(),
+            )
+        });
         // Who may not call (revoked identities) and who alone may (the mesh graph's callers),
         // by the verified certificate's URI SAN: RBAC, ahead of the proxying filter.
         let validates = l
@@ -190,13 +214,15 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
             .as_ref()
             .is_some_and(|t| t.client_validation.is_some());
         let mut rules = Vec::new();
-        if validates && !holder.denied.is_empty() {
+        if validates && !holder.denied.is_empty() && handshake_callers.is_none() {
             rules.push((
                 "revoked",
                 rbac_rules(rbac::rbac::Action::Deny, &holder.denied),
             ));
         }
-        if let Some(a) = &l.authorization {
+        if let Some(a) = &l.authorization
+            && handshake_callers.is_none()
+        {
             rules.push((
                 "callers",
                 rbac_rules(rbac::rbac::Action::Allow, &a.identities),
@@ -218,6 +244,14 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                 })
                 .collect();
             let proxy = tcp_proxy::TcpProxy {
+                // Over TLS the app's connection opens once the handshake (and its check of
+                // the caller) is done.
+                upstream_connect_mode: if l.tls.is_some() {
+                    tcp_proxy::UpstreamConnectMode::OnDownstreamTlsHandshake as i32
+                } else {
+                    tcp_proxy::UpstreamConnectMode::Immediate as i32
+                },
+                max_early_data_bytes: l.tls.is_some().then_some(UInt32Value { value: 0 }),
                 stat_prefix: l.name.clone(),
                 idle_timeout: duration(tcp.idle.as_ref()).or(Some(Duration::default())),
                 cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
@@ -1229,6 +1263,7 @@ fn server_tls(
     server: &pb::ServerTls,
     holder: &Holder,
     http: bool,
+    callers: Option<&[String]>,
 ) -> Option<(core::TransportSocket, bool)> {
     let permissive = server.mode == pb::server_tls::Mode::Permissive as i32;
     let mut common = tls::CommonTlsContext {
@@ -1258,7 +1293,7 @@ fn server_tls(
             t,
             &format!("{path}.clientValidation"),
             &v.trust_files,
-            &v.subject_alt_names,
+            callers.unwrap_or(&v.subject_alt_names),
         ));
     }
     let context = tls::DownstreamTlsContext {
@@ -1310,14 +1345,13 @@ fn upstream_tls(
         .filter(|n| !holder.denied.contains(n))
         .cloned()
         .collect();
-    if names.is_empty() && !upstream.identities.is_empty() {
-        // Every name it may carry is revoked: no certificate passes (.invalid is reserved).
-        names.push("revoked.invalid".into());
-    } else if names.is_empty() && !holder.denied.is_empty() {
-        t.refuse(
-            format!("{path}.identities"),
-            "a server certificate with any name while identities are revoked (Envoy cannot refuse only those)",
-        );
+    let mesh_trust = upstream.trust_files.is_empty();
+    if names.is_empty()
+        && (!upstream.identities.is_empty() || mesh_trust && !holder.denied.is_empty())
+    {
+        // Every name it may carry is revoked, or any mesh identity would do while some are
+        // revoked (Envoy cannot take all but those): no certificate passes until then.
+        names.push(NO_ONE.into());
     }
     common.validation_context_type = Some(validation(t, path, &upstream.trust_files, &names));
     Some(tls_socket(&tls::UpstreamTlsContext {
@@ -1325,6 +1359,9 @@ fn upstream_tls(
         ..Default::default()
     }))
 }
+
+/// A name no certificate carries (`.invalid` is reserved): a check only it passes fails.
+const NO_ONE: &str = "revoked.invalid";
 
 /// RBAC rules with one policy: any request of a caller whose verified certificate's URI SAN
 /// is one of `identities` (none: no one).

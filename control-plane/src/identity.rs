@@ -873,6 +873,11 @@ pub async fn revoke_token(store: &dyn Store, id: &str) -> Result<Option<String>,
 }
 
 /// Where the revocation of `node` is kept.
+/// Whether the store key `key` is `node`'s revocation (a watch of it sees every key it starts).
+pub fn is_revocation_of(key: &str, node: &ResourceKey) -> bool {
+    key == revocation_key(node)
+}
+
 fn revocation_key(node: &ResourceKey) -> String {
     let segment = if node.kind == Kind::VirtualGateway {
         "vg"

@@ -398,10 +398,10 @@ async fn serve_proxy(
                 }
             } => {
                 let revoked = match revoked {
-                    Some(Ok(change)) => change
-                        .events
-                        .iter()
-                        .any(|e| e.kind == crate::store::EventKind::Put),
+                    Some(Ok(change)) => change.events.iter().any(|e| {
+                        e.kind == crate::store::EventKind::Put
+                            && crate::identity::is_revocation_of(&e.kv.key, node)
+                    }),
                     // The store's watch ended or failed: the proxy reconnects and is checked.
                     Some(Err(_)) | None => true,
                 };

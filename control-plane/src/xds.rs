@@ -229,6 +229,8 @@ impl AggregatedDiscoveryService for AdsService {
             .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
         let node = identify(&controller.view(), &node_info).map_err(Status::not_found)?;
         let addresses = addresses(&node_info).map_err(Status::invalid_argument)?;
+        // A revocation from this moment on ends the stream (checked again once watched).
+        let admitted_ms = unix_ms();
         let admitted = match token.filter(|t| !t.is_empty()) {
             Some(token) => {
                 crate::push::admit_token(&controller, &token, &node).await?;
@@ -285,6 +287,8 @@ impl AggregatedDiscoveryService for AdsService {
                     denied: Vec::new(),
                 },
                 unrevoke_at: None,
+                admitted_ms,
+                renew_at: None,
                 tx,
                 current: None,
                 applied: None,
@@ -331,8 +335,6 @@ struct Subscription {
 struct Certified {
     chain_pem: String,
     key_pem: String,
-    /// Renewed then: at half its life.
-    renew_at: tokio::time::Instant,
 }
 
 struct Session<'a> {
@@ -344,6 +346,10 @@ struct Session<'a> {
     holder: Holder,
     /// When the earliest denied identity's certificates have all expired.
     unrevoke_at: Option<tokio::time::Instant>,
+    /// When the stream was admitted (Unix milliseconds): a revocation since ends it.
+    admitted_ms: u64,
+    /// When its certificate is renewed (at half its life), or issuing is tried again.
+    renew_at: Option<tokio::time::Instant>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// The version and resources the Envoy should run.
     current: Option<(String, Arc<Resources>)>,
@@ -365,14 +371,16 @@ struct Gone;
 impl Session<'_> {
     async fn serve(&mut self, first: DiscoveryRequest, mut inbound: Streaming<DiscoveryRequest>) {
         let mut views = self.controller.subscribe();
-        // An admitted stream ends when its node's identity is revoked (on any control plane).
+        // An admitted stream ends when its node's identity is revoked (on any control plane),
+        // also between its admission and the watch.
         let mut revocations = None;
-        let mut rotations = None;
-        if self.holder.identity
-            && let Some((ca, _)) = self.controller.identity()
-        {
+        if self.holder.identity {
             let store = self.controller.store().as_ref();
             let watched = match Box::pin(crate::identity::revocation(store, self.node)).await {
+                Ok((Some(r), _)) if r.revoked_ms >= self.admitted_ms => {
+                    self.revoked().await;
+                    return;
+                }
                 Ok((_, revision)) => {
                     Box::pin(crate::identity::watch_revocation(
                         store, self.node, revision,
@@ -388,18 +396,22 @@ impl Session<'_> {
                     return;
                 }
             }
-            let mut r = ca.subscribe();
-            r.borrow_and_update();
-            rotations = Some(r);
             self.certify();
         }
+        // Every step of a root rotation reaches the Envoy's secrets (the bundle goes to
+        // anonymous Envoys too).
+        let mut rotations = self.controller.identity().map(|(ca, _)| {
+            let mut r = ca.subscribe();
+            r.borrow_and_update();
+            r
+        });
         let view = views.borrow_and_update().clone();
         self.refresh(&view).await;
         if self.request(first).await.is_err() {
             return;
         }
         loop {
-            let renew_at = self.certified.as_ref().map(|c| c.renew_at);
+            let renew_at = self.renew_at;
             tokio::select! {
                 changed = views.changed() => {
                     if changed.is_err() {
@@ -419,7 +431,20 @@ impl Session<'_> {
                     }
                 }
                 () = sleep_until(renew_at) => {
-                    self.certify();
+                    // Not for a node revoked since the stream was admitted.
+                    let store = self.controller.store().as_ref();
+                    match Box::pin(crate::identity::revocation(store, self.node)).await {
+                        Ok((Some(r), _)) if r.revoked_ms >= self.admitted_ms => {
+                            self.revoked().await;
+                            return;
+                        }
+                        Ok(_) => self.certify(),
+                        Err(e) => {
+                            tracing::warn!(node = %self.node, error = %e, "renewal postponed: the store does not answer");
+                            self.renew_at = Some(tokio::time::Instant::now() + RETRY);
+                            continue;
+                        }
+                    }
                     if self.send_secrets().await.is_err() {
                         return;
                     }
@@ -456,19 +481,15 @@ impl Session<'_> {
                     }
                 } => {
                     let revoked = match revoked {
-                        Some(Ok(change)) => change
-                            .events
-                            .iter()
-                            .any(|e| e.kind == crate::store::EventKind::Put),
+                        Some(Ok(change)) => change.events.iter().any(|e| {
+                            e.kind == crate::store::EventKind::Put
+                                && crate::identity::is_revocation_of(&e.kv.key, self.node)
+                        }),
                         // The store's watch ended or failed: the Envoy reconnects and is checked.
                         Some(Err(_)) | None => true,
                     };
                     if revoked {
-                        tracing::info!(node = %self.node, "identity revoked: envoy stream closed");
-                        let _ = self.tx.send(Err(Status::permission_denied(format!(
-                            "the identity of {} was revoked (trellis identity revoke)",
-                            self.node
-                        )))).await;
+                        self.revoked().await;
                         return;
                     }
                 }
@@ -806,6 +827,18 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// Ends the stream of a node whose identity was revoked.
+    async fn revoked(&self) {
+        tracing::info!(node = %self.node, "identity revoked: envoy stream closed");
+        let _ = self
+            .tx
+            .send(Err(Status::permission_denied(format!(
+                "the identity of {} was revoked (trellis identity revoke)",
+                self.node
+            ))))
+            .await;
+    }
+
     /// Issues the Envoy a new workload certificate (and key); the CA refusing is logged and
     /// the Envoy keeps what it has.
     fn certify(&mut self) {
@@ -815,7 +848,8 @@ impl Session<'_> {
         let (issued, key_pem) = match ca.issue_with_key(self.node) {
             Ok(issued) => issued,
             Err(e) => {
-                tracing::warn!(node = %self.node, error = %e, "certificate not issued");
+                tracing::warn!(node = %self.node, error = %e, "certificate not issued: tried again in 30s");
+                self.renew_at = Some(tokio::time::Instant::now() + RETRY);
                 return;
             }
         };
@@ -832,8 +866,8 @@ impl Session<'_> {
         self.certified = Some(Certified {
             chain_pem: issued.chain_pem,
             key_pem,
-            renew_at: tokio::time::Instant::now() + (life / 2).max(Duration::from_secs(30)),
         });
+        self.renew_at = Some(tokio::time::Instant::now() + (life / 2).max(RETRY));
         self.record_unsubscribed_roots();
     }
 
@@ -871,6 +905,16 @@ impl Session<'_> {
                 .answers
                 .with_label_values(&["nack"])
                 .inc();
+            // Shown as a NACK of what it should run: without its secrets it cannot.
+            let version = self.current.as_ref().map(|(v, _)| v.clone());
+            let reason = format!("Secret: {}", error.message);
+            self.controller.proxies().update(self.id, |p| {
+                p.nacked_version = version;
+                p.nack_reason = Some(reason);
+            });
+            if names_changed {
+                self.send_secrets().await?;
+            }
             return Ok(());
         }
         if !request.response_nonce.is_empty() {
@@ -903,24 +947,27 @@ impl Session<'_> {
             // Not subscribed.
             return Ok(());
         }
+        // A secret the Envoy does not use holds back no rotation: it gets today's whenever
+        // it asks. So the roots recorded are the bundle's and the certificate's either way.
         let mut resources = Vec::new();
-        let mut root = None;
-        let mut roots = Vec::new();
         for name in &self.secrets.names {
             match name.as_str() {
                 envoy::IDENTITY_SECRET => {
                     if let Some(c) = &self.certified {
                         resources.push(envoy::identity_secret(&c.chain_pem, &c.key_pem));
-                        root = crate::identity::chain_root(&c.chain_pem);
                     }
                 }
                 envoy::BUNDLE_SECRET => {
                     resources.push(envoy::bundle_secret(&ca.trust_bundle()));
-                    roots = ca.bundle_roots();
                 }
                 _ => {}
             }
         }
+        let roots = ca.bundle_roots();
+        let root = self
+            .certified
+            .as_ref()
+            .and_then(|c| crate::identity::chain_root(&c.chain_pem));
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = format!("secrets-{nonce}");
@@ -935,6 +982,15 @@ impl Session<'_> {
         };
         self.tx.send(Ok(response)).await.map_err(|_| Gone)
     }
+}
+
+/// How soon a certificate not issued (or a renewal the store could not check) is tried again.
+const RETRY: Duration = Duration::from_secs(30);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Sleeps until `at`; never without one.
