@@ -784,7 +784,7 @@ async fn answer_from(
 /// certificate and expired ones, answers 403 to a caller the mesh graph does not declare and
 /// to a revoked identity; an Envoy without a token is refused, and one whose node's identity
 /// is revoked is cut off and not admitted again by its old token. Under PERMISSIVE the
-/// Envoy's ingress takes plaintext too.
+/// Envoy's ingress takes plaintext too (a forged client certificate header removed) and mTLS.
 #[tokio::test]
 async fn envoy_sidecars_take_part_in_mtls() {
     use crate::mtls::{Root, id, tls_get};
@@ -912,6 +912,55 @@ async fn envoy_sidecars_take_part_in_mtls() {
         "a caller outside the mesh graph"
     );
 
+    // PERMISSIVE: the Envoy's ingress takes plaintext (a forged client certificate header
+    // removed) as well as mTLS (the caller's identity seen); then STRICT again.
+    let permissive = parity_mesh(p1, p2, 50, 50).replace(
+        "kind: Mesh\nmetadata: { name: m }\nspec: {}",
+        "kind: Mesh\nmetadata: { name: m }\nspec: { mtls: PERMISSIVE }",
+    );
+    assert_ne!(permissive, parity_mesh(p1, p2, 50, 50));
+    apply(&url, &permissive);
+    eventually(Duration::from_secs(30), "plaintext taken", || async {
+        let mut c = trellis_testkit::client::Client::h1(v2_sidecar.ingress)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = http::Request::get("/")
+            .header("host", "color.default")
+            .header(forged[0].0, forged[0].1)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        match c.send(req).await {
+            Ok(r) if r.status == 200 => {
+                assert_eq!(r.header("x-seen-client-cert"), None);
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let to_envoy = answer_from(front_trellis.egress, "color-v2", &[]).await;
+    assert!(
+        to_envoy
+            .header("x-seen-client-cert")
+            .is_some_and(|s| s.ends_with(&format!(";URI={}", id("front-trellis")))),
+        "{:?}",
+        to_envoy.header("x-seen-client-cert")
+    );
+    apply(&url, &parity_mesh(p1, p2, 50, 50));
+    let plain_refused = || async {
+        let mut c = trellis_testkit::client::Client::h1(v2_sidecar.ingress)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.get("color.default", "/").await.map_err(|e| e.to_string())
+    };
+    eventually(Duration::from_secs(30), "STRICT again", || async {
+        match plain_refused().await {
+            Err(_) => Ok(()),
+            Ok(r) => Err(format!("{}", r.status)),
+        }
+    })
+    .await;
+
     // A revoked identity: a certificate of it issued before the revocation gets 403 at the
     // Envoy's ingress.
     let revoke = |node: &str| {
@@ -963,25 +1012,6 @@ async fn envoy_sidecars_take_part_in_mtls() {
     )
     .await;
     assert!(proxy_status(&url, "default/front-envoy").is_none());
-
-    // PERMISSIVE: the Envoy's ingress takes plaintext as well as mTLS.
-    apply(
-        &url,
-        &parity_mesh(p1, p2, 50, 50).replace(
-            "kind: Mesh\nmetadata: { name: m }\nspec: {}",
-            "kind: Mesh\nmetadata: { name: m }\nspec: { mtls: PERMISSIVE }",
-        ),
-    );
-    eventually(Duration::from_secs(30), "plaintext taken", || async {
-        let mut c = trellis_testkit::client::Client::h1(v2_sidecar.ingress)
-            .await
-            .map_err(|e| e.to_string())?;
-        match c.get("color.default", "/").await {
-            Ok(r) if r.status == 200 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
 }
 
 /// Envoy sidecars go through a root rotation as trellis-proxies do: a rotated root joins the
@@ -1287,4 +1317,52 @@ async fn envoy_and_trellis_proxy_rewrite_and_match_ports_alike() {
             );
         }
     }
+}
+
+/// A TCP node behind an Envoy sidecar in a STRICT mesh: a declared caller (a trellis-proxy)
+/// reaches the app over mTLS and hears its greeting (a server-first protocol); a caller the
+/// mesh graph does not declare is refused in the handshake and hears nothing — the app's
+/// connection is not opened for it.
+#[tokio::test]
+async fn an_envoys_tcp_listener_checks_callers_in_the_handshake() {
+    use crate::mtls::{Root, id, tls_connect};
+    use tokio::io::AsyncReadExt as _;
+    use trellis_testkit::TcpEchoServer;
+    let root = Root::new();
+    let data = tempfile::tempdir().unwrap();
+    let flags = root.flags(data.path());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = ControlProcess::start_with(CONTROL, data.path(), "127.0.0.1:0", &flags).await;
+    let url = control.url.clone();
+    let db_app = TcpEchoServer::start("db").await;
+    apply(
+        &url,
+        &crate::mtls::mesh("{ mtls: STRICT }", 1, 2, db_app.addr.port()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let front = crate::mtls::sidecar(&url, "front", dir.path(), true).await;
+    let db = envoy_with_identity(&url, "default/db").await;
+    register_instance(&url, ("test", "db"), "db-1", db.ingress, &[]);
+    crate::wait_synced(&url, 2).await;
+
+    let (head, greeting) =
+        crate::mtls::connect_through(front.egress, &format!("db.default:{}", db_app.addr.port()))
+            .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(greeting, "db\n");
+
+    // What a caller hears first from the Envoy's ingress with this certificate.
+    let hears = |cert| async move {
+        let Ok(mut tls) = tls_connect(db.ingress, Some(cert), b"").await else {
+            return String::new();
+        };
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Ok(Err(_)) => String::new(),
+            Err(_) => "(nothing, the connection left open)".into(),
+        }
+    };
+    assert_eq!(hears(root.leaf(&id("front"), (-60, 600))).await, "db\n");
+    assert_eq!(hears(root.leaf(&id("stranger"), (-60, 600))).await, "");
 }

@@ -138,7 +138,7 @@ impl ServerCertVerifier for AnyServer {
 }
 
 /// A TLS connection to `addr` presenting `cert` (none: no client certificate).
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: SocketAddr,
     cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[u8],
@@ -203,7 +203,7 @@ pub(crate) async fn tls_get(
 /// A mesh of `mode` (flow YAML for the Mesh's spec): node `blue` (HTTP/1.1), `h2` (HTTP/2) and
 /// `db` (TCP), each with a VirtualService of its name, found in the registry; `front` declares
 /// the three as backends, `stranger` declares none.
-fn mesh(mesh_spec: &str, blue: u16, h2: u16, db: u16) -> String {
+pub(crate) fn mesh(mesh_spec: &str, blue: u16, h2: u16, db: u16) -> String {
     let api = "apiVersion: mesh.trellis.dev/v1beta1";
     let node = |name: &str, port: u16, protocol: &str| {
         format!(
@@ -264,7 +264,7 @@ pub(crate) async fn wait_identity(proxy: &ProxyProcess) {
 }
 
 /// Reads a CONNECT response head and the first line after it.
-async fn connect_through(egress: SocketAddr, authority: &str) -> (String, String) {
+pub(crate) async fn connect_through(egress: SocketAddr, authority: &str) -> (String, String) {
     let mut s = tokio::net::TcpStream::connect(egress).await.unwrap();
     let connect = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     s.write_all(connect.as_bytes()).await.unwrap();
