@@ -1014,6 +1014,20 @@ async fn envoy_sidecars_take_part_in_mtls() {
     assert!(proxy_status(&url, "default/front-envoy").is_none());
 }
 
+/// The scripted ADS client's node in the rotation test: front-envoy by App Mesh's name.
+const SCRIPTED: &str = "mesh/m/virtualNode/front-envoy";
+
+/// The next secrets response on a scripted ADS stream.
+async fn next_secrets(
+    r: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(20), r.message())
+        .await
+        .expect("a secrets response")
+        .unwrap()
+        .unwrap()
+}
+
 /// Envoy sidecars go through a root rotation as trellis-proxies do: a rotated root joins the
 /// Envoys' bundles over SDS (promote waits for their acknowledgements), promoted it gives them
 /// certificates from it, and once the old root has left every bundle, new callers that only
@@ -1053,12 +1067,55 @@ async fn envoy_sidecars_follow_a_root_rotation() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|p| p["node"] != "default/color-v1")
+            .filter(|p| p["node"] != "default/color-v1" && p["instance"] != SCRIPTED)
             .cloned()
             .collect()
     };
+    // A scripted ADS client of front-envoy's node (App Mesh's name for it, its own instance)
+    // that holds its secrets and will not acknowledge the rotated ones for a while.
+    use envoy_types::pb::envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    };
+    const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<DiscoveryRequest>();
+    let sds = |ack: Option<&DiscoveryResponse>| DiscoveryRequest {
+        node: Some(Node {
+            id: SCRIPTED.into(),
+            ..Default::default()
+        }),
+        type_url: SDS.into(),
+        resource_names: vec!["trellis-identity".into(), "trellis-trust-bundle".into()],
+        version_info: ack.map(|r| r.version_info.clone()).unwrap_or_default(),
+        response_nonce: ack.map(|r| r.nonce.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut request = tonic::Request::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    }));
+    request.metadata_mut().insert(
+        "x-trellis-join-token",
+        join_token(&url, "default/front-envoy").parse().unwrap(),
+    );
+    // The first request goes before the call: the server answers it with the stream.
+    tx.send(sds(None)).unwrap();
+    let mut scripted = AggregatedDiscoveryServiceClient::connect(url.clone())
+        .await
+        .unwrap()
+        .stream_aggregated_resources(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_secrets(&mut scripted).await;
+    assert_eq!(first.resources.len(), 2);
+    tx.send(sds(Some(&first))).unwrap();
+
     let out = ca(&["rotate"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let rotated = next_secrets(&mut scripted).await;
     let next = ca_status()["rotation"]["next"]
         .as_str()
         .unwrap()
@@ -1080,6 +1137,12 @@ async fn envoy_sidecars_follow_a_root_rotation() {
         }
     })
     .await;
+    // Promoting is refused while the scripted client has not acknowledged the new bundle,
+    // naming it; once it has, the new root is promoted.
+    let refused = ca(&["promote"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains(SCRIPTED), "{}", stderr(&refused));
+    tx.send(sds(Some(&rotated))).unwrap();
     eventually(Duration::from_secs(20), "the new root promoted", || async {
         let out = ca(&["promote"]);
         if out.status.success() {
@@ -1089,6 +1152,7 @@ async fn envoy_sidecars_follow_a_root_rotation() {
         }
     })
     .await;
+    drop((tx, scripted));
     eventually(
         Duration::from_secs(20),
         "Envoys certified by the new root",
