@@ -629,7 +629,20 @@ async fn the_leader_judges_on_the_measurements_another_control_plane_publishes()
         "{judged} of {}",
         s.v2.requests()
     );
-    assert_eq!(weights(&leading.url), (0, 100));
+    // The leader's own view follows the store's watch (the follower may see the promotion
+    // first).
+    let leading_url = leading.url.clone();
+    eventually(
+        Duration::from_secs(10),
+        "the leader sees the promotion",
+        || async {
+            match weights(&leading_url) {
+                (0, 100) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     // The judging was the other control plane's all along.
     assert_eq!(who(&leading.url), (leader.clone(), Some(leader)));
     let counts = traffic.stop().await;
