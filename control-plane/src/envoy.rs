@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
 use envoy_types::pb::{
     envoy::{
         config::{
@@ -154,12 +155,8 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
         refused: Vec::new(),
     };
     let mut out = Resources::default();
-    if snapshot.access_log.is_some() {
-        t.refuse(
-            "accessLog",
-            "the access log (Envoy's own can be set in its bootstrap)",
-        );
-    }
+    // One line per request (per connection on TCP listeners) on every listener.
+    let access_log: Vec<_> = snapshot.access_log.iter().map(access_log).collect();
     if snapshot.tracing.is_some() {
         t.refuse("tracing", "tracing");
     }
@@ -254,6 +251,7 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                 max_early_data_bytes: l.tls.is_some().then_some(UInt32Value { value: 0 }),
                 stat_prefix: l.name.clone(),
                 idle_timeout: duration(tcp.idle.as_ref()).or(Some(Duration::default())),
+                access_log: access_log.clone(),
                 cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
                     tcp_proxy::tcp_proxy::WeightedCluster { clusters },
                 )),
@@ -357,6 +355,7 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                     },
                 )),
                 http_filters,
+                access_log: access_log.clone(),
                 ..Default::default()
             };
             vec![listener::Filter {
@@ -1358,6 +1357,60 @@ fn upstream_tls(
         common_tls_context: Some(common),
         ..Default::default()
     }))
+}
+
+/// A VirtualNode's or VirtualGateway's access log as Envoy's file access log: the same file,
+/// the same command operators (Envoy's own), a line per request; no format: Envoy's default,
+/// which is trellis-proxy's too.
+fn access_log(log: &pb::AccessLog) -> envoy_types::pb::envoy::config::accesslog::v3::AccessLog {
+    use envoy_types::pb::envoy::{
+        config::accesslog::v3 as accesslog, extensions::access_loggers::file::v3 as file,
+    };
+    let format = match &log.format {
+        Some(pb::access_log::Format::Text(text)) => {
+            // trellis-proxy ends a line whatever the format writes; Envoy writes it as it is.
+            let mut text = text.clone();
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            Some(core::substitution_format_string::Format::TextFormatSource(
+                inline(&text),
+            ))
+        }
+        Some(pb::access_log::Format::Json(json)) => {
+            Some(core::substitution_format_string::Format::JsonFormat(
+                envoy_types::pb::google::protobuf::Struct {
+                    fields: json
+                        .fields
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.key.clone(),
+                                envoy_types::pb::google::protobuf::Value {
+                                    kind: Some(ValueKind::StringValue(f.value.clone())),
+                                },
+                            )
+                        })
+                        .collect(),
+                },
+            ))
+        }
+        None => None,
+    };
+    let config = file::FileAccessLog {
+        path: log.path.clone(),
+        access_log_format: format.map(|format| {
+            file::file_access_log::AccessLogFormat::LogFormat(core::SubstitutionFormatString {
+                format: Some(format),
+                ..Default::default()
+            })
+        }),
+    };
+    accesslog::AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(accesslog::access_log::ConfigType::TypedConfig(any(&config))),
+        ..Default::default()
+    }
 }
 
 /// A name no certificate carries (`.invalid` is reserved): a check only it passes fails.

@@ -1430,3 +1430,90 @@ async fn an_envoys_tcp_listener_checks_callers_in_the_handshake() {
     assert_eq!(hears(root.leaf(&id("front"), (-60, 600))).await, "db\n");
     assert_eq!(hears(root.leaf(&id("stranger"), (-60, 600))).await, "");
 }
+
+/// A node's `logging.accessLog` runs through an Envoy sidecar as through trellis-proxy: the
+/// same file gets a line per request in the format the node asks for (text with Envoy's
+/// command operators, a newline added; JSON with typed numbers).
+#[tokio::test]
+async fn envoy_and_trellis_proxy_write_access_logs_alike() {
+    use trellis_testkit::process::ProxyProcess;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("color-v1").await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = |caller: &str, kind: &str| logs.path().join(format!("{caller}-{kind}.log"));
+    let caller = |name: &str, format: &str, kind: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n  \
+             logging: {{ accessLog: {{ file: {{ path: {}, format: {format} }} }} }}\n---\n",
+            log(name, kind).display()
+        )
+    };
+    let manifest = |format: &str, kind: &str| {
+        format!(
+            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
+             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: color-v1 }} }} }}\n",
+            caller("front-envoy", format, kind),
+            caller("front-trellis", format, kind),
+            port = app.addr.port(),
+        )
+    };
+    let text = "{ text: '%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %REQ(:AUTHORITY)%' }";
+    let json = "{ json: [{ key: status, value: '%RESPONSE_CODE%' }, { key: path, value: '%REQ(:PATH)%' }, \
+                { key: line, value: 'GET %REQ(:PATH)%' }] }";
+    apply(&url, &manifest(text, "text"));
+    let dir = tempfile::tempdir().unwrap();
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dir.path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 2).await;
+    let callers = [
+        ("front-envoy", front_envoy.egress),
+        ("front-trellis", front_trellis.egress),
+    ];
+    let read_line = |path: std::path::PathBuf| async move {
+        eventually(Duration::from_secs(20), "an access log line", || async {
+            std::fs::read_to_string(&path)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+                .ok_or_else(|| format!("no line in {}", path.display()))
+        })
+        .await
+    };
+    for (name, via) in callers {
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let r = c.get("color.default", "/logged?q=1").await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{name}");
+        assert_eq!(
+            read_line(log(name, "text")).await,
+            "GET /logged?q=1 200 color.default\n",
+            "{name}"
+        );
+    }
+    apply(&url, &manifest(json, "json"));
+    crate::wait_synced(&url, 2).await;
+    for (name, via) in callers {
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let r = c.get("color.default", "/json").await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{name}");
+        let line = read_line(log(name, "json")).await;
+        let value: Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({ "status": 200, "path": "/json", "line": "GET /json" }),
+            "{name}: {line}"
+        );
+    }
+}
