@@ -276,13 +276,17 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
             });
             filters
         } else {
-            match pb::listener::Unmatched::try_from(l.unmatched) {
-                Ok(pb::listener::Unmatched::NotFound) => {}
-                Ok(pb::listener::Unmatched::Deny) => {}
-                _ => t.refuse(
-                    format!("{path}.unmatched"),
-                    "requests to hosts outside the mesh (egressFilter ALLOW_ALL)",
-                ),
+            let passthrough = match pb::listener::Unmatched::try_from(l.unmatched) {
+                Ok(pb::listener::Unmatched::NotFound | pb::listener::Unmatched::Deny) => false,
+                Ok(pb::listener::Unmatched::Passthrough) => true,
+                Err(_) => {
+                    t.refuse(format!("{path}.unmatched"), "an unknown unmatched action");
+                    false
+                }
+            };
+            if passthrough {
+                out.clusters
+                    .insert(PASSTHROUGH.into(), any(&passthrough_cluster()));
             }
             let routes = route_config(&mut t, &path, l, snapshot);
             out.routes.insert(l.name.clone(), any(&routes));
@@ -304,6 +308,21 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                     ..Default::default()
                 })
                 .collect();
+            if passthrough {
+                // Resolves the host a passthrough request names, for the passthrough cluster.
+                http_filters.push(hcm::HttpFilter {
+                    name: "envoy.filters.http.dynamic_forward_proxy".into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        &envoy_types::pb::envoy::extensions::filters::http::dynamic_forward_proxy::v3::FilterConfig {
+                            implementation_specifier: Some(
+                                envoy_types::pb::envoy::extensions::filters::http::dynamic_forward_proxy::v3::filter_config::ImplementationSpecifier::DnsCacheConfig(dns_cache()),
+                            ),
+                            ..Default::default()
+                        },
+                    ))),
+                    ..Default::default()
+                });
+            }
             http_filters.push(hcm::HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
@@ -343,10 +362,17 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                 }),
                 // No stream idle limit unless a route sets one (Envoy's default is 300 s).
                 stream_idle_timeout: Some(Duration::default()),
-                upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
-                    upgrade_type: "websocket".into(),
+                upgrade_configs: std::iter::once("websocket")
+                    .chain(passthrough.then_some("CONNECT"))
+                    .map(|u| hcm::http_connection_manager::UpgradeConfig {
+                        upgrade_type: u.into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                http2_protocol_options: passthrough.then(|| core::Http2ProtocolOptions {
+                    allow_connect: true,
                     ..Default::default()
-                }],
+                }),
                 codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
                 route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
                     hcm::Rds {
@@ -484,6 +510,55 @@ fn route_config(
         .virtual_hosts
         .iter()
         .any(|h| h.domains.iter().any(|d| d == "*"));
+    if l.unmatched == pb::listener::Unmatched::Passthrough as i32 && !catch_all {
+        // To the host the request names (CONNECT tunnels to theirs), with no retries or
+        // timeouts: trellis-proxy's passthrough, Envoy's dynamic forward proxy.
+        let to_passthrough = |r#match: route::RouteMatch, upgrade: Option<&str>| route::Route {
+            name: PASSTHROUGH.into(),
+            r#match: Some(r#match),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    PASSTHROUGH.into(),
+                )),
+                timeout: Some(Duration::default()),
+                upgrade_configs: upgrade
+                    .map(|u| route::route_action::UpgradeConfig {
+                        upgrade_type: u.into(),
+                        connect_config: Some(
+                            route::route_action::upgrade_config::ConnectConfig::default(),
+                        ),
+                        ..Default::default()
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        virtual_hosts.push(route::VirtualHost {
+            name: PASSTHROUGH.into(),
+            domains: vec!["*".into()],
+            routes: vec![
+                to_passthrough(
+                    route::RouteMatch {
+                        path_specifier: Some(route::route_match::PathSpecifier::ConnectMatcher(
+                            route::route_match::ConnectMatcher {},
+                        )),
+                        ..Default::default()
+                    },
+                    Some("CONNECT"),
+                ),
+                to_passthrough(
+                    route::RouteMatch {
+                        path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    },
+                    None,
+                ),
+            ],
+            ..Default::default()
+        });
+    }
     if l.unmatched == pb::listener::Unmatched::Deny as i32 && !catch_all {
         virtual_hosts.push(route::VirtualHost {
             name: "egress-denied".into(),
@@ -1409,6 +1484,57 @@ fn access_log(log: &pb::AccessLog) -> envoy_types::pb::envoy::config::accesslog:
     accesslog::AccessLog {
         name: "envoy.access_loggers.file".into(),
         config_type: Some(accesslog::access_log::ConfigType::TypedConfig(any(&config))),
+        ..Default::default()
+    }
+}
+
+/// The cluster (and route) of a sidecar egress's passthrough (a mesh's `egressFilter: ALLOW_ALL`).
+const PASSTHROUGH: &str = "trellis-passthrough";
+
+/// The DNS cache the passthrough's filter and cluster share (they must be configured alike).
+fn dns_cache()
+-> envoy_types::pb::envoy::extensions::common::dynamic_forward_proxy::v3::DnsCacheConfig {
+    envoy_types::pb::envoy::extensions::common::dynamic_forward_proxy::v3::DnsCacheConfig {
+        name: PASSTHROUGH.into(),
+        dns_lookup_family: cluster::cluster::DnsLookupFamily::V4Preferred as i32,
+        ..Default::default()
+    }
+}
+
+/// Envoy's dynamic forward proxy cluster: each request to the host (and port, 80 without one)
+/// its authority names; no limits.
+fn passthrough_cluster() -> cluster::Cluster {
+    use envoy_types::pb::envoy::extensions::clusters::dynamic_forward_proxy::v3 as dfp;
+    let config = dfp::ClusterConfig {
+        cluster_implementation_specifier: Some(
+            dfp::cluster_config::ClusterImplementationSpecifier::DnsCacheConfig(dns_cache()),
+        ),
+        ..Default::default()
+    };
+    let unlimited = Some(UInt32Value { value: u32::MAX });
+    cluster::Cluster {
+        name: PASSTHROUGH.into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::ClusterType(
+            cluster::cluster::CustomClusterType {
+                name: "envoy.clusters.dynamic_forward_proxy".into(),
+                typed_config: Some(any(&config)),
+            },
+        )),
+        lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        circuit_breakers: Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: unlimited.clone(),
+                max_pending_requests: unlimited.clone(),
+                max_requests: unlimited.clone(),
+                max_retries: unlimited,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -1517,3 +1517,74 @@ async fn envoy_and_trellis_proxy_write_access_logs_alike() {
         );
     }
 }
+
+/// A mesh's `egressFilter: ALLOW_ALL` through an Envoy caller as through a trellis-proxy
+/// caller: a host outside the mesh is reached as the request names it (80 without a port), by
+/// HTTP and by CONNECT, while the mesh's services are still routed by the mesh.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_pass_undeclared_hosts_alike() {
+    use trellis_testkit::{TcpEchoServer, process::ProxyProcess};
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("color-v1").await;
+    let caller = |name: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n"
+        )
+    };
+    apply(
+        &url,
+        &format!(
+            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{ egressFilter: {{ type: ALLOW_ALL }} }}\n---\n{}{}\
+             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: color-v1 }} }} }}\n",
+            caller("front-envoy"),
+            caller("front-trellis"),
+            port = app.addr.port(),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dir.path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 2).await;
+    let outside = TestServer::start("outside").await;
+    let db = TcpEchoServer::start("db").await;
+    for (name, via) in [
+        ("envoy", front_envoy.egress),
+        ("trellis-proxy", front_trellis.egress),
+    ] {
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let r = c.get(&outside.addr.to_string(), "/x").await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, "outside".into()),
+            "{name}"
+        );
+        assert_eq!(r.header("x-seen-path"), Some("/x"), "{name}");
+        let r = c.get("color.default", "/").await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, "color-v1".into()),
+            "{name}"
+        );
+        // No port: 80, where nothing listens on this machine.
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let r = c.get("127.0.0.1", "/").await.unwrap();
+        assert_eq!(r.status.as_u16(), 503, "{name}");
+        let (head, greeting) = crate::mtls::connect_through(via, &db.addr.to_string()).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{name}: {head}");
+        assert_eq!(greeting, "db\n", "{name}");
+    }
+}
