@@ -1527,9 +1527,9 @@ fn passthrough_cluster() -> cluster::Cluster {
         }),
         circuit_breakers: Some(cluster::CircuitBreakers {
             thresholds: vec![cluster::circuit_breakers::Thresholds {
-                max_connections: unlimited.clone(),
-                max_pending_requests: unlimited.clone(),
-                max_requests: unlimited.clone(),
+                max_connections: unlimited,
+                max_pending_requests: unlimited,
+                max_requests: unlimited,
                 max_retries: unlimited,
                 ..Default::default()
             }],
