@@ -713,8 +713,6 @@ fn http_route(
         }
     }
     for (field, set) in [
-        ("requestHeaders", r.request_headers.is_some()),
-        ("responseHeaders", r.response_headers.is_some()),
         ("fault", r.fault.is_some()),
         ("rateLimit", r.rate_limit.is_some()),
         ("mirror", r.mirror.is_some()),
@@ -766,13 +764,98 @@ fn http_route(
             };
             envoy_types::pb::google::protobuf::UInt64Value { value: bytes }
         });
+    let (request_headers_to_add, request_headers_to_remove) =
+        header_rules(r.request_headers.as_ref());
+    let (response_headers_to_add, response_headers_to_remove) =
+        header_rules(r.response_headers.as_ref());
     route::Route {
         name: r.name.clone(),
         r#match: Some(m),
         action,
         request_body_buffer_limit: buffer,
+        request_headers_to_add,
+        request_headers_to_remove,
+        response_headers_to_add,
+        response_headers_to_remove,
         ..Default::default()
     }
+}
+
+/// A route's header rules as Envoy's headers to add and remove (Envoy removes, then adds): a
+/// `set` header is removed and added anew (an empty value leaves it removed, as
+/// trellis-proxy's), an `add` appended (an empty one adds nothing), a removed one goes; the
+/// set and removed ones' `_` spellings go too (trellis-proxy's lookalikes). Variables are
+/// Envoy's own but `%PEER_IDENTITY%`, Envoy's `%DOWNSTREAM_PEER_URI_SAN%`.
+fn header_rules(rules: Option<&pb::HeaderRules>) -> (Vec<core::HeaderValueOption>, Vec<String>) {
+    let Some(rules) = rules else {
+        return (Vec::new(), Vec::new());
+    };
+    use core::header_value_option::HeaderAppendAction;
+    let option = |rule: &pb::HeaderValueRule, action: HeaderAppendAction| core::HeaderValueOption {
+        header: Some(core::HeaderValue {
+            key: rule.name.clone(),
+            value: envoy_variables(&rule.value),
+            ..Default::default()
+        }),
+        append_action: action as i32,
+        keep_empty_value: false,
+        ..Default::default()
+    };
+    let add = rules
+        .set
+        .iter()
+        .map(|r| option(r, HeaderAppendAction::OverwriteIfExistsOrAdd))
+        .chain(
+            rules
+                .add
+                .iter()
+                .map(|r| option(r, HeaderAppendAction::AppendIfExistsOrAdd)),
+        )
+        .collect();
+    let mut remove: Vec<String> = rules
+        .set
+        .iter()
+        .map(|r| r.name.to_ascii_lowercase())
+        .chain(rules.remove.iter().map(|n| n.to_ascii_lowercase()))
+        .collect();
+    let lookalikes: Vec<String> = remove
+        .iter()
+        .filter(|n| n.contains('-'))
+        .map(|n| n.replace('-', "_"))
+        .collect();
+    remove.extend(lookalikes);
+    (add, remove)
+}
+
+/// A header rule's value with Envoy's variables: trellis-proxy's are Envoy's names but
+/// `%PEER_IDENTITY%`; `%%` stays a literal `%`.
+fn envoy_variables(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(after) = rest.strip_prefix('%') {
+            out.push_str("%%");
+            rest = after;
+            continue;
+        }
+        let Some(end) = rest.find('%') else {
+            out.push('%');
+            continue;
+        };
+        let name = &rest[..end];
+        out.push('%');
+        out.push_str(if name == "PEER_IDENTITY" {
+            "DOWNSTREAM_PEER_URI_SAN"
+        } else {
+            name
+        });
+        out.push('%');
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A regex rewrite's substitution (the regex crate's: `$1`, `${1}`, `$$`) in RE2's form
@@ -1654,6 +1737,20 @@ impl Bootstrap {
 #[cfg(test)]
 mod tests {
     use super::re2_substitution;
+
+    /// Header rule values keep their text and `%%`, and name the caller's identity as Envoy.
+    #[test]
+    fn header_values_in_envoys_variables() {
+        for (ours, envoys) in [
+            ("fixed", "fixed"),
+            ("%ROUTE_NAME%", "%ROUTE_NAME%"),
+            ("id=%PEER_IDENTITY%;", "id=%DOWNSTREAM_PEER_URI_SAN%;"),
+            ("100%% %PEER_IDENTITY%", "100%% %DOWNSTREAM_PEER_URI_SAN%"),
+            ("%%PEER_IDENTITY%%", "%%PEER_IDENTITY%%"),
+        ] {
+            assert_eq!(super::envoy_variables(ours), envoys, "{ours}");
+        }
+    }
 
     /// The regex crate's group references in RE2's form, and what has none refused.
     #[test]

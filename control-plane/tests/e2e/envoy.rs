@@ -1588,3 +1588,103 @@ async fn envoy_and_trellis_proxy_pass_undeclared_hosts_alike() {
         assert_eq!(greeting, "db\n", "{name}");
     }
 }
+
+/// A route's header rules give the app and the client the same headers through an Envoy
+/// caller as through a trellis-proxy caller: set (a client's value replaced, with a variable),
+/// added (beside the client's), removed (with its `_` spelling), and on
+/// the response.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
+    use trellis_testkit::process::ProxyProcess;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("color-v1").await;
+    let caller = |name: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n"
+        )
+    };
+    apply(
+        &url,
+        &format!(
+            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
+             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+             provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
+             {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  routes:\n  \
+             - name: main\n    httpRoute:\n      match: {{ prefix: / }}\n      \
+             action: {{ weightedTargets: [{{ virtualNodeRef: {{ name: color-v1 }}, weight: 1 }}] }}\n      \
+             requestHeaders:\n        \
+             set: [{{ name: x-env, value: production }}, {{ name: x-peer, value: '%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%' }}]\n        \
+             add: [{{ name: x-route, value: '%ROUTE_NAME%' }}]\n        remove: [x-debug]\n      \
+             responseHeaders:\n        set: [{{ name: cache-control, value: no-store }}]\n",
+            caller("front-envoy"),
+            caller("front-trellis"),
+            port = app.addr.port(),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let front_trellis = ProxyProcess::sidecar(
+        crate::proxy_bin(),
+        &url,
+        "default/front-trellis",
+        dir.path(),
+    )
+    .await;
+    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
+    crate::wait_synced(&url, 2).await;
+    let mut seen = Vec::new();
+    for (name, via) in [
+        ("envoy", front_envoy.egress),
+        ("trellis-proxy", front_trellis.egress),
+    ] {
+        let req = http::Request::get("/")
+            .header("host", "color.default:8080")
+            .header("x-env", "staging")
+            .header("x-peer", "spiffe://forged")
+            .header("x-route", "client")
+            .header("x-debug", "1")
+            .header("x_debug", "1")
+            .header("x-echo-headers", "x-env,x-peer,x-route,x-debug,x_debug")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = trellis_testkit::client::Client::h1(via)
+            .await
+            .unwrap()
+            .send(req)
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{name}");
+        let headers: Vec<Option<String>> = [
+            "x-seen-x-env",
+            "x-seen-x-peer",
+            "x-seen-x-route",
+            "x-seen-x-debug",
+            "x-seen-x_debug",
+            "cache-control",
+        ]
+        .iter()
+        .map(|h| r.header(h).map(str::to_string))
+        .collect();
+        assert_eq!(
+            headers,
+            [
+                Some("production".into()),
+                Some("127.0.0.1".into()),
+                Some("client, color/main".into()),
+                None,
+                None,
+                Some("no-store".into())
+            ],
+            "{name}"
+        );
+        seen.push(headers);
+    }
+    assert_eq!(seen[0], seen[1]);
+}
