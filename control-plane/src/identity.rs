@@ -873,6 +873,22 @@ pub async fn revoke_token(store: &dyn Store, id: &str) -> Result<Option<String>,
 }
 
 /// Where the revocation of `node` is kept.
+/// Waits for the next change `watch` (of [`watch_revocation`]) sees; whether it revokes
+/// `node` — or the watch ended or failed, so the stream it guards must go (its proxy
+/// reconnects and is checked). Without a watch, never.
+pub async fn next_revocation(watch: Option<&mut crate::store::Watch>, node: &ResourceKey) -> bool {
+    let Some(watch) = watch else {
+        return std::future::pending().await;
+    };
+    match watch.recv().await {
+        Some(Ok(change)) => change
+            .events
+            .iter()
+            .any(|e| e.kind == crate::store::EventKind::Put && is_revocation_of(&e.kv.key, node)),
+        Some(Err(_)) | None => true,
+    }
+}
+
 /// Whether the store key `key` is `node`'s revocation (a watch of it sees every key it starts).
 pub fn is_revocation_of(key: &str, node: &ResourceKey) -> bool {
     key == revocation_key(node)

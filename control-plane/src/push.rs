@@ -391,20 +391,7 @@ async fn serve_proxy(
                     return;
                 }
             }
-            revoked = async {
-                match revocations.as_mut() {
-                    Some(w) => w.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let revoked = match revoked {
-                    Some(Ok(change)) => change.events.iter().any(|e| {
-                        e.kind == crate::store::EventKind::Put
-                            && crate::identity::is_revocation_of(&e.kv.key, node)
-                    }),
-                    // The store's watch ended or failed: the proxy reconnects and is checked.
-                    Some(Err(_)) | None => true,
-                };
+            revoked = crate::identity::next_revocation(revocations.as_mut(), node) => {
                 if revoked {
                     tracing::info!(node = %node, "identity revoked: stream closed");
                     let _ = session.tx.send(ended(Status::permission_denied(format!(

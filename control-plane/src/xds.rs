@@ -474,20 +474,7 @@ impl Session<'_> {
                         return;
                     }
                 }
-                revoked = async {
-                    match revocations.as_mut() {
-                        Some(w) => w.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let revoked = match revoked {
-                        Some(Ok(change)) => change.events.iter().any(|e| {
-                            e.kind == crate::store::EventKind::Put
-                                && crate::identity::is_revocation_of(&e.kv.key, self.node)
-                        }),
-                        // The store's watch ended or failed: the Envoy reconnects and is checked.
-                        Some(Err(_)) | None => true,
-                    };
+                revoked = crate::identity::next_revocation(revocations.as_mut(), self.node) => {
                     if revoked {
                         self.revoked().await;
                         return;

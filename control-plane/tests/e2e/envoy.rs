@@ -1446,52 +1446,29 @@ async fn an_envoys_tcp_listener_checks_callers_in_the_handshake() {
 /// command operators, a newline added; JSON with typed numbers).
 #[tokio::test]
 async fn envoy_and_trellis_proxy_write_access_logs_alike() {
-    use trellis_testkit::process::ProxyProcess;
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let url = control.url.clone();
     let app = TestServer::start("color-v1").await;
     let logs = tempfile::tempdir().unwrap();
     let log = |caller: &str, kind: &str| logs.path().join(format!("{caller}-{kind}.log"));
-    let caller = |name: &str, format: &str, kind: &str| {
-        format!(
-            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n  \
-             logging: {{ accessLog: {{ file: {{ path: {}, format: {format} }} }} }}\n---\n",
-            log(name, kind).display()
-        )
-    };
     let manifest = |format: &str, kind: &str| {
-        format!(
-            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
-             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: color-v1 }} }} }}\n",
-            caller("front-envoy", format, kind),
-            caller("front-trellis", format, kind),
-            port = app.addr.port(),
-        )
+        let logging = |name: &str| {
+            format!(
+                "  logging: {{ accessLog: {{ file: {{ path: {}, format: {format} }} }} }}\n",
+                log(name, kind).display()
+            )
+        };
+        callers_mesh("{}", &logging, app.addr.port(), None, "")
     };
     let text = "{ text: '%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %REQ(:AUTHORITY)%' }";
     let json = "{ json: [{ key: status, value: '%RESPONSE_CODE%' }, { key: path, value: '%REQ(:PATH)%' }, \
                 { key: line, value: 'GET %REQ(:PATH)%' }] }";
     apply(&url, &manifest(text, "text"));
-    let dir = tempfile::tempdir().unwrap();
-    let front_trellis = ProxyProcess::sidecar(
-        crate::proxy_bin(),
-        &url,
-        "default/front-trellis",
-        dir.path(),
-    )
-    .await;
-    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
-    crate::wait_synced(&url, 2).await;
+    let callers = Callers::start(&url).await;
     let callers = [
-        ("front-envoy", front_envoy.egress),
-        ("front-trellis", front_trellis.egress),
+        ("front-envoy", callers.envoy.egress),
+        ("front-trellis", callers.trellis.egress),
     ];
     let read_line = |path: std::path::PathBuf| async move {
         eventually(Duration::from_secs(20), "an access log line", || async {
@@ -1533,48 +1510,25 @@ async fn envoy_and_trellis_proxy_write_access_logs_alike() {
 /// HTTP and by CONNECT, while the mesh's services are still routed by the mesh.
 #[tokio::test]
 async fn envoy_and_trellis_proxy_pass_undeclared_hosts_alike() {
-    use trellis_testkit::{TcpEchoServer, process::ProxyProcess};
+    use trellis_testkit::TcpEchoServer;
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let url = control.url.clone();
     let app = TestServer::start("color-v1").await;
-    let caller = |name: &str| {
-        format!(
-            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n"
-        )
-    };
     apply(
         &url,
-        &format!(
-            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{ egressFilter: {{ type: ALLOW_ALL }} }}\n---\n{}{}\
-             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
-             provider: {{ virtualNode: {{ virtualNodeRef: {{ name: color-v1 }} }} }}\n",
-            caller("front-envoy"),
-            caller("front-trellis"),
-            port = app.addr.port(),
+        &callers_mesh(
+            "{ egressFilter: { type: ALLOW_ALL } }",
+            &|_| String::new(),
+            app.addr.port(),
+            None,
+            "",
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let front_trellis = ProxyProcess::sidecar(
-        crate::proxy_bin(),
-        &url,
-        "default/front-trellis",
-        dir.path(),
-    )
-    .await;
-    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
-    crate::wait_synced(&url, 2).await;
+    let callers = Callers::start(&url).await;
     let outside = TestServer::start("outside").await;
     let db = TcpEchoServer::start("db").await;
-    for (name, via) in [
-        ("envoy", front_envoy.egress),
-        ("trellis-proxy", front_trellis.egress),
-    ] {
+    for (name, via) in callers.each() {
         let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
         let r = c.get(&outside.addr.to_string(), "/x").await.unwrap();
         assert_eq!(
@@ -1605,27 +1559,12 @@ async fn envoy_and_trellis_proxy_pass_undeclared_hosts_alike() {
 /// the response.
 #[tokio::test]
 async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
-    use trellis_testkit::process::ProxyProcess;
     let data = tempfile::tempdir().unwrap();
     let control = ControlProcess::start(CONTROL, data.path()).await;
     let url = control.url.clone();
     let app = TestServer::start("color-v1").await;
-    let caller = |name: &str| {
-        format!(
-            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
-             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n---\n"
-        )
-    };
-    apply(
-        &url,
-        &format!(
-            "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {{}}\n---\n{}{}\
-             {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
-             listeners: [{{ portMapping: {{ port: {port}, protocol: http }} }}]\n  \
-             serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
-             {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
-             provider: {{ virtualRouter: {{ virtualRouterRef: {{ name: color }} }} }}\n---\n\
+    let router = format!(
+        "---\n\
              {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
              listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  routes:\n  \
              - name: main\n    httpRoute:\n      match: {{ prefix: / }}\n      \
@@ -1634,26 +1573,20 @@ async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
              set: [{{ name: x-env, value: production }}, {{ name: x-peer, value: '%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%' }}]\n        \
              add: [{{ name: x-route, value: '%ROUTE_NAME%' }}]\n        remove: [x-debug]\n      \
              responseHeaders:\n        set: [{{ name: cache-control, value: no-store }}]\n",
-            caller("front-envoy"),
-            caller("front-trellis"),
-            port = app.addr.port(),
+    );
+    apply(
+        &url,
+        &callers_mesh(
+            "{}",
+            &|_| String::new(),
+            app.addr.port(),
+            Some("{ virtualRouter: { virtualRouterRef: { name: color } } }"),
+            &router,
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let front_trellis = ProxyProcess::sidecar(
-        crate::proxy_bin(),
-        &url,
-        "default/front-trellis",
-        dir.path(),
-    )
-    .await;
-    let front_envoy = Envoy::start(&url, "default/front-envoy").await;
-    crate::wait_synced(&url, 2).await;
+    let callers = Callers::start(&url).await;
     let mut seen = Vec::new();
-    for (name, via) in [
-        ("envoy", front_envoy.egress),
-        ("trellis-proxy", front_trellis.egress),
-    ] {
+    for (name, via) in callers.each() {
         let req = http::Request::get("/")
             .header("host", "color.default:8080")
             .header("x-env", "staging")
@@ -1735,7 +1668,7 @@ async fn envoy_and_trellis_proxy_gateways_answer_alike() {
     crate::wait_synced(&url, 2).await;
     let mut answers = Vec::new();
     for (name, via) in [
-        ("envoy", SocketAddr::from(([127, 0, 0, 2], port))),
+        ("envoy", SocketAddr::from((envoy_gw.ingress.ip(), port))),
         (
             "trellis-proxy",
             trellis_gw.listener_addr(&format!("gateway:{port}")).await,
@@ -1770,4 +1703,71 @@ async fn envoy_and_trellis_proxy_gateways_answer_alike() {
         answers.push(answer);
     }
     assert_eq!(answers[0], answers[1]);
+}
+
+/// A mesh (`mesh_spec`, flow YAML) where `front-envoy` and `front-trellis` (each with
+/// `caller_extra(name)`: more of its spec, indented as `listeners`) call the service `color`,
+/// provided as `provider` says (by default the node `color-v1`: the app at `app_port`), and
+/// `more` documents.
+fn callers_mesh(
+    mesh_spec: &str,
+    caller_extra: &dyn Fn(&str) -> String,
+    app_port: u16,
+    provider: Option<&str>,
+    more: &str,
+) -> String {
+    let caller = |name: &str| {
+        format!(
+            "{API}\nkind: VirtualNode\nmetadata: {{ name: {name} }}\nspec:\n  \
+             listeners: [{{ portMapping: {{ port: 1, protocol: http }} }}]\n  \
+             backends: [{{ virtualService: {{ virtualServiceRef: {{ name: color }} }} }}]\n{}---\n",
+            caller_extra(name)
+        )
+    };
+    format!(
+        "{API}\nkind: Mesh\nmetadata: {{ name: m }}\nspec: {mesh_spec}\n---\n{}{}\
+         {API}\nkind: VirtualNode\nmetadata: {{ name: color-v1 }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: {app_port}, protocol: http }} }}]\n  \
+         serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+         {API}\nkind: VirtualService\nmetadata: {{ name: color }}\nspec:\n  \
+         provider: {}\n{more}",
+        caller("front-envoy"),
+        caller("front-trellis"),
+        provider.unwrap_or("{ virtualNode: { virtualNodeRef: { name: color-v1 } } }"),
+    )
+}
+
+/// The two callers of [`callers_mesh`], running and in sync.
+struct Callers {
+    envoy: Envoy,
+    trellis: trellis_testkit::process::ProxyProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Callers {
+    async fn start(url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let trellis = trellis_testkit::process::ProxyProcess::sidecar(
+            crate::proxy_bin(),
+            url,
+            "default/front-trellis",
+            dir.path(),
+        )
+        .await;
+        let envoy = Envoy::start(url, "default/front-envoy").await;
+        crate::wait_synced(url, 2).await;
+        Self {
+            envoy,
+            trellis,
+            _dir: dir,
+        }
+    }
+
+    /// Each caller's name and egress.
+    fn each(&self) -> [(&'static str, SocketAddr); 2] {
+        [
+            ("envoy", self.envoy.egress),
+            ("trellis-proxy", self.trellis.egress),
+        ]
+    }
 }
