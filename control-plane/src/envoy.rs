@@ -308,6 +308,19 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
                     ..Default::default()
                 })
                 .collect();
+            // Faults are routes' own (their per-route config); the filter runs them.
+            if l.virtual_hosts
+                .iter()
+                .any(|h| h.routes.iter().any(|r| r.fault.is_some()))
+            {
+                http_filters.push(hcm::HttpFilter {
+                    name: FAULT.into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        &envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
+                    ))),
+                    ..Default::default()
+                });
+            }
             if passthrough {
                 // Resolves the host a passthrough request names, for the passthrough cluster.
                 http_filters.push(hcm::HttpFilter {
@@ -610,6 +623,99 @@ fn header_exact(name: &str, value: &str) -> route::HeaderMatcher {
     }
 }
 
+/// A header match (App Mesh's, with every rule and inversion) as Envoy's.
+fn header_matcher(t: &mut Translator, path: &str, h: &pb::HeaderMatch) -> route::HeaderMatcher {
+    use route::header_matcher::HeaderMatchSpecifier as S;
+    let spec = match &h.rule {
+        Some(pb::header_match::Rule::Exact(v)) => S::StringMatch(string_matcher(
+            matcher::string_matcher::MatchPattern::Exact(v.clone()),
+        )),
+        Some(pb::header_match::Rule::Prefix(v)) => S::StringMatch(string_matcher(
+            matcher::string_matcher::MatchPattern::Prefix(v.clone()),
+        )),
+        Some(pb::header_match::Rule::Suffix(v)) => S::StringMatch(string_matcher(
+            matcher::string_matcher::MatchPattern::Suffix(v.clone()),
+        )),
+        Some(pb::header_match::Rule::Regex(v)) => S::StringMatch(string_matcher(
+            matcher::string_matcher::MatchPattern::SafeRegex(regex(v)),
+        )),
+        Some(pb::header_match::Rule::Range(r)) => S::RangeMatch(types::Int64Range {
+            start: r.start,
+            end: r.end,
+        }),
+        Some(pb::header_match::Rule::Present(p)) => S::PresentMatch(*p),
+        None => S::PresentMatch(true),
+    };
+    if h.name.is_empty() {
+        t.refuse(format!("{path}.name"), "an empty header name");
+    }
+    route::HeaderMatcher {
+        name: h.name.clone(),
+        invert_match: h.invert,
+        // An inverted rule matches a request without the header, as trellis-proxy's.
+        treat_missing_header_as_empty: h.invert
+            && !matches!(h.rule, Some(pb::header_match::Rule::Present(_)) | None),
+        header_match_specifier: Some(spec),
+    }
+}
+
+/// A share in percent (fractions allowed) as Envoy's, in millionths.
+fn percent(p: f64) -> types::FractionalPercent {
+    types::FractionalPercent {
+        // In 0..=100 (checked by the proxy's compiler): at most 1,000,000.
+        numerator: (p.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+        denominator: types::fractional_percent::DenominatorType::Million as i32,
+    }
+}
+
+/// The fault filter's name, and its per-route config.
+const FAULT: &str = "envoy.filters.http.fault";
+
+/// A route's fault as Envoy's fault filter's (which trellis-proxy's follows: before the route's
+/// timeout, a delay then an abort drawn independently).
+fn fault(t: &mut Translator, path: &str, f: &pb::Fault, grpc: bool) -> Any {
+    use envoy_types::pb::envoy::extensions::filters::{
+        common::fault::v3 as common, http::fault::v3 as fault,
+    };
+    let abort = f.abort.as_ref().map(|a| {
+        // One status for every request: a gRPC route's are all gRPC requests.
+        let error = if grpc && a.grpc_status != 0 {
+            fault::fault_abort::ErrorType::GrpcStatus(a.grpc_status)
+        } else {
+            if a.grpc_status != 0 {
+                t.refuse(
+                    format!("{path}.fault.abort.grpcStatus"),
+                    "a grpcStatus on a route that also takes requests other than gRPC (Envoy answers one status to all)",
+                );
+            }
+            fault::fault_abort::ErrorType::HttpStatus(a.http_status)
+        };
+        fault::FaultAbort {
+            error_type: Some(error),
+            percentage: Some(percent(a.percentage)),
+            ..Default::default()
+        }
+    });
+    let delay = f.delay.as_ref().map(|d| common::FaultDelay {
+        fault_delay_secifier: duration(d.fixed_delay.as_ref())
+            .map(common::fault_delay::FaultDelaySecifier::FixedDelay),
+        percentage: Some(percent(d.percentage)),
+        ..Default::default()
+    });
+    let headers = f
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_matcher(t, &format!("{path}.fault.headers[{i}]"), h))
+        .collect();
+    any(&fault::HttpFault {
+        delay,
+        abort,
+        headers,
+        ..Default::default()
+    })
+}
+
 fn http_route(
     t: &mut Translator,
     path: &str,
@@ -636,41 +742,8 @@ fn http_route(
             });
         }
         for (i, h) in rm.headers.iter().enumerate() {
-            use route::header_matcher::HeaderMatchSpecifier as S;
-            let spec = match &h.rule {
-                Some(pb::header_match::Rule::Exact(v)) => S::StringMatch(string_matcher(
-                    matcher::string_matcher::MatchPattern::Exact(v.clone()),
-                )),
-                Some(pb::header_match::Rule::Prefix(v)) => S::StringMatch(string_matcher(
-                    matcher::string_matcher::MatchPattern::Prefix(v.clone()),
-                )),
-                Some(pb::header_match::Rule::Suffix(v)) => S::StringMatch(string_matcher(
-                    matcher::string_matcher::MatchPattern::Suffix(v.clone()),
-                )),
-                Some(pb::header_match::Rule::Regex(v)) => S::StringMatch(string_matcher(
-                    matcher::string_matcher::MatchPattern::SafeRegex(regex(v)),
-                )),
-                Some(pb::header_match::Rule::Range(r)) => S::RangeMatch(types::Int64Range {
-                    start: r.start,
-                    end: r.end,
-                }),
-                Some(pb::header_match::Rule::Present(p)) => S::PresentMatch(*p),
-                None => S::PresentMatch(true),
-            };
-            if h.name.is_empty() {
-                t.refuse(
-                    format!("{path}.match.headers[{i}].name"),
-                    "an empty header name",
-                );
-            }
-            m.headers.push(route::HeaderMatcher {
-                name: h.name.clone(),
-                invert_match: h.invert,
-                // An inverted rule matches a request without the header, as trellis-proxy's.
-                treat_missing_header_as_empty: h.invert
-                    && !matches!(h.rule, Some(pb::header_match::Rule::Present(_)) | None),
-                header_match_specifier: Some(spec),
-            });
+            m.headers
+                .push(header_matcher(t, &format!("{path}.match.headers[{i}]"), h));
         }
         if !rm.method.is_empty() {
             m.headers.push(header_exact(":method", &rm.method));
@@ -712,11 +785,7 @@ fn http_route(
             });
         }
     }
-    for (field, set) in [
-        ("fault", r.fault.is_some()),
-        ("rateLimit", r.rate_limit.is_some()),
-        ("mirror", r.mirror.is_some()),
-    ] {
+    for (field, set) in [("rateLimit", r.rate_limit.is_some())] {
         if set {
             t.refuse(format!("{path}.{field}"), field);
         }
@@ -768,11 +837,17 @@ fn http_route(
         header_rules(r.request_headers.as_ref());
     let (response_headers_to_add, response_headers_to_remove) =
         header_rules(r.response_headers.as_ref());
+    let grpc = r.r#match.as_ref().is_some_and(|m| m.grpc.is_some());
     route::Route {
         name: r.name.clone(),
         r#match: Some(m),
         action,
         request_body_buffer_limit: buffer,
+        typed_per_filter_config: r
+            .fault
+            .iter()
+            .map(|f| (FAULT.to_string(), fault(t, path, f, grpc)))
+            .collect(),
         request_headers_to_add,
         request_headers_to_remove,
         response_headers_to_add,
@@ -918,7 +993,22 @@ fn route_action(
         }
     }
     use route::route_action::ClusterSpecifier;
+    // A share of the requests copied to a cluster, the copy's host with `-shadow` (Envoy's
+    // shadowing, which trellis-proxy's follows).
+    let mirrors = r
+        .mirror
+        .iter()
+        .map(|m| route::route_action::RequestMirrorPolicy {
+            cluster: m.cluster.clone(),
+            runtime_fraction: Some(core::RuntimeFractionalPercent {
+                default_value: Some(percent(m.percentage)),
+                runtime_key: String::new(),
+            }),
+            ..Default::default()
+        })
+        .collect();
     let mut out = route::RouteAction {
+        request_mirror_policies: mirrors,
         cluster_specifier: Some(ClusterSpecifier::WeightedClusters(route::WeightedCluster {
             clusters: a
                 .weighted_targets

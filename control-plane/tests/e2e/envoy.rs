@@ -1771,3 +1771,84 @@ impl Callers {
         ]
     }
 }
+
+/// Faults and mirroring alike through an Envoy caller and a trellis-proxy caller: an abort
+/// answers its status, a delay narrowed to a header holds only those requests, and a mirrored
+/// route's requests are copied to the mirror's node too.
+#[tokio::test]
+async fn envoy_and_trellis_proxy_inject_faults_and_mirror_alike() {
+    let data = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let url = control.url.clone();
+    let v1 = TestServer::start("color-v1").await;
+    let v2 = TestServer::start("color-v2").await;
+    let to_v1 = "{ weightedTargets: [{ virtualNodeRef: { name: color-v1 }, weight: 1 }] }";
+    let more = format!(
+        "---\n{API}\nkind: VirtualNode\nmetadata: {{ name: color-v2 }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: {v2_port}, protocol: http }} }}]\n  \
+         serviceDiscovery: {{ dns: {{ hostname: 127.0.0.1 }} }}\n---\n\
+         {API}\nkind: VirtualRouter\nmetadata: {{ name: color }}\nspec:\n  \
+         listeners: [{{ portMapping: {{ port: 8080, protocol: http }} }}]\n  routes:\n  \
+         - name: abort\n    priority: 1\n    httpRoute:\n      match: {{ prefix: /abort }}\n      \
+         action: {to_v1}\n      fault: {{ abort: {{ httpStatus: 418, percentage: 100 }} }}\n  \
+         - name: delay\n    priority: 2\n    httpRoute:\n      match: {{ prefix: /delay }}\n      \
+         action: {to_v1}\n      \
+         fault: {{ headers: [{{ name: x-chaos, match: {{ exact: 'on' }} }}], delay: {{ fixedDelay: {{ unit: ms, value: 300 }}, percentage: 100 }} }}\n  \
+         - name: mirror\n    priority: 3\n    httpRoute:\n      match: {{ prefix: /mirror }}\n      \
+         action: {to_v1}\n      mirror: {{ virtualNodeRef: {{ name: color-v2 }}, percentage: 100 }}\n",
+        v2_port = v2.addr.port(),
+    );
+    apply(
+        &url,
+        &callers_mesh(
+            "{}",
+            &|_| String::new(),
+            v1.addr.port(),
+            Some("{ virtualRouter: { virtualRouterRef: { name: color } } }"),
+            &more,
+        ),
+    );
+    let callers = Callers::start(&url).await;
+    for (name, via) in callers.each() {
+        let mut c = trellis_testkit::client::Client::h1(via).await.unwrap();
+        let r = c.get("color.default:8080", "/abort").await.unwrap();
+        assert_eq!(r.status.as_u16(), 418, "{name}");
+
+        let started = std::time::Instant::now();
+        let req = http::Request::get("/delay")
+            .header("host", "color.default:8080")
+            .header("x-chaos", "on")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{name}");
+        // Held about 300 ms (Envoy's timers may fire a few milliseconds early).
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{name}: {:?}",
+            started.elapsed()
+        );
+        let r = c.get("color.default:8080", "/delay").await.unwrap();
+        assert_eq!(r.status.as_u16(), 200, "{name}");
+
+        let copied = v2.requests();
+        let r = c.get("color.default:8080", "/mirror").await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.header("x-server")),
+            (200, Some("color-v1")),
+            "{name}"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the copy at the mirror",
+            || async {
+                if v2.requests() == copied + 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{name}: {} copies", v2.requests() - copied))
+                }
+            },
+        )
+        .await;
+    }
+}
