@@ -179,8 +179,18 @@ pub fn translate(snapshot: &pb::Snapshot, holder: &Holder) -> Result<Resources, 
         // A TCP listener's callers are checked in the handshake (the certificate must name one
         // of them, not revoked): Envoy's network RBAC would only look at the client's first
         // bytes, after the app's connection is open (and a server-first protocol has spoken).
+        // Only where the handshake decides alone: STRICT, requiring a certificate the mesh's
+        // way (no names of its own), with one to serve; elsewhere RBAC on the first bytes.
+        let handshake_decides = l.tls.as_ref().is_some_and(|tls| {
+            tls.mode == pb::server_tls::Mode::Strict as i32
+                && tls
+                    .client_validation
+                    .as_ref()
+                    .is_some_and(|v| v.subject_alt_names.is_empty())
+                && (tls.certificate.is_some() || holder.identity)
+        });
         let handshake_callers = match &l.authorization {
-            Some(a) if !http => {
+            Some(a) if !http && handshake_decides => {
                 let mut ids: Vec<String> = a
                     .identities
                     .iter()
@@ -592,9 +602,18 @@ fn route_config(
             ..Default::default()
         });
     }
+    // At a sidecar's ingress the connection manager replaces x-forwarded-client-cert; its `_`
+    // spelling goes too (servers reading `_` and `-` alike would take it for the header), as
+    // at trellis-proxy's.
+    let ingress = l.role == pb::listener::Role::Ingress as i32;
     route::RouteConfiguration {
         name: l.name.clone(),
         virtual_hosts,
+        request_headers_to_remove: if ingress {
+            vec!["x_forwarded_client_cert".into()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     }
 }
@@ -700,7 +719,6 @@ fn fault(t: &mut Translator, path: &str, f: &pb::Fault, grpc: bool) -> Any {
         fault_delay_secifier: duration(d.fixed_delay.as_ref())
             .map(common::fault_delay::FaultDelaySecifier::FixedDelay),
         percentage: Some(percent(d.percentage)),
-        ..Default::default()
     });
     let headers = f
         .headers
@@ -902,8 +920,20 @@ fn header_rules(rules: Option<&pb::HeaderRules>) -> (Vec<core::HeaderValueOption
     (add, remove)
 }
 
-/// A header rule's value with Envoy's variables: trellis-proxy's are Envoy's names but
-/// `%PEER_IDENTITY%`; `%%` stays a literal `%`.
+/// Envoy's name for one of trellis-proxy's variables or command operators: the caller's
+/// identity, and the connection's peer as `DIRECT` — Envoy's plain `DOWNSTREAM_REMOTE_ADDRESS`
+/// would read a client's `x-forwarded-for` at a sidecar, where trellis-proxy's is the TCP peer.
+fn envoy_operator(name: &str) -> &str {
+    match name {
+        "PEER_IDENTITY" => "DOWNSTREAM_PEER_URI_SAN",
+        "DOWNSTREAM_REMOTE_ADDRESS" => "DOWNSTREAM_DIRECT_REMOTE_ADDRESS",
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT",
+        other => other,
+    }
+}
+
+/// A header rule's value (or an access log format) with Envoy's operators (`envoy_operator`);
+/// `%%` stays a literal `%`.
 fn envoy_variables(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
@@ -921,11 +951,7 @@ fn envoy_variables(value: &str) -> String {
         };
         let name = &rest[..end];
         out.push('%');
-        out.push_str(if name == "PEER_IDENTITY" {
-            "DOWNSTREAM_PEER_URI_SAN"
-        } else {
-            name
-        });
+        out.push_str(envoy_operator(name));
         out.push('%');
         rest = &rest[end + 1..];
     }
@@ -1052,7 +1078,7 @@ fn route_action(
             // The whole path (its query kept), as Envoy's regex rewrite of the path does.
             out.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
                 pattern: Some(regex("^.*$")),
-                substitution: rw.exact.clone(),
+                substitution: rw.exact.replace('\\', "\\\\"),
             });
         } else if let Some(substitution) = re2_substitution(&rw.substitution) {
             out.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
@@ -1617,7 +1643,7 @@ fn access_log(log: &pb::AccessLog) -> envoy_types::pb::envoy::config::accesslog:
     let format = match &log.format {
         Some(pb::access_log::Format::Text(text)) => {
             // trellis-proxy ends a line whatever the format writes; Envoy writes it as it is.
-            let mut text = text.clone();
+            let mut text = envoy_variables(text);
             if !text.ends_with('\n') {
                 text.push('\n');
             }
@@ -1635,7 +1661,7 @@ fn access_log(log: &pb::AccessLog) -> envoy_types::pb::envoy::config::accesslog:
                             (
                                 f.key.clone(),
                                 envoy_types::pb::google::protobuf::Value {
-                                    kind: Some(ValueKind::StringValue(f.value.clone())),
+                                    kind: Some(ValueKind::StringValue(envoy_variables(&f.value))),
                                 },
                             )
                         })
@@ -1662,7 +1688,7 @@ fn access_log(log: &pb::AccessLog) -> envoy_types::pb::envoy::config::accesslog:
 }
 
 /// The cluster (and route) of a sidecar egress's passthrough (a mesh's `egressFilter: ALLOW_ALL`).
-const PASSTHROUGH: &str = "trellis-passthrough";
+const PASSTHROUGH: &str = "passthrough";
 
 /// The DNS cache the passthrough's filter and cluster share (they must be configured alike).
 fn dns_cache()

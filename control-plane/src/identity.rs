@@ -872,7 +872,6 @@ pub async fn revoke_token(store: &dyn Store, id: &str) -> Result<Option<String>,
     }
 }
 
-/// Where the revocation of `node` is kept.
 /// Waits for the next change `watch` (of [`watch_revocation`]) sees; whether it revokes
 /// `node` — or the watch ended or failed, so the stream it guards must go (its proxy
 /// reconnects and is checked). Without a watch, never.
@@ -894,6 +893,7 @@ pub fn is_revocation_of(key: &str, node: &ResourceKey) -> bool {
     key == revocation_key(node)
 }
 
+/// Where the revocation of `node` is kept.
 fn revocation_key(node: &ResourceKey) -> String {
     let segment = if node.kind == Kind::VirtualGateway {
         "vg"

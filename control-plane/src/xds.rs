@@ -297,6 +297,7 @@ impl AggregatedDiscoveryService for AdsService {
                 secrets: Subscription::default(),
                 certified: None,
                 secrets_sent: None,
+                secrets_nacked: false,
                 nonce: 0,
             };
             session.serve(first, inbound).await;
@@ -363,6 +364,8 @@ struct Session<'a> {
     /// The last secrets response's nonce, the bundle's roots and the certificate's root it
     /// carried: its ACK records them (the Envoy uses them from then on).
     secrets_sent: Option<(String, Vec<String>, Option<String>)>,
+    /// The Envoy rejected its secrets: shown as a NACK until it takes them.
+    secrets_nacked: bool,
     nonce: u64,
 }
 
@@ -433,7 +436,15 @@ impl Session<'_> {
                 () = sleep_until(renew_at) => {
                     // Not for a node revoked since the stream was admitted.
                     let store = self.controller.store().as_ref();
-                    match Box::pin(crate::identity::revocation(store, self.node)).await {
+                    let checked = tokio::time::timeout(
+                        RETRY / 3,
+                        Box::pin(crate::identity::revocation(store, self.node)),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::identity::IdentityError::Ca("timed out".into()))
+                    });
+                    match checked {
                         Ok((Some(r), _)) if r.revoked_ms >= self.admitted_ms => {
                             self.revoked().await;
                             return;
@@ -893,6 +904,7 @@ impl Session<'_> {
                 .with_label_values(&["nack"])
                 .inc();
             // Shown as a NACK of what it should run: without its secrets it cannot.
+            self.secrets_nacked = true;
             let version = self.current.as_ref().map(|(v, _)| v.clone());
             let reason = format!("Secret: {}", error.message);
             self.controller.proxies().update(self.id, |p| {
@@ -910,7 +922,12 @@ impl Session<'_> {
                 .secrets_sent
                 .take_if(|(n, ..)| *n == request.response_nonce)
             {
+                let cleared = std::mem::take(&mut self.secrets_nacked);
                 self.controller.proxies().update(self.id, |p| {
+                    if cleared {
+                        p.nacked_version = None;
+                        p.nack_reason = None;
+                    }
                     p.trust_roots = roots;
                     if root.is_some() {
                         p.certificate_root = root;
@@ -936,6 +953,9 @@ impl Session<'_> {
         }
         // A secret the Envoy does not use holds back no rotation: it gets today's whenever
         // it asks. So the roots recorded are the bundle's and the certificate's either way.
+        // The roots before the bundle: a rotation step between the two reads makes the bundle
+        // hold more than recorded (a step waits longer), never less.
+        let roots = ca.bundle_roots();
         let mut resources = Vec::new();
         for name in &self.secrets.names {
             match name.as_str() {
@@ -950,7 +970,6 @@ impl Session<'_> {
                 _ => {}
             }
         }
-        let roots = ca.bundle_roots();
         let root = self
             .certified
             .as_ref()

@@ -194,12 +194,18 @@ async fn an_envoy_sidecar_runs_its_nodes_config_over_ads() {
         &mesh(
             0,
             100,
-            "      fault: { abort: { httpStatus: 503, percentage: 100 } }\n",
+            "      rateLimit: { requests: 20, per: { unit: s, value: 1 } }\n",
         ),
     );
     let withheld = eventually(Duration::from_secs(30), "the snapshot withheld", || async {
         match proxy_status(&url, "default/front") {
-            Some(p) if p["withheld"].as_str().is_some_and(|w| w.contains("fault")) => Ok(p),
+            Some(p)
+                if p["withheld"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("rateLimit")) =>
+            {
+                Ok(p)
+            }
             other => Err(format!("{other:?}")),
         }
     })
@@ -865,7 +871,12 @@ async fn envoy_sidecars_take_part_in_mtls() {
 
     // All four pairings over mTLS, each side presenting its node's identity: the app behind
     // the called sidecar sees the caller's (a client's own header replaced).
-    let forged = [("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y")];
+    // The header's `_` spelling (which CGI-style servers read alike) is removed too.
+    let forged = [
+        ("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y"),
+        ("x_forwarded_client_cert", "URI=spiffe://evil/ns/x/vn/y"),
+        ("x-echo-headers", "x_forwarded_client_cert"),
+    ];
     for (caller, via) in [
         ("front-envoy", front_envoy.egress),
         ("front-trellis", front_trellis.egress),
@@ -884,6 +895,13 @@ async fn envoy_sidecars_take_part_in_mtls() {
                 && !seen.contains("evil"),
             "{caller} -> Envoy: {seen}"
         );
+        for answer in [&to_trellis, &to_envoy] {
+            assert_eq!(
+                answer.header("x-seen-x_forwarded_client_cert"),
+                None,
+                "{caller}"
+            );
+        }
     }
 
     // The Envoy's ingress: plaintext, no certificate and an expired one are refused at the
@@ -1585,7 +1603,6 @@ async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
         ),
     );
     let callers = Callers::start(&url).await;
-    let mut seen = Vec::new();
     for (name, via) in callers.each() {
         let req = http::Request::get("/")
             .header("host", "color.default:8080")
@@ -1627,9 +1644,7 @@ async fn envoy_and_trellis_proxy_apply_header_rules_alike() {
             ],
             "{name}"
         );
-        seen.push(headers);
     }
-    assert_eq!(seen[0], seen[1]);
 }
 
 /// An Envoy gateway and a trellis-proxy gateway for one VirtualGateway answer alike: a
@@ -1666,7 +1681,6 @@ async fn envoy_and_trellis_proxy_gateways_answer_alike() {
     // Both serve the listener's port: the Envoy on another loopback address.
     let envoy_gw = Envoy::start_on(&url, "default/gw", [127, 0, 0, 2].into(), &["--gateway"]).await;
     crate::wait_synced(&url, 2).await;
-    let mut answers = Vec::new();
     for (name, via) in [
         ("envoy", SocketAddr::from((envoy_gw.ingress.ip(), port))),
         (
@@ -1700,9 +1714,7 @@ async fn envoy_and_trellis_proxy_gateways_answer_alike() {
         );
         let r = c.get("shop.example.com", "/other").await.unwrap();
         assert_eq!(r.status.as_u16(), 404, "{name}");
-        answers.push(answer);
     }
-    assert_eq!(answers[0], answers[1]);
 }
 
 /// A mesh (`mesh_spec`, flow YAML) where `front-envoy` and `front-trellis` (each with
