@@ -349,14 +349,25 @@ async fn strict_mtls_carries_identities_and_the_mesh_graph_authorizes() {
         c.get("blue.default", "/").await
     };
     assert!(plain.await.is_err(), "plaintext answered");
-    assert!(
-        blue.metric(
-            "trellis_proxy_tls_handshake_failures_total",
-            &[("listener", "ingress")]
-        )
-        .await
-            >= 1.0
-    );
+    // Counted once the proxy's side of the handshake ends (the client may see the close first).
+    eventually(
+        Duration::from_secs(10),
+        "the failed handshake counted",
+        || async {
+            let failed = blue
+                .metric(
+                    "trellis_proxy_tls_handshake_failures_total",
+                    &[("listener", "ingress")],
+                )
+                .await;
+            if failed >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{failed}"))
+            }
+        },
+    )
+    .await;
     // No client certificate: refused.
     assert!(tls_get(blue.ingress, None).await.is_err());
 
