@@ -338,6 +338,21 @@ struct Certified {
     key_pem: String,
 }
 
+impl Subscription {
+    /// Takes a request's names; None for an answer to an older response than the last sent
+    /// (superseded: ignored), else whether the names asked for changed.
+    fn take(&mut self, request: &DiscoveryRequest) -> Option<bool> {
+        if !request.response_nonce.is_empty()
+            && self.sent.as_ref().map(|(_, n)| n) != Some(&request.response_nonce)
+        {
+            return None;
+        }
+        let changed = self.names != request.resource_names;
+        self.names = request.resource_names.clone();
+        Some(changed)
+    }
+}
+
 struct Session<'a> {
     translations: &'a std::sync::Mutex<Translations>,
     controller: &'a Arc<Controller>,
@@ -622,14 +637,9 @@ impl Session<'_> {
             return Ok(());
         }
         let sub = self.subscriptions.entry(type_url.clone()).or_default();
-        // An answer to an older response than the last sent: superseded.
-        if !request.response_nonce.is_empty()
-            && sub.sent.as_ref().map(|(_, n)| n) != Some(&request.response_nonce)
-        {
+        let Some(names_changed) = sub.take(&request) else {
             return Ok(());
-        }
-        let names_changed = sub.names != request.resource_names;
-        sub.names = request.resource_names.clone();
+        };
         if let Some(error) = &request.error_detail {
             let version = sub.sent.as_ref().map(|(v, _)| v.clone());
             sub.nacked = version.clone();
@@ -888,13 +898,9 @@ impl Session<'_> {
     /// An SDS request: an ACK (recording the roots the Envoy now uses), a NACK, or names asked.
     async fn secret_request(&mut self, request: DiscoveryRequest) -> Result<(), Gone> {
         let sub = &mut self.secrets;
-        if !request.response_nonce.is_empty()
-            && sub.sent.as_ref().map(|(_, n)| n) != Some(&request.response_nonce)
-        {
+        let Some(names_changed) = sub.take(&request) else {
             return Ok(());
-        }
-        let names_changed = sub.names != request.resource_names;
-        sub.names = request.resource_names.clone();
+        };
         if let Some(error) = &request.error_detail {
             self.secrets_sent = None;
             tracing::warn!(node = %self.node, reason = %error.message, "envoy cannot use its secrets");
