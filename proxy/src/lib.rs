@@ -38,6 +38,7 @@ pub mod route;
 pub mod snapshot;
 pub mod span_export;
 pub mod steps;
+pub mod streams;
 pub mod tcp;
 pub mod tls;
 pub mod trace;

@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::task::AtomicWaker;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -32,6 +32,7 @@ use crate::{
     activity::{ActiveRequest, ConnActivity},
     proxy::Services,
     snapshot::{ListenerKind, Slot},
+    streams::{ConnExecutor, Streams},
     tls::Stream,
 };
 
@@ -40,31 +41,35 @@ use crate::{
 #[derive(Debug)]
 pub(crate) struct Listeners {
     services: Arc<Services>,
-    server: auto::Builder<TokioExecutor>,
     drain: Drain,
+}
+
+/// hyper's server for one client connection, whose HTTP/2 streams run in the connection's task
+/// (`crate::streams`).
+fn server(executor: ConnExecutor) -> auto::Builder<ConnExecutor> {
+    let mut server = auto::Builder::new(executor);
+    // No per-request header timer (a timer armed and dropped for every request): the
+    // connection's idle check below bounds slow heads as well. Responses are written from
+    // one buffer (one `write`, not a `writev` of head and body): fewer instructions and less
+    // kernel time per small response, measured side by side; large bodies cost one copy.
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .writev(false);
+    // WebSockets over HTTP/2: extended CONNECT (RFC 8441) is announced to clients.
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
+    server
 }
 
 impl Listeners {
     pub(crate) fn new(services: Arc<Services>) -> Arc<Self> {
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        // No per-request header timer (a timer armed and dropped for every request): the
-        // connection's idle check below bounds slow heads as well. Responses are written from
-        // one buffer (one `write`, not a `writev` of head and body): fewer instructions and less
-        // kernel time per small response, measured side by side; large bodies cost one copy.
-        server
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .writev(false);
-        // WebSockets over HTTP/2: extended CONNECT (RFC 8441) is announced to clients.
-        server
-            .http2()
-            .timer(TokioTimer::new())
-            .enable_connect_protocol();
         Arc::new(Self {
             drain: Drain::new(services.draining.clone()),
             services,
-            server,
         })
     }
 
@@ -230,9 +235,9 @@ impl Listeners {
             kind: IoKind::Unknown,
             held: false,
         };
-        let conn = self
-            .server
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        let mut streams = Streams::default();
+        let server = server(streams.executor());
+        let conn = server.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The drain signal and the idle timer are polled only when they fire, not on every wake
         // of the connection; one timer per connection, re-armed once per idle period.
@@ -248,13 +253,13 @@ impl Listeners {
         let result = loop {
             tokio::select! {
                 biased;
-                r = conn.as_mut() => break r,
+                r = std::future::poll_fn(|cx| streams.poll_with(conn.as_mut(), cx)) => break r,
                 s = &mut stop => match s {
                     Stop::Drain => {
                         // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests
                         // finish.
                         conn.as_mut().graceful_shutdown();
-                        break conn.await;
+                        break std::future::poll_fn(|cx| streams.poll_with(conn.as_mut(), cx)).await;
                     }
                     Stop::Idle if closing => {
                         // Still open a whole period after the graceful close: a client that
@@ -270,6 +275,8 @@ impl Listeners {
                 },
             }
         };
+        // Streams still answering (or piping an upgrade) after the connection ended.
+        streams.finish().await;
         if let Err(e) = result {
             // Requests hyper answered itself (400, 414, 431) never reached the service: counted
             // here, from the error the connection ends with, at no cost to other requests.
