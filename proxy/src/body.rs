@@ -14,10 +14,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::BoxError;
+use crate::{BoxError, downstream::Incoming};
 
 /// The body of a response to the client: a local one, or `U`, an upstream's (the request path
 /// names it: an [`UpstreamBody`] of its own upstream body and [`Finish`]).
@@ -228,8 +227,14 @@ pub enum ClientBodyError {
 impl ClientBodyError {
     /// Sorts a failure of the client's body (hyper's): broken HTTP/1.1 framing is malformed;
     /// anything else (end of stream, reset, HTTP/2 stream errors) is the client leaving.
-    pub fn from_incoming(e: hyper::Error) -> Self {
-        let mut source = std::error::Error::source(&e);
+    pub fn from_incoming(e: BoxError) -> Self {
+        if let Some(ours) = e.downcast_ref::<crate::downstream::BodyError>() {
+            return match ours {
+                crate::downstream::BodyError::Malformed(_) => Self::Malformed(e),
+                crate::downstream::BodyError::Reset(_) => Self::Reset(e),
+            };
+        }
+        let mut source = std::error::Error::source(&*e);
         while let Some(s) = source {
             if let Some(io) = s.downcast_ref::<std::io::Error>()
                 && matches!(
@@ -237,11 +242,11 @@ impl ClientBodyError {
                     std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
                 )
             {
-                return Self::Malformed(e.into());
+                return Self::Malformed(e);
             }
             source = s.source();
         }
-        Self::Reset(e.into())
+        Self::Reset(e)
     }
 
     /// A copy (the original is the body's error, the copy goes to the response).

@@ -15,11 +15,11 @@ use std::{
     time::Duration,
 };
 
+use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use http::Request;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -30,6 +30,8 @@ use tracing::Instrument as _;
 use crate::{
     access_log::LogRecord,
     activity::{ActiveRequest, ConnActivity},
+    client_io::{ClientIo, IoKind},
+    downstream::{Incoming, Rewound},
     proxy::Services,
     snapshot::{ListenerKind, Slot},
     streams::{ConnExecutor, Streams},
@@ -44,25 +46,42 @@ pub(crate) struct Listeners {
     drain: Drain,
 }
 
-/// hyper's server for one client connection, whose HTTP/2 streams run in the connection's task
-/// (`crate::streams`).
-fn server(executor: ConnExecutor) -> auto::Builder<ConnExecutor> {
-    let mut server = auto::Builder::new(executor);
-    // No per-request header timer (a timer armed and dropped for every request): the
-    // connection's idle check below bounds slow heads as well. Responses are written from
-    // one buffer (one `write`, not a `writev` of head and body): fewer instructions and less
-    // kernel time per small response, measured side by side; large bodies cost one copy.
-    server
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .writev(false);
+/// hyper's HTTP/2 server for one client connection, whose streams run in the connection's
+/// task (`crate::streams`).
+fn h2_server(executor: ConnExecutor) -> http2::Builder<ConnExecutor> {
+    let mut server = http2::Builder::new(executor);
     // WebSockets over HTTP/2: extended CONNECT (RFC 8441) is announced to clients.
+    server.timer(TokioTimer::new()).enable_connect_protocol();
     server
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol();
-    server
+}
+
+/// Reads the connection's first bytes until they tell its protocol: HTTP/2 when they are the
+/// connection preface, HTTP/1.x as soon as they differ from it. A plaintext socket is waited
+/// on before a buffer is taken.
+fn poll_detect(
+    io: &mut ClientIo,
+    first: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<IoKind>> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    loop {
+        if !first.is_empty() {
+            let n = first.len().min(PREFACE.len());
+            if first[..n] != PREFACE[..n] {
+                return Poll::Ready(Ok(IoKind::Http1));
+            }
+            if n == PREFACE.len() {
+                return Poll::Ready(Ok(IoKind::Http2));
+            }
+        }
+        if first.capacity() == 0 {
+            std::task::ready!(io.poll_readable(cx))?;
+            first.reserve(4096);
+        }
+        if std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, first))? == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
 }
 
 impl Listeners {
@@ -221,24 +240,7 @@ impl Listeners {
             )
             .captured(original),
         );
-        let services = self.services.clone();
-        let requests = activity.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let active = ActiveRequest::begin(&requests);
-            let services = services.clone();
-            let slot = slot.clone();
-            async move { Ok::<_, Infallible>(crate::proxy::serve(services, &slot, req, active).await) }
-        });
-        let io = ClientIo {
-            stream,
-            activity: activity.clone(),
-            kind: IoKind::Unknown,
-            held: false,
-        };
-        let mut streams = Streams::default();
-        let server = server(streams.executor());
-        let conn = server.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
+        let mut io = ClientIo::new(stream, activity.clone(), IoKind::Unknown);
         // The drain signal and the idle timer are polled only when they fire, not on every wake
         // of the connection; one timer per connection, re-armed once per idle period.
         let watch = || {
@@ -249,6 +251,91 @@ impl Listeners {
             ))
         };
         let mut stop = watch();
+        // The first bytes tell HTTP/2's connection preface from an HTTP/1.x request; a client
+        // that sends none before the idle timeout or the drain is closed.
+        let mut first = BytesMut::new();
+        let kind = tokio::select! {
+            biased;
+            kind = std::future::poll_fn(|cx| poll_detect(&mut io, &mut first, cx)) => kind,
+            _ = &mut stop => return,
+        };
+        let services = self.services.clone();
+        let result = match kind {
+            Ok(IoKind::Http2) => {
+                let io = Rewound::new(first.freeze(), io);
+                self.serve_h2(io, &activity, slot, stop, watch).await
+            }
+            Ok(_) => {
+                let closing = AtomicBool::new(false);
+                let conn = crate::downstream::serve(io, first, &closing, |req| {
+                    let active = ActiveRequest::begin(&activity);
+                    let services = services.clone();
+                    let slot = slot.clone();
+                    Box::pin(async move { crate::proxy::serve(services, &slot, req, active).await })
+                });
+                tokio::pin!(conn);
+                let mut closing_once = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut conn => break r.map_err(Into::into),
+                        s = &mut stop => match s {
+                            Stop::Drain => {
+                                // Connection: close on the response in progress, if any.
+                                closing.store(true, Ordering::Release);
+                                break conn.await.map_err(Into::into);
+                            }
+                            Stop::Idle if closing_once => {
+                                tracing::debug!("closing a client connection that stayed idle");
+                                break Ok(());
+                            }
+                            Stop::Idle => {
+                                closing.store(true, Ordering::Release);
+                                closing_once = true;
+                                stop = watch();
+                            }
+                        },
+                    }
+                }
+            }
+            // Closed, or failed, before a request.
+            Err(_) => return,
+        };
+        if let Err(e) = result {
+            // Requests refused before they reached the service (400, 414, 431): counted here,
+            // from the error the connection ends with, at no cost to other requests.
+            if let Some(kind) = refused_by_parser(&*e) {
+                self.services.metrics.error(kind);
+            }
+            tracing::debug!(error = %e, "downstream connection ended with an error");
+        }
+    }
+
+    /// Serves an HTTP/2 connection with hyper, its streams in the connection's task.
+    async fn serve_h2<W, S>(
+        &self,
+        io: Rewound,
+        activity: &Arc<ConnActivity>,
+        slot: Slot,
+        mut stop: S,
+        watch: W,
+    ) -> Result<(), crate::BoxError>
+    where
+        W: Fn() -> S,
+        S: Future<Output = Stop> + Unpin,
+    {
+        let services = self.services.clone();
+        let requests = activity.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let active = ActiveRequest::begin(&requests);
+            let services = services.clone();
+            let slot = slot.clone();
+            let req = req.map(Incoming::Hyper);
+            async move { Ok::<_, Infallible>(crate::proxy::serve(services, &slot, req, active).await) }
+        });
+        let mut streams = Streams::default();
+        let conn = h2_server(streams.executor()).serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
         let mut closing = false;
         let result = loop {
             tokio::select! {
@@ -256,14 +343,11 @@ impl Listeners {
                 r = std::future::poll_fn(|cx| streams.poll_with(conn.as_mut(), cx)) => break r,
                 s = &mut stop => match s {
                     Stop::Drain => {
-                        // Connection: close on HTTP/1.1, GOAWAY on HTTP/2; in-flight requests
-                        // finish.
+                        // GOAWAY; streams in flight finish.
                         conn.as_mut().graceful_shutdown();
                         break std::future::poll_fn(|cx| streams.poll_with(conn.as_mut(), cx)).await;
                     }
                     Stop::Idle if closing => {
-                        // Still open a whole period after the graceful close: a client that
-                        // never finishes its request head.
                         tracing::debug!("closing a client connection that stayed idle");
                         break Ok(());
                     }
@@ -277,14 +361,7 @@ impl Listeners {
         };
         // Streams still answering (or piping an upgrade) after the connection ended.
         streams.finish().await;
-        if let Err(e) = result {
-            // Requests hyper answered itself (400, 414, 431) never reached the service: counted
-            // here, from the error the connection ends with, at no cost to other requests.
-            if let Some(kind) = refused_by_parser(&*e) {
-                self.services.metrics.error(kind);
-            }
-            tracing::debug!(error = %e, "downstream connection ended with an error");
-        }
+        result.map_err(Into::into)
     }
 
     /// Stops accepting, lets open connections finish (up to `timeout`); true when all did.
@@ -293,8 +370,11 @@ impl Listeners {
     }
 }
 
-/// The error kind of a request head hyper refused (and answered) itself.
+/// The error kind of a request head refused (and answered) before it reached the service.
 fn refused_by_parser(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    if let Some(crate::downstream::Error::Refused(refusal)) = e.downcast_ref() {
+        return Some(refusal.kind());
+    }
     let e = e.downcast_ref::<hyper::Error>()?;
     if e.is_parse_too_large() {
         Some("request_head_too_large")
@@ -383,113 +463,6 @@ impl<F: Future> Future for WokenOnly<F> {
         }
         let waker = Waker::from(this.flag.clone());
         this.future.as_mut().poll(&mut Context::from_waker(&waker))
-    }
-}
-
-/// The client's socket as hyper reads it, with half-closes handled here rather than by hyper's
-/// `half_close` option, which stops reading while a response is pending (a client that resets
-/// its connection while it waits would go unnoticed). An HTTP/1.x end of stream (FIN) that
-/// arrives with requests in flight and no request body left to read is held back until those
-/// requests are over: a client that shuts down its sending side after its request still gets
-/// the response (RFC 9112 §9.6). A reset still ends the connection at once, an end of stream in
-/// the middle of a request body is still the client leaving, and HTTP/2 connections see every
-/// end of stream as it comes. Once the connection is a tunnel (CONNECT, WebSocket), its end of
-/// stream passes through to the upstream, one held before included. Per read, this costs a
-/// length check.
-#[derive(Debug)]
-struct ClientIo {
-    stream: Stream,
-    activity: Arc<ConnActivity>,
-    kind: IoKind,
-    held: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IoKind {
-    /// Nothing read yet.
-    Unknown,
-    Http1,
-    Http2,
-}
-
-impl ClientIo {
-    /// The end of stream, once no request is in flight or the connection is a tunnel.
-    fn poll_held(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let activity = &self.activity;
-        if activity.releases_eof() {
-            return Poll::Ready(Ok(()));
-        }
-        activity.reader.register(cx.waker());
-        if activity.releases_eof() {
-            return Poll::Ready(Ok(()));
-        }
-        Poll::Pending
-    }
-}
-
-impl tokio::io::AsyncRead for ClientIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.held {
-            return this.poll_held(cx);
-        }
-        let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
-        let read = &buf.filled()[before..];
-        if this.kind == IoKind::Unknown && !read.is_empty() {
-            // The HTTP/2 connection preface starts with a method HTTP/1.x does not have.
-            this.kind = if read.starts_with(b"PRI") {
-                IoKind::Http2
-            } else {
-                IoKind::Http1
-            };
-        }
-        if read.is_empty()
-            && buf.remaining() > 0
-            && this.kind == IoKind::Http1
-            && this.activity.bodies.load(Ordering::SeqCst) == 0
-            && !this.activity.releases_eof()
-        {
-            tracing::debug!("client half-closed its connection; responses in flight go on");
-            this.held = true;
-            this.activity.held_eof.store(true, Ordering::SeqCst);
-            return this.poll_held(cx);
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl tokio::io::AsyncWrite for ClientIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

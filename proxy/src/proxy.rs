@@ -7,7 +7,6 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -17,6 +16,7 @@ use crate::{
     activity::{ActiveRequest, BodyOpen},
     balance::Target,
     body::{self, BodyState, BodyTracking, ClientBody, ClientBodyError, Finish, UpstreamBody},
+    downstream::Incoming,
     error::{AttemptError, CLIENT_CLOSED, ProxyError, UpstreamFailure},
     metrics::{ProxyMetrics, RequestMetrics},
     mirror::{Tee, TeeSink},
@@ -587,10 +587,7 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
     // hyper marks an HTTP/1.1 request with an `Upgrade` header with its upgrade handle: most
     // requests have none, and need no header lookup.
     req.version() == Version::HTTP_11
-        && req
-            .extensions()
-            .get::<hyper::upgrade::OnUpgrade>()
-            .is_some()
+        && crate::downstream::wants_upgrade(req)
         && req.headers().get(header::UPGRADE).is_some_and(is_websocket)
         && req
             .headers()
@@ -1174,7 +1171,7 @@ async fn upgrade(
     let endpoint = cluster
         .pick(&[], key)
         .ok_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.clone()))?;
-    let downstream = hyper::upgrade::on(&mut req);
+    let downstream = crate::downstream::on_upgrade(&mut req);
     let (parts, body) = req.into_parts();
     // An HTTP/1.1 client's key, answered by the proxy when its endpoint speaks HTTP/2.
     let client_key = parts.headers.get(websocket::SEC_WEBSOCKET_KEY).cloned();
@@ -1260,6 +1257,7 @@ async fn upgrade(
         });
     }
     let upstream = hyper::upgrade::on(&mut response);
+    let upstream = async move { upstream.await.map_err(crate::BoxError::from) };
     // The switch's own headers stay (the client needs them, in its version's terms); the
     // route's rules apply.
     match (h2_client, h2_upstream) {
@@ -1290,9 +1288,7 @@ async fn upgrade(
                 if let Some(done) = &done {
                     done.active.upgraded();
                 }
-                let result =
-                    crate::tcp::splice(TokioIo::new(down), TokioIo::new(up), idle, &mut counts)
-                        .await;
+                let result = crate::tcp::splice(down, TokioIo::new(up), idle, &mut counts).await;
                 if let Err(e) = result {
                     tracing::debug!(cluster = %cluster_name, error = %e, "upgraded connection ended");
                 }
@@ -1314,10 +1310,11 @@ async fn upgrade(
 async fn tunnel(
     target: &Target,
     idle: Option<std::time::Duration>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     completion: &mut Option<Completion>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cluster = target.cluster.clone();
+    let client = crate::downstream::on_upgrade(&mut req);
     let key = hash_key(&cluster, req.headers(), completion);
     let connected = crate::tcp::connect_any(&cluster, key).await;
     let (endpoint, stream, permit) = connected.inspect_err(|e| {
@@ -1331,14 +1328,12 @@ async fn tunnel(
         let _in_flight = in_flight;
         let _permit = permit;
         let mut counts = (0, 0);
-        match hyper::upgrade::on(req).await {
+        match client.await {
             Ok(client) => {
                 if let Some(done) = &done {
                     done.active.upgraded();
                 }
-                if let Err(e) =
-                    crate::tcp::splice(TokioIo::new(client), stream, idle, &mut counts).await
-                {
+                if let Err(e) = crate::tcp::splice(client, stream, idle, &mut counts).await {
                     tracing::debug!(cluster = %cluster.name, error = %e, "tunnel ended");
                 }
             }
