@@ -47,7 +47,7 @@ use tokio::{
 use crate::{
     BoxError,
     client_io::ClientIo,
-    h1::{Chunked, Step, decode_chunked},
+    chunked::{Chunked, Step, decode_chunked},
 };
 
 /// A buffer for a request head is taken this large, and grown by as much.

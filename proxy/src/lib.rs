@@ -11,6 +11,7 @@ pub mod app;
 pub mod balance;
 pub mod body;
 pub mod capture;
+mod chunked;
 mod client_io;
 pub mod config;
 pub mod control;

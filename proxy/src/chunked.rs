@@ -1,0 +1,128 @@
+//! The chunked transfer coding (RFC 9112 §7.1), decoded from a read buffer: for response
+//! bodies from upstreams (`h1`) and request bodies from clients (`downstream`).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// A chunk-size line (with extensions) longer than this is a protocol error.
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
+/// A trailer block larger than this is a protocol error.
+const MAX_TRAILERS: usize = 64 * 1024 - 1;
+const MAX_HEADERS: usize = 100;
+
+/// Where the chunked decoder is: [`decode_chunked`] starts at `Size`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    /// The trailer block; the bytes so far searched for its end without finding it.
+    Trailers(usize),
+}
+
+/// What [`decode_chunked`] took off the buffer.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Step {
+    /// Bytes of a chunk's data.
+    Data(Bytes),
+    /// The trailer block: the body is complete.
+    Trailers(HeaderMap),
+    /// The last chunk without trailers: the body is complete.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Decodes a chunked body from the start of `buf` (the read buffer), taking off what it used,
+/// until it has data or the end to give or needs more bytes. After `Trailers` or `End` the body
+/// is complete and `buf` holds only what follows it.
+#[doc(hidden)]
+pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &'static str> {
+    loop {
+        match *state {
+            Chunked::Size => match httparse::parse_chunk_size(buf) {
+                // The limit holds however the line arrived: whole in one read or in pieces.
+                Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
+                    buf.advance(used);
+                    *state = if size == 0 {
+                        Chunked::Trailers(0)
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_CHUNK_LINE => {
+                    return Ok(Step::More);
+                }
+                _ => return Err("invalid chunk size line"),
+            },
+            Chunked::Data(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                let data = buf.split_to(take).freeze();
+                let left = n - take as u64;
+                *state = if left == 0 {
+                    Chunked::DataEnd
+                } else {
+                    Chunked::Data(left)
+                };
+                return Ok(Step::Data(data));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::More);
+                }
+                if !buf.starts_with(b"\r\n") {
+                    return Err("chunk data not followed by CRLF");
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers(searched) => {
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    return Ok(Step::End);
+                }
+                // Only what arrived since the last search is searched (with the 3 bytes before
+                // it): a block trickling in a byte at a time costs linear work, not quadratic.
+                let from = searched.saturating_sub(3);
+                let found = buf[from..].windows(4).position(|w| w == b"\r\n\r\n");
+                let Some(end) = found.map(|i| from + i) else {
+                    if buf.len() > MAX_TRAILERS {
+                        return Err("trailers too large");
+                    }
+                    *state = Chunked::Trailers(buf.len());
+                    return Ok(Step::More);
+                };
+                if end + 4 > MAX_TRAILERS {
+                    return Err("trailers too large");
+                }
+                let block = buf.split_to(end + 4);
+                return match parse_trailers(&block) {
+                    Some(trailers) => Ok(Step::Trailers(trailers)),
+                    None => Err("malformed trailers"),
+                };
+            }
+        }
+    }
+}
+
+fn parse_trailers(block: &[u8]) -> Option<HeaderMap> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let httparse::Status::Complete((_, parsed)) =
+        httparse::parse_headers(block, &mut headers).ok()?
+    else {
+        return None;
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        map.append(name, value);
+    }
+    Some(map)
+}
+
