@@ -1,5 +1,5 @@
-//! Fuzz targets for the parsers that take untrusted bytes: the proxy's HTTP/1.1 response-head
-//! parser and chunked body decoder, its snapshot compiler, and the control plane's manifest
+//! Fuzz targets for the parsers that take untrusted bytes: the proxy's HTTP/1.1 request-head and
+//! response-head parsers and chunked body decoder, its snapshot compiler, and the control plane's manifest
 //! validator, and `trellis import`'s readers.
 //!
 //! Each target is a plain `fn(&[u8])` that must not panic on any input and asserts properties
@@ -8,6 +8,7 @@
 //! `afl` feature; see `fuzz/README.md`).
 
 pub mod h1;
+pub mod h1_request;
 pub mod import;
 pub mod manifest;
 pub mod mutator;
@@ -27,11 +28,16 @@ pub struct Target {
 }
 
 /// Every target.
-pub const TARGETS: [Target; 5] = [
+pub const TARGETS: [Target; 6] = [
     Target {
         name: "h1_head",
         run: h1::head,
         dictionary: h1::DICTIONARY,
+    },
+    Target {
+        name: "h1_request",
+        run: h1_request::target,
+        dictionary: h1_request::DICTIONARY,
     },
     Target {
         name: "h1_chunked",

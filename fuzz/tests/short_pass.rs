@@ -4,8 +4,9 @@
 
 /// Mutants per target when `TRELLIS_FUZZ_MUTANTS` is not set: a few seconds each in a debug
 /// build.
-const MUTANTS: [(&str, usize); 5] = [
+const MUTANTS: [(&str, usize); 6] = [
     ("h1_head", 30_000),
+    ("h1_request", 30_000),
     ("h1_chunked", 80_000),
     ("snapshot", 40_000),
     ("manifest", 25_000),
@@ -41,6 +42,11 @@ fn short_pass(name: &str) {
 #[test]
 fn h1_head() {
     short_pass("h1_head");
+}
+
+#[test]
+fn h1_request() {
+    short_pass("h1_request");
 }
 
 #[test]

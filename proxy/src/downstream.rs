@@ -46,8 +46,8 @@ use tokio::{
 
 use crate::{
     BoxError,
-    client_io::ClientIo,
     chunked::{Chunked, Step, decode_chunked},
+    client_io::ClientIo,
 };
 
 /// A buffer for a request head is taken this large, and grown by as much.
@@ -250,6 +250,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut codings = Codings::None;
+    let mut transfer_encoding = false;
     let (mut close, mut keep_alive) = (false, false);
     let (mut expect_continue, mut upgrade, mut trailers) = (false, false, false);
     for &(name, value) in &spans[..count] {
@@ -267,6 +268,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
                 length = Some(n);
             }
         } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
             for coding in tokens(&value) {
                 codings = codings.then(coding);
             }
@@ -288,6 +290,11 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
         headers.append(name, value);
     }
     let body = match codings {
+        // A `transfer-encoding` that names no coding is no framing to go by (and a
+        // `content-length` beside it is not to be trusted either).
+        Codings::None if transfer_encoding => {
+            return Err(Refusal::BadRequest("empty transfer-encoding"));
+        }
         Codings::None => match length {
             None | Some(0) => BodyLength::Empty,
             Some(n) => BodyLength::Length(n),
@@ -635,6 +642,10 @@ impl AsyncRead for Rewound {
             let n = this.read.len().min(buf.remaining());
             buf.put_slice(&this.read[..n]);
             this.read.advance(n);
+            if this.read.is_empty() {
+                // The buffer it was read into is released.
+                this.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -1357,6 +1368,7 @@ mod tests {
             (b"POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 501),
             (b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: \r\nContent-Length: 6\r\n\r\n", 400),
             (b"GET / HTTP/2.0\r\n\r\n", 400),
             (b"NOT A REQUEST\r\n\r\n", 400),
         ] {

@@ -28,9 +28,9 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-pub use crate::chunked::{Chunked, Step, decode_chunked};
 #[cfg(test)]
 use crate::chunked::MAX_CHUNK_LINE;
+pub use crate::chunked::{Chunked, Step, decode_chunked};
 use crate::{
     BoxError,
     error::{AttemptError, UpstreamFailure},

@@ -52,6 +52,9 @@ pub mod websocket;
 /// The parsers of untrusted bytes as pure functions, for the fuzz targets in `fuzz/`: not an API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::downstream::{
+        BodyLength, MAX_HEAD as MAX_REQUEST_HEAD, Refusal, RequestHead, read_request,
+    };
     pub use crate::h1::{
         Chunked, Framing, Head, Parsed, Step, decode_chunked, parse_head, read_head,
     };

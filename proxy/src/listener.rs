@@ -263,7 +263,9 @@ impl Listeners {
         let result = match kind {
             Ok(IoKind::Http2) => {
                 let io = Rewound::new(first.freeze(), io);
-                self.serve_h2(io, &activity, slot, stop, watch).await
+                // Boxed: hyper's HTTP/2 connection is large, and inline it would size every
+                // connection's task, HTTP/1.1 ones included.
+                Box::pin(self.serve_h2(io, &activity, slot, stop, watch)).await
             }
             Ok(_) => {
                 let closing = AtomicBool::new(false);

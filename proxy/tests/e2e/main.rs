@@ -10,6 +10,7 @@ mod circuit;
 mod config_input;
 mod hardening;
 mod health;
+mod http1;
 mod inprocess;
 mod lifecycle;
 mod mirror;
