@@ -51,7 +51,7 @@ use crate::{
 };
 
 /// A buffer for a request head is taken this large, and grown by as much.
-const READ_CHUNK: usize = 4096;
+const READ_CHUNK: usize = 1024;
 /// A request head larger than this is refused (431; Envoy's default limit is 60 KiB).
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
@@ -775,7 +775,7 @@ pub(crate) async fn serve<S, F, B>(
 ) -> Result<(), Error>
 where
     S: FnMut(Request<Incoming>) -> F,
-    F: Future<Output = Response<B>> + Unpin,
+    F: Future<Output = Response<B>>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
@@ -852,15 +852,18 @@ where
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
             tx
         });
-        let mut answer = service(Request::from_parts(parts, incoming));
-        let response = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = Pin::new(&mut answer).poll(cx) {
-                return Poll::Ready(Ok(r));
-            }
-            watch_client(&shared, cx).map(Err)
-        })
-        .await?;
-        drop(answer);
+        // In a block of its own: the request's future (most of this one's size) is dead once
+        // its response is taken, so the response's writing can use the same room.
+        let response = {
+            let mut answer = std::pin::pin!(service(Request::from_parts(parts, incoming)));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(r));
+                }
+                watch_client(&shared, cx).map(Err)
+            })
+            .await?
+        };
 
         let (parts, mut body) = response.into_parts();
         let status = parts.status;

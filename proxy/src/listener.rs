@@ -157,11 +157,16 @@ impl Listeners {
             Slot::Egress if listener.tls.is_none() => crate::transparent::original_dst(&stream),
             _ => None,
         };
+        // The rarer paths are boxed: inline, their states would size every connection's task.
         if let Some(original) = original
-            && crate::transparent::detect(&stream).await == crate::transparent::Detected::Opaque
+            && Box::pin(crate::transparent::detect(&stream)).await
+                == crate::transparent::Detected::Opaque
         {
             let services = &self.services;
-            crate::transparent::forward_opaque(services, &runtime, stream, peer, original).await;
+            Box::pin(crate::transparent::forward_opaque(
+                services, &runtime, stream, peer, original,
+            ))
+            .await;
             gauge.dec();
             return;
         }
@@ -170,7 +175,7 @@ impl Listeners {
             Some(side) => {
                 let credentials = self.services.store.credentials();
                 let timeout = self.services.idle_timeout;
-                match crate::tls::accept(credentials, side, stream, timeout).await {
+                match Box::pin(crate::tls::accept(credentials, side, stream, timeout)).await {
                     Ok(s) => s,
                     Err(e) => {
                         // Plaintext under STRICT, an unknown or expired certificate, none.
@@ -211,7 +216,7 @@ impl Listeners {
                         log
                     });
                 let start = tokio::time::Instant::now();
-                let outcome = crate::tcp::forward(route, stream).await;
+                let outcome = Box::pin(crate::tcp::forward(route, stream)).await;
                 outcome.log(&self.services.access_log, log, start.elapsed());
             }
             ListenerKind::Http(_) => {
@@ -269,13 +274,15 @@ impl Listeners {
             }
             Ok(_) => {
                 let closing = AtomicBool::new(false);
-                let conn = crate::downstream::serve(io, first, &closing, |req| {
+                // The request's future lives in the connection's (boxed once per connection, as
+                // hyper boxed it): no allocation and no copy into one per request, and no room
+                // for it in the tasks of HTTP/2 connections.
+                let mut conn = Box::pin(crate::downstream::serve(io, first, &closing, |req| {
                     let active = ActiveRequest::begin(&activity);
                     let services = services.clone();
                     let slot = slot.clone();
-                    Box::pin(async move { crate::proxy::serve(services, &slot, req, active).await })
-                });
-                tokio::pin!(conn);
+                    async move { crate::proxy::serve(services, &slot, req, active).await }
+                }));
                 let mut closing_once = false;
                 loop {
                     tokio::select! {
