@@ -888,6 +888,13 @@ where
             Framing::Close
         };
         let mut out = BytesMut::with_capacity(256 + 32 * parts.headers.len());
+        if expect_continue {
+            // The answer came first: `100 Continue` is not sent any more (a part of it already
+            // written is finished first).
+            if let Some(at) = shared.lock().continue_at.take().filter(|&at| at > 0) {
+                out.put_slice(&CONTINUE[at..]);
+            }
+        }
         encode_head(
             &parts, framing, keep, version, switching, bodiless, &mut out,
         );

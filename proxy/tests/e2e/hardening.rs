@@ -1,6 +1,6 @@
 //! Requests a careless or hostile client sends: confusing authorities, upgrades to protocols we do
-//! not route, malformed HTTP/2, broken or trickling bodies, half-closed connections, heads hyper
-//! refuses before the proxy sees them.
+//! not route, malformed HTTP/2, broken or trickling bodies, half-closed connections, heads the
+//! servers refuse before the proxy sees them.
 
 use std::time::Duration;
 
@@ -373,7 +373,7 @@ async fn half_closed_clients_get_their_responses() {
     assert_eq!(delivered, 20);
 }
 
-/// Requests hyper answers itself (unparsable, URI or head too large) are counted.
+/// Requests the HTTP/1.1 server answers itself (unparsable, URI or head too large) are counted.
 #[tokio::test]
 async fn requests_refused_by_the_parser_are_counted() {
     let app = TestServer::start("app").await;

@@ -235,3 +235,20 @@ async fn unread_request_bodies_are_passed_over_or_close_the_connection() {
     assert!(all.starts_with("HTTP/1.1 404"), "{all}");
     assert_eq!(all.matches("HTTP/1.1").count(), 1, "{all}");
 }
+
+/// A request answered without its body (no route) gets its answer, never `100 Continue`, and
+/// the connection closes after it: the body the client then holds back is never read.
+#[tokio::test]
+async fn expect_100_continue_is_not_sent_when_the_body_is_not_wanted() {
+    let app = TestServer::start("app").await;
+    let proxy = proxy_to(&app).await;
+    let mut s = TcpStream::connect(proxy.egress).await.unwrap();
+    s.write_all(
+        b"PUT /up HTTP/1.1\r\nHost: nowhere.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let all = read_all(&mut s).await;
+    assert!(all.starts_with("HTTP/1.1 404"), "{all}");
+    assert!(!all.contains("100 Continue"), "{all}");
+}
