@@ -7,9 +7,10 @@
 //! shared through a lock that is never contended in the common case (one task).
 //!
 //! What an idle keep-alive connection holds is the point: no read buffer (a plaintext socket
-//! is waited on for readability before a 4 KiB buffer is taken for the next head), no write
-//! buffer, no request future (boxed per request) — where hyper's server keeps a 16 KiB read
-//! buffer, an 8 KiB write buffer and its boxed request future for the connection's life.
+//! is waited on for readability before a 1 KiB buffer is taken for the next head) and no write
+//! buffer (one is taken per response) — where hyper's server keeps a 16 KiB read buffer and an
+//! 8 KiB write buffer for the connection's life. The request's future lives in this one's (the
+//! caller boxes it once per connection, as hyper boxes its own): no allocation per request.
 //!
 //! Framing follows RFC 9112: `transfer-encoding: chunked` (the only coding accepted: others get
 //! 501, a request with both it and `content-length` 400, as conflicting `content-length`s do),
@@ -50,7 +51,9 @@ use crate::{
     client_io::ClientIo,
 };
 
-/// A buffer for a request head is taken this large, and grown by as much.
+/// A buffer for a request head is taken this large (glibc's malloc serves up to 1,032 bytes from
+/// its per-thread cache; a 4 KiB buffer cost ~300 instructions more per request), and grown by
+/// at least as much.
 const READ_CHUNK: usize = 1024;
 /// A request head larger than this is refused (431; Envoy's default limit is 60 KiB).
 pub const MAX_HEAD: usize = 64 * 1024;

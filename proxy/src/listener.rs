@@ -1,5 +1,6 @@
 //! The listener stage: accepts connections on a socket (ingress, egress or a listener's own),
-//! serves each one (bytes forwarded for TCP listeners; hyper for HTTP, each request handed to
+//! serves each one (bytes forwarded for TCP listeners; for HTTP, told apart by its first bytes,
+//! HTTP/1.x by our server in `downstream` and HTTP/2 by hyper's, each request handed to
 //! `proxy::serve`), closes idle connections, and runs the graceful drain.
 
 use std::{
