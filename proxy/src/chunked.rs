@@ -125,3 +125,16 @@ fn parse_trailers(block: &[u8]) -> Option<HeaderMap> {
     }
     Some(map)
 }
+
+/// A chunk's size line: `n` in hexadecimal, written into `out`.
+pub(crate) fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &out[i..];
+        }
+    }
+}

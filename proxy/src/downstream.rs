@@ -47,7 +47,7 @@ use tokio::{
 
 use crate::{
     BoxError,
-    chunked::{Chunked, Step, decode_chunked},
+    chunked::{Chunked, Step, decode_chunked, hex_len},
     client_io::ClientIo,
 };
 
@@ -1221,18 +1221,6 @@ fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     out.put_slice(b": ");
     out.put_slice(value.as_bytes());
     out.put_slice(b"\r\n");
-}
-
-fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
-    let mut i = out.len();
-    loop {
-        i -= 1;
-        out[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            return &out[i..];
-        }
-    }
 }
 
 fn status_line(status: StatusCode, out: &mut BytesMut) {

@@ -30,6 +30,7 @@ use tokio::io::AsyncWrite;
 
 #[cfg(test)]
 use crate::chunked::MAX_CHUNK_LINE;
+use crate::chunked::hex_len;
 pub use crate::chunked::{Chunked, Step, decode_chunked};
 use crate::{
     BoxError,
@@ -680,18 +681,6 @@ impl Writer {
                 Err("request body shorter than its content-length")
             }
             _ => Ok(()),
-        }
-    }
-}
-
-fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
-    let mut i = out.len();
-    loop {
-        i -= 1;
-        out[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            return &out[i..];
         }
     }
 }
