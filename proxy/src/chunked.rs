@@ -42,8 +42,20 @@ pub enum Step {
 pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &'static str> {
     loop {
         match *state {
+            // A size line starts with a hex digit and ends at its first line feed, after a
+            // carriage return (httparse alone takes a line without digits as size 0, and a bare
+            // line feed inside an extension): stricter than that, a client could frame its body
+            // one way here and another way at a proxy in front.
+            Chunked::Size if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                return Err("invalid chunk size line");
+            }
             Chunked::Size => match httparse::parse_chunk_size(buf) {
                 // The limit holds however the line arrived: whole in one read or in pieces.
+                Ok(httparse::Status::Complete((used, _)))
+                    if !buf[..used].ends_with(b"\r\n") || buf[..used - 2].contains(&b'\n') =>
+                {
+                    return Err("invalid chunk size line");
+                }
                 Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
                     buf.advance(used);
                     *state = if size == 0 {
@@ -136,5 +148,27 @@ pub(crate) fn hex_len(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
         if n == 0 {
             return &out[i..];
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_lines_without_digits_or_with_bare_line_feeds_are_refused() {
+        for bad in [&b"\r\n"[..], b";x\r\n", b" \r\n", b"5;a\nXXXXX\r\n", b"5\n"] {
+            let mut buf = BytesMut::from(bad);
+            let got = decode_chunked(&mut Chunked::Size, &mut buf);
+            assert!(got.is_err(), "{:?}: {got:?}", String::from_utf8_lossy(bad));
+        }
+        let mut buf = BytesMut::from(&b"5;ext=1\r\nhello\r\n0\r\n\r\nNEXT"[..]);
+        let mut state = Chunked::Size;
+        assert!(matches!(decode_chunked(&mut state, &mut buf), Ok(Step::Data(d)) if d == "hello"));
+        assert!(matches!(
+            decode_chunked(&mut state, &mut buf),
+            Ok(Step::End)
+        ));
+        assert_eq!(&buf[..], b"NEXT");
     }
 }

@@ -544,6 +544,12 @@ impl Body for H1Body {
             match Pin::new(&mut *io).poll_write(cx, &CONTINUE[at..]) {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     s.continue_at = (at + n < CONTINUE.len()).then_some(at + n);
+                    if s.continue_at.is_none() {
+                        // Through TLS's buffer to the socket.
+                        if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                            return this.fail(s, BodyError::Reset(e));
+                        }
+                    }
                 }
                 Poll::Ready(Ok(_)) => {
                     return this.fail(s, BodyError::Reset(io::ErrorKind::WriteZero.into()));
@@ -1080,7 +1086,9 @@ fn poll_linger(shared: &Mutex<Shared>, cx: &mut Context<'_>) -> Poll<()> {
             _ => return Poll::Ready(()),
         }
     }
-    Poll::Ready(())
+    // Yield to the other tasks, and go on.
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Writes `out` whole.
@@ -1100,7 +1108,8 @@ fn poll_flush(
         }
         out.advance(n);
     }
-    Poll::Ready(Ok(()))
+    // TLS takes plaintext into its own buffer: flushed, it reaches the socket now.
+    Pin::new(io).poll_flush(cx)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
