@@ -483,6 +483,19 @@ struct Shared {
     continue_at: Option<usize>,
     /// The client's end of stream was read.
     eof: bool,
+    /// The connection's task, waiting for the request body to be over (read by another task,
+    /// for an HTTP/2 upstream) before it watches the socket again.
+    watcher: Option<std::task::Waker>,
+}
+
+impl Shared {
+    /// The request body is over (read whole, or failed): the connection watches the socket again.
+    fn end_body(&mut self, state: BodyState) {
+        self.body = state;
+        if let Some(w) = self.watcher.take() {
+            w.wake();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -510,7 +523,7 @@ impl H1Body {
         e: BodyError,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
-        s.body = BodyState::Broken;
+        s.end_body(BodyState::Broken);
         Poll::Ready(Some(Err(e.into())))
     }
 }
@@ -575,7 +588,7 @@ impl Body for H1Body {
                         let data = s.rbuf.split_to(take).freeze();
                         *n -= take as u64;
                         if *n == 0 {
-                            s.body = BodyState::Done;
+                            s.end_body(BodyState::Done);
                             this.done = true;
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -584,12 +597,12 @@ impl Body for H1Body {
                 BodyState::Chunked(state) => match decode_chunked(state, &mut s.rbuf) {
                     Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Step::Trailers(trailers)) => {
-                        s.body = BodyState::Done;
+                        s.end_body(BodyState::Done);
                         this.done = true;
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     Ok(Step::End) => {
-                        s.body = BodyState::Done;
+                        s.end_body(BodyState::Done);
                         this.done = true;
                         return Poll::Ready(None);
                     }
@@ -795,6 +808,7 @@ where
         body: BodyState::Done,
         continue_at: None,
         eof: false,
+        watcher: None,
     }));
     let mut incomplete = 0;
     loop {
@@ -1012,7 +1026,14 @@ fn watch_client(shared: &Mutex<Shared>, cx: &mut Context<'_>) -> Poll<Error> {
     let mut guard = shared.lock();
     let s = &mut *guard;
     loop {
-        if s.body != BodyState::Done || s.eof || s.rbuf.len() >= MAX_HEAD {
+        if matches!(s.body, BodyState::Length(_) | BodyState::Chunked(_)) {
+            // Read by the request: woken when it is over.
+            if !s.watcher.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.watcher = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        if s.body == BodyState::Broken || s.eof || s.rbuf.len() >= MAX_HEAD {
             return Poll::Pending;
         }
         let Some(io) = s.io.as_mut() else {
@@ -1169,6 +1190,11 @@ impl Writer {
                 return Poll::Ready(Ok(()));
             }
             if pending {
+                // A client that resets its connection while the body is quiet (a stream of
+                // events, a long poll) is seen now, not at the next write.
+                if let Poll::Ready(e) = watch_client(shared, cx) {
+                    return Poll::Ready(Err(e));
+                }
                 return Poll::Pending;
             }
         }

@@ -291,9 +291,20 @@ impl Listeners {
                         r = &mut conn => break r.map_err(Into::into),
                         s = &mut stop => match s {
                             Stop::Drain => {
-                                // Connection: close on the response in progress, if any.
+                                // Connection: close on the response in progress, if any; a
+                                // head still trickling in, or a refused client not leaving, is
+                                // still bounded by the idle timeout.
                                 closing.store(true, Ordering::Release);
-                                break conn.await.map_err(Into::into);
+                                let idle = WokenOnly::new(watch_connection(
+                                    activity.clone(),
+                                    self.services.idle_timeout,
+                                    CancellationToken::new(),
+                                ));
+                                break tokio::select! {
+                                    biased;
+                                    r = &mut conn => r.map_err(Into::into),
+                                    _ = idle => Ok(()),
+                                };
                             }
                             Stop::Idle if closing_once => {
                                 tracing::debug!("closing a client connection that stayed idle");
