@@ -313,7 +313,11 @@ pub(crate) async fn serve(
         Ok(routed) => {
             // Pinned where it is built and instrumented through the pin: the request's future
             // is never moved into the wrapper.
-            let forward = std::pin::pin!(forward(routed, req, &mut completion));
+            // The head split and built here, not in `forward`, which uses it in place.
+            let (parts, body) = req.into_parts();
+            let key = hash_key(&routed.target.cluster, &parts.headers, &completion);
+            let out = Outbound::new(parts, routed.authority);
+            let forward = std::pin::pin!(forward(routed, out, body, key, &mut completion));
             forward.instrument(span).await
         }
     };
@@ -608,104 +612,105 @@ struct Exchange {
     endpoint: Arc<EndpointState>,
 }
 
-/// Fails with whether the request is gRPC.
-async fn forward(
-    routed: Routed<'_>,
-    req: Request<Incoming>,
-    completion: &mut Option<Completion>,
-) -> Result<Response<ResponseBody>, (ProxyError, bool)> {
-    let Routed {
-        route,
-        target,
-        authority,
-        ..
-    } = routed;
-    let cluster = &target.cluster;
-    let (parts, body) = req.into_parts();
-    let key = hash_key(cluster, &parts.headers, completion);
-    let mut out = Outbound::new(parts, authority);
-    route
-        .steps
-        .on_request(&mut out, completion.as_ref().map(|c| &c.active));
-    let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
-    // Whether the request is gRPC is found when it is needed: for a request body's idle timeout;
-    // before the attempts for an HTTP/2 upstream (its last attempt takes the request head);
-    // else only if the attempts fail.
-    let mut grpc = None;
-    // Until the response head arrives, a request body may pause for the route's idle timeout,
-    // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
-    // route's. Its failures are recorded for the attempts to tell them from the upstream's.
-    let tracking = match completion.as_mut() {
-        Some(c) if !body.is_end_stream() => {
-            let is_grpc = *grpc.insert(is_grpc(&out.parts().headers));
-            let state = Arc::<BodyState>::default();
-            if c.log.is_some() {
-                c.body = Some(state.clone());
+/// Fails with whether the request is gRPC. Not an `async fn`: one keeps room for its arguments
+/// beside the locals they are moved into for its whole life (rust-lang/rust#62958); the block
+/// below uses the request head in place.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
+    routed: Routed<'a>,
+    mut out: Outbound,
+    body: Incoming,
+    key: Option<u64>,
+    completion: &'a mut Option<Completion>,
+) -> impl Future<Output = Result<Response<ResponseBody>, (ProxyError, bool)>> + Send + 'a {
+    async move {
+        let Routed { route, target, .. } = routed;
+        let cluster = &target.cluster;
+        route
+            .steps
+            .on_request(&mut out, completion.as_ref().map(|c| &c.active));
+        let metrics = completion.as_ref().map(|c| c.services.metrics.clone());
+        // Whether the request is gRPC is found when it is needed: for a request body's idle timeout;
+        // before the attempts for an HTTP/2 upstream (its last attempt takes the request head);
+        // else only if the attempts fail.
+        let mut grpc = None;
+        // Until the response head arrives, a request body may pause for the route's idle timeout,
+        // else the connection's; a gRPC one (a client stream may be quiet for minutes) only for the
+        // route's. Its failures are recorded for the attempts to tell them from the upstream's.
+        let tracking = match completion.as_mut() {
+            Some(c) if !body.is_end_stream() => {
+                let is_grpc = *grpc.insert(is_grpc(&out.parts().headers));
+                let state = Arc::<BodyState>::default();
+                if c.log.is_some() {
+                    c.body = Some(state.clone());
+                }
+                Some(BodyTracking {
+                    idle: route
+                        .timeouts
+                        .idle
+                        .or_else(|| (!is_grpc).then(|| c.services.idle_timeout)),
+                    open: c.active.body_open(),
+                    state,
+                })
             }
-            Some(BodyTracking {
-                idle: route
-                    .timeouts
-                    .idle
-                    .or_else(|| (!is_grpc).then(|| c.services.idle_timeout)),
-                open: c.active.body_open(),
-                state,
-            })
+            _ => None,
+        };
+        if grpc.is_none() && cluster.protocol != Protocol::Http1 {
+            grpc = Some(is_grpc(&out.parts().headers));
         }
-        _ => None,
-    };
-    if grpc.is_none() && cluster.protocol != Protocol::Http1 {
-        grpc = Some(is_grpc(&out.parts().headers));
-    }
-    // A copy for the route's mirror, drawn here: with its rewrites and header rules.
-    let tee = match (route.mirror.as_deref(), &metrics) {
-        (Some(mirror), Some(m)) => mirror.start(&out, !body.is_end_stream(), m),
-        _ => None,
-    };
-    let body = RequestBody {
-        body,
-        tracking,
-        tee,
-    };
+        // A copy for the route's mirror, drawn here: with its rewrites and header rules.
+        let tee = match (route.mirror.as_deref(), &metrics) {
+            (Some(mirror), Some(m)) => mirror.start(&out, !body.is_end_stream(), m),
+            _ => None,
+        };
+        let body = RequestBody {
+            body,
+            tracking,
+            tee,
+        };
 
-    // One deadline for the whole request, retries and backoff included.
-    let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
-    let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
-        None => attempt_once(cluster, &mut out, body, key, completion, deadline).await,
-        // Boxed: rare, and its state would grow every request's future.
-        Some(policy) if policy.hedge && body.is_end_stream() && idempotent(&out) => {
-            Box::pin(hedging(cluster, policy, &out, key, completion, deadline)).await
+        // One deadline for the whole request, retries and backoff included.
+        let deadline = route.timeouts.per_request.map(|d| (Instant::now() + d, d));
+        let exchange = match route.retry.as_deref().filter(|p| p.max_retries > 0) {
+            None => attempt_once(cluster, &mut out, body, key, completion, deadline).await,
+            // Boxed: rare, and its state would grow every request's future.
+            Some(policy) if policy.hedge && body.is_end_stream() && idempotent(&out) => {
+                Box::pin(hedging(cluster, policy, &out, key, completion, deadline)).await
+            }
+            Some(policy) => {
+                retrying(cluster, policy, &mut out, body, key, completion, deadline).await
+            }
+        };
+        if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
+            m.timeout("request");
         }
-        Some(policy) => retrying(cluster, policy, &mut out, body, key, completion, deadline).await,
-    };
-    if let (Err(ProxyError::RequestTimeout(_)), Some(m)) = (&exchange, &metrics) {
-        m.timeout("request");
-    }
-    let exchange =
-        exchange.map_err(|e| (e, grpc.unwrap_or_else(|| is_grpc(&out.parts().headers))))?;
+        let exchange =
+            exchange.map_err(|e| (e, grpc.unwrap_or_else(|| is_grpc(&out.parts().headers))))?;
 
-    let Exchange {
-        response,
-        in_flight,
-        endpoint,
-    } = exchange;
-    let (mut parts, body) = response.into_parts();
-    route
-        .steps
-        .on_response(&mut parts, completion.as_ref().map(|c| &c.active));
-    let Some(mut done) = completion.take() else {
-        return Err((ProxyError::NotReady, false));
-    };
-    done.status = parts.status;
-    if let Some(log) = &mut done.log {
-        log.endpoint = Some(endpoint.addr.clone());
-        log.response_headers(&parts.headers);
+        let Exchange {
+            response,
+            in_flight,
+            endpoint,
+        } = exchange;
+        let (mut parts, body) = response.into_parts();
+        route
+            .steps
+            .on_response(&mut parts, completion.as_ref().map(|c| &c.active));
+        let Some(mut done) = completion.take() else {
+            return Err((ProxyError::NotReady, false));
+        };
+        done.status = parts.status;
+        if let Some(log) = &mut done.log {
+            log.endpoint = Some(endpoint.addr.clone());
+            log.response_headers(&parts.headers);
+        }
+        let done = ExchangeEnd {
+            in_flight,
+            completion: done,
+        };
+        let body = UpstreamBody::new(body, route.timeouts.idle, done);
+        Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
     }
-    let done = ExchangeEnd {
-        in_flight,
-        completion: done,
-    };
-    let body = UpstreamBody::new(body, route.timeouts.idle, done);
-    Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
 /// The request's key hash on a RING_HASH or MAGLEV cluster (by the client's request as it
