@@ -49,6 +49,7 @@ use crate::{
     BoxError,
     chunked::{Chunked, Step, decode_chunked, hex_len},
     client_io::ClientIo,
+    head::{ends_head, parse_length},
 };
 
 /// A buffer for a request head is taken this large (glibc's malloc serves up to 1,032 bytes from
@@ -176,17 +177,6 @@ pub fn read_request(
             Ok(None)
         }
     }
-}
-
-/// Whether the bytes of `buf` from `from` on (with the two before) complete a blank line.
-fn ends_head(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(2);
-    buf[start..].iter().enumerate().any(|(i, &b)| {
-        let at = start + i;
-        b == b'\n'
-            && at >= 1
-            && (buf[at - 1] == b'\n' || (at >= 2 && buf[at - 1] == b'\r' && buf[at - 2] == b'\n'))
-    })
 }
 
 /// A span of the read buffer: offset and length.
@@ -376,15 +366,6 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-}
-
-fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
 }
 
 /// Why a connection ended other than cleanly.

@@ -32,6 +32,7 @@ use tokio::io::AsyncWrite;
 use crate::chunked::MAX_CHUNK_LINE;
 use crate::chunked::hex_len;
 pub use crate::chunked::{Chunked, Step, decode_chunked};
+use crate::head::{ends_head, parse_length};
 use crate::{
     BoxError,
     error::{AttemptError, UpstreamFailure},
@@ -247,18 +248,6 @@ pub fn read_head(
     Ok(None)
 }
 
-/// Whether the bytes of `buf` from `from` on (with the two before) complete a blank line, the
-/// end of a head: `\n\n` or `\n\r\n` (httparse accepts bare line feeds).
-fn ends_head(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(2);
-    buf[start..].iter().enumerate().any(|(i, &b)| {
-        let at = start + i;
-        b == b'\n'
-            && at >= 1
-            && (buf[at - 1] == b'\n' || (at >= 2 && buf[at - 1] == b'\r' && buf[at - 2] == b'\n'))
-    })
-}
-
 /// Parses a response head at the start of `buf` (the read buffer): a complete head, final or
 /// interim, is taken off it; a partial one leaves it as it was.
 #[doc(hidden)]
@@ -425,16 +414,6 @@ impl FramingHeaders {
         };
         (framing, keep_alive && framing != Framing::Close)
     }
-}
-
-/// A content-length value: digits only.
-fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
 }
 
 /// How a request body is framed on the wire.

@@ -21,6 +21,7 @@ pub mod error;
 pub mod fault;
 pub mod h1;
 pub mod hash_lb;
+mod head;
 pub mod header_rules;
 pub mod health_check;
 pub mod identity;
