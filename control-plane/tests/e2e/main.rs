@@ -156,8 +156,15 @@ pub fn register_instance(
 }
 
 /// Sends `n` GETs for `host` through `via`; counts answers by body (errors by kind).
+/// An Envoy binds a listener after it has acknowledged it (and a re-created listener refuses for a
+/// moment), so the first connection waits for the listener to accept.
 pub async fn split(via: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
-    let mut c = Client::h1(via).await.unwrap();
+    let mut c = eventually(
+        Duration::from_secs(10),
+        "the listener accepting",
+        || async { Client::h1(via).await.map_err(|e| e.to_string()) },
+    )
+    .await;
     let mut counts = HashMap::new();
     for _ in 0..n {
         let r = c.get(host, "/").await.unwrap();
