@@ -18,6 +18,9 @@ use tokio::io::AsyncRead;
 use tokio_util::codec::FramedRead as InnerFramedRead;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
+/// TRELLIS: the read buffer's size, tokio-util `FramedRead`'s first one.
+pub(crate) const READ_BUFFER_CAPACITY: usize = 8 * 1024;
+
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
@@ -70,6 +73,17 @@ impl<T> FramedRead<T> {
 
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()
+    }
+
+    /// TRELLIS: gives the read buffer and the HPACK decoder's buffer back to the allocator when
+    /// no bytes wait in them (an idle connection); the next read allocates them again.
+    pub fn release_idle_buffers(&mut self) {
+        if self.inner.read_buffer().is_empty() {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
+        if self.decoder.partial.is_none() {
+            self.decoder.hpack.release_idle_buffer();
+        }
     }
 
     /// Returns the current max frame size setting
@@ -421,6 +435,11 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
+            // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffers`), as
+            // large as tokio-util's first one (which grows it 1 byte at a time when it is empty).
+            if self.inner.read_buffer().capacity() == 0 {
+                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+            }
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),

@@ -47,7 +47,9 @@ where
             .length_field_length(3)
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+            .new_codec();
+        // TRELLIS: the read buffer is allocated by the first read (framed_read.rs).
+        let delimited = tokio_util::codec::FramedRead::with_capacity(framed_write, delimited, 0);
 
         let mut inner = FramedRead::new(delimited);
 
@@ -114,6 +116,13 @@ impl<T, B> Codec<T, B> {
     /// Get a mutable reference to the inner stream.
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut().get_mut()
+    }
+
+    /// TRELLIS: gives the buffers of an idle connection back to the allocator (each is allocated
+    /// again when it is next needed).
+    pub(crate) fn release_idle_buffers(&mut self) {
+        self.inner.release_idle_buffers();
+        self.framed_write().release_idle_buffer();
     }
 
     /// Takes the data payload value that was fully written to the socket

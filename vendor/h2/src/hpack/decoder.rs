@@ -158,7 +158,8 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // TRELLIS: allocated by the first `decode`, released when the connection is idle.
+            buffer: BytesMut::new(),
         }
     }
 
@@ -174,6 +175,12 @@ impl Decoder {
     }
 
     /// Decodes the headers found in the given buffer.
+    /// TRELLIS: gives the buffer of Huffman-decoded strings back to the allocator (strings still
+    /// in use keep their part of it); the next `decode` allocates a new one.
+    pub fn release_idle_buffer(&mut self) {
+        self.buffer = BytesMut::new();
+    }
+
     pub fn decode<F>(
         &mut self,
         src: &mut Cursor<&mut BytesMut>,
@@ -183,6 +190,11 @@ impl Decoder {
         F: FnMut(Header) -> ControlFlow<()>,
     {
         use self::Representation::*;
+
+        // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffer`).
+        if self.buffer.capacity() == 0 {
+            self.buffer.reserve(4096);
+        }
 
         let mut can_resize = true;
 

@@ -332,6 +332,12 @@ where
                                 continue;
                             }
 
+                            // TRELLIS: an idle connection (everything written, nothing to
+                            // read, no stream) holds no buffers.
+                            if self.inner.streams.release_if_idle() {
+                                self.codec.release_idle_buffers();
+                            }
+
                             return Poll::Pending;
                         }
                     };

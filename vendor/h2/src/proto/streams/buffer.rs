@@ -33,6 +33,14 @@ impl<T> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.slab.is_empty()
     }
+
+    /// TRELLIS: gives the memory of an empty buffer back to the allocator, if it has at most
+    /// `store::RELEASED_SLOTS` slots.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty() && self.slab.capacity() <= super::store::RELEASED_SLOTS {
+            self.slab = Slab::new();
+        }
+    }
 }
 
 impl Deque {

@@ -14,6 +14,12 @@ pub(super) struct Store {
     ids: IndexMap<StreamId, SlabIndex>,
 }
 
+/// TRELLIS: an idle connection gives back its stream store and frame buffers when they have at
+/// most this many slots (what one stream at a time needs: the first allocation of each), and
+/// keeps larger ones: freeing and growing them again on every idle moment of a connection with
+/// many concurrent streams costs ~2% more instructions per request (h2load -m16).
+pub(super) const RELEASED_SLOTS: usize = 4;
+
 /// "Pointer" to an entry in the store
 pub(super) struct Ptr<'a> {
     key: Key,
@@ -83,6 +89,18 @@ impl Store {
         Store {
             slab: slab::Slab::new(),
             ids: IndexMap::new(),
+        }
+    }
+
+    /// TRELLIS: gives the memory of an empty store back to the allocator, if it has at most
+    /// `RELEASED_SLOTS` slots.
+    pub fn release_if_empty(&mut self) {
+        if self.slab.is_empty()
+            && self.ids.is_empty()
+            && self.slab.capacity() <= RELEASED_SLOTS
+            && self.ids.capacity() <= RELEASED_SLOTS
+        {
+            *self = Store::new();
         }
     }
 
