@@ -103,7 +103,6 @@ pub enum Refusal {
     HeadTooLarge,
     /// A transfer coding other than chunked.
     NotImplemented,
-    VersionNotSupported,
 }
 
 impl Refusal {
@@ -113,7 +112,6 @@ impl Refusal {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NotImplemented => StatusCode::NOT_IMPLEMENTED,
-            Self::VersionNotSupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
         }
     }
 
@@ -133,7 +131,6 @@ impl std::fmt::Display for Refusal {
             Self::UriTooLong => f.write_str("request line too long"),
             Self::HeadTooLarge => f.write_str("request head too large"),
             Self::NotImplemented => f.write_str("transfer coding other than chunked"),
-            Self::VersionNotSupported => f.write_str("HTTP version not supported"),
         }
     }
 }
@@ -229,10 +226,11 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
 
     let method =
         Method::from_bytes(bytes(method)).map_err(|_| Refusal::BadRequest("invalid method"))?;
-    let version = match minor {
-        0 => Version::HTTP_10,
-        1 => Version::HTTP_11,
-        _ => return Err(Refusal::VersionNotSupported),
+    // httparse reads only `HTTP/1.0` and `HTTP/1.1` (others: `Error::Version`, a 400 as hyper).
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
     };
     if path.1 as usize > MAX_URI {
         return Err(Refusal::UriTooLong);

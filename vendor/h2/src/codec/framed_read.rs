@@ -436,9 +436,14 @@ where
         loop {
             tracing::trace!("poll");
             // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffers`), as
-            // large as tokio-util's first one (which grows it 1 byte at a time when it is empty).
+            // large as tokio-util's first one (which grows an empty one a byte at a time). Made
+            // with `with_capacity`, not `reserve`: a `BytesMut` sizes the buffers it allocates
+            // when it runs out while shared (with frames split off it) by the capacity it was
+            // made with; made with none, it would go on reading a frame header at a time.
+            // (An idle connection thus takes a buffer when woken, and gives it back if the read
+            // finds nothing.)
             if self.inner.read_buffer().capacity() == 0 {
-                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+                *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
             }
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,

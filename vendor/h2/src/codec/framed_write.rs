@@ -227,7 +227,7 @@ where
         assert!(self.has_capacity());
         // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffer`).
         if self.buf.get_ref().capacity() == 0 {
-            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+            *self.buf.get_mut() = BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY);
         }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();

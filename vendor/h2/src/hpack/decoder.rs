@@ -174,13 +174,13 @@ impl Decoder {
         self.max_size_update = Some(size);
     }
 
-    /// Decodes the headers found in the given buffer.
     /// TRELLIS: gives the buffer of Huffman-decoded strings back to the allocator (strings still
     /// in use keep their part of it); the next `decode` allocates a new one.
     pub fn release_idle_buffer(&mut self) {
         self.buffer = BytesMut::new();
     }
 
+    /// Decodes the headers found in the given buffer.
     pub fn decode<F>(
         &mut self,
         src: &mut Cursor<&mut BytesMut>,
@@ -191,9 +191,11 @@ impl Decoder {
     {
         use self::Representation::*;
 
-        // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffer`).
+        // TRELLIS: the buffer of a new or idle connection (see `release_idle_buffer`), made with
+        // `with_capacity` as before: a shared `BytesMut` that runs out allocates by the capacity
+        // it was made with (`reserve` on an empty one would make every string its own allocation).
         if self.buffer.capacity() == 0 {
-            self.buffer.reserve(4096);
+            self.buffer = BytesMut::with_capacity(4096);
         }
 
         let mut can_resize = true;
