@@ -198,7 +198,7 @@ fn set_logging(app: &App, query: Option<&str>) -> Response<ResponseBody> {
         return reply(
             StatusCode::BAD_REQUEST,
             TEXT,
-            "give ?level=FILTER (e.g. debug, trellis_proxy=trace)\n",
+            "give ?level=FILTER (e.g. debug, trellis_proxy=debug,h2=info)\n",
         );
     };
     match (app.log_control)(&level) {
