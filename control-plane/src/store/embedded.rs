@@ -348,11 +348,15 @@ impl Inner {
 
     fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         let mut deadlines = self.deadlines.lock();
-        let (ttl, deadline) = deadlines
-            .get_mut(&lease)
-            .ok_or(StoreError::LeaseNotFound(lease))?;
-        *deadline = expiry(Instant::now(), *ttl);
-        Ok(())
+        let now = Instant::now();
+        match deadlines.get_mut(&lease) {
+            // An expired lease is not renewed, even before the reaper has revoked it (as etcd).
+            Some((ttl, deadline)) if *deadline > now => {
+                *deadline = expiry(now, *ttl);
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseNotFound(lease)),
+        }
     }
 
     fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
