@@ -773,13 +773,7 @@ async fn answer_from(
     app: &str,
     headers: &[(&str, &str)],
 ) -> trellis_testkit::client::Reply {
-    use trellis_testkit::client::Client;
-    // A listener re-created by a new snapshot (a root rotation) refuses for a moment.
-    let mut client =
-        trellis_testkit::eventually(Duration::from_secs(10), "the listener", || async {
-            Client::h1(via).await.map_err(|e| e.to_string())
-        })
-        .await;
+    let mut client = crate::connect_when_listening(via).await;
     for _ in 0..200 {
         let mut req = http::Request::get("/").header("host", "color.default:8080");
         for (k, v) in headers {

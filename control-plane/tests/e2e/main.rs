@@ -155,16 +155,20 @@ pub fn register_instance(
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// Sends `n` GETs for `host` through `via`; counts answers by body (errors by kind).
-/// An Envoy binds a listener after it has acknowledged it (and a re-created listener refuses for a
-/// moment), so the first connection waits for the listener to accept.
-pub async fn split(via: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
-    let mut c = eventually(
+/// An HTTP/1.1 connection to `via` once its listener accepts. An Envoy binds a listener after it
+/// has acknowledged it, and a listener re-created by a new snapshot refuses for a moment.
+pub async fn connect_when_listening(via: SocketAddr) -> Client {
+    eventually(
         Duration::from_secs(10),
         "the listener accepting",
         || async { Client::h1(via).await.map_err(|e| e.to_string()) },
     )
-    .await;
+    .await
+}
+
+/// Sends `n` GETs for `host` through `via`; counts answers by body (errors by kind).
+pub async fn split(via: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
+    let mut c = connect_when_listening(via).await;
     let mut counts = HashMap::new();
     for _ in 0..n {
         let r = c.get(host, "/").await.unwrap();
