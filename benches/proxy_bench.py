@@ -562,6 +562,11 @@ def main():
                         conn_memory(n, upstream, tmp, proto, args.idle_conns)
                         if args.idle_conns and n != "none" else None)
                 results[n].append(result)
+                if not args.memory_only:
+                    # Each round's figures on stderr: a median hides whether one proxy or the
+                    # machine had a bad round.
+                    log(f"    h1 {result['rps'] or 0:.0f} req/s, p99 {result['p99'] or 0:.3f} ms, "
+                        f"p99.9 {result['p999'] or 0:.3f} ms, h2c {result['h2_rps'] or 0:.0f} req/s")
     finally:
         for p in started:
             stop(p)

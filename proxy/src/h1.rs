@@ -46,6 +46,8 @@ const READ_CHUNK: usize = 4096;
 /// head fit in a `u16`.
 const MAX_HEAD: usize = 64 * 1024 - 1;
 const MAX_HEADERS: usize = 100;
+/// Spare room in a response's header map for fields added on the way back.
+const RESPONSE_FIELDS_ADDED: usize = 2;
 /// Body bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -302,7 +304,12 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Atte
         return Ok(Parsed::Interim);
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for fields added on the way back (`date`, when the upstream sent none): a map made
+    // full is regrown by the first `entry` or `insert`, even of a field it holds (~1,000
+    // instructions per h2c response: hyper looks up `date` with `entry`). Measured with the
+    // benchmark's two-field responses: 32,736 instructions per h2c request with no room,
+    // 30,822 with room for one, 30,257 for two.
+    let mut headers = HeaderMap::with_capacity(count + RESPONSE_FIELDS_ADDED);
     // The framing headers are read as they go into the map: one pass, no lookups.
     let mut framing = FramingHeaders::default();
     for &[ns, ne, vs, ve] in &spans[..count] {
