@@ -28,7 +28,7 @@ pub struct MatchInput<'a> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub(crate) hosts: Vec<VirtualHost>,
-    /// Exact domains, lowercase, with or without port. Hashed with FNV, not SipHash (~200
+    /// Exact domains, lowercase, with or without port. Hashed with FNV, not SipHash (~100
     /// instructions per request less): the keys come from the snapshot and a request's authority
     /// only looks up, so no request can lengthen a probe sequence, keyed hash or not.
     pub(crate) exact: HashMap<Box<str>, usize, fnv::FnvBuildHasher>,
