@@ -46,6 +46,23 @@ fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
     Some((name.trim_matches('"').to_string(), addr.parse().ok()?))
 }
 
+/// How many of a process's last log lines a failing test prints.
+const LOG_TAIL: usize = 80;
+
+/// On a failing test (a panic unwinding past the process's owner), prints the last of what
+/// `who` logged: a test's assertion names the symptom, the processes' logs hold the cause.
+fn print_tail_if_failing(who: &str, logs: &Mutex<Logs>) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let Ok(logs) = logs.lock() else { return };
+    let from = logs.lines.len().saturating_sub(LOG_TAIL);
+    eprintln!("---- last {} lines of {who}:", logs.lines.len() - from);
+    for line in &logs.lines[from..] {
+        eprintln!("{line}");
+    }
+}
+
 /// Reads a child's stdout and stderr into shared logs, noting "listening" lines.
 fn collect_logs(child: &mut Child) -> Arc<Mutex<Logs>> {
     let logs = Arc::new(Mutex::new(Logs::default()));
@@ -111,6 +128,18 @@ pub struct ControlProcess {
     pub addr: SocketAddr,
     pub url: String,
     logs: Arc<Mutex<Logs>>,
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        print_tail_if_failing(&format!("trellis-control {}", self.addr), &self.logs);
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        print_tail_if_failing(&format!("trellis-proxy (admin {})", self.admin), &self.logs);
+    }
 }
 
 impl ControlProcess {
@@ -357,21 +386,6 @@ impl ProxyProcess {
     /// the proxy may see it empty or half-written.
     pub fn write_snapshot_in_place(&self, bytes: &[u8]) {
         std::fs::write(&self.snapshot, bytes).unwrap();
-    }
-
-    /// Waits until `trellis_proxy_snapshot_rejected_total` reaches `n`.
-    pub async fn wait_rejected(&self, n: f64) {
-        eventually(Duration::from_secs(10), "snapshot rejected", || async {
-            let now = self
-                .metric("trellis_proxy_snapshot_rejected_total", &[])
-                .await;
-            if now >= n {
-                Ok(())
-            } else {
-                Err(format!("rejected {now}, want {n}"))
-            }
-        })
-        .await
     }
 
     /// GET an admin path; returns (status, body).
