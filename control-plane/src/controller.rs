@@ -943,8 +943,10 @@ impl Controller {
         if let Some(cached) = self.cached_snapshot(view, node) {
             return cached;
         }
-        let translated = self.translate(view, node).map(Arc::new);
+        // The key first: a CA rotation while translating must not file the snapshot (made
+        // with the old roots) under the new generation.
         let key = self.cache_key(view);
+        let translated = self.translate(view, node).map(Arc::new);
         let mut cache = self.cache.lock();
         if cache.0 < key {
             *cache = (key, HashMap::new());

@@ -628,10 +628,16 @@ pub struct HealthCheck {
     pub port: Option<i64>,
     pub interval_millis: i64,
     pub timeout_millis: i64,
-    /// Required for a VirtualNode's (the CRD schema says so); optional for a VirtualGateway's.
-    #[serde(default)]
+    /// Required for a VirtualNode's (the CRD schema says so); optional for a VirtualGateway's,
+    /// 0 when not given — and then not stored, so that a stored gateway reads back as it was
+    /// applied (a stored 0 would be refused as out of 2..=10).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub healthy_threshold: i64,
     pub unhealthy_threshold: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// A VirtualNode listener's `outlierDetection` (App Mesh v1beta2).

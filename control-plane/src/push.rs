@@ -227,8 +227,13 @@ impl ConfigStream for ConfigService {
         let csr = Some(hello.csr).filter(|c| admitted != Admitted::Anonymous && !c.is_empty());
         tokio::spawn(async move {
             let process = format!("{}#{}#{id}", hello.node, hello.instance);
-            let admission = Admission {
+            let _connected = Connected {
+                controller: controller.clone(),
+                id,
                 process: process.clone(),
+            };
+            let admission = Admission {
+                process,
                 admitted,
                 csr,
             };
@@ -242,14 +247,27 @@ impl ConfigStream for ConfigService {
                 tx,
             )
             .await;
-            controller.proxies().disconnected(id);
-            controller.measurements().forget(&process);
             tracing::info!(node = %node, "proxy disconnected");
         });
         let out = futures_util::stream::unfold(rx, |mut rx: mpsc::Receiver<Outgoing>| async move {
             rx.recv().await.map(|m| (*m, rx))
         });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// A connected proxy's row in status and its measurements, removed when its session ends
+/// however it ends (a panic too: status never shows a proxy that is gone).
+struct Connected {
+    controller: Arc<Controller>,
+    id: u64,
+    process: String,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.controller.proxies().disconnected(self.id);
+        self.controller.measurements().forget(&self.process);
     }
 }
 

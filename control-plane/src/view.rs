@@ -158,10 +158,7 @@ fn decode(kv: KeyValue, kind: EventKind) -> Option<Update> {
 }
 
 fn decode_resource(kv: &KeyValue) -> Option<Resource> {
-    let parsed = serde_json::from_slice::<Manifest>(&kv.value)
-        .map_err(|e| e.to_string())
-        .and_then(|m| validate::admit(m, None).map_err(|p| format!("{p:?}")));
-    match parsed {
+    match read_resource(&kv.value) {
         Ok(mut r) => {
             r.revision = kv.mod_revision;
             Some(r)
@@ -169,6 +166,44 @@ fn decode_resource(kv: &KeyValue) -> Option<Resource> {
         Err(e) => {
             tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable resource");
             None
+        }
+    }
+}
+
+/// A stored resource's value (a [`Resource`] as JSON) read back: parsed and admitted again.
+/// Whatever `apply` admits must read back the same (the `manifest` fuzz target checks it): the
+/// view takes a write's own typed copy, but the store's watch and a reload (or a restart) read
+/// it back, and a resource that did not read back would vanish from the mesh.
+pub fn read_resource(value: &[u8]) -> Result<Resource, String> {
+    let mut manifest = serde_json::from_slice::<Manifest>(value).map_err(|e| e.to_string())?;
+    if manifest.kind == "VirtualGateway" {
+        unset_zero_thresholds(&mut manifest.spec);
+    }
+    validate::admit(manifest, None).map_err(|problems| {
+        problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// A gateway listener's `healthCheck` given without `healthyThreshold` was stored with 0 before
+/// 0 was left out (and 0 is refused as out of 2..=10): read as not given, as it was applied.
+fn unset_zero_thresholds(spec: &mut serde_json::Value) {
+    let Some(listeners) = spec
+        .get_mut("listeners")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return;
+    };
+    for listener in listeners {
+        if let Some(check) = listener
+            .get_mut("healthCheck")
+            .and_then(serde_json::Value::as_object_mut)
+            && check.get("healthyThreshold") == Some(&serde_json::Value::from(0))
+        {
+            check.remove("healthyThreshold");
         }
     }
 }
@@ -183,5 +218,65 @@ fn decode_instance(kv: &KeyValue) -> Option<Instance> {
             tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable instance");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every mesh resource of the examples (Trellis's API and App Mesh's) reads back from the
+    /// store as it was applied; the `manifest` fuzz target checks the same of its corpus and
+    /// mutants.
+    #[test]
+    fn the_examples_read_back_as_they_were_applied() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = 0;
+        for dir in std::fs::read_dir(&examples).unwrap() {
+            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                let path = file.unwrap().path();
+                // The quickstart's is a proxy snapshot, not manifests.
+                if path.extension().is_none_or(|e| e != "yaml") || path.ends_with("snapshot.yaml") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let manifests = validate::parse_documents(&text).unwrap();
+                for m in manifests.into_iter().filter(validate::is_mesh) {
+                    let applied = validate::admit(m, None).unwrap();
+                    let stored = serde_json::to_vec(&applied).unwrap();
+                    let back = read_resource(&stored)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    assert_eq!(back.key, applied.key);
+                    assert!(back.same(&applied), "{}: {back:?}", path.display());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 50, "{checked} resources");
+    }
+
+    /// What a control plane stored before a gateway's unset `healthyThreshold` was left out
+    /// (`0`) reads back as unset; a 0 applied is still refused.
+    #[test]
+    fn a_gateway_stored_with_a_zero_healthy_threshold_reads_back() {
+        let stored = br#"{"apiVersion":"mesh.trellis.dev/v1beta1","kind":"VirtualGateway","metadata":{"name":"gw","namespace":"default"},"spec":{"listeners":[{"portMapping":{"port":8088,"protocol":"http"},"healthCheck":{"protocol":"http","path":"/healthz","intervalMillis":5000,"timeoutMillis":2000,"healthyThreshold":0,"unhealthyThreshold":2}}]}}"#;
+        let r = read_resource(stored).unwrap();
+        let crate::model::Spec::VirtualGateway(gw) = &r.spec else {
+            panic!("{r:?}")
+        };
+        let check = gw.listeners[0].health_check.as_ref().unwrap();
+        assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (0, 2));
+        let again = serde_json::to_string(&r).unwrap();
+        assert!(!again.contains(r#""healthyThreshold""#), "{again}");
+
+        let applied = "apiVersion: mesh.trellis.dev/v1beta1\nkind: VirtualGateway\nmetadata: { name: gw }\nspec:\n  listeners:\n    - portMapping: { port: 8088, protocol: http }\n      healthCheck: { protocol: http, path: /healthz, intervalMillis: 5000, timeoutMillis: 2000, healthyThreshold: 0, unhealthyThreshold: 2 }\n";
+        let m = validate::parse_documents(applied).unwrap().remove(0);
+        let refused = validate::admit(m, None).unwrap_err();
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.path == "spec.listeners[0].healthCheck.healthyThreshold"),
+            "{refused:?}"
+        );
     }
 }

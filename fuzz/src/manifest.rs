@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use trellis_control::{
     model::Kind,
     translate,
-    validate::{self, Problem, State},
+    validate::{self, Problem, Resource, State},
+    view,
 };
 
 /// Tokens the mutations insert: the manifest schema's keys and values, and YAML syntax.
@@ -98,6 +99,7 @@ pub fn target(data: &[u8]) {
     for (i, manifest) in manifests.into_iter().enumerate() {
         match validate::admit(manifest, Some(i)) {
             Ok(resource) => {
+                reads_back(&resource, i);
                 origin.insert(resource.key.clone(), i);
                 state.insert(resource.key.clone(), std::sync::Arc::new(resource));
             }
@@ -128,6 +130,25 @@ pub fn target(data: &[u8]) {
     );
     if problems.is_empty() {
         translate_all(&state);
+    }
+}
+
+/// An admitted resource, stored as `apply` stores it, reads back the same: the store's watch, a
+/// reload and a restart read it back, and a resource that did not would leave the mesh (a
+/// gateway health check without `healthyThreshold` once did: stored as 0, refused on reading).
+fn reads_back(resource: &Resource, document: usize) {
+    let stored = match serde_json::to_vec(resource) {
+        Ok(stored) => stored,
+        Err(e) => panic!("document {document} does not serialize: {e}"),
+    };
+    match view::read_resource(&stored) {
+        Ok(back) => assert!(
+            back.key == resource.key && back.same(resource),
+            "document {document} reads back from the store as something else:\n{back:?}\nnot\n{resource:?}"
+        ),
+        Err(e) => {
+            panic!("document {document} is admitted but does not read back from the store: {e}")
+        }
     }
 }
 

@@ -60,7 +60,7 @@ async fn gateway_answers_its_listeners_health_checks() {
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let data = tempfile::tempdir().unwrap();
-    let control = ControlProcess::start(CONTROL, data.path()).await;
+    let mut control = ControlProcess::start(CONTROL, data.path()).await;
     let app = TestServer::start("app").await;
     let (web, rpc) = (trellis_testkit::free_port(), trellis_testkit::free_port());
     let listeners = format!(
@@ -130,6 +130,14 @@ async fn gateway_answers_its_listeners_health_checks() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.status, ServingStatus::Serving as i32);
+
+    // Restarted, the control plane reads the gateway back from its store and its proxy is in
+    // sync again (a healthCheck without healthyThreshold was once stored as 0 and refused on
+    // reading: the gateway left the mesh; the store's watch could do the same without a restart).
+    control.kill().await;
+    let listen = control.addr.to_string();
+    control = ControlProcess::start_on(CONTROL, data.path(), &listen).await;
+    wait_synced(&control.url, 1).await;
 }
 
 /// Sends `n` GETs at once, each on its own connection, that the test server holds `delay_ms`;
