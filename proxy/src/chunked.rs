@@ -122,13 +122,26 @@ pub fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Step, &
     }
 }
 
+/// The trailer block up to and with its blank line. Every line must end in CRLF and the block
+/// must be read whole: httparse also ends a block at a bare LF, and what followed it within the
+/// block (a pipelined request, to a peer that ends lines at a bare LF) would be dropped unread.
 fn parse_trailers(block: &[u8]) -> Option<HeaderMap> {
+    let bare_lf = block
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || block[i - 1] != b'\r'));
+    if bare_lf {
+        return None;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let httparse::Status::Complete((_, parsed)) =
+    let httparse::Status::Complete((used, parsed)) =
         httparse::parse_headers(block, &mut headers).ok()?
     else {
         return None;
     };
+    if used != block.len() {
+        return None;
+    }
     let mut map = HeaderMap::with_capacity(parsed.len());
     for h in parsed {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
@@ -169,6 +182,36 @@ mod tests {
             decode_chunked(&mut state, &mut buf),
             Ok(Step::End)
         ));
+        assert_eq!(&buf[..], b"NEXT");
+    }
+
+    /// A trailer block is CRLF lines read whole: a bare LF (which would end the block early and
+    /// drop a pipelined request behind it) is refused, and good trailers are kept.
+    #[test]
+    fn trailers_end_only_at_crlf_and_are_read_whole() {
+        for bad in [
+            &b"0\r\nx: y\n\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"0\r\nx: y\nz: w\r\n\r\n",
+            b"0\r\n\nGET / HTTP/1.1\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(bad);
+            let mut state = Chunked::Size;
+            let got = decode_chunked(&mut state, &mut buf);
+            assert!(
+                matches!(got, Err("malformed trailers")),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut buf = BytesMut::from(&b"0\r\nx: y\r\nz: w\r\n\r\nNEXT"[..]);
+        let mut state = Chunked::Size;
+        let Ok(Step::Trailers(t)) = decode_chunked(&mut state, &mut buf) else {
+            panic!("trailers refused")
+        };
+        assert_eq!(
+            (t["x"].as_bytes(), t["z"].as_bytes()),
+            (&b"y"[..], &b"w"[..])
+        );
         assert_eq!(&buf[..], b"NEXT");
     }
 }

@@ -4,7 +4,7 @@
 //! faults, ...) is a new variant here, compiled only when configured, so it costs nothing unset.
 
 use http::{
-    HeaderMap, header,
+    HeaderMap, HeaderValue, header,
     uri::{Authority, PathAndQuery},
 };
 
@@ -174,6 +174,39 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// The names a message's `Connection` header lists, but Host (it names the request's target:
+/// never hop-by-hop, whatever a client lists) and `keep`.
+fn connection_listed(headers: &HeaderMap, keep: &[header::HeaderName]) -> Vec<header::HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| name != header::HOST && !keep.contains(name))
+        .collect()
+}
+
+/// Removes, as an HTTP/1 request arrives, the headers its `Connection` lists and then
+/// `Connection` itself, keeping only its `upgrade` (which a websocket's handling reads): before
+/// the proxy adds its own headers (`x-forwarded-client-cert`, `traceparent`), so that a client
+/// cannot list those away, as Envoy's codec drops them on receipt. (hyper has read what the
+/// connection needs of it; HTTP/2 requests have none.)
+pub fn strip_connection_listed(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
+    let listed = connection_listed(headers, &[]);
+    let upgrade = listed.contains(&header::UPGRADE);
+    for name in listed.into_iter().filter(|n| n != header::UPGRADE) {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
 /// Removes hop-by-hop headers, those `Connection` lists among them, and `TE` unless it is
 /// `trailers`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -184,19 +217,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        // Headers the Connection header lists are hop-by-hop too.
-        let listed: Vec<header::HeaderName> = std::iter::once(connection)
-            .chain(headers.get_all(header::CONNECTION).iter().skip(1))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            // Host names the request's target: never hop-by-hop, whatever a client lists.
-            .filter(|name| name != header::HOST)
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
+    // Headers the Connection header lists are hop-by-hop too.
+    for name in connection_listed(headers, &[]) {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);

@@ -107,6 +107,19 @@ async fn traces_join_across_sidecars_in_a_real_collector() {
         "the app's parent is the called sidecar's span"
     );
 
+    // A client cannot list the trace context away (`Connection: traceparent`): what Connection
+    // lists goes as the request arrives, before the sidecar adds its own; the trace still has
+    // both sidecars' spans.
+    let r = get(front.egress, &[("connection", "traceparent")]).await;
+    assert_eq!(r.status.as_u16(), 200);
+    let seen = r.header("x-seen-traceparent").unwrap_or_default();
+    let trace = seen.split('-').nth(1).unwrap_or_default().to_string();
+    let spans = two_spans(&rotel, &trace).await;
+    assert!(
+        spans.iter().any(|s| s.service == "default/front"),
+        "{spans:#?}"
+    );
+
     // B3 from the caller's app: joined, and B3 answered in kind.
     let b3_trace = "463ac35c9f6413ad48485a3953bb6124";
     let r = get(
