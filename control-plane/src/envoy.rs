@@ -1019,6 +1019,13 @@ fn route_action(
         }
     }
     use route::route_action::ClusterSpecifier;
+    // Envoy shadows whole bodies: a body limit asked for has no translation.
+    if r.mirror.iter().any(|m| m.max_body_bytes != 0) {
+        t.refuse(
+            format!("{path}.mirror.maxBodyBytes"),
+            "a mirror's body limit (Envoy's shadowing copies whole bodies)",
+        );
+    }
     // A share of the requests copied to a cluster, the copy's host with `-shadow` (Envoy's
     // shadowing, which trellis-proxy's follows).
     let mirrors = r

@@ -1131,6 +1131,7 @@ impl Checker<'_> {
                     self.err(format!("{gp}.match.methodName"), "needs serviceName".into());
                 }
                 self.headers(&format!("{gp}.match.metadata"), &g.matcher.metadata);
+                self.match_port(&format!("{gp}.match.port"), g.matcher.port);
                 self.action(&format!("{gp}.action"), &g.action, false);
                 self.retry(&format!("{gp}.retryPolicy"), g.retry_policy.as_ref());
                 if g.retry_policy
@@ -1156,6 +1157,8 @@ impl Checker<'_> {
                 self.mirror(&format!("{gp}.mirror"), g.mirror.as_ref());
             }
             if let Some(t) = &route.tcp_route {
+                // Its `match` has only `port` (compat): a port, when given.
+                self.match_port(&format!("{rp}.tcpRoute.match.port"), route_port(route).1);
                 self.action(&format!("{rp}.tcpRoute.action"), &t.action, true);
                 self.timeouts(&format!("{rp}.tcpRoute.timeout"), t.timeout.as_ref());
             }
@@ -1566,6 +1569,8 @@ impl Checker<'_> {
         }
         if let Some(g) = &r.grpc_route {
             self.headers("spec.grpcRoute.match.metadata", &g.matcher.metadata);
+            self.hostname_match("spec.grpcRoute.match.hostname", g.matcher.hostname.as_ref());
+            self.match_port("spec.grpcRoute.match.port", g.matcher.port);
             self.exists(
                 "spec.grpcRoute.action.target.virtualService.virtualServiceRef",
                 Kind::VirtualService,
@@ -1588,6 +1593,16 @@ impl Checker<'_> {
                     self.err(
                         format!("spec.{field}.match.prefix"),
                         "must start with \"/\"".into(),
+                    );
+                }
+                self.gateway_http_match(&format!("spec.{field}.match"), &h.matcher);
+                if h.matcher.prefix.is_none()
+                    && let Some(prefix) = h.action.rewrite.as_ref().and_then(|r| r.prefix.as_ref())
+                    && prefix.value.is_some()
+                {
+                    self.err(
+                        format!("spec.{field}.action.rewrite.prefix.value"),
+                        "needs match.prefix: only a matched prefix is rewritten".into(),
                     );
                 }
                 if let Some(rw) = h.action.rewrite.as_ref() {
@@ -1818,10 +1833,55 @@ impl Checker<'_> {
                 );
             }
         }
-        if let Some(port) = m.port
+        self.match_port(&format!("{path}.port"), m.port);
+    }
+
+    /// A gateway route's HTTP match, past its prefix (checked with the rewrites): each rule
+    /// says one thing, as a router route's do ([`Self::http_match`]).
+    fn gateway_http_match(&mut self, path: &str, m: &crate::model::GatewayHttpMatch) {
+        if let Some(pm) = &m.path {
+            match (&pm.exact, &pm.regex) {
+                (Some(e), None) if !e.starts_with('/') => {
+                    self.err(format!("{path}.path.exact"), "must start with \"/\"".into())
+                }
+                (None, Some(re)) => self.regex(&format!("{path}.path.regex"), re),
+                (Some(_), None) => {}
+                _ => self.err(format!("{path}.path"), "give exact or regex".into()),
+            }
+        }
+        self.hostname_match(&format!("{path}.hostname"), m.hostname.as_ref());
+        self.headers(&format!("{path}.headers"), &m.headers);
+        // `method` is one of the schema's (compat).
+        for (i, q) in m.query_parameters.iter().enumerate() {
+            if q.name.is_empty() {
+                self.err(
+                    format!("{path}.queryParameters[{i}].name"),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        self.match_port(&format!("{path}.port"), m.port);
+    }
+
+    /// A gateway route's `hostname`: exactly one of `exact` and `suffix`, not empty.
+    fn hostname_match(&mut self, path: &str, h: Option<&crate::model::HostnameMatch>) {
+        let Some(h) = h else { return };
+        match (&h.exact, &h.suffix) {
+            (Some(v), None) | (None, Some(v)) if v.is_empty() => {
+                let which = if h.exact.is_some() { "exact" } else { "suffix" };
+                self.err(format!("{path}.{which}"), "must not be empty".into());
+            }
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => self.err(path, "give exact or suffix".into()),
+        }
+    }
+
+    /// A route match's `port`: a port, when given (0 would match any).
+    fn match_port(&mut self, path: &str, port: Option<i64>) {
+        if let Some(port) = port
             && !(1..=65535).contains(&port)
         {
-            self.err(format!("{path}.port"), "must be 1..=65535".into());
+            self.err(path, "must be 1..=65535".into());
         }
     }
 
@@ -2906,6 +2966,38 @@ spec:
         ), (
             format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, path: { exact: /web/x } }"),
             "spec.httpRoute.match: give prefix or path, not both",
+        ), (
+            // A gateway route's match says one thing per rule, as a router route's does.
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { path: { exact: /web/x, regex: /w.* } }")
+                .replace("      rewrite: { prefix: { value: /v2/ } }\n", ""),
+            "(GatewayRoute default/web): spec.httpRoute.match.path: give exact or regex",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { path: {} }")
+                .replace("      rewrite: { prefix: { value: /v2/ } }\n", ""),
+            "(GatewayRoute default/web): spec.httpRoute.match.path: give exact or regex",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, hostname: { exact: a.example, suffix: .example } }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.hostname: give exact or suffix",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, hostname: {} }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.hostname: give exact or suffix",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, headers: [{ name: x, match: { exact: a, prefix: b } }] }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.headers[0].match: give exactly one of exact, prefix, suffix, regex, range",
+        ), (
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, port: 0 }"),
+            "(GatewayRoute default/web): spec.httpRoute.match.port: must be 1..=65535",
+        ), (
+            // A prefix rewrite without a matched prefix would rewrite nothing.
+            format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { path: { exact: /web/x } }"),
+            "(GatewayRoute default/web): spec.httpRoute.action.rewrite.prefix.value: needs match.prefix: only a matched prefix is rewritten",
+        ), (
+            // A router's TCP and gRPC routes match a port (0 would match any).
+            GOOD.replace("httpRoute:\n        match: { prefix: / }", "tcpRoute:\n        match: { port: 0 }"),
+            "spec.routes[0].tcpRoute.match.port: must be 1..=65535",
+        ), (
+            GOOD.replace("httpRoute:\n        match: { prefix: / }", "grpcRoute:\n        match: { serviceName: s, port: 0 }"),
+            "spec.routes[0].grpcRoute.match.port: must be 1..=65535",
         ), (
             format!("\"\": 1\n{GOOD}"),
             "document 0: \"\": unknown field",

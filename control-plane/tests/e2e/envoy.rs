@@ -219,6 +219,33 @@ async fn an_envoy_sidecar_runs_its_nodes_config_over_ads() {
     );
     let answers = split(&envoy, 20).await;
     assert_eq!(answers.get("color-v1"), Some(&20), "{answers:?}");
+
+    // So is a mirror's body limit (Envoy shadows whole bodies), named by its field.
+    apply(
+        &url,
+        &mesh(
+            0,
+            100,
+            "      mirror: { virtualNodeRef: { name: color-v2 }, percentage: 10, maxBodyBytes: 1024 }\n",
+        ),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the mirror's limit withheld",
+        || async {
+            match proxy_status(&url, "default/front") {
+                Some(p)
+                    if p["withheld"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("mirror.maxBodyBytes")) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 /// A route Envoy itself refuses (RE2 takes no repetition above 1,000, which trellis-proxy's
