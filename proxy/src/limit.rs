@@ -167,6 +167,17 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// (`busy`).
 pub const MAX_HELD_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The most frames a body kept for a copy or a retry may have, for a `limit` of `limit` bytes:
+/// a kept frame costs its bookkeeping (about 100 bytes) and may keep its whole read buffer, so a
+/// body of 1-byte chunks within the byte limit would hold a hundred times it. A body of more
+/// frames than this is not kept (as one over the limit): legitimate ones average 512 bytes or
+/// more a frame, or are small.
+pub(crate) fn max_kept_frames(limit: u64) -> usize {
+    usize::try_from(limit / 512)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1024)
+}
+
 /// What every mirror of a proxy shares, across snapshots: the copies in flight and the body
 /// bytes they hold.
 #[derive(Debug, Default)]

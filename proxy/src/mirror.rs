@@ -211,7 +211,9 @@ impl TeeSink {
         }
         if let Some(data) = frame.data_ref() {
             let n = data.len() as u64;
-            if self.held.bytes + n > self.limit {
+            if self.held.bytes + n > self.limit
+                || self.frames.len() >= crate::limit::max_kept_frames(self.limit)
+            {
                 self.give_up("body_too_large");
                 return;
             }

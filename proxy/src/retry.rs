@@ -292,7 +292,12 @@ impl Body for ReplayBody {
                 let frame = match frame.into_data() {
                     Ok(data) => {
                         if !shared.overflowed {
-                            if shared.recorded_len + data.len() <= shared.limit {
+                            let frames = crate::limit::max_kept_frames(
+                                u64::try_from(shared.limit).unwrap_or(u64::MAX),
+                            );
+                            if shared.recorded_len + data.len() <= shared.limit
+                                && shared.recorded.len() < frames
+                            {
                                 shared.recorded_len += data.len();
                                 shared.recorded.push(data.clone());
                                 this.position += 1;
@@ -518,6 +523,32 @@ mod tests {
         );
         let (first, _) = collect(replay.attempt()).await.unwrap();
         assert_eq!(first.len(), 100, "the whole body still goes through once");
+        assert!(!replay.can_replay());
+    }
+
+    /// A body of tiny frames within the byte limit but over the frame allowance is sent once
+    /// and not kept (each kept frame costs far more than its byte); one just within is kept.
+    #[tokio::test]
+    async fn a_body_of_too_many_tiny_frames_is_not_kept() {
+        let limit = 64 * 1024;
+        let allowed = crate::limit::max_kept_frames(limit as u64);
+        let body = |n: usize| {
+            let frames = (0..n)
+                .map(|_| Frame::data(Bytes::from_static(b"x")))
+                .collect();
+            Frames(frames).boxed()
+        };
+        let replay = Replay::new(body(allowed), limit);
+        let (first, _) = collect(replay.attempt()).await.unwrap();
+        assert_eq!(first.len(), allowed);
+        assert!(replay.can_replay());
+        let replay = Replay::new(body(allowed + 1), limit);
+        let (first, _) = collect(replay.attempt()).await.unwrap();
+        assert_eq!(
+            first.len(),
+            allowed + 1,
+            "the whole body still goes through once"
+        );
         assert!(!replay.can_replay());
     }
 }

@@ -208,3 +208,46 @@ async fn copies_carry_bodies_within_the_bound_and_fail_alone() {
     })
     .await;
 }
+
+/// A body of many tiny chunks, far within the byte bound (64 KiB by default), is not kept for a
+/// copy past 1,152 frames (each kept frame costs a hundred times its byte): served, not copied;
+/// a body of fewer frames is.
+#[tokio::test]
+async fn a_body_of_too_many_tiny_chunks_is_not_copied() {
+    let blue = TestServer::start("blue").await;
+    let shadow = RawHttpServer::start(vec![RawReply::keep(
+        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+    )])
+    .await;
+    let clusters =
+        cluster("blue", "HTTP1", &[blue.addr]) + &cluster("shadow", "HTTP1", &[shadow.addr]);
+    let proxy = proxy_with("v1", &mirrored("percentage: 100"), &clusters, &[]).await;
+    let chunked = |n: usize| {
+        let mut req =
+            b"POST /echo HTTP/1.1\r\nhost: blue\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..n {
+            req.extend_from_slice(b"1\r\nx\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        req
+    };
+    let r = exchange(proxy.egress, &chunked(2000)).await.unwrap();
+    assert_eq!((r.status, r.text().len()), (200, 2000));
+    let too_large = proxy
+        .metric(
+            "trellis_proxy_mirrored_requests_total",
+            &[("outcome", "body_too_large")],
+        )
+        .await;
+    assert_eq!(too_large, 1.0);
+
+    let r = exchange(proxy.egress, &chunked(100)).await.unwrap();
+    assert_eq!((r.status, r.text().len()), (200, 100));
+    trellis_testkit::eventually(Duration::from_secs(10), "one copy", || async {
+        match shadow.requests().as_slice() {
+            [one] if one.ends_with(&"x".repeat(100)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
