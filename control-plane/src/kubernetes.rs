@@ -436,8 +436,12 @@ fn instances(
 ) -> Vec<Instance> {
     let mut out = Vec::new();
     for m in manifests.iter().filter(|m| m.kind == "VirtualNode") {
-        let Ok(Spec::VirtualNode(node)) = model::parse_spec(Kind::VirtualNode, m.spec.clone())
-        else {
+        // Admitted as an apply would (App Mesh's ARNs made references); a node that is not
+        // (invalid elsewhere) still registers its pods when its spec parses.
+        let spec = crate::validate::admit(m.clone(), None)
+            .map(|r| r.spec)
+            .or_else(|_| model::parse_spec(Kind::VirtualNode, m.spec.clone()));
+        let Ok(Spec::VirtualNode(node)) = spec else {
             continue;
         };
         let (Some(selector), Some(sd)) = (&node.pod_selector, &node.service_discovery) else {

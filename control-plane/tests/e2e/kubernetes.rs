@@ -163,6 +163,8 @@ async fn the_mesh_and_the_registry_come_from_the_cluster() {
             // Attributes the pods do not carry as labels: their instances get them (as App Mesh
             // registered them), so the node's own selection finds them.
             "serviceDiscovery": { "awsCloudMap": { "namespaceName": "shop.local", "serviceName": "reviews", "attributes": [{ "key": "track", "value": "stable" }] } },
+            // A backend by ARN (App Mesh's spelling): its pods are registered all the same.
+            "backends": [{ "virtualService": { "virtualServiceARN": "arn:aws:appmesh:us-west-2:111122223333:mesh/shop/virtualService/reviews" } }],
         },
     })).await;
     api.create(&format!("{ns}/virtualservices"), json!({
