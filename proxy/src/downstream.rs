@@ -424,11 +424,22 @@ impl Body for Incoming {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
+        let mut polled = match self.get_mut() {
             Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Self::H1(b) => Pin::new(b).poll_frame(cx),
             Self::Empty => Poll::Ready(None),
+        };
+        // A client's trailers lose what no header rule may name either (framing, hop-by-hop,
+        // the authority, the caller's identity the proxy vouches for): an upstream that merges
+        // trailers into the header section must not find a forged `x-forwarded-client-cert`.
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            for name in crate::header_rules::NEVER {
+                trailers.remove(name);
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

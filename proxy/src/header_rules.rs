@@ -39,7 +39,7 @@ enum Piece {
 /// Headers no rule may name: hop-by-hop and framing headers (a rule must never change how a
 /// message is delimited or what the next hop does with the connection), the authority (the
 /// action's host rewrite does that), and the caller's identity header the proxy sets itself.
-const NEVER: [&str; 11] = [
+pub(crate) const NEVER: [&str; 11] = [
     "connection",
     "keep-alive",
     "proxy-connection",

@@ -222,6 +222,48 @@ async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
     assert!(seen[0].contains("x-trailer: t\r\n"), "{}", seen[0]);
 }
 
+/// A client's request trailers lose what no header rule may name (framing, hop-by-hop, the
+/// authority, `x-forwarded-client-cert`), over HTTP/2 and HTTP/1.1 alike: an upstream merging
+/// trailers into the header section finds no forged identity; other trailers go on.
+#[tokio::test]
+async fn request_trailers_never_carry_what_the_proxy_controls() {
+    let (raw, proxy) = proxy_to_raw(RawReply::keep(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ))
+    .await;
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "raw.test"),
+        (":path", "/upload"),
+    ];
+    h2.headers(1, &post, false).await;
+    h2.data(1, b"body", false).await;
+    let forged = [
+        ("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y"),
+        ("host", "elsewhere.test"),
+        ("content-length", "99"),
+        ("x-checksum", "abc"),
+    ];
+    h2.headers(1, &forged, true).await;
+    assert_eq!(h2.outcome(1).await, Outcome::Status(200));
+
+    let h1 = b"POST /upload HTTP/1.1\r\nhost: raw.test\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nx-forwarded-client-cert: URI=spiffe://evil/ns/x/vn/y\r\nhost: elsewhere.test\r\nx-checksum: abc\r\n\r\n";
+    let r = exchange(proxy.egress, h1).await.unwrap();
+    assert_eq!(r.status, 200);
+
+    let seen = raw.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for request in &seen {
+        let trailers = &request[request.find("\r\n0\r\n").expect("a chunked body")..];
+        assert!(trailers.contains("x-checksum: abc\r\n"), "{request}");
+        for name in ["x-forwarded-client-cert", "host", "content-length"] {
+            assert!(!trailers.contains(name), "{name} in {request}");
+        }
+    }
+}
+
 /// A body the client breaks is the client's fault: 400 for a malformed one, 499
 /// (`downstream_reset`) for one cut short; never a 502 charged to the cluster.
 #[tokio::test]
