@@ -1202,6 +1202,12 @@ impl Checker<'_> {
                 ),
             }
         }
+        if !n.allowed_callers.is_empty() && n.listeners.iter().any(|l| l.tls.is_some()) {
+            self.err(
+                "spec.allowedCallers",
+                "not supported with a listener's tls: that tls's own validation decides who may call; allowedCallers widens the mesh's STRICT mTLS authorization".into(),
+            );
+        }
         self.listeners("spec.listeners", &n.listeners);
         self.listener_resilience("spec.listeners", &n.listeners);
         self.rate_limit("spec.rateLimit", n.rate_limit.as_ref(), true);
@@ -2966,6 +2972,14 @@ spec:
         ), (
             format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { prefix: /web/, path: { exact: /web/x } }"),
             "spec.httpRoute.match: give prefix or path, not both",
+        ), (
+            // allowedCallers widens the mesh's STRICT authorization, which a listener's own tls
+            // replaces.
+            GOOD.replace(
+                "listeners: [{ portMapping: { port: 9080, protocol: http } }]\n  serviceDiscovery",
+                "listeners: [{ portMapping: { port: 9080, protocol: http }, tls: { mode: DISABLED } }]\n  allowedCallers: [{ spiffeId: spiffe://trellis.local/ns/ops/vn/debug }]\n  serviceDiscovery",
+            ),
+            "(VirtualNode default/blue): spec.allowedCallers: not supported with a listener's tls",
         ), (
             // A gateway route's match says one thing per rule, as a router route's does.
             format!("{GOOD}{GATEWAY}").replace("match: { prefix: /web/ }", "match: { path: { exact: /web/x, regex: /w.* } }")
