@@ -52,6 +52,7 @@ const BACKEND_GROUPS: &str = "name \"*\" (the App Mesh controller's wildcard): e
 /// A VirtualGateway health check's prober settings.
 const GATEWAY_PROBER: &str = "validated (the CRD's range); a setting of the external prober (the load balancer probing the gateway), which Trellis documents and does not run: the gateway answers every probe";
 const POD_SELECTOR: &str = "validated, and selects the node's pods on Kubernetes (issue 13); off Kubernetes there are no pods: a proxy names its node with --node (a gateway with --gateway)";
+const GATEWAY_POD_SELECTOR: &str = "validated; selects no pods yet: Trellis's injector meshes VirtualNodes' pods only (App Mesh's set up the Envoy of the gateway pods it selected) — a gateway's pods run trellis-proxy --gateway NAMESPACE/NAME themselves, joining with a token (trellis token create)";
 
 /// (kind, path, status): a path's status covers the fields below it unless a longer path says otherwise.
 pub(super) const STATUS: &[(Kind, &str, Status)] = &[
@@ -1257,7 +1258,11 @@ pub(super) const STATUS: &[(Kind, &str, Status)] = &[
             "the gateway serves the GatewayRoutes without a virtualGatewayRef of its mesh in the namespaces it selects, by the labels of their v1 Namespace (and the kubernetes.io/metadata.name label; {} selects every namespace); unset: those of its own namespace; a route naming a gateway in virtualGatewayRef is that gateway's alone, as with App Mesh's controller",
         ),
     ),
-    (VirtualGateway, "spec.podSelector", Identity(POD_SELECTOR)),
+    (
+        VirtualGateway,
+        "spec.podSelector",
+        Identity(GATEWAY_POD_SELECTOR),
+    ),
     // ---- GatewayRoute ------------------------------------------------------------------------------
     (GatewayRoute, "spec", Honoured(SPEC)),
     (GatewayRoute, "spec.awsName", Identity(AWS_NAME)),
