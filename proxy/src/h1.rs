@@ -142,6 +142,8 @@ impl Conn {
         let body = body.filter(|b| !b.is_end_stream());
         let mut writer = Writer::new(body, out.framing);
         let mut received = false;
+        // Kept across wakes: a head trickling in is parsed again only as `read_head` says.
+        let mut incomplete = 0;
         let head = std::future::poll_fn(|cx| {
             // Send the request while watching for the response: an upstream may answer (an
             // error, say) before it has read the whole body.
@@ -149,7 +151,12 @@ impl Conn {
             if let Some(e) = writer.take_body_error() {
                 return Poll::Ready(Err(AttemptError::new(UpstreamFailure::Protocol, e)));
             }
-            self.poll_head(cx, out.parts.method == Method::HEAD, &mut received)
+            self.poll_head(
+                cx,
+                out.parts.method == Method::HEAD,
+                &mut received,
+                &mut incomplete,
+            )
         })
         .await
         .map_err(|mut e| {
@@ -186,25 +193,24 @@ impl Conn {
         Ok(response)
     }
 
-    /// Reads until a final (non-1xx) response head is complete.
+    /// Reads until a final (non-1xx) response head is complete; `incomplete` is
+    /// [`read_head`]'s, kept by the caller from one wake to the next.
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
         received: &mut bool,
+        incomplete: &mut usize,
     ) -> Poll<Result<Head, AttemptError>> {
-        let mut incomplete = 0;
         loop {
-            if let Some(head) = read_head(&mut self.rbuf, head_request, &mut incomplete, false)? {
+            if let Some(head) = read_head(&mut self.rbuf, head_request, incomplete, false)? {
                 return Poll::Ready(Ok(head));
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
                     // A head left unparsed for want of a blank line is judged now: malformed, or
                     // cut short.
-                    if let Some(head) =
-                        read_head(&mut self.rbuf, head_request, &mut incomplete, true)?
-                    {
+                    if let Some(head) = read_head(&mut self.rbuf, head_request, incomplete, true)? {
                         return Poll::Ready(Ok(head));
                     }
                     return Poll::Ready(Err(AttemptError::io(closed(), !*received)));
