@@ -150,8 +150,7 @@ impl Listeners {
             // No listener configured for this socket: refuse by closing.
             return;
         };
-        let gauge = self.services.metrics.active_connections(&listener.name);
-        gauge.inc();
+        let _counted = Counted::new(self.services.metrics.active_connections(&listener.name));
         // Captured by `trellis-proxy init`'s rules: HTTP is served below, other bytes go by
         // where the client meant to connect.
         let original = match slot {
@@ -168,7 +167,6 @@ impl Listeners {
                 services, &runtime, stream, peer, original,
             ))
             .await;
-            gauge.dec();
             return;
         }
         let stream = match &listener.tls {
@@ -182,7 +180,6 @@ impl Listeners {
                         // Plaintext under STRICT, an unknown or expired certificate, none.
                         tracing::debug!(error = %e, "TLS handshake refused");
                         self.services.metrics.tls_refused(&listener.name);
-                        gauge.dec();
                         return;
                     }
                 }
@@ -204,7 +201,6 @@ impl Listeners {
                     self.services
                         .metrics
                         .unauthorized(&listener.name, identity.as_deref());
-                    gauge.dec();
                     return;
                 }
                 let log = self
@@ -226,7 +222,6 @@ impl Listeners {
                     .await;
             }
         }
-        gauge.dec();
     }
 
     async fn serve_http(
@@ -522,5 +517,22 @@ impl Drain {
         tokio::time::timeout(timeout, self.tasks.wait())
             .await
             .is_ok()
+    }
+}
+
+/// A listener's active-connections gauge, counted up for a connection and down however it ends
+/// (its task finished, cancelled, or unwound by a panic).
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
