@@ -244,6 +244,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     let mut transfer_encoding = false;
     let (mut close, mut keep_alive) = (false, false);
     let (mut expect_continue, mut upgrade, mut trailers) = (false, false, false);
+    let mut connection = false;
     for &(name, value) in &spans[..count] {
         let name = HeaderName::from_bytes(bytes(name))
             .map_err(|_| Refusal::BadRequest("invalid header name"))?;
@@ -264,6 +265,7 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
                 codings = codings.then(coding);
             }
         } else if name == header::CONNECTION {
+            connection = true;
             for token in tokens(&value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
@@ -279,6 +281,10 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
             trailers |= tokens(&value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
         headers.append(name, value);
+    }
+    if connection {
+        // What it lists goes now, before the proxy adds headers of its own.
+        crate::steps::strip_connection_listed(&mut headers);
     }
     let body = match codings {
         // A `transfer-encoding` that names no coding is no framing to go by (and a

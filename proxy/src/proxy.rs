@@ -188,9 +188,6 @@ pub(crate) async fn serve(
     active: ActiveRequest,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
-    if req.version() <= http::Version::HTTP_11 {
-        crate::steps::strip_connection_listed(req.headers_mut());
-    }
     if matches!(slot, Slot::Ingress) {
         client_cert_header(&services, &mut req, active.identity());
     }

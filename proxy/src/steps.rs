@@ -187,7 +187,7 @@ fn connection_listed(headers: &HeaderMap, keep: &[header::HeaderName]) -> Vec<he
         .collect()
 }
 
-/// Removes, as an HTTP/1 request arrives, the headers its `Connection` lists and then
+/// Removes, as an HTTP/1 request's head is read, the headers its `Connection` lists and then
 /// `Connection` itself, keeping only its `upgrade` (which a websocket's handling reads): before
 /// the proxy adds its own headers (`x-forwarded-client-cert`, `traceparent`), so that a client
 /// cannot list those away, as Envoy's codec drops them on receipt. (hyper has read what the
