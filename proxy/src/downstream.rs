@@ -444,6 +444,8 @@ impl Body for Incoming {
             for name in crate::header_rules::NEVER {
                 trailers.remove(name);
             }
+            // As at the head: the spelling CGI-style servers read as the same.
+            trailers.remove("x_forwarded_client_cert");
         }
         polled
     }

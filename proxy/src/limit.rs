@@ -178,6 +178,16 @@ pub(crate) fn max_kept_frames(limit: u64) -> usize {
         .saturating_add(1024)
 }
 
+/// A frame kept for a copy or a retry: a small one copied out of its read buffer, which it would
+/// otherwise keep whole (a 1-byte chunk behind 4 KiB of chunk extensions would hold those too).
+pub(crate) fn kept(data: &bytes::Bytes) -> bytes::Bytes {
+    if data.len() < crate::chunked::MAX_CHUNK_LINE {
+        bytes::Bytes::copy_from_slice(data)
+    } else {
+        data.clone()
+    }
+}
+
 /// What every mirror of a proxy shares, across snapshots: the copies in flight and the body
 /// bytes they hold.
 #[derive(Debug, Default)]

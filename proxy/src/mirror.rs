@@ -221,7 +221,7 @@ impl TeeSink {
                 self.give_up("busy");
                 return;
             }
-            self.frames.push_back(Frame::data(data.clone()));
+            self.frames.push_back(Frame::data(crate::limit::kept(data)));
         } else if let Some(trailers) = frame.trailers_ref() {
             self.frames.push_back(Frame::trailers(trailers.clone()));
         }

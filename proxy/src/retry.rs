@@ -299,7 +299,7 @@ impl Body for ReplayBody {
                                 && shared.recorded.len() < frames
                             {
                                 shared.recorded_len += data.len();
-                                shared.recorded.push(data.clone());
+                                shared.recorded.push(crate::limit::kept(&data));
                                 this.position += 1;
                             } else {
                                 shared.overflowed = true;

@@ -187,23 +187,43 @@ fn connection_listed(headers: &HeaderMap, keep: &[header::HeaderName]) -> Vec<he
         .collect()
 }
 
-/// Removes, as an HTTP/1 request's head is read, the headers its `Connection` lists and then
-/// `Connection` itself, keeping only its `upgrade` (which a websocket's handling reads): before
-/// the proxy adds its own headers (`x-forwarded-client-cert`, `traceparent`), so that a client
-/// cannot list those away, as Envoy's codec drops them on receipt. (hyper has read what the
-/// connection needs of it; HTTP/2 requests have none.)
+/// The options a request's `Connection` keeps when what it lists is removed on arrival: what
+/// it says of the connection (`close`, `keep-alive`), the upgrade a websocket's handling reads,
+/// and the framing fields the head's reader owns (the upstream request is framed anew).
+const CONNECTION_OPTIONS: [header::HeaderName; 5] = [
+    header::HeaderName::from_static("close"),
+    header::HeaderName::from_static("keep-alive"),
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes, as an HTTP/1 request's head is read, the headers its `Connection` lists (but its
+/// [`CONNECTION_OPTIONS`] and Host), and those names from `Connection`: before the proxy adds
+/// headers of its own (`x-forwarded-client-cert`, `traceparent`), so that a client cannot list
+/// those away, as Envoy's codec drops them on receipt. HTTP/2 requests have no `Connection`.
 pub fn strip_connection_listed(headers: &mut HeaderMap) {
-    if !headers.contains_key(header::CONNECTION) {
+    let listed = connection_listed(headers, &CONNECTION_OPTIONS);
+    if listed.is_empty() {
         return;
     }
-    let listed = connection_listed(headers, &[]);
-    let upgrade = listed.contains(&header::UPGRADE);
-    for name in listed.into_iter().filter(|n| n != header::UPGRADE) {
+    for name in &listed {
         headers.remove(name);
     }
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !listed.iter().any(|n| n.as_str().eq_ignore_ascii_case(t)))
+        .map(str::to_string)
+        .collect();
     headers.remove(header::CONNECTION);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+        && !kept.is_empty()
+    {
+        headers.insert(header::CONNECTION, value);
     }
 }
 
