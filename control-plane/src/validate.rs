@@ -1811,14 +1811,7 @@ impl Checker<'_> {
             }
             (Some(_), Some(_)) => self.err(path, "give prefix or path, not both".into()),
             (None, None) => self.err(path, "give prefix or path".into()),
-            (None, Some(pm)) => match (&pm.exact, &pm.regex) {
-                (Some(e), None) if !e.starts_with('/') => {
-                    self.err(format!("{path}.path.exact"), "must start with \"/\"".into())
-                }
-                (None, Some(re)) => self.regex(&format!("{path}.path.regex"), re),
-                (Some(_), None) => {}
-                _ => self.err(format!("{path}.path"), "give exact or regex".into()),
-            },
+            (None, Some(pm)) => self.path_match(&format!("{path}.path"), pm),
             _ => {}
         }
         self.headers(&format!("{path}.headers"), &m.headers);
@@ -1831,7 +1824,25 @@ impl Checker<'_> {
                 format!("{method:?} is not an HTTP method"),
             );
         }
-        for (i, q) in m.query_parameters.iter().enumerate() {
+        self.query_names(path, &m.query_parameters);
+        self.match_port(&format!("{path}.port"), m.port);
+    }
+
+    /// A match's `path`: exactly one of `exact` (a path) and `regex` (one that compiles).
+    fn path_match(&mut self, path: &str, pm: &crate::model::PathMatch) {
+        match (&pm.exact, &pm.regex) {
+            (Some(e), None) if !e.starts_with('/') => {
+                self.err(format!("{path}.exact"), "must start with \"/\"".into())
+            }
+            (None, Some(re)) => self.regex(&format!("{path}.regex"), re),
+            (Some(_), None) => {}
+            _ => self.err(path, "give exact or regex".into()),
+        }
+    }
+
+    /// A match's `queryParameters`: each names one.
+    fn query_names(&mut self, path: &str, params: &[crate::model::QueryMatch]) {
+        for (i, q) in params.iter().enumerate() {
             if q.name.is_empty() {
                 self.err(
                     format!("{path}.queryParameters[{i}].name"),
@@ -1839,33 +1850,18 @@ impl Checker<'_> {
                 );
             }
         }
-        self.match_port(&format!("{path}.port"), m.port);
     }
 
     /// A gateway route's HTTP match, past its prefix (checked with the rewrites): each rule
     /// says one thing, as a router route's do ([`Self::http_match`]).
     fn gateway_http_match(&mut self, path: &str, m: &crate::model::GatewayHttpMatch) {
         if let Some(pm) = &m.path {
-            match (&pm.exact, &pm.regex) {
-                (Some(e), None) if !e.starts_with('/') => {
-                    self.err(format!("{path}.path.exact"), "must start with \"/\"".into())
-                }
-                (None, Some(re)) => self.regex(&format!("{path}.path.regex"), re),
-                (Some(_), None) => {}
-                _ => self.err(format!("{path}.path"), "give exact or regex".into()),
-            }
+            self.path_match(&format!("{path}.path"), pm);
         }
         self.hostname_match(&format!("{path}.hostname"), m.hostname.as_ref());
         self.headers(&format!("{path}.headers"), &m.headers);
         // `method` is one of the schema's (compat).
-        for (i, q) in m.query_parameters.iter().enumerate() {
-            if q.name.is_empty() {
-                self.err(
-                    format!("{path}.queryParameters[{i}].name"),
-                    "must not be empty".into(),
-                );
-            }
-        }
+        self.query_names(path, &m.query_parameters);
         self.match_port(&format!("{path}.port"), m.port);
     }
 
