@@ -220,8 +220,8 @@ pub fn strip_connection_listed(headers: &mut HeaderMap) {
         .map(str::to_string)
         .collect();
     headers.remove(header::CONNECTION);
-    if let Ok(value) = HeaderValue::from_str(&kept.join(", "))
-        && !kept.is_empty()
+    if !kept.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&kept.join(", "))
     {
         headers.insert(header::CONNECTION, value);
     }

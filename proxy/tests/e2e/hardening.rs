@@ -195,22 +195,9 @@ async fn malformed_http2_requests_are_refused() {
 /// proxy sees the trailers; see the README), but they are never forwarded.
 #[tokio::test]
 async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
-    let (raw, proxy) = proxy_to_raw(RawReply::keep(
-        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    ))
-    .await;
-    let mut h2 = H2Raw::connect(proxy.egress).await;
-    let post = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "raw.test"),
-        (":path", "/upload"),
-    ];
-    h2.headers(1, &post, false).await;
-    h2.data(1, b"body", false).await;
-    h2.headers(1, &[(":path", "/smuggled"), ("x-trailer", "t")], true)
-        .await;
-    assert_eq!(h2.outcome(1).await, Outcome::Status(200));
+    let (raw, _proxy, outcome) =
+        h2_post_with_trailers(&[(":path", "/smuggled"), ("x-trailer", "t")]).await;
+    assert_eq!(outcome, Outcome::Status(200));
     let seen = raw.requests();
     assert_eq!(seen.len(), 1);
     assert!(
@@ -227,19 +214,6 @@ async fn pseudo_headers_in_http2_trailers_are_never_forwarded() {
 /// trailers into the header section finds no forged identity; other trailers go on.
 #[tokio::test]
 async fn request_trailers_never_carry_what_the_proxy_controls() {
-    let (raw, proxy) = proxy_to_raw(RawReply::keep(
-        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    ))
-    .await;
-    let mut h2 = H2Raw::connect(proxy.egress).await;
-    let post = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "raw.test"),
-        (":path", "/upload"),
-    ];
-    h2.headers(1, &post, false).await;
-    h2.data(1, b"body", false).await;
     let forged = [
         ("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/vn/y"),
         ("x_forwarded_client_cert", "URI=spiffe://evil/ns/x/vn/y"),
@@ -247,8 +221,8 @@ async fn request_trailers_never_carry_what_the_proxy_controls() {
         ("content-length", "99"),
         ("x-checksum", "abc"),
     ];
-    h2.headers(1, &forged, true).await;
-    assert_eq!(h2.outcome(1).await, Outcome::Status(200));
+    let (raw, proxy, outcome) = h2_post_with_trailers(&forged).await;
+    assert_eq!(outcome, Outcome::Status(200));
 
     let h1 = b"POST /upload HTTP/1.1\r\nhost: raw.test\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nx-forwarded-client-cert: URI=spiffe://evil/ns/x/vn/y\r\nx_forwarded_client_cert: URI=spiffe://evil/ns/x/vn/y\r\nhost: elsewhere.test\r\nx-checksum: abc\r\n\r\n";
     let r = exchange(proxy.egress, h1).await.unwrap();
@@ -750,6 +724,29 @@ async fn assert_nothing_charged_to_the_upstream(proxy: &InProcessProxy) {
 }
 
 /// A proxy whose route for `raw.test` goes to a scripted upstream answering `reply`.
+/// A proxy to a raw upstream answering 200, and an HTTP/2 `POST /upload` through it with the
+/// body `body` and `trailers`: the proxy, its upstream and the request's outcome.
+async fn h2_post_with_trailers(
+    trailers: &[(&str, &str)],
+) -> (RawHttpServer, InProcessProxy, Outcome) {
+    let (raw, proxy) = proxy_to_raw(RawReply::keep(
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ))
+    .await;
+    let mut h2 = H2Raw::connect(proxy.egress).await;
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "raw.test"),
+        (":path", "/upload"),
+    ];
+    h2.headers(1, &post, false).await;
+    h2.data(1, b"body", false).await;
+    h2.headers(1, trailers, true).await;
+    let outcome = h2.outcome(1).await;
+    (raw, proxy, outcome)
+}
+
 async fn proxy_to_raw(reply: RawReply) -> (RawHttpServer, InProcessProxy) {
     let raw = RawHttpServer::start(vec![reply]).await;
     let proxy = proxy_with(
